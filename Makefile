@@ -1,0 +1,37 @@
+# Quick start:  make demo   (set up .venv with the CPU torch wheel, run experiments/demo.yaml, write the report)
+#               make test   (the default test suite; offline)
+# GPU users: install the CUDA build of torch into .venv first, then `make demo TORCH=` (empty: keep that torch).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: install demo test test-fast test-slurm clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	if [ -n "$(TORCH)" ]; then $(PY) -m pip install --quiet "$(TORCH)"; fi
+	$(PY) -m pip install --quiet -e ".[all,dev]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/fsdfm run experiments/demo.yaml
+	$(VENV)/bin/fsdfm report experiments/demo.yaml
+
+test: install
+	$(PY) -m pytest -q -m "not slurm and not gpu" tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not slurm and not gpu" tests
+
+test-slurm: install
+	bash slurm/start_slurm.sh
+	SLURM_CONF=$${SLURM_ROOT:-/tmp/fsdfm-slurm}/slurm.conf $(PY) -m pytest -q -m slurm tests; rc=$$?; bash slurm/stop_slurm.sh; exit $$rc
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,197 @@
+"""Loss functions for `fit`: the DFM teacher's and the FS-DFM student's (consistency distillation).
+
+Both are callables `objective(ctx: StepContext) -> scalar`, built from an injected path, so kappa(t)
+comes from the path's scheduler only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from fsdfm.losses import DFM_LOSSES, cross_entropy, distill_kl_per_position, generalized_kl_per_position
+from fsdfm.paths import MixturePath
+from fsdfm.teachers import SHORTCUTS, Jumper
+from fsdfm.train import StepContext
+
+H_DISTRIBUTIONS = ("inv_h", "uniform", "annealed")  # plus "fixed:N"
+ANCHOR_WEIGHTS = ("g", "G/h")
+
+
+@dataclass(frozen=True)
+class DFMConfig:
+    """The DFM teacher objective: loss "ce" or "gkl"; t ~ U[0, 1 - eps]."""
+
+    loss: str = "ce"
+    eps: float = 1e-3
+
+    def __post_init__(self):
+        DFM_LOSSES.get(self.loss)
+        if not 0.0 <= self.eps < 1.0:
+            raise ValueError(f"eps must be in [0, 1), got {self.eps}")
+
+
+class DFMObjective:
+    """x_t ~ p_t(. | x_1), logits = f(x_t, t); CE (on movable positions) or generalized KL."""
+
+    def __init__(self, path: MixturePath, cfg: DFMConfig = DFMConfig()):
+        self.path, self.cfg = path, cfg
+        self.loss = DFM_LOSSES.get(cfg.loss)
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        x_1 = ctx.batch
+        t = torch.rand(x_1.shape[0], device=x_1.device, generator=ctx.generator) * (1.0 - self.cfg.eps)
+        ps = self.path.sample(x_1, t, ctx.generator)
+        logits = ctx.model(ps.x_t, t)
+        weight = self.path.source.movable(ps.x_t) if self.cfg.loss == "ce" else None
+        return self.loss(logits, ps, self.path.scheduler(t).rate, weight)
+
+
+@dataclass(frozen=True)
+class FSDFMConfig:
+    """Every knob of the FS-DFM student objective (DESIGN 2.2).
+
+    K: step sizes h in {2^0, ..., 2^-K}; h_min = 2^-K rows are the data anchor.
+    h_distribution: "inv_h" (P(h) ~ 1/h), "uniform", "annealed" (1/h annealed toward uniform), or
+        "fixed:N" (a single budget: half the rows at h = 1/N, half anchor rows at h_min).
+    anchor_weight: "g" (g(t), the generalized-KL rate) or "G/h" (the step-averaged rate G_{t,h}/h).
+    anchor_loss: "gkl" or "ce" for the anchor rows.
+    shortcut: "rk4", "heun", "rk4_time_consistent", "none" (DFM loss at every h) or "frozen_dfm"
+        (the RK-4 composition evaluated by the frozen DFM teacher instead of the EMA student).
+    """
+
+    K: int = 10
+    h_distribution: str = "inv_h"
+    anchor_weight: str = "g"
+    anchor_loss: str = "gkl"
+    shortcut: str = "rk4"
+
+    def __post_init__(self):
+        if not 1 <= self.K <= 20:
+            raise ValueError(f"K must be in 1..20, got {self.K}")
+        if self.h_distribution not in H_DISTRIBUTIONS:
+            n = self.fixed_budget
+            if n is None or n < 1 or n & (n - 1) or n > 2**self.K:
+                raise ValueError(f"h_distribution must be one of {H_DISTRIBUTIONS} or 'fixed:N' with N a power of two "
+                                 f"<= 2^K, got {self.h_distribution!r}")
+        if self.anchor_weight not in ANCHOR_WEIGHTS:
+            raise ValueError(f"anchor_weight must be one of {ANCHOR_WEIGHTS}, got {self.anchor_weight!r}")
+        DFM_LOSSES.get(self.anchor_loss)
+        if self.shortcut == "none" and self.anchor_weight == "G/h":
+            raise ValueError("shortcut 'none' trains every h on data; its rows reach t + h = 1, where G/h is infinite: "
+                             "use anchor_weight 'g'")
+        if self.shortcut not in ("none", "frozen_dfm"):
+            SHORTCUTS.get(self.shortcut)
+
+    @property
+    def fixed_budget(self) -> int | None:
+        if self.h_distribution.startswith("fixed:"):
+            try:
+                return int(self.h_distribution.split(":", 1)[1])
+            except ValueError:
+                return None
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def step_size_probs(cfg: FSDFMConfig, progress: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support h_k (float64) and probabilities P(h_k) of the step-size distribution."""
+    n = cfg.fixed_budget
+    if n is not None:
+        h = torch.tensor(sorted({1.0 / n, 2.0**-cfg.K}, reverse=True), dtype=torch.float64)
+        return h, torch.full_like(h, 1.0 / h.numel())
+    h = 2.0 ** -torch.arange(cfg.K + 1, dtype=torch.float64)
+    power = {"inv_h": 1.0, "uniform": 0.0, "annealed": 1.0 - min(max(progress, 0.0), 1.0)}[cfg.h_distribution]
+    w = (1.0 / h) ** power
+    return h, w / w.sum()
+
+
+def sample_step_sizes(cfg: FSDFMConfig, n: int, generator: torch.Generator, progress: float = 0.0,
+                      device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw h (n,) from the step-size distribution and t (n,) on the 2^-K grid with t + h <= 1.
+
+    Under anchor_weight "G/h" the anchor rows (h = h_min) keep t + h < 1, where G_{t,h} is finite.
+    """
+    support, probs = step_size_probs(cfg, progress)
+    k = torch.multinomial(probs.to(device), n, replacement=True, generator=generator)
+    h = support.to(device)[k]
+    grid = 2**cfg.K
+    n_slots = torch.round((1.0 - h) * grid).long() + 1  # t in {0, 1/grid, ..., 1 - h}
+    if cfg.anchor_weight == "G/h":
+        n_slots = n_slots - (h <= 2.0**-cfg.K).long()
+    j = (torch.rand(n, dtype=torch.float64, device=device, generator=generator) * n_slots).floor().long()
+    return h, j.double() / grid
+
+
+class FSDFMObjective:
+    """The FS-DFM student objective.
+
+    Anchor rows (h = h_min, or every row when shortcut = "none"): DFM loss against the data, weighted per
+    row by g(t) or G_{t,h}/h. Shortcut rows: KL(target || student) on logits, the target built without
+    gradient by the shortcut teacher from `ctx.ema` (or the live student when EMA is off, or the frozen
+    DFM teacher for shortcut = "frozen_dfm") evaluated at h/2.
+    """
+
+    def __init__(self, path: MixturePath, cfg: FSDFMConfig = FSDFMConfig(), frozen_teacher: nn.Module | None = None):
+        if cfg.shortcut == "frozen_dfm" and frozen_teacher is None:
+            raise ValueError("shortcut 'frozen_dfm' needs the frozen DFM teacher")
+        self.path, self.cfg, self.frozen_teacher = path, cfg, frozen_teacher
+        self.h_min = 2.0**-cfg.K
+
+    def anchor_rate(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        sched = self.path.scheduler
+        if self.cfg.anchor_weight == "g":
+            return sched(t).rate
+        return sched.cumulative_rate(t, h) / h
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        x_1 = ctx.batch
+        B = x_1.shape[0]
+        h, t = sample_step_sizes(self.cfg, B, ctx.generator, ctx.step / max(1, ctx.total_steps), x_1.device)
+        ps = self.path.sample(x_1, t, ctx.generator)
+        logits = ctx.model(ps.x_t, t.float(), h.float())
+        weight = self.path.source.movable(ps.x_t)  # positions that may still move carry the loss
+        anchor = torch.ones_like(h, dtype=torch.bool) if self.cfg.shortcut == "none" else h <= self.h_min * (1 + 1e-9)
+        per_pos = torch.zeros(x_1.shape, dtype=torch.float32, device=x_1.device)
+        if bool(anchor.any()):
+            a = anchor.nonzero(as_tuple=True)[0]
+            if self.cfg.anchor_loss == "gkl":
+                per_pos[a] = generalized_kl_per_position(logits[a], x_1[a], ps.x_t[a], self.anchor_rate(t[a], h[a]))
+            else:
+                ce = torch.nn.functional.cross_entropy(logits[a].float().flatten(0, 1), x_1[a].flatten(), reduction="none")
+                per_pos[a] = ce.view(-1, x_1.shape[1])
+        if bool((~anchor).any()):
+            s = (~anchor).nonzero(as_tuple=True)[0]
+            target = self.shortcut_target(ctx, ps.x_t[s], t[s], h[s])
+            per_pos[s] = distill_kl_per_position(logits[s], target)
+        w = weight.float() if self.cfg.anchor_loss == "ce" or self.cfg.shortcut == "none" else \
+            torch.where(anchor[:, None], torch.ones_like(weight, dtype=torch.float32), weight.float())
+        return (per_pos * w).sum() / w.sum().clamp_min(1.0)
+
+    @torch.no_grad()
+    def shortcut_target(self, ctx: StepContext, x_t, t, h) -> torch.Tensor:
+        if self.cfg.shortcut == "frozen_dfm":
+            def f(x, tt, hh):
+                return self.frozen_teacher(x, tt.float()).float()
+            combine = SHORTCUTS.get("rk4")
+        else:
+            net = ctx.ema if ctx.ema is not None else ctx.model
+
+            def f(x, tt, hh):
+                return net(x, tt.float(), hh.float()).float()
+            combine = SHORTCUTS.get(self.cfg.shortcut)
+        return combine(f, Jumper(self.path, ctx.generator), x_t, t, h)
+
+
+def expected_h_weights(cfg: FSDFMConfig) -> dict[float, float]:
+    """P(h) as a dict, for reports and tests."""
+    h, p = step_size_probs(cfg)
+    return {float(a): float(b) for a, b in zip(h, p)}
+
+
+__all__ = ["DFMConfig", "DFMObjective", "FSDFMConfig", "FSDFMObjective", "sample_step_sizes", "step_size_probs",
+           "expected_h_weights"]

@@ -1,0 +1,74 @@
+"""Shortcut targets for FS-DFM distillation.
+
+A shortcut teacher builds, with no gradient, the target logits for one student step of size h from
+evaluations of a model `f(x, t, h)` at half the step size (the EMA copy of the student, or a frozen
+DFM teacher). Intermediate states advance with the cumulative-scalar jump rule.
+
+rk4 (as the official code does it; x_b has advanced a full h yet k3 is read at t + h/2):
+    k1 = f(x_t, t, h/2);        x_a = J(x_t, k1, t, h/2)
+    k2 = f(x_a, t + h/2, h/2);  x_b = J(x_a, k2, t + h/2, h/2)
+    k3 = f(x_b, t + h/2, h/2);  x_c = J(x_b, k3, t + h/2, h/2)
+    k4 = f(x_c, t + h, h/2);    target = (k1 + 2 k2 + 2 k3 + k4) / 6
+rk4_time_consistent (ablation; every state sits at the time it is read at):
+    x_a = J(x_t, k1, t, h/2);  x_b = J(x_t, k2, t, h/2);  x_c = J(x_t, k3, t, h);  same weights
+heun:
+    k1 = f(x_t, t, h/2);  x_a = J(x_t, k1, t, h/2);  k2 = f(x_a, t + h/2, h/2);  target = (k1 + k2) / 2
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fsdfm.paths import MixturePath
+from fsdfm.registry import Registry
+from fsdfm.samplers import UPDATE_RULES, update
+
+SHORTCUTS: Registry = Registry("shortcut teacher")
+Evaluator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # f(x, t, h) -> logits
+
+
+class Jumper:
+    """J(x, logits, t, h): the cumulative-scalar jump of the sampler, float64, ending in a draw of x_1
+    for rows whose step reaches t + h = 1."""
+
+    def __init__(self, path: MixturePath, generator: torch.Generator | None):
+        self.path, self.generator = path, generator
+        self.rule = UPDATE_RULES.get("cumulative_scalar")
+
+    def __call__(self, x, logits, t, h):
+        p = torch.softmax(logits.double(), dim=-1)
+        return update(x, p, t.double(), h.double(), self.rule, self.path, self.generator, final=(t + h) >= 1.0 - 1e-9)
+
+
+@SHORTCUTS.register("rk4")
+def rk4_target(f: Evaluator, jump: Jumper, x_t, t, h):
+    """x_t (B, L), t and h (B,) -> target logits (B, L, V). f is evaluated at step size h/2."""
+    hh = h / 2
+    k1 = f(x_t, t, hh)
+    x_a = jump(x_t, k1, t, hh)
+    k2 = f(x_a, t + hh, hh)
+    x_b = jump(x_a, k2, t + hh, hh)
+    k3 = f(x_b, t + hh, hh)
+    x_c = jump(x_b, k3, t + hh, hh)
+    k4 = f(x_c, t + h, hh)
+    return (k1 + 2 * k2 + 2 * k3 + k4) / 6
+
+
+@SHORTCUTS.register("rk4_time_consistent")
+def rk4_time_consistent_target(f: Evaluator, jump: Jumper, x_t, t, h):
+    hh = h / 2
+    k1 = f(x_t, t, hh)
+    k2 = f(jump(x_t, k1, t, hh), t + hh, hh)
+    k3 = f(jump(x_t, k2, t, hh), t + hh, hh)
+    k4 = f(jump(x_t, k3, t, h), t + h, hh)
+    return (k1 + 2 * k2 + 2 * k3 + k4) / 6
+
+
+@SHORTCUTS.register("heun")
+def heun_target(f: Evaluator, jump: Jumper, x_t, t, h):
+    hh = h / 2
+    k1 = f(x_t, t, hh)
+    k2 = f(jump(x_t, k1, t, hh), t + hh, hh)
+    return (k1 + k2) / 2

@@ -1,0 +1,190 @@
+"""The training loop as a plain function: `fit(model, loss_fn, data, cfg, ckpt_dir)`.
+
+AdamW with linear warm-up and cosine decay, gradient clipping, an optional EMA copy, bf16 autocast on
+CUDA, a tqdm progress bar, and checkpoints that resume to exactly the weights of an uninterrupted run:
+every step draws its batch and noise from a generator seeded by (seed, step), so no RNG stream has to
+be restored, and the optimiser, schedule, EMA and loss history are saved atomically.
+
+Under torch.distributed (DDP) every rank draws the same global batch indices and trains on its slice
+`idx[rank::world]`; only rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation settings shared by every trained model in the suite."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    ema_decay: float | None = 0.999
+    seed: int = 0
+    ckpt_every: int = 200
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(self.betas))
+        for name in ("steps", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be in [0, 1) or null, got {self.ema_decay!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"optim.precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StepContext:
+    """What a loss function sees at one step. batch: (B, L) long on the device; generator: this step's noise."""
+
+    model: nn.Module
+    ema: nn.Module | None
+    batch: torch.Tensor
+    generator: torch.Generator
+    step: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class FitResult:
+    model: nn.Module
+    ema: nn.Module | None
+    steps: int
+    losses: list[float]
+    wall_s: float
+    tokens_per_s: float
+    resumed_from: int
+
+
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7_919 + salt * 104_729) % (2**63 - 1)
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write a temp file beside the target, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a checkpoint that cannot be read is an error, not a silent restart
+        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
+def fit(model: nn.Module, loss_fn: Callable[[StepContext], torch.Tensor], data: torch.Tensor, cfg: OptimConfig,
+        ckpt_dir: Path | str | None = None, desc: str = "train", device: torch.device | str | None = None,
+        progress: bool = True, stop_after: int | None = None) -> FitResult:
+    """Train `model` for cfg.steps steps of `loss_fn` on blocks `data` (N, L) long.
+
+    Resumes from `ckpt_dir/checkpoint.pt` when it exists. `stop_after` ends the call early after that many
+    steps (for tests of resumption and for preemption); the checkpoint is written before returning.
+    """
+    if data.ndim != 2 or data.shape[0] == 0:
+        raise ValueError(f"training data must be a non-empty (N, L) tensor, got shape {tuple(data.shape)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = _dist()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {world}")
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay is not None else None
+    trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay)
+    ckpt = Path(ckpt_dir) / "checkpoint.pt" if ckpt_dir is not None else None
+    start, losses = 0, []
+    if ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start, losses = state["step"], list(state["losses"])
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+    def write(step: int) -> None:
+        if ckpt is not None and rank == 0:
+            save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                   "losses": losses, "ema": ema.state_dict() if ema is not None else None})
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    bar = tqdm(range(start, end), desc=desc, initial=start, total=cfg.steps, disable=not progress or rank != 0,
+               mininterval=2.0, dynamic_ncols=True)
+    model.train()
+    t0 = time.perf_counter()
+    for step in bar:
+        g_data = torch.Generator().manual_seed(step_seed(cfg.seed, step))
+        idx = torch.randint(data.shape[0], (cfg.batch_size,), generator=g_data)[rank::world]
+        batch = data[idx].to(device, non_blocking=True)
+        g_noise = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, salt=1 + rank))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(StepContext(trained, ema, batch, g_noise, step, cfg.steps))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: non-finite loss {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema_update(ema, model, cfg.ema_decay)
+        losses.append(float(loss.detach()))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:
+            write(step + 1)
+    wall = time.perf_counter() - t0
+    write(end)
+    n_tokens = (end - start) * cfg.batch_size * data.shape[1]
+    return FitResult(model=model, ema=ema, steps=end, losses=losses, wall_s=wall,
+                     tokens_per_s=n_tokens / wall if wall > 0 else 0.0, resumed_from=start)
