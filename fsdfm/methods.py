@@ -1,0 +1,214 @@
+"""Method kinds: how each method family (dfm, fsdfm, ar, flm, fmlm) becomes stages of a study.
+
+A `MethodKind` says which training stage builds the method's model (and, for students, which teacher kind
+it distils from), which sampler the sample stage runs and which update rules it accepts. `plan_study`
+walks the validated grid cells and emits one `StudyPlan`: stages are deduplicated by their content ids,
+so a teacher shared by ten ablations is one stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+from fsdfm.objectives import DFMConfig, FSDFMConfig
+from fsdfm.registry import Registry, did_you_mean
+from fsdfm.specs import Cell, MethodSpec, SpecError, StudySpec, build
+from fsdfm.stages import RunSpec, Stage, StudyPlan
+
+
+@dataclass(frozen=True)
+class StudentSpec(FSDFMConfig):
+    """FS-DFM distillation settings: every FSDFMConfig knob plus the step-size embedding."""
+
+    h_embedding: str = "log2"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.h_embedding not in ("raw", "log2"):
+            raise ValueError(f"h_embedding must be raw or log2, got {self.h_embedding!r}")
+
+    def objective(self) -> FSDFMConfig:
+        return FSDFMConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FSDFMConfig)})
+
+
+@dataclass(frozen=True)
+class NoDistill:
+    """Methods without distillation settings accept none."""
+
+
+@dataclass(frozen=True)
+class MethodKind:
+    name: str
+    sampler: str
+    rules: tuple            # allowed rules; the first is the default
+    build_stage: Callable   # (planner, method name, MethodSpec) -> Stage
+    teacher_kind: str | None = None
+    distill_cls: type = NoDistill
+
+
+METHOD_KINDS: Registry = Registry("method kind")
+
+
+class Planner:
+    """Builds (and deduplicates) the stages of one grid cell."""
+
+    def __init__(self, spec: StudySpec, stages: dict):
+        self.spec, self.stages = spec, stages
+        self.data = dataclasses.asdict(spec.data)
+
+    def add(self, stage: Stage) -> Stage:
+        return self.stages.setdefault(stage.id, stage)
+
+    def model_cfg(self, method: MethodSpec) -> dict:
+        return {"preset": self.spec.model.preset, **self.spec.model.overrides(), **method.model}
+
+    def model_stage(self, name: str) -> Stage:
+        method = self.spec.methods[name]
+        return METHOD_KINDS.get(method.kind).build_stage(self, name, method)
+
+    def optim(self, method: MethodSpec) -> dict:
+        return method.train.to_dict()
+
+    def evaluator_stage(self) -> Stage | None:
+        ev = self.spec.evaluator
+        if ev.kind != "reference":
+            return None
+        model = {"preset": self.spec.model.preset, **self.spec.model.overrides(), **ev.model}
+        return self.add(Stage("train_ar", {"role": "evaluator", "data": self.data, "model": model,
+                                           "optim": ev.train.to_dict()}))
+
+
+def _dfm_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
+    return p.add(Stage("train_dfm", {"data": p.data, "model": p.model_cfg(m), "source": m.source,
+                                     "scheduler": dataclasses.asdict(m.scheduler),
+                                     "objective": dataclasses.asdict(DFMConfig(m.loss, p.spec.sampling.eps)),
+                                     "optim": p.optim(m)}))
+
+
+def _fsdfm_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
+    teacher = p.model_stage(m.teacher)
+    student = StudentSpec(**m.distill)
+    return p.add(Stage("distil_fsdfm", {"data": p.data, "distill": dataclasses.asdict(student), "optim": p.optim(m)},
+                       {"teacher": teacher.id}))
+
+
+def _ar_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
+    return p.add(Stage("train_ar", {"role": "baseline", "data": p.data, "model": p.model_cfg(m), "optim": p.optim(m)}))
+
+
+def _flm_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
+    return p.add(Stage("train_flm", {"data": p.data, "model": p.model_cfg(m), "flm": dict(m.distill), "optim": p.optim(m)}))
+
+
+def _fmlm_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
+    teacher = p.model_stage(m.teacher)
+    return p.add(Stage("distil_fmlm", {"data": p.data, "fmlm": dict(m.distill), "optim": p.optim(m)},
+                       {"teacher": teacher.id}))
+
+
+METHOD_KINDS.register("dfm", MethodKind("dfm", "dfm", ("euler", "cumulative_scalar", "mixture_euler", "mdlm"), _dfm_stage))
+METHOD_KINDS.register("fsdfm", MethodKind("fsdfm", "dfm", ("cumulative_scalar", "euler", "mixture_euler"), _fsdfm_stage,
+                                          teacher_kind="dfm", distill_cls=StudentSpec))
+METHOD_KINDS.register("ar", MethodKind("ar", "ar", ("ancestral",), _ar_stage))
+METHOD_KINDS.register("flm", MethodKind("flm", "flm", ("euler",), _flm_stage, distill_cls=dict))
+METHOD_KINDS.register("fmlm", MethodKind("fmlm", "fmlm", ("flow_map",), _fmlm_stage, teacher_kind="flm", distill_cls=dict))
+
+
+def validate_methods(spec: StudySpec, file: str) -> None:
+    """Method kinds, teachers (existing, of the right kind, acyclic), rules, step budgets, distill settings."""
+    from fsdfm.metrics.registry import METRICS
+    for name, m in spec.methods.items():
+        where = f"methods.{name}"
+        if m.kind not in METHOD_KINDS:
+            raise SpecError(f"{file}: {where}.kind: unknown method kind {m.kind!r}{did_you_mean(m.kind, METHOD_KINDS.names())}; "
+                            f"allowed: {', '.join(METHOD_KINDS.names())}")
+        kind = METHOD_KINDS.get(m.kind)
+        if kind.teacher_kind:
+            if m.teacher is None:
+                raise SpecError(f"{file}: {where}.teacher: a {m.kind} student needs a teacher (a method of kind {kind.teacher_kind})")
+            if m.teacher not in spec.methods:
+                raise SpecError(f"{file}: {where}.teacher: unknown method {m.teacher!r}{did_you_mean(m.teacher, list(spec.methods))}")
+            if spec.methods[m.teacher].kind != kind.teacher_kind:
+                raise SpecError(f"{file}: {where}.teacher: {m.teacher!r} is a {spec.methods[m.teacher].kind} method; "
+                                f"a {m.kind} student distils from a {kind.teacher_kind} method")
+        elif m.teacher is not None:
+            raise SpecError(f"{file}: {where}.teacher: a {m.kind} method has no teacher")
+        if m.source not in ("mask", "uniform"):
+            raise SpecError(f"{file}: {where}.source: must be mask or uniform, got {m.source!r}{did_you_mean(m.source, ['mask', 'uniform'])}")
+        try:
+            DFMConfig(m.loss)
+        except (ValueError, KeyError) as e:
+            raise SpecError(f"{file}: {where}.loss: {e}") from None
+        for rule in m.rules:
+            if rule not in kind.rules:
+                raise SpecError(f"{file}: {where}.rules: {rule!r} is not a rule of {m.kind}{did_you_mean(str(rule), list(kind.rules))}; "
+                                f"allowed: {', '.join(kind.rules)}")
+        if not m.steps:
+            raise SpecError(f"{file}: {where}.steps: list the step budgets to evaluate, e.g. [1, 8, 64]")
+        for s in m.steps:
+            if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= 4096:
+                raise SpecError(f"{file}: {where}.steps: step budgets are integers in 1..4096, got {s!r}")
+        if kind.distill_cls is NoDistill and m.distill:
+            raise SpecError(f"{file}: {where}.distill: a {m.kind} method takes no distill settings")
+        if dataclasses.is_dataclass(kind.distill_cls):
+            build(kind.distill_cls, m.distill, f"{where}.distill", file)
+    for n in spec.metrics.names:
+        if n not in METRICS:
+            raise SpecError(f"{file}: metrics.names: unknown metric {n!r}{did_you_mean(n, METRICS.names())}")
+
+
+def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
+    """Expand every grid cell into stages and runs (deduplicated by stage id and by run content)."""
+    stages: dict[str, Stage] = {}
+    runs: dict[str, dict] = {}
+    grid_keys = sorted({k for c in cells for k in c.params})
+
+    def add_run(params: dict, final: Stage, cell: dict):
+        key = final.id + "|" + "|".join(f"{k}={params[k]}" for k in sorted(params))
+        if key in runs:  # the same run reached from another cell: grid values it does not depend on become None
+            for k in grid_keys:
+                if runs[key]["params"].get(k) != cell.get(k):
+                    runs[key]["params"][k] = None
+            return
+        runs[key] = {"params": {**params, **{k: cell.get(k) for k in grid_keys}}, "stage_id": final.id}
+
+    for cell in cells:
+        spec, p = cell.spec, Planner(cell.spec, stages)
+        ev = p.evaluator_stage()
+        ev_inputs = {"evaluator": ev.id} if ev is not None else {}
+        eval_cfg = {"data": p.data, "metrics": dataclasses.asdict(spec.metrics), "n_samples": spec.sampling.n_samples,
+                    "seed": spec.sampling.seed, "evaluator": dataclasses.asdict(spec.evaluator)}
+        eval_cfg["metrics"].pop("pos_divergence")
+        eval_cfg["evaluator"].pop("train")
+        if spec.data_reference:
+            ref = p.add(Stage("evaluate_data", eval_cfg, ev_inputs))
+            add_run({"method": "data", "kind": "data", "label": "data (held-out)", "rule": None, "steps": None}, ref, cell.params)
+        for mname, m in spec.methods.items():
+            kind = METHOD_KINDS.get(m.kind)
+            model = p.model_stage(mname)
+            t_end = 1.0 - spec.sampling.eps if (m.kind == "dfm" and m.loss == "gkl") else 1.0
+            for rule in (m.rules or kind.rules[:1]):
+                for steps in m.steps:
+                    sample = p.add(Stage("sample", {
+                        "data": p.data, "sampler": kind.sampler, "rule": rule, "steps": steps, "t_end": t_end,
+                        "n_samples": spec.sampling.n_samples, "batch_size": spec.sampling.batch_size,
+                        "seed": spec.sampling.seed, "precision": spec.sampling.precision}, {"model": model.id}))
+                    ev_stage = p.add(Stage("evaluate", eval_cfg, {"samples": sample.id, **ev_inputs}))
+                    add_run({"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps},
+                            ev_stage, cell.params)
+            pd = spec.metrics.pos_divergence
+            if pd is not None and m.kind == "fsdfm":
+                for k in pd.student_steps:
+                    cfg = {"data": p.data, **dataclasses.asdict(pd), "student_steps": k, "seed": spec.sampling.seed,
+                           "precision": spec.sampling.precision}
+                    div = p.add(Stage("pos_divergence", cfg, {"teacher": p.model_stage(m.teacher).id, "student": model.id}))
+                    add_run({"method": mname, "kind": "pos_divergence", "label": f"{m.label or mname} vs {m.teacher}",
+                             "rule": "cumulative_scalar", "steps": k}, div, cell.params)
+    run_list = []
+    for i, r in enumerate(runs.values()):
+        prm = r["params"]
+        run_id = f"{prm['method']}/{prm['rule']}/{prm['steps']}/" + ",".join(f"{k}={prm[k]}" for k in grid_keys) + f"#{i}"
+        run_list.append(RunSpec(run_id=run_id, params=prm, stage_id=r["stage_id"]))
+    return StudyPlan(name=name, stages=stages, runs=run_list)
