@@ -301,7 +301,7 @@ def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     metrics = compute_metrics(tokens, texts, _sample_metric_names(config, evaluator), **_metric_kwargs(config, evaluator, refs))
     metrics.update(extra_metrics(config, tokens, corpus))
     sample_rec = read_record(Path(inputs["samples"])) or {}
-    metrics.update({k: v for k, v in (sample_rec.get("metrics") or {}).items()})
+    metrics.update((sample_rec.get("payload") or {}).get("metrics") or {})  # nfe, wall_s, tokens_per_s, peak_mem
     return {"metrics": metrics, "n_samples": n, "samples_stage": Path(inputs["samples"]).name}
 
 

@@ -124,7 +124,8 @@ class PosDivergenceSpec:
 
 @dataclass(frozen=True)
 class MetricsSpec:
-    names: tuple = ("gen_ppl", "entropy_nats", "entropy_bits", "mauve", "distinct_n", "self_bleu", "rep_n")
+    names: tuple = ("gen_ppl", "entropy_nats", "entropy_bits", "mauve", "distinct_1", "distinct_2", "distinct_3",
+                    "distinct_4", "self_bleu", "rep_n")
     mauve_featurizer: str = "minilm"
     mauve_buckets: str | int = "auto"
     self_bleu_subsample: int = 64
