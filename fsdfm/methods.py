@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
+from fsdfm.flm import FLMConfig
+from fsdfm.fmlm import FMLMConfig
 from fsdfm.objectives import DFMConfig, FSDFMConfig
 from fsdfm.registry import Registry, did_you_mean
 from fsdfm.specs import Cell, MethodSpec, SpecError, StudySpec, build
@@ -112,8 +114,9 @@ METHOD_KINDS.register("dfm", MethodKind("dfm", "dfm", ("euler", "cumulative_scal
 METHOD_KINDS.register("fsdfm", MethodKind("fsdfm", "dfm", ("cumulative_scalar", "euler", "mixture_euler"), _fsdfm_stage,
                                           teacher_kind="dfm", distill_cls=StudentSpec))
 METHOD_KINDS.register("ar", MethodKind("ar", "ar", ("ancestral",), _ar_stage))
-METHOD_KINDS.register("flm", MethodKind("flm", "flm", ("euler",), _flm_stage, distill_cls=dict))
-METHOD_KINDS.register("fmlm", MethodKind("fmlm", "fmlm", ("flow_map",), _fmlm_stage, teacher_kind="flm", distill_cls=dict))
+METHOD_KINDS.register("flm", MethodKind("flm", "flm", ("euler",), _flm_stage, distill_cls=FLMConfig))
+METHOD_KINDS.register("fmlm", MethodKind("fmlm", "fmlm", ("flow_map",), _fmlm_stage, teacher_kind="flm",
+                                         distill_cls=FMLMConfig))
 
 
 def validate_methods(spec: StudySpec, file: str) -> None:

@@ -85,6 +85,8 @@ def load_dit(model_dir: Path, dev: torch.device | None = None) -> LoadedDiT:
     model.load_state_dict(state["state_dict"])
     model.to(dev or device()).eval()
     pc = state["path"]
+    if "source" not in pc:  # continuous-state models (FLM / FMLM) have no mixture path
+        return LoadedDiT(model, None, pc, state["h_conditioned"])
     sched = make_scheduler(pc["scheduler"]["name"], **({"n": pc["scheduler"]["n"]} if pc["scheduler"]["name"] == "polynomial" else {}))
     return LoadedDiT(model, make_path(sched, pc["source"], model.cfg.vocab_size), pc, state["h_conditioned"])
 
@@ -190,6 +192,40 @@ def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
                                    "n_params": res.n_params})
 
 
+@stage_kind("train_flm", checkpointable=True)
+def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
+    """FLM: a DiT reading the noisy one-hot state x_gamma, trained with CE at tau ~ U[0, 1]."""
+    from fsdfm.flm import FLMConfig, FLMObjective, FLMTime
+
+    corpus = corpus_for(config, out_dir)
+    cfg = build_model_config(config["model"], corpus.vocab_size, corpus.seq_len)
+    torch.manual_seed(config["optim"]["seed"])
+    model = DiT(cfg)
+    res = fit(model, FLMObjective(FLMTime(corpus.vocab_size), FLMConfig(**config["flm"])), corpus.train,
+              optim_config(config["optim"]), Path(out_dir) / "ckpt", desc="train flm", device=device())
+    final = res.ema if res.ema is not None else res.model
+    save_dit(out_dir, final, {"continuous": "flm"}, h_conditioned=False)
+    return train_metrics(res, {"n_params": model.num_parameters()})
+
+
+@stage_kind("distil_fmlm", checkpointable=True)
+def distil_fmlm(config: dict, inputs: dict, out_dir: Path) -> dict:
+    """FMLM: the two-time flow-map denoiser distilled from a frozen FLM teacher by the semigroup rule."""
+    from fsdfm.flm import FLMTime
+    from fsdfm.fmlm import FMLMConfig, FMLMObjective, fmlm_student
+
+    corpus = corpus_for(config, out_dir)
+    teacher = load_dit(inputs["teacher"])
+    torch.manual_seed(config["optim"]["seed"])
+    student = fmlm_student(teacher.model)
+    obj = FMLMObjective(teacher.model.requires_grad_(False), FLMTime(corpus.vocab_size), FMLMConfig(**config["fmlm"]))
+    res = fit(student, obj, corpus.train, optim_config(config["optim"]), Path(out_dir) / "ckpt",
+              desc="distil fmlm", device=device())
+    final = res.ema if res.ema is not None else res.model
+    save_dit(out_dir, final, {"continuous": "fmlm"}, h_conditioned=True)
+    return train_metrics(res, {"n_params": student.num_parameters()})
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 @SAMPLERS.register("dfm")
@@ -218,6 +254,24 @@ def sample_ar_model(model_dir: Path, cfg: dict, corpus, dev, generator) -> Sampl
               dtype=getattr(torch, cfg["precision"]))
     sample_ar(model, min(2, cfg["n_samples"]), generator=torch.Generator(dev).manual_seed(0), **{**kw, "seq_len": 4})
     return sample_ar(model, cfg["n_samples"], generator=generator, **kw)
+
+
+def _continuous_sampler(two_time: bool) -> Callable:
+    def run(model_dir: Path, cfg: dict, corpus, dev, generator) -> SampleOutput:
+        from fsdfm.flm import FLMTime, sample_continuous
+
+        m = load_dit(model_dir, dev)
+        time = FLMTime(corpus.vocab_size)
+        net = (lambda x, s, t: m.model(x, s, t)) if two_time else (lambda x, s, t: m.model(x, s))
+        kw = dict(seq_len=corpus.seq_len, precision=getattr(torch, cfg["precision"]), device=dev,
+                  max_state_bytes=cfg.get("max_state_bytes", 1 << 28))
+        sample_continuous(net, time, n_samples=min(2, cfg["n_samples"]), n_steps=1, seed=0, **kw)  # warm-up
+        return sample_continuous(net, time, n_samples=cfg["n_samples"], n_steps=cfg["steps"], seed=cfg["seed"], **kw)
+    return run
+
+
+SAMPLERS.register("flm", _continuous_sampler(two_time=False))
+SAMPLERS.register("fmlm", _continuous_sampler(two_time=True))
 
 
 @stage_kind("sample")
@@ -329,9 +383,18 @@ EXTRA_METRICS: Registry = Registry("corpus metric")
 def extra_metrics(config: dict, tokens: np.ndarray, corpus) -> dict:
     """Metrics a dataset kind adds (e.g. oracle_nll for synthetic sources): registered per dataset kind."""
     kind = config["data"]["kind"]
-    if kind in EXTRA_METRICS and any(n in config["metrics"]["names"] for n in ("oracle_nll",)):
-        return EXTRA_METRICS.get(kind)(config, tokens, corpus)
-    return {}
+    return EXTRA_METRICS.get(kind)(config, tokens, corpus) if kind in EXTRA_METRICS else {}
+
+
+@EXTRA_METRICS.register("oracle")
+def oracle_metrics(config: dict, tokens: np.ndarray, corpus) -> dict:
+    """oracle_nll of the samples next to the source's own expected NLL per token and entropy rate."""
+    from fsdfm.data import DataConfig, oracle_source
+
+    source = oracle_source(DataConfig(**config["data"]))
+    expected = source.expected_nll_per_token(tokens.shape[1])
+    return {"oracle_nll": float(source.nll_per_token(tokens)), "oracle_expected_nll": float(expected),
+            "oracle_entropy_rate": float(source.entropy_rate())}
 
 
 @stage_kind("pos_divergence")

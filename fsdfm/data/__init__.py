@@ -2,11 +2,12 @@
 
 Modules: base (DataConfig, Corpus, DATASET_KINDS, load_corpus, caching), documents (reading and packing),
 tokenizer (byte-level BPE, GPT-2), and one module per dataset kind: text, tokenfiles ("tokens"), hf.
-Importing this package registers the kinds "text", "tokens" and "hf".
+Importing this package registers the kinds "text", "tokens", "hf" and "oracle".
 """
 
 from fsdfm.data.base import DATASET_KINDS, Corpus, DataConfig, DataError, check_corpus, load_corpus
 from fsdfm.data.documents import EOS_TOKEN, BlockPacker, pack_blocks, read_documents, split_documents
+from fsdfm.data.oracle import load_oracle_corpus, oracle_source
 from fsdfm.data.hf import LOCAL_BUILDERS, PAPER_DATASETS, HFSource, load_hf_corpus
 from fsdfm.data.text import load_text_corpus
 from fsdfm.data.tokenfiles import load_token_corpus, load_token_samples, save_token_samples

@@ -79,6 +79,7 @@ class DataConfig:
     hf_config: str | None = None
     dtype: str | None = None
     name: str | None = None
+    oracle: dict | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,6 +102,9 @@ class DataConfig:
                 raise DataError(f"DataConfig.{key} must be a non-empty string or None, got {value!r}")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise DataError(f"DataConfig.text_field must be a non-empty string, got {self.text_field!r}")
+        if (self.kind == "oracle") != (self.oracle is not None):
+            raise DataError("DataConfig.oracle: the oracle settings ({source: markov|hmm, ...}) go with kind 'oracle' "
+                            f"and only with it (kind is {self.kind!r})")
         if self.dtype is not None:
             try:
                 dt = np.dtype(self.dtype)
