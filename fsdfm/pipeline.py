@@ -394,7 +394,7 @@ def oracle_metrics(config: dict, tokens: np.ndarray, corpus) -> dict:
     source = oracle_source(DataConfig(**config["data"]))
     expected = source.expected_nll_per_token(tokens.shape[1])
     return {"oracle_nll": float(source.nll_per_token(tokens)), "oracle_expected_nll": float(expected),
-            "oracle_entropy_rate": float(source.entropy_rate())}
+            "oracle_entropy_rate": float(source.entropy_rate)}
 
 
 @stage_kind("pos_divergence")

@@ -1,0 +1,338 @@
+"""Executing study plans: run_stage, the debug and local executors, skips, failures, kill -9, locks, status.
+
+The stage kinds below are small and real: they add numbers, write artefacts, read their inputs' artefacts and
+log every call to a counter file (FSDFM_TEST_COUNTER), so a test can tell exactly which stages ran. Job
+processes (local executor, subprocesses) import this module by name to find them (plan.json records it).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fsdfm import launch
+from fsdfm.launch import (
+    StageInputError, execute, load_profile, resources_for, run_stage, status, write_plan,
+)
+from fsdfm.registry import UnknownNameError
+from fsdfm.results import (
+    ATTEMPTS, ERROR, PLAN, RECORD, RUNNING, StageLockedError, is_done, lock_holder, read_json, stage_dir,
+)
+from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def _count(out_dir: Path) -> None:
+    counter = os.environ.get("FSDFM_TEST_COUNTER")
+    if counter:
+        with open(counter, "a") as f:  # O_APPEND: one line per call, from any process
+            f.write(out_dir.name + "\n")
+
+
+def calls(counter: Path) -> dict:
+    out: dict = {}
+    if counter.exists():
+        for line in counter.read_text().split():
+            out[line] = out.get(line, 0) + 1
+    return out
+
+
+def _hold() -> None:
+    """Block while the file named by FSDFM_TEST_HOLD exists (lets a test catch a stage mid-run)."""
+    hold = os.environ.get("FSDFM_TEST_HOLD")
+    deadline = time.time() + 60
+    while hold and os.path.exists(hold) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+@stage_kind("t_launch_const")
+def const_stage(config, inputs, out_dir):
+    _count(out_dir)
+    (out_dir / "value.txt").write_text(str(config["value"]))
+    return {"metrics": {"value": config["value"]}}
+
+
+@stage_kind("t_launch_add")
+def add_stage(config, inputs, out_dir):
+    """value = sum of the inputs' value.txt + config["add"]; also writes a small artefact directory."""
+    _count(out_dir)
+    total = sum(int((d / "value.txt").read_text()) for d in inputs.values()) + config["add"]
+    (out_dir / "parts").mkdir(exist_ok=True)
+    for name, d in sorted(inputs.items()):
+        (out_dir / "parts" / f"{name}.txt").write_text((d / "value.txt").read_text())
+    if config.get("hold"):
+        _hold()
+    if config.get("fail"):
+        raise ValueError(f"add stage refuses total {total}")
+    (out_dir / "value.txt").write_text(str(total))
+    return {"metrics": {"value": total, "n_inputs": len(inputs)}}
+
+
+@stage_kind("t_launch_bad_return")
+def bad_return_stage(config, inputs, out_dir):
+    return [1, 2]
+
+
+@stage_kind("t_launch_resume", checkpointable=True)
+def resume_stage(config, inputs, out_dir):
+    """Checkpointable: keeps what earlier attempts left in out_dir (here: a list of attempt marks)."""
+    marks = out_dir / "marks.txt"
+    n = len(marks.read_text().split()) if marks.exists() else 0
+    marks.write_text("x " * (n + 1))
+    if n + 1 < config["attempts"]:
+        raise RuntimeError(f"attempt {n + 1} interrupted")
+    return {"metrics": {"attempts_seen": n + 1}}
+
+
+# ------------------------------------------------------------------------------------------------ plans
+def chain_plan(name: str = "chain", base: int = 1, add_b: int = 10, add_c: int = 100, hold_b: bool = False,
+               fail_b: bool = False) -> StudyPlan:
+    """a(const) -> b(add) -> c(add, also reads a); d(const) independent; runs end in c and d."""
+    a = Stage("t_launch_const", {"value": base})
+    b_cfg = {"add": add_b, **({"hold": True} if hold_b else {}), **({"fail": True} if fail_b else {})}
+    b = Stage("t_launch_add", b_cfg, {"x": a.id})
+    c = Stage("t_launch_add", {"add": add_c}, {"x": b.id, "y": a.id})
+    d = Stage("t_launch_const", {"value": 7, "seed": 3})
+    runs = [RunSpec("main", {"method": "chain", "model.add": add_c}, c.id), RunSpec("side", {"method": "const"}, d.id)]
+    return StudyPlan.from_stages(name, [a, b, c, d], runs)
+
+
+def ids(plan: StudyPlan) -> list[str]:
+    return list(plan.stages)
+
+
+@pytest.fixture
+def counter(tmp_path, monkeypatch):
+    path = tmp_path / "calls.log"
+    monkeypatch.setenv("FSDFM_TEST_COUNTER", str(path))
+    # job processes import this module by name: make the repo and tests/ importable for them too
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(TESTS)]))
+    return path
+
+
+def payloads(study: Path, plan: StudyPlan) -> dict:
+    return {sid: read_json(stage_dir(study, sid) / RECORD)["payload"] for sid in plan.stages}
+
+
+def artefacts(study: Path, sid: str) -> dict:
+    d = stage_dir(study, sid)
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and p.suffix != ".json"}
+
+
+# ---------------------------------------------------------------------------------------------- debug
+def test_debug_runs_waves_and_writes_records(tmp_path, counter):
+    plan = chain_plan()
+    a, b, c, d = ids(plan)
+    s = execute(plan, tmp_path, executor="debug")
+    assert s.ok and set(s.done) == {a, b, c, d} and not s.skipped
+    study = tmp_path / "chain"
+    assert read_json(study / PLAN)["stages"][c]["inputs"] == {"x": b, "y": a}
+    p = payloads(study, plan)
+    assert p[c]["metrics"] == {"value": (1 + 10) + 1 + 100, "n_inputs": 2}
+    assert artefacts(study, c) == {"parts/x.txt": b"11", "parts/y.txt": b"1", "value.txt": b"112"}
+    rec = read_json(stage_dir(study, d) / RECORD)
+    assert rec["status"] == "done" and rec["stage_id"] == d and rec["seeds"] == {"seed": 3}
+    assert rec["provenance"]["attempt"] == 1 and rec["provenance"]["job_id"] is None
+    for marker in (RUNNING, ERROR, ".lock"):
+        assert not (stage_dir(study, c) / marker).exists()
+
+
+def test_done_stages_are_skipped_not_rerun(tmp_path, counter):
+    plan = chain_plan()
+    execute(plan, tmp_path, executor="debug")
+    again = execute(plan, tmp_path, executor="debug")
+    assert set(again.skipped) == set(plan.stages) and not again.done
+    assert calls(counter) == {sid: 1 for sid in plan.stages}
+    assert run_stage(tmp_path / "chain", ids(plan)[2])["status"] == "done"  # a direct call returns the record
+    assert calls(counter) == {sid: 1 for sid in plan.stages}
+
+
+def test_changed_setting_reruns_exactly_what_it_affects(tmp_path, counter):
+    old = chain_plan()
+    execute(old, tmp_path, executor="debug")
+    new = chain_plan(add_b=20)  # b changes, so c changes; a and d are the same stages
+    a, b, c, d = ids(new)
+    s = execute(new, tmp_path, executor="debug")
+    assert set(s.skipped) == {a, d} and set(s.done) == {b, c}
+    n = calls(counter)
+    assert n[a] == n[d] == 1 and n[b] == n[c] == 1 and len(n) == 6
+    assert payloads(tmp_path / "chain", new)[c]["metrics"]["value"] == (1 + 20) + 1 + 100
+
+
+def test_failure_writes_error_and_blocks_only_dependents(tmp_path, counter):
+    plan = chain_plan(fail_b=True)
+    a, b, c, d = ids(plan)
+    s = execute(plan, tmp_path, executor="debug")
+    assert set(s.done) == {a, d} and list(s.failed) == [b] and s.blocked == (c,) and not s.ok
+    assert s.failed[b] == "ValueError: add stage refuses total 11"
+    err = read_json(stage_dir(tmp_path / "chain", b) / ERROR)
+    assert err["type"] == "ValueError" and err["message"] == "add stage refuses total 11"
+    assert err["traceback_tail"][-1] == "ValueError: add stage refuses total 11"
+    assert any("add_stage" in ln for ln in err["traceback_tail"])
+    assert not (stage_dir(tmp_path / "chain", b) / RECORD).exists()
+    rep = status(tmp_path / "chain")
+    assert rep.counts() == {"done": 2, "running": 0, "failed": 1, "pending": 1} and rep.runs_done == 1
+    assert {x.stage_id: x.detail for x in rep.stages}[c] == f"blocked: input {b} failed"
+    text = rep.format()
+    assert "ValueError: add stage refuses total 11" in text and "| ValueError" in text
+    with pytest.raises(StageInputError, match=f"input 'x' \\(stage {b}\\) is not done"):
+        run_stage(tmp_path / "chain", c)
+
+
+def test_bad_return_and_unknown_kind(tmp_path, counter):
+    st = Stage("t_launch_bad_return", {})
+    s = execute(StudyPlan.from_stages("bad", [st]), tmp_path, executor="debug")
+    assert "returned list" in s.failed[st.id]
+    typo = StudyPlan.from_stages("typo", [Stage("t_launch_constt", {"value": 1})])
+    with pytest.raises(UnknownNameError, match="did you mean 't_launch_const'"):
+        execute(typo, tmp_path, executor="debug")
+    assert not (tmp_path / "typo").exists()  # nothing written before the plan is known to be runnable
+    with pytest.raises(UnknownNameError, match="unknown executor 'lokal'.*did you mean 'local'"):
+        execute(chain_plan(), tmp_path, executor="lokal")
+    with pytest.raises(ValueError, match="wait=False"):
+        execute(chain_plan(), tmp_path, executor="local", wait=False)
+
+
+def test_non_checkpointable_out_dir_is_cleared_checkpointable_kept(tmp_path, counter):
+    plan = chain_plan()
+    a = ids(plan)[0]
+    write_plan(plan, tmp_path)
+    junk = stage_dir(tmp_path / "chain", a) / "junk"
+    junk.mkdir(parents=True)
+    (junk / "half.bin").write_bytes(b"\0" * 10)  # left by a killed attempt
+    run_stage(tmp_path / "chain", a)
+    assert not junk.exists()
+    # a checkpointable stage finds what its earlier attempts left (the function decides how to resume)
+    st = Stage("t_launch_resume", {"attempts": 3})
+    rplan = StudyPlan.from_stages("resume", [st])
+    for k in (1, 2):
+        s = execute(rplan, tmp_path, executor="debug")
+        assert s.failed[st.id] == f"RuntimeError: attempt {k} interrupted"
+    s = execute(rplan, tmp_path, executor="debug")
+    rec = read_json(stage_dir(tmp_path / "resume", st.id) / RECORD)
+    assert s.ok and rec["payload"]["metrics"]["attempts_seen"] == 3 and rec["provenance"]["attempt"] == 3
+    assert (stage_dir(tmp_path / "resume", st.id) / ATTEMPTS).read_text().strip() == "3"
+
+
+# ---------------------------------------------------------------------------------------------- local
+def test_local_executor_reports_failures(tmp_path, counter):
+    bad = Stage("t_launch_add", {"add": 5, "fail": True})
+    after = Stage("t_launch_add", {"add": 1}, {"x": bad.id})
+    s = execute(StudyPlan.from_stages("fails", [bad, after]), tmp_path, executor="local", poll_s=0.1)
+    assert s.failed == {bad.id: "ValueError: add stage refuses total 5"} and s.blocked == (after.id,)
+    assert list(s.submitted) == [bad.id]  # the blocked stage was never submitted
+    assert status(tmp_path / "fails").by_state("failed")[0].error_tail[-1] == "ValueError: add stage refuses total 5"
+
+
+def test_kill9_midway_then_rerun_gives_identical_results(tmp_path, counter):
+    """A local run is SIGKILLed (with its job processes) while stage b runs; the local re-run skips a, reruns b
+    from a clean slate and ends with the records and artefacts of an uninterrupted run."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    plan = chain_plan(hold_b=True)
+    a, b, c, d = ids(plan)
+    root = tmp_path / "killed"
+    code = ("import sys, test_launch as t\n"
+            "from fsdfm.launch import execute\n"
+            "execute(t.chain_plan(hold_b=True), sys.argv[1], executor='local', max_parallel=2, poll_s=0.1)\n")
+    env = {**os.environ, "FSDFM_TEST_HOLD": str(hold)}
+    with open(tmp_path / "driver.log", "w") as log:
+        # a session of its own: killpg takes the driver, submitit's controllers and the job processes at once
+        proc = subprocess.Popen([sys.executable, "-c", code, str(root)], env=env, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    bdir = stage_dir(root / "chain", b)
+    deadline = time.time() + 60
+    while not ((bdir / RUNNING).exists() and lock_holder(bdir)[1]):
+        assert proc.poll() is None, (tmp_path / "driver.log").read_text()
+        assert time.time() < deadline, "stage b never started"
+        time.sleep(0.05)
+    assert status(root / "chain").by_state("running")[0].stage_id == b
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    holder, live = lock_holder(bdir)
+    deadline = time.time() + 10
+    while live and time.time() < deadline:  # the job process dies with its group; give the kernel a moment
+        time.sleep(0.05)
+        holder, live = lock_holder(bdir)
+    assert holder is not None and not live  # a stale lock was left behind ...
+    assert is_done(stage_dir(root / "chain", a)) and not is_done(bdir) and not (bdir / RECORD).exists()
+    st = {s.stage_id: s for s in status(root / "chain").stages}
+    assert st[b].state == "pending" and "interrupted" in st[b].detail
+
+    hold.unlink()
+    s = execute(plan, root, executor="local", max_parallel=2, poll_s=0.1)  # ... and is broken by the re-run
+    assert a in s.skipped and b in s.done and c in s.done and s.ok
+    n = calls(counter)
+    assert n[a] == 1 and n[b] == 2 and n[c] == 1  # a was not re-run; b ran again from a clean slate
+
+    # identical to an uninterrupted in-process run
+    execute(plan, tmp_path / "clean", executor="debug")
+    assert payloads(root / "chain", plan) == payloads(tmp_path / "clean" / "chain", plan)
+    for sid in (b, c):
+        assert artefacts(root / "chain", sid) == artefacts(tmp_path / "clean" / "chain", sid)
+    rec = read_json(bdir / RECORD)
+    assert rec["provenance"]["attempt"] == 2
+    assert rec["provenance"]["job_id"] == s.submitted[b] and rec["provenance"]["pid"] != os.getpid()
+    again = execute(plan, root, executor="local")
+    assert set(again.skipped) == set(plan.stages) and not again.submitted  # done stages are not submitted
+
+
+def test_same_stage_in_two_processes_does_not_clobber(tmp_path, counter):
+    """While one process runs stage b, a second run_stage of b is refused; afterwards it returns the record."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    plan = chain_plan(hold_b=True)
+    a, b, c, d = ids(plan)
+    study = write_plan(plan, tmp_path)
+    run_stage(study, a)
+    code = "import sys, test_launch; from fsdfm.launch import run_stage; run_stage(sys.argv[1], sys.argv[2])"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(study), b], cwd=ROOT,
+                            env={**os.environ, "FSDFM_TEST_HOLD": str(hold)})
+    bdir = stage_dir(study, b)
+    deadline = time.time() + 30
+    while not lock_holder(bdir)[1]:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    with pytest.raises(StageLockedError, match=f"stage {b} is locked by pid {proc.pid}"):
+        run_stage(study, b)
+    running = status(study).by_state("running")
+    assert [r.stage_id for r in running] == [b] and f"pid {proc.pid}" in running[0].detail
+    hold.unlink()
+    assert proc.wait(timeout=30) == 0
+    rec = run_stage(study, b)  # done by the other process: returned, not recomputed
+    assert rec["provenance"]["pid"] == proc.pid
+    assert calls(counter)[b] == 1
+
+
+# --------------------------------------------------------------------------------------------- profiles
+def test_cluster_profiles_and_overrides():
+    prof = load_profile("local")
+    assert resources_for(prof, "cpu")["partition"] == "debug"
+    assert resources_for(prof, "gpu")["gpus_per_node"] == 1
+    assert resources_for(prof, "cpu")["timeout_min"] >= 3  # SLURM signals up to 30 s early
+    ex = load_profile(ROOT / "slurm" / "example-cluster.yaml", {"timeout_min": 30, "gpu.mem_gb": 12.5})
+    gpu = launch._slurm_parameters(resources_for(ex, "gpu"))
+    assert gpu["time"] == 30 and gpu["mem"] == "12800MB" and gpu["partition"] == "gpu"
+    multi = launch._slurm_parameters(resources_for(ex, "gpu_multi"))
+    assert multi["gpus_per_node"] == 8 and multi["ntasks_per_node"] == 8 and multi["time"] == 30
+    with pytest.raises(ValueError, match="no resources.tpu"):
+        resources_for(prof, "tpu")
+    with pytest.raises(ValueError, match="unknown key 'timeout_mins'.*did you mean 'timeout_min'"):
+        load_profile({"defaults": {"timeout_mins": 5}})
+    with pytest.raises(ValueError, match="override 'gpu.partitio'.*did you mean 'partition'"):
+        load_profile("local", {"gpu.partitio": "x"})
+    with pytest.raises(FileNotFoundError, match="cluster profile 'nope'"):
+        load_profile("nope")
+
+
+def test_expand_array_job_ids():
+    assert launch._expand_job_ids("12") == ["12"]
+    assert launch._expand_job_ids("12_3") == ["12_3"]
+    assert launch._expand_job_ids("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
