@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/fsdfm run experiments/demo.yaml
+	$(VENV)/bin/fsdfm run experiments/demo.yaml --executor inline
 	$(VENV)/bin/fsdfm report experiments/demo.yaml
 
 test: install

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run (or --dry-run) a study spec")
     r.add_argument("spec")
     r.add_argument("--dry-run", action="store_true", help="print the runs and stages with their ids and done state")
-    r.add_argument("--executor", default="local", help="local (default), debug (in-process) or slurm")
+    r.add_argument("--executor", default="local", help="local (default: submitit local processes), inline (in this process, with progress bars), debug (in-process, for tests) or slurm")
     r.add_argument("--profile", help="cluster profile YAML for --executor slurm (e.g. slurm/local.yaml)")
     r.add_argument("--no-wait", action="store_true", help="submit and return (slurm)")
     r.add_argument("--max-parallel", type=int, default=None)

@@ -26,6 +26,7 @@ same out_dir (and breaks the dead attempt's lock: same SLURM job id).
 from __future__ import annotations
 
 import contextlib
+import functools
 import copy
 import importlib
 import os
@@ -428,22 +429,35 @@ def execute(plan: StudyPlan, root: str | os.PathLike, executor: str = "local",
 
 @EXECUTORS.register("debug")
 def _execute_debug(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, max_parallel: int | None,
-                   timeout_s: float | None, poll_s: float) -> ExecutionSummary:
+                   timeout_s: float | None, poll_s: float, verbose: bool = False) -> ExecutionSummary:
     """In this process, in wave order; a failure is recorded (error.json) and blocks only its dependents."""
     tally = _Tally(sdir)
+    total = len(plan.stages)
     for wave in waves(plan):
         for stage in wave:
+            n = len(tally.done) + len(tally.skipped) + len(tally.failed) + len(tally.blocked) + 1
             if is_done(stage_dir(sdir, stage.id)):
                 tally.skipped.append(stage.id)
             elif tally.bad(stage):
                 tally.blocked.append(stage.id)
             else:
+                start = time.time()
+                if verbose:
+                    print(f"[{n}/{total}] {stage.id} ...", file=sys.stderr, flush=True)
                 try:
                     run_stage(sdir, stage.id)
                     tally.done.append(stage.id)
+                    if verbose:
+                        print(f"[{n}/{total}] {stage.id} done in {time.time() - start:.1f} s", file=sys.stderr, flush=True)
                 except Exception as e:  # noqa: BLE001 - reported in the summary and error.json
                     tally.failed[stage.id] = f"{type(e).__name__}: {e}"
+                    if verbose:
+                        print(f"[{n}/{total}] {stage.id} FAILED: {tally.failed[stage.id]}", file=sys.stderr, flush=True)
     return tally.summary()
+
+
+# In this process with progress lines and bars on the terminal: what `make demo` uses on one machine.
+EXECUTORS.register("inline", functools.partial(_execute_debug, verbose=True))
 
 
 def _visible_gpus() -> tuple[int, str | None]:
