@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(VENV)/bin/fsdfm run experiments/demo.yaml --executor inline
+	$(VENV)/bin/fsdfm samples experiments/demo.yaml
 	$(VENV)/bin/fsdfm report experiments/demo.yaml
 
 test: install

@@ -1,4 +1,4 @@
-"""Command line: `fsdfm run SPEC`, `fsdfm status SPEC|DIR`, `fsdfm report SPEC|DIR`.
+"""Command line: `fsdfm run SPEC`, `fsdfm status SPEC|DIR`, `fsdfm report SPEC|DIR`, `fsdfm samples SPEC|DIR`.
 
 Every command prints for humans and ends with one JSON line for machines. Bad input (a malformed spec,
 a missing file, an unknown name) is one message naming what and where, exit status 2, nothing written.
@@ -92,6 +92,31 @@ def cmd_report(args) -> dict:
             "figures": [str(p) for p in out.figures]}
 
 
+def cmd_samples(args) -> dict:
+    """Print the first decoded samples of every evaluated run (method, rule, step budget)."""
+    import json as _json
+
+    from fsdfm.results import read_record
+
+    sdir = _study_dir(args.target, args.results)
+    plan = _json.loads((sdir / "plan.json").read_text())
+    shown = 0
+    for run in plan["runs"]:
+        rec = read_record(sdir / "stages" / run["stage_id"], warn=False)
+        if rec is None or "samples" not in rec.get("inputs", {}):
+            continue
+        texts = sdir / "stages" / rec["inputs"]["samples"] / "samples.jsonl"
+        if not texts.exists():
+            continue
+        p = run["params"]
+        print(f"=== {p.get('label') or p['method']} | rule {p.get('rule')} | {p.get('steps')} steps ===")
+        for line in texts.read_text().splitlines()[: args.n]:
+            text = " ".join(_json.loads(line)["text"].split())
+            print("  " + (text[: args.chars] + " ..." if len(text) > args.chars else text))
+        shown += 1
+    return {"study": sdir.name, "runs_shown": shown}
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     ap = argparse.ArgumentParser(prog="fsdfm", description=__doc__.splitlines()[0])
@@ -112,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("target", help="a spec file or a study results directory")
     p.add_argument("--out", help="output directory (default: <study>/report)")
     p.set_defaults(fn=cmd_report)
+    sp = sub.add_parser("samples", help="print decoded samples of every run")
+    sp.add_argument("target", help="a spec file or a study results directory")
+    sp.add_argument("-n", type=int, default=2, help="samples per run")
+    sp.add_argument("--chars", type=int, default=300, help="characters per sample")
+    sp.set_defaults(fn=cmd_samples)
     args = ap.parse_args(argv)
     from fsdfm.data import DataError
     from fsdfm.registry import UnknownNameError
