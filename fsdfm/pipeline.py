@@ -356,6 +356,7 @@ def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     metrics.update(extra_metrics(config, tokens, corpus))
     sample_rec = read_record(Path(inputs["samples"])) or {}
     metrics.update((sample_rec.get("payload") or {}).get("metrics") or {})  # nfe, wall_s, tokens_per_s, peak_mem
+    metrics["n_samples"] = n
     return {"metrics": metrics, "n_samples": n, "samples_stage": Path(inputs["samples"]).name}
 
 
@@ -374,6 +375,7 @@ def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     evaluator = load_study_evaluator(config, inputs, device())
     metrics = data_reference(tokens, texts, _sample_metric_names(config, evaluator), **_metric_kwargs(config, evaluator, refs))
     metrics.update(extra_metrics(config, tokens, corpus))
+    metrics["n_samples"] = n
     return {"metrics": metrics, "n_samples": n}
 
 
@@ -433,6 +435,6 @@ def pos_divergence_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
                          corpus.vocab_size, generator=gen)
     return {"metrics": {"pos_divergence": float(res.tv.mean()), "pos_divergence_slope": res.slope,
                         "pos_divergence_slope_stderr": res.slope_stderr, "pos_agreement": float(res.agreement.mean()),
-                        "nfe": n_student},
+                        "student_nfe_from_t_start": n_student},
             "curves": {"tv": res.tv.tolist(), "js": res.js.tolist(), "agreement": res.agreement.tolist()},
             "teacher_steps_from_t_start": n_teacher, "student_steps_from_t_start": n_student}

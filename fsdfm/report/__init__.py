@@ -1,0 +1,204 @@
+"""Reports of a study: tables (Markdown, LaTeX, CSV), figures (PNG, PDF) and an index tying them together.
+
+    out = write_report("results/demo")             # -> results/demo/report/index.md, table_*.*, fig_*.*
+    df = fsdfm.results.load("results/demo")
+    summarize(df)                                  # mean, std, 95% CI half-width, n across seeds
+
+Modules: `summary` (per-setting statistics, reading a study), `tables`, `figures`, `published` (published
+numbers for labelled reference rows). Scripts in analysis/ regenerate single tables/figures from these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from fsdfm.report.figures import FIGURES, FigureResult, render
+from fsdfm.report.published import PUBLISHED
+from fsdfm.report.summary import DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
+from fsdfm.report.tables import (
+    Table, ablation_tables, cost_table, main_table, pos_divergence_table, seeds_table, summary_csv,
+)
+
+__all__ = ["write_report", "ReportOutput", "summarize", "wide", "load_study", "Study", "sampling_wall_s",
+           "main_table", "cost_table", "pos_divergence_table", "seeds_table", "ablation_tables", "Table",
+           "write_table", "FIGURES", "render", "FigureResult", "PUBLISHED", "DEFAULT_BY"]
+
+FIGURE_ORDER = ("step_sweep", "frontier", "pos_divergence", "ablation")
+
+
+@dataclass(frozen=True)
+class ReportOutput:
+    """What `write_report` wrote: the index, the table files, the figure files, and the figures it skipped
+    as (name, reason) pairs."""
+
+    index: Path
+    tables: list = field(default_factory=list)
+    figures: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+
+def write_table(table: Table, out_dir: Path) -> list[Path]:
+    """Write <name>.md, <name>.tex and <name>.csv atomically; returns the three paths."""
+    from fsdfm.results import atomic_write_bytes
+
+    out = []
+    for ext, text in (("md", f"# {table.title}\n\n" + table.to_markdown()), ("tex", table.to_latex()),
+                      ("csv", table.to_csv())):
+        path = Path(out_dir) / f"{table.name}.{ext}"
+        atomic_write_bytes(path, text.encode("utf-8"))
+        out.append(path)
+    return out
+
+
+def _plan_settings(plan: dict) -> dict:
+    """Conventions recorded in the plan's stage configs: MAUVE featurizer, evaluator, sampling precision."""
+    found: dict[str, set] = {"featurizer": set(), "evaluator": set(), "precision": set(), "metrics": set()}
+    for st in plan.get("stages", {}).values():
+        cfg = st.get("config") or {}
+        metrics = cfg.get("metrics") if isinstance(cfg.get("metrics"), dict) else {}
+        if "mauve" in (metrics.get("names") or []):
+            found["featurizer"].add(str(metrics.get("mauve_featurizer")))
+        found["metrics"].update(metrics.get("names") or [])
+        ev = cfg.get("evaluator")
+        if isinstance(ev, dict) and ev.get("kind"):
+            found["evaluator"].add(ev["kind"] + (f" ({ev['name']})" if ev.get("name") else ""))
+        if st.get("kind") == "sample" and cfg.get("precision"):
+            found["precision"].add(str(cfg["precision"]))
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(Path(path).relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def _facts(study: Study) -> list[str]:
+    runs = study.runs
+    lines = [f"results: `{study.path}`", f"runs: {len(runs)} finished of {study.n_planned} planned"]
+    if len(runs):
+        settings = runs.groupby(list(DEFAULT_BY), dropna=False).size()
+        seeds = sorted(set(settings))
+        lines.append(f"settings (method × rule × steps, incl. data): {len(settings)}; seeds per setting: "
+                     + (str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"))
+        if study.seed_keys:
+            lines.append(f"seed grid keys: {', '.join(f'`{k}`' for k in study.seed_keys)}")
+        if study.ablation_keys:
+            lines.append(f"ablated grid keys (shown in the method label): "
+                         f"{', '.join(f'`{k}`' for k in study.ablation_keys)}")
+        ns = sorted({int(v) for v in runs.get("n_samples", []) if v == v})
+        if ns:
+            lines.append(f"samples per run: {', '.join(map(str, ns))}")
+        commits = sorted({str(c)[:12] for c in runs.get("commit", []) if isinstance(c, str)})
+        dirty = any(bool(d) for d in runs.get("dirty", []) if d is not None and d == d)
+        if commits:
+            lines.append(f"code: commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
+                         + (" (uncommitted changes in some runs)" if dirty else ""))
+        devices = sorted({str(d) for d in runs.get("device", []) if isinstance(d, str)})
+        if devices:
+            lines.append(f"devices: {', '.join(devices)}")
+    return lines
+
+
+def _conventions(study: Study) -> list[str]:
+    from fsdfm.metrics import ENTROPY_COLLAPSE_NATS, REP_COLLAPSE_FACTOR, REP_COLLAPSE_MARGIN
+
+    s = _plan_settings(study.plan)
+    out = [
+        "`gen_ppl`: token-pooled generative perplexity, exp(Σ NLL / Σ tokens) over all samples, under the evaluator "
+        f"LM ({', '.join(s['evaluator']) or 'not recorded'}); first token unscored. Not the FS-DFM/SEDD convention "
+        "(mean of per-sample perplexities: `gen_ppl_seq_mean`).",
+        "entropy: per-sample unigram entropy of the model's own token ids, averaged over samples, in **nats** "
+        "(`entropy_bits` = nats / ln 2).",
+        f"MAUVE featurizer: {', '.join(s['featurizer']) or 'MAUVE not computed'}; samples vs as many held-out texts.",
+        f"sampling precision: {', '.join(s['precision']) or 'not recorded'} (float32 categorical sampling lowers "
+        "perplexity artificially).",
+        f"collapse flags: entropy_nats more than {ENTROPY_COLLAPSE_NATS} nats below the data row's (`low entropy`); "
+        f"rep_n above max({REP_COLLAPSE_FACTOR:g} × data, data + {REP_COLLAPSE_MARGIN:g}) (`high rep_n`).",
+        "sampling wall-clock: warm-up excluded, evaluator time excluded"
+        + ("" if study.wall_s_source != "wall_s" or "stage_wall_s" in study.runs else
+           "; **this study's records carry no separate sampler time, so the stage's run time is shown**") + ".",
+        "spread: ±1 sample std over seeds (ddof 1); 95% CI half-widths (Student t) are in the CSV files and "
+        "table_seeds.",
+    ]
+    return out
+
+
+def _index(study: Study, main: Table | None, tables: list[tuple[Table, list[Path]]], figures: list[FigureResult],
+           notes: list[str], out_dir: Path) -> str:
+    parts = [f"# Report: {study.name}", ""]
+    if study.description:
+        parts += [study.description, ""]
+    parts += [f"* {line}" for line in _facts(study)] + [""]
+    if main is not None and not main.empty:
+        parts += ["## Sample quality", "", main.to_markdown(), ""]
+    else:
+        parts += ["_No finished model runs yet: no quality table._", ""]
+    drawn = [f for f in figures if f.skipped is None]
+    if drawn:
+        parts += ["## Figures", ""]
+        for f in drawn:
+            png, pdf = f.paths
+            parts += [f"### {f.title}", "", f"![{f.title}]({_rel(png, out_dir)})", "",
+                      f"{f.caption} ([PDF]({_rel(pdf, out_dir)}))", ""]
+    if tables:
+        parts += ["## Tables", ""]
+        for t, paths in tables:
+            links = " · ".join(f"[{p.suffix[1:]}]({_rel(p, out_dir)})" for p in paths)
+            parts.append(f"* {t.title}: {links}")
+        parts += ["* every recorded metric of every setting, long format (mean, std, ci95, n, min, max): "
+                  "[csv](summary.csv)", ""]
+    skipped = [f for f in figures if f.skipped is not None]
+    if skipped or notes:
+        parts += ["## Not shown", ""]
+        parts += [f"* figure `{f.name}` skipped: {f.skipped}" for f in skipped]
+        parts += [f"* {n}" for n in notes]
+        parts.append("")
+    parts += ["## Conventions", ""] + [f"* {c}" for c in _conventions(study)] + [""]
+    return "\n".join(parts)
+
+
+def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
+                 published: Sequence[str] | None = None) -> ReportOutput:
+    """Write the report of the study in `study_dir` (holding plan.json) to `out_dir` (default
+    <study_dir>/report): table_*.{md,tex,csv}, summary.csv, fig_*.{png,pdf} and index.md, each atomically.
+
+    published: keys of `fsdfm.report.published.PUBLISHED` to add as labelled reference rows to the main table
+    (an unknown key is an `UnknownNameError` listing the allowed keys, raised before anything is written).
+    Figures without data are skipped and listed, with the reason, in the index and in `ReportOutput.skipped`.
+    """
+    from fsdfm.results import atomic_write_bytes
+
+    published = list(published or [])
+    for key in published:
+        PUBLISHED.get(key)
+    study = load_study(study_dir)
+    out_dir = Path(out_dir) if out_dir is not None else study.path / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables: list[tuple[Table, list[Path]]] = []
+    notes: list[str] = []
+    main = None
+    if len(study.runs):
+        main = main_table(study, published=published)
+        candidates = [main, cost_table(study), pos_divergence_table(study), seeds_table(study), *ablation_tables(study)]
+        for t in candidates:
+            if t.empty:
+                notes.append(f"table `{t.name}`: no data in this study")
+                continue
+            tables.append((t, write_table(t, out_dir)))
+        atomic_write_bytes(out_dir / "summary.csv", summary_csv(study).to_csv(index=False).encode("utf-8"))
+    figures: list[FigureResult] = []
+    for name in FIGURE_ORDER:
+        if len(study.runs):
+            figures += render(name, study, out_dir)
+        else:
+            figures.append(FigureResult(name=name, skipped="no finished runs"))
+    index = out_dir / "index.md"
+    atomic_write_bytes(index, _index(study, main, tables, figures, notes, out_dir).encode("utf-8"))
+    table_paths = [p for _, paths in tables for p in paths] + ([out_dir / "summary.csv"] if tables else [])
+    return ReportOutput(index=index, tables=table_paths,
+                        figures=[p for f in figures for p in f.paths],
+                        skipped=[(f.name, f.skipped) for f in figures if f.skipped is not None])

@@ -1,0 +1,302 @@
+"""Report layer: summarize statistics, table rules (best by direction, data row first, collapse flags,
+published rows), figure files, write_report end to end on synthetic study directories, analysis scripts."""
+
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fsdfm.registry import UnknownNameError
+from fsdfm.report import ReportOutput, load_study, sampling_wall_s, summarize, write_report
+from fsdfm.report.figures import divergence_curves
+from fsdfm.report.tables import metric_table, seeds_table
+from fsdfm.results import atomic_write_json, stage_dir
+from fsdfm.stages import RunSpec, Stage, StudyPlan
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+T_975_2 = 4.302652729911275  # Student t quantile t_{0.975, 2} (tables), independent of scipy
+
+
+# ------------------------------------------------------------------------------------ synthetic studies
+def write_study(root: Path, name: str, runs: list[dict], description: str | None = None) -> Path:
+    """A study directory as the pipeline leaves it: plan.json plus one done record per run's final stage.
+
+    Each run dict: params (kind, method, label, rule, steps, grid keys...), metrics (payload metrics), and
+    optionally curves (pos_divergence payload) and n_samples. Stage configs carry the study conventions."""
+    stages, specs, records = [], [], {}
+    for i, r in enumerate(runs):
+        kind = "pos_divergence" if r["params"]["kind"] == "pos_divergence" else (
+            "evaluate_data" if r["params"]["kind"] == "data" else "evaluate")
+        cfg = {"i": i, "metrics": {"names": ["gen_ppl", "mauve"], "mauve_featurizer": "minilm"},
+               "evaluator": {"kind": "reference", "name": None}}
+        st = Stage(kind, cfg)
+        stages.append(st)
+        specs.append(RunSpec(f"run#{i}", r["params"], st.id))
+        payload = {"metrics": r["metrics"], "n_samples": r.get("n_samples", 64)}
+        if "curves" in r:
+            payload["curves"] = r["curves"]
+        records[st.id] = {"status": "done", "stage_id": st.id, "kind": kind, "payload": payload,
+                          "provenance": {"git_commit": "abc123def4567890", "git_dirty": False, "device": "cpu",
+                                         "hostname": "test", "wall_s": 99.0, "end_time": "2026-01-01T00:00:00"}}
+    plan = StudyPlan.from_stages(name, stages, specs).to_dict()
+    if description:
+        plan["description"] = description
+    sdir = root / name
+    atomic_write_json(sdir / "plan.json", plan)
+    for sid, rec in records.items():
+        atomic_write_json(stage_dir(sdir, sid) / "record.json", rec)
+    return sdir
+
+
+def _params(kind, label, rule, steps, **grid):
+    return {"kind": kind, "method": kind, "label": label, "rule": rule, "steps": steps, **grid}
+
+
+DATA = {"gen_ppl": 20.0, "entropy_nats": 4.0, "mauve": 1.0, "rep_n": 0.05, "distinct_4": 0.9, "self_bleu": 10.0}
+
+
+def full_study(root: Path) -> Path:
+    """Data row; DFM teacher (2 rules x 3 budgets) and FS-DFM (3 budgets) with 3 seeds; an FS-DFM ablation
+    variant (grid key methods.fsdfm.distill.shortcut); per-position divergence curves."""
+    runs = [{"params": _params("data", "data (held-out)", None, None, seed=None,
+                               **{"methods.fsdfm.distill.shortcut": None}), "metrics": dict(DATA)}]
+    rng = np.random.default_rng(0)
+    for seed in (0, 1, 2):
+        for rule in ("euler", "cumulative_scalar"):
+            for steps in (8, 64, 1024):
+                ppl = 30 + 600 / steps + 3 * rng.standard_normal()
+                runs.append({"params": _params("dfm", "DFM teacher", rule, steps, seed=seed,
+                                               **{"methods.fsdfm.distill.shortcut": None}),
+                             "metrics": {"gen_ppl": ppl, "entropy_nats": 3.9 + 0.02 * rng.standard_normal(),
+                                         "mauve": 0.9 - 1 / steps, "rep_n": 0.06, "distinct_4": 0.88,
+                                         "self_bleu": 11.0, "nfe": steps, "wall_s": 0.01 * steps + 0.02,
+                                         "tokens_per_s": 6400 / (0.01 * steps + 0.02), "peak_mem": 2 ** 30}})
+        for shortcut, base in (("rk4", 40.0), ("heun", 55.0)):
+            for steps in (1, 2, 8):
+                runs.append({"params": _params("fsdfm", "FS-DFM", "cumulative_scalar", steps, seed=seed,
+                                               **{"methods.fsdfm.distill.shortcut": shortcut}),
+                             "metrics": {"gen_ppl": base + 40 / steps + 2 * rng.standard_normal(),
+                                         "entropy_nats": 3.5 if steps == 1 else 3.85, "mauve": 0.7,
+                                         "rep_n": 0.3 if steps == 1 else 0.07, "distinct_4": 0.85, "self_bleu": 12.0,
+                                         "nfe": steps, "wall_s": 0.01 * steps + 0.02}})
+            for steps in (1, 8):
+                L = 128
+                tv = np.clip(0.2 + 0.3 / steps + 0.2 * np.linspace(0, 1, L) / steps
+                             + 0.03 * rng.standard_normal(L), 0, 1)
+                runs.append({"params": _params("pos_divergence", "FS-DFM vs dfm", "cumulative_scalar", steps,
+                                               seed=seed, **{"methods.fsdfm.distill.shortcut": shortcut}),
+                             "metrics": {"pos_divergence": float(tv.mean()), "pos_agreement": float(1 - tv.mean()),
+                                         "nfe": steps},
+                             "curves": {"tv": tv.tolist(), "js": (tv / 2).tolist(), "agreement": (1 - tv).tolist()}})
+    return write_study(root, "synth", runs, description="A synthetic study with known values.")
+
+
+def bare_study(root: Path, name: str = "bare") -> Path:
+    """One seed, a data row and one method at two budgets, with entropy and MAUVE only: no gen_ppl, no
+    timing, no divergence, no ablation."""
+    runs = [{"params": _params("data", "data (held-out)", None, None), "metrics": {"entropy_nats": 4.0}}]
+    runs += [{"params": _params("dfm", "DFM", "euler", s), "metrics": {"entropy_nats": 3.9, "mauve": 0.5}}
+             for s in (1, 4)]
+    return write_study(root, name, runs)
+
+
+# ---------------------------------------------------------------------------------------------- summarize
+def _frame(values, metric="gen_ppl", **extra):
+    rows = [{"label": "m", "rule": "euler", "steps": 8, "kind": "dfm", metric: v, **extra} for v in values]
+    return pd.DataFrame(rows)
+
+
+def test_summarize_mean_std_t_interval_n():
+    s = summarize(_frame([1.0, 2.0, 3.0], n_samples=64), metrics=["gen_ppl"])
+    assert len(s) == 1
+    r = s.iloc[0]
+    assert (r["label"], r["rule"], r["steps"], r["metric"]) == ("m", "euler", 8, "gen_ppl")
+    assert r["mean"] == pytest.approx(2.0) and r["std"] == pytest.approx(1.0) and r["n"] == 3
+    assert r["ci95"] == pytest.approx(T_975_2 / math.sqrt(3)) and r["ci95"] == pytest.approx(2.484, abs=1e-3)
+    assert (r["min"], r["max"], r["n_samples"]) == (1.0, 3.0, 64)
+
+
+def test_summarize_groups_keep_order_and_missing_keys_and_single_seed_has_no_spread():
+    df = pd.concat([
+        pd.DataFrame([{"label": "data (held-out)", "rule": None, "steps": None, "kind": "data", "gen_ppl": 5.0}]),
+        _frame([1.0, 3.0]).assign(steps=1), _frame([4.0, np.nan, 6.0]),
+    ], ignore_index=True)
+    s = summarize(df, metrics=["gen_ppl", "mauve"])  # mauve: not recorded -> no rows, no error
+    assert list(s["metric"]) == ["gen_ppl"] * 3
+    assert s.iloc[0]["label"] == "data (held-out)" and pd.isna(s.iloc[0]["steps"]) and s.iloc[0]["n"] == 1
+    assert math.isnan(s.iloc[0]["std"]) and math.isnan(s.iloc[0]["ci95"])
+    assert list(s["steps"].iloc[1:]) == [1, 8]
+    assert s.iloc[2]["n"] == 2 and s.iloc[2]["mean"] == pytest.approx(5.0)  # NaN is not a seed
+    with pytest.raises(KeyError, match="grouping column"):
+        summarize(df, by=("label", "nope"))
+
+
+def test_sampling_wall_s_prefers_the_sampler_column():
+    df = pd.DataFrame({"wall_s": [10.0, 20.0], "metrics.wall_s": [0.1, 0.2]})
+    assert list(sampling_wall_s(df)) == [0.1, 0.2]
+    assert list(sampling_wall_s(df.drop(columns="metrics.wall_s"))) == [10.0, 20.0]
+    assert sampling_wall_s(pd.DataFrame({"x": [1]})).isna().all()
+
+
+# -------------------------------------------------------------------------------------------------- tables
+def _table_runs():
+    rows = [{"label": "data (held-out)", "rule": None, "steps": None, "kind": "data",
+             "gen_ppl": 1.0, "mauve": 1.0, "entropy_nats": 4.0, "rep_n": 0.05}]
+    for seed, (a, b) in enumerate([(10.0, 20.0), (12.0, 22.0)]):
+        rows.append({"label": "A", "rule": "euler", "steps": 8, "kind": "dfm", "seed": seed,
+                     "gen_ppl": a, "mauve": 0.5, "entropy_nats": 3.9, "rep_n": 0.06})
+        rows.append({"label": "B", "rule": "euler", "steps": 8, "kind": "fsdfm", "seed": seed,
+                     "gen_ppl": b, "mauve": 0.8, "entropy_nats": 3.6, "rep_n": 0.30})
+    return pd.DataFrame(rows[1:] + rows[:1])  # data row last in the input: the table must still put it first
+
+
+def test_table_best_by_direction_data_row_first_and_unmarked_and_collapse():
+    t = metric_table(_table_runs(), ["gen_ppl", "entropy_nats", "mauve", "rep_n", "distinct_4"], name="t", title="t")
+    cols = list(t.columns)
+    assert cols[:4] == ["method", "rule", "steps", "n"] and cols[-1] == "collapse"
+    rows = {r[0]: (r, b) for r, b in zip(t.cells, t.bold)}
+    assert t.cells[0][0] == "data (held-out)" and not any(t.bold[0])
+    a, a_bold = rows["A"]
+    b, b_bold = rows["B"]
+    g, e, m, rep = (cols.index(c) for c in ("gen_ppl ↓", "entropy_nats", "mauve ↑", "rep_n ↓"))
+    assert a[g] == "11.00 ± 1.41" and a[3] == "2"          # mean ± std over 2 seeds, n shown
+    assert a_bold[g] and not b_bold[g]                      # min: A, although the data row is lower
+    assert b_bold[m] and not a_bold[m]                      # max: B, although the data row is higher
+    assert not a_bold[e] and not b_bold[e]                  # entropy has no direction: never marked
+    assert a[-1] == "no" and b[-1] == "low entropy, high rep_n"  # B: 0.4 nats below the data, rep_n 6x
+    assert "distinct_4" in " ".join(t.notes)                 # the missing metric is named, not a column
+    md = t.to_markdown()
+    assert "**11.00 ± 1.41**" in md and md.index("data (held-out)") < md.index("| A ")
+    tex = t.to_latex()
+    assert r"\toprule" in tex and r"\textbf{11.00 $\pm$ 1.41}" in tex and r"gen\_ppl $\downarrow$" in tex
+    csv = pd.read_csv(__import__("io").StringIO(t.to_csv()))
+    assert csv.loc[csv.label == "A", "gen_ppl_mean"].item() == pytest.approx(11.0)
+    # n = 2: t_{0.975, 1} * std / sqrt(2) with std = sqrt(2)
+    assert csv.loc[csv.label == "A", "gen_ppl_ci95"].item() == pytest.approx(12.706204736)
+
+
+def test_collapse_flag_thresholds_follow_collapse_flags():
+    runs = _table_runs()
+    runs.loc[runs.label == "B", "entropy_nats"] = 3.69  # 0.31 nats below the data's 4.0
+    runs.loc[runs.label == "B", "rep_n"] = 0.06
+    t = metric_table(runs, ["entropy_nats", "rep_n"], name="t", title="t")
+    flags = {r[0]: r[-1] for r in t.cells}
+    assert flags == {"data (held-out)": "—", "A": "no", "B": "low entropy"}
+    t = metric_table(runs[runs.kind != "data"], ["entropy_nats"], name="t", title="t")
+    assert {r[-1] for r in t.cells} == {"n/a"} and any("no data reference row" in n for n in t.notes)
+
+
+def test_ties_are_all_marked_but_an_all_tie_marks_nothing():
+    runs = _table_runs()
+    runs["mauve"] = 0.5
+    runs.loc[runs.kind == "data", "mauve"] = 1.0
+    t = metric_table(runs, ["mauve"], name="t", title="t")
+    assert not any(any(b) for b in t.bold)
+
+
+def test_published_rows_are_labelled_last_and_never_marked():
+    t = metric_table(_table_runs(), ["gen_ppl", "entropy_nats"], name="t", title="t", published=["flm_owt"])
+    pub = [i for i, r in enumerate(t.cells) if r[0].startswith("published: ")]
+    assert len(pub) == 8 and pub == list(range(len(t.cells) - 8, len(t.cells)))
+    assert all("FLM" in t.cells[i][0] and "2602.16813" in t.cells[i][0] for i in pub)
+    assert not any(any(t.bold[i]) for i in pub) and pub[0] in t.sections
+    first = t.cells[pub[0]]
+    assert first[2] == "8" and "449.15" in first and "5.21" in first
+    assert any("token-pooled" in n for n in t.notes)
+    with pytest.raises(UnknownNameError, match="flm_owt"):
+        metric_table(_table_runs(), ["gen_ppl"], name="t", title="t", published=["flm_ow"])
+
+
+# ------------------------------------------------------------------------------------- studies, reports
+def test_load_study_variant_labels_and_seed_pooling(tmp_path):
+    study = load_study(full_study(tmp_path))
+    assert study.seed_keys == ("seed",) and study.ablation_keys == ("methods.fsdfm.distill.shortcut",)
+    labels = list(dict.fromkeys(study.models["label"]))
+    assert labels == ["DFM teacher", "FS-DFM (shortcut=rk4)", "FS-DFM (shortcut=heun)"]
+    s = summarize(study.runs, metrics=["gen_ppl"])
+    assert set(s.loc[s.label != "data (held-out)", "n"]) == {3}
+    assert study.runs["n_samples"].eq(64).all()
+    # the sampler's own time (payload metric wall_s), never the stage's run time (99 s in provenance)
+    timed = study.runs[study.runs["sampling_wall_s"].notna()]
+    assert len(timed) == 3 * (6 + 6) and np.allclose(timed["sampling_wall_s"], 0.01 * timed["steps"] + 0.02)
+    curves = divergence_curves(study)
+    assert len(curves) == 3 * 2 * 2 * 128 and set(curves.columns) >= {"position", "tv", "agreement"}
+
+
+def test_write_report_writes_every_file(tmp_path):
+    sdir = full_study(tmp_path)
+    out = write_report(sdir, published=["many_step_owt"])
+    assert isinstance(out, ReportOutput) and out.index == sdir / "report" / "index.md"
+    names = {p.name for p in out.figures}
+    for stem in ("fig_step_sweep", "fig_frontier", "fig_pos_divergence", "fig_ablation_fsdfm"):
+        assert {stem + ".png", stem + ".pdf"} <= names
+    for p in out.figures:
+        data = p.read_bytes()
+        assert len(data) > 5000 and data.startswith(PNG_MAGIC if p.suffix == ".png" else b"%PDF")
+    tables = {p.name for p in out.tables}
+    for stem in ("table_main", "table_cost", "table_pos_divergence", "table_seeds", "table_ablation_fsdfm"):
+        assert {f"{stem}.md", f"{stem}.tex", f"{stem}.csv"} <= tables
+    assert all(p.stat().st_size > 0 for p in out.tables) and out.skipped == []
+    index = out.index.read_text()
+    assert "# Report: synth" in index and "A synthetic study with known values." in index
+    assert "| data (held-out)" in index and "published: FLM project page" in index
+    assert "![Quality vs step budget](fig_step_sweep.png)" in index and "(table_main.tex)" in index
+    assert "token-pooled" in index and "nats" in index and "MAUVE featurizer: minilm" in index
+    assert "low entropy, high rep_n" in index  # FS-DFM at 1 step collapses (entropy 3.5, rep_n 0.3)
+    assert not list(out.index.parent.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_missing_metrics_and_figures_are_skipped_and_said(tmp_path):
+    out = write_report(bare_study(tmp_path), tmp_path / "rep")
+    assert {p.name for p in out.figures} == {"fig_step_sweep.png", "fig_step_sweep.pdf"}
+    skipped = dict(out.skipped)
+    assert set(skipped) == {"frontier", "pos_divergence", "ablation"}
+    assert "gen_ppl was not recorded" in skipped["frontier"]
+    index = out.index.read_text()
+    for name, why in skipped.items():
+        assert f"figure `{name}` skipped: {why}" in index
+    assert "table `table_pos_divergence`: no data" in index
+    assert not (tmp_path / "rep" / "fig_frontier.png").exists()
+    main = (tmp_path / "rep" / "table_main.md").read_text()
+    assert "gen_ppl" in main and "not recorded in this study: gen_ppl" in main
+
+
+def test_write_report_of_a_study_without_finished_runs(tmp_path):
+    sdir = write_study(tmp_path, "empty", [{"params": _params("dfm", "DFM", "euler", 1), "metrics": {}}])
+    next(sdir.glob("stages/*/record.json")).unlink()
+    out = write_report(sdir)
+    assert out.tables == [] and out.figures == [] and "0 finished of 1 planned" in out.index.read_text()
+
+
+def test_seeds_table_reports_interval(tmp_path):
+    study = load_study(write_study(tmp_path, "s", [
+        {"params": _params("dfm", "DFM", "euler", 8, seed=k), "metrics": {"gen_ppl": v}} for k, v in
+        enumerate((1.0, 2.0, 3.0))]))
+    t = seeds_table(study, metrics=["gen_ppl"])
+    (row,) = t.cells
+    assert row[:5] == ("DFM", "euler", "8", "gen_ppl", "3") and row[5:8] == ("2.00", "1.00", "2.48")
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+@pytest.mark.parametrize("script,drawn", [
+    ("table_main", True), ("table_seeds", True), ("table_ablations", False),
+    ("fig_step_sweep", True), ("fig_frontier", False), ("fig_pos_divergence", False)])
+def test_analysis_scripts_end_with_one_json_line(tmp_path, capsys, monkeypatch, script, drawn):
+    # the bare study keeps this cheap: figures are drawn once, in the write_report tests; here, the script
+    # path and its "skipped" answer
+    sdir = bare_study(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, str(sdir), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "analysis" / f"{script}.py"), run_name="__main__")
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["study"] == "bare" and len(lines) > 1
+    assert bool(result["files"]) == drawn and (result["skipped"] is None) == drawn
+    assert all(Path(p).is_file() and Path(p).parent == tmp_path / "out" for p in result["files"])
