@@ -98,7 +98,8 @@ def update(x: torch.Tensor, p: torch.Tensor, t: torch.Tensor, h: torch.Tensor, r
     movable = path.source.movable(x)
     in_vocab = x < V
     z = x.clamp(max=V - 1)
-    p_z = p.gather(-1, z[..., None]).squeeze(-1) * in_vocab
+    p_at_z = p.gather(-1, z[..., None]).squeeze(-1)  # at a mask position: p(V - 1), the clamped index
+    p_z = p_at_z * in_vocab
     prob = torch.where(final[:, None], torch.ones_like(p_z), rule(p_z, t, h, path.scheduler))
     u = torch.rand((B, L), dtype=p.dtype, device=x.device, generator=generator)
     jump = movable & (u < prob)
@@ -113,7 +114,8 @@ def update(x: torch.Tensor, p: torch.Tensor, t: torch.Tensor, h: torch.Tensor, r
         x = x.clone()
         x[idx] = _draw(q, generator)
         return x
-    q = p.scatter(-1, z[..., None], torch.where(drop_z, 0.0, p_z)[..., None].to(p.dtype))
+    # Write back p_at_z, not p_z: at a mask position z is the clamped V - 1 and its mass must stay.
+    q = p.scatter(-1, z[..., None], torch.where(drop_z, 0.0, p_at_z)[..., None].to(p.dtype))
     q = torch.where(q.sum(-1, keepdim=True) > 0, q, p)  # rows with p(z) = 1 never jump; keep them valid
     return torch.where(jump, _draw(q, generator), x)
 

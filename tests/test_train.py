@@ -1,0 +1,220 @@
+"""The training loop: exact resumption from checkpoints, the schedule, EMA, input checks, and a real loss that falls.
+
+The last test trains a small DiT teacher with the DFM objective on TinyStories bytes and compares its loss with
+a unigram model's cross-entropy computed independently on the same blocks.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fsdfm.model import DiT, ModelConfig
+from fsdfm.objectives import DFMConfig, DFMObjective
+from fsdfm.paths import MaskSource, MixturePath
+from fsdfm.schedulers import PolynomialScheduler
+from fsdfm.train import OptimConfig, StepContext, fit, lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small matrices: one intra-op thread is faster than two on a busy 2-core machine (no OpenMP waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+V, L = 12, 8
+
+
+def _tiny_dit(seed=0):
+    torch.manual_seed(seed)
+    return DiT(ModelConfig(vocab_size=V, input_vocab_size=V + 1, seq_len=L, hidden=16, cond_dim=8, n_blocks=1,
+                           n_heads=2))
+
+
+def _data(n=64):
+    return torch.randint(V, (n, L), generator=torch.Generator().manual_seed(0))
+
+
+def _objective():
+    return DFMObjective(MixturePath(PolynomialScheduler(1), MaskSource(V)), DFMConfig(loss="ce"))
+
+
+CFG = OptimConfig(steps=7, batch_size=4, lr=1e-2, warmup_steps=2, ema_decay=0.9, ckpt_every=2, seed=3)
+
+
+def _assert_same_state(a: nn.Module, b: nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full = fit(_tiny_dit(), _objective(), _data(), CFG, ckpt_dir=tmp_path / "full", progress=False, device="cpu")
+    assert full.steps == 7 and len(full.losses) == 7 and full.resumed_from == 0
+
+    first = fit(_tiny_dit(), _objective(), _data(), CFG, ckpt_dir=tmp_path / "split", progress=False, device="cpu",
+                stop_after=3)
+    assert first.steps == 3 and len(first.losses) == 3
+    assert (tmp_path / "split" / "checkpoint.pt").exists()
+    # a fresh process would build a fresh model: resume into a differently initialised one
+    second = fit(_tiny_dit(seed=1), _objective(), _data(), CFG, ckpt_dir=tmp_path / "split", progress=False,
+                 device="cpu")
+    assert second.resumed_from == 3 and second.steps == 7
+    assert second.losses == full.losses  # the checkpoint carries the loss history
+    _assert_same_state(second.model, full.model)
+    _assert_same_state(second.ema, full.ema)
+    # the EMA is a real average, not a copy of the weights
+    assert not torch.equal(full.ema.head.weight, full.model.head.weight)
+    # a finished run resumes to a no-op
+    again = fit(_tiny_dit(seed=2), _objective(), _data(), CFG, ckpt_dir=tmp_path / "split", progress=False,
+                device="cpu")
+    assert again.resumed_from == 7 and again.losses == full.losses
+    _assert_same_state(again.model, full.model)
+
+
+def test_resume_after_a_crash_from_the_periodic_checkpoint(tmp_path):
+    full = fit(_tiny_dit(), _objective(), _data(), CFG, progress=False, device="cpu")
+
+    class Crash(Exception):
+        pass
+
+    objective = _objective()
+
+    def crashing(ctx: StepContext):
+        if ctx.step == 5:
+            raise Crash
+        return objective(ctx)
+
+    with pytest.raises(Crash):
+        fit(_tiny_dit(), crashing, _data(), CFG, ckpt_dir=tmp_path, progress=False, device="cpu")
+    resumed = fit(_tiny_dit(), _objective(), _data(), CFG, ckpt_dir=tmp_path, progress=False, device="cpu")
+    assert resumed.resumed_from == 4  # ckpt_every = 2: the last checkpoint before step 5 holds 4 steps
+    assert resumed.losses == full.losses
+    _assert_same_state(resumed.model, full.model)
+    _assert_same_state(resumed.ema, full.ema)
+
+
+def test_lr_schedule_known_values():
+    cfg = OptimConfig(steps=110, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(4, cfg) == pytest.approx(0.5)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    assert lr_factor(500, cfg) == pytest.approx(0.1)
+
+
+class Scalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0, -2.0]))
+
+
+def test_first_step_uses_warmup_lr_and_ema_is_a_lerp():
+    # AdamW's first step moves each weight by lr * g / (|g| + eps) = lr * sign(g) (no weight decay)
+    cfg = OptimConfig(steps=1, batch_size=2, lr=0.1, warmup_steps=4, ema_decay=0.75, grad_clip=0.0)
+    model = Scalar()
+    res = fit(model, lambda ctx: (ctx.model.w * torch.tensor([3.0, -5.0])).sum(), torch.zeros(4, 1, dtype=torch.long),
+              cfg, progress=False, device="cpu")
+    lr0 = 0.1 * (1 / 4)
+    expected = torch.tensor([1.0 - lr0, -2.0 + lr0])
+    assert torch.allclose(res.model.w.detach(), expected, atol=1e-6)
+    # ema = decay * start + (1 - decay) * new
+    assert torch.allclose(res.ema.w, 0.75 * torch.tensor([1.0, -2.0]) + 0.25 * expected, atol=1e-6)
+    assert res.losses == [pytest.approx(3.0 * 1.0 + (-5.0) * (-2.0))]
+
+
+def test_batches_are_drawn_from_the_data_by_step_seed():
+    data = torch.arange(40).view(20, 2)
+    seen = []
+
+    def spy(ctx: StepContext):
+        seen.append((ctx.step, ctx.batch.clone(), ctx.generator.initial_seed()))
+        return (ctx.model.w ** 2).sum()
+
+    cfg = OptimConfig(steps=3, batch_size=5, ema_decay=None, seed=7)
+    fit(Scalar(), spy, data, cfg, progress=False, device="cpu")
+    first = list(seen)
+    seen.clear()
+    fit(Scalar(), spy, data, cfg, progress=False, device="cpu")
+    assert [s for s, _, _ in first] == [0, 1, 2]
+    for (s1, b1, g1), (s2, b2, g2) in zip(first, seen):
+        assert torch.equal(b1, b2) and g1 == g2
+        assert b1.shape == (5, 2)
+        assert bool((b1[:, 1] == b1[:, 0] + 1).all()) and bool((b1[:, 0] % 2 == 0).all())  # whole rows of data
+    assert len({g for _, _, g in first}) == 3  # a fresh noise stream per step
+
+
+def test_input_checks():
+    with pytest.raises(ValueError, match=r"non-empty \(N, L\)"):
+        fit(Scalar(), lambda ctx: ctx.model.w.sum(), torch.zeros(0, 4, dtype=torch.long), OptimConfig(),
+            progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"non-empty \(N, L\)"):
+        fit(Scalar(), lambda ctx: ctx.model.w.sum(), torch.zeros(4, dtype=torch.long), OptimConfig(),
+            progress=False, device="cpu")
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        fit(Scalar(), lambda ctx: ctx.model.w.sum() * float("nan"), torch.zeros(4, 1, dtype=torch.long),
+            OptimConfig(steps=2, batch_size=1), progress=False, device="cpu")
+    with pytest.raises(ValueError, match="optim.steps"):
+        OptimConfig(steps=0)
+    with pytest.raises(ValueError, match="optim.lr"):
+        OptimConfig(lr=0)
+    with pytest.raises(ValueError, match="optim.ema_decay"):
+        OptimConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="optim.precision"):
+        OptimConfig(precision="fp16")
+
+
+def test_unreadable_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="cannot load checkpoint"):
+        fit(Scalar(), lambda ctx: ctx.model.w.sum(), torch.zeros(4, 1, dtype=torch.long), OptimConfig(steps=1),
+            ckpt_dir=tmp_path, progress=False, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------ a real loss that falls
+
+
+def _tinystories_byte_blocks(n_bytes: int, seq_len: int) -> torch.Tensor:
+    """Raw bytes of the bundled TinyStories, each byte replaced by its rank among the bytes present, in blocks."""
+    raw = torch.tensor(list((ROOT / "data" / "tinystories" / "train.txt").read_bytes()[:n_bytes]))
+    _, ids = torch.unique(raw, return_inverse=True)
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def test_teacher_loss_falls_below_unigram_on_tinystories():
+    seq_len = 16
+    data = _tinystories_byte_blocks(100_000, seq_len)
+    V_data = int(data.max()) + 1
+    # unigram baseline on the same blocks: predicting every masked byte by the byte frequencies costs H(unigram)
+    freq = torch.bincount(data.flatten(), minlength=V_data).double()
+    freq = freq[freq > 0] / freq.sum()
+    unigram_ce = float(-(freq * freq.log()).sum())
+    assert 2.5 < unigram_ce < math.log(V_data)
+
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(vocab_size=V_data, input_vocab_size=V_data + 1, seq_len=seq_len, hidden=64, cond_dim=32,
+                            n_blocks=1, n_heads=2))
+    objective = DFMObjective(MixturePath(PolynomialScheduler(1), MaskSource(V_data)), DFMConfig(loss="ce"))
+    cfg = OptimConfig(steps=200, batch_size=64, lr=3e-3, warmup_steps=20, ema_decay=None, ckpt_every=0, seed=0)
+    res = fit(model, objective, data, cfg, progress=False, device="cpu")
+
+    assert res.losses[0] == pytest.approx(math.log(V_data), rel=1e-5)  # zero-initialised head: uniform logits
+    final = sum(res.losses[-20:]) / 20
+    # a fixed evaluation of the same objective on 1,024 blocks (fresh t and masks)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(123)
+        idx = torch.randint(data.shape[0], (1024,), generator=gen)
+        evaluated = float(objective(StepContext(model, None, data[idx], gen, 0, 1)))
+    for loss in (final, evaluated):
+        assert loss < math.log(V_data) - 1.0
+        assert loss < unigram_ce - 0.1, (loss, unigram_ce)
