@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fsdfm.losses import DFM_LOSSES, cross_entropy, distill_kl_per_position, generalized_kl_per_position
+from fsdfm.losses import DFM_LOSSES, distill_kl_per_position, generalized_kl_per_position
 from fsdfm.paths import MixturePath
 from fsdfm.teachers import SHORTCUTS, Jumper
 from fsdfm.train import StepContext

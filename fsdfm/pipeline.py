@@ -24,7 +24,7 @@ from fsdfm.model import DiT, ModelConfig, model_config, student_from_teacher
 from fsdfm.objectives import DFMConfig, DFMObjective, FSDFMObjective
 from fsdfm.paths import MixturePath, make_path
 from fsdfm.registry import Registry
-from fsdfm.results import atomic_write_bytes, atomic_write_json
+from fsdfm.results import atomic_write_bytes
 from fsdfm.samplers import SampleOutput, sample, time_grid
 from fsdfm.schedulers import make_scheduler
 from fsdfm.stages import stage_kind

@@ -14,14 +14,6 @@ from fsdfm.train import OptimConfig
 V, L, BOS = 12, 10, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only add synchronisation (10x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(seed: int = 0, vocab: int = V, seq_len: int = L) -> torch.nn.Module:
     torch.manual_seed(seed)

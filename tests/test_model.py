@@ -10,14 +10,6 @@ V, L = 11, 9
 CFG = ModelConfig(vocab_size=V, input_vocab_size=V + 1, seq_len=L, hidden=32, cond_dim=16, n_blocks=2, n_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP wake-ups that dominate on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _randomised(model: DiT, seed: int = 0) -> DiT:
     """Overwrite every parameter with noise: the zero-initialised heads would otherwise make every test trivial."""

@@ -18,14 +18,6 @@ P_STUDENT = [0.1, 0.2, 0.3, 0.4]
 P_TEACHER = [0.4, 0.3, 0.2, 0.1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP wake-ups that dominate on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _tol(p: float, n: int) -> float:
     return 5 * math.sqrt(max(p * (1 - p), 1e-12) / n)

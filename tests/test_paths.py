@@ -12,14 +12,6 @@ V = 7
 B, L = 8, 25_000  # 200k positions per t value
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP wake-ups that dominate on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _tol(p: float, n: int, sigmas: float = 5.0) -> float:
     return sigmas * math.sqrt(max(p * (1 - p), 1e-12) / n)

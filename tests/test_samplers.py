@@ -23,14 +23,6 @@ ROWS, COLS = 4, 12_500  # 50k positions per configuration
 SIGMAS = 5.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP wake-ups that dominate on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _tol(p: float, n: int) -> float:
     return SIGMAS * math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))

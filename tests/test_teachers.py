@@ -7,7 +7,6 @@ records its arguments and returns a fresh, recognisable state, so the data flow 
 
 import math
 
-import pytest
 import torch
 
 from fsdfm.paths import MaskSource, MixturePath, UniformSource
@@ -16,14 +15,6 @@ from fsdfm.teachers import SHORTCUTS, Jumper
 
 V, B, L = 6, 2, 5
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP wake-ups that dominate on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class SpyEvaluator:

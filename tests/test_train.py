@@ -20,14 +20,6 @@ from fsdfm.train import OptimConfig, StepContext, fit, lr_factor
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: one intra-op thread is faster than two on a busy 2-core machine (no OpenMP waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 V, L = 12, 8
 
