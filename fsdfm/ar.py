@@ -244,6 +244,8 @@ def train_ar(
     final = res.ema if res.ema is not None else res.model
     val_nll = ar_nll(final, valid, bos_id) if valid is not None else None
     hf_dir = out_dir / "hf"
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return ARTrainResult(fit=res, hf_dir=hf_dir, val_nll=val_nll, n_params=final.num_parameters())  # rank 0 saves
     tmp = out_dir / "hf.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     final.save_pretrained(str(tmp))

@@ -5,7 +5,9 @@ checkpoints in out_dir/ckpt and resume from them (they are checkpointable on SLU
     DiT methods   out_dir/model.pt  {"model_config", "state_dict" (EMA weights when EMA is on), "path", "h_conditioned"}
     AR methods    out_dir/hf/       save_pretrained (model and tokenizer): the Hugging Face loading path
     FLM / FMLM    out_dir/model.pt  (see fsdfm.flm)
-Samplers are looked up by name in SAMPLERS; nothing here branches on method names.
+Samplers are looked up by name in SAMPLERS; nothing here branches on method names. Resource classes (mapped to
+partitions/GPUs by a cluster profile): training stages "gpu_multi" (DDP when the profile gives several tasks),
+sampling and evaluation "gpu".
 """
 
 from __future__ import annotations
@@ -66,7 +68,21 @@ def loss_curve(losses: list[float]) -> list[float]:
     return [float(np.mean(losses[i:i + k])) for i in range(0, len(losses), k)]
 
 
+def is_main_rank() -> bool:
+    """True outside DDP and on rank 0: the one process that writes a training stage's model."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def join_process_group() -> None:
+    """Multi-task jobs (SLURM tasks_per_node > 1, torchrun) train with DDP: ranks from the environment; a no-op
+    for one process. `fit` then gives every rank its slice of the global batch."""
+    from fsdfm.distributed import init_distributed
+    init_distributed()
+
+
 def save_dit(out_dir: Path, model: DiT, path_cfg: dict, h_conditioned: bool) -> None:
+    if not is_main_rank():
+        return
     save_checkpoint(Path(out_dir) / "model.pt", {"model_config": model.cfg.to_dict(), "state_dict": model.state_dict(),
                                                  "path": path_cfg, "h_conditioned": h_conditioned})
 
@@ -135,9 +151,10 @@ def train_metrics(res, extra: dict | None = None) -> dict:
 
 # ---------------------------------------------------------------------------------------------- training stages
 
-@stage_kind("train_dfm", checkpointable=True)
+@stage_kind("train_dfm", checkpointable=True, resources="gpu_multi")
 def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The DFM teacher: mask or uniform source, CE or generalized-KL loss."""
+    join_process_group()
     corpus = corpus_for(config, out_dir)
     sched = config["scheduler"]
     path = make_path(make_scheduler(sched["name"], **({"n": sched["n"]} if sched["name"] == "polynomial" else {})),
@@ -156,11 +173,12 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
                                "n_params": model.num_parameters()})
 
 
-@stage_kind("distil_fsdfm", checkpointable=True)
+@stage_kind("distil_fsdfm", checkpointable=True, resources="gpu_multi")
 def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The FS-DFM student, initialised from the teacher with a fresh step-size embedding."""
     from fsdfm.methods import StudentSpec
 
+    join_process_group()
     corpus = corpus_for(config, out_dir)
     teacher = load_dit(inputs["teacher"])
     spec = StudentSpec(**config["distill"])
@@ -174,12 +192,13 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     return train_metrics(res, {"n_params": student.num_parameters()})
 
 
-@stage_kind("train_ar", checkpointable=True)
+@stage_kind("train_ar", checkpointable=True, resources="gpu_multi")
 def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """An autoregressive GPT-2-style model (the AR baseline, or the suite's reference evaluator), saved with
     save_pretrained together with the corpus tokenizer."""
     from fsdfm.ar import ARConfig, train_ar
 
+    join_process_group()
     corpus = corpus_for(config, out_dir)
     dims = build_model_config(config["model"], corpus.vocab_size, corpus.seq_len)
     cfg = ARConfig(vocab_size=corpus.vocab_size, seq_len=corpus.seq_len, hidden=dims.hidden, n_blocks=dims.n_blocks,
@@ -192,11 +211,12 @@ def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
                                    "n_params": res.n_params})
 
 
-@stage_kind("train_flm", checkpointable=True)
+@stage_kind("train_flm", checkpointable=True, resources="gpu_multi")
 def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """FLM: a DiT reading the noisy one-hot state x_gamma, trained with CE at tau ~ U[0, 1]."""
     from fsdfm.flm import FLMConfig, FLMObjective, FLMTime
 
+    join_process_group()
     corpus = corpus_for(config, out_dir)
     cfg = build_model_config(config["model"], corpus.vocab_size, corpus.seq_len)
     torch.manual_seed(config["optim"]["seed"])
@@ -208,12 +228,13 @@ def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
     return train_metrics(res, {"n_params": model.num_parameters()})
 
 
-@stage_kind("distil_fmlm", checkpointable=True)
+@stage_kind("distil_fmlm", checkpointable=True, resources="gpu_multi")
 def distil_fmlm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """FMLM: the two-time flow-map denoiser distilled from a frozen FLM teacher by the semigroup rule."""
     from fsdfm.flm import FLMTime
     from fsdfm.fmlm import FMLMConfig, FMLMObjective, fmlm_student
 
+    join_process_group()
     corpus = corpus_for(config, out_dir)
     teacher = load_dit(inputs["teacher"])
     torch.manual_seed(config["optim"]["seed"])
@@ -274,7 +295,7 @@ SAMPLERS.register("flm", _continuous_sampler(two_time=False))
 SAMPLERS.register("fmlm", _continuous_sampler(two_time=True))
 
 
-@stage_kind("sample")
+@stage_kind("sample", resources="gpu")
 def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """Draw n_samples from a trained method; record tokens, decoded text, NFE, wall-clock and peak memory."""
     from fsdfm.metrics.timing import peak_memory, reset_peak_memory
@@ -339,7 +360,7 @@ def _sample_metric_names(config: dict, evaluator) -> list[str]:
     return names
 
 
-@stage_kind("evaluate")
+@stage_kind("evaluate", resources="gpu")
 def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """All sample metrics of one sample stage (evaluator time is not sampling time)."""
     from fsdfm.metrics import compute_metrics
@@ -360,7 +381,7 @@ def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     return {"metrics": metrics, "n_samples": n, "samples_stage": Path(inputs["samples"]).name}
 
 
-@stage_kind("evaluate_data")
+@stage_kind("evaluate_data", resources="gpu")
 def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The data reference row: the same metrics on real held-out blocks (a disjoint set is the MAUVE reference)."""
     from fsdfm.metrics import data_reference
@@ -399,7 +420,7 @@ def oracle_metrics(config: dict, tokens: np.ndarray, corpus) -> dict:
             "oracle_entropy_rate": float(source.entropy_rate)}
 
 
-@stage_kind("pos_divergence")
+@stage_kind("pos_divergence", resources="gpu")
 def pos_divergence_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """Per-position divergence of the few-step student from the many-step teacher, from states x_t taken
     along teacher trajectories at t_start: both finish from the same state; marginals from rollouts."""

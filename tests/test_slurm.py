@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -183,3 +184,48 @@ def test_checkpointable_stage_survives_requeue_and_preemption(tmp_path, monkeypa
     log = "".join(p.read_text() for p in (tmp_path / "requeue" / "jobs").rglob("*_log.*"))
     assert "DUE TO JOB REQUEUE" in log  # SLURM did kill and requeue it ...
     assert "Calling checkpoint method" in log and f"Requeued job {jid}" in log  # ... and so did submitit on USR2
+
+
+ORACLE_SPEC = """
+name: slurm_oracle
+data:
+  kind: oracle
+  seq_len: 12
+  oracle: {source: markov, vocab_size: 8, order: 1, support: 2, epsilon: 0.001, seed: 3, n_train: 400, n_valid: 64}
+model: {preset: tiny, hidden: 32, cond_dim: 16, n_blocks: 1, n_heads: 2}
+sampling: {n_samples: 16, batch_size: 16, seed: 5}
+evaluator: {kind: none}
+methods:
+  dfm: {kind: dfm, train: {steps: 20, batch_size: 16, warmup_steps: 5, ema_decay: 0.9}, rules: [cumulative_scalar], steps: [2]}
+  fs: {kind: fsdfm, teacher: dfm, distill: {K: 3}, train: {steps: 4, batch_size: 8, warmup_steps: 2, ema_decay: 0.9}, steps: [2]}
+metrics:
+  names: [oracle_nll, entropy_nats]
+"""
+
+
+def test_real_study_through_the_cli_on_slurm_matches_a_local_run(tmp_path):
+    """`fsdfm run SPEC --executor slurm` on the test cluster: every stage is a SLURM job (arrays per wave with
+    afterok dependencies), and the metrics equal those of the same study run in-process."""
+    require_cluster()
+    spec = tmp_path / "slurm_oracle.yaml"
+    spec.write_text(ORACLE_SPEC)
+    # One intra-op thread in both runs (sbatch exports the environment), so float reductions match exactly.
+    env = {**os.environ, "FSDFM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+    def run(results: Path, *extra: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "fsdfm.cli", "--results", str(results), "run", str(spec), *extra],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    on_slurm = run(tmp_path / "slurm", "--executor", "slurm", "--profile", str(ROOT / "slurm" / "local.yaml"))
+    assert on_slurm["ok"] and on_slurm["failed"] == 0
+    inline = run(tmp_path / "inline", "--executor", "debug")
+    assert inline["ok"]
+    from fsdfm.results import load
+    a = load(tmp_path / "slurm" / "slurm_oracle").sort_values("run_id").reset_index(drop=True)
+    b = load(tmp_path / "inline" / "slurm_oracle").sort_values("run_id").reset_index(drop=True)
+    assert len(a) == len(b) == 3
+    assert a.oracle_nll.tolist() == pytest.approx(b.oracle_nll.tolist(), rel=1e-9)
+    recs = [read_json(p) for p in (tmp_path / "slurm" / "slurm_oracle" / "stages").glob("*/record.json")]
+    assert recs and all(r["provenance"]["slurm_job_id"] for r in recs)
