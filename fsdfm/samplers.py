@@ -3,8 +3,9 @@
 At step i the model gives p = p_{1|t}(. | x_t) (float64 by default). A position holding z that may
 still move (see `Source.movable`) jumps with a rule-specific probability, and its destination is drawn
 proportional to p(x) over x != z. Deciding the jump from p(z) first and drawing destinations only where
-a jump happens keeps the sampler's own cost small on CPU. The last step draws x_1 ~ p directly at
-every movable position.
+a jump happens keeps the sampler's own cost small on CPU; there `sample` goes further and reads the
+logits directly (`update_from_logits`: p(z) only where the jump is undecided, inverse-CDF destinations, no
+(B, L, V) softmax). The last step draws x_1 ~ p directly at every movable position.
 
 Update rules (jump probability of a position holding z, step t -> t + h):
     euler              (1 - p(z)) * (1 - exp(-h g(t)))        the DFM baseline: draw x^_1 ~ p, move w.p. 1 - e^{-h g}
@@ -26,6 +27,9 @@ from fsdfm.paths import MixturePath
 from fsdfm.registry import Registry
 from fsdfm.schedulers import Scheduler
 
+# A rule maps (p_z (B, L), t (B,), h (B,), scheduler) to jump probabilities (B, L), elementwise over positions and
+# non-increasing in p(z) (more mass on the current token, less reason to leave it): `update_from_logits` relies on
+# both, evaluating p(z) only where u < rule(0) and calling the rule on (n, 1) candidates with their rows' t and h.
 UPDATE_RULES: Registry = Registry("update rule")
 Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Scheduler], torch.Tensor]
 
@@ -85,6 +89,102 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     return torch.argmax(torch.log(probs) + gumbel, dim=-1)
 
 
+# The logits path processes rows in chunks whose work buffers (float64 weights, ~8 MiB) are allocated once per step
+# and reused, so the sampler's own work stays in cache instead of streaming (B, L, V) float64 temporaries through
+# memory. Inverse-CDF draws search block sums first, then one block of _BLOCK tokens.
+_CHUNK_ELEMENTS = 1 << 20
+_BLOCK = 64
+
+
+def _inverse_cdf(blocks: torch.Tensor, block_sums: torch.Tensor, u: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """x = min{k : c_k > u c_V} per row, c_k = sum_{j <= k} w_j: a draw with P(x = k) = w_k / sum_j w_j.
+
+    blocks: (c, n_blocks, _BLOCK) non-negative weights w (zero past vocab_size); block_sums: (c, n_blocks) their sums;
+    u: (c,) uniforms in [0, 1) -> (c,) long. Searches the cumulative block sums, then the cumulative weights inside the
+    chosen block."""
+    c = blocks.shape[0]
+    cum = block_sums.cumsum(-1)
+    total = cum[:, -1]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # u c_V rounded up stays < c_V
+    j = torch.searchsorted(cum, target[:, None], right=True).squeeze(-1).clamp_(max=blocks.shape[1] - 1)
+    below = torch.where(j > 0, cum.gather(-1, (j - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    inner = blocks[torch.arange(c, device=blocks.device), j]  # (c, _BLOCK); its sum is > 0
+    k = torch.searchsorted(inner.cumsum(-1), (target - below)[:, None], right=True).squeeze(-1)
+    # summation-order rounding can put the target past the block's last positive weight: take that weight
+    last = ((inner > 0) * torch.arange(1, _BLOCK + 1, device=blocks.device)).amax(-1) - 1
+    return (j * _BLOCK + torch.minimum(k, last)).clamp_(0, vocab_size - 1)  # clamp: only rows that never jump
+
+
+def update_from_logits(x: torch.Tensor, logits: torch.Tensor, t: torch.Tensor, h: torch.Tensor, rule: Rule,
+                       path: MixturePath, generator: torch.Generator | None, final: torch.Tensor | bool = False,
+                       precision: torch.dtype = torch.float64) -> torch.Tensor:
+    """The sparse step of `update` read from logits (B, L, V) instead of p: the same jump rule and the same
+    distribution, computed in `precision`, without a (B, L, V) softmax (the CPU path of `sample`).
+
+    Every rule's jump probability is non-increasing in p(z), so prob(p(z)) <= prob(0), and a position whose uniform
+    u >= prob(0) stays whatever p(z) is. p(z) = exp(l_z - m) / sum_j exp(l_j - m) (m = max_j l_j) is therefore
+    computed only at the candidates u < prob(0) (a fraction ~ h g(t) of the positions under the uniform source; none
+    under the mask source, where movable positions hold the mask and p(z) = 0), and the destination ~ p over x != z
+    (over all x at the final step) by inverse CDF (`_inverse_cdf`, one uniform per position) from the same weights.
+    Host syncs (nonzero) are cheap on CPU; the dense path of `update` is the one for GPUs.
+    """
+    B, L, V = logits.shape
+    device = x.device
+    final = torch.as_tensor(final, device=device).expand(B)
+    movable = path.source.movable(x)
+    in_vocab = x < V
+    z = x.clamp(max=V - 1).flatten()
+    reads_p = (in_vocab & ~final[:, None]).flatten()  # prob depends on p(z); a move must change the token
+    u = torch.rand((B, L), dtype=precision, device=device, generator=generator)
+    bound = torch.where(final[:, None], 1.0, rule(torch.zeros_like(u), t, h, path.scheduler))  # prob at p(z) = 0
+    rows = (movable & (u < bound)).flatten().nonzero().squeeze(1)  # candidates; all other positions stay
+    n = rows.numel()
+    u_dest = torch.rand(n, dtype=precision, device=device, generator=generator)  # one per candidate
+    x = x.flatten().clone()
+    if n == 0:
+        return x.view(B, L)
+    u_rows, t_rows, h_rows = u.flatten()[rows], t[rows // L], h[rows // L]
+    flat = logits.reshape(B * L, V)
+    every_row = n == B * L  # e.g. the final step: read the logits by slices, no gather
+    step = min(max(1, _CHUNK_ELEMENTS // V), n)
+    n_blocks = -(-V // _BLOCK)
+    l_buf = None if every_row else torch.empty((step, V), dtype=logits.dtype, device=device)
+    w_buf = torch.empty((step, n_blocks * _BLOCK), dtype=precision, device=device)
+    w_buf[:, V:] = 0.0  # padding up to whole blocks keeps weight 0
+    for s in range(0, n, step):
+        c = min(step, n - s)
+        r, z_c, read_c = rows[s:s + c], z[rows[s:s + c], None], reads_p[rows[s:s + c]]
+        # l is a slice or a copy of the model's logits, never modified
+        l = flat[s:s + c] if every_row else torch.index_select(flat, 0, r, out=l_buf[:c])
+        w = w_buf[:c]
+        w_v = w[:, :V].copy_(l)
+        m = l.amax(-1, keepdim=True)
+        # w = exp(l - m) (largest weight 1), or exp(l) when every row's max is within +-600: no overflow, the largest
+        # weight stays a normal float64 and the weights differ from exp(l - m) by a common factor per row only
+        if not bool((m.abs() <= 600.0).all()):
+            w_v.sub_(m.to(precision))
+        w_v.exp_()
+        blocks = w.view(c, n_blocks, _BLOCK)
+        block_sums = blocks.sum(-1)
+        jump = None  # every candidate jumps unless its probability reads p(z)
+        if bool(read_c.any()):
+            w_z = w.gather(-1, z_c)
+            p_z = w_z / block_sums.sum(-1, keepdim=True)  # (c, 1)
+            prob = rule(p_z, t_rows[s:s + c], h_rows[s:s + c], path.scheduler).squeeze(-1)
+            jump = ~read_c | (u_rows[s:s + c] < prob)
+            # drop z (a move must change the token); its block's sum is recomputed, not decremented, so that a
+            # block left with no weight sums to exactly 0
+            w.scatter_(-1, z_c, w_z.masked_fill_(read_c[:, None], 0.0))
+            zb = z_c // _BLOCK
+            block_sums.scatter_(-1, zb, blocks[torch.arange(c, device=device), zb.squeeze(-1)].sum(-1, keepdim=True))
+        dest = _inverse_cdf(blocks, block_sums, u_dest[s:s + c], V)
+        if jump is None:
+            x[r] = dest
+        else:
+            x[r[jump]] = dest[jump]
+    return x.view(B, L)
+
+
 def update(x: torch.Tensor, p: torch.Tensor, t: torch.Tensor, h: torch.Tensor, rule: Rule, path: MixturePath,
            generator: torch.Generator | None, final: torch.Tensor | bool = False, sparse: bool | None = None) -> torch.Tensor:
     """One step of the sampler: x (B, L) at time t -> x at t + h.
@@ -131,12 +231,17 @@ def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, 
     only when `h_conditioned` (the FS-DFM student is told the step size at every step).
 
     x_init: (n_samples, L) start state at grid[0] (default: a draw from the source at t = grid[0] = 0).
+    With sparse steps (the default on CPU) and float64 precision (the default) each step reads the logits directly
+    (`update_from_logits`); otherwise p = softmax(logits) in `precision`, then `update`. Same distribution.
     """
     device = torch.device(device)
     grid = time_grid(n_steps, device=device) if grid is None else grid.to(device=device, dtype=torch.float64)
     if grid.ndim != 1 or grid.numel() < 2 or not bool((grid[1:] > grid[:-1]).all()):
         raise ValueError("time grid must be a 1-D increasing tensor with at least 2 points")
     rule_fn = get_rule(rule)
+    # The sparse path (CPU default) reads the logits directly: no (B, L, V) softmax. Other precisions keep
+    # softmax + Gumbel-max, so that a low-precision ablation reproduces exactly the known low-precision artefact.
+    from_logits = (device.type == "cpu" if sparse is None else sparse) and precision == torch.float64
     batch_size = batch_size or n_samples
     n_total = grid.numel() - 1
     chunks, wall = [], 0.0
@@ -153,8 +258,12 @@ def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, 
             t, h = grid[i].expand(B), (grid[i + 1] - grid[i]).expand(B)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(x, t.float(), h.float() if h_conditioned else None)
-            p = torch.softmax(logits.to(precision), dim=-1)
-            x = update(x, p, t, h, rule_fn, path, generator, final=(i == n_total - 1), sparse=sparse)
+            if from_logits:
+                x = update_from_logits(x, logits, t, h, rule_fn, path, generator, final=(i == n_total - 1),
+                                       precision=precision)
+            else:
+                p = torch.softmax(logits.to(precision), dim=-1)
+                x = update(x, p, t, h, rule_fn, path, generator, final=(i == n_total - 1), sparse=sparse)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall += time.perf_counter() - t0

@@ -163,7 +163,10 @@ def fit(model: nn.Module, loss_fn: Callable[[StepContext], torch.Tensor], data: 
     for step in bar:
         g_data = torch.Generator().manual_seed(step_seed(cfg.seed, step))
         idx = torch.randint(data.shape[0], (cfg.batch_size,), generator=g_data)[rank::world]
-        batch = data[idx].to(device, non_blocking=True)
+        batch = data[idx]
+        if device.type == "cuda":  # from pinned host memory the non-blocking copy is truly asynchronous
+            batch = batch.pin_memory()
+        batch = batch.to(device, non_blocking=True)
         g_noise = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, salt=1 + rank))
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
