@@ -80,3 +80,6 @@ _add("pos_divergence_slope", "min", "TV/sequence", "divergence",
      "least-squares slope of the pos_divergence TV curve against normalised position 0..1 (positive: error grows)")
 # --- oracle data (synthetic sources with a known likelihood)
 _add("oracle_nll", "min", "nats/token", "oracle", "NLL of the samples under the known oracle source")
+_add("oracle_expected_nll", None, "nats/token", "oracle",
+     "the source's own exact expected NLL per token of length-L sequences: the floor oracle_nll is compared with")
+_add("oracle_entropy_rate", None, "nats/token", "oracle", "entropy rate of the oracle source")
