@@ -11,6 +11,7 @@ position may move.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ class PathSample:
     t: torch.Tensor
 
 
-class Source:
+class Source(abc.ABC):
     """Base class of the source distributions x_0."""
 
     name = "base"
@@ -46,8 +47,9 @@ class Source:
         """Rows of the network's token embedding."""
         return self.vocab_size
 
+    @abc.abstractmethod
     def sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        raise NotImplementedError
+        """x_0 of the given shape (long)."""
 
     def movable(self, x: torch.Tensor) -> torch.Tensor:
         """Bool mask (same shape as x) of positions that may still change."""

@@ -10,6 +10,7 @@ a scheduler object injected into the path, so kappa is defined in exactly one pl
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -29,19 +30,22 @@ class SchedulerOutput:
     rate: torch.Tensor
 
 
-class Scheduler:
+class Scheduler(abc.ABC):
     """Base class: subclasses define `kappa`, `d_kappa` and `kappa_inverse` on tensors."""
 
     name = "base"
 
+    @abc.abstractmethod
     def kappa(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """kappa(t), elementwise."""
 
+    @abc.abstractmethod
     def d_kappa(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """d kappa / dt, elementwise."""
 
+    @abc.abstractmethod
     def kappa_inverse(self, k: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """t such that kappa(t) = k, elementwise."""
 
     def __call__(self, t: torch.Tensor) -> SchedulerOutput:
         kappa = self.kappa(t)
