@@ -391,7 +391,7 @@ def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     if corpus.valid.shape[0] < 2 * n:
         raise RuntimeError(f"the data reference row needs {2 * n} held-out blocks; the valid split has {corpus.valid.shape[0]}")
     tokens = corpus.valid[n:2 * n].numpy()
-    texts = corpus.texts("valid")[n:2 * n] if corpus.tokenizer is not None else None
+    texts = corpus.texts("valid", 2 * n)[n:] if corpus.tokenizer is not None else None  # decode only what is used
     refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
     evaluator = load_study_evaluator(config, inputs, device())
     metrics = data_reference(tokens, texts, _sample_metric_names(config, evaluator), **_metric_kwargs(config, evaluator, refs))
