@@ -27,7 +27,7 @@ from fsdfm.objectives import DFMConfig, DFMObjective, FSDFMObjective
 from fsdfm.paths import MixturePath, make_path
 from fsdfm.registry import Registry
 from fsdfm.results import atomic_write_bytes
-from fsdfm.samplers import SampleOutput, sample, time_grid
+from fsdfm.samplers import SampleOutput, get_rule, sample, time_grid, update
 from fsdfm.schedulers import make_scheduler
 from fsdfm.stages import stage_kind
 from fsdfm.train import OptimConfig, fit, save_checkpoint
@@ -56,10 +56,6 @@ def build_model_config(model: dict, vocab_size: int, seq_len: int, **extra) -> M
     return model_config(model.pop("preset"), vocab_size, seq_len, **{**model, **extra})
 
 
-def optim_config(d: dict) -> OptimConfig:
-    return OptimConfig(**{**d, "betas": tuple(d["betas"])})
-
-
 def loss_curve(losses: list[float]) -> list[float]:
     """At most LOSS_CURVE_POINTS window means of the loss history, for records and plots."""
     if not losses:
@@ -78,6 +74,13 @@ def join_process_group() -> None:
     for one process. `fit` then gives every rank its slice of the global batch."""
     from fsdfm.distributed import init_distributed
     init_distributed()
+
+
+def path_from_config(path_cfg: dict, vocab_size: int) -> MixturePath:
+    """The mixture path of a stored {"source", "scheduler": {"name", "n"}} config."""
+    sched = path_cfg["scheduler"]
+    kwargs = {"n": sched["n"]} if sched["name"] == "polynomial" else {}
+    return make_path(make_scheduler(sched["name"], **kwargs), path_cfg["source"], vocab_size)
 
 
 def save_dit(out_dir: Path, model: DiT, path_cfg: dict, h_conditioned: bool) -> None:
@@ -103,8 +106,7 @@ def load_dit(model_dir: Path, dev: torch.device | None = None) -> LoadedDiT:
     pc = state["path"]
     if "source" not in pc:  # continuous-state models (FLM / FMLM) have no mixture path
         return LoadedDiT(model, None, pc, state["h_conditioned"])
-    sched = make_scheduler(pc["scheduler"]["name"], **({"n": pc["scheduler"]["n"]} if pc["scheduler"]["name"] == "polynomial" else {}))
-    return LoadedDiT(model, make_path(sched, pc["source"], model.cfg.vocab_size), pc, state["h_conditioned"])
+    return LoadedDiT(model, path_from_config(pc, model.cfg.vocab_size), pc, state["h_conditioned"])
 
 
 @torch.no_grad()
@@ -156,19 +158,17 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The DFM teacher: mask or uniform source, CE or generalized-KL loss."""
     join_process_group()
     corpus = corpus_for(config, out_dir)
-    sched = config["scheduler"]
-    path = make_path(make_scheduler(sched["name"], **({"n": sched["n"]} if sched["name"] == "polynomial" else {})),
-                     config["source"], corpus.vocab_size)
+    path = path_from_config(config, corpus.vocab_size)
     cfg = build_model_config(config["model"], corpus.vocab_size, corpus.seq_len,
                              input_vocab_size=path.source.input_vocab_size)
     torch.manual_seed(config["optim"]["seed"])
     model = DiT(cfg)
     obj = DFMConfig(**config["objective"])
-    res = fit(model, DFMObjective(path, obj), corpus.train, optim_config(config["optim"]), Path(out_dir) / "ckpt",
+    res = fit(model, DFMObjective(path, obj), corpus.train, OptimConfig(**config["optim"]), Path(out_dir) / "ckpt",
               desc="train dfm teacher", device=device())
     final = res.ema if res.ema is not None else res.model
     val = dfm_validation(final, path, corpus.valid, obj.eps)
-    save_dit(out_dir, final, {"source": config["source"], "scheduler": sched}, h_conditioned=False)
+    save_dit(out_dir, final, {"source": config["source"], "scheduler": config["scheduler"]}, h_conditioned=False)
     return train_metrics(res, {**val, "unigram_ce": unigram_ce(corpus.train, corpus.valid, corpus.vocab_size),
                                "n_params": model.num_parameters()})
 
@@ -186,7 +186,7 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     student = student_from_teacher(teacher.model, spec.h_embedding)
     frozen = teacher.model.requires_grad_(False) if spec.shortcut == "frozen_dfm" else None
     res = fit(student, FSDFMObjective(teacher.path, spec.objective(), frozen), corpus.train,
-              optim_config(config["optim"]), Path(out_dir) / "ckpt", desc="distil fs-dfm student", device=device())
+              OptimConfig(**config["optim"]), Path(out_dir) / "ckpt", desc="distil fs-dfm student", device=device())
     final = res.ema if res.ema is not None else res.model
     save_dit(out_dir, final, teacher.path_cfg, h_conditioned=True)
     return train_metrics(res, {"n_params": student.num_parameters()})
@@ -205,7 +205,7 @@ def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
                    n_heads=dims.n_heads)
     torch.manual_seed(config["optim"]["seed"])
     hf_tok = corpus.tokenizer.to_hf() if corpus.tokenizer is not None else None
-    res = train_ar(corpus.train, cfg, optim_config(config["optim"]), Path(out_dir), bos_id=corpus.eos_id or 0,
+    res = train_ar(corpus.train, cfg, OptimConfig(**config["optim"]), Path(out_dir), bos_id=corpus.eos_id or 0,
                    hf_tokenizer=hf_tok, valid=corpus.valid, device=device())
     return train_metrics(res.fit, {"val_nll": res.val_nll, "elbo_ppl": float(np.exp(res.val_nll)),
                                    "n_params": res.n_params})
@@ -222,7 +222,7 @@ def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
     torch.manual_seed(config["optim"]["seed"])
     model = DiT(cfg)
     res = fit(model, FLMObjective(FLMTime(corpus.vocab_size), FLMConfig(**config["flm"])), corpus.train,
-              optim_config(config["optim"]), Path(out_dir) / "ckpt", desc="train flm", device=device())
+              OptimConfig(**config["optim"]), Path(out_dir) / "ckpt", desc="train flm", device=device())
     final = res.ema if res.ema is not None else res.model
     save_dit(out_dir, final, {"continuous": "flm"}, h_conditioned=False)
     return train_metrics(res, {"n_params": model.num_parameters()})
@@ -240,7 +240,7 @@ def distil_fmlm(config: dict, inputs: dict, out_dir: Path) -> dict:
     torch.manual_seed(config["optim"]["seed"])
     student = fmlm_student(teacher.model)
     obj = FMLMObjective(teacher.model.requires_grad_(False), FLMTime(corpus.vocab_size), FMLMConfig(**config["fmlm"]))
-    res = fit(student, obj, corpus.train, optim_config(config["optim"]), Path(out_dir) / "ckpt",
+    res = fit(student, obj, corpus.train, OptimConfig(**config["optim"]), Path(out_dir) / "ckpt",
               desc="distil fmlm", device=device())
     final = res.ema if res.ema is not None else res.model
     save_dit(out_dir, final, {"continuous": "fmlm"}, h_conditioned=True)
@@ -436,7 +436,6 @@ def pos_divergence_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     pre = torch.linspace(0.0, t0, n_pre + 1, dtype=torch.float64)
     # Reach x_{t_start} on teacher trajectories: run the teacher's own steps up to t_start, without the final draw.
     x = teacher.path.source.sample((config["n_states"], corpus.seq_len), generator=gen, device=dev)
-    from fsdfm.samplers import get_rule, update
     for i in range(n_pre):
         t, h = pre[i].expand(len(x)).to(dev), (pre[i + 1] - pre[i]).expand(len(x)).to(dev)
         p = torch.softmax(teacher.model(x, t.float()).to(precision), -1)
