@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test test-fast test-slurm clean
+.PHONY: install demo test test-fast test-slurm test-gpu clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ test-fast: install
 test-slurm: install
 	bash slurm/start_slurm.sh
 	SLURM_CONF=$${SLURM_ROOT:-/tmp/fsdfm-slurm}/slurm.conf $(PY) -m pytest -q -m slurm tests; rc=$$?; bash slurm/stop_slurm.sh; exit $$rc
+
+test-gpu: install   # on a CUDA machine, with the CUDA torch installed (make test-gpu TORCH=)
+	$(PY) -m pytest -q -m gpu tests
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

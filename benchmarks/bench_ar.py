@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     V, B, L = args.vocab or (256 if q else 2048), args.batch or (4 if q else 16), args.len or (32 if q else 128)
     repeats = args.repeats or (2 if q else 3)
     env = environment(device)
-    print(f"bench_ar: equal length L {L}, batch {B}, V {V}; tiny width/depth for both; {env['device']}, "
+    print(f"bench_ar: equal length L {L}, batch {B}, V {V}; {args.preset} width/depth for both; {env['device']}, "
           f"{env['threads']} threads, load average {env['loadavg_1min']}")
 
     try:
@@ -50,8 +50,8 @@ def main(argv=None) -> dict:
     except ImportError as e:  # the AR module is optional for this benchmark
         sample_ar = None
         print(f"fsdfm.ar is not importable ({e}): AR rows skipped")
-    teacher = maybe_compile(random_dit(V, L, seed=args.seed, device=device), args.compile)
-    student = maybe_compile(random_dit(V, L, seed=args.seed, h_embedding="log2", device=device), args.compile)
+    teacher = maybe_compile(random_dit(V, L, preset=args.preset, seed=args.seed, device=device), args.compile)
+    student = maybe_compile(random_dit(V, L, preset=args.preset, seed=args.seed, h_embedding="log2", device=device), args.compile)
     path = make_path(PolynomialScheduler(1), args.source, V)
     rows, runs = [], []
 
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
               f"(DFM {1e3 * per_step_s:.1f} ms/step at batch {B})")
     print("equal quality: needs trained models; see the methods study (gen_ppl vs wall_s), not this benchmark")
     out = {"bench": "ar", "quick": q, **env, "vocab": V, "batch": B, "seq_len": L, "source": args.source,
-           "model": "tiny", "compile": args.compile, "ar_available": sample_ar is not None, "runs": runs,
+           "model": args.preset, "compile": args.compile, "ar_available": sample_ar is not None, "runs": runs,
            "dfm_ms_per_step": rounded(1e3 * per_step_s),
            "dfm_steps_in_ar_cache_time": rounded(equal_wall_steps) if equal_wall_steps else None,
            "equal_quality": "not measured here: needs trained models (methods study)",

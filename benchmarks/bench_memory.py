@@ -67,10 +67,10 @@ def main(argv=None) -> dict:
                [per_sample * k / MiB for k in ((1, 4, 16) if q else (1, 4, 16, 64))])
     budgets = [int(b * MiB) for b in budgets]
     env = environment(device)
-    print(f"bench_memory: FLM chunked sampling, tiny DiT (random init), V {V}, {N} samples x L {L}, {steps} steps; "
+    print(f"bench_memory: FLM chunked sampling, {args.preset} DiT (random init), V {V}, {N} samples x L {L}, {steps} steps; "
           f"one sample's state {per_sample / MiB:.2f} MiB, all {N}: {N * per_sample / MiB:.1f} MiB; {env['device']}, "
           f"{env['threads']} threads, load average {env['loadavg_1min']}")
-    model = maybe_compile(random_dit(V, L, seed=args.seed, device=device), args.compile)
+    model = maybe_compile(random_dit(V, L, preset=args.preset, seed=args.seed, device=device), args.compile)
     time_change = FLMTime(V)
     runs, rows, tokens = [], [], None
     rss_start = current_rss()  # budgets run in increasing order, so memory kept from a smaller one is never the peak
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
                 title=f"\nFLM sampling peak memory vs max_state_bytes (process peak RSS of the timed calls; medians of "
                       f"{repeats} for the wall-clock)"))
     record = {"bench": "memory", "quick": q, **env, "vocab": V, "n_samples": N, "seq_len": L, "steps": steps,
-              "model": "tiny", "compile": args.compile, "state_bytes_per_sample": per_sample,
+              "model": args.preset, "compile": args.compile, "state_bytes_per_sample": per_sample,
               "state_bytes_all_samples": N * per_sample, "runs": runs,
               "all_within_budget": all(r["state_within_budget"] for r in runs),
               "tokens_independent_of_chunking": all(r["tokens_same_as_first_budget"] for r in runs),

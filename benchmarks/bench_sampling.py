@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from benchlib import (MiB, TimedForward, add_common_args, emit, environment, maybe_compile, random_dit, rounded,
-                      setup, table)
+from benchlib import (MiB, TimedForward, add_common_args, count_flops, emit, environment, maybe_compile, mfu,
+                      random_dit, rounded, setup, table)
 from fsdfm.metrics.timing import peak_memory, reset_peak_memory
 from fsdfm.paths import MixturePath, make_path
 from fsdfm.samplers import UPDATE_RULES, sample
@@ -61,11 +61,15 @@ class SamplerRun:
     peak_mem_mib: float
     peak_mem_kind: str
     walls: tuple[float, ...]
+    mfu: float | None = None  # counted forward FLOPs x NFE / wall / the GPU's bf16 peak (None on CPU)
 
 
 def run_sampler(model: nn.Module, path: MixturePath, source: str, rule: str, batch: int, seq_len: int, budget: int,
-                repeats: int, device: torch.device, seed: int = 0, autocast: bool = False) -> SamplerRun:
-    """Sample `batch` sequences `repeats` times on a uniform grid of `budget` steps; the caller warms up."""
+                repeats: int, device: torch.device, seed: int = 0, autocast: bool = False,
+                precision: torch.dtype = torch.float64, sparse: bool | None = None,
+                forward_flops: int | None = None) -> SamplerRun:
+    """Sample `batch` sequences `repeats` times on a uniform grid of `budget` steps; the caller warms up.
+    forward_flops: the counted FLOPs of one forward at this shape (for MFU)."""
     timed = TimedForward(model, device)
     walls, fwds, cpus, shares = [], [], [], []
     reset_peak_memory(device)
@@ -73,7 +77,8 @@ def run_sampler(model: nn.Module, path: MixturePath, source: str, rule: str, bat
         timed.reset()
         c0 = time.process_time()
         out = sample(timed, path, n_samples=batch, seq_len=seq_len, n_steps=budget, rule=rule, device=device,
-                     generator=torch.Generator(device).manual_seed(seed + r), autocast=autocast)
+                     generator=torch.Generator(device).manual_seed(seed + r), autocast=autocast, precision=precision,
+                     sparse=sparse)
         cpus.append(time.process_time() - c0)
         if not (timed.calls == out.nfe == budget):
             raise RuntimeError(f"NFE mismatch: {timed.calls} forward calls, SampleOutput.nfe={out.nfe}, budget {budget}")
@@ -82,15 +87,26 @@ def run_sampler(model: nn.Module, path: MixturePath, source: str, rule: str, bat
         shares.append(max(0.0, 1.0 - timed.seconds / out.wall_s))
     peak, kind = peak_memory(device)
     wall = statistics.median(walls)
+    util = mfu(forward_flops * budget, wall, device) if forward_flops else None
     return SamplerRun(source, rule, batch, seq_len, budget, repeats, timed.calls, wall, statistics.median(fwds),
                       statistics.median(cpus), statistics.median(shares), 1e3 * wall / budget,
-                      batch * seq_len / wall, peak / MiB, kind, tuple(walls))
+                      batch * seq_len / wall, peak / MiB, kind, tuple(walls), util)
 
 
-def warm(model: nn.Module, path: MixturePath, batch: int, seq_len: int, device: torch.device, autocast: bool) -> None:
+def warm(model: nn.Module, path: MixturePath, batch: int, seq_len: int, device: torch.device, autocast: bool,
+         precision: torch.dtype = torch.float64, sparse: bool | None = None) -> None:
     """One untimed 2-step run at this shape: allocator, kernels (and compilation with --compile)."""
     sample(model, path, n_samples=batch, seq_len=seq_len, n_steps=2, device=device,
-           generator=torch.Generator(device).manual_seed(12345), autocast=autocast)
+           generator=torch.Generator(device).manual_seed(12345), autocast=autocast, precision=precision, sparse=sparse)
+
+
+def forward_flops(model: nn.Module, path: MixturePath, batch: int, seq_len: int, device: torch.device,
+                  autocast: bool) -> int:
+    """FLOPs of one forward of `model` at (batch, seq_len), counted by torch's FlopCounterMode."""
+    x = path.source.sample((batch, seq_len), generator=torch.Generator(device).manual_seed(0), device=device)
+    t = torch.full((batch,), 0.5, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        return count_flops(lambda: model(x, t))
 
 
 class Precomputed(nn.Module):
@@ -117,19 +133,22 @@ def repeats_for(budget: int, quick: bool) -> int:
 
 def sweep(args, device) -> tuple[list[SamplerRun], dict]:
     V, B, L = args.vocab, args.sweep_batch, args.sweep_len
-    model = maybe_compile(random_dit(V, L, seed=args.seed, device=device), args.compile)
+    model = maybe_compile(random_dit(V, L, preset=args.preset, seed=args.seed, device=device), args.compile)
     path = make_path(PolynomialScheduler(1), args.sweep_source, V)
-    warm(model, path, B, L, device, args.autocast)
+    warm(model, path, B, L, device, args.autocast, args.precision, args.sparse)
+    flops = forward_flops(model, path, B, L, device, args.autocast)
     runs = []
     for rule in args.rules:
         for budget in args.budgets:
             runs.append(run_sampler(model, path, args.sweep_source, rule, B, L, budget,
-                                    repeats_for(budget, args.quick), device, args.seed, args.autocast))
+                                    repeats_for(budget, args.quick), device, args.seed, args.autocast,
+                                    args.precision, args.sparse, flops))
             print(f"  sweep {rule:>17} {budget:>5} steps: {runs[-1].wall_s:8.3f} s", flush=True)
     print(table(["rule", "steps", "NFE", "repeats", "wall s", "ms/step", "fwd share", "outside share", "tokens/s",
-                 "peak MiB"],
+                 "samples/s", "MFU", "peak MiB"],
                 [[r.rule, r.budget, r.nfe, r.repeats, r.wall_s, r.per_step_ms, r.forward_s / r.wall_s,
-                  r.outside_share, r.tokens_per_s, r.peak_mem_mib] for r in runs],
+                  r.outside_share, r.tokens_per_s, r.batch / r.wall_s, "n/a" if r.mfu is None else r.mfu,
+                  r.peak_mem_mib] for r in runs],
                 title=f"\n[1] wall-clock vs step budget: {args.sweep_source} source, batch {B}, L {L}, V {V} "
                       f"(every budget measured; medians over 'repeats' runs)"))
     few, many = args.speedup_pair
@@ -159,21 +178,21 @@ def sweep(args, device) -> tuple[list[SamplerRun], dict]:
 
 def share(args, device) -> list[dict]:
     V, B, L = args.vocab, args.share_batch, args.share_len
-    model = maybe_compile(random_dit(V, L, seed=args.seed, device=device), args.compile)
+    model = maybe_compile(random_dit(V, L, preset=args.preset, seed=args.seed, device=device), args.compile)
     results, rows = [], []
     for source in args.sources:
         path = make_path(PolynomialScheduler(1), source, V)
-        warm(model, path, B, L, device, args.autocast)
+        warm(model, path, B, L, device, args.autocast, args.precision, args.sparse)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
             x = path.source.sample((B, L), generator=torch.Generator(device).manual_seed(0), device=device)
             logits = model(x, torch.full((B,), 0.5, device=device))
         standin = Precomputed(logits)
-        warm(standin, path, B, L, device, args.autocast)
+        warm(standin, path, B, L, device, args.autocast, args.precision, args.sparse)
         for budget in args.share_budgets:
             real = run_sampler(model, path, source, "cumulative_scalar", B, L, budget, args.share_repeats, device,
-                               args.seed, args.autocast)
+                               args.seed, args.autocast, args.precision, args.sparse)
             own = run_sampler(standin, path, source, "cumulative_scalar", B, L, budget, max(3, args.share_repeats),
-                              device, args.seed, args.autocast)
+                              device, args.seed, args.autocast, args.precision, args.sparse)
             share_b = own.wall_s / real.wall_s
             results.append({"source": source, "budget": budget, "batch": B, "seq_len": L,
                             "share_timed_forwards": rounded(real.outside_share),
@@ -207,13 +226,13 @@ def scaling(args, device) -> dict:
     out = {"vs_len": [], "vs_batch": []}
     path = make_path(PolynomialScheduler(1), args.scaling_source, V)
     rows = []
-    model = maybe_compile(random_dit(V, max(args.lens), seed=args.seed, device=device), args.compile)
+    model = maybe_compile(random_dit(V, max(args.lens), preset=args.preset, seed=args.seed, device=device), args.compile)
     for kind, configs in (("vs_len", [(args.len_batch, L) for L in args.lens]),
                           ("vs_batch", [(B, args.batch_len) for B in args.batches])):
         for B, L in configs:
-            warm(model, path, B, L, device, args.autocast)
+            warm(model, path, B, L, device, args.autocast, args.precision, args.sparse)
             r = run_sampler(model, path, args.scaling_source, "cumulative_scalar", B, L, steps, args.scaling_repeats,
-                            device, args.seed, args.autocast)
+                            device, args.seed, args.autocast, args.precision, args.sparse)
             out[kind].append({"batch": B, "seq_len": L, "steps": steps, "nfe": r.nfe, "per_step_ms": rounded(r.per_step_ms),
                               "us_per_token_step": rounded(1e6 * r.wall_s / steps / (B * L)),
                               "outside_share": rounded(r.outside_share), "peak_mem_mib": rounded(r.peak_mem_mib),
@@ -244,7 +263,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--scaling-source", default="mask", choices=["mask", "uniform"])
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of the sampler's own work")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast of the forward (the GPU path)")
+    parser.add_argument("--precision", default="float64", choices=["float64", "float32"],
+                        help="dtype of p and the draws (float64 is the suite's default)")
+    parser.add_argument("--sparse", default="auto", choices=["auto", "on", "off"],
+                        help="sparse steps (the CPU default) or dense ones (the GPU default)")
     args = parser.parse_args(argv)
+    args.precision = getattr(torch, args.precision)
+    args.sparse = {"auto": None, "on": True, "off": False}[args.sparse]
     device = setup(args)
     q = args.quick
     args.vocab = args.vocab or (256 if q else 2048)
@@ -270,11 +295,12 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from {SECTIONS}")
     env = environment(device)
-    print(f"bench_sampling: tiny DiT (random init), V {args.vocab}; {env['device']}, {env['threads']} threads, "
-          f"load average {env['loadavg_1min']} on {env['cpu_count']} CPUs; float64 draws; "
+    print(f"bench_sampling: {args.preset} DiT (random init), V {args.vocab}; {env['device']}, {env['threads']} threads, "
+          f"load average {env['loadavg_1min']} on {env['cpu_count']} CPUs; {args.precision} draws, sparse={args.sparse}; "
           f"compile={args.compile}, autocast={args.autocast}")
-    record = {"bench": "sampling", "quick": q, **env, "vocab": args.vocab, "model": "tiny", "compile": args.compile,
-              "autocast": args.autocast, "precision": "float64", "extrapolated": False}
+    record = {"bench": "sampling", "quick": q, **env, "vocab": args.vocab, "model": args.preset, "compile": args.compile,
+              "autocast": args.autocast, "precision": str(args.precision).removeprefix("torch."),
+              "sparse": args.sparse, "extrapolated": False}
     if "sweep" in sections:
         runs, speedup = sweep(args, device)
         record["sweep"] = {"source": args.sweep_source, "batch": args.sweep_batch, "seq_len": args.sweep_len,

@@ -27,8 +27,8 @@ import time
 import torch
 from torch import nn
 
-from benchlib import (MiB, add_common_args, emit, environment, maybe_compile, measure, random_dit, rounded, setup,
-                      table)
+from benchlib import (MiB, add_common_args, count_flops, emit, environment, maybe_compile, measure, mfu, random_dit,
+                      rounded, setup, table)
 from fsdfm.metrics.timing import peak_memory, reset_peak_memory
 from fsdfm.objectives import DFMObjective, FSDFMConfig, FSDFMObjective
 from fsdfm.paths import make_path
@@ -99,10 +99,10 @@ def main(argv=None) -> dict:
     path = make_path(PolynomialScheduler(1), args.source, V)
     data = torch.randint(V, (max(4 * B, 256), L), generator=torch.Generator().manual_seed(args.seed))
     env = environment(device)
-    print(f"bench_training: tiny DiT (random init), V {V}, batch {B}, L {L}, {steps} timed steps x {repeats} fits, "
+    print(f"bench_training: {args.preset} DiT (random init), V {V}, batch {B}, L {L}, {steps} timed steps x {repeats} fits, "
           f"{args.source} source; {env['device']}, {env['threads']} threads, load average {env['loadavg_1min']}")
 
-    teacher = random_dit(V, L, seed=args.seed, device=device)
+    teacher = random_dit(V, L, preset=args.preset, seed=args.seed, device=device)
     x = path.source.sample((B, L), generator=torch.Generator(device).manual_seed(0), device=device)
     t = torch.full((B,), 0.5, device=device)
     fwd_model = maybe_compile(teacher, args.compile)
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     results, rows = {}, []
     for name in names:
         objective, h_embedding = chosen[name]
-        base = random_dit(V, L, seed=args.seed, h_embedding=h_embedding, device=device).train()
+        base = random_dit(V, L, preset=args.preset, seed=args.seed, h_embedding=h_embedding, device=device).train()
 
         def one_fit(cfg=cfg, objective=objective, base=base):
             model = PassCounter(maybe_compile(copy.deepcopy(base), args.compile))
@@ -133,6 +133,9 @@ def main(argv=None) -> dict:
         peak, kind = peak_memory(device)
         walls = [res.wall_s for res, _, _ in fits]
         wall = statistics.median(walls)
+        # FLOPs of one whole fit (forward, backward; the same h draws as the timed fits), counted, not timed
+        flops = count_flops(one_fit) if device.type == "cuda" else None
+        util = mfu(flops, wall, device) if flops else None
         res, grad, ema = fits[-1]  # counts of the last fit (each fit draws the same h sequence: same seed)
         per_step = wall / steps
         rec = {
@@ -145,15 +148,16 @@ def main(argv=None) -> dict:
                                                   / (B * steps)),
             "backward_row_equiv_per_step": rounded(grad["backward_rows"] / (B * steps)),
             "peak_mem_mib": rounded(peak / MiB), "peak_mem_kind": kind, "counts_student": grad, "counts_ema": ema,
+            "flops_per_step": rounded(flops / steps) if flops else None, "mfu": rounded(util) if util else None,
         }
         results[name] = rec
         rows.append([name, rec["tokens_per_s"], rec["step_ms"], rec["teacher_forward_units_per_step"],
                      rec["grad_forward_calls"] / steps, rec["teacher_forward_calls"] / steps,
                      rec["forward_row_equiv_per_step"], rec["backward_calls"] / steps,
-                     rec["backward_row_equiv_per_step"], rec["peak_mem_mib"]])
+                     rec["backward_row_equiv_per_step"], rec["peak_mem_mib"], "n/a" if util is None else util])
         print(f"  {name}: {rec['tokens_per_s']:.0f} tokens/s", flush=True)
     print(table(["objective", "tokens/s", "ms/step", "teacher-fwd units/step", "grad fwd calls/step",
-                 "no-grad fwd calls/step", "fwd row-equiv/step", "bwd calls/step", "bwd row-equiv/step", "peak MiB"],
+                 "no-grad fwd calls/step", "fwd row-equiv/step", "bwd calls/step", "bwd row-equiv/step", "peak MiB", "MFU"],
                 rows, title=f"\ntraining throughput (median over {repeats} fits of {steps} steps; counts from the "
                             f"last fit)"))
     if "teacher_dfm" in results:
@@ -161,7 +165,7 @@ def main(argv=None) -> dict:
         for name, rec in results.items():
             rec["relative_to_teacher"] = rounded(rec["tokens_per_s"] / base_rate)
     record = {"bench": "training", "quick": q, **env, "vocab": V, "batch": B, "seq_len": L, "source": args.source,
-              "model": "tiny", "compile": args.compile, "teacher_forward_ms": rounded(1e3 * fwd.wall_s),
+              "model": args.preset, "compile": args.compile, "teacher_forward_ms": rounded(1e3 * fwd.wall_s),
               "teacher_forward_peak_mem_mib": rounded(fwd.peak_mem_bytes / MiB), "objectives": results,
               "loadavg_1min_end": round(os.getloadavg()[0], 2), "timestamp": time.time()}
     emit(record)

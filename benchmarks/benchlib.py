@@ -42,6 +42,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (off by default; the first "
                         "call of each shape compiles, and warm-up calls absorb it)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="tiny", help="DiT size: tiny, small (~170M with V=50257) or 1.3b")
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -70,6 +71,35 @@ def random_dit(vocab_size: int, seq_len: int, seed: int = 0, h_embedding: str = 
     if h_embedding != "none":
         model = student_from_teacher(model, h_embedding=h_embedding)
     return model.to(device).eval()
+
+
+# Dense bf16 tensor-core peak (no sparsity) of the GPUs we report MFU on, from NVIDIA's data sheets (SXM parts).
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def peak_bf16_flops(device: torch.device | str) -> float | None:
+    """The data-sheet dense bf16 peak of this CUDA device (FLOP/s), or None (CPU, unknown GPU: no MFU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of fn, counted by torch.utils.flop_counter (matmuls and attention, forward and backward
+    as executed: measured on the real graph rather than a 6N formula)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def mfu(flops: float, seconds: float, device: torch.device | str) -> float | None:
+    """Model FLOPs utilisation: flops / seconds / the device's peak (None where the peak is unknown)."""
+    peak = peak_bf16_flops(device)
+    return None if peak is None or seconds <= 0 else flops / seconds / peak
 
 
 def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsdfm.paths import MaskSource, MixturePath, UniformSource
 from fsdfm.registry import UnknownNameError
-from fsdfm.samplers import UPDATE_RULES, SampleOutput, get_rule, sample, time_grid, update
+from fsdfm.samplers import UPDATE_RULES, SampleOutput, get_rule, sample, time_grid, update, update_from_logits
 from fsdfm.schedulers import CosineScheduler, PolynomialScheduler
 
 V = 5
@@ -233,6 +233,27 @@ def test_mask_sampler_output_follows_p(rule, sparse):
     assert float(counts[V]) == 0.0  # nothing stays masked
     for v in range(V):
         assert abs(float(counts[v]) - P[v]) <= _tol(P[v], out.tokens.numel()), (v, float(counts[v]))
+
+
+@pytest.mark.parametrize("scale", [3.0, 2000.0], ids=["moderate_logits", "huge_logits"])
+@pytest.mark.parametrize("final", [False, True])
+@pytest.mark.parametrize("rule", ["euler", "cumulative_scalar", "mixture_euler"])
+@pytest.mark.parametrize("source", ["mask", "uniform"])
+def test_logits_step_without_host_checks_draws_the_same_tokens(source, rule, final, scale):
+    """The GPU branch of `update_from_logits` (no host-side checks: always l - m, always read p(z), no boolean
+    indexing) consumes the same uniforms as the CPU branch, so from the same generator it must move exactly the
+    same positions to the same tokens; huge logits (|l| > 600) take the CPU branch's max-shift too."""
+    Vb, B, L = 300, 3, 40  # V > _BLOCK: several blocks in the inverse-CDF search
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(B, L, Vb, generator=gen) * scale
+    path = MixturePath(PolynomialScheduler(1), MaskSource(Vb) if source == "mask" else UniformSource(Vb))
+    x = path.source.sample((B, L), generator=gen)
+    x[:, :10] = torch.randint(Vb, (B, 10), generator=gen)  # some positions already hold data tokens
+    t, h = torch.full((B,), 0.3, dtype=torch.float64), torch.full((B,), 0.4, dtype=torch.float64)
+    outs = [update_from_logits(x, logits, t, h, get_rule(rule), path, torch.Generator().manual_seed(1), final=final,
+                               host_checks=checks) for checks in (True, False)]
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], x)  # the step moved something, so the comparison means something
 
 
 def test_sample_reports_nfe_and_time_grid():
