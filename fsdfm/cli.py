@@ -42,6 +42,23 @@ def _study_dir(target: str, root: str) -> Path:
     return Path(root) / name
 
 
+def _positive_int(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def set_threads(n: int) -> None:
+    """n intra-op threads here (inline and debug executors) and in every job this process starts (submitit local
+    processes and SLURM jobs inherit the environment)."""
+    import torch
+
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[key] = str(n)
+    torch.set_num_threads(n)
+
+
 def cmd_run(args) -> dict:
     import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
     from fsdfm.launch import execute
@@ -50,6 +67,8 @@ def cmd_run(args) -> dict:
 
     spec, plan = _load(args.spec)
     sdir = Path(args.results) / spec.name
+    if args.threads is not None:
+        set_threads(args.threads)
     if args.dry_run:
         print(f"study {spec.name}: {len(plan.runs)} runs, {len(plan.stages)} stages  ({args.spec})")
         for i, wave in enumerate(waves(plan)):
@@ -129,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", help="cluster profile YAML for --executor slurm (e.g. slurm/local.yaml)")
     r.add_argument("--no-wait", action="store_true", help="submit and return (slurm)")
     r.add_argument("--max-parallel", type=int, default=None)
+    r.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch intra-op threads of every stage process (OMP_NUM_THREADS for the jobs it starts); on a "
+                        "shared CPU machine 1 per concurrent job avoids threads stalling each other")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("status", help="done / running / failed / pending stages of a study")
     s.add_argument("target", help="a spec file or a study results directory")

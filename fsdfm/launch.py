@@ -46,8 +46,8 @@ import submitit.helpers
 from fsdfm.registry import Registry, did_you_mean
 from fsdfm.results import (
     ATTEMPTS, CONTROL_FILES, ERROR, JOBS, PLAN, RECORD, RUNNING, SCHEMA_VERSION, SUBMITTED,
-    atomic_write_json, device, find_seeds, is_done, lock_holder, now_iso, provenance, read_json, read_record,
-    stage_dir, stage_lock, study_dir as _study_dir, to_jsonable,
+    atomic_write_json, device, find_seeds, is_done, loadavg_1min, lock_holder, now_iso, provenance, read_json,
+    read_record, stage_dir, stage_lock, study_dir as _study_dir, to_jsonable, torch_threads,
 )
 from fsdfm.stages import STAGE_KINDS, PlanError, Stage, StageKind, StudyPlan, waves
 
@@ -131,7 +131,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         if record is not None and record.get("status") == "done":  # finished while we were getting here
             return record
         attempt = _next_attempt(out_dir)
-        t0, started = time.time(), now_iso()
+        t0, started, load_start = time.time(), now_iso(), loadavg_1min()
         running = {"stage_id": stage_id, "kind": stage.kind, "attempt": attempt, "start_time": started,
                    **{k: v for k, v in provenance().items() if k in ("hostname", "pid", "slurm_job_id", "job_id")}}
         atomic_write_json(out_dir / RUNNING, running)
@@ -156,8 +156,9 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
                 "inputs": stage.inputs,
                 "seeds": find_seeds(stage.config),
                 "payload": payload,
-                "provenance": {**provenance(), "device": device(), "start_time": started, "end_time": now_iso(),
-                               "wall_s": wall, "attempt": attempt},
+                "provenance": {**provenance(), "device": device(), "torch_threads": torch_threads(),
+                               "loadavg_1min": {"start": load_start, "end": loadavg_1min()},
+                               "start_time": started, "end_time": now_iso(), "wall_s": wall, "attempt": attempt},
             }
             atomic_write_json(out_dir / RECORD, record)
             for stale in (ERROR, SUBMITTED):

@@ -218,6 +218,21 @@ def device() -> str:
     return "cpu"
 
 
+def torch_threads() -> int | None:
+    """torch's intra-op thread count when the stage imported torch, else None (asked after the stage ran, like
+    `device`). CPU timings depend on it: on a shared 2-core machine two threads ran 4-10x slower than one."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else int(torch.get_num_threads())
+
+
+def loadavg_1min() -> float | None:
+    """The 1-minute load average (None where the OS has none): how busy the machine was around a timing."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def slurm_job_id() -> str | None:
     """The SLURM job id of this process ("<array>_<task>" for array tasks), None outside SLURM."""
     env = os.environ
@@ -256,6 +271,7 @@ def provenance() -> dict:
         "git_dirty": dirty,
         "versions": versions(),
         "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
         "pid": os.getpid(),
         "slurm_job_id": slurm_job_id(),
         "job_id": job_id(),
@@ -446,7 +462,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 BASE_COLUMNS = ("study", "run_id", "stage_id")
-PROVENANCE_COLUMNS = ("commit", "dirty", "device", "host", "stage_wall_s", "end_time")
+PROVENANCE_COLUMNS = ("commit", "dirty", "device", "host", "threads", "stage_wall_s", "end_time")
 
 
 def load(path: str | os.PathLike):
@@ -455,7 +471,8 @@ def load(path: str | os.PathLike):
     `path` is a study directory or a root holding many. Columns: study, run_id, stage_id; every run parameter
     (dotted names, e.g. "sampler.steps"); every entry of the final record's payload `metrics` (nested dicts
     flattened with dots; lists kept as objects; a metric whose name is also a parameter becomes
-    "metrics.<name>"); provenance: commit, dirty, device, host, stage_wall_s (the stage's own run time), end_time. Corrupt or half-written
+    "metrics.<name>"); provenance: commit, dirty, device, host, threads (torch's intra-op threads), stage_wall_s (the
+    stage's own run time), end_time. Corrupt or half-written
     record.json files are skipped with a warning naming the file, never read as results.
     """
     import pandas as pd
@@ -489,7 +506,8 @@ def load(path: str | os.PathLike):
                 metric_cols[col] = None
             prov = rec.get("provenance", {})
             row.update(commit=prov.get("git_commit"), dirty=prov.get("git_dirty"), device=prov.get("device"),
-                       host=prov.get("hostname"), stage_wall_s=prov.get("wall_s"), end_time=prov.get("end_time"))
+                       host=prov.get("hostname"), threads=prov.get("torch_threads"), stage_wall_s=prov.get("wall_s"),
+                       end_time=prov.get("end_time"))
             rows.append(row)
     columns = list(BASE_COLUMNS) + list(param_cols) + list(metric_cols) + list(PROVENANCE_COLUMNS)
     return pd.DataFrame(rows, columns=columns)

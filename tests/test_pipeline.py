@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,40 @@ def test_cli_dry_run_status_and_json_line(oracle_study):
     assert st.returncode == 0, st.stderr
     counts = json.loads(st.stdout.strip().splitlines()[-1])
     assert counts["done"] == last["stages"] and counts["failed"] == 0 and counts["pending"] == 0
+
+
+TINY = """
+name: tiny_threads
+data:
+  kind: oracle
+  seq_len: 8
+  oracle: {source: markov, vocab_size: 6, order: 1, support: 2, epsilon: 0.001, seed: 1, n_train: 64, n_valid: 16}
+model: {preset: tiny, hidden: 16, cond_dim: 8, n_blocks: 1, n_heads: 2}
+sampling: {n_samples: 4, batch_size: 4, seed: 0}
+evaluator: {kind: none}
+methods:
+  dfm: {kind: dfm, train: {steps: 2, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [euler], steps: [2]}
+metrics:
+  names: [entropy_nats]
+"""
+
+
+def test_cli_threads_reach_the_stages_and_their_records(tmp_path):
+    """`fsdfm run --threads 2` runs every stage with 2 torch threads (this test process is pinned to 1), and each
+    record says so, with the load average around it; the DataFrame has a threads column."""
+    spec = tmp_path / "tiny_threads.yaml"
+    spec.write_text(TINY)
+    out = subprocess.run([sys.executable, "-m", "fsdfm.cli", "--results", str(tmp_path / "results"), "run", str(spec),
+                          "--executor", "inline", "--threads", "2"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = load_records(tmp_path / "results" / "tiny_threads")
+    assert len(records) >= 3  # train, sample, evaluate (and the data row)
+    for rec in records:
+        prov = rec["provenance"]
+        assert prov["torch_threads"] == 2 and prov["cpu_count"] == os.cpu_count()
+        assert set(prov["loadavg_1min"]) == {"start", "end"}
+    assert set(load(tmp_path / "results" / "tiny_threads").threads) == {2}
+    bad = subprocess.run([sys.executable, "-m", "fsdfm.cli", "run", str(spec), "--threads", "0"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--threads" in bad.stderr and "positive integer" in bad.stderr

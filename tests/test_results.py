@@ -87,7 +87,8 @@ def test_find_seeds():
 
 def test_provenance_fields():
     p = results.provenance()
-    assert {"git_commit", "git_dirty", "versions", "hostname", "pid", "slurm_job_id"} <= set(p)
+    assert {"git_commit", "git_dirty", "versions", "hostname", "cpu_count", "pid", "slurm_job_id"} <= set(p)
+    assert p["cpu_count"] == os.cpu_count()
     assert p["hostname"] == socket.gethostname() and p["pid"] == os.getpid()
     assert p["versions"]["python"].count(".") == 2
     assert p["versions"]["torch"] and p["versions"]["numpy"] and p["versions"]["transformers"]
