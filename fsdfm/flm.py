@@ -164,7 +164,12 @@ def flow_map(x: torch.Tensor, d: torch.Tensor, gamma_s: torch.Tensor, gamma_t: t
     """X_{s,t}(x) = ((1 - gamma_t) / (1 - gamma_s)) x + ((gamma_t - gamma_s) / (1 - gamma_s)) d.
 
     x, d: (B, L, V); gamma_s < 1, gamma_t: (B,) or scalars. The identity at gamma_t = gamma_s, d at gamma_t = 1;
-    with d = D(x, s) it is FLM's Euler step, with d = D_theta(x, s, t) the FMLM flow map."""
+    with d = D(x, s) it is FLM's Euler step, with d = D_theta(x, s, t) the FMLM flow map. Python floats for both
+    gammas keep the step free of host-device syncs on a GPU (the samplers pass floats)."""
+    if isinstance(gamma_s, float) and isinstance(gamma_t, float):
+        if gamma_s >= 1.0:
+            raise ValueError("flow_map: gamma_s must be < 1 (the map starts from a noisy state)")
+        return ((1.0 - gamma_t) / (1.0 - gamma_s)) * x + ((gamma_t - gamma_s) / (1.0 - gamma_s)) * d
     gs = torch.as_tensor(gamma_s, dtype=torch.float64, device=x.device).reshape(-1, 1, 1)
     gt = torch.as_tensor(gamma_t, dtype=torch.float64, device=x.device).reshape(-1, 1, 1)
     if bool((gs >= 1.0).any()):
@@ -228,6 +233,7 @@ def sample_continuous(denoiser: Denoiser, time: FLMTime, *, n_samples: int, seq_
     if grid.ndim != 1 or grid.numel() < 2 or not bool((grid[1:] > grid[:-1]).all()) or grid[0] != 0 or grid[-1] != 1:
         raise ValueError(f"tau grid must be 1-D, increasing, from 0 to 1, got {grid.tolist()}")
     gammas = time.gamma_of_tau(grid)
+    gamma_list = gammas.tolist()  # one sync before the loop; floats keep the steps sync-free
     V, n_total = time.K, grid.numel() - 1
     chunk = state_chunk_size(seq_len, V, precision, max_state_bytes)
     chunks, wall = [], 0.0
@@ -244,7 +250,7 @@ def sample_continuous(denoiser: Denoiser, time: FLMTime, *, n_samples: int, seq_
                 logits = denoiser(x, tau_s.float(), tau_t.float())
             d = torch.softmax(logits.to(precision), dim=-1)
             del logits
-            x = flow_map(x, d, gammas[i], gammas[i + 1])
+            x = flow_map(x, d, gamma_list[i], gamma_list[i + 1])
         chunks.append(d.argmax(-1))  # the last step lands on d (gamma = 1); argmax d is the output
         del x, d
         if device.type == "cuda":

@@ -190,3 +190,29 @@ def test_ar_cached_and_uncached_sampling_agree_on_cuda():
     b = sample_ar(model, 6, L, 0, generator=torch.Generator(CUDA).manual_seed(5), use_cache=False)
     assert torch.equal(a.tokens, b.tokens) and a.nfe == b.nfe == L
     assert len(set(a.tokens.flatten().tolist())) > 3
+
+
+def test_flm_steps_never_sync_with_the_host():
+    """FLM's sampler step on a GPU (DiT forward on the one-hot state, softmax, flow map with float gammas, as
+    `sample_continuous` runs it) raises nothing under CUDA's sync debug mode "error"."""
+    from fsdfm.flm import flow_map, sample_noise
+
+    V, L, B = 50, 16, 4
+    time = FLMTime(V, n_quadrature=60, n_table=513)
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(vocab_size=V, seq_len=L, hidden=32, cond_dim=16, n_blocks=2, n_heads=2)).to(CUDA).eval()
+    grid = time_grid(4, device=CUDA)
+    gammas = time.gamma_of_tau(grid).tolist()
+    x = sample_noise(0, 0, B, L, V, torch.float32, CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            for i in range(4):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = model(x, grid[i].expand(B).float())
+                d = torch.softmax(logits.float(), dim=-1)
+                x = flow_map(x, d, gammas[i], gammas[i + 1])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.allclose(x, d)  # the last step lands on D (gamma = 1)
