@@ -160,22 +160,25 @@ class FLMObjective:
         return F.cross_entropy(logits.float().flatten(0, 1), x_1.flatten())
 
 
-def flow_map(x: torch.Tensor, d: torch.Tensor, gamma_s: torch.Tensor, gamma_t: torch.Tensor) -> torch.Tensor:
+def flow_map(x: torch.Tensor, d: torch.Tensor, gamma_s: torch.Tensor | float, gamma_t: torch.Tensor | float,
+             inplace: bool = False) -> torch.Tensor:
     """X_{s,t}(x) = ((1 - gamma_t) / (1 - gamma_s)) x + ((gamma_t - gamma_s) / (1 - gamma_s)) d.
 
     x, d: (B, L, V); gamma_s < 1, gamma_t: (B,) or scalars. The identity at gamma_t = gamma_s, d at gamma_t = 1;
     with d = D(x, s) it is FLM's Euler step, with d = D_theta(x, s, t) the FMLM flow map. Python floats for both
-    gammas keep the step free of host-device syncs on a GPU (the samplers pass floats)."""
+    gammas keep the step free of host-device syncs on a GPU (the samplers pass floats). inplace: overwrite and
+    return x (no (B, L, V) temporaries; the samplers' state is theirs to overwrite)."""
     if isinstance(gamma_s, float) and isinstance(gamma_t, float):
         if gamma_s >= 1.0:
             raise ValueError("flow_map: gamma_s must be < 1 (the map starts from a noisy state)")
-        return ((1.0 - gamma_t) / (1.0 - gamma_s)) * x + ((gamma_t - gamma_s) / (1.0 - gamma_s)) * d
+        a, b = (1.0 - gamma_t) / (1.0 - gamma_s), (gamma_t - gamma_s) / (1.0 - gamma_s)
+        return x.mul_(a).add_(d, alpha=b) if inplace else a * x + b * d
     gs = torch.as_tensor(gamma_s, dtype=torch.float64, device=x.device).reshape(-1, 1, 1)
     gt = torch.as_tensor(gamma_t, dtype=torch.float64, device=x.device).reshape(-1, 1, 1)
     if bool((gs >= 1.0).any()):
         raise ValueError("flow_map: gamma_s must be < 1 (the map starts from a noisy state)")
     a, b = ((1.0 - gt) / (1.0 - gs)).to(x.dtype), ((gt - gs) / (1.0 - gs)).to(x.dtype)
-    return a * x + b * d
+    return x.mul_(a).addcmul_(b, d) if inplace else a * x + b * d
 
 
 def state_chunk_size(seq_len: int, vocab_size: int, dtype: torch.dtype, max_state_bytes: int) -> int:
@@ -248,9 +251,9 @@ def sample_continuous(denoiser: Denoiser, time: FLMTime, *, n_samples: int, seq_
             tau_s, tau_t = grid[i].expand(B), grid[i + 1].expand(B)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = denoiser(x, tau_s.float(), tau_t.float())
-            d = torch.softmax(logits.to(precision), dim=-1)
+            d = torch.softmax(logits, dim=-1, dtype=precision)  # no cast copy of the logits first
             del logits
-            x = flow_map(x, d, gamma_list[i], gamma_list[i + 1])
+            x = flow_map(x, d, gamma_list[i], gamma_list[i + 1], inplace=True)
         chunks.append(d.argmax(-1))  # the last step lands on d (gamma = 1); argmax d is the output
         del x, d
         if device.type == "cuda":

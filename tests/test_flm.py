@@ -105,6 +105,21 @@ def test_flow_map_identity_at_s_equals_t_and_denoiser_at_t_one():
     assert torch.allclose(flow_map(x, d, g, torch.ones(2, dtype=F64)), d, atol=1e-15)
 
 
+@pytest.mark.parametrize("gammas", [(0.2, 0.55), "tensors"])
+def test_flow_map_in_place_and_with_float_gammas_equals_the_formula(gammas):
+    x, d = torch.randn(2, 3, 5, dtype=F64), torch.rand(2, 3, 5, dtype=F64)
+    gs, gt = (torch.tensor([0.2, 0.4], dtype=F64), torch.tensor([0.55, 0.9], dtype=F64)) if gammas == "tensors" \
+        else gammas
+    s_, t_ = torch.as_tensor(gs, dtype=F64).reshape(-1, 1, 1), torch.as_tensor(gt, dtype=F64).reshape(-1, 1, 1)
+    want = (1 - t_) / (1 - s_) * x + (t_ - s_) / (1 - s_) * d  # the formula, written out
+    assert torch.allclose(flow_map(x, d, gs, gt), want, atol=1e-15)
+    x_copy = x.clone()
+    out = flow_map(x_copy, d, gs, gt, inplace=True)
+    assert out.data_ptr() == x_copy.data_ptr() and torch.allclose(out, want, atol=1e-15)
+    with pytest.raises(ValueError, match="gamma_s must be < 1"):
+        flow_map(x, d, 1.0, 1.0)
+
+
 def test_semigroup_lambda_endpoints_and_composition_identity():
     s, t = torch.tensor([0.1, 0.0]), torch.tensor([0.8, 1.0])
     assert torch.allclose(semigroup_lambda(s, s, t), torch.zeros(2))
