@@ -49,6 +49,7 @@ from fsdfm.results import (
     atomic_write_json, device, find_seeds, is_done, loadavg_1min, lock_holder, now_iso, provenance, read_json,
     read_record, stage_dir, stage_lock, study_dir as _study_dir, to_jsonable, torch_threads,
 )
+from fsdfm.runtime import malloc_tuned, tune_malloc
 from fsdfm.stages import STAGE_KINDS, PlanError, Stage, StageKind, StudyPlan, waves
 
 ERROR_TAIL_LINES = 30
@@ -100,8 +101,10 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
     are done; takes the stage lock (`StageLockedError` if another live process holds it); writes running.json;
     clears out_dir of a non-checkpointable stage (a clean slate: a killed attempt's half-written artefacts
     must not leak into this one) while a checkpointable stage keeps its checkpoints; calls the stage function;
-    writes record.json atomically. On an exception, writes error.json and re-raises.
+    writes record.json atomically. On an exception, writes error.json and re-raises. The first call in a process
+    tunes glibc malloc (`fsdfm.runtime.tune_malloc`), so timings do not depend on what the process did before.
     """
+    tune_malloc()
     study_dir = Path(study_dir)
     plan = read_plan(study_dir)
     if stage_id not in plan["stages"]:
@@ -157,6 +160,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
                 "seeds": find_seeds(stage.config),
                 "payload": payload,
                 "provenance": {**provenance(), "device": device(), "torch_threads": torch_threads(),
+                               "malloc_tuned": malloc_tuned(),
                                "loadavg_1min": {"start": load_start, "end": loadavg_1min()},
                                "start_time": started, "end_time": now_iso(), "wall_s": wall, "attempt": attempt},
             }
