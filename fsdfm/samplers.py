@@ -130,7 +130,7 @@ def update_from_logits(x: torch.Tensor, logits: torch.Tensor, t: torch.Tensor, h
                        path: MixturePath, generator: torch.Generator | None, final: torch.Tensor | bool = False,
                        precision: torch.dtype = torch.float64, host_checks: bool | None = None) -> torch.Tensor:
     """The sparse step of `update` read from logits (B, L, V) instead of p: the same jump rule and the same
-    distribution, computed in `precision`, without a (B, L, V) softmax (the CPU path of `sample`).
+    distribution, computed in `precision`, without a (B, L, V) softmax (the default path of `sample`).
 
     Every rule's jump probability is non-increasing in p(z), so prob(p(z)) <= prob(0), and a position whose uniform
     u >= prob(0) stays whatever p(z) is. p(z) = exp(l_z - m) / sum_j exp(l_j - m) (m = max_j l_j) is therefore
