@@ -19,8 +19,8 @@ import os
 
 import torch
 
-from benchlib import MiB, TimedForward, add_common_args, emit, environment, maybe_compile, measure, random_dit, \
-    rounded, setup, table
+from benchlib import (MiB, TimedForward, add_common_args, add_shape_args, emit, environment, maybe_compile, measure,
+                      random_dit, rounded, setup, table)
 from fsdfm.paths import make_path
 from fsdfm.samplers import sample
 from fsdfm.schedulers import PolynomialScheduler
@@ -29,9 +29,7 @@ from fsdfm.schedulers import PolynomialScheduler
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser)
-    parser.add_argument("--vocab", type=int, default=None, help="V (default 2048; --quick: 256)")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--len", type=int, default=None)
+    add_shape_args(parser)
     parser.add_argument("--source", default="uniform", choices=["mask", "uniform"])
     parser.add_argument("--student-steps", default="8,1")
     parser.add_argument("--teacher-steps", default="", help="extra teacher budgets, e.g. 1024")

@@ -65,11 +65,11 @@ class SamplerRun:
 
 
 def run_sampler(model: nn.Module, path: MixturePath, source: str, rule: str, batch: int, seq_len: int, budget: int,
-                repeats: int, device: torch.device, seed: int = 0, autocast: bool = False,
-                precision: torch.dtype = torch.float64, sparse: bool | None = None,
+                repeats: int, device: torch.device, seed: int = 0, sample_kw: dict | None = None,
                 forward_flops: int | None = None) -> SamplerRun:
     """Sample `batch` sequences `repeats` times on a uniform grid of `budget` steps; the caller warms up.
-    forward_flops: the counted FLOPs of one forward at this shape (for MFU)."""
+    sample_kw: `sample`'s autocast / precision / sparse; forward_flops: the counted FLOPs of one forward at this
+    shape (for MFU)."""
     timed = TimedForward(model, device)
     walls, fwds, cpus, shares = [], [], [], []
     reset_peak_memory(device)
@@ -77,8 +77,7 @@ def run_sampler(model: nn.Module, path: MixturePath, source: str, rule: str, bat
         timed.reset()
         c0 = time.process_time()
         out = sample(timed, path, n_samples=batch, seq_len=seq_len, n_steps=budget, rule=rule, device=device,
-                     generator=torch.Generator(device).manual_seed(seed + r), autocast=autocast, precision=precision,
-                     sparse=sparse)
+                     generator=torch.Generator(device).manual_seed(seed + r), **(sample_kw or {}))
         cpus.append(time.process_time() - c0)
         if not (timed.calls == out.nfe == budget):
             raise RuntimeError(f"NFE mismatch: {timed.calls} forward calls, SampleOutput.nfe={out.nfe}, budget {budget}")
@@ -93,11 +92,11 @@ def run_sampler(model: nn.Module, path: MixturePath, source: str, rule: str, bat
                       batch * seq_len / wall, peak / MiB, kind, tuple(walls), util)
 
 
-def warm(model: nn.Module, path: MixturePath, batch: int, seq_len: int, device: torch.device, autocast: bool,
-         precision: torch.dtype = torch.float64, sparse: bool | None = None) -> None:
+def warm(model: nn.Module, path: MixturePath, batch: int, seq_len: int, device: torch.device,
+         sample_kw: dict | None = None) -> None:
     """One untimed 2-step run at this shape: allocator, kernels (and compilation with --compile)."""
     sample(model, path, n_samples=batch, seq_len=seq_len, n_steps=2, device=device,
-           generator=torch.Generator(device).manual_seed(12345), autocast=autocast, precision=precision, sparse=sparse)
+           generator=torch.Generator(device).manual_seed(12345), **(sample_kw or {}))
 
 
 def forward_flops(model: nn.Module, path: MixturePath, batch: int, seq_len: int, device: torch.device,
@@ -135,14 +134,13 @@ def sweep(args, device) -> tuple[list[SamplerRun], dict]:
     V, B, L = args.vocab, args.sweep_batch, args.sweep_len
     model = maybe_compile(random_dit(V, L, preset=args.preset, seed=args.seed, device=device), args.compile)
     path = make_path(PolynomialScheduler(1), args.sweep_source, V)
-    warm(model, path, B, L, device, args.autocast, args.precision, args.sparse)
+    warm(model, path, B, L, device, args.sample_kw)
     flops = forward_flops(model, path, B, L, device, args.autocast)
     runs = []
     for rule in args.rules:
         for budget in args.budgets:
             runs.append(run_sampler(model, path, args.sweep_source, rule, B, L, budget,
-                                    repeats_for(budget, args.quick), device, args.seed, args.autocast,
-                                    args.precision, args.sparse, flops))
+                                    repeats_for(budget, args.quick), device, args.seed, args.sample_kw, flops))
             print(f"  sweep {rule:>17} {budget:>5} steps: {runs[-1].wall_s:8.3f} s", flush=True)
     print(table(["rule", "steps", "NFE", "repeats", "wall s", "ms/step", "fwd share", "outside share", "tokens/s",
                  "samples/s", "MFU", "peak MiB"],
@@ -182,17 +180,17 @@ def share(args, device) -> list[dict]:
     results, rows = [], []
     for source in args.sources:
         path = make_path(PolynomialScheduler(1), source, V)
-        warm(model, path, B, L, device, args.autocast, args.precision, args.sparse)
+        warm(model, path, B, L, device, args.sample_kw)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
             x = path.source.sample((B, L), generator=torch.Generator(device).manual_seed(0), device=device)
             logits = model(x, torch.full((B,), 0.5, device=device))
         standin = Precomputed(logits)
-        warm(standin, path, B, L, device, args.autocast, args.precision, args.sparse)
+        warm(standin, path, B, L, device, args.sample_kw)
         for budget in args.share_budgets:
             real = run_sampler(model, path, source, "cumulative_scalar", B, L, budget, args.share_repeats, device,
-                               args.seed, args.autocast, args.precision, args.sparse)
+                               args.seed, args.sample_kw)
             own = run_sampler(standin, path, source, "cumulative_scalar", B, L, budget, max(3, args.share_repeats),
-                              device, args.seed, args.autocast, args.precision, args.sparse)
+                              device, args.seed, args.sample_kw)
             share_b = own.wall_s / real.wall_s
             results.append({"source": source, "budget": budget, "batch": B, "seq_len": L,
                             "share_timed_forwards": rounded(real.outside_share),
@@ -216,7 +214,7 @@ def profile_own_work(standin: nn.Module, path: MixturePath, B: int, L: int, devi
     for budget in args.share_budgets:
         with torch.profiler.profile() as prof:
             sample(standin, path, n_samples=B, seq_len=L, n_steps=budget, device=device,
-                   generator=torch.Generator(device).manual_seed(0), autocast=args.autocast)
+                   generator=torch.Generator(device).manual_seed(0), **args.sample_kw)
         print(f"\ntorch.profiler: the sampler's own work ({path.source.name} source, {budget} steps, batch {B}, L {L})")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
@@ -230,9 +228,9 @@ def scaling(args, device) -> dict:
     for kind, configs in (("vs_len", [(args.len_batch, L) for L in args.lens]),
                           ("vs_batch", [(B, args.batch_len) for B in args.batches])):
         for B, L in configs:
-            warm(model, path, B, L, device, args.autocast, args.precision, args.sparse)
+            warm(model, path, B, L, device, args.sample_kw)
             r = run_sampler(model, path, args.scaling_source, "cumulative_scalar", B, L, steps, args.scaling_repeats,
-                            device, args.seed, args.autocast, args.precision, args.sparse)
+                            device, args.seed, args.sample_kw)
             out[kind].append({"batch": B, "seq_len": L, "steps": steps, "nfe": r.nfe, "per_step_ms": rounded(r.per_step_ms),
                               "us_per_token_step": rounded(1e6 * r.wall_s / steps / (B * L)),
                               "outside_share": rounded(r.outside_share), "peak_mem_mib": rounded(r.peak_mem_mib),
@@ -266,10 +264,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--precision", default="float64", choices=["float64", "float32"],
                         help="dtype of p and the draws (float64 is the suite's default)")
     parser.add_argument("--sparse", default="auto", choices=["auto", "on", "off"],
-                        help="sparse steps (the CPU default) or dense ones (the GPU default)")
+                        help="auto/on: the logits step (the default on every device); off: the dense (B, L, V) step")
     args = parser.parse_args(argv)
     args.precision = getattr(torch, args.precision)
     args.sparse = {"auto": None, "on": True, "off": False}[args.sparse]
+    args.sample_kw = dict(autocast=args.autocast, precision=args.precision, sparse=args.sparse)
     device = setup(args)
     q = args.quick
     args.vocab = args.vocab or (256 if q else 2048)

@@ -27,8 +27,8 @@ import time
 import torch
 from torch import nn
 
-from benchlib import (MiB, add_common_args, count_flops, emit, environment, maybe_compile, measure, mfu, random_dit,
-                      rounded, setup, table)
+from benchlib import (MiB, add_common_args, add_shape_args, count_flops, emit, environment, maybe_compile, measure,
+                      mfu, random_dit, rounded, setup, table)
 from fsdfm.metrics.timing import peak_memory, reset_peak_memory
 from fsdfm.objectives import DFMObjective, FSDFMConfig, FSDFMObjective
 from fsdfm.paths import make_path
@@ -84,9 +84,7 @@ def objectives(path) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser)
-    parser.add_argument("--vocab", type=int, default=None, help="V (default 2048; --quick: 256)")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--len", type=int, default=None)
+    add_shape_args(parser)
     parser.add_argument("--steps", type=int, default=None, help="timed optimiser steps per fit")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--source", default="mask", choices=["mask", "uniform"])

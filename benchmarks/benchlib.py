@@ -45,6 +45,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="DiT size: tiny, small (~170M with V=50257) or 1.3b")
 
 
+def add_shape_args(parser: argparse.ArgumentParser) -> None:
+    """--vocab, --batch and --len (None: the benchmark's own default, smaller with --quick)."""
+    parser.add_argument("--vocab", type=int, default=None, help="V (default 2048; --quick: 256)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--len", type=int, default=None)
+
+
 def setup(args: argparse.Namespace) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -45,6 +45,18 @@ class Evaluator:
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id
 
+    def pad(self, rows: list[list[int]], min_width: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-id rows -> (ids, mask), both (B, W) long on the evaluator's device, W = max(min_width, longest row):
+        ids padded with EOS (0 without one; padded positions are masked, so any id serves), mask 1 at real tokens."""
+        pad_id = self.eos_token_id if self.eos_token_id is not None else 0
+        width = max(min_width, max(len(r) for r in rows))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[b, : len(row)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
     @property
     def vocab_size(self) -> int:
         """Rows of the LM head: the largest id + 1 the model can score."""

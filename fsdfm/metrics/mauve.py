@@ -126,17 +126,10 @@ class EvaluatorFeaturizer:
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         ev = self.evaluator
         limit = ev.max_length
-        pad_id = ev.eos_token_id if ev.eos_token_id is not None else 0
 
         def encode(batch: list[str]) -> torch.Tensor:
             encoded = [e[:limit] if limit else e for e in ev.tokenizer(batch, add_special_tokens=False)["input_ids"]]
-            width = max(1, max(len(e) for e in encoded))
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for b, e in enumerate(encoded):
-                ids[b, : len(e)] = torch.tensor(e, dtype=torch.long)
-                mask[b, : len(e)] = 1
-            ids, mask = ids.to(ev.device), mask.to(ev.device)
+            ids, mask = ev.pad(encoded)
             # The backbone alone: its last hidden state is the LM's last layer, without the (B, T, V) logits.
             backbone = getattr(ev.model, "base_model", ev.model)
             out = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)

@@ -128,18 +128,11 @@ def gen_ppl(
                 stacklevel=2,
             )
     eos_id = evaluator.eos_token_id
-    pad_id = eos_id if eos_id is not None else 0  # any id: padded positions are masked and unscored
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths -> less padding
     nll_sum, n_tokens, n_samples = 0.0, 0, 0
     for start in range(0, len(order), batch_size):
         rows = [encoded[i] for i in order[start : start + batch_size]]
-        width = max(2, max(len(r) for r in rows))
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        valid = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            valid[b, : len(row)] = 1
-        ids, valid = ids.to(evaluator.device), valid.to(evaluator.device)
+        ids, valid = evaluator.pad(rows, min_width=2)
         mask = scored_mask(ids, valid, eos_id)
         nll = _token_nll(evaluator, ids, valid)
         nll_sum += float(nll.double()[mask].sum())
