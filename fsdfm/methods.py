@@ -160,6 +160,27 @@ def validate_methods(spec: StudySpec, file: str) -> None:
     for n in spec.metrics.names:
         if n not in METRICS:
             raise SpecError(f"{file}: metrics.names: unknown metric {n!r}{did_you_mean(n, METRICS.names())}")
+    validate_pairs(spec, file)
+
+
+def validate_pairs(spec: StudySpec, file: str) -> None:
+    """Each side of report.pairs names a method of the spec, one of its rules and one of its step budgets."""
+    from fsdfm.specs import PAIR_PATTERN
+
+    for i, pair in enumerate(spec.report.pairs):
+        for side in pair:
+            where = f"{file}: report.pairs[{i}]: {side!r}"
+            g = PAIR_PATTERN.match(side).groupdict()
+            m = spec.methods.get(g["method"])
+            if m is None:
+                raise SpecError(f"{where}: unknown method {g['method']!r}{did_you_mean(g['method'], list(spec.methods))}")
+            rules = list(m.rules or METHOD_KINDS.get(m.kind).rules[:1])
+            if g["rule"] is not None and g["rule"] not in rules:
+                raise SpecError(f"{where}: {g['method']} is not sampled with rule {g['rule']!r}"
+                                f"{did_you_mean(g['rule'], rules)}; its rules: {', '.join(rules)}")
+            if int(g["steps"]) not in m.steps:
+                raise SpecError(f"{where}: {g['method']} is not sampled at {g['steps']} steps; "
+                                f"its step budgets: {', '.join(map(str, m.steps))}")
 
 
 def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
@@ -214,4 +235,5 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
         prm = r["params"]
         run_id = f"{prm['method']}/{prm['rule']}/{prm['steps']}/" + ",".join(f"{k}={prm[k]}" for k in grid_keys) + f"#{i}"
         run_list.append(RunSpec(run_id=run_id, params=prm, stage_id=r["stage_id"]))
-    return StudyPlan(name=name, stages=stages, runs=run_list)
+    report = dataclasses.asdict(cells[0].spec.report) if cells else {}
+    return StudyPlan(name=name, stages=stages, runs=run_list, report=report)

@@ -346,10 +346,15 @@ def load_study_evaluator(config: dict, inputs: dict, dev):
     return None
 
 
-def _metric_kwargs(config: dict, evaluator, references) -> dict:
+def _metric_kwargs(config: dict, evaluator, references, corpus) -> dict:
+    from fsdfm.metrics.texts import END_MARKERS
+
     m = config["metrics"]
+    eos = getattr(corpus.tokenizer, "eos_token", None) if corpus.tokenizer is not None else None
+    markers = END_MARKERS + ((eos,) if eos and eos not in END_MARKERS else ())
     return dict(evaluator=evaluator, references=references, mauve_featurizer=m["mauve_featurizer"],
-                mauve_num_buckets=m["mauve_buckets"], self_bleu_subsample=m["self_bleu_subsample"], seed=config["seed"])
+                mauve_num_buckets=m["mauve_buckets"], mauve_seeds=m.get("mauve_seeds", 5),
+                self_bleu_subsample=m["self_bleu_subsample"], seed=config["seed"], end_markers=markers)
 
 
 def _sample_metric_names(config: dict, evaluator) -> list[str]:
@@ -360,10 +365,55 @@ def _sample_metric_names(config: dict, evaluator) -> list[str]:
     return names
 
 
+def content_length(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:
+    """(N, L) ids -> (N,) tokens before the first EOS (L where a row has none, or without an EOS id)."""
+    n, length = tokens.shape
+    if eos_id is None:
+        return np.full(n, length, dtype=np.int64)
+    is_eos = tokens == eos_id
+    return np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), length).astype(np.int64)
+
+
+def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corpus, out_dir: Path, names) -> dict:
+    """The sample metrics of one sample set, recorded with what each saw, and the per-sample table.
+
+    Returns the payload part {"metrics", "metric_details"}: metrics holds the values, `n_samples`,
+    `samples_per_metric` {name: samples the metric saw}, gen_ppl's scored tokens and truncated samples
+    (`gen_ppl_n_tokens`, `gen_ppl_n_truncated`, likewise for gen_ppl_seq_mean) and MAUVE's `mauve_std` (over
+    k-means seeds), `mauve_n` (per side) and `mauve_buckets`; metric_details holds everything else recorded
+    (per-seed MAUVE values, featurizer weights hash, text convention). Writes out_dir/per_sample.csv: one row
+    per sample (`fsdfm.results.load_samples`).
+    """
+    from fsdfm.metrics import compute_metric_set
+    from fsdfm.metrics.diversity import entropy, rep_n_per_sample
+    from fsdfm.results import PER_SAMPLE, write_per_sample
+
+    ms = compute_metric_set(tokens, texts, names, **_metric_kwargs(config, evaluator, refs, corpus))
+    metrics = dict(ms.values)
+    for name in ("gen_ppl", "gen_ppl_seq_mean"):
+        if name in ms.details:
+            metrics[f"{name}_n_tokens"] = ms.details[name]["n_tokens"]
+            metrics[f"{name}_n_truncated"] = ms.details[name]["n_truncated"]
+    if "mauve" in ms.details:
+        d = ms.details["mauve"]
+        metrics.update(mauve_std=d["std"], mauve_n=d["n_per_side"], mauve_buckets=d["num_buckets"])
+    extra = extra_metrics(config, tokens, corpus)
+    metrics.update(extra.values)
+    n = int(tokens.shape[0])
+    metrics["samples_per_metric"] = {**ms.n_samples, **{k: n for k in extra.values if k in extra.per_sample}}
+    metrics["n_samples"] = n
+    columns = {"sample": np.arange(n), "length": content_length(tokens, corpus.eos_id)}
+    columns.update(ms.per_sample)
+    columns.setdefault("entropy_nats", entropy(tokens).per_sample)
+    columns.setdefault("rep_n", rep_n_per_sample(tokens, 4))
+    columns.update(extra.per_sample)
+    write_per_sample(Path(out_dir) / PER_SAMPLE, columns)
+    return {"metrics": metrics, "metric_details": ms.details, "per_sample": PER_SAMPLE}
+
+
 @stage_kind("evaluate", resources="gpu")
 def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
-    """All sample metrics of one sample stage (evaluator time is not sampling time)."""
-    from fsdfm.metrics import compute_metrics
+    """All sample metrics of one sample stage (evaluator time is not sampling time), and the per-sample table."""
     from fsdfm.results import read_record
 
     corpus = corpus_for(config, out_dir)
@@ -373,19 +423,15 @@ def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
         raise RuntimeError(f"{inputs['samples']}: {tokens.shape[0]} samples on disk, {n} requested")
     evaluator = load_study_evaluator(config, inputs, device())
     refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
-    metrics = compute_metrics(tokens, texts, _sample_metric_names(config, evaluator), **_metric_kwargs(config, evaluator, refs))
-    metrics.update(extra_metrics(config, tokens, corpus))
+    scored = score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir, _sample_metric_names(config, evaluator))
     sample_rec = read_record(Path(inputs["samples"])) or {}
-    metrics.update((sample_rec.get("payload") or {}).get("metrics") or {})  # nfe, wall_s, tokens_per_s, peak_mem
-    metrics["n_samples"] = n
-    return {"metrics": metrics, "n_samples": n, "samples_stage": Path(inputs["samples"]).name}
+    scored["metrics"].update((sample_rec.get("payload") or {}).get("metrics") or {})  # nfe, wall_s, tokens_per_s, peak_mem
+    return {**scored, "n_samples": n, "samples_stage": Path(inputs["samples"]).name}
 
 
 @stage_kind("evaluate_data", resources="gpu")
 def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The data reference row: the same metrics on real held-out blocks (a disjoint set is the MAUVE reference)."""
-    from fsdfm.metrics import data_reference
-
     corpus = corpus_for(config, out_dir)
     n = config["n_samples"]
     if corpus.valid.shape[0] < 2 * n:
@@ -394,30 +440,38 @@ def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     texts = corpus.texts("valid", 2 * n)[n:] if corpus.tokenizer is not None else None  # decode only what is used
     refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
     evaluator = load_study_evaluator(config, inputs, device())
-    metrics = data_reference(tokens, texts, _sample_metric_names(config, evaluator), **_metric_kwargs(config, evaluator, refs))
-    metrics.update(extra_metrics(config, tokens, corpus))
-    metrics["n_samples"] = n
-    return {"metrics": metrics, "n_samples": n}
+    scored = score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir, _sample_metric_names(config, evaluator))
+    return {**scored, "n_samples": n}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraMetrics:
+    """What a dataset kind adds: `values` {name: float} and `per_sample` {column: (N,) array}."""
+
+    values: dict
+    per_sample: dict = dataclasses.field(default_factory=dict)
 
 
 EXTRA_METRICS: Registry = Registry("corpus metric")
 
 
-def extra_metrics(config: dict, tokens: np.ndarray, corpus) -> dict:
+def extra_metrics(config: dict, tokens: np.ndarray, corpus) -> ExtraMetrics:
     """Metrics a dataset kind adds (e.g. oracle_nll for synthetic sources): registered per dataset kind."""
     kind = config["data"]["kind"]
-    return EXTRA_METRICS.get(kind)(config, tokens, corpus) if kind in EXTRA_METRICS else {}
+    return EXTRA_METRICS.get(kind)(config, tokens, corpus) if kind in EXTRA_METRICS else ExtraMetrics({})
 
 
 @EXTRA_METRICS.register("oracle")
-def oracle_metrics(config: dict, tokens: np.ndarray, corpus) -> dict:
-    """oracle_nll of the samples next to the source's own expected NLL per token and entropy rate."""
+def oracle_metrics(config: dict, tokens: np.ndarray, corpus) -> ExtraMetrics:
+    """oracle_nll of the samples next to the source's own expected NLL per token and entropy rate; per sample,
+    oracle_nll_i = -log p(x_i) / L (their mean is oracle_nll)."""
     from fsdfm.data import DataConfig, oracle_source
 
     source = oracle_source(DataConfig(**config["data"]))
     expected = source.expected_nll_per_token(tokens.shape[1])
-    return {"oracle_nll": float(source.nll_per_token(tokens)), "oracle_expected_nll": float(expected),
-            "oracle_entropy_rate": float(source.entropy_rate)}
+    per_sample = -np.asarray(source.log_prob(source.check_tokens(tokens)), dtype=np.float64) / tokens.shape[1]
+    return ExtraMetrics({"oracle_nll": float(source.nll_per_token(tokens)), "oracle_expected_nll": float(expected),
+                         "oracle_entropy_rate": float(source.entropy_rate)}, {"oracle_nll": per_sample})
 
 
 @stage_kind("pos_divergence", resources="gpu")

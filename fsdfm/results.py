@@ -9,6 +9,7 @@ Layout (one directory per study, one per stage, content-addressed by stage id):
                                      error.json    the last failed attempt: exception type, message, traceback tail
                                      submitted.json the cluster job that will run it (executor, job id, time)
                                      .lock         exclusive lock (O_CREAT|O_EXCL): host, pid, job id
+                                     per_sample.csv evaluate stages: one row per sample (`load_samples`)
                                      *             the stage's own artefacts and checkpoints
 
 A stage is done iff its record.json parses and has "status": "done". The record is written last and
@@ -530,3 +531,79 @@ def load_records(path: str | os.PathLike, kind: str | None = None) -> list[dict]
                 continue
             out.append({**rec, "study": plan.get("name", sdir.name), "stage_dir": str(d)})
     return out
+
+
+# --------------------------------------------------------------------------------------- per-sample tables
+PER_SAMPLE = "per_sample.csv"
+
+
+def write_per_sample(path: str | os.PathLike, columns: dict) -> None:
+    """Write equal-length columns {name: (N,) array} as CSV, atomically. Floats are written with `repr` (the
+    shortest text that parses back to the same double), so sums over the loaded table reproduce the stage's."""
+    import csv
+    import io
+
+    import numpy as np
+
+    names = list(columns)
+    arrays = [np.asarray(columns[k]) for k in names]
+    lengths = {len(a) for a in arrays}
+    if len(lengths) > 1:
+        raise ValueError(f"{path}: per-sample columns of different lengths: "
+                         + ", ".join(f"{k}={len(a)}" for k, a in zip(names, arrays)))
+
+    def text(x) -> str:
+        if isinstance(x, (bool, np.bool_)):
+            return "True" if x else "False"
+        if isinstance(x, (float, np.floating)):
+            return repr(float(x))
+        return str(x.item() if hasattr(x, "item") else x)
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(names)
+    for row in zip(*arrays):
+        w.writerow([text(x) for x in row])
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+def load_samples(path: str | os.PathLike):
+    """One row per sample of every run whose final stage is done and wrote a per-sample table, as a DataFrame.
+
+    `path` is a study directory or a root holding many. Columns: study, run_id, stage_id, every run parameter
+    (as in `load`), then the table's own columns: sample (index in the run), length (tokens before the first
+    EOS), nll / n_tokens / truncated (gen_ppl's summed NLL in nats, scored evaluator tokens, truncation),
+    seq_nll / seq_n_tokens (gen_ppl_seq_mean's), entropy_nats, rep_n, oracle_nll (per token; oracle data) —
+    each where the run recorded it. Token-pooled gen_ppl = exp(sum nll / sum n_tokens) over a run's rows.
+    Runs without a table (recorded before tables existed) are skipped with one warning naming them.
+    """
+    import pandas as pd
+
+    frames = []
+    missing: list[str] = []
+    for sdir in find_studies(path):
+        plan = _read_plan(sdir)
+        if plan is None:
+            continue
+        for run in plan["runs"]:
+            sid = run["stage_id"]
+            d = stage_dir(sdir, sid)
+            rec = read_record(d, warn=False)
+            if rec is None or rec.get("status") != "done":
+                continue
+            table = d / ((rec.get("payload") or {}).get("per_sample") or PER_SAMPLE)
+            if not table.is_file():
+                if rec.get("kind") in ("evaluate", "evaluate_data"):
+                    missing.append(run["run_id"])
+                continue
+            df = pd.read_csv(table, float_precision="round_trip")
+            head = {"study": plan.get("name", sdir.name), "run_id": run["run_id"], "stage_id": sid,
+                    **_flatten(run.get("params", {}))}
+            frames.append(pd.concat([pd.DataFrame({k: [v] * len(df) for k, v in head.items()}, index=df.index), df],
+                                    axis=1))
+    if missing:
+        warnings.warn(f"load_samples: {len(missing)} finished run(s) have no {PER_SAMPLE} (recorded before per-sample "
+                      f"tables): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", stacklevel=2)
+    if not frames:
+        return pd.DataFrame(columns=list(BASE_COLUMNS) + ["sample"])
+    return pd.concat(frames, ignore_index=True)

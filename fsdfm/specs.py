@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,8 +129,40 @@ class MetricsSpec:
                     "distinct_4", "self_bleu", "rep_n")
     mauve_featurizer: str = "minilm"
     mauve_buckets: str | int = "auto"
+    mauve_seeds: int = 5  # k-means seeds MAUVE is averaged over (>= 5; mean and std recorded)
     self_bleu_subsample: int = 64
     pos_divergence: PosDivergenceSpec | None = None
+
+    def __post_init__(self):
+        if isinstance(self.mauve_seeds, bool) or not isinstance(self.mauve_seeds, int) or self.mauve_seeds < 5:
+            raise ValueError(f"mauve_seeds must be an int >= 5 (one k-means draw is noise), got {self.mauve_seeds!r}")
+
+
+PAIR_PATTERN = re.compile(r"^(?P<method>[^/@]+)(?:/(?P<rule>[^/@]+))?@(?P<steps>\d+)$")
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """Report settings (in plan.json, not in any stage id).
+
+    mauve_min_n: MAUVE from fewer samples per side is footnoted "unreliable, n = ..." and never marked best.
+    pairs: headline comparisons, each [A, B] with A, B = "METHOD@STEPS" or "METHOD/RULE@STEPS" (METHOD: a
+           key of `methods`), compared on per-sample values with a confidence interval of the difference.
+    """
+
+    mauve_min_n: int = 256
+    pairs: tuple = ()
+
+    def __post_init__(self):
+        if isinstance(self.mauve_min_n, bool) or not isinstance(self.mauve_min_n, int) or self.mauve_min_n < 2:
+            raise ValueError(f"mauve_min_n must be an int >= 2, got {self.mauve_min_n!r}")
+        for i, pair in enumerate(self.pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+                raise ValueError(f"pairs[{i}]: expected [A, B] with A, B like 'fsdfm@8' or 'dfm/euler@8', got {pair!r}")
+            for x in pair:
+                if not PAIR_PATTERN.match(x):
+                    raise ValueError(f"pairs[{i}]: {x!r} is not METHOD@STEPS or METHOD/RULE@STEPS (e.g. 'fsdfm@8')")
+        object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
 
 
 @dataclass(frozen=True)
@@ -154,6 +187,7 @@ class StudySpec:
     data_reference: bool = True
     published: tuple = ()
     cluster: dict = field(default_factory=dict)
+    report: ReportSpec = ReportSpec()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -198,6 +198,7 @@ class StudyPlan:
     name: str
     stages: dict[str, Stage]
     runs: list[RunSpec] = field(default_factory=list)
+    report: dict = field(default_factory=dict)  # the spec's report settings (fsdfm.specs.ReportSpec); no stage id
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", dict(self.stages))
@@ -253,6 +254,7 @@ class StudyPlan:
             "kinds": kinds,
             "stages": {sid: s.to_dict() for sid, s in self.stages.items()},
             "runs": [r.to_dict() for r in self.runs],
+            **({"report": self.report} if self.report else {}),
         }
 
     @classmethod
@@ -260,7 +262,7 @@ class StudyPlan:
         try:
             stages = {sid: Stage.from_dict(s, f"{where}: stages[{sid!r}]") for sid, s in d["stages"].items()}
             runs = [RunSpec(run_id=r["run_id"], params=r["params"], stage_id=r["stage_id"]) for r in d["runs"]]
-            return cls(name=d["name"], stages=stages, runs=runs)
+            return cls(name=d["name"], stages=stages, runs=runs, report=dict(d.get("report") or {}))
         except KeyError as e:
             raise PlanError(f"{where}: missing key {e.args[0]!r}") from None
 

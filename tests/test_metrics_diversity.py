@@ -99,3 +99,17 @@ def test_self_bleu_ties_and_duplicates_match_naive_sacrebleu():
     texts += [texts[0], texts[3], "a a a a", "a a a a", "b"]
     naive = [sacrebleu.sentence_bleu(texts[i], texts[:i] + texts[i + 1 :]).score for i in range(len(texts))]
     assert self_bleu(texts).value == pytest.approx(sum(naive) / len(naive), rel=1e-9)
+
+
+def test_per_sample_entropy_and_rep_n_average_to_the_reported_values():
+    import math
+
+    from fsdfm.metrics.diversity import rep_n_per_sample
+
+    ids = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 2, 3, 4, 5, 6], [1, 2, 1, 2, 1, 2]])
+    ent = entropy(ids)
+    assert ent.per_sample.tolist() == pytest.approx([0.0, math.log(6), math.log(2)])
+    assert ent.nats == pytest.approx(ent.per_sample.mean())
+    # 4-grams per row: 3; unique: 1, 3, 2 -> repeated fractions 2/3, 0, 1/3
+    assert rep_n_per_sample(ids, 4).tolist() == pytest.approx([2 / 3, 0.0, 1 / 3])
+    assert rep_n(ids, 4) == pytest.approx(1 / 3)

@@ -64,3 +64,55 @@ def test_mauve_errors():
         resolve_num_buckets(1, 30)
     assert resolve_num_buckets("auto", 500) == 50 and resolve_num_buckets("auto", 4) == 2
     assert FEATURIZERS.names() == ["evaluator", "minilm"]
+
+
+class BagOfWords:
+    """A tiny fake featurizer: L2-normalised word counts over a fixed vocabulary (d = len(vocab))."""
+
+    name = "bag_of_words"
+
+    def __init__(self, vocab):
+        self.index = {w: i for i, w in enumerate(vocab)}
+
+    def __call__(self, texts):
+        feats = np.zeros((len(texts), len(self.index)), dtype=np.float32)
+        for r, t in enumerate(texts):
+            for w in t.split():
+                feats[r, self.index[w]] += 1
+        return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-9)
+
+    def weights_sha256(self):
+        return "0" * 64
+
+
+LEFT = ["cat", "dog", "sat", "mat", "ran", "red"]
+RIGHT = ["one", "two", "six", "ten", "zero", "nine"]
+
+
+def _texts(vocab, n, seed):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(vocab) for _ in range(5)) for _ in range(n)]
+
+
+def test_mauve_is_one_on_identical_sets_and_near_zero_on_disjoint_vocabularies():
+    feat = BagOfWords(LEFT + RIGHT)
+    left = _texts(LEFT, 24, 0)
+    same = mauve_score(left, list(left), featurizer=feat, num_buckets=4, seed=3, n_seeds=5)
+    assert same.seeds == (3, 4, 5, 6, 7) and len(same.values) == 5
+    assert all(v == pytest.approx(1.0, abs=1e-6) for v in same.values) and same.value == pytest.approx(1.0, abs=1e-6)
+    apart = mauve_score(left, _texts(RIGHT, 24, 1), featurizer=feat, num_buckets=4, seed=0, n_seeds=6)
+    assert len(apart.values) == 6 and max(apart.values) < 0.05
+    # the stored mean and std are those of the per-seed values (sample std, ddof 1)
+    assert apart.value == pytest.approx(np.mean(apart.values)) and apart.std == pytest.approx(np.std(apart.values, ddof=1))
+    rec = apart.record()
+    assert rec["n_per_side"] == 24 and rec["num_buckets"] == 4 and rec["featurizer"] == "bag_of_words"
+    assert rec["featurizer_sha256"] == "0" * 64 and rec["seeds"] == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="n_seeds must be an int >= 5"):
+        mauve_score(left, left, featurizer=feat, n_seeds=1)
+
+
+def test_minilm_weights_hash_is_the_safetensors_sha256():
+    import hashlib
+
+    expected = hashlib.sha256((minilm_model_dir() / "model.safetensors").read_bytes()).hexdigest()
+    assert get_featurizer("minilm").weights_sha256() == expected

@@ -154,3 +154,25 @@ def test_load_evaluator_fails_fast_offline(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvaluatorError, match="cannot load"):
         load_evaluator(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_per_sample_nlls_summed_and_pooled_reproduce_gen_ppl_exactly(batch_size):
+    ev = word_evaluator()
+    result = gen_ppl(WORD_TEXTS, ev, batch_size=batch_size)
+    # per-sample, in input order: each row's own summed NLL and scored-token count
+    for i, text in enumerate(WORD_TEXTS):
+        total, count = reference_nll([text], ev)
+        assert result.sample_tokens[i] == count
+        assert result.sample_nll[i] == pytest.approx(total, rel=1e-5, abs=1e-9)
+    assert result.sample_tokens.tolist() == [5, 6, 5, 4, 0, 11, 3]
+    assert math.exp(math.fsum(result.sample_nll.tolist()) / int(result.sample_tokens.sum())) == result.value
+    assert not result.sample_truncated.any()
+
+
+def test_per_sample_truncation_flags():
+    ev = word_evaluator()
+    with pytest.warns(UserWarning, match="1 of 2 texts exceed 3"):
+        result = gen_ppl(["the cat sat on the mat", "the cat"], ev, max_length=3)
+    assert result.n_truncated == 1 and result.sample_truncated.tolist() == [True, False]
+    assert result.sample_tokens.tolist() == [2, 1]

@@ -151,3 +151,59 @@ def test_cli_threads_reach_the_stages_and_their_records(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fsdfm.cli", "run", str(spec), "--threads", "0"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--threads" in bad.stderr and "positive integer" in bad.stderr
+
+
+def test_every_evaluate_stage_writes_a_per_sample_table_that_load_samples_reads(oracle_study):
+    from fsdfm.results import load_samples
+
+    tmp, *_ = oracle_study
+    study = tmp / "results" / "tiny_oracle"
+    df, samples = load(study), load_samples(study)
+    evaluated = df[df.kind != "pos_divergence"]
+    assert set(samples.run_id) == set(evaluated.run_id)      # the data row's stage writes one too
+    assert (samples.groupby("run_id").size() == 24).all()
+    assert {"study", "run_id", "stage_id", "method", "rule", "steps", "sample", "length", "entropy_nats", "rep_n",
+            "oracle_nll"} <= set(samples.columns)
+    source = make_oracle("markov", vocab_size=8, order=1, support=2, epsilon=0.001, seed=3)
+    for rec in load_records(study, kind="evaluate"):
+        tokens = np.load(Path(rec["stage_dir"]).parent / rec["inputs"]["samples"] / "samples.npy")
+        rows = samples[samples.stage_id == Path(rec["stage_dir"]).name].sort_values("sample")
+        # per-sample oracle NLL per token, recomputed from the stored tokens; its mean is the run's oracle_nll
+        np.testing.assert_allclose(rows.oracle_nll, -source.log_prob(tokens) / tokens.shape[1], rtol=1e-12)
+        m = rec["payload"]["metrics"]
+        assert rows.oracle_nll.mean() == pytest.approx(m["oracle_nll"], rel=1e-12)
+        assert rows.entropy_nats.mean() == pytest.approx(m["entropy_nats"], rel=1e-12)
+        assert rows.rep_n.mean() == pytest.approx(m["rep_n"], rel=1e-12)
+        assert m["samples_per_metric"] == {"entropy_nats": 24, "distinct_2": 24, "rep_n": 24, "oracle_nll": 24}
+    assert (samples.length == 12).all()  # oracle data has no EOS: every token counts
+
+
+class _WordCorpus:
+    """The two things score_samples asks a corpus for: its tokenizer (none: no end-of-text marker) and EOS id."""
+
+    tokenizer = None
+    eos_id = 1
+
+
+def test_per_sample_nlls_summed_and_pooled_reproduce_the_runs_gen_ppl_exactly(tmp_path):
+    import math
+
+    import pandas as pd
+
+    from fsdfm.pipeline import score_samples
+    from metrics_fixtures import word_evaluator
+
+    texts = ["the cat sat on the mat", "a dog ran <eos> the cat", "big red dog <eos> <eos> a", "the the the the"]
+    tokens = np.array([[2, 3, 5, 6, 2, 7], [8, 4, 9, 1, 2, 3], [10, 12, 4, 1, 1, 8], [2, 2, 2, 2, 2, 2]])
+    config = {"data": {"kind": "text"}, "seed": 0,
+              "metrics": {"mauve_featurizer": "minilm", "mauve_buckets": "auto", "self_bleu_subsample": None}}
+    out = score_samples(config, tokens, texts, None, word_evaluator(), _WordCorpus(), tmp_path,
+                        ["gen_ppl", "gen_ppl_seq_mean", "entropy_nats"])
+    table = pd.read_csv(tmp_path / "per_sample.csv", float_precision="round_trip")
+    m = out["metrics"]
+    assert list(table["sample"]) == [0, 1, 2, 3] and list(table["length"]) == [6, 3, 3, 6]
+    assert math.exp(math.fsum(table["nll"]) / table["n_tokens"].sum()) == m["gen_ppl"]
+    assert table["n_tokens"].sum() == m["gen_ppl_n_tokens"] == 5 + 5 + 4 + 3  # the second EOS of sample 2 is not scored
+    # gen_ppl_seq_mean: the mean over samples of exp(per-sample mean NLL)
+    assert np.mean(np.exp(table["seq_nll"] / table["seq_n_tokens"])) == pytest.approx(m["gen_ppl_seq_mean"], rel=1e-12)
+    assert m["gen_ppl_n_truncated"] == 0 and m["samples_per_metric"]["gen_ppl"] == 4 and m["n_samples"] == 4

