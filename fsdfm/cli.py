@@ -21,11 +21,12 @@ def _offline_defaults() -> None:
         os.environ.setdefault(var, "1")
 
 
-def _load(spec_path: str):
+def _load(spec_path: str, root: str):
     from fsdfm.methods import plan_study
     from fsdfm.specs import load_spec
 
-    spec, cells = load_spec(spec_path)
+    # the data checks may reuse (never write) the tokenizers a previous run cached under the results root
+    spec, cells = load_spec(spec_path, cache_dir=os.environ.get("FSDFM_CACHE") or Path(root) / ".cache")
     return spec, plan_study(spec.name, cells)
 
 
@@ -34,12 +35,23 @@ def _study_dir(target: str, root: str) -> Path:
     p = Path(target)
     if p.is_dir():
         return p
-    from fsdfm.specs import read_yaml
-    name = read_yaml(p).get("name")
-    if not isinstance(name, str):
-        from fsdfm.specs import SpecError
-        raise SpecError(f"{p}: name: a spec needs a study name")
-    return Path(root) / name
+    from fsdfm.specs import check_name, read_yaml
+    return Path(root) / check_name(read_yaml(p).get("name"), "name", str(p))
+
+
+def _read_plan(sdir: Path) -> dict:
+    """plan.json of a study directory; a missing, corrupt or malformed one is a PlanError / FileNotFoundError."""
+    from fsdfm.launch import read_plan
+    from fsdfm.stages import PlanError, StudyPlan
+
+    plan = read_plan(sdir)
+    try:
+        StudyPlan.from_dict(plan, str(sdir / "plan.json"))
+    except PlanError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise PlanError(f"{sdir / 'plan.json'}: not a valid study plan ({type(e).__name__}: {e})") from None
+    return plan
 
 
 def _positive_int(text: str) -> int:
@@ -49,13 +61,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def set_thread_env(n: int) -> None:
+    """OMP/MKL thread counts in the environment. OpenMP and BLAS read them once, when numpy / torch are first
+    imported, so `main` calls this before importing either: the inline executor then computes with the same
+    thread pools as the jobs of the local executor (which start fresh processes with this environment)."""
+    for key in THREAD_ENV:
+        os.environ[key] = str(n)
+
+
 def set_threads(n: int) -> None:
     """n intra-op threads here (inline and debug executors) and in every job this process starts (submitit local
     processes and SLURM jobs inherit the environment)."""
+    set_thread_env(n)
     import torch
 
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[key] = str(n)
     torch.set_num_threads(n)
 
 
@@ -65,7 +87,7 @@ def cmd_run(args) -> dict:
     from fsdfm.results import is_done
     from fsdfm.stages import waves
 
-    spec, plan = _load(args.spec)
+    spec, plan = _load(args.spec, args.results)
     sdir = Path(args.results) / spec.name
     if args.threads is not None:
         set_threads(args.threads)
@@ -96,7 +118,9 @@ def cmd_run(args) -> dict:
 def cmd_status(args) -> dict:
     from fsdfm.launch import status
 
-    report = status(_study_dir(args.target, args.results))
+    sdir = _study_dir(args.target, args.results)
+    _read_plan(sdir)
+    report = status(sdir)
     print(report.format())
     return {"study": report.study, **report.counts(), "runs_done": report.runs_done, "runs_total": report.runs_total}
 
@@ -105,6 +129,7 @@ def cmd_report(args) -> dict:
     from fsdfm.report import write_report
 
     sdir = _study_dir(args.target, args.results)
+    _read_plan(sdir)
     out = write_report(sdir, Path(args.out) if args.out else sdir / "report")
     print(f"report: {out.index}")
     return {"study": sdir.name, "report": str(out.index), "tables": [str(p) for p in out.tables],
@@ -118,7 +143,7 @@ def cmd_samples(args) -> dict:
     from fsdfm.results import read_record
 
     sdir = _study_dir(args.target, args.results)
-    plan = _json.loads((sdir / "plan.json").read_text())
+    plan = _read_plan(sdir)
     shown = 0
     for run in plan["runs"]:
         rec = read_record(sdir / "stages" / run["stage_id"], warn=False)
@@ -165,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--chars", type=int, default=300, help="characters per sample")
     sp.set_defaults(fn=cmd_samples)
     args = ap.parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        set_thread_env(args.threads)  # before the imports below load numpy and torch
     from fsdfm.data import DataError
     from fsdfm.registry import UnknownNameError
     from fsdfm.specs import SpecError
+    from fsdfm.stages import PlanError
     try:
         result = args.fn(args)
-    except (SpecError, DataError, UnknownNameError, FileNotFoundError) as e:
+    except (SpecError, DataError, UnknownNameError, PlanError, FileNotFoundError) as e:
         print(f"fsdfm {args.cmd}: error: {e}", file=sys.stderr)
         print(json.dumps({"ok": False, "error": str(e)}))
         return 2

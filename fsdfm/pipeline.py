@@ -30,7 +30,7 @@ from fsdfm.results import atomic_write_bytes
 from fsdfm.samplers import SampleOutput, get_rule, sample, time_grid, update
 from fsdfm.schedulers import make_scheduler
 from fsdfm.stages import stage_kind
-from fsdfm.train import OptimConfig, fit, save_checkpoint
+from fsdfm.train import OptimConfig, fit, load_weights, save_checkpoint
 
 SAMPLERS: Registry = Registry("sampler")
 LOSS_CURVE_POINTS = 200
@@ -99,7 +99,7 @@ class LoadedDiT:
 
 
 def load_dit(model_dir: Path, dev: torch.device | None = None) -> LoadedDiT:
-    state = torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True)
+    state = load_weights(Path(model_dir) / "model.pt")
     model = DiT(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["state_dict"])
     model.to(dev or device()).eval()

@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +31,42 @@ from fsdfm.train import OptimConfig
 
 class SpecError(ValueError):
     """A malformed study spec; the message names the file and the key path."""
+
+
+MAX_SPEC_BYTES = 1 << 20       # a spec is a page of YAML; a larger file is refused before parsing
+MAX_EXPANDED_NODES = 100_000   # YAML aliases expanded: an "alias bomb" of ~1 KB expands to billions of nodes
+MAX_DEPTH = 64                 # nesting of mappings and lists
+SEED_RANGE = (0, 2**63)        # seeds: ints accepted by torch.manual_seed and numpy.random.default_rng
+# Study and method names become directory names, run ids and table rows: one path component, printable.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 6, 4, 3
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to about `limit` characters: error messages never echo a huge (or alias-bomb) value."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_message(err: BaseException, limit: int = 400) -> str:
+    """str(err) cut to `limit` characters (messages of nested checks may quote values)."""
+    text = str(err)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_name(value: Any, key: str, file: str) -> str:
+    """A study or method name: one path component of letters, digits and ._+- (no '/', '..', NUL, newline)."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise SpecError(f"{file}: {key}: a name is 1-128 characters of letters, digits and . _ + - starting with a "
+                        f"letter or digit (no '/', '..', spaces or control characters), got {short(value)}")
+    return value
+
+
+def check_seed(value: Any, key: str, file: str) -> None:
+    lo, hi = SEED_RANGE
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < hi:
+        raise SpecError(f"{file}: {key}: a seed is an integer in [0, 2**63), got {short(value)}")
 
 
 @dataclass(frozen=True)
@@ -210,19 +248,19 @@ def _convert(tp: Any, value: Any, where: str, file: str) -> Any:
             except SpecError as e:
                 errors.append(str(e))
         raise SpecError(errors[-1] if len(errors) == 1 else
-                        f"{file}: {where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+                        f"{file}: {where}: expected {' or '.join(_type_name(a) for a in args)}, got {short(value)}")
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where, file)
     if tp is Any:
         return value
     if tp in (dict,) or origin is dict:
         if not isinstance(value, dict):
-            raise SpecError(f"{file}: {where}: expected a mapping, got {value!r}")
+            raise SpecError(f"{file}: {where}: expected a mapping, got {short(value)}")
         return value
     if tp in (tuple, list) or origin in (tuple, list):
         if isinstance(value, (list, tuple)):
             return tuple(value)
-        raise SpecError(f"{file}: {where}: expected a list, got {value!r}")
+        raise SpecError(f"{file}: {where}: expected a list, got {short(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -231,13 +269,15 @@ def _convert(tp: Any, value: Any, where: str, file: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .inf / .nan pass every `> 0` check and poison training
+                raise SpecError(f"{file}: {where}: expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
     else:
         return value
-    raise SpecError(f"{file}: {where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise SpecError(f"{file}: {where}: expected {_type_name(tp)}, got {short(value)} ({type(value).__name__})")
 
 
 def build(cls: type, raw: Any, where: str, file: str):
@@ -246,7 +286,7 @@ def build(cls: type, raw: Any, where: str, file: str):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise SpecError(f"{file}: {where or '<top level>'}: expected a mapping, got {raw!r}")
+        raise SpecError(f"{file}: {where or '<top level>'}: expected a mapping, got {short(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
@@ -255,6 +295,8 @@ def build(cls: type, raw: Any, where: str, file: str):
         if key not in names:
             raise SpecError(f"{file}: unknown key '{path}'{did_you_mean(str(key), names)}; allowed keys here: {', '.join(names)}")
         kwargs[key] = _convert(hints[key], value, path, file)
+        if str(key).endswith("seed") and kwargs[key] is not None:
+            check_seed(kwargs[key], path, file)
     missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -264,22 +306,98 @@ def build(cls: type, raw: Any, where: str, file: str):
     except SpecError:
         raise
     except (ValueError, TypeError, KeyError) as e:
-        raise SpecError(f"{file}: {where or '<top level>'}: {e}") from None
+        raise SpecError(f"{file}: {where or '<top level>'}: {short_message(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading, method inheritance, grid cells
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping key given twice."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently).
+    Keys brought in by a `<<:` merge may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}  # key -> line of its first occurrence
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeConstructor reports it
+                    continue
+                if first is not None:
+                    raise DuplicateKeyError(f"line {key_node.start_mark.line + 1}: duplicate key {short(key)} "
+                                            f"(first given on line {first}; YAML would silently keep the last)")
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def expanded_size(obj: Any, file: str, limit: int = MAX_EXPANDED_NODES) -> int:
+    """Number of nodes of `obj` with every shared (aliased) mapping or list counted each time it is used.
+
+    PyYAML builds an alias as a shared reference, so a ~1 KB document of nested aliases is small in memory but
+    expands to 10^9 nodes when copied, printed or written to plan.json; it is refused here, in time linear in the
+    number of distinct nodes. Recursive aliases and nesting deeper than MAX_DEPTH are refused too.
+    """
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(x: Any, depth: int) -> int:
+        if not isinstance(x, (dict, list)):
+            return 1
+        if depth > MAX_DEPTH:
+            raise SpecError(f"{file}: nested deeper than {MAX_DEPTH} levels")
+        k = id(x)
+        if k in memo:
+            return memo[k]
+        if k in active:
+            raise SpecError(f"{file}: a YAML alias refers to a mapping or list that contains it (recursive alias)")
+        active.add(k)
+        items = [*x.keys(), *x.values()] if isinstance(x, dict) else x
+        n = 1 + sum(size(c, depth + 1) for c in items)
+        active.discard(k)
+        memo[k] = n
+        return n
+
+    n = size(obj, 0)
+    if n > limit:
+        raise SpecError(f"{file}: expands to {n:.3g} YAML nodes through its aliases (limit {limit}); "
+                        f"a spec is a small document (an alias bomb?)")
+    return n
+
+
 def read_yaml(path: str | Path) -> dict:
+    """Safe-load a spec file: at most MAX_SPEC_BYTES, no duplicate keys, aliases expanding to at most
+    MAX_EXPANDED_NODES nodes, a mapping at the top level. Every failure is a SpecError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"{path}: spec file not found")
+        raise SpecError(f"{path}: spec file not found" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        raw = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(f"{path}: {size} bytes; a spec file is at most {MAX_SPEC_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the spec file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        raw = yaml.load(text, Loader=_SpecLoader)
+    except DuplicateKeyError as e:
+        raise SpecError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
+        raise SpecError(f"{path}: not valid YAML: {short_message(e)}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec must be a mapping at the top level, got {type(raw).__name__}")
+    expanded_size(raw, str(path))
     return raw
 
 
@@ -301,7 +419,7 @@ def resolve_bases(methods: Any, file: str) -> dict:
             return resolved[name]
         raw = methods[name]
         if not isinstance(raw, dict):
-            raise SpecError(f"{file}: methods.{name}: expected a mapping, got {raw!r}")
+            raise SpecError(f"{file}: methods.{name}: expected a mapping, got {short(raw)}")
         base = raw.get("base")
         if base is None:
             out = dict(raw)
@@ -337,7 +455,7 @@ def grid_cells(raw: dict, file: str) -> list[dict]:
         raise SpecError(f"{file}: grid: expected a mapping of dotted keys to lists of values")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise SpecError(f"{file}: grid.{key}: expected a non-empty list of values, got {values!r}")
+            raise SpecError(f"{file}: grid.{key}: expected a non-empty list of values, got {short(values)}")
     keys = list(grid)
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))] or [{}]
 
@@ -375,12 +493,65 @@ def build_study(raw: dict, file: str) -> StudySpec:
         raise SpecError(f"{file}: methods: expected a non-empty mapping of method name -> settings")
     methods = {name: build(MethodSpec, m, f"methods.{name}", file) for name, m in methods_raw.items()}
     spec = dataclasses.replace(spec, methods=methods)
+    check_name(spec.name, "name", file)
+    for name, m in methods.items():
+        check_name(name, f"methods.{name}", file)
+        if m.label is not None and (not m.label.isprintable() or len(m.label) > 200):
+            raise SpecError(f"{file}: methods.{name}.label: a label is one printable line of at most 200 "
+                            f"characters, got {short(m.label)}")
     validate_methods(spec, file)
+    base = {"preset": spec.model.preset, **spec.model.overrides()}
+    for name, m in methods.items():
+        check_model({**base, **m.model}, f"methods.{name}.model", file, spec.data.seq_len)
+    if spec.evaluator.kind == "reference":
+        check_model({**base, **spec.evaluator.model}, "evaluator.model", file, spec.data.seq_len)
     for key in ("train", "valid"):
         value = getattr(spec.data, key)
         if spec.data.kind in ("text", "tokens") and value is not None and not Path(value).exists():
             raise SpecError(f"{file}: data.{key}: file not found: {value}")
     return spec
+
+
+# Model sizes the pipeline sets from the data and the source; a spec cannot override them.
+MODEL_DERIVED = ("vocab_size", "seq_len", "input_vocab_size")
+
+
+def check_model(model: dict, where: str, file: str, seq_len: int) -> None:
+    """A model mapping ({preset, hidden, n_heads, ...}) as the pipeline will build it: known keys (with close
+    matches), the types of ModelConfig, and a valid config (e.g. hidden splits into heads of even size)."""
+    from fsdfm.model import ModelConfig, model_config
+    from fsdfm.registry import UnknownNameError
+
+    hints = typing.get_type_hints(ModelConfig)
+    allowed = ["preset"] + [f.name for f in dataclasses.fields(ModelConfig) if f.name not in MODEL_DERIVED]
+    sizes = {}
+    for key, value in model.items():
+        if key not in allowed:
+            raise SpecError(f"{file}: unknown key '{where}.{key}'{did_you_mean(str(key), allowed)}; "
+                            f"allowed keys here: {', '.join(allowed)}")
+        sizes[key] = _convert(str if key == "preset" else hints[key], value, f"{where}.{key}", file)
+    preset = sizes.pop("preset")
+    try:
+        model_config(preset, 2, seq_len, **sizes)
+    except (ValueError, TypeError, UnknownNameError) as e:
+        raise SpecError(f"{file}: {where}: {short_message(e)}") from None
+
+
+def check_data(spec: StudySpec, file: str, cache_dir: str | Path | None) -> None:
+    """The data and the evaluator as far as they can be checked cheaply and without writing: files, sizes, token
+    ids, vocabularies, corpus length (fsdfm.data.preflight), and an hf evaluator present offline."""
+    from fsdfm.data.preflight import PreflightError, preflight
+
+    try:
+        preflight(spec.data, Path(cache_dir) if cache_dir is not None else None)
+    except PreflightError as e:
+        raise SpecError(f"{file}: data.{e.key}: {short_message(e)}") from None
+    if spec.evaluator.kind == "hf":
+        from fsdfm.metrics.evaluator import EvaluatorError, check_evaluator_available
+        try:
+            check_evaluator_available(spec.evaluator.name)
+        except EvaluatorError as e:
+            raise SpecError(f"{file}: evaluator.name: {short_message(e)}") from None
 
 
 @dataclass(frozen=True)
@@ -391,10 +562,25 @@ class Cell:
     spec: StudySpec
 
 
-def load_spec(path: str | Path) -> tuple[StudySpec, list[Cell]]:
-    """Read and validate a spec file; returns the base spec and every grid cell's spec."""
+def load_spec(path: str | Path, cache_dir: str | Path | None = None,
+              check_files: bool = True) -> tuple[StudySpec, list[Cell]]:
+    """Read and validate a spec file; returns the base spec and every grid cell's spec.
+
+    Args:
+        cache_dir: the results root's data cache (tokenizers, packed blocks), read, never written, so that the
+            data checks can reuse a tokenizer a previous run trained.
+        check_files: also check the data files and the evaluator (`check_data`), once per distinct data config.
+    Nothing is written: a spec that passes cannot fail later on anything checked here.
+    """
     file = str(path)
     raw = read_yaml(path)
     cells = grid_cells(raw, file)
     specs = [Cell(cell, build_study(cell_raw(raw, cell, file), file)) for cell in cells]
+    if check_files:
+        seen = set()
+        for c in specs:
+            key = repr((dataclasses.asdict(c.spec.data), c.spec.evaluator.kind, c.spec.evaluator.name))
+            if key not in seen:
+                seen.add(key)
+                check_data(c.spec, file, cache_dir)
     return specs[0].spec, specs

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,9 +108,29 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict:
+class UnsafeCheckpointError(RuntimeError):
+    """torch.load(weights_only=True) refused a file: it pickles objects other than tensors and plain containers."""
+
+
+def load_weights(path: Path) -> object:
+    """torch.load(path, map_location="cpu", weights_only=True). A refused pickle is an `UnsafeCheckpointError`
+    naming the file and the global it wanted, without torch's advice to retry with weights_only=False (which
+    would run the file's code) and without chaining torch's message."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
+        raise UnsafeCheckpointError(
+            f"{path}: refused by torch.load(weights_only=True): it is not a plain tensor checkpoint"
+            + (f" ({reason})" if reason else "")
+            + "; files that pickle arbitrary objects are never loaded, since unpickling them can run code") from None
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return load_weights(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # a checkpoint that cannot be read is an error, not a silent restart
         raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
 

@@ -119,6 +119,20 @@ def _train_bpe_backend(docs: Sequence[str], vocab_size: int) -> Tokenizer:
     return backend
 
 
+def bpe_cache_key(train_path: str | Path, vocab_size: int) -> str:
+    """sha256 of the BPE recipe: the train file's content, vocab_size, the recipe and the `tokenizers` version."""
+    return digest({"recipe": BPE_RECIPE, "file": file_sha256(train_path), "vocab_size": int(vocab_size),
+                   "tokenizers": tokenizers.__version__})
+
+
+def bpe_cache_path(train_path: str | Path, vocab_size: int, cache_dir: str | Path | None) -> Path | None:
+    """Where `train_bpe` caches this tokenizer (None without a cache_dir); the file may not exist yet."""
+    if cache_dir is None:
+        return None
+    name = f"bpe{vocab_size}-" + bpe_cache_key(train_path, vocab_size)[:10]
+    return Path(cache_dir) / "tokenizers" / name / "tokenizer.json"
+
+
 def train_bpe(train_path: str | Path, vocab_size: int = DEFAULT_BPE_VOCAB_SIZE,
               cache_dir: str | Path | None = None) -> TextTokenizer:
     """Byte-level BPE trained on the documents of `train_path`, cached in `cache_dir/tokenizers/`.
@@ -130,10 +144,8 @@ def train_bpe(train_path: str | Path, vocab_size: int = DEFAULT_BPE_VOCAB_SIZE,
         raise DataError(f"BPE vocab_size must be an integer >= {MIN_BPE_VOCAB_SIZE} (256 bytes + EOS), "
                         f"got {vocab_size!r}")
     require_file(train_path, "BPE train file")
-    key = digest({"recipe": BPE_RECIPE, "file": file_sha256(train_path), "vocab_size": int(vocab_size),
-                  "tokenizers": tokenizers.__version__})
-    name = f"bpe{vocab_size}-{key[:10]}"
-    path = Path(cache_dir) / "tokenizers" / name / "tokenizer.json" if cache_dir is not None else None
+    path = bpe_cache_path(train_path, vocab_size, cache_dir)
+    name = f"bpe{vocab_size}-" + bpe_cache_key(train_path, vocab_size)[:10]
     if path is not None and path.is_file():
         return TextTokenizer.from_backend(Tokenizer.from_file(str(path)), name)
     backend = _train_bpe_backend(read_documents(train_path), int(vocab_size))

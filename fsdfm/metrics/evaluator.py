@@ -105,3 +105,30 @@ def load_evaluator(name_or_path: str | os.PathLike, device: str = "cpu") -> Eval
             ) from err
         raise EvaluatorError(f"evaluator {name!r}: cannot be loaded from the Hugging Face hub ({err})") from err
     return Evaluator(model=model, tokenizer=tokenizer, name=name, device=device)
+
+
+def check_evaluator_available(name_or_path: str | os.PathLike) -> None:
+    """Raise `EvaluatorError` when `load_evaluator` would fail for want of files: a path that is not a directory
+    with a config.json, or (offline) a hub name whose config.json is not in the local HF cache. Cheap (no model
+    is loaded), so specs check it at load time instead of failing at the first evaluation stage."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EvaluatorError(f"evaluator {name!r}: directory {str(path)!r} holds no config.json "
+                                 f"(expected a directory written by save_pretrained)")
+        return
+    if path.is_absolute() or name.startswith((".", "~")):
+        raise EvaluatorError(f"evaluator {name!r}: directory {str(path)!r} does not exist")
+    if not hub_offline():
+        return  # the hub will be asked at evaluation time
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception as err:  # an invalid repo id (huggingface_hub's validation error)
+        raise EvaluatorError(f"evaluator {name!r}: not a local directory and not a valid hub model id ({err})") from None
+    if not isinstance(found, str):
+        raise EvaluatorError(f"evaluator {name!r} is not available offline (HF_HUB_OFFLINE=1): not a local directory "
+                             f"and not in the local HF cache; pass a local path (a directory written by "
+                             f"save_pretrained) or pre-download it")
