@@ -117,3 +117,16 @@ def test_every_shipped_experiment_validates(monkeypatch):
         spec, cells = load_spec(p.relative_to(REPO))
         plan = plan_study(spec.name, cells)
         assert plan.runs, p
+
+
+def test_paper_1p3b_trains_with_the_official_recipes(monkeypatch):
+    """The student and teacher optimiser settings of apple/ml-fs-dfm's fs_dfm/ and pre_training/ configs."""
+    monkeypatch.chdir(REPO)
+    spec, _ = load_spec("experiments/paper_1p3b.yaml")
+    student, teacher = spec.methods["fsdfm"].train, spec.methods["dfm"].train
+    assert (student.lr, student.weight_decay, student.betas) == (1e-5, 0.03, (0.9, 0.95))
+    assert (student.steps, student.warmup_steps, student.batch_size, student.ema_decay) == (500_000, 10_000, 96, 0.9995)
+    assert (student.min_lr_ratio, student.grad_clip) == (0.1, 1.0)
+    assert (teacher.lr, teacher.weight_decay, teacher.betas) == (3e-4, 0.03, (0.9, 0.95))
+    assert (teacher.steps, teacher.warmup_steps, teacher.batch_size) == (1_000_000, 10_000, 128)
+    assert spec.methods["fsdfm"].distill["h_distribution"] == "inv_h" and spec.methods["dfm"].source == "uniform"
