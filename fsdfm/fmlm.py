@@ -72,12 +72,15 @@ class FMLMConfig:
         teacher / on (s, t) = (0, 1); the rest are semigroup rows.
     u_fraction: None draws tau_u ~ U(tau_s, tau_t); a number in (0, 1) fixes tau_u = tau_s + u_fraction (tau_t - tau_s)
         (0.5: the midpoint, as the FLM authors' code does).
+
+    The defaults are the FLM authors' (diagonal 0.5, boundary 0.016, midpoint u). Before they were ours
+    (diagonal 0.25, boundary 0.10, u ~ U(s, t)): set those three to get the old behaviour.
     ema_target: evaluate the semigroup target with the EMA copy of the student (fit's ctx.ema) instead of the student.
     """
 
-    diagonal_share: float = 0.25
-    boundary_share: float = 0.1
-    u_fraction: float | None = None
+    diagonal_share: float = 0.5
+    boundary_share: float = 0.016
+    u_fraction: float | None = 0.5
     ema_target: bool = False
 
     def __post_init__(self):

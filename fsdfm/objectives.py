@@ -6,6 +6,7 @@ comes from the path's scheduler only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -16,7 +17,11 @@ from fsdfm.paths import MixturePath
 from fsdfm.teachers import SHORTCUTS, Jumper
 from fsdfm.train import StepContext
 
-H_DISTRIBUTIONS = ("inv_h", "uniform", "annealed")  # plus "fixed:N"
+H_DISTRIBUTIONS = ("inv_h", "uniform", "annealed", "annealed_to_end")  # plus "fixed:N"
+FROZEN_TEACHER_SHORTCUTS = ("frozen_dfm", "frozen_dfm_rk4")  # shortcuts that need the frozen DFM teacher
+# The official schedule doubles every weight 2^k (k = log2(1/h)) once per interval, capped at 2^K; after K
+# doublings every weight is 2^K, i.e. uniform. Its interval (20,000 of 500,000 steps, K = 10) puts that at 40%.
+ANNEAL_UNIFORM_AT = 0.4
 ANCHOR_WEIGHTS = ("g", "G/h")
 
 
@@ -54,12 +59,17 @@ class FSDFMConfig:
     """Every knob of the FS-DFM student objective (DESIGN 2.2).
 
     K: step sizes h in {2^0, ..., 2^-K}; h_min = 2^-K rows are the data anchor.
-    h_distribution: "inv_h" (P(h) ~ 1/h), "uniform", "annealed" (1/h annealed toward uniform), or
-        "fixed:N" (a single budget: half the rows at h = 1/N, half anchor rows at h_min).
+    h_distribution: "inv_h" (P(h) ~ 1/h), "uniform", "annealed" (the official schedule: weights
+        w_k = min(2^(k + floor(progress K / 0.4)), 2^K) for h = 2^-k, so P(h) goes from 1/h to uniform in K
+        doublings and is uniform from 40% of training on), "annealed_to_end" (ours: P(h) ~ (1/h)^(1 - progress),
+        uniform only at the end), or "fixed:N" (a single budget: half the rows at h = 1/N, half anchor rows at h_min).
     anchor_weight: "g" (g(t), the generalized-KL rate) or "G/h" (the step-averaged rate G_{t,h}/h).
     anchor_loss: "gkl" or "ce" for the anchor rows.
-    shortcut: "rk4", "heun", "rk4_time_consistent", "none" (DFM loss at every h) or "frozen_dfm"
-        (the RK-4 composition evaluated by the frozen DFM teacher instead of the EMA student).
+    shortcut: "rk4", "heun", "rk4_time_consistent", "none" (DFM loss at every h), "frozen_dfm" (the design
+        brief's ablation and the official code's finest-step rule: rows at h = h_min are distilled from the frozen
+        DFM teacher's p_1t(. | x_t, t) instead of trained on data; coarser rows use the RK-4 target of the EMA
+        student) or "frozen_dfm_rk4" (ours: the RK-4 composition evaluated by the frozen DFM teacher at every
+        coarser h, data anchors at h_min).
     """
 
     K: int = 10
@@ -82,7 +92,7 @@ class FSDFMConfig:
         if self.shortcut == "none" and self.anchor_weight == "G/h":
             raise ValueError("shortcut 'none' trains every h on data; its rows reach t + h = 1, where G/h is infinite: "
                              "use anchor_weight 'g'")
-        if self.shortcut not in ("none", "frozen_dfm"):
+        if self.shortcut not in ("none", *FROZEN_TEACHER_SHORTCUTS):
             SHORTCUTS.get(self.shortcut)
 
     @property
@@ -104,8 +114,15 @@ def step_size_probs(cfg: FSDFMConfig, progress: float = 0.0) -> tuple[torch.Tens
     if n is not None:
         h = torch.tensor(sorted({1.0 / n, 2.0**-cfg.K}, reverse=True), dtype=torch.float64)
         return h, torch.full_like(h, 1.0 / h.numel())
-    h = 2.0 ** -torch.arange(cfg.K + 1, dtype=torch.float64)
-    power = {"inv_h": 1.0, "uniform": 0.0, "annealed": 1.0 - min(max(progress, 0.0), 1.0)}[cfg.h_distribution]
+    k = torch.arange(cfg.K + 1, dtype=torch.float64)
+    h = 2.0**-k
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.h_distribution == "annealed":
+        # the number of doublings so far; the 1e-9 keeps progress = 0.4 exactly at K doublings despite rounding
+        doublings = math.floor(progress * cfg.K / ANNEAL_UNIFORM_AT + 1e-9)
+        w = torch.clamp(2.0 ** (k + doublings), max=2.0**cfg.K)
+        return h, w / w.sum()
+    power = {"inv_h": 1.0, "uniform": 0.0, "annealed_to_end": 1.0 - progress}[cfg.h_distribution]
     w = (1.0 / h) ** power
     return h, w / w.sum()
 
@@ -133,12 +150,13 @@ class FSDFMObjective:
     Anchor rows (h = h_min, or every row when shortcut = "none"): DFM loss against the data, weighted per
     row by g(t) or G_{t,h}/h. Shortcut rows: KL(target || student) on logits, the target built without
     gradient by the shortcut teacher from `ctx.ema` (or the live student when EMA is off, or the frozen
-    DFM teacher for shortcut = "frozen_dfm") evaluated at h/2.
+    DFM teacher for shortcut = "frozen_dfm_rk4") evaluated at h/2. Under shortcut = "frozen_dfm" the h_min rows
+    are distillation rows too, their target the frozen teacher's logits f_teacher(x_t, t) (no data term).
     """
 
     def __init__(self, path: MixturePath, cfg: FSDFMConfig = FSDFMConfig(), frozen_teacher: nn.Module | None = None):
-        if cfg.shortcut == "frozen_dfm" and frozen_teacher is None:
-            raise ValueError("shortcut 'frozen_dfm' needs the frozen DFM teacher")
+        if cfg.shortcut in FROZEN_TEACHER_SHORTCUTS and frozen_teacher is None:
+            raise ValueError(f"shortcut {cfg.shortcut!r} needs the frozen DFM teacher")
         self.path, self.cfg, self.frozen_teacher = path, cfg, frozen_teacher
         self.h_min = 2.0**-cfg.K
 
@@ -155,8 +173,18 @@ class FSDFMObjective:
         ps = self.path.sample(x_1, t, ctx.generator)
         logits = ctx.model(ps.x_t, t.float(), h.float())
         weight = self.path.source.movable(ps.x_t)  # positions that may still move carry the loss
-        anchor = torch.ones_like(h, dtype=torch.bool) if self.cfg.shortcut == "none" else h <= self.h_min * (1 + 1e-9)
+        finest = h <= self.h_min * (1 + 1e-9)
+        anchor = torch.ones_like(h, dtype=torch.bool) if self.cfg.shortcut == "none" else finest
         per_pos = torch.zeros(x_1.shape, dtype=torch.float32, device=x_1.device)
+        shortcut_rows = ~anchor
+        if self.cfg.shortcut == "frozen_dfm":
+            # the finest rows learn the frozen teacher's prediction, not the data: no data anchor at all
+            if bool(finest.any()):
+                f = finest.nonzero(as_tuple=True)[0]
+                with torch.no_grad():
+                    target = self.frozen_teacher(ps.x_t[f], t[f].float()).float()
+                per_pos[f] = distill_kl_per_position(logits[f], target)
+            anchor = torch.zeros_like(finest)
         if bool(anchor.any()):
             a = anchor.nonzero(as_tuple=True)[0]
             if self.cfg.anchor_loss == "gkl":
@@ -164,17 +192,17 @@ class FSDFMObjective:
             else:
                 ce = torch.nn.functional.cross_entropy(logits[a].float().flatten(0, 1), x_1[a].flatten(), reduction="none")
                 per_pos[a] = ce.view(-1, x_1.shape[1])
-        if bool((~anchor).any()):
-            s = (~anchor).nonzero(as_tuple=True)[0]
+        if bool(shortcut_rows.any()):
+            s = shortcut_rows.nonzero(as_tuple=True)[0]
             target = self.shortcut_target(ctx, ps.x_t[s], t[s], h[s])
             per_pos[s] = distill_kl_per_position(logits[s], target)
-        w = weight.float() if self.cfg.anchor_loss == "ce" or self.cfg.shortcut == "none" else \
+        w = weight.float() if self.cfg.anchor_loss == "ce" or self.cfg.shortcut in ("none", "frozen_dfm") else \
             torch.where(anchor[:, None], torch.ones_like(weight, dtype=torch.float32), weight.float())
         return (per_pos * w).sum() / w.sum().clamp_min(1.0)
 
     @torch.no_grad()
     def shortcut_target(self, ctx: StepContext, x_t, t, h) -> torch.Tensor:
-        if self.cfg.shortcut == "frozen_dfm":
+        if self.cfg.shortcut == "frozen_dfm_rk4":
             def f(x, tt, hh):
                 return self.frozen_teacher(x, tt.float()).float()
             combine = SHORTCUTS.get("rk4")
@@ -183,7 +211,7 @@ class FSDFMObjective:
 
             def f(x, tt, hh):
                 return net(x, tt.float(), hh.float()).float()
-            combine = SHORTCUTS.get(self.cfg.shortcut)
+            combine = SHORTCUTS.get("rk4" if self.cfg.shortcut == "frozen_dfm" else self.cfg.shortcut)
         return combine(f, Jumper(self.path, ctx.generator), x_t, t, h)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from fsdfm.data import DataConfig, load_corpus
 from fsdfm.model import DiT, ModelConfig, model_config, student_from_teacher
-from fsdfm.objectives import DFMConfig, DFMObjective, FSDFMObjective
+from fsdfm.objectives import FROZEN_TEACHER_SHORTCUTS, DFMConfig, DFMObjective, FSDFMObjective
 from fsdfm.paths import MixturePath, make_path
 from fsdfm.registry import Registry
 from fsdfm.results import atomic_write_bytes
@@ -184,7 +184,7 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     spec = StudentSpec(**config["distill"])
     torch.manual_seed(config["optim"]["seed"])
     student = student_from_teacher(teacher.model, spec.h_embedding)
-    frozen = teacher.model.requires_grad_(False) if spec.shortcut == "frozen_dfm" else None
+    frozen = teacher.model.requires_grad_(False) if spec.shortcut in FROZEN_TEACHER_SHORTCUTS else None
     res = fit(student, FSDFMObjective(teacher.path, spec.objective(), frozen), corpus.train,
               OptimConfig(**config["optim"]), Path(out_dir) / "ckpt", desc="distil fs-dfm student", device=device())
     final = res.ema if res.ema is not None else res.model

@@ -264,3 +264,14 @@ def test_fmlm_config_validation():
         FMLMConfig(u_fraction=1.0)
     with pytest.raises(ValueError, match="tau_min"):
         FLMConfig(tau_min=0.5, tau_max=0.5)
+
+
+def test_fmlm_defaults_are_the_authors(time8):
+    """Diagonal share 0.5, boundary share 0.016 and the midpoint u (the FLM authors' values; issue 16)."""
+    cfg = FMLMConfig()
+    assert (cfg.diagonal_share, cfg.boundary_share, cfg.u_fraction) == (0.5, 0.016, 0.5)
+    assert cfg.row_counts(1000) == (500, 16, 484) and cfg.row_counts(64) == (32, 1, 31)
+    tau_s, tau_u, tau_t = FMLMObjective(tiny_dit(seed=5), time8, cfg).times(64, torch.Generator().manual_seed(0),
+                                                                             torch.device("cpu"))
+    assert torch.allclose(tau_u[32:], (tau_s[32:] + tau_t[32:]) / 2)  # the midpoint of every off-diagonal row
+    assert tau_s[32].item() == 0 and tau_t[32].item() == 1        # the one boundary row

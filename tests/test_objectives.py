@@ -46,18 +46,43 @@ def test_inv_h_step_sizes_follow_one_over_h():
     assert expected_h_weights(FSDFMConfig(K=K)) == pytest.approx(expected)
 
 
-def test_uniform_and_annealed_step_sizes():
+def test_uniform_and_annealed_to_end_step_sizes():
     K = 3
     uniform = {2.0**-k: 1 / (K + 1) for k in range(K + 1)}
     _check_h_frequencies(FSDFMConfig(K=K, h_distribution="uniform"), uniform)
     inv_h = {2.0**-k: 2.0**k / 15 for k in range(K + 1)}
-    annealed = FSDFMConfig(K=K, h_distribution="annealed")
+    annealed = FSDFMConfig(K=K, h_distribution="annealed_to_end")
     _check_h_frequencies(annealed, inv_h, progress=0.0)     # starts at 1/h
     _check_h_frequencies(annealed, uniform, progress=1.0)   # ends uniform
     half = {2.0**-k: 2.0 ** (k / 2) / sum(2.0 ** (j / 2) for j in range(K + 1)) for k in range(K + 1)}
     _check_h_frequencies(annealed, half, progress=0.5)       # P ~ h^(-1/2) halfway
     h, p = step_size_probs(annealed, progress=2.0)           # clamped past the end
     assert torch.allclose(p, torch.full((K + 1,), 1 / (K + 1), dtype=torch.float64))
+    # at 40% of training it is still far from uniform: P(h = 1) = 1 / sum_k 2^(0.6 k) = 0.0054 for K = 10
+    _, p = step_size_probs(FSDFMConfig(K=10, h_distribution="annealed_to_end"), progress=0.4)
+    assert float(p[0]) == pytest.approx(1 / sum(2.0 ** (0.6 * k) for k in range(11)), rel=1e-12)
+    assert float(p[0]) == pytest.approx(0.0054, abs=5e-5)
+
+
+def test_annealed_follows_the_official_doubling_schedule():
+    """The official code (apple/ml-fs-dfm, dt_weights_2): weights [1, 2, ..., 1024] for h = 1, 1/2, ..., 1/1024,
+    each doubled once every 20,000 of 500,000 steps and capped at 1024 - uniform after 10 doublings, at 40%."""
+    cfg = FSDFMConfig(K=10, h_distribution="annealed")
+    official_total, official_interval = 500_000, 20_000
+    for step in (0, 19_999, 20_000, 100_000, 199_999, 200_000, 350_000, 500_000):
+        doublings = step // official_interval
+        w = [min(2**k * 2**doublings, 1024) for k in range(11)]
+        _, p = step_size_probs(cfg, progress=step / official_total)
+        assert p.tolist() == pytest.approx([x / sum(w) for x in w], rel=1e-12), step
+    _, p = step_size_probs(cfg, progress=0.4)
+    assert float(p[0]) == pytest.approx(1 / 11) and round(float(p[0]), 3) == 0.091  # uniform at 40%
+    _, p = step_size_probs(cfg, progress=0.0)
+    assert float(p[0]) == pytest.approx(1 / 2047)  # starts at 1/h
+    # sampled frequencies follow it (K = 3: uniform from 40%; at 20%, floor(0.2 * 3 / 0.4) = 1 doubling)
+    small = FSDFMConfig(K=3, h_distribution="annealed")
+    _check_h_frequencies(small, {2.0**-k: 1 / 4 for k in range(4)}, progress=0.4)
+    w = [2, 4, 8, 8]
+    _check_h_frequencies(small, {2.0**-k: w[k] / 22 for k in range(4)}, progress=0.2)
 
 
 def test_fixed_budget_step_sizes():
@@ -107,8 +132,9 @@ def test_fsdfm_config_validation():
         FSDFMConfig(shortcut="rk5")
     with pytest.raises(KeyError):
         FSDFMConfig(anchor_loss="mse")
-    with pytest.raises(ValueError, match="frozen DFM teacher"):
-        FSDFMObjective(MixturePath(PolynomialScheduler(1), MaskSource(V)), FSDFMConfig(shortcut="frozen_dfm"))
+    for frozen in ("frozen_dfm", "frozen_dfm_rk4"):
+        with pytest.raises(ValueError, match="frozen DFM teacher"):
+            FSDFMObjective(MixturePath(PolynomialScheduler(1), MaskSource(V)), FSDFMConfig(shortcut=frozen))
     with pytest.raises(ValueError, match="eps"):
         DFMConfig(eps=1.0)
 
@@ -251,16 +277,39 @@ def test_fsdfm_objective_without_ema_uses_the_live_student():
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
 
 
-def test_fsdfm_objective_frozen_teacher_is_called_without_h():
+def test_fsdfm_objective_frozen_rk4_teacher_is_called_without_h():
     path = MixturePath(PolynomialScheduler(1), MaskSource(V))
     frozen, student, ema = SpyModel(P_TEACHER), SpyModel(P_STUDENT), SpyModel(P_STUDENT)
-    cfg = FSDFMConfig(K=2, shortcut="frozen_dfm")
+    cfg = FSDFMConfig(K=2, shortcut="frozen_dfm_rk4")
     ctx = _ctx(student, ema, seed=2)
     loss = FSDFMObjective(path, cfg, frozen_teacher=frozen)(ctx)
     assert len(ema.calls) == 0 and len(frozen.calls) == 4  # the RK-4 composition on the frozen teacher
     assert all(c[2] is None for c in frozen.calls)
     x_t, t, h = student.calls[0]
     assert float(loss.detach()) == pytest.approx(_fsdfm_by_hand(cfg, ctx.batch, x_t, t, h, KL_T_S, "mask"), rel=1e-5)
+
+
+@pytest.mark.parametrize("source", ["mask", "uniform"])
+def test_fsdfm_objective_frozen_teacher_only_at_the_finest_step(source):
+    """shortcut = frozen_dfm: the frozen teacher is called once, on the h = h_min rows only, at their (x_t, t);
+    those rows learn KL(teacher || student), the coarser rows the EMA student's RK-4 target; no data term."""
+    path = MixturePath(PolynomialScheduler(1), MaskSource(V) if source == "mask" else UniformSource(V))
+    frozen, student, ema = SpyModel(P_TEACHER), SpyModel(P_STUDENT), SpyModel(P_STUDENT)
+    cfg = FSDFMConfig(K=2, shortcut="frozen_dfm")
+    ctx = _ctx(student, ema, seed=2)
+    loss = FSDFMObjective(path, cfg, frozen_teacher=frozen)(ctx)
+    x_t, t, h = student.calls[0]
+    finest = h == 0.25
+    assert bool(finest.any()) and bool((~finest).any())
+    (fx, ft, fh), = frozen.calls  # one call, at the finest step only
+    assert fh is None and torch.equal(fx, x_t[finest]) and torch.equal(ft, t[finest].float())
+    assert len(ema.calls) == 4 and all(torch.equal(c[2], h[~finest] / 2) for c in ema.calls)
+    # the EMA equals the student (coarse KL 0); finest rows: KL(teacher || student) on movable positions
+    movable = (x_t == V) if source == "mask" else torch.ones_like(x_t, dtype=torch.bool)
+    expected = KL_T_S * float(movable[finest].sum()) / float(movable.sum())
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert student.offset.grad is not None and frozen.offset.grad is None
 
 
 def test_fsdfm_objective_runs_on_a_dit_student():

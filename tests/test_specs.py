@@ -132,3 +132,16 @@ def test_report_settings_reach_the_plan_without_entering_stage_ids(monkeypatch):
     assert StudyPlan.from_dict(json.loads(json.dumps(d))).report["pairs"][0] == ["fsdfm@8", "dfm_1024@1024"]
     assert all("report" not in s.config and "pairs" not in json.dumps(s.config) for s in plan.stages.values())
     assert "gen_ppl_seq_mean" in spec.metrics.names and spec.metrics.mauve_seeds == 5
+
+
+def test_paper_1p3b_trains_with_the_official_recipes(monkeypatch):
+    """The student and teacher optimiser settings of apple/ml-fs-dfm's fs_dfm/ and pre_training/ configs."""
+    monkeypatch.chdir(REPO)
+    spec, _ = load_spec("experiments/paper_1p3b.yaml", check_files=False)
+    student, teacher = spec.methods["fsdfm"].train, spec.methods["dfm"].train
+    assert (student.lr, student.weight_decay, student.betas) == (1e-5, 0.03, (0.9, 0.95))
+    assert (student.steps, student.warmup_steps, student.batch_size, student.ema_decay) == (500_000, 10_000, 96, 0.9995)
+    assert (student.min_lr_ratio, student.grad_clip) == (0.1, 1.0)
+    assert (teacher.lr, teacher.weight_decay, teacher.betas) == (3e-4, 0.03, (0.9, 0.95))
+    assert (teacher.steps, teacher.warmup_steps, teacher.batch_size) == (1_000_000, 10_000, 128)
+    assert spec.methods["fsdfm"].distill["h_distribution"] == "inv_h" and spec.methods["dfm"].source == "uniform"
