@@ -98,8 +98,17 @@ class LoadedDiT:
     h_conditioned: bool
 
 
+class ArtefactError(RuntimeError):
+    """An input artefact (model.pt, samples.npy) that cannot be read: the message names the file."""
+
+
 def load_dit(model_dir: Path, dev: torch.device | None = None) -> LoadedDiT:
-    state = torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True)
+    path = Path(model_dir) / "model.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated file raises OSError/RuntimeError/EOFError that name no file
+        raise ArtefactError(f"{path}: cannot be read as a model ({type(e).__name__}: {e}); delete the stage "
+                            "folder (fsdfm clean) or re-run the study, which redoes damaged stages") from e
     model = DiT(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["state_dict"])
     model.to(dev or device()).eval()
@@ -153,7 +162,8 @@ def train_metrics(res, extra: dict | None = None) -> dict:
 
 # ---------------------------------------------------------------------------------------------- training stages
 
-@stage_kind("train_dfm", checkpointable=True, resources="gpu_multi")
+@stage_kind("train_dfm", checkpointable=True, resources="gpu_multi", version="1",
+            metrics=lambda c: ("val_nll", "elbo_ppl") if c.get("source") == "mask" else ())
 def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The DFM teacher: mask or uniform source, CE or generalized-KL loss."""
     join_process_group()
@@ -173,7 +183,7 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
                                "n_params": model.num_parameters()})
 
 
-@stage_kind("distil_fsdfm", checkpointable=True, resources="gpu_multi")
+@stage_kind("distil_fsdfm", checkpointable=True, resources="gpu_multi", version="1")
 def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The FS-DFM student, initialised from the teacher with a fresh step-size embedding."""
     from fsdfm.methods import StudentSpec
@@ -192,7 +202,7 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     return train_metrics(res, {"n_params": student.num_parameters()})
 
 
-@stage_kind("train_ar", checkpointable=True, resources="gpu_multi")
+@stage_kind("train_ar", checkpointable=True, resources="gpu_multi", version="1", metrics=("val_nll", "elbo_ppl"))
 def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """An autoregressive GPT-2-style model (the AR baseline, or the suite's reference evaluator), saved with
     save_pretrained together with the corpus tokenizer."""
@@ -211,7 +221,7 @@ def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
                                    "n_params": res.n_params})
 
 
-@stage_kind("train_flm", checkpointable=True, resources="gpu_multi")
+@stage_kind("train_flm", checkpointable=True, resources="gpu_multi", version="1")
 def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """FLM: a DiT reading the noisy one-hot state x_gamma, trained with CE at tau ~ U[0, 1]."""
     from fsdfm.flm import FLMConfig, FLMObjective, FLMTime
@@ -228,7 +238,7 @@ def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
     return train_metrics(res, {"n_params": model.num_parameters()})
 
 
-@stage_kind("distil_fmlm", checkpointable=True, resources="gpu_multi")
+@stage_kind("distil_fmlm", checkpointable=True, resources="gpu_multi", version="1")
 def distil_fmlm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """FMLM: the two-time flow-map denoiser distilled from a frozen FLM teacher by the semigroup rule."""
     from fsdfm.flm import FLMTime
@@ -295,7 +305,7 @@ SAMPLERS.register("flm", _continuous_sampler(two_time=False))
 SAMPLERS.register("fmlm", _continuous_sampler(two_time=True))
 
 
-@stage_kind("sample", resources="gpu")
+@stage_kind("sample", resources="gpu", version="1", metrics=("nfe", "wall_s", "tokens_per_s", "peak_mem"))
 def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """Draw n_samples from a trained method; record tokens, decoded text, NFE, wall-clock and peak memory."""
     from fsdfm.metrics.timing import peak_memory, reset_peak_memory
@@ -328,7 +338,12 @@ def write_samples(out_dir: Path, tokens: np.ndarray, corpus) -> None:
 
 
 def read_samples(stage_dir: Path) -> tuple[np.ndarray, list[str] | None]:
-    tokens = np.load(Path(stage_dir) / "samples.npy")
+    path = Path(stage_dir) / "samples.npy"
+    try:
+        tokens = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy's errors for a truncated file name no file
+        raise ArtefactError(f"{path}: cannot be read as samples ({type(e).__name__}: {e}); re-run the study, "
+                            "which redoes damaged stages") from e
     p = Path(stage_dir) / "samples.jsonl"
     texts = [json.loads(line)["text"] for line in p.read_text().splitlines()] if p.exists() else None
     return tokens, texts
@@ -360,7 +375,7 @@ def _sample_metric_names(config: dict, evaluator) -> list[str]:
     return names
 
 
-@stage_kind("evaluate", resources="gpu")
+@stage_kind("evaluate", resources="gpu", version="1", metrics=lambda c: corpus_metric_names(c))
 def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """All sample metrics of one sample stage (evaluator time is not sampling time)."""
     from fsdfm.metrics import compute_metrics
@@ -381,7 +396,7 @@ def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     return {"metrics": metrics, "n_samples": n, "samples_stage": Path(inputs["samples"]).name}
 
 
-@stage_kind("evaluate_data", resources="gpu")
+@stage_kind("evaluate_data", resources="gpu", version="1", metrics=lambda c: corpus_metric_names(c))
 def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The data reference row: the same metrics on real held-out blocks (a disjoint set is the MAUVE reference)."""
     from fsdfm.metrics import data_reference
@@ -401,6 +416,13 @@ def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
 
 
 EXTRA_METRICS: Registry = Registry("corpus metric")
+# the metric names each EXTRA_METRICS entry records (their versions enter the evaluate stages' ids)
+EXTRA_METRIC_NAMES = {"oracle": ("oracle_nll", "oracle_expected_nll", "oracle_entropy_rate")}
+
+
+def corpus_metric_names(config: dict) -> tuple:
+    """Names of the metrics `extra_metrics` adds for this config's dataset kind."""
+    return EXTRA_METRIC_NAMES.get((config.get("data") or {}).get("kind"), ())
 
 
 def extra_metrics(config: dict, tokens: np.ndarray, corpus) -> dict:
@@ -420,7 +442,7 @@ def oracle_metrics(config: dict, tokens: np.ndarray, corpus) -> dict:
             "oracle_entropy_rate": float(source.entropy_rate)}
 
 
-@stage_kind("pos_divergence", resources="gpu")
+@stage_kind("pos_divergence", resources="gpu", version="1", metrics=("pos_divergence", "pos_divergence_slope"))
 def pos_divergence_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """Per-position divergence of the few-step student from the many-step teacher, from states x_t taken
     along teacher trajectories at t_start: both finish from the same state; marginals from rollouts."""
