@@ -45,9 +45,9 @@ import submitit.helpers
 
 from fsdfm.registry import Registry, did_you_mean
 from fsdfm.results import (
-    ATTEMPTS, CONTROL_FILES, ERROR, JOBS, PLAN, RECORD, RUNNING, SCHEMA_VERSION, SUBMITTED,
-    atomic_write_json, device, find_seeds, is_done, loadavg_1min, lock_holder, now_iso, provenance, read_json,
-    read_record, stage_dir, stage_lock, study_dir as _study_dir, to_jsonable, torch_threads,
+    ATTEMPTS, CONTROL_FILES, ERROR, JOBS, PLAN, RECORD, RUNNING, SCHEMA_VERSION, SUBMITTED, StageCheck,
+    artefact_manifest, atomic_write_json, check_stage, device, find_seeds, is_done, loadavg_1min, lock_holder,
+    now_iso, provenance, read_json, read_record, record_digest, stage_dir, stage_lock, study_dir as _study_dir, to_jsonable, torch_threads,
 )
 from fsdfm.runtime import malloc_tuned, tune_malloc
 from fsdfm.stages import STAGE_KINDS, PlanError, Stage, StageKind, StudyPlan, waves
@@ -101,7 +101,10 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
     are done; takes the stage lock (`StageLockedError` if another live process holds it); writes running.json;
     clears out_dir of a non-checkpointable stage (a clean slate: a killed attempt's half-written artefacts
     must not leak into this one) while a checkpointable stage keeps its checkpoints; calls the stage function;
-    writes record.json atomically. On an exception, writes error.json and re-raises. The first call in a process
+    writes record.json atomically, with the size and sha256 of every artefact it left (hashed once, here) and
+    the digest of each input record it read. A stage found damaged or stale is redone: its record and damaged
+    files are removed first (a stale checkpointable stage also loses its checkpoints: they came from the old
+    inputs), and a line naming the files goes to stderr. On an exception, writes error.json and re-raises. The first call in a process
     tunes glibc malloc (`fsdfm.runtime.tune_malloc`), so timings do not depend on what the process did before.
     """
     tune_malloc()
@@ -113,15 +116,18 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
     stage = Stage.from_dict(plan["stages"][stage_id], f"{study_dir / PLAN}: stages[{stage_id!r}]")
     kind = resolve_kind(stage.kind, plan.get("kinds", {}).get(stage.kind))
     out_dir = stage_dir(study_dir, stage_id)
-    record = read_record(out_dir)
-    if record is not None and record.get("status") == "done":
-        return record
+    if check_stage(out_dir).done:
+        return read_record(out_dir)
     inputs: dict[str, Path] = {}
+    input_records: dict[str, str | None] = {}
     for name, dep in stage.inputs.items():
         dep_dir = stage_dir(study_dir, dep)
-        if not is_done(dep_dir):
-            raise StageInputError(f"stage {stage_id}: input {name!r} (stage {dep}) is not done ({dep_dir})")
+        dep_check = check_stage(dep_dir)
+        if not dep_check.done:
+            why = f": {'; '.join(dep_check.problems)}" if dep_check.problems else f" ({dep_dir})"
+            raise StageInputError(f"stage {stage_id}: input {name!r} (stage {dep}) is not done{why}")
         inputs[name] = dep_dir
+        input_records[name] = record_digest(dep_dir)
 
     rank = _global_rank()
     if rank > 0:
@@ -130,9 +136,13 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         return {"rank": rank, "payload": kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)}
 
     with stage_lock(out_dir):
-        record = read_record(out_dir)
-        if record is not None and record.get("status") == "done":  # finished while we were getting here
-            return record
+        check = check_stage(out_dir)
+        if check.done:  # finished while we were getting here
+            return read_record(out_dir)
+        if check.problems:
+            print(f"stage {stage_id}: redoing it (and its dependents): {'; '.join(check.problems)}",
+                  file=sys.stderr, flush=True)
+            _discard_result(out_dir, check, kind.checkpointable)
         attempt = _next_attempt(out_dir)
         t0, started, load_start = time.time(), now_iso(), loadavg_1min()
         running = {"stage_id": stage_id, "kind": stage.kind, "attempt": attempt, "start_time": started,
@@ -149,6 +159,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
                                 "returns a dict (its record's payload, e.g. {'metrics': {...}})")
             payload = to_jsonable(payload, where=f"payload of stage {stage_id}")
             wall = time.time() - t0
+            artefacts = artefact_manifest(out_dir)  # every artefact hashed once, at write (see sha256_file)
             record = {
                 "schema": SCHEMA_VERSION,
                 "status": "done",
@@ -158,6 +169,9 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
                 "config": stage.config,
                 "inputs": stage.inputs,
                 "seeds": find_seeds(stage.config),
+                "fingerprint": stage.fingerprint,  # code versions (kind, metrics) and data hashes: in the id
+                "artefacts": artefacts,
+                "input_records": input_records,
                 "payload": payload,
                 "provenance": {**provenance(), "device": device(), "torch_threads": torch_threads(),
                                "malloc_tuned": malloc_tuned(),
@@ -193,6 +207,20 @@ def _next_attempt(out_dir: Path) -> int:
         n = 1
     path.write_text(f"{n}\n")
     return n
+
+
+def _discard_result(out_dir: Path, check: StageCheck, checkpointable: bool) -> None:
+    """Remove a damaged or stale result before redoing it: the record and the damaged files. A stale
+    checkpointable stage also loses everything else (its checkpoints came from the old inputs); a damaged one
+    keeps its checkpoints, so it resumes from them instead of training again (a non-checkpointable stage is
+    cleared anyway)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out_dir / RECORD)
+    if check.state == "stale" and checkpointable:
+        _clear_artefacts(out_dir)
+    for f in check.damaged_files:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f)
 
 
 def _clear_artefacts(out_dir: Path) -> None:
@@ -295,6 +323,18 @@ class _Tally:
     def summary(self) -> ExecutionSummary:
         return ExecutionSummary(str(self.study_dir), tuple(self.done), tuple(self.skipped), dict(self.failed),
                                 tuple(self.blocked), tuple(self.pending), dict(self.submitted))
+
+
+def _already_done(tally: _Tally, sdir: Path, stage: Stage) -> bool:
+    """Whether an executor may skip `stage`: done by `check_stage`, and no input of it is (re)run in this call
+    (a dependent of a redone stage read the old result; on SLURM the input has not even run yet). A damaged
+    or stale stage is announced with the files that make it so."""
+    if any(d in tally.submitted or d in tally.done for d in stage.inputs.values()):
+        return False
+    check = check_stage(stage_dir(sdir, stage.id))
+    if check.problems:
+        print(f"{stage.id}: {check.state}, redoing it: {'; '.join(check.problems)}", file=sys.stderr, flush=True)
+    return check.done
 
 
 # ---------------------------------------------------------------------------------------------- profiles
@@ -441,7 +481,7 @@ def _execute_debug(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
     for wave in waves(plan):
         for stage in wave:
             n = len(tally.done) + len(tally.skipped) + len(tally.failed) + len(tally.blocked) + 1
-            if is_done(stage_dir(sdir, stage.id)):
+            if _already_done(tally, sdir, stage):
                 tally.skipped.append(stage.id)
             elif tally.bad(stage):
                 tally.blocked.append(stage.id)
@@ -501,7 +541,7 @@ def _execute_local(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
     for wave in waves(plan):
         queue: list[Stage] = []
         for stage in wave:
-            if is_done(stage_dir(sdir, stage.id)):
+            if _already_done(tally, sdir, stage):
                 tally.skipped.append(stage.id)
             elif tally.bad(stage):
                 tally.blocked.append(stage.id)
@@ -577,7 +617,7 @@ def _execute_slurm(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
         # stages with different inputs in one array would all be cancelled when any one input fails
         groups: dict[tuple[str, tuple[str, ...]], list[Stage]] = {}
         for stage in wave:
-            if is_done(stage_dir(sdir, stage.id)):
+            if _already_done(tally, sdir, stage):
                 tally.skipped.append(stage.id)
             elif tally.bad(stage) or any(d not in tally.submitted and not is_done(stage_dir(sdir, d))
                                          for d in stage.inputs.values()):

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
+from fsdfm.fingerprint import with_fingerprint
 from fsdfm.flm import FLMConfig
 from fsdfm.fmlm import FMLMConfig
 from fsdfm.objectives import DFMConfig, FSDFMConfig
@@ -57,10 +58,14 @@ class Planner:
     """Builds (and deduplicates) the stages of one grid cell."""
 
     def __init__(self, spec: StudySpec, stages: dict):
+        import fsdfm.pipeline  # noqa: F401  (registers the stage kinds, whose versions enter the ids)
+
         self.spec, self.stages = spec, stages
         self.data = dataclasses.asdict(spec.data)
 
     def add(self, stage: Stage) -> Stage:
+        """Deduplicate `stage` (with its fingerprint: code versions and data hashes, see fsdfm.fingerprint)."""
+        stage = with_fingerprint(stage)
         return self.stages.setdefault(stage.id, stage)
 
     def model_cfg(self, method: MethodSpec) -> dict:

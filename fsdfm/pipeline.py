@@ -30,7 +30,7 @@ from fsdfm.results import atomic_write_bytes
 from fsdfm.samplers import SampleOutput, get_rule, sample, time_grid, update
 from fsdfm.schedulers import make_scheduler
 from fsdfm.stages import stage_kind
-from fsdfm.train import OptimConfig, fit, load_weights, save_checkpoint
+from fsdfm.train import OptimConfig, UnsafeCheckpointError, fit, load_weights, save_checkpoint
 
 SAMPLERS: Registry = Registry("sampler")
 LOSS_CURVE_POINTS = 200
@@ -98,8 +98,19 @@ class LoadedDiT:
     h_conditioned: bool
 
 
+class ArtefactError(RuntimeError):
+    """An input artefact (model.pt, samples.npy) that cannot be read: the message names the file."""
+
+
 def load_dit(model_dir: Path, dev: torch.device | None = None) -> LoadedDiT:
-    state = load_weights(Path(model_dir) / "model.pt")
+    path = Path(model_dir) / "model.pt"
+    try:
+        state = load_weights(path)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated file raises OSError/RuntimeError/EOFError that name no file
+        raise ArtefactError(f"{path}: cannot be read as a model ({type(e).__name__}: {e}); delete the stage "
+                            "folder (fsdfm clean) or re-run the study, which redoes damaged stages") from e
     model = DiT(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["state_dict"])
     model.to(dev or device()).eval()
@@ -153,7 +164,8 @@ def train_metrics(res, extra: dict | None = None) -> dict:
 
 # ---------------------------------------------------------------------------------------------- training stages
 
-@stage_kind("train_dfm", checkpointable=True, resources="gpu_multi")
+@stage_kind("train_dfm", checkpointable=True, resources="gpu_multi", version="1",
+            metrics=lambda c: ("val_nll", "elbo_ppl") if c.get("source") == "mask" else ())
 def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The DFM teacher: mask or uniform source, CE or generalized-KL loss."""
     join_process_group()
@@ -173,7 +185,7 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
                                "n_params": model.num_parameters()})
 
 
-@stage_kind("distil_fsdfm", checkpointable=True, resources="gpu_multi")
+@stage_kind("distil_fsdfm", checkpointable=True, resources="gpu_multi", version="1")
 def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The FS-DFM student, initialised from the teacher with a fresh step-size embedding."""
     from fsdfm.methods import StudentSpec
@@ -192,7 +204,7 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     return train_metrics(res, {"n_params": student.num_parameters()})
 
 
-@stage_kind("train_ar", checkpointable=True, resources="gpu_multi")
+@stage_kind("train_ar", checkpointable=True, resources="gpu_multi", version="1", metrics=("val_nll", "elbo_ppl"))
 def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """An autoregressive GPT-2-style model (the AR baseline, or the suite's reference evaluator), saved with
     save_pretrained together with the corpus tokenizer."""
@@ -211,7 +223,7 @@ def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
                                    "n_params": res.n_params})
 
 
-@stage_kind("train_flm", checkpointable=True, resources="gpu_multi")
+@stage_kind("train_flm", checkpointable=True, resources="gpu_multi", version="1")
 def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """FLM: a DiT reading the noisy one-hot state x_gamma, trained with CE at tau ~ U[0, 1]."""
     from fsdfm.flm import FLMConfig, FLMObjective, FLMTime
@@ -228,7 +240,7 @@ def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
     return train_metrics(res, {"n_params": model.num_parameters()})
 
 
-@stage_kind("distil_fmlm", checkpointable=True, resources="gpu_multi")
+@stage_kind("distil_fmlm", checkpointable=True, resources="gpu_multi", version="1")
 def distil_fmlm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """FMLM: the two-time flow-map denoiser distilled from a frozen FLM teacher by the semigroup rule."""
     from fsdfm.flm import FLMTime
@@ -295,7 +307,7 @@ SAMPLERS.register("flm", _continuous_sampler(two_time=False))
 SAMPLERS.register("fmlm", _continuous_sampler(two_time=True))
 
 
-@stage_kind("sample", resources="gpu")
+@stage_kind("sample", resources="gpu", version="1", metrics=("nfe", "wall_s", "tokens_per_s", "peak_mem"))
 def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """Draw n_samples from a trained method; record tokens, decoded text, NFE, wall-clock and peak memory."""
     from fsdfm.metrics.timing import peak_memory, reset_peak_memory
@@ -328,7 +340,12 @@ def write_samples(out_dir: Path, tokens: np.ndarray, corpus) -> None:
 
 
 def read_samples(stage_dir: Path) -> tuple[np.ndarray, list[str] | None]:
-    tokens = np.load(Path(stage_dir) / "samples.npy")
+    path = Path(stage_dir) / "samples.npy"
+    try:
+        tokens = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy's errors for a truncated file name no file
+        raise ArtefactError(f"{path}: cannot be read as samples ({type(e).__name__}: {e}); re-run the study, "
+                            "which redoes damaged stages") from e
     p = Path(stage_dir) / "samples.jsonl"
     texts = [json.loads(line)["text"] for line in p.read_text().splitlines()] if p.exists() else None
     return tokens, texts
@@ -411,7 +428,7 @@ def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corp
     return {"metrics": metrics, "metric_details": ms.details, "per_sample": PER_SAMPLE}
 
 
-@stage_kind("evaluate", resources="gpu")
+@stage_kind("evaluate", resources="gpu", version="1", metrics=lambda c: corpus_metric_names(c))
 def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """All sample metrics of one sample stage (evaluator time is not sampling time), and the per-sample table."""
     from fsdfm.results import read_record
@@ -429,7 +446,7 @@ def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     return {**scored, "n_samples": n, "samples_stage": Path(inputs["samples"]).name}
 
 
-@stage_kind("evaluate_data", resources="gpu")
+@stage_kind("evaluate_data", resources="gpu", version="1", metrics=lambda c: corpus_metric_names(c))
 def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The data reference row: the same metrics on real held-out blocks (a disjoint set is the MAUVE reference)."""
     corpus = corpus_for(config, out_dir)
@@ -453,6 +470,13 @@ class ExtraMetrics:
 
 
 EXTRA_METRICS: Registry = Registry("corpus metric")
+# the metric names each EXTRA_METRICS entry records (their versions enter the evaluate stages' ids)
+EXTRA_METRIC_NAMES = {"oracle": ("oracle_nll", "oracle_expected_nll", "oracle_entropy_rate")}
+
+
+def corpus_metric_names(config: dict) -> tuple:
+    """Names of the metrics `extra_metrics` adds for this config's dataset kind."""
+    return EXTRA_METRIC_NAMES.get((config.get("data") or {}).get("kind"), ())
 
 
 def extra_metrics(config: dict, tokens: np.ndarray, corpus) -> ExtraMetrics:
@@ -474,7 +498,7 @@ def oracle_metrics(config: dict, tokens: np.ndarray, corpus) -> ExtraMetrics:
                          "oracle_entropy_rate": float(source.entropy_rate)}, {"oracle_nll": per_sample})
 
 
-@stage_kind("pos_divergence", resources="gpu")
+@stage_kind("pos_divergence", resources="gpu", version="1", metrics=("pos_divergence", "pos_divergence_slope"))
 def pos_divergence_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """Per-position divergence of the few-step student from the many-step teacher, from states x_t taken
     along teacher trajectories at t_start: both finish from the same state; marginals from rollouts."""

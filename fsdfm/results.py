@@ -12,9 +12,13 @@ Layout (one directory per study, one per stage, content-addressed by stage id):
                                      per_sample.csv evaluate stages: one row per sample (`load_samples`)
                                      *             the stage's own artefacts and checkpoints
 
-A stage is done iff its record.json parses and has "status": "done". The record is written last and
-atomically (temp file in the same directory + fsync + os.replace), so a process killed at any point leaves
-either no record or a complete one; a half-written record can only be a stray temp file, never record.json.
+A stage is done iff its record.json parses, has "status": "done", every artefact it lists under "artefacts"
+(path -> size and sha256 of every file the stage left in its folder, see `artefact_manifest`) still has that
+size and content, and every input record it read (sha256 under "input_records") is still the current one (an
+input that was redone since makes it stale). `check_stage` says which of these fails, naming the file. The
+record is written last and atomically (temp file in the same directory + fsync + os.replace), so a process
+killed at any point leaves either no record or a complete one; a half-written record can only be a stray temp
+file, never record.json.
 
 Every record carries its provenance: resolved config, stage id, input ids, seeds (every `seed`/`*_seed` key of
 the config), git commit and dirty flag of the fsdfm source tree ("unknown"/None outside git), python, torch,
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -52,7 +57,7 @@ ATTEMPTS = ".attempts"
 # files of the machinery, not of the stage: kept when a non-checkpointable stage's out_dir is cleared
 CONTROL_FILES = frozenset({RECORD, RUNNING, ERROR, SUBMITTED, LOCK, LOCK + ".break", ATTEMPTS})
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: records list their artefacts, input records and fingerprint (code versions, data)
 # a lock file that is still empty/unparsable after this long was left by a process killed while creating it
 LOCK_WRITE_GRACE_S = 30.0
 
@@ -154,9 +159,133 @@ def read_record(sdir: Path, warn: bool = True) -> dict | None:
 
 
 def is_done(sdir: Path) -> bool:
-    """A stage is done iff its record.json parses and has status "done"."""
+    """A stage is done iff its record.json parses, has status "done" and `check_stage` finds its artefacts and
+    input records as recorded."""
+    return check_stage(sdir).done
+
+
+# ------------------------------------------------------------------------------------------- artefacts
+# Not artefacts of a stage: the machinery's control files, hidden files (temp files of atomic writes, locks,
+# .attempts), logs, and checkpoints under ckpt/ -- resumption state that no other stage reads; a damaged
+# checkpoint must not throw away a finished training (the stage would restart from scratch).
+NOT_ARTEFACT_DIRS = frozenset({"ckpt"})
+LOG_SUFFIXES = (".log", ".out", ".err")
+
+
+def artefact_paths(sdir: Path) -> list[Path]:
+    """Every file the stage left in `sdir` that `artefact_manifest` covers (sorted), whatever its name: a new
+    artefact a stage starts writing (e.g. a per-sample table) is covered without being declared."""
+    sdir = Path(sdir)
+    out = []
+    for p in sorted(sdir.rglob("*")):
+        rel = p.relative_to(sdir)
+        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        if (len(rel.parts) == 1 and p.name in CONTROL_FILES) or rel.parts[0] in NOT_ARTEFACT_DIRS \
+                or p.name.endswith(LOG_SUFFIXES):
+            continue
+        out.append(p)
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, size: int, mtime_ns: int, ino: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, memoised in this process per (path, size, mtime_ns, inode).
+
+    Cost: sha256 reads ~1-2 GB/s on one core, so the ~5 GB model.pt of the 1.3B preset costs a few seconds,
+    once per process (the driver, and each job that reads it as an input), next to minutes or hours of the
+    work it guards. The memo is safe because it never outlives the process (a new `fsdfm run`/`verify` reads
+    every file again, so bit rot is caught there) and within one process any rewrite, truncation or
+    replacement of the file changes its size, mtime_ns or inode (os.replace gives a new inode)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _sha256_of(str(p), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def artefact_manifest(sdir: Path) -> dict[str, dict]:
+    """{relative posix path: {"size": bytes, "sha256": hex}} of every `artefact_paths` file of `sdir`."""
+    sdir = Path(sdir)
+    return {p.relative_to(sdir).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in artefact_paths(sdir)}
+
+
+def record_digest(sdir: Path) -> str | None:
+    """sha256 of the bytes of `sdir`/record.json (None when there is none): which result a dependent read."""
+    try:
+        return hashlib.sha256((Path(sdir) / RECORD).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class StageCheck:
+    """What `check_stage` found in one stage directory.
+
+    state: "done" (record done; artefacts and input records as recorded), "missing" (no done record),
+        "damaged" (an artefact is missing, has another size or another sha256) or "stale" (an input was redone
+        after this stage read it). problems: one line per finding, each naming the file.
+    verified: whether the record lists its artefacts (records written before artefact hashing do not).
+    damaged_files: the paths of the damaged artefacts (state "damaged").
+    """
+
+    sdir: str
+    state: str
+    problems: tuple = ()
+    verified: bool = False
+    damaged_files: tuple = ()
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+
+def check_stage(sdir: Path) -> StageCheck:
+    """Compare a stage's done record with its folder: artefact sizes and sha256s, and its inputs' current records.
+
+    Sizes are compared first (a truncation costs no hashing); then every artefact is hashed (see `sha256_file`
+    for the cost). Input records are found beside `sdir` (the study's stages/ folder)."""
+    sdir = Path(sdir)
     rec = read_record(sdir, warn=False)
-    return rec is not None and rec.get("status") == "done"
+    if rec is None or rec.get("status") != "done":
+        return StageCheck(str(sdir), "missing")
+    manifest = rec.get("artefacts")
+    problems, damaged = [], []
+    if isinstance(manifest, dict):
+        for rel, want in sorted(manifest.items()):
+            p = sdir / rel
+            want = want if isinstance(want, dict) else {}
+            try:
+                size = p.stat().st_size
+            except OSError:
+                problems.append(f"{p}: missing (recorded {want.get('size')} bytes)")
+                continue
+            if size != want.get("size"):
+                problems.append(f"{p}: {size} bytes, recorded {want.get('size')} (truncated or rewritten)")
+            elif sha256_file(p) != want.get("sha256"):
+                problems.append(f"{p}: sha256 {sha256_file(p)[:12]} differs from the recorded "
+                                f"{str(want.get('sha256'))[:12]} (same size: overwritten)")
+            else:
+                continue
+            damaged.append(str(p))
+    if problems:
+        return StageCheck(str(sdir), "damaged", tuple(problems), True, tuple(damaged))
+    stale = []
+    for name, want in sorted((rec.get("input_records") or {}).items()):
+        dep = (rec.get("inputs") or {}).get(name)
+        dep_dir = sdir.parent / str(dep)
+        if dep is None or record_digest(dep_dir) != want:
+            stale.append(f"{dep_dir / RECORD}: input {name!r} was redone (or removed) after this stage read it")
+    if stale:
+        return StageCheck(str(sdir), "stale", tuple(stale), isinstance(manifest, dict))
+    return StageCheck(str(sdir), "done", (), isinstance(manifest, dict))
 
 
 def now_iso() -> str:

@@ -3,11 +3,16 @@
 A `Stage` is one call of a registered stage function on a resolved config, with named inputs that are other
 stages' ids (train -> distil -> sample -> evaluate). Its id is content-addressed:
 
-    id = f"{kind}-{sha256(canonical_json({"kind": kind, "config": config, "inputs": inputs}))[:12]}"
+    id = f"{kind}-{sha256(canonical_json({"kind": kind, "config": config, "inputs": inputs,
+                                          "fingerprint": fingerprint}))[:12]}"
+
+where `fingerprint` holds what decides the result besides the config and the inputs: the version of the stage
+kind and of each metric it computes, and the sha256 of the data files it reads (see `fsdfm.fingerprint`; the
+planner fills it in). A stage without a fingerprint hashes as before, without the key.
 
 where canonical_json sorts keys, uses no whitespace (separators "," and ":"), escapes non-ASCII and refuses
-NaN/inf. Because `inputs` holds the input stages' *ids*, a changed setting changes the id of its stage and of
-every stage downstream of it, and nothing else: a teacher shared by ten ablations is one stage, trained once.
+NaN/inf. Because `inputs` holds the input stages' *ids*, a changed setting (or code version, or data file)
+changes the id of its stage and of every stage downstream of it, and nothing else: a teacher shared by ten ablations is one stage, trained once.
 Note that the hash sees JSON values, so `1` and `1.0` are different configs: resolve configs to one type.
 
 A stage function has the signature
@@ -74,16 +79,20 @@ def _jsonable_copy(obj: Any, where: str) -> Any:
     return walk(obj, "")
 
 
-def stage_id(kind: str, config: dict, inputs: dict[str, str]) -> str:
-    """`f"{kind}-{sha256(canonical_json(kind, config, inputs))[:12]}"` (see the module docstring)."""
-    text = canonical_json({"kind": kind, "config": config, "inputs": inputs})
+def stage_id(kind: str, config: dict, inputs: dict[str, str], fingerprint: dict | None = None) -> str:
+    """`f"{kind}-{sha256(canonical_json(kind, config, inputs[, fingerprint]))[:12]}"` (see the module docstring)."""
+    content = {"kind": kind, "config": config, "inputs": inputs}
+    if fingerprint:
+        content["fingerprint"] = fingerprint
+    text = canonical_json(content)
     return f"{kind}-{hashlib.sha256(text.encode('ascii')).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True, eq=False)
 class Stage:
     """One unit of work: `kind` names a registered stage function, `config` is its resolved JSON config and
-    `inputs` maps input names to the ids of the stages whose output directories it reads.
+    `inputs` maps input names to the ids of the stages whose output directories it reads. `fingerprint` holds
+    code versions and data hashes (JSON; not passed to the stage function; see `fsdfm.fingerprint`).
 
     `id` is computed (never passed): see `stage_id`. Stages compare and hash by id.
     """
@@ -91,6 +100,7 @@ class Stage:
     kind: str
     config: dict[str, Any]
     inputs: dict[str, str] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
     id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -104,10 +114,14 @@ class Stage:
         ):
             raise TypeError(f"inputs of {self.kind} stage must map input names to stage ids (str -> str), "
                             f"got {self.inputs!r}")
+        fingerprint = _jsonable_copy(self.fingerprint, f"fingerprint of {self.kind} stage")
+        if not isinstance(fingerprint, dict):
+            raise TypeError(f"fingerprint of {self.kind} stage must be a dict, got {type(self.fingerprint).__name__}")
         # copies, so that mutating the caller's dicts cannot change a stage after its id was computed
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "inputs", dict(self.inputs))
-        object.__setattr__(self, "id", stage_id(self.kind, config, self.inputs))
+        object.__setattr__(self, "fingerprint", fingerprint)
+        object.__setattr__(self, "id", stage_id(self.kind, config, self.inputs, fingerprint))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Stage) and other.id == self.id
@@ -116,12 +130,16 @@ class Stage:
         return hash(self.id)
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "config": self.config, "inputs": self.inputs}
+        out = {"id": self.id, "kind": self.kind, "config": self.config, "inputs": self.inputs}
+        if self.fingerprint:
+            out["fingerprint"] = self.fingerprint
+        return out
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "stage") -> "Stage":
         try:
-            stage = cls(kind=d["kind"], config=d["config"], inputs=d.get("inputs", {}))
+            stage = cls(kind=d["kind"], config=d["config"], inputs=d.get("inputs", {}),
+                        fingerprint=d.get("fingerprint") or {})
         except KeyError as e:
             raise PlanError(f"{where}: missing key {e.args[0]!r} (a stage needs kind, config, inputs)") from None
         if "id" in d and d["id"] != stage.id:
@@ -137,11 +155,26 @@ class StageKind:
     checkpointable: the function saves its own checkpoints in out_dir and resumes from them, so a job that is
         preempted or times out is requeued instead of failed (and its out_dir is not cleared between attempts).
     resources: the resource class a cluster profile maps to partition/GPUs/CPUs/memory/time ("cpu", "gpu", ...).
+    version: bumped whenever the function's results change for the same config and inputs; it enters the id of
+        every stage of this kind (so a fix re-runs those stages and their dependents, nothing else).
+        tests/test_versions.py fails when the kind's sources change without a bump (see `fsdfm.versions`).
+    metrics: the metrics (names in `fsdfm.metrics.registry.METRICS`) the kind records itself, or a function
+        config -> names; their versions enter the id too (evaluate stages add the names their config lists).
     """
 
     fn: StageFn
     checkpointable: bool = False
     resources: str = "cpu"
+    version: str = "1"
+    metrics: tuple | Callable[[dict], Any] = ()
+
+    def metric_names(self, config: dict) -> list[str]:
+        """Sorted names of the metrics a stage of this kind with `config` computes."""
+        names = set(self.metrics(config) if callable(self.metrics) else self.metrics)
+        listed = config.get("metrics")
+        if isinstance(listed, dict) and isinstance(listed.get("names"), list):
+            names.update(n for n in listed["names"] if isinstance(n, str))
+        return sorted(names)
 
     @property
     def module(self) -> str:
@@ -164,11 +197,16 @@ class StageKind:
 STAGE_KINDS: Registry[StageKind] = Registry("stage kind")
 
 
-def stage_kind(name: str, checkpointable: bool = False, resources: str = "cpu") -> Callable[[StageFn], StageFn]:
-    """Register `fn(config, inputs, out_dir) -> dict` as stage kind `name`; returns `fn` unchanged."""
+def stage_kind(name: str, checkpointable: bool = False, resources: str = "cpu", version: str = "1",
+               metrics: tuple | Callable[[dict], Any] = ()) -> Callable[[StageFn], StageFn]:
+    """Register `fn(config, inputs, out_dir) -> dict` as stage kind `name` (see `StageKind` for the options);
+    returns `fn` unchanged."""
+    if not isinstance(version, str) or not version:
+        raise ValueError(f"stage kind {name!r}: version must be a non-empty string, got {version!r}")
 
     def deco(fn: StageFn) -> StageFn:
-        STAGE_KINDS.register(name, StageKind(fn=fn, checkpointable=checkpointable, resources=resources))
+        STAGE_KINDS.register(name, StageKind(fn=fn, checkpointable=checkpointable, resources=resources,
+                                             version=version, metrics=metrics))
         return fn
 
     return deco

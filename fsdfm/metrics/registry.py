@@ -19,13 +19,18 @@ DIRECTIONS = ("min", "max", None)
 
 @dataclass(frozen=True)
 class MetricInfo:
-    """Static description of one metric: `name`, `direction` ("min" | "max" | None), `unit`, `family`."""
+    """Static description of one metric: `name`, `direction` ("min" | "max" | None), `unit`, `family`.
+
+    `version` is bumped whenever the metric's value can change for the same samples (a fix, a new convention);
+    it enters the id of every stage that computes the metric, so only those stages re-run (tests/test_versions.py
+    fails when the metric's sources change without a bump; see `fsdfm.versions`)."""
 
     name: str
     direction: str | None
     unit: str
     family: str
     description: str
+    version: str = "1"
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -41,8 +46,8 @@ class MetricInfo:
 METRICS: Registry[MetricInfo] = Registry("metric")
 
 
-def _add(name: str, direction: str | None, unit: str, family: str, description: str) -> None:
-    METRICS.register(name, MetricInfo(name, direction, unit, family, description))
+def _add(name: str, direction: str | None, unit: str, family: str, description: str, version: str = "1") -> None:
+    METRICS.register(name, MetricInfo(name, direction, unit, family, description, version))
 
 
 # --- perplexity (fsdfm/metrics/perplexity.py)

@@ -1,0 +1,73 @@
+"""What decides a stage's result besides its config and its inputs: code versions and data content.
+
+    fingerprint(kind, config) = {
+        "version": STAGE_KINDS[kind].version,
+        "metrics": {m: METRICS[m].version for m in STAGE_KINDS[kind].metric_names(config)},   (when any)
+        "data":    {field: "sha256:<hex>" for each file config["data"] names},                   (when any)
+    }
+
+It enters the stage id (`fsdfm.stages.stage_id`), so
+
+* a fix to a stage kind (its version bumped) re-runs the stages of that kind and their dependents;
+* a fix to a metric re-runs only the stages that compute it (the evaluate stages whose `metrics.names` list it,
+  or the kind that records it), nothing upstream;
+* a changed data file re-runs exactly the stages whose config reads it (through their `data` key).
+
+Versions are declared strings, not hashes of the source: a hash of the computing modules would re-run a 5 GB
+training for a comment or a refactor of a shared module, and would still miss behaviour that lives elsewhere
+(a library upgrade). A declared version is bumped on purpose; `fsdfm.versions` and tests/test_versions.py keep
+that honest by failing when a unit's sources change while its version does not.
+
+Data files are hashed with the loader's own memoised `fsdfm.data.base.file_sha256` (once per process). Fields
+that name no file (a hub split such as "train[-1000:]", a tokenizer name such as "gpt2", an oracle source)
+add nothing: their config values already identify them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fsdfm.stages import STAGE_KINDS, Stage
+
+DATA_FILE_FIELDS = ("train", "valid", "tokenizer")
+
+
+def data_fingerprint(data: dict) -> dict[str, str]:
+    """{field: "sha256:<hex>"} of each of `data`'s train/valid/tokenizer values that names a file (a tokenizer
+    directory counts through its tokenizer.json), read relative to the working directory as the loader does."""
+    from fsdfm.data.base import file_sha256
+
+    out = {}
+    for key in DATA_FILE_FIELDS:
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        p = Path(value)
+        if p.is_dir() and (p / "tokenizer.json").is_file():
+            p = p / "tokenizer.json"
+        if p.is_file():
+            out[key] = "sha256:" + file_sha256(p)
+    return out
+
+
+def stage_fingerprint(kind: str, config: dict) -> dict[str, Any]:
+    """The fingerprint of a stage of registered kind `kind` with `config` (see the module docstring)."""
+    from fsdfm.metrics.registry import METRICS
+
+    k = STAGE_KINDS.get(kind)
+    fp: dict[str, Any] = {"version": k.version}
+    names = k.metric_names(config)
+    if names:
+        fp["metrics"] = {n: METRICS.get(n).version for n in names}
+    data = config.get("data")
+    if isinstance(data, dict):
+        files = data_fingerprint(data)
+        if files:
+            fp["data"] = files
+    return fp
+
+
+def with_fingerprint(stage: Stage) -> Stage:
+    """`stage` with its fingerprint filled in (a new Stage, so a new id)."""
+    return Stage(stage.kind, stage.config, stage.inputs, stage_fingerprint(stage.kind, stage.config))
