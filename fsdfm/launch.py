@@ -29,6 +29,7 @@ import contextlib
 import functools
 import copy
 import importlib
+import json
 import os
 import shlex
 import shutil
@@ -45,14 +46,16 @@ import submitit.helpers
 
 from fsdfm.registry import Registry, did_you_mean
 from fsdfm.results import (
-    ATTEMPTS, CONTROL_FILES, ERROR, JOBS, PLAN, RECORD, RUNNING, SCHEMA_VERSION, SUBMITTED, StageCheck,
-    artefact_manifest, atomic_write_json, check_stage, device, find_seeds, is_done, loadavg_1min, lock_holder,
-    now_iso, provenance, read_json, read_record, record_digest, stage_dir, stage_lock, study_dir as _study_dir, to_jsonable, torch_threads,
+    ATTEMPTS, CONTROL_FILES, ERROR, JOBS, PLAN, RECORD, RUNNING, SCHEMA_VERSION, SUBMITTED, LockInfo, StageCheck,
+    artefact_manifest, atomic_write_json, break_stale_lock, check_stage, device, find_seeds, is_done, loadavg_1min,
+    lock_holder, now_iso, pid_alive, provenance, read_json, read_record, record_digest, remove_stale_temp_files,
+    stage_dir, stage_lock, study_dir as _study_dir, to_jsonable, torch_threads,
 )
 from fsdfm.runtime import malloc_tuned, tune_malloc
 from fsdfm.stages import STAGE_KINDS, PlanError, Stage, StageKind, StudyPlan, waves
 
 ERROR_TAIL_LINES = 30
+LOCK_POLL_S = 0.5  # how often a run that found a stage locked by a live process looks again
 
 
 class StageInputError(RuntimeError):
@@ -74,23 +77,50 @@ def read_plan(study_dir: str | os.PathLike) -> dict:
     return plan
 
 
+STAGE_MODULES_ENV = "FSDFM_STAGE_MODULES"
+PACKAGE = __name__.split(".")[0]  # "fsdfm"
+
+
+def stage_modules_env(kinds: list[str]) -> dict[str, str]:
+    """{module: import_root} of the registered `kinds` that live outside the fsdfm package (tests, user code).
+
+    The driver hands this to its jobs (as FSDFM_STAGE_MODULES, JSON) from its own registry, so that what a job may
+    import is decided by the process that registered the kinds, not by plan.json, a file anyone with write access
+    to the results could edit."""
+    out = {}
+    for kind in sorted(set(kinds)):
+        k = STAGE_KINDS.get(kind)
+        if k.module.split(".")[0] != PACKAGE and k.import_root:
+            out[k.module] = k.import_root
+    return out
+
+
 def resolve_kind(kind: str, hint: dict | None = None) -> StageKind:
     """The registered `StageKind` named `kind`, importing the module that registers it if needed.
 
-    A fresh job process has only imported fsdfm.launch; plan.json records, per kind, the module that
-    registered it and the sys.path entry it was imported from (`hint`), so tests and user modules that are
-    not installed packages still resolve."""
+    A fresh job process has only imported fsdfm.launch; plan.json records, per kind, the module that registered
+    it (`hint`). A job imports that module only if it is part of the fsdfm package, or if its driver granted it
+    in FSDFM_STAGE_MODULES (`stage_modules_env`: module -> the sys.path entry to import it from), so a tampered
+    plan.json cannot make a job import (run) any other module."""
     if kind not in STAGE_KINDS and hint and hint.get("module"):
-        module = hint["module"]
+        module = str(hint["module"])
         try:
+            granted = json.loads(os.environ.get(STAGE_MODULES_ENV) or "{}")
+        except ValueError:
+            granted = {}
+        if not isinstance(granted, dict):
+            granted = {}
+        if module.split(".")[0] == PACKAGE:
             importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            root = hint.get("import_root")
-            if not root or not (e.name and module.split(".")[0] == e.name.split(".")[0]):
-                raise
+        elif module in granted:
+            root = str(granted[module])
             if root not in sys.path:
                 sys.path.append(root)  # appended: never shadow installed packages
             importlib.import_module(module)
+        else:
+            raise PlanError(f"plan.json: stage kind {kind!r} names module {module!r}, which is not part of the "
+                            f"{PACKAGE} package and was not granted by the driver ({STAGE_MODULES_ENV}); a job "
+                            f"imports only those")
     return STAGE_KINDS.get(kind)
 
 
@@ -98,7 +128,9 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
     """Run one stage of the study in `study_dir` (what every job executes); returns its record.
 
     Reads the stage from plan.json; returns the existing record if the stage is done; checks that its inputs
-    are done; takes the stage lock (`StageLockedError` if another live process holds it); writes running.json;
+    are done; takes the stage lock (if another live process holds it, says so on stderr, naming the pid, and
+    waits until it is released: then the record it wrote is returned); removes temp files of dead writers
+    (`remove_stale_temp_files`); writes running.json;
     clears out_dir of a non-checkpointable stage (a clean slate: a killed attempt's half-written artefacts
     must not leak into this one) while a checkpointable stage keeps its checkpoints; calls the stage function;
     writes record.json atomically, with the size and sha256 of every artefact it left (hashed once, here) and
@@ -135,7 +167,11 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         # the other ranks only take part in the computation (and, by convention, write nothing to out_dir)
         return {"rank": rank, "payload": kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)}
 
-    with stage_lock(out_dir):
+    def tell(holder: LockInfo) -> None:
+        print(f"stage {stage_id} is locked by {holder.describe()}: waiting for it to finish", file=sys.stderr,
+              flush=True)
+
+    with stage_lock(out_dir, wait=True, poll_s=LOCK_POLL_S, on_wait=tell):
         check = check_stage(out_dir)
         if check.done:  # finished while we were getting here
             return read_record(out_dir)
@@ -143,6 +179,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
             print(f"stage {stage_id}: redoing it (and its dependents): {'; '.join(check.problems)}",
                   file=sys.stderr, flush=True)
             _discard_result(out_dir, check, kind.checkpointable)
+        remove_stale_temp_files(out_dir)  # what killed attempts left half-written (e.g. an empty checkpoint temp)
         attempt = _next_attempt(out_dir)
         t0, started, load_start = time.time(), now_iso(), loadavg_1min()
         running = {"stage_id": stage_id, "kind": stage.kind, "attempt": attempt, "start_time": started,
@@ -428,10 +465,15 @@ def _slurm_parameters(res: dict) -> dict:
     return p
 
 
-def _source_setup() -> list[str]:
-    """Shell lines that make a job import this very fsdfm source tree (provenance: the commit we record)."""
+def _source_setup(plan: StudyPlan | None = None) -> list[str]:
+    """Shell lines that make a job import this very fsdfm source tree (provenance: the commit we record) and
+    grant it the modules of `plan`'s stage kinds that live outside fsdfm (`stage_modules_env`)."""
     root = str(Path(__file__).resolve().parents[1])
-    return [f"export PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    lines = [f"export PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    granted = stage_modules_env([s.kind for s in plan.stages.values()]) if plan is not None else {}
+    if granted:
+        lines.append(f"export {STAGE_MODULES_ENV}={shlex.quote(json.dumps(granted, sort_keys=True))}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- executors
@@ -535,7 +577,7 @@ def _execute_local(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
                          "no dependencies between waves; use executor='slurm'")
     cap = max(1, int(max_parallel or 1))
     n_gpus, cvd = _visible_gpus()
-    setup = _source_setup() + ([f"export CUDA_VISIBLE_DEVICES={shlex.quote(cvd)}"] if cvd is not None else [])
+    setup = _source_setup(plan) + ([f"export CUDA_VISIBLE_DEVICES={shlex.quote(cvd)}"] if cvd is not None else [])
     deadline = None if timeout_s is None else time.time() + timeout_s
     tally = _Tally(sdir)
     for wave in waves(plan):
@@ -628,7 +670,7 @@ def _execute_slurm(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
         for (cls, deps), stages in groups.items():
             res = resources_for(profile, cls)
             params = _slurm_parameters(res)
-            params["setup"] = _source_setup() + list(params.get("setup", []))
+            params["setup"] = _source_setup(plan) + list(params.get("setup", []))
             params["job_name"] = f"fsdfm-{plan.name}-w{k}-{cls}"
             if max_parallel:
                 params["array_parallelism"] = int(max_parallel)

@@ -34,6 +34,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -43,7 +44,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 PLAN = "plan.json"
 STAGES = "stages"
@@ -494,26 +495,39 @@ def _lock_is_stale(path: Path, info: LockInfo | None) -> bool:
 
 
 @contextlib.contextmanager
-def stage_lock(sdir: Path) -> Iterator[LockInfo]:
+def stage_lock(sdir: Path, wait: bool = False, poll_s: float = 1.0,
+               on_wait: Callable[[LockInfo | None], None] | None = None) -> Iterator[LockInfo]:
     """Hold the exclusive lock of stage directory `sdir` for the duration of the block.
 
     Created with O_CREAT|O_EXCL, so exactly one process wins. A lock whose holder is dead (same host, pid
     gone or reused; or the same SLURM job, requeued) is broken and retaken; a live one raises
-    `StageLockedError` naming the holder. Breaking is serialised by a second O_EXCL file, so two processes
-    that both judge a lock stale cannot delete each other's fresh lock.
+    `StageLockedError` naming the holder, or with `wait=True` is polled every `poll_s` seconds until its holder
+    releases it or dies (`on_wait(holder)` is called once per holder waited for, to tell the user). Breaking is
+    serialised by a second O_EXCL file, so two processes that both judge a lock stale cannot delete each
+    other's fresh lock.
     """
     sdir = Path(sdir)
     sdir.mkdir(parents=True, exist_ok=True)
     path = sdir / LOCK
     me = LockInfo(host=socket.gethostname(), pid=os.getpid(), pid_start=_pid_start(os.getpid()), job_id=job_id(),
                   time=now_iso())
-    for _ in range(5):
+    tries, waited_for = 0, []
+    while tries < 5:
+        tries += 1
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             info = _read_lock(path)
             if _lock_is_stale(path, info):
                 _break_lock(path, info)
+                continue
+            if wait:
+                if info is not None and info not in waited_for:
+                    waited_for.append(info)
+                    if on_wait is not None:
+                        on_wait(info)
+                tries = 0  # a live holder is not "changing hands": wait as long as it lives
+                time.sleep(poll_s)
                 continue
             who = info.describe() if info else "a process that is still writing the lock file"
             raise StageLockedError(f"stage {sdir.name} is locked by {who} ({path})") from None
@@ -551,6 +565,50 @@ def _break_lock(path: Path, judged: LockInfo | None) -> None:
                 os.unlink(path)
     finally:
         os.unlink(guard)
+
+
+def break_stale_lock(sdir: Path) -> bool:
+    """Remove the lock of stage dir `sdir` if its holder is dead (as `stage_lock` would); True if one was removed.
+
+    A driver calls this for the stages whose job processes it has just killed, so that no lock outlives them."""
+    path = Path(sdir) / LOCK
+    if not path.exists():
+        return False
+    info = _read_lock(path)
+    if info is None or not _lock_is_stale(path, info):
+        return False
+    _break_lock(path, info)
+    return not path.exists()
+
+
+# a temp file of atomic_write_bytes (".<name>.<pid>.<8 hex>.tmp") or of train.save_checkpoint (".<name>.<pid>.tmp")
+_TEMP_FILE = re.compile(r"^\..+\.(?P<pid>\d+)(\.[0-9a-f]{8})?\.tmp$")
+
+
+def _pid_in_use(pid: int) -> bool:
+    try:
+        return pid_alive(pid)
+    except (OverflowError, ValueError):  # no such pid can exist (beyond the kernel's pid range)
+        return False
+
+
+def remove_stale_temp_files(sdir: Path) -> list[Path]:
+    """Delete the temp files under stage dir `sdir` (any depth) whose writer process is gone; returns them.
+
+    A process killed between creating a temp file and renaming it (atomic writes, checkpoints) leaves it behind,
+    often empty; nothing ever reads one, so each kill would otherwise leave litter for good. Run under the stage
+    lock, when no other attempt of the stage can be writing; a temp file whose pid is alive is kept all the same
+    (a requeued SLURM attempt can overlap the dying one for a few seconds)."""
+    removed = []
+    for dirpath, _dirs, files in os.walk(sdir):
+        for name in files:
+            m = _TEMP_FILE.match(name)
+            if m and not _pid_in_use(int(m["pid"])):
+                p = Path(dirpath) / name
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------- loading

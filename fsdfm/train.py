@@ -11,6 +11,7 @@ Under torch.distributed (DDP) every rank draws the same global batch indices and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
+
+from fsdfm.results import _fsync_dir
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,25 @@ def _dist() -> tuple[int, int]:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temp file beside the target, then rename over it."""
+    """Atomic and durable: torch.save into a temp file beside the target, fsync it, os.replace it over the target,
+    fsync the directory.
+
+    Without the fsync a crash soon after the rename can leave a renamed but empty checkpoint on disk (the data
+    blocks were never written back), which a resume would then fail to load. A kill during the write leaves the
+    old checkpoint and a stray `.<name>.<pid>.tmp`, which `run_stage` removes when the stage next starts."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 class UnsafeCheckpointError(RuntimeError):

@@ -5,10 +5,12 @@ log every call to a counter file (FSDFM_TEST_COUNTER), so a test can tell exactl
 processes (local executor, subprocesses) import this module by name to find them (plan.json records it).
 """
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from fsdfm.launch import (
 from fsdfm.registry import UnknownNameError
 from fsdfm.results import (
     ATTEMPTS, ERROR, PLAN, RECORD, RUNNING, StageLockedError, is_done, lock_holder, read_json, stage_dir,
+    stage_lock,
 )
 from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
 
@@ -284,8 +287,9 @@ def test_kill9_midway_then_rerun_gives_identical_results(tmp_path, counter):
     assert set(again.skipped) == set(plan.stages) and not again.submitted  # done stages are not submitted
 
 
-def test_same_stage_in_two_processes_does_not_clobber(tmp_path, counter):
-    """While one process runs stage b, a second run_stage of b is refused; afterwards it returns the record."""
+def test_same_stage_in_two_processes_does_not_clobber(tmp_path, counter, capfd):
+    """While one process runs stage b, a second run_stage of b says who holds it (the pid) and waits; once the
+    first is done the second returns its record instead of recomputing it."""
     hold = tmp_path / "hold"
     hold.touch()
     plan = chain_plan(hold_b=True)
@@ -301,14 +305,68 @@ def test_same_stage_in_two_processes_does_not_clobber(tmp_path, counter):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     with pytest.raises(StageLockedError, match=f"stage {b} is locked by pid {proc.pid}"):
-        run_stage(study, b)
+        with stage_lock(bdir):  # without wait=True a live holder is refused at once
+            pass
     running = status(study).by_state("running")
     assert [r.stage_id for r in running] == [b] and f"pid {proc.pid}" in running[0].detail
-    hold.unlink()
+    releaser = threading.Timer(1.0, hold.unlink)  # the holder finishes while we wait
+    releaser.start()
+    rec = run_stage(study, b)  # waits for the other process; its record is returned, not recomputed
+    releaser.join()
     assert proc.wait(timeout=30) == 0
-    rec = run_stage(study, b)  # done by the other process: returned, not recomputed
     assert rec["provenance"]["pid"] == proc.pid
     assert calls(counter)[b] == 1
+    err = capfd.readouterr().err
+    assert f"stage {b} is locked by pid {proc.pid}" in err and "waiting for it to finish" in err
+
+
+def test_stage_start_removes_temp_files_of_killed_writers(tmp_path, counter):
+    """A kill during a checkpoint write leaves an empty `.checkpoint.pt.<pid>.tmp`: the next attempt removes it
+    and keeps the checkpoints (a checkpointable stage resumes from them)."""
+    st = Stage("t_launch_resume", {"attempts": 1})
+    study = write_plan(StudyPlan.from_stages("tmp", [st]), tmp_path)
+    out = stage_dir(study, st.id)
+    (out / "ckpt").mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    litter = [out / "ckpt" / f".checkpoint.pt.{dead.pid}.tmp", out / f".running.json.{dead.pid}.89abcdef.tmp"]
+    for p in litter:
+        p.write_bytes(b"")
+    (out / "ckpt" / "checkpoint.pt").write_bytes(b"kept")
+    assert run_stage(study, st.id)["payload"]["metrics"]["attempts_seen"] == 1
+    assert not any(p.exists() for p in litter) and (out / "ckpt" / "checkpoint.pt").read_bytes() == b"kept"
+
+
+def test_a_job_imports_only_fsdfm_modules_or_those_its_driver_granted(tmp_path, counter):
+    """plan.json names the module of each kind; a job imports it only if it is part of fsdfm or granted by the
+    driver (FSDFM_STAGE_MODULES), so an edited plan.json cannot make a job run another module."""
+    plan = chain_plan()
+    a = ids(plan)[0]
+    study = write_plan(plan, tmp_path)
+    grant = launch.stage_modules_env(["t_launch_const"])
+    assert grant == {"test_launch": str(TESTS)}
+    code = "import sys; from fsdfm.launch import run_stage; run_stage(sys.argv[1], sys.argv[2])"
+
+    def job(**env):
+        # PYTHONPATH holds tests/ too: the module *could* be imported, the grant decides
+        return subprocess.run([sys.executable, "-c", code, str(study), a], cwd=tmp_path, capture_output=True, text=True,
+                              env={**{k: v for k, v in os.environ.items() if k != launch.STAGE_MODULES_ENV}, **env},
+                              timeout=120)
+
+    refused = job()
+    assert refused.returncode != 0 and "module 'test_launch', which is not part of the fsdfm package" in refused.stderr
+    evil = tmp_path / "evil_stage_module.py"
+    evil.write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').close()\n")
+    tampered = read_json(study / PLAN)
+    tampered["kinds"]["t_launch_const"] = {"module": "evil_stage_module", "import_root": str(tmp_path)}
+    (study / PLAN).write_text(json.dumps(tampered))
+    refused = job(**{launch.STAGE_MODULES_ENV: json.dumps(grant)})
+    assert refused.returncode != 0 and "'evil_stage_module', which is not part of" in refused.stderr
+    assert not (tmp_path / "pwned").exists()
+    write_plan(plan, tmp_path)
+    ok = job(**{launch.STAGE_MODULES_ENV: json.dumps(grant)})
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert is_done(stage_dir(study, a))
 
 
 # --------------------------------------------------------------------------------------------- profiles

@@ -18,6 +18,7 @@ from fsdfm.results import (
     LOCK, RECORD, StageLockedError, atomic_write_bytes, atomic_write_json, find_seeds, is_done, load, load_records,
     lock_holder, read_record, stage_dir, stage_lock, to_jsonable,
 )
+from fsdfm.results import LockInfo, break_stale_lock, remove_stale_temp_files
 from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,3 +296,55 @@ def test_load_records_per_stage_view(tmp_path):
                 "slurm_job_id", "attempt"):
         assert key in prov
     assert Path(r["stage_dir"], "record.json").is_file()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_remove_stale_temp_files_of_dead_writers_only(tmp_path):
+    """Temp files of killed writers go (any depth, both naming schemes); live writers' and other files stay."""
+    dead = _dead_pid()
+    (tmp_path / "ckpt").mkdir()
+    stale = [tmp_path / "ckpt" / f".checkpoint.pt.{dead}.tmp", tmp_path / f".record.json.{dead}.0123abcd.tmp",
+             tmp_path / f".x.{2**40}.tmp"]  # a pid no kernel hands out
+    live = tmp_path / "ckpt" / f".checkpoint.pt.{os.getpid()}.tmp"
+    others = [tmp_path / "ckpt" / "checkpoint.pt", tmp_path / "notes.tmp", tmp_path / ".hidden.tmp",
+              tmp_path / f"checkpoint.pt.{dead}.tmp"]
+    for p in stale + [live] + others:
+        p.write_bytes(b"")
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
+    assert all(p.exists() for p in [live] + others) and not any(p.exists() for p in stale)
+
+
+def test_break_stale_lock_only_breaks_dead_holders(tmp_path):
+    sdir = tmp_path / "s"
+    with stage_lock(sdir):
+        assert not break_stale_lock(sdir) and lock_holder(sdir)[1]  # our own, live
+    assert not break_stale_lock(sdir)  # no lock at all
+    info = LockInfo(host=socket.gethostname(), pid=_dead_pid(), pid_start=None, job_id=None, time="t")
+    (sdir / LOCK).write_text(json.dumps(info.__dict__))
+    assert lock_holder(sdir) == (info, False)
+    assert break_stale_lock(sdir) and not (sdir / LOCK).exists()
+
+
+def test_stage_lock_waits_for_a_live_holder(tmp_path):
+    """wait=True: told once who holds it, then taken as soon as the holder lets go."""
+    sdir = tmp_path / "s"
+    code = ("import sys, time; from pathlib import Path; from fsdfm.results import stage_lock\n"
+            "with stage_lock(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.readline()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(sdir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.stdout.readline().strip() == "held"
+    told = []
+
+    def tell(holder):
+        told.append(holder.pid)
+        proc.stdin.write("\n")  # the holder releases after we started waiting
+        proc.stdin.flush()
+
+    with stage_lock(sdir, wait=True, poll_s=0.05, on_wait=tell) as me:
+        assert lock_holder(sdir)[0] == me
+    assert told == [proc.pid] and proc.wait(timeout=30) == 0

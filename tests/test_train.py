@@ -5,6 +5,7 @@ a unigram model's cross-entropy computed independently on the same blocks.
 """
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from fsdfm.model import DiT, ModelConfig
 from fsdfm.objectives import DFMConfig, DFMObjective
 from fsdfm.paths import MaskSource, MixturePath
 from fsdfm.schedulers import PolynomialScheduler
-from fsdfm.train import OptimConfig, StepContext, fit, lr_factor
+from fsdfm.train import OptimConfig, StepContext, fit, load_checkpoint, lr_factor, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,3 +211,39 @@ def test_teacher_loss_falls_below_unigram_on_tinystories():
     for loss in (final, evaluated):
         assert loss < math.log(V_data) - 1.0
         assert loss < unigram_ce - 0.1, (loss, unigram_ce)
+
+
+def test_save_checkpoint_fsyncs_the_temp_file_before_renaming_it(tmp_path, monkeypatch):
+    """The checkpoint's bytes are on disk before the rename makes them the checkpoint (then the directory)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(src).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    save_checkpoint(path, {"w": torch.arange(3), "step": 2})
+    tmp = f".checkpoint.pt.{os.getpid()}.tmp"
+    assert events == [("fsync", tmp), ("replace", tmp), ("fsync", "ckpt")]
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(3)) and sorted(path.parent.iterdir()) == [path]
+
+
+def test_failed_checkpoint_write_keeps_the_old_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2})
+    assert load_checkpoint(path)["step"] == 1 and sorted(tmp_path.iterdir()) == [path]
