@@ -126,7 +126,7 @@ def test_report_settings_reach_the_plan_without_entering_stage_ids(monkeypatch):
     spec, cells = load_spec("experiments/demo.yaml")
     plan = plan_study(spec.name, cells)
     d = plan.to_dict()
-    assert d["report"] == {"mauve_min_n": 256, "pairs": [("fsdfm@8", "dfm_1024@1024"), ("fsdfm@8", "dfm/cumulative_scalar@8")]}
+    assert d["report"] == {"mauve_min_n": 256, "pairs": [["fsdfm@8", "dfm_1024@1024"], ["fsdfm@8", "dfm/cumulative_scalar@8"]]}
     assert StudyPlan.from_dict(json.loads(json.dumps(d))).report["pairs"][0] == ["fsdfm@8", "dfm_1024@1024"]
     assert all("report" not in s.config and "pairs" not in json.dumps(s.config) for s in plan.stages.values())
     assert "gen_ppl_seq_mean" in spec.metrics.names and spec.metrics.mauve_seeds == 5
