@@ -5,9 +5,13 @@ Markdown (tabulate, via DataFrame.to_markdown), LaTeX (booktabs tabular) and CSV
 strings). Rules every table follows:
 
 * the data reference row ("data (held-out)") comes first and is never marked best;
-* a column is marked (bold) at the best mean by the metric's direction (`MetricInfo.direction`: "min" or
-  "max"); metrics without a direction (entropy) are not marked; ties at the displayed precision are all
-  marked, and nothing is marked when every row ties or only one row competes;
+* a column is marked (bold) at the best row only when its difference from the runner-up is significant
+  (`fsdfm.report.significance.mark_best`: Welch across seeds where both have >= 2, else across per-sample
+  values; the note says which); rows tied with the best are marked "≈"; nothing is marked when every row
+  ties, when the difference cannot be tested, or when only one row competes. Metrics whose target is the
+  data (entropy, distinct-n, self-BLEU, rep-n) are ranked by distance to the data row, not by direction;
+* MAUVE from fewer than `mauve_min_n` samples per side (default 256) is footnoted "†" (unreliable) and never
+  marked;
 * the collapse column uses `fsdfm.metrics.collapse_flags` of each row's means against the data row's;
 * published rows (`fsdfm.report.published`) come last, in their own block, labelled "published: <source>".
 """
@@ -21,6 +25,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from fsdfm.report import significance
 from fsdfm.report.published import published_tables
 from fsdfm.report.summary import (
     DATA_KIND, DEFAULT_BY, POS_KIND, SAMPLING_WALL_S, Study, metric_info, present, summarize,
@@ -36,6 +41,9 @@ DASH = "—"
 # display scaling by unit: (divisor, unit shown in the header)
 _SCALE = {"bytes": (2.0 ** 20, "MiB")}
 _ARROW = {"min": "↓", "max": "↑", None: ""}
+TIE = "≈"
+UNRELIABLE = "†"
+MAUVE_MIN_N = 256
 
 
 # ------------------------------------------------------------------------------------------- formatting
@@ -73,15 +81,18 @@ def display_unit(metric: str) -> tuple[float, str]:
 
 
 def header(metric: str) -> str:
-    """Column header: name, displayed unit where it is not obvious, direction arrow."""
+    """Column header: name, displayed unit where it is not obvious, direction arrow ("→ data" for metrics whose
+    target is the data row's value)."""
     shown = display_unit(metric)[1]
     unit = f" ({shown})" if shown in ("MiB", "s", "tok/s", "nats/token") else ""
-    return f"{metric}{unit} {_ARROW[metric_info(metric).direction]}".rstrip()
+    arrow = "→ data" if significance.is_data_target(metric) else _ARROW[metric_info(metric).direction]
+    return f"{metric}{unit} {arrow}".rstrip()
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "—": "---", "–": "--"}
+                  "±": r"$\pm$", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "—": "---", "–": "--",
+                  "≈": r"$\approx$", "†": r"$^\dagger$", "→": r"$\rightarrow$"}
 
 
 def latex_escape(s: str) -> str:
@@ -192,14 +203,27 @@ def _flag_text(flags: dict) -> str:
     return ", ".join(words) if words else "no"
 
 
+def _mauve_n(runs: pd.DataFrame) -> pd.Series:
+    """MAUVE's samples per side of each run: the recorded `mauve_n`, else the run's `n_samples` (NaN if neither)."""
+    n = pd.Series(math.nan, index=runs.index, dtype=float)
+    for col in ("n_samples", "mauve_n"):
+        if col in runs:
+            n = pd.to_numeric(runs[col], errors="coerce").where(lambda v: v.notna(), n)
+    return n
+
+
 def metric_table(runs: pd.DataFrame, metrics: Sequence[str], *, name: str, title: str,
                  by: Sequence[str] = DEFAULT_BY, flags: bool = True, published: Sequence[str] = (),
-                 extra_notes: Sequence[str] = ()) -> Table:
+                 extra_notes: Sequence[str] = (), samples: pd.DataFrame | None = None,
+                 mauve_min_n: int = MAUVE_MIN_N) -> Table:
     """A "mean ± std" table of `metrics` per setting of `runs` (data row first if `runs` has one).
 
     runs: run table with a `kind` column ("data" marks the reference row). Metrics `runs` has no number for
     are left out and named in the notes. flags: add the collapse column. published: keys of
     `fsdfm.report.published.PUBLISHED` to append as a separate, labelled block.
+    samples: per-sample table (`fsdfm.results.load_samples`) joined to `runs` by run_id: the values a best mark
+    is tested on where a setting has a single seed. mauve_min_n: MAUVE with fewer samples per side is
+    footnoted unreliable and never marked.
     """
     by = list(by)
     wanted = list(metrics)
@@ -266,11 +290,44 @@ def metric_table(runs: pd.DataFrame, metrics: Sequence[str], *, name: str, title
 
     bold = [[False] * len(columns) for _ in cells]
     offset = len(by) + 1
+    run_settings = runs[by].copy()
+    if "steps" in run_settings:  # as `summarize` keys them (8, not 8.0, when the data row's steps is missing)
+        run_settings["steps"] = pd.to_numeric(run_settings["steps"], errors="coerce").astype("Int64")
+    setting_of = [_key(r) for r in run_settings.itertuples(index=False)]
+    per_setting_samples: dict = {}
+    if samples is not None and len(samples) and "run_id" in runs and "run_id" in samples:
+        run_key = dict(zip(runs["run_id"], setting_of))
+        keyed = samples.assign(_setting=samples["run_id"].map(run_key)).dropna(subset=["_setting"])
+        per_setting_samples = {k: g for k, g in keyed.groupby("_setting", sort=False)}
+    mauve_n: dict = {}
+    if "mauve" in metrics:
+        for k, n in zip(setting_of, _mauve_n(runs)):
+            if n == n:
+                mauve_n[k] = min(mauve_n.get(k, n), n)
+    unreliable = {i for i, k in enumerate(keys) if k in mauve_n and mauve_n[k] < mauve_min_n}
+    tests_used: dict[str, list[str]] = {"seeds": [], "samples": []}
+    untestable: list[str] = []
     for j, m in enumerate(metrics):
-        means = {i: stats[(keys[i], m)]["mean"] for i in range(len(cells))
-                 if i not in data_rows and (keys[i], m) in stats}
-        for i in best_rows(means, m):
+        if m == "mauve":
+            for i in unreliable:
+                cells[i][offset + j] += UNRELIABLE
+        div, unit = display_unit(m)
+        cands = []
+        for i, key in enumerate(keys):
+            if i in data_rows or (key, m) not in stats or (m == "mauve" and i in unreliable):
+                continue
+            seeds = pd.to_numeric(runs.loc[[k == key for k in setting_of], m], errors="coerce").dropna().to_numpy(float)
+            cands.append(significance.Candidate(i, seeds, significance.per_sample_values(per_setting_samples.get(key), m)))
+        marks = significance.mark_best(m, cands, data_means.get(m), shown=lambda v, d=div, u=unit: fmt_number(v / d, u))
+        for i in marks.best:
             bold[i][offset + j] = True
+        for i in marks.tied:
+            cells[i][offset + j] += f" {TIE}"
+        if marks.test:
+            tests_used[marks.test].append(m)
+        if marks.untestable:
+            untestable.append(m)
+    target = [m for m in metrics if significance.is_data_target(m)]
 
     sections = []
     if data_rows and len(cells) > len(data_rows):
@@ -294,11 +351,25 @@ def metric_table(runs: pd.DataFrame, metrics: Sequence[str], *, name: str, title
                 cells.append(row)
                 bold.append([False] * len(columns))
                 numbers.append(num)
-    if any(int(s["n"]) > 1 for s in stats.values()):
-        notes.insert(0, "cells: mean ± std over seeds (runs sharing method, rule and steps); n = seeds; "
-                        "best per column in bold (direction ↓/↑; data and published rows excluded)")
-    else:
-        notes.insert(0, "cells: one seed per setting (no spread); best per column in bold (↓/↑)")
+    head = ("cells: mean ± std over seeds (runs sharing method, rule and steps); n = seeds"
+            if any(int(s["n"]) > 1 for s in stats.values()) else "cells: one seed per setting (no spread)")
+    marks_note = [f"{head}; bold: best in its column, only where its difference from the runner-up is significant "
+                  f"(Welch t-test, p < {significance.ALPHA:g}; data and published rows excluded); "
+                  f"{TIE}: tied with the best (difference not significant)"]
+    if tests_used["seeds"]:
+        marks_note.append(f"tested across seeds: {', '.join(tests_used['seeds'])}")
+    if tests_used["samples"]:
+        marks_note.append("tested across per-sample values (fewer than 2 seeds): " + ", ".join(
+            f"{m} ({significance.PER_SAMPLE_VALUES[m][2]})" for m in tests_used["samples"]))
+    if untestable:
+        marks_note.append(f"not marked, no test possible (one seed and no per-sample values): {', '.join(untestable)}")
+    if target:
+        marks_note.append(f"ranked by distance to the data row (→ data), not by direction: {', '.join(target)}")
+    if unreliable:
+        ns = sorted({int(mauve_n[keys[i]]) for i in unreliable})
+        marks_note.append(f"{UNRELIABLE} MAUVE unreliable, n = {', '.join(map(str, ns))} samples per side "
+                          f"(< {mauve_min_n}): shown, never marked best")
+    notes[0:0] = marks_note
     return Table(name=name, title=title, columns=tuple(columns), cells=tuple(tuple(r) for r in cells),
                  bold=tuple(tuple(b) for b in bold), sections=tuple(sections), notes=tuple(notes),
                  numbers=pd.DataFrame(numbers).convert_dtypes(), n_label_columns=len(by))
