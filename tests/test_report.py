@@ -388,3 +388,55 @@ def test_mauve_below_the_minimum_n_is_footnoted_and_never_marked():
     assert any("unreliable, n = 32" in n and "256" in n for n in t.notes)
     t = metric_table(runs, ["mauve"], name="t", title="t", flags=False, mauve_min_n=16)  # configurable
     assert _marks(t, "mauve ↑")["B"][1]
+
+
+# --------------------------------------------------------------------------- headline pairs and warnings
+def _paired_study(root: Path) -> Path:
+    """One seed per setting, per-sample tables on disk, report.pairs in the plan; the FS-DFM run's self_bleu saw
+    only 60 of its 64 samples and its gen_ppl truncated 3."""
+    from fsdfm.results import write_per_sample
+
+    rng = np.random.default_rng(1)
+    nll = {"fsdfm": 3.0 + 0.2 * rng.standard_normal(64), "dfm": 3.4 + 0.2 * rng.standard_normal(64)}
+    runs = [{"params": _params("fsdfm", "FS-DFM", "cumulative_scalar", 8),
+             "metrics": {"gen_ppl": 20.0, "self_bleu": 10.0, "n_samples": 64, "gen_ppl_n_truncated": 3,
+                         "samples_per_metric": {"gen_ppl": 64, "self_bleu": 60}}},
+            {"params": _params("dfm", "DFM", "euler", 8),
+             "metrics": {"gen_ppl": 30.0, "self_bleu": 11.0, "n_samples": 64, "gen_ppl_n_truncated": 0,
+                         "samples_per_metric": {"gen_ppl": 64, "self_bleu": 64}}}]
+    sdir = write_study(root, "paired", runs)
+    plan = json.loads((sdir / "plan.json").read_text())
+    plan["report"] = {"mauve_min_n": 256, "pairs": [["fsdfm@8", "dfm/euler@8"], ["fsdfm@8", "dfm@1024"]]}
+    atomic_write_json(sdir / "plan.json", plan)
+    for run, method in zip(plan["runs"], ("fsdfm", "dfm")):
+        write_per_sample(stage_dir(sdir, run["stage_id"]) / "per_sample.csv",
+                         {"sample": np.arange(64), "nll": nll[method] * 10, "n_tokens": np.full(64, 10)})
+    return sdir, nll
+
+
+def test_pairs_table_gives_the_difference_with_a_welch_interval(tmp_path):
+    from scipy import stats
+
+    from fsdfm.report.tables import pairs_table
+
+    sdir, nll = _paired_study(tmp_path)
+    t = pairs_table(load_study(sdir))
+    (row,) = [r for r in t.numbers.to_dict("records") if r["metric"] == "gen_ppl"]
+    a, b = nll["fsdfm"], nll["dfm"]
+    va, vb = a.var(ddof=1) / 64, b.var(ddof=1) / 64
+    df = (va + vb) ** 2 / (va ** 2 / 63 + vb ** 2 / 63)
+    half = stats.t.ppf(0.975, df) * np.sqrt(va + vb)
+    assert row["diff"] == pytest.approx(a.mean() - b.mean(), rel=1e-12)
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(a.mean() - b.mean() - half),
+                                               pytest.approx(a.mean() - b.mean() + half))
+    assert row["test"] == "Welch across samples" and row["n"] == "64/64" and row["p"] < 1e-6
+    assert any("fsdfm@8 vs dfm@1024 not compared" in n and "no finished run" in n for n in t.notes)
+
+
+def test_report_warns_where_a_metric_saw_fewer_samples_and_where_gen_ppl_truncated(tmp_path):
+    sdir, _ = _paired_study(tmp_path)
+    index = write_report(sdir).index.read_text()
+    warnings = index.split("## Warnings", 1)[1].split("\n## ", 1)[0]
+    assert "self_bleu saw fewer samples than the run made" in warnings and "(60 of 64)" in warnings
+    assert "gen_ppl truncated" in warnings and "(3 of 64)" in warnings and "gen_ppl saw" not in warnings
+    assert "## Headline pairs" in index and (sdir / "report" / "table_pairs.csv").is_file()

@@ -387,7 +387,8 @@ def main_table(study: Study, published: Sequence[str] = (), metrics: Sequence[st
     """Quality by method and step budget: perplexity, entropy, MAUVE, diversity; data row first; collapse."""
     runs = study.runs[study.runs["kind"] != POS_KIND] if "kind" in study.runs else study.runs
     return metric_table(runs, metrics, name="table_main", title=f"{study.name}: sample quality by method and step budget",
-                        published=published, extra_notes=_n_samples_note(runs))
+                        published=published, extra_notes=_n_samples_note(runs), samples=study.samples,
+                        mauve_min_n=study.report_settings["mauve_min_n"])
 
 
 def cost_table(study: Study) -> Table:
@@ -444,7 +445,108 @@ def ablation_tables(study: Study) -> list[Table]:
     for kind, labels in ablation_kinds(study).items():
         runs = study.runs[(study.runs["kind"] == DATA_KIND) | (study.runs["kind"] == kind)]
         out.append(metric_table(runs, MAIN_METRICS + ("nfe",), name=f"table_ablation_{kind}",
-                                title=f"{study.name}: ablation of {kind} ({len(labels)} variants)"))
+                                title=f"{study.name}: ablation of {kind} ({len(labels)} variants)",
+                                samples=study.samples, mauve_min_n=study.report_settings["mauve_min_n"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------- paired comparisons
+PAIR_METRICS = ("gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "rep_n", "oracle_nll", "mauve")
+
+
+def _fmt(x: float) -> str:
+    return DASH if x is None or not math.isfinite(x) else f"{x:.4g}"
+
+
+def resolve_side(study: Study, side: str) -> tuple[pd.DataFrame | None, str | None]:
+    """The runs of one setting named "METHOD@STEPS" or "METHOD/RULE@STEPS", or (None, why not)."""
+    from fsdfm.specs import PAIR_PATTERN
+
+    match = PAIR_PATTERN.match(side)
+    if match is None:
+        return None, f"{side!r} is not METHOD@STEPS or METHOD/RULE@STEPS"
+    g = match.groupdict()
+    runs = study.models
+    if "method" not in runs:
+        return None, f"{side!r}: the run table has no method column"
+    sel = runs[(runs["method"] == g["method"]) & (pd.to_numeric(runs["steps"], errors="coerce") == int(g["steps"]))]
+    if g["rule"] is not None:
+        sel = sel[sel["rule"] == g["rule"]]
+    if sel.empty:
+        return None, f"{side!r}: no finished run"
+    labels = sel[["label", "rule"]].drop_duplicates()
+    if len(labels) > 1:
+        opts = ", ".join(f"{r.label} / {r.rule}" for r in labels.itertuples())
+        return None, f"{side!r} names {len(labels)} settings ({opts}): write METHOD/RULE@STEPS"
+    return sel, None
+
+
+def pairs_table(study: Study) -> Table:
+    """The headline pairs of the spec (report.pairs): A - B per metric with a 95% CI of the difference and p
+    (`fsdfm.report.significance.compare`: paired t across matched seeds, else Welch across per-sample values)."""
+    cols = ("A", "B", "metric", "values", "mean A", "mean B", "A − B", "95% CI", "p", "test", "n")
+    cells, numbers, notes = [], [], []
+    seed_cols = [k for k in study.seed_keys if k in study.runs]
+    for a_name, b_name in study.report_settings["pairs"]:
+        (ra, why_a), (rb, why_b) = resolve_side(study, a_name), resolve_side(study, b_name)
+        if ra is None or rb is None:
+            notes.append(f"pair {a_name} vs {b_name} not compared: {why_a or why_b}")
+            continue
+        sa = sb = None
+        if study.samples is not None and len(study.samples) and "run_id" in study.samples:
+            sa = study.samples[study.samples["run_id"].isin(ra["run_id"])]
+            sb = study.samples[study.samples["run_id"].isin(rb["run_id"])]
+        for m in PAIR_METRICS:
+            if m not in ra or m not in rb:
+                continue
+
+            def by_seed(r: pd.DataFrame) -> dict:
+                vals = pd.to_numeric(r[m], errors="coerce")
+                return {tuple(row): v for row, v in zip(r[seed_cols].astype(str).itertuples(index=False), vals) if v == v}
+
+            c = significance.compare(m, by_seed(ra), by_seed(rb), sa, sb)
+            if c is None:
+                continue
+            cells.append((a_name, b_name, m, c.of, _fmt(c.mean_a), _fmt(c.mean_b), _fmt(c.diff),
+                          f"[{_fmt(c.ci[0])}, {_fmt(c.ci[1])}]", f"{c.p:.3g}", c.test, c.n))
+            numbers.append({"a": a_name, "b": b_name, "metric": m, "values": c.of, "mean_a": c.mean_a,
+                            "mean_b": c.mean_b, "diff": c.diff, "ci_low": c.ci[0], "ci_high": c.ci[1], "p": c.p,
+                            "test": c.test, "n": c.n})
+    notes.insert(0, "A − B with a 95% confidence interval: paired t across matched seeds where both settings have "
+                    ">= 2 shared seeds, else Welch's interval across per-sample values (samples of two models are "
+                    "independent draws, so they are not paired by index); gen_ppl is compared as per-sample NLL per "
+                    "scored token (log-perplexity units), MAUVE only across seeds")
+    return Table(name="table_pairs", title=f"{study.name}: headline pairs (report.pairs)", columns=cols,
+                 cells=tuple(cells), bold=tuple((False,) * len(cols) for _ in cells), sections=(),
+                 notes=tuple(notes), numbers=pd.DataFrame(numbers), n_label_columns=4)
+
+
+def sample_count_warnings(study: Study) -> list[str]:
+    """Where a metric saw fewer samples than its run made, and where gen_ppl truncated samples (longer than the
+    evaluator's context), one line per metric with the runs it concerns."""
+    runs = study.runs
+    out = []
+    if "n_samples" not in runs:
+        return out
+    made = pd.to_numeric(runs["n_samples"], errors="coerce")
+    for col in [c for c in runs.columns if c.startswith("samples_per_metric.")]:
+        seen = pd.to_numeric(runs[col], errors="coerce")
+        short = runs[(seen < made) & seen.notna()]
+        if len(short):
+            metric = col.split(".", 1)[1]
+            which = ", ".join(f"{r} ({int(s)} of {int(n)})" for r, s, n in
+                              zip(short["run_id"], seen[short.index], made[short.index]))
+            out.append(f"**{metric} saw fewer samples than the run made** in {len(short)} run(s): {which}")
+    for metric in ("gen_ppl", "gen_ppl_seq_mean"):
+        col = f"{metric}_n_truncated"
+        if col in runs:
+            k = pd.to_numeric(runs[col], errors="coerce")
+            hit = runs[k > 0]
+            if len(hit):
+                which = ", ".join(f"{r} ({int(t)} of {int(n)})" for r, t, n in
+                                  zip(hit["run_id"], k[hit.index], made[hit.index]))
+                out.append(f"{metric} truncated samples longer than the evaluator's context in {len(hit)} run(s): "
+                           f"{which}; their tails are not scored")
     return out
 
 
@@ -454,5 +556,6 @@ def summary_csv(study: Study) -> pd.DataFrame:
 
 
 __all__ = ["Table", "MAIN_METRICS", "COST_METRICS", "POS_METRICS", "SEED_METRICS", "metric_table", "main_table",
+           "pairs_table", "sample_count_warnings", "resolve_side",
            "cost_table", "pos_divergence_table", "seeds_table", "ablation_tables", "ablation_kinds", "summary_csv",
            "best_rows", "display_unit", "fmt_mean_std", "fmt_number", "header", "latex_escape"]
