@@ -240,5 +240,6 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
         prm = r["params"]
         run_id = f"{prm['method']}/{prm['rule']}/{prm['steps']}/" + ",".join(f"{k}={prm[k]}" for k in grid_keys) + f"#{i}"
         run_list.append(RunSpec(run_id=run_id, params=prm, stage_id=r["stage_id"]))
-    report = dataclasses.asdict(cells[0].spec.report) if cells else {}
+    rs = cells[0].spec.report if cells else None
+    report = {"mauve_min_n": rs.mauve_min_n, "pairs": [list(p) for p in rs.pairs]} if rs is not None else {}
     return StudyPlan(name=name, stages=stages, runs=run_list, report=report)

@@ -754,6 +754,15 @@ def write_per_sample(path: str | os.PathLike, columns: dict) -> None:
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
+def read_per_sample(path: str | os.PathLike):
+    """A per-sample table as a DataFrame, floats parsed back to the very doubles written (pandas >= 3 does so by
+    default and deprecates the option; older pandas needs float_precision="round_trip")."""
+    import pandas as pd
+
+    exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+    return pd.read_csv(path, **exact)
+
+
 def load_samples(path: str | os.PathLike):
     """One row per sample of every run whose final stage is done and wrote a per-sample table, as a DataFrame.
 
@@ -783,7 +792,7 @@ def load_samples(path: str | os.PathLike):
                 if rec.get("kind") in ("evaluate", "evaluate_data"):
                     missing.append(run["run_id"])
                 continue
-            df = pd.read_csv(table, float_precision="round_trip")
+            df = read_per_sample(table)
             head = {"study": plan.get("name", sdir.name), "run_id": run["run_id"], "stage_id": sid,
                     **_flatten(run.get("params", {}))}
             frames.append(pd.concat([pd.DataFrame({k: [v] * len(df) for k, v in head.items()}, index=df.index), df],

@@ -188,9 +188,8 @@ class _WordCorpus:
 def test_per_sample_nlls_summed_and_pooled_reproduce_the_runs_gen_ppl_exactly(tmp_path):
     import math
 
-    import pandas as pd
-
     from fsdfm.pipeline import score_samples
+    from fsdfm.results import read_per_sample
     from metrics_fixtures import word_evaluator
 
     texts = ["the cat sat on the mat", "a dog ran <eos> the cat", "big red dog <eos> <eos> a", "the the the the"]
@@ -199,7 +198,7 @@ def test_per_sample_nlls_summed_and_pooled_reproduce_the_runs_gen_ppl_exactly(tm
               "metrics": {"mauve_featurizer": "minilm", "mauve_buckets": "auto", "self_bleu_subsample": None}}
     out = score_samples(config, tokens, texts, None, word_evaluator(), _WordCorpus(), tmp_path,
                         ["gen_ppl", "gen_ppl_seq_mean", "entropy_nats"])
-    table = pd.read_csv(tmp_path / "per_sample.csv", float_precision="round_trip")
+    table = read_per_sample(tmp_path / "per_sample.csv")
     m = out["metrics"]
     assert list(table["sample"]) == [0, 1, 2, 3] and list(table["length"]) == [6, 3, 3, 6]
     assert math.exp(math.fsum(table["nll"]) / table["n_tokens"].sum()) == m["gen_ppl"]

@@ -164,17 +164,20 @@ def test_table_best_by_direction_data_row_first_and_unmarked_and_collapse():
     assert t.cells[0][0] == "data (held-out)" and not any(t.bold[0])
     a, a_bold = rows["A"]
     b, b_bold = rows["B"]
-    g, e, m, rep = (cols.index(c) for c in ("gen_ppl ↓", "entropy_nats", "mauve ↑", "rep_n ↓"))
+    g, e, m, rep = (cols.index(c) for c in ("gen_ppl ↓", "entropy_nats → data", "mauve ↑", "rep_n → data"))
     assert a[g] == "11.00 ± 1.41" and a[3] == "2"          # mean ± std over 2 seeds, n shown
     assert a_bold[g] and not b_bold[g]                      # min: A, although the data row is lower
     assert b_bold[m] and not a_bold[m]                      # max: B, although the data row is higher
-    assert not a_bold[e] and not b_bold[e]                  # entropy has no direction: never marked
+    assert a_bold[e] and not b_bold[e]                      # entropy: A is closer to the data's 4.0
+    assert a_bold[rep] and not b_bold[rep]                  # rep_n: A (0.06) is closer to the data's 0.05
+    assert any("tested across seeds: gen_ppl" in n for n in t.notes)
     assert a[-1] == "no" and b[-1] == "low entropy, high rep_n"  # B: 0.4 nats below the data, rep_n 6x
     assert "distinct_4" in " ".join(t.notes)                 # the missing metric is named, not a column
     md = t.to_markdown()
     assert "**11.00 ± 1.41**" in md and md.index("data (held-out)") < md.index("| A ")
     tex = t.to_latex()
     assert r"\toprule" in tex and r"\textbf{11.00 $\pm$ 1.41}" in tex and r"gen\_ppl $\downarrow$" in tex
+    assert r"entropy\_nats $\rightarrow$ data" in tex
     csv = pd.read_csv(__import__("io").StringIO(t.to_csv()))
     assert csv.loc[csv.label == "A", "gen_ppl_mean"].item() == pytest.approx(11.0)
     # n = 2: t_{0.975, 1} * std / sqrt(2) with std = sqrt(2)
@@ -300,3 +303,140 @@ def test_analysis_scripts_end_with_one_json_line(tmp_path, capsys, monkeypatch, 
     assert result["study"] == "bare" and len(lines) > 1
     assert bool(result["files"]) == drawn and (result["skipped"] is None) == drawn
     assert all(Path(p).is_file() and Path(p).parent == tmp_path / "out" for p in result["files"])
+
+
+# ------------------------------------------------------------------------------------- significance marks
+def _two_rows(a_values, b_values, metric="gen_ppl", data=None, **extra):
+    rows = [{"label": "data (held-out)", "rule": None, "steps": None, "kind": "data", metric: data}] if data is not None else []
+    for seed, (a, b) in enumerate(zip(a_values, b_values)):
+        rows.append({"label": "A", "rule": "euler", "steps": 8, "kind": "dfm", "seed": seed, metric: a, **extra})
+        rows.append({"label": "B", "rule": "euler", "steps": 8, "kind": "fsdfm", "seed": seed, metric: b, **extra})
+    return pd.DataFrame(rows)
+
+
+def _marks(t, metric_header):
+    j = list(t.columns).index(metric_header)
+    return {r[0]: (r[j], b[j]) for r, b in zip(t.cells, t.bold)}
+
+
+def test_overlapping_seed_values_mark_no_best_and_separated_values_mark_the_better():
+    overlap = metric_table(_two_rows([10.0, 14.0, 12.0], [11.0, 15.0, 13.0]), ["gen_ppl"], name="t", title="t", flags=False)
+    marks = _marks(overlap, "gen_ppl ↓")
+    assert not marks["A"][1] and not marks["B"][1]        # p = 0.71 (Welch): inside the noise
+    apart = metric_table(_two_rows([10.0, 10.5, 11.0], [20.0, 20.5, 21.0]), ["gen_ppl"], name="t", title="t", flags=False)
+    marks = _marks(apart, "gen_ppl ↓")
+    assert marks["A"][1] and not marks["B"][1]
+    assert any("tested across seeds: gen_ppl" in n for n in apart.notes)
+
+
+def test_welch_matches_scipy_and_its_interval_covers_the_difference():
+    from scipy import stats
+
+    from fsdfm.report.significance import welch
+
+    a, b = [10.0, 14.0, 12.0, 13.0], [11.0, 15.0, 19.0]
+    w = welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert w.p == pytest.approx(ref.pvalue, rel=1e-10) and w.diff == pytest.approx(np.mean(a) - np.mean(b))
+    assert w.ci[0] < w.diff < w.ci[1]
+    assert welch([1.0, 1.0], [2.0, 2.0]).p == 0.0 and welch([1.0, 1.0], [1.0, 1.0]).p == 1.0
+
+
+def test_ties_with_the_best_are_marked_as_ties():
+    runs = pd.concat([_two_rows([10.0, 10.5, 11.0], [10.2, 10.8, 11.1]),
+                      pd.DataFrame([{"label": "C", "rule": "euler", "steps": 8, "kind": "ar", "seed": s, "gen_ppl": v}
+                                    for s, v in enumerate([30.0, 31.0, 30.5])])], ignore_index=True)
+    marks = _marks(metric_table(runs, ["gen_ppl"], name="t", title="t", flags=False), "gen_ppl ↓")
+    assert marks["A"][0].endswith("≈") and marks["B"][0].endswith("≈") and not marks["C"][0].endswith("≈")
+    assert not any(b for _, b in marks.values())
+
+
+def test_data_target_metrics_are_ranked_by_distance_to_the_data_row():
+    # distinct_4 of 1.000 is further from the data's 0.929 than 0.92 is: higher is not better
+    t = metric_table(_two_rows([1.0, 1.0], [0.92, 0.92], metric="distinct_4", data=0.929), ["distinct_4"],
+                     name="t", title="t", flags=False)
+    marks = _marks(t, "distinct_4 → data")
+    assert marks["B"][1] and not marks["A"][1]
+    # entropy: 3.5 (0.5 below the data's 4.0) beats 4.7 (0.7 above); directions would not rank it at all
+    t = metric_table(_two_rows([4.7, 4.71, 4.69], [3.5, 3.51, 3.49], metric="entropy_nats", data=4.0),
+                     ["entropy_nats"], name="t", title="t", flags=False)
+    marks = _marks(t, "entropy_nats → data")
+    assert marks["B"][1] and not marks["A"][1]
+    assert any("ranked by distance to the data row" in n and "entropy_nats" in n for n in t.notes)
+
+
+def test_single_seed_rows_are_tested_across_per_sample_values():
+    runs = _two_rows([3.0], [3.9], metric="entropy_nats", data=4.0)
+    runs["run_id"] = [f"r{i}" for i in range(len(runs))]
+    rng = np.random.default_rng(0)
+    per = {"r1": 3.0 + 0.3 * rng.standard_normal(64), "r2": 3.9 + 0.3 * rng.standard_normal(64)}  # A, B
+    samples = pd.DataFrame([{"run_id": r, "sample": i, "entropy_nats": v} for r, vs in per.items() for i, v in enumerate(vs)])
+    t = metric_table(runs, ["entropy_nats"], name="t", title="t", flags=False, samples=samples)
+    marks = _marks(t, "entropy_nats → data")
+    assert marks["B"][1] and not marks["A"][1]
+    assert any("tested across per-sample values" in n and "entropy_nats" in n for n in t.notes)
+    # without per-sample values one seed cannot be tested: nothing is marked, and the note says so
+    t = metric_table(runs, ["entropy_nats"], name="t", title="t", flags=False)
+    assert not any(any(b) for b in t.bold) and any("no test possible" in n for n in t.notes)
+
+
+def test_mauve_below_the_minimum_n_is_footnoted_and_never_marked():
+    runs = _two_rows([0.2, 0.21, 0.19], [0.9, 0.91, 0.89], metric="mauve", mauve_n=32)
+    t = metric_table(runs, ["mauve"], name="t", title="t", flags=False)
+    marks = _marks(t, "mauve ↑")
+    assert marks["B"][0].endswith("†") and not marks["B"][1] and not marks["A"][1]
+    assert any("unreliable, n = 32" in n and "256" in n for n in t.notes)
+    t = metric_table(runs, ["mauve"], name="t", title="t", flags=False, mauve_min_n=16)  # configurable
+    assert _marks(t, "mauve ↑")["B"][1]
+
+
+# --------------------------------------------------------------------------- headline pairs and warnings
+def _paired_study(root: Path) -> Path:
+    """One seed per setting, per-sample tables on disk, report.pairs in the plan; the FS-DFM run's self_bleu saw
+    only 60 of its 64 samples and its gen_ppl truncated 3."""
+    from fsdfm.results import write_per_sample
+
+    rng = np.random.default_rng(1)
+    nll = {"fsdfm": 3.0 + 0.2 * rng.standard_normal(64), "dfm": 3.4 + 0.2 * rng.standard_normal(64)}
+    runs = [{"params": _params("fsdfm", "FS-DFM", "cumulative_scalar", 8),
+             "metrics": {"gen_ppl": 20.0, "self_bleu": 10.0, "n_samples": 64, "gen_ppl_n_truncated": 3,
+                         "samples_per_metric": {"gen_ppl": 64, "self_bleu": 60}}},
+            {"params": _params("dfm", "DFM", "euler", 8),
+             "metrics": {"gen_ppl": 30.0, "self_bleu": 11.0, "n_samples": 64, "gen_ppl_n_truncated": 0,
+                         "samples_per_metric": {"gen_ppl": 64, "self_bleu": 64}}}]
+    sdir = write_study(root, "paired", runs)
+    plan = json.loads((sdir / "plan.json").read_text())
+    plan["report"] = {"mauve_min_n": 256, "pairs": [["fsdfm@8", "dfm/euler@8"], ["fsdfm@8", "dfm@1024"]]}
+    atomic_write_json(sdir / "plan.json", plan)
+    for run, method in zip(plan["runs"], ("fsdfm", "dfm")):
+        write_per_sample(stage_dir(sdir, run["stage_id"]) / "per_sample.csv",
+                         {"sample": np.arange(64), "nll": nll[method] * 10, "n_tokens": np.full(64, 10)})
+    return sdir, nll
+
+
+def test_pairs_table_gives_the_difference_with_a_welch_interval(tmp_path):
+    from scipy import stats
+
+    from fsdfm.report.tables import pairs_table
+
+    sdir, nll = _paired_study(tmp_path)
+    t = pairs_table(load_study(sdir))
+    (row,) = [r for r in t.numbers.to_dict("records") if r["metric"] == "gen_ppl"]
+    a, b = nll["fsdfm"], nll["dfm"]
+    va, vb = a.var(ddof=1) / 64, b.var(ddof=1) / 64
+    df = (va + vb) ** 2 / (va ** 2 / 63 + vb ** 2 / 63)
+    half = stats.t.ppf(0.975, df) * np.sqrt(va + vb)
+    assert row["diff"] == pytest.approx(a.mean() - b.mean(), rel=1e-12)
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(a.mean() - b.mean() - half),
+                                               pytest.approx(a.mean() - b.mean() + half))
+    assert row["test"] == "Welch across samples" and row["n"] == "64/64" and row["p"] < 1e-6
+    assert any("fsdfm@8 vs dfm@1024 not compared" in n and "no finished run" in n for n in t.notes)
+
+
+def test_report_warns_where_a_metric_saw_fewer_samples_and_where_gen_ppl_truncated(tmp_path):
+    sdir, _ = _paired_study(tmp_path)
+    index = write_report(sdir).index.read_text()
+    warnings = index.split("## Warnings", 1)[1].split("\n## ", 1)[0]
+    assert "self_bleu saw fewer samples than the run made" in warnings and "(60 of 64)" in warnings
+    assert "gen_ppl truncated" in warnings and "(3 of 64)" in warnings and "gen_ppl saw" not in warnings
+    assert "## Headline pairs" in index and (sdir / "report" / "table_pairs.csv").is_file()

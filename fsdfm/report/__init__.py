@@ -18,7 +18,8 @@ from fsdfm.report.figures import FIGURES, FigureResult, render
 from fsdfm.report.published import PUBLISHED
 from fsdfm.report.summary import DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
 from fsdfm.report.tables import (
-    Table, ablation_tables, cost_table, main_table, pos_divergence_table, seeds_table, summary_csv,
+    Table, ablation_tables, cost_table, main_table, pairs_table, pos_divergence_table, sample_count_warnings,
+    seeds_table, summary_csv,
 )
 
 __all__ = ["write_report", "ReportOutput", "summarize", "wide", "load_study", "Study", "sampling_wall_s",
@@ -103,6 +104,30 @@ def _facts(study: Study) -> list[str]:
     return lines
 
 
+def _mauve_facts(study: Study) -> str:
+    """n per side, buckets, k-means seeds and featurizer weights hash, as recorded by the evaluate stages."""
+    from fsdfm.results import load_records
+
+    facts: dict[str, set] = {"n": set(), "buckets": set(), "seeds": set(), "sha": set()}
+    for kind in ("evaluate", "evaluate_data"):
+        for rec in load_records(study.path, kind=kind):
+            d = ((rec.get("payload") or {}).get("metric_details") or {}).get("mauve")
+            if d:
+                facts["n"].add(d["n_per_side"])
+                facts["buckets"].add(d["num_buckets"])
+                facts["seeds"].add(len(d["seeds"]))
+                facts["sha"].add(str(d.get("featurizer_sha256"))[:12])
+    if not facts["n"]:
+        return ""
+
+    def j(k):
+        return ", ".join(map(str, sorted(facts[k])))
+
+    return (f"; n = {j('n')} per side, {j('buckets')} k-means buckets, mean ± std over {j('seeds')} k-means seeds "
+            f"(std in the records), featurizer weights sha256 {j('sha')}…; below "
+            f"{study.report_settings['mauve_min_n']} per side MAUVE is footnoted unreliable")
+
+
 def _conventions(study: Study) -> list[str]:
     from fsdfm.metrics import ENTROPY_COLLAPSE_NATS, REP_COLLAPSE_FACTOR, REP_COLLAPSE_MARGIN
 
@@ -113,7 +138,10 @@ def _conventions(study: Study) -> list[str]:
         "(mean of per-sample perplexities: `gen_ppl_seq_mean`).",
         "entropy: per-sample unigram entropy of the model's own token ids, averaged over samples, in **nats** "
         "(`entropy_bits` = nats / ln 2).",
-        f"MAUVE featurizer: {', '.join(s['featurizer']) or 'MAUVE not computed'}; samples vs as many held-out texts.",
+        f"MAUVE featurizer: {', '.join(s['featurizer']) or 'MAUVE not computed'}; samples vs as many held-out texts"
+        + _mauve_facts(study) + ".",
+        "text metrics (MAUVE, self-BLEU): end-of-text markers removed from samples and references "
+        "(`fsdfm.metrics.texts`: each marker and its surrounding whitespace replaced by one space).",
         f"sampling precision: {', '.join(s['precision']) or 'not recorded'} (float32 categorical sampling lowers "
         "perplexity artificially).",
         f"collapse flags: entropy_nats more than {ENTROPY_COLLAPSE_NATS} nats below the data row's (`low entropy`); "
@@ -133,8 +161,14 @@ def _index(study: Study, main: Table | None, tables: list[tuple[Table, list[Path
     if study.description:
         parts += [study.description, ""]
     parts += [f"* {line}" for line in _facts(study)] + [""]
+    warnings = sample_count_warnings(study) if len(study.runs) else []
+    if warnings or study.notes:
+        parts += ["## Warnings", ""] + [f"* {w}" for w in warnings + list(study.notes)] + [""]
     if main is not None and not main.empty:
         parts += ["## Sample quality", "", main.to_markdown(), ""]
+    pairs = next((t for t, _ in tables if t.name == "table_pairs"), None)
+    if pairs is not None:
+        parts += ["## Headline pairs", "", pairs.to_markdown(), ""]
     else:
         parts += ["_No finished model runs yet: no quality table._", ""]
     drawn = [f for f in figures if f.skipped is None]
@@ -184,6 +218,8 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
     if len(study.runs):
         main = main_table(study, published=published)
         candidates = [main, cost_table(study), pos_divergence_table(study), seeds_table(study), *ablation_tables(study)]
+        if study.report_settings["pairs"]:
+            candidates.append(pairs_table(study))
         for t in candidates:
             if t.empty:
                 notes.append(f"table `{t.name}`: no data in this study")

@@ -171,6 +171,13 @@ class Study:
     ablation_keys: tuple
     n_planned: int
     wall_s_source: str | None = None  # the `load()` column `sampling_wall_s` was read from
+    samples: pd.DataFrame | None = None  # `fsdfm.results.load_samples`: one row per sample of every evaluated run
+    notes: tuple = ()  # what reading the study had to say (e.g. runs without a per-sample table)
+
+    @property
+    def report_settings(self) -> dict:
+        """The spec's report section as planned (fsdfm.specs.ReportSpec): mauve_min_n, pairs."""
+        return {"mauve_min_n": 256, "pairs": [], **(self.plan.get("report") or {})}
 
     @property
     def data(self) -> pd.DataFrame:
@@ -231,7 +238,9 @@ def n_samples_by_stage(study_dir: Path, stage_ids: Sequence[str]) -> dict[str, f
 
 def load_study(study_dir: str | Path) -> Study:
     """Read `study_dir` (holding plan.json) into a `Study`; a clear error when it is not a study directory."""
-    from fsdfm.results import PLAN, load, read_json
+    import warnings
+
+    from fsdfm.results import PLAN, load, load_samples, read_json
 
     path = Path(study_dir)
     if not (path / PLAN).is_file():
@@ -252,7 +261,10 @@ def load_study(study_dir: str | Path) -> Study:
         df["label"] = variant_labels(df, ablated)
     if "steps" in df.columns:
         df["steps"] = pd.to_numeric(df["steps"], errors="coerce").astype("Int64")
+    with warnings.catch_warnings(record=True) as caught:  # said in the report, not on stderr
+        warnings.simplefilter("always")
+        samples = load_samples(path)
     return Study(name=plan.get("name", path.name), path=path, plan=plan, runs=df,
                  description=str(plan.get("description") or "").strip(), grid_keys=tuple(grid),
                  seed_keys=tuple(seeds), ablation_keys=tuple(ablated), n_planned=len(plan.get("runs", [])),
-                 wall_s_source=wall_col)
+                 wall_s_source=wall_col, samples=samples, notes=tuple(str(w.message) for w in caught))

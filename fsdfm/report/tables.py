@@ -5,9 +5,13 @@ Markdown (tabulate, via DataFrame.to_markdown), LaTeX (booktabs tabular) and CSV
 strings). Rules every table follows:
 
 * the data reference row ("data (held-out)") comes first and is never marked best;
-* a column is marked (bold) at the best mean by the metric's direction (`MetricInfo.direction`: "min" or
-  "max"); metrics without a direction (entropy) are not marked; ties at the displayed precision are all
-  marked, and nothing is marked when every row ties or only one row competes;
+* a column is marked (bold) at the best row only when its difference from the runner-up is significant
+  (`fsdfm.report.significance.mark_best`: Welch across seeds where both have >= 2, else across per-sample
+  values; the note says which); rows tied with the best are marked "≈"; nothing is marked when every row
+  ties, when the difference cannot be tested, or when only one row competes. Metrics whose target is the
+  data (entropy, distinct-n, self-BLEU, rep-n) are ranked by distance to the data row, not by direction;
+* MAUVE from fewer than `mauve_min_n` samples per side (default 256) is footnoted "†" (unreliable) and never
+  marked;
 * the collapse column uses `fsdfm.metrics.collapse_flags` of each row's means against the data row's;
 * published rows (`fsdfm.report.published`) come last, in their own block, labelled "published: <source>".
 """
@@ -21,6 +25,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from fsdfm.report import significance
 from fsdfm.report.published import published_tables
 from fsdfm.report.summary import (
     DATA_KIND, DEFAULT_BY, POS_KIND, SAMPLING_WALL_S, Study, metric_info, present, summarize,
@@ -36,6 +41,9 @@ DASH = "—"
 # display scaling by unit: (divisor, unit shown in the header)
 _SCALE = {"bytes": (2.0 ** 20, "MiB")}
 _ARROW = {"min": "↓", "max": "↑", None: ""}
+TIE = "≈"
+UNRELIABLE = "†"
+MAUVE_MIN_N = 256
 
 
 # ------------------------------------------------------------------------------------------- formatting
@@ -73,15 +81,18 @@ def display_unit(metric: str) -> tuple[float, str]:
 
 
 def header(metric: str) -> str:
-    """Column header: name, displayed unit where it is not obvious, direction arrow."""
+    """Column header: name, displayed unit where it is not obvious, direction arrow ("→ data" for metrics whose
+    target is the data row's value)."""
     shown = display_unit(metric)[1]
     unit = f" ({shown})" if shown in ("MiB", "s", "tok/s", "nats/token") else ""
-    return f"{metric}{unit} {_ARROW[metric_info(metric).direction]}".rstrip()
+    arrow = "→ data" if significance.is_data_target(metric) else _ARROW[metric_info(metric).direction]
+    return f"{metric}{unit} {arrow}".rstrip()
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "—": "---", "–": "--"}
+                  "±": r"$\pm$", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "—": "---", "–": "--",
+                  "≈": r"$\approx$", "†": r"$^\dagger$", "→": r"$\rightarrow$"}
 
 
 def latex_escape(s: str) -> str:
@@ -192,14 +203,27 @@ def _flag_text(flags: dict) -> str:
     return ", ".join(words) if words else "no"
 
 
+def _mauve_n(runs: pd.DataFrame) -> pd.Series:
+    """MAUVE's samples per side of each run: the recorded `mauve_n`, else the run's `n_samples` (NaN if neither)."""
+    n = pd.Series(math.nan, index=runs.index, dtype=float)
+    for col in ("n_samples", "mauve_n"):
+        if col in runs:
+            n = pd.to_numeric(runs[col], errors="coerce").where(lambda v: v.notna(), n)
+    return n
+
+
 def metric_table(runs: pd.DataFrame, metrics: Sequence[str], *, name: str, title: str,
                  by: Sequence[str] = DEFAULT_BY, flags: bool = True, published: Sequence[str] = (),
-                 extra_notes: Sequence[str] = ()) -> Table:
+                 extra_notes: Sequence[str] = (), samples: pd.DataFrame | None = None,
+                 mauve_min_n: int = MAUVE_MIN_N) -> Table:
     """A "mean ± std" table of `metrics` per setting of `runs` (data row first if `runs` has one).
 
     runs: run table with a `kind` column ("data" marks the reference row). Metrics `runs` has no number for
     are left out and named in the notes. flags: add the collapse column. published: keys of
     `fsdfm.report.published.PUBLISHED` to append as a separate, labelled block.
+    samples: per-sample table (`fsdfm.results.load_samples`) joined to `runs` by run_id: the values a best mark
+    is tested on where a setting has a single seed. mauve_min_n: MAUVE with fewer samples per side is
+    footnoted unreliable and never marked.
     """
     by = list(by)
     wanted = list(metrics)
@@ -266,11 +290,44 @@ def metric_table(runs: pd.DataFrame, metrics: Sequence[str], *, name: str, title
 
     bold = [[False] * len(columns) for _ in cells]
     offset = len(by) + 1
+    run_settings = runs[by].copy()
+    if "steps" in run_settings:  # as `summarize` keys them (8, not 8.0, when the data row's steps is missing)
+        run_settings["steps"] = pd.to_numeric(run_settings["steps"], errors="coerce").astype("Int64")
+    setting_of = [_key(r) for r in run_settings.itertuples(index=False)]
+    per_setting_samples: dict = {}
+    if samples is not None and len(samples) and "run_id" in runs and "run_id" in samples:
+        run_key = dict(zip(runs["run_id"], setting_of))
+        keyed = samples.assign(_setting=samples["run_id"].map(run_key)).dropna(subset=["_setting"])
+        per_setting_samples = {k: g for k, g in keyed.groupby("_setting", sort=False)}
+    mauve_n: dict = {}
+    if "mauve" in metrics:
+        for k, n in zip(setting_of, _mauve_n(runs)):
+            if n == n:
+                mauve_n[k] = min(mauve_n.get(k, n), n)
+    unreliable = {i for i, k in enumerate(keys) if k in mauve_n and mauve_n[k] < mauve_min_n}
+    tests_used: dict[str, list[str]] = {"seeds": [], "samples": []}
+    untestable: list[str] = []
     for j, m in enumerate(metrics):
-        means = {i: stats[(keys[i], m)]["mean"] for i in range(len(cells))
-                 if i not in data_rows and (keys[i], m) in stats}
-        for i in best_rows(means, m):
+        if m == "mauve":
+            for i in unreliable:
+                cells[i][offset + j] += UNRELIABLE
+        div, unit = display_unit(m)
+        cands = []
+        for i, key in enumerate(keys):
+            if i in data_rows or (key, m) not in stats or (m == "mauve" and i in unreliable):
+                continue
+            seeds = pd.to_numeric(runs.loc[[k == key for k in setting_of], m], errors="coerce").dropna().to_numpy(float)
+            cands.append(significance.Candidate(i, seeds, significance.per_sample_values(per_setting_samples.get(key), m)))
+        marks = significance.mark_best(m, cands, data_means.get(m), shown=lambda v, d=div, u=unit: fmt_number(v / d, u))
+        for i in marks.best:
             bold[i][offset + j] = True
+        for i in marks.tied:
+            cells[i][offset + j] += f" {TIE}"
+        if marks.test:
+            tests_used[marks.test].append(m)
+        if marks.untestable:
+            untestable.append(m)
+    target = [m for m in metrics if significance.is_data_target(m)]
 
     sections = []
     if data_rows and len(cells) > len(data_rows):
@@ -294,11 +351,25 @@ def metric_table(runs: pd.DataFrame, metrics: Sequence[str], *, name: str, title
                 cells.append(row)
                 bold.append([False] * len(columns))
                 numbers.append(num)
-    if any(int(s["n"]) > 1 for s in stats.values()):
-        notes.insert(0, "cells: mean ± std over seeds (runs sharing method, rule and steps); n = seeds; "
-                        "best per column in bold (direction ↓/↑; data and published rows excluded)")
-    else:
-        notes.insert(0, "cells: one seed per setting (no spread); best per column in bold (↓/↑)")
+    head = ("cells: mean ± std over seeds (runs sharing method, rule and steps); n = seeds"
+            if any(int(s["n"]) > 1 for s in stats.values()) else "cells: one seed per setting (no spread)")
+    marks_note = [f"{head}; bold: best in its column, only where its difference from the runner-up is significant "
+                  f"(Welch t-test, p < {significance.ALPHA:g}; data and published rows excluded); "
+                  f"{TIE}: tied with the best (difference not significant)"]
+    if tests_used["seeds"]:
+        marks_note.append(f"tested across seeds: {', '.join(tests_used['seeds'])}")
+    if tests_used["samples"]:
+        marks_note.append("tested across per-sample values (fewer than 2 seeds): " + ", ".join(
+            f"{m} ({significance.PER_SAMPLE_VALUES[m][2]})" for m in tests_used["samples"]))
+    if untestable:
+        marks_note.append(f"not marked, no test possible (one seed and no per-sample values): {', '.join(untestable)}")
+    if target:
+        marks_note.append(f"ranked by distance to the data row (→ data), not by direction: {', '.join(target)}")
+    if unreliable:
+        ns = sorted({int(mauve_n[keys[i]]) for i in unreliable})
+        marks_note.append(f"{UNRELIABLE} MAUVE unreliable, n = {', '.join(map(str, ns))} samples per side "
+                          f"(< {mauve_min_n}): shown, never marked best")
+    notes[0:0] = marks_note
     return Table(name=name, title=title, columns=tuple(columns), cells=tuple(tuple(r) for r in cells),
                  bold=tuple(tuple(b) for b in bold), sections=tuple(sections), notes=tuple(notes),
                  numbers=pd.DataFrame(numbers).convert_dtypes(), n_label_columns=len(by))
@@ -316,7 +387,8 @@ def main_table(study: Study, published: Sequence[str] = (), metrics: Sequence[st
     """Quality by method and step budget: perplexity, entropy, MAUVE, diversity; data row first; collapse."""
     runs = study.runs[study.runs["kind"] != POS_KIND] if "kind" in study.runs else study.runs
     return metric_table(runs, metrics, name="table_main", title=f"{study.name}: sample quality by method and step budget",
-                        published=published, extra_notes=_n_samples_note(runs))
+                        published=published, extra_notes=_n_samples_note(runs), samples=study.samples,
+                        mauve_min_n=study.report_settings["mauve_min_n"])
 
 
 def cost_table(study: Study) -> Table:
@@ -373,7 +445,108 @@ def ablation_tables(study: Study) -> list[Table]:
     for kind, labels in ablation_kinds(study).items():
         runs = study.runs[(study.runs["kind"] == DATA_KIND) | (study.runs["kind"] == kind)]
         out.append(metric_table(runs, MAIN_METRICS + ("nfe",), name=f"table_ablation_{kind}",
-                                title=f"{study.name}: ablation of {kind} ({len(labels)} variants)"))
+                                title=f"{study.name}: ablation of {kind} ({len(labels)} variants)",
+                                samples=study.samples, mauve_min_n=study.report_settings["mauve_min_n"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------- paired comparisons
+PAIR_METRICS = ("gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "rep_n", "oracle_nll", "mauve")
+
+
+def _fmt(x: float) -> str:
+    return DASH if x is None or not math.isfinite(x) else f"{x:.4g}"
+
+
+def resolve_side(study: Study, side: str) -> tuple[pd.DataFrame | None, str | None]:
+    """The runs of one setting named "METHOD@STEPS" or "METHOD/RULE@STEPS", or (None, why not)."""
+    from fsdfm.specs import PAIR_PATTERN
+
+    match = PAIR_PATTERN.match(side)
+    if match is None:
+        return None, f"{side!r} is not METHOD@STEPS or METHOD/RULE@STEPS"
+    g = match.groupdict()
+    runs = study.models
+    if "method" not in runs:
+        return None, f"{side!r}: the run table has no method column"
+    sel = runs[(runs["method"] == g["method"]) & (pd.to_numeric(runs["steps"], errors="coerce") == int(g["steps"]))]
+    if g["rule"] is not None:
+        sel = sel[sel["rule"] == g["rule"]]
+    if sel.empty:
+        return None, f"{side!r}: no finished run"
+    labels = sel[["label", "rule"]].drop_duplicates()
+    if len(labels) > 1:
+        opts = ", ".join(f"{r.label} / {r.rule}" for r in labels.itertuples())
+        return None, f"{side!r} names {len(labels)} settings ({opts}): write METHOD/RULE@STEPS"
+    return sel, None
+
+
+def pairs_table(study: Study) -> Table:
+    """The headline pairs of the spec (report.pairs): A - B per metric with a 95% CI of the difference and p
+    (`fsdfm.report.significance.compare`: paired t across matched seeds, else Welch across per-sample values)."""
+    cols = ("A", "B", "metric", "values", "mean A", "mean B", "A − B", "95% CI", "p", "test", "n")
+    cells, numbers, notes = [], [], []
+    seed_cols = [k for k in study.seed_keys if k in study.runs]
+    for a_name, b_name in study.report_settings["pairs"]:
+        (ra, why_a), (rb, why_b) = resolve_side(study, a_name), resolve_side(study, b_name)
+        if ra is None or rb is None:
+            notes.append(f"pair {a_name} vs {b_name} not compared: {why_a or why_b}")
+            continue
+        sa = sb = None
+        if study.samples is not None and len(study.samples) and "run_id" in study.samples:
+            sa = study.samples[study.samples["run_id"].isin(ra["run_id"])]
+            sb = study.samples[study.samples["run_id"].isin(rb["run_id"])]
+        for m in PAIR_METRICS:
+            if m not in ra or m not in rb:
+                continue
+
+            def by_seed(r: pd.DataFrame) -> dict:
+                vals = pd.to_numeric(r[m], errors="coerce")
+                return {tuple(row): v for row, v in zip(r[seed_cols].astype(str).itertuples(index=False), vals) if v == v}
+
+            c = significance.compare(m, by_seed(ra), by_seed(rb), sa, sb)
+            if c is None:
+                continue
+            cells.append((a_name, b_name, m, c.of, _fmt(c.mean_a), _fmt(c.mean_b), _fmt(c.diff),
+                          f"[{_fmt(c.ci[0])}, {_fmt(c.ci[1])}]", f"{c.p:.3g}", c.test, c.n))
+            numbers.append({"a": a_name, "b": b_name, "metric": m, "values": c.of, "mean_a": c.mean_a,
+                            "mean_b": c.mean_b, "diff": c.diff, "ci_low": c.ci[0], "ci_high": c.ci[1], "p": c.p,
+                            "test": c.test, "n": c.n})
+    notes.insert(0, "A − B with a 95% confidence interval: paired t across matched seeds where both settings have "
+                    ">= 2 shared seeds, else Welch's interval across per-sample values (samples of two models are "
+                    "independent draws, so they are not paired by index); gen_ppl is compared as per-sample NLL per "
+                    "scored token (log-perplexity units), MAUVE only across seeds")
+    return Table(name="table_pairs", title=f"{study.name}: headline pairs (report.pairs)", columns=cols,
+                 cells=tuple(cells), bold=tuple((False,) * len(cols) for _ in cells), sections=(),
+                 notes=tuple(notes), numbers=pd.DataFrame(numbers), n_label_columns=4)
+
+
+def sample_count_warnings(study: Study) -> list[str]:
+    """Where a metric saw fewer samples than its run made, and where gen_ppl truncated samples (longer than the
+    evaluator's context), one line per metric with the runs it concerns."""
+    runs = study.runs
+    out = []
+    if "n_samples" not in runs:
+        return out
+    made = pd.to_numeric(runs["n_samples"], errors="coerce")
+    for col in [c for c in runs.columns if c.startswith("samples_per_metric.")]:
+        seen = pd.to_numeric(runs[col], errors="coerce")
+        short = runs[(seen < made) & seen.notna()]
+        if len(short):
+            metric = col.split(".", 1)[1]
+            which = ", ".join(f"{r} ({int(s)} of {int(n)})" for r, s, n in
+                              zip(short["run_id"], seen[short.index], made[short.index]))
+            out.append(f"**{metric} saw fewer samples than the run made** in {len(short)} run(s): {which}")
+    for metric in ("gen_ppl", "gen_ppl_seq_mean"):
+        col = f"{metric}_n_truncated"
+        if col in runs:
+            k = pd.to_numeric(runs[col], errors="coerce")
+            hit = runs[k > 0]
+            if len(hit):
+                which = ", ".join(f"{r} ({int(t)} of {int(n)})" for r, t, n in
+                                  zip(hit["run_id"], k[hit.index], made[hit.index]))
+                out.append(f"{metric} truncated samples longer than the evaluator's context in {len(hit)} run(s): "
+                           f"{which}; their tails are not scored")
     return out
 
 
@@ -383,5 +556,6 @@ def summary_csv(study: Study) -> pd.DataFrame:
 
 
 __all__ = ["Table", "MAIN_METRICS", "COST_METRICS", "POS_METRICS", "SEED_METRICS", "metric_table", "main_table",
+           "pairs_table", "sample_count_warnings", "resolve_side",
            "cost_table", "pos_divergence_table", "seeds_table", "ablation_tables", "ablation_kinds", "summary_csv",
            "best_rows", "display_unit", "fmt_mean_std", "fmt_number", "header", "latex_escape"]
