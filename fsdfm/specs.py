@@ -260,7 +260,7 @@ def build(cls: type, raw: Any, where: str, file: str):
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise SpecError(f"{file}: unknown key '{path}'{did_you_mean(str(key), names)}; allowed keys here: {', '.join(names)}")
+            raise SpecError(f"{file}: unknown key {short(path)}{did_you_mean(str(key)[:80], names)}; allowed keys here: {', '.join(names)}")
         kwargs[key] = _convert(hints[key], value, path, file)
         if str(key).endswith("seed") and kwargs[key] is not None:
             check_seed(kwargs[key], path, file)
@@ -334,7 +334,11 @@ def expanded_size(obj: Any, file: str, limit: int = MAX_EXPANDED_NODES) -> int:
 
     n = size(obj, 0)
     if n > limit:
-        raise SpecError(f"{file}: expands to {n:.3g} YAML nodes through its aliases (limit {limit}); "
+        where = ""
+        if isinstance(obj, dict) and obj:
+            key = max(obj, key=lambda k: size(obj[k], 1))
+            where = f"{short(key)}: "
+        raise SpecError(f"{file}: {where}expands to {n:.3g} YAML nodes through its aliases (limit {limit}); "
                         f"a spec is a small document (an alias bomb?)")
     return n
 
