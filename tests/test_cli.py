@@ -80,3 +80,21 @@ def test_threads_are_in_the_environment_before_numpy_and_torch_are_imported(tmp_
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SEEN "))[5:])
     assert seen == {"numpy": "1", "torch": "1"}
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--executor", "lcoal"], "did you mean 'local'"),
+    (["--executor", "slurm", "--profile", "PROFILE"], "unknown section 'resorces'"),
+    (["--executor", "slurm", "--profile", "MISSING"], "not found"),
+], ids=["executor_typo", "profile_typo", "profile_missing"])
+def test_bad_executor_or_profile_is_exit_2_before_plan_json(extra, expected, tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("resorces: {gpu: {timeout_min: 5}}\n")
+    extra = [str(profile) if a == "PROFILE" else str(tmp_path / "nope.yaml") if a == "MISSING" else a for a in extra]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["--results", str(tmp_path / "results"), "run", str(spec), *extra]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
