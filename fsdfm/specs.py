@@ -6,6 +6,11 @@ settings, the sampler settings, the metrics and a grid: a cartesian product over
 `SpecError` naming the file and the key path, with close matches for unknown names.
 
 A method may `base` on another method of the same spec (deep-merged), so an ablation is one line.
+
+Everything that can be checked before a run starts is checked by `load_spec`, which writes nothing: the YAML
+itself (safe-loaded, no duplicate keys, aliases bounded against "billion laughs" expansion), names (one path
+component), seeds (ints in [0, 2**63)), finite floats, model keys, and the data and evaluator files
+(`check_data`, fsdfm.data.preflight). Values quoted in messages are truncated (`short`).
 """
 
 from __future__ import annotations
