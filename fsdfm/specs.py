@@ -165,6 +165,16 @@ class PosDivergenceSpec:
     teacher_steps: int = 256
     student_steps: tuple = (1, 8)
 
+    def __post_init__(self):
+        for name in ("n_states", "n_rollouts", "teacher_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0.0 < self.t_start < 1.0:
+            raise ValueError(f"t_start must lie in (0, 1), got {self.t_start!r}")
+        for k in self.student_steps:
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 4096:
+                raise ValueError(f"student_steps are integers in 1..4096, got {short(k)}")
+
 
 @dataclass(frozen=True)
 class MetricsSpec:
@@ -174,6 +184,20 @@ class MetricsSpec:
     mauve_buckets: str | int = "auto"
     self_bleu_subsample: int = 64
     pos_divergence: PosDivergenceSpec | None = None
+
+    def __post_init__(self):
+        from fsdfm.metrics.mauve import FEATURIZERS, resolve_num_buckets
+        from fsdfm.registry import UnknownNameError
+        try:
+            FEATURIZERS.get(self.mauve_featurizer)
+        except UnknownNameError as e:
+            raise ValueError(f"mauve_featurizer: {e}") from None
+        try:
+            resolve_num_buckets(self.mauve_buckets, 2)
+        except ValueError as e:
+            raise ValueError(f"mauve_buckets: {str(e).removeprefix('mauve: ')}") from None
+        if self.self_bleu_subsample < 1:
+            raise ValueError(f"self_bleu_subsample must be >= 1, got {self.self_bleu_subsample!r}")
 
 
 @dataclass(frozen=True)
@@ -278,7 +302,14 @@ def build(cls: type, raw: Any, where: str, file: str):
     except SpecError:
         raise
     except (ValueError, TypeError, KeyError) as e:
-        raise SpecError(f"{file}: {where or '<top level>'}: {short_message(e)}") from None
+        # a message that starts with a field ("t_start must ...", "optim.lr must ...", "DataConfig.dtype ...")
+        # names that field's key
+        m = re.match(r"(?:[A-Za-z_]+\.)?([A-Za-z_]+)\b", str(e))
+        field_name = m.group(1) if m and m.group(1) in names else None
+        key = f"{where}.{field_name}" if where and field_name else where or field_name or "<top level>"
+        text = short_message(e)
+        text = text[len(field_name) + 2:] if field_name and text.startswith(f"{field_name}: ") else text
+        raise SpecError(f"{file}: {key}: {text}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -397,6 +428,8 @@ def resolve_bases(methods: Any, file: str) -> dict:
         if not isinstance(raw, dict):
             raise SpecError(f"{file}: methods.{name}: expected a mapping, got {short(raw)}")
         base = raw.get("base")
+        if base is not None and not isinstance(base, str):
+            raise SpecError(f"{file}: methods.{name}.base: expected the name of a method, got {short(base)}")
         if base is None:
             out = dict(raw)
         else:
@@ -430,6 +463,8 @@ def grid_cells(raw: dict, file: str) -> list[dict]:
     if not isinstance(grid, dict):
         raise SpecError(f"{file}: grid: expected a mapping of dotted keys to lists of values")
     for key, values in grid.items():
+        if not isinstance(key, str) or not key or any(not k for k in key.split(".")):
+            raise SpecError(f"{file}: grid: a key is a dotted field name such as 'sampling.seed', got {short(key)}")
         if not isinstance(values, list) or not values:
             raise SpecError(f"{file}: grid.{key}: expected a non-empty list of values, got {short(values)}")
     keys = list(grid)
@@ -442,7 +477,9 @@ def cell_raw(raw: dict, cell: dict, file: str) -> dict:
     for key, value in cell.items():
         set_dotted(out, key, value, file)
     for i, ov in enumerate(raw.get("overrides") or []):
-        if not isinstance(ov, dict) or set(ov) - {"match", "set"} or not isinstance(ov.get("set"), dict):
+        if (not isinstance(ov, dict) or set(ov) - {"match", "set"} or not isinstance(ov.get("set"), dict)
+                or not isinstance(ov.get("match") or {}, dict)
+                or not all(isinstance(k, str) and k for k in [*ov["set"], *(ov.get("match") or {})])):
             raise SpecError(f"{file}: overrides[{i}]: expected {{match: {{dotted: value}}, set: {{dotted: value}}}}")
         match = ov.get("match") or {}
         if all(cell.get(k) == v for k, v in match.items()):
@@ -484,7 +521,8 @@ def build_study(raw: dict, file: str) -> StudySpec:
     for key in ("train", "valid"):
         value = getattr(spec.data, key)
         if spec.data.kind in ("text", "tokens") and value is not None and not Path(value).exists():
-            raise SpecError(f"{file}: data.{key}: file not found: {value}")
+            shown = value if value.isprintable() and len(value) <= 200 else short(value)
+            raise SpecError(f"{file}: data.{key}: file not found: {shown}")
     return spec
 
 

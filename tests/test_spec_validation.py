@@ -112,6 +112,18 @@ CASES = {
     "alias_bomb_7": (bomb(7), ["'a7'", "aliases"]),   # the first top-level key that expands this far
     "alias_bomb_9": (bomb(9), ["'a9'", "aliases"]),
     "recursive_alias": ("name: r\ndescription: &d [*d]\n", ["recursive alias"]),
+    "data_path_nul": (lambda f: with_data(train="a\0b"), ["data.train", "'a\\x00b'"]),
+    "data_dtype_bad": (lambda f: with_data(kind="tokens", train=f["ids"], valid=f["ids"], vocab_size=64, dtype="float"),
+                       ["data.dtype", "integer dtype"]),
+    "grid_key_not_a_string": (lambda f: base_spec(grid={1: [1]}), ["grid:", "dotted field name"]),
+    "override_match_not_a_mapping": (lambda f: base_spec(overrides=[{"match": 1, "set": {}}]), ["overrides[0]"]),
+    "base_not_a_name": (lambda f: {**base_spec(), "methods": {"dfm": {"kind": "dfm", "steps": [1]}, "b": {"base": [1]}}},
+                        ["methods.b.base"]),
+    "pos_divergence_bad": (lambda f: base_spec(metrics={"pos_divergence": {"t_start": 1.5}}),
+                           ["metrics.pos_divergence.t_start"]),
+    "mauve_featurizer_misspelt": (lambda f: base_spec(metrics={"mauve_featurizer": "minlm"}),
+                                  ["metrics.mauve_featurizer", "did you mean 'minilm'"]),
+    "mauve_buckets_bad": (lambda f: base_spec(metrics={"mauve_buckets": "lots"}), ["metrics.mauve_buckets"]),
 }
 
 
