@@ -110,14 +110,13 @@ def cmd_run(args) -> dict:
     from fsdfm.launch import EXECUTORS, load_profile
     EXECUTORS.get(args.executor)  # checked here too: execute() writes plan.json before it reads the profile
     if profile is not None:
+        import yaml
         try:
             load_profile(profile)
         except (ValueError, TypeError, OSError) as e:
             raise InputError(str(e)) from None
-        except Exception as e:  # yaml.YAMLError: a profile that is not YAML
-            if type(e).__module__.startswith("yaml"):
-                raise InputError(f"cluster profile {profile}: not valid YAML: {e}") from None
-            raise
+        except yaml.YAMLError as e:
+            raise InputError(f"cluster profile {profile}: not valid YAML: {e}") from None
     print(f"study {spec.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor})",
           flush=True)
     summary = execute(plan, args.results, executor=args.executor, profile=profile, wait=not args.no_wait,

@@ -98,3 +98,13 @@ def test_bad_executor_or_profile_is_exit_2_before_plan_json(extra, expected, tmp
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_profile_that_is_not_yaml_is_exit_2(tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    (tmp_path / "p.yaml").write_text("defaults: [unclosed\n")
+    assert main(["--results", str(tmp_path / "results"), "run", str(spec), "--executor", "slurm",
+                 "--profile", str(tmp_path / "p.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
