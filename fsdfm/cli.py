@@ -15,6 +15,10 @@ from pathlib import Path
 DEFAULT_ROOT = "results"
 
 
+class InputError(ValueError):
+    """Bad command-line input that is not a spec (an unreadable cluster profile, ...): exit 2, one message."""
+
+
 def _offline_defaults() -> None:
     # The suite never downloads at run time unless asked: a hub lookup would otherwise retry for ~30 s.
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -103,6 +107,16 @@ def cmd_run(args) -> dict:
         return {"study": spec.name, "dry_run": True, "runs": len(plan.runs), "stages": len(plan.stages),
                 "done": sum(is_done(sdir / "stages" / s) for s in plan.stages)}
     profile = args.profile or (spec.cluster.get("profile") if args.executor == "slurm" else None)
+    from fsdfm.launch import EXECUTORS, load_profile
+    EXECUTORS.get(args.executor)  # checked here too: execute() writes plan.json before it reads the profile
+    if profile is not None:
+        import yaml
+        try:
+            load_profile(profile)
+        except (ValueError, TypeError, OSError) as e:
+            raise InputError(str(e)) from None
+        except yaml.YAMLError as e:
+            raise InputError(f"cluster profile {profile}: not valid YAML: {e}") from None
     print(f"study {spec.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor})",
           flush=True)
     summary = execute(plan, args.results, executor=args.executor, profile=profile, wait=not args.no_wait,
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     from fsdfm.stages import PlanError
     try:
         result = args.fn(args)
-    except (SpecError, DataError, UnknownNameError, PlanError, FileNotFoundError) as e:
+    except (SpecError, DataError, UnknownNameError, PlanError, InputError, FileNotFoundError) as e:
         print(f"fsdfm {args.cmd}: error: {e}", file=sys.stderr)
         print(json.dumps({"ok": False, "error": str(e)}))
         return 2

@@ -17,7 +17,7 @@ from fsdfm.flm import FLMConfig
 from fsdfm.fmlm import FMLMConfig
 from fsdfm.objectives import DFMConfig, FSDFMConfig
 from fsdfm.registry import Registry, did_you_mean
-from fsdfm.specs import Cell, MethodSpec, SpecError, StudySpec, build
+from fsdfm.specs import Cell, MethodSpec, SpecError, StudySpec, build, short
 from fsdfm.stages import RunSpec, Stage, StudyPlan
 
 
@@ -130,41 +130,41 @@ def validate_methods(spec: StudySpec, file: str) -> None:
     for name, m in spec.methods.items():
         where = f"methods.{name}"
         if m.kind not in METHOD_KINDS:
-            raise SpecError(f"{file}: {where}.kind: unknown method kind {m.kind!r}{did_you_mean(m.kind, METHOD_KINDS.names())}; "
+            raise SpecError(f"{file}: {where}.kind: unknown method kind {short(m.kind)}{did_you_mean(m.kind, METHOD_KINDS.names())}; "
                             f"allowed: {', '.join(METHOD_KINDS.names())}")
         kind = METHOD_KINDS.get(m.kind)
         if kind.teacher_kind:
             if m.teacher is None:
                 raise SpecError(f"{file}: {where}.teacher: a {m.kind} student needs a teacher (a method of kind {kind.teacher_kind})")
             if m.teacher not in spec.methods:
-                raise SpecError(f"{file}: {where}.teacher: unknown method {m.teacher!r}{did_you_mean(m.teacher, list(spec.methods))}")
+                raise SpecError(f"{file}: {where}.teacher: unknown method {short(m.teacher)}{did_you_mean(m.teacher, list(spec.methods))}")
             if spec.methods[m.teacher].kind != kind.teacher_kind:
-                raise SpecError(f"{file}: {where}.teacher: {m.teacher!r} is a {spec.methods[m.teacher].kind} method; "
+                raise SpecError(f"{file}: {where}.teacher: {short(m.teacher)} is a {spec.methods[m.teacher].kind} method; "
                                 f"a {m.kind} student distils from a {kind.teacher_kind} method")
         elif m.teacher is not None:
             raise SpecError(f"{file}: {where}.teacher: a {m.kind} method has no teacher")
         if m.source not in ("mask", "uniform"):
-            raise SpecError(f"{file}: {where}.source: must be mask or uniform, got {m.source!r}{did_you_mean(m.source, ['mask', 'uniform'])}")
+            raise SpecError(f"{file}: {where}.source: must be mask or uniform, got {short(m.source)}{did_you_mean(m.source, ['mask', 'uniform'])}")
         try:
             DFMConfig(m.loss)
         except (ValueError, KeyError) as e:
             raise SpecError(f"{file}: {where}.loss: {e}") from None
         for rule in m.rules:
             if rule not in kind.rules:
-                raise SpecError(f"{file}: {where}.rules: {rule!r} is not a rule of {m.kind}{did_you_mean(str(rule), list(kind.rules))}; "
+                raise SpecError(f"{file}: {where}.rules: {short(rule)} is not a rule of {m.kind}{did_you_mean(str(rule), list(kind.rules))}; "
                                 f"allowed: {', '.join(kind.rules)}")
         if not m.steps:
             raise SpecError(f"{file}: {where}.steps: list the step budgets to evaluate, e.g. [1, 8, 64]")
         for s in m.steps:
             if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= 4096:
-                raise SpecError(f"{file}: {where}.steps: step budgets are integers in 1..4096, got {s!r}")
+                raise SpecError(f"{file}: {where}.steps: step budgets are integers in 1..4096, got {short(s)}")
         if kind.distill_cls is NoDistill and m.distill:
             raise SpecError(f"{file}: {where}.distill: a {m.kind} method takes no distill settings")
         if dataclasses.is_dataclass(kind.distill_cls):
             build(kind.distill_cls, m.distill, f"{where}.distill", file)
     for n in spec.metrics.names:
         if n not in METRICS:
-            raise SpecError(f"{file}: metrics.names: unknown metric {n!r}{did_you_mean(n, METRICS.names())}")
+            raise SpecError(f"{file}: metrics.names: unknown metric {short(n)}{did_you_mean(n, METRICS.names())}")
     validate_pairs(spec, file)
 
 

@@ -6,6 +6,11 @@ settings, the sampler settings, the metrics and a grid: a cartesian product over
 `SpecError` naming the file and the key path, with close matches for unknown names.
 
 A method may `base` on another method of the same spec (deep-merged), so an ablation is one line.
+
+Everything that can be checked before a run starts is checked by `load_spec`, which writes nothing: the YAML
+itself (safe-loaded, no duplicate keys, aliases bounded against "billion laughs" expansion), names (one path
+component), seeds (ints in [0, 2**63)), finite floats, model keys, and the data and evaluator files
+(`check_data`, fsdfm.data.preflight). Values quoted in messages are truncated (`short`).
 """
 
 from __future__ import annotations
@@ -160,6 +165,16 @@ class PosDivergenceSpec:
     teacher_steps: int = 256
     student_steps: tuple = (1, 8)
 
+    def __post_init__(self):
+        for name in ("n_states", "n_rollouts", "teacher_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0.0 < self.t_start < 1.0:
+            raise ValueError(f"t_start must lie in (0, 1), got {self.t_start!r}")
+        for k in self.student_steps:
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 4096:
+                raise ValueError(f"student_steps are integers in 1..4096, got {short(k)}")
+
 
 @dataclass(frozen=True)
 class MetricsSpec:
@@ -172,6 +187,18 @@ class MetricsSpec:
     pos_divergence: PosDivergenceSpec | None = None
 
     def __post_init__(self):
+        from fsdfm.metrics.mauve import FEATURIZERS, resolve_num_buckets
+        from fsdfm.registry import UnknownNameError
+        try:
+            FEATURIZERS.get(self.mauve_featurizer)
+        except UnknownNameError as e:
+            raise ValueError(f"mauve_featurizer: {e}") from None
+        try:
+            resolve_num_buckets(self.mauve_buckets, 2)
+        except ValueError as e:
+            raise ValueError(f"mauve_buckets: {str(e).removeprefix('mauve: ')}") from None
+        if self.self_bleu_subsample < 1:
+            raise ValueError(f"self_bleu_subsample must be >= 1, got {self.self_bleu_subsample!r}")
         if isinstance(self.mauve_seeds, bool) or not isinstance(self.mauve_seeds, int) or self.mauve_seeds < 5:
             raise ValueError(f"mauve_seeds must be an int >= 5 (one k-means draw is noise), got {self.mauve_seeds!r}")
 
@@ -293,7 +320,7 @@ def build(cls: type, raw: Any, where: str, file: str):
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise SpecError(f"{file}: unknown key '{path}'{did_you_mean(str(key), names)}; allowed keys here: {', '.join(names)}")
+            raise SpecError(f"{file}: unknown key {short(path)}{did_you_mean(str(key)[:80], names)}; allowed keys here: {', '.join(names)}")
         kwargs[key] = _convert(hints[key], value, path, file)
         if str(key).endswith("seed") and kwargs[key] is not None:
             check_seed(kwargs[key], path, file)
@@ -306,7 +333,14 @@ def build(cls: type, raw: Any, where: str, file: str):
     except SpecError:
         raise
     except (ValueError, TypeError, KeyError) as e:
-        raise SpecError(f"{file}: {where or '<top level>'}: {short_message(e)}") from None
+        # a message that starts with a field ("t_start must ...", "optim.lr must ...", "DataConfig.dtype ...")
+        # names that field's key
+        m = re.match(r"(?:[A-Za-z_]+\.)?([A-Za-z_]+)\b", str(e))
+        field_name = m.group(1) if m and m.group(1) in names else None
+        key = f"{where}.{field_name}" if where and field_name else where or field_name or "<top level>"
+        text = short_message(e)
+        text = text[len(field_name) + 2:] if field_name and text.startswith(f"{field_name}: ") else text
+        raise SpecError(f"{file}: {key}: {text}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,7 +401,11 @@ def expanded_size(obj: Any, file: str, limit: int = MAX_EXPANDED_NODES) -> int:
 
     n = size(obj, 0)
     if n > limit:
-        raise SpecError(f"{file}: expands to {n:.3g} YAML nodes through its aliases (limit {limit}); "
+        where = ""
+        if isinstance(obj, dict) and obj:
+            key = max(obj, key=lambda k: size(obj[k], 1))
+            where = f"{short(key)}: "
+        raise SpecError(f"{file}: {where}expands to {n:.3g} YAML nodes through its aliases (limit {limit}); "
                         f"a spec is a small document (an alias bomb?)")
     return n
 
@@ -421,6 +459,8 @@ def resolve_bases(methods: Any, file: str) -> dict:
         if not isinstance(raw, dict):
             raise SpecError(f"{file}: methods.{name}: expected a mapping, got {short(raw)}")
         base = raw.get("base")
+        if base is not None and not isinstance(base, str):
+            raise SpecError(f"{file}: methods.{name}.base: expected the name of a method, got {short(base)}")
         if base is None:
             out = dict(raw)
         else:
@@ -454,6 +494,8 @@ def grid_cells(raw: dict, file: str) -> list[dict]:
     if not isinstance(grid, dict):
         raise SpecError(f"{file}: grid: expected a mapping of dotted keys to lists of values")
     for key, values in grid.items():
+        if not isinstance(key, str) or not key or any(not k for k in key.split(".")):
+            raise SpecError(f"{file}: grid: a key is a dotted field name such as 'sampling.seed', got {short(key)}")
         if not isinstance(values, list) or not values:
             raise SpecError(f"{file}: grid.{key}: expected a non-empty list of values, got {short(values)}")
     keys = list(grid)
@@ -466,7 +508,9 @@ def cell_raw(raw: dict, cell: dict, file: str) -> dict:
     for key, value in cell.items():
         set_dotted(out, key, value, file)
     for i, ov in enumerate(raw.get("overrides") or []):
-        if not isinstance(ov, dict) or set(ov) - {"match", "set"} or not isinstance(ov.get("set"), dict):
+        if (not isinstance(ov, dict) or set(ov) - {"match", "set"} or not isinstance(ov.get("set"), dict)
+                or not isinstance(ov.get("match") or {}, dict)
+                or not all(isinstance(k, str) and k for k in [*ov["set"], *(ov.get("match") or {})])):
             raise SpecError(f"{file}: overrides[{i}]: expected {{match: {{dotted: value}}, set: {{dotted: value}}}}")
         match = ov.get("match") or {}
         if all(cell.get(k) == v for k, v in match.items()):
@@ -508,7 +552,8 @@ def build_study(raw: dict, file: str) -> StudySpec:
     for key in ("train", "valid"):
         value = getattr(spec.data, key)
         if spec.data.kind in ("text", "tokens") and value is not None and not Path(value).exists():
-            raise SpecError(f"{file}: data.{key}: file not found: {value}")
+            shown = value if value.isprintable() and len(value) <= 200 else short(value)
+            raise SpecError(f"{file}: data.{key}: file not found: {shown}")
     return spec
 
 
@@ -539,13 +584,20 @@ def check_model(model: dict, where: str, file: str, seq_len: int) -> None:
 
 def check_data(spec: StudySpec, file: str, cache_dir: str | Path | None) -> None:
     """The data and the evaluator as far as they can be checked cheaply and without writing: files, sizes, token
-    ids, vocabularies, corpus length (fsdfm.data.preflight), and an hf evaluator present offline."""
+    ids, vocabularies, corpus length (fsdfm.data.preflight), an hf evaluator present offline, and the MiniLM
+    files of the MAUVE featurizer."""
     from fsdfm.data.preflight import PreflightError, preflight
 
     try:
         preflight(spec.data, Path(cache_dir) if cache_dir is not None else None)
     except PreflightError as e:
         raise SpecError(f"{file}: data.{e.key}: {short_message(e)}") from None
+    if "mauve" in spec.metrics.names and spec.metrics.mauve_featurizer == "minilm":
+        from fsdfm.metrics import mauve
+        try:
+            mauve.minilm_model_dir()
+        except RuntimeError as e:
+            raise SpecError(f"{file}: metrics.mauve_featurizer: {short_message(e)}") from None
     if spec.evaluator.kind == "hf":
         from fsdfm.metrics.evaluator import EvaluatorError, check_evaluator_available
         try:

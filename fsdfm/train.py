@@ -130,17 +130,26 @@ class UnsafeCheckpointError(RuntimeError):
 
 
 def load_weights(path: Path) -> object:
-    """torch.load(path, map_location="cpu", weights_only=True). A refused pickle is an `UnsafeCheckpointError`
-    naming the file and the global it wanted, without torch's advice to retry with weights_only=False (which
-    would run the file's code) and without chaining torch's message."""
+    """torch.load(path, map_location="cpu", weights_only=True).
+
+    A pickle torch refuses is an `UnsafeCheckpointError` naming the file and the global it asked for; any other
+    unpickling failure a RuntimeError naming the file. Neither repeats torch's advice to retry with
+    weights_only=False (which would run the file's code), nor chains torch's message (which holds that advice).
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
-        raise UnsafeCheckpointError(
-            f"{path}: refused by torch.load(weights_only=True): it is not a plain tensor checkpoint"
-            + (f" ({reason})" if reason else "")
-            + "; files that pickle arbitrary objects are never loaded, since unpickling them can run code") from None
+        text = str(err)
+        wanted = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), None)
+        if wanted is not None:
+            wanted = wanted.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
+            raise UnsafeCheckpointError(
+                f"{path}: refused by torch.load(weights_only=True): it pickles more than tensors ({wanted}); "
+                f"such files are never loaded, since unpickling them can run code") from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0].strip()
+        if detail == text.strip():  # not torch's weights-only wrapper: keep pickle's own (short) message
+            detail = detail.splitlines()[0] if detail else type(err).__name__
+        raise RuntimeError(f"{path}: not a readable PyTorch checkpoint ({' '.join(detail.split())[:200]})") from None
 
 
 def load_checkpoint(path: Path) -> dict:

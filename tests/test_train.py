@@ -247,3 +247,37 @@ def test_failed_checkpoint_write_keeps_the_old_checkpoint_and_no_temp_file(tmp_p
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, {"step": 2})
     assert load_checkpoint(path)["step"] == 1 and sorted(tmp_path.iterdir()) == [path]
+
+
+class NotATensor:
+    """Pickled by reference (GLOBAL tests.test_train.NotATensor): weights_only=True must refuse it."""
+
+
+@pytest.mark.parametrize("payload", [NotATensor(), {"state_dict": {}, "when": __import__("datetime").date(2020, 1, 1)}],
+                         ids=["class", "datetime"])
+def test_a_refused_pickle_names_the_file_and_global_without_the_weights_only_false_advice(payload, tmp_path):
+    from fsdfm.pipeline import load_dit
+    from fsdfm.train import UnsafeCheckpointError, load_checkpoint
+
+    path = tmp_path / "model.pt"
+    torch.save(payload, path)
+    for load in (lambda: load_checkpoint(path), lambda: load_dit(tmp_path)):
+        with pytest.raises(UnsafeCheckpointError) as err:
+            load()
+        msg = str(err.value)
+        assert str(path) in msg and "Unsupported global" in msg
+        assert ("NotATensor" if isinstance(payload, NotATensor) else "datetime.date") in msg
+        assert "weights_only=False" not in msg and "weights_only` set to `False`" not in msg
+        assert "add_safe_globals" not in msg
+        assert err.value.__cause__ is None and err.value.__suppress_context__  # torch's text is not chained
+
+
+def test_garbage_checkpoint_message_has_no_torch_advice(tmp_path):
+    from fsdfm.train import load_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError) as err:
+        load_checkpoint(path)
+    assert "cannot load checkpoint" in str(err.value) and str(path) in str(err.value)
+    assert "False" not in str(err.value)
