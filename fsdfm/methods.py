@@ -15,7 +15,7 @@ from typing import Callable
 from fsdfm.fingerprint import with_fingerprint
 from fsdfm.flm import FLMConfig
 from fsdfm.fmlm import FMLMConfig
-from fsdfm.objectives import DFMConfig, FSDFMConfig
+from fsdfm.objectives import FROZEN_TEACHER_SHORTCUTS, DFMConfig, FSDFMConfig
 from fsdfm.registry import Registry, did_you_mean
 from fsdfm.specs import Cell, MethodSpec, SpecError, StudySpec, build, short
 from fsdfm.stages import RunSpec, Stage, StudyPlan
@@ -49,6 +49,13 @@ class MethodKind:
     build_stage: Callable   # (planner, method name, MethodSpec) -> Stage
     teacher_kind: str | None = None
     distill_cls: type = NoDistill
+    exact_teacher: bool = False  # accepts `teacher: exact` (the oracle's exact posterior; oracle data only)
+    oracle_only: bool = False    # valid only with data.kind: oracle
+
+
+# `teacher: exact` names no method: the exact posterior p_{1|t} of the study's oracle source on the method's own
+# path (its source and scheduler), computed by fsdfm.oracle_posterior. So the name is reserved.
+EXACT_TEACHER = "exact"
 
 
 METHOD_KINDS: Registry = Registry("method kind")
@@ -87,18 +94,32 @@ class Planner:
                                            "optim": ev.train.to_dict()}))
 
 
+def _exact_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
+    """The exact posterior of the oracle source on the method's path: no training, one small record."""
+    return p.add(Stage("exact_posterior", {"data": p.data, "source": m.source,
+                                           "scheduler": dataclasses.asdict(m.scheduler)}))
+
+
 def _dfm_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
+    # `teacher: exact`: the "exact targets" baseline, trained on KL(exact posterior || model) instead of CE on x_1
+    inputs = {"teacher": _exact_stage(p, name, m).id} if m.teacher == EXACT_TEACHER else {}
     return p.add(Stage("train_dfm", {"data": p.data, "model": p.model_cfg(m), "source": m.source,
                                      "scheduler": dataclasses.asdict(m.scheduler),
                                      "objective": dataclasses.asdict(DFMConfig(m.loss, p.spec.sampling.eps)),
-                                     "optim": p.optim(m)}))
+                                     "optim": p.optim(m)}, inputs))
 
 
 def _fsdfm_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
-    teacher = p.model_stage(m.teacher)
     student = StudentSpec(**m.distill)
-    return p.add(Stage("distil_fsdfm", {"data": p.data, "distill": dataclasses.asdict(student), "optim": p.optim(m)},
-                       {"teacher": teacher.id}))
+    config = {"data": p.data, "distill": dataclasses.asdict(student), "optim": p.optim(m)}
+    if m.teacher == EXACT_TEACHER:
+        # no teacher weights: the student is a fresh DiT of its own model settings on its own path, and the exact
+        # posterior is its frozen shortcut evaluator (the role of the frozen DFM teacher)
+        teacher = _exact_stage(p, name, m)
+        config["model"] = p.model_cfg(m)
+    else:
+        teacher = p.model_stage(m.teacher)
+    return p.add(Stage("distil_fsdfm", config, {"teacher": teacher.id}))
 
 
 def _ar_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
@@ -115,9 +136,13 @@ def _fmlm_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
                        {"teacher": teacher.id}))
 
 
-METHOD_KINDS.register("dfm", MethodKind("dfm", "dfm", ("euler", "cumulative_scalar", "mixture_euler", "mdlm"), _dfm_stage))
+METHOD_KINDS.register("dfm", MethodKind("dfm", "dfm", ("euler", "cumulative_scalar", "mixture_euler", "mdlm"), _dfm_stage,
+                                        exact_teacher=True))
 METHOD_KINDS.register("fsdfm", MethodKind("fsdfm", "dfm", ("cumulative_scalar", "euler", "mixture_euler"), _fsdfm_stage,
-                                          teacher_kind="dfm", distill_cls=StudentSpec))
+                                          teacher_kind="dfm", distill_cls=StudentSpec, exact_teacher=True))
+# The exact denoiser of an oracle source: sampled by the DFM sampling loop with every rule, nothing trained.
+METHOD_KINDS.register("exact", MethodKind("exact", "exact", ("cumulative_scalar", "euler", "mixture_euler", "mdlm"),
+                                          _exact_stage, oracle_only=True))
 METHOD_KINDS.register("ar", MethodKind("ar", "ar", ("ancestral",), _ar_stage))
 METHOD_KINDS.register("flm", MethodKind("flm", "flm", ("euler",), _flm_stage, distill_cls=FLMConfig))
 METHOD_KINDS.register("fmlm", MethodKind("fmlm", "fmlm", ("flow_map",), _fmlm_stage, teacher_kind="flm",
@@ -133,11 +158,27 @@ def validate_methods(spec: StudySpec, file: str) -> None:
             raise SpecError(f"{file}: {where}.kind: unknown method kind {short(m.kind)}{did_you_mean(m.kind, METHOD_KINDS.names())}; "
                             f"allowed: {', '.join(METHOD_KINDS.names())}")
         kind = METHOD_KINDS.get(m.kind)
-        if kind.teacher_kind:
+        if name == EXACT_TEACHER:
+            raise SpecError(f"{file}: methods.{name}: the method name {EXACT_TEACHER!r} is reserved for `teacher: exact` "
+                            "(the exact posterior); rename the method")
+        if kind.oracle_only and spec.data.kind != "oracle":
+            raise SpecError(f"{file}: {where}.kind: an {m.kind} method needs data.kind: oracle (a source with an exact "
+                            f"posterior); data.kind is {spec.data.kind!r}")
+        if m.teacher == EXACT_TEACHER:
+            if not kind.exact_teacher:
+                raise SpecError(f"{file}: {where}.teacher: a {m.kind} method cannot use teacher {EXACT_TEACHER!r}")
+            if spec.data.kind != "oracle":
+                raise SpecError(f"{file}: {where}.teacher: teacher {EXACT_TEACHER!r} (the exact posterior) needs "
+                                f"data.kind: oracle; data.kind is {spec.data.kind!r}")
+            if kind.teacher_kind and m.distill.get("shortcut", "rk4") not in FROZEN_TEACHER_SHORTCUTS:
+                raise SpecError(f"{file}: {where}.distill.shortcut: with teacher {EXACT_TEACHER!r} the exact posterior "
+                                f"is the frozen teacher: set shortcut to one of {', '.join(FROZEN_TEACHER_SHORTCUTS)}")
+        elif kind.teacher_kind:
             if m.teacher is None:
                 raise SpecError(f"{file}: {where}.teacher: a {m.kind} student needs a teacher (a method of kind {kind.teacher_kind})")
             if m.teacher not in spec.methods:
-                raise SpecError(f"{file}: {where}.teacher: unknown method {short(m.teacher)}{did_you_mean(m.teacher, list(spec.methods))}")
+                known = list(spec.methods) + ([EXACT_TEACHER] if kind.exact_teacher else [])
+                raise SpecError(f"{file}: {where}.teacher: unknown method {short(m.teacher)}{did_you_mean(m.teacher, known)}")
             if spec.methods[m.teacher].kind != kind.teacher_kind:
                 raise SpecError(f"{file}: {where}.teacher: {short(m.teacher)} is a {spec.methods[m.teacher].kind} method; "
                                 f"a {m.kind} student distils from a {kind.teacher_kind} method")
@@ -228,7 +269,7 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
                     add_run({"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps},
                             ev_stage, cell.params)
             pd = spec.metrics.pos_divergence
-            if pd is not None and m.kind == "fsdfm":
+            if pd is not None and m.kind == "fsdfm" and m.teacher != EXACT_TEACHER:  # needs a teacher network
                 for k in pd.student_steps:
                     cfg = {"data": p.data, **dataclasses.asdict(pd), "student_steps": k, "seed": spec.sampling.seed,
                            "precision": spec.sampling.precision}

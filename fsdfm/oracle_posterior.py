@@ -81,13 +81,10 @@ def evidence(x_t: torch.Tensor, kappa: torch.Tensor, vocab_size: int, source: st
 
 
 def _normalise(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """m (B, ...) -> (m / s, log s) with s the per-row sum; a row with no mass (evidence impossible under the
-    source) becomes uniform, so that no NaN spreads; its log scale is -inf."""
-    s = m.flatten(1).sum(1)
-    dead = s <= 0
-    shape = (-1,) + (1,) * (m.dim() - 1)
-    out = torch.where(dead.view(shape), torch.full_like(m, 1.0 / m[0].numel()), m / torch.where(dead, 1.0, s).view(shape))
-    return out, torch.log(s)
+    """m (B, ...) -> (m / s, log s) with s the per-row sum. A row with no mass (evidence impossible under the
+    source) stays all zero, with log s = -inf; `posterior` makes its marginals uniform at the end."""
+    s = m.sum(dim=tuple(range(1, m.dim())), keepdim=True)
+    return m / s.clamp_min(torch.finfo(m.dtype).tiny), torch.log(s.flatten())
 
 
 def _markov_tables(src: MarkovSource, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +119,7 @@ def _markov_posterior(src: MarkovSource, e: torch.Tensor) -> Posterior:
     alpha[0] = a
     for m in range(1, n):
         # alpha(s, x) = e(x) sum_a alpha(a, s) P(x | (a, s))
-        pred = torch.einsum("bas,asx->bsx", alpha[m - 1].view(B, V, S), T3)
+        pred = (alpha[m - 1] @ T).view(B, 1, V) if k == 1 else torch.einsum("bas,asx->bsx", alpha[m - 1].view(B, V, S), T3)
         a, ls = _normalise(pred * e[:, k - 1 + m].view(B, 1, V))
         alpha[m] = a.reshape(B, C)
         log_z = log_z + ls
@@ -137,7 +134,7 @@ def _markov_posterior(src: MarkovSource, e: torch.Tensor) -> Posterior:
             break
         # beta(a, s) = sum_x P(x | (a, s)) e(x) beta(s, x)
         w = (e[:, k - 1 + m].view(B, 1, V) * beta.view(B, S, V))
-        beta, _ = _normalise(torch.einsum("asx,bsx->bas", T3, w).reshape(B, C))
+        beta, _ = _normalise(w.view(B, V) @ T.T if k == 1 else torch.einsum("asx,bsx->bas", T3, w).reshape(B, C))
     return Posterior(probs=probs, log_evidence=log_z)
 
 
@@ -185,10 +182,16 @@ def posterior(oracle: OracleSource, x_t: torch.Tensor, kappa: torch.Tensor, sour
     kappa = torch.as_tensor(kappa, dtype=dtype, device=x_t.device).expand(x_t.shape[0])
     e = evidence(x_t, kappa, V, source, dtype)
     if isinstance(oracle, MarkovSource):
-        return _markov_posterior(oracle, e)
-    if isinstance(oracle, HMMSource):
-        return _hmm_posterior(oracle, e)
-    raise TypeError(f"no exact posterior for {type(oracle).__name__}")
+        out = _markov_posterior(oracle, e)
+    elif isinstance(oracle, HMMSource):
+        out = _hmm_posterior(oracle, e)
+    else:
+        raise TypeError(f"no exact posterior for {type(oracle).__name__}")
+    # a state impossible under the source (no x_1 explains it) gets uniform marginals rather than NaN
+    dead = torch.isneginf(out.log_evidence)
+    if bool(dead.any()):
+        out = Posterior(torch.where(dead[:, None, None], torch.full_like(out.probs, 1.0 / V), out.probs), out.log_evidence)
+    return out
 
 
 class ExactPosterior:

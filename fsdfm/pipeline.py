@@ -176,13 +176,17 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     torch.manual_seed(config["optim"]["seed"])
     model = DiT(cfg)
     obj = DFMConfig(**config["objective"])
-    res = fit(model, DFMObjective(path, obj), corpus.train, OptimConfig(**config["optim"]), Path(out_dir) / "ckpt",
+    objective = DFMObjective(path, obj)
+    if "teacher" in inputs:  # teacher: exact -- the "exact targets" baseline (fsdfm.exact_teacher)
+        from fsdfm.exact_teacher import ExactTargetObjective, load_exact
+        objective = ExactTargetObjective(path, load_exact(inputs["teacher"], config["data"]), obj.eps)
+    res = fit(model, objective, corpus.train, OptimConfig(**config["optim"]), Path(out_dir) / "ckpt",
               desc="train dfm teacher", device=device())
     final = res.ema if res.ema is not None else res.model
     val = dfm_validation(final, path, corpus.valid, obj.eps)
     save_dit(out_dir, final, {"source": config["source"], "scheduler": config["scheduler"]}, h_conditioned=False)
     return train_metrics(res, {**val, "unigram_ce": unigram_ce(corpus.train, corpus.valid, corpus.vocab_size),
-                               "n_params": model.num_parameters()})
+                               "n_params": model.num_parameters(), **oracle_model_metrics(config, final, path, corpus)})
 
 
 @stage_kind("distil_fsdfm", checkpointable=True, resources="gpu_multi", version="1")
@@ -192,16 +196,28 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
 
     join_process_group()
     corpus = corpus_for(config, out_dir)
-    teacher = load_dit(inputs["teacher"])
     spec = StudentSpec(**config["distill"])
-    torch.manual_seed(config["optim"]["seed"])
-    student = student_from_teacher(teacher.model, spec.h_embedding)
-    frozen = teacher.model.requires_grad_(False) if spec.shortcut in FROZEN_TEACHER_SHORTCUTS else None
-    res = fit(student, FSDFMObjective(teacher.path, spec.objective(), frozen), corpus.train,
+    from fsdfm.exact_teacher import is_exact
+    if is_exact(inputs["teacher"]):  # teacher: exact -- fresh student, exact posterior as frozen evaluator
+        from fsdfm.exact_teacher import exact_path_cfg, load_exact
+        exact = load_exact(inputs["teacher"], config["data"])
+        path_cfg, teacher_path = exact_path_cfg(inputs["teacher"]), exact.path
+        torch.manual_seed(config["optim"]["seed"])
+        student = DiT(build_model_config(config["model"], corpus.vocab_size, corpus.seq_len, h_embedding=spec.h_embedding,
+                                         input_vocab_size=teacher_path.source.input_vocab_size))
+        frozen = exact
+    else:
+        teacher = load_dit(inputs["teacher"])
+        path_cfg, teacher_path = teacher.path_cfg, teacher.path
+        torch.manual_seed(config["optim"]["seed"])
+        student = student_from_teacher(teacher.model, spec.h_embedding)
+        frozen = teacher.model.requires_grad_(False) if spec.shortcut in FROZEN_TEACHER_SHORTCUTS else None
+    res = fit(student, FSDFMObjective(teacher_path, spec.objective(), frozen), corpus.train,
               OptimConfig(**config["optim"]), Path(out_dir) / "ckpt", desc="distil fs-dfm student", device=device())
     final = res.ema if res.ema is not None else res.model
-    save_dit(out_dir, final, teacher.path_cfg, h_conditioned=True)
-    return train_metrics(res, {"n_params": student.num_parameters()})
+    save_dit(out_dir, final, path_cfg, h_conditioned=True)
+    return train_metrics(res, {"n_params": student.num_parameters(),
+                               **oracle_model_metrics(config, final, teacher_path, corpus, h=2.0 ** -spec.K)})
 
 
 @stage_kind("train_ar", checkpointable=True, resources="gpu_multi", version="1", metrics=("val_nll", "elbo_ppl"))
@@ -274,6 +290,29 @@ def sample_dfm(model_dir: Path, cfg: dict, corpus, dev, generator) -> SampleOutp
 
     run(min(cfg["batch_size"], cfg["n_samples"]), time_grid(1, t_end=cfg["t_end"]), torch.Generator(dev).manual_seed(0))  # warm-up
     return run(cfg["n_samples"], grid, generator)
+
+
+@stage_kind("exact_posterior", resources="cpu")
+def exact_posterior_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
+    """The exact denoiser of an oracle source (fsdfm.exact_teacher): nothing to train; records its path."""
+    from fsdfm.data import DataConfig, oracle_source
+    from fsdfm.exact_teacher import write_exact
+
+    oracle_source(DataConfig(**config["data"]))  # a bad oracle config fails here, with a clear DataError
+    write_exact(Path(out_dir), {"source": config["source"], "scheduler": config["scheduler"]})
+    return {"metrics": {}}
+
+
+@SAMPLERS.register("exact")
+def sample_exact(model_dir: Path, cfg: dict, corpus, dev, generator) -> SampleOutput:
+    """The exact posterior sampled by the DFM sampling loop (same rules, grids and precision as a network)."""
+    from fsdfm.exact_teacher import load_exact
+
+    exact = load_exact(model_dir, cfg["data"])
+    grid = time_grid(cfg["steps"], t_end=cfg["t_end"])
+    return sample(exact, exact.path, n_samples=cfg["n_samples"], seq_len=corpus.seq_len, grid=grid, rule=cfg["rule"],
+                  generator=generator, precision=getattr(torch, cfg["precision"]), batch_size=cfg["batch_size"],
+                  device=dev)
 
 
 @SAMPLERS.register("ar")
@@ -471,7 +510,8 @@ class ExtraMetrics:
 
 EXTRA_METRICS: Registry = Registry("corpus metric")
 # the metric names each EXTRA_METRICS entry records (their versions enter the evaluate stages' ids)
-EXTRA_METRIC_NAMES = {"oracle": ("oracle_nll", "oracle_expected_nll", "oracle_entropy_rate")}
+EXTRA_METRIC_NAMES = {"oracle": ("oracle_nll", "oracle_expected_nll", "oracle_entropy_rate", "ngram_tv", "ngram_kl",
+                                 "ngram_tv_floor", "ngram_kl_floor")}
 
 
 def corpus_metric_names(config: dict) -> tuple:
@@ -491,11 +531,35 @@ def oracle_metrics(config: dict, tokens: np.ndarray, corpus) -> ExtraMetrics:
     oracle_nll_i = -log p(x_i) / L (their mean is oracle_nll)."""
     from fsdfm.data import DataConfig, oracle_source
 
+    from fsdfm.metrics.oracle import ngram_distance, ngram_floor
+
     source = oracle_source(DataConfig(**config["data"]))
     expected = source.expected_nll_per_token(tokens.shape[1])
+    dist = ngram_distance(tokens, source)
+    # the floor: as many true sequences, drawn with a seed that neither split uses
+    floor = ngram_floor(source, tokens.shape[0], tokens.shape[1], seed=int(config["data"]["oracle"].get("seed", 0)) * 1000 + 3)
     per_sample = -np.asarray(source.log_prob(source.check_tokens(tokens)), dtype=np.float64) / tokens.shape[1]
     return ExtraMetrics({"oracle_nll": float(source.nll_per_token(tokens)), "oracle_expected_nll": float(expected),
-                         "oracle_entropy_rate": float(source.entropy_rate)}, {"oracle_nll": per_sample})
+                         "oracle_entropy_rate": float(source.entropy_rate), "ngram_tv": dist.tv, "ngram_kl": dist.kl,
+                         "ngram_tv_floor": floor.tv, "ngram_kl_floor": floor.kl}, {"oracle_nll": per_sample})
+
+
+POSTERIOR_KL_STATES = 256  # held-out sequences noised at each t of the posterior_kl grid
+
+
+def oracle_model_metrics(config: dict, model, path: MixturePath, corpus, h: float | None = None) -> dict:
+    """posterior_kl of a trained DiT on oracle data (nats per movable position; the student at step h); {} else."""
+    if config["data"]["kind"] != "oracle":
+        return {}
+    from fsdfm.data import DataConfig, oracle_source
+    from fsdfm.metrics.oracle import posterior_kl
+    from fsdfm.oracle_posterior import ExactPosterior
+
+    exact = ExactPosterior(oracle_source(DataConfig(**config["data"])), path)
+    dev = next(model.parameters()).device
+    model.eval()
+    gen = torch.Generator(dev).manual_seed(0)  # the same states for every model of the study
+    return {"posterior_kl": posterior_kl(model, exact, path, corpus.valid[:POSTERIOR_KL_STATES].to(dev), gen, h=h)}
 
 
 @stage_kind("pos_divergence", resources="gpu", version="1", metrics=("pos_divergence", "pos_divergence_slope"))

@@ -88,3 +88,14 @@ _add("oracle_nll", "min", "nats/token", "oracle", "NLL of the samples under the 
 _add("oracle_expected_nll", None, "nats/token", "oracle",
      "the source's own exact expected NLL per token of length-L sequences: the floor oracle_nll is compared with")
 _add("oracle_entropy_rate", None, "nats/token", "oracle", "entropy rate of the oracle source")
+# --- exact oracle metrics (fsdfm/metrics/oracle.py)
+_add("posterior_kl", "min", "nats/position", "oracle",
+     "model error: mean KL(exact posterior || model p_{1|t}) over a fixed t grid and held-out path states, at "
+     "movable positions (the FS-DFM student at its smallest step); recorded by the training stage")
+_add("ngram_tv", "min", "TV", "oracle",
+     "total variation between the samples' empirical (order + 1)-gram distribution (HMM: bigram) and the source's "
+     "exact stationary one; collapse cannot game it")
+_add("ngram_kl", "min", "nats", "oracle", "KL(empirical n-grams || exact stationary n-grams) of the samples")
+_add("ngram_tv_floor", None, "TV", "oracle",
+     "ngram_tv of as many true source sequences: the finite-sample floor of ngram_tv")
+_add("ngram_kl_floor", None, "nats", "oracle", "ngram_kl of as many true source sequences (its floor)")

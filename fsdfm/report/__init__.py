@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fsdfm.report.figures import FIGURES, FigureResult, render
+from fsdfm.report.oracle import decomposition_figure, decomposition_table
 from fsdfm.report.published import PUBLISHED
 from fsdfm.report.summary import DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
 from fsdfm.report.tables import (
@@ -27,6 +28,8 @@ __all__ = ["write_report", "ReportOutput", "summarize", "wide", "load_study", "S
            "write_table", "FIGURES", "render", "FigureResult", "PUBLISHED", "DEFAULT_BY"]
 
 FIGURE_ORDER = ("step_sweep", "frontier", "pos_divergence", "ablation")
+FIGURES.register("decomposition", decomposition_figure)
+ORACLE_FIGURES = ("decomposition",)  # drawn only for studies with an exact method (fsdfm.report.oracle)
 
 
 @dataclass(frozen=True)
@@ -166,11 +169,14 @@ def _index(study: Study, main: Table | None, tables: list[tuple[Table, list[Path
         parts += ["## Warnings", ""] + [f"* {w}" for w in warnings + list(study.notes)] + [""]
     if main is not None and not main.empty:
         parts += ["## Sample quality", "", main.to_markdown(), ""]
+    else:
+        parts += ["_No finished model runs yet: no quality table._", ""]
     pairs = next((t for t, _ in tables if t.name == "table_pairs"), None)
     if pairs is not None:
         parts += ["## Headline pairs", "", pairs.to_markdown(), ""]
-    else:
-        parts += ["_No finished model runs yet: no quality table._", ""]
+    for t, _ in tables:
+        if t.name == "table_decomposition":  # oracle studies with an exact method (fsdfm.report.oracle)
+            parts += ["## Few-step error decomposition (exact oracle)", "", t.to_markdown(), ""]
     drawn = [f for f in figures if f.skipped is None]
     if drawn:
         parts += ["## Figures", ""]
@@ -220,6 +226,9 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
         candidates = [main, cost_table(study), pos_divergence_table(study), seeds_table(study), *ablation_tables(study)]
         if study.report_settings["pairs"]:
             candidates.append(pairs_table(study))
+        has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
+        if has_exact:
+            candidates.insert(1, decomposition_table(study))
         for t in candidates:
             if t.empty:
                 notes.append(f"table `{t.name}`: no data in this study")
@@ -227,7 +236,8 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
             tables.append((t, write_table(t, out_dir)))
         atomic_write_bytes(out_dir / "summary.csv", summary_csv(study).to_csv(index=False).encode("utf-8"))
     figures: list[FigureResult] = []
-    for name in FIGURE_ORDER:
+    has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
+    for name in FIGURE_ORDER + (ORACLE_FIGURES if has_exact else ()):
         if len(study.runs):
             figures += render(name, study, out_dir)
         else:

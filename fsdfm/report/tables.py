@@ -33,7 +33,7 @@ from fsdfm.report.summary import (
 
 # The quality table: perplexity, entropy, MAUVE, diversity (in this order; absent metrics are skipped).
 MAIN_METRICS = ("gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "mauve", "distinct_2", "distinct_4", "self_bleu",
-                "rep_n", "oracle_nll", "oracle_expected_nll", "oracle_entropy_rate")
+                "rep_n", "oracle_nll", "ngram_tv", "ngram_tv_floor", "oracle_expected_nll", "oracle_entropy_rate")
 COST_METRICS = ("nfe", SAMPLING_WALL_S, "tokens_per_s", "peak_mem")
 POS_METRICS = ("pos_divergence", "pos_agreement", "pos_divergence_slope")
 SEED_METRICS = ("gen_ppl", "entropy_nats", "mauve", "rep_n")

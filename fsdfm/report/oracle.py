@@ -1,0 +1,260 @@
+"""The few-step error decomposition of oracle studies: model error vs the sampler's own error, exactly.
+
+For a trained method M sampled with rule r at budget N, and the exact denoiser (`kind: exact`) on the same path
+(source and scheduler) with the same rule and budget:
+
+    oracle_nll(M, N) - H_L  =  [oracle_nll(M, N) - oracle_nll(exact, N)]  +  [oracle_nll(exact, N) - H_L]
+                                 model error at N                            sampler error at N
+
+with H_L the source's expected NLL per token of length-L sequences. The sampler error is what no denoiser, however
+good, removes at N steps with that rule (factorization: positions drawn independently within a step; plus the
+update rule's discretization); the model error is what a better network or teacher could still remove. Model
+error at N is a difference of two sample means (one seed of the exact sampler, many of the model), so it can be
+slightly negative at large N by chance. Next to them: posterior_kl (the model's p_{1|t} error, recorded by its
+training stage) and the n-gram TV with its finite-sample floor.
+
+Matching runs to their path reads the plan (evaluate -> sample -> model stage -> ... -> the stage that fixed the
+path), and posterior_kl the model stage's record: analysis reads records and the plan only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+from fsdfm.report.summary import DATA_KIND, POS_KIND, Study
+from fsdfm.report.tables import DASH, Table, fmt_mean_std, fmt_number
+
+EXACT_KIND = "exact"
+VERDICT_STEPS = 8
+
+
+def model_stage(plan: dict, sid: str) -> str | None:
+    """The model stage behind an evaluate stage (evaluate -> samples -> model), or None."""
+    st = plan["stages"].get(sid) or {}
+    samples = (st.get("inputs") or {}).get("samples")
+    if samples is None:
+        return None
+    return (plan["stages"].get(samples, {}).get("inputs") or {}).get("model")
+
+
+def path_key(plan: dict, sid: str | None) -> str | None:
+    """The path (source, scheduler) a model stage samples on: its own config, or its teacher's (distil stages)."""
+    seen = 0
+    while sid is not None and seen < 16:
+        st = plan["stages"].get(sid) or {}
+        cfg = st.get("config") or {}
+        if "source" in cfg and "scheduler" in cfg:
+            return f"{cfg['source']} · {json.dumps(cfg['scheduler'], sort_keys=True)}"
+        sid = (st.get("inputs") or {}).get("teacher")
+        seen += 1
+    return None
+
+
+def path_source(key: str | None) -> str:
+    return key.split(" · ")[0] if key else "?"
+
+
+def _training_metric(study: Study, sid: str | None, name: str) -> float:
+    from fsdfm.results import read_record, stage_dir
+
+    if sid is None:
+        return math.nan
+    rec = read_record(stage_dir(study.path, sid), warn=False) or {}
+    v = ((rec.get("payload") or {}).get("metrics") or {}).get(name)
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def annotated_runs(study: Study) -> pd.DataFrame:
+    """The model runs with `model_stage`, `path` (key) and `posterior_kl` (from the model's training record)."""
+    runs = study.runs
+    if "kind" not in runs or "oracle_nll" not in runs:
+        return runs.iloc[:0]
+    runs = runs[~runs["kind"].isin([DATA_KIND, POS_KIND])].copy()
+    runs["model_stage"] = [model_stage(study.plan, s) for s in runs["stage_id"]]
+    runs["path"] = [path_key(study.plan, s) for s in runs["model_stage"]]
+    cache: dict = {}
+    runs["posterior_kl"] = [cache.setdefault(s, _training_metric(study, s, "posterior_kl")) for s in runs["model_stage"]]
+    return runs
+
+
+def _mean(x) -> float:
+    v = pd.to_numeric(pd.Series(x), errors="coerce").dropna()
+    return float(v.mean()) if len(v) else math.nan
+
+
+def _std(x) -> float:
+    v = pd.to_numeric(pd.Series(x), errors="coerce").dropna()
+    return float(v.std(ddof=1)) if len(v) > 1 else math.nan
+
+
+def decomposition_frame(study: Study) -> pd.DataFrame:
+    """One row per (path, label, rule, steps): oracle_nll mean/std/n over seeds, the matched exact run's oracle_nll,
+    model_error, sampler_error, posterior_kl, ngram_tv and its floor, the expected NLL and the entropy rate."""
+    runs = annotated_runs(study)
+    if runs.empty or not (runs["kind"] == EXACT_KIND).any():
+        return pd.DataFrame()
+    exact = {(p, r, int(s)): _mean(g["oracle_nll"]) for (p, r, s), g in
+             runs[runs["kind"] == EXACT_KIND].groupby(["path", "rule", "steps"], dropna=False)}
+    rows = []
+    for (p, label, rule, steps), g in runs.groupby(["path", "label", "rule", "steps"], dropna=False, sort=False):
+        kind = str(g["kind"].iloc[0])
+        ex = exact.get((p, rule, int(steps)), math.nan)
+        nll = _mean(g["oracle_nll"])
+        expected = _mean(g["oracle_expected_nll"])
+        rows.append({
+            "source": path_source(p), "path": p, "label": label, "kind": kind, "rule": rule, "steps": int(steps),
+            "n": int(pd.to_numeric(g["oracle_nll"], errors="coerce").notna().sum()),
+            "oracle_nll_mean": nll, "oracle_nll_std": _std(g["oracle_nll"]), "exact_oracle_nll": ex,
+            "model_error": nll - ex if kind != EXACT_KIND else 0.0,
+            "model_error_std": _std(g["oracle_nll"]) if kind != EXACT_KIND else math.nan,
+            "sampler_error": ex - expected, "posterior_kl_mean": _mean(g["posterior_kl"]),
+            "posterior_kl_std": _std(g["posterior_kl"]),
+            "ngram_tv_mean": _mean(g.get("ngram_tv", math.nan)), "ngram_tv_std": _std(g.get("ngram_tv", math.nan)),
+            "ngram_tv_floor": _mean(g.get("ngram_tv_floor", math.nan)),
+            "expected_nll": expected, "entropy_rate": _mean(g.get("oracle_entropy_rate", math.nan)),
+        })
+    df = pd.DataFrame(rows)
+    order = {k: i for i, k in enumerate(dict.fromkeys(df["label"]))}
+    df["_exact_first"] = (df["kind"] != EXACT_KIND).astype(int)
+    df["_label"] = df["label"].map(order)
+    df = df.sort_values(["source", "_exact_first", "_label", "rule", "steps"]).drop(columns=["_exact_first", "_label"])
+    return df.reset_index(drop=True)
+
+
+def _teacher_label(study: Study, runs: pd.DataFrame, student_stage: str) -> str | None:
+    """The label of the trained method whose model stage is the student's teacher."""
+    teacher = (study.plan["stages"].get(student_stage, {}).get("inputs") or {}).get("teacher")
+    hit = runs[runs["model_stage"] == teacher]
+    return None if hit.empty else str(hit["label"].iloc[0])
+
+
+def verdicts(study: Study, frame: pd.DataFrame, steps: int = VERDICT_STEPS) -> list[str]:
+    """Plain sentences: does each FS-DFM student beat its teacher at `steps` (same rule), and which error term is
+    the larger part of its excess over the expected NLL there."""
+    runs = annotated_runs(study)
+    out = []
+    for _, st in frame[(frame["kind"] == "fsdfm") & (frame["steps"] == steps)].iterrows():
+        sid = runs[(runs["label"] == st["label"])]["model_stage"].dropna()
+        if sid.empty:
+            continue
+        tlabel = _teacher_label(study, runs, sid.iloc[0])
+        excess = st["oracle_nll_mean"] - st["expected_nll"]
+        term = "the sampler's own error (factorization + discretization)" if st["sampler_error"] >= st["model_error"] \
+            else "the model error"
+        line = (f"{st['label']} ({st['rule']}, {steps} steps): oracle_nll {st['oracle_nll_mean']:.3f}; excess over the "
+                f"expected NLL {excess:.3f} = model error {st['model_error']:.3f} + sampler error "
+                f"{st['sampler_error']:.3f}: {term} is the larger part")
+        if tlabel is not None:
+            t = frame[(frame["label"] == tlabel) & (frame["rule"] == st["rule"]) & (frame["steps"] == steps)]
+            if not t.empty:
+                tn, tsd, sn, ssd = (t["oracle_nll_mean"].iloc[0], t["oracle_nll_std"].iloc[0], st["oracle_nll_mean"],
+                                    st["oracle_nll_std"])
+                spread = np.nanmax([tsd, ssd, 0.0])
+                if sn < tn - spread:
+                    verdict = "beats"
+                elif sn > tn + spread:
+                    verdict = "is worse than"
+                else:
+                    verdict = "does not beat (within one seed std)"
+                line = (f"{st['label']} {verdict} its teacher {tlabel} at {steps} steps ({st['rule']}): "
+                        f"{sn:.3f} vs {tn:.3f} nats/token. " + line)
+        out.append(line)
+    return out
+
+
+def decomposition_table(study: Study) -> Table:
+    """The decomposition as a Table (markdown, LaTeX, CSV): one block per path source, exact rows first."""
+    frame = decomposition_frame(study)
+    columns = ("source", "method", "rule", "steps", "n", "oracle_nll ↓", "exact oracle_nll", "model error",
+               "sampler error", "posterior_kl ↓", "ngram_tv ↓", "ngram_tv floor")
+    if frame.empty:
+        return Table(name="table_decomposition", title=f"{study.name}: few-step error decomposition", columns=columns,
+                     cells=(), bold=(), sections=(), notes=(), numbers=pd.DataFrame(), n_label_columns=4)
+    cells, sections = [], []
+    prev = None
+    for i, r in frame.iterrows():
+        if prev is not None and r["source"] != prev:
+            sections.append(len(cells))
+        prev = r["source"]
+        exact = r["kind"] == EXACT_KIND
+        cells.append((r["source"], r["label"], str(r["rule"]), str(r["steps"]), str(r["n"]),
+                      fmt_mean_std(r["oracle_nll_mean"], r["oracle_nll_std"], r["n"], "nats/token"),
+                      fmt_number(r["exact_oracle_nll"], "nats/token"),
+                      DASH if exact else fmt_mean_std(r["model_error"], r["model_error_std"], r["n"], "nats/token"),
+                      fmt_number(r["sampler_error"], "nats/token"),
+                      DASH if exact else fmt_mean_std(r["posterior_kl_mean"], r["posterior_kl_std"], r["n"], "nats"),
+                      fmt_mean_std(r["ngram_tv_mean"], r["ngram_tv_std"], r["n"], "TV"),
+                      fmt_number(r["ngram_tv_floor"], "TV")))
+    data = study.data
+    ref = []
+    ref.append(f"expected NLL of true length-L sequences (H_L): {_mean(frame['expected_nll']):.3f} nats/token; "
+               f"entropy rate {_mean(frame['entropy_rate']):.3f}")
+    if not data.empty and "oracle_nll" in data:
+        ref.append(f"data row (held-out true sequences): oracle_nll {_mean(data['oracle_nll']):.3f}"
+                   + (f", ngram_tv {_mean(data['ngram_tv']):.3f}" if "ngram_tv" in data else ""))
+    notes = ["oracle_nll(M, N) − H_L = model error [oracle_nll(M, N) − oracle_nll(exact, N)] + sampler error "
+             "[oracle_nll(exact, N) − H_L]; the exact run has the same path, rule and budget; cells mean ± std over "
+             "seeds (the exact sampler: one sampling seed)",
+             "posterior_kl: KL(exact posterior ‖ model p_{1|t}) per movable position, over t = 0.05..0.95 and "
+             "held-out path states (student: at its smallest step h = 2^-K)",
+             "ngram_tv: total variation of the samples' (order + 1)-gram distribution (HMM: bigrams) from the "
+             "source's exact one; floor: the same for as many true sequences"] + ref + verdicts(study, frame)
+    return Table(name="table_decomposition", title=f"{study.name}: few-step error decomposition", columns=columns,
+                 cells=tuple(cells), bold=tuple((False,) * len(columns) for _ in cells), sections=tuple(sections),
+                 notes=tuple(notes), numbers=frame.drop(columns=["path"]).convert_dtypes(), n_label_columns=4)
+
+
+# ------------------------------------------------------------------------------------------------ figure
+def decomposition_figure(study: Study):
+    """Per path source: oracle_nll vs N (exact and trained methods; expected NLL, entropy rate and the data row
+    marked), and below it the two error terms vs N (model error solid, sampler error dashed), log2 x axis."""
+    from fsdfm.report.figures import Drawn, SkipFigure, _legend_outside, _log2_steps, _new_figure, _palette, _style
+
+    frame = decomposition_frame(study)
+    if frame.empty:
+        raise SkipFigure("no exact runs to decompose against")
+    sources = list(dict.fromkeys(frame["source"]))
+    labels = list(dict.fromkeys(frame["label"]))
+    colors = dict(zip(labels, _palette(len(labels))))
+    styles = {r: s for r, s in zip(dict.fromkeys(frame["rule"]), ("-", "--", ":", "-."))}
+    data_nll = _mean(study.data["oracle_nll"]) if not study.data.empty and "oracle_nll" in study.data else None
+    with _style():
+        fig, axes = _new_figure(2 * len(sources), ncols=len(sources))
+        top, bottom = axes[:len(sources)], axes[len(sources):]
+        for j, src in enumerate(sources):
+            f = frame[frame["source"] == src]
+            for (label, rule), g in f.groupby(["label", "rule"], sort=False):
+                g = g.sort_values("steps")
+                x = g["steps"].to_numpy(float)
+                top[j].plot(x, g["oracle_nll_mean"], color=colors[label], ls=styles[rule], marker="o", ms=3,
+                            label=f"{label} · {rule}")
+                if (g["kind"] != EXACT_KIND).any():
+                    bottom[j].plot(x, g["model_error"], color=colors[label], ls=styles[rule], marker="o", ms=3,
+                                   label=f"{label} · {rule}")
+                else:
+                    bottom[j].plot(x, g["sampler_error"], color="black", ls=styles[rule], marker="s", ms=3,
+                                   label=f"sampler error (exact) · {rule}")
+            top[j].axhline(_mean(f["expected_nll"]), color="black", ls="--", lw=1, label="expected NLL H_L")
+            top[j].axhline(_mean(f["entropy_rate"]), color="gray", ls=":", lw=1, label="entropy rate")
+            if data_nll is not None:
+                top[j].axhline(data_nll, color="tab:green", ls="-.", lw=1, label="data (held-out)")
+            bottom[j].axhline(0.0, color="gray", lw=0.8)
+            for ax in (top[j], bottom[j]):
+                _log2_steps(ax, f["steps"])
+                ax.set_xlabel("sampling steps N (log2 scale)")
+            top[j].set_yscale("log")
+            top[j].set_ylabel("oracle_nll (nats/token, log scale)")
+            top[j].set_title(f"{src} source: oracle_nll vs N")
+            bottom[j].set_ylabel("error term (nats/token)")
+            bottom[j].set_title(f"{src} source: model error (colour) and sampler error (black)")
+        fig.suptitle(f"{study.name}: few-step error = model error + sampler error (means over seeds)")
+        _legend_outside(fig, axes)
+    caption = ("Top: oracle_nll against the step budget for the exact denoiser and each trained method, with the "
+               "expected NLL of true sequences (dashed), the entropy rate (dotted) and the held-out data row. "
+               "Bottom: model error oracle_nll(M, N) − oracle_nll(exact, N) per method (colour) and the sampler's "
+               "own error oracle_nll(exact, N) − H_L (black), same rule.")
+    return [Drawn("fig_decomposition", "Few-step error decomposition", caption, fig)]
