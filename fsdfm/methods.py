@@ -1,9 +1,11 @@
-"""Method kinds: how each method family (dfm, fsdfm, ar, flm, fmlm) becomes stages of a study.
+"""Method kinds: how each method family (dfm, fsdfm, ar, flm, fmlm, released) becomes stages of a study.
 
 A `MethodKind` says which training stage builds the method's model (and, for students, which teacher kind
 it distils from), which sampler the sample stage runs and which update rules it accepts. `plan_study`
 walks the validated grid cells and emits one `StudyPlan`: stages are deduplicated by their content ids,
-so a teacher shared by ten ablations is one stage.
+so a teacher shared by ten ablations is one stage. Kind "released" trains nothing: its model stage checks and
+points to an existing apple/ml-fs-dfm checkpoint (fsdfm.checkpoints.load_released), which is then sampled and
+evaluated like any DFM-family model.
 """
 
 from __future__ import annotations
@@ -36,6 +38,27 @@ class StudentSpec(FSDFMConfig):
         return FSDFMConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FSDFMConfig)})
 
 
+RELEASED_ENTRIES = ("student_ema", "student", "teacher")
+
+
+@dataclass(frozen=True)
+class ReleasedCheckpoint:
+    """A released checkpoint to evaluate without training.
+
+    path: the .pth file (relative to the working directory); which: the entry to load, "student_ema" (the FS-DFM
+        EMA student, what the official evaluation uses), "student" or "teacher" (the DFM weights: the DFM 1.3B
+        file's "model", or a distillation file's frozen "teacher_model").
+    """
+
+    path: str
+    which: str = "student_ema"
+
+    def __post_init__(self):
+        if self.which not in RELEASED_ENTRIES:
+            raise ValueError(f"which must be one of {', '.join(RELEASED_ENTRIES)}, got {self.which!r}"
+                             f"{did_you_mean(str(self.which), list(RELEASED_ENTRIES))}")
+
+
 @dataclass(frozen=True)
 class NoDistill:
     """Methods without distillation settings accept none."""
@@ -51,6 +74,9 @@ class MethodKind:
     distill_cls: type = NoDistill
     exact_teacher: bool = False  # accepts `teacher: exact` (the oracle's exact posterior; oracle data only)
     oracle_only: bool = False    # valid only with data.kind: oracle
+    teacher_optional: bool = False  # a teacher only for diagnostics (released: pos_divergence against it)
+    # whether the sampler's time grid ends at 1 - eps (a generalized-KL model is trained on t <= 1 - eps)
+    ends_before_one: Callable = lambda m: False
 
 
 # `teacher: exact` names no method: the exact posterior p_{1|t} of the study's oracle source on the method's own
@@ -136,13 +162,22 @@ def _fmlm_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
                        {"teacher": teacher.id}))
 
 
+def _released_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
+    ckpt = ReleasedCheckpoint(**m.checkpoint)
+    return p.add(Stage("load_released", {"data": p.data, "checkpoint": dataclasses.asdict(ckpt), "source": m.source,
+                                         "scheduler": dataclasses.asdict(m.scheduler)}))
+
+
 METHOD_KINDS.register("dfm", MethodKind("dfm", "dfm", ("euler", "cumulative_scalar", "mixture_euler", "mdlm"), _dfm_stage,
-                                        exact_teacher=True))
+                                        exact_teacher=True, ends_before_one=lambda m: m.loss == "gkl"))
 METHOD_KINDS.register("fsdfm", MethodKind("fsdfm", "dfm", ("cumulative_scalar", "euler", "mixture_euler"), _fsdfm_stage,
                                           teacher_kind="dfm", distill_cls=StudentSpec, exact_teacher=True))
 # The exact denoiser of an oracle source: sampled by the DFM sampling loop with every rule, nothing trained.
 METHOD_KINDS.register("exact", MethodKind("exact", "exact", ("cumulative_scalar", "euler", "mixture_euler", "mdlm"),
                                           _exact_stage, oracle_only=True))
+METHOD_KINDS.register("released", MethodKind(
+    "released", "dfm", ("cumulative_scalar", "euler", "mixture_euler"), _released_stage, teacher_kind="released",
+    teacher_optional=True, ends_before_one=lambda m: m.loss == "gkl" and m.checkpoint.get("which") == "teacher"))
 METHOD_KINDS.register("ar", MethodKind("ar", "ar", ("ancestral",), _ar_stage))
 METHOD_KINDS.register("flm", MethodKind("flm", "flm", ("euler",), _flm_stage, distill_cls=FLMConfig))
 METHOD_KINDS.register("fmlm", MethodKind("fmlm", "fmlm", ("flow_map",), _fmlm_stage, teacher_kind="flm",
@@ -158,6 +193,14 @@ def validate_methods(spec: StudySpec, file: str) -> None:
             raise SpecError(f"{file}: {where}.kind: unknown method kind {short(m.kind)}{did_you_mean(m.kind, METHOD_KINDS.names())}; "
                             f"allowed: {', '.join(METHOD_KINDS.names())}")
         kind = METHOD_KINDS.get(m.kind)
+        if m.kind == "released":
+            if not m.checkpoint:
+                raise SpecError(f"{file}: {where}.checkpoint: a released method needs {{path: <file.pth>, which: "
+                                f"{' | '.join(RELEASED_ENTRIES)}}}")
+            build(ReleasedCheckpoint, m.checkpoint, f"{where}.checkpoint", file)
+        elif m.checkpoint:
+            raise SpecError(f"{file}: {where}.checkpoint: only a method of kind released reads a checkpoint; a {m.kind} "
+                            f"method is trained by the study")
         if name == EXACT_TEACHER:
             raise SpecError(f"{file}: methods.{name}: the method name {EXACT_TEACHER!r} is reserved for `teacher: exact` "
                             "(the exact posterior); rename the method")
@@ -173,7 +216,7 @@ def validate_methods(spec: StudySpec, file: str) -> None:
             if kind.teacher_kind and m.distill.get("shortcut", "rk4") not in FROZEN_TEACHER_SHORTCUTS:
                 raise SpecError(f"{file}: {where}.distill.shortcut: with teacher {EXACT_TEACHER!r} the exact posterior "
                                 f"is the frozen teacher: set shortcut to one of {', '.join(FROZEN_TEACHER_SHORTCUTS)}")
-        elif kind.teacher_kind:
+        elif kind.teacher_kind and (m.teacher is not None or not kind.teacher_optional):
             if m.teacher is None:
                 raise SpecError(f"{file}: {where}.teacher: a {m.kind} student needs a teacher (a method of kind {kind.teacher_kind})")
             if m.teacher not in spec.methods:
@@ -258,7 +301,7 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
         for mname, m in spec.methods.items():
             kind = METHOD_KINDS.get(m.kind)
             model = p.model_stage(mname)
-            t_end = 1.0 - spec.sampling.eps if (m.kind == "dfm" and m.loss == "gkl") else 1.0
+            t_end = 1.0 - spec.sampling.eps if kind.ends_before_one(m) else 1.0
             for rule in (m.rules or kind.rules[:1]):
                 for steps in m.steps:
                     sample = p.add(Stage("sample", {
@@ -269,7 +312,7 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
                     add_run({"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps},
                             ev_stage, cell.params)
             pd = spec.metrics.pos_divergence
-            if pd is not None and m.kind == "fsdfm" and m.teacher != EXACT_TEACHER:  # needs a teacher network
+            if pd is not None and kind.sampler == "dfm" and m.teacher is not None and m.teacher != EXACT_TEACHER:
                 for k in pd.student_steps:
                     cfg = {"data": p.data, **dataclasses.asdict(pd), "student_steps": k, "seed": spec.sampling.seed,
                            "precision": spec.sampling.precision}

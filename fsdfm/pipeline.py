@@ -3,6 +3,7 @@
 Each is registered as a stage kind (fsdfm.stages) and returns its record's payload. Training stages save
 checkpoints in out_dir/ckpt and resume from them (they are checkpointable on SLURM). Model artefacts:
     DiT methods   out_dir/model.pt  {"model_config", "state_dict" (EMA weights when EMA is on), "path", "h_conditioned"}
+    released      out_dir/released.json  a pointer to the checkpoint file (the 1.3B weights are not copied)
     AR methods    out_dir/hf/       save_pretrained (model and tokenizer): the Hugging Face loading path
     FLM / FMLM    out_dir/model.pt  (see fsdfm.flm)
 Samplers are looked up by name in SAMPLERS; nothing here branches on method names. Resource classes (mapped to
@@ -102,7 +103,12 @@ class ArtefactError(RuntimeError):
     """An input artefact (model.pt, samples.npy) that cannot be read: the message names the file."""
 
 
+RELEASED_POINTER = "released.json"
+
+
 def load_dit(model_dir: Path, dev: torch.device | None = None) -> LoadedDiT:
+    if (Path(model_dir) / RELEASED_POINTER).exists():
+        return load_released_dit(Path(model_dir) / RELEASED_POINTER, dev or device())
     path = Path(model_dir) / "model.pt"
     try:
         state = load_weights(path)
@@ -118,6 +124,20 @@ def load_dit(model_dir: Path, dev: torch.device | None = None) -> LoadedDiT:
     if "source" not in pc:  # continuous-state models (FLM / FMLM) have no mixture path
         return LoadedDiT(model, None, pc, state["h_conditioned"])
     return LoadedDiT(model, path_from_config(pc, model.cfg.vocab_size), pc, state["h_conditioned"])
+
+
+def load_released_dit(pointer_file: Path, dev: torch.device) -> LoadedDiT:
+    """The model a load_released stage points to, refusing a checkpoint file that changed since (size, mtime)."""
+    from fsdfm.checkpoints import CheckpointError, load_released
+
+    ptr = json.loads(Path(pointer_file).read_text())
+    stat = Path(ptr["checkpoint"]).stat() if Path(ptr["checkpoint"]).is_file() else None
+    if stat is None or (stat.st_size, stat.st_mtime_ns) != (ptr["size_bytes"], ptr["mtime_ns"]):
+        raise CheckpointError(f"{ptr['checkpoint']}: the checkpoint {pointer_file} points to is gone or changed since it "
+                              f"was checked; re-run its load_released stage (delete {Path(pointer_file).parent})")
+    loaded = load_released(ptr["checkpoint"], ptr["which"], device=dev)
+    return LoadedDiT(loaded.model, path_from_config(ptr["path"], loaded.config.vocab_size), ptr["path"],
+                     loaded.h_conditioned)
 
 
 @torch.no_grad()
@@ -273,6 +293,32 @@ def distil_fmlm(config: dict, inputs: dict, out_dir: Path) -> dict:
     final = res.ema if res.ema is not None else res.model
     save_dit(out_dir, final, {"continuous": "fmlm"}, h_conditioned=True)
     return train_metrics(res, {"n_params": student.num_parameters()})
+
+
+@stage_kind("load_released", resources="gpu")
+def load_released_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
+    """A released apple/ml-fs-dfm checkpoint as the model of a method, no training: load it once (every name and
+    shape checked by fsdfm.checkpoints), check its vocabulary against the corpus, write a pointer to it."""
+    from fsdfm.checkpoints import CheckpointError, load_released
+
+    corpus = corpus_for(config, out_dir)
+    ckpt = config["checkpoint"]
+    file = Path(ckpt["path"]).resolve()
+    loaded = load_released(file, ckpt["which"])
+    h_wanted = ckpt["which"] != "teacher"
+    if loaded.h_conditioned != h_wanted:
+        raise CheckpointError(f"{file} [{loaded.source_key!r}]: which={ckpt['which']!r} expects a model "
+                              f"{'with' if h_wanted else 'without'} step-size conditioning")
+    if loaded.config.vocab_size != corpus.vocab_size or loaded.config.seq_len < corpus.seq_len:
+        raise CheckpointError(f"{file}: the model has V = {loaded.config.vocab_size}, L <= {loaded.config.seq_len}; "
+                              f"the corpus V = {corpus.vocab_size}, L = {corpus.seq_len}: they must agree")
+    stat = file.stat()
+    pointer = {"checkpoint": str(file), "which": ckpt["which"], "source_key": loaded.source_key,
+               "size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "model_config": loaded.config.to_dict(),
+               "path": {"source": config["source"], "scheduler": config["scheduler"]},
+               "h_conditioned": loaded.h_conditioned}
+    atomic_write_bytes(Path(out_dir) / RELEASED_POINTER, json.dumps(pointer, indent=1).encode())
+    return {"metrics": {"n_params": loaded.model.num_parameters()}, "checkpoint": pointer}
 
 
 # ---------------------------------------------------------------------------------------------- sampling

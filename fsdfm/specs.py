@@ -121,6 +121,7 @@ class MethodSpec:
     rules: tuple = ()
     steps: tuple = ()
     label: str | None = None
+    checkpoint: dict = field(default_factory=dict)  # kind "released": {path, which} of a checkpoint to evaluate
 
 
 @dataclass(frozen=True)

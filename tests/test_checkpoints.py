@@ -5,6 +5,7 @@ description (fsdfm/checkpoints.py docstring); bad files fail with one clear erro
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from fsdfm.checkpoints import (
 )
 from fsdfm.model import DiT, released_config, student_from_teacher
 from fsdfm.registry import UnknownNameError
+
+REPO = Path(__file__).resolve().parents[1]
 
 V, D, C, N_BLOCKS, N_HEADS, L, B = 50, 32, 16, 2, 4, 12, 3
 
@@ -55,11 +58,11 @@ def their_shapes(V: int, d: int, c: int, n_blocks: int, n_heads: int, dt_conditi
     return shapes
 
 
-def random_their_state_dict(seed: int, dt_conditioned: bool) -> dict[str, torch.Tensor]:
+def random_their_state_dict(seed: int, dt_conditioned: bool, vocab_size: int = V) -> dict[str, torch.Tensor]:
     """Random weights (adaLN included, so every gate and shift is exercised) in their layout."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for name, shape in their_shapes(V, D, C, N_BLOCKS, N_HEADS, dt_conditioned).items():
+    for name, shape in their_shapes(vocab_size, D, C, N_BLOCKS, N_HEADS, dt_conditioned).items():
         if name == "rotary_emb.inv_freq":
             dh = D // N_HEADS
             sd[name] = 1.0 / 10_000.0 ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh)
@@ -352,3 +355,132 @@ def test_loaded_teacher_gives_a_student_in_their_layout(dfm_file, weights):
     assert student(x_t, t, h).shape == (B, L, V)
     with pytest.raises(ValueError, match="pass h"):
         student(x_t, t)
+
+
+# ------------------------------------------------------------------- experiments/released.yaml, end to end
+
+def test_released_spec_validates_and_dry_runs_offline(monkeypatch, capsys):
+    """The shipped spec: both checkpoints at every budget 1..1,024, every sample metric, both conventions."""
+    from fsdfm.cli import main
+    from fsdfm.methods import plan_study
+    from fsdfm.specs import load_spec
+
+    monkeypatch.chdir(REPO)
+    spec, cells = load_spec("experiments/released.yaml")
+    plan = plan_study(spec.name, cells)
+    budgets = [2**k for k in range(11)]
+    for name, rules in (("dfm_released", ["euler", "cumulative_scalar"]), ("fsdfm_released", ["cumulative_scalar"])):
+        m = spec.methods[name]
+        assert m.kind == "released" and list(m.steps) == budgets and list(m.rules) == rules and m.source == "uniform"
+    assert {"gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "entropy_bits", "mauve", "self_bleu", "rep_n",
+            "distinct_1", "distinct_4"} <= set(spec.metrics.names)
+    assert spec.evaluator.name == "gpt2-large" and spec.data.hf_name == "wikitext-103"
+    kinds = sorted(s.kind for s in plan.stages.values())
+    assert "train_dfm" not in kinds and "distil_fsdfm" not in kinds and kinds.count("load_released") == 2
+    assert kinds.count("evaluate") == 3 * 11
+    assert main(["run", "experiments/released.yaml", "--dry-run"]) == 0
+    assert '"dry_run": true' in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_released_spec_rejects_bad_checkpoint_settings(tmp_path):
+    from fsdfm.specs import SpecError, load_spec
+
+    base = (REPO / "experiments" / "released.yaml").read_text()
+    cases = {"which: teacher}": ("which: techer}", "did you mean 'teacher'"),
+             "checkpoint: {path: checkpoints/released/dfm_1p3b.pth, which: teacher}": (
+                 "checkpoint: {pth: x.pth}", "unknown key 'methods.dfm_released.checkpoint.pth'")}
+    for old, (new, message) in cases.items():
+        p = tmp_path / "bad.yaml"
+        p.write_text(base.replace(old, new, 1))
+        with pytest.raises(SpecError, match=message):
+            load_spec(p)
+    p.write_text(base.replace("    checkpoint: {path: checkpoints/released/dfm_1p3b.pth, which: teacher}\n", "", 1))
+    with pytest.raises(SpecError, match="dfm_released.checkpoint: a released method needs"):
+        load_spec(p)
+
+
+TINY_V_BUDGETS = [1, 4]
+
+
+@pytest.fixture(scope="module")
+def released_study(tmp_path_factory):
+    """A tiny copy of experiments/released.yaml: the same methods, rules and metric names; synthetic checkpoints
+    in the official layouts at d = 32 over the GPT-2 vocabulary, TinyStories blocks of 16 tokens, a tiny local
+    GPT-2 as the Hugging Face evaluator, budgets 1 and 4."""
+    import yaml
+
+    from fsdfm.launch import execute
+    from fsdfm.methods import plan_study
+    from fsdfm.specs import load_spec
+    from metrics_fixtures import gpt2_evaluator
+
+    tmp = tmp_path_factory.mktemp("released")
+    vocab = 50257
+    teacher = random_their_state_dict(11, dt_conditioned=False, vocab_size=vocab)
+    torch.save({"model": {"module." + k: v for k, v in teacher.items()}, "step": 1}, tmp / "dfm.pth")
+    torch.save({"step": 1, "teacher_model": teacher, "student_model": random_their_state_dict(12, True, vocab),
+                "student_ema_model": random_their_state_dict(13, True, vocab)}, tmp / "fs_dfm.pth")
+    ev = gpt2_evaluator(seed=1)
+    ev.model.save_pretrained(tmp / "evaluator")
+    ev.tokenizer.save_pretrained(tmp / "evaluator")
+    raw = yaml.safe_load((REPO / "experiments" / "released.yaml").read_text())
+    raw["name"] = "released_tiny"
+    raw["data"] = {"kind": "text", "train": str(REPO / "data/tinystories/train.txt"),
+                   "valid": str(REPO / "data/tinystories/valid.txt"), "tokenizer": "gpt2", "seq_len": 16,
+                   "max_train_blocks": 8, "max_valid_blocks": 8}
+    raw["sampling"] = {"n_samples": 4, "batch_size": 4, "seed": 0}
+    raw["evaluator"] = {"kind": "hf", "name": str(tmp / "evaluator")}
+    raw.pop("cluster")
+    raw["methods"]["dfm_released"]["checkpoint"]["path"] = str(tmp / "dfm.pth")
+    raw["methods"]["fsdfm_released"]["checkpoint"]["path"] = str(tmp / "fs_dfm.pth")
+    for m in raw["methods"].values():
+        m["steps"] = TINY_V_BUDGETS
+    raw["metrics"]["pos_divergence"] = {"n_states": 2, "n_rollouts": 2, "t_start": 0.5, "teacher_steps": 8,
+                                        "student_steps": [2]}
+    spec_path = tmp / "released_tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    spec, cells = load_spec(spec_path)
+    summary = execute(plan_study(spec.name, cells), tmp / "results", executor="debug")
+    return tmp, spec, summary, raw
+
+
+@pytest.mark.slow
+def test_released_study_records_every_metric_for_every_budget(released_study):
+    from fsdfm.results import load
+
+    tmp, spec, summary, raw = released_study
+    assert summary.ok, summary.format()
+    df = load(tmp / "results" / "released_tiny")
+    runs = df[df.kind == "released"]
+    expected = {("dfm_released", r, s) for r in ("euler", "cumulative_scalar") for s in TINY_V_BUDGETS} | \
+               {("fsdfm_released", "cumulative_scalar", s) for s in TINY_V_BUDGETS}
+    assert set(zip(runs.method, runs.rule, runs.steps)) == expected and len(runs) == len(expected)
+    for name in list(spec.metrics.names) + ["nfe", "wall_s", "tokens_per_s"]:
+        assert runs[name].notna().all(), name
+    assert (runs.nfe == runs.steps).all() and (runs.n_samples == 4).all()
+    assert (runs.gen_ppl > 1).all() and (runs.gen_ppl_seq_mean > 1).all()
+    assert runs.mauve.between(0, 1).all()
+    assert df[df.kind == "data"].gen_ppl.notna().all()
+    assert df[df.kind == "pos_divergence"].pos_divergence.notna().all()
+
+
+@pytest.mark.slow
+def test_released_study_samples_the_checkpoint_weights(released_study):
+    """The pointer stage loads the file itself: its model gives the independent reference forward's logits."""
+    from fsdfm.pipeline import load_dit
+    from fsdfm.results import load_records
+
+    tmp, spec, summary, raw = released_study
+    recs = {r["payload"]["checkpoint"]["which"]: r for r in load_records(tmp / "results" / "released_tiny",
+                                                                          kind="load_released")}
+    assert set(recs) == {"teacher", "student_ema"}
+    ema = torch.load(tmp / "fs_dfm.pth", weights_only=True)["student_ema_model"]
+    m = load_dit(Path(recs["student_ema"]["stage_dir"]), torch.device("cpu"))
+    assert m.h_conditioned and m.path.source.name == "uniform"
+    x_t = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    t, h = torch.tensor([0.25, 0.5]), torch.tensor([0.5, 0.125])
+    with torch.no_grad():
+        torch.testing.assert_close(m.model(x_t, t, h).double(), reference_logits(ema, x_t, t, h, N_HEADS),
+                                   atol=1e-4, rtol=1e-4)
+    teacher = load_dit(Path(recs["teacher"]["stage_dir"]), torch.device("cpu"))
+    assert not teacher.h_conditioned
