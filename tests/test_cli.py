@@ -87,6 +87,8 @@ def test_truncated_model_redoes_training_and_its_dependents_with_the_same_metric
     code, out, res = cli(capsys, "--results", str(root), "verify", str(spec))
     assert code == 1 and not res["ok"] and res["damaged"] == 1
     assert str(model) in out and "truncated" in out
+    code, out, res = cli(capsys, "--results", str(root), "status", str(spec))
+    assert res["done"] == len(read_plan(sdir)["stages"]) - 1 and "damaged" in out  # status tells the truth too
     code, out, res = cli(capsys, "--results", str(root), "run", str(spec), "--executor", "debug")
     assert code == 0 and res["ok"]
     redone = set(kinds["train_dfm"] + kinds["sample"] + kinds["evaluate"])
@@ -106,6 +108,8 @@ def test_truncated_samples_redo_only_that_sample_and_its_evaluation(study, capsy
     changed = {sid for sid, b in records.items() if (stage_dir(sdir, sid) / RECORD).read_bytes() != b}
     evaluations = {sid for sid in kinds["evaluate"] if read_json(stage_dir(sdir, sid) / RECORD)["inputs"]["samples"] == victim}
     assert changed == {victim} | evaluations and len(evaluations) == 1
+    code, out, res = cli(capsys, "verify", str(sdir))  # a study directory works as well as its spec
+    assert code == 0 and res["ok"] and res["done"] == len(records)
     assert quality_metrics(sdir) == before
 
 
