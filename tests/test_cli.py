@@ -189,3 +189,15 @@ def test_clean_needs_yes_when_not_a_terminal_and_then_removes_by_kind(mixed, cap
     assert "did you mean 't_cli_value'" in capsys.readouterr().err
     code, out, res = cli(capsys, "clean", str(sdir), "--kind", "t_cli_value", "--yes")
     assert code == 0 and res["removed"] == 3 and not any((sdir / "stages").iterdir())
+
+
+def test_clean_asks_on_a_terminal(mixed, capsys, monkeypatch):
+    sdir, a, b, bad = mixed
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    answers = iter(["n", "y"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
+    code, out, res = cli(capsys, "clean", str(sdir))
+    assert code == 0 and res["removed"] == 0 and "nothing removed" in out
+    assert all(stage_dir(sdir, s.id).exists() for s in (a, b, bad))
+    code, out, res = cli(capsys, "clean", str(sdir))
+    assert code == 0 and sorted(res["stages"]) == sorted(s.id for s in (a, b, bad))
