@@ -1,4 +1,5 @@
-"""Command line: `fsdfm run SPEC`, `fsdfm status SPEC|DIR`, `fsdfm report SPEC|DIR`, `fsdfm samples SPEC|DIR`.
+"""Command line: `fsdfm run SPEC`, `fsdfm status SPEC|DIR`, `fsdfm report SPEC|DIR`, `fsdfm samples SPEC|DIR`,
+`fsdfm verify SPEC|DIR`, `fsdfm clean SPEC|DIR`.
 
 Every command prints for humans and ends with one JSON line for machines. Bad input (a malformed spec,
 a missing file, an unknown name) is one message naming what and where, exit status 2, nothing written.
@@ -17,6 +18,10 @@ DEFAULT_ROOT = "results"
 
 class InputError(ValueError):
     """Bad command-line input that is not a spec (an unreadable cluster profile, ...): exit 2, one message."""
+
+
+class UsageError(ValueError):
+    """A command line that cannot be carried out as given (exit 2, nothing changed)."""
 
 
 def _offline_defaults() -> None:
@@ -85,27 +90,87 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def _kinds_arg(text: str | None, option: str) -> list[str]:
+    """KIND[,KIND] -> registered stage kind names (an unknown one is an UnknownNameError with did-you-mean)."""
+    import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
+    from fsdfm.stages import STAGE_KINDS
+
+    kinds = [k.strip() for k in (text or "").split(",") if k.strip()]
+    if text is not None and not kinds:
+        raise UsageError(f"{option}: name at least one stage kind ({', '.join(STAGE_KINDS.names())})")
+    for k in kinds:
+        STAGE_KINDS.get(k)
+    return kinds
+
+
+def _kind_of(stage_id: str) -> str:
+    return stage_id.rsplit("-", 1)[0]  # ids are f"{kind}-{hash}"
+
+
+def _data_lines(plan) -> dict[str, str]:
+    """{field: "sha256:<hex>"} of the data files the plan's stages read (what their ids hold)."""
+    out: dict[str, str] = {}
+    for s in plan.stages.values():
+        for field, digest in (s.fingerprint.get("data") or {}).items():
+            src = s.config.get("data", {}).get(field)
+            out[f"{field}={src}"] = digest
+    return out
+
+
+def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool) -> list[str]:
+    """Remove the stage folders of the plan's stages of `kinds` (their dependents then see a redone input and
+    re-run too); nothing is removed under --dry-run. A stage that is running is an error."""
+    import shutil
+
+    from fsdfm.results import lock_holder
+
+    present = {s.kind for s in plan.stages.values()}
+    for k in kinds:
+        if k not in present:
+            raise UsageError(f"--rerun: study {plan.name!r} has no {k!r} stage; its kinds: {', '.join(sorted(present))}")
+    chosen = [sid for sid, s in plan.stages.items() if s.kind in kinds]
+    for sid in chosen:
+        holder, live = lock_holder(sdir / "stages" / sid)
+        if live:
+            raise UsageError(f"--rerun: stage {sid} is running ({holder.describe() if holder else 'starting'}); "
+                             "wait for it or stop it first")
+    if not dry_run:
+        for sid in chosen:
+            shutil.rmtree(sdir / "stages" / sid, ignore_errors=True)
+    return chosen
+
+
 def cmd_run(args) -> dict:
     import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
     from fsdfm.launch import execute
-    from fsdfm.results import is_done
+    from fsdfm.results import check_stage, is_done
     from fsdfm.stages import waves
 
     spec, plan = _load(args.spec, args.results)
     sdir = Path(args.results) / spec.name
+    rerun_kinds = _kinds_arg(args.rerun, "--rerun")
     if args.threads is not None:
         set_threads(args.threads)
+    rerun = _rerun(plan, sdir, rerun_kinds, args.dry_run) if rerun_kinds else []
     if args.dry_run:
         print(f"study {spec.name}: {len(plan.runs)} runs, {len(plan.stages)} stages  ({args.spec})")
+        data = _data_lines(plan)
+        for src, digest in data.items():
+            print(f"  data {src}  {digest[:19]}  (in the ids of the stages that read it)")
+        redo = set(rerun)
         for i, wave in enumerate(waves(plan)):
             for s in wave:
-                done = is_done(sdir / "stages" / s.id)
-                print(f"  wave {i}  {'done   ' if done else 'pending'}  {s.id}  <- {', '.join(s.inputs.values()) or '-'}")
+                if any(d in redo for d in s.inputs.values()):
+                    redo.add(s.id)
+                state = "rerun" if s.id in redo else check_stage(sdir / "stages" / s.id).state
+                state = {"done": "done", "missing": "pending"}.get(state, state)
+                print(f"  wave {i}  {state:<7}  {s.id}  <- {', '.join(s.inputs.values()) or '-'}")
         print("runs:")
         for r in plan.runs:
             print(f"  {r.run_id}  -> {r.stage_id}")
         return {"study": spec.name, "dry_run": True, "runs": len(plan.runs), "stages": len(plan.stages),
-                "done": sum(is_done(sdir / "stages" / s) for s in plan.stages)}
+                "done": sum(is_done(sdir / "stages" / s) for s in plan.stages if s not in redo),
+                "rerun": sorted(redo), "data": data}
     profile = args.profile or (spec.cluster.get("profile") if args.executor == "slurm" else None)
     from fsdfm.launch import EXECUTORS, load_profile
     EXECUTORS.get(args.executor)  # checked here too: execute() writes plan.json before it reads the profile
@@ -175,6 +240,87 @@ def cmd_samples(args) -> dict:
     return {"study": sdir.name, "runs_shown": shown}
 
 
+def cmd_verify(args) -> dict:
+    """Check every stage of a study (record, artefact sizes and sha256s, input records) without running anything."""
+    from fsdfm.launch import read_plan
+    from fsdfm.results import ERROR, check_stage
+    from fsdfm.stages import PlanError, StudyPlan, waves
+
+    target = Path(args.target)
+    if target.is_dir():
+        sdir = target
+        try:
+            plan = StudyPlan.from_dict(read_plan(sdir), str(sdir / "plan.json"))
+        except PlanError as e:
+            raise UsageError(str(e)) from None
+    else:
+        spec, plan = _load(args.target)
+        sdir = Path(args.results) / spec.name
+    counts = {"done": 0, "damaged": 0, "stale": 0, "missing": 0, "failed": 0, "unverified": 0}
+    problems: dict[str, list[str]] = {}
+    print(f"study {plan.name} ({sdir}): checking {len(plan.stages)} stages")
+    for wave in waves(plan):
+        for s in wave:
+            d = sdir / "stages" / s.id
+            check = check_stage(d)
+            state = "failed" if check.state == "missing" and (d / ERROR).exists() else check.state
+            counts[state] += 1
+            note = ""
+            if check.done and not check.verified:
+                counts["unverified"] += 1
+                note = "  (record lists no artefacts: written before artefact hashing)"
+            print(f"  {state:<8} {s.id}{note}")
+            for line in check.problems:
+                print(f"           | {line}")
+            if check.problems:
+                problems[s.id] = list(check.problems)
+    bad = counts["damaged"] + counts["stale"]
+    print(f"{counts['done']} ok, {counts['damaged']} damaged, {counts['stale']} stale, {counts['failed']} failed, "
+          f"{counts['missing']} not run" + (f"; next: fsdfm run {args.target} redoes them" if bad else ""))
+    return {"study": plan.name, "ok": bad == 0, **counts, "problems": problems}
+
+
+def cmd_clean(args) -> dict:
+    """Remove stage folders of a study: all, those of --kind, or only --failed ones; never a running stage."""
+    import shutil
+
+    from fsdfm.results import ERROR, is_done, lock_holder
+
+    sdir = _study_dir(args.target, args.results)
+    kinds = _kinds_arg(args.kind, "--kind")
+    stages_dir = sdir / "stages"
+    found = sorted(p.name for p in stages_dir.iterdir() if p.is_dir()) if stages_dir.is_dir() else []
+    chosen, running = [], []
+    for sid in found:
+        d = stages_dir / sid
+        if kinds and _kind_of(sid) not in kinds:
+            continue
+        if args.failed and not ((d / ERROR).exists() and not is_done(d)):
+            continue
+        holder, live = lock_holder(d)
+        (running if live else chosen).append(sid)
+    for sid in running:
+        print(f"  keeping {sid}: running ({lock_holder(stages_dir / sid)[0].describe()})")
+    what = ("failed " if args.failed else "") + (f"{'/'.join(kinds)} " if kinds else "")
+    if not chosen:
+        print(f"study {sdir.name}: no {what}stage folders to remove")
+        return {"study": sdir.name, "removed": 0, "stages": [], "running": running}
+    for sid in chosen:
+        print(f"  remove {stages_dir / sid}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"clean: would remove {len(chosen)} {what}stage folders of {sdir}; not a terminal, "
+                             "so pass --yes to confirm")
+        answer = input(f"remove {len(chosen)} {what}stage folders of study {sdir.name}? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            print("nothing removed")
+            return {"study": sdir.name, "removed": 0, "stages": [], "running": running}
+    for sid in chosen:
+        shutil.rmtree(stages_dir / sid)
+    print(f"study {sdir.name}: removed {len(chosen)} {what}stage folders")
+    return {"study": sdir.name, "removed": len(chosen), "stages": chosen, "running": running}
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     ap = argparse.ArgumentParser(prog="fsdfm", description=__doc__.splitlines()[0])
@@ -190,7 +336,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threads", type=_positive_int, default=None,
                    help="torch intra-op threads of every stage process (OMP_NUM_THREADS for the jobs it starts); on a "
                         "shared CPU machine 1 per concurrent job avoids threads stalling each other")
+    r.add_argument("--rerun", metavar="KIND[,KIND]",
+                   help="re-run the stages of these kinds (e.g. sample,evaluate), and so their dependents")
     r.set_defaults(fn=cmd_run)
+    v = sub.add_parser("verify", help="check records and artefacts (sizes, sha256) of a study; runs nothing")
+    v.add_argument("target", help="a spec file or a study results directory")
+    v.set_defaults(fn=cmd_verify)
+    c = sub.add_parser("clean", help="remove stage folders of a study (asks first; --yes when not on a terminal)")
+    c.add_argument("target", help="a spec file or a study results directory")
+    c.add_argument("--kind", metavar="KIND[,KIND]", help="only the stages of these kinds")
+    c.add_argument("--failed", action="store_true", help="only stages whose last attempt failed")
+    c.add_argument("--yes", action="store_true", help="do not ask")
+    c.set_defaults(fn=cmd_clean)
     s = sub.add_parser("status", help="done / running / failed / pending stages of a study")
     s.add_argument("target", help="a spec file or a study results directory")
     s.set_defaults(fn=cmd_status)
@@ -212,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     from fsdfm.stages import PlanError
     try:
         result = args.fn(args)
-    except (SpecError, DataError, UnknownNameError, PlanError, InputError, FileNotFoundError) as e:
+    except (SpecError, DataError, UnknownNameError, PlanError, InputError, UsageError, FileNotFoundError) as e:
         print(f"fsdfm {args.cmd}: error: {e}", file=sys.stderr)
         print(json.dumps({"ok": False, "error": str(e)}))
         return 2

@@ -859,7 +859,8 @@ def status(study_dir: str | os.PathLike) -> StatusReport:
         for stage in wave:
             d = stage_dir(sdir, stage.id)
             rec = read_record(d)
-            if rec is not None and rec.get("status") == "done":
+            check = check_stage(d)  # a damaged or stale stage is not done: the next run redoes it
+            if check.done:
                 wall = rec.get("provenance", {}).get("wall_s")
                 out.append(StageStatus(stage.id, stage.kind, "done",
                                        f"{wall:.1f} s" if isinstance(wall, (int, float)) else "", wall_s=wall))
@@ -877,7 +878,7 @@ def status(study_dir: str | os.PathLike) -> StatusReport:
                                            error_tail=tuple(err.get("traceback_tail", ()))))
                     blocked_by[stage.id] = stage.id
                     continue
-            notes = []
+            notes = [f"{check.state}: {check.problems[0]}"] if check.problems else []
             bad = [dep for dep in stage.inputs.values() if dep in blocked_by]
             if bad:
                 notes.append(f"blocked: input {blocked_by[bad[0]]} failed")

@@ -267,6 +267,7 @@ def check_stage(sdir: Path) -> StageCheck:
                 size = p.stat().st_size
             except OSError:
                 problems.append(f"{p}: missing (recorded {want.get('size')} bytes)")
+                damaged.append(str(p))
                 continue
             if size != want.get("size"):
                 problems.append(f"{p}: {size} bytes, recorded {want.get('size')} (truncated or rewritten)")

@@ -394,3 +394,18 @@ def test_expand_array_job_ids():
     assert launch._expand_job_ids("12") == ["12"]
     assert launch._expand_job_ids("12_3") == ["12_3"]
     assert launch._expand_job_ids("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
+
+
+def test_a_damaged_input_is_an_error_naming_the_file_and_a_damaged_stage_is_redone(tmp_path, counter, capsys):
+    plan = chain_plan()
+    a, b, c, d = ids(plan)
+    execute(plan, tmp_path, executor="debug")
+    study = tmp_path / "chain"
+    (stage_dir(study, b) / RECORD).unlink()  # b must run again ...
+    (stage_dir(study, a) / "value.txt").write_text("")  # ... but its input a is damaged
+    with pytest.raises(StageInputError, match=str(stage_dir(study, a) / "value.txt")):
+        run_stage(study, b)
+    summary = execute(plan, tmp_path, executor="debug")
+    assert summary.ok and set(summary.done) == {a, b, c} and summary.skipped == (d,)
+    assert "value.txt" in capsys.readouterr().err  # the driver says which file made it redo a
+    assert payloads(study, plan)[c]["metrics"]["value"] == 1 + 10 + 100 + 1

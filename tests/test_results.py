@@ -348,3 +348,76 @@ def test_stage_lock_waits_for_a_live_holder(tmp_path):
     with stage_lock(sdir, wait=True, poll_s=0.05, on_wait=tell) as me:
         assert lock_holder(sdir)[0] == me
     assert told == [proc.pid] and proc.wait(timeout=30) == 0
+
+
+# ------------------------------------------------------------------------------------------- artefacts
+def _stage_with_artefacts(d: Path) -> dict:
+    """A done stage folder with artefacts at two depths, a checkpoint, a log and control files."""
+    (d / "sub").mkdir(parents=True)
+    (d / "ckpt").mkdir()
+    (d / "model.pt").write_bytes(b"weights" * 100)
+    (d / "sub" / "per_sample.csv").write_text("i,nll\n0,1.5\n")  # an artefact nobody declared
+    (d / "ckpt" / "checkpoint.pt").write_bytes(b"resume state")
+    (d / "train.log").write_text("step 1\n")
+    (d / ".model.pt.123.tmp").write_bytes(b"")
+    (d / results.ERROR).write_text("{}")
+    manifest = results.artefact_manifest(d)
+    atomic_write_json(d / RECORD, {"status": "done", "artefacts": manifest, "inputs": {}})
+    return manifest
+
+
+def test_manifest_covers_every_artefact_and_only_artefacts(tmp_path):
+    import hashlib
+
+    d = tmp_path / "stage"
+    manifest = _stage_with_artefacts(d)
+    assert set(manifest) == {"model.pt", "sub/per_sample.csv"}
+    assert manifest["model.pt"] == {"size": 700, "sha256": hashlib.sha256(b"weights" * 100).hexdigest()}
+    check = results.check_stage(d)
+    assert check.done and check.verified and not check.problems
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda p: p.write_bytes(p.read_bytes()[:350]), "350 bytes, recorded 700"),
+    (lambda p: p.write_bytes(b"W" + p.read_bytes()[1:]), "same size: overwritten"),
+    (lambda p: p.unlink(), "missing"),
+])
+def test_a_damaged_artefact_makes_the_stage_not_done_naming_the_file(tmp_path, damage, words):
+    d = tmp_path / "stage"
+    _stage_with_artefacts(d)
+    damage(d / "model.pt")
+    check = results.check_stage(d)
+    assert check.state == "damaged" and not is_done(d)
+    [problem] = check.problems
+    assert problem.startswith(str(d / "model.pt")) and words in problem
+    assert check.damaged_files == (str(d / "model.pt"),)
+
+
+def test_damaged_checkpoints_and_logs_do_not_undo_a_finished_stage(tmp_path):
+    d = tmp_path / "stage"
+    _stage_with_artefacts(d)
+    (d / "ckpt" / "checkpoint.pt").write_bytes(b"")
+    (d / "train.log").write_text("rotated")
+    assert is_done(d)
+
+
+def test_a_stage_whose_input_was_redone_is_stale(tmp_path):
+    a, b = tmp_path / "a-1", tmp_path / "b-1"
+    _stage_with_artefacts(a)
+    b.mkdir()
+    atomic_write_json(b / RECORD, {"status": "done", "artefacts": {}, "inputs": {"x": "a-1"},
+                                   "input_records": {"x": results.record_digest(a)}})
+    assert is_done(b)
+    atomic_write_json(a / RECORD, {**read_record(a), "end_time": "later"})  # a was redone
+    check = results.check_stage(b)
+    assert check.state == "stale" and str(a / RECORD) in check.problems[0] and "'x'" in check.problems[0]
+
+
+def test_sha256_file_sees_a_rewrite_within_one_process(tmp_path):
+    import hashlib
+
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"a" * 10)
+    assert results.sha256_file(p) == hashlib.sha256(b"a" * 10).hexdigest()
+    atomic_write_bytes(p, b"b" * 10)  # same size; os.replace gives a new inode even within one mtime tick
+    assert results.sha256_file(p) == hashlib.sha256(b"b" * 10).hexdigest()
