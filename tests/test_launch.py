@@ -22,8 +22,8 @@ from fsdfm.launch import (
 )
 from fsdfm.registry import UnknownNameError
 from fsdfm.results import (
-    ATTEMPTS, ERROR, PLAN, RECORD, RUNNING, StageLockedError, is_done, lock_holder, read_json, stage_dir,
-    stage_lock,
+    ATTEMPTS, ERROR, PLAN, RECORD, RUNNING, SUBMITTED, StageLockedError, atomic_write_json, is_done, lock_holder,
+    read_json, stage_dir, stage_lock,
 )
 from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
 
@@ -181,8 +181,8 @@ def test_failure_writes_error_and_blocks_only_dependents(tmp_path, counter):
     assert any("add_stage" in ln for ln in err["traceback_tail"])
     assert not (stage_dir(tmp_path / "chain", b) / RECORD).exists()
     rep = status(tmp_path / "chain")
-    assert rep.counts() == {"done": 2, "running": 0, "failed": 1, "pending": 1} and rep.runs_done == 1
-    assert {x.stage_id: x.detail for x in rep.stages}[c] == f"blocked: input {b} failed"
+    assert rep.counts() == {"done": 2, "running": 0, "failed": 1, "blocked": 1, "pending": 0} and rep.runs_done == 1
+    assert {x.stage_id: x.detail for x in rep.stages}[c] == f"input {b} failed"
     text = rep.format()
     assert "ValueError: add stage refuses total 11" in text and "| ValueError" in text
     with pytest.raises(StageInputError, match=f"input 'x' \\(stage {b}\\) is not done"):
@@ -367,6 +367,74 @@ def test_a_job_imports_only_fsdfm_modules_or_those_its_driver_granted(tmp_path, 
     ok = job(**{launch.STAGE_MODULES_ENV: json.dumps(grant)})
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert is_done(stage_dir(study, a))
+
+
+# ------------------------------------------------------------------------------------- status + scheduler
+def _fake_scheduler(tmp_path: Path, monkeypatch, sacct_lines: list[str]) -> None:
+    """sacct/squeue on PATH that answer with `sacct_lines` ("JOBID|STATE"), as the real ones print them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text("#!/bin/sh\ncat <<'EOF'\n" + "\n".join(sacct_lines) + "\nEOF\n")
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def _submitted(study: Path, sid: str, job_id: str, age_s: float) -> None:
+    atomic_write_json(stage_dir(study, sid) / SUBMITTED, {"executor": "slurm", "job_id": job_id, "time": "t",
+                                                         "time_unix": time.time() - age_s, "stdout": "", "stderr": ""})
+
+
+def test_status_asks_the_scheduler_about_submitted_jobs(tmp_path, monkeypatch):
+    """A cancelled job is failed with its state, the stages behind it blocked, a job the scheduler has
+    forgotten failed ("vanished"), a queued one pending, a just-submitted unknown one still pending."""
+    a = Stage("t_launch_const", {"value": 1})
+    b = Stage("t_launch_add", {"add": 1}, {"x": a.id})
+    c = Stage("t_launch_add", {"add": 2}, {"x": b.id})
+    q = Stage("t_launch_const", {"value": 2})
+    v = Stage("t_launch_const", {"value": 3})
+    n = Stage("t_launch_const", {"value": 4})
+    study = write_plan(StudyPlan.from_stages("sched", [a, b, c, q, v, n]), tmp_path)
+    for sid, jid, age in ((a.id, "11_0", 600), (b.id, "12_0", 600), (c.id, "13_0", 600), (q.id, "14_0", 600),
+                          (v.id, "15_0", 600), (n.id, "16_0", 1)):
+        _submitted(study, sid, jid, age)
+    _fake_scheduler(tmp_path, monkeypatch, ["11_0|CANCELLED by 0", "12_0|CANCELLED by 0", "13_0|CANCELLED by 0",
+                                            "14_0|PENDING"])
+    st = {x.stage_id: x for x in status(study).stages}
+    assert st[a.id].state == "failed" and "slurm job 11_0 ended CANCELLED without a record" in st[a.id].detail
+    assert st[b.id].state == st[c.id].state == "blocked"
+    assert st[b.id].detail.startswith(f"input {a.id} failed") and st[c.id].detail.startswith(f"input {a.id} failed")
+    assert "(CANCELLED)" in st[b.id].detail
+    assert st[q.id].state == "pending" and "(PENDING)" in st[q.id].detail
+    assert st[v.id].state == "failed" and "vanished: the scheduler knows no job 15_0" in st[v.id].detail
+    assert st[n.id].state == "pending"  # sacct may not list a job for a moment after sbatch
+    assert status(study).counts() == {"done": 0, "running": 0, "failed": 2, "blocked": 2, "pending": 2}
+    # without sacct/squeue nobody here can tell: pending, and the report says so
+    monkeypatch.setenv("PATH", "/nonexistent")
+    st = {x.stage_id: x for x in status(study).stages}
+    assert st[a.id].state == "pending" and "no sacct/squeue here" in st[a.id].detail
+
+
+def test_job_exception_is_the_jobs_own_exception_not_submitits_last_line():
+    def chained():
+        try:
+            raise KeyError("inner")
+        except KeyError as e:
+            raise StageLockedError("stage s-1 is locked by pid 42 on vm: it runs there\nsecond line") from e
+
+    try:
+        chained()
+    except StageLockedError:
+        import traceback
+        trace = traceback.format_exc()
+    # the text of submitit's FailedJobError around the job's traceback
+    text = ("Job (task=0) failed during processing with trace:\n----------------------\n" + trace
+            + "\n----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at "
+            "paths:\n  - /r/jobs/7/7_0_log.err\n  - /r/jobs/7/7_0_log.out\n")
+    assert launch.job_exception(text) == ("StageLockedError: stage s-1 is locked by pid 42 on vm: it runs there "
+                                          "second line")
+    assert launch.job_exception("no traceback here") is None
 
 
 # --------------------------------------------------------------------------------------------- profiles

@@ -118,7 +118,8 @@ def test_study_submits_with_dependencies_and_returns(tmp_path, monkeypatch):
     assert rec["provenance"]["slurm_job_id"] == jid[top.id]
     grec = read_json(stage_dir(tmp_path / "slurm-study", g.id) / RECORD)
     assert grec["payload"]["env"]["SLURM_GPUS_ON_NODE"] == "1"  # the fake GRES was allocated
-    assert status(tmp_path / "slurm-study").counts() == {"done": 5, "running": 0, "failed": 1, "pending": 1}
+    assert status(tmp_path / "slurm-study").counts() == {"done": 5, "running": 0, "failed": 1, "blocked": 1,
+                                                              "pending": 0}
 
     again = execute(plan, tmp_path, executor="slurm", profile="local", wait=True, timeout_s=120, poll_s=1.0)
     assert set(again.skipped) == set(result.done)  # done stages are not resubmitted
