@@ -18,6 +18,7 @@ Artefacts of `train_ar(..., out_dir)`: out_dir/ckpt/ (resumable training checkpo
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import time
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from fsdfm.samplers import SampleOutput
 from fsdfm.train import FitResult, OptimConfig, StepContext, fit
@@ -141,6 +142,12 @@ def ar_nll(model: Any, blocks: torch.Tensor, bos_id: int, batch_size: int = 64) 
     return total / blocks.numel()
 
 
+def _cache_kwarg(hf: Any) -> str:
+    """The name under which the model's forward takes its `Cache` object: `cache` (transformers >= 5.2x; the old
+    name `past_key_values` is deprecated there and removed in 5.40), else `past_key_values` (older releases)."""
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample_ar(
     model: Any,
@@ -157,7 +164,7 @@ def sample_ar(
 
     Step i: p_i = softmax(logits_i.to(dtype) / temperature) over the V tokens (logits of the last position);
     x_i ~ Categorical(p_i) with torch.multinomial(generator). With use_cache the model reads only the newest token
-    and its `past_key_values` (KV cache); without, the full prefix [BOS, x_0..x_{i-1}] every step (same draws, up to
+    and a `transformers.DynamicCache` of the earlier keys/values (KV cache); without, the full prefix [BOS, x_0..x_{i-1}] every step (same draws, up to
     floating-point rounding of the logits). Batches of `batch_size` (default: all n) run one after another;
     wall_s counts sampling only (CUDA synchronised). time_grid: (seq_len + 1,) the generated fraction i / L.
     """
@@ -173,6 +180,7 @@ def sample_ar(
     if not 0 <= bos_id < vocab:
         raise ValueError(f"bos_id {bos_id} is not a token id of the model's vocabulary (size {vocab})")
     batch_size = batch_size or n
+    cache_kw = _cache_kwarg(hf)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -183,11 +191,11 @@ def sample_ar(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        past = None
-        for _ in range(seq_len):
+        # transformers' Cache API: the model appends each step's keys/values to this object in place
+        cache = {cache_kw: DynamicCache()} if use_cache else None
+        for i in range(seq_len):
             if use_cache:
-                out = model(input_ids=x[:, -1:] if past is not None else x, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(input_ids=x[:, -1:] if i else x, use_cache=True, **cache)
             else:
                 out = model(input_ids=x, use_cache=False)
             p = torch.softmax(out.logits[:, -1, :vocab].to(dtype) / temperature, dim=-1)

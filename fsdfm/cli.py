@@ -184,14 +184,31 @@ def cmd_run(args) -> dict:
             raise InputError(f"cluster profile {profile}: not valid YAML: {e}") from None
     print(f"study {spec.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor})",
           flush=True)
-    summary = execute(plan, args.results, executor=args.executor, profile=profile, wait=not args.no_wait,
-                      max_parallel=args.max_parallel)
+    from fsdfm.launch import DriverInterrupted
+
+    try:
+        summary = execute(plan, args.results, executor=args.executor, profile=profile, wait=not args.no_wait,
+                          max_parallel=args.max_parallel)
+    except DriverInterrupted as e:  # SIGTERM/SIGHUP: the executor has cancelled its jobs and released the locks
+        print(f"fsdfm run: {e}; its jobs were stopped. Re-run to resume: fsdfm run {args.spec}", file=sys.stderr)
+        print(json.dumps({"study": spec.name, "ok": False, "interrupted": signal_name(e.signum), "results": str(sdir)}))
+        raise SystemExit(128 + e.signum) from None
     print(summary.format())
+    # --no-wait: a submission that succeeded is a success (its stages are pending by design); see `fsdfm status`
+    ok = summary.ok or (args.no_wait and not summary.failed and not summary.blocked)
     if summary.ok:
         print(f"results: {sdir}   next: fsdfm report {args.spec}")
-    return {"study": spec.name, "ok": summary.ok, "done": len(summary.done), "skipped": len(summary.skipped),
+    elif ok:
+        print(f"submitted: {len(summary.submitted)} jobs   next: fsdfm status {args.spec}")
+    return {"study": spec.name, "ok": ok, "done": len(summary.done), "skipped": len(summary.skipped),
             "failed": len(summary.failed), "blocked": len(summary.blocked), "pending": len(summary.pending),
-            "results": str(sdir)}
+            "submitted": len(summary.submitted), "results": str(sdir)}
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 def cmd_status(args) -> dict:
@@ -331,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dry-run", action="store_true", help="print the runs and stages with their ids and done state")
     r.add_argument("--executor", default="local", help="local (default: submitit local processes), inline (in this process, with progress bars), debug (in-process, for tests) or slurm")
     r.add_argument("--profile", help="cluster profile YAML for --executor slurm (e.g. slurm/local.yaml)")
-    r.add_argument("--no-wait", action="store_true", help="submit and return (slurm)")
+    r.add_argument("--no-wait", action="store_true",
+                   help="submit and return (slurm); exits 0 once the submission succeeded (then: fsdfm status)")
     r.add_argument("--max-parallel", type=int, default=None)
     r.add_argument("--threads", type=_positive_int, default=None,
                    help="torch intra-op threads of every stage process (OMP_NUM_THREADS for the jobs it starts); on a "

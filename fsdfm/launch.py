@@ -20,7 +20,13 @@ the job requeues itself; the stage function resumes from the checkpoints it keep
 is requeued from outside (`scontrol requeue`, node failure) simply starts `run_stage` again, which finds the
 same out_dir (and breaks the dead attempt's lock: same SLURM job id).
 
-`status(study_dir)` reports each stage as done / running / failed (with the error's last lines) / pending.
+`status(study_dir)` reports each stage as done / running / failed (with the error's last lines, or the SLURM
+state of a job that ended without a record) / blocked (behind a failed input) / pending; it asks the scheduler
+about submitted jobs.
+
+The driver (`execute`) treats SIGTERM and SIGHUP like Ctrl-C (`signals_interrupt`): the local executor cancels its
+jobs, kills what they started and breaks their locks; an inline stage unwinds and releases its lock. A run that
+finds a stage locked by a live process (another run of the same study) says so, naming the pid, and waits for it.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -51,6 +59,7 @@ from fsdfm.results import (
     lock_holder, now_iso, pid_alive, provenance, read_json, read_record, record_digest, remove_stale_temp_files,
     stage_dir, stage_lock, study_dir as _study_dir, to_jsonable, torch_threads,
 )
+from fsdfm.results import _pid_start
 from fsdfm.runtime import malloc_tuned, tune_malloc
 from fsdfm.stages import STAGE_KINDS, PlanError, Stage, StageKind, StudyPlan, waves
 
@@ -510,8 +519,45 @@ def execute(plan: StudyPlan, root: str | os.PathLike, executor: str = "local",
             raise ValueError(f"stage kind {kind!r} is defined in __main__, which a job process cannot import; "
                              "define it in an importable module (or use executor='debug')")
     sdir = write_plan(plan, root)
-    return run(plan, sdir, profile=load_profile(profile), wait=wait, max_parallel=max_parallel,
-               timeout_s=timeout_s, poll_s=poll_s)
+    with signals_interrupt():
+        return run(plan, sdir, profile=load_profile(profile), wait=wait, max_parallel=max_parallel,
+                   timeout_s=timeout_s, poll_s=poll_s)
+
+
+class DriverInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP reached the driver. A KeyboardInterrupt, so that it is handled exactly like Ctrl-C: the
+    local executor cancels its jobs, an inline stage unwinds (releasing its lock), no `except Exception` eats it."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """While the block runs, SIGTERM and SIGHUP raise `DriverInterrupted` (Python's default for them is to die
+    on the spot, skipping every cleanup: the local jobs trained on unsupervised and locks stayed behind). A
+    second signal during the cleanup is ignored, so it cannot cut the cleanup short. A no-op off the main
+    thread (only it may set signal handlers); the previous handlers are restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise DriverInterrupted(signum)
+
+    old = {sig: signal.signal(sig, handler) for sig in INTERRUPT_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 @EXECUTORS.register("debug")
@@ -590,10 +636,25 @@ def _execute_local(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
             else:
                 queue.append(stage)
         running: dict[str, tuple[Stage, Any]] = {}
+        waiting: list[Stage] = []  # locked by a live process of another run: not submitted while it holds them
         try:
-            while queue or running:
+            while queue or running or waiting:
+                for stage in list(waiting):
+                    if not lock_holder(stage_dir(sdir, stage.id))[1]:
+                        waiting.remove(stage)
+                        if is_done(stage_dir(sdir, stage.id)):
+                            tally.done.append(stage.id)  # finished by the other run
+                        else:
+                            queue.insert(0, stage)  # its holder is gone without a record: run it ourselves
                 while queue and len(running) < cap:
                     stage = queue.pop(0)
+                    holder, live = lock_holder(stage_dir(sdir, stage.id))
+                    if live:
+                        who = holder.describe() if holder else "a process that is taking the lock"
+                        print(f"stage {stage.id} is locked by {who}: waiting for it to finish", file=sys.stderr,
+                              flush=True)
+                        waiting.append(stage)
+                        continue
                     cls = STAGE_KINDS.get(stage.kind).resources
                     res = {**profile["defaults"], **profile["resources"].get(cls, {}), **profile["overrides"]}
                     ex = submitit.AutoExecutor(folder=sdir / JOBS / "%j", cluster="local")  # never auto-detect
@@ -608,27 +669,119 @@ def _execute_local(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
                     if job.done():
                         del running[sid]
                         _settle(tally, sdir, stage, lambda job=job: _local_failure(job))
-                if deadline is not None and time.time() > deadline and running:
+                if deadline is not None and time.time() > deadline and (running or waiting):
                     tally.pending.extend(running)
-                    tally.pending.extend(s.id for s in queue)
+                    tally.pending.extend(s.id for s in waiting + queue)
                     return tally.summary()
-                if running:
+                if running or waiting:
                     time.sleep(min(poll_s, 0.2))
         except BaseException:
-            # Ctrl-C (or any error) in the driver: local jobs would otherwise outlive it, unsupervised
-            for _, job in running.values():
-                with contextlib.suppress(Exception):
-                    job.cancel()
+            # Ctrl-C, SIGTERM, SIGHUP (`_signals_interrupt`) or any error in the driver: local jobs would otherwise
+            # outlive it, training on unsupervised
+            _cancel_local_jobs(sdir, running)
             raise
     return tally.summary()
 
 
+LOCAL_CANCEL_GRACE_S = 20.0  # how long a cancelled job process may take to unwind (release its lock) before SIGKILL
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (from /proc; [root] where /proc cannot tell)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _is_task(pid: int) -> bool:
+    """Whether `pid` is a submitit task process (the one running `run_stage`), not its controller or shell."""
+    try:
+        return b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _cancel_local_jobs(sdir: Path, running: dict[str, tuple[Stage, Any]]) -> None:
+    """Stop the local jobs of `running` and everything they started; no job process or lock outlives this.
+
+    SIGINT goes to the task processes only (a KeyboardInterrupt unwinds `run_stage`, releasing the lock and
+    removing running.json): submitit's LocalJob.cancel signals the job's shell, which passes nothing on, and
+    the controller would forward a second SIGINT that could cut the unwinding short. Whatever still lives after
+    LOCAL_CANCEL_GRACE_S is SIGKILLed; then the locks of the killed holders are broken."""
+    trees = {}
+    for sid, (_, job) in running.items():
+        proc = getattr(job, "_process", None)
+        root = proc.pid if proc is not None else int(job.job_id)
+        trees[sid] = (proc, [(pid, _pid_start(pid)) for pid in _process_tree(root)])
+    everyone = [p for _, tree in trees.values() for p in tree]
+    tasks = [pid for pid, _ in everyone if _is_task(pid)] or [pid for pid, _ in everyone]
+    for pid in tasks:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGINT)
+    deadline = time.time() + LOCAL_CANCEL_GRACE_S
+    while time.time() < deadline and any(_alive(pid, start, trees) for pid, start in everyone):
+        time.sleep(0.05)
+    for pid, start in everyone:
+        if _alive(pid, start, trees):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    for sid, (proc, _) in trees.items():
+        if proc is not None:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=10)  # reap our direct child
+        with contextlib.suppress(OSError):
+            break_stale_lock(stage_dir(sdir, sid))
+
+
+def _alive(pid: int, start: int | None, trees: dict) -> bool:
+    for proc, _ in trees.values():
+        if proc is not None and proc.pid == pid:
+            proc.poll()  # reaps our direct child once it exited (a zombie would look alive to os.kill)
+    return pid_alive(pid, start)
+
+
 def _local_failure(job: Any) -> str:
+    """The job's own exception ("Type: message"), not the last line of submitit's FailedJobError text."""
     with contextlib.suppress(Exception):
         exc = job.exception()
         if exc is not None:
-            return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            return job_exception(str(exc)) or f"{type(exc).__name__}: {str(exc).strip()[:500]}"
     return f"local job {job.job_id} ended without a record (see {job.paths.stderr})"
+
+
+def job_exception(text: str) -> str | None:
+    """The last exception of a Python traceback in `text` (submitit's FailedJobError text, a job's log) as
+    "Type: message", the type without its module path; None when `text` holds no traceback.
+
+    A traceback ends with its exception: the unindented line(s) after the last frame of the last
+    "Traceback (most recent call last):" (a chained exception prints the cause first)."""
+    lines = text.splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")]
+    if not starts:
+        return None
+    exc: list[str] = []
+    for ln in lines[starts[-1] + 1:]:
+        if not ln.strip() or ln.startswith((" ", "\t")) or ln.startswith("-----"):
+            if exc:
+                break
+            continue
+        exc.append(ln.strip())
+    if not exc:
+        return None
+    kind, sep, message = " ".join(exc).partition(":")
+    kind = kind.rsplit(".", 1)[-1] if " " not in kind else kind
+    return f"{kind}{sep}{message}"[:2000]
 
 
 def _settle(tally: _Tally, sdir: Path, stage: Stage, why: Callable[[], str]) -> None:
@@ -793,7 +946,7 @@ def wait_for(study_dir: str | os.PathLike, stage_ids: list[str] | None = None, t
             elif jid is None:
                 tally.failed[sid] = "not submitted (no submitted.json) and not running"
             else:
-                tally.failed[sid] = f"slurm job {jid} ended ({state}) without a record; see its logs in {sdir / JOBS}"
+                tally.failed[sid] = _slurm_failure(out, jid, state, sdir)
         if not todo:
             break
         if deadline is not None and time.time() > deadline:
@@ -808,12 +961,25 @@ def wait_for(study_dir: str | os.PathLike, stage_ids: list[str] | None = None, t
     return tally.summary()
 
 
+def _slurm_failure(out: Path, jid: str, state: str, sdir: Path) -> str:
+    """Why a SLURM job ended without a record: its own exception from its stderr log where it printed one
+    (e.g. an input that is not done), else the job state and where the logs are."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        log = Path(read_json(out / SUBMITTED)["stderr"])
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - 256 * 1024))  # the end of the log holds the final traceback
+            exc = job_exception(f.read().decode("utf-8", "replace"))
+        if exc:
+            return f"{exc} (slurm job {jid}, {state}; log {log})"
+    return f"slurm job {jid} ended ({state}) without a record; see its logs in {sdir / JOBS}"
+
+
 # ----------------------------------------------------------------------------------------------- status
 @dataclass(frozen=True)
 class StageStatus:
     stage_id: str
     kind: str
-    state: str  # "done" | "running" | "failed" | "pending"
+    state: str  # "done" | "running" | "failed" | "blocked" | "pending"
     detail: str = ""
     error_tail: tuple = ()
     wall_s: float | None = None
@@ -827,7 +993,7 @@ class StatusReport:
     runs_total: int = 0
     runs_done: int = 0
 
-    STATES = ("done", "running", "failed", "pending")
+    STATES = ("done", "running", "failed", "blocked", "pending")
 
     def by_state(self, state: str) -> list[StageStatus]:
         return [s for s in self.stages if s.state == state]
@@ -846,15 +1012,39 @@ class StatusReport:
         return "\n".join(lines)
 
 
-def status(study_dir: str | os.PathLike) -> StatusReport:
+def _scheduler_states(sdir: Path, stage_ids: list[str]) -> tuple[dict[str, dict], dict[str, str] | None]:
+    """(submitted.json of each of `stage_ids` that has a SLURM one, the scheduler's state of those jobs);
+    the states are None when neither sacct nor squeue is on PATH (then nobody here can tell)."""
+    subs = {}
+    for sid in stage_ids:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            sub = read_json(stage_dir(sdir, sid) / SUBMITTED)
+            if sub.get("executor") == "slurm" and sub.get("job_id"):
+                subs[sid] = sub
+    if not subs:
+        return subs, {}
+    if shutil.which("sacct") is None and shutil.which("squeue") is None:
+        return subs, None
+    return subs, slurm_states(sorted({str(sub["job_id"]) for sub in subs.values()}))
+
+
+def status(study_dir: str | os.PathLike, scheduler: bool = True) -> StatusReport:
     """Per stage: done (with wall time), running (host, pid, job, since), failed (type, message and the last
-    lines of the traceback) or pending (noting a failed input upstream, an interrupted attempt whose process is
-    gone, or the job it was submitted as). Reads only the study's files: no cluster query."""
+    lines of the traceback; or a SLURM job that was cancelled, failed or vanished without a record, with its
+    state), blocked (an input failed or is blocked: it cannot run) or pending (not run yet; queued as a job;
+    an interrupted attempt whose process is gone).
+
+    Reads the study's files and, with `scheduler` (default) and stages submitted to SLURM, asks the scheduler
+    (`slurm_states`: sacct, then squeue) about their job ids once: a job that is no longer queued or running
+    and left no record is failed, never "pending" (a job the scheduler does not know yet, in the first
+    UNKNOWN_GRACE_S after sbatch, is pending)."""
     sdir = Path(study_dir)
     plan_d = read_plan(sdir)
     plan = StudyPlan.from_dict(plan_d, str(sdir / PLAN))
+    todo = [sid for sid in plan.stages if not is_done(stage_dir(sdir, sid)) and not lock_holder(stage_dir(sdir, sid))[1]]
+    subs, states = _scheduler_states(sdir, todo) if scheduler else ({}, None)
     out = []
-    blocked_by: dict[str, str] = {}  # stage id -> the failed stage upstream of it
+    blocked_by: dict[str, str] = {}  # stage id -> the failed stage upstream of it (or itself, if it failed)
     for wave in waves(plan):
         for stage in wave:
             d = stage_dir(sdir, stage.id)
@@ -879,15 +1069,39 @@ def status(study_dir: str | os.PathLike) -> StatusReport:
                     blocked_by[stage.id] = stage.id
                     continue
             notes = [f"{check.state}: {check.problems[0]}"] if check.problems else []
-            bad = [dep for dep in stage.inputs.values() if dep in blocked_by]
-            if bad:
-                notes.append(f"blocked: input {blocked_by[bad[0]]} failed")
-                blocked_by[stage.id] = blocked_by[bad[0]]
+            sub = subs.get(stage.id)
+            state = None
+            if sub is not None:
+                jid = str(sub["job_id"])
+                state = states.get(jid, "UNKNOWN") if states is not None else None
+                known = "" if states is not None else "; no sacct/squeue here to ask"
+                notes.append(f"submitted as slurm job {jid} at {sub.get('time')}{known}"
+                             + (f" ({state})" if state else ""))
+            else:
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    other = read_json(d / SUBMITTED)
+                    notes.append(f"submitted as {other['executor']} job {other['job_id']} at {other['time']}")
             if holder is not None:
                 notes.append(f"interrupted: {holder.describe()} is gone")
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                sub = read_json(d / SUBMITTED)
-                notes.append(f"submitted as {sub['executor']} job {sub['job_id']} at {sub['time']}")
+            bad = [dep for dep in stage.inputs.values() if dep in blocked_by]
+            if bad:
+                blocked_by[stage.id] = blocked_by[bad[0]]
+                out.append(StageStatus(stage.id, stage.kind, "blocked",
+                                       "; ".join([f"input {blocked_by[bad[0]]} failed"] + notes)))
+                continue
+            if state is not None and state not in SLURM_ACTIVE:
+                young = time.time() - float(sub.get("time_unix") or 0) < UNKNOWN_GRACE_S
+                if not (state == "UNKNOWN" and young):  # else sacct/squeue may not list a fresh job yet
+                    what = ("vanished: the scheduler knows no job " + str(sub["job_id"]) if state == "UNKNOWN"
+                            else f"slurm job {sub['job_id']} ended {state} without a record")
+                    why = _slurm_failure(d, str(sub["job_id"]), state, sdir)
+                    detail = what if why.startswith("slurm job") else f"{what}: {why}"
+                    out.append(StageStatus(stage.id, stage.kind, "failed", detail))
+                    blocked_by[stage.id] = stage.id
+                    continue
+            if state == "RUNNING":  # the job started; run_stage has not taken the lock yet
+                out.append(StageStatus(stage.id, stage.kind, "running", "; ".join(notes + ["starting"])))
+                continue
             out.append(StageStatus(stage.id, stage.kind, "pending", "; ".join(notes)))
     done = {s.stage_id for s in out if s.state == "done"}
     return StatusReport(plan.name, str(sdir), tuple(out), runs_total=len(plan.runs),

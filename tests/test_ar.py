@@ -1,6 +1,8 @@
 """The GPT-2 AR baseline / reference evaluator: loss, KV-cache sampling, training and the Hugging Face loading path."""
 
+import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -170,3 +172,27 @@ def test_reference_evaluator_loads_offline_with_its_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="more than ARConfig.vocab_size"):
         train_reference_evaluator(data, tokenizer, ARConfig(vocab_size=5, seq_len=L, hidden=32, n_blocks=1,
                                                             n_heads=2), optim, tmp_path / "bad", progress=False)
+
+
+def test_kv_cache_goes_through_the_supported_cache_api():
+    """The cached path hands the model one transformers `Cache` object (never legacy tuples), under the keyword
+    the installed transformers supports, and triggers no deprecation warning."""
+    from transformers import Cache
+
+    model = tiny(seed=3)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            out = sample_ar(model, 2, L, BOS, generator=torch.Generator().manual_seed(1))
+    finally:
+        handle.remove()
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    caches = [kw[key] for kw in seen]
+    assert len(caches) == L and all(isinstance(c, Cache) for c in caches)
+    assert all(c is caches[0] for c in caches)  # one cache, grown in place
+    assert caches[0].get_seq_length() == L  # BOS + the first L - 1 tokens: every step but the last was cached
+    assert [kw["input_ids"].shape[1] for kw in seen] == [1] * L
+    assert out.tokens.shape == (2, L)

@@ -22,8 +22,8 @@ from fsdfm.launch import (
 )
 from fsdfm.registry import UnknownNameError
 from fsdfm.results import (
-    ATTEMPTS, ERROR, PLAN, RECORD, RUNNING, StageLockedError, is_done, lock_holder, read_json, stage_dir,
-    stage_lock,
+    ATTEMPTS, ERROR, PLAN, RECORD, RUNNING, SUBMITTED, StageLockedError, atomic_write_json, is_done, lock_holder,
+    pid_alive, read_json, stage_dir, stage_lock,
 )
 from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
 
@@ -91,6 +91,30 @@ def resume_stage(config, inputs, out_dir):
     if n + 1 < config["attempts"]:
         raise RuntimeError(f"attempt {n + 1} interrupted")
     return {"metrics": {"attempts_seen": n + 1}}
+
+
+@stage_kind("t_launch_fit", checkpointable=True)
+def fit_stage(config, inputs, out_dir):
+    """Real training (fsdfm.train.fit) of a tiny embedding with a checkpoint every step; `sleep_s` per step leaves
+    a test time to interrupt it mid-training."""
+    import torch
+
+    from fsdfm.train import OptimConfig, fit
+
+    _count(out_dir)
+    torch.manual_seed(0)
+    model = torch.nn.Embedding(8, 2)
+    data = torch.arange(64).remainder(8).reshape(16, 4)
+
+    def loss_fn(ctx):
+        time.sleep(config["sleep_s"])
+        return (ctx.model(ctx.batch) - ctx.batch.unsqueeze(-1).float() / 8).pow(2).mean()
+
+    res = fit(model, loss_fn, data, OptimConfig(steps=config["steps"], batch_size=4, lr=0.05, warmup_steps=2,
+                                                ckpt_every=1, seed=1),
+              ckpt_dir=out_dir / "ckpt", device="cpu", progress=False)
+    return {"metrics": {"final_loss": res.losses[-1]}, "resumed_from": res.resumed_from, "losses": res.losses,
+            "weight": model.weight.tolist()}
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -181,8 +205,8 @@ def test_failure_writes_error_and_blocks_only_dependents(tmp_path, counter):
     assert any("add_stage" in ln for ln in err["traceback_tail"])
     assert not (stage_dir(tmp_path / "chain", b) / RECORD).exists()
     rep = status(tmp_path / "chain")
-    assert rep.counts() == {"done": 2, "running": 0, "failed": 1, "pending": 1} and rep.runs_done == 1
-    assert {x.stage_id: x.detail for x in rep.stages}[c] == f"blocked: input {b} failed"
+    assert rep.counts() == {"done": 2, "running": 0, "failed": 1, "blocked": 1, "pending": 0} and rep.runs_done == 1
+    assert {x.stage_id: x.detail for x in rep.stages}[c] == f"input {b} failed"
     text = rep.format()
     assert "ValueError: add stage refuses total 11" in text and "| ValueError" in text
     with pytest.raises(StageInputError, match=f"input 'x' \\(stage {b}\\) is not done"):
@@ -367,6 +391,202 @@ def test_a_job_imports_only_fsdfm_modules_or_those_its_driver_granted(tmp_path, 
     ok = job(**{launch.STAGE_MODULES_ENV: json.dumps(grant)})
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert is_done(stage_dir(study, a))
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (the job processes of a study name its folder)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if text in cmd and state not in ("Z", "X"):
+                out.append(int(entry))
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_local_driver_stops_its_jobs_and_the_rerun_resumes(tmp_path, counter, monkeypatch):
+    """SIGTERM to the driver alone (as `kill PID` sends it), mid-training: the driver cancels its job, no job process and no
+    lock outlive it; the re-run resumes from the last checkpoint and ends with the weights and losses of an
+    uninterrupted run."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = {"steps": 40, "sleep_s": 0.05}
+    st = Stage("t_launch_fit", cfg)
+    plan = StudyPlan.from_stages("sig", [st])
+    root = tmp_path / "run"
+    code = ("import sys, test_launch as t\n"
+            "from fsdfm.launch import execute\n"
+            "from fsdfm.stages import Stage, StudyPlan\n"
+            f"execute(StudyPlan.from_stages('sig', [Stage('t_launch_fit', {cfg!r})]), sys.argv[1], executor='local',"
+            " poll_s=0.1)\n")
+    with open(tmp_path / "driver.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(root)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    sdir = stage_dir(root / "sig", st.id)
+    deadline = time.time() + 90
+    while not ((sdir / "ckpt" / "checkpoint.pt").exists() and lock_holder(sdir)[1]):  # training, checkpointed
+        assert proc.poll() is None, (tmp_path / "driver.log").read_text()
+        assert time.time() < deadline, "training never started"
+        time.sleep(0.05)
+    job_pid = lock_holder(sdir)[0].pid
+    sig = signal.SIGTERM
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) != 0
+    log = (tmp_path / "driver.log").read_text()
+    assert f"interrupted by {signal.Signals(sig).name}" in log
+    assert not pid_alive(job_pid) and _processes_mentioning(str(root)) == []
+    assert not (sdir / ".lock").exists() and not (sdir / RUNNING).exists() and not is_done(sdir)
+    step = torch_load_step(sdir / "ckpt" / "checkpoint.pt")
+    assert 0 < step < cfg["steps"]
+
+    s = execute(plan, root, executor="local", poll_s=0.1)
+    assert s.ok and s.done == (st.id,)
+    rec = read_json(sdir / RECORD)["payload"]
+    assert rec["resumed_from"] >= step  # resumed from the checkpoint, not from scratch
+    clean = execute(plan, tmp_path / "clean", executor="debug")
+    assert clean.ok
+    ref = read_json(stage_dir(tmp_path / "clean" / "sig", st.id) / RECORD)["payload"]
+    assert ref["resumed_from"] == 0
+    assert rec["weight"] == ref["weight"] and rec["losses"] == ref["losses"]
+
+
+@stage_kind("t_launch_signal_self")
+def signal_self_stage(config, inputs, out_dir):
+    """Sends its own process a signal mid-stage, as `kill` on an inline driver would."""
+    (out_dir / "started").write_text("1")
+    os.kill(os.getpid(), config["signal"])
+    time.sleep(5)  # the handler raises before this ends
+    return {"metrics": {}}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_to_an_inline_driver_unwinds_the_stage(tmp_path, counter, sig):
+    """In the driver's own process: the signal becomes DriverInterrupted (a KeyboardInterrupt), the stage
+    unwinds (no lock, no running.json, no error.json: it did not fail), and the old handlers are back."""
+    st = Stage("t_launch_signal_self", {"signal": int(sig)})
+    before = signal.getsignal(sig)
+    with pytest.raises(launch.DriverInterrupted, match=f"interrupted by {signal.Signals(sig).name}") as e:
+        execute(StudyPlan.from_stages("selfsig", [st]), tmp_path, executor="inline")
+    assert isinstance(e.value, KeyboardInterrupt) and e.value.signum == sig
+    out = stage_dir(tmp_path / "selfsig", st.id)
+    assert (out / "started").exists() and not any((out / f).exists() for f in (".lock", RUNNING, ERROR, RECORD))
+    assert signal.getsignal(sig) is before
+
+
+def torch_load_step(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, weights_only=True)["step"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["inline", "local"])
+def test_two_concurrent_runs_of_a_study_both_succeed(tmp_path, counter, executor):
+    """The second run finds stage b locked by the first, says so (naming the pid) and waits; both runs exit 0
+    and every stage ran once."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    plan = chain_plan(hold_b=True)
+    a, b, c, d = ids(plan)
+    root = tmp_path / "res"
+    code = ("import sys, test_launch as t\n"
+            "from fsdfm.launch import execute\n"
+            f"s = execute(t.chain_plan(hold_b=True), sys.argv[1], executor={executor!r}, poll_s=0.1)\n"
+            "print(s.format()); sys.exit(0 if s.ok else 1)\n")
+    env = {**os.environ, "FSDFM_TEST_HOLD": str(hold)}
+
+    def driver(name):
+        log = open(tmp_path / f"{name}.log", "w")
+        return subprocess.Popen([sys.executable, "-c", code, str(root)], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT), tmp_path / f"{name}.log"
+
+    first, first_log = driver("first")
+    bdir = stage_dir(root / "chain", b)
+    deadline = time.time() + 90
+    while not lock_holder(bdir)[1]:
+        assert first.poll() is None and time.time() < deadline, first_log.read_text()
+        time.sleep(0.05)
+    holder = lock_holder(bdir)[0].pid
+    second, second_log = driver("second")
+    while f"stage {b} is locked by pid {holder}" not in second_log.read_text():
+        assert second.poll() is None and time.time() < deadline, second_log.read_text()
+        time.sleep(0.05)
+    hold.unlink()
+    assert first.wait(timeout=120) == 0, first_log.read_text()
+    assert second.wait(timeout=120) == 0, second_log.read_text()
+    assert calls(counter) == {a: 1, b: 1, c: 1, d: 1}
+    assert all(is_done(stage_dir(root / "chain", sid)) for sid in plan.stages)
+
+
+# ------------------------------------------------------------------------------------- status + scheduler
+def _fake_scheduler(tmp_path: Path, monkeypatch, sacct_lines: list[str]) -> None:
+    """sacct/squeue on PATH that answer with `sacct_lines` ("JOBID|STATE"), as the real ones print them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text("#!/bin/sh\ncat <<'EOF'\n" + "\n".join(sacct_lines) + "\nEOF\n")
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def _submitted(study: Path, sid: str, job_id: str, age_s: float) -> None:
+    atomic_write_json(stage_dir(study, sid) / SUBMITTED, {"executor": "slurm", "job_id": job_id, "time": "t",
+                                                         "time_unix": time.time() - age_s, "stdout": "", "stderr": ""})
+
+
+def test_status_asks_the_scheduler_about_submitted_jobs(tmp_path, monkeypatch):
+    """A cancelled job is failed with its state, the stages behind it blocked, a job the scheduler has
+    forgotten failed ("vanished"), a queued one pending, a just-submitted unknown one still pending."""
+    a = Stage("t_launch_const", {"value": 1})
+    b = Stage("t_launch_add", {"add": 1}, {"x": a.id})
+    c = Stage("t_launch_add", {"add": 2}, {"x": b.id})
+    q = Stage("t_launch_const", {"value": 2})
+    v = Stage("t_launch_const", {"value": 3})
+    n = Stage("t_launch_const", {"value": 4})
+    study = write_plan(StudyPlan.from_stages("sched", [a, b, c, q, v, n]), tmp_path)
+    for sid, jid, age in ((a.id, "11_0", 600), (b.id, "12_0", 600), (c.id, "13_0", 600), (q.id, "14_0", 600),
+                          (v.id, "15_0", 600), (n.id, "16_0", 1)):
+        _submitted(study, sid, jid, age)
+    _fake_scheduler(tmp_path, monkeypatch, ["11_0|CANCELLED by 0", "12_0|CANCELLED by 0", "13_0|CANCELLED by 0",
+                                            "14_0|PENDING"])
+    st = {x.stage_id: x for x in status(study).stages}
+    assert st[a.id].state == "failed" and "slurm job 11_0 ended CANCELLED without a record" in st[a.id].detail
+    assert st[b.id].state == st[c.id].state == "blocked"
+    assert st[b.id].detail.startswith(f"input {a.id} failed") and st[c.id].detail.startswith(f"input {a.id} failed")
+    assert "(CANCELLED)" in st[b.id].detail
+    assert st[q.id].state == "pending" and "(PENDING)" in st[q.id].detail
+    assert st[v.id].state == "failed" and "vanished: the scheduler knows no job 15_0" in st[v.id].detail
+    assert st[n.id].state == "pending"  # sacct may not list a job for a moment after sbatch
+    assert status(study).counts() == {"done": 0, "running": 0, "failed": 2, "blocked": 2, "pending": 2}
+    # without sacct/squeue nobody here can tell: pending, and the report says so
+    monkeypatch.setenv("PATH", "/nonexistent")
+    st = {x.stage_id: x for x in status(study).stages}
+    assert st[a.id].state == "pending" and "no sacct/squeue here" in st[a.id].detail
+
+
+def test_job_exception_is_the_jobs_own_exception_not_submitits_last_line():
+    def chained():
+        try:
+            raise KeyError("inner")
+        except KeyError as e:
+            raise StageLockedError("stage s-1 is locked by pid 42 on vm: it runs there\nsecond line") from e
+
+    try:
+        chained()
+    except StageLockedError:
+        import traceback
+        trace = traceback.format_exc()
+    # the text of submitit's FailedJobError around the job's traceback
+    text = ("Job (task=0) failed during processing with trace:\n----------------------\n" + trace
+            + "\n----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at "
+            "paths:\n  - /r/jobs/7/7_0_log.err\n  - /r/jobs/7/7_0_log.out\n")
+    assert launch.job_exception(text) == ("StageLockedError: stage s-1 is locked by pid 42 on vm: it runs there "
+                                          "second line")
+    assert launch.job_exception("no traceback here") is None
 
 
 # --------------------------------------------------------------------------------------------- profiles

@@ -1,5 +1,7 @@
 """NFE counting, warm-up exclusion and peak-memory bookkeeping."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -46,9 +48,17 @@ def test_timed_peak_memory_sees_an_allocation():
     before, kind = peak_memory("cpu")
     assert kind == "process_rss" and peak_memory("cpu").kind == "process_rss"
     assert timing.peak_mem_bytes >= size
+    assert before >= timing.peak_mem_bytes  # a peak only grows until it is reset
     reset_peak_memory("cpu")
     after, _ = peak_memory("cpu")
-    assert after <= before
+    # What reset guarantees, whatever else the process allocates meanwhile (other threads do: an exact
+    # "after <= before" fails on a 70 KB allocation): where the kernel lets us reset the watermark, the peak
+    # restarts from the current resident size, so the freed 200 MiB block no longer counts; where it does not,
+    # the peak stays the process-lifetime peak.
+    if os.access("/proc/self/clear_refs", os.W_OK):
+        assert after < before - size // 2
+    else:
+        assert after >= before
 
 
 def test_tokens_per_s():

@@ -118,7 +118,8 @@ def test_study_submits_with_dependencies_and_returns(tmp_path, monkeypatch):
     assert rec["provenance"]["slurm_job_id"] == jid[top.id]
     grec = read_json(stage_dir(tmp_path / "slurm-study", g.id) / RECORD)
     assert grec["payload"]["env"]["SLURM_GPUS_ON_NODE"] == "1"  # the fake GRES was allocated
-    assert status(tmp_path / "slurm-study").counts() == {"done": 5, "running": 0, "failed": 1, "pending": 1}
+    assert status(tmp_path / "slurm-study").counts() == {"done": 5, "running": 0, "failed": 1, "blocked": 1,
+                                                              "pending": 0}
 
     again = execute(plan, tmp_path, executor="slurm", profile="local", wait=True, timeout_s=120, poll_s=1.0)
     assert set(again.skipped) == set(result.done)  # done stages are not resubmitted
@@ -229,3 +230,72 @@ def test_real_study_through_the_cli_on_slurm_matches_a_local_run(tmp_path):
     assert a.oracle_nll.tolist() == pytest.approx(b.oracle_nll.tolist(), rel=1e-9)
     recs = [read_json(p) for p in (tmp_path / "slurm" / "slurm_oracle" / "stages").glob("*/record.json")]
     assert recs and all(r["provenance"]["slurm_job_id"] for r in recs)
+
+
+CANCEL_SPEC = ORACLE_SPEC.replace("name: slurm_oracle", "name: slurm_cancel").replace(
+    "train: {steps: 20, batch_size: 16, warmup_steps: 5, ema_decay: 0.9}",
+    "train: {steps: 400, batch_size: 16, warmup_steps: 5, ema_decay: 0.9, ckpt_every: 25}")
+
+
+def test_cancelled_job_is_failed_in_status_with_its_dependents_blocked_and_a_rerun_completes(tmp_path):
+    """`fsdfm run --no-wait` exits 0 after submitting; `scancel` of the running training job; `fsdfm status` asks
+    SLURM and reports that stage failed (CANCELLED) and every stage behind it blocked (their jobs were killed
+    by --kill-on-invalid-dep), not "pending"; the re-run resumes training from its checkpoint and completes."""
+    require_cluster()
+    assert "steps: 400" in CANCEL_SPEC
+    spec = tmp_path / "slurm_cancel.yaml"
+    spec.write_text(CANCEL_SPEC)
+    env = {**os.environ, "FSDFM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    results = tmp_path / "results"
+
+    def cli(*args: str) -> tuple[int, dict, str]:
+        out = subprocess.run([sys.executable, "-m", "fsdfm.cli", "--results", str(results), *args], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=600)
+        return out.returncode, json.loads(out.stdout.strip().splitlines()[-1]), out.stdout + out.stderr
+
+    profile = str(ROOT / "slurm" / "local.yaml")
+    rc, sub, text = cli("run", str(spec), "--executor", "slurm", "--profile", profile, "--no-wait")
+    assert rc == 0 and sub["ok"] and sub["failed"] == 0 and sub["pending"] == sub["submitted"] > 0, text
+    study = results / "slurm_cancel"
+    plan = read_json(study / "plan.json")
+    train = next(sid for sid, s in plan["stages"].items() if s["kind"] == "train_dfm")
+    downstream, grew = {train}, True
+    while grew:
+        grew = False
+        for sid, s in plan["stages"].items():
+            if sid not in downstream and set(s.get("inputs", {}).values()) & downstream:
+                downstream.add(sid)
+                grew = True
+    downstream.discard(train)
+    assert downstream  # the distillation, sampling and evaluation stages
+    tdir = stage_dir(study, train)
+    _wait_step_file(tdir / "ckpt" / "checkpoint.pt")  # training, with a checkpoint written
+    jid = read_json(tdir / SUBMITTED)["job_id"]
+    _slurm("scancel", jid)
+
+    deadline = time.time() + 120
+    while True:
+        rc, st, text = cli("status", str(spec))
+        assert rc == 0, text
+        if st["failed"] >= 1 or time.time() > deadline:
+            break
+        time.sleep(2)
+    lines = {ln.split()[1]: ln for ln in text.splitlines() if ln.startswith("  ") and len(ln.split()) > 1}
+    assert lines[train].split()[0] == "failed" and f"slurm job {jid} ended CANCELLED" in lines[train], text
+    for sid in downstream:
+        assert lines[sid].split()[0] == "blocked" and f"input {train} failed" in lines[sid], text
+    assert st["failed"] == 1 and st["blocked"] == len(downstream) and st["pending"] == 0, text
+
+    rc, again, text = cli("run", str(spec), "--executor", "slurm", "--profile", profile)
+    assert rc == 0 and again["ok"] and again["failed"] == 0, text
+    rec = read_json(tdir / RECORD)
+    assert rec["payload"]["resumed_from"] >= 25  # from the cancelled attempt's checkpoint
+    rc, st, text = cli("status", str(spec))
+    assert st["done"] == len(plan["stages"]) and st["failed"] == st["blocked"] == st["pending"] == 0, text
+
+
+def _wait_step_file(path: Path, timeout_s: float = 180) -> None:
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
