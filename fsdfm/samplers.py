@@ -20,7 +20,7 @@ exactly the path's unmasking probability.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -37,14 +37,35 @@ Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Scheduler], torch.Ten
 
 
 @dataclass(frozen=True)
+class SampleNumerics:
+    """The numerics of one `sample` call, recorded with every sample (fsdfm.pipeline's sample stage).
+
+    logits_dtype: the model's output dtype (float32 unless bf16 autocast is on); precision: dtype of p(z), the jump
+    probabilities and the draws; step: "logits" (`update_from_logits`) or "softmax" (p = softmax, then `update`);
+    certified_float32_exp: the logits step may compute its weights by float32 exp under a certificate
+    (`_chunk_certified`; the tokens are the float64 step's); autocast: bf16 autocast of the forward."""
+
+    logits_dtype: str
+    precision: str
+    step: str
+    certified_float32_exp: bool
+    autocast: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class SampleOutput:
     """tokens: (N, L) long; nfe: network evaluations per sample; time_grid: (steps + 1,) float64;
-    wall_s: sampling wall-clock (CUDA synchronised, warm-up excluded by the caller)."""
+    wall_s: sampling wall-clock (CUDA synchronised, warm-up excluded by the caller); numerics: how the discrete
+    sampler computed (None for samplers that do not record it)."""
 
     tokens: torch.Tensor
     nfe: int
     time_grid: torch.Tensor
     wall_s: float = 0.0
+    numerics: SampleNumerics | None = None
 
 
 @UPDATE_RULES.register("euler")
@@ -407,4 +428,10 @@ def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, 
             torch.cuda.synchronize(device)
         wall += time.perf_counter() - t0
         chunks.append(x)
-    return SampleOutput(tokens=torch.cat(chunks).cpu(), nfe=n_total, time_grid=grid.cpu(), wall_s=wall)
+    numerics = SampleNumerics(logits_dtype=str(logits.dtype).removeprefix("torch."),
+                              precision=str(precision).removeprefix("torch."),
+                              step="logits" if from_logits else "softmax",
+                              certified_float32_exp=from_logits and device.type == "cpu" and logits.dtype == torch.float32,
+                              autocast=autocast)
+    return SampleOutput(tokens=torch.cat(chunks).cpu(), nfe=n_total, time_grid=grid.cpu(), wall_s=wall,
+                        numerics=numerics)

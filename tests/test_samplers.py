@@ -421,3 +421,15 @@ def test_certificate_leaves_few_rows_to_the_float64_step():
     assert 0.4 < float(jump.double().mean()) < 0.8  # 1 - exp(-(1 - 1/V)) = 0.63 of the rows jump
     print(float(unsure.double().mean()))
     assert float(unsure.double().mean()) < 0.1
+
+
+def test_sample_records_its_numerics():
+    model = FixedLogits(torch.zeros(V))
+    path = _path("uniform")
+    out = sample(model, path, n_samples=2, seq_len=3, n_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.numerics.to_dict() == {"logits_dtype": "float32", "precision": "float64", "step": "logits",
+                                      "certified_float32_exp": True, "autocast": False}
+    out = sample(model, path, n_samples=2, seq_len=3, n_steps=2, precision=torch.float32,
+                 generator=torch.Generator().manual_seed(0))
+    assert out.numerics.to_dict() == {"logits_dtype": "float32", "precision": "float32", "step": "softmax",
+                                      "certified_float32_exp": False, "autocast": False}
