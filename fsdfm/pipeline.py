@@ -410,7 +410,8 @@ def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     n_tok = tokens.size
     return {"metrics": {"nfe": out.nfe, "wall_s": out.wall_s, "tokens_per_s": n_tok / out.wall_s if out.wall_s > 0 else None,
                         "peak_mem": peak}, "peak_mem_kind": peak_kind, "device": str(dev),
-            "precision": config["precision"], "time_grid": [float(t) for t in out.time_grid[:2049]]}
+            "precision": config["precision"], "time_grid": [float(t) for t in out.time_grid[:2049]],
+            "numerics": out.numerics.to_dict() if getattr(out, "numerics", None) else None}
 
 
 def write_samples(out_dir: Path, tokens: np.ndarray, corpus) -> None:

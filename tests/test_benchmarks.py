@@ -53,6 +53,11 @@ def test_bench_sampling_quick():
         s = rec["speedup"][rule]
         assert (s["few_steps"], s["many_steps"], s["nfe_ratio"]) == (8, 32, 4.0)
         assert s["speedup"] == pytest.approx(s["wall_many_s"] / s["wall_few_s"], rel=1e-2)
+        few = next(r for r in runs if r["rule"] == rule and r["budget"] == 8)  # the same keys on CPU as on a GPU
+        assert s["outside_share_few"] == pytest.approx(few["outside_share"], rel=1e-3, abs=1e-6)
+        assert s["meets_targets"] == (s["fraction_of_nfe_ratio"] >= 0.95 and s["outside_share_few"] <= 0.05)
+    assert all("mfu" in r for r in runs) and rec["numerics"]["precision"] == "float64"
+    assert rec["numerics"]["logits_dtype"] == "float32" and rec["numerics"]["certified_float32_exp"]
     assert [(s["source"], s["budget"]) for s in rec["share"]] == [("mask", 1), ("mask", 8), ("uniform", 1),
                                                                   ("uniform", 8)]
     for s in rec["share"]:

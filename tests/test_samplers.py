@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsdfm.paths import MaskSource, MixturePath, UniformSource
+from fsdfm import samplers
 from fsdfm.registry import UnknownNameError
 from fsdfm.samplers import UPDATE_RULES, SampleOutput, get_rule, sample, time_grid, update, update_from_logits
 from fsdfm.schedulers import CosineScheduler, PolynomialScheduler
@@ -362,3 +363,73 @@ def test_dense_step_loop_has_no_host_device_sync(source, rule):
     assert one == four, (one, four)
     assert four["aten.nonzero"] == 0
     assert four["aten._local_scalar_dense"] <= 1
+
+
+def test_float32_exp_is_within_the_certified_error():
+    """`_chunk_certified` relies on torch's float32 exp being within 2^-22 relative (+ 2^-125 absolute) of exp."""
+    from fsdfm.samplers import _EXP32_ABS, _EXP32_REL
+
+    l = torch.cat([torch.linspace(-104.0, 88.7, 2_000_003), torch.tensor([-float("inf"), 0.0, -1e-30])])
+    exact = l.double().exp()
+    for out in (l.exp().double(), torch.exp(l, out=torch.empty_like(exact))):  # both ways the sampler may write
+        assert bool(((out - exact).abs() <= exact * _EXP32_REL + _EXP32_ABS).all())
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 100], ids=["one_chunk", "chunks_of_100"])
+@pytest.mark.parametrize("final", [False, True])
+@pytest.mark.parametrize("rule", ["euler", "cumulative_scalar", "mixture_euler"])
+@pytest.mark.parametrize("source", ["mask", "uniform"])
+def test_certified_float32_step_draws_the_float64_tokens(source, rule, final, chunk_rows, monkeypatch):
+    """The default CPU step (float32 exp, float64 sums, certificate, float64 step where uncertain) gives exactly the
+    tokens of the float64 step from the same generator: flat logits (p(z) ~ 1/V, the hard case for the certificate),
+    peaked ones, -inf entries, rows beyond float32 exp's range (|l| > 88: the fallback) and V not a multiple of the
+    inverse-CDF block; in one chunk of rows and in several (work buffers reused)."""
+    Vb, B, L = 333, 4, 256
+    if chunk_rows:
+        monkeypatch.setattr(samplers, "_CHUNK_ELEMENTS", {"cpu": chunk_rows * Vb, "cuda": 1 << 27})
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(B, L, Vb, generator=gen) * torch.tensor([0.02, 1.0, 8.0, 1.0])[:, None, None]
+    logits[3, :20] += 95.0  # exp overflows in float32: these rows take the float64 step
+    logits[3, 20:40] -= 120.0  # tiny totals: so do these
+    logits[1, :, 5] = -float("inf")
+    path = MixturePath(PolynomialScheduler(1), MaskSource(Vb) if source == "mask" else UniformSource(Vb))
+    x = path.source.sample((B, L), generator=gen)
+    x[:, ::3] = torch.randint(Vb, (B, (L + 2) // 3), generator=gen)
+    t, h = torch.full((B,), 0.2, dtype=torch.float64), torch.full((B,), 0.5, dtype=torch.float64)
+    for seed in range(3):
+        outs = [update_from_logits(x, logits, t, h, get_rule(rule), path, torch.Generator().manual_seed(seed),
+                                   final=final, certified=c) for c in (True, False)]
+        assert torch.equal(outs[0], outs[1])
+        assert int((outs[0] != x).sum()) > B * L // 10  # many positions moved: the comparison means something
+        assert not bool((outs[0][1][outs[0][1] != x[1]] == 5).any())  # a token without mass is never drawn
+
+
+def test_certificate_leaves_few_rows_to_the_float64_step():
+    """On flat logits at V = 2,048 (the benchmark's case) the certificate settles all but a few per cent of the rows
+    (~ 8 D / w_x = 8 (2^-22 + 63 2^-24) V = 6.5%)."""
+    from fsdfm.samplers import _chunk_certified
+
+    c, Vb = 2000, 2048
+    gen = torch.Generator().manual_seed(3)
+    l = torch.randn(c, Vb, generator=gen) * 0.05
+    z = torch.randint(Vb, (c, 1), generator=gen)
+    read = torch.ones(c, dtype=torch.bool)
+    u, u_dest = torch.rand(c, dtype=torch.float64, generator=gen), torch.rand(c, dtype=torch.float64, generator=gen)
+    t, h = torch.zeros(c, dtype=torch.float64), torch.full((c,), 0.5, dtype=torch.float64)
+    _, jump, unsure = _chunk_certified(l.clone(), Vb, z, read, u, u_dest, t, h, get_rule("mixture_euler"),
+                                       PolynomialScheduler(1))
+    assert 0.4 < float(jump.double().mean()) < 0.8  # 1 - exp(-(1 - 1/V)) = 0.63 of the rows jump
+    print(float(unsure.double().mean()))
+    assert float(unsure.double().mean()) < 0.1
+
+
+def test_sample_records_its_numerics():
+    model = FixedLogits(torch.zeros(V))
+    path = _path("uniform")
+    out = sample(model, path, n_samples=2, seq_len=3, n_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.numerics.to_dict() == {"logits_dtype": "float32", "precision": "float64", "step": "logits",
+                                      "certified_float32_exp": True, "autocast": False}
+    out = sample(model, path, n_samples=2, seq_len=3, n_steps=2, precision=torch.float32,
+                 generator=torch.Generator().manual_seed(0))
+    assert out.numerics.to_dict() == {"logits_dtype": "float32", "precision": "float32", "step": "softmax",
+                                      "certified_float32_exp": False, "autocast": False}
