@@ -47,7 +47,8 @@ from fsdfm.registry import Registry, did_you_mean
 from fsdfm.results import (
     ATTEMPTS, CONTROL_FILES, ERROR, JOBS, PLAN, RECORD, RUNNING, SCHEMA_VERSION, SUBMITTED, StageCheck,
     artefact_manifest, atomic_write_json, check_stage, device, find_seeds, is_done, loadavg_1min, lock_holder,
-    now_iso, provenance, read_json, read_record, record_digest, stage_dir, stage_lock, study_dir as _study_dir, to_jsonable, torch_threads,
+    now_iso, provenance, read_json, read_record, record_digest, stage_dir, stage_lock, study_dir as _study_dir,
+    to_jsonable, torch_threads,
 )
 from fsdfm.runtime import malloc_tuned, tune_malloc
 from fsdfm.stages import STAGE_KINDS, PlanError, Stage, StageKind, StudyPlan, waves
@@ -104,8 +105,9 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
     writes record.json atomically, with the size and sha256 of every artefact it left (hashed once, here) and
     the digest of each input record it read. A stage found damaged or stale is redone: its record and damaged
     files are removed first (a stale checkpointable stage also loses its checkpoints: they came from the old
-    inputs), and a line naming the files goes to stderr. On an exception, writes error.json and re-raises. The first call in a process
-    tunes glibc malloc (`fsdfm.runtime.tune_malloc`), so timings do not depend on what the process did before.
+    inputs), and a line naming the files goes to stderr. On an exception, writes error.json and re-raises. The
+    first call in a process tunes glibc malloc (`fsdfm.runtime.tune_malloc`), so timings do not depend on what
+    the process did before.
     """
     tune_malloc()
     study_dir = Path(study_dir)
