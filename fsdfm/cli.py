@@ -127,7 +127,8 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool) -> list[str]:
     present = {s.kind for s in plan.stages.values()}
     for k in kinds:
         if k not in present:
-            raise UsageError(f"--rerun: study {plan.name!r} has no {k!r} stage; its kinds: {', '.join(sorted(present))}")
+            raise UsageError(f"--rerun: study {plan.name!r} has no {k!r} stage; "
+                             f"its kinds: {', '.join(sorted(present))}")
     chosen = [sid for sid, s in plan.stages.items() if s.kind in kinds]
     for sid in chosen:
         holder, live = lock_holder(sdir / "stages" / sid)

@@ -145,8 +145,9 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
     writes record.json atomically, with the size and sha256 of every artefact it left (hashed once, here) and
     the digest of each input record it read. A stage found damaged or stale is redone: its record and damaged
     files are removed first (a stale checkpointable stage also loses its checkpoints: they came from the old
-    inputs), and a line naming the files goes to stderr. On an exception, writes error.json and re-raises. The first call in a process
-    tunes glibc malloc (`fsdfm.runtime.tune_malloc`), so timings do not depend on what the process did before.
+    inputs), and a line naming the files goes to stderr. On an exception, writes error.json and re-raises. The
+    first call in a process tunes glibc malloc (`fsdfm.runtime.tune_malloc`), so timings do not depend on what
+    the process did before.
     """
     tune_malloc()
     study_dir = Path(study_dir)

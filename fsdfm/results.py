@@ -201,9 +201,10 @@ def _sha256_of(path: str, size: int, mtime_ns: int, ino: int) -> str:
 def sha256_file(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, memoised in this process per (path, size, mtime_ns, inode).
 
-    Cost: sha256 reads ~1-2 GB/s on one core, so the ~5 GB model.pt of the 1.3B preset costs a few seconds,
-    once per process (the driver, and each job that reads it as an input), next to minutes or hours of the
-    work it guards. The memo is safe because it never outlives the process (a new `fsdfm run`/`verify` reads
+    Cost: sha256 ran at 0.35 GB/s on one core of the 2-core dev machine at a load average of 13 (measured; an
+    idle core with SHA extensions is several times faster), so the ~5 GB model.pt of the 1.3B preset costs a
+    few seconds to ~15 s, once per process (the driver, and each job that reads it as an input), next to the
+    hours of training it guards. The memo is safe because it never outlives the process (a new `fsdfm run`/`verify` reads
     every file again, so bit rot is caught there) and within one process any rewrite, truncation or
     replacement of the file changes its size, mtime_ns or inode (os.replace gives a new inode)."""
     p = Path(path).resolve()
