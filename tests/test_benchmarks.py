@@ -217,3 +217,21 @@ def test_logits_path_is_shift_invariant_across_its_overflow_guard():
                                 torch.Generator().manual_seed(6)) for shift in (0.0, 1000.0, -1000.0)]
     assert bool((draws[0] != x).any())
     assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+
+
+def test_gpu_run_script_lists_every_step_with_its_output():
+    """benchmarks/gpu_run.sh --dry-run (no GPU): one line per step, each a benchmark of this repo (or the GPU tests)
+    writing under benchmarks/results/<gpu>/, nothing created."""
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run"], capture_output=True,
+                          text=True, timeout=30, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "GPU_NAME": "testgpu"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    names = [line.split(" ", 1)[0] for line in lines]
+    assert names == ["sampling_small", "sampling_1p3b", "training_small_compile", "sampling_small_compile", "ar_small",
+                     "sampling_small_mask", "scaling_1p3b", "gpu_tests"]
+    for name, line in zip(names, lines):
+        assert line.endswith(f"> benchmarks/results/testgpu/{name}.txt")
+        script = line.split(": ", 1)[1].split()[1]
+        assert script == "-m" or (ROOT / script).is_file(), line
+        assert "--device cuda" in line or "-m gpu" in line
+    assert not (ROOT / "benchmarks" / "results" / "testgpu").exists()
