@@ -397,6 +397,9 @@ def test_released_spec_rejects_bad_checkpoint_settings(tmp_path):
     p.write_text(base.replace("    checkpoint: {path: checkpoints/released/dfm_1p3b.pth, which: teacher}\n", "", 1))
     with pytest.raises(SpecError, match="dfm_released.checkpoint: a released method needs"):
         load_spec(p)
+    p.write_text(base.replace("kind: released", "kind: dfm", 1))
+    with pytest.raises(SpecError, match="dfm_released.checkpoint: only a method of kind released reads a checkpoint"):
+        load_spec(p)
 
 
 TINY_V_BUDGETS = [1, 4]
