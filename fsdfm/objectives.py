@@ -67,9 +67,10 @@ class FSDFMConfig:
     anchor_loss: "gkl" or "ce" for the anchor rows.
     shortcut: "rk4" (rows reaching t + h = 1 jump as the official code forces them to), "rk4_x1" (those rows draw
         x_1 ~ p instead: ours), "heun", "rk4_time_consistent", "none" (DFM loss at every h), "frozen_dfm" (the design
-        brief's ablation and the official code's finest-step rule: rows at h = h_min are distilled from the frozen
-        DFM teacher's p_1t(. | x_t, t) instead of trained on data; coarser rows use the RK-4 target of the EMA
-        student) or "frozen_dfm_rk4" (ours: the RK-4 composition evaluated by the frozen DFM teacher at every
+        brief's ablation, the finest-step rule of the official just_student=False mode without its co-training of
+        the teacher: rows at h = h_min are distilled from the frozen DFM teacher's p_1t(. | x_t, t) instead of
+        trained on data; coarser rows use the RK-4 target of the EMA student; the official default,
+        just_student=True, is "rk4": generalized KL to the data at h_min) or "frozen_dfm_rk4" (ours: the RK-4 composition evaluated by the frozen DFM teacher at every
         coarser h, data anchors at h_min).
     """
 
