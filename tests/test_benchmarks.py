@@ -238,7 +238,7 @@ def test_gpu_run_script_lists_every_step_with_its_output():
 
 
 def test_bench_own_work_quick():
-    """Certified and float64 chunks timed interleaved on the same seeds: the tokens agree (the script checks) and the
+    """The default step and the float64 chunk timed interleaved on the same seeds: the tokens agree (the script checks) and the
     derived ratios are computed from the timings it reports."""
     _, rec = run_bench("bench_own_work.py", "--rules", "cumulative_scalar,mixture_euler")
     assert rec["bench"] == "own_work" and rec["derived"] and (rec["few_steps"], rec["many_steps"]) == (8, 32)
@@ -247,7 +247,7 @@ def test_bench_own_work_quick():
         ("uniform", "mixture_euler")]
     for r in rec["results"]:
         assert r["same_tokens"] and _positive(r["forward_ms"])
-        for chunk in ("certified", "float64"):
+        for chunk in ("default", "float64"):
             c = r[chunk]
             F, o8, o32 = r["forward_ms"], c["own_ms_per_step_8"], c["own_ms_per_step_32"]
             assert _positive(o8, o32)
