@@ -235,3 +235,21 @@ def test_gpu_run_script_lists_every_step_with_its_output():
         assert script == "-m" or (ROOT / script).is_file(), line
         assert "--device cuda" in line or "-m gpu" in line
     assert not (ROOT / "benchmarks" / "results" / "testgpu").exists()
+
+
+def test_bench_own_work_quick():
+    """The default step and the float64 chunk timed interleaved on the same seeds: the tokens agree (the script checks) and the
+    derived ratios are computed from the timings it reports."""
+    _, rec = run_bench("bench_own_work.py", "--rules", "cumulative_scalar,mixture_euler")
+    assert rec["bench"] == "own_work" and rec["derived"] and (rec["few_steps"], rec["many_steps"]) == (8, 32)
+    assert [(r["source"], r["rule"]) for r in rec["results"]] == [
+        ("mask", "cumulative_scalar"), ("mask", "mixture_euler"), ("uniform", "cumulative_scalar"),
+        ("uniform", "mixture_euler")]
+    for r in rec["results"]:
+        assert r["same_tokens"] and _positive(r["forward_ms"])
+        for chunk in ("default", "float64"):
+            c = r[chunk]
+            F, o8, o32 = r["forward_ms"], c["own_ms_per_step_8"], c["own_ms_per_step_32"]
+            assert _positive(o8, o32)
+            assert c["fraction_of_nfe_ratio"] == pytest.approx((F + o32) / (F + o8), rel=2e-3)
+            assert c["outside_share_few"] == pytest.approx(o8 / (F + o8), rel=2e-3)
