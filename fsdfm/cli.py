@@ -35,7 +35,8 @@ def _load(spec_path: str, root: str):
     from fsdfm.specs import load_spec
 
     # the data checks may reuse (never write) the tokenizers a previous run cached under the results root
-    spec, cells = load_spec(spec_path, cache_dir=os.environ.get("FSDFM_CACHE") or Path(root) / ".cache")
+    from fsdfm.cache import data_cache_dir
+    spec, cells = load_spec(spec_path, cache_dir=data_cache_dir(root))
     return spec, plan_study(spec.name, cells)
 
 
@@ -340,6 +341,8 @@ def cmd_clean(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
+    from fsdfm.cache import pin_cache_env
+    pin_cache_env()  # the jobs this run starts may run in another directory
     ap = argparse.ArgumentParser(prog="fsdfm", description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=DEFAULT_ROOT, help="results root (default: results)")
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -44,8 +43,9 @@ def device() -> torch.device:
 
 
 def cache_dir(out_dir: Path) -> Path:
-    """Tokenizers and packed blocks are cached once per results root (or FSDFM_CACHE)."""
-    return Path(os.environ.get("FSDFM_CACHE") or Path(out_dir).resolve().parents[2] / ".cache")
+    """Tokenizers and packed blocks are cached once per results root (or FSDFM_CACHE): fsdfm.cache."""
+    from fsdfm.cache import stage_cache_dir
+    return stage_cache_dir(out_dir)
 
 
 def corpus_for(config: dict, out_dir: Path):
