@@ -74,7 +74,7 @@ def run_study(spec: str | os.PathLike | Mapping[str, Any], overrides: Mapping[st
     plan = plan_study(study.name, cells)
     if track:
         from fsdfm.tracking import enable
-        plan = enable(plan, results)
+        plan = enable(plan, study.tracking)
     summary = execute(plan, results, executor=executor, profile=profile, max_parallel=max_parallel)
     if not summary.ok:
         raise StudyFailed(summary)

@@ -148,6 +148,9 @@ def cmd_run(args) -> dict:
     from fsdfm.stages import waves
 
     spec, plan = _load(args.spec, args.results)
+    if args.track:  # tracking lives in plan.json, not in stage ids: the same stages, now logged (fsdfm.tracking)
+        from fsdfm.tracking import enable
+        plan = enable(plan, spec.tracking)
     sdir = Path(args.results) / spec.name
     rerun_kinds = _kinds_arg(args.rerun, "--rerun")
     if args.threads is not None:
@@ -359,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                         "shared CPU machine 1 per concurrent job avoids threads stalling each other")
     r.add_argument("--rerun", metavar="KIND[,KIND]",
                    help="re-run the stages of these kinds (e.g. sample,evaluate), and so their dependents")
+    r.add_argument("--track", action="store_true",
+                   help="log training curves and final metrics to TensorBoard (the spec's tracking: section, else "
+                        "results/<study>/tracking); changes no stage id")
     r.set_defaults(fn=cmd_run)
     v = sub.add_parser("verify", help="check records and artefacts (sizes, sha256) of a study; runs nothing")
     v.add_argument("target", help="a spec file or a study results directory")

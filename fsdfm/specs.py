@@ -31,6 +31,7 @@ import yaml
 
 from fsdfm.data.base import DataConfig
 from fsdfm.registry import did_you_mean
+from fsdfm.tracking import TrackingSpec
 from fsdfm.train import OptimConfig
 
 
@@ -254,6 +255,7 @@ class StudySpec:
     published: tuple = ()
     cluster: dict = field(default_factory=dict)
     report: ReportSpec = ReportSpec()
+    tracking: TrackingSpec | None = None  # fsdfm.tracking: in plan.json, never in a stage id (it changes no result)
 
 
 # ----------------------------------------------------------------------------------------------------------
