@@ -171,7 +171,7 @@ def _model_dims(d: Path, sampler: str, record: dict) -> tuple[int, int]:
 
     if sampler == "ar":
         cfg = json.loads((d / "hf" / "config.json").read_text())
-        return int(cfg["n_positions"]), int(cfg["vocab_size"])
+        return int(cfg["n_positions"]) - 1, int(cfg["vocab_size"])  # n_positions = L + 1 (the BOS position)
     if sampler == "exact":
         data = record["config"]["data"]
         return int(data["seq_len"]), int(data["oracle"]["vocab_size"])

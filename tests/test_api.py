@@ -35,7 +35,10 @@ def spec_dict(tmp: Path, sampling_seed: int) -> dict:
             "methods": {"dfm": {"kind": "dfm", "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1},
                                 "rules": ["euler"], "steps": [2]},
                         "fs": {"kind": "fsdfm", "teacher": "dfm", "distill": {"K": 3},
-                               "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1}, "steps": [8]}},
+                               "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1}, "steps": [8]},
+                        "ar": {"kind": "ar", "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1}, "steps": [16]},
+                        "flm": {"kind": "flm", "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
+                                "steps": [4]}},
             "metrics": {"names": ["entropy_nats", "distinct_2", "rep_n"]}}
 
 
@@ -45,17 +48,18 @@ def studies(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
     (tmp / "train.txt").write_text(TEXT)
     (tmp / "valid.txt").write_text(TEXT[::-1].replace("\n\n", " . \n\n"))
-    (tmp / "api_tiny.yaml").write_text(yaml.safe_dump(spec_dict(tmp, sampling_seed=7)))
+    (tmp / "api_tiny.yaml").write_text(yaml.safe_dump(spec_dict(tmp, sampling_seed=7), sort_keys=False))  # same method order
     assert main(["--results", str(tmp / "a"), "run", str(tmp / "api_tiny.yaml"), "--executor", "inline"]) == 0
     df_b = fsdfm.run_study(spec_dict(tmp, sampling_seed=0), overrides={"sampling.seed": 7}, executor="debug",
                            results=tmp / "b")
     return tmp, df_b
 
 
+@pytest.mark.slow  # runs a tiny study (module fixture): ~1 min on 2 busy cores
 def test_run_study_returns_the_dataframe_of_fsdfm_run_and_load(studies):
     tmp, df_b = studies
     df_a = load(tmp / "a" / "api_tiny")
-    assert len(df_a) == 2 and sorted(df_a.method) == ["dfm", "fs"]
+    assert len(df_a) == 4 and sorted(df_a.method) == ["ar", "dfm", "flm", "fs"]
     keep = [c for c in df_a.columns if c not in VOLATILE]
     assert list(df_b.columns) == list(df_a.columns)
     pd.testing.assert_frame_equal(df_b[keep].reset_index(drop=True), df_a[keep].reset_index(drop=True))
@@ -66,6 +70,7 @@ def test_run_study_returns_the_dataframe_of_fsdfm_run_and_load(studies):
     pd.testing.assert_frame_equal(again, load(tmp / "a" / "api_tiny"))
 
 
+@pytest.mark.slow  # runs a tiny study (module fixture): ~1 min on 2 busy cores
 def test_a_bad_override_is_a_spec_error_naming_it(studies):
     tmp, _ = studies
     with pytest.raises(SpecError, match=r"methods\.fs\.distil.*did you mean 'distill'.*override methods\.fs\.distil\.K=4"):
@@ -79,7 +84,8 @@ def _sample_stage(root: Path, method: str) -> dict:
     return read_record(root / "api_tiny" / "stages" / ev["inputs"]["samples"])
 
 
-@pytest.mark.parametrize("method", ["fs", "dfm"])
+@pytest.mark.slow  # runs a tiny study (module fixture): ~1 min on 2 busy cores
+@pytest.mark.parametrize("method", ["fs", "dfm", "ar", "flm"])
 def test_load_model_sample_reproduces_the_studys_own_sample_stage(studies, method):
     tmp, _ = studies
     rec = _sample_stage(tmp / "a", method)
@@ -87,7 +93,7 @@ def test_load_model_sample_reproduces_the_studys_own_sample_stage(studies, metho
     model_dir = tmp / "a" / "api_tiny" / "stages" / rec["inputs"]["model"]
     assert (model_dir / "tokenizer.json").is_file()  # saved beside the checkpoint: the folder is self-contained
     m = fsdfm.load_model(model_dir)
-    assert (m.seq_len, m.t_end) == (16, cfg["t_end"])
+    assert (m.seq_len, m.t_end, m.sampler) == (16, cfg["t_end"], cfg["sampler"])
     s = m.sample(cfg["n_samples"], steps=cfg["steps"], rule=cfg["rule"], seed=cfg["seed"], batch_size=cfg["batch_size"])
     stage = tmp / "a" / "api_tiny" / "stages" / rec["stage_id"]
     np.testing.assert_array_equal(s.tokens, np.load(stage / "samples.npy"))
@@ -98,6 +104,7 @@ def test_load_model_sample_reproduces_the_studys_own_sample_stage(studies, metho
     assert not np.array_equal(other.tokens, s.tokens)  # the seed is what made them equal
 
 
+@pytest.mark.slow  # runs a tiny study (module fixture): ~1 min on 2 busy cores
 def test_evaluate_reproduces_the_evaluate_stage(studies):
     tmp, _ = studies
     root = tmp / "a" / "api_tiny"
@@ -120,6 +127,7 @@ def test_evaluate_reproduces_the_evaluate_stage(studies):
         fsdfm.evaluate(texts, metrics=["distinct_2"])
 
 
+@pytest.mark.slow  # runs a tiny study (module fixture): ~1 min on 2 busy cores
 def test_load_model_refuses_a_folder_without_a_model(studies):
     tmp, _ = studies
     ev = next(iter(load_records(tmp / "a" / "api_tiny", kind="evaluate")))

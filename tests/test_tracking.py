@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import torch
 import pytest
 import yaml
 
@@ -44,6 +45,7 @@ def tracked(tmp_path_factory):
     return tmp / "results" / "tracked"
 
 
+@pytest.mark.slow  # runs a tiny study: ~30 s on 2 busy cores
 def test_logged_losses_and_lr_are_the_records_per_step_values(tracked):
     (train,) = load_records(tracked, kind="train_dfm")
     ev = _events(tracked / "tracking" / train["stage_id"])
@@ -57,6 +59,7 @@ def test_logged_losses_and_lr_are_the_records_per_step_values(tracked):
     assert ev["metrics/train_loss_final"] == [(5, float(np.float32(m["train_loss_final"])))]
 
 
+@pytest.mark.slow  # runs a tiny study: ~30 s on 2 busy cores
 def test_logged_final_metrics_equal_each_runs_record(tracked):
     evaluated = load_records(tracked, kind="evaluate") + load_records(tracked, kind="evaluate_data")
     assert len(evaluated) == 2
@@ -70,6 +73,7 @@ def test_logged_final_metrics_equal_each_runs_record(tracked):
         assert not any(t.startswith("train/") for t in ev)  # only training stages log curves
 
 
+@pytest.mark.slow  # runs a tiny study: ~30 s on 2 busy cores
 def test_tracking_is_off_by_default_and_enters_no_stage_id(tmp_path):
     plain = plan_study("tracked", load_spec_dict(SPEC)[1])
     assert plain.tracking == {} and "tracking" not in plain.to_dict()
@@ -91,3 +95,31 @@ def test_an_unknown_backend_is_a_spec_error_with_did_you_mean():
         load_spec_dict({**SPEC, "tracking": {"backend": "tensorbord"}})
     with pytest.raises(SpecError, match=r"unknown key 'tracking\.logdir'.*did you mean 'dir'"):
         load_spec_dict({**SPEC, "tracking": {"logdir": "x"}})
+
+
+class _Scalar(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+
+
+def test_fit_logs_each_steps_loss_and_lr_only_while_a_stage_tracker_is_active(tmp_path):
+    """A known loss: L = 3 w0 - 5 w1 on a 2-weight model; every logged step equals FitResult.losses."""
+    from fsdfm.tracking import stage_tracking, train_logger
+    from fsdfm.train import fit
+
+    cfg = OptimConfig(steps=4, batch_size=2, lr=0.1, warmup_steps=2, ema_decay=None, grad_clip=0.0)
+    data = torch.zeros(4, 3, dtype=torch.long)
+    settings = {"backend": "tensorboard", "dir": "tb"}
+    with stage_tracking(settings, tmp_path, "train_x-abc", "train_x", ["run/1"]) as tracker:
+        assert tracker is not None and train_logger() is not None
+        res = fit(_Scalar(), lambda ctx: (ctx.model.w * torch.tensor([3.0, -5.0])).sum(), data, cfg, progress=False,
+                  device="cpu")
+    assert train_logger() is None  # closed with the stage
+    ev = _events(tmp_path / "tb" / "train_x-abc")
+    assert res.losses[0] == 13.0
+    assert ev["train/loss"] == [(i, float(np.float32(x))) for i, x in enumerate(res.losses)]
+    assert [v for _, v in ev["train/lr"]] == [float(np.float32(0.1 * lr_factor(i, cfg))) for i in range(4)]
+    with stage_tracking({}, tmp_path, "y", "train_x") as off:  # tracking off: no tracker, no folder
+        assert off is None and train_logger() is None
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["train_x-abc"]
