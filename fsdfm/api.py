@@ -268,6 +268,8 @@ def evaluate(samples, metrics: Sequence[str] | None = None, reference: Sequence[
     tok = _as_tokenizer(tokenizer)
     if isinstance(samples, Samples):
         ids, texts = samples.tokens, samples.texts
+        if texts is None and tok is not None:
+            texts = tok.decode_batch(np.asarray(ids).tolist())
     elif isinstance(samples, (list, tuple)) and samples and all(isinstance(x, str) for x in samples):
         texts = list(samples)
         if tok is None:
