@@ -622,8 +622,10 @@ def apply_overrides(raw: dict, overrides: Mapping[str, Any] | None, file: str) -
     so an overridden spec is checked exactly like a YAML file).
 
     `{"seed": 3, "methods.fsdfm.distill.K": 8, "grid.sampling.seed": [0, 1]}` sets those keys, creating missing
-    intermediate mappings. A key that is not a dotted name, or that runs through a value which is not a mapping
-    (e.g. `seed.x` when seed is 0), is a SpecError naming `file` and the override.
+    intermediate mappings; under `grid` the rest of the key is one grid key (grid keys are dotted names
+    themselves: the last example is `grid: {sampling.seed: [0, 1]}`). A key that is not a dotted name, or that
+    runs through a value which is not a mapping (e.g. `seed.x` when seed is 0), is a SpecError naming `file` and
+    the override.
     """
     out = copy.deepcopy(raw)
     if not overrides:
@@ -635,6 +637,8 @@ def apply_overrides(raw: dict, overrides: Mapping[str, Any] | None, file: str) -
         if not isinstance(key, str) or not key or any(not k for k in key.split(".")):
             raise SpecError(f"{file}: {shown}: a key is a dotted field name such as 'sampling.seed'")
         keys = key.split(".")
+        if keys[0] == "grid" and len(keys) > 1:
+            keys = ["grid", ".".join(keys[1:])]
         node = out
         for i, k in enumerate(keys[:-1]):
             child = node.setdefault(k, {})

@@ -21,6 +21,8 @@ def test_overrides_write_dotted_keys_into_a_copy():
     assert out["seed"] == 3 and out["methods"]["fs"]["distill"] == {"K": 2} and out["sampling"] == {"seed": 5}
     assert "seed" not in RAW and RAW["methods"]["fs"]["distill"] == {"K": 3}  # the input is not changed
     assert apply_overrides(RAW, None, "f") == RAW
+    # under grid the rest of the key is one grid key (grid keys are dotted names themselves)
+    assert apply_overrides(RAW, {"grid.sampling.seed": [0, 1]}, "f")["grid"] == {"sampling.seed": [0, 1]}
 
 
 def test_an_overridden_dict_plans_exactly_as_the_yaml_that_says_it(tmp_path):
@@ -29,7 +31,7 @@ def test_an_overridden_dict_plans_exactly_as_the_yaml_that_says_it(tmp_path):
     yaml_raw["grid"] = {"sampling.seed": [0, 1]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(yaml_raw))
     spec, cells = load_spec(tmp_path / "s.yaml")
-    spec2, cells2 = load_spec_dict(RAW, "nb", overrides={"methods.fs.distill.K": 2, "grid": {"sampling.seed": [0, 1]}})
+    spec2, cells2 = load_spec_dict(RAW, "nb", overrides={"methods.fs.distill.K": 2, "grid.sampling.seed": [0, 1]})
     a, b = plan_study(spec.name, cells), plan_study(spec2.name, cells2)
     assert sorted(a.stages) == sorted(b.stages) and [r.run_id for r in a.runs] == [r.run_id for r in b.runs]
     # and the override changed exactly the ids that depend on it: the teacher's training is shared
