@@ -35,7 +35,8 @@ def _load(spec_path: str, root: str):
     from fsdfm.specs import load_spec
 
     # the data checks may reuse (never write) the tokenizers a previous run cached under the results root
-    spec, cells = load_spec(spec_path, cache_dir=os.environ.get("FSDFM_CACHE") or Path(root) / ".cache")
+    from fsdfm.cache import data_cache_dir
+    spec, cells = load_spec(spec_path, cache_dir=data_cache_dir(root))
     return spec, plan_study(spec.name, cells)
 
 
@@ -148,6 +149,9 @@ def cmd_run(args) -> dict:
     from fsdfm.stages import waves
 
     spec, plan = _load(args.spec, args.results)
+    if args.track:  # tracking lives in plan.json, not in stage ids: the same stages, now logged (fsdfm.tracking)
+        from fsdfm.tracking import enable
+        plan = enable(plan, spec.tracking)
     sdir = Path(args.results) / spec.name
     rerun_kinds = _kinds_arg(args.rerun, "--rerun")
     if args.threads is not None:
@@ -341,6 +345,8 @@ def cmd_clean(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
+    from fsdfm.cache import pin_cache_env
+    pin_cache_env()  # the jobs this run starts may run in another directory
     ap = argparse.ArgumentParser(prog="fsdfm", description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=DEFAULT_ROOT, help="results root (default: results)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -357,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                         "shared CPU machine 1 per concurrent job avoids threads stalling each other")
     r.add_argument("--rerun", metavar="KIND[,KIND]",
                    help="re-run the stages of these kinds (e.g. sample,evaluate), and so their dependents")
+    r.add_argument("--track", action="store_true",
+                   help="log training curves and final metrics to TensorBoard (the spec's tracking: section, else "
+                        "results/<study>/tracking); changes no stage id")
     r.set_defaults(fn=cmd_run)
     v = sub.add_parser("verify", help="check records and artefacts (sizes, sha256) of a study; runs nothing")
     v.add_argument("target", help="a spec file or a study results directory")

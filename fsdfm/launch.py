@@ -198,7 +198,11 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         try:
             if not kind.checkpointable:
                 _clear_artefacts(out_dir)
-            payload = kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)
+            from fsdfm.tracking import log_final, stage_tracking
+            runs = [r["run_id"] for r in plan.get("runs", []) if r.get("stage_id") == stage_id]
+            with stage_tracking(plan.get("tracking"), study_dir, stage_id, stage.kind, runs) as tracker:
+                payload = kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)
+                log_final(tracker, payload if isinstance(payload, dict) else {}, step=_final_step(stage.config))
             if payload is None:
                 payload = {}
             if not isinstance(payload, dict):
@@ -244,6 +248,12 @@ def _global_rank() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
+
+
+def _final_step(config: dict) -> int:
+    """The step final metrics are logged at: a training stage's last step, else 0."""
+    steps = (config.get("optim") or {}).get("steps")
+    return int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else 0
 
 
 def _next_attempt(out_dir: Path) -> int:

@@ -327,4 +327,7 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
         run_list.append(RunSpec(run_id=run_id, params=prm, stage_id=r["stage_id"]))
     rs = cells[0].spec.report if cells else None
     report = {"mauve_min_n": rs.mauve_min_n, "pairs": [list(p) for p in rs.pairs]} if rs is not None else {}
-    return StudyPlan(name=name, stages=stages, runs=run_list, report=report)
+    # tracking settings go to plan.json, not into any stage config: a tracked study has the same stage ids
+    ts = cells[0].spec.tracking if cells else None
+    return StudyPlan(name=name, stages=stages, runs=run_list, report=report,
+                     tracking=ts.to_plan() if ts is not None else {})

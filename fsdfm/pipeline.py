@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -44,8 +43,9 @@ def device() -> torch.device:
 
 
 def cache_dir(out_dir: Path) -> Path:
-    """Tokenizers and packed blocks are cached once per results root (or FSDFM_CACHE)."""
-    return Path(os.environ.get("FSDFM_CACHE") or Path(out_dir).resolve().parents[2] / ".cache")
+    """Tokenizers and packed blocks are cached once per results root (or FSDFM_CACHE): fsdfm.cache."""
+    from fsdfm.cache import stage_cache_dir
+    return stage_cache_dir(out_dir)
 
 
 def corpus_for(config: dict, out_dir: Path):
@@ -84,9 +84,21 @@ def path_from_config(path_cfg: dict, vocab_size: int) -> MixturePath:
     return make_path(make_scheduler(sched["name"], **kwargs), path_cfg["source"], vocab_size)
 
 
-def save_dit(out_dir: Path, model: DiT, path_cfg: dict, h_conditioned: bool) -> None:
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def save_tokenizer(out_dir: Path, corpus) -> None:
+    """The corpus tokenizer beside the model a training stage writes (out_dir/tokenizer.json), so that a model
+    folder decodes its own samples (fsdfm.api.load_model); nothing for data without a tokenizer."""
+    if corpus.tokenizer is not None and is_main_rank():
+        atomic_write_bytes(Path(out_dir) / TOKENIZER_FILE, corpus.tokenizer.backend.to_str().encode())
+
+
+def save_dit(out_dir: Path, model: DiT, path_cfg: dict, h_conditioned: bool, corpus=None) -> None:
     if not is_main_rank():
         return
+    if corpus is not None:
+        save_tokenizer(out_dir, corpus)
     save_checkpoint(Path(out_dir) / "model.pt", {"model_config": model.cfg.to_dict(), "state_dict": model.state_dict(),
                                                  "path": path_cfg, "h_conditioned": h_conditioned})
 
@@ -204,7 +216,8 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
               desc="train dfm teacher", device=device())
     final = res.ema if res.ema is not None else res.model
     val = dfm_validation(final, path, corpus.valid, obj.eps)
-    save_dit(out_dir, final, {"source": config["source"], "scheduler": config["scheduler"]}, h_conditioned=False)
+    save_dit(out_dir, final, {"source": config["source"], "scheduler": config["scheduler"]}, h_conditioned=False,
+             corpus=corpus)
     return train_metrics(res, {**val, "unigram_ce": unigram_ce(corpus.train, corpus.valid, corpus.vocab_size),
                                "n_params": model.num_parameters(), **oracle_model_metrics(config, final, path, corpus)})
 
@@ -235,7 +248,7 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     res = fit(student, FSDFMObjective(teacher_path, spec.objective(), frozen), corpus.train,
               OptimConfig(**config["optim"]), Path(out_dir) / "ckpt", desc="distil fs-dfm student", device=device())
     final = res.ema if res.ema is not None else res.model
-    save_dit(out_dir, final, path_cfg, h_conditioned=True)
+    save_dit(out_dir, final, path_cfg, h_conditioned=True, corpus=corpus)
     return train_metrics(res, {"n_params": student.num_parameters(),
                                **oracle_model_metrics(config, final, teacher_path, corpus, h=2.0 ** -spec.K)})
 
@@ -255,6 +268,7 @@ def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     hf_tok = corpus.tokenizer.to_hf() if corpus.tokenizer is not None else None
     res = train_ar(corpus.train, cfg, OptimConfig(**config["optim"]), Path(out_dir), bos_id=corpus.eos_id or 0,
                    hf_tokenizer=hf_tok, valid=corpus.valid, device=device())
+    save_tokenizer(out_dir, corpus)
     return train_metrics(res.fit, {"val_nll": res.val_nll, "elbo_ppl": float(np.exp(res.val_nll)),
                                    "n_params": res.n_params})
 
@@ -272,7 +286,7 @@ def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
     res = fit(model, FLMObjective(FLMTime(corpus.vocab_size), FLMConfig(**config["flm"])), corpus.train,
               OptimConfig(**config["optim"]), Path(out_dir) / "ckpt", desc="train flm", device=device())
     final = res.ema if res.ema is not None else res.model
-    save_dit(out_dir, final, {"continuous": "flm"}, h_conditioned=False)
+    save_dit(out_dir, final, {"continuous": "flm"}, h_conditioned=False, corpus=corpus)
     return train_metrics(res, {"n_params": model.num_parameters()})
 
 
@@ -291,7 +305,7 @@ def distil_fmlm(config: dict, inputs: dict, out_dir: Path) -> dict:
     res = fit(student, obj, corpus.train, OptimConfig(**config["optim"]), Path(out_dir) / "ckpt",
               desc="distil fmlm", device=device())
     final = res.ema if res.ema is not None else res.model
-    save_dit(out_dir, final, {"continuous": "fmlm"}, h_conditioned=True)
+    save_dit(out_dir, final, {"continuous": "fmlm"}, h_conditioned=True, corpus=corpus)
     return train_metrics(res, {"n_params": student.num_parameters()})
 
 
@@ -318,6 +332,7 @@ def load_released_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
                "path": {"source": config["source"], "scheduler": config["scheduler"]},
                "h_conditioned": loaded.h_conditioned}
     atomic_write_bytes(Path(out_dir) / RELEASED_POINTER, json.dumps(pointer, indent=1).encode())
+    save_tokenizer(out_dir, corpus)
     return {"metrics": {"n_params": loaded.model.num_parameters()}, "checkpoint": pointer}
 
 

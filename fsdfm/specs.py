@@ -25,12 +25,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
 from fsdfm.data.base import DataConfig
 from fsdfm.registry import did_you_mean
+from fsdfm.tracking import TrackingSpec
 from fsdfm.train import OptimConfig
 
 
@@ -254,6 +255,7 @@ class StudySpec:
     published: tuple = ()
     cluster: dict = field(default_factory=dict)
     report: ReportSpec = ReportSpec()
+    tracking: TrackingSpec | None = None  # fsdfm.tracking: in plan.json, never in a stage id (it changes no result)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -615,18 +617,84 @@ class Cell:
     spec: StudySpec
 
 
-def load_spec(path: str | Path, cache_dir: str | Path | None = None,
-              check_files: bool = True) -> tuple[StudySpec, list[Cell]]:
+def apply_overrides(raw: dict, overrides: Mapping[str, Any] | None, file: str) -> dict:
+    """A copy of the raw spec mapping with each dotted override `key: value` written into it (before validation,
+    so an overridden spec is checked exactly like a YAML file).
+
+    `{"seed": 3, "methods.fsdfm.distill.K": 8, "grid.sampling.seed": [0, 1]}` sets those keys, creating missing
+    intermediate mappings; under `grid` the rest of the key is one grid key (grid keys are dotted names
+    themselves: the last example is `grid: {sampling.seed: [0, 1]}`). A key that is not a dotted name, or that
+    runs through a value which is not a mapping (e.g. `seed.x` when seed is 0), is a SpecError naming `file` and
+    the override.
+    """
+    out = copy.deepcopy(raw)
+    if not overrides:
+        return out
+    if not isinstance(overrides, Mapping):
+        raise SpecError(f"{file}: overrides: expected a mapping of dotted keys to values, got {short(overrides)}")
+    for key, value in overrides.items():
+        shown = f"override {short(key, 60)}={short(value, 60)}"
+        if not isinstance(key, str) or not key or any(not k for k in key.split(".")):
+            raise SpecError(f"{file}: {shown}: a key is a dotted field name such as 'sampling.seed'")
+        keys = key.split(".")
+        if keys[0] == "grid" and len(keys) > 1:
+            keys = ["grid", ".".join(keys[1:])]
+        node = out
+        for i, k in enumerate(keys[:-1]):
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"{file}: {shown}: '{'.'.join(keys[:i + 1])}' is {short(child, 40)}, not a mapping")
+            node = child
+        node[keys[-1]] = copy.deepcopy(value)
+    expanded_size(out, file)
+    return out
+
+
+def _naming_overrides(e: SpecError, overrides: Mapping[str, Any] | None) -> SpecError:
+    """The error of a spec validated after overrides, naming the override(s) whose keys it mentions."""
+    text = str(e)
+
+    def mentioned(key: str) -> bool:  # the key, or a prefix of it an "unknown key" message stops at, as a whole path
+        parts = key.split(".")
+        return any(re.search(r"(?<![\w.])" + re.escape(".".join(parts[:n])) + r"(?![\w])", text)
+                   for n in range(len(parts), min(2, len(parts)) - 1, -1))
+
+    named = [k for k in (overrides or {}) if isinstance(k, str) and mentioned(k)]
+    if not named:
+        return e
+    return SpecError(text + " (set by override " + ", ".join(f"{k}={short(overrides[k], 60)}" for k in named) + ")")
+
+
+def load_spec(path: str | Path, cache_dir: str | Path | None = None, check_files: bool = True,
+              overrides: Mapping[str, Any] | None = None) -> tuple[StudySpec, list[Cell]]:
     """Read and validate a spec file; returns the base spec and every grid cell's spec.
 
     Args:
         cache_dir: the results root's data cache (tokenizers, packed blocks), read, never written, so that the
             data checks can reuse a tokenizer a previous run trained.
         check_files: also check the data files and the evaluator (`check_data`), once per distinct data config.
+        overrides: dotted key -> value, applied before validation (`apply_overrides`).
     Nothing is written: a spec that passes cannot fail later on anything checked here.
     """
-    file = str(path)
-    raw = read_yaml(path)
+    return load_spec_dict(read_yaml(path), str(path), cache_dir, check_files, overrides)
+
+
+def load_spec_dict(raw: Mapping[str, Any], file: str = "<spec dict>", cache_dir: str | Path | None = None,
+                   check_files: bool = True,
+                   overrides: Mapping[str, Any] | None = None) -> tuple[StudySpec, list[Cell]]:
+    """`load_spec` for a spec already in memory (a dict, as `yaml.safe_load` of the file would give it); `file`
+    names it in errors. The same checks as a YAML file, after the overrides."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{file}: a spec must be a mapping at the top level, got {type(raw).__name__}")
+    expanded_size(dict(raw), file)
+    raw = apply_overrides(dict(raw), overrides, file)
+    try:
+        return _load_cells(raw, file, cache_dir, check_files)
+    except SpecError as e:
+        raise _naming_overrides(e, overrides) from None
+
+
+def _load_cells(raw: dict, file: str, cache_dir, check_files: bool) -> tuple[StudySpec, list[Cell]]:
     cells = grid_cells(raw, file)
     specs = [Cell(cell, build_study(cell_raw(raw, cell, file), file)) for cell in cells]
     if check_files:

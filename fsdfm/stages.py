@@ -238,6 +238,7 @@ class StudyPlan:
     stages: dict[str, Stage]
     runs: list[RunSpec] = field(default_factory=list)
     report: dict = field(default_factory=dict)  # the spec's report settings (fsdfm.specs.ReportSpec); no stage id
+    tracking: dict = field(default_factory=dict)  # fsdfm.tracking settings ({} = off); no stage id: changes no result
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", dict(self.stages))
@@ -294,6 +295,7 @@ class StudyPlan:
             "stages": {sid: s.to_dict() for sid, s in self.stages.items()},
             "runs": [r.to_dict() for r in self.runs],
             **({"report": self.report} if self.report else {}),
+            **({"tracking": self.tracking} if self.tracking else {}),
         }
 
     @classmethod
@@ -301,7 +303,8 @@ class StudyPlan:
         try:
             stages = {sid: Stage.from_dict(s, f"{where}: stages[{sid!r}]") for sid, s in d["stages"].items()}
             runs = [RunSpec(run_id=r["run_id"], params=r["params"], stage_id=r["stage_id"]) for r in d["runs"]]
-            return cls(name=d["name"], stages=stages, runs=runs, report=dict(d.get("report") or {}))
+            return cls(name=d["name"], stages=stages, runs=runs, report=dict(d.get("report") or {}),
+                       tracking=dict(d.get("tracking") or {}))
         except KeyError as e:
             raise PlanError(f"{where}: missing key {e.args[0]!r}") from None
 

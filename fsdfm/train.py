@@ -206,8 +206,12 @@ def fit(model: nn.Module, loss_fn: Callable[[StepContext], torch.Tensor], data: 
     bar = tqdm(range(start, end), desc=desc, initial=start, total=cfg.steps, disable=not progress or rank != 0,
                mininterval=2.0, dynamic_ncols=True)
     model.train()
+    from fsdfm.tracking import train_logger
+    track = train_logger()  # None unless a tracker is active (fsdfm run --track); it only reads what is computed
+    step_tokens = cfg.batch_size * data.shape[1]
     t0 = time.perf_counter()
     for step in bar:
+        t_step = time.perf_counter()
         g_data = torch.Generator().manual_seed(step_seed(cfg.seed, step))
         idx = torch.randint(data.shape[0], (cfg.batch_size,), generator=g_data)[rank::world]
         batch = data[idx]
@@ -228,7 +232,10 @@ def fit(model: nn.Module, loss_fn: Callable[[StepContext], torch.Tensor], data: 
         opt.step()
         if ema is not None:
             ema_update(ema, model, cfg.ema_decay)
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()))  # float() waits for the step, so t_step below times all of it
+        if track is not None:
+            dt = time.perf_counter() - t_step
+            track(step, losses[-1], opt.param_groups[0]["lr"], step_tokens / dt if dt > 0 else 0.0)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:

@@ -1,0 +1,125 @@
+"""Experiment tracking (fsdfm.tracking), offline: the TensorBoard event files hold the record's per-step losses and
+final metrics; tracking is off by default and never changes a stage id."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import pytest
+import yaml
+
+from fsdfm.cli import main
+from fsdfm.methods import plan_study
+from fsdfm.results import load_records
+from fsdfm.specs import SpecError, load_spec_dict
+from fsdfm.train import OptimConfig, lr_factor
+from tensorboard.backend.event_processing import event_accumulator  # the `track` extra (in `all`)
+
+SPEC = {"name": "tracked",
+        "data": {"kind": "oracle", "seq_len": 8,
+                 "oracle": {"source": "markov", "vocab_size": 6, "order": 1, "support": 2, "epsilon": 0.001, "seed": 1,
+                            "n_train": 64, "n_valid": 16}},
+        "model": {"preset": "tiny", "hidden": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2},
+        "sampling": {"n_samples": 4, "batch_size": 4, "seed": 0},
+        "evaluator": {"kind": "none"},
+        "methods": {"dfm": {"kind": "dfm", "train": {"steps": 5, "batch_size": 4, "warmup_steps": 2, "lr": 0.01,
+                                                     "ema_decay": None}, "rules": ["euler"], "steps": [2]}},
+        "metrics": {"names": ["entropy_nats", "oracle_nll"]}}
+
+
+def _events(folder):
+    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """The study run with `fsdfm run --track` (no tracking: section: the default TensorBoard folder)."""
+    tmp = tmp_path_factory.mktemp("track")
+    (tmp / "tracked.yaml").write_text(yaml.safe_dump(SPEC))
+    assert main(["--results", str(tmp / "results"), "run", str(tmp / "tracked.yaml"), "--executor", "inline",
+                 "--track"]) == 0
+    return tmp / "results" / "tracked"
+
+
+@pytest.mark.slow  # runs a tiny study: ~30 s on 2 busy cores
+def test_logged_losses_and_lr_are_the_records_per_step_values(tracked):
+    (train,) = load_records(tracked, kind="train_dfm")
+    ev = _events(tracked / "tracking" / train["stage_id"])
+    curve = train["payload"]["loss_curve"]  # 5 steps: one window mean per step, i.e. the per-step losses
+    assert len(curve) == 5
+    assert ev["train/loss"] == [(i, float(np.float32(x))) for i, x in enumerate(curve)]  # event files hold float32
+    cfg = OptimConfig(**train["config"]["optim"])
+    assert ev["train/lr"] == [(i, float(np.float32(cfg.lr * lr_factor(i, cfg)))) for i in range(5)]
+    assert [s for s, _ in ev["train/tokens_per_s"]] == list(range(5)) and all(v > 0 for _, v in ev["train/tokens_per_s"])
+    m = train["payload"]["metrics"]
+    assert ev["metrics/train_loss_final"] == [(5, float(np.float32(m["train_loss_final"])))]
+
+
+@pytest.mark.slow  # runs a tiny study: ~30 s on 2 busy cores
+def test_logged_final_metrics_equal_each_runs_record(tracked):
+    evaluated = load_records(tracked, kind="evaluate") + load_records(tracked, kind="evaluate_data")
+    assert len(evaluated) == 2
+    for rec in evaluated:
+        ev = _events(tracked / "tracking" / rec["stage_id"])
+        m = rec["payload"]["metrics"]
+        for name in ("entropy_nats", "oracle_nll", "n_samples", "samples_per_metric.entropy_nats"):
+            head, _, tail = name.partition(".")
+            value = m[head][tail] if tail else m[name]
+            assert ev[f"metrics/{name}"] == [(0, float(np.float32(value)))], name
+        assert not any(t.startswith("train/") for t in ev)  # only training stages log curves
+
+
+@pytest.mark.slow  # runs a tiny study: ~30 s on 2 busy cores
+def test_tracking_is_off_by_default_and_enters_no_stage_id(tmp_path):
+    plain = plan_study("tracked", load_spec_dict(SPEC)[1])
+    assert plain.tracking == {} and "tracking" not in plain.to_dict()
+    spec = {**copy.deepcopy(SPEC), "tracking": {"backend": "tensorboard", "dir": str(tmp_path / "tb")}}
+    tracked = plan_study("tracked", load_spec_dict(spec)[1])
+    assert tracked.tracking == {"backend": "tensorboard", "dir": str(tmp_path / "tb")}
+    assert sorted(tracked.stages) == sorted(plain.stages)
+    off = {**copy.deepcopy(SPEC), "tracking": {"enabled": False}}
+    assert plan_study("tracked", load_spec_dict(off)[1]).tracking == {}
+    # a run without the section or --track writes no event file
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(SPEC))
+    assert main(["--results", str(tmp_path / "r"), "run", str(tmp_path / "plain.yaml"), "--dry-run"]) == 0
+    assert main(["--results", str(tmp_path / "r"), "run", str(tmp_path / "plain.yaml"), "--executor", "debug"]) == 0
+    assert not (tmp_path / "r" / "tracked" / "tracking").exists() and not (tmp_path / "tb").exists()
+
+
+def test_an_unknown_backend_is_a_spec_error_with_did_you_mean():
+    with pytest.raises(SpecError, match=r"tracking.*'tensorbord'.*did you mean 'tensorboard'"):
+        load_spec_dict({**SPEC, "tracking": {"backend": "tensorbord"}})
+    with pytest.raises(SpecError, match=r"unknown key 'tracking\.logdir'.*did you mean 'dir'"):
+        load_spec_dict({**SPEC, "tracking": {"logdir": "x"}})
+
+
+class _Scalar(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+
+
+def test_fit_logs_each_steps_loss_and_lr_only_while_a_stage_tracker_is_active(tmp_path):
+    """A known loss: L = 3 w0 - 5 w1 on a 2-weight model; every logged step equals FitResult.losses."""
+    from fsdfm.tracking import stage_tracking, train_logger
+    from fsdfm.train import fit
+
+    cfg = OptimConfig(steps=4, batch_size=2, lr=0.1, warmup_steps=2, ema_decay=None, grad_clip=0.0)
+    data = torch.zeros(4, 3, dtype=torch.long)
+    settings = {"backend": "tensorboard", "dir": "tb"}
+    with stage_tracking(settings, tmp_path, "train_x-abc", "train_x", ["run/1"]) as tracker:
+        assert tracker is not None and train_logger() is not None
+        res = fit(_Scalar(), lambda ctx: (ctx.model.w * torch.tensor([3.0, -5.0])).sum(), data, cfg, progress=False,
+                  device="cpu")
+    assert train_logger() is None  # closed with the stage
+    ev = _events(tmp_path / "tb" / "train_x-abc")
+    assert res.losses[0] == 13.0
+    assert ev["train/loss"] == [(i, float(np.float32(x))) for i, x in enumerate(res.losses)]
+    assert [v for _, v in ev["train/lr"]] == [float(np.float32(0.1 * lr_factor(i, cfg))) for i in range(4)]
+    with stage_tracking({}, tmp_path, "y", "train_x") as off:  # tracking off: no tracker, no folder
+        assert off is None and train_logger() is None
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["train_x-abc"]
