@@ -117,11 +117,9 @@ def _data_lines(plan) -> dict[str, str]:
     return out
 
 
-def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool) -> list[str]:
+def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None = None) -> list[str]:
     """Remove the stage folders of the plan's stages of `kinds` (their dependents then see a redone input and
     re-run too); nothing is removed under --dry-run. A stage that is running is an error."""
-    import shutil
-
     from fsdfm.results import lock_holder
 
     present = {s.kind for s in plan.stages.values()}
@@ -136,8 +134,10 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool) -> list[str]:
             raise UsageError(f"--rerun: stage {sid} is running ({holder.describe() if holder else 'starting'}); "
                              "wait for it or stop it first")
     if not dry_run:
-        for sid in chosen:
-            shutil.rmtree(sdir / "stages" / sid, ignore_errors=True)
+        from fsdfm.store import discard_stage
+
+        for sid in chosen:  # emptied where it lives (the shared store): every study sharing it sees it redone
+            discard_stage(sdir, sid, root)
     return chosen
 
 
@@ -152,7 +152,7 @@ def cmd_run(args) -> dict:
     rerun_kinds = _kinds_arg(args.rerun, "--rerun")
     if args.threads is not None:
         set_threads(args.threads)
-    rerun = _rerun(plan, sdir, rerun_kinds, args.dry_run) if rerun_kinds else []
+    rerun = _rerun(plan, sdir, rerun_kinds, args.dry_run, args.results) if rerun_kinds else []
     if args.dry_run:
         print(f"study {spec.name}: {len(plan.runs)} runs, {len(plan.stages)} stages  ({args.spec})")
         data = _data_lines(plan)
@@ -272,7 +272,7 @@ def cmd_verify(args) -> dict:
         except PlanError as e:
             raise UsageError(str(e)) from None
     else:
-        spec, plan = _load(args.target)
+        spec, plan = _load(args.target, args.results)
         sdir = Path(args.results) / spec.name
     counts = {"done": 0, "damaged": 0, "stale": 0, "missing": 0, "failed": 0, "unverified": 0}
     problems: dict[str, list[str]] = {}
@@ -299,9 +299,9 @@ def cmd_verify(args) -> dict:
 
 
 def cmd_clean(args) -> dict:
-    """Remove stage folders of a study: all, those of --kind, or only --failed ones; never a running stage."""
-    import shutil
+    """Remove stage folders of a study: all, those of --kind, or only --failed ones; never a running stage.
 
+    A stage in the shared store (fsdfm.store) that another study still links loses only this study's link."""
     from fsdfm.results import ERROR, is_done, lock_holder
 
     sdir = _study_dir(args.target, args.results)
@@ -333,10 +333,17 @@ def cmd_clean(args) -> dict:
         if answer not in ("y", "yes"):
             print("nothing removed")
             return {"study": sdir.name, "removed": 0, "stages": [], "running": running}
-    for sid in chosen:
-        shutil.rmtree(stages_dir / sid)
-    print(f"study {sdir.name}: removed {len(chosen)} {what}stage folders")
-    return {"study": sdir.name, "removed": len(chosen), "stages": chosen, "running": running}
+    from fsdfm.store import unlink_stage
+
+    shared = {}
+    for sid in chosen:  # a stage another study still links keeps its files; only this study's link goes
+        u = unlink_stage(sdir, sid)
+        if not u.deleted:
+            shared[sid] = list(u.shared_with)
+            print(f"  kept the files of {sid}: still used by {', '.join(u.shared_with)}")
+    print(f"study {sdir.name}: removed {len(chosen)} {what}stage folders"
+          + (f" ({len(shared)} only unlinked: shared with other studies)" if shared else ""))
+    return {"study": sdir.name, "removed": len(chosen), "stages": chosen, "running": running, "shared": shared}
 
 
 def main(argv: list[str] | None = None) -> int:

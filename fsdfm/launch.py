@@ -488,9 +488,13 @@ def _source_setup(plan: StudyPlan | None = None) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- executors
 def write_plan(plan: StudyPlan, root: str | os.PathLike) -> Path:
-    """Write root/<plan.name>/plan.json atomically; returns the study directory."""
+    """Write root/<plan.name>/plan.json atomically and link its stages into the shared store
+    (root/_stages/<id>, see `fsdfm.store`); returns the study directory."""
+    from fsdfm.store import link_stages
+
     sdir = _study_dir(root, plan.name)
     sdir.mkdir(parents=True, exist_ok=True)
+    link_stages(sdir, list(plan.stages), root)  # before the plan: a job never sees a plan without its links
     atomic_write_json(sdir / PLAN, plan.to_dict())
     return sdir
 

@@ -54,6 +54,7 @@ RUNNING = "running.json"
 ERROR = "error.json"
 SUBMITTED = "submitted.json"
 LOCK = ".lock"
+STORE = "_stages"  # the shared stage store under the results root (fsdfm.store)
 ATTEMPTS = ".attempts"
 # files of the machinery, not of the stage: kept when a non-checkpointable stage's out_dir is cleared
 CONTROL_FILES = frozenset({RECORD, RUNNING, ERROR, SUBMITTED, LOCK, LOCK + ".break", ATTEMPTS})
@@ -623,7 +624,8 @@ def find_studies(path: str | os.PathLike) -> list[Path]:
         return [path]
     for depth in range(1, 4):
         found = sorted(p.parent for p in path.glob("/".join(["*"] * depth) + "/" + PLAN))
-        found = [p for p in found if STAGES not in p.relative_to(path).parts]
+        # neither a stage folder nor the shared store (fsdfm.store) holds studies
+        found = [p for p in found if not {STAGES, STORE} & set(p.relative_to(path).parts)]
         if found:
             return found
     return []
