@@ -1,5 +1,5 @@
 """Command line: `fsdfm run SPEC`, `fsdfm status SPEC|DIR`, `fsdfm report SPEC|DIR`, `fsdfm samples SPEC|DIR`,
-`fsdfm verify SPEC|DIR`, `fsdfm clean SPEC|DIR`.
+`fsdfm verify SPEC|DIR`, `fsdfm clean SPEC|DIR`, `fsdfm ls`, `fsdfm eval FILES --spec SPEC`.
 
 Every command prints for humans and ends with one JSON line for machines. Bad input (a malformed spec,
 a missing file, an unknown name) is one message naming what and where, exit status 2, nothing written.
@@ -346,6 +346,21 @@ def cmd_clean(args) -> dict:
     return {"study": sdir.name, "removed": len(chosen), "stages": chosen, "running": running, "shared": shared}
 
 
+def cmd_ls(args) -> dict:
+    """The studies under the results root with their done/total stages and runs."""
+    import dataclasses
+
+    from fsdfm.results import list_studies
+
+    studies = list_studies(args.results)
+    if not studies:
+        print(f"no studies under {args.results}")
+    for st in studies:
+        print(f"  {st.name:<32} runs {st.runs_done}/{st.runs_total}  stages {st.stages_done}/{st.stages_total}  "
+              f"{st.path}")
+    return {"studies": [dataclasses.asdict(st) for st in studies]}
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     ap = argparse.ArgumentParser(prog="fsdfm", description=__doc__.splitlines()[0])
@@ -386,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("-n", type=int, default=2, help="samples per run")
     sp.add_argument("--chars", type=int, default=300, help="characters per sample")
     sp.set_defaults(fn=cmd_samples)
+    ls = sub.add_parser("ls", help="list the studies under the results root with done/total runs and stages")
+    ls.set_defaults(fn=cmd_ls)
     args = ap.parse_args(argv)
     if getattr(args, "threads", None) is not None:
         set_thread_env(args.threads)  # before the imports below load numpy and torch

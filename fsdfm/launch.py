@@ -490,8 +490,10 @@ def _source_setup(plan: StudyPlan | None = None) -> list[str]:
 def write_plan(plan: StudyPlan, root: str | os.PathLike) -> Path:
     """Write root/<plan.name>/plan.json atomically and link its stages into the shared store
     (root/_stages/<id>, see `fsdfm.store`); returns the study directory."""
-    from fsdfm.store import link_stages
+    from fsdfm.store import STORE, link_stages
 
+    if plan.name == STORE:
+        raise PlanError(f"study name {STORE!r} is reserved: it is the shared stage store under the results root")
     sdir = _study_dir(root, plan.name)
     sdir.mkdir(parents=True, exist_ok=True)
     link_stages(sdir, list(plan.stages), root)  # before the plan: a job never sees a plan without its links

@@ -631,6 +631,36 @@ def find_studies(path: str | os.PathLike) -> list[Path]:
     return []
 
 
+@dataclass(frozen=True)
+class StudyListing:
+    """One study under a results root (`list_studies`): its name, folder, and how much of it is done."""
+
+    name: str
+    path: str
+    stages_done: int
+    stages_total: int
+    runs_done: int
+    runs_total: int
+
+
+def list_studies(root: str | os.PathLike) -> list[StudyListing]:
+    """Every study under `root` (as `find_studies` finds them; the shared store is none) with done/total counts
+    of its stages and runs (a run is done when its final stage is). A root that does not exist lists nothing;
+    an unreadable plan is skipped with a warning naming it."""
+    if not Path(root).exists():
+        return []
+    out = []
+    for sdir in find_studies(root):
+        plan = _read_plan(sdir)
+        if plan is None:
+            continue
+        done = {sid for sid in plan["stages"] if is_done(stage_dir(sdir, sid))}
+        runs = [r.get("stage_id") for r in plan["runs"]]
+        out.append(StudyListing(plan.get("name", sdir.name), str(sdir), len(done), len(plan["stages"]),
+                                sum(sid in done for sid in runs), len(runs)))
+    return out
+
+
 def _read_plan(sdir: Path) -> dict | None:
     try:
         plan = read_json(sdir / PLAN)
