@@ -346,6 +346,24 @@ def cmd_clean(args) -> dict:
     return {"study": sdir.name, "removed": len(chosen), "stages": chosen, "running": running, "shared": shared}
 
 
+def cmd_eval(args) -> dict:
+    """Score external sample files with a study's metrics and evaluator (fsdfm.external), recorded as runs."""
+    from fsdfm.external import ExternalError, eval_files
+
+    sdir = _study_dir(args.spec, args.results)
+    _read_plan(sdir)  # the study's plan must exist: its evaluate config and evaluator are what score the files
+    try:
+        done = eval_files(sdir, sdir.parent, args.files, args.label)
+    except ExternalError as e:
+        raise InputError(str(e)) from None
+    for r in done:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if isinstance(v, float))
+        print(f"  {r.label:<24} {r.stage_id}  {shown}")
+    print(f"study {sdir.name}: scored {len(done)} external file(s)   next: fsdfm report {args.spec}")
+    return {"study": sdir.name, "runs": [{"file": r.file, "label": r.label, "stage_id": r.stage_id,
+                                          "run_id": r.run_id, "metrics": r.metrics} for r in done]}
+
+
 def cmd_ls(args) -> dict:
     """The studies under the results root with their done/total stages and runs."""
     import dataclasses
@@ -401,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("-n", type=int, default=2, help="samples per run")
     sp.add_argument("--chars", type=int, default=300, help="characters per sample")
     sp.set_defaults(fn=cmd_samples)
+    e = sub.add_parser("eval", help="score external samples (.jsonl of texts, .npy of ids) with a study's metrics")
+    e.add_argument("files", nargs="+", help="sample files: .jsonl ({\"text\": ...} per line) or .npy ((N, L) ids)")
+    e.add_argument("--spec", required=True, help="the study (a spec file or its results directory); run it first")
+    e.add_argument("--label", action="append", help="row label per file, in order (default: the file stem)")
+    e.set_defaults(fn=cmd_eval)
     ls = sub.add_parser("ls", help="list the studies under the results root with done/total runs and stages")
     ls.set_defaults(fn=cmd_ls)
     args = ap.parse_args(argv)

@@ -83,7 +83,9 @@ def read_plan(study_dir: str | os.PathLike) -> dict:
         raise PlanError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(plan, dict) or not {"name", "stages", "runs"} <= set(plan):
         raise PlanError(f"{path}: not a study plan (needs name, stages, runs)")
-    return plan
+    from fsdfm.external import merge_external
+
+    return merge_external(Path(study_dir), plan)  # `fsdfm eval` runs live beside plan.json (fsdfm.external)
 
 
 STAGE_MODULES_ENV = "FSDFM_STAGE_MODULES"

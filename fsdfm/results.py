@@ -666,7 +666,9 @@ def _read_plan(sdir: Path) -> dict | None:
         plan = read_json(sdir / PLAN)
         if not isinstance(plan, dict) or "runs" not in plan or "stages" not in plan:
             raise ValueError("not a study plan (needs 'stages' and 'runs')")
-        return plan
+        from fsdfm.external import merge_external
+
+        return merge_external(sdir, plan)  # external sample files scored by `fsdfm eval` (fsdfm.external)
     except (OSError, ValueError) as e:
         warnings.warn(f"skipping study {sdir}: unreadable {PLAN}: {e}", stacklevel=3)
         return None
