@@ -83,7 +83,9 @@ def read_plan(study_dir: str | os.PathLike) -> dict:
         raise PlanError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(plan, dict) or not {"name", "stages", "runs"} <= set(plan):
         raise PlanError(f"{path}: not a study plan (needs name, stages, runs)")
-    return plan
+    from fsdfm.external import merge_external
+
+    return merge_external(Path(study_dir), plan)  # `fsdfm eval` runs live beside plan.json (fsdfm.external)
 
 
 STAGE_MODULES_ENV = "FSDFM_STAGE_MODULES"
@@ -498,9 +500,15 @@ def _source_setup(plan: StudyPlan | None = None) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- executors
 def write_plan(plan: StudyPlan, root: str | os.PathLike) -> Path:
-    """Write root/<plan.name>/plan.json atomically; returns the study directory."""
+    """Write root/<plan.name>/plan.json atomically and link its stages into the shared store
+    (root/_stages/<id>, see `fsdfm.store`); returns the study directory."""
+    from fsdfm.store import STORE, link_stages
+
+    if plan.name == STORE:
+        raise PlanError(f"study name {STORE!r} is reserved: it is the shared stage store under the results root")
     sdir = _study_dir(root, plan.name)
     sdir.mkdir(parents=True, exist_ok=True)
+    link_stages(sdir, list(plan.stages), root)  # before the plan: a job never sees a plan without its links
     atomic_write_json(sdir / PLAN, plan.to_dict())
     return sdir
 

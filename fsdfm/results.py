@@ -54,6 +54,7 @@ RUNNING = "running.json"
 ERROR = "error.json"
 SUBMITTED = "submitted.json"
 LOCK = ".lock"
+STORE = "_stages"  # the shared stage store under the results root (fsdfm.store)
 ATTEMPTS = ".attempts"
 # files of the machinery, not of the stage: kept when a non-checkpointable stage's out_dir is cleared
 CONTROL_FILES = frozenset({RECORD, RUNNING, ERROR, SUBMITTED, LOCK, LOCK + ".break", ATTEMPTS})
@@ -623,10 +624,41 @@ def find_studies(path: str | os.PathLike) -> list[Path]:
         return [path]
     for depth in range(1, 4):
         found = sorted(p.parent for p in path.glob("/".join(["*"] * depth) + "/" + PLAN))
-        found = [p for p in found if STAGES not in p.relative_to(path).parts]
+        # neither a stage folder nor the shared store (fsdfm.store) holds studies
+        found = [p for p in found if not {STAGES, STORE} & set(p.relative_to(path).parts)]
         if found:
             return found
     return []
+
+
+@dataclass(frozen=True)
+class StudyListing:
+    """One study under a results root (`list_studies`): its name, folder, and how much of it is done."""
+
+    name: str
+    path: str
+    stages_done: int
+    stages_total: int
+    runs_done: int
+    runs_total: int
+
+
+def list_studies(root: str | os.PathLike) -> list[StudyListing]:
+    """Every study under `root` (as `find_studies` finds them; the shared store is none) with done/total counts
+    of its stages and runs (a run is done when its final stage is). A root that does not exist lists nothing;
+    an unreadable plan is skipped with a warning naming it."""
+    if not Path(root).exists():
+        return []
+    out = []
+    for sdir in find_studies(root):
+        plan = _read_plan(sdir)
+        if plan is None:
+            continue
+        done = {sid for sid in plan["stages"] if is_done(stage_dir(sdir, sid))}
+        runs = [r.get("stage_id") for r in plan["runs"]]
+        out.append(StudyListing(plan.get("name", sdir.name), str(sdir), len(done), len(plan["stages"]),
+                                sum(sid in done for sid in runs), len(runs)))
+    return out
 
 
 def _read_plan(sdir: Path) -> dict | None:
@@ -634,7 +666,9 @@ def _read_plan(sdir: Path) -> dict | None:
         plan = read_json(sdir / PLAN)
         if not isinstance(plan, dict) or "runs" not in plan or "stages" not in plan:
             raise ValueError("not a study plan (needs 'stages' and 'runs')")
-        return plan
+        from fsdfm.external import merge_external
+
+        return merge_external(sdir, plan)  # external sample files scored by `fsdfm eval` (fsdfm.external)
     except (OSError, ValueError) as e:
         warnings.warn(f"skipping study {sdir}: unreadable {PLAN}: {e}", stacklevel=3)
         return None
