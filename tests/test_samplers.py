@@ -419,7 +419,6 @@ def test_certificate_leaves_few_rows_to_the_float64_step():
     _, jump, unsure = _chunk_certified(l.clone(), Vb, z, read, u, u_dest, t, h, get_rule("mixture_euler"),
                                        PolynomialScheduler(1))
     assert 0.4 < float(jump.double().mean()) < 0.8  # 1 - exp(-(1 - 1/V)) = 0.63 of the rows jump
-    print(float(unsure.double().mean()))
     assert float(unsure.double().mean()) < 0.1
 
 
