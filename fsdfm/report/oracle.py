@@ -248,10 +248,10 @@ def decomposition_figure(study: Study):
                 ax.set_xlabel("sampling steps N (log2 scale)")
             top[j].set_yscale("log")
             top[j].set_ylabel("oracle_nll (nats/token, log scale)")
-            top[j].set_title(f"{src} source: oracle_nll vs N")
+            top[j].set_title(f"{src}: oracle_nll")
             bottom[j].set_ylabel("error term (nats/token)")
-            bottom[j].set_title(f"{src} source: model error (colour) and sampler error (black)")
-        fig.suptitle(f"{study.name}: few-step error = model error + sampler error (means over seeds)")
+            bottom[j].set_title(f"{src}: model error (colour), sampler error (black)")
+        fig.suptitle(f"{study.name}: few-step error = model + sampler error (seed means)")
         _legend_outside(fig, axes)
     caption = ("Top: oracle_nll against the step budget for the exact denoiser and each trained method, with the "
                "expected NLL of true sequences (dashed), the entropy rate (dotted) and the held-out data row. "
