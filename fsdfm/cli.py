@@ -1,5 +1,5 @@
 """Command line: `fsdfm run SPEC`, `fsdfm status SPEC|DIR`, `fsdfm report SPEC|DIR`, `fsdfm samples SPEC|DIR`,
-`fsdfm verify SPEC|DIR`, `fsdfm clean SPEC|DIR`.
+`fsdfm verify SPEC|DIR`, `fsdfm clean SPEC|DIR`, `fsdfm ls`, `fsdfm eval FILES --spec SPEC`.
 
 Every command prints for humans and ends with one JSON line for machines. Bad input (a malformed spec,
 a missing file, an unknown name) is one message naming what and where, exit status 2, nothing written.
@@ -118,17 +118,16 @@ def _data_lines(plan) -> dict[str, str]:
     return out
 
 
-def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool) -> list[str]:
+def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None = None) -> list[str]:
     """Remove the stage folders of the plan's stages of `kinds` (their dependents then see a redone input and
     re-run too); nothing is removed under --dry-run. A stage that is running is an error."""
-    import shutil
-
     from fsdfm.results import lock_holder
 
     present = {s.kind for s in plan.stages.values()}
     for k in kinds:
         if k not in present:
-            raise UsageError(f"--rerun: study {plan.name!r} has no {k!r} stage; its kinds: {', '.join(sorted(present))}")
+            raise UsageError(f"--rerun: study {plan.name!r} has no {k!r} stage; "
+                             f"its kinds: {', '.join(sorted(present))}")
     chosen = [sid for sid, s in plan.stages.items() if s.kind in kinds]
     for sid in chosen:
         holder, live = lock_holder(sdir / "stages" / sid)
@@ -136,8 +135,10 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool) -> list[str]:
             raise UsageError(f"--rerun: stage {sid} is running ({holder.describe() if holder else 'starting'}); "
                              "wait for it or stop it first")
     if not dry_run:
-        for sid in chosen:
-            shutil.rmtree(sdir / "stages" / sid, ignore_errors=True)
+        from fsdfm.store import discard_stage
+
+        for sid in chosen:  # emptied where it lives (the shared store): every study sharing it sees it redone
+            discard_stage(sdir, sid, root)
     return chosen
 
 
@@ -160,7 +161,7 @@ def cmd_run(args) -> dict:
     rerun_kinds = _kinds_arg(args.rerun, "--rerun")
     if args.threads is not None:
         set_threads(args.threads)
-    rerun = _rerun(plan, sdir, rerun_kinds, args.dry_run) if rerun_kinds else []
+    rerun = _rerun(plan, sdir, rerun_kinds, args.dry_run, args.results) if rerun_kinds else []
     if args.dry_run:
         print(f"study {spec.name}: {len(plan.runs)} runs, {len(plan.stages)} stages  ({args.spec})")
         data = _data_lines(plan)
@@ -280,7 +281,7 @@ def cmd_verify(args) -> dict:
         except PlanError as e:
             raise UsageError(str(e)) from None
     else:
-        spec, plan = _load(args.target)
+        spec, plan = _load(args.target, args.results)
         sdir = Path(args.results) / spec.name
     counts = {"done": 0, "damaged": 0, "stale": 0, "missing": 0, "failed": 0, "unverified": 0}
     problems: dict[str, list[str]] = {}
@@ -307,9 +308,9 @@ def cmd_verify(args) -> dict:
 
 
 def cmd_clean(args) -> dict:
-    """Remove stage folders of a study: all, those of --kind, or only --failed ones; never a running stage."""
-    import shutil
+    """Remove stage folders of a study: all, those of --kind, or only --failed ones; never a running stage.
 
+    A stage in the shared store (fsdfm.store) that another study still links loses only this study's link."""
     from fsdfm.results import ERROR, is_done, lock_holder
 
     sdir = _study_dir(args.target, args.results)
@@ -341,10 +342,50 @@ def cmd_clean(args) -> dict:
         if answer not in ("y", "yes"):
             print("nothing removed")
             return {"study": sdir.name, "removed": 0, "stages": [], "running": running}
-    for sid in chosen:
-        shutil.rmtree(stages_dir / sid)
-    print(f"study {sdir.name}: removed {len(chosen)} {what}stage folders")
-    return {"study": sdir.name, "removed": len(chosen), "stages": chosen, "running": running}
+    from fsdfm.store import unlink_stage
+
+    shared = {}
+    for sid in chosen:  # a stage another study still links keeps its files; only this study's link goes
+        u = unlink_stage(sdir, sid)
+        if not u.deleted:
+            shared[sid] = list(u.shared_with)
+            print(f"  kept the files of {sid}: still used by {', '.join(u.shared_with)}")
+    print(f"study {sdir.name}: removed {len(chosen)} {what}stage folders"
+          + (f" ({len(shared)} only unlinked: shared with other studies)" if shared else ""))
+    return {"study": sdir.name, "removed": len(chosen), "stages": chosen, "running": running, "shared": shared}
+
+
+def cmd_eval(args) -> dict:
+    """Score external sample files with a study's metrics and evaluator (fsdfm.external), recorded as runs."""
+    from fsdfm.external import ExternalError, eval_files
+
+    sdir = _study_dir(args.spec, args.results)
+    _read_plan(sdir)  # the study's plan must exist: its evaluate config and evaluator are what score the files
+    try:
+        done = eval_files(sdir, sdir.parent, args.files, args.label)
+    except ExternalError as e:
+        raise InputError(str(e)) from None
+    for r in done:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if isinstance(v, float))
+        print(f"  {r.label:<24} {r.stage_id}  {shown}")
+    print(f"study {sdir.name}: scored {len(done)} external file(s)   next: fsdfm report {args.spec}")
+    return {"study": sdir.name, "runs": [{"file": r.file, "label": r.label, "stage_id": r.stage_id,
+                                          "run_id": r.run_id, "metrics": r.metrics} for r in done]}
+
+
+def cmd_ls(args) -> dict:
+    """The studies under the results root with their done/total stages and runs."""
+    import dataclasses
+
+    from fsdfm.results import list_studies
+
+    studies = list_studies(args.results)
+    if not studies:
+        print(f"no studies under {args.results}")
+    for st in studies:
+        print(f"  {st.name:<32} runs {st.runs_done}/{st.runs_total}  stages {st.stages_done}/{st.stages_total}  "
+              f"{st.path}")
+    return {"studies": [dataclasses.asdict(st) for st in studies]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("-n", type=int, default=2, help="samples per run")
     sp.add_argument("--chars", type=int, default=300, help="characters per sample")
     sp.set_defaults(fn=cmd_samples)
+    e = sub.add_parser("eval", help="score external samples (.jsonl of texts, .npy of ids) with a study's metrics")
+    e.add_argument("files", nargs="+", help="sample files: .jsonl ({\"text\": ...} per line) or .npy ((N, L) ids)")
+    e.add_argument("--spec", required=True, help="the study (a spec file or its results directory); run it first")
+    e.add_argument("--label", action="append", help="row label per file, in order (default: the file stem)")
+    e.set_defaults(fn=cmd_eval)
+    ls = sub.add_parser("ls", help="list the studies under the results root with done/total runs and stages")
+    ls.set_defaults(fn=cmd_ls)
     args = ap.parse_args(argv)
     if getattr(args, "threads", None) is not None:
         set_thread_env(args.threads)  # before the imports below load numpy and torch

@@ -83,7 +83,9 @@ def read_plan(study_dir: str | os.PathLike) -> dict:
         raise PlanError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(plan, dict) or not {"name", "stages", "runs"} <= set(plan):
         raise PlanError(f"{path}: not a study plan (needs name, stages, runs)")
-    return plan
+    from fsdfm.external import merge_external
+
+    return merge_external(Path(study_dir), plan)  # `fsdfm eval` runs live beside plan.json (fsdfm.external)
 
 
 STAGE_MODULES_ENV = "FSDFM_STAGE_MODULES"
@@ -145,8 +147,9 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
     writes record.json atomically, with the size and sha256 of every artefact it left (hashed once, here) and
     the digest of each input record it read. A stage found damaged or stale is redone: its record and damaged
     files are removed first (a stale checkpointable stage also loses its checkpoints: they came from the old
-    inputs), and a line naming the files goes to stderr. On an exception, writes error.json and re-raises. The first call in a process
-    tunes glibc malloc (`fsdfm.runtime.tune_malloc`), so timings do not depend on what the process did before.
+    inputs), and a line naming the files goes to stderr. On an exception, writes error.json and re-raises. The
+    first call in a process tunes glibc malloc (`fsdfm.runtime.tune_malloc`), so timings do not depend on what
+    the process did before.
     """
     tune_malloc()
     study_dir = Path(study_dir)
@@ -497,9 +500,15 @@ def _source_setup(plan: StudyPlan | None = None) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- executors
 def write_plan(plan: StudyPlan, root: str | os.PathLike) -> Path:
-    """Write root/<plan.name>/plan.json atomically; returns the study directory."""
+    """Write root/<plan.name>/plan.json atomically and link its stages into the shared store
+    (root/_stages/<id>, see `fsdfm.store`); returns the study directory."""
+    from fsdfm.store import STORE, link_stages
+
+    if plan.name == STORE:
+        raise PlanError(f"study name {STORE!r} is reserved: it is the shared stage store under the results root")
     sdir = _study_dir(root, plan.name)
     sdir.mkdir(parents=True, exist_ok=True)
+    link_stages(sdir, list(plan.stages), root)  # before the plan: a job never sees a plan without its links
     atomic_write_json(sdir / PLAN, plan.to_dict())
     return sdir
 
@@ -685,10 +694,10 @@ def _execute_local(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
                     return tally.summary()
                 if running or waiting:
                     time.sleep(min(poll_s, 0.2))
-        except BaseException:
-            # Ctrl-C, SIGTERM, SIGHUP (`_signals_interrupt`) or any error in the driver: local jobs would otherwise
-            # outlive it, training on unsupervised
-            _cancel_local_jobs(sdir, running)
+        except BaseException as e:
+            # Ctrl-C, SIGTERM, SIGHUP (`signals_interrupt`) or any error in the driver: local jobs would otherwise
+            # outlive it, training on unsupervised. Ctrl-C at a terminal has already reached the jobs too.
+            _cancel_local_jobs(sdir, running, signalled=type(e) is KeyboardInterrupt)
             raise
     return tally.summary()
 
@@ -722,23 +731,30 @@ def _is_task(pid: int) -> bool:
         return False
 
 
-def _cancel_local_jobs(sdir: Path, running: dict[str, tuple[Stage, Any]]) -> None:
+def _cancel_local_jobs(sdir: Path, running: dict[str, tuple[Stage, Any]], signalled: bool = False) -> None:
     """Stop the local jobs of `running` and everything they started; no job process or lock outlives this.
 
     SIGINT goes to the task processes only (a KeyboardInterrupt unwinds `run_stage`, releasing the lock and
     removing running.json): submitit's LocalJob.cancel signals the job's shell, which passes nothing on, and
     the controller would forward a second SIGINT that could cut the unwinding short. Whatever still lives after
-    LOCAL_CANCEL_GRACE_S is SIGKILLed; then the locks of the killed holders are broken."""
+    LOCAL_CANCEL_GRACE_S is SIGKILLed; then the locks of the killed holders are broken. `signalled`: the tasks
+    may have had a SIGINT already (Ctrl-C signals the terminal's whole process group), so they get a moment to
+    unwind before another one, which could interrupt their cleanup."""
     trees = {}
     for sid, (_, job) in running.items():
         proc = getattr(job, "_process", None)
         root = proc.pid if proc is not None else int(job.job_id)
         trees[sid] = (proc, [(pid, _pid_start(pid)) for pid in _process_tree(root)])
     everyone = [p for _, tree in trees.values() for p in tree]
-    tasks = [pid for pid, _ in everyone if _is_task(pid)] or [pid for pid, _ in everyone]
-    for pid in tasks:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGINT)
+    tasks = [(pid, start) for pid, start in everyone if _is_task(pid)] or everyone
+    if signalled:
+        deadline = time.time() + 2.0
+        while time.time() < deadline and any(_alive(pid, start, trees) for pid, start in tasks):
+            time.sleep(0.05)
+    for pid, start in tasks:
+        if _alive(pid, start, trees):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGINT)
     deadline = time.time() + LOCAL_CANCEL_GRACE_S
     while time.time() < deadline and any(_alive(pid, start, trees) for pid, start in everyone):
         time.sleep(0.05)

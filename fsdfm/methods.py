@@ -75,6 +75,7 @@ class MethodKind:
     exact_teacher: bool = False  # accepts `teacher: exact` (the oracle's exact posterior; oracle data only)
     oracle_only: bool = False    # valid only with data.kind: oracle
     teacher_optional: bool = False  # a teacher only for diagnostics (released: pos_divergence against it)
+    checkpoint_cls: type | None = None  # the `checkpoint:` settings of a kind that reads an existing model
     # whether the sampler's time grid ends at 1 - eps (a generalized-KL model is trained on t <= 1 - eps)
     ends_before_one: Callable = lambda m: False
 
@@ -177,7 +178,7 @@ METHOD_KINDS.register("exact", MethodKind("exact", "exact", ("cumulative_scalar"
                                           _exact_stage, oracle_only=True))
 METHOD_KINDS.register("released", MethodKind(
     "released", "dfm", ("cumulative_scalar", "euler", "mixture_euler"), _released_stage, teacher_kind="released",
-    teacher_optional=True, ends_before_one=lambda m: m.loss == "gkl" and m.checkpoint.get("which") == "teacher"))
+    teacher_optional=True, checkpoint_cls=ReleasedCheckpoint, ends_before_one=lambda m: m.loss == "gkl" and m.checkpoint.get("which") == "teacher"))
 METHOD_KINDS.register("ar", MethodKind("ar", "ar", ("ancestral",), _ar_stage))
 METHOD_KINDS.register("flm", MethodKind("flm", "flm", ("euler",), _flm_stage, distill_cls=FLMConfig))
 METHOD_KINDS.register("fmlm", MethodKind("fmlm", "fmlm", ("flow_map",), _fmlm_stage, teacher_kind="flm",
@@ -193,11 +194,11 @@ def validate_methods(spec: StudySpec, file: str) -> None:
             raise SpecError(f"{file}: {where}.kind: unknown method kind {short(m.kind)}{did_you_mean(m.kind, METHOD_KINDS.names())}; "
                             f"allowed: {', '.join(METHOD_KINDS.names())}")
         kind = METHOD_KINDS.get(m.kind)
-        if m.kind == "released":
+        if kind.checkpoint_cls is not None:
             if not m.checkpoint:
-                raise SpecError(f"{file}: {where}.checkpoint: a released method needs {{path: <file.pth>, which: "
+                raise SpecError(f"{file}: {where}.checkpoint: a {m.kind} method needs {{path: <file.pth>, which: "
                                 f"{' | '.join(RELEASED_ENTRIES)}}}")
-            build(ReleasedCheckpoint, m.checkpoint, f"{where}.checkpoint", file)
+            build(kind.checkpoint_cls, m.checkpoint, f"{where}.checkpoint", file)
         elif m.checkpoint:
             raise SpecError(f"{file}: {where}.checkpoint: only a method of kind released reads a checkpoint; a {m.kind} "
                             f"method is trained by the study")

@@ -65,10 +65,12 @@ class FSDFMConfig:
         uniform only at the end), or "fixed:N" (a single budget: half the rows at h = 1/N, half anchor rows at h_min).
     anchor_weight: "g" (g(t), the generalized-KL rate) or "G/h" (the step-averaged rate G_{t,h}/h).
     anchor_loss: "gkl" or "ce" for the anchor rows.
-    shortcut: "rk4", "heun", "rk4_time_consistent", "none" (DFM loss at every h), "frozen_dfm" (the design
-        brief's ablation and the official code's finest-step rule: rows at h = h_min are distilled from the frozen
-        DFM teacher's p_1t(. | x_t, t) instead of trained on data; coarser rows use the RK-4 target of the EMA
-        student) or "frozen_dfm_rk4" (ours: the RK-4 composition evaluated by the frozen DFM teacher at every
+    shortcut: "rk4" (rows reaching t + h = 1 jump as the official code forces them to), "rk4_x1" (those rows draw
+        x_1 ~ p instead: ours), "heun", "rk4_time_consistent", "none" (DFM loss at every h), "frozen_dfm" (the design
+        brief's ablation, the finest-step rule of the official just_student=False mode without its co-training of
+        the teacher: rows at h = h_min are distilled from the frozen DFM teacher's p_1t(. | x_t, t) instead of
+        trained on data; coarser rows use the RK-4 target of the EMA student; the official default,
+        just_student=True, is "rk4": generalized KL to the data at h_min) or "frozen_dfm_rk4" (ours: the RK-4 composition evaluated by the frozen DFM teacher at every
         coarser h, data anchors at h_min).
     """
 
@@ -212,7 +214,7 @@ class FSDFMObjective:
             def f(x, tt, hh):
                 return net(x, tt.float(), hh.float()).float()
             combine = SHORTCUTS.get("rk4" if self.cfg.shortcut == "frozen_dfm" else self.cfg.shortcut)
-        return combine(f, Jumper(self.path, ctx.generator), x_t, t, h)
+        return combine(f, Jumper(self.path, ctx.generator, x1_at_end=self.cfg.shortcut == "rk4_x1"), x_t, t, h)
 
 
 def expected_h_weights(cfg: FSDFMConfig) -> dict[float, float]:

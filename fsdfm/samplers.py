@@ -384,7 +384,7 @@ def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, 
            grid: torch.Tensor | None = None, rule: str = "cumulative_scalar", h_conditioned: bool = False,
            generator: torch.Generator | None = None, precision: torch.dtype = torch.float64, batch_size: int | None = None,
            device: torch.device | str = "cpu", x_init: torch.Tensor | None = None, autocast: bool = False,
-           sparse: bool | None = None) -> SampleOutput:
+           sparse: bool | None = None, certified: bool | None = None) -> SampleOutput:
     """Sample n_samples sequences of length seq_len on a time grid (a uniform grid of n_steps on [0, 1],
     or an explicit `grid` of increasing times). `model(x_t, t, h)` returns logits (B, L, V); h is passed
     only when `h_conditioned` (the FS-DFM student is told the step size at every step).
@@ -392,7 +392,8 @@ def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, 
     x_init: (n_samples, L) start state at grid[0] (default: a draw from the source at t = grid[0] = 0).
     With float64 precision (the default) and sparse left None or True, each step reads the logits directly
     (`update_from_logits`, on any device); otherwise p = softmax(logits) in `precision`, then `update` (sparse=False:
-    the dense step, no host sync at all). Same distribution.
+    the dense step, no host sync at all). Same distribution. certified: `update_from_logits`'s (None: its default;
+    False: the float64 chunk throughout; the tokens are the same either way).
     """
     device = torch.device(device)
     grid = time_grid(n_steps, device=device) if grid is None else grid.to(device=device, dtype=torch.float64)
@@ -420,7 +421,7 @@ def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, 
                 logits = model(x, t.float(), h.float() if h_conditioned else None)
             if from_logits:
                 x = update_from_logits(x, logits, t, h, rule_fn, path, generator, final=(i == n_total - 1),
-                                       precision=precision)
+                                       precision=precision, certified=certified)
             else:
                 p = torch.softmax(logits.to(precision), dim=-1)
                 x = update(x, p, t, h, rule_fn, path, generator, final=(i == n_total - 1), sparse=sparse)
@@ -431,7 +432,8 @@ def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, 
     numerics = SampleNumerics(logits_dtype=str(logits.dtype).removeprefix("torch."),
                               precision=str(precision).removeprefix("torch."),
                               step="logits" if from_logits else "softmax",
-                              certified_float32_exp=from_logits and device.type == "cpu" and logits.dtype == torch.float32,
+                              certified_float32_exp=(from_logits and device.type == "cpu" and logits.dtype == torch.float32
+                                                     and certified is not False),
                               autocast=autocast)
     return SampleOutput(tokens=torch.cat(chunks).cpu(), nfe=n_total, time_grid=grid.cpu(), wall_s=wall,
                         numerics=numerics)

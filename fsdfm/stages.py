@@ -12,7 +12,8 @@ planner fills it in). A stage without a fingerprint hashes as before, without th
 
 where canonical_json sorts keys, uses no whitespace (separators "," and ":"), escapes non-ASCII and refuses
 NaN/inf. Because `inputs` holds the input stages' *ids*, a changed setting (or code version, or data file)
-changes the id of its stage and of every stage downstream of it, and nothing else: a teacher shared by ten ablations is one stage, trained once.
+changes the id of its stage and of every stage downstream of it, and nothing else: a teacher shared by ten
+ablations is one stage, trained once.
 Note that the hash sees JSON values, so `1` and `1.0` are different configs: resolve configs to one type.
 
 A stage function has the signature

@@ -4,7 +4,8 @@ A shortcut teacher builds, with no gradient, the target logits for one student s
 evaluations of a model `f(x, t, h)` at half the step size (the EMA copy of the student, or a frozen
 DFM teacher). Intermediate states advance with the cumulative-scalar jump rule.
 
-rk4 (as the official code does it; x_b has advanced a full h yet k3 is read at t + h/2):
+rk4 (as the official code does it; x_b has advanced a full h yet k3 is read at t + h/2; rk4_x1 is the same
+composition with x_1 ~ p drawn on rows reaching t + h = 1, see `Jumper`):
     k1 = f(x_t, t, h/2);        x_a = J(x_t, k1, t, h/2)
     k2 = f(x_a, t + h/2, h/2);  x_b = J(x_a, k2, t + h/2, h/2)
     k3 = f(x_b, t + h/2, h/2);  x_c = J(x_b, k3, t + h/2, h/2)
@@ -30,16 +31,21 @@ Evaluator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  
 
 
 class Jumper:
-    """J(x, logits, t, h): the cumulative-scalar jump of the sampler, float64, ending in a draw of x_1
-    for rows whose step reaches t + h = 1."""
+    """J(x, logits, t, h): the cumulative-scalar jump of the sampler, float64.
 
-    def __init__(self, path: MixturePath, generator: torch.Generator | None):
-        self.path, self.generator = path, generator
+    A row whose step reaches t + h = 1 has r = (1 - kappa(1)) / (1 - kappa(t)) = 0, so every movable position with
+    p(z) < 1 jumps, to x != z drawn from p (the official code's behaviour, the default). x1_at_end=True (shortcut
+    "rk4_x1", ours) instead ends such rows in a draw x_1 ~ p, which may keep z, like the sampler's last step. The two
+    agree under the mask source (a masked z has p(z) = 0; unmasked tokens are frozen)."""
+
+    def __init__(self, path: MixturePath, generator: torch.Generator | None, x1_at_end: bool = False):
+        self.path, self.generator, self.x1_at_end = path, generator, x1_at_end
         self.rule = UPDATE_RULES.get("cumulative_scalar")
 
     def __call__(self, x, logits, t, h):
         p = torch.softmax(logits.double(), dim=-1)
-        return update(x, p, t.double(), h.double(), self.rule, self.path, self.generator, final=(t + h) >= 1.0 - 1e-9)
+        final = ((t + h) >= 1.0 - 1e-9) if self.x1_at_end else False
+        return update(x, p, t.double(), h.double(), self.rule, self.path, self.generator, final=final)
 
 
 @SHORTCUTS.register("rk4")
@@ -54,6 +60,9 @@ def rk4_target(f: Evaluator, jump: Jumper, x_t, t, h):
     x_c = jump(x_b, k3, t + hh, hh)
     k4 = f(x_c, t + h, hh)
     return (k1 + 2 * k2 + 2 * k3 + k4) / 6
+
+
+SHORTCUTS.register("rk4_x1", rk4_target)  # the same composition; its Jumper ends t + h = 1 rows in x_1 ~ p
 
 
 @SHORTCUTS.register("rk4_time_consistent")

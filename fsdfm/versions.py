@@ -39,7 +39,8 @@ _EVAL = ("fsdfm.pipeline:load_study_evaluator", "fsdfm.pipeline:_metric_kwargs",
 SOURCES: dict[str, tuple[str, ...]] = {
     # stage kinds (fsdfm.pipeline)
     "stage:train_dfm": ("fsdfm.pipeline:train_dfm", *_DIT, *_DATA, "fsdfm.objectives", "fsdfm.losses",
-                        "fsdfm.pipeline:dfm_validation", "fsdfm.pipeline:unigram_ce", "fsdfm.pipeline:path_from_config"),
+                        "fsdfm.pipeline:dfm_validation", "fsdfm.pipeline:unigram_ce",
+                        "fsdfm.pipeline:path_from_config"),
     "stage:distil_fsdfm": ("fsdfm.pipeline:distil_fsdfm", *_DIT, *_DATA, "fsdfm.objectives", "fsdfm.losses",
                            "fsdfm.pipeline:load_dit", "fsdfm.methods:StudentSpec"),
     "stage:train_ar": ("fsdfm.pipeline:train_ar_stage", "fsdfm.ar", "fsdfm.train", *_DATA,

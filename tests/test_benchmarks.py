@@ -217,3 +217,39 @@ def test_logits_path_is_shift_invariant_across_its_overflow_guard():
                                 torch.Generator().manual_seed(6)) for shift in (0.0, 1000.0, -1000.0)]
     assert bool((draws[0] != x).any())
     assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+
+
+def test_gpu_run_script_lists_every_step_with_its_output():
+    """benchmarks/gpu_run.sh --dry-run (no GPU): one line per step, each a benchmark of this repo (or the GPU tests)
+    writing under benchmarks/results/<gpu>/, nothing created."""
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run"], capture_output=True,
+                          text=True, timeout=30, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "GPU_NAME": "testgpu"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    names = [line.split(" ", 1)[0] for line in lines]
+    assert names == ["sampling_small", "sampling_1p3b", "training_small_compile", "sampling_small_compile", "ar_small",
+                     "sampling_small_mask", "scaling_1p3b", "gpu_tests"]
+    for name, line in zip(names, lines):
+        assert line.endswith(f"> benchmarks/results/testgpu/{name}.txt")
+        script = line.split(": ", 1)[1].split()[1]
+        assert script == "-m" or (ROOT / script).is_file(), line
+        assert "--device cuda" in line or "-m gpu" in line
+    assert not (ROOT / "benchmarks" / "results" / "testgpu").exists()
+
+
+def test_bench_own_work_quick():
+    """The default step and the float64 chunk timed interleaved on the same seeds: the tokens agree (the script checks) and the
+    derived ratios are computed from the timings it reports."""
+    _, rec = run_bench("bench_own_work.py", "--rules", "cumulative_scalar,mixture_euler")
+    assert rec["bench"] == "own_work" and rec["derived"] and (rec["few_steps"], rec["many_steps"]) == (8, 32)
+    assert [(r["source"], r["rule"]) for r in rec["results"]] == [
+        ("mask", "cumulative_scalar"), ("mask", "mixture_euler"), ("uniform", "cumulative_scalar"),
+        ("uniform", "mixture_euler")]
+    for r in rec["results"]:
+        assert r["same_tokens"] and _positive(r["forward_ms"])
+        for chunk in ("default", "float64"):
+            c = r[chunk]
+            F, o8, o32 = r["forward_ms"], c["own_ms_per_step_8"], c["own_ms_per_step_32"]
+            assert _positive(o8, o32)
+            assert c["fraction_of_nfe_ratio"] == pytest.approx((F + o32) / (F + o8), rel=2e-3)
+            assert c["outside_share_few"] == pytest.approx(o8 / (F + o8), rel=2e-3)

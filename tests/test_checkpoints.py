@@ -359,12 +359,26 @@ def test_loaded_teacher_gives_a_student_in_their_layout(dfm_file, weights):
 
 # ------------------------------------------------------------------- experiments/released.yaml, end to end
 
-def test_released_spec_validates_and_dry_runs_offline(monkeypatch, capsys):
-    """The shipped spec: both checkpoints at every budget 1..1,024, every sample metric, both conventions."""
+def _fake_hub_cache(root: Path, repo: str) -> Path:
+    """A local HF hub cache holding only `repo`'s config.json (what a spec load checks offline)."""
+    snap = root / f"models--{repo}" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (root / f"models--{repo}" / "refs").mkdir()
+    (root / f"models--{repo}" / "refs" / "main").write_text("0" * 40)
+    return root
+
+
+def test_released_spec_validates_and_dry_runs_offline(monkeypatch, capsys, tmp_path):
+    """The shipped spec: both checkpoints at every budget 1..1,024, every sample metric, both conventions
+    (gpt2-large stands in a fake local hub cache: the spec load checks the evaluator is there offline)."""
+    import huggingface_hub.constants
+
     from fsdfm.cli import main
     from fsdfm.methods import plan_study
     from fsdfm.specs import load_spec
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(_fake_hub_cache(tmp_path / "hub", "gpt2-large")))
     monkeypatch.chdir(REPO)
     spec, cells = load_spec("experiments/released.yaml")
     plan = plan_study(spec.name, cells)
@@ -396,6 +410,9 @@ def test_released_spec_rejects_bad_checkpoint_settings(tmp_path):
             load_spec(p)
     p.write_text(base.replace("    checkpoint: {path: checkpoints/released/dfm_1p3b.pth, which: teacher}\n", "", 1))
     with pytest.raises(SpecError, match="dfm_released.checkpoint: a released method needs"):
+        load_spec(p)
+    p.write_text(base.replace("kind: released", "kind: dfm", 1))
+    with pytest.raises(SpecError, match="dfm_released.checkpoint: only a method of kind released reads a checkpoint"):
         load_spec(p)
 
 

@@ -112,7 +112,7 @@ def test_fingerprint_lists_the_kind_version_and_the_metrics_it_computes():
     fp = stage_fingerprint("evaluate", cfg)
     assert fp["version"] == STAGE_KINDS.get("evaluate").version
     assert set(fp["metrics"]) == {"distinct_2", "entropy_nats", "oracle_nll", "oracle_expected_nll",
-                                  "oracle_entropy_rate"}
+                                  "oracle_entropy_rate", "ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor"}
     assert "data" not in fp  # an oracle source names no file
     assert set(stage_fingerprint("sample", {"data": {}})["metrics"]) == {"nfe", "wall_s", "tokens_per_s", "peak_mem"}
     # a stage's id sees its fingerprint; its config (what the stage function gets) does not

@@ -16,6 +16,7 @@ ALL_NAMES = [
     "gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "entropy_bits", "mauve", "distinct_1", "distinct_2", "distinct_3",
     "distinct_4", "self_bleu", "rep_n", "nfe", "wall_s", "tokens_per_s", "peak_mem", "val_nll", "elbo_ppl",
     "pos_divergence", "pos_divergence_slope", "oracle_nll", "oracle_expected_nll", "oracle_entropy_rate",
+    "posterior_kl", "ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor",
 ]
 
 

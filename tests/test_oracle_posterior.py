@@ -94,3 +94,22 @@ def test_exact_model_one_step_is_the_product_of_marginals():
     got = oracle_nll(out.tokens.numpy(), src)
     assert abs(got - want) < 0.1 * want
     assert got > src.expected_nll_per_token(Ls).value + 1.0
+
+
+def test_bench_oracle_posterior_quick():
+    """The benchmark's smoke run: one closing JSON line, both sources and dtypes, positive timings (no asserts on
+    their values)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_oracle_posterior.py"), "--quick",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rec["bench"] == "oracle_posterior" and rec["dit_forward_ms"] > 0
+    assert [(r["source"], r["dtype"]) for r in rec["runs"]] == [("mask", "float64"), ("mask", "float32"),
+                                                                ("uniform", "float64"), ("uniform", "float32")]
+    assert all(r["posterior_ms"] > 0 and r["ratio_to_dit_forward"] > 0 for r in rec["runs"])

@@ -206,3 +206,24 @@ def test_per_sample_nlls_summed_and_pooled_reproduce_the_runs_gen_ppl_exactly(tm
     # gen_ppl_seq_mean: the mean over samples of exp(per-sample mean NLL)
     assert np.mean(np.exp(table["seq_nll"] / table["seq_n_tokens"])) == pytest.approx(m["gen_ppl_seq_mean"], rel=1e-12)
     assert m["gen_ppl_n_truncated"] == 0 and m["samples_per_metric"]["gen_ppl"] == 4 and m["n_samples"] == 4
+
+
+def test_evaluate_records_mauve_n_buckets_seeds_and_its_spread(tmp_path):
+    from fsdfm.pipeline import score_samples
+    from metrics_fixtures import word_evaluator
+
+    texts = ["the cat sat on the mat", "a dog ran on the mat", "big red dog sat", "the small cat ran"]
+    refs = ["a cat sat<eos>", "the dog ran on a mat", "a big blue dog", "the red cat sat on a mat"]
+    tokens = np.array([[2, 3, 5, 6, 2, 7], [8, 4, 9, 6, 2, 7], [10, 12, 4, 5, 1, 1], [2, 11, 3, 9, 1, 1]])
+    config = {"data": {"kind": "text"}, "seed": 7,
+              "metrics": {"mauve_featurizer": "evaluator", "mauve_buckets": "auto", "mauve_seeds": 6,
+                          "self_bleu_subsample": None}}
+    out = score_samples(config, tokens, texts, refs, word_evaluator(), _WordCorpus(), tmp_path, ["mauve", "self_bleu"])
+    m, d = out["metrics"], out["metric_details"]["mauve"]
+    assert (m["mauve_n"], m["mauve_buckets"]) == (4, 2) and d["n_per_side"] == 4 and d["num_buckets"] == 2
+    assert d["seeds"] == [7, 8, 9, 10, 11, 12] and d["featurizer"] == "evaluator" and len(d["featurizer_sha256"]) == 64
+    assert m["mauve"] == pytest.approx(np.mean(d["values"])) and m["mauve_std"] == pytest.approx(np.std(d["values"], ddof=1))
+    assert "<|endoftext|>" in d["text_convention"] and out["metric_details"]["self_bleu"]["text_convention"]
+    assert m["samples_per_metric"] == {"mauve": 4, "self_bleu": 4}
+    assert list(np.genfromtxt(tmp_path / "per_sample.csv", delimiter=",", names=True, dtype=None,
+                              encoding="utf-8")["length"]) == [6, 6, 4, 4]  # tokens before the first EOS (id 1)

@@ -433,3 +433,17 @@ def test_sample_records_its_numerics():
                  generator=torch.Generator().manual_seed(0))
     assert out.numerics.to_dict() == {"logits_dtype": "float32", "precision": "float32", "step": "softmax",
                                       "certified_float32_exp": False, "autocast": False}
+
+
+@pytest.mark.parametrize("source", ["mask", "uniform"])
+@pytest.mark.parametrize("rule", ["euler", "cumulative_scalar", "mixture_euler"])
+def test_sample_with_and_without_the_certified_chunk_gives_the_same_tokens(source, rule):
+    """The whole loop (8 steps, the final all-positions draw included) with the certified chunk forced on, and with
+    the float64 chunk throughout: the same tokens from the same seed."""
+    Vb = 200
+    logits = torch.randn(6, 40, Vb, generator=torch.Generator().manual_seed(4)) * 1.5
+    path = MixturePath(PolynomialScheduler(1), MaskSource(Vb) if source == "mask" else UniformSource(Vb))
+    outs = [sample(lambda x, t, h=None: logits, path, n_samples=6, seq_len=40, n_steps=8, rule=rule, certified=c,
+                   generator=torch.Generator().manual_seed(9)) for c in (True, False)]
+    assert torch.equal(outs[0].tokens, outs[1].tokens)
+    assert outs[0].numerics.certified_float32_exp and not outs[1].numerics.certified_float32_exp

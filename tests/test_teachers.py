@@ -7,6 +7,7 @@ records its arguments and returns a fresh, recognisable state, so the data flow 
 
 import math
 
+import pytest
 import torch
 
 from fsdfm.paths import MaskSource, MixturePath, UniformSource
@@ -116,7 +117,8 @@ def test_weights_with_non_constant_logits():
 
 
 def test_registry():
-    assert set(SHORTCUTS.names()) == {"rk4", "rk4_time_consistent", "heun"}
+    assert set(SHORTCUTS.names()) == {"rk4", "rk4_x1", "rk4_time_consistent", "heun"}
+    assert SHORTCUTS.get("rk4_x1") is SHORTCUTS.get("rk4")  # same composition; only the Jumper's last step differs
 
 
 # ------------------------------------------------------------------------------------------ with the real Jumper
@@ -173,13 +175,16 @@ def test_rk4_time_consistent_with_real_jumper_jumps_from_x_t():
     _assert_share(_filled_from(x_t, states[3], 2), 0.5 / 0.75, n_masked)   # [0.25, 0.75]
 
 
-def test_jumper_ends_in_a_draw_of_x1_when_the_step_reaches_one():
+@pytest.mark.parametrize("x1_at_end", [False, True])
+def test_jumper_fills_every_mask_when_the_step_reaches_one(x1_at_end):
+    """Mask source: the forced jump and the x_1 draw agree (a mask has p(z) = 0; unmasked tokens are frozen)."""
     path = MixturePath(PolynomialScheduler(1), MaskSource(V))
     x = _masked_x_t(0.5).expand(2, N).clone()
     logits = torch.zeros(2, N, V)
     t = torch.tensor([0.5, 0.25], dtype=torch.float64)
     h = torch.tensor([0.5, 0.25], dtype=torch.float64)
-    y = Jumper(path, torch.Generator().manual_seed(3))(x, logits, t, h)
+    y = Jumper(path, torch.Generator().manual_seed(3), x1_at_end=x1_at_end)(x, logits, t, h)
+    assert torch.equal(y[x != MASK], x[x != MASK])
     assert bool((y[0] != MASK).all())  # row 0 reaches t = 1: every mask is filled
     masked = x[1] == MASK
     _assert_share(float((y[1][masked] != MASK).double().mean()), 0.25 / 0.75, int(masked.sum()))
@@ -198,3 +203,22 @@ def test_jumper_on_uniform_source_uses_the_cumulative_rule():
     y = Jumper(path, torch.Generator().manual_seed(4))(x, logits, t, h)
     r = (1 - 0.75**2) / (1 - 0.5**2)
     _assert_share(float((y != x).double().mean()), 1 - r ** (1 - 0.3), N)
+
+
+def test_jumper_at_t_plus_h_one_on_uniform_source_forces_a_jump_or_draws_x1():
+    """r = 0 at t + h = 1: the official rule moves every token with p(z) < 1, to x != z with probability
+    p(x) / (1 - p(z)); rk4_x1's Jumper draws x_1 ~ p, keeping z with probability p(z) = 0.3."""
+    path = MixturePath(PolynomialScheduler(1), UniformSource(V))
+    probs = torch.tensor([0.1, 0.3, 0.1, 0.2, 0.2, 0.1], dtype=torch.float64)
+    x = torch.full((1, N), 1)
+    logits = torch.log(probs)[None, None].expand(1, N, V)
+    t, h = torch.tensor([0.75], dtype=torch.float64), torch.tensor([0.25], dtype=torch.float64)
+    forced = Jumper(path, torch.Generator().manual_seed(5))(x, logits, t, h)
+    assert bool((forced != 1).all())
+    counts = torch.bincount(forced[0], minlength=V).double() / N
+    for v in (0, 2, 3, 4, 5):
+        _assert_share(float(counts[v]), float(probs[v] / 0.7), N)
+    drawn = Jumper(path, torch.Generator().manual_seed(5), x1_at_end=True)(x, logits, t, h)
+    counts = torch.bincount(drawn[0], minlength=V).double() / N
+    for v in range(V):
+        _assert_share(float(counts[v]), float(probs[v]), N)

@@ -1,8 +1,9 @@
 """Every metric name the suite reports, with its direction, unit and family.
 
-`METRICS.get(name)` returns a `MetricInfo`; reports use `direction` to mark the best value in a column
-("min": lower is better, "max": higher is better, None: no better side, e.g. entropy, which should sit
-near the data's rather than be pushed up or down). The functions that compute the sample-based metrics
+`METRICS.get(name)` returns a `MetricInfo`; reports use `direction` to rank a column ("min": lower is
+better, "max": higher is better, None: no better side, e.g. entropy, which should sit near the data's rather
+than be pushed up or down). Metrics whose target is the data (entropy, distinct-n, self-BLEU, rep-n) are
+ranked by distance to the data row whatever their direction (`fsdfm.report.significance`). The functions that compute the sample-based metrics
 live in `fsdfm.metrics` (`compute_metrics`); the rest are recorded by the stage that owns them
 (sampling: nfe/wall_s/tokens_per_s/peak_mem; training: val_nll/elbo_ppl; oracle data: oracle_nll;
 `fsdfm.metrics.divergence`: pos_divergence).
