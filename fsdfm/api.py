@@ -72,9 +72,10 @@ def run_study(spec: str | os.PathLike | Mapping[str, Any], overrides: Mapping[st
     else:
         study, cells = load_spec(spec, cache_dir=cache, overrides=overrides)
     plan = plan_study(study.name, cells)
+    from fsdfm.tracking import check_available, enable
     if track:
-        from fsdfm.tracking import enable
         plan = enable(plan, study.tracking)
+    check_available(plan.tracking)  # a missing tensorboard fails here, before anything runs
     summary = execute(plan, results, executor=executor, profile=profile, max_parallel=max_parallel)
     if not summary.ok:
         raise StudyFailed(summary)

@@ -6,8 +6,9 @@ $HF_DATASETS_CACHE is set) lives in
     $FSDFM_CACHE                       when set (made absolute once, see `pin_cache_env`), else
     <results root>/.cache              the results root of the study, as an absolute path.
 
-A stage finds its results root from its own folder, `<root>/<study>/stages/<id>`, which it recognises by the
-study's plan.json beside `stages/`. A folder outside that layout (a stage function called by hand on a scratch
+A stage finds its results root from its own folder, `<root>/<study>/stages/<id>` (recognised by the study's
+plan.json beside `stages/`), or `<root>/_stages/<id>` (the shared store it links to, fsdfm.store; a path
+resolved through the link). A folder outside those layouts (a stage function called by hand on a scratch
 directory) gets `default_cache_dir()` = $XDG_CACHE_HOME/fsdfm (default ~/.cache/fsdfm), never a path counted up
 from the folder: "three levels up" of a shallow folder used to be `/`, so the cache landed in `/.cache`.
 
@@ -42,12 +43,16 @@ def data_cache_dir(results_root: str | os.PathLike) -> Path:
 
 
 def results_root_of(stage_dir: str | os.PathLike) -> Path | None:
-    """<root> of a stage folder <root>/<study>/stages/<id> (absolute), or None for a folder outside that layout."""
+    """<root> of a stage folder <root>/<study>/stages/<id> or <root>/_stages/<id> (absolute), or None for a folder
+    outside those layouts."""
     from fsdfm.results import PLAN, STAGES
+    from fsdfm.store import STORE
 
-    d = _absolute(stage_dir)
+    d = _absolute(stage_dir)  # not resolve(): a study's link into the store keeps its study path
     if d.parent.name == STAGES and (d.parent.parent / PLAN).is_file():
         return d.parent.parent.parent
+    if d.parent.name == STORE:
+        return d.parent.parent
     return None
 
 

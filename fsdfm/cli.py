@@ -152,6 +152,11 @@ def cmd_run(args) -> dict:
     if args.track:  # tracking lives in plan.json, not in stage ids: the same stages, now logged (fsdfm.tracking)
         from fsdfm.tracking import enable
         plan = enable(plan, spec.tracking)
+    from fsdfm.tracking import check_available
+    try:
+        check_available(plan.tracking)
+    except RuntimeError as e:
+        raise InputError(str(e)) from None
     sdir = Path(args.results) / spec.name
     rerun_kinds = _kinds_arg(args.rerun, "--rerun")
     if args.threads is not None:

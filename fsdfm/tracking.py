@@ -64,6 +64,12 @@ def enable(plan, spec: TrackingSpec | None = None):
     return dataclasses.replace(plan, tracking=settings.to_plan())
 
 
+def check_available(settings: dict) -> None:
+    """Raise RuntimeError (before anything runs) when the backend of tracking settings cannot be imported."""
+    if settings:
+        TRACKERS.get(settings.get("backend", "tensorboard")).check_available()
+
+
 def log_dir(settings: dict, study_dir: str | os.PathLike) -> Path:
     """The event folder root of a plan's tracking settings (absolute: a job may run in another directory)."""
     d = Path(settings.get("dir") or DEFAULT_DIR).expanduser()
@@ -72,6 +78,10 @@ def log_dir(settings: dict, study_dir: str | os.PathLike) -> Path:
 
 class Tracker:
     """One stage's tracker: scalars by tag and step, and text. Backends subclass it."""
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise RuntimeError naming what to install when the backend's package is missing."""
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         raise NotImplementedError
@@ -87,12 +97,15 @@ class Tracker:
 class TensorBoardTracker(Tracker):
     """torch.utils.tensorboard.SummaryWriter on `folder` (needs the `tensorboard` package: pip install 'fsdfm[track]')."""
 
+    @classmethod
+    def check_available(cls) -> None:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:  # torch's SummaryWriter imports it
+            raise RuntimeError("tracking backend 'tensorboard' needs the tensorboard package: pip install 'fsdfm[track]'")
+
     def __init__(self, folder: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:  # torch's writer imports tensorboard
-            raise RuntimeError("tracking backend 'tensorboard' needs the tensorboard package: "
-                               "pip install 'fsdfm[track]'") from e
+        self.check_available()
+        from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(log_dir=str(folder))
 
     def scalar(self, tag: str, value: float, step: int) -> None:

@@ -65,6 +65,8 @@ def test_run_study_returns_the_dataframe_of_fsdfm_run_and_load(studies):
     pd.testing.assert_frame_equal(df_b[keep].reset_index(drop=True), df_a[keep].reset_index(drop=True))
     # equal stage ids: the override sampling.seed=7 gave the plan of the YAML that says 7
     assert list(df_b.stage_id) == list(df_a.stage_id)
+    for root in ("a", "b"):  # the data cache is the results root's, whatever the working directory
+        assert (tmp / root / ".cache" / "tokenizers").is_dir()
     # on a finished study run_study runs nothing and returns exactly what fsdfm.results.load reads
     again = fsdfm.run_study(tmp / "api_tiny.yaml", executor="debug", results=tmp / "a")
     pd.testing.assert_frame_equal(again, load(tmp / "a" / "api_tiny"))

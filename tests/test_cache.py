@@ -33,6 +33,9 @@ def test_a_stage_caches_under_its_results_root_from_any_working_directory(layout
         seen.add(cache_dir(Path(os.path.relpath(stage, cwd))))  # the same folder, relative to this cwd
     assert seen == {root / ".cache"}
     assert results_root_of(stage) == root
+    # the shared store's own folder (what the study's stages/<id> link points to) has the same root
+    (root / "_stages" / "sample-abc").mkdir(parents=True)
+    assert cache_dir(root / "_stages" / "sample-abc") == root / ".cache"
 
 
 def test_a_folder_outside_a_results_root_uses_the_user_cache_never_slash_dot_cache(layout, monkeypatch):

@@ -123,3 +123,14 @@ def test_fit_logs_each_steps_loss_and_lr_only_while_a_stage_tracker_is_active(tm
     with stage_tracking({}, tmp_path, "y", "train_x") as off:  # tracking off: no tracker, no folder
         assert off is None and train_logger() is None
     assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["train_x-abc"]
+
+
+def test_a_missing_tensorboard_is_exit_2_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(SPEC))
+    assert main(["--results", str(tmp_path / "r"), "run", str(tmp_path / "t.yaml"), "--track"]) == 2
+    assert "pip install 'fsdfm[track]'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
