@@ -232,6 +232,22 @@ class ReportSpec:
 
 
 @dataclass(frozen=True)
+class LimitSpec:
+    """What `fsdfm run SPEC --limit N` (a smoke run) does besides N samples per run (in no stage id).
+
+    train_steps: cap every method's and the reference evaluator's train.steps (and warmup_steps, ckpt_every) at
+        this; None = training unchanged. set: further dotted overrides of the smoke run ({dotted key: value}).
+    """
+
+    train_steps: int | None = None
+    set: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.train_steps is not None and self.train_steps < 1:
+            raise ValueError(f"train_steps must be >= 1, got {self.train_steps!r}")
+
+
+@dataclass(frozen=True)
 class Override:
     match: dict
     set: dict
@@ -254,6 +270,7 @@ class StudySpec:
     published: tuple = ()
     cluster: dict = field(default_factory=dict)
     report: ReportSpec = ReportSpec()
+    limit: LimitSpec = LimitSpec()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -626,9 +643,22 @@ def load_spec(path: str | Path, cache_dir: str | Path | None = None,
     Nothing is written: a spec that passes cannot fail later on anything checked here.
     """
     file = str(path)
-    raw = read_yaml(path)
+    return expand(read_yaml(path), file, cache_dir=cache_dir, check_files=check_files, spec_dir=Path(file).parent)
+
+
+def expand(raw: dict, file: str, cache_dir: str | Path | None = None, check_files: bool = True,
+           spec_dir: str | Path | None = None) -> tuple[StudySpec, list[Cell]]:
+    """Validate and expand a spec mapping (as read from `file`, perhaps with overrides applied): the base spec and
+    every grid cell's spec. Relative paths in it resolve against `spec_dir` (fsdfm.spec_paths); None = as given."""
+    from fsdfm.spec_paths import resolve_paths
+
     cells = grid_cells(raw, file)
-    specs = [Cell(cell, build_study(cell_raw(raw, cell, file), file)) for cell in cells]
+    specs = []
+    for cell in cells:
+        one = cell_raw(raw, cell, file)
+        if spec_dir is not None:
+            one = resolve_paths(one, Path(spec_dir), file)
+        specs.append(Cell(cell, build_study(one, file)))
     if check_files:
         seen = set()
         for c in specs:
