@@ -14,6 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+from fsdfm.cli_spec import command_line, load_plan, print_config, study_dir
+from fsdfm.cli_status import cmd_status
+
 DEFAULT_ROOT = "results"
 
 
@@ -29,39 +32,6 @@ def _offline_defaults() -> None:
     # The suite never downloads at run time unless asked: a hub lookup would otherwise retry for ~30 s.
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
-
-
-def _resolve(args, check_files: bool = True):
-    """args.spec / args.target with the command line's overrides and --limit (fsdfm.overrides.load)."""
-    from fsdfm.overrides import load, parse_overrides
-
-    spec_path = getattr(args, "spec", None) or args.target
-    root = args.results
-    # the data checks may reuse (never write) the tokenizers a previous run cached under the results root
-    return load(spec_path, parse_overrides(getattr(args, "overrides", None) or []), getattr(args, "limit", None),
-                cache_dir=os.environ.get("FSDFM_CACHE") or Path(root) / ".cache", check_files=check_files)
-
-
-def _load(args):
-    """(the resolved spec, its plan) of `fsdfm run SPEC [overrides]`."""
-    from fsdfm.methods import plan_study
-
-    r = _resolve(args)
-    return r, plan_study(r.name, r.cells)
-
-
-def _study_dir(args) -> Path:
-    """A spec file (with its overrides) -> results/<its study name>; a directory -> itself."""
-    p = Path(args.target)
-    has_overrides = bool(getattr(args, "overrides", None)) or getattr(args, "limit", None) is not None
-    if p.is_dir():
-        if has_overrides:
-            raise UsageError(f"{p} is a study directory: overrides and --limit go with a spec file")
-        return p
-    if has_overrides:
-        return Path(args.results) / _resolve(args, check_files=False).name
-    from fsdfm.specs import check_name, read_yaml
-    return Path(args.results) / check_name(read_yaml(p).get("name"), "name", str(p))
 
 
 def _read_plan(sdir: Path) -> dict:
@@ -163,7 +133,7 @@ def cmd_run(args) -> dict:
     from fsdfm.results import check_stage, is_done
     from fsdfm.stages import waves
 
-    resolved, plan = _load(args)
+    resolved, plan = load_plan(args)
     spec = resolved.spec
     sdir = Path(args.results) / plan.name
     if args.print_config:
@@ -213,16 +183,16 @@ def cmd_run(args) -> dict:
         summary = execute(plan, args.results, executor=args.executor, profile=profile, wait=not args.no_wait,
                           max_parallel=args.max_parallel)
     except DriverInterrupted as e:  # SIGTERM/SIGHUP: the executor has cancelled its jobs and released the locks
-        print(f"fsdfm run: {e}; its jobs were stopped. Re-run to resume: fsdfm run {_cmdline(args)}", file=sys.stderr)
+        print(f"fsdfm run: {e}; its jobs were stopped. Re-run to resume: fsdfm run {command_line(args)}", file=sys.stderr)
         print(json.dumps({"study": plan.name, "ok": False, "interrupted": signal_name(e.signum), "results": str(sdir)}))
         raise SystemExit(128 + e.signum) from None
     print(summary.format())
     # --no-wait: a submission that succeeded is a success (its stages are pending by design); see `fsdfm status`
     ok = summary.ok or (args.no_wait and not summary.failed and not summary.blocked)
     if summary.ok:
-        print(f"results: {sdir}   next: fsdfm report {_cmdline(args)}")
+        print(f"results: {sdir}   next: fsdfm report {command_line(args)}")
     elif ok:
-        print(f"submitted: {len(summary.submitted)} jobs   next: fsdfm status {_cmdline(args)}")
+        print(f"submitted: {len(summary.submitted)} jobs   next: fsdfm status {command_line(args)}")
     return {"study": plan.name, "ok": ok, "done": len(summary.done), "skipped": len(summary.skipped),
             "failed": len(summary.failed), "blocked": len(summary.blocked), "pending": len(summary.pending),
             "submitted": len(summary.submitted), "results": str(sdir)}
@@ -232,63 +202,6 @@ def signal_name(signum: int) -> str:
     import signal
 
     return signal.Signals(signum).name
-
-
-def _cmdline(args) -> str:
-    """SPEC KEY=VALUE ... --limit N as typed (for the "next:" hints)."""
-    import shlex
-
-    words = [getattr(args, "spec", None) or args.target, *(getattr(args, "overrides", None) or [])]
-    if getattr(args, "limit", None) is not None:
-        words += ["--limit", str(args.limit)]
-    return " ".join(shlex.quote(w) for w in words)
-
-
-def print_config(resolved, sdir: Path) -> dict:
-    """--print-config: the spec after --limit and the overrides, as YAML; nothing is run or written."""
-    import yaml
-
-    print(f"# study {resolved.name} -> {sdir}  (from {resolved.path}"
-          + (f", --limit {resolved.limit}" if resolved.limit is not None else "") + ")")
-    print(yaml.safe_dump(resolved.raw, sort_keys=False, width=120, allow_unicode=True).rstrip())
-    return {"study": resolved.name, "print_config": True, "overrides": resolved.overrides, "limit": resolved.limit}
-
-
-def _status_plan(args, sdir: Path):
-    """The plan `fsdfm status` reports on: plan.json of the study, or (a spec that has not run yet) its plan
-    from the spec, every stage pending."""
-    from fsdfm.methods import plan_study
-    from fsdfm.stages import StudyPlan
-
-    if (sdir / "plan.json").exists() or Path(args.target).is_dir():
-        return StudyPlan.from_dict(_read_plan(sdir), str(sdir / "plan.json"))
-    r = _resolve(args, check_files=False)
-    return plan_study(r.name, r.cells)
-
-
-STATUS_FINAL = ("done", "failed", "blocked")
-
-
-def cmd_status(args) -> dict:
-    import time
-
-    from fsdfm.launch import status
-
-    sdir = _study_dir(args)
-    updates = 0
-    while True:
-        plan = _status_plan(args, sdir)  # re-read: a run may write plan.json meanwhile
-        report = status(sdir, plan=plan)
-        updates += 1
-        if args.follow and sys.stdout.isatty():
-            print("\033[H\033[J", end="")  # clear the terminal: the status replaces the last one
-        print(report.format(), flush=True)
-        finished = all(s.state in STATUS_FINAL for s in report.stages)
-        if not args.follow or finished or (args.max_updates is not None and updates >= args.max_updates):
-            break
-        time.sleep(max(0.05, args.interval))
-    return {"study": report.study, **report.counts(), "runs_done": report.runs_done, "runs_total": report.runs_total,
-            "planned": not (sdir / "plan.json").exists(), "updates": updates}
 
 
 # what a bare `pip install fsdfm` lacks for a command: the extra and the modules it brings
@@ -309,7 +222,7 @@ def require_extra(command: str) -> None:
 
 
 def cmd_report(args) -> dict:
-    sdir = _study_dir(args)
+    sdir = study_dir(args)
     _read_plan(sdir)
     require_extra("report")
     from fsdfm.report import write_report
@@ -330,7 +243,7 @@ def cmd_samples(args) -> dict:
 
     from fsdfm.results import read_record
 
-    sdir = _study_dir(args)
+    sdir = study_dir(args)
     plan = _read_plan(sdir)
     shown = 0
     for run in plan["runs"]:
@@ -363,7 +276,7 @@ def cmd_verify(args) -> dict:
         except PlanError as e:
             raise UsageError(str(e)) from None
     else:
-        _, plan = _load(args)
+        _, plan = load_plan(args)
         sdir = Path(args.results) / plan.name
     counts = {"done": 0, "damaged": 0, "stale": 0, "missing": 0, "failed": 0, "unverified": 0}
     problems: dict[str, list[str]] = {}
@@ -395,7 +308,7 @@ def cmd_clean(args) -> dict:
 
     from fsdfm.results import ERROR, is_done, lock_holder
 
-    sdir = _study_dir(args)
+    sdir = study_dir(args)
     kinds = _kinds_arg(args.kind, "--kind")
     stages_dir = sdir / "stages"
     found = sorted(p.name for p in stages_dir.iterdir() if p.is_dir()) if stages_dir.is_dir() else []
