@@ -174,3 +174,11 @@ def test_print_config_is_a_spec_that_plans_the_same_study(tmp_path, capsys):
     assert json.loads(out.strip().splitlines()[-1])["study"] == "tiny+grid.seed-0_1+methods.fsdfm.distill.K-4"
     assert set(plan_study("x", load_spec(printed, check_files=False)[1]).stages) == set(plan_of(spec, words).stages)
     assert not (tmp_path / "results").exists()
+
+
+def test_the_shipped_demo_declares_a_smoke_run():
+    repo = Path(__file__).resolve().parents[1]
+    r = load(repo / "experiments" / "demo.yaml", {}, 8, check_files=False)
+    assert r.name == "demo+limit-8" and r.spec.sampling.n_samples == 8
+    assert all(m.train.steps <= 20 for m in r.spec.methods.values()) and r.spec.evaluator.train.steps == 20
+    assert max(s for m in r.spec.methods.values() for s in m.steps) == 16
