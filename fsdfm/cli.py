@@ -431,7 +431,7 @@ def _main(argv: list[str] | None) -> int:
         result = args.fn(args)
     except (SpecError, DataError, UnknownNameError, PlanError, InputError, UsageError, FileNotFoundError) as e:
         print(f"fsdfm {args.cmd}: error: {e}", file=sys.stderr)
-        print(json.dumps({"ok": False, "error": str(e)}))
+        print(json.dumps({"ok": False, "error": str(e)}), flush=True)
         return 2
     print(json.dumps(result, default=str), flush=True)
     return 0 if result.get("ok", True) else 1

@@ -285,7 +285,7 @@ class ResolvedSpec:
 
 
 def _culprit(raw: dict, overrides: dict, file: str) -> str | None:
-    """The first override after which the spec no longer builds (None: the spec fails without any)."""
+    """The key of the first override after which the spec no longer builds (None: it fails without any)."""
     from fsdfm.specs import expand
 
     applied: dict[str, Any] = {}
@@ -294,7 +294,7 @@ def _culprit(raw: dict, overrides: dict, file: str) -> str | None:
         try:
             expand(apply_overrides(raw, applied, file), file, check_files=False, spec_dir=Path(file).parent)
         except SpecError:
-            return format_override(key, value)
+            return key
     return None
 
 
@@ -311,6 +311,7 @@ def load(path: str | Path, overrides: Mapping[str, Any] | None = None, limit: in
     merged: dict[str, Any] = {}
     if limit is not None:
         merged.update(limit_overrides(raw, limit, file))
+    from_limit = set(merged) - set(overrides)
     merged.update(overrides)
     resolved = apply_overrides(raw, merged, file)
     try:
@@ -322,6 +323,8 @@ def load(path: str | Path, overrides: Mapping[str, Any] | None = None, limit: in
             raise
         msg = str(e)
         msg = msg[len(file) + 2:] if msg.startswith(f"{file}: ") else msg
-        raise SpecError(f"{file}: override {culprit}: {msg}") from None
+        what = format_override(culprit, merged[culprit])
+        label = f"--limit {limit} (from its limit: section, {what})" if culprit in from_limit else f"override {what}"
+        raise SpecError(f"{file}: {label}: {msg}") from None
     name = check_name(study_name(spec.name, overrides, limit), "name", file)
     return ResolvedSpec(file, name, resolved, overrides, limit, spec, cells)

@@ -182,3 +182,10 @@ def test_the_shipped_demo_declares_a_smoke_run():
     assert r.name == "demo+limit-8" and r.spec.sampling.n_samples == 8
     assert all(m.train.steps <= 20 for m in r.spec.methods.values()) and r.spec.evaluator.train.steps == 20
     assert max(s for m in r.spec.methods.values() for s in m.steps) == 16
+
+
+def test_a_bad_limit_section_names_the_limit(tmp_path):
+    spec = write(tmp_path, {**SPEC, "limit": {"set": {"methods.dfm.steps": []}}})
+    with pytest.raises(SpecError, match=r"--limit 2 \(from its limit: section, methods.dfm.steps=\[\]\)"):
+        load(spec, {}, 2, check_files=False)
+    load(spec, {}, None, check_files=False)  # without --limit the section does nothing
