@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def format_override(key: str, value: Any) -> str:
 
 def _unwrap(tp: Any) -> Any:
     """X | None -> X."""
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0] if len(args) == 1 else tp
     return tp
