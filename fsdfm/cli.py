@@ -8,10 +8,14 @@ a missing file, an unknown name) is one message naming what and where, exit stat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
+
+from fsdfm.cli_spec import command_line, load_plan, print_config, study_dir
+from fsdfm.cli_status import cmd_status
 
 DEFAULT_ROOT = "results"
 
@@ -28,25 +32,6 @@ def _offline_defaults() -> None:
     # The suite never downloads at run time unless asked: a hub lookup would otherwise retry for ~30 s.
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
-
-
-def _load(spec_path: str, root: str):
-    from fsdfm.methods import plan_study
-    from fsdfm.specs import load_spec
-
-    # the data checks may reuse (never write) the tokenizers a previous run cached under the results root
-    from fsdfm.cache import data_cache_dir
-    spec, cells = load_spec(spec_path, cache_dir=data_cache_dir(root))
-    return spec, plan_study(spec.name, cells)
-
-
-def _study_dir(target: str, root: str) -> Path:
-    """A spec file -> results/<its name>; a directory -> itself."""
-    p = Path(target)
-    if p.is_dir():
-        return p
-    from fsdfm.specs import check_name, read_yaml
-    return Path(root) / check_name(read_yaml(p).get("name"), "name", str(p))
 
 
 def _read_plan(sdir: Path) -> dict:
@@ -148,7 +133,11 @@ def cmd_run(args) -> dict:
     from fsdfm.results import check_stage, is_done
     from fsdfm.stages import waves
 
-    spec, plan = _load(args.spec, args.results)
+    resolved, plan = load_plan(args)
+    spec = resolved.spec
+    sdir = Path(args.results) / plan.name
+    if args.print_config:
+        return print_config(resolved, sdir)
     if args.track:  # tracking lives in plan.json, not in stage ids: the same stages, now logged (fsdfm.tracking)
         from fsdfm.tracking import enable
         plan = enable(plan, spec.tracking)
@@ -157,13 +146,12 @@ def cmd_run(args) -> dict:
         check_available(plan.tracking)
     except RuntimeError as e:
         raise InputError(str(e)) from None
-    sdir = Path(args.results) / spec.name
     rerun_kinds = _kinds_arg(args.rerun, "--rerun")
     if args.threads is not None:
         set_threads(args.threads)
     rerun = _rerun(plan, sdir, rerun_kinds, args.dry_run, args.results) if rerun_kinds else []
     if args.dry_run:
-        print(f"study {spec.name}: {len(plan.runs)} runs, {len(plan.stages)} stages  ({args.spec})")
+        print(f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages  ({args.spec})")
         data = _data_lines(plan)
         for src, digest in data.items():
             print(f"  data {src}  {digest[:19]}  (in the ids of the stages that read it)")
@@ -178,12 +166,15 @@ def cmd_run(args) -> dict:
         print("runs:")
         for r in plan.runs:
             print(f"  {r.run_id}  -> {r.stage_id}")
-        return {"study": spec.name, "dry_run": True, "runs": len(plan.runs), "stages": len(plan.stages),
+        return {"study": plan.name, "dry_run": True, "runs": len(plan.runs), "stages": len(plan.stages),
                 "done": sum(is_done(sdir / "stages" / s) for s in plan.stages if s not in redo),
                 "rerun": sorted(redo), "data": data}
     profile = args.profile or (spec.cluster.get("profile") if args.executor == "slurm" else None)
     from fsdfm.launch import EXECUTORS, load_profile
     EXECUTORS.get(args.executor)  # checked here too: execute() writes plan.json before it reads the profile
+    if args.executor == "slurm" and profile is None:
+        raise UsageError("--executor slurm needs a cluster profile: --profile slurm/<cluster>.yaml (template: "
+                         "slurm/example-cluster.yaml) or cluster: {profile: ...} in the spec")
     if profile is not None:
         import yaml
         try:
@@ -192,7 +183,7 @@ def cmd_run(args) -> dict:
             raise InputError(str(e)) from None
         except yaml.YAMLError as e:
             raise InputError(f"cluster profile {profile}: not valid YAML: {e}") from None
-    print(f"study {spec.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor})",
+    print(f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor})",
           flush=True)
     from fsdfm.launch import DriverInterrupted
 
@@ -200,17 +191,17 @@ def cmd_run(args) -> dict:
         summary = execute(plan, args.results, executor=args.executor, profile=profile, wait=not args.no_wait,
                           max_parallel=args.max_parallel)
     except DriverInterrupted as e:  # SIGTERM/SIGHUP: the executor has cancelled its jobs and released the locks
-        print(f"fsdfm run: {e}; its jobs were stopped. Re-run to resume: fsdfm run {args.spec}", file=sys.stderr)
-        print(json.dumps({"study": spec.name, "ok": False, "interrupted": signal_name(e.signum), "results": str(sdir)}))
+        print(f"fsdfm run: {e}; its jobs were stopped. Re-run to resume: fsdfm run {command_line(args)}", file=sys.stderr)
+        print(json.dumps({"study": plan.name, "ok": False, "interrupted": signal_name(e.signum), "results": str(sdir)}))
         raise SystemExit(128 + e.signum) from None
     print(summary.format())
     # --no-wait: a submission that succeeded is a success (its stages are pending by design); see `fsdfm status`
     ok = summary.ok or (args.no_wait and not summary.failed and not summary.blocked)
     if summary.ok:
-        print(f"results: {sdir}   next: fsdfm report {args.spec}")
+        print(f"results: {sdir}   next: fsdfm report {command_line(args)}")
     elif ok:
-        print(f"submitted: {len(summary.submitted)} jobs   next: fsdfm status {args.spec}")
-    return {"study": spec.name, "ok": ok, "done": len(summary.done), "skipped": len(summary.skipped),
+        print(f"submitted: {len(summary.submitted)} jobs   next: fsdfm status {command_line(args)}")
+    return {"study": plan.name, "ok": ok, "done": len(summary.done), "skipped": len(summary.skipped),
             "failed": len(summary.failed), "blocked": len(summary.blocked), "pending": len(summary.pending),
             "submitted": len(summary.submitted), "results": str(sdir)}
 
@@ -221,22 +212,34 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def cmd_status(args) -> dict:
-    from fsdfm.launch import status
+# what a bare `pip install fsdfm` lacks for a command: the extra and the modules it brings
+EXTRAS = {"report": ("analysis", ("matplotlib", "seaborn", "scipy"))}
 
-    sdir = _study_dir(args.target, args.results)
-    _read_plan(sdir)
-    report = status(sdir)
-    print(report.format())
-    return {"study": report.study, **report.counts(), "runs_done": report.runs_done, "runs_total": report.runs_total}
+
+def require_extra(command: str) -> None:
+    """An InputError naming the extra to install when a module `command` needs is missing."""
+    import importlib
+
+    extra, modules = EXTRAS[command]
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise InputError(f"fsdfm {command} needs the {extra!r} extra (module {name!r} is not installed): "
+                             f"pip install 'fsdfm[{extra}]'") from None
 
 
 def cmd_report(args) -> dict:
+    sdir = study_dir(args)
+    _read_plan(sdir)
+    require_extra("report")
     from fsdfm.report import write_report
 
-    sdir = _study_dir(args.target, args.results)
-    _read_plan(sdir)
-    out = write_report(sdir, Path(args.out) if args.out else sdir / "report")
+    try:
+        out = write_report(sdir, Path(args.out) if args.out else sdir / "report")
+    except ModuleNotFoundError as e:  # a module of an extra imported deep inside (the list above missed it)
+        raise InputError(f"fsdfm report needs the 'analysis' extra (module {e.name!r} is not installed): "
+                         "pip install 'fsdfm[analysis]'") from None
     print(f"report: {out.index}")
     return {"study": sdir.name, "report": str(out.index), "tables": [str(p) for p in out.tables],
             "figures": [str(p) for p in out.figures]}
@@ -248,7 +251,7 @@ def cmd_samples(args) -> dict:
 
     from fsdfm.results import read_record
 
-    sdir = _study_dir(args.target, args.results)
+    sdir = study_dir(args)
     plan = _read_plan(sdir)
     shown = 0
     for run in plan["runs"]:
@@ -281,8 +284,8 @@ def cmd_verify(args) -> dict:
         except PlanError as e:
             raise UsageError(str(e)) from None
     else:
-        spec, plan = _load(args.target, args.results)
-        sdir = Path(args.results) / spec.name
+        _, plan = load_plan(args)
+        sdir = Path(args.results) / plan.name
     counts = {"done": 0, "damaged": 0, "stale": 0, "missing": 0, "failed": 0, "unverified": 0}
     problems: dict[str, list[str]] = {}
     print(f"study {plan.name} ({sdir}): checking {len(plan.stages)} stages")
@@ -313,7 +316,7 @@ def cmd_clean(args) -> dict:
     A stage in the shared store (fsdfm.store) that another study still links loses only this study's link."""
     from fsdfm.results import ERROR, is_done, lock_holder
 
-    sdir = _study_dir(args.target, args.results)
+    sdir = study_dir(args)
     kinds = _kinds_arg(args.kind, "--kind")
     stages_dir = sdir / "stages"
     found = sorted(p.name for p in stages_dir.iterdir() if p.is_dir()) if stages_dir.is_dir() else []
@@ -355,11 +358,18 @@ def cmd_clean(args) -> dict:
     return {"study": sdir.name, "removed": len(chosen), "stages": chosen, "running": running, "shared": shared}
 
 
+def _eval_study_dir(args) -> Path:
+    """`fsdfm eval --spec X`: X is a spec file (its study under --results) or a study directory."""
+    import argparse as _argparse
+
+    return study_dir(_argparse.Namespace(target=args.spec, results=args.results, overrides=[], limit=None))
+
+
 def cmd_eval(args) -> dict:
     """Score external sample files with a study's metrics and evaluator (fsdfm.external), recorded as runs."""
     from fsdfm.external import ExternalError, eval_files
 
-    sdir = _study_dir(args.spec, args.results)
+    sdir = _eval_study_dir(args)
     _read_plan(sdir)  # the study's plan must exist: its evaluate config and evaluator are what score the files
     try:
         done = eval_files(sdir, sdir.parent, args.files, args.label)
@@ -373,31 +383,29 @@ def cmd_eval(args) -> dict:
                                           "run_id": r.run_id, "metrics": r.metrics} for r in done]}
 
 
-def cmd_ls(args) -> dict:
-    """The studies under the results root with their done/total stages and runs."""
-    import dataclasses
-
-    from fsdfm.results import list_studies
-
-    studies = list_studies(args.results)
-    if not studies:
-        print(f"no studies under {args.results}")
-    for st in studies:
-        print(f"  {st.name:<32} runs {st.runs_done}/{st.runs_total}  stages {st.stages_done}/{st.stages_total}  "
-              f"{st.path}")
-    return {"studies": [dataclasses.asdict(st) for st in studies]}
+def _spec_args(p: argparse.ArgumentParser, target: str, help_: str) -> None:
+    """SPEC (or a study directory), then KEY=VALUE overrides and --limit: the same study for every command."""
+    p.add_argument(target, help=help_)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="spec overrides (a.b=1, methods.fsdfm.distill.K=8), sweeps (seed=0,1,2, grid.KEY=[...]); "
+                        "see fsdfm/overrides.py")
+    p.add_argument("--limit", type=_positive_int, metavar="N",
+                   help="smoke run: N samples per run, training shrunk as the spec's limit: section says "
+                        "(its own study, <name>+limit-N)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    _offline_defaults()
-    from fsdfm.cache import pin_cache_env
-    pin_cache_env()  # the jobs this run starts may run in another directory
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fsdfm", description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=DEFAULT_ROOT, help="results root (default: results)")
+    # --results also after the subcommand: SUPPRESS keeps the top-level value unless it is given there
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--results", default=argparse.SUPPRESS, help="results root (default: results)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run (or --dry-run) a study spec")
-    r.add_argument("spec")
+    r = sub.add_parser("run", parents=[common], help="run (or --dry-run) a study spec")
+    _spec_args(r, "spec", "a study spec (experiments/*.yaml)")
     r.add_argument("--dry-run", action="store_true", help="print the runs and stages with their ids and done state")
+    r.add_argument("--print-config", action="store_true",
+                   help="print the spec with the overrides and --limit applied (YAML) and exit; runs nothing")
     r.add_argument("--executor", default="local", help="local (default: submitit local processes), inline (in this process, with progress bars), debug (in-process, for tests) or slurm")
     r.add_argument("--profile", help="cluster profile YAML for --executor slurm (e.g. slurm/local.yaml)")
     r.add_argument("--no-wait", action="store_true",
@@ -412,35 +420,58 @@ def main(argv: list[str] | None = None) -> int:
                    help="log training curves and final metrics to TensorBoard (the spec's tracking: section, else "
                         "results/<study>/tracking); changes no stage id")
     r.set_defaults(fn=cmd_run)
-    v = sub.add_parser("verify", help="check records and artefacts (sizes, sha256) of a study; runs nothing")
-    v.add_argument("target", help="a spec file or a study results directory")
+    target_help = "a spec file or a study results directory"
+    v = sub.add_parser("verify", parents=[common], help="check records and artefacts (sizes, sha256) of a study; runs nothing")
+    _spec_args(v, "target", target_help)
     v.set_defaults(fn=cmd_verify)
-    c = sub.add_parser("clean", help="remove stage folders of a study (asks first; --yes when not on a terminal)")
-    c.add_argument("target", help="a spec file or a study results directory")
+    c = sub.add_parser("clean", parents=[common], help="remove stage folders of a study (asks first; --yes when not on a terminal)")
+    _spec_args(c, "target", target_help)
     c.add_argument("--kind", metavar="KIND[,KIND]", help="only the stages of these kinds")
     c.add_argument("--failed", action="store_true", help="only stages whose last attempt failed")
     c.add_argument("--yes", action="store_true", help="do not ask")
     c.set_defaults(fn=cmd_clean)
-    s = sub.add_parser("status", help="done / running / failed / pending stages of a study")
-    s.add_argument("target", help="a spec file or a study results directory")
+    s = sub.add_parser("status", parents=[common], help="done / running / failed / pending stages of a study")
+    _spec_args(s, "target", target_help)
+    s.add_argument("--follow", action="store_true", help="keep updating until every stage is done, failed or blocked")
+    s.add_argument("--interval", type=float, default=5.0, metavar="S", help="seconds between updates (--follow)")
+    s.add_argument("--max-updates", type=_positive_int, default=None, help=argparse.SUPPRESS)  # bounds tests
     s.set_defaults(fn=cmd_status)
-    p = sub.add_parser("report", help="tables and figures of a study")
-    p.add_argument("target", help="a spec file or a study results directory")
+    p = sub.add_parser("report", parents=[common], help="tables and figures of a study")
+    _spec_args(p, "target", target_help)
     p.add_argument("--out", help="output directory (default: <study>/report)")
     p.set_defaults(fn=cmd_report)
-    sp = sub.add_parser("samples", help="print decoded samples of every run")
-    sp.add_argument("target", help="a spec file or a study results directory")
+    sp = sub.add_parser("samples", parents=[common], help="print decoded samples of every run")
+    _spec_args(sp, "target", target_help)
     sp.add_argument("-n", type=int, default=2, help="samples per run")
     sp.add_argument("--chars", type=int, default=300, help="characters per sample")
     sp.set_defaults(fn=cmd_samples)
-    e = sub.add_parser("eval", help="score external samples (.jsonl of texts, .npy of ids) with a study's metrics")
+    e = sub.add_parser("eval", parents=[common],
+                       help="score external samples (.jsonl of texts, .npy of ids) with a study's metrics")
     e.add_argument("files", nargs="+", help="sample files: .jsonl ({\"text\": ...} per line) or .npy ((N, L) ids)")
     e.add_argument("--spec", required=True, help="the study (a spec file or its results directory); run it first")
     e.add_argument("--label", action="append", help="row label per file, in order (default: the file stem)")
     e.set_defaults(fn=cmd_eval)
-    ls = sub.add_parser("ls", help="list the studies under the results root with done/total runs and stages")
-    ls.set_defaults(fn=cmd_ls)
-    args = ap.parse_args(argv)
+    from fsdfm.cli_ls import add_ls_parser
+    add_ls_parser(sub, common)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_defaults()
+    from fsdfm.cache import pin_cache_env
+    pin_cache_env()  # the jobs this run starts may run in another directory
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `fsdfm ... | head`: the reader is gone; exit quietly (and keep Python from complaining at shutdown)
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     if getattr(args, "threads", None) is not None:
         set_thread_env(args.threads)  # before the imports below load numpy and torch
     from fsdfm.data import DataError
@@ -451,9 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         result = args.fn(args)
     except (SpecError, DataError, UnknownNameError, PlanError, InputError, UsageError, FileNotFoundError) as e:
         print(f"fsdfm {args.cmd}: error: {e}", file=sys.stderr)
-        print(json.dumps({"ok": False, "error": str(e)}))
+        print(json.dumps({"ok": False, "error": str(e)}), flush=True)
         return 2
-    print(json.dumps(result, default=str))
+    print(json.dumps(result, default=str), flush=True)
     return 0 if result.get("ok", True) else 1
 
 

@@ -630,6 +630,18 @@ def _job_for(sdir: Path, stage: Stage) -> StageJob:
     return cls(str(sdir), stage.id)
 
 
+def _say(line: str) -> None:
+    """A progress line of an executor (stderr, flushed: it shows in logs and on the terminal as it happens)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def _say_end(tally: _Tally, stage_id: str, wall_s: float | None) -> None:
+    if stage_id in tally.failed:
+        _say(f"  {stage_id} FAILED: {tally.failed[stage_id]}")
+    elif stage_id in tally.done:
+        _say(f"  {stage_id} done" + (f" in {wall_s:.1f} s" if wall_s is not None else ""))
+
+
 @EXECUTORS.register("local")
 def _execute_local(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, max_parallel: int | None,
                    timeout_s: float | None, poll_s: float) -> ExecutionSummary:
@@ -645,6 +657,8 @@ def _execute_local(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
     setup = _source_setup(plan) + ([f"export CUDA_VISIBLE_DEVICES={shlex.quote(cvd)}"] if cvd is not None else [])
     deadline = None if timeout_s is None else time.time() + timeout_s
     tally = _Tally(sdir)
+    total = len(plan.stages)
+    started: dict[str, float] = {}
     for wave in waves(plan):
         queue: list[Stage] = []
         for stage in wave:
@@ -684,10 +698,17 @@ def _execute_local(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
                     job = ex.submit(_job_for(sdir, stage))
                     tally.submitted[stage.id] = str(job.job_id)
                     running[stage.id] = (stage, job)
+                    started[stage.id] = time.time()
+                    # status names the log while the stage runs (run_stage removes this file when it is done)
+                    atomic_write_json(stage_dir(sdir, stage.id) / SUBMITTED, {
+                        "executor": "local", "job_id": str(job.job_id), "time": now_iso(), "time_unix": time.time(),
+                        "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+                    _say(f"[{len(started)}/{total}] {stage.id} started (local job {job.job_id}; log {job.paths.stderr})")
                 for sid, (stage, job) in list(running.items()):
                     if job.done():
                         del running[sid]
                         _settle(tally, sdir, stage, lambda job=job: _local_failure(job))
+                        _say_end(tally, stage.id, time.time() - started[stage.id])
                 if deadline is not None and time.time() > deadline and (running or waiting):
                     tally.pending.extend(running)
                     tally.pending.extend(s.id for s in waiting + queue)
@@ -877,6 +898,7 @@ def _execute_slurm(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
                 continue
             for s, job in zip(stages, jobs):
                 tally.submitted[s.id] = str(job.job_id)
+                _say(f"wave {k}: {s.id} submitted as slurm job {job.job_id} (log {job.paths.stderr})")
                 atomic_write_json(stage_dir(sdir, s.id) / SUBMITTED, {
                     "executor": "slurm", "job_id": str(job.job_id), "time": now_iso(), "time_unix": time.time(),
                     "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
@@ -940,6 +962,7 @@ def wait_for(study_dir: str | os.PathLike, stage_ids: list[str] | None = None, t
     tally = _Tally(sdir)
     first_unknown: dict[str, float] = {}
     ended_at: dict[str, float] = {}
+    seen_running: set[str] = set()
     while todo:
         jobs = {}
         for sid in todo:
@@ -951,10 +974,15 @@ def wait_for(study_dir: str | os.PathLike, stage_ids: list[str] | None = None, t
             if is_done(out):
                 tally.done.append(sid)
                 todo.remove(sid)
+                wall = (read_record(out, warn=False) or {}).get("provenance", {}).get("wall_s")
+                _say_end(tally, sid, wall if isinstance(wall, (int, float)) else None)
                 continue
             jid = jobs.get(sid)
             state = states.get(jid, "UNKNOWN") if jid else None
             _, live = lock_holder(out)
+            if (live or state == "RUNNING") and sid not in seen_running:
+                seen_running.add(sid)
+                _say(f"  {sid} started" + (f" (slurm job {jid})" if jid else ""))
             if live or state in SLURM_ACTIVE:
                 continue
             now = time.time()
@@ -967,6 +995,7 @@ def wait_for(study_dir: str | os.PathLike, stage_ids: list[str] | None = None, t
             err = _error_summary(out)
             if err:
                 tally.failed[sid] = err
+                _say_end(tally, sid, None)
             elif any(d in tally.failed or d in tally.blocked for d in inputs.get(sid, [])):
                 tally.blocked.append(sid)
             elif jid is None:
@@ -1054,7 +1083,16 @@ def _scheduler_states(sdir: Path, stage_ids: list[str]) -> tuple[dict[str, dict]
     return subs, slurm_states(sorted({str(sub["job_id"]) for sub in subs.values()}))
 
 
-def status(study_dir: str | os.PathLike, scheduler: bool = True) -> StatusReport:
+def _log_note(d: Path) -> str:
+    """"; log <stderr file>" of the job a stage was handed to (submitted.json), or ""."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        log = read_json(d / SUBMITTED).get("stderr")
+        if log:
+            return f"; log {log}"
+    return ""
+
+
+def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan | None = None) -> StatusReport:
     """Per stage: done (with wall time), running (host, pid, job, since), failed (type, message and the last
     lines of the traceback; or a SLURM job that was cancelled, failed or vanished without a record, with its
     state), blocked (an input failed or is blocked: it cannot run) or pending (not run yet; queued as a job;
@@ -1063,10 +1101,13 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True) -> StatusReport
     Reads the study's files and, with `scheduler` (default) and stages submitted to SLURM, asks the scheduler
     (`slurm_states`: sacct, then squeue) about their job ids once: a job that is no longer queued or running
     and left no record is failed, never "pending" (a job the scheduler does not know yet, in the first
-    UNKNOWN_GRACE_S after sbatch, is pending)."""
+    UNKNOWN_GRACE_S after sbatch, is pending).
+
+    `plan`: the plan to report on instead of plan.json (a study that has not run yet: every stage pending).
+    A stage handed to a job names the job's log (stderr) file."""
     sdir = Path(study_dir)
-    plan_d = read_plan(sdir)
-    plan = StudyPlan.from_dict(plan_d, str(sdir / PLAN))
+    if plan is None:
+        plan = StudyPlan.from_dict(read_plan(sdir), str(sdir / PLAN))
     todo = [sid for sid in plan.stages if not is_done(stage_dir(sdir, sid)) and not lock_holder(stage_dir(sdir, sid))[1]]
     subs, states = _scheduler_states(sdir, todo) if scheduler else ({}, None)
     out = []
@@ -1084,13 +1125,13 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True) -> StatusReport
             holder, live = lock_holder(d)
             if live:
                 who = holder.describe() if holder else "starting"
-                out.append(StageStatus(stage.id, stage.kind, "running", who))
+                out.append(StageStatus(stage.id, stage.kind, "running", who + _log_note(d)))
                 continue
             if (d / ERROR).exists():
                 with contextlib.suppress(OSError, ValueError):
                     err = read_json(d / ERROR)
                     out.append(StageStatus(stage.id, stage.kind, "failed", f"{err.get('type')}: {err.get('message')}"
-                                           f" (attempt {err.get('attempt')}, {err.get('time')})",
+                                           f" (attempt {err.get('attempt')}, {err.get('time')})" + _log_note(d),
                                            error_tail=tuple(err.get("traceback_tail", ()))))
                     blocked_by[stage.id] = stage.id
                     continue
@@ -1107,6 +1148,8 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True) -> StatusReport
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     other = read_json(d / SUBMITTED)
                     notes.append(f"submitted as {other['executor']} job {other['job_id']} at {other['time']}")
+            if _log_note(d):
+                notes.append(_log_note(d)[2:])
             if holder is not None:
                 notes.append(f"interrupted: {holder.describe()} is gone")
             bad = [dep for dep in stage.inputs.values() if dep in blocked_by]

@@ -406,6 +406,8 @@ def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, 
     batch_size = batch_size or n_samples
     n_total = grid.numel() - 1
     chunks, wall = [], 0.0
+    from fsdfm.progress import bar as progress_bar
+    bar = progress_bar(n_total * -(-n_samples // batch_size), f"sample {rule} x {n_total} steps", unit="step")
     for start in range(0, n_samples, batch_size):
         B = min(batch_size, n_samples - start)
         if x_init is not None:
@@ -425,10 +427,14 @@ def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, 
             else:
                 p = torch.softmax(logits.to(precision), dim=-1)
                 x = update(x, p, t, h, rule_fn, path, generator, final=(i == n_total - 1), sparse=sparse)
+            if bar is not None:
+                bar.update()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall += time.perf_counter() - t0
         chunks.append(x)
+    if bar is not None:
+        bar.close()
     numerics = SampleNumerics(logits_dtype=str(logits.dtype).removeprefix("torch."),
                               precision=str(precision).removeprefix("torch."),
                               step="logits" if from_logits else "softmax",

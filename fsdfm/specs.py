@@ -233,6 +233,22 @@ class ReportSpec:
 
 
 @dataclass(frozen=True)
+class LimitSpec:
+    """What `fsdfm run SPEC --limit N` (a smoke run) does besides N samples per run (in no stage id).
+
+    train_steps: cap every method's and the reference evaluator's train.steps (and warmup_steps, ckpt_every) at
+        this; None = training unchanged. set: further dotted overrides of the smoke run ({dotted key: value}).
+    """
+
+    train_steps: int | None = None
+    set: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.train_steps is not None and self.train_steps < 1:
+            raise ValueError(f"train_steps must be >= 1, got {self.train_steps!r}")
+
+
+@dataclass(frozen=True)
 class Override:
     match: dict
     set: dict
@@ -256,6 +272,7 @@ class StudySpec:
     cluster: dict = field(default_factory=dict)
     report: ReportSpec = ReportSpec()
     tracking: TrackingSpec | None = None  # fsdfm.tracking: in plan.json, never in a stage id (it changes no result)
+    limit: LimitSpec = LimitSpec()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -676,27 +693,38 @@ def load_spec(path: str | Path, cache_dir: str | Path | None = None, check_files
         overrides: dotted key -> value, applied before validation (`apply_overrides`).
     Nothing is written: a spec that passes cannot fail later on anything checked here.
     """
-    return load_spec_dict(read_yaml(path), str(path), cache_dir, check_files, overrides)
+    return load_spec_dict(read_yaml(path), str(path), cache_dir, check_files, overrides, spec_dir=Path(str(path)).parent)
 
 
 def load_spec_dict(raw: Mapping[str, Any], file: str = "<spec dict>", cache_dir: str | Path | None = None,
-                   check_files: bool = True,
-                   overrides: Mapping[str, Any] | None = None) -> tuple[StudySpec, list[Cell]]:
+                   check_files: bool = True, overrides: Mapping[str, Any] | None = None,
+                   spec_dir: str | Path | None = None) -> tuple[StudySpec, list[Cell]]:
     """`load_spec` for a spec already in memory (a dict, as `yaml.safe_load` of the file would give it); `file`
-    names it in errors. The same checks as a YAML file, after the overrides."""
+    names it in errors; relative paths resolve against `spec_dir` (None: as given, i.e. against the working
+    directory). The same checks as a YAML file, after the overrides."""
     if not isinstance(raw, Mapping):
         raise SpecError(f"{file}: a spec must be a mapping at the top level, got {type(raw).__name__}")
     expanded_size(dict(raw), file)
     raw = apply_overrides(dict(raw), overrides, file)
     try:
-        return _load_cells(raw, file, cache_dir, check_files)
+        return expand(raw, file, cache_dir=cache_dir, check_files=check_files, spec_dir=spec_dir)
     except SpecError as e:
         raise _naming_overrides(e, overrides) from None
 
 
-def _load_cells(raw: dict, file: str, cache_dir, check_files: bool) -> tuple[StudySpec, list[Cell]]:
+def expand(raw: dict, file: str, cache_dir: str | Path | None = None, check_files: bool = True,
+           spec_dir: str | Path | None = None) -> tuple[StudySpec, list[Cell]]:
+    """Validate and expand a spec mapping (as read from `file`, perhaps with overrides applied): the base spec and
+    every grid cell's spec. Relative paths in it resolve against `spec_dir` (fsdfm.spec_paths); None = as given."""
+    from fsdfm.spec_paths import resolve_paths
+
     cells = grid_cells(raw, file)
-    specs = [Cell(cell, build_study(cell_raw(raw, cell, file), file)) for cell in cells]
+    specs = []
+    for cell in cells:
+        one = cell_raw(raw, cell, file)
+        if spec_dir is not None:
+            one = resolve_paths(one, Path(spec_dir), file)
+        specs.append(Cell(cell, build_study(one, file)))
     if check_files:
         seen = set()
         for c in specs:

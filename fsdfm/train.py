@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from fsdfm.progress import enabled as progress_enabled
 from fsdfm.results import _fsync_dir
 
 
@@ -203,7 +204,7 @@ def fit(model: nn.Module, loss_fn: Callable[[StepContext], torch.Tensor], data: 
                                    "losses": losses, "ema": ema.state_dict() if ema is not None else None})
 
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    bar = tqdm(range(start, end), desc=desc, initial=start, total=cfg.steps, disable=not progress or rank != 0,
+    bar = tqdm(range(start, end), desc=desc, initial=start, total=cfg.steps, disable=not progress or rank != 0 or not progress_enabled(),
                mininterval=2.0, dynamic_ncols=True)
     model.train()
     from fsdfm.tracking import train_logger

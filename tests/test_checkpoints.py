@@ -401,14 +401,14 @@ def test_released_spec_rejects_bad_checkpoint_settings(tmp_path):
 
     base = (REPO / "experiments" / "released.yaml").read_text()
     cases = {"which: teacher}": ("which: techer}", "did you mean 'teacher'"),
-             "checkpoint: {path: checkpoints/released/dfm_1p3b.pth, which: teacher}": (
+             "checkpoint: {path: ../checkpoints/released/dfm_1p3b.pth, which: teacher}": (
                  "checkpoint: {pth: x.pth}", "unknown key 'methods.dfm_released.checkpoint.pth'")}
     for old, (new, message) in cases.items():
         p = tmp_path / "bad.yaml"
         p.write_text(base.replace(old, new, 1))
         with pytest.raises(SpecError, match=message):
             load_spec(p)
-    p.write_text(base.replace("    checkpoint: {path: checkpoints/released/dfm_1p3b.pth, which: teacher}\n", "", 1))
+    p.write_text(base.replace("    checkpoint: {path: ../checkpoints/released/dfm_1p3b.pth, which: teacher}\n", "", 1))
     with pytest.raises(SpecError, match="dfm_released.checkpoint: a released method needs"):
         load_spec(p)
     p.write_text(base.replace("kind: released", "kind: dfm", 1))

@@ -258,6 +258,18 @@ def test_local_executor_reports_failures(tmp_path, counter):
     assert status(tmp_path / "fails").by_state("failed")[0].error_tail[-1] == "ValueError: add stage refuses total 5"
 
 
+@pytest.mark.slow
+def test_local_executor_prints_each_stage_as_it_starts_and_ends_and_status_names_the_log(tmp_path, counter, capsys):
+    good, bad = Stage("t_launch_const", {"value": 2}), Stage("t_launch_add", {"add": 5, "fail": True})
+    execute(StudyPlan.from_stages("progress", [good, bad]), tmp_path, executor="local", poll_s=0.1)
+    err = capsys.readouterr().err
+    assert f"{good.id} started (local job" in err and f"{bad.id} started (local job" in err
+    assert f"{good.id} done in " in err and f"{bad.id} FAILED: ValueError: add stage refuses total 5" in err
+    failed = status(tmp_path / "progress").by_state("failed")[0]
+    log = Path(failed.detail.split("; log ")[1])
+    assert log.is_file() and "add stage refuses total 5" in log.read_text()
+
+
 def test_kill9_midway_then_rerun_gives_identical_results(tmp_path, counter):
     """A local run is SIGKILLed (with its job processes) while stage b runs; the local re-run skips a, reruns b
     from a clean slate and ends with the records and artefacts of an uninterrupted run."""

@@ -231,8 +231,14 @@ def compute_metric_set(
         end_markers=tuple(end_markers),
     )
     values, n_samples, details, per_sample = {}, {}, {}, {}
+    from fsdfm.progress import bar as progress_bar
+    bar = progress_bar(len(names), f"metrics of {ids.shape[0]} samples", unit="metric")
     for name in names:
+        if bar is not None:
+            bar.set_postfix_str(name)
         outcome = SAMPLE_METRICS.get(name)(inputs)
+        if bar is not None:
+            bar.update()
         value = float(outcome.value)
         if value != value:  # NaN: a bug upstream, never a reportable number
             raise FloatingPointError(f"metric {name!r} evaluated to NaN on {ids.shape[0]} samples")
@@ -241,6 +247,8 @@ def compute_metric_set(
         if outcome.details:
             details[name] = dict(outcome.details)
         per_sample.update({k: np.asarray(v) for k, v in outcome.per_sample.items() if v is not None})
+    if bar is not None:
+        bar.close()
     return MetricSet(values=values, n_samples=n_samples, details=details, per_sample=per_sample)
 
 

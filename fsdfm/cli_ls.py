@@ -1,0 +1,108 @@
+"""`fsdfm ls [methods|rules|metrics|presets|published]`: what exists, from the registries; `fsdfm ls` alone lists
+the studies under the results root with their done/total stages and runs.
+
+A stage counts as done here when its record says so (cheap: no artefact is hashed); `fsdfm verify` checks them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fsdfm.registry import Registry
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of `fsdfm ls WHAT`: a registered name and what it is."""
+
+    name: str
+    about: str
+
+
+def _first_line(obj: object) -> str:
+    doc = getattr(obj, "__doc__", None) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _methods() -> list[Entry]:
+    from fsdfm.methods import METHOD_KINDS
+
+    out = []
+    for name in METHOD_KINDS:
+        k = METHOD_KINDS.get(name)
+        teacher = f"; distils a {k.teacher_kind} teacher" if k.teacher_kind else ""
+        out.append(Entry(name, f"sampler {k.sampler}, rules {', '.join(k.rules)}{teacher}"
+                               + ("; oracle data only" if k.oracle_only else "")))
+    return out
+
+
+def _rules() -> list[Entry]:
+    from fsdfm.samplers import UPDATE_RULES
+
+    return [Entry(n, _first_line(UPDATE_RULES.get(n))) for n in UPDATE_RULES]
+
+
+def _metrics() -> list[Entry]:
+    from fsdfm.metrics.registry import METRICS
+
+    out = []
+    for n in METRICS:
+        m = METRICS.get(n)
+        better = {"min": "lower is better", "max": "higher is better"}.get(m.direction, "no direction")
+        out.append(Entry(n, f"[{m.family}, {m.unit}, {better}] {m.description}"))
+    return out
+
+
+def _presets() -> list[Entry]:
+    from fsdfm.model import PRESETS
+
+    return [Entry(n, ", ".join(f"{k}={v}" for k, v in PRESETS.get(n).items())) for n in PRESETS]
+
+
+def _published() -> list[Entry]:
+    from fsdfm.report.published import PUBLISHED
+
+    out = []
+    for n in PUBLISHED:
+        t = PUBLISHED.get(n)
+        out.append(Entry(n, f"{t.source}, {t.dataset}: {len(t.rows)} rows ({t.convention})"))
+    return out
+
+
+LISTINGS: Registry[Callable[[], list[Entry]]] = Registry("listing")
+LISTINGS.register("methods", _methods)
+LISTINGS.register("rules", _rules)
+LISTINGS.register("metrics", _metrics)
+LISTINGS.register("presets", _presets)
+LISTINGS.register("published", _published)
+
+
+def cmd_ls(args) -> dict:
+    if args.what is None:
+        from fsdfm.results import list_studies  # aware of the shared stage store and of external runs
+
+        root = Path(args.results)
+        rows = list_studies(root)
+        if not rows:
+            print(f"no studies under {root}/ yet (fsdfm run experiments/demo.yaml)")
+        for r in rows:
+            state = "done" if r.stages_done == r.stages_total else "partial" if r.stages_done else "not run"
+            print(f"  {r.name:<40} stages {r.stages_done:>4}/{r.stages_total:<4} runs {r.runs_done:>4}/{r.runs_total:<4}"
+                  f" {state}")
+        return {"results": str(root), "studies": [r.__dict__ for r in rows]}
+    entries = LISTINGS.get(args.what)()
+    width = max((len(e.name) for e in entries), default=0)
+    for e in entries:
+        print(f"  {e.name:<{width}}  {e.about}".rstrip())
+    return {"ls": args.what, "names": [e.name for e in entries]}
+
+
+def add_ls_parser(sub, common: argparse.ArgumentParser) -> None:
+    ls = sub.add_parser("ls", parents=[common], help="list studies (no argument) or " + "|".join(LISTINGS))
+    ls.add_argument("what", nargs="?", default=None,
+                    help=f"one of {', '.join(LISTINGS)}; none: the studies under the results root")
+    ls.set_defaults(fn=cmd_ls)
+
