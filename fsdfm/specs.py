@@ -636,33 +636,13 @@ class Cell:
 
 def apply_overrides(raw: dict, overrides: Mapping[str, Any] | None, file: str) -> dict:
     """A copy of the raw spec mapping with each dotted override `key: value` written into it (before validation,
-    so an overridden spec is checked exactly like a YAML file).
-
-    `{"seed": 3, "methods.fsdfm.distill.K": 8, "grid.sampling.seed": [0, 1]}` sets those keys, creating missing
-    intermediate mappings; under `grid` the rest of the key is one grid key (grid keys are dotted names
-    themselves: the last example is `grid: {sampling.seed: [0, 1]}`). A key that is not a dotted name, or that
-    runs through a value which is not a mapping (e.g. `seed.x` when seed is 0), is a SpecError naming `file` and
-    the override.
-    """
-    out = copy.deepcopy(raw)
+    so an overridden spec is checked exactly like a YAML file): `fsdfm.overrides.apply_overrides`, which checks
+    each key against the spec's fields ("did you mean") and treats `grid.KEY` as one grid axis. None: a copy."""
     if not overrides:
-        return out
-    if not isinstance(overrides, Mapping):
-        raise SpecError(f"{file}: overrides: expected a mapping of dotted keys to values, got {short(overrides)}")
-    for key, value in overrides.items():
-        shown = f"override {short(key, 60)}={short(value, 60)}"
-        if not isinstance(key, str) or not key or any(not k for k in key.split(".")):
-            raise SpecError(f"{file}: {shown}: a key is a dotted field name such as 'sampling.seed'")
-        keys = key.split(".")
-        if keys[0] == "grid" and len(keys) > 1:
-            keys = ["grid", ".".join(keys[1:])]
-        node = out
-        for i, k in enumerate(keys[:-1]):
-            child = node.setdefault(k, {})
-            if not isinstance(child, dict):
-                raise SpecError(f"{file}: {shown}: '{'.'.join(keys[:i + 1])}' is {short(child, 40)}, not a mapping")
-            node = child
-        node[keys[-1]] = copy.deepcopy(value)
+        return copy.deepcopy(raw)
+    from fsdfm.overrides import apply_overrides as _apply
+
+    out = _apply(raw, overrides, file)
     expanded_size(out, file)
     return out
 

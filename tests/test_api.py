@@ -75,7 +75,7 @@ def test_run_study_returns_the_dataframe_of_fsdfm_run_and_load(studies):
 @pytest.mark.slow  # runs a tiny study (module fixture): ~1 min on 2 busy cores
 def test_a_bad_override_is_a_spec_error_naming_it(studies):
     tmp, _ = studies
-    with pytest.raises(SpecError, match=r"methods\.fs\.distil.*did you mean 'distill'.*override methods\.fs\.distil\.K=4"):
+    with pytest.raises(SpecError, match=r"override methods\.fs\.distil\.K=4: unknown key methods\.fs\.distil \(did you mean 'distill'"):
         fsdfm.run_study(spec_dict(tmp, 7), overrides={"methods.fs.distil.K": 4}, results=tmp / "c")
     assert not (tmp / "c").exists()  # nothing written
 
