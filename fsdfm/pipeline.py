@@ -196,8 +196,13 @@ def train_metrics(res, extra: dict | None = None) -> dict:
 
 # ---------------------------------------------------------------------------------------------- training stages
 
+def _oracle_model_metric(config: dict) -> tuple:
+    """posterior_kl, which a DiT training stage records on oracle data (`oracle_model_metrics`)."""
+    return ("posterior_kl",) if (config.get("data") or {}).get("kind") == "oracle" else ()
+
+
 @stage_kind("train_dfm", checkpointable=True, resources="gpu_multi", version="1",
-            metrics=lambda c: ("val_nll", "elbo_ppl") if c.get("source") == "mask" else ())
+            metrics=lambda c: (("val_nll", "elbo_ppl") if c.get("source") == "mask" else ()) + _oracle_model_metric(c))
 def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The DFM teacher: mask or uniform source, CE or generalized-KL loss."""
     join_process_group()
@@ -222,7 +227,7 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
                                "n_params": model.num_parameters(), **oracle_model_metrics(config, final, path, corpus)})
 
 
-@stage_kind("distil_fsdfm", checkpointable=True, resources="gpu_multi", version="1")
+@stage_kind("distil_fsdfm", checkpointable=True, resources="gpu_multi", version="1", metrics=lambda c: _oracle_model_metric(c))
 def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The FS-DFM student, initialised from the teacher with a fresh step-size embedding."""
     from fsdfm.methods import StudentSpec
@@ -309,7 +314,7 @@ def distil_fmlm(config: dict, inputs: dict, out_dir: Path) -> dict:
     return train_metrics(res, {"n_params": student.num_parameters()})
 
 
-@stage_kind("load_released", resources="gpu")
+@stage_kind("load_released", resources="gpu", version="1")
 def load_released_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """A released apple/ml-fs-dfm checkpoint as the model of a method, no training: load it once (every name and
     shape checked by fsdfm.checkpoints), check its vocabulary against the corpus, write a pointer to it."""
@@ -353,7 +358,7 @@ def sample_dfm(model_dir: Path, cfg: dict, corpus, dev, generator) -> SampleOutp
     return run(cfg["n_samples"], grid, generator)
 
 
-@stage_kind("exact_posterior", resources="cpu")
+@stage_kind("exact_posterior", resources="cpu", version="1")
 def exact_posterior_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The exact denoiser of an oracle source (fsdfm.exact_teacher): nothing to train; records its path."""
     from fsdfm.data import DataConfig, oracle_source

@@ -42,7 +42,8 @@ SOURCES: dict[str, tuple[str, ...]] = {
                         "fsdfm.pipeline:dfm_validation", "fsdfm.pipeline:unigram_ce",
                         "fsdfm.pipeline:path_from_config"),
     "stage:distil_fsdfm": ("fsdfm.pipeline:distil_fsdfm", *_DIT, *_DATA, "fsdfm.objectives", "fsdfm.losses",
-                           "fsdfm.pipeline:load_dit", "fsdfm.methods:StudentSpec"),
+                           "fsdfm.pipeline:load_dit", "fsdfm.methods:StudentSpec", "fsdfm.teachers",
+                           "fsdfm.exact_teacher", "fsdfm.oracle_posterior"),
     "stage:train_ar": ("fsdfm.pipeline:train_ar_stage", "fsdfm.ar", "fsdfm.train", *_DATA,
                        "fsdfm.pipeline:build_model_config", "fsdfm.pipeline:train_metrics"),
     "stage:train_flm": ("fsdfm.pipeline:train_flm", *_DIT, *_DATA, "fsdfm.flm"),
@@ -50,9 +51,13 @@ SOURCES: dict[str, tuple[str, ...]] = {
                           "fsdfm.pipeline:load_dit"),
     "stage:sample": ("fsdfm.pipeline:sample_stage", *_DATA, "fsdfm.samplers", "fsdfm.pipeline:sample_dfm",
                      "fsdfm.pipeline:sample_ar_model", "fsdfm.pipeline:_continuous_sampler",
-                     "fsdfm.pipeline:write_samples", "fsdfm.pipeline:load_dit", "fsdfm.ar:sample_ar", "fsdfm.flm"),
+                     "fsdfm.pipeline:write_samples", "fsdfm.pipeline:load_dit", "fsdfm.ar:sample_ar", "fsdfm.flm",
+                     "fsdfm.exact_teacher", "fsdfm.oracle_posterior"),
     "stage:evaluate": ("fsdfm.pipeline:evaluate_stage", *_DATA, *_EVAL, "fsdfm.pipeline:read_samples"),
     "stage:evaluate_data": ("fsdfm.pipeline:evaluate_data_stage", *_DATA, *_EVAL, "fsdfm.metrics:data_reference"),
+    "stage:load_released": ("fsdfm.pipeline:load_released_stage", "fsdfm.checkpoints", *_DATA),
+    "stage:exact_posterior": ("fsdfm.pipeline:exact_posterior_stage", "fsdfm.exact_teacher", "fsdfm.oracle_posterior",
+                              "fsdfm.oracle", *_DATA),
     "stage:pos_divergence": ("fsdfm.pipeline:pos_divergence_stage", *_DATA, "fsdfm.samplers",
                              "fsdfm.pipeline:load_dit"),
     # metrics (fsdfm.metrics.registry)
@@ -74,6 +79,10 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "metric:pos_divergence_slope": ("fsdfm.metrics.divergence",),
     **{f"metric:{m}": ("fsdfm.oracle", "fsdfm.pipeline:oracle_metrics")
        for m in ("oracle_nll", "oracle_expected_nll", "oracle_entropy_rate")},
+    "metric:posterior_kl": ("fsdfm.metrics.oracle:posterior_kl", "fsdfm.oracle_posterior",
+                            "fsdfm.pipeline:oracle_model_metrics"),
+    **{f"metric:{m}": ("fsdfm.metrics.oracle", "fsdfm.oracle", "fsdfm.pipeline:oracle_metrics")
+       for m in ("ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor")},
 }
 
 
