@@ -62,6 +62,7 @@ from fsdfm.results import (
 from fsdfm.results import _pid_start
 from fsdfm.runtime import malloc_tuned, tune_malloc
 from fsdfm.stages import STAGE_KINDS, PlanError, Stage, StageKind, StudyPlan, waves
+from fsdfm.store import store_path
 
 ERROR_TAIL_LINES = 30
 LOCK_POLL_S = 0.5  # how often a run that found a stage locked by a live process looks again
@@ -170,7 +171,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         if not dep_check.done:
             why = f": {'; '.join(dep_check.problems)}" if dep_check.problems else f" ({dep_dir})"
             raise StageInputError(f"stage {stage_id}: input {name!r} (stage {dep}) is not done{why}")
-        inputs[name] = dep_dir
+        inputs[name] = store_path(dep_dir)  # the store folder: the same for every study sharing this stage
         input_records[name] = record_digest(dep_dir)
 
     rank = _global_rank()

@@ -645,8 +645,9 @@ class StudyListing:
 
 def list_studies(root: str | os.PathLike) -> list[StudyListing]:
     """Every study under `root` (as `find_studies` finds them; the shared store is none) with done/total counts
-    of its stages and runs (a run is done when its final stage is). A root that does not exist lists nothing;
-    an unreadable plan is skipped with a warning naming it."""
+    of its stages and runs (a run is done when its final stage is). "Done" here is "has a done record": listing
+    hashes no artefacts (that costs seconds per model file; `fsdfm verify` / `check_stage` do it). A root that
+    does not exist lists nothing; an unreadable plan is skipped with a warning naming it."""
     if not Path(root).exists():
         return []
     out = []
@@ -654,7 +655,8 @@ def list_studies(root: str | os.PathLike) -> list[StudyListing]:
         plan = _read_plan(sdir)
         if plan is None:
             continue
-        done = {sid for sid in plan["stages"] if is_done(stage_dir(sdir, sid))}
+        done = {sid for sid in plan["stages"]
+                if (read_record(stage_dir(sdir, sid), warn=False) or {}).get("status") == "done"}
         runs = [r.get("stage_id") for r in plan["runs"]]
         out.append(StudyListing(plan.get("name", sdir.name), str(sdir), len(done), len(plan["stages"]),
                                 sum(sid in done for sid in runs), len(runs)))

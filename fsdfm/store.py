@@ -129,6 +129,16 @@ def link_stages(study_dir: str | os.PathLike, stage_ids, root: str | os.PathLike
     return LinkReport(tuple(linked), tuple(migrated), tuple(kept))
 
 
+def store_path(stage_path: str | os.PathLike) -> Path:
+    """Where a study's stage folder really lives: the store folder its link names (kept relative when the
+    link's folder is), or the path itself for an old-layout folder. What stage functions are handed as their
+    inputs, so that nothing a shared stage records depends on which study happened to run it."""
+    p = Path(stage_path)
+    if not p.is_symlink():
+        return p
+    return Path(os.path.normpath(p.parent / os.readlink(p)))
+
+
 def linked_by(stage_path: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
     """The study folders whose `stages/<id>` link resolves to the store folder `stage_path` points at.
 

@@ -85,6 +85,10 @@ SOURCES: dict[str, tuple[str, ...]] = {
        for m in ("ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor")},
 }
 
+# fsdfm eval's stage (fsdfm.external): the evaluate stage's metric code on a file instead of a sample stage
+SOURCES["stage:evaluate_external"] = ("fsdfm.external:evaluate_external_stage", "fsdfm.external:read_external",
+                                      *_DATA, *_EVAL)
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -114,6 +118,7 @@ def source_digest(ref: str) -> str:
 def current_units() -> tuple[dict[str, Unit], list[str]]:
     """Every versioned unit of the installed code ({name: Unit}) and the problems found while collecting them
     (a unit without declared sources, a source that does not import)."""
+    import fsdfm.external  # noqa: F401  (registers evaluate_external)
     import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
     from fsdfm.metrics.registry import METRICS
     from fsdfm.stages import STAGE_KINDS

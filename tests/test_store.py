@@ -184,3 +184,16 @@ def test_list_studies_and_ls(tmp_path, counter, capsys):
     out = capsys.readouterr().out
     assert "runs 0/1  stages 1/2" in out
     assert [s["name"] for s in json.loads(out.strip().splitlines()[-1])["studies"]] == ["a", "b"]
+
+
+@stage_kind("t_store_where")
+def where_stage(config, inputs, out_dir):
+    return {"model_dir": str(inputs["model"])}
+
+
+def test_stage_functions_are_handed_store_paths(tmp_path, counter):
+    t = Stage("t_store_teacher", {"value": 1})
+    w = Stage("t_store_where", {}, {"model": t.id})
+    execute(StudyPlan.from_stages("w", [t, w], [RunSpec(run_id="r", stage_id=w.id, params={})]), tmp_path, executor="debug")
+    got = read_json(stage_dir(tmp_path / "w", w.id) / RECORD)["payload"]["model_dir"]
+    assert Path(got) == store_dir(tmp_path, t.id)  # not <study>/stages/<id>: the same whichever study runs it
