@@ -212,7 +212,9 @@ def decomposition_table(study: Study) -> Table:
 def decomposition_figure(study: Study):
     """Per path source: oracle_nll vs N (exact and trained methods; expected NLL, entropy rate and the data row
     marked), and below it the two error terms vs N (model error solid, sampler error dashed), log2 x axis."""
-    from fsdfm.report.figures import Drawn, SkipFigure, _legend_outside, _log2_steps, _new_figure, _palette, _style
+    from fsdfm.report.figures import (
+        PANEL_W, Drawn, SkipFigure, _legend_outside, _log2_steps, _new_figure, _palette, _style,
+    )
 
     frame = decomposition_frame(study)
     if frame.empty:
@@ -223,7 +225,7 @@ def decomposition_figure(study: Study):
     styles = {r: s for r, s in zip(dict.fromkeys(frame["rule"]), ("-", "--", ":", "-."))}
     data_nll = _mean(study.data["oracle_nll"]) if not study.data.empty and "oracle_nll" in study.data else None
     with _style():
-        fig, axes = _new_figure(2 * len(sources), ncols=len(sources))
+        fig, axes = _new_figure(2 * len(sources), ncols=len(sources), w=1.5 * PANEL_W)
         top, bottom = axes[:len(sources)], axes[len(sources):]
         for j, src in enumerate(sources):
             f = frame[frame["source"] == src]
@@ -250,7 +252,7 @@ def decomposition_figure(study: Study):
             top[j].set_ylabel("oracle_nll (nats/token, log scale)")
             top[j].set_title(f"{src}: oracle_nll")
             bottom[j].set_ylabel("error term (nats/token)")
-            bottom[j].set_title(f"{src}: model error (colour), sampler error (black)")
+            bottom[j].set_title(f"{src}: error terms")
         fig.suptitle(f"{study.name}: few-step error = model + sampler error (seed means)")
         _legend_outside(fig, axes)
     caption = ("Top: oracle_nll against the step budget for the exact denoiser and each trained method, with the "
