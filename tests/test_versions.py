@@ -19,7 +19,7 @@ def test_every_stage_kind_and_metric_is_a_versioned_unit():
 
     units, problems = versions.current_units()
     assert not problems
-    kinds = {k for k in STAGE_KINDS.names() if STAGE_KINDS.get(k).module == "fsdfm.pipeline"}
+    kinds = {k for k in STAGE_KINDS.names() if STAGE_KINDS.get(k).module.startswith("fsdfm.")}
     assert {f"stage:{k}" for k in kinds} | {f"metric:{m}" for m in METRICS.names()} == set(units)
 
 
