@@ -523,10 +523,12 @@ def test_two_concurrent_runs_of_a_study_both_succeed(tmp_path, counter, executor
     first, first_log = driver("first")
     bdir = stage_dir(root / "chain", b)
     deadline = time.time() + 90
-    while not lock_holder(bdir)[1]:
+    info, live = lock_holder(bdir)
+    while not (live and info is not None):  # one read: the holder and its liveness from the same lock file
         assert first.poll() is None and time.time() < deadline, first_log.read_text()
         time.sleep(0.05)
-    holder = lock_holder(bdir)[0].pid
+        info, live = lock_holder(bdir)
+    holder = info.pid
     second, second_log = driver("second")
     while f"stage {b} is locked by pid {holder}" not in second_log.read_text():
         assert second.poll() is None and time.time() < deadline, second_log.read_text()
