@@ -232,9 +232,11 @@ def test_real_study_through_the_cli_on_slurm_matches_a_local_run(tmp_path):
     assert recs and all(r["provenance"]["slurm_job_id"] for r in recs)
 
 
+# 3,000 steps (~45 s on an idle core, 15 ms a step): the cancel must land while training runs; 400 steps
+# finished in 6 s on an idle machine, before the scancel that followed the first checkpoint took effect
 CANCEL_SPEC = ORACLE_SPEC.replace("name: slurm_oracle", "name: slurm_cancel").replace(
     "train: {steps: 20, batch_size: 16, warmup_steps: 5, ema_decay: 0.9}",
-    "train: {steps: 400, batch_size: 16, warmup_steps: 5, ema_decay: 0.9, ckpt_every: 25}")
+    "train: {steps: 3000, batch_size: 16, warmup_steps: 5, ema_decay: 0.9, ckpt_every: 25}")
 
 
 def test_cancelled_job_is_failed_in_status_with_its_dependents_blocked_and_a_rerun_completes(tmp_path):
@@ -242,7 +244,7 @@ def test_cancelled_job_is_failed_in_status_with_its_dependents_blocked_and_a_rer
     SLURM and reports that stage failed (CANCELLED) and every stage behind it blocked (their jobs were killed
     by --kill-on-invalid-dep), not "pending"; the re-run resumes training from its checkpoint and completes."""
     require_cluster()
-    assert "steps: 400" in CANCEL_SPEC
+    assert "steps: 3000" in CANCEL_SPEC
     spec = tmp_path / "slurm_cancel.yaml"
     spec.write_text(CANCEL_SPEC)
     env = {**os.environ, "FSDFM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
@@ -272,6 +274,7 @@ def test_cancelled_job_is_failed_in_status_with_its_dependents_blocked_and_a_rer
     _wait_step_file(tdir / "ckpt" / "checkpoint.pt")  # training, with a checkpoint written
     jid = read_json(tdir / SUBMITTED)["job_id"]
     _slurm("scancel", jid)
+    assert not (tdir / RECORD).exists(), "training finished before the cancel: make CANCEL_SPEC's training longer"
 
     deadline = time.time() + 120
     while True:
