@@ -24,6 +24,8 @@ a DDP job logs (other ranks never open a tracker).
 
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import dataclasses
 import os
@@ -76,18 +78,20 @@ def log_dir(settings: dict, study_dir: str | os.PathLike) -> Path:
     return Path(os.path.abspath(d if d.is_absolute() else Path(study_dir) / d))
 
 
-class Tracker:
+class Tracker(abc.ABC):
     """One stage's tracker: scalars by tag and step, and text. Backends subclass it."""
 
     @classmethod
     def check_available(cls) -> None:
         """Raise RuntimeError naming what to install when the backend's package is missing."""
 
+    @abc.abstractmethod
     def scalar(self, tag: str, value: float, step: int) -> None:
-        raise NotImplementedError
+        """Log `value` under `tag` at optimiser step `step`."""
 
+    @abc.abstractmethod
     def text(self, tag: str, text: str) -> None:
-        raise NotImplementedError
+        """Log a text (e.g. the stage's config) under `tag`."""
 
     def close(self) -> None:
         pass
