@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fsdfm.data import DataConfig, load_corpus
+from fsdfm.metrics.oracle import corpus_metric_names, extra_metrics  # the oracle corpus metrics (registered there)
 from fsdfm.model import DiT, ModelConfig, model_config, student_from_teacher
 from fsdfm.objectives import FROZEN_TEACHER_SHORTCUTS, DFMConfig, DFMObjective, FSDFMObjective
 from fsdfm.paths import MixturePath, make_path
@@ -565,50 +566,6 @@ def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     evaluator = load_study_evaluator(config, inputs, device())
     scored = score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir, _sample_metric_names(config, evaluator))
     return {**scored, "n_samples": n}
-
-
-@dataclasses.dataclass(frozen=True)
-class ExtraMetrics:
-    """What a dataset kind adds: `values` {name: float} and `per_sample` {column: (N,) array}."""
-
-    values: dict
-    per_sample: dict = dataclasses.field(default_factory=dict)
-
-
-EXTRA_METRICS: Registry = Registry("corpus metric")
-# the metric names each EXTRA_METRICS entry records (their versions enter the evaluate stages' ids)
-EXTRA_METRIC_NAMES = {"oracle": ("oracle_nll", "oracle_expected_nll", "oracle_entropy_rate", "ngram_tv", "ngram_kl",
-                                 "ngram_tv_floor", "ngram_kl_floor")}
-
-
-def corpus_metric_names(config: dict) -> tuple:
-    """Names of the metrics `extra_metrics` adds for this config's dataset kind."""
-    return EXTRA_METRIC_NAMES.get((config.get("data") or {}).get("kind"), ())
-
-
-def extra_metrics(config: dict, tokens: np.ndarray, corpus) -> ExtraMetrics:
-    """Metrics a dataset kind adds (e.g. oracle_nll for synthetic sources): registered per dataset kind."""
-    kind = config["data"]["kind"]
-    return EXTRA_METRICS.get(kind)(config, tokens, corpus) if kind in EXTRA_METRICS else ExtraMetrics({})
-
-
-@EXTRA_METRICS.register("oracle")
-def oracle_metrics(config: dict, tokens: np.ndarray, corpus) -> ExtraMetrics:
-    """oracle_nll of the samples next to the source's own expected NLL per token and entropy rate; per sample,
-    oracle_nll_i = -log p(x_i) / L (their mean is oracle_nll)."""
-    from fsdfm.data import DataConfig, oracle_source
-
-    from fsdfm.metrics.oracle import ngram_distance, ngram_floor
-
-    source = oracle_source(DataConfig(**config["data"]))
-    expected = source.expected_nll_per_token(tokens.shape[1])
-    dist = ngram_distance(tokens, source)
-    # the floor: as many true sequences, drawn with a seed that neither split uses
-    floor = ngram_floor(source, tokens.shape[0], tokens.shape[1], seed=int(config["data"]["oracle"].get("seed", 0)) * 1000 + 3)
-    per_sample = -np.asarray(source.log_prob(source.check_tokens(tokens)), dtype=np.float64) / tokens.shape[1]
-    return ExtraMetrics({"oracle_nll": float(source.nll_per_token(tokens)), "oracle_expected_nll": float(expected),
-                         "oracle_entropy_rate": float(source.entropy_rate), "ngram_tv": dist.tv, "ngram_kl": dist.kl,
-                         "ngram_tv_floor": floor.tv, "ngram_kl_floor": floor.kl}, {"oracle_nll": per_sample})
 
 
 POSTERIOR_KL_STATES = 256  # held-out sequences noised at each t of the posterior_kl grid

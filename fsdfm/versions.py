@@ -1,6 +1,6 @@
 """Keeping declared versions honest: a committed table of source digests per versioned unit.
 
-Every stage kind (`@stage_kind(..., version=...)`) and every metric (`METRICS`, `_add(..., version=...)`) carries
+Every stage kind (`@stage_kind(..., version=...)`) and every metric (`METRICS`, `@register_metric(..., version=...)`) carries
 a declared version string that enters the ids of the stages that compute it (see `fsdfm.fingerprint` for why
 declared strings and not hashes of the code). A unit's *sources* (`SOURCES`: modules, or `module:function`
 for one function of a shared module) are what compute it. tests/fixtures/code_versions.json holds, per unit,
@@ -34,7 +34,7 @@ _DATA = ("fsdfm.data.base:load_corpus", "fsdfm.data.documents", "fsdfm.data.toke
 _DIT = ("fsdfm.model", "fsdfm.train", "fsdfm.paths", "fsdfm.schedulers", "fsdfm.pipeline:save_dit",
         "fsdfm.pipeline:build_model_config", "fsdfm.pipeline:train_metrics", "fsdfm.pipeline:loss_curve")
 _EVAL = ("fsdfm.pipeline:load_study_evaluator", "fsdfm.pipeline:_metric_kwargs", "fsdfm.pipeline:_sample_metric_names",
-         "fsdfm.pipeline:extra_metrics", "fsdfm.metrics:compute_metrics")
+         "fsdfm.metrics.oracle:extra_metrics", "fsdfm.metrics.sample:compute_metrics")
 
 SOURCES: dict[str, tuple[str, ...]] = {
     # stage kinds (fsdfm.pipeline)
@@ -54,34 +54,34 @@ SOURCES: dict[str, tuple[str, ...]] = {
                      "fsdfm.pipeline:write_samples", "fsdfm.pipeline:load_dit", "fsdfm.ar:sample_ar", "fsdfm.flm",
                      "fsdfm.exact_teacher", "fsdfm.oracle_posterior"),
     "stage:evaluate": ("fsdfm.pipeline:evaluate_stage", *_DATA, *_EVAL, "fsdfm.pipeline:read_samples"),
-    "stage:evaluate_data": ("fsdfm.pipeline:evaluate_data_stage", *_DATA, *_EVAL, "fsdfm.metrics:data_reference"),
+    "stage:evaluate_data": ("fsdfm.pipeline:evaluate_data_stage", *_DATA, *_EVAL, "fsdfm.metrics.sample:data_reference"),
     "stage:load_released": ("fsdfm.pipeline:load_released_stage", "fsdfm.checkpoints", *_DATA),
     "stage:exact_posterior": ("fsdfm.pipeline:exact_posterior_stage", "fsdfm.exact_teacher", "fsdfm.oracle_posterior",
                               "fsdfm.oracle", *_DATA),
     "stage:pos_divergence": ("fsdfm.pipeline:pos_divergence_stage", *_DATA, "fsdfm.samplers",
                              "fsdfm.pipeline:load_dit"),
     # metrics (fsdfm.metrics.registry)
-    "metric:gen_ppl": ("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator", "fsdfm.metrics:_gen_ppl"),
+    "metric:gen_ppl": ("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator", "fsdfm.metrics.sample:_gen_ppl"),
     "metric:gen_ppl_seq_mean": ("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator",
-                                "fsdfm.metrics:_gen_ppl_seq_mean"),
+                                "fsdfm.metrics.sample:_gen_ppl_seq_mean"),
     "metric:entropy_nats": ("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix"),
     "metric:entropy_bits": ("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix"),
     **{f"metric:distinct_{n}": ("fsdfm.metrics.diversity:distinct_n", "fsdfm.metrics.diversity:_ngrams",
                                 "fsdfm.metrics.diversity:as_token_matrix") for n in range(1, 5)},
-    "metric:self_bleu": ("fsdfm.metrics.diversity:self_bleu", "fsdfm.metrics:_self_bleu"),
+    "metric:self_bleu": ("fsdfm.metrics.diversity:self_bleu", "fsdfm.metrics.sample:_self_bleu"),
     "metric:rep_n": ("fsdfm.metrics.diversity:rep_n", "fsdfm.metrics.diversity:_ngrams",
                      "fsdfm.metrics.diversity:as_token_matrix"),
-    "metric:mauve": ("fsdfm.metrics.mauve", "fsdfm.metrics:_mauve"),
+    "metric:mauve": ("fsdfm.metrics.mauve", "fsdfm.metrics.sample:_mauve"),
     **{f"metric:{m}": ("fsdfm.metrics.timing",) for m in ("nfe", "wall_s", "tokens_per_s", "peak_mem")},
     "metric:val_nll": ("fsdfm.pipeline:dfm_validation", "fsdfm.ar:ar_nll"),
     "metric:elbo_ppl": ("fsdfm.pipeline:dfm_validation", "fsdfm.ar:ar_nll"),
     "metric:pos_divergence": ("fsdfm.metrics.divergence",),
     "metric:pos_divergence_slope": ("fsdfm.metrics.divergence",),
-    **{f"metric:{m}": ("fsdfm.oracle", "fsdfm.pipeline:oracle_metrics")
+    **{f"metric:{m}": ("fsdfm.oracle", f"fsdfm.metrics.oracle:_{m}", "fsdfm.metrics.oracle:OracleInputs")
        for m in ("oracle_nll", "oracle_expected_nll", "oracle_entropy_rate")},
     "metric:posterior_kl": ("fsdfm.metrics.oracle:posterior_kl", "fsdfm.oracle_posterior",
                             "fsdfm.pipeline:oracle_model_metrics"),
-    **{f"metric:{m}": ("fsdfm.metrics.oracle", "fsdfm.oracle", "fsdfm.pipeline:oracle_metrics")
+    **{f"metric:{m}": ("fsdfm.metrics.oracle", "fsdfm.oracle")
        for m in ("ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor")},
 }
 
@@ -129,8 +129,8 @@ def current_units() -> tuple[dict[str, Unit], list[str]]:
         if k.module.startswith("fsdfm."):  # the package's own kinds (tests register fakes of their own)
             declared[f"stage:{kind}"] = (k.version, f"@stage_kind({kind!r}, version=...) in {k.module}")
     for name in METRICS.names():
-        declared[f"metric:{name}"] = (METRICS.get(name).version, f"_add({name!r}, ..., version=...) in "
-                                                                 "fsdfm/metrics/registry.py")
+        declared[f"metric:{name}"] = (METRICS.get(name).version, f"register_metric({name!r}, ..., version=...) "
+                                                                 "(fsdfm.metrics)")
     units, problems = {}, []
     for name, (version, where) in sorted(declared.items()):
         refs = SOURCES.get(name)

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from fsdfm.metrics.registry import register_metric
+
 Rollout = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
@@ -138,3 +140,15 @@ def pos_divergence(
         tv=tv, js=js, agreement=agreement, slope=fit.slope, slope_stderr=fit.slope_stderr,
         n_starts=n_starts, n_rollouts=n_rollouts,
     )
+
+
+# --- recorded by the pos_divergence stage (needs teacher and student rollouts, not samples)
+_POS = "fsdfm.metrics.divergence.pos_divergence (needs teacher and student rollouts)"
+register_metric("pos_divergence", direction="min", unit="TV", family="divergence", show={"pos": 1},
+                recorded_by=_POS,
+                description="per-position total variation between few-step and many-step teacher marginals from the "
+                            "same start state (a curve over positions; its mean as a scalar)")
+register_metric("pos_divergence_slope", direction="min", unit="TV/sequence", family="divergence", show={"pos": 3},
+                recorded_by=_POS,
+                description="least-squares slope of the pos_divergence TV curve against normalised position 0..1 "
+                            "(positive: error grows)")

@@ -16,11 +16,18 @@ with n = order + 1 for a Markov source (p(c, x) = pi(c) P(x | c)) and n = `HMM_N
 n-gram marginals by the forward algorithm). A collapsed sampler can score a low oracle_nll (it repeats the likely
 sequences) but not a low n-gram distance. Finite samples leave a floor: the same distance for as many true source
 sequences (`ngram_floor`), which shrinks like 1 / sqrt(number of windows).
+
+The oracle corpus metrics (oracle_nll, its floor and the source's entropy rate, the n-gram distances and their
+floors) are registered here with needs "oracle": `extra_metrics(config, tokens, corpus)` computes them for a
+study whose dataset kind is "oracle" (`corpus_metric_names(config)` names them; their versions enter the evaluate
+stages' ids). posterior_kl is recorded by the training stage. This module knows the sources' exact distributions;
+it knows nothing about stages or records.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -28,8 +35,11 @@ import torch
 
 from fsdfm.oracle import HMMSource, MarkovSource, OracleSource
 
+from fsdfm.metrics.registry import METRICS, register_metric
+from fsdfm.metrics.sample import MetricOutcome
+
 __all__ = ["HMM_NGRAM", "NgramDistance", "exact_ngram", "ngram_distance", "ngram_floor", "posterior_kl",
-           "POSTERIOR_KL_T_GRID"]
+           "POSTERIOR_KL_T_GRID", "ExtraMetrics", "OracleInputs", "corpus_metric_names", "extra_metrics"]
 
 HMM_NGRAM = 2
 POSTERIOR_KL_T_GRID = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))  # t = 0.05, 0.15, ..., 0.95
@@ -136,3 +146,117 @@ def posterior_kl(model: Callable, exact: Callable, path, x_1: torch.Tensor, gene
             total += float((kl * w).sum())
             count += float(w.sum())
     return total / max(count, 1.0)
+
+
+# ------------------------------------------------------------------------------- the registered metrics
+register_metric("posterior_kl", direction="min", unit="nats/position", family="oracle",
+                recorded_by="the training stage (fsdfm.metrics.oracle.posterior_kl on the trained model)",
+                description="model error: mean KL(exact posterior || model p_{1|t}) over a fixed t grid and held-out "
+                            "path states, at movable positions (the FS-DFM student at its smallest step); recorded by "
+                            "the training stage")
+
+
+@dataclass(frozen=True)
+class ExtraMetrics:
+    """What a dataset kind adds: `values` {name: float} and `per_sample` {column: (N,) array}."""
+
+    values: dict
+    per_sample: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OracleInputs:
+    """What an oracle metric sees: the study `config` (its data section names the source) and the samples
+    `tokens` (N, L); the source, the n-gram distance and its floor are computed once, when first asked."""
+
+    config: dict
+    tokens: np.ndarray
+
+    @cached_property
+    def source(self) -> OracleSource:
+        from fsdfm.data import DataConfig, oracle_source
+
+        return oracle_source(DataConfig(**self.config["data"]))
+
+    @cached_property
+    def distance(self) -> NgramDistance:
+        return ngram_distance(self.tokens, self.source)
+
+    @cached_property
+    def floor(self) -> NgramDistance:
+        # the floor: as many true sequences, drawn with a seed that neither split uses
+        n, length = self.tokens.shape
+        return ngram_floor(self.source, n, length, seed=int(self.config["data"]["oracle"].get("seed", 0)) * 1000 + 3)
+
+
+def _oracle(name: str, direction: str | None, unit: str, description: str, show: dict | None = None):
+    return register_metric(name, direction=direction, unit=unit, family="oracle", needs=("oracle",),
+                           show=show or {}, description=description)
+
+
+@_oracle("oracle_nll", "min", "nats/token", "NLL of the samples under the known oracle source",
+         show={"main": 9, "pairs": 5})
+def _oracle_nll(x: OracleInputs) -> MetricOutcome:
+    """oracle_nll of the samples; per sample, oracle_nll_i = -log p(x_i) / L (their mean is oracle_nll)."""
+    per_sample = -np.asarray(x.source.log_prob(x.source.check_tokens(x.tokens)), dtype=np.float64) / x.tokens.shape[1]
+    return MetricOutcome(float(x.source.nll_per_token(x.tokens)), len(x.tokens), per_sample={"oracle_nll": per_sample})
+
+
+@_oracle("oracle_expected_nll", None, "nats/token", "the source's own exact expected NLL per token of length-L "
+         "sequences: the floor oracle_nll is compared with", show={"main": 12})
+def _oracle_expected_nll(x: OracleInputs) -> MetricOutcome:
+    return MetricOutcome(float(x.source.expected_nll_per_token(x.tokens.shape[1])), len(x.tokens))
+
+
+@_oracle("oracle_entropy_rate", None, "nats/token", "entropy rate of the oracle source", show={"main": 13})
+def _oracle_entropy_rate(x: OracleInputs) -> MetricOutcome:
+    return MetricOutcome(float(x.source.entropy_rate), len(x.tokens))
+
+
+@_oracle("ngram_tv", "min", "TV", "total variation between the samples' empirical (order + 1)-gram distribution "
+         "(HMM: bigram) and the source's exact stationary one; collapse cannot game it", show={"main": 10})
+def _ngram_tv(x: OracleInputs) -> MetricOutcome:
+    return MetricOutcome(x.distance.tv, len(x.tokens))
+
+
+@_oracle("ngram_kl", "min", "nats", "KL(empirical n-grams || exact stationary n-grams) of the samples")
+def _ngram_kl(x: OracleInputs) -> MetricOutcome:
+    return MetricOutcome(x.distance.kl, len(x.tokens))
+
+
+@_oracle("ngram_tv_floor", None, "TV", "ngram_tv of as many true source sequences: the finite-sample floor of "
+         "ngram_tv", show={"main": 11})
+def _ngram_tv_floor(x: OracleInputs) -> MetricOutcome:
+    return MetricOutcome(x.floor.tv, len(x.tokens))
+
+
+@_oracle("ngram_kl_floor", None, "nats", "ngram_kl of as many true source sequences (its floor)")
+def _ngram_kl_floor(x: OracleInputs) -> MetricOutcome:
+    return MetricOutcome(x.floor.kl, len(x.tokens))
+
+
+# the dataset kind that provides each corpus need (only synthetic sources have an exact likelihood)
+_KIND_NEEDS = {"oracle": "oracle"}
+
+
+def corpus_metric_names(config: dict) -> tuple:
+    """Names of the metrics `extra_metrics` adds for this config's dataset kind."""
+    need = _KIND_NEEDS.get((config.get("data") or {}).get("kind"))
+    return tuple(n for n in METRICS.names() if METRICS.get(n).computed and need in METRICS.get(n).needs) \
+        if need else ()
+
+
+def extra_metrics(config: dict, tokens: np.ndarray, corpus) -> ExtraMetrics:
+    """Metrics a dataset kind adds (e.g. oracle_nll for synthetic sources): every registered metric whose needs the
+    kind provides, computed on the samples `tokens` (N, L). `corpus` is the study's corpus (unused by the oracle
+    metrics, which rebuild the source from the config: a pure function of it)."""
+    names = corpus_metric_names({"data": {"kind": config["data"]["kind"]}})
+    if not names:
+        return ExtraMetrics({})
+    x = OracleInputs(config, tokens)
+    values, per_sample = {}, {}
+    for name in names:
+        out = METRICS.get(name).compute(x)
+        values[name] = float(out.value)
+        per_sample.update(out.per_sample)
+    return ExtraMetrics(values, per_sample)

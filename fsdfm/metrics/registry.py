@@ -1,26 +1,50 @@
-"""Every metric name the suite reports, with its direction, unit and family.
+"""One registry entry per metric: what it is, how it is ranked, what it needs and where the report shows it.
 
-`METRICS.get(name)` returns a `MetricInfo`; reports use `direction` to rank a column ("min": lower is
-better, "max": higher is better, None: no better side, e.g. entropy, which should sit near the data's rather
-than be pushed up or down). Metrics whose target is the data (entropy, distinct-n, self-BLEU, rep-n) are
-ranked by distance to the data row whatever their direction (`fsdfm.report.significance`). The functions that compute the sample-based metrics
-live in `fsdfm.metrics` (`compute_metrics`); the rest are recorded by the stage that owns them
-(sampling: nfe/wall_s/tokens_per_s/peak_mem; training: val_nll/elbo_ppl; oracle data: oracle_nll;
-`fsdfm.metrics.divergence`: pos_divergence).
+A metric computed from samples is one registered function (lm-evaluation-harness's `@register_metric` shape):
+
+    @register_metric("rep_n", direction="min", unit="fraction", family="diversity", needs=(),
+                     label="repeated 4-grams (fraction)", show={"main": 8, "seeds": 4}, target="data",
+                     description="within-sample fraction of repeated 4-grams ...")
+    def _rep_n(x: MetricInputs) -> MetricOutcome: ...
+
+A metric recorded by a stage rather than computed from samples (nfe, wall_s, val_nll, posterior_kl,
+pos_divergence, ...) registers its description with `recorded_by=` and no function. `METRICS.get(name)` returns
+the `MetricInfo`; reports use `direction` to rank a column ("min": lower is better, "max": higher is better,
+None: no better side), except that metrics with `target="data"` (entropy, distinct-n, self-BLEU, rep-n) are
+ranked by distance to the data row whatever their direction (`fsdfm.report.significance`). `show` maps a report
+view ("main", "seeds", "sweep", "ablation", "pairs", "cost", "pos") to the metric's position in it; `shown(view)`
+lists a view's metrics in that order, so a registered metric reaches the report's tables and figures with no
+edit there.
+
+This module knows nothing about how a metric is computed (the functions live in `fsdfm.metrics.sample`,
+`fsdfm.metrics.oracle`, ...) and nothing about the report's layout beyond the view names.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 from fsdfm.registry import Registry
 
 DIRECTIONS = ("min", "max", None)
+TARGETS = (None, "data")
+# What a computed metric may need besides the token ids (the inputs `fsdfm.metrics.MetricInputs` checks):
+# decoded texts, an evaluator LM, held-out reference texts, the oracle source of a synthetic corpus.
+NEEDS = ("texts", "evaluator", "references", "oracle")
+VIEWS = ("main", "seeds", "sweep", "ablation", "pairs", "cost", "pos")
 
 
 @dataclass(frozen=True)
 class MetricInfo:
-    """Static description of one metric: `name`, `direction` ("min" | "max" | None), `unit`, `family`.
+    """One metric: `name`, `direction` ("min" | "max" | None), `unit`, `family`, `description`, `version`, and
+
+    target:      "data" when the goal is the data row's value (more diversity than the data is not better);
+    needs:       inputs of `compute` besides the token ids (a subset of `NEEDS`);
+    label:       axis label with the unit (default: "name (unit)");
+    show:        ((view, position), ...): the report views that show the metric, and where;
+    recorded_by: for a metric no function computes from samples, the stage or code that records it;
+    compute:     the function `MetricInputs -> MetricOutcome` (None for recorded metrics).
 
     `version` is bumped whenever the metric's value can change for the same samples (a fix, a new convention);
     it enters the id of every stage that computes the metric, so only those stages re-run (tests/test_versions.py
@@ -32,10 +56,35 @@ class MetricInfo:
     family: str
     description: str
     version: str = "1"
+    target: str | None = None
+    needs: tuple = ()
+    label: str = ""
+    show: tuple = ()
+    recorded_by: str = ""
+    compute: Callable | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"metric {self.name!r}: direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"metric {self.name!r}: target must be one of {TARGETS}, got {self.target!r}")
+        bad = [n for n in self.needs if n not in NEEDS]
+        if bad:
+            raise ValueError(f"metric {self.name!r}: unknown needs {bad}; allowed: {', '.join(NEEDS)}")
+        show = tuple(self.show.items()) if isinstance(self.show, Mapping) else tuple(self.show)
+        bad = [v for v, _ in show if v not in VIEWS]
+        if bad:
+            raise ValueError(f"metric {self.name!r}: unknown report views {bad}; allowed: {', '.join(VIEWS)}")
+        object.__setattr__(self, "show", show)
+
+    @property
+    def computed(self) -> bool:
+        """Whether a registered function computes the metric from samples."""
+        return self.compute is not None
+
+    def position(self, view: str) -> float | None:
+        """The metric's position in a report view (None: not shown there)."""
+        return dict(self.show).get(view)
 
     def best(self, values: list[float]) -> float | None:
         """The best of `values` by this metric's direction (None when the metric has no direction)."""
@@ -47,56 +96,57 @@ class MetricInfo:
 METRICS: Registry[MetricInfo] = Registry("metric")
 
 
-def _add(name: str, direction: str | None, unit: str, family: str, description: str, version: str = "1") -> None:
-    METRICS.register(name, MetricInfo(name, direction, unit, family, description, version))
+def register_metric(name: str, *, direction: str | None, unit: str, family: str, description: str,
+                    version: str = "1", target: str | None = None, needs: tuple = (), label: str = "",
+                    show: Mapping[str, float] | tuple = (), recorded_by: str = "") -> Any:
+    """Register metric `name`. With `recorded_by`, the description alone is registered and its `MetricInfo`
+    returned; otherwise a decorator is returned that registers the function computing it from samples."""
+
+    def info(fn: Callable | None) -> MetricInfo:
+        return MetricInfo(name, direction, unit, family, description, version, target, tuple(needs), label, show,
+                          recorded_by, fn)
+
+    if recorded_by:
+        return METRICS.register(name, info(None))
+
+    def decorator(fn: Callable) -> Callable:
+        METRICS.register(name, info(fn))
+        return fn
+
+    return decorator
 
 
-# --- perplexity (fsdfm/metrics/perplexity.py)
-_add("gen_ppl", "min", "ppl", "perplexity",
-     "token-pooled exp(sum NLL / sum tokens) of the re-tokenized decoded samples under the evaluator LM (fp32; "
-     "first token unscored; non-EOS tokens plus the first EOS scored)")
-_add("gen_ppl_seq_mean", "min", "ppl", "perplexity",
-     "FS-DFM/SEDD convention: mean over samples of exp(mean NLL) on the raw ids (tokenizers must match)")
-# --- diversity (fsdfm/metrics/diversity.py)
-_add("entropy_nats", None, "nats", "diversity", "per-sample unigram entropy of the token ids, averaged over samples")
-_add("entropy_bits", None, "bits", "diversity", "entropy_nats / ln 2")
-for _n in range(1, 5):
-    _add(f"distinct_{_n}", "max", "fraction", "diversity",
-         f"unique {_n}-grams / total {_n}-grams, pooled over all samples")
-_add("self_bleu", "min", "BLEU", "diversity",
-     "mean sacrebleu sentence BLEU-4 of each (subsampled, seeded) sample against all the other samples")
-_add("rep_n", "min", "fraction", "diversity",
-     "within-sample fraction of repeated 4-grams (1 - unique/total per sample), averaged over samples")
-# --- MAUVE (fsdfm/metrics/mauve.py)
-_add("mauve", "max", "score", "mauve",
-     "mauve-text on featurizer features between the samples and as many held-out real texts")
-# --- cost (fsdfm/metrics/timing.py), recorded by the sampling stage; evaluator time excluded
-_add("nfe", "min", "evals", "timing", "counted model forward calls per sampling run")
-_add("wall_s", "min", "s", "timing", "sampling wall-clock seconds (warm-up excluded, CUDA synchronised)")
-_add("tokens_per_s", "max", "tok/s", "timing", "generated tokens per second of sampling wall-clock")
-_add("peak_mem", "min", "bytes", "timing", "peak memory while sampling (CUDA max allocated, or process peak RSS)")
+def unregister_metric(name: str) -> MetricInfo:
+    """Remove a metric (tests register toy metrics for their duration); returns its entry."""
+    entry = METRICS.get(name)
+    del METRICS._items[name]  # Registry has no public removal: only tests take entries out
+    return entry
+
+
+def shown(view: str) -> tuple[str, ...]:
+    """The metrics a report view shows, in their `show` positions (ties: by name)."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown report view {view!r}; allowed: {', '.join(VIEWS)}")
+    infos = [METRICS.get(n) for n in METRICS.names()]
+    return tuple(i.name for i in sorted((i for i in infos if i.position(view) is not None),
+                                        key=lambda i: (i.position(view), i.name)))
+
+
+def data_target_metrics() -> tuple[str, ...]:
+    """Metrics ranked by distance to the data row (`target="data"`)."""
+    return tuple(n for n in METRICS.names() if METRICS.get(n).target == "data")
+
+
+def axis_label(name: str) -> str:
+    """The metric's axis label with its unit (its `label`, else "name (unit)")."""
+    info = METRICS.get(name)
+    return info.label or (f"{name} ({info.unit})" if info.unit else name)
+
+
 # --- likelihood, recorded by the training/evaluation stage of methods that have a bound
-_add("val_nll", "min", "nats/token", "likelihood", "held-out NLL (or its upper bound) per token")
-_add("elbo_ppl", "min", "ppl", "likelihood", "exp(val_nll): perplexity bound on held-out data")
-# --- per-position divergence (fsdfm/metrics/divergence.py)
-_add("pos_divergence", "min", "TV", "divergence",
-     "per-position total variation between few-step and many-step teacher marginals from the same start state "
-     "(a curve over positions; its mean as a scalar)")
-_add("pos_divergence_slope", "min", "TV/sequence", "divergence",
-     "least-squares slope of the pos_divergence TV curve against normalised position 0..1 (positive: error grows)")
-# --- oracle data (synthetic sources with a known likelihood)
-_add("oracle_nll", "min", "nats/token", "oracle", "NLL of the samples under the known oracle source")
-_add("oracle_expected_nll", None, "nats/token", "oracle",
-     "the source's own exact expected NLL per token of length-L sequences: the floor oracle_nll is compared with")
-_add("oracle_entropy_rate", None, "nats/token", "oracle", "entropy rate of the oracle source")
-# --- exact oracle metrics (fsdfm/metrics/oracle.py)
-_add("posterior_kl", "min", "nats/position", "oracle",
-     "model error: mean KL(exact posterior || model p_{1|t}) over a fixed t grid and held-out path states, at "
-     "movable positions (the FS-DFM student at its smallest step); recorded by the training stage")
-_add("ngram_tv", "min", "TV", "oracle",
-     "total variation between the samples' empirical (order + 1)-gram distribution (HMM: bigram) and the source's "
-     "exact stationary one; collapse cannot game it")
-_add("ngram_kl", "min", "nats", "oracle", "KL(empirical n-grams || exact stationary n-grams) of the samples")
-_add("ngram_tv_floor", None, "TV", "oracle",
-     "ngram_tv of as many true source sequences: the finite-sample floor of ngram_tv")
-_add("ngram_kl_floor", None, "nats", "oracle", "ngram_kl of as many true source sequences (its floor)")
+register_metric("val_nll", direction="min", unit="nats/token", family="likelihood",
+                description="held-out NLL (or its upper bound) per token",
+                recorded_by="the training / likelihood-evaluation stage")
+register_metric("elbo_ppl", direction="min", unit="ppl", family="likelihood",
+                description="exp(val_nll): perplexity bound on held-out data",
+                recorded_by="the training / likelihood-evaluation stage")

@@ -27,29 +27,19 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from fsdfm.metrics.registry import shown
 from fsdfm.registry import Registry
 from fsdfm.report.summary import (
     DATA_LABEL, SAMPLING_WALL_S, Study, metric_info, present, summarize,
 )
 
-SWEEP_METRICS = ("gen_ppl", "entropy_nats", "mauve", "rep_n", "self_bleu", "distinct_4")
-ABLATION_METRICS = ("gen_ppl", "entropy_nats", "mauve", "rep_n")
 PANEL_W, PANEL_H = 4.2, 3.2
 DPI = 150
 _RULE_STYLES = ("-", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
 _RULE_MARKERS = ("o", "s", "^", "D")
-# axis labels with units, by metric (fallback: name and registry unit); the direction is said in words
-# because an arrow glyph in a rotated y label reads as pointing sideways
-_AXIS = {
-    "gen_ppl": "generative perplexity, token-pooled",
-    "gen_ppl_seq_mean": "perplexity, mean over samples",
-    "entropy_nats": "unigram entropy per sample (nats)",
-    "entropy_bits": "unigram entropy per sample (bits)",
-    "mauve": "MAUVE (0-1)",
-    "self_bleu": "self-BLEU (0-100)",
-    "rep_n": "repeated 4-grams (fraction)",
-    SAMPLING_WALL_S: "sampling wall-clock (s)",
-}
+# The metrics of the step-sweep and ablation figures and their axis labels are the registry's (views "sweep"
+# and "ablation"; `MetricInfo.label`), read when a figure is drawn. The direction is said in words because an
+# arrow glyph in a rotated y label reads as pointing sideways.
 _BETTER = {"min": "lower is better", "max": "higher is better"}
 
 
@@ -84,8 +74,8 @@ FIGURES: Registry[Callable[[Study], "list[Drawn]"]] = Registry("figure")
 # ------------------------------------------------------------------------------------------------ helpers
 def axis_label(metric: str, direction: bool = True) -> str:
     """Axis label with the unit and, for metrics with a direction, "(lower/higher is better)"."""
-    info = metric_info(metric)
-    text = _AXIS.get(metric) or (f"{metric} ({info.unit})" if info.unit else metric)
+    info = metric_info(metric)  # sampling_wall_s reads wall_s's entry
+    text = info.label or (f"{metric} ({info.unit})" if info.unit else metric)
     better = _BETTER.get(info.direction) if direction else None
     return f"{text}\n({better})" if better else text
 
@@ -212,15 +202,16 @@ def _n_text(ns) -> str:
 
 # ------------------------------------------------------------------------------------------- step sweep
 @FIGURES.register("step_sweep")
-def step_sweep(study: Study, metrics: tuple = SWEEP_METRICS) -> list[Drawn]:
+def step_sweep(study: Study, metrics: tuple | None = None) -> list[Drawn]:
     """Metric vs step budget (log2 x), mean ± std over seeds per (label, rule), data as a dashed line."""
     runs = study.models
     runs = runs[runs["steps"].notna()] if "steps" in runs else runs.iloc[:0]
     if runs.empty:
         raise SkipFigure("no model runs with a step budget")
-    metrics = present(runs, metrics)
+    wanted = shown("sweep") if metrics is None else metrics
+    metrics = present(runs, wanted)
     if not metrics:
-        raise SkipFigure(f"none of {', '.join(SWEEP_METRICS)} was recorded")
+        raise SkipFigure(f"none of {', '.join(wanted)} was recorded")
     if runs["steps"].nunique() < 2:
         raise SkipFigure(f"only one step budget ({int(runs['steps'].iloc[0])}); nothing to sweep")
     series = list(dict.fromkeys(zip(runs["label"], runs["rule"].astype(object).where(runs["rule"].notna(), None))))
@@ -414,10 +405,11 @@ def ablation_budget(runs: pd.DataFrame) -> int:
 
 
 @FIGURES.register("ablation")
-def ablation(study: Study, metrics: tuple = ABLATION_METRICS) -> list[Drawn]:
+def ablation(study: Study, metrics: tuple | None = None) -> list[Drawn]:
     """Per method kind with several variants: bars of each variant at one step budget, ±1 std, seeds as dots."""
     from fsdfm.report.tables import ablation_kinds
 
+    metrics = shown("ablation") if metrics is None else metrics
     kinds = ablation_kinds(study)
     if not kinds:
         raise SkipFigure("no method kind has more than one variant (label) in this study")

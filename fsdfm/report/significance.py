@@ -35,9 +35,6 @@ from fsdfm.metrics.registry import METRICS
 
 ALPHA = 0.05
 LEVEL = 0.95
-# Metrics whose target is the data's value rather than a direction (more diversity than the data is not better).
-DATA_TARGET_METRICS = ("entropy_nats", "entropy_bits", "distinct_1", "distinct_2", "distinct_3", "distinct_4",
-                       "self_bleu", "rep_n")
 
 
 def _per_token(num: str, den: str) -> Callable[[pd.DataFrame], pd.Series]:
@@ -72,7 +69,9 @@ def per_sample_values(samples: pd.DataFrame, metric: str) -> np.ndarray | None:
 
 
 def is_data_target(metric: str) -> bool:
-    return metric in DATA_TARGET_METRICS
+    """Whether the metric's target is the data's value rather than a direction (its registry entry's
+    `target="data"`: more diversity than the data is not better)."""
+    return metric in METRICS and METRICS.get(metric).target == "data"
 
 
 def score(metric: str, x: np.ndarray, data_mean: float | None) -> np.ndarray | None:

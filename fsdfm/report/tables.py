@@ -25,18 +25,41 @@ from typing import Sequence
 
 import pandas as pd
 
+from fsdfm.metrics.registry import shown
 from fsdfm.report import significance
 from fsdfm.report.published import published_tables
 from fsdfm.report.summary import (
     DATA_KIND, DEFAULT_BY, POS_KIND, SAMPLING_WALL_S, Study, metric_info, present, summarize,
 )
 
-# The quality table: perplexity, entropy, MAUVE, diversity (in this order; absent metrics are skipped).
-MAIN_METRICS = ("gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "mauve", "distinct_2", "distinct_4", "self_bleu",
-                "rep_n", "oracle_nll", "ngram_tv", "ngram_tv_floor", "oracle_expected_nll", "oracle_entropy_rate")
-COST_METRICS = ("nfe", SAMPLING_WALL_S, "tokens_per_s", "peak_mem")
-POS_METRICS = ("pos_divergence", "pos_agreement", "pos_divergence_slope")
-SEED_METRICS = ("gen_ppl", "entropy_nats", "mauve", "rep_n")
+
+
+# Which metrics each table shows, and in what order, is the metrics' own registry entry (`show`): a registered
+# metric reaches its tables with no edit here. They are read when a table is built, not at import, so a metric
+# registered later (a plug-in, a test) is shown too. Absent metrics are skipped.
+def main_metrics() -> tuple[str, ...]:
+    """The quality table's metrics: perplexity, entropy, MAUVE, diversity, oracle (registry view "main")."""
+    return shown("main")
+
+
+def cost_metrics() -> tuple[str, ...]:
+    """The cost table's metrics (view "cost"); wall_s is shown as the `sampling_wall_s` column, which is the
+    sampling stage's own wall-clock whatever the record layout (`fsdfm.report.summary.sampling_wall_s`)."""
+    return tuple(SAMPLING_WALL_S if m == "wall_s" else m for m in shown("cost"))
+
+
+def pos_metrics() -> tuple[str, ...]:
+    """The per-position divergence table's metrics (view "pos"), with the stage's `pos_agreement` column second:
+    a diagnostic the stage records next to its metrics, not a registered metric (registering it would add it to
+    every summary of the study)."""
+    pos = shown("pos")
+    return pos[:1] + ("pos_agreement",) + pos[1:]
+
+
+def seed_metrics() -> tuple[str, ...]:
+    """The run-to-run variance table's metrics (view "seeds")."""
+    return shown("seeds")
+
 DASH = "—"
 # display scaling by unit: (divisor, unit shown in the header)
 _SCALE = {"bytes": (2.0 ** 20, "MiB")}
@@ -383,8 +406,9 @@ def _n_samples_note(runs: pd.DataFrame) -> list[str]:
     return [f"samples per run: {', '.join(map(str, ns))}"] if ns else []
 
 
-def main_table(study: Study, published: Sequence[str] = (), metrics: Sequence[str] = MAIN_METRICS) -> Table:
+def main_table(study: Study, published: Sequence[str] = (), metrics: Sequence[str] | None = None) -> Table:
     """Quality by method and step budget: perplexity, entropy, MAUVE, diversity; data row first; collapse."""
+    metrics = main_metrics() if metrics is None else metrics
     runs = study.runs[study.runs["kind"] != POS_KIND] if "kind" in study.runs else study.runs
     return metric_table(runs, metrics, name="table_main", title=f"{study.name}: sample quality by method and step budget",
                         published=published, extra_notes=_n_samples_note(runs), samples=study.samples,
@@ -393,18 +417,19 @@ def main_table(study: Study, published: Sequence[str] = (), metrics: Sequence[st
 
 def cost_table(study: Study) -> Table:
     """Sampling cost by method and step budget (no data row): NFE, sampling wall-clock, throughput, memory."""
-    return metric_table(study.models, COST_METRICS, name="table_cost", flags=False,
+    return metric_table(study.models, cost_metrics(), name="table_cost", flags=False,
                         title=f"{study.name}: sampling cost (evaluator time excluded)")
 
 
 def pos_divergence_table(study: Study) -> Table:
     """Per-position divergence summaries (mean TV, agreement, TV slope) per student and step budget."""
-    return metric_table(study.divergence, POS_METRICS, name="table_pos_divergence", flags=False,
+    return metric_table(study.divergence, pos_metrics(), name="table_pos_divergence", flags=False,
                         title=f"{study.name}: few-step student vs many-step teacher, per-position divergence")
 
 
-def seeds_table(study: Study, metrics: Sequence[str] = SEED_METRICS) -> Table:
+def seeds_table(study: Study, metrics: Sequence[str] | None = None) -> Table:
     """Run-to-run variance: per setting and metric, n seeds, mean, std, 95% CI, min, max, std/mean."""
+    metrics = seed_metrics() if metrics is None else metrics
     runs = study.runs[study.runs["kind"] != POS_KIND] if "kind" in study.runs else study.runs
     wanted = list(metrics)
     s = summarize(runs, DEFAULT_BY, wanted)
@@ -444,14 +469,16 @@ def ablation_tables(study: Study) -> list[Table]:
     out = []
     for kind, labels in ablation_kinds(study).items():
         runs = study.runs[(study.runs["kind"] == DATA_KIND) | (study.runs["kind"] == kind)]
-        out.append(metric_table(runs, MAIN_METRICS + ("nfe",), name=f"table_ablation_{kind}",
+        out.append(metric_table(runs, main_metrics() + ("nfe",), name=f"table_ablation_{kind}",
                                 title=f"{study.name}: ablation of {kind} ({len(labels)} variants)",
                                 samples=study.samples, mauve_min_n=study.report_settings["mauve_min_n"]))
     return out
 
 
 # ---------------------------------------------------------------------------------- paired comparisons
-PAIR_METRICS = ("gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "rep_n", "oracle_nll", "mauve")
+def pair_metrics() -> tuple[str, ...]:
+    """The paired comparison's metrics (registry view "pairs")."""
+    return shown("pairs")
 
 
 def _fmt(x: float) -> str:
@@ -496,7 +523,7 @@ def pairs_table(study: Study) -> Table:
         if study.samples is not None and len(study.samples) and "run_id" in study.samples:
             sa = study.samples[study.samples["run_id"].isin(ra["run_id"])]
             sb = study.samples[study.samples["run_id"].isin(rb["run_id"])]
-        for m in PAIR_METRICS:
+        for m in pair_metrics():
             if m not in ra or m not in rb:
                 continue
 
@@ -555,7 +582,8 @@ def summary_csv(study: Study) -> pd.DataFrame:
     return summarize(study.runs, DEFAULT_BY)
 
 
-__all__ = ["Table", "MAIN_METRICS", "COST_METRICS", "POS_METRICS", "SEED_METRICS", "metric_table", "main_table",
+__all__ = ["Table", "main_metrics", "cost_metrics", "pos_metrics", "seed_metrics", "pair_metrics", "metric_table",
+           "main_table",
            "pairs_table", "sample_count_warnings", "resolve_side",
            "cost_table", "pos_divergence_table", "seeds_table", "ablation_tables", "ablation_kinds", "summary_csv",
            "best_rows", "display_unit", "fmt_mean_std", "fmt_number", "header", "latex_escape"]
