@@ -108,6 +108,7 @@ def register_metric(name: str, *, direction: str | None, unit: str, family: str,
 
     if recorded_by:
         return METRICS.register(name, info(None))
+    info(None)  # a bad direction / view / need is an error here, at the decorator, not when the function is added
 
     def decorator(fn: Callable) -> Callable:
         METRICS.register(name, info(fn))
