@@ -16,7 +16,7 @@ import argparse
 import benchlib
 import torch
 
-from fsdfm.oracle import MarkovSource
+from fsdfm.data.oracle import MarkovSource
 from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import make_path
 from fsdfm.schedulers import make_scheduler

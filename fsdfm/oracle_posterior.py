@@ -13,7 +13,7 @@ so the evidence factor e_i(v) = P(x_t^i | x_1^i = v) is, up to a constant in v, 
 is a forward-backward pass over the source's latent chain:
 
 * `MarkovSource` of order k: the latent state at position i >= k - 1 is the context c_i = (x^{i-k+1}, ..., x^i)
-  (C = V^k states, oldest digit most significant, as in fsdfm.oracle); the chain starts from the stationary pi over
+  (C = V^k states, oldest digit most significant, as in fsdfm.data.oracle.markov); the chain starts from the stationary pi over
   contexts at i = k - 1 and moves c -> (c mod V^{k-1}) V + x with P(x | c). State c_i carries the evidence of its
   newest digit (and c_{k-1} that of all k digits). Token marginals: p(x^i = v) = sum of the state posterior over
   contexts whose newest digit is v (i >= k - 1), or whose digit i is v (i < k - 1, read off c_{k-1}).
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fsdfm.oracle import HMMSource, MarkovSource, OracleSource
+from fsdfm.data.oracle import HMMSource, MarkovSource, OracleSource
 from fsdfm.paths import MixturePath
 
 __all__ = ["ExactPosterior", "NEG_LOGIT", "Posterior", "evidence", "posterior"]

@@ -30,6 +30,8 @@ TABLE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "code_versi
 # what every stage that loads a corpus depends on
 _DATA = ("fsdfm.data.base:load_corpus", "fsdfm.data.documents", "fsdfm.data.tokenizer", "fsdfm.data.text",
          "fsdfm.data.tokenfiles", "fsdfm.data.hf", "fsdfm.data.oracle", "fsdfm.pipeline:corpus_for")
+# the oracle sources (fsdfm.data.oracle's own file is the dataset kind, in _DATA)
+_ORACLE = ("fsdfm.data.oracle.sources", "fsdfm.data.oracle.markov", "fsdfm.data.oracle.hmm")
 # what every DiT training stage depends on
 _DIT = ("fsdfm.model", "fsdfm.train", "fsdfm.paths", "fsdfm.schedulers", "fsdfm.pipeline:save_dit",
         "fsdfm.pipeline:build_model_config", "fsdfm.pipeline:train_metrics", "fsdfm.pipeline:loss_curve")
@@ -57,7 +59,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "stage:evaluate_data": ("fsdfm.pipeline:evaluate_data_stage", *_DATA, *_EVAL, "fsdfm.metrics.sample:data_reference"),
     "stage:load_released": ("fsdfm.pipeline:load_released_stage", "fsdfm.checkpoints", *_DATA),
     "stage:exact_posterior": ("fsdfm.pipeline:exact_posterior_stage", "fsdfm.exact_teacher", "fsdfm.oracle_posterior",
-                              "fsdfm.oracle", *_DATA),
+                              *_ORACLE, *_DATA),
     "stage:pos_divergence": ("fsdfm.pipeline:pos_divergence_stage", *_DATA, "fsdfm.samplers",
                              "fsdfm.pipeline:load_dit"),
     # metrics (fsdfm.metrics.registry)
@@ -77,11 +79,11 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "metric:elbo_ppl": ("fsdfm.pipeline:dfm_validation", "fsdfm.ar:ar_nll"),
     "metric:pos_divergence": ("fsdfm.metrics.divergence",),
     "metric:pos_divergence_slope": ("fsdfm.metrics.divergence",),
-    **{f"metric:{m}": ("fsdfm.oracle", f"fsdfm.metrics.oracle:_{m}", "fsdfm.metrics.oracle:OracleInputs")
+    **{f"metric:{m}": (*_ORACLE, f"fsdfm.metrics.oracle:_{m}", "fsdfm.metrics.oracle:OracleInputs")
        for m in ("oracle_nll", "oracle_expected_nll", "oracle_entropy_rate")},
     "metric:posterior_kl": ("fsdfm.metrics.oracle:posterior_kl", "fsdfm.oracle_posterior",
                             "fsdfm.pipeline:oracle_model_metrics"),
-    **{f"metric:{m}": ("fsdfm.metrics.oracle", "fsdfm.oracle")
+    **{f"metric:{m}": ("fsdfm.metrics.oracle", *_ORACLE)
        for m in ("ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor")},
 }
 

@@ -13,7 +13,7 @@ import torch
 
 import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
 from fsdfm.exact_teacher import ExactTargetObjective
-from fsdfm.oracle import MarkovSource
+from fsdfm.data.oracle import MarkovSource
 from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import make_path
 from fsdfm.schedulers import make_scheduler

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from fsdfm.metrics.oracle import exact_ngram, ngram_distance, ngram_floor, posterior_kl
-from fsdfm.oracle import HMMSource, MarkovSource, oracle_nll
+from fsdfm.data.oracle import HMMSource, MarkovSource, oracle_nll
 from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import make_path
 from fsdfm.schedulers import make_scheduler

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsdfm.oracle import (
+from fsdfm.data.oracle import (
     ORACLES,
     HMMSource,
     MarkovSource,

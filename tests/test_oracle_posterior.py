@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsdfm.oracle import HMMSource, MarkovSource, oracle_nll
+from fsdfm.data.oracle import HMMSource, MarkovSource, oracle_nll
 from fsdfm.oracle_posterior import ExactPosterior, posterior
 from fsdfm.paths import make_path
 from fsdfm.samplers import sample

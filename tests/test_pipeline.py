@@ -14,7 +14,7 @@ import pytest
 import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
 from fsdfm.launch import execute
 from fsdfm.methods import plan_study
-from fsdfm.oracle import make_oracle
+from fsdfm.data.oracle import make_oracle
 from fsdfm.results import load, load_records
 from fsdfm.specs import load_spec
 

@@ -206,7 +206,7 @@ def _oracle(cfg: DataConfig, cache_dir: Path | None) -> None:
     import inspect
 
     from fsdfm.data.oracle import SPLIT_KEYS, oracle_source
-    from fsdfm.oracle import ORACLES
+    from fsdfm.data.oracle import ORACLES
 
     o = cfg.oracle or {}
     if not isinstance(o, dict):

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fsdfm.oracle import HMMSource, MarkovSource, OracleSource
+from fsdfm.data.oracle import HMMSource, MarkovSource, OracleSource
 
 from fsdfm.metrics.registry import METRICS, register_metric
 from fsdfm.metrics.sample import MetricOutcome

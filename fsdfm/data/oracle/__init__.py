@@ -6,9 +6,13 @@
       oracle: {source: markov, vocab_size: 32, order: 2, support: 4, epsilon: 0.001, seed: 0,
                n_train: 20000, n_valid: 2000}
 
-Every key except n_train / n_valid goes to the source's constructor (fsdfm.oracle). Train and valid draws use
+Every key except n_train / n_valid goes to the source's constructor (`make_oracle`). Train and valid draws use
 seeds derived from the source seed, so the corpus is a pure function of the config. Samples of such studies are
 scored by `oracle_nll` (exact NLL per token under the source) next to the source's expected NLL per token.
+
+The sources themselves: `sources` (the `OracleSource` interface, `ORACLES`, `make_oracle`), `markov`
+(`MarkovSource`), `hmm` (`HMMSource`); importing this package registers both. This module turns a data config
+into a corpus; the sources know nothing about corpora.
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ from pathlib import Path
 import torch
 
 from fsdfm.data.base import DATASET_KINDS, Corpus, DataConfig, DataError
+from fsdfm.data.oracle.hmm import HMMSource
+from fsdfm.data.oracle.markov import MarkovSource
+from fsdfm.data.oracle.sources import ORACLES, OracleEstimate, OracleSource, de_bruijn, make_oracle, oracle_nll
+
+__all__ = ["ORACLES", "HMMSource", "MarkovSource", "OracleEstimate", "OracleSource", "de_bruijn", "make_oracle",
+           "oracle_nll", "oracle_source", "load_oracle_corpus", "SPLIT_KEYS"]
 
 SPLIT_KEYS = ("n_train", "n_valid")
 
 
-def oracle_source(cfg: DataConfig):
-    from fsdfm.oracle import make_oracle
-
+def oracle_source(cfg: DataConfig) -> OracleSource:
     o = dict(cfg.oracle or {})
     kind = o.pop("source", None)
     for k in SPLIT_KEYS:
