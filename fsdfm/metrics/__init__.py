@@ -28,7 +28,7 @@ from fsdfm.metrics.sample import (
     SAMPLE_METRICS, MetricInputs, MetricOutcome, MetricSet, compute_metric_set, compute_metrics, data_reference,
     data_reference_set,
 )
-from fsdfm.metrics.texts import END_MARKERS, convention, strip_end_markers
+from fsdfm.metrics.texts import END_MARKERS, strip_end_markers
 from fsdfm.metrics.timing import (
     CountingModel, PeakMemory, Timing, peak_memory, reset_peak_memory, timed, tokens_per_s,
 )

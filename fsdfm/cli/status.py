@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fsdfm.cli_spec import resolve_spec, study_dir
+from fsdfm.cli.spec import resolve_spec, study_dir
 
 
 def _status_plan(args, sdir: Path):
@@ -14,7 +14,7 @@ def _status_plan(args, sdir: Path):
     from fsdfm.methods import plan_study
     from fsdfm.stages import StudyPlan
 
-    from fsdfm.cli import _read_plan
+    from fsdfm.cli.common import _read_plan
 
     if (sdir / "plan.json").exists() or Path(args.target).is_dir():
         return StudyPlan.from_dict(_read_plan(sdir), str(sdir / "plan.json"))

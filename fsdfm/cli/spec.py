@@ -32,7 +32,7 @@ def study_dir(args) -> Path:
     has_overrides = bool(getattr(args, "overrides", None)) or getattr(args, "limit", None) is not None
     if p.is_dir():
         if has_overrides:
-            from fsdfm.cli import UsageError
+            from fsdfm.cli.common import UsageError
             raise UsageError(f"{p} is a study directory: overrides and --limit go with a spec file")
         return p
     if has_overrides:

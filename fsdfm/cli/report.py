@@ -1,0 +1,75 @@
+"""`fsdfm report`, `fsdfm samples` and `fsdfm eval`: read a finished study (tables, figures, decoded samples) and
+score external samples with its metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fsdfm.cli.common import InputError, _read_plan, require_extra
+from fsdfm.cli.spec import study_dir
+
+
+def cmd_report(args) -> dict:
+    sdir = study_dir(args)
+    _read_plan(sdir)
+    require_extra("report")
+    from fsdfm.report import write_report
+
+    try:
+        out = write_report(sdir, Path(args.out) if args.out else sdir / "report")
+    except ModuleNotFoundError as e:  # a module of an extra imported deep inside (the list above missed it)
+        raise InputError(f"fsdfm report needs the 'analysis' extra (module {e.name!r} is not installed): "
+                         "pip install 'fsdfm[analysis]'") from None
+    print(f"report: {out.index}")
+    return {"study": sdir.name, "report": str(out.index), "tables": [str(p) for p in out.tables],
+            "figures": [str(p) for p in out.figures]}
+
+
+def cmd_samples(args) -> dict:
+    """Print the first decoded samples of every evaluated run (method, rule, step budget)."""
+    import json as _json
+
+    from fsdfm.results import read_record
+
+    sdir = study_dir(args)
+    plan = _read_plan(sdir)
+    shown = 0
+    for run in plan["runs"]:
+        rec = read_record(sdir / "stages" / run["stage_id"], warn=False)
+        if rec is None or "samples" not in rec.get("inputs", {}):
+            continue
+        texts = sdir / "stages" / rec["inputs"]["samples"] / "samples.jsonl"
+        if not texts.exists():
+            continue
+        p = run["params"]
+        print(f"=== {p.get('label') or p['method']} | rule {p.get('rule')} | {p.get('steps')} steps ===")
+        for line in texts.read_text().splitlines()[: args.n]:
+            text = " ".join(_json.loads(line)["text"].split())
+            print("  " + (text[: args.chars] + " ..." if len(text) > args.chars else text))
+        shown += 1
+    return {"study": sdir.name, "runs_shown": shown}
+
+
+def _eval_study_dir(args) -> Path:
+    """`fsdfm eval --spec X`: X is a spec file (its study under --results) or a study directory."""
+    import argparse as _argparse
+
+    return study_dir(_argparse.Namespace(target=args.spec, results=args.results, overrides=[], limit=None))
+
+
+def cmd_eval(args) -> dict:
+    """Score external sample files with a study's metrics and evaluator (fsdfm.external), recorded as runs."""
+    from fsdfm.external import ExternalError, eval_files
+
+    sdir = _eval_study_dir(args)
+    _read_plan(sdir)  # the study's plan must exist: its evaluate config and evaluator are what score the files
+    try:
+        done = eval_files(sdir, sdir.parent, args.files, args.label)
+    except ExternalError as e:
+        raise InputError(str(e)) from None
+    for r in done:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if isinstance(v, float))
+        print(f"  {r.label:<24} {r.stage_id}  {shown}")
+    print(f"study {sdir.name}: scored {len(done)} external file(s)   next: fsdfm report {args.spec}")
+    return {"study": sdir.name, "runs": [{"file": r.file, "label": r.label, "stage_id": r.stage_id,
+                                          "run_id": r.run_id, "metrics": r.metrics} for r in done]}

@@ -1,0 +1,146 @@
+"""`fsdfm run SPEC`: plan the study, --rerun / --dry-run / --print-config, and execute it with an executor."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from fsdfm.cli.common import InputError, UsageError, set_threads
+from fsdfm.cli.spec import command_line, load_plan, print_config
+
+
+def _kinds_arg(text: str | None, option: str) -> list[str]:
+    """KIND[,KIND] -> registered stage kind names (an unknown one is an UnknownNameError with did-you-mean)."""
+    import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
+    from fsdfm.stages import STAGE_KINDS
+
+    kinds = [k.strip() for k in (text or "").split(",") if k.strip()]
+    if text is not None and not kinds:
+        raise UsageError(f"{option}: name at least one stage kind ({', '.join(STAGE_KINDS.names())})")
+    for k in kinds:
+        STAGE_KINDS.get(k)
+    return kinds
+
+
+def _kind_of(stage_id: str) -> str:
+    return stage_id.rsplit("-", 1)[0]  # ids are f"{kind}-{hash}"
+
+
+def _data_lines(plan) -> dict[str, str]:
+    """{field: "sha256:<hex>"} of the data files the plan's stages read (what their ids hold)."""
+    out: dict[str, str] = {}
+    for s in plan.stages.values():
+        for field, digest in (s.fingerprint.get("data") or {}).items():
+            src = s.config.get("data", {}).get(field)
+            out[f"{field}={src}"] = digest
+    return out
+
+
+def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None = None) -> list[str]:
+    """Remove the stage folders of the plan's stages of `kinds` (their dependents then see a redone input and
+    re-run too); nothing is removed under --dry-run. A stage that is running is an error."""
+    from fsdfm.results import lock_holder
+
+    present = {s.kind for s in plan.stages.values()}
+    for k in kinds:
+        if k not in present:
+            raise UsageError(f"--rerun: study {plan.name!r} has no {k!r} stage; "
+                             f"its kinds: {', '.join(sorted(present))}")
+    chosen = [sid for sid, s in plan.stages.items() if s.kind in kinds]
+    for sid in chosen:
+        holder, live = lock_holder(sdir / "stages" / sid)
+        if live:
+            raise UsageError(f"--rerun: stage {sid} is running ({holder.describe() if holder else 'starting'}); "
+                             "wait for it or stop it first")
+    if not dry_run:
+        from fsdfm.store import discard_stage
+
+        for sid in chosen:  # emptied where it lives (the shared store): every study sharing it sees it redone
+            discard_stage(sdir, sid, root)
+    return chosen
+
+
+def cmd_run(args) -> dict:
+    import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
+    from fsdfm.launch import execute
+    from fsdfm.results import check_stage, is_done
+    from fsdfm.stages import waves
+
+    resolved, plan = load_plan(args)
+    spec = resolved.spec
+    sdir = Path(args.results) / plan.name
+    if args.print_config:
+        return print_config(resolved, sdir)
+    if args.track:  # tracking lives in plan.json, not in stage ids: the same stages, now logged (fsdfm.tracking)
+        from fsdfm.tracking import enable
+        plan = enable(plan, spec.tracking)
+    from fsdfm.tracking import check_available
+    try:
+        check_available(plan.tracking)
+    except RuntimeError as e:
+        raise InputError(str(e)) from None
+    rerun_kinds = _kinds_arg(args.rerun, "--rerun")
+    if args.threads is not None:
+        set_threads(args.threads)
+    rerun = _rerun(plan, sdir, rerun_kinds, args.dry_run, args.results) if rerun_kinds else []
+    if args.dry_run:
+        print(f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages  ({args.spec})")
+        data = _data_lines(plan)
+        for src, digest in data.items():
+            print(f"  data {src}  {digest[:19]}  (in the ids of the stages that read it)")
+        redo = set(rerun)
+        for i, wave in enumerate(waves(plan)):
+            for s in wave:
+                if any(d in redo for d in s.inputs.values()):
+                    redo.add(s.id)
+                state = "rerun" if s.id in redo else check_stage(sdir / "stages" / s.id).state
+                state = {"done": "done", "missing": "pending"}.get(state, state)
+                print(f"  wave {i}  {state:<7}  {s.id}  <- {', '.join(s.inputs.values()) or '-'}")
+        print("runs:")
+        for r in plan.runs:
+            print(f"  {r.run_id}  -> {r.stage_id}")
+        return {"study": plan.name, "dry_run": True, "runs": len(plan.runs), "stages": len(plan.stages),
+                "done": sum(is_done(sdir / "stages" / s) for s in plan.stages if s not in redo),
+                "rerun": sorted(redo), "data": data}
+    profile = args.profile or (spec.cluster.get("profile") if args.executor == "slurm" else None)
+    from fsdfm.launch import EXECUTORS, load_profile
+    EXECUTORS.get(args.executor)  # checked here too: execute() writes plan.json before it reads the profile
+    if args.executor == "slurm" and profile is None:
+        raise UsageError("--executor slurm needs a cluster profile: --profile slurm/<cluster>.yaml (template: "
+                         "slurm/example-cluster.yaml) or cluster: {profile: ...} in the spec")
+    if profile is not None:
+        import yaml
+        try:
+            load_profile(profile)
+        except (ValueError, TypeError, OSError) as e:
+            raise InputError(str(e)) from None
+        except yaml.YAMLError as e:
+            raise InputError(f"cluster profile {profile}: not valid YAML: {e}") from None
+    print(f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor})",
+          flush=True)
+    from fsdfm.launch import DriverInterrupted
+
+    try:
+        summary = execute(plan, args.results, executor=args.executor, profile=profile, wait=not args.no_wait,
+                          max_parallel=args.max_parallel)
+    except DriverInterrupted as e:  # SIGTERM/SIGHUP: the executor has cancelled its jobs and released the locks
+        print(f"fsdfm run: {e}; its jobs were stopped. Re-run to resume: fsdfm run {command_line(args)}", file=sys.stderr)
+        print(json.dumps({"study": plan.name, "ok": False, "interrupted": signal_name(e.signum), "results": str(sdir)}))
+        raise SystemExit(128 + e.signum) from None
+    print(summary.format())
+    # --no-wait: a submission that succeeded is a success (its stages are pending by design); see `fsdfm status`
+    ok = summary.ok or (args.no_wait and not summary.failed and not summary.blocked)
+    if summary.ok:
+        print(f"results: {sdir}   next: fsdfm report {command_line(args)}")
+    elif ok:
+        print(f"submitted: {len(summary.submitted)} jobs   next: fsdfm status {command_line(args)}")
+    return {"study": plan.name, "ok": ok, "done": len(summary.done), "skipped": len(summary.skipped),
+            "failed": len(summary.failed), "blocked": len(summary.blocked), "pending": len(summary.pending),
+            "submitted": len(summary.submitted), "results": str(sdir)}
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name

@@ -1,0 +1,99 @@
+"""`fsdfm verify` and `fsdfm clean`: check a study's records and artefacts without running anything, and remove
+stage folders (never a running one)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from fsdfm.cli.common import UsageError
+from fsdfm.cli.run import _kind_of, _kinds_arg
+from fsdfm.cli.spec import load_plan, study_dir
+
+
+def cmd_verify(args) -> dict:
+    """Check every stage of a study (record, artefact sizes and sha256s, input records) without running anything."""
+    from fsdfm.launch import read_plan
+    from fsdfm.results import ERROR, check_stage
+    from fsdfm.stages import PlanError, StudyPlan, waves
+
+    target = Path(args.target)
+    if target.is_dir():
+        sdir = target
+        try:
+            plan = StudyPlan.from_dict(read_plan(sdir), str(sdir / "plan.json"))
+        except PlanError as e:
+            raise UsageError(str(e)) from None
+    else:
+        _, plan = load_plan(args)
+        sdir = Path(args.results) / plan.name
+    counts = {"done": 0, "damaged": 0, "stale": 0, "missing": 0, "failed": 0, "unverified": 0}
+    problems: dict[str, list[str]] = {}
+    print(f"study {plan.name} ({sdir}): checking {len(plan.stages)} stages")
+    for wave in waves(plan):
+        for s in wave:
+            d = sdir / "stages" / s.id
+            check = check_stage(d)
+            state = "failed" if check.state == "missing" and (d / ERROR).exists() else check.state
+            counts[state] += 1
+            note = ""
+            if check.done and not check.verified:
+                counts["unverified"] += 1
+                note = "  (record lists no artefacts: written before artefact hashing)"
+            print(f"  {state:<8} {s.id}{note}")
+            for line in check.problems:
+                print(f"           | {line}")
+            if check.problems:
+                problems[s.id] = list(check.problems)
+    bad = counts["damaged"] + counts["stale"]
+    print(f"{counts['done']} ok, {counts['damaged']} damaged, {counts['stale']} stale, {counts['failed']} failed, "
+          f"{counts['missing']} not run" + (f"; next: fsdfm run {args.target} redoes them" if bad else ""))
+    return {"study": plan.name, "ok": bad == 0, **counts, "problems": problems}
+
+
+def cmd_clean(args) -> dict:
+    """Remove stage folders of a study: all, those of --kind, or only --failed ones; never a running stage.
+
+    A stage in the shared store (fsdfm.store) that another study still links loses only this study's link."""
+    from fsdfm.results import ERROR, is_done, lock_holder
+
+    sdir = study_dir(args)
+    kinds = _kinds_arg(args.kind, "--kind")
+    stages_dir = sdir / "stages"
+    found = sorted(p.name for p in stages_dir.iterdir() if p.is_dir()) if stages_dir.is_dir() else []
+    chosen, running = [], []
+    for sid in found:
+        d = stages_dir / sid
+        if kinds and _kind_of(sid) not in kinds:
+            continue
+        if args.failed and not ((d / ERROR).exists() and not is_done(d)):
+            continue
+        holder, live = lock_holder(d)
+        (running if live else chosen).append(sid)
+    for sid in running:
+        print(f"  keeping {sid}: running ({lock_holder(stages_dir / sid)[0].describe()})")
+    what = ("failed " if args.failed else "") + (f"{'/'.join(kinds)} " if kinds else "")
+    if not chosen:
+        print(f"study {sdir.name}: no {what}stage folders to remove")
+        return {"study": sdir.name, "removed": 0, "stages": [], "running": running}
+    for sid in chosen:
+        print(f"  remove {stages_dir / sid}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"clean: would remove {len(chosen)} {what}stage folders of {sdir}; not a terminal, "
+                             "so pass --yes to confirm")
+        answer = input(f"remove {len(chosen)} {what}stage folders of study {sdir.name}? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            print("nothing removed")
+            return {"study": sdir.name, "removed": 0, "stages": [], "running": running}
+    from fsdfm.store import unlink_stage
+
+    shared = {}
+    for sid in chosen:  # a stage another study still links keeps its files; only this study's link goes
+        u = unlink_stage(sdir, sid)
+        if not u.deleted:
+            shared[sid] = list(u.shared_with)
+            print(f"  kept the files of {sid}: still used by {', '.join(u.shared_with)}")
+    print(f"study {sdir.name}: removed {len(chosen)} {what}stage folders"
+          + (f" ({len(shared)} only unlinked: shared with other studies)" if shared else ""))
+    return {"study": sdir.name, "removed": len(chosen), "stages": chosen, "running": running, "shared": shared}
