@@ -15,7 +15,8 @@ from fsdfm.metrics import (
     unregister_metric,
 )
 from fsdfm.report.summary import load_study
-from fsdfm.report.tables import cost_metrics, header, main_table, pos_metrics
+from fsdfm.report.table import header
+from fsdfm.report.tables import cost_metrics, main_table, pos_metrics
 
 
 def test_views_keep_the_report_columns_in_order():

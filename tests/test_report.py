@@ -417,7 +417,7 @@ def _paired_study(root: Path) -> Path:
 def test_pairs_table_gives_the_difference_with_a_welch_interval(tmp_path):
     from scipy import stats
 
-    from fsdfm.report.tables import pairs_table
+    from fsdfm.report.pairs import pairs_table
 
     sdir, nll = _paired_study(tmp_path)
     t = pairs_table(load_study(sdir))

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from fsdfm.report.figures import FIGURES, FigureResult, render
+from fsdfm.report.figures import FIGURES, render
 from fsdfm.report.oracle import decomposition_figure, decomposition_table
 from fsdfm.report.published import PUBLISHED
 from fsdfm.report.summary import DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
+from fsdfm.report.pairs import pairs_table
+from fsdfm.report.plotting import FigureResult
+from fsdfm.report.table import Table
 from fsdfm.report.tables import (
-    Table, ablation_tables, cost_table, main_table, pairs_table, pos_divergence_table, sample_count_warnings,
-    seeds_table, summary_csv,
+    ablation_tables, cost_table, main_table, pos_divergence_table, sample_count_warnings, seeds_table, summary_csv,
 )
 
 __all__ = ["write_report", "ReportOutput", "summarize", "wide", "load_study", "Study", "sampling_wall_s",

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from fsdfm.report.summary import DATA_KIND, POS_KIND, Study
-from fsdfm.report.tables import DASH, Table, fmt_mean_std, fmt_number
+from fsdfm.report.table import DASH, Table, fmt_mean_std, fmt_number
 
 EXACT_KIND = "exact"
 VERDICT_STEPS = 8
@@ -212,7 +212,7 @@ def decomposition_table(study: Study) -> Table:
 def decomposition_figure(study: Study):
     """Per path source: oracle_nll vs N (exact and trained methods; expected NLL, entropy rate and the data row
     marked), and below it the two error terms vs N (model error solid, sampler error dashed), log2 x axis."""
-    from fsdfm.report.figures import (
+    from fsdfm.report.plotting import (
         PANEL_W, Drawn, SkipFigure, _legend_outside, _log2_steps, _new_figure, _palette, _style,
     )
 

@@ -14,13 +14,13 @@ strings). Rules every table follows:
   marked;
 * the collapse column uses `fsdfm.metrics.collapse_flags` of each row's means against the data row's;
 * published rows (`fsdfm.report.published`) come last, in their own block, labelled "published: <source>".
+
+The `Table` type and number formatting are `fsdfm.report.table`; the paired comparisons `fsdfm.report.pairs`.
 """
 
 from __future__ import annotations
 
-import io
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import pandas as pd
@@ -31,7 +31,9 @@ from fsdfm.report.published import published_tables
 from fsdfm.report.summary import (
     DATA_KIND, DEFAULT_BY, POS_KIND, SAMPLING_WALL_S, Study, metric_info, present, summarize,
 )
-
+from fsdfm.report.table import (
+    DASH, MAUVE_MIN_N, TIE, UNRELIABLE, Table, display_unit, fmt_mean_std, fmt_number, header,
+)
 
 
 # Which metrics each table shows, and in what order, is the metrics' own registry entry (`show`): a registered
@@ -59,124 +61,6 @@ def pos_metrics() -> tuple[str, ...]:
 def seed_metrics() -> tuple[str, ...]:
     """The run-to-run variance table's metrics (view "seeds")."""
     return shown("seeds")
-
-DASH = "—"
-# display scaling by unit: (divisor, unit shown in the header)
-_SCALE = {"bytes": (2.0 ** 20, "MiB")}
-_ARROW = {"min": "↓", "max": "↑", None: ""}
-TIE = "≈"
-UNRELIABLE = "†"
-MAUVE_MIN_N = 256
-
-
-# ------------------------------------------------------------------------------------------- formatting
-def decimals(unit: str, value: float) -> int:
-    """Digits after the point for a value of `unit` (enough to tell seeds apart, no more)."""
-    if unit in ("evals", "tok/s", "MiB"):
-        return 0
-    if unit == "ppl":
-        return 1 if abs(value) >= 100 else 2
-    if unit in ("BLEU", "s"):
-        return 2 if abs(value) >= 1 else 3
-    return 3
-
-
-def fmt_number(x: float, unit: str, ref: float | None = None) -> str:
-    """`x` at the precision `decimals(unit, ref or x)`; "—" for NaN/None."""
-    if x is None or (isinstance(x, float) and math.isnan(x)) or pd.isna(x):
-        return DASH
-    return f"{x:.{decimals(unit, x if ref is None else ref)}f}"
-
-
-def fmt_mean_std(mean: float, std: float, n: int, unit: str) -> str:
-    """ "mean ± std" (std over seeds, ddof 1); just "mean" for a single seed."""
-    if pd.isna(mean):
-        return DASH
-    if n < 2 or pd.isna(std):
-        return fmt_number(mean, unit)
-    return f"{fmt_number(mean, unit)} ± {fmt_number(std, unit, ref=mean)}"
-
-
-def display_unit(metric: str) -> tuple[float, str]:
-    """(divisor, unit) a metric is shown in: bytes as MiB, everything else as recorded."""
-    unit = metric_info(metric).unit
-    return _SCALE.get(unit, (1.0, unit))
-
-
-def header(metric: str) -> str:
-    """Column header: name, displayed unit where it is not obvious, direction arrow ("→ data" for metrics whose
-    target is the data row's value)."""
-    shown = display_unit(metric)[1]
-    unit = f" ({shown})" if shown in ("MiB", "s", "tok/s", "nats/token") else ""
-    arrow = "→ data" if significance.is_data_target(metric) else _ARROW[metric_info(metric).direction]
-    return f"{metric}{unit} {arrow}".rstrip()
-
-
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "—": "---", "–": "--",
-                  "≈": r"$\approx$", "†": r"$^\dagger$", "→": r"$\rightarrow$"}
-
-
-def latex_escape(s: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(c, c) for c in str(s))
-
-
-# ---------------------------------------------------------------------------------------------- the table
-@dataclass(frozen=True)
-class Table:
-    """A rendered table: `columns` headers, `cells` rows of strings, `bold` mask of the same shape, `sections`
-    (row indices that open a new block: a rule is drawn above them), `notes` (printed under the table) and
-    `numbers` (the raw values, written as CSV)."""
-
-    name: str
-    title: str
-    columns: tuple
-    cells: tuple
-    bold: tuple
-    sections: tuple
-    notes: tuple
-    numbers: pd.DataFrame
-    n_label_columns: int = 3
-
-    @property
-    def empty(self) -> bool:
-        return not self.cells
-
-    def frame(self, markup: str = "") -> pd.DataFrame:
-        """The cells as a DataFrame; markup "markdown" wraps bold cells in ** **."""
-        rows = [[f"**{c}**" if (b and markup == "markdown") else c for c, b in zip(r, br)]
-                for r, br in zip(self.cells, self.bold)]
-        return pd.DataFrame(rows, columns=list(self.columns))
-
-    def to_markdown(self, notes: bool = True) -> str:
-        if self.empty:
-            return f"_{self.title}: no rows._\n"
-        align = ["left"] * self.n_label_columns + ["right"] * (len(self.columns) - self.n_label_columns)
-        text = self.frame("markdown").to_markdown(index=False, disable_numparse=True, colalign=align)
-        if notes and self.notes:
-            text += "\n\n" + "\n".join(f"* {n}" for n in self.notes)
-        return text + "\n"
-
-    def to_latex(self) -> str:
-        """A booktabs tabular (needs \\usepackage{booktabs}); notes as a comment block above it."""
-        k = len(self.columns)
-        spec = "l" * self.n_label_columns + "r" * (k - self.n_label_columns)
-        lines = [f"% {latex_escape(self.title)}"] + [f"% {n}" for n in self.notes]
-        lines += [f"\\begin{{tabular}}{{{spec}}}", r"\toprule",
-                  " & ".join(latex_escape(c) for c in self.columns) + r" \\", r"\midrule"]
-        for i, (row, brow) in enumerate(zip(self.cells, self.bold)):
-            if i in self.sections and i > 0:
-                lines.append(r"\midrule")
-            cells = [f"\\textbf{{{latex_escape(c)}}}" if b else latex_escape(c) for c, b in zip(row, brow)]
-            lines.append(" & ".join(cells) + r" \\")
-        lines += [r"\bottomrule", r"\end{tabular}"]
-        return "\n".join(lines) + "\n"
-
-    def to_csv(self) -> str:
-        buf = io.StringIO()
-        self.numbers.to_csv(buf, index=False)
-        return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -475,79 +359,6 @@ def ablation_tables(study: Study) -> list[Table]:
     return out
 
 
-# ---------------------------------------------------------------------------------- paired comparisons
-def pair_metrics() -> tuple[str, ...]:
-    """The paired comparison's metrics (registry view "pairs")."""
-    return shown("pairs")
-
-
-def _fmt(x: float) -> str:
-    return DASH if x is None or not math.isfinite(x) else f"{x:.4g}"
-
-
-def resolve_side(study: Study, side: str) -> tuple[pd.DataFrame | None, str | None]:
-    """The runs of one setting named "METHOD@STEPS" or "METHOD/RULE@STEPS", or (None, why not)."""
-    from fsdfm.specs import PAIR_PATTERN
-
-    match = PAIR_PATTERN.match(side)
-    if match is None:
-        return None, f"{side!r} is not METHOD@STEPS or METHOD/RULE@STEPS"
-    g = match.groupdict()
-    runs = study.models
-    if "method" not in runs:
-        return None, f"{side!r}: the run table has no method column"
-    sel = runs[(runs["method"] == g["method"]) & (pd.to_numeric(runs["steps"], errors="coerce") == int(g["steps"]))]
-    if g["rule"] is not None:
-        sel = sel[sel["rule"] == g["rule"]]
-    if sel.empty:
-        return None, f"{side!r}: no finished run"
-    labels = sel[["label", "rule"]].drop_duplicates()
-    if len(labels) > 1:
-        opts = ", ".join(f"{r.label} / {r.rule}" for r in labels.itertuples())
-        return None, f"{side!r} names {len(labels)} settings ({opts}): write METHOD/RULE@STEPS"
-    return sel, None
-
-
-def pairs_table(study: Study) -> Table:
-    """The headline pairs of the spec (report.pairs): A - B per metric with a 95% CI of the difference and p
-    (`fsdfm.report.significance.compare`: paired t across matched seeds, else Welch across per-sample values)."""
-    cols = ("A", "B", "metric", "values", "mean A", "mean B", "A − B", "95% CI", "p", "test", "n")
-    cells, numbers, notes = [], [], []
-    seed_cols = [k for k in study.seed_keys if k in study.runs]
-    for a_name, b_name in study.report_settings["pairs"]:
-        (ra, why_a), (rb, why_b) = resolve_side(study, a_name), resolve_side(study, b_name)
-        if ra is None or rb is None:
-            notes.append(f"pair {a_name} vs {b_name} not compared: {why_a or why_b}")
-            continue
-        sa = sb = None
-        if study.samples is not None and len(study.samples) and "run_id" in study.samples:
-            sa = study.samples[study.samples["run_id"].isin(ra["run_id"])]
-            sb = study.samples[study.samples["run_id"].isin(rb["run_id"])]
-        for m in pair_metrics():
-            if m not in ra or m not in rb:
-                continue
-
-            def by_seed(r: pd.DataFrame) -> dict:
-                vals = pd.to_numeric(r[m], errors="coerce")
-                return {tuple(row): v for row, v in zip(r[seed_cols].astype(str).itertuples(index=False), vals) if v == v}
-
-            c = significance.compare(m, by_seed(ra), by_seed(rb), sa, sb)
-            if c is None:
-                continue
-            cells.append((a_name, b_name, m, c.of, _fmt(c.mean_a), _fmt(c.mean_b), _fmt(c.diff),
-                          f"[{_fmt(c.ci[0])}, {_fmt(c.ci[1])}]", f"{c.p:.3g}", c.test, c.n))
-            numbers.append({"a": a_name, "b": b_name, "metric": m, "values": c.of, "mean_a": c.mean_a,
-                            "mean_b": c.mean_b, "diff": c.diff, "ci_low": c.ci[0], "ci_high": c.ci[1], "p": c.p,
-                            "test": c.test, "n": c.n})
-    notes.insert(0, "A − B with a 95% confidence interval: paired t across matched seeds where both settings have "
-                    ">= 2 shared seeds, else Welch's interval across per-sample values (samples of two models are "
-                    "independent draws, so they are not paired by index); gen_ppl is compared as per-sample NLL per "
-                    "scored token (log-perplexity units), MAUVE only across seeds")
-    return Table(name="table_pairs", title=f"{study.name}: headline pairs (report.pairs)", columns=cols,
-                 cells=tuple(cells), bold=tuple((False,) * len(cols) for _ in cells), sections=(),
-                 notes=tuple(notes), numbers=pd.DataFrame(numbers), n_label_columns=4)
-
-
 def sample_count_warnings(study: Study) -> list[str]:
     """Where a metric saw fewer samples than its run made, and where gen_ppl truncated samples (longer than the
     evaluator's context), one line per metric with the runs it concerns."""
@@ -582,8 +393,6 @@ def summary_csv(study: Study) -> pd.DataFrame:
     return summarize(study.runs, DEFAULT_BY)
 
 
-__all__ = ["Table", "main_metrics", "cost_metrics", "pos_metrics", "seed_metrics", "pair_metrics", "metric_table",
-           "main_table",
-           "pairs_table", "sample_count_warnings", "resolve_side",
-           "cost_table", "pos_divergence_table", "seeds_table", "ablation_tables", "ablation_kinds", "summary_csv",
-           "best_rows", "display_unit", "fmt_mean_std", "fmt_number", "header", "latex_escape"]
+__all__ = ["Table", "main_metrics", "cost_metrics", "pos_metrics", "seed_metrics", "metric_table", "main_table",
+           "sample_count_warnings", "cost_table", "pos_divergence_table", "seeds_table", "ablation_tables",
+           "ablation_kinds", "summary_csv", "best_rows"]
