@@ -15,6 +15,9 @@ Update rules (jump probability of a position holding z, step t -> t + h):
     mixture_euler      1 - exp(-(1 - p(z)))                   independent of t and h (ablation)
 For a masked token (p(z) = 0) the cumulative-scalar probability is (kappa(t+h) - kappa(t)) / (1 - kappa(t)),
 exactly the path's unmasking probability.
+
+The chunked kernels of the sparse step (inverse-CDF draws, the float64 chunk, the certified float32 chunk) are
+`fsdfm.sparse_step`; this module holds the rules, the step and the loop.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import torch
 from fsdfm.paths import MixturePath
 from fsdfm.registry import Registry
 from fsdfm.schedulers import Scheduler
+from fsdfm.sparse_step import (
+    _BLOCK, _CERTIFIED_MIN_ELEMENTS, _CHUNK_ELEMENTS, _chunk_certified, _chunk_float64, _final_rows,
+)
 
 # A rule maps (p_z (B, L), t (B,), h (B,), scheduler) to jump probabilities (B, L), elementwise over positions and
 # non-increasing in p(z) (more mass on the current token, less reason to leave it): `update_from_logits` relies on
@@ -110,153 +116,6 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     u = torch.rand(probs.shape, dtype=probs.dtype, device=probs.device, generator=generator)
     gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(probs.dtype).tiny)))
     return torch.argmax(torch.log(probs) + gumbel, dim=-1)
-
-
-# The logits path processes rows in chunks whose work buffers (float64 weights) are allocated once per step and
-# reused. On CPU a chunk is ~8 MiB, so the sampler's own work stays in cache instead of streaming (B, L, V) float64
-# temporaries through memory; on a GPU a chunk is ~1 GiB, so that a step launches few kernels. Inverse-CDF draws
-# search block sums first, then one block of _BLOCK tokens.
-_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 27}
-_BLOCK = 64
-
-
-def _final_rows(final: torch.Tensor | bool, B: int, device: torch.device) -> torch.Tensor:
-    """final as a (B,) bool tensor on device; a Python bool is filled there (as_tensor would copy it from the host,
-    a synchronising copy on a GPU)."""
-    if isinstance(final, bool):
-        return torch.full((B,), final, dtype=torch.bool, device=device)
-    return torch.as_tensor(final, device=device).expand(B)
-
-
-def _inverse_cdf(blocks: torch.Tensor, block_sums: torch.Tensor, u: torch.Tensor, vocab_size: int,
-                 return_gap: bool = False):
-    """x = min{k : c_k > u c_V} per row, c_k = sum_{j <= k} w_j: a draw with P(x = k) = w_k / sum_j w_j.
-
-    blocks: (c, n_blocks, _BLOCK) non-negative weights w (zero past vocab_size); block_sums: (c, n_blocks) their sums;
-    u: (c,) uniforms in [0, 1) -> (c,) long. Searches the cumulative block sums, then the cumulative weights inside the
-    chosen block. return_gap: also return (c,) min(u c_V - c_{x-1}, c_x - u c_V), the distance of the target from
-    the chosen token's interval ends (how far the weights may move before the draw changes)."""
-    c = blocks.shape[0]
-    cum = block_sums.cumsum(-1)
-    total = cum[:, -1]
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # u c_V rounded up stays < c_V
-    # searchsorted(right=True) on a non-decreasing row is the count of entries <= target; a comparison and a sum
-    # vectorise where a per-row binary search does not (~4x cheaper on CPU)
-    j = (cum <= target[:, None]).sum(-1).clamp_(max=blocks.shape[1] - 1)
-    below = torch.where(j > 0, cum.gather(-1, (j - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
-    inner = blocks[torch.arange(c, device=blocks.device), j].to(block_sums.dtype)  # (c, _BLOCK); its sum is > 0
-    inner_cum = inner.cumsum(-1)
-    k = (inner_cum <= (target - below)[:, None]).sum(-1)
-    # summation-order rounding can put the target past the block's last positive weight: take that weight
-    last = ((inner > 0) * torch.arange(1, _BLOCK + 1, device=blocks.device)).amax(-1) - 1
-    k = torch.minimum(k, last)
-    x = (j * _BLOCK + k).clamp_(0, vocab_size - 1)  # clamp: only rows that never jump
-    if not return_gap:
-        return x
-    k = k.clamp(0, _BLOCK - 1)[:, None]
-    hi = below + inner_cum.gather(-1, k).squeeze(-1) - target
-    lo = target - below - torch.where(k > 0, inner_cum.gather(-1, (k - 1).clamp(min=0)), 0.0).squeeze(-1)
-    return x, torch.minimum(lo, hi)
-
-
-def _chunk_float64(l: torch.Tensor, w: torch.Tensor, z_c: torch.Tensor, read_c: torch.Tensor, u_c: torch.Tensor,
-                   u_dest_c: torch.Tensor, t_c: torch.Tensor, h_c: torch.Tensor, rule: Rule, scheduler: Scheduler,
-                   on_cpu: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The step at c candidate rows with weights in w's dtype (float64 by default): exp, p(z), the jump, the
-    destination by inverse CDF.
-
-    l: (c, V) logits (never modified); w: (c, n_blocks * _BLOCK) work buffer (zero past V); z_c: (c, 1) current
-    tokens; read_c: (c,) rows whose jump reads p(z); u_c, u_dest_c: (c,) the jump and destination uniforms; t_c, h_c:
-    (c,). Returns (dest (c,) long, jump (c,) bool, or None when every row jumps)."""
-    c, V = l.shape
-    # w = exp(l - m), m the row max (largest weight 1). On CPU, exp(l) when every row's max is within +-600 (no
-    # overflow; the weights differ from exp(l - m) by a common factor per row only) saves a pass and the check
-    # costs nothing; on a GPU it would cost a sync per chunk, and one fused op writes l - m instead.
-    m = l.amax(-1, keepdim=True)
-    if on_cpu:
-        w_v = w[:, :V].copy_(l)
-        if not bool((m.abs() <= 600.0).all()):
-            w_v.sub_(m.to(w.dtype))
-    else:
-        w_v = torch.sub(l, m.to(w.dtype), out=w[:, :V])
-    w_v.exp_()
-    blocks = w.view(c, -1, _BLOCK)
-    block_sums = blocks.sum(-1)
-    jump = None  # every candidate jumps unless its probability reads p(z)
-    if not on_cpu or bool(read_c.any()):  # on a GPU, always: the check would cost a sync per chunk
-        w_z = w.gather(-1, z_c)
-        p_z = w_z / block_sums.sum(-1, keepdim=True)  # (c, 1)
-        prob = rule(p_z, t_c, h_c, scheduler).squeeze(-1)
-        jump = ~read_c | (u_c < prob)
-        _drop_current(w, blocks, block_sums, z_c, w_z, read_c)
-    return _inverse_cdf(blocks, block_sums, u_dest_c, V), jump
-
-
-def _drop_current(w, blocks, block_sums, z_c, w_z, read_c) -> None:
-    """Drop z where read_c (a move must change the token); its block's sum is recomputed, not decremented, so that a
-    block left with no weight sums to exactly 0."""
-    c = w.shape[0]
-    w.scatter_(-1, z_c, w_z.masked_fill_(read_c[:, None], 0.0))
-    zb = z_c // _BLOCK
-    zb_sums = blocks[torch.arange(c, device=w.device), zb.squeeze(-1)].sum(-1, keepdim=True)
-    block_sums.scatter_(-1, zb, zb_sums.to(block_sums.dtype))
-
-
-# The certified chunk (`_chunk_certified`): weights exp(l) computed and summed by blocks of _BLOCK in float32, the
-# block sums and everything after them in float64. torch's vectorised float32 exp is within 1 ulp (2^-23 relative);
-# we allow 2^-22. Outputs below ~2^-126 may be flushed or rounded to a subnormal: at most 2^-125 absolute each. A
-# float32 sum of _BLOCK non-negative terms is within (_BLOCK - 1) 2^-24 of the exact sum, in any order. Rows whose
-# total leaves [2^-60, 2^100] take the float64 step (float32 exp overflows above l ~ 88.7; a tiny total would let
-# the absolute error dominate).
-_EXP32_REL = 2.0**-22
-_EXP32_ABS = 2.0**-125
-_BLOCK_SUM32_REL = (_BLOCK - 1) * 2.0**-24
-_CERTIFIED_MIN_ELEMENTS = 1 << 19
-_SUM_REL = 2.0**-40  # float64 sums of <= 2^16 terms (and the float64 step's own rounding), with room to spare
-
-
-def _chunk_certified(w: torch.Tensor, vocab_size: int, z_c: torch.Tensor, read_c: torch.Tensor, u_c: torch.Tensor,
-                     u_dest_c: torch.Tensor, t_c: torch.Tensor, h_c: torch.Tensor, rule: Rule, scheduler: Scheduler
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_chunk_float64`'s step with float32 weights, plus a certificate: the rows where the float64 step could decide
-    otherwise. Its exp and sums cost about half the float64 chunk's on CPU (AVX2, one thread).
-
-    w: (c, n_blocks * _BLOCK) float32: the logits, -inf past vocab_size V; overwritten by the weights exp(l). Each
-    weight is within eps w + a of the float64 weight (eps = 2^-22, a = 2^-125), and each block sum within a further
-    (_BLOCK - 1) 2^-24 of its terms' sum, so every cumulative sum c_k and the total (hence the target u c_V) are within
-    D = (eps + 63 2^-24 + 2^-40) c_V + V a of the float64 step's. A row is certain when
-      * its jump is: u < rule(p_hi) or u >= rule(p_lo), [p_lo, p_hi] the interval of p(z) consistent with those
-        bounds (every rule is non-increasing in p(z)); rows that never read p(z) jump anyway;
-      * and, if it may jump, its destination is: the target is more than 4 D inside the chosen token's interval
-        [c_{x-1}, c_x), so the float64 step's target falls in the same interval.
-    The float64 step then gives the same tokens from the same uniforms; only the other rows (`unsure`, a fraction
-    ~ 8 D / w_x, a few per cent at V = 2,048 for flat logits) need it. Returns (dest, jump, unsure), each (c,)."""
-    c, V = w.shape[0], vocab_size
-    w.exp_()
-    blocks = w.view(c, -1, _BLOCK)
-    block_sums = blocks.sum(-1).double()
-    total = block_sums.sum(-1)
-    unsure = ~((total >= 2.0**-60) & (total <= 2.0**100))  # also catches inf and nan
-    delta = total * (_EXP32_REL + _BLOCK_SUM32_REL + _SUM_REL) + V * _EXP32_ABS
-    jump = torch.ones_like(read_c)
-    if bool(read_c.any()):
-        w_z32 = w.gather(-1, z_c)
-        w_z = w_z32.double()
-        err_z = w_z * (_EXP32_REL + _SUM_REL) + _EXP32_ABS
-        tot = total[:, None]
-        p_lo = ((w_z - err_z) / (tot + delta[:, None])).clamp_(0.0, 1.0)
-        p_hi = ((w_z + err_z) / (tot - delta[:, None]).clamp_min(0.0)).nan_to_num_(1.0).clamp_(0.0, 1.0)
-        prob_lo = rule(p_hi, t_c, h_c, scheduler).squeeze(-1) - _SUM_REL  # rule(p) >= prob_lo for p in [p_lo, p_hi]
-        prob_hi = rule(p_lo, t_c, h_c, scheduler).squeeze(-1) + _SUM_REL
-        sure_jump = u_c < prob_lo
-        jump = ~read_c | sure_jump
-        unsure |= read_c & ~sure_jump & (u_c < prob_hi)
-        _drop_current(w, blocks, block_sums, z_c, w_z32, read_c)
-    dest, gap = _inverse_cdf(blocks, block_sums, u_dest_c, V, return_gap=True)
-    # rows certain to stay keep their token whatever the destination; the others need a certain destination
-    staying = read_c & ~unsure & ~jump
-    unsure |= ~staying & ~(gap > 4.0 * delta)
-    return dest, jump, unsure
 
 
 def update_from_logits(x: torch.Tensor, logits: torch.Tensor, t: torch.Tensor, h: torch.Tensor, rule: Rule,

@@ -51,7 +51,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "stage:train_flm": ("fsdfm.pipeline:train_flm", *_DIT, *_DATA, "fsdfm.flm"),
     "stage:distil_fmlm": ("fsdfm.pipeline:distil_fmlm", *_DIT, *_DATA, "fsdfm.flm", "fsdfm.fmlm",
                           "fsdfm.pipeline:load_dit"),
-    "stage:sample": ("fsdfm.pipeline:sample_stage", *_DATA, "fsdfm.samplers", "fsdfm.pipeline:sample_dfm",
+    "stage:sample": ("fsdfm.pipeline:sample_stage", *_DATA, "fsdfm.samplers", "fsdfm.sparse_step", "fsdfm.pipeline:sample_dfm",
                      "fsdfm.pipeline:sample_ar_model", "fsdfm.pipeline:_continuous_sampler",
                      "fsdfm.pipeline:write_samples", "fsdfm.pipeline:load_dit", "fsdfm.ar:sample_ar", "fsdfm.flm",
                      "fsdfm.exact_teacher", "fsdfm.oracle_posterior"),
@@ -60,7 +60,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "stage:load_released": ("fsdfm.pipeline:load_released_stage", "fsdfm.checkpoints", *_DATA),
     "stage:exact_posterior": ("fsdfm.pipeline:exact_posterior_stage", "fsdfm.exact_teacher", "fsdfm.oracle_posterior",
                               *_ORACLE, *_DATA),
-    "stage:pos_divergence": ("fsdfm.pipeline:pos_divergence_stage", *_DATA, "fsdfm.samplers",
+    "stage:pos_divergence": ("fsdfm.pipeline:pos_divergence_stage", *_DATA, "fsdfm.samplers", "fsdfm.sparse_step",
                              "fsdfm.pipeline:load_dit"),
     # metrics (fsdfm.metrics.registry)
     "metric:gen_ppl": ("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator", "fsdfm.metrics.sample:_gen_ppl"),

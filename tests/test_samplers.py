@@ -367,7 +367,7 @@ def test_dense_step_loop_has_no_host_device_sync(source, rule):
 
 def test_float32_exp_is_within_the_certified_error():
     """`_chunk_certified` relies on torch's float32 exp being within 2^-22 relative (+ 2^-125 absolute) of exp."""
-    from fsdfm.samplers import _EXP32_ABS, _EXP32_REL
+    from fsdfm.sparse_step import _EXP32_ABS, _EXP32_REL
 
     l = torch.cat([torch.linspace(-104.0, 88.7, 2_000_003), torch.tensor([-float("inf"), 0.0, -1e-30])])
     exact = l.double().exp()
@@ -407,7 +407,7 @@ def test_certified_float32_step_draws_the_float64_tokens(source, rule, final, ch
 def test_certificate_leaves_few_rows_to_the_float64_step():
     """On flat logits at V = 2,048 (the benchmark's case) the certificate settles all but a few per cent of the rows
     (~ 8 D / w_x = 8 (2^-22 + 63 2^-24) V = 6.5%)."""
-    from fsdfm.samplers import _chunk_certified
+    from fsdfm.sparse_step import _chunk_certified
 
     c, Vb = 2000, 2048
     gen = torch.Generator().manual_seed(3)
