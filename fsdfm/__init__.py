@@ -1,22 +1,34 @@
 """fsdfm: a benchmarking and ablation suite for few-step discrete flow-matching language models.
 
-The Python API (fsdfm.api) is re-exported lazily, so that `import fsdfm` stays cheap (no torch, no pandas):
-`fsdfm.run_study`, `fsdfm.load_model`, `fsdfm.evaluate`, and their `Samples` / `Model` results.
+The public API is re-exported lazily, so that `import fsdfm` stays cheap (no torch, no pandas): each name is
+imported from its module the first time it is read.
+
+* running and using studies (`fsdfm.api`): `run_study`, `load_model`, `evaluate`, and their `Samples` / `Model`
+  results, `StudyFailed`;
+* metrics (`fsdfm.metrics`): `compute_metrics`, `register_metric` (adding a metric is one registered function),
+  `METRICS` (one entry per metric);
+* reports (`fsdfm.report`): `write_report`, `load_study`.
 """
 
 __version__ = "0.1.0"
 
-_API = ("run_study", "load_model", "evaluate", "Model", "Samples", "StudyFailed")
-__all__ = ["__version__", *_API]
+# public name -> the module that defines it (imported on first access)
+_LAZY = {
+    "run_study": "fsdfm.api", "load_model": "fsdfm.api", "evaluate": "fsdfm.api", "Model": "fsdfm.api",
+    "Samples": "fsdfm.api", "StudyFailed": "fsdfm.api",
+    "compute_metrics": "fsdfm.metrics", "register_metric": "fsdfm.metrics", "METRICS": "fsdfm.metrics",
+    "write_report": "fsdfm.report", "load_study": "fsdfm.report",
+}
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name in _API:
-        from fsdfm import api
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fsdfm' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted([*globals(), *_API])
+    return sorted([*globals(), *_LAZY])

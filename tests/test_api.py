@@ -144,3 +144,20 @@ def test_import_fsdfm_is_cheap_and_exports_the_api_lazily():
             "assert not heavy, heavy; assert callable(fsdfm.run_study) and callable(fsdfm.load_model); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-1000:]
+
+
+def test_package_faces_export_what_their_all_names():
+    """Every name of the package faces' `__all__` resolves, and fsdfm's lazy names are the defining modules' objects."""
+    import importlib
+
+    import fsdfm.metrics
+    import fsdfm.report
+
+    for mod in (fsdfm, fsdfm.metrics, fsdfm.report):
+        missing = [n for n in mod.__all__ if not hasattr(mod, n)]
+        assert not missing, (mod.__name__, missing)
+    assert fsdfm.compute_metrics is importlib.import_module("fsdfm.metrics.sample").compute_metrics
+    assert fsdfm.register_metric is importlib.import_module("fsdfm.metrics.registry").register_metric
+    assert fsdfm.write_report is importlib.import_module("fsdfm.report").write_report
+    assert set(fsdfm.__all__) >= {"run_study", "load_model", "evaluate", "compute_metrics", "register_metric",
+                                  "METRICS", "write_report", "load_study"}

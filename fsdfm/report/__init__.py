@@ -4,8 +4,13 @@
     df = fsdfm.results.load("results/demo")
     summarize(df)                                  # mean, std, 95% CI half-width, n across seeds
 
-Modules: `summary` (per-setting statistics, reading a study), `tables`, `figures`, `published` (published
+Modules: `summary` (per-setting statistics, reading a study), `table` (the Table type and number formatting),
+`tables` (the study's tables), `pairs` (headline pairs), `plotting` (figure helpers and types), `figures` (the
+figure kinds), `significance` (marking the best), `oracle` (the oracle decomposition), `published` (published
 numbers for labelled reference rows). Scripts in analysis/ regenerate single tables/figures from these.
+
+Which metrics a table or figure shows, its axis label and how it is ranked come from the metric's registry entry
+(`fsdfm.metrics.registry`); the report knows nothing about how a metric is computed.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from fsdfm.report.tables import (
 )
 
 __all__ = ["write_report", "ReportOutput", "summarize", "wide", "load_study", "Study", "sampling_wall_s",
-           "main_table", "cost_table", "pos_divergence_table", "seeds_table", "ablation_tables", "Table",
-           "write_table", "FIGURES", "render", "FigureResult", "PUBLISHED", "DEFAULT_BY"]
+           "main_table", "cost_table", "pos_divergence_table", "seeds_table", "ablation_tables", "pairs_table",
+           "summary_csv", "sample_count_warnings", "Table", "write_table", "FIGURES", "render", "FigureResult",
+           "PUBLISHED", "DEFAULT_BY", "decomposition_table", "decomposition_figure"]
 
 FIGURE_ORDER = ("step_sweep", "frontier", "pos_divergence", "ablation")
 FIGURES.register("decomposition", decomposition_figure)
