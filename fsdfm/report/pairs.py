@@ -9,7 +9,7 @@ import math
 import pandas as pd
 
 from fsdfm.metrics.registry import shown
-from fsdfm.report import significance
+import fsdfm.report.significance as significance
 from fsdfm.report.summary import Study
 from fsdfm.report.table import DASH, Table
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from fsdfm.report import significance
+import fsdfm.report.significance as significance
 from fsdfm.report.summary import metric_info
 
 DASH = "—"

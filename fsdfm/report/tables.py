@@ -26,7 +26,7 @@ from typing import Sequence
 import pandas as pd
 
 from fsdfm.metrics.registry import shown
-from fsdfm.report import significance
+import fsdfm.report.significance as significance
 from fsdfm.report.published import published_tables
 from fsdfm.report.summary import (
     DATA_KIND, DEFAULT_BY, POS_KIND, SAMPLING_WALL_S, Study, metric_info, present, summarize,
