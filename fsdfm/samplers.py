@@ -31,9 +31,12 @@ import torch
 from fsdfm.paths import MixturePath
 from fsdfm.registry import Registry
 from fsdfm.schedulers import Scheduler
-from fsdfm.sparse_step import (
-    _BLOCK, _CERTIFIED_MIN_ELEMENTS, _CHUNK_ELEMENTS, _chunk_certified, _chunk_float64, _final_rows,
-)
+from fsdfm.sparse_step import _BLOCK, _CERTIFIED_MIN_ELEMENTS, _chunk_certified, _chunk_float64, _final_rows
+
+# The logits path processes rows in chunks whose work buffers (float64 weights) are allocated once per step and
+# reused. On CPU a chunk is ~8 MiB, so the sampler's own work stays in cache instead of streaming (B, L, V) float64
+# temporaries through memory; on a GPU a chunk is ~1 GiB, so that a step launches few kernels.
+_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 27}
 
 # A rule maps (p_z (B, L), t (B,), h (B,), scheduler) to jump probabilities (B, L), elementwise over positions and
 # non-increasing in p(z) (more mass on the current token, less reason to leave it): `update_from_logits` relies on

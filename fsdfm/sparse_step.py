@@ -14,11 +14,7 @@ if TYPE_CHECKING:
     from fsdfm.samplers import Rule
     from fsdfm.schedulers import Scheduler
 
-# The logits path processes rows in chunks whose work buffers (float64 weights) are allocated once per step and
-# reused. On CPU a chunk is ~8 MiB, so the sampler's own work stays in cache instead of streaming (B, L, V) float64
-# temporaries through memory; on a GPU a chunk is ~1 GiB, so that a step launches few kernels. Inverse-CDF draws
-# search block sums first, then one block of _BLOCK tokens.
-_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 27}
+# Inverse-CDF draws search block sums first, then one block of _BLOCK tokens (chunk sizes: fsdfm.samplers).
 _BLOCK = 64
 
 
