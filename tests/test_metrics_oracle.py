@@ -5,8 +5,10 @@ import itertools
 import numpy as np
 import torch
 
-from fsdfm.metrics.oracle import exact_ngram, ngram_distance, ngram_floor, posterior_kl
 from fsdfm.data.oracle import HMMSource, MarkovSource, oracle_nll
+from fsdfm.metrics.oracle import (
+    corpus_metric_names, exact_ngram, extra_metrics, ngram_distance, ngram_floor, posterior_kl,
+)
 from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import make_path
 from fsdfm.schedulers import make_scheduler
@@ -80,3 +82,23 @@ def test_most_likely_sequence_games_oracle_nll_but_not_the_ngram_distance():
     dist = ngram_distance(best, src)
     assert dist.tv > 0.3 and dist.tv > 10 * floor.tv
     assert dist.kl > 10 * floor.kl
+
+
+def test_extra_metrics_are_the_registered_oracle_metrics_of_an_oracle_corpus():
+    """extra_metrics computes every registered metric that needs the oracle, each equal to the direct computation
+    on a source rebuilt from the same config; other dataset kinds add nothing."""
+    oracle = {"source": "markov", "vocab_size": 6, "order": 1, "support": 2, "epsilon": 0.01, "seed": 4,
+              "n_train": 10, "n_valid": 10}
+    config = {"data": {"kind": "oracle", "seq_len": 8, "oracle": oracle}}
+    src = MarkovSource(6, order=1, support=2, epsilon=0.01, seed=4)
+    tokens = src.sample(12, 8, seed=9)
+    out = extra_metrics(config, tokens, corpus=None)
+    assert tuple(sorted(out.values)) == corpus_metric_names(config)
+    dist, floor = ngram_distance(tokens, src), ngram_floor(src, 12, 8, seed=4 * 1000 + 3)
+    assert out.values == {"oracle_nll": oracle_nll(tokens, src),
+                          "oracle_expected_nll": float(src.expected_nll_per_token(8)),
+                          "oracle_entropy_rate": float(src.entropy_rate), "ngram_tv": dist.tv, "ngram_kl": dist.kl,
+                          "ngram_tv_floor": floor.tv, "ngram_kl_floor": floor.kl}
+    np.testing.assert_allclose(out.per_sample["oracle_nll"], -src.log_prob(tokens) / 8)
+    assert abs(out.per_sample["oracle_nll"].mean() - out.values["oracle_nll"]) < 1e-12  # their mean is oracle_nll
+    assert extra_metrics({"data": {"kind": "text"}}, tokens, corpus=None).values == {}
