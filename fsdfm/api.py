@@ -60,10 +60,10 @@ def run_study(spec: str | os.PathLike | Mapping[str, Any], overrides: Mapping[st
         SpecError (bad spec or override), StudyFailed (a stage failed or was blocked; nothing is hidden).
     """
     import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
-    from fsdfm.cache import data_cache_dir
+    from fsdfm.records import data_cache_dir
     from fsdfm.launch import execute
     from fsdfm.methods import plan_study
-    from fsdfm.results import load
+    from fsdfm.records import load
     from fsdfm.specs import load_spec, load_spec_dict
 
     cache = data_cache_dir(results)
@@ -195,7 +195,7 @@ def _model_tokenizer(d: Path, record: dict):
     data = (record.get("config") or {}).get("data")
     if not data or data.get("kind") in ("oracle",) or data.get("tokenizer") == "none":
         return None
-    from fsdfm.cache import stage_cache_dir
+    from fsdfm.records import stage_cache_dir
     from fsdfm.data import DataConfig, load_corpus
     return load_corpus(DataConfig(**data), stage_cache_dir(d)).tokenizer
 
@@ -206,7 +206,7 @@ def load_model(stage_dir: str | os.PathLike) -> Model:
 
     Raises: FileNotFoundError / ValueError naming the folder when it holds no finished model.
     """
-    from fsdfm.results import read_record
+    from fsdfm.records import read_record
 
     d = Path(stage_dir)
     if not d.is_dir():

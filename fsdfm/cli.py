@@ -36,7 +36,7 @@ def _offline_defaults() -> None:
 
 def _read_plan(sdir: Path) -> dict:
     """plan.json of a study directory; a missing, corrupt or malformed one is a PlanError / FileNotFoundError."""
-    from fsdfm.launch import read_plan
+    from fsdfm.records import read_plan
     from fsdfm.stages import PlanError, StudyPlan
 
     plan = read_plan(sdir)
@@ -106,7 +106,7 @@ def _data_lines(plan) -> dict[str, str]:
 def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None = None) -> list[str]:
     """Remove the stage folders of the plan's stages of `kinds` (their dependents then see a redone input and
     re-run too); nothing is removed under --dry-run. A stage that is running is an error."""
-    from fsdfm.results import lock_holder
+    from fsdfm.records import lock_holder
 
     present = {s.kind for s in plan.stages.values()}
     for k in kinds:
@@ -120,7 +120,7 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None =
             raise UsageError(f"--rerun: stage {sid} is running ({holder.describe() if holder else 'starting'}); "
                              "wait for it or stop it first")
     if not dry_run:
-        from fsdfm.store import discard_stage
+        from fsdfm.records import discard_stage
 
         for sid in chosen:  # emptied where it lives (the shared store): every study sharing it sees it redone
             discard_stage(sdir, sid, root)
@@ -130,7 +130,7 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None =
 def cmd_run(args) -> dict:
     import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
     from fsdfm.launch import execute
-    from fsdfm.results import check_stage, is_done
+    from fsdfm.records import check_stage, is_done
     from fsdfm.stages import waves
 
     resolved, plan = load_plan(args)
@@ -249,7 +249,7 @@ def cmd_samples(args) -> dict:
     """Print the first decoded samples of every evaluated run (method, rule, step budget)."""
     import json as _json
 
-    from fsdfm.results import read_record
+    from fsdfm.records import read_record
 
     sdir = study_dir(args)
     plan = _read_plan(sdir)
@@ -272,8 +272,7 @@ def cmd_samples(args) -> dict:
 
 def cmd_verify(args) -> dict:
     """Check every stage of a study (record, artefact sizes and sha256s, input records) without running anything."""
-    from fsdfm.launch import read_plan
-    from fsdfm.results import ERROR, check_stage
+    from fsdfm.records import ERROR, check_stage, read_plan
     from fsdfm.stages import PlanError, StudyPlan, waves
 
     target = Path(args.target)
@@ -314,7 +313,7 @@ def cmd_clean(args) -> dict:
     """Remove stage folders of a study: all, those of --kind, or only --failed ones; never a running stage.
 
     A stage in the shared store (fsdfm.store) that another study still links loses only this study's link."""
-    from fsdfm.results import ERROR, is_done, lock_holder
+    from fsdfm.records import ERROR, is_done, lock_holder
 
     sdir = study_dir(args)
     kinds = _kinds_arg(args.kind, "--kind")
@@ -345,7 +344,7 @@ def cmd_clean(args) -> dict:
         if answer not in ("y", "yes"):
             print("nothing removed")
             return {"study": sdir.name, "removed": 0, "stages": [], "running": running}
-    from fsdfm.store import unlink_stage
+    from fsdfm.records import unlink_stage
 
     shared = {}
     for sid in chosen:  # a stage another study still links keeps its files; only this study's link goes
@@ -458,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
-    from fsdfm.cache import pin_cache_env
+    from fsdfm.records import pin_cache_env
     pin_cache_env()  # the jobs this run starts may run in another directory
     try:
         return _main(argv)

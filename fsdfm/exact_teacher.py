@@ -20,7 +20,7 @@ import torch
 
 from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import MixturePath
-from fsdfm.results import atomic_write_bytes
+from fsdfm.io import atomic_write as atomic_write_bytes
 from fsdfm.train import StepContext
 
 EXACT_FILE = "exact.json"

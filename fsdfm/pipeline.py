@@ -26,7 +26,7 @@ from fsdfm.model import DiT, ModelConfig, model_config, student_from_teacher
 from fsdfm.objectives import FROZEN_TEACHER_SHORTCUTS, DFMConfig, DFMObjective, FSDFMObjective
 from fsdfm.paths import MixturePath, make_path
 from fsdfm.registry import Registry
-from fsdfm.results import atomic_write_bytes
+from fsdfm.io import atomic_write as atomic_write_bytes
 from fsdfm.samplers import SampleOutput, get_rule, sample, time_grid, update
 from fsdfm.schedulers import make_scheduler
 from fsdfm.stages import stage_kind
@@ -44,7 +44,7 @@ def device() -> torch.device:
 
 def cache_dir(out_dir: Path) -> Path:
     """Tokenizers and packed blocks are cached once per results root (or FSDFM_CACHE): fsdfm.cache."""
-    from fsdfm.cache import stage_cache_dir
+    from fsdfm.records import stage_cache_dir
     return stage_cache_dir(out_dir)
 
 
@@ -509,7 +509,7 @@ def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corp
     """
     from fsdfm.metrics import compute_metric_set
     from fsdfm.metrics.diversity import entropy, rep_n_per_sample
-    from fsdfm.results import PER_SAMPLE, write_per_sample
+    from fsdfm.records import PER_SAMPLE, write_per_sample
 
     ms = compute_metric_set(tokens, texts, names, **_metric_kwargs(config, evaluator, refs, corpus))
     metrics = dict(ms.values)
@@ -537,7 +537,7 @@ def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corp
 @stage_kind("evaluate", resources="gpu", version="1", metrics=lambda c: corpus_metric_names(c))
 def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """All sample metrics of one sample stage (evaluator time is not sampling time), and the per-sample table."""
-    from fsdfm.results import read_record
+    from fsdfm.records import read_record
 
     corpus = corpus_for(config, out_dir)
     tokens, texts = read_samples(inputs["samples"])

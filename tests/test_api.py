@@ -15,7 +15,7 @@ import yaml
 
 import fsdfm
 from fsdfm.cli import main
-from fsdfm.results import load, load_records, read_record
+from fsdfm.records import load, load_records, read_record
 from fsdfm.specs import SpecError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,7 +45,7 @@ class ReportOutput:
 
 def write_table(table: Table, out_dir: Path) -> list[Path]:
     """Write <name>.md, <name>.tex and <name>.csv atomically; returns the three paths."""
-    from fsdfm.results import atomic_write_bytes
+    from fsdfm.io import atomic_write as atomic_write_bytes
 
     out = []
     for ext, text in (("md", f"# {table.title}\n\n" + table.to_markdown()), ("tex", table.to_latex()),
@@ -109,7 +109,7 @@ def _facts(study: Study) -> list[str]:
 
 def _mauve_facts(study: Study) -> str:
     """n per side, buckets, k-means seeds and featurizer weights hash, as recorded by the evaluate stages."""
-    from fsdfm.results import load_records
+    from fsdfm.records import load_records
 
     facts: dict[str, set] = {"n": set(), "buckets": set(), "seeds": set(), "sha": set()}
     for kind in ("evaluate", "evaluate_data"):
@@ -210,7 +210,7 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
     (an unknown key is an `UnknownNameError` listing the allowed keys, raised before anything is written).
     Figures without data are skipped and listed, with the reason, in the index and in `ReportOutput.skipped`.
     """
-    from fsdfm.results import atomic_write_bytes
+    from fsdfm.io import atomic_write as atomic_write_bytes
 
     published = list(published or [])
     for key in published:

@@ -163,7 +163,7 @@ def _steps_text(n) -> str:
 
 def save_figure(fig, out_dir: Path, stem: str) -> tuple[Path, Path]:
     """Write `fig` as <stem>.png and <stem>.pdf atomically (render to memory, temp file, os.replace)."""
-    from fsdfm.results import atomic_write_bytes
+    from fsdfm.io import atomic_write as atomic_write_bytes
 
     paths = []
     for ext in ("png", "pdf"):
@@ -319,7 +319,7 @@ def frontier(study: Study, metric: str = "gen_ppl") -> list[Drawn]:
 def divergence_curves(study: Study) -> pd.DataFrame:
     """Per-position curves of the study's pos_divergence runs, long format: label, steps, run_id, position,
     tv, js, agreement (read from each run's final record payload "curves")."""
-    from fsdfm.results import read_record, stage_dir
+    from fsdfm.records import read_record, stage_dir
 
     rows = []
     for _, run in study.divergence.iterrows():

@@ -226,7 +226,7 @@ def variant_labels(df: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
 
 def n_samples_by_stage(study_dir: Path, stage_ids: Sequence[str]) -> dict[str, float]:
     """Samples per run from each final record's payload `n_samples` (`load()` keeps only payload metrics)."""
-    from fsdfm.results import read_record, stage_dir
+    from fsdfm.records import read_record, stage_dir
 
     out = {}
     for sid in dict.fromkeys(stage_ids):
@@ -240,7 +240,8 @@ def load_study(study_dir: str | Path) -> Study:
     """Read `study_dir` (holding plan.json) into a `Study`; a clear error when it is not a study directory."""
     import warnings
 
-    from fsdfm.results import PLAN, load, load_samples, read_json
+    from fsdfm.io import read_json
+    from fsdfm.records import PLAN, load, load_samples
 
     path = Path(study_dir)
     if not (path / PLAN).is_file():
