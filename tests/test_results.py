@@ -243,7 +243,7 @@ def test_load_one_row_per_done_run_with_params_metrics_provenance(tmp_path):
     assert row["total"] == sum(2 * i for i in range(5)) * 8 and row["curve"] == [0, 2, 4, 6, 8]
     assert row["steps"] == 8 and row["metrics.steps"] == -1  # a metric may not shadow a parameter
     assert row["device"] == "cpu" and row["stage_wall_s"] >= 0
-    from fsdfm.runtime import malloc_tuned  # run_stage tuned malloc in this (debug-executor) process
+    from fsdfm.launch.runtime import malloc_tuned  # run_stage tuned malloc in this (debug-executor) process
     assert all(r["provenance"]["malloc_tuned"] is malloc_tuned() is not None for r in records.load_records(tmp_path))
     # the groupby the design promises
     mean = df.groupby(["method", "sampler.steps"]).total.mean()

@@ -1,4 +1,4 @@
-"""The shared stage store (fsdfm.store): two studies that plan the same stage run it once, old-layout study
+"""The shared stage store (fsdfm.records.store): two studies that plan the same stage run it once, old-layout study
 folders are migrated without redoing work, `clean` of one study keeps what another still links, `--rerun`
 redoes a shared stage for both, `load` reads each study's own runs, and `fsdfm ls` lists done/total.
 

@@ -34,7 +34,7 @@ from fsdfm.records import (
     read_record, record_digest, remove_stale_temp_files, stage_dir, stage_lock, store_path, torch_threads,
 )
 from fsdfm.registry import did_you_mean
-from fsdfm.runtime import malloc_tuned, tune_malloc
+from fsdfm.launch.runtime import malloc_tuned, tune_malloc
 from fsdfm.stages import STAGE_KINDS, PlanError, Stage, StageKind
 
 ERROR_TAIL_LINES = 30
@@ -106,7 +106,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
     the digest of each input record it read. A stage found damaged or stale is redone: its record and damaged
     files are removed first (a stale checkpointable stage also loses its checkpoints: they came from the old
     inputs), and a line naming the files goes to stderr. On an exception, writes error.json and re-raises. The
-    first call in a process tunes glibc malloc (`fsdfm.runtime.tune_malloc`), so timings do not depend on what
+    first call in a process tunes glibc malloc (`fsdfm.launch.runtime.tune_malloc`), so timings do not depend on what
     the process did before.
     """
     tune_malloc()

@@ -44,7 +44,7 @@ class Provenance(TypedDict):
     argv: list  # sys.argv of that process
     device: str  # "cuda:<GPU name>" or "cpu" (`fsdfm.records.provenance.device_name`)
     torch_threads: Optional[int]  # torch's intra-op threads (None: the stage never imported torch)
-    malloc_tuned: Optional[bool]  # whether glibc malloc was tuned (`fsdfm.runtime.tune_malloc`)
+    malloc_tuned: Optional[bool]  # whether glibc malloc was tuned (`fsdfm.launch.runtime.tune_malloc`)
     loadavg_1min: LoadAvg  # load average at start and end
     start_time: str  # ISO 8601 UTC, milliseconds
     end_time: str  # ISO 8601 UTC, milliseconds
