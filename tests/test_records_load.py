@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import fsdfm
-from fsdfm.records import load, read_plan, read_record, settings_columns, stage_dir
+from fsdfm.records import read_plan, read_record, settings_columns, stage_dir
 from fsdfm.records.schema import Provenance, StageRecord
 
 TEXT = ("Once upon a time there was a cat.\n\nThe cat sat on a mat and looked at the sun.\n\n"

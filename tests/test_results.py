@@ -21,6 +21,7 @@ from fsdfm.records import (
 )
 from fsdfm.records import LockInfo, break_stale_lock, remove_stale_temp_files
 from fsdfm.records.locks import _pid_start
+from fsdfm.records.provenance import provenance
 from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def test_find_seeds():
 
 
 def test_provenance_fields():
-    p = records.provenance()
+    p = provenance()
     assert {"git_commit", "git_dirty", "versions", "hostname", "cpu_count", "pid", "slurm_job_id"} <= set(p)
     assert p["cpu_count"] == os.cpu_count()
     assert p["hostname"] == socket.gethostname() and p["pid"] == os.getpid()

@@ -8,7 +8,7 @@
     scheduler.py  asking SLURM about job states
     profiles.py   cluster profiles (slurm/*.yaml) and their resources
     signals.py    SIGTERM/SIGHUP handled like Ctrl-C while a study executes
-    status.py     status() and wait_for()
+    watch.py      status() and wait_for(): watching a study (not named status.py: that would hide the function)
     outcomes.py   ExecutionSummary and progress lines
 
 The work of a stage is `run_stage`; executors only decide where it runs. Importing this package registers every
@@ -25,7 +25,7 @@ from fsdfm.launch.runner import (
 )
 from fsdfm.launch.scheduler import expand_job_ids, slurm_states
 from fsdfm.launch.signals import DriverInterrupted, signals_interrupt
-from fsdfm.launch.status import StageStatus, StatusReport, status, wait_for
+from fsdfm.launch.watch import StageStatus, StatusReport, status, wait_for
 
 __all__ = [
     "EXECUTORS", "PACKAGE", "STAGE_MODULES_ENV", "CheckpointableStageJob", "DriverInterrupted", "ExecutionSummary",

@@ -1,7 +1,7 @@
 """The SLURM executor: one job array per (wave, resource class, set of input jobs), with partition/GPUs/CPUs/memory/
 time from a cluster profile (slurm/*.yaml), and `--dependency=afterok:<input jobs>` (+ `--kill-on-invalid-dep=yes`)
 between waves, so `execute(..., wait=False)` submits the whole study and returns. `wait=True` polls the cluster
-(`fsdfm.launch.status.wait_for`: sacct, else squeue, and the stage files), never `job.result()`: a job that dies
+(`fsdfm.launch.watch.wait_for`: sacct, else squeue, and the stage files), never `job.result()`: a job that dies
 without writing its result pickle would make that hang forever.
 """
 
@@ -21,7 +21,7 @@ from fsdfm.launch.executors import EXECUTORS
 from fsdfm.launch.outcomes import ExecutionSummary, Tally, already_done, say
 from fsdfm.launch.profiles import resources_for, slurm_parameters, source_setup
 from fsdfm.launch.runner import job_for
-from fsdfm.launch.status import wait_for
+from fsdfm.launch.watch import wait_for
 from fsdfm.records import ERROR, JOBS, SUBMITTED, is_done, now_iso, stage_dir
 from fsdfm.stages import STAGE_KINDS, Stage, StudyPlan, waves
 

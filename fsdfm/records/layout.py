@@ -37,6 +37,7 @@ from pathlib import Path
 
 from fsdfm.io import read_json, sha256_file
 from fsdfm.records.schema import SCHEMA_VERSION  # noqa: F401 - part of the layout's face
+from fsdfm.stages import PlanError, StudyPlan  # a broken plan.json is an inconsistent plan, as the stage graph says
 
 PLAN = "plan.json"
 STAGES = "stages"
@@ -199,8 +200,6 @@ def read_plan(study_dir: str | os.PathLike) -> dict:
     """plan.json of `study_dir` as a dict, with the `fsdfm eval` runs of external.json merged in (a clear error
     when it is missing or broken: FileNotFoundError, or PlanError naming the file). Every reader of a plan goes
     through here (or `read_plan_or_warn`), so that no reader misses the external runs."""
-    from fsdfm.stages import PlanError
-
     path = Path(study_dir) / PLAN
     try:
         plan = read_json(path)
@@ -211,6 +210,19 @@ def read_plan(study_dir: str | os.PathLike) -> dict:
     if not isinstance(plan, dict) or not {"name", "stages", "runs"} <= set(plan):
         raise PlanError(f"{path}: not a study plan (needs name, stages, runs)")
     return merge_external(Path(study_dir), plan)
+
+
+def read_study_plan(study_dir: str | os.PathLike) -> StudyPlan:
+    """`read_plan` as a validated `StudyPlan`; a plan.json that parses but does not describe a plan (wrong types,
+    a missing key) is a PlanError naming the file, like any other broken plan."""
+    where = str(Path(study_dir) / PLAN)
+    plan = read_plan(study_dir)
+    try:
+        return StudyPlan.from_dict(plan, where)
+    except PlanError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise PlanError(f"{where}: not a valid study plan ({type(e).__name__}: {e})") from None
 
 
 def read_plan_or_warn(sdir: Path) -> dict | None:

@@ -1,7 +1,7 @@
 """Per-sample tables (per_sample.csv of an evaluate stage): written with floats that read back bit-exactly.
 
 Knows the CSV format only; which folder a table lives in is `fsdfm.records.layout`'s, loading them across runs is
-`fsdfm.records.load.load_samples`.
+`fsdfm.records.loading.load_samples`.
 """
 
 from __future__ import annotations

@@ -55,10 +55,10 @@ def versions() -> dict:
     out = {"python": platform.python_version()}
     for dist in ("fsdfm", "torch", "transformers", "numpy", "submitit"):
         out[dist] = _version(dist)
-    if out["fsdfm"] is None:  # a source checkout that is not pip-installed
-        import fsdfm
-
-        out["fsdfm"] = getattr(fsdfm, "__version__", None)
+    if out["fsdfm"] is None:  # a source checkout that is not pip-installed: the package's own __version__
+        # (from sys.modules, not an import: the package that holds this module is always imported already, and an
+        # import of it here would make records depend on the package face above it)
+        out["fsdfm"] = getattr(sys.modules.get("fsdfm"), "__version__", None)
     return out
 
 

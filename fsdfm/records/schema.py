@@ -2,7 +2,7 @@
 
 Types only: nothing here reads or writes a file. `fsdfm.launch.runner.run_stage` builds a `StageRecord`;
 `fsdfm.records.layout.check_stage` reads its "status", "artefacts", "inputs" and "input_records";
-`fsdfm.records.load` reads "payload" and "provenance". tests/test_records_schema.py checks that a record written
+`fsdfm.records.loading` reads "payload" and "provenance". tests/test_records_load.py checks that a record written
 by a real run has exactly these keys, so a key added to the writer without a line here fails.
 """
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fsdfm.records.layout import STAGES, STORE
-from fsdfm.records.load import find_studies
+from fsdfm.records.loading import find_studies
 from fsdfm.records.locks import lock_holder
 
 

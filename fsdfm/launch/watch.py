@@ -17,7 +17,9 @@ from fsdfm.io import read_json
 from fsdfm.launch.outcomes import ExecutionSummary, Tally, say, say_end
 from fsdfm.launch.runner import error_summary
 from fsdfm.launch.scheduler import RECORD_GRACE_S, SLURM_ACTIVE, UNKNOWN_GRACE_S, slurm_failure, slurm_states
-from fsdfm.records import ERROR, PLAN, SUBMITTED, check_stage, is_done, lock_holder, read_plan, read_record, stage_dir
+from fsdfm.records import (
+    ERROR, SUBMITTED, check_stage, is_done, lock_holder, read_plan, read_record, read_study_plan, stage_dir,
+)
 from fsdfm.stages import StudyPlan, waves
 
 
@@ -169,7 +171,7 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan
     A stage handed to a job names the job's log (stderr) file."""
     sdir = Path(study_dir)
     if plan is None:
-        plan = StudyPlan.from_dict(read_plan(sdir), str(sdir / PLAN))
+        plan = read_study_plan(sdir)
     todo = [sid for sid in plan.stages if not is_done(stage_dir(sdir, sid)) and not lock_holder(stage_dir(sdir, sid))[1]]
     subs, states = _scheduler_states(sdir, todo) if scheduler else ({}, None)
     out = []
