@@ -27,7 +27,6 @@ The keys of a record are `fsdfm.records.schema.StageRecord`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -120,9 +119,10 @@ def artefact_manifest(sdir: Path) -> dict[str, dict]:
 
 
 def record_digest(sdir: Path) -> str | None:
-    """sha256 of the bytes of `sdir`/record.json (None when there is none): which result a dependent read."""
+    """sha256 of the bytes of `sdir`/record.json (None when there is none): which result a dependent read.
+    (The memo of `sha256_file` cannot go stale here: a record is only ever replaced, never rewritten in place.)"""
     try:
-        return hashlib.sha256((Path(sdir) / RECORD).read_bytes()).hexdigest()
+        return sha256_file(Path(sdir) / RECORD)
     except OSError:
         return None
 
