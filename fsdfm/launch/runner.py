@@ -30,7 +30,8 @@ import submitit.helpers
 from fsdfm.io import atomic_write_json, read_json, to_jsonable
 from fsdfm.records import (
     ATTEMPTS, CONTROL_FILES, ERROR, PLAN, RECORD, RUNNING, SCHEMA_VERSION, SUBMITTED, LockInfo, StageCheck,
-    artefact_manifest, check_stage, device_name, find_seeds, loadavg_1min, now_iso, read_plan, read_record, record_digest, remove_stale_temp_files, stage_dir, stage_lock, store_path, torch_threads,
+    artefact_manifest, check_stage, device_name, find_seeds, loadavg_1min, now_iso, read_plan, read_record,
+    record_digest, remove_stale_temp_files, stage_dir, stage_lock, store_path, torch_threads,
 )
 from fsdfm.records.provenance import provenance
 from fsdfm.registry import did_you_mean

@@ -44,8 +44,8 @@ __all__ = [
     "Unlinked", "artefact_manifest", "artefact_paths", "break_stale_lock", "check_stage", "data_cache_dir",
     "default_cache_dir", "device_name", "discard_stage", "find_seeds", "find_studies", "git_state", "is_done",
     "job_id", "link_stages", "linked_by", "list_studies", "load", "load_records", "load_samples", "loadavg_1min",
-    "lock_holder", "merge_external", "now_iso", "pid_alive", "pin_cache_env", "read_per_sample",
-    "read_plan", "read_plan_or_warn", "read_record", "read_study_plan", "record_digest", "remove_stale_temp_files", "results_root_of",
+    "lock_holder", "merge_external", "now_iso", "pid_alive", "pin_cache_env", "read_per_sample", "read_plan",
+    "read_plan_or_warn", "read_record", "read_study_plan", "record_digest", "remove_stale_temp_files", "results_root_of",
     "settings_columns", "slurm_job_id", "stage_cache_dir", "stage_dir", "stage_lock", "store_dir", "store_path",
     "store_root", "study_dir", "torch_threads", "unlink_stage", "versions", "write_per_sample",
 ]
