@@ -44,7 +44,7 @@ class StudyFailed(RuntimeError):
 def run_study(spec: str | os.PathLike | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
               executor: str = "inline", results: str | os.PathLike = DEFAULT_ROOT, profile: str | None = None,
               max_parallel: int | None = None, track: bool = False):
-    """Run (or finish) a study and return its results DataFrame, as `fsdfm run` then `fsdfm.results.load`.
+    """Run (or finish) a study and return its results DataFrame, as `fsdfm run` then `fsdfm.records.load`.
 
     Args:
         spec: a spec file, or the spec as a dict (what `yaml.safe_load` of the file gives), validated the same way.
@@ -55,15 +55,15 @@ def run_study(spec: str | os.PathLike | Mapping[str, Any], overrides: Mapping[st
         results: the results root; the study lands in results/<name>.
         track: log to the tracker of the spec's `tracking:` section (TensorBoard by default), as `fsdfm run --track`.
     Returns:
-        pandas.DataFrame, one row per run whose final stage is done (`fsdfm.results.load`).
+        pandas.DataFrame, one row per run whose final stage is done (`fsdfm.records.load`).
     Raises:
         SpecError (bad spec or override), StudyFailed (a stage failed or was blocked; nothing is hidden).
     """
     import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
-    from fsdfm.cache import data_cache_dir
+    from fsdfm.records import data_cache_dir
     from fsdfm.launch import execute
     from fsdfm.methods import plan_study
-    from fsdfm.results import load
+    from fsdfm.records import load
     from fsdfm.specs import load_spec, load_spec_dict
 
     cache = data_cache_dir(results)
@@ -195,7 +195,7 @@ def _model_tokenizer(d: Path, record: dict):
     data = (record.get("config") or {}).get("data")
     if not data or data.get("kind") in ("oracle",) or data.get("tokenizer") == "none":
         return None
-    from fsdfm.cache import stage_cache_dir
+    from fsdfm.records import stage_cache_dir
     from fsdfm.data import DataConfig, load_corpus
     return load_corpus(DataConfig(**data), stage_cache_dir(d)).tokenizer
 
@@ -206,7 +206,7 @@ def load_model(stage_dir: str | os.PathLike) -> Model:
 
     Raises: FileNotFoundError / ValueError naming the folder when it holds no finished model.
     """
-    from fsdfm.results import read_record
+    from fsdfm.records import read_record
 
     d = Path(stage_dir)
     if not d.is_dir():

@@ -20,7 +20,7 @@ import torch
 
 from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import MixturePath
-from fsdfm.results import atomic_write_bytes
+from fsdfm.io import atomic_write
 from fsdfm.train import StepContext
 
 EXACT_FILE = "exact.json"
@@ -33,7 +33,7 @@ def is_exact(model_dir: Path) -> bool:
 
 def write_exact(out_dir: Path, path_cfg: dict) -> None:
     """Record the path config {"source", "scheduler"} of an exact_posterior stage, atomically."""
-    atomic_write_bytes(Path(out_dir) / EXACT_FILE, json.dumps({"path": path_cfg}, sort_keys=True).encode())
+    atomic_write(Path(out_dir) / EXACT_FILE, json.dumps({"path": path_cfg}, sort_keys=True).encode())
 
 
 def load_exact(model_dir: Path, data_cfg: dict, dtype: torch.dtype = torch.float64) -> ExactPosterior:

@@ -16,7 +16,7 @@ The stage's config is the study's evaluate config (metrics, evaluator, seed, dat
 is one stage; a changed file is a new one. The file is copied, content-addressed, to
 `<root>/_external/<sha256><suffix>` and from there into the stage folder (`external<suffix>`, a hashed
 artefact), so the record stays checkable when the original moves. The stage and its run are listed in
-`<study>/external.json`, which `fsdfm.results` and `fsdfm.launch.read_plan` merge into the plan (plan.json
+`<study>/external.json`, which `fsdfm.records.read_plan` (every reader of a plan) merges into the plan (plan.json
 itself is rewritten by every `fsdfm run`; an external stage whose evaluator input is no longer planned is
 dropped from the merge, with a warning).
 """
@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fsdfm.records.layout import EXTERNAL, merge_external  # noqa: F401 - the plan reader merges external.json
 from fsdfm.stages import RunSpec, Stage, stage_kind
 
-EXTERNAL = "external.json"
 EXTERNAL_BLOBS = "_external"
 EXTERNAL_KIND = "evaluate_external"
 FORMATS = {".jsonl": "jsonl", ".npy": "npy"}
@@ -45,34 +44,8 @@ class ExternalError(ValueError):
     """A file that cannot be scored as external samples (exit 2, naming the file)."""
 
 
-def merge_external(sdir: Path, plan: dict) -> dict:
-    """`plan` (a plan.json dict) with the external stages and runs of `sdir`/external.json added; an external
-    stage whose inputs are not in the plan any more is left out with a warning."""
-    path = Path(sdir) / EXTERNAL
-    if not path.is_file():
-        return plan
-    try:
-        ext = json.loads(path.read_text())
-        stages, runs = dict(ext["stages"]), list(ext["runs"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        warnings.warn(f"skipping {path}: unreadable ({e})", stacklevel=2)
-        return plan
-    keep = {sid: st for sid, st in stages.items() if set((st.get("inputs") or {}).values()) <= set(plan["stages"])}
-    if len(keep) < len(stages):
-        warnings.warn(f"{path}: {len(stages) - len(keep)} external evaluation(s) read an evaluator this plan no "
-                      "longer has; not shown (re-run fsdfm eval)", stacklevel=2)
-    plan = dict(plan)
-    plan["stages"] = {**plan["stages"], **keep}
-    have = {r["run_id"] for r in plan["runs"]}
-    plan["runs"] = list(plan["runs"]) + [r for r in runs if r["stage_id"] in keep and r["run_id"] not in have]
-    kinds = dict(plan.get("kinds") or {})
-    kinds.update(ext.get("kinds") or {})
-    plan["kinds"] = kinds
-    return plan
-
-
 def _sha256(path: Path) -> str:
-    from fsdfm.results import sha256_file
+    from fsdfm.io import sha256_file
 
     return sha256_file(path)
 
@@ -169,10 +142,10 @@ def eval_files(sdir: Path, root: Path, files: list[str], labels: list[str] | Non
     """Score each of `files` with the metrics and evaluator of the study in `sdir` (its plan written: the
     study's evaluator stage must be done); records them in `sdir`/external.json; returns what was scored."""
     import fsdfm.pipeline  # noqa: F401  (registers the stage kinds this one builds on)
-    from fsdfm.launch import read_plan, run_stage
+    from fsdfm.launch import run_stage
     from fsdfm.pipeline import corpus_for
-    from fsdfm.results import atomic_write_bytes, atomic_write_json, is_done, stage_dir
-    from fsdfm.store import link_stages
+    from fsdfm.io import atomic_write, atomic_write_json
+    from fsdfm.records import is_done, link_stages, read_plan, stage_dir
 
     paths = [Path(f) for f in files]
     for p in paths:
@@ -208,7 +181,7 @@ def eval_files(sdir: Path, root: Path, files: list[str], labels: list[str] | Non
     for p, stage, run in todo:
         blob = root / EXTERNAL_BLOBS / f"{stage.config['external']['sha256']}{p.suffix}"
         if not blob.is_file():
-            atomic_write_bytes(blob, p.read_bytes())
+            atomic_write(blob, p.read_bytes())
         stages[stage.id] = stage.to_dict()
         runs = [r for r in runs if r["run_id"] != run.run_id] + [run.to_dict()]
     link_stages(sdir, [s.id for _, s, _ in todo], root)

@@ -18,7 +18,7 @@ training for a comment or a refactor of a shared module, and would still miss be
 (a library upgrade). A declared version is bumped on purpose; `fsdfm.versions` and tests/test_versions.py keep
 that honest by failing when a unit's sources change while its version does not.
 
-Data files are hashed with the loader's own memoised `fsdfm.data.base.file_sha256` (once per process). Fields
+Data files are hashed with the memoised `fsdfm.io.sha256_file` the loader uses too (once per process). Fields
 that name no file (a hub split such as "train[-1000:]", a tokenizer name such as "gpt2", an oracle source)
 add nothing: their config values already identify them.
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fsdfm.io import sha256_file
 from fsdfm.stages import STAGE_KINDS, Stage
 
 DATA_FILE_FIELDS = ("train", "valid", "tokenizer")
@@ -36,8 +37,6 @@ DATA_FILE_FIELDS = ("train", "valid", "tokenizer")
 def data_fingerprint(data: dict) -> dict[str, str]:
     """{field: "sha256:<hex>"} of each of `data`'s train/valid/tokenizer values that names a file (a tokenizer
     directory counts through its tokenizer.json), read relative to the working directory as the loader does."""
-    from fsdfm.data.base import file_sha256
-
     out = {}
     for key in DATA_FILE_FIELDS:
         value = data.get(key)
@@ -47,7 +46,7 @@ def data_fingerprint(data: dict) -> dict[str, str]:
         if p.is_dir() and (p / "tokenizer.json").is_file():
             p = p / "tokenizer.json"
         if p.is_file():
-            out[key] = "sha256:" + file_sha256(p)
+            out[key] = "sha256:" + sha256_file(p)
     return out
 
 

@@ -27,7 +27,7 @@ from fsdfm.model import DiT, ModelConfig, model_config, student_from_teacher
 from fsdfm.objectives import FROZEN_TEACHER_SHORTCUTS, DFMConfig, DFMObjective, FSDFMObjective
 from fsdfm.paths import MixturePath, make_path
 from fsdfm.registry import Registry
-from fsdfm.results import atomic_write_bytes
+from fsdfm.io import atomic_write
 from fsdfm.samplers import SampleOutput, get_rule, sample, time_grid, update
 from fsdfm.schedulers import make_scheduler
 from fsdfm.stages import stage_kind
@@ -44,8 +44,8 @@ def device() -> torch.device:
 
 
 def cache_dir(out_dir: Path) -> Path:
-    """Tokenizers and packed blocks are cached once per results root (or FSDFM_CACHE): fsdfm.cache."""
-    from fsdfm.cache import stage_cache_dir
+    """Tokenizers and packed blocks are cached once per results root (or FSDFM_CACHE): fsdfm.records.cache."""
+    from fsdfm.records import stage_cache_dir
     return stage_cache_dir(out_dir)
 
 
@@ -92,7 +92,7 @@ def save_tokenizer(out_dir: Path, corpus) -> None:
     """The corpus tokenizer beside the model a training stage writes (out_dir/tokenizer.json), so that a model
     folder decodes its own samples (fsdfm.api.load_model); nothing for data without a tokenizer."""
     if corpus.tokenizer is not None and is_main_rank():
-        atomic_write_bytes(Path(out_dir) / TOKENIZER_FILE, corpus.tokenizer.backend.to_str().encode())
+        atomic_write(Path(out_dir) / TOKENIZER_FILE, corpus.tokenizer.backend.to_str().encode())
 
 
 def save_dit(out_dir: Path, model: DiT, path_cfg: dict, h_conditioned: bool, corpus=None) -> None:
@@ -337,7 +337,7 @@ def load_released_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
                "size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "model_config": loaded.config.to_dict(),
                "path": {"source": config["source"], "scheduler": config["scheduler"]},
                "h_conditioned": loaded.h_conditioned}
-    atomic_write_bytes(Path(out_dir) / RELEASED_POINTER, json.dumps(pointer, indent=1).encode())
+    atomic_write(Path(out_dir) / RELEASED_POINTER, json.dumps(pointer, indent=1).encode())
     save_tokenizer(out_dir, corpus)
     return {"metrics": {"n_params": loaded.model.num_parameters()}, "checkpoint": pointer}
 
@@ -440,10 +440,10 @@ def write_samples(out_dir: Path, tokens: np.ndarray, corpus) -> None:
     import io
     buf = io.BytesIO()
     np.save(buf, tokens)
-    atomic_write_bytes(out_dir / "samples.npy", buf.getvalue())
+    atomic_write(out_dir / "samples.npy", buf.getvalue())
     if corpus.tokenizer is not None:
         texts = corpus.tokenizer.decode_batch(tokens.tolist())
-        atomic_write_bytes(out_dir / "samples.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+        atomic_write(out_dir / "samples.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
 
 
 def read_samples(stage_dir: Path) -> tuple[np.ndarray, list[str] | None]:
@@ -506,11 +506,11 @@ def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corp
     (`gen_ppl_n_tokens`, `gen_ppl_n_truncated`, likewise for gen_ppl_seq_mean) and MAUVE's `mauve_std` (over
     k-means seeds), `mauve_n` (per side) and `mauve_buckets`; metric_details holds everything else recorded
     (per-seed MAUVE values, featurizer weights hash, text convention). Writes out_dir/per_sample.csv: one row
-    per sample (`fsdfm.results.load_samples`).
+    per sample (`fsdfm.records.load_samples`).
     """
     from fsdfm.metrics import compute_metric_set
     from fsdfm.metrics.diversity import entropy, rep_n_per_sample
-    from fsdfm.results import PER_SAMPLE, write_per_sample
+    from fsdfm.records import PER_SAMPLE, write_per_sample
 
     ms = compute_metric_set(tokens, texts, names, **_metric_kwargs(config, evaluator, refs, corpus))
     metrics = dict(ms.values)
@@ -538,7 +538,7 @@ def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corp
 @stage_kind("evaluate", resources="gpu", version="1", metrics=lambda c: corpus_metric_names(c))
 def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """All sample metrics of one sample stage (evaluator time is not sampling time), and the per-sample table."""
-    from fsdfm.results import read_record
+    from fsdfm.records import read_record
 
     corpus = corpus_for(config, out_dir)
     tokens, texts = read_samples(inputs["samples"])

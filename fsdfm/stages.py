@@ -32,13 +32,13 @@ final stage of each run. `waves(plan)` orders the stages into topological layers
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from fsdfm.io import canonical_json
 from fsdfm.registry import Registry
 
 StageFn = Callable[[dict, "dict[str, Path]", Path], dict]
@@ -46,11 +46,6 @@ StageFn = Callable[[dict, "dict[str, Path]", Path], dict]
 
 class PlanError(ValueError):
     """An inconsistent study plan: an unknown input, a cycle, a duplicate run, a mismatched id."""
-
-
-def canonical_json(obj: Any) -> str:
-    """The one JSON text of `obj` that ids are hashed from: sorted keys, no whitespace, ASCII, no NaN."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def _jsonable_copy(obj: Any, where: str) -> Any:

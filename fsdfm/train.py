@@ -11,10 +11,8 @@ Under torch.distributed (DDP) every rank draws the same global batch indices and
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import os
 import pickle
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fsdfm.progress import enabled as progress_enabled
-from fsdfm.results import _fsync_dir
+from fsdfm.io import atomic_write
 
 
 @dataclass(frozen=True)
@@ -110,20 +108,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
     Without the fsync a crash soon after the rename can leave a renamed but empty checkpoint on disk (the data
     blocks were never written back), which a resume would then fail to load. A kill during the write leaves the
-    old checkpoint and a stray `.<name>.<pid>.tmp`, which `run_stage` removes when the stage next starts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    old checkpoint and a stray `.<name>.<pid>.<hex>.tmp` (`fsdfm.io.atomic_write`), which `run_stage` removes when
+    the stage next starts."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 class UnsafeCheckpointError(RuntimeError):

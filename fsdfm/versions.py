@@ -189,7 +189,7 @@ def check(path: Path = TABLE) -> list[str]:
 
 def write(path: Path = TABLE) -> dict:
     """Refresh the table from the current code; returns the names of the units whose rows changed."""
-    from fsdfm.results import atomic_write_json
+    from fsdfm.io import atomic_write_json
 
     units, problems = current_units()
     if problems:

@@ -16,7 +16,7 @@ import yaml
 import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
 from fsdfm.launch import execute
 from fsdfm.methods import plan_study
-from fsdfm.results import load
+from fsdfm.records import load
 from fsdfm.specs import load_spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The Python API: run_study is `fsdfm run` + `fsdfm.results.load`; load_model(...).sample reproduces the study's own
+"""The Python API: run_study is `fsdfm run` + `fsdfm.records.load`; load_model(...).sample reproduces the study's own
 sample stage; evaluate reproduces its evaluate stage; importing fsdfm stays cheap."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 
 import fsdfm
 from fsdfm.cli import main
-from fsdfm.results import load, load_records, read_record
+from fsdfm.records import load, load_records, read_record
 from fsdfm.specs import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_run_study_returns_the_dataframe_of_fsdfm_run_and_load(studies):
     assert list(df_b.stage_id) == list(df_a.stage_id)
     for root in ("a", "b"):  # the data cache is the results root's, whatever the working directory
         assert (tmp / root / ".cache" / "tokenizers").is_dir()
-    # on a finished study run_study runs nothing and returns exactly what fsdfm.results.load reads
+    # on a finished study run_study runs nothing and returns exactly what fsdfm.records.load reads
     again = fsdfm.run_study(tmp / "api_tiny.yaml", executor="debug", results=tmp / "a")
     pd.testing.assert_frame_equal(again, load(tmp / "a" / "api_tiny"))
 

@@ -463,7 +463,7 @@ def released_study(tmp_path_factory):
 
 @pytest.mark.slow
 def test_released_study_records_every_metric_for_every_budget(released_study):
-    from fsdfm.results import load
+    from fsdfm.records import load
 
     tmp, spec, summary, raw = released_study
     assert summary.ok, summary.format()
@@ -485,7 +485,7 @@ def test_released_study_records_every_metric_for_every_budget(released_study):
 def test_released_study_samples_the_checkpoint_weights(released_study):
     """The pointer stage loads the file itself: its model gives the independent reference forward's logits."""
     from fsdfm.pipeline import load_dit
-    from fsdfm.results import load_records
+    from fsdfm.records import load_records
 
     tmp, spec, summary, raw = released_study
     recs = {r["payload"]["checkpoint"]["which"]: r for r in load_records(tmp / "results" / "released_tiny",

@@ -13,10 +13,11 @@ import pytest
 
 import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
 from fsdfm.cli import main
-from fsdfm.launch import execute, read_plan
+from fsdfm.launch import execute
 from fsdfm.metrics.registry import METRICS
 from fsdfm.pipeline import ArtefactError, load_dit
-from fsdfm.results import ERROR, RECORD, is_done, load_records, read_json, stage_dir
+from fsdfm.io import read_json
+from fsdfm.records import ERROR, RECORD, is_done, load_records, read_plan, stage_dir
 from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
 
 SPEC = """

@@ -109,7 +109,7 @@ def test_exact_study_runs_and_the_report_decomposes_the_error(tmp_path):
     from fsdfm.report import write_report
     from fsdfm.report.oracle import decomposition_frame
     from fsdfm.report.summary import load_study
-    from fsdfm.results import load
+    from fsdfm.records import load
 
     spec, cells = load_spec(_spec(tmp_path, STUDY.split("methods:\n", 1)[1]))
     plan = plan_study(spec.name, cells)

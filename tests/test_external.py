@@ -11,8 +11,8 @@ import pytest
 
 from fsdfm.cli import main
 from fsdfm.external import EXTERNAL, SAMPLING_METRICS
-from fsdfm.launch import read_plan
-from fsdfm.results import is_done, load, load_records, stage_dir
+from fsdfm.records import read_plan
+from fsdfm.records import is_done, load, load_records, stage_dir
 
 SPEC = """
 name: tiny_ext

@@ -21,9 +21,9 @@ from fsdfm.launch import (
     StageInputError, execute, load_profile, resources_for, run_stage, status, write_plan,
 )
 from fsdfm.registry import UnknownNameError
-from fsdfm.results import (
-    ATTEMPTS, ERROR, PLAN, RECORD, RUNNING, SUBMITTED, StageLockedError, atomic_write_json, is_done, lock_holder,
-    pid_alive, read_json, stage_dir, stage_lock,
+from fsdfm.io import atomic_write_json, read_json
+from fsdfm.records import (
+    ATTEMPTS, ERROR, PLAN, RECORD, RUNNING, SUBMITTED, StageLockedError, is_done, lock_holder, pid_alive, stage_dir, stage_lock,
 )
 from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
 
@@ -615,9 +615,9 @@ def test_cluster_profiles_and_overrides():
     assert resources_for(prof, "gpu")["gpus_per_node"] == 1
     assert resources_for(prof, "cpu")["timeout_min"] >= 3  # SLURM signals up to 30 s early
     ex = load_profile(ROOT / "slurm" / "example-cluster.yaml", {"timeout_min": 30, "gpu.mem_gb": 12.5})
-    gpu = launch._slurm_parameters(resources_for(ex, "gpu"))
+    gpu = launch.slurm_parameters(resources_for(ex, "gpu"))
     assert gpu["time"] == 30 and gpu["mem"] == "12800MB" and gpu["partition"] == "gpu"
-    multi = launch._slurm_parameters(resources_for(ex, "gpu_multi"))
+    multi = launch.slurm_parameters(resources_for(ex, "gpu_multi"))
     assert multi["gpus_per_node"] == 8 and multi["ntasks_per_node"] == 8 and multi["time"] == 30
     with pytest.raises(ValueError, match="no resources.tpu"):
         resources_for(prof, "tpu")
@@ -630,9 +630,9 @@ def test_cluster_profiles_and_overrides():
 
 
 def test_expand_array_job_ids():
-    assert launch._expand_job_ids("12") == ["12"]
-    assert launch._expand_job_ids("12_3") == ["12_3"]
-    assert launch._expand_job_ids("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert launch.expand_job_ids("12") == ["12"]
+    assert launch.expand_job_ids("12_3") == ["12_3"]
+    assert launch.expand_job_ids("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
 
 
 def test_a_damaged_input_is_an_error_naming_the_file_and_a_damaged_stage_is_redone(tmp_path, counter, capsys):

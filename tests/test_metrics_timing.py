@@ -42,7 +42,7 @@ def test_timed_peak_memory_sees_an_allocation():
     size = 200 * 2**20
 
     def allocate():
-        # an anonymous mapping of its own, not malloc: a process whose malloc keeps freed memory (fsdfm.runtime's
+        # an anonymous mapping of its own, not malloc: a process whose malloc keeps freed memory (fsdfm.launch.runtime's
         # tuning, applied by any earlier stage in this process) could serve a malloc'ed block from pages that are
         # resident already, so neither the peak nor the reset would see it
         block = mmap.mmap(-1, size)

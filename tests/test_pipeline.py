@@ -15,7 +15,7 @@ import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
 from fsdfm.launch import execute
 from fsdfm.methods import plan_study
 from fsdfm.data.oracle import make_oracle
-from fsdfm.results import load, load_records
+from fsdfm.records import load, load_records
 from fsdfm.specs import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_cli_threads_reach_the_stages_and_their_records(tmp_path):
 
 
 def test_every_evaluate_stage_writes_a_per_sample_table_that_load_samples_reads(oracle_study):
-    from fsdfm.results import load_samples
+    from fsdfm.records import load_samples
 
     tmp, *_ = oracle_study
     study = tmp / "results" / "tiny_oracle"
@@ -189,7 +189,7 @@ def test_per_sample_nlls_summed_and_pooled_reproduce_the_runs_gen_ppl_exactly(tm
     import math
 
     from fsdfm.pipeline import score_samples
-    from fsdfm.results import read_per_sample
+    from fsdfm.records import read_per_sample
     from metrics_fixtures import word_evaluator
 
     texts = ["the cat sat on the mat", "a dog ran <eos> the cat", "big red dog <eos> <eos> a", "the the the the"]

@@ -15,7 +15,8 @@ from fsdfm.registry import UnknownNameError
 from fsdfm.report import ReportOutput, load_study, sampling_wall_s, summarize, write_report
 from fsdfm.report.figures import divergence_curves
 from fsdfm.report.tables import metric_table, seeds_table
-from fsdfm.results import atomic_write_json, stage_dir
+from fsdfm.io import atomic_write_json
+from fsdfm.records import stage_dir
 from fsdfm.stages import RunSpec, Stage, StudyPlan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -394,7 +395,7 @@ def test_mauve_below_the_minimum_n_is_footnoted_and_never_marked():
 def _paired_study(root: Path) -> Path:
     """One seed per setting, per-sample tables on disk, report.pairs in the plan; the FS-DFM run's self_bleu saw
     only 60 of its 64 samples and its gen_ppl truncated 3."""
-    from fsdfm.results import write_per_sample
+    from fsdfm.records import write_per_sample
 
     rng = np.random.default_rng(1)
     nll = {"fsdfm": 3.0 + 0.2 * rng.standard_normal(64), "dfm": 3.4 + 0.2 * rng.standard_normal(64)}

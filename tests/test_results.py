@@ -12,13 +12,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fsdfm import results
+from fsdfm import records
 from fsdfm.launch import execute
-from fsdfm.results import (
-    LOCK, RECORD, StageLockedError, atomic_write_bytes, atomic_write_json, find_seeds, is_done, load, load_records,
-    lock_holder, read_record, stage_dir, stage_lock, to_jsonable,
+from fsdfm.io import atomic_write, atomic_write_json, sha256_file, to_jsonable
+from fsdfm.records import (
+    LOCK, RECORD, StageLockedError, find_seeds, is_done, load, load_records, lock_holder, read_record, stage_dir,
+    stage_lock,
 )
-from fsdfm.results import LockInfo, break_stale_lock, remove_stale_temp_files
+from fsdfm.records import LockInfo, break_stale_lock, remove_stale_temp_files
+from fsdfm.records.locks import _pid_start
+from fsdfm.records.provenance import provenance
 from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +39,14 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 @pytest.mark.parametrize("fail_at", ["fsync", "replace"])
 def test_atomic_write_failure_leaves_old_file_and_no_partial(tmp_path, monkeypatch, fail_at):
     p = tmp_path / "record.json"
-    atomic_write_bytes(p, b'{"status": "done"}')
+    atomic_write(p, b'{"status": "done"}')
 
     def boom(*a, **k):
         raise OSError(f"simulated crash in {fail_at}")
 
     monkeypatch.setattr(os, fail_at, boom)
     with pytest.raises(OSError, match="simulated crash"):
-        atomic_write_bytes(p, b'{"status": "do')  # a half record must never become record.json
+        atomic_write(p, b'{"status": "do')  # a half record must never become record.json
     monkeypatch.undo()
     assert p.read_bytes() == b'{"status": "done"}'
     assert os.listdir(tmp_path) == ["record.json"]
@@ -87,16 +90,16 @@ def test_find_seeds():
 
 
 def test_provenance_fields():
-    p = results.provenance()
+    p = provenance()
     assert {"git_commit", "git_dirty", "versions", "hostname", "cpu_count", "pid", "slurm_job_id"} <= set(p)
     assert p["cpu_count"] == os.cpu_count()
     assert p["hostname"] == socket.gethostname() and p["pid"] == os.getpid()
     assert p["versions"]["python"].count(".") == 2
     assert p["versions"]["torch"] and p["versions"]["numpy"] and p["versions"]["transformers"]
-    commit, dirty = results.git_state()
+    commit, dirty = records.git_state()
     # a 40-hex commit inside git, "unknown" (dirty None) outside it or before the first commit
     assert commit == "unknown" or len(commit) == 40
-    assert results.git_state(str(Path("/").resolve())) == ("unknown", None)
+    assert records.git_state(str(Path("/").resolve())) == ("unknown", None)
 
 
 # ------------------------------------------------------------------------------------------------ locks
@@ -128,7 +131,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
 def test_lock_contention_between_processes(tmp_path):
     """Four processes race for one lock: exactly one gets it, the others see who holds it."""
     d, release = tmp_path / "st", tmp_path / "release"
-    code = ("import os, sys, time; from fsdfm.results import stage_lock, StageLockedError\n"
+    code = ("import os, sys, time; from fsdfm.records import stage_lock, StageLockedError\n"
             "try:\n"
             "    with stage_lock(sys.argv[1]):\n"
             "        print('got', flush=True)\n"
@@ -163,7 +166,7 @@ def test_reused_pid_is_stale(tmp_path):
     d = tmp_path / "st"
     _write_lock(d, pid=os.getpid(), pid_start=1)  # our pid, but a different process start time
     assert lock_holder(d)[1] is False
-    _write_lock(d, pid=os.getpid(), pid_start=results._pid_start(os.getpid()))
+    _write_lock(d, pid=os.getpid(), pid_start=_pid_start(os.getpid()))
     assert lock_holder(d)[1] is True
 
 
@@ -189,7 +192,7 @@ def test_empty_lock_is_live_until_grace_expires(tmp_path):
     with pytest.raises(StageLockedError, match="still writing"):
         with stage_lock(d):
             pass
-    old = time.time() - results.LOCK_WRITE_GRACE_S - 5
+    old = time.time() - records.LOCK_WRITE_GRACE_S - 5
     os.utime(d / LOCK, (old, old))  # ... or one killed right there
     with stage_lock(d):
         pass
@@ -241,8 +244,8 @@ def test_load_one_row_per_done_run_with_params_metrics_provenance(tmp_path):
     assert row["total"] == sum(2 * i for i in range(5)) * 8 and row["curve"] == [0, 2, 4, 6, 8]
     assert row["steps"] == 8 and row["metrics.steps"] == -1  # a metric may not shadow a parameter
     assert row["device"] == "cpu" and row["stage_wall_s"] >= 0
-    from fsdfm.runtime import malloc_tuned  # run_stage tuned malloc in this (debug-executor) process
-    assert all(r["provenance"]["malloc_tuned"] is malloc_tuned() is not None for r in results.load_records(tmp_path))
+    from fsdfm.launch.runtime import malloc_tuned  # run_stage tuned malloc in this (debug-executor) process
+    assert all(r["provenance"]["malloc_tuned"] is malloc_tuned() is not None for r in records.load_records(tmp_path))
     # the groupby the design promises
     mean = df.groupby(["method", "sampler.steps"]).total.mean()
     assert mean.loc[("fsdfm", 4)] == pytest.approx((10 * 4 + 20 * 4) / 2)
@@ -333,7 +336,7 @@ def test_break_stale_lock_only_breaks_dead_holders(tmp_path):
 def test_stage_lock_waits_for_a_live_holder(tmp_path):
     """wait=True: told once who holds it, then taken as soon as the holder lets go."""
     sdir = tmp_path / "s"
-    code = ("import sys, time; from pathlib import Path; from fsdfm.results import stage_lock\n"
+    code = ("import sys, time; from pathlib import Path; from fsdfm.records import stage_lock\n"
             "with stage_lock(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.readline()\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(sdir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
@@ -360,8 +363,8 @@ def _stage_with_artefacts(d: Path) -> dict:
     (d / "ckpt" / "checkpoint.pt").write_bytes(b"resume state")
     (d / "train.log").write_text("step 1\n")
     (d / ".model.pt.123.tmp").write_bytes(b"")
-    (d / results.ERROR).write_text("{}")
-    manifest = results.artefact_manifest(d)
+    (d / records.ERROR).write_text("{}")
+    manifest = records.artefact_manifest(d)
     atomic_write_json(d / RECORD, {"status": "done", "artefacts": manifest, "inputs": {}})
     return manifest
 
@@ -373,7 +376,7 @@ def test_manifest_covers_every_artefact_and_only_artefacts(tmp_path):
     manifest = _stage_with_artefacts(d)
     assert set(manifest) == {"model.pt", "sub/per_sample.csv"}
     assert manifest["model.pt"] == {"size": 700, "sha256": hashlib.sha256(b"weights" * 100).hexdigest()}
-    check = results.check_stage(d)
+    check = records.check_stage(d)
     assert check.done and check.verified and not check.problems
 
 
@@ -386,7 +389,7 @@ def test_a_damaged_artefact_makes_the_stage_not_done_naming_the_file(tmp_path, d
     d = tmp_path / "stage"
     _stage_with_artefacts(d)
     damage(d / "model.pt")
-    check = results.check_stage(d)
+    check = records.check_stage(d)
     assert check.state == "damaged" and not is_done(d)
     [problem] = check.problems
     assert problem.startswith(str(d / "model.pt")) and words in problem
@@ -406,10 +409,10 @@ def test_a_stage_whose_input_was_redone_is_stale(tmp_path):
     _stage_with_artefacts(a)
     b.mkdir()
     atomic_write_json(b / RECORD, {"status": "done", "artefacts": {}, "inputs": {"x": "a-1"},
-                                   "input_records": {"x": results.record_digest(a)}})
+                                   "input_records": {"x": records.record_digest(a)}})
     assert is_done(b)
     atomic_write_json(a / RECORD, {**read_record(a), "end_time": "later"})  # a was redone
-    check = results.check_stage(b)
+    check = records.check_stage(b)
     assert check.state == "stale" and str(a / RECORD) in check.problems[0] and "'x'" in check.problems[0]
 
 
@@ -418,6 +421,6 @@ def test_sha256_file_sees_a_rewrite_within_one_process(tmp_path):
 
     p = tmp_path / "f.bin"
     p.write_bytes(b"a" * 10)
-    assert results.sha256_file(p) == hashlib.sha256(b"a" * 10).hexdigest()
-    atomic_write_bytes(p, b"b" * 10)  # same size; os.replace gives a new inode even within one mtime tick
-    assert results.sha256_file(p) == hashlib.sha256(b"b" * 10).hexdigest()
+    assert sha256_file(p) == hashlib.sha256(b"a" * 10).hexdigest()
+    atomic_write(p, b"b" * 10)  # same size; os.replace gives a new inode even within one mtime tick
+    assert sha256_file(p) == hashlib.sha256(b"b" * 10).hexdigest()

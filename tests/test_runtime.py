@@ -8,7 +8,7 @@ import sys
 
 CHECK = """
 import json
-from fsdfm import runtime
+from fsdfm.launch import runtime
 before = runtime.malloc_tuned()
 first = runtime.tune_malloc()
 print(json.dumps({"before": before, "first": first, "again": runtime.tune_malloc(), "state": runtime.malloc_tuned()}))

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from fsdfm.launch import execute, status, wait_for
-from fsdfm.results import RECORD, RUNNING, SUBMITTED, atomic_write_json, read_json, stage_dir
+from fsdfm.io import atomic_write_json, read_json
+from fsdfm.records import RECORD, RUNNING, SUBMITTED, stage_dir
 from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
 
 pytestmark = pytest.mark.slurm
@@ -223,7 +224,7 @@ def test_real_study_through_the_cli_on_slurm_matches_a_local_run(tmp_path):
     assert on_slurm["ok"] and on_slurm["failed"] == 0
     inline = run(tmp_path / "inline", "--executor", "debug")
     assert inline["ok"]
-    from fsdfm.results import load
+    from fsdfm.records import load
     a = load(tmp_path / "slurm" / "slurm_oracle").sort_values("run_id").reset_index(drop=True)
     b = load(tmp_path / "inline" / "slurm_oracle").sort_values("run_id").reset_index(drop=True)
     assert len(a) == len(b) == 3

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from fsdfm.registry import UnknownNameError
+from fsdfm.io import canonical_json
 from fsdfm.stages import (
-    STAGE_KINDS, PlanError, RunSpec, Stage, StudyPlan, canonical_json, stage_id, stage_kind, waves,
+    STAGE_KINDS, PlanError, RunSpec, Stage, StudyPlan, stage_id, stage_kind, waves,
 )
 
 

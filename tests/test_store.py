@@ -1,4 +1,4 @@
-"""The shared stage store (fsdfm.store): two studies that plan the same stage run it once, old-layout study
+"""The shared stage store (fsdfm.records.store): two studies that plan the same stage run it once, old-layout study
 folders are migrated without redoing work, `clean` of one study keeps what another still links, `--rerun`
 redoes a shared stage for both, `load` reads each study's own runs, and `fsdfm ls` lists done/total.
 
@@ -16,9 +16,10 @@ import pytest
 
 from fsdfm.cli import main
 from fsdfm.launch import execute, run_stage, write_plan
-from fsdfm.results import ATTEMPTS, RECORD, find_studies, is_done, list_studies, load, read_json, stage_dir
+from fsdfm.io import read_json
+from fsdfm.records import ATTEMPTS, RECORD, find_studies, is_done, list_studies, load, stage_dir
 from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
-from fsdfm.store import STORE, discard_stage, link_stages, linked_by, store_dir, unlink_stage
+from fsdfm.records import STORE, discard_stage, link_stages, linked_by, store_dir, unlink_stage
 
 
 def _count(out_dir: Path) -> None:

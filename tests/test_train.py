@@ -6,6 +6,7 @@ a unigram model's cross-entropy computed independently on the same blocks.
 
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -230,7 +231,8 @@ def test_save_checkpoint_fsyncs_the_temp_file_before_renaming_it(tmp_path, monke
     monkeypatch.setattr(os, "replace", replace)
     path = tmp_path / "ckpt" / "checkpoint.pt"
     save_checkpoint(path, {"w": torch.arange(3), "step": 2})
-    tmp = f".checkpoint.pt.{os.getpid()}.tmp"
+    tmp = events[0][1]  # fsdfm.io.atomic_write's temp name: .<name>.<pid>.<8 hex>.tmp
+    assert re.fullmatch(rf"\.checkpoint\.pt\.{os.getpid()}\.[0-9a-f]{{8}}\.tmp", tmp)
     assert events == [("fsync", tmp), ("replace", tmp), ("fsync", "ckpt")]
     assert torch.equal(load_checkpoint(path)["w"], torch.arange(3)) and sorted(path.parent.iterdir()) == [path]
 

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
-    from fsdfm.cache import pin_cache_env
+    from fsdfm.records import pin_cache_env
     pin_cache_env()  # the jobs this run starts may run in another directory
     try:
         return _main(argv)

@@ -26,7 +26,7 @@ def _offline_defaults() -> None:
 
 def _read_plan(sdir: Path) -> dict:
     """plan.json of a study directory; a missing, corrupt or malformed one is a PlanError / FileNotFoundError."""
-    from fsdfm.launch import read_plan
+    from fsdfm.records import read_plan
     from fsdfm.stages import PlanError, StudyPlan
 
     plan = read_plan(sdir)

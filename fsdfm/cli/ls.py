@@ -82,7 +82,7 @@ LISTINGS.register("published", _published)
 
 def cmd_ls(args) -> dict:
     if args.what is None:
-        from fsdfm.results import list_studies  # aware of the shared stage store and of external runs
+        from fsdfm.records import list_studies  # aware of the shared stage store and of external runs
 
         root = Path(args.results)
         rows = list_studies(root)

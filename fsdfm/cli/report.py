@@ -29,7 +29,7 @@ def cmd_samples(args) -> dict:
     """Print the first decoded samples of every evaluated run (method, rule, step budget)."""
     import json as _json
 
-    from fsdfm.results import read_record
+    from fsdfm.records import read_record
 
     sdir = study_dir(args)
     plan = _read_plan(sdir)

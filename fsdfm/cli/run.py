@@ -40,7 +40,7 @@ def _data_lines(plan) -> dict[str, str]:
 def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None = None) -> list[str]:
     """Remove the stage folders of the plan's stages of `kinds` (their dependents then see a redone input and
     re-run too); nothing is removed under --dry-run. A stage that is running is an error."""
-    from fsdfm.results import lock_holder
+    from fsdfm.records import lock_holder
 
     present = {s.kind for s in plan.stages.values()}
     for k in kinds:
@@ -54,7 +54,7 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None =
             raise UsageError(f"--rerun: stage {sid} is running ({holder.describe() if holder else 'starting'}); "
                              "wait for it or stop it first")
     if not dry_run:
-        from fsdfm.store import discard_stage
+        from fsdfm.records import discard_stage
 
         for sid in chosen:  # emptied where it lives (the shared store): every study sharing it sees it redone
             discard_stage(sdir, sid, root)
@@ -64,7 +64,7 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None =
 def cmd_run(args) -> dict:
     import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
     from fsdfm.launch import execute
-    from fsdfm.results import check_stage, is_done
+    from fsdfm.records import check_stage, is_done
     from fsdfm.stages import waves
 
     resolved, plan = load_plan(args)

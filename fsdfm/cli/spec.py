@@ -8,7 +8,7 @@ from pathlib import Path
 
 def resolve_spec(args, check_files: bool = True):
     """args.spec / args.target with the command line's overrides and --limit (fsdfm.overrides.load)."""
-    from fsdfm.cache import data_cache_dir
+    from fsdfm.records import data_cache_dir
     from fsdfm.overrides import load, parse_overrides
 
     spec_path = getattr(args, "spec", None) or args.target

@@ -12,12 +12,10 @@ def _status_plan(args, sdir: Path):
     """The plan `fsdfm status` reports on: plan.json of the study, or (a spec that has not run yet) its plan
     from the spec, every stage pending."""
     from fsdfm.methods import plan_study
-    from fsdfm.stages import StudyPlan
-
-    from fsdfm.cli.common import _read_plan
+    from fsdfm.records import read_study_plan
 
     if (sdir / "plan.json").exists() or Path(args.target).is_dir():
-        return StudyPlan.from_dict(_read_plan(sdir), str(sdir / "plan.json"))
+        return read_study_plan(sdir)
     r = resolve_spec(args, check_files=False)
     return plan_study(r.name, r.cells)
 

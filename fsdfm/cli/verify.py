@@ -13,8 +13,8 @@ from fsdfm.cli.spec import load_plan, study_dir
 
 def cmd_verify(args) -> dict:
     """Check every stage of a study (record, artefact sizes and sha256s, input records) without running anything."""
-    from fsdfm.launch import read_plan
-    from fsdfm.results import ERROR, check_stage
+    from fsdfm.records import read_plan
+    from fsdfm.records import ERROR, check_stage
     from fsdfm.stages import PlanError, StudyPlan, waves
 
     target = Path(args.target)
@@ -54,8 +54,8 @@ def cmd_verify(args) -> dict:
 def cmd_clean(args) -> dict:
     """Remove stage folders of a study: all, those of --kind, or only --failed ones; never a running stage.
 
-    A stage in the shared store (fsdfm.store) that another study still links loses only this study's link."""
-    from fsdfm.results import ERROR, is_done, lock_holder
+    A stage in the shared store (fsdfm.records.store) that another study still links loses only this study's link."""
+    from fsdfm.records import ERROR, is_done, lock_holder
 
     sdir = study_dir(args)
     kinds = _kinds_arg(args.kind, "--kind")
@@ -86,7 +86,7 @@ def cmd_clean(args) -> dict:
         if answer not in ("y", "yes"):
             print("nothing removed")
             return {"study": sdir.name, "removed": 0, "stages": [], "running": running}
-    from fsdfm.store import unlink_stage
+    from fsdfm.records import unlink_stage
 
     shared = {}
     for sid in chosen:  # a stage another study still links keeps its files; only this study's link goes

@@ -12,11 +12,9 @@ Kinds are looked up by name in `DATASET_KINDS` (a `Registry`); each maps `(cfg, 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from fsdfm.io import atomic_write
 from fsdfm.registry import Registry, UnknownNameError
 
 if TYPE_CHECKING:
@@ -210,22 +209,6 @@ def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=256)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """Content hash of a file (memoised per size and mtime, so a large file is read once per process)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    return _file_sha256(str(p), st.st_size, st.st_mtime_ns)
-
-
 def require_file(path: str | Path | None, what: str) -> Path:
     """`path` as a Path, or a DataError naming `what` when it is unset, missing or not a file."""
     if path is None:
@@ -236,19 +219,6 @@ def require_file(path: str | Path | None, what: str) -> Path:
     if not p.is_file():
         raise DataError(f"{what}: {str(p)!r} is not a file")
     return p
-
-
-def atomic_write_bytes(path: Path, write: Callable[[object], None]) -> None:
-    """Write through `write(file)` to a temp file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cached_blocks(cache_dir: Path | None, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
@@ -262,7 +232,7 @@ def cached_blocks(cache_dir: Path | None, key: str, compute: Callable[[], np.nda
         except (OSError, ValueError):  # a damaged cache entry is recomputed, not trusted
             pass
     blocks = compute()
-    atomic_write_bytes(path, lambda f: np.save(f, blocks, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, blocks, allow_pickle=False))
     return blocks
 
 

@@ -24,10 +24,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fsdfm.data.base import (CACHE_RECIPE, DATASET_KINDS, Corpus, DataConfig, DataError, cached_blocks,
-                             compact_dtype, digest, file_sha256, require_file, to_long)
+                             compact_dtype, digest, require_file, to_long)
 from fsdfm.data.documents import BlockPacker, clean_documents, split_documents
 from fsdfm.data.text import corpus_vocab_size, require_blocks, resolve_tokenizer
 from fsdfm.data.tokenizer import TextTokenizer
+from fsdfm.io import sha256_file
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def hf_blocks(cfg: DataConfig, path: str, split: str, tok: TextTokenizer, cache_
     """(N, seq_len) blocks of one split (cached under a key of the source, tokenizer and seq_len)."""
     local = path in LOCAL_BUILDERS
     where = f"Hugging Face dataset {path!r} (config {cfg.hf_config!r}, split {split!r})"
-    source = {"file": file_sha256(split)} if local else {"config": cfg.hf_config, "split": split}
+    source = {"file": sha256_file(split)} if local else {"config": cfg.hf_config, "split": split}
     key = digest({"recipe": CACHE_RECIPE, "kind": "hf", "path": path, **source, "text_field": cfg.text_field,
                   "tokenizer": tok.fingerprint, "seq_len": cfg.seq_len})
 

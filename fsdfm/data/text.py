@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from fsdfm.data.base import (CACHE_RECIPE, DATASET_KINDS, Corpus, DataConfig, DataError, cached_blocks,
-                             compact_dtype, digest, file_sha256, require_file, to_long)
+                             compact_dtype, digest, require_file, to_long)
 from fsdfm.data.documents import BlockPacker, read_documents
 from fsdfm.data.tokenizer import TextTokenizer, load_tokenizer
+from fsdfm.io import sha256_file
 
 
 def resolve_tokenizer(cfg: DataConfig, default: str, cache_dir: Path | None,
@@ -51,7 +52,7 @@ def text_file_blocks(path: Path, tok: TextTokenizer, seq_len: int, cache_dir: Pa
         packer.add(tok.encode_batch(read_documents(path)))
         return require_blocks(packer.blocks(), f"text corpus {str(path)!r}", seq_len, packer.n_tokens)
 
-    key = digest({"recipe": CACHE_RECIPE, "kind": "text", "file": file_sha256(path),
+    key = digest({"recipe": CACHE_RECIPE, "kind": "text", "file": sha256_file(path),
                   "tokenizer": tok.fingerprint, "seq_len": seq_len})
     return cached_blocks(cache_dir, f"text-{key[:24]}", compute)
 

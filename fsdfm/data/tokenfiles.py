@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fsdfm.data.base import DATASET_KINDS, Corpus, DataConfig, DataError, atomic_write_bytes, require_file, to_long
+from fsdfm.data.base import DATASET_KINDS, Corpus, DataConfig, DataError, require_file, to_long
 from fsdfm.data.text import require_blocks
 from fsdfm.data.tokenizer import TextTokenizer, load_tokenizer
+from fsdfm.io import atomic_write
 
 TOKEN_FILE_SUFFIXES = (".npy", ".bin")
 _CHECK_CHUNK = 1 << 24  # ids per range check: bounded memory on memory-mapped paper-scale files
@@ -110,7 +111,7 @@ def save_token_samples(path: str | Path, tokens: torch.Tensor | np.ndarray | Any
         raise DataError(f"token samples for {str(path)!r} must be a 2-D integer array (B, L), "
                         f"got {arr.dtype} of shape {arr.shape}")
     p = Path(path)
-    atomic_write_bytes(p, lambda f: np.save(f, arr.astype(np.int64), allow_pickle=False))
+    atomic_write(p, lambda f: np.save(f, arr.astype(np.int64), allow_pickle=False))
     return p
 
 

@@ -20,8 +20,9 @@ import numpy as np
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from fsdfm.data.base import DataError, atomic_write_bytes, digest, file_sha256, require_file
+from fsdfm.data.base import DataError, digest, require_file
 from fsdfm.data.documents import EOS_TOKEN, read_documents
+from fsdfm.io import atomic_write, sha256_file
 from fsdfm.registry import Registry, did_you_mean
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class TextTokenizer:
         """Write tokenizer.json (exact) and transformers' tokenizer_config.json into `directory`."""
         d = Path(directory)
         self.to_hf().save_pretrained(str(d))
-        atomic_write_bytes(d / "tokenizer.json", lambda f: f.write(self.backend.to_str(pretty=True).encode()))
+        atomic_write(d / "tokenizer.json", lambda f: f.write(self.backend.to_str(pretty=True).encode()))
         return d
 
 
@@ -121,7 +122,7 @@ def _train_bpe_backend(docs: Sequence[str], vocab_size: int) -> Tokenizer:
 
 def bpe_cache_key(train_path: str | Path, vocab_size: int) -> str:
     """sha256 of the BPE recipe: the train file's content, vocab_size, the recipe and the `tokenizers` version."""
-    return digest({"recipe": BPE_RECIPE, "file": file_sha256(train_path), "vocab_size": int(vocab_size),
+    return digest({"recipe": BPE_RECIPE, "file": sha256_file(train_path), "vocab_size": int(vocab_size),
                    "tokenizers": tokenizers.__version__})
 
 
@@ -150,7 +151,7 @@ def train_bpe(train_path: str | Path, vocab_size: int = DEFAULT_BPE_VOCAB_SIZE,
         return TextTokenizer.from_backend(Tokenizer.from_file(str(path)), name)
     backend = _train_bpe_backend(read_documents(train_path), int(vocab_size))
     if path is not None:
-        atomic_write_bytes(path, lambda f: f.write(backend.to_str(pretty=True).encode()))
+        atomic_write(path, lambda f: f.write(backend.to_str(pretty=True).encode()))
     return TextTokenizer.from_backend(backend, name)
 
 

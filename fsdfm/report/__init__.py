@@ -1,7 +1,7 @@
 """Reports of a study: tables (Markdown, LaTeX, CSV), figures (PNG, PDF) and an index tying them together.
 
     out = write_report("results/demo")             # -> results/demo/report/index.md, table_*.*, fig_*.*
-    df = fsdfm.results.load("results/demo")
+    df = fsdfm.records.load("results/demo")
     summarize(df)                                  # mean, std, 95% CI half-width, n across seeds
 
 Modules: `summary` (per-setting statistics, reading a study), `table` (the Table type and number formatting),
@@ -53,13 +53,13 @@ class ReportOutput:
 
 def write_table(table: Table, out_dir: Path) -> list[Path]:
     """Write <name>.md, <name>.tex and <name>.csv atomically; returns the three paths."""
-    from fsdfm.results import atomic_write_bytes
+    from fsdfm.io import atomic_write
 
     out = []
     for ext, text in (("md", f"# {table.title}\n\n" + table.to_markdown()), ("tex", table.to_latex()),
                       ("csv", table.to_csv())):
         path = Path(out_dir) / f"{table.name}.{ext}"
-        atomic_write_bytes(path, text.encode("utf-8"))
+        atomic_write(path, text.encode("utf-8"))
         out.append(path)
     return out
 
@@ -117,7 +117,7 @@ def _facts(study: Study) -> list[str]:
 
 def _mauve_facts(study: Study) -> str:
     """n per side, buckets, k-means seeds and featurizer weights hash, as recorded by the evaluate stages."""
-    from fsdfm.results import load_records
+    from fsdfm.records import load_records
 
     facts: dict[str, set] = {"n": set(), "buckets": set(), "seeds": set(), "sha": set()}
     for kind in ("evaluate", "evaluate_data"):
@@ -218,7 +218,7 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
     (an unknown key is an `UnknownNameError` listing the allowed keys, raised before anything is written).
     Figures without data are skipped and listed, with the reason, in the index and in `ReportOutput.skipped`.
     """
-    from fsdfm.results import atomic_write_bytes
+    from fsdfm.io import atomic_write
 
     published = list(published or [])
     for key in published:
@@ -242,7 +242,7 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
                 notes.append(f"table `{t.name}`: no data in this study")
                 continue
             tables.append((t, write_table(t, out_dir)))
-        atomic_write_bytes(out_dir / "summary.csv", summary_csv(study).to_csv(index=False).encode("utf-8"))
+        atomic_write(out_dir / "summary.csv", summary_csv(study).to_csv(index=False).encode("utf-8"))
     figures: list[FigureResult] = []
     has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
     for name in FIGURE_ORDER + (ORACLE_FIGURES if has_exact else ()):
@@ -251,7 +251,7 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
         else:
             figures.append(FigureResult(name=name, skipped="no finished runs"))
     index = out_dir / "index.md"
-    atomic_write_bytes(index, _index(study, main, tables, figures, notes, out_dir).encode("utf-8"))
+    atomic_write(index, _index(study, main, tables, figures, notes, out_dir).encode("utf-8"))
     table_paths = [p for _, paths in tables for p in paths] + ([out_dir / "summary.csv"] if tables else [])
     return ReportOutput(index=index, tables=table_paths,
                         figures=[p for f in figures for p in f.paths],

@@ -148,7 +148,7 @@ def frontier(study: Study, metric: str = "gen_ppl") -> list[Drawn]:
 def divergence_curves(study: Study) -> pd.DataFrame:
     """Per-position curves of the study's pos_divergence runs, long format: label, steps, run_id, position,
     tv, js, agreement (read from each run's final record payload "curves")."""
-    from fsdfm.results import read_record, stage_dir
+    from fsdfm.records import read_record, stage_dir
 
     rows = []
     for _, run in study.divergence.iterrows():

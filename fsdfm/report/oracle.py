@@ -59,7 +59,7 @@ def path_source(key: str | None) -> str:
 
 
 def _training_metric(study: Study, sid: str | None, name: str) -> float:
-    from fsdfm.results import read_record, stage_dir
+    from fsdfm.records import read_record, stage_dir
 
     if sid is None:
         return math.nan

@@ -131,7 +131,7 @@ def _steps_text(n) -> str:
 
 def save_figure(fig, out_dir: Path, stem: str) -> tuple[Path, Path]:
     """Write `fig` as <stem>.png and <stem>.pdf atomically (render to memory, temp file, os.replace)."""
-    from fsdfm.results import atomic_write_bytes
+    from fsdfm.io import atomic_write
 
     paths = []
     for ext in ("png", "pdf"):
@@ -142,7 +142,7 @@ def save_figure(fig, out_dir: Path, stem: str) -> tuple[Path, Path]:
         # the layout is solved on the first draw; keep it for the second format instead of solving it again
         fig.set_layout_engine("none")
         path = Path(out_dir) / f"{stem}.{ext}"
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write(path, buf.getvalue())
         paths.append(path)
     return paths[0], paths[1]
 

@@ -1,4 +1,4 @@
-"""From `fsdfm.results.load` rows to per-setting statistics across seeds.
+"""From `fsdfm.records.load` rows to per-setting statistics across seeds.
 
 A *setting* is one (label, rule, steps) cell of a study; its *seeds* are the runs that share those keys
 (training seeds, sampling seeds, ...). For each setting and metric, `summarize` gives
@@ -98,7 +98,7 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY, metrics: Sequenc
               level: float = 0.95) -> pd.DataFrame:
     """Mean, std, CI half-width and n across the seeds of each setting, one row per (setting, metric).
 
-    df:      a run table (`fsdfm.results.load`, or `Study.runs`), one row per run.
+    df:      a run table (`fsdfm.records.load`, or `Study.runs`), one row per run.
     by:      the columns that define a setting; runs sharing them are seeds. Missing values (the data row's
              rule and steps) form their own group; groups keep their order of first appearance.
     metrics: the metric columns (default: every recorded metric, `metric_columns`); names `df` has no number
@@ -154,7 +154,7 @@ def wide(summary: pd.DataFrame, by: Sequence[str] = DEFAULT_BY, stats: Sequence[
 class Study:
     """One study directory, read for reporting.
 
-    runs: one row per finished run (`fsdfm.results.load`) plus `sampling_wall_s`, `n_samples` (from the final
+    runs: one row per finished run (`fsdfm.records.load`) plus `sampling_wall_s`, `n_samples` (from the final
           record's payload) and `label` rewritten to name the ablated grid values ("FS-DFM (shortcut=heun)").
     grid_keys / seed_keys / ablation_keys: the study's grid parameters, those that only re-seed, and the others
           (varied with more than one value; they distinguish settings, so they go into the label).
@@ -171,7 +171,7 @@ class Study:
     ablation_keys: tuple
     n_planned: int
     wall_s_source: str | None = None  # the `load()` column `sampling_wall_s` was read from
-    samples: pd.DataFrame | None = None  # `fsdfm.results.load_samples`: one row per sample of every evaluated run
+    samples: pd.DataFrame | None = None  # `fsdfm.records.load_samples`: one row per sample of every evaluated run
     notes: tuple = ()  # what reading the study had to say (e.g. runs without a per-sample table)
 
     @property
@@ -226,7 +226,7 @@ def variant_labels(df: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
 
 def n_samples_by_stage(study_dir: Path, stage_ids: Sequence[str]) -> dict[str, float]:
     """Samples per run from each final record's payload `n_samples` (`load()` keeps only payload metrics)."""
-    from fsdfm.results import read_record, stage_dir
+    from fsdfm.records import read_record, stage_dir
 
     out = {}
     for sid in dict.fromkeys(stage_ids):
@@ -240,7 +240,8 @@ def load_study(study_dir: str | Path) -> Study:
     """Read `study_dir` (holding plan.json) into a `Study`; a clear error when it is not a study directory."""
     import warnings
 
-    from fsdfm.results import PLAN, load, load_samples, read_json
+    from fsdfm.io import read_json
+    from fsdfm.records import PLAN, load, load_samples
 
     path = Path(study_dir)
     if not (path / PLAN).is_file():

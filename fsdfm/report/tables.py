@@ -128,7 +128,7 @@ def metric_table(runs: pd.DataFrame, metrics: Sequence[str], *, name: str, title
     runs: run table with a `kind` column ("data" marks the reference row). Metrics `runs` has no number for
     are left out and named in the notes. flags: add the collapse column. published: keys of
     `fsdfm.report.published.PUBLISHED` to append as a separate, labelled block.
-    samples: per-sample table (`fsdfm.results.load_samples`) joined to `runs` by run_id: the values a best mark
+    samples: per-sample table (`fsdfm.records.load_samples`) joined to `runs` by run_id: the values a best mark
     is tested on where a setting has a single seed. mauve_min_n: MAUVE with fewer samples per side is
     footnoted unreliable and never marked.
     """

@@ -9,7 +9,7 @@ Layout:
 Stage ids are content-addressed (kind, config, inputs, code and data fingerprints), so one id is one result,
 whichever study planned it: the teacher that step_sweep, ablations, seeds and methods all plan is trained once.
 Because every study reaches its stages through `<study>/stages/<id>`, everything that works on a stage folder
-(`fsdfm.results.stage_dir`, `check_stage`, locks, records, `status`, `verify`, `load`) keeps working
+(`fsdfm.records.stage_dir`, `check_stage`, locks, records, `status`, `verify`, `load`) keeps working
 unchanged; and the lock, living in the store folder, serialises two studies that run a shared stage at once.
 
 Old layout (a real directory `<study>/stages/<id>`, written before the store): **migrated on first touch**.
@@ -35,8 +35,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-STORE = "_stages"
-STAGES = "stages"  # = fsdfm.results.STAGES (not imported: results imports nothing of ours, and neither do we)
+from fsdfm.records.layout import STAGES, STORE
+from fsdfm.records.loading import find_studies
+from fsdfm.records.locks import lock_holder
+
 
 
 def store_root(root: str | os.PathLike) -> Path:
@@ -75,8 +77,6 @@ def _symlink_atomic(target: str, link: Path) -> None:
 
 
 def _live_lock(d: Path) -> bool:
-    from fsdfm.results import lock_holder
-
     return lock_holder(d)[1]
 
 
@@ -144,8 +144,6 @@ def linked_by(stage_path: str | os.PathLike, exclude: str | os.PathLike | None =
 
     Studies are found as `find_studies` finds them under the store's results root (the parent of _stages);
     `exclude` (a study folder) is left out."""
-    from fsdfm.results import find_studies
-
     target = Path(stage_path).resolve()
     if target.parent.name != STORE:
         return []

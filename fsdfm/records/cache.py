@@ -7,7 +7,7 @@ $HF_DATASETS_CACHE is set) lives in
     <results root>/.cache              the results root of the study, as an absolute path.
 
 A stage finds its results root from its own folder, `<root>/<study>/stages/<id>` (recognised by the study's
-plan.json beside `stages/`), or `<root>/_stages/<id>` (the shared store it links to, fsdfm.store; a path
+plan.json beside `stages/`), or `<root>/_stages/<id>` (the shared store it links to, fsdfm.records.store; a path
 resolved through the link). A folder outside those layouts (a stage function called by hand on a scratch
 directory) gets `default_cache_dir()` = $XDG_CACHE_HOME/fsdfm (default ~/.cache/fsdfm), never a path counted up
 from the folder: "three levels up" of a shallow folder used to be `/`, so the cache landed in `/.cache`.
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from fsdfm.records.layout import PLAN, STAGES, STORE
 
 CACHE_ENV = "FSDFM_CACHE"
 CACHE_NAME = ".cache"
@@ -45,9 +47,6 @@ def data_cache_dir(results_root: str | os.PathLike) -> Path:
 def results_root_of(stage_dir: str | os.PathLike) -> Path | None:
     """<root> of a stage folder <root>/<study>/stages/<id> or <root>/_stages/<id> (absolute), or None for a folder
     outside those layouts."""
-    from fsdfm.results import PLAN, STAGES
-    from fsdfm.store import STORE
-
     d = _absolute(stage_dir)  # not resolve(): a study's link into the store keeps its study path
     if d.parent.name == STAGES and (d.parent.parent / PLAN).is_file():
         return d.parent.parent.parent

@@ -1,0 +1,209 @@
+"""The local executor: one submitit LocalExecutor job (a process) per stage, one wave at a time, at most
+`max_parallel` at once (LocalExecutor has no parallelism cap of its own), and the cancelling of those jobs when
+the driver is interrupted.
+
+`cluster="local"` is always explicit: submitit's auto-detection picks SLURM as soon as `srun` is on PATH.
+`timeout_min` is always set (an int; the local default is 2 minutes). Knows local processes (/proc); the stage
+work is `run_stage`, run by the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from fsdfm.io import atomic_write_json
+from fsdfm.launch.executors import EXECUTORS
+from fsdfm.launch.outcomes import ExecutionSummary, Tally, already_done, say, say_end, settle, job_exception
+from fsdfm.launch.profiles import LOCAL_TIMEOUT_MIN, source_setup
+from fsdfm.launch.runner import job_for
+from fsdfm.records import ERROR, JOBS, SUBMITTED, break_stale_lock, is_done, lock_holder, now_iso, pid_alive, stage_dir
+from fsdfm.records.locks import _pid_start
+from fsdfm.stages import STAGE_KINDS, Stage, StudyPlan, waves
+
+
+def _visible_gpus() -> tuple[int, str | None]:
+    """(how many GPUs this process may use, its CUDA_VISIBLE_DEVICES or None)."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return len([d for d in cvd.split(",") if d.strip()]), cvd
+    if shutil.which("nvidia-smi") is None:
+        return 0, None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        return len([ln for ln in out.splitlines() if ln.startswith("GPU ")]), None
+    return 0, None
+
+
+@EXECUTORS.register("local")
+def _execute_local(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, max_parallel: int | None,
+                   timeout_s: float | None, poll_s: float) -> ExecutionSummary:
+    """One local process per stage, one wave at a time, at most `max_parallel` (default 1) at once.
+
+    Every job sees the GPUs this process sees (LocalExecutor would otherwise set CUDA_VISIBLE_DEVICES=""
+    unless gpus_per_node > 0, and renumber a restricted CUDA_VISIBLE_DEVICES from 0)."""
+    if not wait:
+        raise ValueError("executor='local' cannot return before the study is done (wait=False): local jobs have "
+                         "no dependencies between waves; use executor='slurm'")
+    cap = max(1, int(max_parallel or 1))
+    n_gpus, cvd = _visible_gpus()
+    setup = source_setup(plan) + ([f"export CUDA_VISIBLE_DEVICES={shlex.quote(cvd)}"] if cvd is not None else [])
+    deadline = None if timeout_s is None else time.time() + timeout_s
+    tally = Tally(sdir)
+    total = len(plan.stages)
+    started: dict[str, float] = {}
+    for wave in waves(plan):
+        queue: list[Stage] = []
+        for stage in wave:
+            if already_done(tally, sdir, stage):
+                tally.skipped.append(stage.id)
+            elif tally.bad(stage):
+                tally.blocked.append(stage.id)
+            else:
+                queue.append(stage)
+        running: dict[str, tuple[Stage, Any]] = {}
+        waiting: list[Stage] = []  # locked by a live process of another run: not submitted while it holds them
+        try:
+            while queue or running or waiting:
+                for stage in list(waiting):
+                    if not lock_holder(stage_dir(sdir, stage.id))[1]:
+                        waiting.remove(stage)
+                        if is_done(stage_dir(sdir, stage.id)):
+                            tally.done.append(stage.id)  # finished by the other run
+                        else:
+                            queue.insert(0, stage)  # its holder is gone without a record: run it ourselves
+                while queue and len(running) < cap:
+                    stage = queue.pop(0)
+                    holder, live = lock_holder(stage_dir(sdir, stage.id))
+                    if live:
+                        who = holder.describe() if holder else "a process that is taking the lock"
+                        print(f"stage {stage.id} is locked by {who}: waiting for it to finish", file=sys.stderr,
+                              flush=True)
+                        waiting.append(stage)
+                        continue
+                    cls = STAGE_KINDS.get(stage.kind).resources
+                    res = {**profile["defaults"], **profile["resources"].get(cls, {}), **profile["overrides"]}
+                    ex = submitit.AutoExecutor(folder=sdir / JOBS / "%j", cluster="local")  # never auto-detect
+                    ex.update_parameters(timeout_min=int(res.get("timeout_min", LOCAL_TIMEOUT_MIN)),
+                                         gpus_per_node=n_gpus, local_setup=setup, name=stage.kind)
+                    with contextlib.suppress(FileNotFoundError):  # an old failure is not this attempt's
+                        os.unlink(stage_dir(sdir, stage.id) / ERROR)
+                    job = ex.submit(job_for(sdir, stage))
+                    tally.submitted[stage.id] = str(job.job_id)
+                    running[stage.id] = (stage, job)
+                    started[stage.id] = time.time()
+                    # status names the log while the stage runs (run_stage removes this file when it is done)
+                    atomic_write_json(stage_dir(sdir, stage.id) / SUBMITTED, {
+                        "executor": "local", "job_id": str(job.job_id), "time": now_iso(), "time_unix": time.time(),
+                        "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+                    say(f"[{len(started)}/{total}] {stage.id} started (local job {job.job_id}; log {job.paths.stderr})")
+                for sid, (stage, job) in list(running.items()):
+                    if job.done():
+                        del running[sid]
+                        settle(tally, sdir, stage, lambda job=job: _local_failure(job))
+                        say_end(tally, stage.id, time.time() - started[stage.id])
+                if deadline is not None and time.time() > deadline and (running or waiting):
+                    tally.pending.extend(running)
+                    tally.pending.extend(s.id for s in waiting + queue)
+                    return tally.summary()
+                if running or waiting:
+                    time.sleep(min(poll_s, 0.2))
+        except BaseException as e:
+            # Ctrl-C, SIGTERM, SIGHUP (`signals_interrupt`) or any error in the driver: local jobs would otherwise
+            # outlive it, training on unsupervised. Ctrl-C at a terminal has already reached the jobs too.
+            _cancel_local_jobs(sdir, running, signalled=type(e) is KeyboardInterrupt)
+            raise
+    return tally.summary()
+
+
+LOCAL_CANCEL_GRACE_S = 20.0  # how long a cancelled job process may take to unwind (release its lock) before SIGKILL
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (from /proc; [root] where /proc cannot tell)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _is_task(pid: int) -> bool:
+    """Whether `pid` is a submitit task process (the one running `run_stage`), not its controller or shell."""
+    try:
+        return b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _cancel_local_jobs(sdir: Path, running: dict[str, tuple[Stage, Any]], signalled: bool = False) -> None:
+    """Stop the local jobs of `running` and everything they started; no job process or lock outlives this.
+
+    SIGINT goes to the task processes only (a KeyboardInterrupt unwinds `run_stage`, releasing the lock and
+    removing running.json): submitit's LocalJob.cancel signals the job's shell, which passes nothing on, and
+    the controller would forward a second SIGINT that could cut the unwinding short. Whatever still lives after
+    LOCAL_CANCEL_GRACE_S is SIGKILLed; then the locks of the killed holders are broken. `signalled`: the tasks
+    may have had a SIGINT already (Ctrl-C signals the terminal's whole process group), so they get a moment to
+    unwind before another one, which could interrupt their cleanup."""
+    trees = {}
+    for sid, (_, job) in running.items():
+        proc = getattr(job, "_process", None)
+        root = proc.pid if proc is not None else int(job.job_id)
+        trees[sid] = (proc, [(pid, _pid_start(pid)) for pid in _process_tree(root)])
+    everyone = [p for _, tree in trees.values() for p in tree]
+    tasks = [(pid, start) for pid, start in everyone if _is_task(pid)] or everyone
+    _wait_then_signal(tasks, 2.0 if signalled else 0.0, signal.SIGINT, trees)  # unwind: release the lock
+    _wait_then_signal(everyone, LOCAL_CANCEL_GRACE_S, signal.SIGKILL, trees)  # whatever did not unwind in time
+    for sid, (proc, _) in trees.items():
+        if proc is not None:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=10)  # reap our direct child
+        with contextlib.suppress(OSError):
+            break_stale_lock(stage_dir(sdir, sid))
+
+
+def _wait_then_signal(pids: list[tuple[int, int | None]], grace_s: float, sig: int, trees: dict) -> None:
+    """Wait up to `grace_s` for the processes `pids` ((pid, start time)) to exit, then send `sig` to those that
+    still live (the start time sees through pid reuse: a recycled pid is never signalled)."""
+    deadline = time.time() + grace_s
+    while time.time() < deadline and any(_alive(pid, start, trees) for pid, start in pids):
+        time.sleep(0.05)
+    for pid, start in pids:
+        if _alive(pid, start, trees):
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+
+
+def _alive(pid: int, start: int | None, trees: dict) -> bool:
+    for proc, _ in trees.values():
+        if proc is not None and proc.pid == pid:
+            proc.poll()  # reaps our direct child once it exited (a zombie would look alive to os.kill)
+    return pid_alive(pid, start)
+
+
+def _local_failure(job: Any) -> str:
+    """The job's own exception ("Type: message"), not the last line of submitit's FailedJobError text."""
+    with contextlib.suppress(Exception):
+        exc = job.exception()
+        if exc is not None:
+            return job_exception(str(exc)) or f"{type(exc).__name__}: {str(exc).strip()[:500]}"
+    return f"local job {job.job_id} ended without a record (see {job.paths.stderr})"

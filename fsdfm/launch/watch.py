@@ -1,0 +1,241 @@
+"""Where a study stands: `status(study_dir)` (each stage done / running / failed / blocked / pending, asking the
+scheduler about submitted jobs) and `wait_for` (poll until given stages are done or have failed).
+
+Reads the stage files (`fsdfm.records`) and the scheduler's job states (`fsdfm.launch.scheduler`); runs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fsdfm.io import read_json
+from fsdfm.launch.outcomes import ExecutionSummary, Tally, say, say_end
+from fsdfm.launch.runner import error_summary
+from fsdfm.launch.scheduler import RECORD_GRACE_S, SLURM_ACTIVE, UNKNOWN_GRACE_S, slurm_failure, slurm_states
+from fsdfm.records import (
+    ERROR, SUBMITTED, check_stage, is_done, lock_holder, read_plan, read_record, read_study_plan, stage_dir,
+)
+from fsdfm.stages import StudyPlan, waves
+
+
+def wait_for(study_dir: str | os.PathLike, stage_ids: list[str] | None = None, timeout_s: float | None = None,
+             poll_s: float = 2.0) -> ExecutionSummary:
+    """Wait until the given stages (default: every stage not done) are done or have failed.
+
+    The stage files decide (record.json = done, error.json = failed); the cluster's job state (from the job id
+    in submitted.json) only tells whether to keep waiting: a job that ended without a record is a failure,
+    never an endless wait. A stage with neither a job nor a live lock counts as failed ("not submitted").
+    Stages still unfinished after `timeout_s` are returned as pending."""
+    sdir = Path(study_dir)
+    plan = read_plan(sdir)
+    todo = list(stage_ids) if stage_ids is not None else [s for s in plan["stages"]
+                                                          if not is_done(stage_dir(sdir, s))]
+    inputs = {sid: list(plan["stages"][sid].get("inputs", {}).values()) for sid in plan["stages"]}
+    deadline = None if timeout_s is None else time.time() + timeout_s
+    tally = Tally(sdir)
+    first_unknown: dict[str, float] = {}
+    ended_at: dict[str, float] = {}
+    seen_running: set[str] = set()
+    while todo:
+        jobs = {}
+        for sid in todo:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                jobs[sid] = read_json(stage_dir(sdir, sid) / SUBMITTED)["job_id"]
+        states = slurm_states(list(jobs.values())) if jobs else {}
+        for sid in list(todo):
+            out = stage_dir(sdir, sid)
+            if is_done(out):
+                tally.done.append(sid)
+                todo.remove(sid)
+                wall = (read_record(out, warn=False) or {}).get("provenance", {}).get("wall_s")
+                say_end(tally, sid, wall if isinstance(wall, (int, float)) else None)
+                continue
+            jid = jobs.get(sid)
+            state = states.get(jid, "UNKNOWN") if jid else None
+            _, live = lock_holder(out)
+            if (live or state == "RUNNING") and sid not in seen_running:
+                seen_running.add(sid)
+                say(f"  {sid} started" + (f" (slurm job {jid})" if jid else ""))
+            if live or state in SLURM_ACTIVE:
+                continue
+            now = time.time()
+            if state == "UNKNOWN" and now - first_unknown.setdefault(sid, now) < UNKNOWN_GRACE_S:
+                continue  # sacct/squeue may not list a job yet
+            if state == "COMPLETED" and not (out / ERROR).exists() \
+                    and now - ended_at.setdefault(sid, now) < RECORD_GRACE_S:
+                continue  # the record may show up late on a network filesystem
+            todo.remove(sid)
+            err = error_summary(out)
+            if err:
+                tally.failed[sid] = err
+                say_end(tally, sid, None)
+            elif any(d in tally.failed or d in tally.blocked for d in inputs.get(sid, [])):
+                tally.blocked.append(sid)
+            elif jid is None:
+                tally.failed[sid] = "not submitted (no submitted.json) and not running"
+            else:
+                tally.failed[sid] = slurm_failure(out, jid, state, sdir)
+        if not todo:
+            break
+        if deadline is not None and time.time() > deadline:
+            tally.pending.extend(todo)
+            break
+        time.sleep(poll_s)
+    # a stage that failed because its input failed is blocked, whatever order we noticed them in
+    for sid in list(tally.failed):
+        if any(d in tally.failed for d in inputs.get(sid, [])) and not (stage_dir(sdir, sid) / ERROR).exists():
+            del tally.failed[sid]
+            tally.blocked.append(sid)
+    return tally.summary()
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    stage_id: str
+    kind: str
+    state: str  # "done" | "running" | "failed" | "blocked" | "pending"
+    detail: str = ""
+    error_tail: tuple = ()
+    wall_s: float | None = None
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    study: str
+    study_dir: str
+    stages: tuple  # of StageStatus, in wave order
+    runs_total: int = 0
+    runs_done: int = 0
+
+    STATES = ("done", "running", "failed", "blocked", "pending")
+
+    def by_state(self, state: str) -> list[StageStatus]:
+        return [s for s in self.stages if s.state == state]
+
+    def counts(self) -> dict[str, int]:
+        return {st: len(self.by_state(st)) for st in self.STATES}
+
+    def format(self, error_lines: int = 8) -> str:
+        c = self.counts()
+        lines = [f"study {self.study} ({self.study_dir}): " + ", ".join(f"{c[s]} {s}" for s in self.STATES)
+                 + f"; runs {self.runs_done}/{self.runs_total} done"]
+        for s in self.stages:
+            lines.append(f"  {s.state:<8} {s.stage_id:<32} {s.detail}".rstrip())
+            for ln in s.error_tail[-error_lines:]:
+                lines.append(f"           | {ln}")
+        return "\n".join(lines)
+
+
+def _scheduler_states(sdir: Path, stage_ids: list[str]) -> tuple[dict[str, dict], dict[str, str] | None]:
+    """(submitted.json of each of `stage_ids` that has a SLURM one, the scheduler's state of those jobs);
+    the states are None when neither sacct nor squeue is on PATH (then nobody here can tell)."""
+    subs = {}
+    for sid in stage_ids:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            sub = read_json(stage_dir(sdir, sid) / SUBMITTED)
+            if sub.get("executor") == "slurm" and sub.get("job_id"):
+                subs[sid] = sub
+    if not subs:
+        return subs, {}
+    if shutil.which("sacct") is None and shutil.which("squeue") is None:
+        return subs, None
+    return subs, slurm_states(sorted({str(sub["job_id"]) for sub in subs.values()}))
+
+
+def _log_note(d: Path) -> str:
+    """"; log <stderr file>" of the job a stage was handed to (submitted.json), or ""."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        log = read_json(d / SUBMITTED).get("stderr")
+        if log:
+            return f"; log {log}"
+    return ""
+
+
+def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan | None = None) -> StatusReport:
+    """Per stage: done (with wall time), running (host, pid, job, since), failed (type, message and the last
+    lines of the traceback; or a SLURM job that was cancelled, failed or vanished without a record, with its
+    state), blocked (an input failed or is blocked: it cannot run) or pending (not run yet; queued as a job;
+    an interrupted attempt whose process is gone).
+
+    Reads the study's files and, with `scheduler` (default) and stages submitted to SLURM, asks the scheduler
+    (`slurm_states`: sacct, then squeue) about their job ids once: a job that is no longer queued or running
+    and left no record is failed, never "pending" (a job the scheduler does not know yet, in the first
+    UNKNOWN_GRACE_S after sbatch, is pending).
+
+    `plan`: the plan to report on instead of plan.json (a study that has not run yet: every stage pending).
+    A stage handed to a job names the job's log (stderr) file."""
+    sdir = Path(study_dir)
+    if plan is None:
+        plan = read_study_plan(sdir)
+    todo = [sid for sid in plan.stages if not is_done(stage_dir(sdir, sid)) and not lock_holder(stage_dir(sdir, sid))[1]]
+    subs, states = _scheduler_states(sdir, todo) if scheduler else ({}, None)
+    out = []
+    blocked_by: dict[str, str] = {}  # stage id -> the failed stage upstream of it (or itself, if it failed)
+    for wave in waves(plan):
+        for stage in wave:
+            d = stage_dir(sdir, stage.id)
+            rec = read_record(d)
+            check = check_stage(d)  # a damaged or stale stage is not done: the next run redoes it
+            if check.done:
+                wall = rec.get("provenance", {}).get("wall_s")
+                out.append(StageStatus(stage.id, stage.kind, "done",
+                                       f"{wall:.1f} s" if isinstance(wall, (int, float)) else "", wall_s=wall))
+                continue
+            holder, live = lock_holder(d)
+            if live:
+                who = holder.describe() if holder else "starting"
+                out.append(StageStatus(stage.id, stage.kind, "running", who + _log_note(d)))
+                continue
+            if (d / ERROR).exists():
+                with contextlib.suppress(OSError, ValueError):
+                    err = read_json(d / ERROR)
+                    out.append(StageStatus(stage.id, stage.kind, "failed", f"{err.get('type')}: {err.get('message')}"
+                                           f" (attempt {err.get('attempt')}, {err.get('time')})" + _log_note(d),
+                                           error_tail=tuple(err.get("traceback_tail", ()))))
+                    blocked_by[stage.id] = stage.id
+                    continue
+            notes = [f"{check.state}: {check.problems[0]}"] if check.problems else []
+            sub = subs.get(stage.id)
+            state = None
+            if sub is not None:
+                jid = str(sub["job_id"])
+                state = states.get(jid, "UNKNOWN") if states is not None else None
+                known = "" if states is not None else "; no sacct/squeue here to ask"
+                notes.append(f"submitted as slurm job {jid} at {sub.get('time')}{known}"
+                             + (f" ({state})" if state else ""))
+            else:
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    other = read_json(d / SUBMITTED)
+                    notes.append(f"submitted as {other['executor']} job {other['job_id']} at {other['time']}")
+            if _log_note(d):
+                notes.append(_log_note(d)[2:])
+            if holder is not None:
+                notes.append(f"interrupted: {holder.describe()} is gone")
+            bad = [dep for dep in stage.inputs.values() if dep in blocked_by]
+            if bad:
+                blocked_by[stage.id] = blocked_by[bad[0]]
+                out.append(StageStatus(stage.id, stage.kind, "blocked",
+                                       "; ".join([f"input {blocked_by[bad[0]]} failed"] + notes)))
+                continue
+            if state is not None and state not in SLURM_ACTIVE:
+                young = time.time() - float(sub.get("time_unix") or 0) < UNKNOWN_GRACE_S
+                if not (state == "UNKNOWN" and young):  # else sacct/squeue may not list a fresh job yet
+                    what = ("vanished: the scheduler knows no job " + str(sub["job_id"]) if state == "UNKNOWN"
+                            else f"slurm job {sub['job_id']} ended {state} without a record")
+                    why = slurm_failure(d, str(sub["job_id"]), state, sdir)
+                    detail = what if why.startswith("slurm job") else f"{what}: {why}"
+                    out.append(StageStatus(stage.id, stage.kind, "failed", detail))
+                    blocked_by[stage.id] = stage.id
+                    continue
+            if state == "RUNNING":  # the job started; run_stage has not taken the lock yet
+                out.append(StageStatus(stage.id, stage.kind, "running", "; ".join(notes + ["starting"])))
+                continue
+            out.append(StageStatus(stage.id, stage.kind, "pending", "; ".join(notes)))
+    done = {s.stage_id for s in out if s.state == "done"}
+    return StatusReport(plan.name, str(sdir), tuple(out), runs_total=len(plan.runs),
+                        runs_done=sum(r.stage_id in done for r in plan.runs))
