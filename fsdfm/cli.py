@@ -37,7 +37,7 @@ def _offline_defaults() -> None:
 def _read_plan(sdir: Path) -> dict:
     """plan.json of a study directory; a missing, corrupt or malformed one is a PlanError / FileNotFoundError."""
     from fsdfm.launch import read_plan
-    from fsdfm.stages import PlanError, StudyPlan
+    from fsdfm.study.graph import PlanError, StudyPlan
 
     plan = read_plan(sdir)
     try:
@@ -78,8 +78,8 @@ def set_threads(n: int) -> None:
 
 def _kinds_arg(text: str | None, option: str) -> list[str]:
     """KIND[,KIND] -> registered stage kind names (an unknown one is an UnknownNameError with did-you-mean)."""
-    import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
-    from fsdfm.stages import STAGE_KINDS
+    import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
+    from fsdfm.study.graph import STAGE_KINDS
 
     kinds = [k.strip() for k in (text or "").split(",") if k.strip()]
     if text is not None and not kinds:
@@ -128,10 +128,10 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None =
 
 
 def cmd_run(args) -> dict:
-    import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
+    import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
     from fsdfm.launch import execute
     from fsdfm.results import check_stage, is_done
-    from fsdfm.stages import waves
+    from fsdfm.study.graph import waves
 
     resolved, plan = load_plan(args)
     spec = resolved.spec
@@ -274,7 +274,7 @@ def cmd_verify(args) -> dict:
     """Check every stage of a study (record, artefact sizes and sha256s, input records) without running anything."""
     from fsdfm.launch import read_plan
     from fsdfm.results import ERROR, check_stage
-    from fsdfm.stages import PlanError, StudyPlan, waves
+    from fsdfm.study.graph import PlanError, StudyPlan, waves
 
     target = Path(args.target)
     if target.is_dir():
@@ -476,8 +476,8 @@ def _main(argv: list[str] | None) -> int:
         set_thread_env(args.threads)  # before the imports below load numpy and torch
     from fsdfm.data import DataError
     from fsdfm.registry import UnknownNameError
-    from fsdfm.specs import SpecError
-    from fsdfm.stages import PlanError
+    from fsdfm.study.spec import SpecError
+    from fsdfm.study.graph import PlanError
     try:
         result = args.fn(args)
     except (SpecError, DataError, UnknownNameError, PlanError, InputError, UsageError, FileNotFoundError) as e:

@@ -12,7 +12,7 @@ def _status_plan(args, sdir: Path):
     """The plan `fsdfm status` reports on: plan.json of the study, or (a spec that has not run yet) its plan
     from the spec, every stage pending."""
     from fsdfm.methods import plan_study
-    from fsdfm.stages import StudyPlan
+    from fsdfm.study.graph import StudyPlan
 
     from fsdfm.cli import _read_plan
 

@@ -61,7 +61,7 @@ from fsdfm.results import (
 )
 from fsdfm.results import _pid_start
 from fsdfm.runtime import malloc_tuned, tune_malloc
-from fsdfm.stages import STAGE_KINDS, PlanError, Stage, StageKind, StudyPlan, waves
+from fsdfm.study.graph import STAGE_KINDS, PlanError, Stage, StageKind, StudyPlan, waves
 from fsdfm.store import store_path
 
 ERROR_TAIL_LINES = 30

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
+import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
 from fsdfm.cli import main
 from fsdfm.launch import execute, read_plan
 from fsdfm.metrics.registry import METRICS
-from fsdfm.pipeline import ArtefactError, load_dit
+from fsdfm.methods.common import ArtefactError, load_dit
 from fsdfm.results import ERROR, RECORD, is_done, load_records, read_json, stage_dir
-from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
+from fsdfm.study.graph import RunSpec, Stage, StudyPlan, stage_kind
 
 SPEC = """
 name: tiny_store

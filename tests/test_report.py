@@ -16,7 +16,7 @@ from fsdfm.report import ReportOutput, load_study, sampling_wall_s, summarize, w
 from fsdfm.report.figures import divergence_curves
 from fsdfm.report.tables import metric_table, seeds_table
 from fsdfm.results import atomic_write_json, stage_dir
-from fsdfm.stages import RunSpec, Stage, StudyPlan
+from fsdfm.study.graph import RunSpec, Stage, StudyPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

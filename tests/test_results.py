@@ -19,7 +19,7 @@ from fsdfm.results import (
     lock_holder, read_record, stage_dir, stage_lock, to_jsonable,
 )
 from fsdfm.results import LockInfo, break_stale_lock, remove_stale_temp_files
-from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
+from fsdfm.study.graph import RunSpec, Stage, StudyPlan, stage_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import pytest
 
 from fsdfm.launch import execute, status, wait_for
 from fsdfm.results import RECORD, RUNNING, SUBMITTED, atomic_write_json, read_json, stage_dir
-from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
+from fsdfm.study.graph import RunSpec, Stage, StudyPlan, stage_kind
 
 pytestmark = pytest.mark.slurm
 

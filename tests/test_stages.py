@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fsdfm.registry import UnknownNameError
-from fsdfm.stages import (
+from fsdfm.study.graph import (
     STAGE_KINDS, PlanError, RunSpec, Stage, StudyPlan, canonical_json, stage_id, stage_kind, waves,
 )
 

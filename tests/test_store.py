@@ -17,7 +17,7 @@ import pytest
 from fsdfm.cli import main
 from fsdfm.launch import execute, run_stage, write_plan
 from fsdfm.results import ATTEMPTS, RECORD, find_studies, is_done, list_studies, load, read_json, stage_dir
-from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
+from fsdfm.study.graph import RunSpec, Stage, StudyPlan, stage_kind
 from fsdfm.store import STORE, discard_stage, link_stages, linked_by, store_dir, unlink_stage
 
 

@@ -34,11 +34,11 @@ from typing import Any
 import yaml
 
 from fsdfm.registry import did_you_mean
-from fsdfm.specs import NAME_PATTERN, SpecError, StudySpec, short
+from fsdfm.study.spec import NAME_PATTERN, SpecError, StudySpec, short
 
 
 def _yaml_value(text: str, shown: str) -> Any:
-    from fsdfm.specs import _SpecLoader
+    from fsdfm.study.yaml_io import _SpecLoader
 
     try:
         return yaml.load(text, Loader=_SpecLoader) if text.strip() else None
@@ -115,7 +115,7 @@ def check_key(raw: dict, key: str, label: str) -> None:
     """A dotted key names a field of the spec: an unknown one is a SpecError with close matches (`label` names
     the override). Keys under a free-form mapping (cluster, a method's model, ...) are checked when the spec
     is built, like the YAML's."""
-    from fsdfm.specs import MethodSpec
+    from fsdfm.study.spec import MethodSpec
 
     parts = key.split(".")
     cls: Any = StudySpec
@@ -161,7 +161,7 @@ def apply_overrides(raw: dict, overrides: Mapping[str, Any], file: str) -> dict:
     spec field (checked by `check_key`) and replaces a grid axis of the same key by its one value.
 
     Args:
-        raw: the spec as read (`fsdfm.specs.read_yaml`); not modified.
+        raw: the spec as read (`fsdfm.study.spec.read_yaml`); not modified.
         overrides: dotted key -> value (Python values, e.g. from `parse_overrides`).
         file: the spec file, named in the errors with the override.
     Returns:
@@ -208,7 +208,7 @@ def limit_overrides(raw: dict, n: int, file: str) -> dict[str, Any]:
     any other dotted overrides (e.g. metrics.pos_divergence.teacher_steps). Without a `limit` section only the
     sample counts shrink.
     """
-    from fsdfm.specs import EvaluatorSpec, LimitSpec, build, resolve_bases
+    from fsdfm.study.spec import EvaluatorSpec, LimitSpec, build, resolve_bases
     from fsdfm.train import OptimConfig
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -273,7 +273,7 @@ class ResolvedSpec:
 
     path: the spec file. name: the study name (`study_name`). raw: the spec mapping after --limit and the
     overrides (what `--print-config` prints). overrides: the user's overrides; limit: --limit N or None.
-    spec, cells: as `fsdfm.specs.load_spec` returns them.
+    spec, cells: as `fsdfm.study.spec.load_spec` returns them.
     """
 
     path: str
@@ -287,7 +287,7 @@ class ResolvedSpec:
 
 def _culprit(raw: dict, overrides: dict, file: str) -> str | None:
     """The key of the first override after which the spec no longer builds (None: it fails without any)."""
-    from fsdfm.specs import expand
+    from fsdfm.study.spec import expand
 
     applied: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -301,10 +301,10 @@ def _culprit(raw: dict, overrides: dict, file: str) -> str | None:
 
 def load(path: str | Path, overrides: Mapping[str, Any] | None = None, limit: int | None = None,
          cache_dir: str | Path | None = None, check_files: bool = True) -> ResolvedSpec:
-    """Read `path`, apply --limit then `overrides`, validate and expand it (`fsdfm.specs.expand`).
+    """Read `path`, apply --limit then `overrides`, validate and expand it (`fsdfm.study.spec.expand`).
 
     An error caused by an override names it: "SPEC: override KEY=VALUE: ..."."""
-    from fsdfm.specs import check_name, expand, read_yaml
+    from fsdfm.study.spec import check_name, expand, read_yaml
 
     file = str(path)
     raw = read_yaml(path)

@@ -1,4 +1,4 @@
-"""Study specs: YAML -> frozen dataclasses, validated before anything runs, expanded into a stage graph.
+"""Study specs: YAML -> frozen dataclasses, validated before anything runs, expanded into grid cells.
 
 A spec names the data, the model preset, the methods (teachers, students, baselines) with their training
 settings, the sampler settings, the metrics and a grid: a cartesian product over any dotted field
@@ -8,71 +8,51 @@ settings, the sampler settings, the metrics and a grid: a cartesian product over
 A method may `base` on another method of the same spec (deep-merged), so an ablation is one line.
 
 Everything that can be checked before a run starts is checked by `load_spec`, which writes nothing: the YAML
-itself (safe-loaded, no duplicate keys, aliases bounded against "billion laughs" expansion), names (one path
-component), seeds (ints in [0, 2**63)), finite floats, model keys, and the data and evaluator files
-(`check_data`, fsdfm.data.preflight). Values quoted in messages are truncated (`short`).
+itself (safe-loaded, no duplicate keys, aliases bounded against "billion laughs" expansion; fsdfm.study.yaml_io),
+names (one path component), seeds (ints in [0, 2**63)), finite floats, model keys, and the data and evaluator
+files (`check_data`, fsdfm.data.preflight). Values quoted in messages are truncated (`short`).
+
+Boundary: this module knows the schema every study shares and nothing of any method kind. A kind's own
+settings (`distill:`, `checkpoint:`) and its checks live in its file under fsdfm.methods, which fills
+`METHOD_KINDS` and `STUDY_CHECKS` here when imported (`_method_hooks` imports it on first use, the way a plugin
+registry is initialised), so no module of this package imports method code.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
-import math
+import importlib
 import re
-import reprlib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
-
-import yaml
+from typing import Any, Callable, Mapping
 
 from fsdfm.data.base import DataConfig
-from fsdfm.registry import did_you_mean
+from fsdfm.registry import Registry, did_you_mean
+from fsdfm.study.convert import _convert, build
+from fsdfm.study.grid import cell_raw, grid_cells, resolve_bases
+from fsdfm.study.yaml_io import (NAME_PATTERN, SpecError, check_name, expanded_size, read_yaml, short,
+                                 short_message)
 from fsdfm.tracking import TrackingSpec
 from fsdfm.train import OptimConfig
 
+__all__ = ["NAME_PATTERN", "SpecError", "check_name", "read_yaml", "short", "short_message", "build"]
 
-class SpecError(ValueError):
-    """A malformed study spec; the message names the file and the key path."""
-
-
-MAX_SPEC_BYTES = 1 << 20       # a spec is a page of YAML; a larger file is refused before parsing
-MAX_EXPANDED_NODES = 100_000   # YAML aliases expanded: an "alias bomb" of ~1 KB expands to billions of nodes
-MAX_DEPTH = 64                 # nesting of mappings and lists
-SEED_RANGE = (0, 2**63)        # seeds: ints accepted by torch.manual_seed and numpy.random.default_rng
-# Study and method names become directory names, run ids and table rows: one path component, printable.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-_SHORT = reprlib.Repr()
-_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 6, 4, 3
+# Filled by fsdfm.methods: kind name -> its MethodKind (settings class, planning, stages), and the checks of a
+# whole study that need the kinds (teachers, rules, budgets). Each check returns the spec with the methods'
+# typed settings filled in.
+METHOD_KINDS: Registry = Registry("method kind")
+STUDY_CHECKS: list[Callable[[Any, str], Any]] = []
+METHODS_PACKAGE = "fsdfm.methods"
 
 
-def short(value: Any, limit: int = 80) -> str:
-    """repr(value) cut to about `limit` characters: error messages never echo a huge (or alias-bomb) value."""
-    text = _SHORT.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def short_message(err: BaseException, limit: int = 400) -> str:
-    """str(err) cut to `limit` characters (messages of nested checks may quote values)."""
-    text = str(err)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def check_name(value: Any, key: str, file: str) -> str:
-    """A study or method name: one path component of letters, digits and ._+- (no '/', '..', NUL, newline)."""
-    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        raise SpecError(f"{file}: {key}: a name is 1-128 characters of letters, digits and . _ + - starting with a "
-                        f"letter or digit (no '/', '..', spaces or control characters), got {short(value)}")
-    return value
-
-
-def check_seed(value: Any, key: str, file: str) -> None:
-    lo, hi = SEED_RANGE
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < hi:
-        raise SpecError(f"{file}: {key}: a seed is an integer in [0, 2**63), got {short(value)}")
+def _method_hooks() -> list:
+    """The study checks, importing the method package (which registers every kind) if nothing has yet."""
+    if not STUDY_CHECKS:
+        importlib.import_module(METHODS_PACKAGE)
+    return STUDY_CHECKS
 
 
 @dataclass(frozen=True)
@@ -108,8 +88,13 @@ class SchedulerSpec:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method of a study. `kind` picks the method family (dfm, fsdfm, ar, flm, fmlm); `teacher` names
-    the method a student distils from; `rules` x `steps` are the sampler settings it is evaluated at."""
+    """One method of a study. `kind` picks the method family (dfm, fsdfm, ar, flm, fmlm, ...); `teacher` names
+    the method a student distils from; `rules` x `steps` are the sampler settings it is evaluated at (`steps`
+    is the YAML key of the sampling budgets, not optimiser steps: those are `train.steps`).
+
+    `distill` and `checkpoint` are the YAML mappings of the kind's own settings as written; `settings` is the
+    kind's frozen dataclass built from them once, at load (`MethodKind.settings_cls`; None for a kind without).
+    """
 
     kind: str
     teacher: str | None = None
@@ -123,6 +108,12 @@ class MethodSpec:
     steps: tuple = ()
     label: str | None = None
     checkpoint: dict = field(default_factory=dict)  # kind "released": {path, which} of a checkpoint to evaluate
+    settings: Any = field(default=None, metadata={"yaml": False})
+
+    @property
+    def sample_steps(self) -> tuple:
+        """The sampling budgets (NFE grids) the method is evaluated at: the YAML key `steps`."""
+        return self.steps
 
 
 @dataclass(frozen=True)
@@ -278,271 +269,11 @@ class StudySpec:
 # ----------------------------------------------------------------------------------------------------------
 # Generic dict -> dataclass conversion with key paths in the errors
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _convert(tp: Any, value: Any, where: str, file: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(arg, value, where, file)
-            except SpecError as e:
-                errors.append(str(e))
-        raise SpecError(errors[-1] if len(errors) == 1 else
-                        f"{file}: {where}: expected {' or '.join(_type_name(a) for a in args)}, got {short(value)}")
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, where, file)
-    if tp is Any:
-        return value
-    if tp in (dict,) or origin is dict:
-        if not isinstance(value, dict):
-            raise SpecError(f"{file}: {where}: expected a mapping, got {short(value)}")
-        return value
-    if tp in (tuple, list) or origin in (tuple, list):
-        if isinstance(value, (list, tuple)):
-            return tuple(value)
-        raise SpecError(f"{file}: {where}: expected a list, got {short(value)}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # .inf / .nan pass every `> 0` check and poison training
-                raise SpecError(f"{file}: {where}: expected a finite number, got {value!r}")
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise SpecError(f"{file}: {where}: expected {_type_name(tp)}, got {short(value)} ({type(value).__name__})")
-
-
-def build(cls: type, raw: Any, where: str, file: str):
-    """Build the frozen dataclass `cls` from a mapping; unknown keys, wrong types and invalid values are
-    SpecErrors naming `file` and the dotted key path."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SpecError(f"{file}: {where or '<top level>'}: expected a mapping, got {short(raw)}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in raw.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise SpecError(f"{file}: unknown key {short(path)}{did_you_mean(str(key)[:80], names)}; allowed keys here: {', '.join(names)}")
-        kwargs[key] = _convert(hints[key], value, path, file)
-        if str(key).endswith("seed") and kwargs[key] is not None:
-            check_seed(kwargs[key], path, file)
-    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise SpecError(f"{file}: {where or '<top level>'}: missing required key(s): {', '.join(missing)}")
-    try:
-        return cls(**kwargs)
-    except SpecError:
-        raise
-    except (ValueError, TypeError, KeyError) as e:
-        # a message that starts with a field ("t_start must ...", "optim.lr must ...", "DataConfig.dtype ...")
-        # names that field's key
-        m = re.match(r"(?:[A-Za-z_]+\.)?([A-Za-z_]+)\b", str(e))
-        field_name = m.group(1) if m and m.group(1) in names else None
-        key = f"{where}.{field_name}" if where and field_name else where or field_name or "<top level>"
-        text = short_message(e)
-        text = text[len(field_name) + 2:] if field_name and text.startswith(f"{field_name}: ") else text
-        raise SpecError(f"{file}: {key}: {text}") from None
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Loading, method inheritance, grid cells
-
-class DuplicateKeyError(yaml.YAMLError):
-    """A mapping key given twice."""
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently).
-    Keys brought in by a `<<:` merge may be overridden, as YAML intends."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict = {}  # key -> line of its first occurrence
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.get(key)
-                except TypeError:  # an unhashable key: SafeConstructor reports it
-                    continue
-                if first is not None:
-                    raise DuplicateKeyError(f"line {key_node.start_mark.line + 1}: duplicate key {short(key)} "
-                                            f"(first given on line {first}; YAML would silently keep the last)")
-                seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-def expanded_size(obj: Any, file: str, limit: int = MAX_EXPANDED_NODES) -> int:
-    """Number of nodes of `obj` with every shared (aliased) mapping or list counted each time it is used.
-
-    PyYAML builds an alias as a shared reference, so a ~1 KB document of nested aliases is small in memory but
-    expands to 10^9 nodes when copied, printed or written to plan.json; it is refused here, in time linear in the
-    number of distinct nodes. Recursive aliases and nesting deeper than MAX_DEPTH are refused too.
-    """
-    memo: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(x: Any, depth: int) -> int:
-        if not isinstance(x, (dict, list)):
-            return 1
-        if depth > MAX_DEPTH:
-            raise SpecError(f"{file}: nested deeper than {MAX_DEPTH} levels")
-        k = id(x)
-        if k in memo:
-            return memo[k]
-        if k in active:
-            raise SpecError(f"{file}: a YAML alias refers to a mapping or list that contains it (recursive alias)")
-        active.add(k)
-        items = [*x.keys(), *x.values()] if isinstance(x, dict) else x
-        n = 1 + sum(size(c, depth + 1) for c in items)
-        active.discard(k)
-        memo[k] = n
-        return n
-
-    n = size(obj, 0)
-    if n > limit:
-        where = ""
-        if isinstance(obj, dict) and obj:
-            key = max(obj, key=lambda k: size(obj[k], 1))
-            where = f"{short(key)}: "
-        raise SpecError(f"{file}: {where}expands to {n:.3g} YAML nodes through its aliases (limit {limit}); "
-                        f"a spec is a small document (an alias bomb?)")
-    return n
-
-
-def read_yaml(path: str | Path) -> dict:
-    """Safe-load a spec file: at most MAX_SPEC_BYTES, no duplicate keys, aliases expanding to at most
-    MAX_EXPANDED_NODES nodes, a mapping at the top level. Every failure is a SpecError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: spec file not found" + (" (it is a directory)" if path.is_dir() else ""))
-    try:
-        size = path.stat().st_size
-        if size > MAX_SPEC_BYTES:
-            raise SpecError(f"{path}: {size} bytes; a spec file is at most {MAX_SPEC_BYTES} bytes")
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read the spec file: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        raw = yaml.load(text, Loader=_SpecLoader)
-    except DuplicateKeyError as e:
-        raise SpecError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {short_message(e)}") from None
-    except RecursionError:
-        raise SpecError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a spec must be a mapping at the top level, got {type(raw).__name__}")
-    expanded_size(raw, str(path))
-    return raw
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
-def resolve_bases(methods: Any, file: str) -> dict:
-    """Expand `base:` references between methods (deep merge, child wins); cycles are errors."""
-    if not isinstance(methods, dict) or not methods:
-        raise SpecError(f"{file}: methods: expected a non-empty mapping of method name -> settings")
-    resolved: dict[str, dict] = {}
-
-    def resolve(name: str, chain: tuple) -> dict:
-        if name in resolved:
-            return resolved[name]
-        raw = methods[name]
-        if not isinstance(raw, dict):
-            raise SpecError(f"{file}: methods.{name}: expected a mapping, got {short(raw)}")
-        base = raw.get("base")
-        if base is not None and not isinstance(base, str):
-            raise SpecError(f"{file}: methods.{name}.base: expected the name of a method, got {short(base)}")
-        if base is None:
-            out = dict(raw)
-        else:
-            if base not in methods:
-                raise SpecError(f"{file}: methods.{name}.base: unknown method {base!r}{did_you_mean(base, list(methods))}")
-            if base in chain:
-                raise SpecError(f"{file}: methods.{name}.base: circular base chain {' -> '.join(chain + (base,))}")
-            out = deep_merge(resolve(base, chain + (base,)), {k: v for k, v in raw.items() if k != "base"})
-        out.pop("base", None)
-        resolved[name] = out
-        return out
-
-    for name in methods:
-        resolve(name, (name,))
-    return resolved
-
-
-def set_dotted(raw: dict, dotted: str, value: Any, file: str) -> None:
-    keys = dotted.split(".")
-    node = raw
-    for i, k in enumerate(keys[:-1]):
-        if not isinstance(node.get(k, {}), dict):
-            raise SpecError(f"{file}: grid key '{dotted}': '{'.'.join(keys[:i + 1])}' is not a mapping")
-        node = node.setdefault(k, {})
-    node[keys[-1]] = value
-
-
-def grid_cells(raw: dict, file: str) -> list[dict]:
-    """The cartesian product of `grid` (dotted key -> list of values), with `overrides` applied."""
-    grid = raw.get("grid") or {}
-    if not isinstance(grid, dict):
-        raise SpecError(f"{file}: grid: expected a mapping of dotted keys to lists of values")
-    for key, values in grid.items():
-        if not isinstance(key, str) or not key or any(not k for k in key.split(".")):
-            raise SpecError(f"{file}: grid: a key is a dotted field name such as 'sampling.seed', got {short(key)}")
-        if not isinstance(values, list) or not values:
-            raise SpecError(f"{file}: grid.{key}: expected a non-empty list of values, got {short(values)}")
-    keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))] or [{}]
-
-
-def cell_raw(raw: dict, cell: dict, file: str) -> dict:
-    """The spec of one grid cell: the grid values and the matching overrides written into a copy."""
-    out = copy.deepcopy({k: v for k, v in raw.items() if k not in ("grid", "overrides")})
-    for key, value in cell.items():
-        set_dotted(out, key, value, file)
-    for i, ov in enumerate(raw.get("overrides") or []):
-        if (not isinstance(ov, dict) or set(ov) - {"match", "set"} or not isinstance(ov.get("set"), dict)
-                or not isinstance(ov.get("match") or {}, dict)
-                or not all(isinstance(k, str) and k for k in [*ov["set"], *(ov.get("match") or {})])):
-            raise SpecError(f"{file}: overrides[{i}]: expected {{match: {{dotted: value}}, set: {{dotted: value}}}}")
-        match = ov.get("match") or {}
-        if all(cell.get(k) == v for k, v in match.items()):
-            for key, value in ov["set"].items():
-                set_dotted(out, key, value, file)
-    return out
-
+# One cell: validation of the dataclasses, of the methods (through the kinds' checks) and of the files
 
 def build_study(raw: dict, file: str) -> StudySpec:
     """Validate one (cell) spec: dataclasses, method inheritance, method kinds and teachers, files."""
-    from fsdfm.methods import validate_methods
-
     raw = dict(raw)
     if "methods" in raw:
         raw["methods"] = resolve_bases(raw["methods"], file)
@@ -563,7 +294,8 @@ def build_study(raw: dict, file: str) -> StudySpec:
         if m.label is not None and (not m.label.isprintable() or len(m.label) > 200):
             raise SpecError(f"{file}: methods.{name}.label: a label is one printable line of at most 200 "
                             f"characters, got {short(m.label)}")
-    validate_methods(spec, file)
+    for check in _method_hooks():
+        spec = check(spec, file)
     base = {"preset": spec.model.preset, **spec.model.overrides()}
     for name, m in methods.items():
         check_model({**base, **m.model}, f"methods.{name}.model", file, spec.data.seq_len)
@@ -636,11 +368,11 @@ class Cell:
 
 def apply_overrides(raw: dict, overrides: Mapping[str, Any] | None, file: str) -> dict:
     """A copy of the raw spec mapping with each dotted override `key: value` written into it (before validation,
-    so an overridden spec is checked exactly like a YAML file): `fsdfm.overrides.apply_overrides`, which checks
+    so an overridden spec is checked exactly like a YAML file): `fsdfm.study.overrides.apply_overrides`, which checks
     each key against the spec's fields ("did you mean") and treats `grid.KEY` as one grid axis. None: a copy."""
     if not overrides:
         return copy.deepcopy(raw)
-    from fsdfm.overrides import apply_overrides as _apply
+    from fsdfm.study.overrides import apply_overrides as _apply
 
     out = _apply(raw, overrides, file)
     expanded_size(out, file)
@@ -695,8 +427,8 @@ def load_spec_dict(raw: Mapping[str, Any], file: str = "<spec dict>", cache_dir:
 def expand(raw: dict, file: str, cache_dir: str | Path | None = None, check_files: bool = True,
            spec_dir: str | Path | None = None) -> tuple[StudySpec, list[Cell]]:
     """Validate and expand a spec mapping (as read from `file`, perhaps with overrides applied): the base spec and
-    every grid cell's spec. Relative paths in it resolve against `spec_dir` (fsdfm.spec_paths); None = as given."""
-    from fsdfm.spec_paths import resolve_paths
+    every grid cell's spec. Relative paths in it resolve against `spec_dir` (fsdfm.study.paths); None = as given."""
+    from fsdfm.study.paths import resolve_paths
 
     cells = grid_cells(raw, file)
     specs = []
