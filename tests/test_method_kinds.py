@@ -1,0 +1,107 @@
+"""Adding a method kind is one file (tests/fixtures/unigram_kind.py), and what the spec layer checks per kind."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
+from fsdfm.launch import execute
+from fsdfm.methods import METHOD_KINDS, SAMPLERS, plan_study
+from fsdfm.results import load, load_records
+from fsdfm.study.graph import STAGE_KINDS
+from fsdfm.study.spec import SpecError, load_spec_dict
+
+REPO = Path(__file__).resolve().parents[1]
+ORACLE_DATA = {"kind": "oracle", "seq_len": 16,
+               "oracle": {"source": "markov", "vocab_size": 6, "order": 1, "support": 2, "epsilon": 0.05, "seed": 2,
+                          "n_train": 300, "n_valid": 64}}
+
+
+@pytest.fixture()
+def unigram_kind():
+    """Import the one-file kind, and unregister it afterwards (other tests list the kinds)."""
+    spec = importlib.util.spec_from_file_location("unigram_kind", REPO / "tests" / "fixtures" / "unigram_kind.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["unigram_kind"] = module
+    spec.loader.exec_module(module)
+    yield module
+    for registry, name in ((METHOD_KINDS, "unigram"), (SAMPLERS, "unigram"), (STAGE_KINDS, "fit_unigram")):
+        registry._items.pop(name, None)
+    sys.modules.pop("unigram_kind", None)
+
+
+def test_a_one_file_kind_runs_a_study_end_to_end(unigram_kind, tmp_path):
+    raw = {"name": "uni", "data": ORACLE_DATA, "evaluator": {"kind": "none"}, "data_reference": False,
+           "sampling": {"n_samples": 400, "batch_size": 400, "seed": 1},
+           "metrics": {"names": ["oracle_nll", "entropy_nats"]},
+           "methods": {"uni": {"kind": "unigram", "steps": [1]}}}
+    spec, cells = load_spec_dict(raw, "uni.yaml")
+    plan = plan_study(spec.name, cells)
+    summary = execute(plan, tmp_path / "results", executor="debug")
+    assert summary.ok, summary.format()
+    df = load(tmp_path / "results" / "uni")
+    row = df[df.method == "uni"]
+    assert len(row) == 1 and row.kind.item() == "unigram" and row.rule.item() == "marginal"
+    (fit,) = load_records(tmp_path / "results" / "uni", kind="fit_unigram")
+    (ev,) = load_records(tmp_path / "results" / "uni", kind="evaluate")
+    tokens = np.load(Path(ev["stage_dir"]).parent / ev["inputs"]["samples"] / "samples.npy")
+    # the known answer: the training marginal, counted independently from the corpus the stage read
+    from fsdfm.data import DataConfig, load_corpus
+    train = load_corpus(DataConfig(**ORACLE_DATA), tmp_path / "cache").train.numpy().ravel()
+    marginal = np.bincount(train, minlength=6) / train.size
+    empirical = np.bincount(tokens.ravel(), minlength=6) / tokens.size
+    assert np.allclose(fit["payload"]["probs"], marginal, atol=1e-12)
+    # 6,400 draws: each frequency's standard error is at most 0.5 / 80 = 0.00625
+    assert np.abs(empirical - marginal).max() < 0.03
+    assert row.oracle_nll.item() > 0
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("dfm", {}), ("fsdfm", {"teacher": "t"}), ("ar", {}), ("flm", {}), ("fmlm", {"teacher": "f"}),
+    ("exact", {}),
+])
+def test_a_misspelt_model_key_is_a_spec_error_for_every_kind(kind, extra):
+    methods = {"t": {"kind": "dfm", "steps": [1]}, "f": {"kind": "flm", "steps": [1]},
+               "m": {"kind": kind, "steps": [1], "model": {"hiden": 32}, **extra}}
+    raw = {"name": "x", "data": ORACLE_DATA, "evaluator": {"kind": "none"}, "metrics": {"names": ["oracle_nll"]},
+           "methods": methods}
+    with pytest.raises(SpecError, match=r"unknown key 'methods\.m\.model\.hiden'.*did you mean 'hidden'"):
+        load_spec_dict(raw, "x.yaml", check_files=False)
+
+
+def test_a_misspelt_model_key_is_a_spec_error_for_a_released_checkpoint(tmp_path):
+    ckpt = tmp_path / "c.pth"
+    ckpt.write_bytes(b"")
+    raw = {"name": "x", "data": ORACLE_DATA, "evaluator": {"kind": "none"}, "metrics": {"names": ["oracle_nll"]},
+           "methods": {"r": {"kind": "released", "steps": [1], "checkpoint": {"path": str(ckpt)},
+                             "model": {"n_head": 2}}}}
+    with pytest.raises(SpecError, match=r"unknown key 'methods\.r\.model\.n_head'.*did you mean 'n_heads'"):
+        load_spec_dict(raw, "x.yaml", check_files=False)
+
+
+def test_kind_settings_are_built_once_at_load_as_the_kinds_dataclass():
+    from fsdfm.flm import FLMConfig
+    from fsdfm.methods import FSDFMSettings
+
+    raw = {"name": "x", "data": ORACLE_DATA, "evaluator": {"kind": "none"}, "metrics": {"names": ["oracle_nll"]},
+           "methods": {"t": {"kind": "dfm", "steps": [1]},
+                       "s": {"kind": "fsdfm", "teacher": "t", "steps": [2], "distill": {"K": 3, "shortcut": "heun"}},
+                       "f": {"kind": "flm", "steps": [1]}}}
+    spec, _ = load_spec_dict(raw, "x.yaml", check_files=False)
+    assert spec.methods["s"].settings == FSDFMSettings(K=3, shortcut="heun")
+    assert spec.methods["f"].settings == FLMConfig()
+    assert spec.methods["t"].settings is None
+    assert spec.methods["s"].sample_steps == (2,)
+
+
+def test_the_spec_schema_imports_no_method_code():
+    code = "import sys, fsdfm.study.spec; print(sorted(m for m in sys.modules if m.startswith('fsdfm.methods')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
