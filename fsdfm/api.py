@@ -140,7 +140,7 @@ class Model:
         import numpy as np
         import torch
 
-        from fsdfm.methods.common import SAMPLERS
+        from fsdfm.methods.common import draw_samples
 
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"sample: n must be a positive integer, got {n!r}")
@@ -159,7 +159,7 @@ class Model:
         corpus = _ModelCorpus(self.seq_len, self.vocab_size, self.tokenizer.eos_id if self.tokenizer else None,
                               self.tokenizer)
         gen = torch.Generator(dev).manual_seed(seed)  # as the sample stage seeds it
-        out = SAMPLERS.get(self.sampler)(self.stage_dir, cfg, corpus, dev, gen)
+        out = draw_samples(self.sampler, self.stage_dir, cfg, corpus, dev, gen)
         tokens = out.tokens.cpu().numpy().astype(np.int64)
         texts = self.tokenizer.decode_batch(tokens.tolist()) if self.tokenizer is not None else None
         return Samples(tokens=tokens, texts=texts, nfe=int(out.nfe), wall_s=float(out.wall_s), steps=steps,

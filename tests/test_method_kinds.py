@@ -105,3 +105,33 @@ def test_the_spec_schema_imports_no_method_code():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("rule", ["euler", "cumulative_scalar"])
+@pytest.mark.parametrize("n_steps", [1, 3])
+def test_the_sample_stage_counts_nfe_with_the_counting_wrapper(rule, n_steps, tmp_path):
+    """N steps evaluate the network N times per sample: with 5 samples in batches of 2 (a remainder of 1) the
+    counter sees 3 N calls and 5 N rows; the recorded nfe is N, as the time grid has always said."""
+    import torch
+
+    from fsdfm.data import DataConfig, load_corpus
+    from fsdfm.methods.common import SAMPLERS, save_dit
+    from fsdfm.methods.evaluate import sample_stage
+    from fsdfm.model import DiT, model_config
+
+    corpus = load_corpus(DataConfig(**ORACLE_DATA), tmp_path / "cache")
+    torch.manual_seed(0)
+    path_cfg = {"source": "mask", "scheduler": {"name": "polynomial", "n": 1.0}}
+    model = DiT(model_config("tiny", corpus.vocab_size, corpus.seq_len, hidden=32, cond_dim=16, n_blocks=1, n_heads=2,
+                             input_vocab_size=corpus.vocab_size + 1))
+    save_dit(tmp_path / "model", model, path_cfg, h_conditioned=False)
+    cfg = {"data": ORACLE_DATA, "sampler": "dfm", "rule": rule, "steps": n_steps, "t_end": 1.0, "n_samples": 5,
+           "batch_size": 2, "seed": 0, "precision": "float64"}
+    draw = SAMPLERS.get("dfm")(tmp_path / "model", cfg, corpus, torch.device("cpu"))
+    assert draw.counter.nfe == 0 and draw.counter.rows == 0  # the warm-up is not counted
+    draw.run(torch.Generator().manual_seed(0))
+    assert (draw.counter.nfe, draw.counter.rows) == (3 * n_steps, 5 * n_steps)
+    (tmp_path / "stage").mkdir()
+    payload = sample_stage(cfg, {"model": str(tmp_path / "model")}, tmp_path / "stage")
+    assert payload["metrics"]["nfe"] == n_steps and isinstance(payload["metrics"]["nfe"], int)
+    assert len(payload["time_grid"]) == n_steps + 1 and payload["metrics"]["wall_s"] > 0

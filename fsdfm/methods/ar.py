@@ -12,9 +12,8 @@ import numpy as np
 import torch
 
 from fsdfm.methods.base import MethodKind, Planner, register_kind
-from fsdfm.methods.common import (SAMPLERS, build_model_config, corpus_for, device, join_process_group,
+from fsdfm.methods.common import (SAMPLERS, Draw, build_model_config, corpus_for, device, join_process_group,
                                   save_tokenizer, train_metrics)
-from fsdfm.samplers import SampleOutput
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
 from fsdfm.train import OptimConfig
@@ -49,7 +48,7 @@ def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
 
 
 @SAMPLERS.register("ar")
-def sample_ar_model(model_dir: Path, cfg: dict, corpus, dev, generator) -> SampleOutput:
+def sample_ar_model(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     from transformers import AutoModelForCausalLM
 
     from fsdfm.ar import sample_ar
@@ -58,5 +57,5 @@ def sample_ar_model(model_dir: Path, cfg: dict, corpus, dev, generator) -> Sampl
     kw = dict(seq_len=corpus.seq_len, bos_id=corpus.eos_id or 0, use_cache=True, batch_size=cfg["batch_size"],
               dtype=getattr(torch, cfg["precision"]))
     sample_ar(model, min(2, cfg["n_samples"]), generator=torch.Generator(dev).manual_seed(0), **{**kw, "seq_len": 4})
-    return sample_ar(model, cfg["n_samples"], generator=generator, **kw)
+    return Draw(lambda gen: sample_ar(model, cfg["n_samples"], generator=gen, **kw))
 

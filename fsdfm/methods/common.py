@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from fsdfm.data import DataConfig, load_corpus
+from fsdfm.metrics.timing import CountingModel
 from fsdfm.model import DiT, ModelConfig, model_config
 from fsdfm.paths import MixturePath, make_path
 from fsdfm.registry import Registry
@@ -29,6 +31,8 @@ from fsdfm.results import atomic_write_bytes
 from fsdfm.schedulers import make_scheduler
 from fsdfm.train import OptimConfig, UnsafeCheckpointError, fit, load_weights, save_checkpoint
 
+# name -> prepare(model_dir, cfg, corpus, dev) -> Draw: load the model, wrap it in a RowCounter, warm up (each kind
+# file registers its own; the sample stage times `Draw.run` and reads the counter)
 SAMPLERS: Registry = Registry("sampler")
 LOSS_CURVE_POINTS = 200
 
@@ -177,3 +181,35 @@ def oracle_model_metrics(config: dict, model, path: MixturePath, corpus, h: floa
     return {"posterior_kl": posterior_kl(model, exact, path, corpus.valid[:POSTERIOR_KL_STATES].to(dev), gen, h=h)}
 
 
+
+
+class RowCounter(CountingModel):
+    """fsdfm.metrics.timing.CountingModel that also counts the rows (sequences) each call evaluates, so that
+    NFE per sample = rows evaluated / samples drawn, whatever the batching (a remainder batch included)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.rows = 0
+
+    def forward(self, x, *args, **kwargs):
+        self.rows += int(x.shape[0])
+        return super().forward(x, *args, **kwargs)
+
+    def reset(self) -> None:
+        super().reset()
+        self.rows = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """A sampler ready to draw: the model loaded and warmed up. `run(generator)` draws cfg["n_samples"]
+    sequences; `counter` (reset after the warm-up) counts the network's evaluations, or None where the sampler
+    counts them itself (AR: transformers' cache API calls the model)."""
+
+    run: Callable[[torch.Generator], object]
+    counter: RowCounter | None = None
+
+
+def draw_samples(sampler: str, model_dir: Path, cfg: dict, corpus, dev, generator):
+    """Prepare SAMPLERS[sampler] and draw once: the tokens of the sample stage for the same cfg and seed."""
+    return SAMPLERS.get(sampler)(model_dir, cfg, corpus, dev).run(generator)

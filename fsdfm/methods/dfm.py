@@ -15,13 +15,13 @@ import torch
 
 from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, register_kind
 from fsdfm.methods.exact import plan_exact
-from fsdfm.methods.common import (SAMPLERS, build_model_config, corpus_for, device, fit_dit, join_process_group,
+from fsdfm.methods.common import (SAMPLERS, Draw, RowCounter, build_model_config, corpus_for, device, fit_dit, join_process_group,
                                   load_dit, oracle_model_metric, oracle_model_metrics, path_from_config,
                                   train_metrics)
 from fsdfm.model import DiT
 from fsdfm.objectives import DFMConfig, DFMObjective
 from fsdfm.paths import MixturePath
-from fsdfm.samplers import SampleOutput, sample, time_grid
+from fsdfm.samplers import sample, time_grid
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
 
@@ -102,16 +102,17 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
 
 
 @SAMPLERS.register("dfm")
-def sample_dfm(model_dir: Path, cfg: dict, corpus, dev, generator) -> SampleOutput:
+def sample_dfm(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     m = load_dit(model_dir, dev)
+    net = RowCounter(m.model)
     grid = time_grid(cfg["steps"], t_end=cfg["t_end"])
     precision = getattr(torch, cfg["precision"])
 
     def run(n, steps_grid, gen):
-        return sample(m.model, m.path, n_samples=n, seq_len=corpus.seq_len, grid=steps_grid, rule=cfg["rule"],
+        return sample(net, m.path, n_samples=n, seq_len=corpus.seq_len, grid=steps_grid, rule=cfg["rule"],
                       h_conditioned=m.h_conditioned, generator=gen, precision=precision,
                       batch_size=cfg["batch_size"], device=dev)
 
     run(min(cfg["batch_size"], cfg["n_samples"]), time_grid(1, t_end=cfg["t_end"]), torch.Generator(dev).manual_seed(0))  # warm-up
-    return run(cfg["n_samples"], grid, generator)
-
+    net.reset()
+    return Draw(lambda gen: run(cfg["n_samples"], grid, gen), net)

@@ -27,24 +27,34 @@ from fsdfm.study.graph import stage_kind
 
 @stage_kind("sample", resources="gpu", version="1", metrics=("nfe", "wall_s", "tokens_per_s", "peak_mem"))
 def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
-    """Draw n_samples from a trained method; record tokens, decoded text, NFE, wall-clock and peak memory."""
-    from fsdfm.metrics.timing import peak_memory, reset_peak_memory
+    """Draw n_samples from a trained method; record tokens, decoded text, NFE, wall-clock and peak memory.
+
+    NFE is counted, not inferred: the network evaluations the sampler's RowCounter saw, per sample (a sampler
+    without a counter reports its own). Wall-clock and peak memory come from one timer (fsdfm.metrics.timing.timed)
+    around the draw only: model loading and the sampler's warm-up are outside it."""
+    from fsdfm.metrics.timing import timed
 
     corpus = corpus_for(config, out_dir)
     dev = device()
     gen = torch.Generator(dev).manual_seed(config["seed"])
-    reset_peak_memory(dev)
-    out = SAMPLERS.get(config["sampler"])(inputs["model"], config, corpus, dev, gen)
-    peak, peak_kind = peak_memory(dev)
+    draw = SAMPLERS.get(config["sampler"])(inputs["model"], config, corpus, dev)
+    timing = timed(lambda: draw.run(gen), warmup=0, device=dev)
+    out, peak, peak_kind, wall_s = timing.result, timing.peak_mem_bytes, timing.peak_mem_kind, timing.wall_s
+    nfe = out.nfe if draw.counter is None else counted_nfe(draw.counter.rows, config["n_samples"])
     tokens = out.tokens.cpu().numpy().astype(np.int64)
     if tokens.shape != (config["n_samples"], corpus.seq_len):
         raise RuntimeError(f"sampler returned {tokens.shape}, expected {(config['n_samples'], corpus.seq_len)}")
     write_samples(Path(out_dir), tokens, corpus)
     n_tok = tokens.size
-    return {"metrics": {"nfe": out.nfe, "wall_s": out.wall_s, "tokens_per_s": n_tok / out.wall_s if out.wall_s > 0 else None,
+    return {"metrics": {"nfe": nfe, "wall_s": wall_s, "tokens_per_s": n_tok / wall_s if wall_s > 0 else None,
                         "peak_mem": peak}, "peak_mem_kind": peak_kind, "device": str(dev),
             "precision": config["precision"], "time_grid": [float(t) for t in out.time_grid[:2049]],
             "numerics": out.numerics.to_dict() if getattr(out, "numerics", None) else None}
+
+
+def counted_nfe(rows: int, n_samples: int) -> int | float:
+    """Network evaluations per sample from the rows a RowCounter saw (an int when every sample saw as many)."""
+    return rows // n_samples if rows % n_samples == 0 else rows / n_samples
 
 
 def write_samples(out_dir: Path, tokens: np.ndarray, corpus) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from fsdfm.methods.base import MethodKind, Planner, register_kind
-from fsdfm.methods.common import SAMPLERS
-from fsdfm.samplers import SampleOutput, sample, time_grid
+from fsdfm.methods.common import SAMPLERS, Draw, RowCounter
+from fsdfm.samplers import sample, time_grid
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
 
@@ -41,13 +41,13 @@ def exact_posterior_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
 
 
 @SAMPLERS.register("exact")
-def sample_exact(model_dir: Path, cfg: dict, corpus, dev, generator) -> SampleOutput:
+def sample_exact(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     """The exact posterior sampled by the DFM sampling loop (same rules, grids and precision as a network)."""
     from fsdfm.exact_teacher import load_exact
 
     exact = load_exact(model_dir, cfg["data"])
+    net = RowCounter(exact)
     grid = time_grid(cfg["steps"], t_end=cfg["t_end"])
-    return sample(exact, exact.path, n_samples=cfg["n_samples"], seq_len=corpus.seq_len, grid=grid, rule=cfg["rule"],
-                  generator=generator, precision=getattr(torch, cfg["precision"]), batch_size=cfg["batch_size"],
-                  device=dev)
-
+    return Draw(lambda gen: sample(net, exact.path, n_samples=cfg["n_samples"], seq_len=corpus.seq_len, grid=grid,
+                                   rule=cfg["rule"], generator=gen, precision=getattr(torch, cfg["precision"]),
+                                   batch_size=cfg["batch_size"], device=dev), net)

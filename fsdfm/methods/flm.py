@@ -13,10 +13,9 @@ import torch
 
 from fsdfm.flm import FLMConfig
 from fsdfm.methods.base import MethodKind, Planner, register_kind
-from fsdfm.methods.common import (SAMPLERS, build_model_config, corpus_for, fit_dit, join_process_group, load_dit,
+from fsdfm.methods.common import (SAMPLERS, Draw, RowCounter, build_model_config, corpus_for, fit_dit, join_process_group, load_dit,
                                   train_metrics)
 from fsdfm.model import DiT
-from fsdfm.samplers import SampleOutput
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
 
@@ -45,17 +44,21 @@ def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
 
 
 def continuous_sampler(two_time: bool) -> Callable:
-    def run(model_dir: Path, cfg: dict, corpus, dev, generator) -> SampleOutput:
+    def prepare(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
         from fsdfm.flm import FLMTime, sample_continuous
 
         m = load_dit(model_dir, dev)
+        counter = RowCounter(m.model)
         time = FLMTime(corpus.vocab_size)
-        net = (lambda x, s, t: m.model(x, s, t)) if two_time else (lambda x, s, t: m.model(x, s))
+        net = (lambda x, s, t: counter(x, s, t)) if two_time else (lambda x, s, t: counter(x, s))
         kw = dict(seq_len=corpus.seq_len, precision=getattr(torch, cfg["precision"]), device=dev,
                   max_state_bytes=cfg.get("max_state_bytes", 1 << 28))
         sample_continuous(net, time, n_samples=min(2, cfg["n_samples"]), n_steps=1, seed=0, **kw)  # warm-up
-        return sample_continuous(net, time, n_samples=cfg["n_samples"], n_steps=cfg["steps"], seed=cfg["seed"], **kw)
-    return run
+        counter.reset()
+        # seeded by cfg["seed"] per chunk (fsdfm.flm.sample_noise), not by the stage's generator
+        return Draw(lambda gen: sample_continuous(net, time, n_samples=cfg["n_samples"], n_steps=cfg["steps"],
+                                                  seed=cfg["seed"], **kw), counter)
+    return prepare
 
 
 SAMPLERS.register("flm", continuous_sampler(two_time=False))
