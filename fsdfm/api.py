@@ -7,7 +7,7 @@
     fsdfm.evaluate(s, metrics=["entropy_nats", "rep_n"])                                 # a MetricSet
 
 Everything goes through the code paths of the command line: `run_study` validates a dict exactly like a YAML file
-(`fsdfm.study.spec.load_spec_dict`, overrides applied first) and runs the same plan with the same executors;
+(`fsdfm.study.load.load_spec_dict`, overrides applied first) and runs the same plan with the same executors;
 `Model.sample` calls the sampler the study's sample stage calls (`fsdfm.methods.common.SAMPLERS`) with the same
 settings, so the same seed gives the same tokens; `evaluate` is `fsdfm.metrics.compute_metric_set`.
 
@@ -49,7 +49,7 @@ def run_study(spec: str | os.PathLike | Mapping[str, Any], overrides: Mapping[st
     Args:
         spec: a spec file, or the spec as a dict (what `yaml.safe_load` of the file gives), validated the same way.
         overrides: dotted key -> value applied before validation, e.g. {"seed": 3, "methods.fsdfm.distill.K": 8}
-            (`fsdfm.study.spec.apply_overrides`; a bad one is a SpecError naming it).
+            (`fsdfm.study.load.apply_overrides`; a bad one is a SpecError naming it).
         executor: "inline" (default: this process, progress bars), "debug", "local" (one process per stage) or
             "slurm" (with `profile`; waits for the jobs).
         results: the results root; the study lands in results/<name>.
@@ -64,7 +64,7 @@ def run_study(spec: str | os.PathLike | Mapping[str, Any], overrides: Mapping[st
     from fsdfm.launch import execute
     from fsdfm.methods import plan_study
     from fsdfm.results import load
-    from fsdfm.study.spec import load_spec, load_spec_dict
+    from fsdfm.study.load import load_spec, load_spec_dict
 
     cache = data_cache_dir(results)
     if isinstance(spec, Mapping):

@@ -17,7 +17,8 @@ from fsdfm.oracle import MarkovSource
 from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import make_path
 from fsdfm.schedulers import make_scheduler
-from fsdfm.study.spec import SpecError, load_spec
+from fsdfm.study.spec import SpecError
+from fsdfm.study.load import load_spec
 from fsdfm.train import StepContext
 
 REPO = Path(__file__).resolve().parents[1]

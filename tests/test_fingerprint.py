@@ -12,7 +12,7 @@ from fsdfm.cli import main
 from fsdfm.fingerprint import data_fingerprint, stage_fingerprint
 from fsdfm.methods import plan_study
 from fsdfm.metrics.registry import METRICS
-from fsdfm.study.spec import load_spec
+from fsdfm.study.load import load_spec
 from fsdfm.study.graph import STAGE_KINDS, Stage
 
 TEXT = "Once upon a time there was a cat.\n\nThe cat sat on a mat and looked at the sun.\n\n" * 20

@@ -15,7 +15,8 @@ from fsdfm.launch import execute
 from fsdfm.methods import METHOD_KINDS, SAMPLERS, plan_study
 from fsdfm.results import load, load_records
 from fsdfm.study.graph import STAGE_KINDS
-from fsdfm.study.spec import SpecError, load_spec_dict
+from fsdfm.study.spec import SpecError
+from fsdfm.study.load import load_spec_dict
 
 REPO = Path(__file__).resolve().parents[1]
 ORACLE_DATA = {"kind": "oracle", "seq_len": 16,

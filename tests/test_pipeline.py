@@ -16,7 +16,7 @@ from fsdfm.launch import execute
 from fsdfm.methods import plan_study
 from fsdfm.oracle import make_oracle
 from fsdfm.results import load, load_records
-from fsdfm.study.spec import load_spec
+from fsdfm.study.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

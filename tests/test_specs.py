@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fsdfm.methods import plan_study
-from fsdfm.study.spec import SpecError, load_spec
+from fsdfm.study.spec import SpecError
+from fsdfm.study.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = sorted((REPO / "tests" / "fixtures" / "bad_specs").glob("*.yaml"))

@@ -15,7 +15,7 @@ import torch
 
 from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, register_kind
 from fsdfm.methods.exact import plan_exact
-from fsdfm.methods.common import (SAMPLERS, Draw, RowCounter, build_model_config, corpus_for, device, fit_dit, join_process_group,
+from fsdfm.methods.common import (SAMPLERS, Draw, RowCounter, build_model_config, corpus_for, fit_dit, join_process_group,
                                   load_dit, oracle_model_metric, oracle_model_metrics, path_from_config,
                                   train_metrics)
 from fsdfm.model import DiT

@@ -27,8 +27,6 @@ import json
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -264,68 +262,3 @@ def study_name(base: str, overrides: Mapping[str, Any], limit: int | None) -> st
         return name
     digest = hashlib.sha256(json.dumps([limit, items], sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{base}+{digest}"
-
-
-# ------------------------------------------------------------------------------------------- loading
-@dataclass(frozen=True)
-class ResolvedSpec:
-    """A spec file with its command-line overrides applied and validated.
-
-    path: the spec file. name: the study name (`study_name`). raw: the spec mapping after --limit and the
-    overrides (what `--print-config` prints). overrides: the user's overrides; limit: --limit N or None.
-    spec, cells: as `fsdfm.study.spec.load_spec` returns them.
-    """
-
-    path: str
-    name: str
-    raw: dict
-    overrides: dict
-    limit: int | None
-    spec: Any
-    cells: list
-
-
-def _culprit(raw: dict, overrides: dict, file: str) -> str | None:
-    """The key of the first override after which the spec no longer builds (None: it fails without any)."""
-    from fsdfm.study.spec import expand
-
-    applied: dict[str, Any] = {}
-    for key, value in overrides.items():
-        applied[key] = value
-        try:
-            expand(apply_overrides(raw, applied, file), file, check_files=False, spec_dir=Path(file).parent)
-        except SpecError:
-            return key
-    return None
-
-
-def load(path: str | Path, overrides: Mapping[str, Any] | None = None, limit: int | None = None,
-         cache_dir: str | Path | None = None, check_files: bool = True) -> ResolvedSpec:
-    """Read `path`, apply --limit then `overrides`, validate and expand it (`fsdfm.study.spec.expand`).
-
-    An error caused by an override names it: "SPEC: override KEY=VALUE: ..."."""
-    from fsdfm.study.spec import check_name, expand, read_yaml
-
-    file = str(path)
-    raw = read_yaml(path)
-    overrides = dict(overrides or {})
-    merged: dict[str, Any] = {}
-    if limit is not None:
-        merged.update(limit_overrides(raw, limit, file))
-    from_limit = set(merged) - set(overrides)
-    merged.update(overrides)
-    resolved = apply_overrides(raw, merged, file)
-    try:
-        spec, cells = expand(resolved, file, cache_dir=cache_dir, check_files=check_files,
-                             spec_dir=Path(file).parent)
-    except SpecError as e:
-        culprit = _culprit(raw, merged, file) if merged else None
-        if culprit is None:
-            raise
-        msg = str(e)
-        msg = msg[len(file) + 2:] if msg.startswith(f"{file}: ") else msg
-        what = format_override(culprit, merged[culprit])
-        label = f"--limit {limit} (from its limit: section, {what})" if culprit in from_limit else f"override {what}"
-        raise SpecError(f"{file}: {label}: {msg}") from None
-    name = check_name(study_name(spec.name, overrides, limit), "name", file)
-    return ResolvedSpec(file, name, resolved, overrides, limit, spec, cells)

@@ -20,20 +20,19 @@ registry is initialised), so no module of this package imports method code.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from fsdfm.data.base import DataConfig
 from fsdfm.registry import Registry, did_you_mean
 from fsdfm.study.convert import _convert, build
-from fsdfm.study.grid import cell_raw, grid_cells, resolve_bases
-from fsdfm.study.yaml_io import (NAME_PATTERN, SpecError, check_name, expanded_size, read_yaml, short,
+from fsdfm.study.grid import resolve_bases
+from fsdfm.study.yaml_io import (NAME_PATTERN, SpecError, check_name, read_yaml, short,
                                  short_message)
 from fsdfm.tracking import TrackingSpec
 from fsdfm.train import OptimConfig
@@ -334,114 +333,9 @@ def check_model(model: dict, where: str, file: str, seq_len: int) -> None:
         raise SpecError(f"{file}: {where}: {short_message(e)}") from None
 
 
-def check_data(spec: StudySpec, file: str, cache_dir: str | Path | None) -> None:
-    """The data and the evaluator as far as they can be checked cheaply and without writing: files, sizes, token
-    ids, vocabularies, corpus length (fsdfm.data.preflight), an hf evaluator present offline, and the MiniLM
-    files of the MAUVE featurizer."""
-    from fsdfm.data.preflight import PreflightError, preflight
-
-    try:
-        preflight(spec.data, Path(cache_dir) if cache_dir is not None else None)
-    except PreflightError as e:
-        raise SpecError(f"{file}: data.{e.key}: {short_message(e)}") from None
-    if "mauve" in spec.metrics.names and spec.metrics.mauve_featurizer == "minilm":
-        from fsdfm.metrics import mauve
-        try:
-            mauve.minilm_model_dir()
-        except RuntimeError as e:
-            raise SpecError(f"{file}: metrics.mauve_featurizer: {short_message(e)}") from None
-    if spec.evaluator.kind == "hf":
-        from fsdfm.metrics.evaluator import EvaluatorError, check_evaluator_available
-        try:
-            check_evaluator_available(spec.evaluator.name)
-        except EvaluatorError as e:
-            raise SpecError(f"{file}: evaluator.name: {short_message(e)}") from None
-
-
 @dataclass(frozen=True)
 class Cell:
     """One grid cell: its grid values and its validated spec."""
 
     params: dict
     spec: StudySpec
-
-
-def apply_overrides(raw: dict, overrides: Mapping[str, Any] | None, file: str) -> dict:
-    """A copy of the raw spec mapping with each dotted override `key: value` written into it (before validation,
-    so an overridden spec is checked exactly like a YAML file): `fsdfm.study.overrides.apply_overrides`, which checks
-    each key against the spec's fields ("did you mean") and treats `grid.KEY` as one grid axis. None: a copy."""
-    if not overrides:
-        return copy.deepcopy(raw)
-    from fsdfm.study.overrides import apply_overrides as _apply
-
-    out = _apply(raw, overrides, file)
-    expanded_size(out, file)
-    return out
-
-
-def _naming_overrides(e: SpecError, overrides: Mapping[str, Any] | None) -> SpecError:
-    """The error of a spec validated after overrides, naming the override(s) whose keys it mentions."""
-    text = str(e)
-
-    def mentioned(key: str) -> bool:  # the key, or a prefix of it an "unknown key" message stops at, as a whole path
-        parts = key.split(".")
-        return any(re.search(r"(?<![\w.])" + re.escape(".".join(parts[:n])) + r"(?![\w])", text)
-                   for n in range(len(parts), min(2, len(parts)) - 1, -1))
-
-    named = [k for k in (overrides or {}) if isinstance(k, str) and mentioned(k)]
-    if not named:
-        return e
-    return SpecError(text + " (set by override " + ", ".join(f"{k}={short(overrides[k], 60)}" for k in named) + ")")
-
-
-def load_spec(path: str | Path, cache_dir: str | Path | None = None, check_files: bool = True,
-              overrides: Mapping[str, Any] | None = None) -> tuple[StudySpec, list[Cell]]:
-    """Read and validate a spec file; returns the base spec and every grid cell's spec.
-
-    Args:
-        cache_dir: the results root's data cache (tokenizers, packed blocks), read, never written, so that the
-            data checks can reuse a tokenizer a previous run trained.
-        check_files: also check the data files and the evaluator (`check_data`), once per distinct data config.
-        overrides: dotted key -> value, applied before validation (`apply_overrides`).
-    Nothing is written: a spec that passes cannot fail later on anything checked here.
-    """
-    return load_spec_dict(read_yaml(path), str(path), cache_dir, check_files, overrides, spec_dir=Path(str(path)).parent)
-
-
-def load_spec_dict(raw: Mapping[str, Any], file: str = "<spec dict>", cache_dir: str | Path | None = None,
-                   check_files: bool = True, overrides: Mapping[str, Any] | None = None,
-                   spec_dir: str | Path | None = None) -> tuple[StudySpec, list[Cell]]:
-    """`load_spec` for a spec already in memory (a dict, as `yaml.safe_load` of the file would give it); `file`
-    names it in errors; relative paths resolve against `spec_dir` (None: as given, i.e. against the working
-    directory). The same checks as a YAML file, after the overrides."""
-    if not isinstance(raw, Mapping):
-        raise SpecError(f"{file}: a spec must be a mapping at the top level, got {type(raw).__name__}")
-    expanded_size(dict(raw), file)
-    raw = apply_overrides(dict(raw), overrides, file)
-    try:
-        return expand(raw, file, cache_dir=cache_dir, check_files=check_files, spec_dir=spec_dir)
-    except SpecError as e:
-        raise _naming_overrides(e, overrides) from None
-
-
-def expand(raw: dict, file: str, cache_dir: str | Path | None = None, check_files: bool = True,
-           spec_dir: str | Path | None = None) -> tuple[StudySpec, list[Cell]]:
-    """Validate and expand a spec mapping (as read from `file`, perhaps with overrides applied): the base spec and
-    every grid cell's spec. Relative paths in it resolve against `spec_dir` (fsdfm.study.paths); None = as given."""
-    from fsdfm.study.paths import resolve_paths
-
-    cells = grid_cells(raw, file)
-    specs = []
-    for cell in cells:
-        one = cell_raw(raw, cell, file)
-        if spec_dir is not None:
-            one = resolve_paths(one, Path(spec_dir), file)
-        specs.append(Cell(cell, build_study(one, file)))
-    if check_files:
-        seen = set()
-        for c in specs:
-            key = repr((dataclasses.asdict(c.spec.data), c.spec.evaluator.kind, c.spec.evaluator.name))
-            if key not in seen:
-                seen.add(key)
-                check_data(c.spec, file, cache_dir)
-    return specs[0].spec, specs
