@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
-from fsdfm.exact_teacher import ExactTargetObjective
+from fsdfm.methods.exact_teacher import ExactTargetObjective
 from fsdfm.oracle import MarkovSource
 from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import make_path

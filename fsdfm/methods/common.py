@@ -16,6 +16,7 @@ Boundary: knows the library floor (model, paths, train loop, data); knows no met
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -121,7 +122,6 @@ RELEASED_POINTER = "released.json"
 
 def load_dit(model_dir: Path, dev: torch.device | None = None) -> LoadedDiT:
     if (Path(model_dir) / RELEASED_POINTER).exists():  # kind released: a pointer to a checkpoint, not weights
-        from fsdfm.methods.released import load_released_dit
         return load_released_dit(Path(model_dir) / RELEASED_POINTER, dev or device())
     path = Path(model_dir) / "model.pt"
     try:
@@ -138,6 +138,21 @@ def load_dit(model_dir: Path, dev: torch.device | None = None) -> LoadedDiT:
     if "source" not in pc:  # continuous-state models (FLM / FMLM) have no mixture path
         return LoadedDiT(model, None, pc, state["h_conditioned"])
     return LoadedDiT(model, path_from_config(pc, model.cfg.vocab_size), pc, state["h_conditioned"])
+
+
+def load_released_dit(pointer_file: Path, dev: torch.device) -> LoadedDiT:
+    """The model a load_released stage points to, refusing a checkpoint file that changed since (size, mtime)."""
+    from fsdfm.released_checkpoints import CheckpointError, load_released
+
+    ptr = json.loads(Path(pointer_file).read_text())
+    stat = Path(ptr["checkpoint"]).stat() if Path(ptr["checkpoint"]).is_file() else None
+    if stat is None or (stat.st_size, stat.st_mtime_ns) != (ptr["size_bytes"], ptr["mtime_ns"]):
+        raise CheckpointError(f"{ptr['checkpoint']}: the checkpoint {pointer_file} points to is gone or changed since it "
+                              f"was checked; re-run its load_released stage (delete {Path(pointer_file).parent})")
+    loaded = load_released(ptr["checkpoint"], ptr["which"], device=dev)
+    return LoadedDiT(loaded.model, path_from_config(ptr["path"], loaded.config.vocab_size), ptr["path"],
+                     loaded.h_conditioned)
+
 
 
 def train_metrics(res, extra: dict | None = None) -> dict:

@@ -91,8 +91,8 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     model = DiT(cfg)
     obj = DFMConfig(**config["objective"])
     objective = DFMObjective(path, obj)
-    if "teacher" in inputs:  # teacher: exact -- the "exact targets" baseline (fsdfm.exact_teacher)
-        from fsdfm.exact_teacher import ExactTargetObjective, load_exact
+    if "teacher" in inputs:  # teacher: exact -- the "exact targets" baseline (fsdfm.methods.exact_teacher)
+        from fsdfm.methods.exact_teacher import ExactTargetObjective, load_exact
         objective = ExactTargetObjective(path, load_exact(inputs["teacher"], config["data"]), obj.eps)
     res, final = fit_dit(model, objective, corpus, config, out_dir, "train dfm teacher",
                          {"source": config["source"], "scheduler": config["scheduler"]}, h_conditioned=False)

@@ -1,6 +1,6 @@
 """Kind "exact": the exact denoiser of an oracle source, sampled by the DFM sampling loop with every rule.
 
-Nothing is trained: the stage `exact_posterior` records the path (fsdfm.exact_teacher), and the sampler "exact"
+Nothing is trained: the stage `exact_posterior` records the path (fsdfm.methods.exact_teacher), and the sampler "exact"
 samples `ExactPosterior` like a network. `plan_exact` is also the planning of `teacher: exact` for the dfm and
 fsdfm kinds. Oracle data only.
 """
@@ -31,9 +31,9 @@ register_kind(MethodKind("exact", "exact", ("cumulative_scalar", "euler", "mixtu
 
 @stage_kind("exact_posterior", resources="cpu", version="1")
 def exact_posterior_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
-    """The exact denoiser of an oracle source (fsdfm.exact_teacher): nothing to train; records its path."""
+    """The exact denoiser of an oracle source (fsdfm.methods.exact_teacher): nothing to train; records its path."""
     from fsdfm.data import DataConfig, oracle_source
-    from fsdfm.exact_teacher import write_exact
+    from fsdfm.methods.exact_teacher import write_exact
 
     oracle_source(DataConfig(**config["data"]))  # a bad oracle config fails here, with a clear DataError
     write_exact(Path(out_dir), {"source": config["source"], "scheduler": config["scheduler"]})
@@ -43,7 +43,7 @@ def exact_posterior_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
 @SAMPLERS.register("exact")
 def sample_exact(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     """The exact posterior sampled by the DFM sampling loop (same rules, grids and precision as a network)."""
-    from fsdfm.exact_teacher import load_exact
+    from fsdfm.methods.exact_teacher import load_exact
 
     exact = load_exact(model_dir, cfg["data"])
     net = RowCounter(exact)

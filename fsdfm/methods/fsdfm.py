@@ -67,13 +67,13 @@ register_kind(MethodKind("fsdfm", "dfm", ("cumulative_scalar", "euler", "mixture
 @stage_kind("distil_fsdfm", checkpointable=True, resources="gpu_multi", version="1", metrics=lambda c: oracle_model_metric(c))
 def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The FS-DFM student, initialised from the teacher with a fresh step-size embedding."""
-    from fsdfm.exact_teacher import is_exact
+    from fsdfm.methods.exact_teacher import is_exact
 
     join_process_group()
     corpus = corpus_for(config, out_dir)
     spec = FSDFMSettings(**config["distill"])
     if is_exact(inputs["teacher"]):  # teacher: exact -- fresh student, exact posterior as frozen evaluator
-        from fsdfm.exact_teacher import exact_path_cfg, load_exact
+        from fsdfm.methods.exact_teacher import exact_path_cfg, load_exact
         exact = load_exact(inputs["teacher"], config["data"])
         path_cfg, teacher_path = exact_path_cfg(inputs["teacher"]), exact.path
         torch.manual_seed(config["optim"]["seed"])

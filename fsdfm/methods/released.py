@@ -2,7 +2,8 @@
 
 Registers on itself: its settings (`checkpoint:` builds `ReleasedCheckpoint`), its planning (a load_released
 stage that checks the file and writes a pointer to it) and the stage `load_released`; the pointed-to model is
-then sampled and evaluated like any DFM-family model (sampler "dfm"; `load_released_dit` reads the pointer).
+then sampled and evaluated like any DFM-family model (sampler "dfm"; fsdfm.methods.common.load_dit follows
+the pointer).
 Reading the checkpoint file itself is fsdfm.released_checkpoints'.
 """
 
@@ -14,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 
 from fsdfm.methods.base import MethodKind, Planner, register_kind
-from fsdfm.methods.common import (RELEASED_POINTER, LoadedDiT, corpus_for, path_from_config, save_tokenizer)
+from fsdfm.methods.common import RELEASED_POINTER, corpus_for, save_tokenizer
 from fsdfm.registry import did_you_mean
 from fsdfm.results import atomic_write_bytes
 from fsdfm.study.graph import Stage, stage_kind
@@ -55,21 +55,6 @@ register_kind(MethodKind(
     "released", "dfm", ("cumulative_scalar", "euler", "mixture_euler"), plan_released, teacher_kind="released",
     teacher_optional=True, settings_key="checkpoint", settings_cls=ReleasedCheckpoint, settings_required=True,
     pos_divergence=True, ends_before_one=lambda m: m.loss == "gkl" and m.settings.which == "teacher"))
-
-
-def load_released_dit(pointer_file: Path, dev: torch.device) -> LoadedDiT:
-    """The model a load_released stage points to, refusing a checkpoint file that changed since (size, mtime)."""
-    from fsdfm.released_checkpoints import CheckpointError, load_released
-
-    ptr = json.loads(Path(pointer_file).read_text())
-    stat = Path(ptr["checkpoint"]).stat() if Path(ptr["checkpoint"]).is_file() else None
-    if stat is None or (stat.st_size, stat.st_mtime_ns) != (ptr["size_bytes"], ptr["mtime_ns"]):
-        raise CheckpointError(f"{ptr['checkpoint']}: the checkpoint {pointer_file} points to is gone or changed since it "
-                              f"was checked; re-run its load_released stage (delete {Path(pointer_file).parent})")
-    loaded = load_released(ptr["checkpoint"], ptr["which"], device=dev)
-    return LoadedDiT(loaded.model, path_from_config(ptr["path"], loaded.config.vocab_size), ptr["path"],
-                     loaded.h_conditioned)
-
 
 
 @stage_kind("load_released", resources="gpu", version="1")

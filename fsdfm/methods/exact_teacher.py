@@ -9,6 +9,9 @@
 * `teacher: exact` for a DFM model -- the "exact targets" baseline: the data CE is replaced by
   KL(p_exact(. | x_t) || p_theta(. | x_t)) on the movable positions (`ExactTargetObjective`), the same minimiser with
   no label noise.
+
+Boundary: the exact posterior's artefact (exact.json), objective and loader; method-side code used by the dfm,
+fsdfm and exact kinds (fsdfm.methods), not by the library floor.
 """
 
 from __future__ import annotations
