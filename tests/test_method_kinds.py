@@ -101,11 +101,12 @@ def test_kind_settings_are_built_once_at_load_as_the_kinds_dataclass():
     assert spec.methods["s"].sample_steps == (2,)
 
 
-def test_the_spec_schema_imports_no_method_code():
-    code = "import sys, fsdfm.study.spec; print(sorted(m for m in sys.modules if m.startswith('fsdfm.methods')))"
+def test_the_spec_schema_imports_no_method_code_and_no_torch():
+    code = ("import sys, fsdfm.study.spec; print(sorted(m for m in sys.modules if m.startswith('fsdfm.methods')), "
+            "'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[] False"
 
 
 @pytest.mark.parametrize("rule", ["euler", "cumulative_scalar"])

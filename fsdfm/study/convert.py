@@ -9,12 +9,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import types
 import typing
 from typing import Any
 
 from fsdfm.registry import did_you_mean
 from fsdfm.study.yaml_io import SpecError, check_seed, short, short_message
+
+def type_hints(cls: type) -> dict:
+    """typing.get_type_hints of a dataclass, with the names its module imports only on first use: a module may
+    define `_lazy_types() -> {name: type}` for annotations it does not import at module level (torch-side config
+    classes), so that importing a schema stays cheap."""
+    lazy = getattr(sys.modules.get(cls.__module__), "_lazy_types", None)
+    return typing.get_type_hints(cls, localns=lazy() if lazy is not None else None)
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
@@ -72,7 +81,7 @@ def build(cls: type, raw: Any, where: str, file: str):
         raw = {}
     if not isinstance(raw, dict):
         raise SpecError(f"{file}: {where or '<top level>'}: expected a mapping, got {short(raw)}")
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init and f.metadata.get("yaml", True)]
     kwargs = {}
     for key, value in raw.items():

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from fsdfm.registry import did_you_mean
+from fsdfm.study.convert import type_hints
 from fsdfm.study.spec import NAME_PATTERN, SpecError, StudySpec, short
 
 
@@ -135,7 +136,7 @@ def check_key(raw: dict, key: str, label: str) -> None:
                 cls, i = MethodSpec, i + 2
                 continue
             return
-        tp = _unwrap(typing.get_type_hints(cls)[part])
+        tp = _unwrap(type_hints(cls)[part])
         cls = tp if dataclasses.is_dataclass(tp) else None
         i += 1
 

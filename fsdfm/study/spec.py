@@ -28,16 +28,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fsdfm.data.base import DataConfig
 from fsdfm.registry import Registry, did_you_mean
 from fsdfm.study.convert import _convert, build
 from fsdfm.study.grid import resolve_bases
 from fsdfm.study.yaml_io import (NAME_PATTERN, SpecError, check_name, read_yaml, short,
                                  short_message)
 from fsdfm.tracking import TrackingSpec
-from fsdfm.train import OptimConfig
+
+if typing.TYPE_CHECKING:
+    from fsdfm.data.base import DataConfig
+    from fsdfm.train import OptimConfig
 
 __all__ = ["NAME_PATTERN", "SpecError", "check_name", "read_yaml", "short", "short_message", "build"]
+
+def _lazy_types() -> dict:
+    """The torch-side config classes the schema's annotations name (DataConfig, OptimConfig), imported on first
+    use (fsdfm.study.convert.type_hints) so that importing this module imports no torch."""
+    from fsdfm.data.base import DataConfig
+    from fsdfm.train import OptimConfig
+
+    return {"DataConfig": DataConfig, "OptimConfig": OptimConfig}
+
+
+def _optim(**settings):
+    """The factory of a default OptimConfig, built when a spec is (the class lives in fsdfm.train, beside the
+    training loop, which imports torch)."""
+
+    def make():
+        from fsdfm.train import OptimConfig
+        return OptimConfig(**settings)
+    return make
+
 
 # Filled by fsdfm.methods: kind name -> its MethodKind (settings class, planning, stages), and the checks of a
 # whole study that need the kinds (teachers, rules, budgets). Each check returns the spec with the methods'
@@ -98,10 +119,10 @@ class MethodSpec:
     kind: str
     teacher: str | None = None
     source: str = "mask"
-    scheduler: SchedulerSpec = SchedulerSpec()
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     loss: str = "ce"
     model: dict = field(default_factory=dict)
-    train: OptimConfig = OptimConfig()
+    train: OptimConfig = field(default_factory=_optim())
     distill: dict = field(default_factory=dict)
     rules: tuple = ()
     steps: tuple = ()
@@ -138,7 +159,8 @@ class EvaluatorSpec:
     kind: str = "reference"
     name: str | None = None
     model: dict = field(default_factory=dict)
-    train: OptimConfig = OptimConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=50, seed=1234, ema_decay=None)
+    train: OptimConfig = field(default_factory=_optim(steps=600, batch_size=32, lr=1e-3, warmup_steps=50, seed=1234,
+                                                      ema_decay=None))
 
     def __post_init__(self):
         if self.kind not in ("reference", "hf", "none"):
@@ -250,19 +272,19 @@ class StudySpec:
     data: DataConfig
     methods: dict
     description: str = ""
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = field(default_factory=ModelSpec)
     seed: int = 0
-    sampling: SamplingSpec = SamplingSpec()
-    evaluator: EvaluatorSpec = EvaluatorSpec()
-    metrics: MetricsSpec = MetricsSpec()
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    evaluator: EvaluatorSpec = field(default_factory=EvaluatorSpec)
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
     grid: dict = field(default_factory=dict)
     overrides: tuple = ()
     data_reference: bool = True
     published: tuple = ()
     cluster: dict = field(default_factory=dict)
-    report: ReportSpec = ReportSpec()
+    report: ReportSpec = field(default_factory=ReportSpec)
     tracking: TrackingSpec | None = None  # fsdfm.tracking: in plan.json, never in a stage id (it changes no result)
-    limit: LimitSpec = LimitSpec()
+    limit: LimitSpec = field(default_factory=LimitSpec)
 
 
 # ----------------------------------------------------------------------------------------------------------
