@@ -38,7 +38,7 @@ _EVAL = ("fsdfm.methods.evaluate:load_study_evaluator", "fsdfm.methods.evaluate:
          "fsdfm.methods.evaluate:extra_metrics", "fsdfm.metrics:compute_metrics")
 
 SOURCES: dict[str, tuple[str, ...]] = {
-    # stage kinds (fsdfm.pipeline)
+    # stage kinds (fsdfm.methods)
     "stage:train_dfm": ("fsdfm.methods.dfm:train_dfm", *_DIT, *_DATA, "fsdfm.objectives", "fsdfm.losses",
                         "fsdfm.methods.dfm:dfm_validation", "fsdfm.methods.dfm:unigram_ce",
                         "fsdfm.methods.common:path_from_config"),
