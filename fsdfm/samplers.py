@@ -90,6 +90,12 @@ def mixture_euler_jump_prob(p_z, t, h, scheduler):
 
 # MDLM-style sampling is the mask-source DFM with the cumulative-scalar (exact ancestral) rule.
 UPDATE_ALIASES = {"mdlm": "cumulative_scalar"}
+# The method kinds each rule (or alias) samples: fsdfm.methods.base.declared_rules reads it, so a new rule is its
+# function and its entry here. (fsdfm.methods: the kind's own default rule comes first.)
+RULE_KINDS = {"euler": ("dfm", "fsdfm", "exact", "released"),
+              "cumulative_scalar": ("dfm", "fsdfm", "exact", "released"),
+              "mixture_euler": ("dfm", "fsdfm", "exact", "released"),
+              "mdlm": ("dfm", "exact")}
 
 
 def get_rule(name: str) -> Rule:

@@ -137,3 +137,19 @@ def test_the_sample_stage_counts_nfe_with_the_counting_wrapper(rule, n_steps, tm
     payload = sample_stage(cfg, {"model": str(tmp_path / "model")}, tmp_path / "stage")
     assert payload["metrics"]["nfe"] == n_steps and isinstance(payload["metrics"]["nfe"], int)
     assert len(payload["time_grid"]) == n_steps + 1 and payload["metrics"]["wall_s"] > 0
+
+
+def test_update_rules_declare_their_kinds(monkeypatch):
+    from fsdfm import samplers
+    from fsdfm.methods.base import declared_rules
+
+    # the rules of today, each kind's default first (the order "allowed: ..." messages list them in)
+    assert declared_rules("dfm", "euler") == ("euler", "cumulative_scalar", "mixture_euler", "mdlm")
+    assert declared_rules("fsdfm", "cumulative_scalar") == ("cumulative_scalar", "euler", "mixture_euler")
+    assert METHOD_KINDS.get("released").rules == ("cumulative_scalar", "euler", "mixture_euler")
+    # a new rule is its function and its declaration: no kind file changes
+    monkeypatch.setitem(samplers.RULE_KINDS, "new_rule", ("fsdfm",))
+    assert declared_rules("fsdfm", "cumulative_scalar")[-1] == "new_rule"
+    assert "new_rule" not in declared_rules("dfm", "euler")
+    with pytest.raises(ValueError, match="default rule 'mdlm' does not declare it applies to 'fsdfm'"):
+        declared_rules("fsdfm", "mdlm")

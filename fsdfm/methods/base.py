@@ -23,7 +23,7 @@ from fsdfm.study.graph import RunSpec, Stage, StudyPlan
 from fsdfm.study.spec import (METHOD_KINDS, PAIR_PATTERN, STUDY_CHECKS, Cell, MethodSpec, SpecError, StudySpec,
                               build, short)
 
-__all__ = ["EXACT_TEACHER", "METHOD_KINDS", "MethodKind", "Planner", "plan_study", "register_kind",
+__all__ = ["EXACT_TEACHER", "METHOD_KINDS", "MethodKind", "Planner", "declared_rules", "plan_study", "register_kind",
            "validate_methods", "validate_pairs"]
 
 
@@ -55,6 +55,17 @@ class MethodKind:
     validate: Callable | None = None
     # the pos_divergence diagnostic applies (a DFM-family sampler and a DiT teacher to compare with)
     pos_divergence: bool = False
+
+
+def declared_rules(kind: str, default: str) -> tuple:
+    """The update rules that declare they apply to `kind` (fsdfm.samplers.RULE_KINDS), `default` first: the rules
+    a DFM-family kind accepts, so that adding a rule touches no kind file."""
+    from fsdfm.samplers import RULE_KINDS
+
+    rules = [r for r, kinds in RULE_KINDS.items() if kind in kinds and r != default]
+    if default not in RULE_KINDS or kind not in RULE_KINDS[default]:
+        raise ValueError(f"method kind {kind!r}: default rule {default!r} does not declare it applies to {kind!r}")
+    return (default, *rules)
 
 
 def register_kind(kind: MethodKind) -> MethodKind:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, register_kind
+from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, declared_rules, register_kind
 from fsdfm.methods.exact import plan_exact
 from fsdfm.methods.common import (SAMPLERS, Draw, RowCounter, build_model_config, corpus_for, fit_dit, join_process_group,
                                   load_dit, oracle_model_metric, oracle_model_metrics, path_from_config,
@@ -25,7 +25,7 @@ from fsdfm.samplers import sample, time_grid
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
 
-DFM_RULES = ("euler", "cumulative_scalar", "mixture_euler", "mdlm")
+DFM_RULES = declared_rules("dfm", "euler")  # euler, cumulative_scalar, mixture_euler, mdlm
 
 
 def plan_dfm(p: Planner, name: str, m: MethodSpec) -> Stage:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fsdfm.methods.base import MethodKind, Planner, register_kind
+from fsdfm.methods.base import MethodKind, Planner, declared_rules, register_kind
 from fsdfm.methods.common import SAMPLERS, Draw, RowCounter
 from fsdfm.samplers import sample, time_grid
 from fsdfm.study.graph import Stage, stage_kind
@@ -25,7 +25,7 @@ def plan_exact(p: Planner, name: str, m: MethodSpec) -> Stage:
                                            "scheduler": dataclasses.asdict(m.scheduler)}))
 
 
-register_kind(MethodKind("exact", "exact", ("cumulative_scalar", "euler", "mixture_euler", "mdlm"), plan_exact,
+register_kind(MethodKind("exact", "exact", declared_rules("exact", "cumulative_scalar"), plan_exact,
                          oracle_only=True))
 
 

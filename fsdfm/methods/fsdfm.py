@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, register_kind
+from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, declared_rules, register_kind
 from fsdfm.methods.common import (build_model_config, corpus_for, fit_dit, join_process_group, load_dit,
                                   oracle_model_metric, oracle_model_metrics, train_metrics)
 from fsdfm.methods.exact import plan_exact
@@ -59,7 +59,7 @@ def check_exact_teacher(spec: StudySpec, name: str, m: MethodSpec, file: str) ->
                         f"is the frozen teacher: set shortcut to one of {', '.join(FROZEN_TEACHER_SHORTCUTS)}")
 
 
-register_kind(MethodKind("fsdfm", "dfm", ("cumulative_scalar", "euler", "mixture_euler"), plan_fsdfm,
+register_kind(MethodKind("fsdfm", "dfm", declared_rules("fsdfm", "cumulative_scalar"), plan_fsdfm,
                          teacher_kind="dfm", settings_key="distill", settings_cls=FSDFMSettings, exact_teacher=True,
                          validate=check_exact_teacher, pos_divergence=True))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 
-from fsdfm.methods.base import MethodKind, Planner, register_kind
+from fsdfm.methods.base import MethodKind, Planner, declared_rules, register_kind
 from fsdfm.methods.common import RELEASED_POINTER, corpus_for, save_tokenizer
 from fsdfm.registry import did_you_mean
 from fsdfm.results import atomic_write_bytes
@@ -52,7 +52,7 @@ def plan_released(p: Planner, name: str, m: MethodSpec) -> Stage:
 
 
 register_kind(MethodKind(
-    "released", "dfm", ("cumulative_scalar", "euler", "mixture_euler"), plan_released, teacher_kind="released",
+    "released", "dfm", declared_rules("released", "cumulative_scalar"), plan_released, teacher_kind="released",
     teacher_optional=True, settings_key="checkpoint", settings_cls=ReleasedCheckpoint, settings_required=True,
     pos_divergence=True, ends_before_one=lambda m: m.loss == "gkl" and m.settings.which == "teacher"))
 
