@@ -7,8 +7,8 @@
     fsdfm.evaluate(s, metrics=["entropy_nats", "rep_n"])                                 # a MetricSet
 
 Everything goes through the code paths of the command line: `run_study` validates a dict exactly like a YAML file
-(`fsdfm.specs.load_spec_dict`, overrides applied first) and runs the same plan with the same executors;
-`Model.sample` calls the sampler the study's sample stage calls (`fsdfm.pipeline.SAMPLERS`) with the same
+(`fsdfm.study.load.load_spec_dict`, overrides applied first) and runs the same plan with the same executors;
+`Model.sample` calls the sampler the study's sample stage calls (`fsdfm.methods.common.SAMPLERS`) with the same
 settings, so the same seed gives the same tokens; `evaluate` is `fsdfm.metrics.compute_metric_set`.
 
 A model folder is self-contained: every training stage saves the corpus tokenizer beside its weights
@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 DEFAULT_ROOT = "results"
 TOKENIZER_FILE = "tokenizer.json"
-# the stage kinds that leave a model in their folder -> the sampler of fsdfm.pipeline.SAMPLERS that draws from it
+# the stage kinds that leave a model in their folder -> the sampler of fsdfm.methods.common.SAMPLERS that draws from it
 MODEL_SAMPLERS = {"train_dfm": "dfm", "distil_fsdfm": "dfm", "load_released": "dfm", "train_ar": "ar",
                   "train_flm": "flm", "distil_fmlm": "fmlm", "exact_posterior": "exact"}
 DEFAULT_RULES = {"dfm": "cumulative_scalar", "exact": "cumulative_scalar", "ar": "ancestral", "flm": "euler",
@@ -49,7 +49,7 @@ def run_study(spec: str | os.PathLike | Mapping[str, Any], overrides: Mapping[st
     Args:
         spec: a spec file, or the spec as a dict (what `yaml.safe_load` of the file gives), validated the same way.
         overrides: dotted key -> value applied before validation, e.g. {"seed": 3, "methods.fsdfm.distill.K": 8}
-            (`fsdfm.specs.apply_overrides`; a bad one is a SpecError naming it).
+            (`fsdfm.study.load.apply_overrides`; a bad one is a SpecError naming it).
         executor: "inline" (default: this process, progress bars), "debug", "local" (one process per stage) or
             "slurm" (with `profile`; waits for the jobs).
         results: the results root; the study lands in results/<name>.
@@ -59,12 +59,12 @@ def run_study(spec: str | os.PathLike | Mapping[str, Any], overrides: Mapping[st
     Raises:
         SpecError (bad spec or override), StudyFailed (a stage failed or was blocked; nothing is hidden).
     """
-    import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
+    import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
     from fsdfm.records import data_cache_dir
     from fsdfm.launch import execute
     from fsdfm.methods import plan_study
     from fsdfm.records import load
-    from fsdfm.specs import load_spec, load_spec_dict
+    from fsdfm.study.load import load_spec, load_spec_dict
 
     cache = data_cache_dir(results)
     if isinstance(spec, Mapping):
@@ -103,7 +103,7 @@ class Samples:
 
 @dataclasses.dataclass(frozen=True)
 class _ModelCorpus:
-    """The four things a sampler asks of a corpus (fsdfm.pipeline.SAMPLERS), without the data."""
+    """The four things a sampler asks of a corpus (fsdfm.methods.common.SAMPLERS), without the data."""
 
     seq_len: int
     vocab_size: int
@@ -140,7 +140,7 @@ class Model:
         import numpy as np
         import torch
 
-        from fsdfm.pipeline import SAMPLERS
+        from fsdfm.methods.common import draw_samples
 
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"sample: n must be a positive integer, got {n!r}")
@@ -159,7 +159,7 @@ class Model:
         corpus = _ModelCorpus(self.seq_len, self.vocab_size, self.tokenizer.eos_id if self.tokenizer else None,
                               self.tokenizer)
         gen = torch.Generator(dev).manual_seed(seed)  # as the sample stage seeds it
-        out = SAMPLERS.get(self.sampler)(self.stage_dir, cfg, corpus, dev, gen)
+        out = draw_samples(self.sampler, self.stage_dir, cfg, corpus, dev, gen)
         tokens = out.tokens.cpu().numpy().astype(np.int64)
         texts = self.tokenizer.decode_batch(tokens.tolist()) if self.tokenizer is not None else None
         return Samples(tokens=tokens, texts=texts, nfe=int(out.nfe), wall_s=float(out.wall_s), steps=steps,
@@ -180,7 +180,7 @@ def _model_dims(d: Path, sampler: str, record: dict) -> tuple[int, int]:
         ptr = json.loads((d / "released.json").read_text())
         data = record.get("config", {}).get("data", {})
         return int(data.get("seq_len") or ptr["model_config"]["seq_len"]), int(ptr["model_config"]["vocab_size"])
-    from fsdfm.pipeline import load_dit
+    from fsdfm.methods.common import load_dit
     model = load_dit(d, dev=None).model
     return int(model.cfg.seq_len), int(model.cfg.vocab_size)
 

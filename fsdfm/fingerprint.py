@@ -6,7 +6,7 @@
         "data":    {field: "sha256:<hex>" for each file config["data"] names},                   (when any)
     }
 
-It enters the stage id (`fsdfm.stages.stage_id`), so
+It enters the stage id (`fsdfm.study.graph.stage_id`), so
 
 * a fix to a stage kind (its version bumped) re-runs the stages of that kind and their dependents;
 * a fix to a metric re-runs only the stages that compute it (the evaluate stages whose `metrics.names` list it,
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fsdfm.io import sha256_file
-from fsdfm.stages import STAGE_KINDS, Stage
+from fsdfm.study.graph import STAGE_KINDS, Stage
 
 DATA_FILE_FIELDS = ("train", "valid", "tokenizer")
 

@@ -8,17 +8,63 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from fsdfm.losses import DFM_LOSSES, distill_kl_per_position, generalized_kl_per_position
 from fsdfm.paths import MixturePath
-from fsdfm.teachers import SHORTCUTS, Jumper
+from fsdfm.registry import Registry
+from fsdfm.teachers import COMPOSITIONS, Jumper
 from fsdfm.train import StepContext
 
-H_DISTRIBUTIONS = ("inv_h", "uniform", "annealed", "annealed_to_end")  # plus "fixed:N"
-FROZEN_TEACHER_SHORTCUTS = ("frozen_dfm", "frozen_dfm_rk4")  # shortcuts that need the frozen DFM teacher
+
+@dataclass(frozen=True)
+class Shortcut:
+    """One `shortcut:` setting of FS-DFM distillation: everything FSDFMObjective branches on.
+
+    composition: the fsdfm.teachers.COMPOSITIONS entry that builds the target of the rows coarser than h_min;
+        None: there are no shortcut rows (every row is a data anchor).
+    uses_frozen_teacher: the frozen DFM teacher is needed (as the composition's evaluator, or for the h_min rows).
+    frozen_evaluates: the frozen teacher, not the EMA student, evaluates the composition (f(x, t), no h).
+    finest_from_teacher: the h_min rows learn the frozen teacher's p(. | x_t, t) instead of the data.
+    anchor_everywhere: every row is a data anchor (DFM loss at every h).
+    x1_at_end: the composition's Jumper ends rows reaching t + h = 1 in a draw x_1 ~ p.
+    """
+
+    composition: str | None
+    uses_frozen_teacher: bool = False
+    frozen_evaluates: bool = False
+    finest_from_teacher: bool = False
+    anchor_everywhere: bool = False
+    x1_at_end: bool = False
+
+    @property
+    def masks_all_positions(self) -> bool:
+        """The loss averages over movable positions on every row (no data-anchor rows weighted over all)."""
+        return self.anchor_everywhere or self.finest_from_teacher
+
+
+SHORTCUTS: Registry[Shortcut] = Registry("shortcut teacher")
+SHORTCUTS.register("rk4", Shortcut("rk4"))
+SHORTCUTS.register("rk4_x1", Shortcut("rk4_x1", x1_at_end=True))
+SHORTCUTS.register("rk4_time_consistent", Shortcut("rk4_time_consistent"))
+SHORTCUTS.register("heun", Shortcut("heun"))
+SHORTCUTS.register("none", Shortcut(None, anchor_everywhere=True))
+SHORTCUTS.register("frozen_dfm", Shortcut("rk4", uses_frozen_teacher=True, finest_from_teacher=True))
+SHORTCUTS.register("frozen_dfm_rk4", Shortcut("rk4", uses_frozen_teacher=True, frozen_evaluates=True))
+FROZEN_TEACHER_SHORTCUTS = tuple(n for n in SHORTCUTS.names() if SHORTCUTS.get(n).uses_frozen_teacher)
+
+
+# The step-size distributions by name: each maps training progress in [0, 1] to the power a of P(h) ~ (1/h)^a,
+# or None for the official annealed doubling schedule. "fixed:N" (one budget) is parsed, not listed.
+H_DISTRIBUTIONS: dict[str, Callable[[float], float | None]] = {
+    "inv_h": lambda progress: 1.0,
+    "uniform": lambda progress: 0.0,
+    "annealed": lambda progress: None,  # not a power law: the official doubling schedule (`step_size_probs`)
+    "annealed_to_end": lambda progress: 1.0 - progress,
+}
 # The official schedule doubles every weight 2^k (k = log2(1/h)) once per interval, capped at 2^K; after K
 # doublings every weight is 2^K, i.e. uniform. Its interval (20,000 of 500,000 steps, K = 10) puts that at 40%.
 ANNEAL_UNIFORM_AT = 0.4
@@ -86,16 +132,20 @@ class FSDFMConfig:
         if self.h_distribution not in H_DISTRIBUTIONS:
             n = self.fixed_budget
             if n is None or n < 1 or n & (n - 1) or n > 2**self.K:
-                raise ValueError(f"h_distribution must be one of {H_DISTRIBUTIONS} or 'fixed:N' with N a power of two "
+                raise ValueError(f"h_distribution must be one of {tuple(H_DISTRIBUTIONS)} or 'fixed:N' with N a power of two "
                                  f"<= 2^K, got {self.h_distribution!r}")
         if self.anchor_weight not in ANCHOR_WEIGHTS:
             raise ValueError(f"anchor_weight must be one of {ANCHOR_WEIGHTS}, got {self.anchor_weight!r}")
         DFM_LOSSES.get(self.anchor_loss)
-        if self.shortcut == "none" and self.anchor_weight == "G/h":
-            raise ValueError("shortcut 'none' trains every h on data; its rows reach t + h = 1, where G/h is infinite: "
-                             "use anchor_weight 'g'")
-        if self.shortcut not in ("none", *FROZEN_TEACHER_SHORTCUTS):
-            SHORTCUTS.get(self.shortcut)
+        rule = SHORTCUTS.get(self.shortcut)
+        if rule.anchor_everywhere and self.anchor_weight == "G/h":
+            raise ValueError(f"shortcut {self.shortcut!r} trains every h on data; its rows reach t + h = 1, where G/h is "
+                             "infinite: use anchor_weight 'g'")
+
+    @property
+    def rule(self) -> Shortcut:
+        """The registry entry of `shortcut`."""
+        return SHORTCUTS.get(self.shortcut)
 
     @property
     def fixed_budget(self) -> int | None:
@@ -119,12 +169,12 @@ def step_size_probs(cfg: FSDFMConfig, progress: float = 0.0) -> tuple[torch.Tens
     k = torch.arange(cfg.K + 1, dtype=torch.float64)
     h = 2.0**-k
     progress = min(max(progress, 0.0), 1.0)
-    if cfg.h_distribution == "annealed":
+    power = H_DISTRIBUTIONS[cfg.h_distribution](progress)
+    if power is None:
         # the number of doublings so far; the 1e-9 keeps progress = 0.4 exactly at K doublings despite rounding
         doublings = math.floor(progress * cfg.K / ANNEAL_UNIFORM_AT + 1e-9)
         w = torch.clamp(2.0 ** (k + doublings), max=2.0**cfg.K)
         return h, w / w.sum()
-    power = {"inv_h": 1.0, "uniform": 0.0, "annealed_to_end": 1.0 - progress}[cfg.h_distribution]
     w = (1.0 / h) ** power
     return h, w / w.sum()
 
@@ -157,7 +207,7 @@ class FSDFMObjective:
     """
 
     def __init__(self, path: MixturePath, cfg: FSDFMConfig = FSDFMConfig(), frozen_teacher: nn.Module | None = None):
-        if cfg.shortcut in FROZEN_TEACHER_SHORTCUTS and frozen_teacher is None:
+        if cfg.rule.uses_frozen_teacher and frozen_teacher is None:
             raise ValueError(f"shortcut {cfg.shortcut!r} needs the frozen DFM teacher")
         self.path, self.cfg, self.frozen_teacher = path, cfg, frozen_teacher
         self.h_min = 2.0**-cfg.K
@@ -176,10 +226,11 @@ class FSDFMObjective:
         logits = ctx.model(ps.x_t, t.float(), h.float())
         weight = self.path.source.movable(ps.x_t)  # positions that may still move carry the loss
         finest = h <= self.h_min * (1 + 1e-9)
-        anchor = torch.ones_like(h, dtype=torch.bool) if self.cfg.shortcut == "none" else finest
+        rule = self.cfg.rule
+        anchor = torch.ones_like(h, dtype=torch.bool) if rule.anchor_everywhere else finest
         per_pos = torch.zeros(x_1.shape, dtype=torch.float32, device=x_1.device)
         shortcut_rows = ~anchor
-        if self.cfg.shortcut == "frozen_dfm":
+        if rule.finest_from_teacher:
             # the finest rows learn the frozen teacher's prediction, not the data: no data anchor at all
             if bool(finest.any()):
                 f = finest.nonzero(as_tuple=True)[0]
@@ -198,23 +249,23 @@ class FSDFMObjective:
             s = shortcut_rows.nonzero(as_tuple=True)[0]
             target = self.shortcut_target(ctx, ps.x_t[s], t[s], h[s])
             per_pos[s] = distill_kl_per_position(logits[s], target)
-        w = weight.float() if self.cfg.anchor_loss == "ce" or self.cfg.shortcut in ("none", "frozen_dfm") else \
+        w = weight.float() if self.cfg.anchor_loss == "ce" or rule.masks_all_positions else \
             torch.where(anchor[:, None], torch.ones_like(weight, dtype=torch.float32), weight.float())
         return (per_pos * w).sum() / w.sum().clamp_min(1.0)
 
     @torch.no_grad()
     def shortcut_target(self, ctx: StepContext, x_t, t, h) -> torch.Tensor:
-        if self.cfg.shortcut == "frozen_dfm_rk4":
+        rule = self.cfg.rule
+        if rule.frozen_evaluates:
             def f(x, tt, hh):
                 return self.frozen_teacher(x, tt.float()).float()
-            combine = SHORTCUTS.get("rk4")
         else:
             net = ctx.ema if ctx.ema is not None else ctx.model
 
             def f(x, tt, hh):
                 return net(x, tt.float(), hh.float()).float()
-            combine = SHORTCUTS.get("rk4" if self.cfg.shortcut == "frozen_dfm" else self.cfg.shortcut)
-        return combine(f, Jumper(self.path, ctx.generator, x1_at_end=self.cfg.shortcut == "rk4_x1"), x_t, t, h)
+        combine = COMPOSITIONS.get(rule.composition)
+        return combine(f, Jumper(self.path, ctx.generator, x1_at_end=rule.x1_at_end), x_t, t, h)
 
 
 def expected_h_weights(cfg: FSDFMConfig) -> dict[float, float]:
@@ -223,5 +274,5 @@ def expected_h_weights(cfg: FSDFMConfig) -> dict[float, float]:
     return {float(a): float(b) for a, b in zip(h, p)}
 
 
-__all__ = ["DFMConfig", "DFMObjective", "FSDFMConfig", "FSDFMObjective", "sample_step_sizes", "step_size_probs",
+__all__ = ["SHORTCUTS", "H_DISTRIBUTIONS", "Shortcut", "DFMConfig", "DFMObjective", "FSDFMConfig", "FSDFMObjective", "sample_step_sizes", "step_size_probs",
            "expected_h_weights"]

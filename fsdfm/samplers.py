@@ -47,7 +47,7 @@ Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Scheduler], torch.Ten
 
 @dataclass(frozen=True)
 class SampleNumerics:
-    """The numerics of one `sample` call, recorded with every sample (fsdfm.pipeline's sample stage).
+    """The numerics of one `sample` call, recorded with every sample (fsdfm.methods.evaluate's sample stage).
 
     logits_dtype: the model's output dtype (float32 unless bf16 autocast is on); precision: dtype of p(z), the jump
     probabilities and the draws; step: "logits" (`update_from_logits`) or "softmax" (p = softmax, then `update`);
@@ -99,6 +99,12 @@ def mixture_euler_jump_prob(p_z, t, h, scheduler):
 
 # MDLM-style sampling is the mask-source DFM with the cumulative-scalar (exact ancestral) rule.
 UPDATE_ALIASES = {"mdlm": "cumulative_scalar"}
+# The method kinds each rule (or alias) samples: fsdfm.methods.base.declared_rules reads it, so a new rule is its
+# function and its entry here. (fsdfm.methods: the kind's own default rule comes first.)
+RULE_KINDS = {"euler": ("dfm", "fsdfm", "exact", "released"),
+              "cumulative_scalar": ("dfm", "fsdfm", "exact", "released"),
+              "mixture_euler": ("dfm", "fsdfm", "exact", "released"),
+              "mdlm": ("dfm", "exact")}
 
 
 def get_rule(name: str) -> Rule:

@@ -26,7 +26,8 @@ from fsdfm.paths import MixturePath
 from fsdfm.registry import Registry
 from fsdfm.samplers import UPDATE_RULES, update
 
-SHORTCUTS: Registry = Registry("shortcut teacher")
+# The target compositions by name; fsdfm.objectives.SHORTCUTS says which one each `shortcut:` setting uses.
+COMPOSITIONS: Registry = Registry("shortcut composition")
 Evaluator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # f(x, t, h) -> logits
 
 
@@ -48,7 +49,7 @@ class Jumper:
         return update(x, p, t.double(), h.double(), self.rule, self.path, self.generator, final=final)
 
 
-@SHORTCUTS.register("rk4")
+@COMPOSITIONS.register("rk4")
 def rk4_target(f: Evaluator, jump: Jumper, x_t, t, h):
     """x_t (B, L), t and h (B,) -> target logits (B, L, V). f is evaluated at step size h/2."""
     hh = h / 2
@@ -62,10 +63,10 @@ def rk4_target(f: Evaluator, jump: Jumper, x_t, t, h):
     return (k1 + 2 * k2 + 2 * k3 + k4) / 6
 
 
-SHORTCUTS.register("rk4_x1", rk4_target)  # the same composition; its Jumper ends t + h = 1 rows in x_1 ~ p
+COMPOSITIONS.register("rk4_x1", rk4_target)  # the same composition; its Jumper ends t + h = 1 rows in x_1 ~ p
 
 
-@SHORTCUTS.register("rk4_time_consistent")
+@COMPOSITIONS.register("rk4_time_consistent")
 def rk4_time_consistent_target(f: Evaluator, jump: Jumper, x_t, t, h):
     hh = h / 2
     k1 = f(x_t, t, hh)
@@ -75,7 +76,7 @@ def rk4_time_consistent_target(f: Evaluator, jump: Jumper, x_t, t, h):
     return (k1 + 2 * k2 + 2 * k3 + k4) / 6
 
 
-@SHORTCUTS.register("heun")
+@COMPOSITIONS.register("heun")
 def heun_target(f: Evaluator, jump: Jumper, x_t, t, h):
     hh = h / 2
     k1 = f(x_t, t, hh)

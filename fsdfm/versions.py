@@ -29,39 +29,42 @@ TABLE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "code_versi
 
 # what every stage that loads a corpus depends on
 _DATA = ("fsdfm.data.base:load_corpus", "fsdfm.data.documents", "fsdfm.data.tokenizer", "fsdfm.data.text",
-         "fsdfm.data.tokenfiles", "fsdfm.data.hf", "fsdfm.data.oracle", "fsdfm.pipeline:corpus_for")
+         "fsdfm.data.tokenfiles", "fsdfm.data.hf", "fsdfm.data.oracle", "fsdfm.methods.common:corpus_for")
 # the oracle sources (fsdfm.data.oracle's own file is the dataset kind, in _DATA)
 _ORACLE = ("fsdfm.data.oracle.sources", "fsdfm.data.oracle.markov", "fsdfm.data.oracle.hmm")
 # what every DiT training stage depends on
-_DIT = ("fsdfm.model", "fsdfm.train", "fsdfm.paths", "fsdfm.schedulers", "fsdfm.pipeline:save_dit",
-        "fsdfm.pipeline:build_model_config", "fsdfm.pipeline:train_metrics", "fsdfm.pipeline:loss_curve")
-_EVAL = ("fsdfm.pipeline:load_study_evaluator", "fsdfm.pipeline:_metric_kwargs", "fsdfm.pipeline:_sample_metric_names",
+_DIT = ("fsdfm.model", "fsdfm.train", "fsdfm.paths", "fsdfm.schedulers", "fsdfm.methods.common:save_dit",
+        "fsdfm.methods.common:build_model_config", "fsdfm.methods.common:train_metrics", "fsdfm.methods.common:loss_curve",
+        "fsdfm.methods.common:fit_dit")
+_EVAL = ("fsdfm.methods.evaluate:load_study_evaluator", "fsdfm.methods.evaluate:_metric_kwargs", "fsdfm.methods.evaluate:_sample_metric_names",
          "fsdfm.metrics.oracle:extra_metrics", "fsdfm.metrics.sample:compute_metrics")
 
 SOURCES: dict[str, tuple[str, ...]] = {
-    # stage kinds (fsdfm.pipeline)
-    "stage:train_dfm": ("fsdfm.pipeline:train_dfm", *_DIT, *_DATA, "fsdfm.objectives", "fsdfm.losses",
-                        "fsdfm.pipeline:dfm_validation", "fsdfm.pipeline:unigram_ce",
-                        "fsdfm.pipeline:path_from_config"),
-    "stage:distil_fsdfm": ("fsdfm.pipeline:distil_fsdfm", *_DIT, *_DATA, "fsdfm.objectives", "fsdfm.losses",
-                           "fsdfm.pipeline:load_dit", "fsdfm.methods:StudentSpec", "fsdfm.teachers",
-                           "fsdfm.exact_teacher", "fsdfm.oracle_posterior"),
-    "stage:train_ar": ("fsdfm.pipeline:train_ar_stage", "fsdfm.ar", "fsdfm.train", *_DATA,
-                       "fsdfm.pipeline:build_model_config", "fsdfm.pipeline:train_metrics"),
-    "stage:train_flm": ("fsdfm.pipeline:train_flm", *_DIT, *_DATA, "fsdfm.flm"),
-    "stage:distil_fmlm": ("fsdfm.pipeline:distil_fmlm", *_DIT, *_DATA, "fsdfm.flm", "fsdfm.fmlm",
-                          "fsdfm.pipeline:load_dit"),
-    "stage:sample": ("fsdfm.pipeline:sample_stage", *_DATA, "fsdfm.samplers", "fsdfm.sparse_step", "fsdfm.pipeline:sample_dfm",
-                     "fsdfm.pipeline:sample_ar_model", "fsdfm.pipeline:_continuous_sampler",
-                     "fsdfm.pipeline:write_samples", "fsdfm.pipeline:load_dit", "fsdfm.ar:sample_ar", "fsdfm.flm",
-                     "fsdfm.exact_teacher", "fsdfm.oracle_posterior"),
-    "stage:evaluate": ("fsdfm.pipeline:evaluate_stage", *_DATA, *_EVAL, "fsdfm.pipeline:read_samples"),
-    "stage:evaluate_data": ("fsdfm.pipeline:evaluate_data_stage", *_DATA, *_EVAL, "fsdfm.metrics.sample:data_reference"),
-    "stage:load_released": ("fsdfm.pipeline:load_released_stage", "fsdfm.checkpoints", *_DATA),
-    "stage:exact_posterior": ("fsdfm.pipeline:exact_posterior_stage", "fsdfm.exact_teacher", "fsdfm.oracle_posterior",
+    # stage kinds (fsdfm.methods)
+    "stage:train_dfm": ("fsdfm.methods.dfm:train_dfm", *_DIT, *_DATA, "fsdfm.objectives", "fsdfm.losses",
+                        "fsdfm.methods.dfm:dfm_validation", "fsdfm.methods.dfm:unigram_ce",
+                        "fsdfm.methods.common:path_from_config"),
+    "stage:distil_fsdfm": ("fsdfm.methods.fsdfm:distil_fsdfm", *_DIT, *_DATA, "fsdfm.objectives", "fsdfm.losses",
+                           "fsdfm.methods.common:load_dit", "fsdfm.methods.fsdfm:FSDFMSettings", "fsdfm.teachers",
+                           "fsdfm.methods.exact_teacher", "fsdfm.oracle_posterior"),
+    "stage:train_ar": ("fsdfm.methods.ar:train_ar_stage", "fsdfm.ar", "fsdfm.train", *_DATA,
+                       "fsdfm.methods.common:build_model_config", "fsdfm.methods.common:train_metrics"),
+    "stage:train_flm": ("fsdfm.methods.flm:train_flm", *_DIT, *_DATA, "fsdfm.flm"),
+    "stage:distil_fmlm": ("fsdfm.methods.fmlm:distil_fmlm", *_DIT, *_DATA, "fsdfm.flm", "fsdfm.fmlm",
+                          "fsdfm.methods.common:load_dit"),
+    "stage:sample": ("fsdfm.methods.evaluate:sample_stage", *_DATA, "fsdfm.samplers", "fsdfm.sparse_step", "fsdfm.methods.dfm:sample_dfm",
+                     "fsdfm.methods.ar:sample_ar_model", "fsdfm.methods.flm:continuous_sampler",
+                     "fsdfm.methods.evaluate:write_samples", "fsdfm.methods.common:load_dit",
+                     "fsdfm.methods.common:RowCounter", "fsdfm.methods.evaluate:counted_nfe", "fsdfm.metrics.timing:timed",
+                     "fsdfm.methods.exact:sample_exact", "fsdfm.ar:sample_ar", "fsdfm.flm",
+                     "fsdfm.methods.exact_teacher", "fsdfm.oracle_posterior"),
+    "stage:evaluate": ("fsdfm.methods.evaluate:evaluate_stage", *_DATA, *_EVAL, "fsdfm.methods.evaluate:read_samples"),
+    "stage:evaluate_data": ("fsdfm.methods.evaluate:evaluate_data_stage", *_DATA, *_EVAL, "fsdfm.metrics.sample:data_reference"),
+    "stage:load_released": ("fsdfm.methods.released:load_released_stage", "fsdfm.released_checkpoints", *_DATA),
+    "stage:exact_posterior": ("fsdfm.methods.exact:exact_posterior_stage", "fsdfm.methods.exact_teacher", "fsdfm.oracle_posterior",
                               *_ORACLE, *_DATA),
-    "stage:pos_divergence": ("fsdfm.pipeline:pos_divergence_stage", *_DATA, "fsdfm.samplers", "fsdfm.sparse_step",
-                             "fsdfm.pipeline:load_dit"),
+    "stage:pos_divergence": ("fsdfm.methods.evaluate:pos_divergence_stage", *_DATA, "fsdfm.samplers", "fsdfm.sparse_step",
+                             "fsdfm.methods.common:load_dit"),
     # metrics (fsdfm.metrics.registry)
     "metric:gen_ppl": ("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator", "fsdfm.metrics.sample:_gen_ppl"),
     "metric:gen_ppl_seq_mean": ("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator",
@@ -75,14 +78,14 @@ SOURCES: dict[str, tuple[str, ...]] = {
                      "fsdfm.metrics.diversity:as_token_matrix"),
     "metric:mauve": ("fsdfm.metrics.mauve", "fsdfm.metrics.sample:_mauve"),
     **{f"metric:{m}": ("fsdfm.metrics.timing",) for m in ("nfe", "wall_s", "tokens_per_s", "peak_mem")},
-    "metric:val_nll": ("fsdfm.pipeline:dfm_validation", "fsdfm.ar:ar_nll"),
-    "metric:elbo_ppl": ("fsdfm.pipeline:dfm_validation", "fsdfm.ar:ar_nll"),
+    "metric:val_nll": ("fsdfm.methods.dfm:dfm_validation", "fsdfm.ar:ar_nll"),
+    "metric:elbo_ppl": ("fsdfm.methods.dfm:dfm_validation", "fsdfm.ar:ar_nll"),
     "metric:pos_divergence": ("fsdfm.metrics.divergence",),
     "metric:pos_divergence_slope": ("fsdfm.metrics.divergence",),
     **{f"metric:{m}": (*_ORACLE, f"fsdfm.metrics.oracle:_{m}", "fsdfm.metrics.oracle:OracleInputs")
        for m in ("oracle_nll", "oracle_expected_nll", "oracle_entropy_rate")},
     "metric:posterior_kl": ("fsdfm.metrics.oracle:posterior_kl", "fsdfm.oracle_posterior",
-                            "fsdfm.pipeline:oracle_model_metrics"),
+                            "fsdfm.methods.common:oracle_model_metrics"),
     **{f"metric:{m}": ("fsdfm.metrics.oracle", *_ORACLE)
        for m in ("ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor")},
 }
@@ -104,7 +107,7 @@ class Unit:
 
 
 def source_digest(ref: str) -> str:
-    """sha256 of a source: a module's file bytes ("fsdfm.model") or one object's source ("fsdfm.pipeline:fn")."""
+    """sha256 of a source: a module's file bytes ("fsdfm.model") or one object's source ("fsdfm.methods.common:fn")."""
     module, _, attr = ref.partition(":")
     mod = importlib.import_module(module)
     if attr:
@@ -121,9 +124,9 @@ def current_units() -> tuple[dict[str, Unit], list[str]]:
     """Every versioned unit of the installed code ({name: Unit}) and the problems found while collecting them
     (a unit without declared sources, a source that does not import)."""
     import fsdfm.external  # noqa: F401  (registers evaluate_external)
-    import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
+    import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
     from fsdfm.metrics.registry import METRICS
-    from fsdfm.stages import STAGE_KINDS
+    from fsdfm.study.graph import STAGE_KINDS
 
     declared = {}
     for kind in STAGE_KINDS.names():

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
+import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
 from fsdfm.launch import execute
 from fsdfm.methods import plan_study
 from fsdfm.records import load
-from fsdfm.specs import load_spec
+from fsdfm.study.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STEPS = {"train_ar": 3, "dfm": 4, "fsdfm": 2}

@@ -16,7 +16,7 @@ import yaml
 import fsdfm
 from fsdfm.cli import main
 from fsdfm.records import load, load_records, read_record
-from fsdfm.specs import SpecError
+from fsdfm.study.spec import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = ("Once upon a time there was a cat.\n\nThe cat sat on a mat and looked at the sun.\n\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fsdfm.records import data_cache_dir, default_cache_dir, pin_cache_env, results_root_of, stage_cache_dir
-from fsdfm.pipeline import cache_dir
+from fsdfm.methods.common import cache_dir
 
 
 @pytest.fixture

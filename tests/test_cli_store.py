@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
+import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
 from fsdfm.cli import main
 from fsdfm.launch import execute
 from fsdfm.metrics.registry import METRICS
-from fsdfm.pipeline import ArtefactError, load_dit
+from fsdfm.methods.common import ArtefactError, load_dit
 from fsdfm.io import read_json
 from fsdfm.records import ERROR, RECORD, is_done, load_records, read_plan, stage_dir
-from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
+from fsdfm.study.graph import RunSpec, Stage, StudyPlan, stage_kind
 
 SPEC = """
 name: tiny_store

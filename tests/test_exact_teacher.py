@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
-from fsdfm.exact_teacher import ExactTargetObjective
+import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
+from fsdfm.methods.exact_teacher import ExactTargetObjective
 from fsdfm.data.oracle import MarkovSource
 from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import make_path
 from fsdfm.schedulers import make_scheduler
-from fsdfm.specs import SpecError, load_spec
+from fsdfm.study.spec import SpecError
+from fsdfm.study.load import load_spec
 from fsdfm.train import StepContext
 
 REPO = Path(__file__).resolve().parents[1]

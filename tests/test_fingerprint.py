@@ -12,8 +12,8 @@ from fsdfm.cli import main
 from fsdfm.fingerprint import data_fingerprint, stage_fingerprint
 from fsdfm.methods import plan_study
 from fsdfm.metrics.registry import METRICS
-from fsdfm.specs import load_spec
-from fsdfm.stages import STAGE_KINDS, Stage
+from fsdfm.study.load import load_spec
+from fsdfm.study.graph import STAGE_KINDS, Stage
 
 TEXT = "Once upon a time there was a cat.\n\nThe cat sat on a mat and looked at the sun.\n\n" * 20
 

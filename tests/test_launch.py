@@ -25,7 +25,7 @@ from fsdfm.io import atomic_write_json, read_json
 from fsdfm.records import (
     ATTEMPTS, ERROR, PLAN, RECORD, RUNNING, SUBMITTED, StageLockedError, is_done, lock_holder, pid_alive, stage_dir, stage_lock,
 )
-from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
+from fsdfm.study.graph import RunSpec, Stage, StudyPlan, stage_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -434,7 +434,7 @@ def test_sigterm_to_a_local_driver_stops_its_jobs_and_the_rerun_resumes(tmp_path
     root = tmp_path / "run"
     code = ("import sys, test_launch as t\n"
             "from fsdfm.launch import execute\n"
-            "from fsdfm.stages import Stage, StudyPlan\n"
+            "from fsdfm.study.graph import Stage, StudyPlan\n"
             f"execute(StudyPlan.from_stages('sig', [Stage('t_launch_fit', {cfg!r})]), sys.argv[1], executor='local',"
             " poll_s=0.1)\n")
     with open(tmp_path / "driver.log", "w") as log:

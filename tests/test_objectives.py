@@ -325,3 +325,41 @@ def test_fsdfm_objective_runs_on_a_dit_student():
     assert torch.isfinite(loss) and float(loss.detach()) >= 0.0
     loss.backward()
     assert student.head.weight.grad is not None
+
+
+def test_every_shortcut_is_a_registry_entry_carrying_what_the_objective_branches_on():
+    from fsdfm.objectives import FROZEN_TEACHER_SHORTCUTS, SHORTCUTS
+    from fsdfm.teachers import COMPOSITIONS
+
+    assert set(SHORTCUTS.names()) == {"rk4", "rk4_x1", "rk4_time_consistent", "heun", "none", "frozen_dfm",
+                                      "frozen_dfm_rk4"}
+    assert FROZEN_TEACHER_SHORTCUTS == ("frozen_dfm", "frozen_dfm_rk4")
+    flags = {n: (s.composition, s.uses_frozen_teacher, s.frozen_evaluates, s.finest_from_teacher, s.anchor_everywhere,
+                 s.x1_at_end) for n, s in ((n, SHORTCUTS.get(n)) for n in SHORTCUTS.names())}
+    assert flags == {"rk4": ("rk4", False, False, False, False, False),
+                     "rk4_x1": ("rk4_x1", False, False, False, False, True),
+                     "rk4_time_consistent": ("rk4_time_consistent", False, False, False, False, False),
+                     "heun": ("heun", False, False, False, False, False),
+                     "none": (None, False, False, False, True, False),
+                     "frozen_dfm": ("rk4", True, False, True, False, False),
+                     "frozen_dfm_rk4": ("rk4", True, True, False, False, False)}
+    for s in map(SHORTCUTS.get, SHORTCUTS.names()):
+        assert s.composition is None or s.composition in COMPOSITIONS
+
+
+def test_h_distributions_are_one_table():
+    from fsdfm.objectives import H_DISTRIBUTIONS, FSDFMConfig, step_size_probs
+
+    assert list(H_DISTRIBUTIONS) == ["inv_h", "uniform", "annealed", "annealed_to_end"]
+    for name in H_DISTRIBUTIONS:
+        h, p = step_size_probs(FSDFMConfig(K=2, h_distribution=name), progress=0.0)
+        assert torch.isclose(p.sum(), torch.tensor(1.0, dtype=torch.float64))
+    # known answers at progress 0: inv_h and annealed give P(h) ~ 1/h = (1, 2, 4) / 7; uniform 1/3 each
+    assert torch.allclose(step_size_probs(FSDFMConfig(K=2, h_distribution="inv_h"))[1],
+                          torch.tensor([1, 2, 4], dtype=torch.float64) / 7)
+    assert torch.allclose(step_size_probs(FSDFMConfig(K=2, h_distribution="annealed"))[1],
+                          torch.tensor([1, 2, 4], dtype=torch.float64) / 7)
+    assert torch.allclose(step_size_probs(FSDFMConfig(K=2, h_distribution="uniform"))[1],
+                          torch.full((3,), 1 / 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="h_distribution must be one of"):
+        FSDFMConfig(h_distribution="inverse")

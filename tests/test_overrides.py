@@ -11,8 +11,10 @@ import yaml
 
 from fsdfm.cli import main
 from fsdfm.methods import plan_study
-from fsdfm.overrides import apply_overrides, load, parse_overrides, study_name
-from fsdfm.specs import SpecError, load_spec
+from fsdfm.study.overrides import apply_overrides, parse_overrides, study_name
+from fsdfm.study.load import load
+from fsdfm.study.spec import SpecError
+from fsdfm.study.load import load_spec
 
 # a teacher and its student on an oracle source: no data files, no evaluator, planning takes milliseconds
 SPEC = {"name": "tiny", "seed": 0,

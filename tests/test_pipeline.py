@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
+import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
 from fsdfm.launch import execute
 from fsdfm.methods import plan_study
 from fsdfm.data.oracle import make_oracle
 from fsdfm.records import load, load_records
-from fsdfm.specs import load_spec
+from fsdfm.study.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ class _WordCorpus:
 def test_per_sample_nlls_summed_and_pooled_reproduce_the_runs_gen_ppl_exactly(tmp_path):
     import math
 
-    from fsdfm.pipeline import score_samples
+    from fsdfm.methods.evaluate import score_samples
     from fsdfm.records import read_per_sample
     from metrics_fixtures import word_evaluator
 
@@ -209,7 +209,7 @@ def test_per_sample_nlls_summed_and_pooled_reproduce_the_runs_gen_ppl_exactly(tm
 
 
 def test_evaluate_records_mauve_n_buckets_seeds_and_its_spread(tmp_path):
-    from fsdfm.pipeline import score_samples
+    from fsdfm.methods.evaluate import score_samples
     from metrics_fixtures import word_evaluator
 
     texts = ["the cat sat on the mat", "a dog ran on the mat", "big red dog sat", "the small cat ran"]

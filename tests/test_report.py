@@ -17,7 +17,7 @@ from fsdfm.report.figures import divergence_curves
 from fsdfm.report.tables import metric_table, seeds_table
 from fsdfm.io import atomic_write_json
 from fsdfm.records import stage_dir
-from fsdfm.stages import RunSpec, Stage, StudyPlan
+from fsdfm.study.graph import RunSpec, Stage, StudyPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -22,7 +22,7 @@ from fsdfm.records import (
 from fsdfm.records import LockInfo, break_stale_lock, remove_stale_temp_files
 from fsdfm.records.locks import _pid_start
 from fsdfm.records.provenance import provenance
-from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
+from fsdfm.study.graph import RunSpec, Stage, StudyPlan, stage_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 

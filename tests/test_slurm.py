@@ -16,7 +16,7 @@ import pytest
 from fsdfm.launch import execute, status, wait_for
 from fsdfm.io import atomic_write_json, read_json
 from fsdfm.records import RECORD, RUNNING, SUBMITTED, stage_dir
-from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
+from fsdfm.study.graph import RunSpec, Stage, StudyPlan, stage_kind
 
 pytestmark = pytest.mark.slurm
 

@@ -1,4 +1,4 @@
-"""Dotted overrides (fsdfm.specs.apply_overrides): applied before validation, so an overridden dict is the YAML that
+"""Dotted overrides (fsdfm.study.load.apply_overrides): applied before validation, so an overridden dict is the YAML that
 says the same; a bad override is one SpecError naming it."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from fsdfm.methods import plan_study
-from fsdfm.specs import SpecError, apply_overrides, load_spec, load_spec_dict
+from fsdfm.study.spec import SpecError
+from fsdfm.study.load import apply_overrides, load_spec, load_spec_dict
 
 RAW = {"name": "tiny", "data": {"kind": "oracle", "seq_len": 8,
                                 "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2}},

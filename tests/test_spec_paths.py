@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from fsdfm.methods import plan_study
-from fsdfm.specs import SpecError, load_spec
+from fsdfm.study.spec import SpecError
+from fsdfm.study.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -184,7 +184,7 @@ def test_a_good_spec_still_loads_and_its_dry_run_writes_nothing(tmp_path, monkey
 
 
 def test_yaml_merge_keys_may_override_without_a_duplicate_error(tmp_path):
-    from fsdfm.specs import read_yaml
+    from fsdfm.study.spec import read_yaml
 
     path = tmp_path / "m.yaml"
     path.write_text("base: &b {steps: [1], kind: dfm}\nm: {<<: *b, steps: [8]}\n")

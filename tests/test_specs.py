@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fsdfm.methods import plan_study
-from fsdfm.specs import SpecError, load_spec
+from fsdfm.study.spec import SpecError
+from fsdfm.study.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = sorted((REPO / "tests" / "fixtures" / "bad_specs").glob("*.yaml"))
@@ -122,7 +123,7 @@ def test_every_shipped_experiment_validates(monkeypatch):
 
 
 def test_report_settings_reach_the_plan_without_entering_stage_ids(monkeypatch):
-    from fsdfm.stages import StudyPlan
+    from fsdfm.study.graph import StudyPlan
 
     monkeypatch.chdir(REPO)
     spec, cells = load_spec("experiments/demo.yaml")

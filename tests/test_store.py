@@ -18,7 +18,7 @@ from fsdfm.cli import main
 from fsdfm.launch import execute, run_stage, write_plan
 from fsdfm.io import read_json
 from fsdfm.records import ATTEMPTS, RECORD, find_studies, is_done, list_studies, load, stage_dir
-from fsdfm.stages import RunSpec, Stage, StudyPlan, stage_kind
+from fsdfm.study.graph import RunSpec, Stage, StudyPlan, stage_kind
 from fsdfm.records import STORE, discard_stage, link_stages, linked_by, store_dir, unlink_stage
 
 

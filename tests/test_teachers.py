@@ -12,7 +12,7 @@ import torch
 
 from fsdfm.paths import MaskSource, MixturePath, UniformSource
 from fsdfm.schedulers import PolynomialScheduler
-from fsdfm.teachers import SHORTCUTS, Jumper
+from fsdfm.teachers import COMPOSITIONS, Jumper
 
 V, B, L = 6, 2, 5
 
@@ -60,7 +60,7 @@ def _assert_call(call, x, t, h):
 def test_rk4_points_and_weights():
     f, jump = SpyEvaluator(), SpyJumper()
     x_t, t, h = _inputs()
-    target = SHORTCUTS.get("rk4")(f, jump, x_t, t, h)
+    target = COMPOSITIONS.get("rk4")(f, jump, x_t, t, h)
     hh = h / 2
     # (k1 + 2 k2 + 2 k3 + k4) / 6 with k_i = i
     assert torch.equal(target, torch.full((B, L, V), (1 + 2 * 2 + 2 * 3 + 4) / 6))
@@ -80,7 +80,7 @@ def test_rk4_points_and_weights():
 def test_rk4_time_consistent_points_and_weights():
     f, jump = SpyEvaluator(), SpyJumper()
     x_t, t, h = _inputs()
-    target = SHORTCUTS.get("rk4_time_consistent")(f, jump, x_t, t, h)
+    target = COMPOSITIONS.get("rk4_time_consistent")(f, jump, x_t, t, h)
     hh = h / 2
     assert torch.equal(target, torch.full((B, L, V), 15 / 6))
     # every state jumps from x_t, by the time it is read at
@@ -97,7 +97,7 @@ def test_rk4_time_consistent_points_and_weights():
 def test_heun_points_and_weights():
     f, jump = SpyEvaluator(), SpyJumper()
     x_t, t, h = _inputs()
-    target = SHORTCUTS.get("heun")(f, jump, x_t, t, h)
+    target = COMPOSITIONS.get("heun")(f, jump, x_t, t, h)
     hh = h / 2
     assert torch.equal(target, torch.full((B, L, V), 1.5))  # (k1 + k2) / 2
     assert len(f.calls) == 2 and len(jump.calls) == 1
@@ -112,13 +112,13 @@ def test_weights_with_non_constant_logits():
     ks = [torch.randn(B, L, V, generator=gen) for _ in range(4)]
     calls = iter(ks)
     x_t, t, h = _inputs()
-    target = SHORTCUTS.get("rk4")(lambda x, tt, hh: next(calls), SpyJumper(), x_t, t, h)
+    target = COMPOSITIONS.get("rk4")(lambda x, tt, hh: next(calls), SpyJumper(), x_t, t, h)
     assert torch.allclose(target, (ks[0] + 2 * ks[1] + 2 * ks[2] + ks[3]) / 6, atol=1e-6)
 
 
 def test_registry():
-    assert set(SHORTCUTS.names()) == {"rk4", "rk4_x1", "rk4_time_consistent", "heun"}
-    assert SHORTCUTS.get("rk4_x1") is SHORTCUTS.get("rk4")  # same composition; only the Jumper's last step differs
+    assert set(COMPOSITIONS.names()) == {"rk4", "rk4_x1", "rk4_time_consistent", "heun"}
+    assert COMPOSITIONS.get("rk4_x1") is COMPOSITIONS.get("rk4")  # same composition; only the Jumper's last step differs
 
 
 # ------------------------------------------------------------------------------------------ with the real Jumper
@@ -151,7 +151,7 @@ def test_rk4_with_real_jumper_chains_states():
     f = SpyEvaluator(tokens=[0, 1, 2, 3])
     x_t = _masked_x_t(0.25)
     t, h = torch.tensor([0.25], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
-    SHORTCUTS.get("rk4")(f, Jumper(path, torch.Generator().manual_seed(1)), x_t, t, h)
+    COMPOSITIONS.get("rk4")(f, Jumper(path, torch.Generator().manual_seed(1)), x_t, t, h)
     states = [c[0] for c in f.calls]
     assert torch.equal(states[0], x_t)
     n_masked = [int((s == MASK).sum()) for s in states]
@@ -168,7 +168,7 @@ def test_rk4_time_consistent_with_real_jumper_jumps_from_x_t():
     x_t = _masked_x_t(0.25)
     n_masked = int((x_t == MASK).sum())
     t, h = torch.tensor([0.25], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
-    SHORTCUTS.get("rk4_time_consistent")(f, Jumper(path, torch.Generator().manual_seed(2)), x_t, t, h)
+    COMPOSITIONS.get("rk4_time_consistent")(f, Jumper(path, torch.Generator().manual_seed(2)), x_t, t, h)
     states = [c[0] for c in f.calls]
     _assert_share(_filled_from(x_t, states[1], 0), 0.25 / 0.75, n_masked)  # [0.25, 0.5]
     _assert_share(_filled_from(x_t, states[2], 1), 0.25 / 0.75, n_masked)  # [0.25, 0.5]

@@ -13,7 +13,8 @@ import yaml
 from fsdfm.cli import main
 from fsdfm.methods import plan_study
 from fsdfm.records import load_records
-from fsdfm.specs import SpecError, load_spec_dict
+from fsdfm.study.load import load_spec_dict
+from fsdfm.study.spec import SpecError
 from fsdfm.train import OptimConfig, lr_factor
 from tensorboard.backend.event_processing import event_accumulator  # the `track` extra (in `all`)
 

@@ -258,7 +258,7 @@ class NotATensor:
 @pytest.mark.parametrize("payload", [NotATensor(), {"state_dict": {}, "when": __import__("datetime").date(2020, 1, 1)}],
                          ids=["class", "datetime"])
 def test_a_refused_pickle_names_the_file_and_global_without_the_weights_only_false_advice(payload, tmp_path):
-    from fsdfm.pipeline import load_dit
+    from fsdfm.methods.common import load_dit
     from fsdfm.train import UnsafeCheckpointError, load_checkpoint
 
     path = tmp_path / "model.pt"

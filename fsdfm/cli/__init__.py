@@ -121,8 +121,8 @@ def _main(argv: list[str] | None) -> int:
         set_thread_env(args.threads)  # before the imports below load numpy and torch
     from fsdfm.data import DataError
     from fsdfm.registry import UnknownNameError
-    from fsdfm.specs import SpecError
-    from fsdfm.stages import PlanError
+    from fsdfm.study.spec import SpecError
+    from fsdfm.study.graph import PlanError
     try:
         result = args.fn(args)
     except (SpecError, DataError, UnknownNameError, PlanError, InputError, UsageError, FileNotFoundError) as e:

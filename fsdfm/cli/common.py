@@ -27,7 +27,7 @@ def _offline_defaults() -> None:
 def _read_plan(sdir: Path) -> dict:
     """plan.json of a study directory; a missing, corrupt or malformed one is a PlanError / FileNotFoundError."""
     from fsdfm.records import read_plan
-    from fsdfm.stages import PlanError, StudyPlan
+    from fsdfm.study.graph import PlanError, StudyPlan
 
     plan = read_plan(sdir)
     try:

@@ -12,8 +12,8 @@ from fsdfm.cli.spec import command_line, load_plan, print_config
 
 def _kinds_arg(text: str | None, option: str) -> list[str]:
     """KIND[,KIND] -> registered stage kind names (an unknown one is an UnknownNameError with did-you-mean)."""
-    import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
-    from fsdfm.stages import STAGE_KINDS
+    import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
+    from fsdfm.study.graph import STAGE_KINDS
 
     kinds = [k.strip() for k in (text or "").split(",") if k.strip()]
     if text is not None and not kinds:
@@ -62,10 +62,10 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None =
 
 
 def cmd_run(args) -> dict:
-    import fsdfm.pipeline  # noqa: F401  (registers the stage kinds)
+    import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
     from fsdfm.launch import execute
     from fsdfm.records import check_stage, is_done
-    from fsdfm.stages import waves
+    from fsdfm.study.graph import waves
 
     resolved, plan = load_plan(args)
     spec = resolved.spec

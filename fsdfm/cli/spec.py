@@ -7,9 +7,10 @@ from pathlib import Path
 
 
 def resolve_spec(args, check_files: bool = True):
-    """args.spec / args.target with the command line's overrides and --limit (fsdfm.overrides.load)."""
+    """args.spec / args.target with the command line's overrides and --limit (fsdfm.study.load.load)."""
     from fsdfm.records import data_cache_dir
-    from fsdfm.overrides import load, parse_overrides
+    from fsdfm.study.overrides import parse_overrides
+    from fsdfm.study.load import load
 
     spec_path = getattr(args, "spec", None) or args.target
     root = args.results
@@ -37,7 +38,7 @@ def study_dir(args) -> Path:
         return p
     if has_overrides:
         return Path(args.results) / resolve_spec(args, check_files=False).name
-    from fsdfm.specs import check_name, read_yaml
+    from fsdfm.study.spec import check_name, read_yaml
     return Path(args.results) / check_name(read_yaml(p).get("name"), "name", str(p))
 
 

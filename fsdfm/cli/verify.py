@@ -15,7 +15,7 @@ def cmd_verify(args) -> dict:
     """Check every stage of a study (record, artefact sizes and sha256s, input records) without running anything."""
     from fsdfm.records import read_plan
     from fsdfm.records import ERROR, check_stage
-    from fsdfm.stages import PlanError, StudyPlan, waves
+    from fsdfm.study.graph import PlanError, StudyPlan, waves
 
     target = Path(args.target)
     if target.is_dir():

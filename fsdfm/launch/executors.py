@@ -26,7 +26,7 @@ from fsdfm.launch.runner import run_stage
 from fsdfm.launch.signals import signals_interrupt
 from fsdfm.records import PLAN, STORE, link_stages, study_dir as _study_dir
 from fsdfm.registry import Registry
-from fsdfm.stages import STAGE_KINDS, PlanError, StudyPlan, waves
+from fsdfm.study.graph import STAGE_KINDS, PlanError, StudyPlan, waves
 
 
 def write_plan(plan: StudyPlan, root: str | os.PathLike) -> Path:

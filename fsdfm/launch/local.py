@@ -29,7 +29,7 @@ from fsdfm.launch.profiles import LOCAL_TIMEOUT_MIN, source_setup
 from fsdfm.launch.runner import job_for
 from fsdfm.records import ERROR, JOBS, SUBMITTED, break_stale_lock, is_done, lock_holder, now_iso, pid_alive, stage_dir
 from fsdfm.records.locks import _pid_start
-from fsdfm.stages import STAGE_KINDS, Stage, StudyPlan, waves
+from fsdfm.study.graph import STAGE_KINDS, Stage, StudyPlan, waves
 
 
 def _visible_gpus() -> tuple[int, str | None]:

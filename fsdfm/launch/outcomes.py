@@ -13,7 +13,7 @@ from typing import Callable
 
 from fsdfm.launch.runner import error_summary
 from fsdfm.records import check_stage, is_done, stage_dir
-from fsdfm.stages import Stage
+from fsdfm.study.graph import Stage
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fsdfm.launch.runner import STAGE_MODULES_ENV, stage_modules_env
 from fsdfm.registry import did_you_mean
-from fsdfm.stages import StudyPlan
+from fsdfm.study.graph import StudyPlan
 
 # the repository root: slurm/ (the profiles) and the fsdfm package live under it
 REPO_ROOT = Path(__file__).resolve().parents[2]

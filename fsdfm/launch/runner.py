@@ -36,7 +36,7 @@ from fsdfm.records import (
 from fsdfm.records.provenance import provenance
 from fsdfm.registry import did_you_mean
 from fsdfm.launch.runtime import malloc_tuned, tune_malloc
-from fsdfm.stages import STAGE_KINDS, PlanError, Stage, StageKind
+from fsdfm.study.graph import STAGE_KINDS, PlanError, Stage, StageKind
 
 ERROR_TAIL_LINES = 30
 LOCK_POLL_S = 0.5  # how often a run that found a stage locked by a live process looks again

@@ -23,7 +23,7 @@ from fsdfm.launch.profiles import resources_for, slurm_parameters, source_setup
 from fsdfm.launch.runner import job_for
 from fsdfm.launch.watch import wait_for
 from fsdfm.records import ERROR, JOBS, SUBMITTED, is_done, now_iso, stage_dir
-from fsdfm.stages import STAGE_KINDS, Stage, StudyPlan, waves
+from fsdfm.study.graph import STAGE_KINDS, Stage, StudyPlan, waves
 
 
 @EXECUTORS.register("slurm")

@@ -20,7 +20,7 @@ from fsdfm.launch.scheduler import RECORD_GRACE_S, SLURM_ACTIVE, UNKNOWN_GRACE_S
 from fsdfm.records import (
     ERROR, SUBMITTED, check_stage, is_done, lock_holder, read_plan, read_record, read_study_plan, stage_dir,
 )
-from fsdfm.stages import StudyPlan, waves
+from fsdfm.study.graph import StudyPlan, waves
 
 
 def wait_for(study_dir: str | os.PathLike, stage_ids: list[str] | None = None, timeout_s: float | None = None,

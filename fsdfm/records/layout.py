@@ -36,7 +36,7 @@ from pathlib import Path
 
 from fsdfm.io import read_json, sha256_file
 from fsdfm.records.schema import SCHEMA_VERSION  # noqa: F401 - part of the layout's face
-from fsdfm.stages import PlanError, StudyPlan  # a broken plan.json is an inconsistent plan, as the stage graph says
+from fsdfm.study.graph import PlanError, StudyPlan  # a broken plan.json is an inconsistent plan, as the stage graph says
 
 PLAN = "plan.json"
 STAGES = "stages"

@@ -64,7 +64,7 @@ def versions() -> dict:
 
 def device_name() -> str:
     """The name of the device the stage ran on, for the record: "cuda:<GPU name>" when the stage ran with torch
-    and CUDA is available, else "cpu". (Not `fsdfm.pipeline.device()`, which picks the torch.device to run on.)
+    and CUDA is available, else "cpu". (Not `fsdfm.methods.common.device()`, which picks the torch.device to run on.)
 
     Asked after the stage ran: a stage that never imported torch used no GPU, and importing torch just to
     ask would cost seconds in every job."""

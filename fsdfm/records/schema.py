@@ -56,7 +56,7 @@ class StageRecord(TypedDict):
     schema: int  # SCHEMA_VERSION of the writer
     status: str  # always "done": only finished stages write a record (failures write error.json)
     study: str  # the name of the study whose run wrote it (a shared stage keeps the first study's name)
-    stage_id: str  # "<kind>-<12 hex>", content-addressed (`fsdfm.stages.stage_id`)
+    stage_id: str  # "<kind>-<12 hex>", content-addressed (`fsdfm.study.graph.stage_id`)
     kind: str  # the registered stage kind
     config: dict  # the stage's resolved JSON config, exactly as hashed into the id
     inputs: dict  # input name -> stage id of each stage whose folder it read

@@ -27,7 +27,7 @@ def _fmt(x: float) -> str:
 
 def resolve_side(study: Study, side: str) -> tuple[pd.DataFrame | None, str | None]:
     """The runs of one setting named "METHOD@STEPS" or "METHOD/RULE@STEPS", or (None, why not)."""
-    from fsdfm.specs import PAIR_PATTERN
+    from fsdfm.study.spec import PAIR_PATTERN
 
     match = PAIR_PATTERN.match(side)
     if match is None:

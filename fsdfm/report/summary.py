@@ -176,7 +176,7 @@ class Study:
 
     @property
     def report_settings(self) -> dict:
-        """The spec's report section as planned (fsdfm.specs.ReportSpec): mauve_min_n, pairs."""
+        """The spec's report section as planned (fsdfm.study.spec.ReportSpec): mauve_min_n, pairs."""
         return {"mauve_min_n": 256, "pairs": [], **(self.plan.get("report") or {})}
 
     @property

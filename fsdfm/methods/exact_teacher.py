@@ -9,6 +9,9 @@
 * `teacher: exact` for a DFM model -- the "exact targets" baseline: the data CE is replaced by
   KL(p_exact(. | x_t) || p_theta(. | x_t)) on the movable positions (`ExactTargetObjective`), the same minimiser with
   no label noise.
+
+Boundary: the exact posterior's artefact (exact.json), objective and loader; method-side code used by the dfm,
+fsdfm and exact kinds (fsdfm.methods), not by the library floor.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def write_exact(out_dir: Path, path_cfg: dict) -> None:
 def load_exact(model_dir: Path, data_cfg: dict, dtype: torch.dtype = torch.float64) -> ExactPosterior:
     """The ExactPosterior of the study's oracle source (from the data config) on the recorded path."""
     from fsdfm.data import DataConfig, oracle_source
-    from fsdfm.pipeline import path_from_config
+    from fsdfm.methods.common import path_from_config
 
     path_cfg = json.loads((Path(model_dir) / EXACT_FILE).read_text())["path"]
     source = oracle_source(DataConfig(**data_cfg))

@@ -156,7 +156,7 @@ def their_names(our_name: str) -> tuple[str, ...]:
         m = pattern.fullmatch(our_name)
         if m:
             return tuple(m.expand(t) for t in templates)
-    raise KeyError(f"no entry in fsdfm.checkpoints.NAME_MAP for our parameter {our_name!r}")
+    raise KeyError(f"no entry in fsdfm.released_checkpoints.NAME_MAP for our parameter {our_name!r}")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:

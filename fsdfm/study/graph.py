@@ -232,7 +232,7 @@ class StudyPlan:
     name: str
     stages: dict[str, Stage]
     runs: list[RunSpec] = field(default_factory=list)
-    report: dict = field(default_factory=dict)  # the spec's report settings (fsdfm.specs.ReportSpec); no stage id
+    report: dict = field(default_factory=dict)  # the spec's report settings (fsdfm.study.spec.ReportSpec); no stage id
     tracking: dict = field(default_factory=dict)  # fsdfm.tracking settings ({} = off); no stage id: changes no result
 
     def __post_init__(self) -> None:

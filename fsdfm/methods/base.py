@@ -1,11 +1,14 @@
-"""Method kinds: how each method family (dfm, fsdfm, ar, flm, fmlm, released) becomes stages of a study.
+"""Method kinds and the planner: how each method family becomes stages of a study.
 
 A `MethodKind` says which training stage builds the method's model (and, for students, which teacher kind
-it distils from), which sampler the sample stage runs and which update rules it accepts. `plan_study`
-walks the validated grid cells and emits one `StudyPlan`: stages are deduplicated by their content ids,
-so a teacher shared by ten ablations is one stage. Kind "released" trains nothing: its model stage checks and
-points to an existing apple/ml-fs-dfm checkpoint (fsdfm.checkpoints.load_released), which is then sampled and
-evaluated like any DFM-family model.
+it distils from), which sampler the sample stage runs, which update rules it accepts and which settings class
+its `distill:` / `checkpoint:` section builds. A kind file (fsdfm/methods/<kind>.py) declares all of that on
+itself with `register_kind`, lm-eval's `@register_model` shape, so a new baseline is one new file.
+`plan_study` walks the validated grid cells and emits one `StudyPlan`: stages are deduplicated by their
+content ids, so a teacher shared by ten ablations is one stage.
+
+Boundary: knows the spec dataclasses (fsdfm.study.spec) and the stage graph (fsdfm.study.graph); knows nothing
+of any particular kind (no kind name is compared here) and nothing of torch.
 """
 
 from __future__ import annotations
@@ -15,69 +18,60 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fsdfm.fingerprint import with_fingerprint
-from fsdfm.flm import FLMConfig
-from fsdfm.fmlm import FMLMConfig
-from fsdfm.objectives import FROZEN_TEACHER_SHORTCUTS, DFMConfig, FSDFMConfig
-from fsdfm.registry import Registry, did_you_mean
-from fsdfm.specs import Cell, MethodSpec, SpecError, StudySpec, build, short
-from fsdfm.stages import RunSpec, Stage, StudyPlan
+from fsdfm.registry import did_you_mean
+from fsdfm.study.graph import RunSpec, Stage, StudyPlan
+from fsdfm.study.spec import (METHOD_KINDS, PAIR_PATTERN, STUDY_CHECKS, Cell, MethodSpec, SpecError, StudySpec,
+                              build, short)
 
-
-@dataclass(frozen=True)
-class StudentSpec(FSDFMConfig):
-    """FS-DFM distillation settings: every FSDFMConfig knob plus the step-size embedding."""
-
-    h_embedding: str = "log2"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.h_embedding not in ("raw", "log2"):
-            raise ValueError(f"h_embedding must be raw or log2, got {self.h_embedding!r}")
-
-    def objective(self) -> FSDFMConfig:
-        return FSDFMConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FSDFMConfig)})
-
-
-RELEASED_ENTRIES = ("student_ema", "student", "teacher")
-
-
-@dataclass(frozen=True)
-class ReleasedCheckpoint:
-    """A released checkpoint to evaluate without training.
-
-    path: the .pth file (relative to the working directory); which: the entry to load, "student_ema" (the FS-DFM
-        EMA student, what the official evaluation uses), "student" or "teacher" (the DFM weights: the DFM 1.3B
-        file's "model", or a distillation file's frozen "teacher_model").
-    """
-
-    path: str
-    which: str = "student_ema"
-
-    def __post_init__(self):
-        if self.which not in RELEASED_ENTRIES:
-            raise ValueError(f"which must be one of {', '.join(RELEASED_ENTRIES)}, got {self.which!r}"
-                             f"{did_you_mean(str(self.which), list(RELEASED_ENTRIES))}")
-
-
-@dataclass(frozen=True)
-class NoDistill:
-    """Methods without distillation settings accept none."""
+__all__ = ["EXACT_TEACHER", "METHOD_KINDS", "MethodKind", "Planner", "declared_rules", "plan_study", "register_kind",
+           "validate_methods", "validate_pairs"]
 
 
 @dataclass(frozen=True)
 class MethodKind:
+    """One method family.
+
+    settings_key / settings_cls: the YAML section (`distill` or `checkpoint`) holding the kind's own settings
+        and the frozen dataclass they build (built once, at spec load, into `MethodSpec.settings`); None: none.
+    settings_required: the section must be given (released: which checkpoint).
+    plans_from_checkpoint: the model is read, not trained (shown in messages; a `checkpoint:` section is an error
+        for every other kind).
+    validate: extra checks (spec, method name, MethodSpec, file) -> None, e.g. FS-DFM's teacher-exact shortcut.
+    """
+
     name: str
     sampler: str
     rules: tuple            # allowed rules; the first is the default
     build_stage: Callable   # (planner, method name, MethodSpec) -> Stage
     teacher_kind: str | None = None
-    distill_cls: type = NoDistill
+    settings_key: str | None = None
+    settings_cls: type | None = None
+    settings_required: bool = False
     exact_teacher: bool = False  # accepts `teacher: exact` (the oracle's exact posterior; oracle data only)
     oracle_only: bool = False    # valid only with data.kind: oracle
     teacher_optional: bool = False  # a teacher only for diagnostics (released: pos_divergence against it)
-    checkpoint_cls: type | None = None  # the `checkpoint:` settings of a kind that reads an existing model
     # whether the sampler's time grid ends at 1 - eps (a generalized-KL model is trained on t <= 1 - eps)
     ends_before_one: Callable = lambda m: False
+    validate: Callable | None = None
+    # the pos_divergence diagnostic applies (a DFM-family sampler and a DiT teacher to compare with)
+    pos_divergence: bool = False
+
+
+def declared_rules(kind: str, default: str) -> tuple:
+    """The update rules that declare they apply to `kind` (fsdfm.samplers.RULE_KINDS), `default` first: the rules
+    a DFM-family kind accepts, so that adding a rule touches no kind file."""
+    from fsdfm.samplers import RULE_KINDS
+
+    rules = [r for r, kinds in RULE_KINDS.items() if kind in kinds and r != default]
+    if default not in RULE_KINDS or kind not in RULE_KINDS[default]:
+        raise ValueError(f"method kind {kind!r}: default rule {default!r} does not declare it applies to {kind!r}")
+    return (default, *rules)
+
+
+def register_kind(kind: MethodKind) -> MethodKind:
+    """Register `kind` under its name (a second kind of the same name is an error); returns it."""
+    METHOD_KINDS.register(kind.name, kind)
+    return kind
 
 
 # `teacher: exact` names no method: the exact posterior p_{1|t} of the study's oracle source on the method's own
@@ -85,15 +79,10 @@ class MethodKind:
 EXACT_TEACHER = "exact"
 
 
-METHOD_KINDS: Registry = Registry("method kind")
-
-
 class Planner:
     """Builds (and deduplicates) the stages of one grid cell."""
 
     def __init__(self, spec: StudySpec, stages: dict):
-        import fsdfm.pipeline  # noqa: F401  (registers the stage kinds, whose versions enter the ids)
-
         self.spec, self.stages = spec, stages
         self.data = dataclasses.asdict(spec.data)
 
@@ -121,87 +110,36 @@ class Planner:
                                            "optim": ev.train.to_dict()}))
 
 
-def _exact_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
-    """The exact posterior of the oracle source on the method's path: no training, one small record."""
-    return p.add(Stage("exact_posterior", {"data": p.data, "source": m.source,
-                                           "scheduler": dataclasses.asdict(m.scheduler)}))
+def _section(kind: MethodKind, m: MethodSpec, key: str, where: str, file: str):
+    """The kind's settings dataclass from the method's `key` section (`distill` or `checkpoint`), built once,
+    here; None when the kind's settings live in the other section or it has none."""
+    raw = getattr(m, key)
+    if kind.settings_key != key:
+        if raw and key == "checkpoint":
+            raise SpecError(f"{file}: {where}.checkpoint: only a method of kind released reads a checkpoint; a {m.kind} "
+                            f"method is trained by the study")
+        if raw:
+            raise SpecError(f"{file}: {where}.distill: a {m.kind} method takes no distill settings")
+        return None
+    if kind.settings_required and not raw:
+        raise SpecError(f"{file}: {where}.{key}: a {m.kind} method needs {getattr(kind.settings_cls, 'SPEC_HINT', 'settings')}")
+    return build(kind.settings_cls, raw, f"{where}.{key}", file)
 
 
-def _dfm_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
-    # `teacher: exact`: the "exact targets" baseline, trained on KL(exact posterior || model) instead of CE on x_1
-    inputs = {"teacher": _exact_stage(p, name, m).id} if m.teacher == EXACT_TEACHER else {}
-    return p.add(Stage("train_dfm", {"data": p.data, "model": p.model_cfg(m), "source": m.source,
-                                     "scheduler": dataclasses.asdict(m.scheduler),
-                                     "objective": dataclasses.asdict(DFMConfig(m.loss, p.spec.sampling.eps)),
-                                     "optim": p.optim(m)}, inputs))
-
-
-def _fsdfm_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
-    student = StudentSpec(**m.distill)
-    config = {"data": p.data, "distill": dataclasses.asdict(student), "optim": p.optim(m)}
-    if m.teacher == EXACT_TEACHER:
-        # no teacher weights: the student is a fresh DiT of its own model settings on its own path, and the exact
-        # posterior is its frozen shortcut evaluator (the role of the frozen DFM teacher)
-        teacher = _exact_stage(p, name, m)
-        config["model"] = p.model_cfg(m)
-    else:
-        teacher = p.model_stage(m.teacher)
-    return p.add(Stage("distil_fsdfm", config, {"teacher": teacher.id}))
-
-
-def _ar_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
-    return p.add(Stage("train_ar", {"role": "baseline", "data": p.data, "model": p.model_cfg(m), "optim": p.optim(m)}))
-
-
-def _flm_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
-    return p.add(Stage("train_flm", {"data": p.data, "model": p.model_cfg(m), "flm": dict(m.distill), "optim": p.optim(m)}))
-
-
-def _fmlm_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
-    teacher = p.model_stage(m.teacher)
-    return p.add(Stage("distil_fmlm", {"data": p.data, "fmlm": dict(m.distill), "optim": p.optim(m)},
-                       {"teacher": teacher.id}))
-
-
-def _released_stage(p: Planner, name: str, m: MethodSpec) -> Stage:
-    ckpt = ReleasedCheckpoint(**m.checkpoint)
-    return p.add(Stage("load_released", {"data": p.data, "checkpoint": dataclasses.asdict(ckpt), "source": m.source,
-                                         "scheduler": dataclasses.asdict(m.scheduler)}))
-
-
-METHOD_KINDS.register("dfm", MethodKind("dfm", "dfm", ("euler", "cumulative_scalar", "mixture_euler", "mdlm"), _dfm_stage,
-                                        exact_teacher=True, ends_before_one=lambda m: m.loss == "gkl"))
-METHOD_KINDS.register("fsdfm", MethodKind("fsdfm", "dfm", ("cumulative_scalar", "euler", "mixture_euler"), _fsdfm_stage,
-                                          teacher_kind="dfm", distill_cls=StudentSpec, exact_teacher=True))
-# The exact denoiser of an oracle source: sampled by the DFM sampling loop with every rule, nothing trained.
-METHOD_KINDS.register("exact", MethodKind("exact", "exact", ("cumulative_scalar", "euler", "mixture_euler", "mdlm"),
-                                          _exact_stage, oracle_only=True))
-METHOD_KINDS.register("released", MethodKind(
-    "released", "dfm", ("cumulative_scalar", "euler", "mixture_euler"), _released_stage, teacher_kind="released",
-    teacher_optional=True, checkpoint_cls=ReleasedCheckpoint, ends_before_one=lambda m: m.loss == "gkl" and m.checkpoint.get("which") == "teacher"))
-METHOD_KINDS.register("ar", MethodKind("ar", "ar", ("ancestral",), _ar_stage))
-METHOD_KINDS.register("flm", MethodKind("flm", "flm", ("euler",), _flm_stage, distill_cls=FLMConfig))
-METHOD_KINDS.register("fmlm", MethodKind("fmlm", "fmlm", ("flow_map",), _fmlm_stage, teacher_kind="flm",
-                                         distill_cls=FMLMConfig))
-
-
-def validate_methods(spec: StudySpec, file: str) -> None:
-    """Method kinds, teachers (existing, of the right kind, acyclic), rules, step budgets, distill settings."""
+def validate_methods(spec: StudySpec, file: str) -> StudySpec:
+    """Method kinds, teachers (existing, of the right kind, acyclic), rules, step budgets, kind settings; returns
+    the spec with every method's typed `settings` filled in."""
     from fsdfm.metrics.registry import METRICS
+    from fsdfm.objectives import DFMConfig
+
+    typed = {}
     for name, m in spec.methods.items():
         where = f"methods.{name}"
         if m.kind not in METHOD_KINDS:
             raise SpecError(f"{file}: {where}.kind: unknown method kind {short(m.kind)}{did_you_mean(m.kind, METHOD_KINDS.names())}; "
                             f"allowed: {', '.join(METHOD_KINDS.names())}")
         kind = METHOD_KINDS.get(m.kind)
-        if kind.checkpoint_cls is not None:
-            if not m.checkpoint:
-                raise SpecError(f"{file}: {where}.checkpoint: a {m.kind} method needs {{path: <file.pth>, which: "
-                                f"{' | '.join(RELEASED_ENTRIES)}}}")
-            build(kind.checkpoint_cls, m.checkpoint, f"{where}.checkpoint", file)
-        elif m.checkpoint:
-            raise SpecError(f"{file}: {where}.checkpoint: only a method of kind released reads a checkpoint; a {m.kind} "
-                            f"method is trained by the study")
+        settings = _section(kind, m, "checkpoint", where, file)
         if name == EXACT_TEACHER:
             raise SpecError(f"{file}: methods.{name}: the method name {EXACT_TEACHER!r} is reserved for `teacher: exact` "
                             "(the exact posterior); rename the method")
@@ -214,9 +152,8 @@ def validate_methods(spec: StudySpec, file: str) -> None:
             if spec.data.kind != "oracle":
                 raise SpecError(f"{file}: {where}.teacher: teacher {EXACT_TEACHER!r} (the exact posterior) needs "
                                 f"data.kind: oracle; data.kind is {spec.data.kind!r}")
-            if kind.teacher_kind and m.distill.get("shortcut", "rk4") not in FROZEN_TEACHER_SHORTCUTS:
-                raise SpecError(f"{file}: {where}.distill.shortcut: with teacher {EXACT_TEACHER!r} the exact posterior "
-                                f"is the frozen teacher: set shortcut to one of {', '.join(FROZEN_TEACHER_SHORTCUTS)}")
+            if kind.validate is not None:
+                kind.validate(spec, name, m, file)
         elif kind.teacher_kind and (m.teacher is not None or not kind.teacher_optional):
             if m.teacher is None:
                 raise SpecError(f"{file}: {where}.teacher: a {m.kind} student needs a teacher (a method of kind {kind.teacher_kind})")
@@ -243,20 +180,21 @@ def validate_methods(spec: StudySpec, file: str) -> None:
         for s in m.steps:
             if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= 4096:
                 raise SpecError(f"{file}: {where}.steps: step budgets are integers in 1..4096, got {short(s)}")
-        if kind.distill_cls is NoDistill and m.distill:
-            raise SpecError(f"{file}: {where}.distill: a {m.kind} method takes no distill settings")
-        if dataclasses.is_dataclass(kind.distill_cls):
-            build(kind.distill_cls, m.distill, f"{where}.distill", file)
+        settings = _section(kind, m, "distill", where, file) if settings is None else settings
+        typed[name] = dataclasses.replace(m, settings=settings)
     for n in spec.metrics.names:
         if n not in METRICS:
             raise SpecError(f"{file}: metrics.names: unknown metric {short(n)}{did_you_mean(n, METRICS.names())}")
+    spec = dataclasses.replace(spec, methods=typed)
     validate_pairs(spec, file)
+    return spec
+
+
+STUDY_CHECKS.append(validate_methods)
 
 
 def validate_pairs(spec: StudySpec, file: str) -> None:
     """Each side of report.pairs names a method of the spec, one of its rules and one of its step budgets."""
-    from fsdfm.specs import PAIR_PATTERN
-
     for i, pair in enumerate(spec.report.pairs):
         for side in pair:
             where = f"{file}: report.pairs[{i}]: {side!r}"
@@ -271,8 +209,6 @@ def validate_pairs(spec: StudySpec, file: str) -> None:
             if int(g["steps"]) not in m.steps:
                 raise SpecError(f"{where}: {g['method']} is not sampled at {g['steps']} steps; "
                                 f"its step budgets: {', '.join(map(str, m.steps))}")
-
-
 def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
     """Expand every grid cell into stages and runs (deduplicated by stage id and by run content)."""
     stages: dict[str, Stage] = {}
@@ -313,7 +249,7 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
                     add_run({"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps},
                             ev_stage, cell.params)
             pd = spec.metrics.pos_divergence
-            if pd is not None and kind.sampler == "dfm" and m.teacher is not None and m.teacher != EXACT_TEACHER:
+            if pd is not None and kind.pos_divergence and m.teacher is not None and m.teacher != EXACT_TEACHER:
                 for k in pd.student_steps:
                     cfg = {"data": p.data, **dataclasses.asdict(pd), "student_steps": k, "seed": spec.sampling.seed,
                            "precision": spec.sampling.precision}

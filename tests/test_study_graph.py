@@ -7,7 +7,7 @@ import pytest
 
 from fsdfm.registry import UnknownNameError
 from fsdfm.io import canonical_json
-from fsdfm.stages import (
+from fsdfm.study.graph import (
     STAGE_KINDS, PlanError, RunSpec, Stage, StudyPlan, stage_id, stage_kind, waves,
 )
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsdfm.checkpoints import (
+from fsdfm.released_checkpoints import (
     CheckpointError,
     CheckpointNotFoundError,
     convert_state_dict,
@@ -376,7 +376,7 @@ def test_released_spec_validates_and_dry_runs_offline(monkeypatch, capsys, tmp_p
 
     from fsdfm.cli import main
     from fsdfm.methods import plan_study
-    from fsdfm.specs import load_spec
+    from fsdfm.study.load import load_spec
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(_fake_hub_cache(tmp_path / "hub", "gpt2-large")))
     monkeypatch.chdir(REPO)
@@ -397,7 +397,8 @@ def test_released_spec_validates_and_dry_runs_offline(monkeypatch, capsys, tmp_p
 
 
 def test_released_spec_rejects_bad_checkpoint_settings(tmp_path):
-    from fsdfm.specs import SpecError, load_spec
+    from fsdfm.study.spec import SpecError
+    from fsdfm.study.load import load_spec
 
     base = (REPO / "experiments" / "released.yaml").read_text()
     cases = {"which: teacher}": ("which: techer}", "did you mean 'teacher'"),
@@ -428,7 +429,7 @@ def released_study(tmp_path_factory):
 
     from fsdfm.launch import execute
     from fsdfm.methods import plan_study
-    from fsdfm.specs import load_spec
+    from fsdfm.study.load import load_spec
     from metrics_fixtures import gpt2_evaluator
 
     tmp = tmp_path_factory.mktemp("released")
@@ -484,7 +485,7 @@ def test_released_study_records_every_metric_for_every_budget(released_study):
 @pytest.mark.slow
 def test_released_study_samples_the_checkpoint_weights(released_study):
     """The pointer stage loads the file itself: its model gives the independent reference forward's logits."""
-    from fsdfm.pipeline import load_dit
+    from fsdfm.methods.common import load_dit
     from fsdfm.records import load_records
 
     tmp, spec, summary, raw = released_study

@@ -27,18 +27,17 @@ import json
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from fsdfm.registry import did_you_mean
-from fsdfm.specs import NAME_PATTERN, SpecError, StudySpec, short
+from fsdfm.study.convert import type_hints
+from fsdfm.study.spec import NAME_PATTERN, SpecError, StudySpec, short
 
 
 def _yaml_value(text: str, shown: str) -> Any:
-    from fsdfm.specs import _SpecLoader
+    from fsdfm.study.yaml_io import _SpecLoader
 
     try:
         return yaml.load(text, Loader=_SpecLoader) if text.strip() else None
@@ -115,7 +114,7 @@ def check_key(raw: dict, key: str, label: str) -> None:
     """A dotted key names a field of the spec: an unknown one is a SpecError with close matches (`label` names
     the override). Keys under a free-form mapping (cluster, a method's model, ...) are checked when the spec
     is built, like the YAML's."""
-    from fsdfm.specs import MethodSpec
+    from fsdfm.study.spec import MethodSpec
 
     parts = key.split(".")
     cls: Any = StudySpec
@@ -137,7 +136,7 @@ def check_key(raw: dict, key: str, label: str) -> None:
                 cls, i = MethodSpec, i + 2
                 continue
             return
-        tp = _unwrap(typing.get_type_hints(cls)[part])
+        tp = _unwrap(type_hints(cls)[part])
         cls = tp if dataclasses.is_dataclass(tp) else None
         i += 1
 
@@ -161,7 +160,7 @@ def apply_overrides(raw: dict, overrides: Mapping[str, Any], file: str) -> dict:
     spec field (checked by `check_key`) and replaces a grid axis of the same key by its one value.
 
     Args:
-        raw: the spec as read (`fsdfm.specs.read_yaml`); not modified.
+        raw: the spec as read (`fsdfm.study.spec.read_yaml`); not modified.
         overrides: dotted key -> value (Python values, e.g. from `parse_overrides`).
         file: the spec file, named in the errors with the override.
     Returns:
@@ -208,7 +207,7 @@ def limit_overrides(raw: dict, n: int, file: str) -> dict[str, Any]:
     any other dotted overrides (e.g. metrics.pos_divergence.teacher_steps). Without a `limit` section only the
     sample counts shrink.
     """
-    from fsdfm.specs import EvaluatorSpec, LimitSpec, build, resolve_bases
+    from fsdfm.study.spec import EvaluatorSpec, LimitSpec, build, resolve_bases
     from fsdfm.train import OptimConfig
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -264,68 +263,3 @@ def study_name(base: str, overrides: Mapping[str, Any], limit: int | None) -> st
         return name
     digest = hashlib.sha256(json.dumps([limit, items], sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{base}+{digest}"
-
-
-# ------------------------------------------------------------------------------------------- loading
-@dataclass(frozen=True)
-class ResolvedSpec:
-    """A spec file with its command-line overrides applied and validated.
-
-    path: the spec file. name: the study name (`study_name`). raw: the spec mapping after --limit and the
-    overrides (what `--print-config` prints). overrides: the user's overrides; limit: --limit N or None.
-    spec, cells: as `fsdfm.specs.load_spec` returns them.
-    """
-
-    path: str
-    name: str
-    raw: dict
-    overrides: dict
-    limit: int | None
-    spec: Any
-    cells: list
-
-
-def _culprit(raw: dict, overrides: dict, file: str) -> str | None:
-    """The key of the first override after which the spec no longer builds (None: it fails without any)."""
-    from fsdfm.specs import expand
-
-    applied: dict[str, Any] = {}
-    for key, value in overrides.items():
-        applied[key] = value
-        try:
-            expand(apply_overrides(raw, applied, file), file, check_files=False, spec_dir=Path(file).parent)
-        except SpecError:
-            return key
-    return None
-
-
-def load(path: str | Path, overrides: Mapping[str, Any] | None = None, limit: int | None = None,
-         cache_dir: str | Path | None = None, check_files: bool = True) -> ResolvedSpec:
-    """Read `path`, apply --limit then `overrides`, validate and expand it (`fsdfm.specs.expand`).
-
-    An error caused by an override names it: "SPEC: override KEY=VALUE: ..."."""
-    from fsdfm.specs import check_name, expand, read_yaml
-
-    file = str(path)
-    raw = read_yaml(path)
-    overrides = dict(overrides or {})
-    merged: dict[str, Any] = {}
-    if limit is not None:
-        merged.update(limit_overrides(raw, limit, file))
-    from_limit = set(merged) - set(overrides)
-    merged.update(overrides)
-    resolved = apply_overrides(raw, merged, file)
-    try:
-        spec, cells = expand(resolved, file, cache_dir=cache_dir, check_files=check_files,
-                             spec_dir=Path(file).parent)
-    except SpecError as e:
-        culprit = _culprit(raw, merged, file) if merged else None
-        if culprit is None:
-            raise
-        msg = str(e)
-        msg = msg[len(file) + 2:] if msg.startswith(f"{file}: ") else msg
-        what = format_override(culprit, merged[culprit])
-        label = f"--limit {limit} (from its limit: section, {what})" if culprit in from_limit else f"override {what}"
-        raise SpecError(f"{file}: {label}: {msg}") from None
-    name = check_name(study_name(spec.name, overrides, limit), "name", file)
-    return ResolvedSpec(file, name, resolved, overrides, limit, spec, cells)
