@@ -1,0 +1,48 @@
+"""The oracle report's verdict sentences: student vs teacher decided by a paired test, not by eye."""
+
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from fsdfm.report.oracle import _versus_teacher
+
+
+def _runs(student: list[float], teacher: list[float], teacher_steps: int = 8) -> pd.DataFrame:
+    rows = [{"run_id": f"s{i}", "label": "S", "rule": "cumulative_scalar", "steps": 8, "seed": i, "oracle_nll": v}
+            for i, v in enumerate(student)]
+    rows += [{"run_id": f"t{i}", "label": "T", "rule": "cumulative_scalar", "steps": teacher_steps, "seed": i,
+              "oracle_nll": v} for i, v in enumerate(teacher)]
+    return pd.DataFrame(rows)
+
+
+def _verdict(runs: pd.DataFrame, teacher_steps: int | None = None) -> str:
+    study = SimpleNamespace(seed_keys=("seed",), samples=None)
+    st = pd.Series({"label": "S", "rule": "cumulative_scalar"})
+    return _versus_teacher(study, runs, st, "T", 8, teacher_steps)
+
+
+def test_a_consistent_paired_difference_is_a_verdict_with_the_paired_t_p_value():
+    student, teacher = [3.064, 2.931, 2.792], [2.893, 2.812, 2.673]
+    line = _verdict(_runs(student, teacher))
+    p = stats.ttest_rel(student, teacher).pvalue  # independent computation of the same test
+    assert line.startswith("S is worse than its teacher T at 8 steps")
+    assert f"p = {p:.2g}" in line and "paired t across seeds, n = 3" in line
+
+
+def test_a_difference_inside_the_seed_noise_is_not_a_verdict():
+    # the student is lower on average, but one seed goes the other way: p >= 0.05
+    student, teacher = [2.60, 2.90, 2.30], [2.91, 2.68, 2.63]
+    assert stats.ttest_rel(student, teacher).pvalue >= 0.05
+    assert "is not distinguishable from its teacher T" in _verdict(_runs(student, teacher))
+
+
+def test_the_claim_line_compares_with_the_teachers_largest_budget():
+    line = _verdict(_runs([2.52, 2.73, 2.30], [1.87, 2.00, 1.72], teacher_steps=1024), teacher_steps=1024)
+    assert "at 8 steps vs its teacher at 1024" in line and "is worse than" in line
+
+
+def test_no_shared_seed_and_no_samples_gives_no_verdict():
+    runs = _runs([2.5], [2.7])
+    assert _verdict(runs) is None
