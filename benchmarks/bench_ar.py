@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     teacher = maybe_compile(random_dit(V, L, preset=args.preset, seed=args.seed, device=device), args.compile)
     student = maybe_compile(random_dit(V, L, preset=args.preset, seed=args.seed, h_embedding="log2", device=device), args.compile)
     path = make_path(PolynomialScheduler(1), args.source, V)
-    rows, runs = [], []
+    runs = []
 
     def record(method: str, nfe: int, m, nfe_counted: int) -> None:
         if nfe_counted != nfe:

@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
                   f"ms/step (default vs float64 chunk, {few} steps)", flush=True)
     print(table(["source", "rule", "chunk", "forward ms", f"own ms/step {few}", f"own ms/step {many}",
                  "fraction of NFE ratio (derived)", f"outside share {few} (derived)"], rows,
-                title=f"\nthe sampler's own work per step (medians of process CPU time; targets >= 0.95 and <= 0.05)"))
+                title="\nthe sampler's own work per step (medians of process CPU time; targets >= 0.95 and <= 0.05)"))
     record = {"bench": "own_work", "quick": q, **env, "vocab": V, "batch": B, "seq_len": L, "few_steps": few,
               "many_steps": many, "repeats": repeats, "derived": True, "results": results,
               "loadavg_1min_end": round(os.getloadavg()[0], 2)}

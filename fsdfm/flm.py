@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsdfm.metrics.timing import peak_memory, reset_peak_memory
+from fsdfm.memory import peak_memory, reset_peak_memory
 from fsdfm.samplers import SampleOutput, time_grid
 from fsdfm.train import StepContext, step_seed
 

@@ -77,7 +77,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "metric:rep_n": ("fsdfm.metrics.diversity:rep_n", "fsdfm.metrics.diversity:_ngrams",
                      "fsdfm.metrics.diversity:as_token_matrix"),
     "metric:mauve": ("fsdfm.metrics.mauve", "fsdfm.metrics.sample:_mauve"),
-    **{f"metric:{m}": ("fsdfm.metrics.timing",) for m in ("nfe", "wall_s", "tokens_per_s", "peak_mem")},
+    **{f"metric:{m}": ("fsdfm.metrics.timing", "fsdfm.memory") for m in ("nfe", "wall_s", "tokens_per_s", "peak_mem")},
     "metric:val_nll": ("fsdfm.methods.dfm:dfm_validation", "fsdfm.ar:ar_nll"),
     "metric:elbo_ppl": ("fsdfm.methods.dfm:dfm_validation", "fsdfm.ar:ar_nll"),
     "metric:pos_divergence": ("fsdfm.metrics.divergence",),

@@ -3,7 +3,6 @@
 from types import SimpleNamespace
 
 import pandas as pd
-import pytest
 from scipy import stats
 
 from fsdfm.report.oracle import _versus_teacher

@@ -166,7 +166,7 @@ def test_checkpointable_stage_survives_requeue_and_preemption(tmp_path, monkeypa
     sdir = stage_dir(tmp_path / "requeue", st.id)
     ckpt = sdir / "ckpt.json"
 
-    first = _wait_step(ckpt, 4)
+    _wait_step(ckpt, 4)  # the first attempt is training
     _slurm("scontrol", "requeue", jid)  # as an admin or a node failure would
     # the killed attempt goes on for KillWait seconds (submitit ignores SIGTERM), so wait for attempt 2 itself
     second = _wait_attempt(sdir, 2)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pandas as pd
 
 from fsdfm.report.summary import DATA_KIND, POS_KIND, Study
