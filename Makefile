@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test test-fast test-slurm test-gpu clean
+.PHONY: install demo test test-fast test-slurm test-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -m "not slurm and not gpu" tests
+
+lint: install   # pyflakes/pycodestyle errors and the formatting (ruff; settings in pyproject.toml)
+	$(VENV)/bin/ruff check fsdfm tests analysis benchmarks
+	$(VENV)/bin/ruff format --check fsdfm tests analysis benchmarks
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not slurm and not gpu" tests

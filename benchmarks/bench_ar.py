@@ -19,8 +19,20 @@ import os
 
 import torch
 
-from benchlib import (MiB, TimedForward, add_common_args, add_shape_args, emit, environment, maybe_compile, measure,
-                      random_dit, rounded, setup, table)
+from benchlib import (
+    MiB,
+    TimedForward,
+    add_common_args,
+    add_shape_args,
+    emit,
+    environment,
+    maybe_compile,
+    measure,
+    random_dit,
+    rounded,
+    setup,
+    table,
+)
 from fsdfm.paths import make_path
 from fsdfm.samplers import sample
 from fsdfm.schedulers import PolynomialScheduler
@@ -40,8 +52,10 @@ def main(argv=None) -> dict:
     V, B, L = args.vocab or (256 if q else 2048), args.batch or (4 if q else 16), args.len or (32 if q else 128)
     repeats = args.repeats or (2 if q else 3)
     env = environment(device)
-    print(f"bench_ar: equal length L {L}, batch {B}, V {V}; {args.preset} width/depth for both; {env['device']}, "
-          f"{env['threads']} threads, load average {env['loadavg_1min']}")
+    print(
+        f"bench_ar: equal length L {L}, batch {B}, V {V}; {args.preset} width/depth for both; {env['device']}, "
+        f"{env['threads']} threads, load average {env['loadavg_1min']}"
+    )
 
     try:
         from fsdfm.ar import ARConfig, build_ar, sample_ar
@@ -49,16 +63,27 @@ def main(argv=None) -> dict:
         sample_ar = None
         print(f"fsdfm.ar is not importable ({e}): AR rows skipped")
     teacher = maybe_compile(random_dit(V, L, preset=args.preset, seed=args.seed, device=device), args.compile)
-    student = maybe_compile(random_dit(V, L, preset=args.preset, seed=args.seed, h_embedding="log2", device=device), args.compile)
+    student = maybe_compile(
+        random_dit(V, L, preset=args.preset, seed=args.seed, h_embedding="log2", device=device), args.compile
+    )
     path = make_path(PolynomialScheduler(1), args.source, V)
     runs = []
 
     def record(method: str, nfe: int, m, nfe_counted: int) -> None:
         if nfe_counted != nfe:
             raise RuntimeError(f"{method}: counted {nfe_counted} network evaluations, expected {nfe}")
-        runs.append({"method": method, "nfe": nfe, "wall_s": rounded(m.wall_s), "ms_per_sample": rounded(1e3 * m.wall_s / B),
-                     "tokens_per_s": rounded(B * L / m.wall_s), "peak_mem_mib": rounded(m.peak_mem_bytes / MiB),
-                     "peak_mem_kind": m.peak_mem_kind, "repeats": len(m.walls)})
+        runs.append(
+            {
+                "method": method,
+                "nfe": nfe,
+                "wall_s": rounded(m.wall_s),
+                "ms_per_sample": rounded(1e3 * m.wall_s / B),
+                "tokens_per_s": rounded(B * L / m.wall_s),
+                "peak_mem_mib": rounded(m.peak_mem_bytes / MiB),
+                "peak_mem_kind": m.peak_mem_kind,
+                "repeats": len(m.walls),
+            }
+        )
         print(f"  {method}: {m.wall_s:.3f} s", flush=True)
 
     if sample_ar is not None:
@@ -70,8 +95,9 @@ def main(argv=None) -> dict:
 
             def run_ar(use_cache=use_cache, counted=counted):
                 counted.reset()
-                return sample_ar(counted, B, L, bos_id=0, generator=torch.Generator(device).manual_seed(1),
-                                 use_cache=use_cache)
+                return sample_ar(
+                    counted, B, L, bos_id=0, generator=torch.Generator(device).manual_seed(1), use_cache=use_cache
+                )
 
             m = measure(run_ar, repeats=repeats, warmup=1, device=device)
             record(f"AR, KV cache={use_cache}", L, m, counted.calls)
@@ -82,8 +108,17 @@ def main(argv=None) -> dict:
 
         def go():
             counted.reset()
-            return sample(counted, path, n_samples=B, seq_len=L, n_steps=steps, rule=rule, h_conditioned=h_conditioned,
-                          generator=torch.Generator(device).manual_seed(1), device=device)
+            return sample(
+                counted,
+                path,
+                n_samples=B,
+                seq_len=L,
+                n_steps=steps,
+                rule=rule,
+                h_conditioned=h_conditioned,
+                generator=torch.Generator(device).manual_seed(1),
+                device=device,
+            )
 
         m = measure(go, repeats=reps, warmup=1 if steps <= L else 0, device=device)
         record(method, steps, m, counted.calls)
@@ -91,8 +126,14 @@ def main(argv=None) -> dict:
     sample(teacher, path, n_samples=B, seq_len=L, n_steps=2, device=device)  # warm-up of the DiT at this shape
     run_dfm(f"DFM teacher, {L} steps (equal NFE), euler", teacher, L, "euler", False, repeats)
     for steps in [int(s) for s in args.student_steps.split(",") if s]:
-        run_dfm(f"FS-DFM student, {steps} steps, cumulative scalar", student, steps, "cumulative_scalar", True,
-                max(repeats, 5))
+        run_dfm(
+            f"FS-DFM student, {steps} steps, cumulative scalar",
+            student,
+            steps,
+            "cumulative_scalar",
+            True,
+            max(repeats, 5),
+        )
     for steps in [int(s) for s in args.teacher_steps.split(",") if s]:
         run_dfm(f"DFM teacher, {steps} steps, euler", teacher, steps, "euler", False, 1)
 
@@ -101,22 +142,49 @@ def main(argv=None) -> dict:
     per_step_s = dfm_step["wall_s"] / dfm_step["nfe"]
     for r in runs:
         r["relative_to_ar_cache"] = rounded(r["wall_s"] / ar_cache["wall_s"]) if ar_cache else None
-    print(table(["method", "NFE", "wall s (batch)", "ms/sample", "tokens/s", "x AR+cache time", "peak MiB"],
-                [[r["method"], r["nfe"], r["wall_s"], r["ms_per_sample"], r["tokens_per_s"],
-                  r["relative_to_ar_cache"] if ar_cache else "n/a", r["peak_mem_mib"]] for r in runs],
-                title=f"\ntime per sample at equal length L = {L} (batch {B}, {args.source} source for DFM; untrained "
-                      f"models: cost only)"))
+    print(
+        table(
+            ["method", "NFE", "wall s (batch)", "ms/sample", "tokens/s", "x AR+cache time", "peak MiB"],
+            [
+                [
+                    r["method"],
+                    r["nfe"],
+                    r["wall_s"],
+                    r["ms_per_sample"],
+                    r["tokens_per_s"],
+                    r["relative_to_ar_cache"] if ar_cache else "n/a",
+                    r["peak_mem_mib"],
+                ]
+                for r in runs
+            ],
+            title=f"\ntime per sample at equal length L = {L} (batch {B}, {args.source} source for DFM; untrained "
+            f"models: cost only)",
+        )
+    )
     equal_wall_steps = ar_cache["wall_s"] / per_step_s if ar_cache else None
     if ar_cache:
-        print(f"DFM steps affordable in the AR+cache wall-clock: {equal_wall_steps:.0f} "
-              f"(DFM {1e3 * per_step_s:.1f} ms/step at batch {B})")
+        print(
+            f"DFM steps affordable in the AR+cache wall-clock: {equal_wall_steps:.0f} "
+            f"(DFM {1e3 * per_step_s:.1f} ms/step at batch {B})"
+        )
     print("equal quality: needs trained models; see the methods study (gen_ppl vs wall_s), not this benchmark")
-    out = {"bench": "ar", "quick": q, **env, "vocab": V, "batch": B, "seq_len": L, "source": args.source,
-           "model": args.preset, "compile": args.compile, "ar_available": sample_ar is not None, "runs": runs,
-           "dfm_ms_per_step": rounded(1e3 * per_step_s),
-           "dfm_steps_in_ar_cache_time": rounded(equal_wall_steps) if equal_wall_steps else None,
-           "equal_quality": "not measured here: needs trained models (methods study)",
-           "loadavg_1min_end": round(os.getloadavg()[0], 2)}
+    out = {
+        "bench": "ar",
+        "quick": q,
+        **env,
+        "vocab": V,
+        "batch": B,
+        "seq_len": L,
+        "source": args.source,
+        "model": args.preset,
+        "compile": args.compile,
+        "ar_available": sample_ar is not None,
+        "runs": runs,
+        "dfm_ms_per_step": rounded(1e3 * per_step_s),
+        "dfm_steps_in_ar_cache_time": rounded(equal_wall_steps) if equal_wall_steps else None,
+        "equal_quality": "not measured here: needs trained models (methods study)",
+        "loadavg_1min_end": round(os.getloadavg()[0], 2),
+    }
     emit(out)
     return out
 

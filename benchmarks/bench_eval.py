@@ -33,8 +33,18 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 EOS = "<|endoftext|>"
-NAMES = ["gen_ppl", "entropy_nats", "entropy_bits", "distinct_1", "distinct_2", "distinct_3", "distinct_4",
-         "self_bleu", "rep_n", "mauve"]
+NAMES = [
+    "gen_ppl",
+    "entropy_nats",
+    "entropy_bits",
+    "distinct_1",
+    "distinct_2",
+    "distinct_3",
+    "distinct_4",
+    "self_bleu",
+    "rep_n",
+    "mauve",
+]
 
 
 def train_tokenizer(vocab_size: int):
@@ -43,8 +53,12 @@ def train_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train([str(ROOT / "data" / "tinystories" / "train.txt")], trainer)
     return tok
 
@@ -83,8 +97,15 @@ def main() -> None:
     t_tok = time.perf_counter() - t0
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
     eos_id = tok.token_to_id(EOS)
-    cfg = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=tok.get_vocab_size(), n_positions=args.length,
-                     bos_token_id=eos_id, eos_token_id=eos_id)
+    cfg = GPT2Config(
+        n_layer=4,
+        n_embd=128,
+        n_head=4,
+        vocab_size=tok.get_vocab_size(),
+        n_positions=args.length,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
     evaluator = Evaluator(GPT2LMHeadModel(cfg), hf_tok, name="bench-gpt2-4x128")
     if args.samples == "random":
         ids = torch.randint(1, tok.get_vocab_size(), (args.n, args.length))  # id 0 is EOS
@@ -96,8 +117,14 @@ def main() -> None:
     n_over = sum(r > args.length for r in retok)
     setup_s = time.perf_counter() - t0
 
-    kwargs = dict(evaluator=evaluator, references=references, mauve_featurizer="minilm", seed=args.seed,
-                  batch_size=32, max_length=args.length)
+    kwargs = dict(
+        evaluator=evaluator,
+        references=references,
+        mauve_featurizer="minilm",
+        seed=args.seed,
+        batch_size=32,
+        max_length=args.length,
+    )
     import warnings
 
     with warnings.catch_warnings():
@@ -112,20 +139,34 @@ def main() -> None:
                 compute_metrics(ids, texts, [name], **kwargs)
                 breakdown[name] = time.perf_counter() - t0
 
-    print(f"samples: {args.n} x {args.length} tokens ({args.samples}); evaluator GPT-2 4x128, vocab "
-          f"{tok.get_vocab_size()}; {torch.get_num_threads()} threads; tokenizer trained in {t_tok:.1f} s; "
-          f"setup {setup_s:.1f} s; {n_over} texts re-tokenize to > {args.length} tokens (truncated for gen_ppl)")
+    print(
+        f"samples: {args.n} x {args.length} tokens ({args.samples}); evaluator GPT-2 4x128, vocab "
+        f"{tok.get_vocab_size()}; {torch.get_num_threads()} threads; tokenizer trained in {t_tok:.1f} s; "
+        f"setup {setup_s:.1f} s; {n_over} texts re-tokenize to > {args.length} tokens (truncated for gen_ppl)"
+    )
     print(f"{'metric':<14}{'value':>12}{'alone (warm) s':>16}")
     for name in NAMES:
         print(f"{name:<14}{values[name]:>12.4f}{breakdown.get(name, float('nan')):>16.2f}")
-    print(f"{'all together':<14}{'':>12}{total_s:>16.2f}  (cold: includes the MiniLM load and the mauve import; "
-          f"process CPU time {total_cpu_s:.1f} s, load average {os.getloadavg()[0]:.1f})")
-    print(json.dumps({"bench": "eval", "n": args.n, "length": args.length, "samples": args.samples,
-                      "threads": torch.get_num_threads(), "total_s": round(total_s, 3),
-                      "total_cpu_s": round(total_cpu_s, 3),
-                      "loadavg_1min": round(os.getloadavg()[0], 2),
-                      "breakdown_s": {k: round(v, 3) for k, v in breakdown.items()},
-                      "values": {k: round(v, 6) for k, v in values.items()}}))
+    print(
+        f"{'all together':<14}{'':>12}{total_s:>16.2f}  (cold: includes the MiniLM load and the mauve import; "
+        f"process CPU time {total_cpu_s:.1f} s, load average {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "eval",
+                "n": args.n,
+                "length": args.length,
+                "samples": args.samples,
+                "threads": torch.get_num_threads(),
+                "total_s": round(total_s, 3),
+                "total_cpu_s": round(total_cpu_s, 3),
+                "loadavg_1min": round(os.getloadavg()[0], 2),
+                "breakdown_s": {k: round(v, 3) for k, v in breakdown.items()},
+                "values": {k: round(v, 6) for k, v in values.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -63,13 +63,18 @@ def main(argv=None) -> dict:
     V, N, L = args.vocab or (256 if q else 2048), args.n or (16 if q else 64), args.len or (32 if q else 128)
     steps, repeats = args.steps or (2 if q else 4), args.repeats or (1 if q else 3)
     per_sample = L * V * 4  # float32 state
-    budgets = ([float(b) for b in args.budgets_mib.split(",")] if args.budgets_mib else
-               [per_sample * k / MiB for k in ((1, 4, 16) if q else (1, 4, 16, 64))])
+    budgets = (
+        [float(b) for b in args.budgets_mib.split(",")]
+        if args.budgets_mib
+        else [per_sample * k / MiB for k in ((1, 4, 16) if q else (1, 4, 16, 64))]
+    )
     budgets = [int(b * MiB) for b in budgets]
     env = environment(device)
-    print(f"bench_memory: FLM chunked sampling, {args.preset} DiT (random init), V {V}, {N} samples x L {L}, {steps} steps; "
-          f"one sample's state {per_sample / MiB:.2f} MiB, all {N}: {N * per_sample / MiB:.1f} MiB; {env['device']}, "
-          f"{env['threads']} threads, load average {env['loadavg_1min']}")
+    print(
+        f"bench_memory: FLM chunked sampling, {args.preset} DiT (random init), V {V}, {N} samples x L {L}, {steps} steps; "
+        f"one sample's state {per_sample / MiB:.2f} MiB, all {N}: {N * per_sample / MiB:.1f} MiB; {env['device']}, "
+        f"{env['threads']} threads, load average {env['loadavg_1min']}"
+    )
     model = maybe_compile(random_dit(V, L, preset=args.preset, seed=args.seed, device=device), args.compile)
     time_change = FLMTime(V)
     runs, rows, tokens = [], [], None
@@ -78,8 +83,16 @@ def main(argv=None) -> dict:
         probe = StateProbe(model)
 
         def run(budget=budget, probe=probe):
-            return sample_flm(probe, time_change, n_samples=N, seq_len=L, n_steps=steps, seed=args.seed,
-                              max_state_bytes=budget, device=device)
+            return sample_flm(
+                probe,
+                time_change,
+                n_samples=N,
+                seq_len=L,
+                n_steps=steps,
+                seed=args.seed,
+                max_state_bytes=budget,
+                device=device,
+            )
 
         run()  # warm-up at this chunk size
         m = measure(run, repeats=repeats, warmup=0, device=device)
@@ -87,28 +100,75 @@ def main(argv=None) -> dict:
         chunk = state_chunk_size(L, V, torch.float32, budget)
         same = tokens is None or torch.equal(out.tokens, tokens)
         tokens = out.tokens if tokens is None else tokens
-        rec = {"max_state_bytes": budget, "chunk_size": out.chunk_size, "expected_chunk_size": min(chunk, N),
-               "max_state_seen_bytes": probe.max_state_bytes, "max_logits_seen_bytes": probe.max_logits_bytes,
-               "state_within_budget": probe.max_state_bytes <= budget, "nfe": out.nfe,
-               "calls_per_run": probe.calls // (repeats + 1), "wall_s": rounded(m.wall_s),
-               "peak_mem_mib": rounded(m.peak_mem_bytes / MiB), "peak_mem_kind": m.peak_mem_kind,
-               "peak_over_start_mib": rounded(max(0, m.peak_mem_bytes - rss_start) / MiB) if device.type == "cpu"
-               else None, "sampler_peak_mem_mib": rounded(out.peak_mem_bytes / MiB),
-               "tokens_same_as_first_budget": same}
+        rec = {
+            "max_state_bytes": budget,
+            "chunk_size": out.chunk_size,
+            "expected_chunk_size": min(chunk, N),
+            "max_state_seen_bytes": probe.max_state_bytes,
+            "max_logits_seen_bytes": probe.max_logits_bytes,
+            "state_within_budget": probe.max_state_bytes <= budget,
+            "nfe": out.nfe,
+            "calls_per_run": probe.calls // (repeats + 1),
+            "wall_s": rounded(m.wall_s),
+            "peak_mem_mib": rounded(m.peak_mem_bytes / MiB),
+            "peak_mem_kind": m.peak_mem_kind,
+            "peak_over_start_mib": rounded(max(0, m.peak_mem_bytes - rss_start) / MiB)
+            if device.type == "cpu"
+            else None,
+            "sampler_peak_mem_mib": rounded(out.peak_mem_bytes / MiB),
+            "tokens_same_as_first_budget": same,
+        }
         runs.append(rec)
-        rows.append([budget / MiB, out.chunk_size, probe.max_state_bytes / MiB, probe.max_logits_bytes / MiB,
-                     rec["state_within_budget"], m.wall_s, rec["peak_mem_mib"], rec["peak_over_start_mib"], same])
+        rows.append(
+            [
+                budget / MiB,
+                out.chunk_size,
+                probe.max_state_bytes / MiB,
+                probe.max_logits_bytes / MiB,
+                rec["state_within_budget"],
+                m.wall_s,
+                rec["peak_mem_mib"],
+                rec["peak_over_start_mib"],
+                same,
+            ]
+        )
         print(f"  budget {budget / MiB:.1f} MiB: chunk {out.chunk_size}, peak {rec['peak_mem_mib']} MiB", flush=True)
-    print(table(["budget MiB", "chunk", "max state seen MiB", "max logits MiB", "state <= budget", "wall s",
-                 "peak RSS MiB", "peak - start MiB", "same tokens"], rows,
-                title=f"\nFLM sampling peak memory vs max_state_bytes (process peak RSS of the timed calls; medians of "
-                      f"{repeats} for the wall-clock)"))
-    record = {"bench": "memory", "quick": q, **env, "vocab": V, "n_samples": N, "seq_len": L, "steps": steps,
-              "model": args.preset, "compile": args.compile, "state_bytes_per_sample": per_sample,
-              "state_bytes_all_samples": N * per_sample, "runs": runs,
-              "all_within_budget": all(r["state_within_budget"] for r in runs),
-              "tokens_independent_of_chunking": all(r["tokens_same_as_first_budget"] for r in runs),
-              "vm_hwm_available": _vm_hwm_bytes() is not None, "loadavg_1min_end": round(os.getloadavg()[0], 2)}
+    print(
+        table(
+            [
+                "budget MiB",
+                "chunk",
+                "max state seen MiB",
+                "max logits MiB",
+                "state <= budget",
+                "wall s",
+                "peak RSS MiB",
+                "peak - start MiB",
+                "same tokens",
+            ],
+            rows,
+            title=f"\nFLM sampling peak memory vs max_state_bytes (process peak RSS of the timed calls; medians of "
+            f"{repeats} for the wall-clock)",
+        )
+    )
+    record = {
+        "bench": "memory",
+        "quick": q,
+        **env,
+        "vocab": V,
+        "n_samples": N,
+        "seq_len": L,
+        "steps": steps,
+        "model": args.preset,
+        "compile": args.compile,
+        "state_bytes_per_sample": per_sample,
+        "state_bytes_all_samples": N * per_sample,
+        "runs": runs,
+        "all_within_budget": all(r["state_within_budget"] for r in runs),
+        "tokens_independent_of_chunking": all(r["tokens_same_as_first_budget"] for r in runs),
+        "vm_hwm_available": _vm_hwm_bytes() is not None,
+        "loadavg_1min_end": round(os.getloadavg()[0], 2),
+    }
     emit(record)
     return record
 

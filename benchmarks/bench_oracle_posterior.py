@@ -47,18 +47,50 @@ def main() -> None:
             exact = ExactPosterior(src, path, dtype)
             m = benchlib.measure(lambda: exact(x_t, t), repeats=repeats, device=device)
             ratio, cpu_ratio = m.wall_s / dit.wall_s, m.cpu_s / max(dit.cpu_s, 1e-9)
-            rows.append([source, str(dtype).removeprefix("torch."), 1e3 * m.wall_s, 1e3 * m.cpu_s, 1e3 * dit.wall_s,
-                         1e3 * dit.cpu_s, ratio, cpu_ratio])
-            out.append({"source": source, "dtype": dtype, "posterior_ms": benchlib.rounded(1e3 * m.wall_s),
-                        "posterior_cpu_ms": benchlib.rounded(1e3 * m.cpu_s), "ratio_to_dit_forward": benchlib.rounded(ratio),
-                        "cpu_ratio_to_dit_forward": benchlib.rounded(cpu_ratio)})
+            rows.append(
+                [
+                    source,
+                    str(dtype).removeprefix("torch."),
+                    1e3 * m.wall_s,
+                    1e3 * m.cpu_s,
+                    1e3 * dit.wall_s,
+                    1e3 * dit.cpu_s,
+                    ratio,
+                    cpu_ratio,
+                ]
+            )
+            out.append(
+                {
+                    "source": source,
+                    "dtype": dtype,
+                    "posterior_ms": benchlib.rounded(1e3 * m.wall_s),
+                    "posterior_cpu_ms": benchlib.rounded(1e3 * m.cpu_s),
+                    "ratio_to_dit_forward": benchlib.rounded(ratio),
+                    "cpu_ratio_to_dit_forward": benchlib.rounded(cpu_ratio),
+                }
+            )
     # on a loaded machine wall times wait for the CPU; the CPU-time ratio is the load-independent check
-    print(benchlib.table(["source", "dtype", "posterior ms", "cpu ms", "DiT fwd ms", "DiT cpu ms", "ratio", "cpu ratio"], rows,
-                         title=f"[1] exact posterior (order {args.order}, V={V}) vs one tiny DiT forward, B={B}, L={L}"))
-    benchlib.emit({"bench": "oracle_posterior", "quick": args.quick, "vocab": V, "batch": B, "seq_len": L,
-                   "order": args.order, "dit_forward_ms": benchlib.rounded(1e3 * dit.wall_s),
-                   "dit_forward_cpu_ms": benchlib.rounded(1e3 * dit.cpu_s), "runs": out,
-                   **benchlib.environment(device)})
+    print(
+        benchlib.table(
+            ["source", "dtype", "posterior ms", "cpu ms", "DiT fwd ms", "DiT cpu ms", "ratio", "cpu ratio"],
+            rows,
+            title=f"[1] exact posterior (order {args.order}, V={V}) vs one tiny DiT forward, B={B}, L={L}",
+        )
+    )
+    benchlib.emit(
+        {
+            "bench": "oracle_posterior",
+            "quick": args.quick,
+            "vocab": V,
+            "batch": B,
+            "seq_len": L,
+            "order": args.order,
+            "dit_forward_ms": benchlib.rounded(1e3 * dit.wall_s),
+            "dit_forward_cpu_ms": benchlib.rounded(1e3 * dit.cpu_s),
+            "runs": out,
+            **benchlib.environment(device),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--rules", default=",".join([*UPDATE_RULES.names(), *UPDATE_ALIASES]))
     parser.add_argument("--sources", default="mask,uniform")
     parser.add_argument("--budgets", default=None, help="few,many (default 8,1024; --quick: 8,32)")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved pairs at the few-step budget "
-                        "(default 15; --quick: 2); the many-step budget gets a third of them (at least 1)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved pairs at the few-step budget "
+        "(default 15; --quick: 2); the many-step budget gets a third of them (at least 1)",
+    )
     args = parser.parse_args(argv)
     device = setup(args)
     q = args.quick
@@ -66,8 +71,10 @@ def main(argv=None) -> dict:
     few, many = (int(b) for b in (args.budgets or ("8,32" if q else "8,1024")).split(","))
     repeats = args.repeats or (2 if q else 15)
     env = environment(device)
-    print(f"bench_own_work: tiny DiT (random init), V {V}, batch {B}, L {L}; {env['threads']} threads, load average "
-          f"{env['loadavg_1min']} on {env['cpu_count']} CPUs; budgets {few} and {many}; process CPU time")
+    print(
+        f"bench_own_work: tiny DiT (random init), V {V}, batch {B}, L {L}; {env['threads']} threads, load average "
+        f"{env['loadavg_1min']} on {env['cpu_count']} CPUs; budgets {few} and {many}; process CPU time"
+    )
     model = random_dit(V, L, preset=args.preset, seed=args.seed, device=device)
     results, rows = [], []
     for source in [s for s in args.sources.split(",") if s]:
@@ -86,34 +93,89 @@ def main(argv=None) -> dict:
                     tokens = {}
                     for certified in (None, False):
                         gen = torch.Generator(device).manual_seed(args.seed + r)
-                        run = lambda: tokens.__setitem__(certified, sample(  # noqa: E731
-                            standin, path, n_samples=B, seq_len=L, n_steps=n, rule=rule, generator=gen,
-                            device=device, certified=certified).tokens)
+
+                        def run(certified=certified, gen=gen):  # bound now: called at once, but say so
+                            tokens[certified] = sample(
+                                standin,
+                                path,
+                                n_samples=B,
+                                seq_len=L,
+                                n_steps=n,
+                                rule=rule,
+                                generator=gen,
+                                device=device,
+                                certified=certified,
+                            ).tokens
+
                         times[certified].append(cpu_seconds(run) / n)
                     if not torch.equal(tokens[None], tokens[False]):
                         raise RuntimeError(f"{source}/{rule}/{n} steps: the default step changed the tokens")
                 own[n] = {c: (statistics.median(v), min(v)) for c, v in times.items()}
             F = statistics.median(forward)
-            entry = {"source": source, "rule": rule, "forward_ms": rounded(1e3 * F),
-                     "forward_min_ms": rounded(1e3 * min(forward)), "same_tokens": True}
+            entry = {
+                "source": source,
+                "rule": rule,
+                "forward_ms": rounded(1e3 * F),
+                "forward_min_ms": rounded(1e3 * min(forward)),
+                "same_tokens": True,
+            }
             for certified, name in ((None, "default"), (False, "float64")):
                 o_few, o_many = own[few][certified][0], own[many][certified][0]
-                entry[name] = {f"own_ms_per_step_{few}": rounded(1e3 * o_few),
-                               f"own_ms_per_step_{many}": rounded(1e3 * o_many),
-                               f"own_min_ms_per_step_{few}": rounded(1e3 * own[few][certified][1]),
-                               "fraction_of_nfe_ratio": rounded((F + o_many) / (F + o_few)),
-                               "outside_share_few": rounded(o_few / (F + o_few))}
-                rows.append([source, rule, name, 1e3 * F, 1e3 * o_few, 1e3 * o_many, (F + o_many) / (F + o_few),
-                             o_few / (F + o_few)])
+                entry[name] = {
+                    f"own_ms_per_step_{few}": rounded(1e3 * o_few),
+                    f"own_ms_per_step_{many}": rounded(1e3 * o_many),
+                    f"own_min_ms_per_step_{few}": rounded(1e3 * own[few][certified][1]),
+                    "fraction_of_nfe_ratio": rounded((F + o_many) / (F + o_few)),
+                    "outside_share_few": rounded(o_few / (F + o_few)),
+                }
+                rows.append(
+                    [
+                        source,
+                        rule,
+                        name,
+                        1e3 * F,
+                        1e3 * o_few,
+                        1e3 * o_many,
+                        (F + o_many) / (F + o_few),
+                        o_few / (F + o_few),
+                    ]
+                )
             results.append(entry)
-            print(f"  {source} {rule}: own work {1e3 * own[few][None][0]:.2f} vs {1e3 * own[few][False][0]:.2f} "
-                  f"ms/step (default vs float64 chunk, {few} steps)", flush=True)
-    print(table(["source", "rule", "chunk", "forward ms", f"own ms/step {few}", f"own ms/step {many}",
-                 "fraction of NFE ratio (derived)", f"outside share {few} (derived)"], rows,
-                title="\nthe sampler's own work per step (medians of process CPU time; targets >= 0.95 and <= 0.05)"))
-    record = {"bench": "own_work", "quick": q, **env, "vocab": V, "batch": B, "seq_len": L, "few_steps": few,
-              "many_steps": many, "repeats": repeats, "derived": True, "results": results,
-              "loadavg_1min_end": round(os.getloadavg()[0], 2)}
+            print(
+                f"  {source} {rule}: own work {1e3 * own[few][None][0]:.2f} vs {1e3 * own[few][False][0]:.2f} "
+                f"ms/step (default vs float64 chunk, {few} steps)",
+                flush=True,
+            )
+    print(
+        table(
+            [
+                "source",
+                "rule",
+                "chunk",
+                "forward ms",
+                f"own ms/step {few}",
+                f"own ms/step {many}",
+                "fraction of NFE ratio (derived)",
+                f"outside share {few} (derived)",
+            ],
+            rows,
+            title="\nthe sampler's own work per step (medians of process CPU time; targets >= 0.95 and <= 0.05)",
+        )
+    )
+    record = {
+        "bench": "own_work",
+        "quick": q,
+        **env,
+        "vocab": V,
+        "batch": B,
+        "seq_len": L,
+        "few_steps": few,
+        "many_steps": many,
+        "repeats": repeats,
+        "derived": True,
+        "results": results,
+        "loadavg_1min_end": round(os.getloadavg()[0], 2),
+    }
     emit(record)
     return record
 

@@ -30,8 +30,20 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from benchlib import (MiB, TimedForward, add_common_args, count_flops, emit, environment, maybe_compile, mfu,
-                      random_dit, rounded, setup, table)
+from benchlib import (
+    MiB,
+    TimedForward,
+    add_common_args,
+    count_flops,
+    emit,
+    environment,
+    maybe_compile,
+    mfu,
+    random_dit,
+    rounded,
+    setup,
+    table,
+)
 from fsdfm.metrics.timing import peak_memory, reset_peak_memory
 from fsdfm.paths import MixturePath, make_path
 from fsdfm.samplers import UPDATE_RULES, sample
@@ -64,9 +76,20 @@ class SamplerRun:
     mfu: float | None = None  # counted forward FLOPs x NFE / wall / the GPU's bf16 peak (None on CPU)
 
 
-def run_sampler(model: nn.Module, path: MixturePath, source: str, rule: str, batch: int, seq_len: int, budget: int,
-                repeats: int, device: torch.device, seed: int = 0, sample_kw: dict | None = None,
-                forward_flops: int | None = None) -> SamplerRun:
+def run_sampler(
+    model: nn.Module,
+    path: MixturePath,
+    source: str,
+    rule: str,
+    batch: int,
+    seq_len: int,
+    budget: int,
+    repeats: int,
+    device: torch.device,
+    seed: int = 0,
+    sample_kw: dict | None = None,
+    forward_flops: int | None = None,
+) -> SamplerRun:
     """Sample `batch` sequences `repeats` times on a uniform grid of `budget` steps; the caller warms up.
     sample_kw: `sample`'s autocast / precision / sparse; forward_flops: the counted FLOPs of one forward at this
     shape (for MFU)."""
@@ -76,32 +99,69 @@ def run_sampler(model: nn.Module, path: MixturePath, source: str, rule: str, bat
     for r in range(repeats):
         timed.reset()
         c0 = time.process_time()
-        out = sample(timed, path, n_samples=batch, seq_len=seq_len, n_steps=budget, rule=rule, device=device,
-                     generator=torch.Generator(device).manual_seed(seed + r), **(sample_kw or {}))
+        out = sample(
+            timed,
+            path,
+            n_samples=batch,
+            seq_len=seq_len,
+            n_steps=budget,
+            rule=rule,
+            device=device,
+            generator=torch.Generator(device).manual_seed(seed + r),
+            **(sample_kw or {}),
+        )
         cpus.append(time.process_time() - c0)
         if not (timed.calls == out.nfe == budget):
-            raise RuntimeError(f"NFE mismatch: {timed.calls} forward calls, SampleOutput.nfe={out.nfe}, budget {budget}")
+            raise RuntimeError(
+                f"NFE mismatch: {timed.calls} forward calls, SampleOutput.nfe={out.nfe}, budget {budget}"
+            )
         walls.append(out.wall_s)
         fwds.append(timed.seconds)
         shares.append(max(0.0, 1.0 - timed.seconds / out.wall_s))
     peak, kind = peak_memory(device)
     wall = statistics.median(walls)
     util = mfu(forward_flops * budget, wall, device) if forward_flops else None
-    return SamplerRun(source, rule, batch, seq_len, budget, repeats, timed.calls, wall, statistics.median(fwds),
-                      statistics.median(cpus), statistics.median(shares), 1e3 * wall / budget,
-                      batch * seq_len / wall, peak / MiB, kind, tuple(walls), util)
+    return SamplerRun(
+        source,
+        rule,
+        batch,
+        seq_len,
+        budget,
+        repeats,
+        timed.calls,
+        wall,
+        statistics.median(fwds),
+        statistics.median(cpus),
+        statistics.median(shares),
+        1e3 * wall / budget,
+        batch * seq_len / wall,
+        peak / MiB,
+        kind,
+        tuple(walls),
+        util,
+    )
 
 
-def warm(model: nn.Module, path: MixturePath, batch: int, seq_len: int, device: torch.device,
-         sample_kw: dict | None = None) -> dict:
+def warm(
+    model: nn.Module, path: MixturePath, batch: int, seq_len: int, device: torch.device, sample_kw: dict | None = None
+) -> dict:
     """One untimed 2-step run at this shape: allocator, kernels (and compilation with --compile). Returns the run's
     numerics (`SampleNumerics.to_dict`)."""
-    return sample(model, path, n_samples=batch, seq_len=seq_len, n_steps=2, device=device,
-                  generator=torch.Generator(device).manual_seed(12345), **(sample_kw or {})).numerics.to_dict()
+    return sample(
+        model,
+        path,
+        n_samples=batch,
+        seq_len=seq_len,
+        n_steps=2,
+        device=device,
+        generator=torch.Generator(device).manual_seed(12345),
+        **(sample_kw or {}),
+    ).numerics.to_dict()
 
 
-def forward_flops(model: nn.Module, path: MixturePath, batch: int, seq_len: int, device: torch.device,
-                  autocast: bool) -> int:
+def forward_flops(
+    model: nn.Module, path: MixturePath, batch: int, seq_len: int, device: torch.device, autocast: bool
+) -> int:
     """FLOPs of one forward of `model` at (batch, seq_len), counted by torch's FlopCounterMode."""
     x = path.source.sample((batch, seq_len), generator=torch.Generator(device).manual_seed(0), device=device)
     t = torch.full((batch,), 0.5, device=device)
@@ -140,16 +200,60 @@ def sweep(args, device) -> tuple[list[SamplerRun], dict]:
     runs = []
     for rule in args.rules:
         for budget in args.budgets:
-            runs.append(run_sampler(model, path, args.sweep_source, rule, B, L, budget,
-                                    repeats_for(budget, args.quick), device, args.seed, args.sample_kw, flops))
+            runs.append(
+                run_sampler(
+                    model,
+                    path,
+                    args.sweep_source,
+                    rule,
+                    B,
+                    L,
+                    budget,
+                    repeats_for(budget, args.quick),
+                    device,
+                    args.seed,
+                    args.sample_kw,
+                    flops,
+                )
+            )
             print(f"  sweep {rule:>17} {budget:>5} steps: {runs[-1].wall_s:8.3f} s", flush=True)
-    print(table(["rule", "steps", "NFE", "repeats", "wall s", "ms/step", "fwd share", "outside share", "tokens/s",
-                 "samples/s", "MFU", "peak MiB"],
-                [[r.rule, r.budget, r.nfe, r.repeats, r.wall_s, r.per_step_ms, r.forward_s / r.wall_s,
-                  r.outside_share, r.tokens_per_s, r.batch / r.wall_s, "n/a" if r.mfu is None else r.mfu,
-                  r.peak_mem_mib] for r in runs],
-                title=f"\n[1] wall-clock vs step budget: {args.sweep_source} source, batch {B}, L {L}, V {V} "
-                      f"(every budget measured; medians over 'repeats' runs)"))
+    print(
+        table(
+            [
+                "rule",
+                "steps",
+                "NFE",
+                "repeats",
+                "wall s",
+                "ms/step",
+                "fwd share",
+                "outside share",
+                "tokens/s",
+                "samples/s",
+                "MFU",
+                "peak MiB",
+            ],
+            [
+                [
+                    r.rule,
+                    r.budget,
+                    r.nfe,
+                    r.repeats,
+                    r.wall_s,
+                    r.per_step_ms,
+                    r.forward_s / r.wall_s,
+                    r.outside_share,
+                    r.tokens_per_s,
+                    r.batch / r.wall_s,
+                    "n/a" if r.mfu is None else r.mfu,
+                    r.peak_mem_mib,
+                ]
+                for r in runs
+            ],
+            title=f"\n[1] wall-clock vs step budget: {args.sweep_source} source, batch {B}, L {L}, V {V} "
+            f"(every budget measured; medians over 'repeats' runs)",
+        )
+    )
     few, many = args.speedup_pair
     speedup = {}
     rows = []
@@ -159,25 +263,68 @@ def sweep(args, device) -> tuple[list[SamplerRun], dict]:
             s = by[many].wall_s / by[few].wall_s
             nfe_ratio = by[many].nfe / by[few].nfe
             share_few = by[few].outside_share
-            speedup[rule] = {"few_steps": few, "many_steps": many, "wall_few_s": rounded(by[few].wall_s),
-                             "wall_many_s": rounded(by[many].wall_s), "speedup": rounded(s), "nfe_ratio": nfe_ratio,
-                             "fraction_of_nfe_ratio": rounded(s / nfe_ratio),
-                             "outside_share_few": rounded(share_few), "outside_share_many": rounded(by[many].outside_share),
-                             "meets_targets": s / nfe_ratio >= 0.95 and share_few <= 0.05}
-            rows.append([rule, by[few].wall_s, by[many].wall_s, s, nfe_ratio, s / nfe_ratio, share_few,
-                         speedup[rule]["meets_targets"]])
+            speedup[rule] = {
+                "few_steps": few,
+                "many_steps": many,
+                "wall_few_s": rounded(by[few].wall_s),
+                "wall_many_s": rounded(by[many].wall_s),
+                "speedup": rounded(s),
+                "nfe_ratio": nfe_ratio,
+                "fraction_of_nfe_ratio": rounded(s / nfe_ratio),
+                "outside_share_few": rounded(share_few),
+                "outside_share_many": rounded(by[many].outside_share),
+                "meets_targets": s / nfe_ratio >= 0.95 and share_few <= 0.05,
+            }
+            rows.append(
+                [
+                    rule,
+                    by[few].wall_s,
+                    by[many].wall_s,
+                    s,
+                    nfe_ratio,
+                    s / nfe_ratio,
+                    share_few,
+                    speedup[rule]["meets_targets"],
+                ]
+            )
     if "cumulative_scalar" in speedup and "euler" in speedup:  # FS-DFM (cumulative scalar) vs the DFM teacher (euler)
         by_c = {r.budget: r for r in runs if r.rule == "cumulative_scalar"}
         by_e = {r.budget: r for r in runs if r.rule == "euler"}
         s = by_e[many].wall_s / by_c[few].wall_s
-        speedup["euler_many_vs_cumulative_scalar_few"] = {"speedup": rounded(s), "nfe_ratio": many / few,
-                                                          "fraction_of_nfe_ratio": rounded(s / (many / few))}
-        rows.append([f"euler {many} / cum. scalar {few}", by_c[few].wall_s, by_e[many].wall_s, s, many / few,
-                     s * few / many, "", ""])
-    print(table(["rule", f"wall {few} steps s", f"wall {many} steps s", "speed-up", "NFE ratio", "speed-up / NFE ratio",
-                 f"outside share {few}", "meets"],
-                rows, title=f"\n[2] speed-up of {few}-step over {many}-step sampling (targets: >= 0.95 x NFE ratio, "
-                            f"<= 0.05 of the {few}-step wall outside the forward)"))
+        speedup["euler_many_vs_cumulative_scalar_few"] = {
+            "speedup": rounded(s),
+            "nfe_ratio": many / few,
+            "fraction_of_nfe_ratio": rounded(s / (many / few)),
+        }
+        rows.append(
+            [
+                f"euler {many} / cum. scalar {few}",
+                by_c[few].wall_s,
+                by_e[many].wall_s,
+                s,
+                many / few,
+                s * few / many,
+                "",
+                "",
+            ]
+        )
+    print(
+        table(
+            [
+                "rule",
+                f"wall {few} steps s",
+                f"wall {many} steps s",
+                "speed-up",
+                "NFE ratio",
+                "speed-up / NFE ratio",
+                f"outside share {few}",
+                "meets",
+            ],
+            rows,
+            title=f"\n[2] speed-up of {few}-step over {many}-step sampling (targets: >= 0.95 x NFE ratio, "
+            f"<= 0.05 of the {few}-step wall outside the forward)",
+        )
+    )
     return runs, speedup
 
 
@@ -194,34 +341,101 @@ def share(args, device) -> list[dict]:
         standin = Precomputed(logits)
         warm(standin, path, B, L, device, args.sample_kw)
         for budget in args.share_budgets:
-            real = run_sampler(model, path, source, "cumulative_scalar", B, L, budget, args.share_repeats, device,
-                               args.seed, args.sample_kw)
-            own = run_sampler(standin, path, source, "cumulative_scalar", B, L, budget, max(3, args.share_repeats),
-                              device, args.seed, args.sample_kw)
+            real = run_sampler(
+                model,
+                path,
+                source,
+                "cumulative_scalar",
+                B,
+                L,
+                budget,
+                args.share_repeats,
+                device,
+                args.seed,
+                args.sample_kw,
+            )
+            own = run_sampler(
+                standin,
+                path,
+                source,
+                "cumulative_scalar",
+                B,
+                L,
+                budget,
+                max(3, args.share_repeats),
+                device,
+                args.seed,
+                args.sample_kw,
+            )
             share_b = own.wall_s / real.wall_s
-            results.append({"source": source, "budget": budget, "batch": B, "seq_len": L,
-                            "share_timed_forwards": rounded(real.outside_share),
-                            "share_standin": rounded(share_b), "wall_s": rounded(real.wall_s),
-                            "forward_s": rounded(real.forward_s), "own_work_s": rounded(own.wall_s),
-                            "repeats": real.repeats, "nfe": real.nfe, "peak_mem_mib": rounded(real.peak_mem_mib),
-                            "peak_mem_kind": real.peak_mem_kind, "meets_5pct": max(real.outside_share, share_b) <= 0.05})
-            rows.append([source, budget, real.nfe, real.wall_s, real.forward_s, own.wall_s, real.outside_share, share_b,
-                         real.peak_mem_mib])
+            results.append(
+                {
+                    "source": source,
+                    "budget": budget,
+                    "batch": B,
+                    "seq_len": L,
+                    "share_timed_forwards": rounded(real.outside_share),
+                    "share_standin": rounded(share_b),
+                    "wall_s": rounded(real.wall_s),
+                    "forward_s": rounded(real.forward_s),
+                    "own_work_s": rounded(own.wall_s),
+                    "repeats": real.repeats,
+                    "nfe": real.nfe,
+                    "peak_mem_mib": rounded(real.peak_mem_mib),
+                    "peak_mem_kind": real.peak_mem_kind,
+                    "meets_5pct": max(real.outside_share, share_b) <= 0.05,
+                }
+            )
+            rows.append(
+                [
+                    source,
+                    budget,
+                    real.nfe,
+                    real.wall_s,
+                    real.forward_s,
+                    own.wall_s,
+                    real.outside_share,
+                    share_b,
+                    real.peak_mem_mib,
+                ]
+            )
             print(f"  share {source} {budget} steps: {real.outside_share:.3f} / {share_b:.3f}", flush=True)
         if args.profile:
             profile_own_work(standin, path, B, L, device, args)
-    print(table(["source", "steps", "NFE", "loop s", "in forward s", "own work s (stand-in)", "share (a) timed fwd",
-                 "share (b) stand-in", "peak MiB"], rows,
-                title=f"\n[3] sampler time outside the model forward: cumulative scalar, batch {B}, L {L}, V {V} "
-                      f"(target <= 0.05; medians over {args.share_repeats} runs)"))
+    print(
+        table(
+            [
+                "source",
+                "steps",
+                "NFE",
+                "loop s",
+                "in forward s",
+                "own work s (stand-in)",
+                "share (a) timed fwd",
+                "share (b) stand-in",
+                "peak MiB",
+            ],
+            rows,
+            title=f"\n[3] sampler time outside the model forward: cumulative scalar, batch {B}, L {L}, V {V} "
+            f"(target <= 0.05; medians over {args.share_repeats} runs)",
+        )
+    )
     return results
 
 
 def profile_own_work(standin: nn.Module, path: MixturePath, B: int, L: int, device: torch.device, args) -> None:
     for budget in args.share_budgets:
         with torch.profiler.profile() as prof:
-            sample(standin, path, n_samples=B, seq_len=L, n_steps=budget, device=device,
-                   generator=torch.Generator(device).manual_seed(0), **args.sample_kw)
+            sample(
+                standin,
+                path,
+                n_samples=B,
+                seq_len=L,
+                n_steps=budget,
+                device=device,
+                generator=torch.Generator(device).manual_seed(0),
+                **args.sample_kw,
+            )
         print(f"\ntorch.profiler: the sampler's own work ({path.source.name} source, {budget} steps, batch {B}, L {L})")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
@@ -231,22 +445,51 @@ def scaling(args, device) -> dict:
     out = {"vs_len": [], "vs_batch": []}
     path = make_path(PolynomialScheduler(1), args.scaling_source, V)
     rows = []
-    model = maybe_compile(random_dit(V, max(args.lens), preset=args.preset, seed=args.seed, device=device), args.compile)
-    for kind, configs in (("vs_len", [(args.len_batch, L) for L in args.lens]),
-                          ("vs_batch", [(B, args.batch_len) for B in args.batches])):
+    model = maybe_compile(
+        random_dit(V, max(args.lens), preset=args.preset, seed=args.seed, device=device), args.compile
+    )
+    for kind, configs in (
+        ("vs_len", [(args.len_batch, L) for L in args.lens]),
+        ("vs_batch", [(B, args.batch_len) for B in args.batches]),
+    ):
         for B, L in configs:
             warm(model, path, B, L, device, args.sample_kw)
-            r = run_sampler(model, path, args.scaling_source, "cumulative_scalar", B, L, steps, args.scaling_repeats,
-                            device, args.seed, args.sample_kw)
-            out[kind].append({"batch": B, "seq_len": L, "steps": steps, "nfe": r.nfe, "per_step_ms": rounded(r.per_step_ms),
-                              "us_per_token_step": rounded(1e6 * r.wall_s / steps / (B * L)),
-                              "outside_share": rounded(r.outside_share), "peak_mem_mib": rounded(r.peak_mem_mib),
-                              "peak_mem_kind": r.peak_mem_kind})
+            r = run_sampler(
+                model,
+                path,
+                args.scaling_source,
+                "cumulative_scalar",
+                B,
+                L,
+                steps,
+                args.scaling_repeats,
+                device,
+                args.seed,
+                args.sample_kw,
+            )
+            out[kind].append(
+                {
+                    "batch": B,
+                    "seq_len": L,
+                    "steps": steps,
+                    "nfe": r.nfe,
+                    "per_step_ms": rounded(r.per_step_ms),
+                    "us_per_token_step": rounded(1e6 * r.wall_s / steps / (B * L)),
+                    "outside_share": rounded(r.outside_share),
+                    "peak_mem_mib": rounded(r.peak_mem_mib),
+                    "peak_mem_kind": r.peak_mem_kind,
+                }
+            )
             rows.append([kind, B, L, r.per_step_ms, 1e6 * r.wall_s / steps / (B * L), r.outside_share, r.peak_mem_mib])
             print(f"  scaling batch {B} L {L}: {r.per_step_ms:.1f} ms/step", flush=True)
-    print(table(["sweep", "batch", "L", "ms/step", "us/token/step", "outside share", "peak MiB"], rows,
-                title=f"\n[4] per-step cost vs L and vs batch: {args.scaling_source} source, cumulative scalar, "
-                      f"{steps} steps, V {V}, medians over {args.scaling_repeats} runs"))
+    print(
+        table(
+            ["sweep", "batch", "L", "ms/step", "us/token/step", "outside share", "peak MiB"],
+            rows,
+            title=f"\n[4] per-step cost vs L and vs batch: {args.scaling_source} source, cumulative scalar, "
+            f"{steps} steps, V {V}, medians over {args.scaling_repeats} runs",
+        )
+    )
     return out
 
 
@@ -268,10 +511,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--scaling-source", default="mask", choices=["mask", "uniform"])
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of the sampler's own work")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast of the forward (the GPU path)")
-    parser.add_argument("--precision", default="float64", choices=["float64", "float32"],
-                        help="dtype of p and the draws (float64 is the suite's default)")
-    parser.add_argument("--sparse", default="auto", choices=["auto", "on", "off"],
-                        help="auto/on: the logits step (the default on every device); off: the dense (B, L, V) step")
+    parser.add_argument(
+        "--precision",
+        default="float64",
+        choices=["float64", "float32"],
+        help="dtype of p and the draws (float64 is the suite's default)",
+    )
+    parser.add_argument(
+        "--sparse",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="auto/on: the logits step (the default on every device); off: the dense (B, L, V) step",
+    )
     args = parser.parse_args(argv)
     args.precision = getattr(torch, args.precision)
     args.sparse = {"auto": None, "on": True, "off": False}[args.sparse]
@@ -280,8 +531,11 @@ def main(argv=None) -> dict:
     q = args.quick
     args.vocab = args.vocab or (256 if q else 2048)
     args.rules = [r for r in args.rules.split(",") if r]
-    args.budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else \
-        ([1, 2, 4, 8, 32] if q else [2**k for k in range(11)])
+    args.budgets = (
+        [int(b) for b in args.budgets.split(",")]
+        if args.budgets
+        else ([1, 2, 4, 8, 32] if q else [2**k for k in range(11)])
+    )
     args.speedup_pair = (8, max(args.budgets))
     args.sweep_batch = args.sweep_batch or (4 if q else 16)
     args.sweep_len = args.sweep_len or (32 if q else 64)
@@ -301,17 +555,34 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from {SECTIONS}")
     env = environment(device)
-    print(f"bench_sampling: {args.preset} DiT (random init), V {args.vocab}; {env['device']}, {env['threads']} threads, "
-          f"load average {env['loadavg_1min']} on {env['cpu_count']} CPUs; {args.precision} draws, sparse={args.sparse}; "
-          f"compile={args.compile}, autocast={args.autocast}")
-    record = {"bench": "sampling", "quick": q, **env, "vocab": args.vocab, "model": args.preset, "compile": args.compile,
-              "autocast": args.autocast, "precision": str(args.precision).removeprefix("torch."),
-              "sparse": args.sparse, "extrapolated": False}
+    print(
+        f"bench_sampling: {args.preset} DiT (random init), V {args.vocab}; {env['device']}, {env['threads']} threads, "
+        f"load average {env['loadavg_1min']} on {env['cpu_count']} CPUs; {args.precision} draws, sparse={args.sparse}; "
+        f"compile={args.compile}, autocast={args.autocast}"
+    )
+    record = {
+        "bench": "sampling",
+        "quick": q,
+        **env,
+        "vocab": args.vocab,
+        "model": args.preset,
+        "compile": args.compile,
+        "autocast": args.autocast,
+        "precision": str(args.precision).removeprefix("torch."),
+        "sparse": args.sparse,
+        "extrapolated": False,
+    }
     if "sweep" in sections:
         runs, speedup = sweep(args, device)
-        record["sweep"] = {"source": args.sweep_source, "batch": args.sweep_batch, "seq_len": args.sweep_len,
-                           "runs": [{k: (rounded(v) if isinstance(v, float) else v) for k, v in asdict(r).items()
-                                     if k != "walls"} for r in runs]}
+        record["sweep"] = {
+            "source": args.sweep_source,
+            "batch": args.sweep_batch,
+            "seq_len": args.sweep_len,
+            "runs": [
+                {k: (rounded(v) if isinstance(v, float) else v) for k, v in asdict(r).items() if k != "walls"}
+                for r in runs
+            ],
+        }
         record["speedup"] = speedup
         record["numerics"] = args.numerics
     if "share" in sections:

@@ -27,8 +27,21 @@ import time
 import torch
 from torch import nn
 
-from benchlib import (MiB, add_common_args, add_shape_args, count_flops, emit, environment, maybe_compile, measure,
-                      mfu, random_dit, rounded, setup, table)
+from benchlib import (
+    MiB,
+    add_common_args,
+    add_shape_args,
+    count_flops,
+    emit,
+    environment,
+    maybe_compile,
+    measure,
+    mfu,
+    random_dit,
+    rounded,
+    setup,
+    table,
+)
 from fsdfm.metrics.timing import peak_memory, reset_peak_memory
 from fsdfm.objectives import DFMObjective, FSDFMConfig, FSDFMObjective
 from fsdfm.paths import make_path
@@ -66,11 +79,14 @@ class PassCounter(nn.Module):
         def hook(grad):
             self.backward_calls += 1
             self.backward_rows += rows
+
         return hook
 
     def counts(self) -> dict:
-        return {k: getattr(self, k) for k in ("grad_calls", "grad_rows", "nograd_calls", "nograd_rows",
-                                              "backward_calls", "backward_rows")}
+        return {
+            k: getattr(self, k)
+            for k in ("grad_calls", "grad_rows", "nograd_calls", "nograd_rows", "backward_calls", "backward_rows")
+        }
 
 
 def objectives(path) -> dict:
@@ -97,8 +113,10 @@ def main(argv=None) -> dict:
     path = make_path(PolynomialScheduler(1), args.source, V)
     data = torch.randint(V, (max(4 * B, 256), L), generator=torch.Generator().manual_seed(args.seed))
     env = environment(device)
-    print(f"bench_training: {args.preset} DiT (random init), V {V}, batch {B}, L {L}, {steps} timed steps x {repeats} fits, "
-          f"{args.source} source; {env['device']}, {env['threads']} threads, load average {env['loadavg_1min']}")
+    print(
+        f"bench_training: {args.preset} DiT (random init), V {V}, batch {B}, L {L}, {steps} timed steps x {repeats} fits, "
+        f"{args.source} source; {env['device']}, {env['threads']} threads, load average {env['loadavg_1min']}"
+    )
 
     teacher = random_dit(V, L, preset=args.preset, seed=args.seed, device=device)
     x = path.source.sample((B, L), generator=torch.Generator(device).manual_seed(0), device=device)
@@ -113,8 +131,7 @@ def main(argv=None) -> dict:
     unknown = set(names) - set(chosen)
     if unknown:
         raise SystemExit(f"unknown --objectives {sorted(unknown)}; choose from {sorted(chosen)}")
-    cfg = OptimConfig(steps=steps, batch_size=B, lr=1e-4, warmup_steps=1, ema_decay=0.999, seed=args.seed,
-                      ckpt_every=0)
+    cfg = OptimConfig(steps=steps, batch_size=B, lr=1e-4, warmup_steps=1, ema_decay=0.999, seed=args.seed, ckpt_every=0)
     results, rows = {}, []
     for name in names:
         objective, h_embedding = chosen[name]
@@ -137,35 +154,82 @@ def main(argv=None) -> dict:
         res, grad, ema = fits[-1]  # counts of the last fit (each fit draws the same h sequence: same seed)
         per_step = wall / steps
         rec = {
-            "steps": steps, "repeats": repeats, "wall_s": rounded(wall),
+            "steps": steps,
+            "repeats": repeats,
+            "wall_s": rounded(wall),
             "tokens_per_s": rounded(statistics.median(r.tokens_per_s for r, _, _ in fits)),
-            "step_ms": rounded(1e3 * per_step), "teacher_forward_units_per_step": rounded(per_step / fwd.wall_s),
-            "grad_forward_calls": grad["grad_calls"], "backward_calls": grad["backward_calls"],
+            "step_ms": rounded(1e3 * per_step),
+            "teacher_forward_units_per_step": rounded(per_step / fwd.wall_s),
+            "grad_forward_calls": grad["grad_calls"],
+            "backward_calls": grad["backward_calls"],
             "teacher_forward_calls": ema["nograd_calls"] + grad["nograd_calls"],
-            "forward_row_equiv_per_step": rounded((grad["grad_rows"] + grad["nograd_rows"] + ema["nograd_rows"])
-                                                  / (B * steps)),
+            "forward_row_equiv_per_step": rounded(
+                (grad["grad_rows"] + grad["nograd_rows"] + ema["nograd_rows"]) / (B * steps)
+            ),
             "backward_row_equiv_per_step": rounded(grad["backward_rows"] / (B * steps)),
-            "peak_mem_mib": rounded(peak / MiB), "peak_mem_kind": kind, "counts_student": grad, "counts_ema": ema,
-            "flops_per_step": rounded(flops / steps) if flops else None, "mfu": rounded(util) if util else None,
+            "peak_mem_mib": rounded(peak / MiB),
+            "peak_mem_kind": kind,
+            "counts_student": grad,
+            "counts_ema": ema,
+            "flops_per_step": rounded(flops / steps) if flops else None,
+            "mfu": rounded(util) if util else None,
         }
         results[name] = rec
-        rows.append([name, rec["tokens_per_s"], rec["step_ms"], rec["teacher_forward_units_per_step"],
-                     rec["grad_forward_calls"] / steps, rec["teacher_forward_calls"] / steps,
-                     rec["forward_row_equiv_per_step"], rec["backward_calls"] / steps,
-                     rec["backward_row_equiv_per_step"], rec["peak_mem_mib"], "n/a" if util is None else util])
+        rows.append(
+            [
+                name,
+                rec["tokens_per_s"],
+                rec["step_ms"],
+                rec["teacher_forward_units_per_step"],
+                rec["grad_forward_calls"] / steps,
+                rec["teacher_forward_calls"] / steps,
+                rec["forward_row_equiv_per_step"],
+                rec["backward_calls"] / steps,
+                rec["backward_row_equiv_per_step"],
+                rec["peak_mem_mib"],
+                "n/a" if util is None else util,
+            ]
+        )
         print(f"  {name}: {rec['tokens_per_s']:.0f} tokens/s", flush=True)
-    print(table(["objective", "tokens/s", "ms/step", "teacher-fwd units/step", "grad fwd calls/step",
-                 "no-grad fwd calls/step", "fwd row-equiv/step", "bwd calls/step", "bwd row-equiv/step", "peak MiB", "MFU"],
-                rows, title=f"\ntraining throughput (median over {repeats} fits of {steps} steps; counts from the "
-                            f"last fit)"))
+    print(
+        table(
+            [
+                "objective",
+                "tokens/s",
+                "ms/step",
+                "teacher-fwd units/step",
+                "grad fwd calls/step",
+                "no-grad fwd calls/step",
+                "fwd row-equiv/step",
+                "bwd calls/step",
+                "bwd row-equiv/step",
+                "peak MiB",
+                "MFU",
+            ],
+            rows,
+            title=f"\ntraining throughput (median over {repeats} fits of {steps} steps; counts from the last fit)",
+        )
+    )
     if "teacher_dfm" in results:
         base_rate = results["teacher_dfm"]["tokens_per_s"]
         for name, rec in results.items():
             rec["relative_to_teacher"] = rounded(rec["tokens_per_s"] / base_rate)
-    record = {"bench": "training", "quick": q, **env, "vocab": V, "batch": B, "seq_len": L, "source": args.source,
-              "model": args.preset, "compile": args.compile, "teacher_forward_ms": rounded(1e3 * fwd.wall_s),
-              "teacher_forward_peak_mem_mib": rounded(fwd.peak_mem_bytes / MiB), "objectives": results,
-              "loadavg_1min_end": round(os.getloadavg()[0], 2), "timestamp": time.time()}
+    record = {
+        "bench": "training",
+        "quick": q,
+        **env,
+        "vocab": V,
+        "batch": B,
+        "seq_len": L,
+        "source": args.source,
+        "model": args.preset,
+        "compile": args.compile,
+        "teacher_forward_ms": rounded(1e3 * fwd.wall_s),
+        "teacher_forward_peak_mem_mib": rounded(fwd.peak_mem_bytes / MiB),
+        "objectives": results,
+        "loadavg_1min_end": round(os.getloadavg()[0], 2),
+        "timestamp": time.time(),
+    }
     emit(record)
     return record
 

@@ -39,8 +39,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run, seconds)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (CUDA timings are synchronised)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (off by default; the first "
-                        "call of each shape compiles, and warm-up calls absorb it)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (off by default; the first "
+        "call of each shape compiles, and warm-up calls absorb it)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="tiny", help="DiT size: tiny, small (~170M with V=50257) or 1.3b")
 
@@ -62,8 +66,14 @@ def setup(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def random_dit(vocab_size: int, seq_len: int, seed: int = 0, h_embedding: str = "none", preset: str = "tiny",
-               device: torch.device | str = "cpu") -> DiT:
+def random_dit(
+    vocab_size: int,
+    seq_len: int,
+    seed: int = 0,
+    h_embedding: str = "none",
+    preset: str = "tiny",
+    device: torch.device | str = "cpu",
+) -> DiT:
     """A randomly initialised DiT preset over V data tokens plus the mask (input vocabulary V + 1).
 
     The zero-initialised layers (adaLN modulations, output head) are redrawn N(0, 0.02^2): the cost of a forward
@@ -198,8 +208,13 @@ def environment(device: torch.device | str) -> dict:
     """What the numbers depend on: device, threads, load, versions."""
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "loadavg_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__}
+    return {
+        "device": name,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+    }
 
 
 def emit(record: dict) -> None:

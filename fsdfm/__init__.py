@@ -14,10 +14,17 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it (imported on first access)
 _LAZY = {
-    "run_study": "fsdfm.api", "load_model": "fsdfm.api", "evaluate": "fsdfm.api", "Model": "fsdfm.api",
-    "Samples": "fsdfm.api", "StudyFailed": "fsdfm.api",
-    "compute_metrics": "fsdfm.metrics", "register_metric": "fsdfm.metrics", "METRICS": "fsdfm.metrics",
-    "write_report": "fsdfm.report", "load_study": "fsdfm.report",
+    "run_study": "fsdfm.api",
+    "load_model": "fsdfm.api",
+    "evaluate": "fsdfm.api",
+    "Model": "fsdfm.api",
+    "Samples": "fsdfm.api",
+    "StudyFailed": "fsdfm.api",
+    "compute_metrics": "fsdfm.metrics",
+    "register_metric": "fsdfm.metrics",
+    "METRICS": "fsdfm.metrics",
+    "write_report": "fsdfm.report",
+    "load_study": "fsdfm.report",
 }
 __all__ = ["__version__", *_LAZY]
 

@@ -25,10 +25,22 @@ from typing import Any, Mapping, Sequence
 DEFAULT_ROOT = "results"
 TOKENIZER_FILE = "tokenizer.json"
 # the stage kinds that leave a model in their folder -> the sampler of fsdfm.methods.common.SAMPLERS that draws from it
-MODEL_SAMPLERS = {"train_dfm": "dfm", "distil_fsdfm": "dfm", "load_released": "dfm", "train_ar": "ar",
-                  "train_flm": "flm", "distil_fmlm": "fmlm", "exact_posterior": "exact"}
-DEFAULT_RULES = {"dfm": "cumulative_scalar", "exact": "cumulative_scalar", "ar": "ancestral", "flm": "euler",
-                 "fmlm": "flow_map"}
+MODEL_SAMPLERS = {
+    "train_dfm": "dfm",
+    "distil_fsdfm": "dfm",
+    "load_released": "dfm",
+    "train_ar": "ar",
+    "train_flm": "flm",
+    "distil_fmlm": "fmlm",
+    "exact_posterior": "exact",
+}
+DEFAULT_RULES = {
+    "dfm": "cumulative_scalar",
+    "exact": "cumulative_scalar",
+    "ar": "ancestral",
+    "flm": "euler",
+    "fmlm": "flow_map",
+}
 
 
 class StudyFailed(RuntimeError):
@@ -41,9 +53,16 @@ class StudyFailed(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------ run_study
 
-def run_study(spec: str | os.PathLike | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
-              executor: str = "inline", results: str | os.PathLike = DEFAULT_ROOT, profile: str | None = None,
-              max_parallel: int | None = None, track: bool = False):
+
+def run_study(
+    spec: str | os.PathLike | Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    executor: str = "inline",
+    results: str | os.PathLike = DEFAULT_ROOT,
+    profile: str | None = None,
+    max_parallel: int | None = None,
+    track: bool = False,
+):
     """Run (or finish) a study and return its results DataFrame, as `fsdfm run` then `fsdfm.records.load`.
 
     Args:
@@ -73,6 +92,7 @@ def run_study(spec: str | os.PathLike | Mapping[str, Any], overrides: Mapping[st
         study, cells = load_spec(spec, cache_dir=cache, overrides=overrides)
     plan = plan_study(study.name, cells)
     from fsdfm.tracking import check_available, enable
+
     if track:
         plan = enable(plan, study.tracking)
     check_available(plan.tracking)  # a missing tensorboard fails here, before anything runs
@@ -83,6 +103,7 @@ def run_study(spec: str | os.PathLike | Mapping[str, Any], overrides: Mapping[st
 
 
 # ------------------------------------------------------------------------------------------------ models
+
 
 @dataclasses.dataclass(frozen=True)
 class Samples:
@@ -129,8 +150,17 @@ class Model:
     config: dict = dataclasses.field(repr=False, default_factory=dict)
     t_end: float = 1.0
 
-    def sample(self, n: int, steps: int = 8, rule: str | None = None, seed: int = 0, batch_size: int | None = None,
-               precision: str = "float64", t_end: float | None = None, device: str | None = None) -> Samples:
+    def sample(
+        self,
+        n: int,
+        steps: int = 8,
+        rule: str | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        precision: str = "float64",
+        t_end: float | None = None,
+        device: str | None = None,
+    ) -> Samples:
         """Draw n samples with `steps` steps of update rule `rule` (default: the method's first rule).
 
         With the settings of a study's sample stage (n_samples, steps, rule, seed, batch_size, precision, and the
@@ -150,20 +180,36 @@ class Model:
             raise ValueError(f"sample: precision must be float64 or float32, got {precision!r}")
         if self.sampler == "dfm" or self.sampler == "exact":
             from fsdfm.samplers import get_rule
+
             get_rule(rule or DEFAULT_RULES[self.sampler])  # an unknown rule: UnknownNameError with did-you-mean
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        cfg = {"sampler": self.sampler, "rule": rule or DEFAULT_RULES[self.sampler], "steps": steps,
-               "t_end": self.t_end if t_end is None else t_end, "n_samples": n,
-               "batch_size": batch_size or min(n, 64), "seed": seed, "precision": precision,
-               "data": self.config.get("data", {})}
-        corpus = _ModelCorpus(self.seq_len, self.vocab_size, self.tokenizer.eos_id if self.tokenizer else None,
-                              self.tokenizer)
+        cfg = {
+            "sampler": self.sampler,
+            "rule": rule or DEFAULT_RULES[self.sampler],
+            "steps": steps,
+            "t_end": self.t_end if t_end is None else t_end,
+            "n_samples": n,
+            "batch_size": batch_size or min(n, 64),
+            "seed": seed,
+            "precision": precision,
+            "data": self.config.get("data", {}),
+        }
+        corpus = _ModelCorpus(
+            self.seq_len, self.vocab_size, self.tokenizer.eos_id if self.tokenizer else None, self.tokenizer
+        )
         gen = torch.Generator(dev).manual_seed(seed)  # as the sample stage seeds it
         out = draw_samples(self.sampler, self.stage_dir, cfg, corpus, dev, gen)
         tokens = out.tokens.cpu().numpy().astype(np.int64)
         texts = self.tokenizer.decode_batch(tokens.tolist()) if self.tokenizer is not None else None
-        return Samples(tokens=tokens, texts=texts, nfe=int(out.nfe), wall_s=float(out.wall_s), steps=steps,
-                       rule=cfg["rule"], seed=seed)
+        return Samples(
+            tokens=tokens,
+            texts=texts,
+            nfe=int(out.nfe),
+            wall_s=float(out.wall_s),
+            steps=steps,
+            rule=cfg["rule"],
+            seed=seed,
+        )
 
 
 def _model_dims(d: Path, sampler: str, record: dict) -> tuple[int, int]:
@@ -181,6 +227,7 @@ def _model_dims(d: Path, sampler: str, record: dict) -> tuple[int, int]:
         data = record.get("config", {}).get("data", {})
         return int(data.get("seq_len") or ptr["model_config"]["seq_len"]), int(ptr["model_config"]["vocab_size"])
     from fsdfm.methods.common import load_dit
+
     model = load_dit(d, dev=None).model
     return int(model.cfg.seq_len), int(model.cfg.vocab_size)
 
@@ -197,6 +244,7 @@ def _model_tokenizer(d: Path, record: dict):
         return None
     from fsdfm.records import stage_cache_dir
     from fsdfm.data import DataConfig, load_corpus
+
     return load_corpus(DataConfig(**data), stage_cache_dir(d)).tokenizer
 
 
@@ -215,8 +263,11 @@ def load_model(stage_dir: str | os.PathLike) -> Model:
     kind = record.get("kind") or d.name.rsplit("-", 1)[0]
     if kind not in MODEL_SAMPLERS:
         from fsdfm.registry import did_you_mean
-        raise ValueError(f"load_model: {d} is a {kind!r} stage, which holds no model{did_you_mean(kind, list(MODEL_SAMPLERS))}; "
-                         f"pass the folder of one of: {', '.join(MODEL_SAMPLERS)}")
+
+        raise ValueError(
+            f"load_model: {d} is a {kind!r} stage, which holds no model{did_you_mean(kind, list(MODEL_SAMPLERS))}; "
+            f"pass the folder of one of: {', '.join(MODEL_SAMPLERS)}"
+        )
     if record.get("status") != "done":
         raise FileNotFoundError(f"load_model: {d}: the stage has not finished (no done record.json)")
     sampler = MODEL_SAMPLERS[kind]
@@ -226,8 +277,16 @@ def load_model(stage_dir: str | os.PathLike) -> Model:
     # the planner ends the grid at 1 - eps for a generalized-KL teacher (fsdfm.methods: ends_before_one); a released
     # checkpoint's record does not say how it was trained: pass t_end to sample() for a generalized-KL one
     t_end = 1.0 - float(objective.get("eps", 1e-3)) if objective.get("loss") == "gkl" else 1.0
-    return Model(stage_dir=d, kind=kind, sampler=sampler, seq_len=seq_len, vocab_size=vocab_size,
-                 tokenizer=_model_tokenizer(d, record), config=config, t_end=t_end)
+    return Model(
+        stage_dir=d,
+        kind=kind,
+        sampler=sampler,
+        seq_len=seq_len,
+        vocab_size=vocab_size,
+        tokenizer=_model_tokenizer(d, record),
+        config=config,
+        t_end=t_end,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -241,12 +300,21 @@ def _as_tokenizer(tokenizer):
     if isinstance(tokenizer, Model):
         return tokenizer.tokenizer
     from fsdfm.data.tokenizer import load_tokenizer
+
     return load_tokenizer(str(tokenizer))
 
 
-def evaluate(samples, metrics: Sequence[str] | None = None, reference: Sequence[str] | None = None,
-             evaluator=None, tokenizer=None, seed: int = 0, mauve_featurizer: str = "minilm",
-             self_bleu_subsample: int | None = 1000, device: str = "cpu"):
+def evaluate(
+    samples,
+    metrics: Sequence[str] | None = None,
+    reference: Sequence[str] | None = None,
+    evaluator=None,
+    tokenizer=None,
+    seed: int = 0,
+    mauve_featurizer: str = "minilm",
+    self_bleu_subsample: int | None = 1000,
+    device: str = "cpu",
+):
     """Score samples with the suite's metrics (`fsdfm.metrics.compute_metric_set`).
 
     Args:
@@ -284,12 +352,24 @@ def evaluate(samples, metrics: Sequence[str] | None = None, reference: Sequence[
             texts = tok.decode_batch(np.asarray(ids).tolist())
     if isinstance(evaluator, (str, os.PathLike)):
         from fsdfm.metrics.evaluator import load_evaluator
+
         evaluator = load_evaluator(evaluator, device=device)
     if metrics is None:
-        metrics = list(DEFAULT_METRICS) + (["gen_ppl"] if evaluator is not None else []) + \
-            (["mauve"] if reference is not None else [])
+        metrics = (
+            list(DEFAULT_METRICS)
+            + (["gen_ppl"] if evaluator is not None else [])
+            + (["mauve"] if reference is not None else [])
+        )
     eos = getattr(tok, "eos_token", None) if tok is not None else None
     markers = END_MARKERS + ((eos,) if eos and eos not in END_MARKERS else ())
-    return compute_metric_set(ids, texts, list(metrics), evaluator=evaluator, references=reference,
-                              mauve_featurizer=mauve_featurizer, self_bleu_subsample=self_bleu_subsample, seed=seed,
-                              end_markers=markers)
+    return compute_metric_set(
+        ids,
+        texts,
+        list(metrics),
+        evaluator=evaluator,
+        references=reference,
+        mauve_featurizer=mauve_featurizer,
+        self_bleu_subsample=self_bleu_subsample,
+        seed=seed,
+        end_markers=markers,
+    )

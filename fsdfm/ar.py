@@ -67,8 +67,13 @@ class ARConfig:
     def from_model_config(cls, cfg: Any) -> "ARConfig":
         """The AR baseline of the same width and depth as a DiT `fsdfm.model.ModelConfig` (output vocabulary V:
         the mask source's extra input row has no AR counterpart)."""
-        return cls(vocab_size=int(cfg.vocab_size), seq_len=int(cfg.seq_len), hidden=int(cfg.hidden),
-                   n_blocks=int(cfg.n_blocks), n_heads=int(cfg.n_heads))
+        return cls(
+            vocab_size=int(cfg.vocab_size),
+            seq_len=int(cfg.seq_len),
+            hidden=int(cfg.hidden),
+            n_blocks=int(cfg.n_blocks),
+            n_heads=int(cfg.n_heads),
+        )
 
 
 def build_ar(cfg: ARConfig, bos_id: int | None = None) -> GPT2LMHeadModel:
@@ -136,7 +141,7 @@ def ar_nll(model: Any, blocks: torch.Tensor, bos_id: int, batch_size: int = 64) 
     device = next(model.parameters()).device
     total = 0.0
     for start in range(0, blocks.shape[0], batch_size):
-        chunk = blocks[start:start + batch_size].to(device)
+        chunk = blocks[start : start + batch_size].to(device)
         total += float(ar_loss(model, chunk, bos_id, reduction="none").double().sum())
     model.train(was_training)
     return total / blocks.numel()
@@ -247,8 +252,7 @@ def train_ar(
     def loss_fn(ctx: StepContext) -> torch.Tensor:
         return ar_loss(ctx.model, ctx.batch, bos_id)
 
-    res = fit(model, loss_fn, data, optim, ckpt_dir=out_dir / "ckpt", desc="train ar", device=device,
-              progress=progress)
+    res = fit(model, loss_fn, data, optim, ckpt_dir=out_dir / "ckpt", desc="train ar", device=device, progress=progress)
     final = res.ema if res.ema is not None else res.model
     val_nll = ar_nll(final, valid, bos_id) if valid is not None else None
     hf_dir = out_dir / "hf"
@@ -281,8 +285,18 @@ def train_reference_evaluator(
     if eos is None:
         raise ValueError("train_reference_evaluator: the tokenizer has no eos_token (it doubles as BOS)")
     if len(hf_tokenizer) > cfg.vocab_size:
-        raise ValueError(f"train_reference_evaluator: the tokenizer has {len(hf_tokenizer)} tokens, more than "
-                         f"ARConfig.vocab_size ({cfg.vocab_size})")
-    return train_ar(train_blocks, cfg, optim, out_dir, bos_id=eos, hf_tokenizer=hf_tokenizer, valid=valid,
-                    device=device, progress=progress).hf_dir
-
+        raise ValueError(
+            f"train_reference_evaluator: the tokenizer has {len(hf_tokenizer)} tokens, more than "
+            f"ARConfig.vocab_size ({cfg.vocab_size})"
+        )
+    return train_ar(
+        train_blocks,
+        cfg,
+        optim,
+        out_dir,
+        bos_id=eos,
+        hf_tokenizer=hf_tokenizer,
+        valid=valid,
+        device=device,
+        progress=progress,
+    ).hf_dir

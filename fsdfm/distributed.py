@@ -58,7 +58,9 @@ class DistEnv:
         if self.local_rank < 0:
             raise ValueError(f"DistEnv: local_rank must be >= 0, got {self.local_rank} (source: {self.source})")
         if not 0 < self.master_port < 65536:
-            raise ValueError(f"DistEnv: master_port must be in 1..65535, got {self.master_port} (source: {self.source})")
+            raise ValueError(
+                f"DistEnv: master_port must be in 1..65535, got {self.master_port} (source: {self.source})"
+            )
 
     @property
     def is_distributed(self) -> bool:
@@ -79,22 +81,37 @@ class DistEnv:
         without calling `scontrol show hostnames`."""
         env = os.environ
         if "RANK" in env and "WORLD_SIZE" in env:
-            return cls(rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
-                       local_rank=_int(env, "LOCAL_RANK", 0), master_addr=env.get("MASTER_ADDR", DEFAULT_ADDR),
-                       master_port=_int(env, "MASTER_PORT", DEFAULT_PORT), source="torchrun")
+            return cls(
+                rank=_int(env, "RANK"),
+                world_size=_int(env, "WORLD_SIZE"),
+                local_rank=_int(env, "LOCAL_RANK", 0),
+                master_addr=env.get("MASTER_ADDR", DEFAULT_ADDR),
+                master_port=_int(env, "MASTER_PORT", DEFAULT_PORT),
+                source="torchrun",
+            )
         submitit_env = _submitit_environment() if env.get("SUBMITIT_EXECUTOR") else None
         if submitit_env is not None:
             host = DEFAULT_ADDR if submitit_env.cluster == "local" else submitit_env.hostnames[0]
-            return cls(rank=int(submitit_env.global_rank), world_size=int(submitit_env.num_tasks),
-                       local_rank=int(submitit_env.local_rank), master_addr=env.get("MASTER_ADDR", host),
-                       master_port=_int(env, "MASTER_PORT", _slurm_port(env)), source="submitit")
+            return cls(
+                rank=int(submitit_env.global_rank),
+                world_size=int(submitit_env.num_tasks),
+                local_rank=int(submitit_env.local_rank),
+                master_addr=env.get("MASTER_ADDR", host),
+                master_port=_int(env, "MASTER_PORT", _slurm_port(env)),
+                source="submitit",
+            )
         if "SLURM_PROCID" in env:
             nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
             addr = env.get("MASTER_ADDR") or (first_host(nodelist, use_scontrol) if nodelist else DEFAULT_ADDR)
             ntasks = "SLURM_NTASKS" if "SLURM_NTASKS" in env else "SLURM_NPROCS"  # the older name
-            return cls(rank=_int(env, "SLURM_PROCID"), world_size=_int(env, ntasks, 1),
-                       local_rank=_int(env, "SLURM_LOCALID", 0), master_addr=addr,
-                       master_port=_int(env, "MASTER_PORT", _slurm_port(env)), source="slurm")
+            return cls(
+                rank=_int(env, "SLURM_PROCID"),
+                world_size=_int(env, ntasks, 1),
+                local_rank=_int(env, "SLURM_LOCALID", 0),
+                master_addr=addr,
+                master_port=_int(env, "MASTER_PORT", _slurm_port(env)),
+                source="slurm",
+            )
         return cls()
 
 
@@ -163,8 +180,9 @@ def first_host(nodelist: str, use_scontrol: bool = True) -> str:
     """The first host of a SLURM node list: `scontrol show hostnames` when available, else `expand_nodelist`."""
     if use_scontrol and shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                 timeout=30, check=True).stdout.split()
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.split()
             if out:
                 return out[0]
         except (subprocess.SubprocessError, OSError):
@@ -172,8 +190,9 @@ def first_host(nodelist: str, use_scontrol: bool = True) -> str:
     return expand_nodelist(nodelist)[0]
 
 
-def init_distributed(backend: str | None = None, env: DistEnv | None = None,
-                     timeout: timedelta = timedelta(minutes=30)) -> DistEnv:
+def init_distributed(
+    backend: str | None = None, env: DistEnv | None = None, timeout: timedelta = timedelta(minutes=30)
+) -> DistEnv:
     """Join the process group described by `env` (default: `DistEnv.from_env()`) and return it.
 
     backend: "nccl" when CUDA is available (each process then uses cuda:local_rank), else "gloo". A world of one
@@ -186,8 +205,9 @@ def init_distributed(backend: str | None = None, env: DistEnv | None = None,
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(backend, init_method=env.init_method, rank=env.rank, world_size=env.world_size,
-                            timeout=timeout)
+    dist.init_process_group(
+        backend, init_method=env.init_method, rank=env.rank, world_size=env.world_size, timeout=timeout
+    )
     return env
 
 

@@ -61,12 +61,15 @@ def read_external(path: Path, corpus) -> tuple[np.ndarray, list[str] | None]:
         except Exception as e:  # noqa: BLE001 - numpy's errors do not name the file
             raise ExternalError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ExternalError(f"{path}: needs an (N, L) integer array of token ids, got {tokens.dtype} "
-                                f"{tokens.shape}")
+            raise ExternalError(
+                f"{path}: needs an (N, L) integer array of token ids, got {tokens.dtype} {tokens.shape}"
+            )
         vocab = int(corpus.vocab_size)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-            raise ExternalError(f"{path}: ids in [{tokens.min()}, {tokens.max()}] but the study's vocabulary has "
-                                f"{vocab} ids; .npy files must use the study's tokenizer")
+            raise ExternalError(
+                f"{path}: ids in [{tokens.min()}, {tokens.max()}] but the study's vocabulary has "
+                f"{vocab} ids; .npy files must use the study's tokenizer"
+            )
         tokens = tokens.astype(np.int64)
         return tokens, (tok.decode_batch(tokens.tolist()) if tok is not None else None)
     texts = []
@@ -77,17 +80,19 @@ def read_external(path: Path, corpus) -> tuple[np.ndarray, list[str] | None]:
             row = json.loads(line)
             texts.append(str(row["text"]))
         except (ValueError, KeyError, TypeError):
-            raise ExternalError(f"{path}:{i}: each line must be a JSON object with a \"text\" key") from None
+            raise ExternalError(f'{path}:{i}: each line must be a JSON object with a "text" key') from None
     if not texts:
         raise ExternalError(f"{path}: no samples")
     if tok is None:
-        raise ExternalError(f"{path}: a .jsonl of texts needs a study with a tokenizer; this study's data "
-                            f"({corpus.__class__.__name__}) has none: pass a .npy of ids")
+        raise ExternalError(
+            f"{path}: a .jsonl of texts needs a study with a tokenizer; this study's data "
+            f"({corpus.__class__.__name__}) has none: pass a .npy of ids"
+        )
     pad = corpus.eos_id if corpus.eos_id is not None else 0
     tokens = np.full((len(texts), seq_len), pad, dtype=np.int64)
     for i, ids in enumerate(tok.encode_batch(texts)):
         ids = ids[:seq_len]
-        tokens[i, :len(ids)] = ids
+        tokens[i, : len(ids)] = ids
     return tokens, texts
 
 
@@ -101,8 +106,10 @@ def evaluate_external_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     suffix = next(s for s, f in FORMATS.items() if f == ext["format"])
     blob = Path(out_dir).resolve().parent.parent / EXTERNAL_BLOBS / f"{ext['sha256']}{suffix}"
     if not blob.is_file() or _sha256(blob) != ext["sha256"]:
-        raise ExternalError(f"{blob}: the external file with sha256 {ext['sha256'][:12]} is missing or changed; "
-                            "run fsdfm eval on it again")
+        raise ExternalError(
+            f"{blob}: the external file with sha256 {ext['sha256'][:12]} is missing or changed; "
+            "run fsdfm eval on it again"
+        )
     mine = Path(out_dir) / f"external{suffix}"
     shutil.copyfile(blob, mine)
     corpus = corpus_for(config, out_dir)
@@ -110,8 +117,9 @@ def evaluate_external_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     n = int(tokens.shape[0])
     evaluator = load_study_evaluator(config, inputs, device())
     refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
-    scored = score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir,
-                           _sample_metric_names(config, evaluator))
+    scored = score_samples(
+        config, tokens, texts, refs, evaluator, corpus, out_dir, _sample_metric_names(config, evaluator)
+    )
     return {**scored, "n_samples": n, "external": {"sha256": ext["sha256"], "format": ext["format"]}}
 
 
@@ -166,12 +174,18 @@ def eval_files(sdir: Path, root: Path, files: list[str], labels: list[str] | Non
     for i, p in enumerate(paths):
         tokens, _ = read_external(p, corpus)  # checked before anything is written
         sha = _sha256(p)
-        config = {**base, "n_samples": int(tokens.shape[0]),
-                  "external": {"sha256": sha, "format": FORMATS[p.suffix], "n_samples": int(tokens.shape[0])}}
+        config = {
+            **base,
+            "n_samples": int(tokens.shape[0]),
+            "external": {"sha256": sha, "format": FORMATS[p.suffix], "n_samples": int(tokens.shape[0])},
+        }
         stage = Stage(EXTERNAL_KIND, config, inputs, {**fingerprint, "external_kind": "1"})
         label = labels[i] if labels else p.stem
-        run = RunSpec(run_id=f"external-{label}-{sha[:8]}", stage_id=stage.id,
-                      params={"kind": "external", "label": label, "method": "external", "file": str(p)})
+        run = RunSpec(
+            run_id=f"external-{label}-{sha[:8]}",
+            stage_id=stage.id,
+            params={"kind": "external", "label": label, "method": "external", "file": str(p)},
+        )
         todo.append((p, stage, run))
     ext_path = sdir / EXTERNAL
     try:
@@ -199,5 +213,11 @@ def _kind_hint() -> dict:
     from fsdfm.study.graph import STAGE_KINDS
 
     k = STAGE_KINDS.get(EXTERNAL_KIND)
-    return {EXTERNAL_KIND: {"module": k.module, "import_root": k.import_root, "checkpointable": k.checkpointable,
-                            "resources": k.resources}}
+    return {
+        EXTERNAL_KIND: {
+            "module": k.module,
+            "import_root": k.import_root,
+            "checkpointable": k.checkpointable,
+            "resources": k.resources,
+        }
+    }

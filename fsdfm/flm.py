@@ -120,8 +120,13 @@ class FLMTime:
         return x
 
 
-def noisy_state(x_1: torch.Tensor, gamma: torch.Tensor, vocab_size: int, generator: torch.Generator | None,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def noisy_state(
+    x_1: torch.Tensor,
+    gamma: torch.Tensor,
+    vocab_size: int,
+    generator: torch.Generator | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """x_gamma = (1 - gamma) eps + gamma onehot(x_1). x_1: (B, L) long; gamma: (B,) -> (B, L, V).
 
     Built in place on the noise (scatter-add of gamma) so only one B x L x V tensor is allocated."""
@@ -141,8 +146,9 @@ class FLMConfig:
 
     def __post_init__(self):
         if not 0.0 <= self.tau_min < self.tau_max <= 1.0:
-            raise ValueError(f"FLMConfig: need 0 <= tau_min < tau_max <= 1, got tau_min={self.tau_min}, "
-                             f"tau_max={self.tau_max}")
+            raise ValueError(
+                f"FLMConfig: need 0 <= tau_min < tau_max <= 1, got tau_min={self.tau_min}, tau_max={self.tau_max}"
+            )
 
 
 class FLMObjective:
@@ -160,8 +166,13 @@ class FLMObjective:
         return F.cross_entropy(logits.float().flatten(0, 1), x_1.flatten())
 
 
-def flow_map(x: torch.Tensor, d: torch.Tensor, gamma_s: torch.Tensor | float, gamma_t: torch.Tensor | float,
-             inplace: bool = False) -> torch.Tensor:
+def flow_map(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    gamma_s: torch.Tensor | float,
+    gamma_t: torch.Tensor | float,
+    inplace: bool = False,
+) -> torch.Tensor:
     """X_{s,t}(x) = ((1 - gamma_t) / (1 - gamma_s)) x + ((gamma_t - gamma_s) / (1 - gamma_s)) d.
 
     x, d: (B, L, V); gamma_s < 1, gamma_t: (B,) or scalars. The identity at gamma_t = gamma_s, d at gamma_t = 1;
@@ -186,8 +197,10 @@ def state_chunk_size(seq_len: int, vocab_size: int, dtype: torch.dtype, max_stat
     and D are the same size), so budget about a third of the free memory."""
     per_sample = seq_len * vocab_size * torch.finfo(dtype).bits // 8
     if per_sample > max_state_bytes:
-        raise ValueError(f"max_state_bytes={max_state_bytes} cannot hold one sample's state "
-                         f"(L={seq_len} x V={vocab_size} x {dtype} = {per_sample} bytes)")
+        raise ValueError(
+            f"max_state_bytes={max_state_bytes} cannot hold one sample's state "
+            f"(L={seq_len} x V={vocab_size} x {dtype} = {per_sample} bytes)"
+        )
     return max_state_bytes // per_sample
 
 
@@ -210,8 +223,9 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 NOISE_SALT = 17  # separates the per-sample noise seeds from the training loop's (seed, step) seeds
 
 
-def sample_noise(seed: int, start: int, n: int, seq_len: int, vocab_size: int, dtype: torch.dtype,
-                 device: torch.device) -> torch.Tensor:
+def sample_noise(
+    seed: int, start: int, n: int, seq_len: int, vocab_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """eps for samples start..start+n-1, each from its own generator seeded by (seed, sample index): (n, L, V)."""
     out = torch.empty((n, seq_len, vocab_size), dtype=dtype, device=device)
     for j in range(n):
@@ -221,10 +235,20 @@ def sample_noise(seed: int, start: int, n: int, seq_len: int, vocab_size: int, d
 
 
 @torch.no_grad()
-def sample_continuous(denoiser: Denoiser, time: FLMTime, *, n_samples: int, seq_len: int, n_steps: int | None = None,
-                      grid: torch.Tensor | None = None, seed: int = 0, max_state_bytes: int = 1 << 30,
-                      precision: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                      autocast: bool = False) -> ContinuousSampleOutput:
+def sample_continuous(
+    denoiser: Denoiser,
+    time: FLMTime,
+    *,
+    n_samples: int,
+    seq_len: int,
+    n_steps: int | None = None,
+    grid: torch.Tensor | None = None,
+    seed: int = 0,
+    max_state_bytes: int = 1 << 30,
+    precision: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    autocast: bool = False,
+) -> ContinuousSampleOutput:
     """x_0 = eps; for each step tau_i -> tau_{i+1} (gamma_i = alpha^{-1}(tau_i)):
     x <- X_{gamma_i, gamma_{i+1}}(x) with d = softmax(denoiser(x, tau_i, tau_{i+1})); tokens = argmax of the last d.
 
@@ -260,10 +284,17 @@ def sample_continuous(denoiser: Denoiser, time: FLMTime, *, n_samples: int, seq_
             torch.cuda.synchronize(device)
         wall += perf_counter() - t0
     peak, kind = peak_memory(device)
-    return ContinuousSampleOutput(tokens=torch.cat(chunks).cpu(), nfe=n_total, time_grid=grid.cpu(), wall_s=wall,
-                                  gamma_grid=gammas.cpu(), peak_mem_bytes=peak, peak_mem_kind=kind, chunk_size=chunk,
-                                  precision=str(precision).removeprefix("torch."))
-
+    return ContinuousSampleOutput(
+        tokens=torch.cat(chunks).cpu(),
+        nfe=n_total,
+        time_grid=grid.cpu(),
+        wall_s=wall,
+        gamma_grid=gammas.cpu(),
+        peak_mem_bytes=peak,
+        peak_mem_kind=kind,
+        chunk_size=chunk,
+        precision=str(precision).removeprefix("torch."),
+    )
 
 
 def sample_flm(model: Callable, time: FLMTime, **kwargs) -> ContinuousSampleOutput:

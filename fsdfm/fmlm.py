@@ -47,15 +47,24 @@ def semigroup_lambda(gamma_s: torch.Tensor, gamma_u: torch.Tensor, gamma_t: torc
     D = lambda D_1 + (1 - lambda) D_2. Computed as [(u - s)/(t - s)] [(1 - t)/(1 - u)] with the limits that keep the
     identity true: the first factor is 0 when t = s (no interval to split), the second is 1 when u = t = 1."""
     one = torch.ones_like(gamma_t)
-    span = torch.where(gamma_t > gamma_s, (gamma_u - gamma_s) / torch.where(gamma_t > gamma_s, gamma_t - gamma_s, one),
-                       torch.zeros_like(gamma_t))
+    span = torch.where(
+        gamma_t > gamma_s,
+        (gamma_u - gamma_s) / torch.where(gamma_t > gamma_s, gamma_t - gamma_s, one),
+        torch.zeros_like(gamma_t),
+    )
     shrink = torch.where(gamma_u < 1.0, (1.0 - gamma_t) / torch.where(gamma_u < 1.0, 1.0 - gamma_u, one), one)
     return (span * shrink).clamp(0.0, 1.0)
 
 
 @torch.no_grad()
-def semigroup_target(denoise: ProbDenoiser, time: FLMTime, x_s: torch.Tensor, tau_s: torch.Tensor,
-                     tau_u: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
+def semigroup_target(
+    denoise: ProbDenoiser,
+    time: FLMTime,
+    x_s: torch.Tensor,
+    tau_s: torch.Tensor,
+    tau_u: torch.Tensor,
+    tau_t: torch.Tensor,
+) -> torch.Tensor:
     """D* = lambda D(x_s, s, u) + (1 - lambda) D(X_{s,u}(x_s), u, t). x_s: (B, L, V); taus: (B,) -> (B, L, V)."""
     g_s, g_u, g_t = (time.gamma_of_tau(tau.to(torch.float64)) for tau in (tau_s, tau_u, tau_t))
     d_su = denoise(x_s, tau_s, tau_u)
@@ -88,8 +97,10 @@ class FMLMConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"FMLMConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.diagonal_share + self.boundary_share > 1.0:
-            raise ValueError(f"FMLMConfig: diagonal_share + boundary_share must be <= 1, got "
-                             f"{self.diagonal_share} + {self.boundary_share}")
+            raise ValueError(
+                f"FMLMConfig: diagonal_share + boundary_share must be <= 1, got "
+                f"{self.diagonal_share} + {self.boundary_share}"
+            )
         if self.u_fraction is not None and not 0.0 < self.u_fraction < 1.0:
             raise ValueError(f"FMLMConfig.u_fraction must be in (0, 1) or null, got {self.u_fraction!r}")
 
@@ -149,11 +160,13 @@ class FMLMObjective:
             if n_diag > 0:
                 parts.append(torch.softmax(self.teacher(x_s[:n_diag], tau_s[:n_diag].float()).float(), dim=-1))
             if n_diag < B:
+
                 def student(x, a, b):
                     return torch.softmax(target_model(x, a.float(), b.float()).float(), dim=-1)
 
-                parts.append(semigroup_target(student, self.time, x_s[n_diag:], tau_s[n_diag:], tau_u[n_diag:],
-                                              tau_t[n_diag:]))
+                parts.append(
+                    semigroup_target(student, self.time, x_s[n_diag:], tau_s[n_diag:], tau_u[n_diag:], tau_t[n_diag:])
+                )
             target = torch.cat(parts)
         return soft_cross_entropy(logits, target)
 

@@ -28,7 +28,9 @@ def cross_entropy(logits: torch.Tensor, x_1: torch.Tensor, weight: torch.Tensor 
     return _weighted_mean(ce, weight)
 
 
-def generalized_kl_per_position(logits: torch.Tensor, x_1: torch.Tensor, x_t: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+def generalized_kl_per_position(
+    logits: torch.Tensor, x_1: torch.Tensor, x_t: torch.Tensor, rate: torch.Tensor
+) -> torch.Tensor:
     """The generalized-KL loss of the mixture path, per position (B, L):
 
         -g(t) [ p_{1|t}(x_t) - 1{x_t = x_1} + (1 - 1{x_t = x_1}) log p_{1|t}(x_1) ]

@@ -62,7 +62,9 @@ class ModelConfig:
         if self.input_vocab_size < self.vocab_size:
             raise ValueError(f"model.input_vocab_size ({self.input_vocab_size}) < vocab_size ({self.vocab_size})")
         if self.hidden % self.n_heads or (self.hidden // self.n_heads) % 2:
-            raise ValueError(f"model.hidden ({self.hidden}) must split into n_heads ({self.n_heads}) heads of even size")
+            raise ValueError(
+                f"model.hidden ({self.hidden}) must split into n_heads ({self.n_heads}) heads of even size"
+            )
         if self.h_embedding not in H_EMBEDDINGS:
             raise ValueError(f"model.h_embedding must be one of {H_EMBEDDINGS}, got {self.h_embedding!r}")
         if self.h_fusion not in H_FUSIONS:
@@ -95,8 +97,17 @@ def model_config(preset: str, vocab_size: int, seq_len: int, **overrides) -> Mod
 # GPT-2 vocabulary (50,257, uniform source: no mask row), 1,024 tokens, width 2048, cond 256, 21 blocks of
 # 32 heads, MLP ratio 4; t and h enter unscaled; LayerNorms with a weight, eps 1e-5; h fused by concatenation.
 RELEASED_ARCHITECTURE = dict(
-    vocab_size=50257, seq_len=1024, hidden=2048, cond_dim=256, n_blocks=21, n_heads=32, mlp_ratio=4,
-    t_scale=1.0, norm_weight=True, norm_eps=1e-5, h_fusion="concat",
+    vocab_size=50257,
+    seq_len=1024,
+    hidden=2048,
+    cond_dim=256,
+    n_blocks=21,
+    n_heads=32,
+    mlp_ratio=4,
+    t_scale=1.0,
+    norm_weight=True,
+    norm_eps=1e-5,
+    h_fusion="concat",
 )
 RELEASED: Registry = Registry("released checkpoint kind")
 RELEASED.register("dfm", dict(h_embedding="none"))  # the DFM teacher: f(x_t, t)
@@ -174,7 +185,9 @@ class DiTBlock(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.attn_out = nn.Linear(d, d, bias=False)
         self.norm2 = layer_norm(cfg)
-        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_ratio * d, d))
+        self.mlp = nn.Sequential(
+            nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_ratio * d, d)
+        )
         self.cond_fuser = condition_fuser(cfg)
         self.adaLN = nn.Linear(cfg.cond_dim, 6 * d)
         nn.init.zeros_(self.adaLN.weight)
@@ -185,7 +198,11 @@ class DiTBlock(nn.Module):
         if self.cond_fuser is not None:
             c = F.silu(self.cond_fuser(c))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
-        q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(modulate(self.norm1(x), shift1, scale1))
+            .view(B, L, 3, self.n_heads, d // self.n_heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         a = F.scaled_dot_product_attention(rotary(q), rotary(k), v)  # bidirectional: no mask
         x = x + gate1[:, None] * self.attn_out(a.transpose(1, 2).reshape(B, L, d))
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -226,8 +243,7 @@ class DiT(nn.Module):
         c = self.t_emb(t * self.cfg.t_scale)
         if self.h_emb is not None:
             if h is None:
-                raise ValueError("this model is step-size conditioned (h_embedding="
-                                 f"{self.cfg.h_embedding!r}); pass h")
+                raise ValueError(f"this model is step-size conditioned (h_embedding={self.cfg.h_embedding!r}); pass h")
             e_h = self.h_emb(self.h_features(h))
             if self.cond_fuser is not None:
                 return F.silu(self.cond_fuser(torch.cat([c, e_h], dim=-1)))

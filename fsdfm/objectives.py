@@ -132,15 +132,19 @@ class FSDFMConfig:
         if self.h_distribution not in H_DISTRIBUTIONS:
             n = self.fixed_budget
             if n is None or n < 1 or n & (n - 1) or n > 2**self.K:
-                raise ValueError(f"h_distribution must be one of {tuple(H_DISTRIBUTIONS)} or 'fixed:N' with N a power of two "
-                                 f"<= 2^K, got {self.h_distribution!r}")
+                raise ValueError(
+                    f"h_distribution must be one of {tuple(H_DISTRIBUTIONS)} or 'fixed:N' with N a power of two "
+                    f"<= 2^K, got {self.h_distribution!r}"
+                )
         if self.anchor_weight not in ANCHOR_WEIGHTS:
             raise ValueError(f"anchor_weight must be one of {ANCHOR_WEIGHTS}, got {self.anchor_weight!r}")
         DFM_LOSSES.get(self.anchor_loss)
         rule = SHORTCUTS.get(self.shortcut)
         if rule.anchor_everywhere and self.anchor_weight == "G/h":
-            raise ValueError(f"shortcut {self.shortcut!r} trains every h on data; its rows reach t + h = 1, where G/h is "
-                             "infinite: use anchor_weight 'g'")
+            raise ValueError(
+                f"shortcut {self.shortcut!r} trains every h on data; its rows reach t + h = 1, where G/h is "
+                "infinite: use anchor_weight 'g'"
+            )
 
     @property
     def rule(self) -> Shortcut:
@@ -179,8 +183,9 @@ def step_size_probs(cfg: FSDFMConfig, progress: float = 0.0) -> tuple[torch.Tens
     return h, w / w.sum()
 
 
-def sample_step_sizes(cfg: FSDFMConfig, n: int, generator: torch.Generator, progress: float = 0.0,
-                      device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_step_sizes(
+    cfg: FSDFMConfig, n: int, generator: torch.Generator, progress: float = 0.0, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw h (n,) from the step-size distribution and t (n,) on the 2^-K grid with t + h <= 1.
 
     Under anchor_weight "G/h" the anchor rows (h = h_min) keep t + h < 1, where G_{t,h} is finite.
@@ -243,20 +248,26 @@ class FSDFMObjective:
             if self.cfg.anchor_loss == "gkl":
                 per_pos[a] = generalized_kl_per_position(logits[a], x_1[a], ps.x_t[a], self.anchor_rate(t[a], h[a]))
             else:
-                ce = torch.nn.functional.cross_entropy(logits[a].float().flatten(0, 1), x_1[a].flatten(), reduction="none")
+                ce = torch.nn.functional.cross_entropy(
+                    logits[a].float().flatten(0, 1), x_1[a].flatten(), reduction="none"
+                )
                 per_pos[a] = ce.view(-1, x_1.shape[1])
         if bool(shortcut_rows.any()):
             s = shortcut_rows.nonzero(as_tuple=True)[0]
             target = self.shortcut_target(ctx, ps.x_t[s], t[s], h[s])
             per_pos[s] = distill_kl_per_position(logits[s], target)
-        w = weight.float() if self.cfg.anchor_loss == "ce" or rule.masks_all_positions else \
-            torch.where(anchor[:, None], torch.ones_like(weight, dtype=torch.float32), weight.float())
+        w = (
+            weight.float()
+            if self.cfg.anchor_loss == "ce" or rule.masks_all_positions
+            else torch.where(anchor[:, None], torch.ones_like(weight, dtype=torch.float32), weight.float())
+        )
         return (per_pos * w).sum() / w.sum().clamp_min(1.0)
 
     @torch.no_grad()
     def shortcut_target(self, ctx: StepContext, x_t, t, h) -> torch.Tensor:
         rule = self.cfg.rule
         if rule.frozen_evaluates:
+
             def f(x, tt, hh):
                 return self.frozen_teacher(x, tt.float()).float()
         else:
@@ -264,6 +275,7 @@ class FSDFMObjective:
 
             def f(x, tt, hh):
                 return net(x, tt.float(), hh.float()).float()
+
         combine = COMPOSITIONS.get(rule.composition)
         return combine(f, Jumper(self.path, ctx.generator, x1_at_end=rule.x1_at_end), x_t, t, h)
 
@@ -274,5 +286,15 @@ def expected_h_weights(cfg: FSDFMConfig) -> dict[float, float]:
     return {float(a): float(b) for a, b in zip(h, p)}
 
 
-__all__ = ["SHORTCUTS", "H_DISTRIBUTIONS", "Shortcut", "DFMConfig", "DFMObjective", "FSDFMConfig", "FSDFMObjective", "sample_step_sizes", "step_size_probs",
-           "expected_h_weights"]
+__all__ = [
+    "SHORTCUTS",
+    "H_DISTRIBUTIONS",
+    "Shortcut",
+    "DFMConfig",
+    "DFMObjective",
+    "FSDFMConfig",
+    "FSDFMObjective",
+    "sample_step_sizes",
+    "step_size_probs",
+    "expected_h_weights",
+]

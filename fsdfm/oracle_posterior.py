@@ -53,8 +53,9 @@ class Posterior:
     log_evidence: torch.Tensor
 
 
-def evidence(x_t: torch.Tensor, kappa: torch.Tensor, vocab_size: int, source: str,
-             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def evidence(
+    x_t: torch.Tensor, kappa: torch.Tensor, vocab_size: int, source: str, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Evidence factors e_i(v) = P(x_t^i | x_1^i = v) up to a constant in v: (B, L, V).
 
     Args:
@@ -119,7 +120,9 @@ def _markov_posterior(src: MarkovSource, e: torch.Tensor) -> Posterior:
     alpha[0] = a
     for m in range(1, n):
         # alpha(s, x) = e(x) sum_a alpha(a, s) P(x | (a, s))
-        pred = (alpha[m - 1] @ T).view(B, 1, V) if k == 1 else torch.einsum("bas,asx->bsx", alpha[m - 1].view(B, V, S), T3)
+        pred = (
+            (alpha[m - 1] @ T).view(B, 1, V) if k == 1 else torch.einsum("bas,asx->bsx", alpha[m - 1].view(B, V, S), T3)
+        )
         a, ls = _normalise(pred * e[:, k - 1 + m].view(B, 1, V))
         alpha[m] = a.reshape(B, C)
         log_z = log_z + ls
@@ -133,7 +136,7 @@ def _markov_posterior(src: MarkovSource, e: torch.Tensor) -> Posterior:
                 probs[:, j] = gamma.view(B, V**j, V, V ** (k - 1 - j)).sum((1, 3))
             break
         # beta(a, s) = sum_x P(x | (a, s)) e(x) beta(s, x)
-        w = (e[:, k - 1 + m].view(B, 1, V) * beta.view(B, S, V))
+        w = e[:, k - 1 + m].view(B, 1, V) * beta.view(B, S, V)
         beta, _ = _normalise(w.view(B, V) @ T.T if k == 1 else torch.einsum("asx,bsx->bas", T3, w).reshape(B, C))
     return Posterior(probs=probs, log_evidence=log_z)
 
@@ -165,8 +168,9 @@ def _hmm_posterior(src: HMMSource, e: torch.Tensor) -> Posterior:
     return Posterior(probs=probs, log_evidence=log_z)
 
 
-def posterior(oracle: OracleSource, x_t: torch.Tensor, kappa: torch.Tensor, source: str,
-              dtype: torch.dtype = torch.float64) -> Posterior:
+def posterior(
+    oracle: OracleSource, x_t: torch.Tensor, kappa: torch.Tensor, source: str, dtype: torch.dtype = torch.float64
+) -> Posterior:
     """The exact posterior marginals p_{1|t}(x_1^i = v | x_t) of `oracle` under the mask or uniform source.
 
     Args:
@@ -190,7 +194,9 @@ def posterior(oracle: OracleSource, x_t: torch.Tensor, kappa: torch.Tensor, sour
     # a state impossible under the source (no x_1 explains it) gets uniform marginals rather than NaN
     dead = torch.isneginf(out.log_evidence)
     if bool(dead.any()):
-        out = Posterior(torch.where(dead[:, None, None], torch.full_like(out.probs, 1.0 / V), out.probs), out.log_evidence)
+        out = Posterior(
+            torch.where(dead[:, None, None], torch.full_like(out.probs, 1.0 / V), out.probs), out.log_evidence
+        )
     return out
 
 

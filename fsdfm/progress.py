@@ -31,5 +31,4 @@ def bar(total: int, desc: str, unit: str = "it") -> Any:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, mininterval=0.5, dynamic_ncols=True, leave=False,
-                file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit=unit, mininterval=0.5, dynamic_ncols=True, leave=False, file=sys.stderr)

@@ -207,10 +207,19 @@ def convert_state_dict(their_sd: dict, cfg: ModelConfig, where: str = "state dic
         used.add(ROTARY_BUFFER)
         want, got = rotary_inv_freq(cfg), tensors[ROTARY_BUFFER]
         if got.shape != want.shape:
-            problems.append(Mismatch(ROTARY_BUFFER, "wrong shape", tuple(want.shape), tuple(got.shape), "head size differs"))
+            problems.append(
+                Mismatch(ROTARY_BUFFER, "wrong shape", tuple(want.shape), tuple(got.shape), "head size differs")
+            )
         elif not torch.allclose(got.float(), want, rtol=1e-5, atol=0.0):
-            problems.append(Mismatch(ROTARY_BUFFER, "wrong value", tuple(want.shape), tuple(got.shape),
-                                     f"not base {ROTARY_BASE:g} rotary frequencies"))
+            problems.append(
+                Mismatch(
+                    ROTARY_BUFFER,
+                    "wrong value",
+                    tuple(want.shape),
+                    tuple(got.shape),
+                    f"not base {ROTARY_BASE:g} rotary frequencies",
+                )
+            )
     problems += [Mismatch(k, "unexpected", None, tuple(v.shape)) for k, v in tensors.items() if k not in used]
 
     if problems:
@@ -289,12 +298,15 @@ def select_entry(checkpoint: dict, which: str, path: str | Path) -> str:
             f"known layouts have {', '.join(map(repr, KNOWN_ENTRIES))}; this file's top-level keys: {present}"
         )
     if not isinstance(checkpoint[found[0]], dict):
-        raise CheckpointError(f"{path}: entry {found[0]!r} is a {type(checkpoint[found[0]]).__name__}, not a state dict")
+        raise CheckpointError(
+            f"{path}: entry {found[0]!r} is a {type(checkpoint[found[0]]).__name__}, not a state dict"
+        )
     return found[0]
 
 
-def load_released(path: str | Path, which: str = "auto", device: str | torch.device = "cpu",
-                  config: ModelConfig | None = None) -> LoadedCheckpoint:
+def load_released(
+    path: str | Path, which: str = "auto", device: str | torch.device = "cpu", config: ModelConfig | None = None
+) -> LoadedCheckpoint:
     """Load a released apple/ml-fs-dfm checkpoint (or one of the same family) into our DiT.
 
     which: "student_ema" | "student" | "teacher" | "auto" (EMA student, student, then the DFM weights).
@@ -312,4 +324,3 @@ def load_released(path: str | Path, which: str = "auto", device: str | torch.dev
     # to_empty leaves the non-persistent rotary tables uninitialised: rebuild them.
     model.rotary = Rotary(cfg.hidden // cfg.n_heads, cfg.seq_len).to(device)
     return LoadedCheckpoint(model=model.eval(), config=cfg, source_key=key, h_conditioned=cfg.h_embedding != "none")
-

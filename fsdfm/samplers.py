@@ -101,10 +101,12 @@ def mixture_euler_jump_prob(p_z, t, h, scheduler):
 UPDATE_ALIASES = {"mdlm": "cumulative_scalar"}
 # The method kinds each rule (or alias) samples: fsdfm.methods.base.declared_rules reads it, so a new rule is its
 # function and its entry here. (fsdfm.methods: the kind's own default rule comes first.)
-RULE_KINDS = {"euler": ("dfm", "fsdfm", "exact", "released"),
-              "cumulative_scalar": ("dfm", "fsdfm", "exact", "released"),
-              "mixture_euler": ("dfm", "fsdfm", "exact", "released"),
-              "mdlm": ("dfm", "exact")}
+RULE_KINDS = {
+    "euler": ("dfm", "fsdfm", "exact", "released"),
+    "cumulative_scalar": ("dfm", "fsdfm", "exact", "released"),
+    "mixture_euler": ("dfm", "fsdfm", "exact", "released"),
+    "mdlm": ("dfm", "exact"),
+}
 
 
 def get_rule(name: str) -> Rule:
@@ -127,10 +129,19 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     return torch.argmax(torch.log(probs) + gumbel, dim=-1)
 
 
-def update_from_logits(x: torch.Tensor, logits: torch.Tensor, t: torch.Tensor, h: torch.Tensor, rule: Rule,
-                       path: MixturePath, generator: torch.Generator | None, final: torch.Tensor | bool = False,
-                       precision: torch.dtype = torch.float64, host_checks: bool | None = None,
-                       certified: bool | None = None) -> torch.Tensor:
+def update_from_logits(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    t: torch.Tensor,
+    h: torch.Tensor,
+    rule: Rule,
+    path: MixturePath,
+    generator: torch.Generator | None,
+    final: torch.Tensor | bool = False,
+    precision: torch.dtype = torch.float64,
+    host_checks: bool | None = None,
+    certified: bool | None = None,
+) -> torch.Tensor:
     """The sparse step of `update` read from logits (B, L, V) instead of p: the same jump rule and the same
     distribution, computed in `precision`, without a (B, L, V) softmax (the default path of `sample`).
 
@@ -181,13 +192,13 @@ def update_from_logits(x: torch.Tensor, logits: torch.Tensor, t: torch.Tensor, h
     open_rows = []  # certified mode: indices into rows that the certificate leaves to the float64 step
     for s in range(0, n, step):
         c = min(step, n - s)
-        r, z_c, read_c = rows[s:s + c], z[rows[s:s + c], None], reads_p[rows[s:s + c]]
-        args = (z_c, read_c, u_rows[s:s + c], u_dest[s:s + c], t_rows[s:s + c], h_rows[s:s + c])
+        r, z_c, read_c = rows[s : s + c], z[rows[s : s + c], None], reads_p[rows[s : s + c]]
+        args = (z_c, read_c, u_rows[s : s + c], u_dest[s : s + c], t_rows[s : s + c], h_rows[s : s + c])
         if certified:
             w = w_buf[:c]
             w[:, V:] = -float("inf")  # the certified chunk exponentiates in place: the padding's weight stays 0
             if every_row:
-                w[:, :V].copy_(flat[s:s + c])
+                w[:, :V].copy_(flat[s : s + c])
             elif V == w.shape[1]:
                 torch.index_select(flat, 0, r, out=w)
             else:
@@ -197,13 +208,13 @@ def update_from_logits(x: torch.Tensor, logits: torch.Tensor, t: torch.Tensor, h
                 open_rows.append(unsure.nonzero().squeeze(1) + s)
         else:
             # l is a slice or a copy of the model's logits, never modified
-            l = flat[s:s + c] if every_row else torch.index_select(flat, 0, r, out=l_buf[:c])
+            l = flat[s : s + c] if every_row else torch.index_select(flat, 0, r, out=l_buf[:c])
             dest, jump = _chunk_float64(l, w_buf[:c], *args, rule, path.scheduler, on_cpu=on_cpu)
         x[r] = dest if jump is None else torch.where(jump, dest, x[r])  # no boolean indexing: no sync
     if open_rows:  # the float64 step at the open rows of all chunks at once (few: one call per step, not per chunk)
         i_all = torch.cat(open_rows)
         for s in range(0, i_all.numel(), step):
-            i = i_all[s:s + step]
+            i = i_all[s : s + step]
             r = rows[i]
             w64 = torch.zeros((i.numel(), n_blocks * _BLOCK), dtype=torch.float64, device=device)
             args = (z[r, None], reads_p[r], u_rows[i], u_dest[i], t_rows[i], h_rows[i])
@@ -212,8 +223,17 @@ def update_from_logits(x: torch.Tensor, logits: torch.Tensor, t: torch.Tensor, h
     return x.view(B, L)
 
 
-def update(x: torch.Tensor, p: torch.Tensor, t: torch.Tensor, h: torch.Tensor, rule: Rule, path: MixturePath,
-           generator: torch.Generator | None, final: torch.Tensor | bool = False, sparse: bool | None = None) -> torch.Tensor:
+def update(
+    x: torch.Tensor,
+    p: torch.Tensor,
+    t: torch.Tensor,
+    h: torch.Tensor,
+    rule: Rule,
+    path: MixturePath,
+    generator: torch.Generator | None,
+    final: torch.Tensor | bool = False,
+    sparse: bool | None = None,
+) -> torch.Tensor:
     """One step of the sampler: x (B, L) at time t -> x at t + h.
 
     p: (B, L, V) probabilities p_{1|t}; t, h: (B,); final: bool or (B,) bool — rows whose step ends the
@@ -231,7 +251,7 @@ def update(x: torch.Tensor, p: torch.Tensor, t: torch.Tensor, h: torch.Tensor, r
     u = torch.rand((B, L), dtype=p.dtype, device=x.device, generator=generator)
     jump = movable & (u < prob)
     # Destinations: p with the current token removed (a non-final move must change the token).
-    drop_z = (in_vocab & ~final[:, None])
+    drop_z = in_vocab & ~final[:, None]
     if sparse is None:
         sparse = x.device.type == "cpu"
     if sparse:
@@ -248,11 +268,25 @@ def update(x: torch.Tensor, p: torch.Tensor, t: torch.Tensor, h: torch.Tensor, r
 
 
 @torch.no_grad()
-def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, n_steps: int | None = None,
-           grid: torch.Tensor | None = None, rule: str = "cumulative_scalar", h_conditioned: bool = False,
-           generator: torch.Generator | None = None, precision: torch.dtype = torch.float64, batch_size: int | None = None,
-           device: torch.device | str = "cpu", x_init: torch.Tensor | None = None, autocast: bool = False,
-           sparse: bool | None = None, certified: bool | None = None) -> SampleOutput:
+def sample(
+    model: Callable,
+    path: MixturePath,
+    *,
+    n_samples: int,
+    seq_len: int,
+    n_steps: int | None = None,
+    grid: torch.Tensor | None = None,
+    rule: str = "cumulative_scalar",
+    h_conditioned: bool = False,
+    generator: torch.Generator | None = None,
+    precision: torch.dtype = torch.float64,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    x_init: torch.Tensor | None = None,
+    autocast: bool = False,
+    sparse: bool | None = None,
+    certified: bool | None = None,
+) -> SampleOutput:
     """Sample n_samples sequences of length seq_len on a time grid (a uniform grid of n_steps on [0, 1],
     or an explicit `grid` of increasing times). `model(x_t, t, h)` returns logits (B, L, V); h is passed
     only when `h_conditioned` (the FS-DFM student is told the step size at every step).
@@ -275,11 +309,12 @@ def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, 
     n_total = grid.numel() - 1
     chunks, wall = [], 0.0
     from fsdfm.progress import bar as progress_bar
+
     bar = progress_bar(n_total * -(-n_samples // batch_size), f"sample {rule} x {n_total} steps", unit="step")
     for start in range(0, n_samples, batch_size):
         B = min(batch_size, n_samples - start)
         if x_init is not None:
-            x = x_init[start:start + B].to(device)
+            x = x_init[start : start + B].to(device)
         else:
             x = path.source.sample((B, seq_len), generator=generator, device=device)
         if device.type == "cuda":
@@ -290,8 +325,18 @@ def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, 
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(x, t.float(), h.float() if h_conditioned else None)
             if from_logits:
-                x = update_from_logits(x, logits, t, h, rule_fn, path, generator, final=(i == n_total - 1),
-                                       precision=precision, certified=certified)
+                x = update_from_logits(
+                    x,
+                    logits,
+                    t,
+                    h,
+                    rule_fn,
+                    path,
+                    generator,
+                    final=(i == n_total - 1),
+                    precision=precision,
+                    certified=certified,
+                )
             else:
                 p = torch.softmax(logits.to(precision), dim=-1)
                 x = update(x, p, t, h, rule_fn, path, generator, final=(i == n_total - 1), sparse=sparse)
@@ -303,11 +348,15 @@ def sample(model: Callable, path: MixturePath, *, n_samples: int, seq_len: int, 
         chunks.append(x)
     if bar is not None:
         bar.close()
-    numerics = SampleNumerics(logits_dtype=str(logits.dtype).removeprefix("torch."),
-                              precision=str(precision).removeprefix("torch."),
-                              step="logits" if from_logits else "softmax",
-                              certified_float32_exp=(from_logits and device.type == "cpu" and logits.dtype == torch.float32
-                                                     and certified is not False),
-                              autocast=autocast)
-    return SampleOutput(tokens=torch.cat(chunks).cpu(), nfe=n_total, time_grid=grid.cpu(), wall_s=wall,
-                        numerics=numerics)
+    numerics = SampleNumerics(
+        logits_dtype=str(logits.dtype).removeprefix("torch."),
+        precision=str(precision).removeprefix("torch."),
+        step="logits" if from_logits else "softmax",
+        certified_float32_exp=(
+            from_logits and device.type == "cpu" and logits.dtype == torch.float32 and certified is not False
+        ),
+        autocast=autocast,
+    )
+    return SampleOutput(
+        tokens=torch.cat(chunks).cpu(), nfe=n_total, time_grid=grid.cpu(), wall_s=wall, numerics=numerics
+    )

@@ -26,8 +26,9 @@ def _final_rows(final: torch.Tensor | bool, B: int, device: torch.device) -> tor
     return torch.as_tensor(final, device=device).expand(B)
 
 
-def _inverse_cdf(blocks: torch.Tensor, block_sums: torch.Tensor, u: torch.Tensor, vocab_size: int,
-                 return_gap: bool = False):
+def _inverse_cdf(
+    blocks: torch.Tensor, block_sums: torch.Tensor, u: torch.Tensor, vocab_size: int, return_gap: bool = False
+):
     """x = min{k : c_k > u c_V} per row, c_k = sum_{j <= k} w_j: a draw with P(x = k) = w_k / sum_j w_j.
 
     blocks: (c, n_blocks, _BLOCK) non-negative weights w (zero past vocab_size); block_sums: (c, n_blocks) their sums;
@@ -57,9 +58,19 @@ def _inverse_cdf(blocks: torch.Tensor, block_sums: torch.Tensor, u: torch.Tensor
     return x, torch.minimum(lo, hi)
 
 
-def _chunk_float64(l: torch.Tensor, w: torch.Tensor, z_c: torch.Tensor, read_c: torch.Tensor, u_c: torch.Tensor,
-                   u_dest_c: torch.Tensor, t_c: torch.Tensor, h_c: torch.Tensor, rule: Rule, scheduler: Scheduler,
-                   on_cpu: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _chunk_float64(
+    l: torch.Tensor,
+    w: torch.Tensor,
+    z_c: torch.Tensor,
+    read_c: torch.Tensor,
+    u_c: torch.Tensor,
+    u_dest_c: torch.Tensor,
+    t_c: torch.Tensor,
+    h_c: torch.Tensor,
+    rule: Rule,
+    scheduler: Scheduler,
+    on_cpu: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The step at c candidate rows with weights in w's dtype (float64 by default): exp, p(z), the jump, the
     destination by inverse CDF.
 
@@ -113,9 +124,18 @@ _CERTIFIED_MIN_ELEMENTS = 1 << 19
 _SUM_REL = 2.0**-40  # float64 sums of <= 2^16 terms (and the float64 step's own rounding), with room to spare
 
 
-def _chunk_certified(w: torch.Tensor, vocab_size: int, z_c: torch.Tensor, read_c: torch.Tensor, u_c: torch.Tensor,
-                     u_dest_c: torch.Tensor, t_c: torch.Tensor, h_c: torch.Tensor, rule: Rule, scheduler: Scheduler
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _chunk_certified(
+    w: torch.Tensor,
+    vocab_size: int,
+    z_c: torch.Tensor,
+    read_c: torch.Tensor,
+    u_c: torch.Tensor,
+    u_dest_c: torch.Tensor,
+    t_c: torch.Tensor,
+    h_c: torch.Tensor,
+    rule: Rule,
+    scheduler: Scheduler,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`_chunk_float64`'s step with float32 weights, plus a certificate: the rows where the float64 step could decide
     otherwise. Its exp and sums cost about half the float64 chunk's on CPU (AVX2, one thread).
 

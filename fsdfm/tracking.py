@@ -104,12 +104,16 @@ class TensorBoardTracker(Tracker):
     @classmethod
     def check_available(cls) -> None:
         import importlib.util
+
         if importlib.util.find_spec("tensorboard") is None:  # torch's SummaryWriter imports it
-            raise RuntimeError("tracking backend 'tensorboard' needs the tensorboard package: pip install 'fsdfm[track]'")
+            raise RuntimeError(
+                "tracking backend 'tensorboard' needs the tensorboard package: pip install 'fsdfm[track]'"
+            )
 
     def __init__(self, folder: Path):
         self.check_available()
         from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(log_dir=str(folder))
 
     def scalar(self, tag: str, value: float, step: int) -> None:
@@ -127,8 +131,9 @@ _ACTIVE: list[Tracker] = []  # the tracker of the stage running in this process 
 
 
 @contextlib.contextmanager
-def stage_tracking(settings: dict | None, study_dir: str | os.PathLike, stage_id: str, kind: str,
-                   run_ids: list[str] = ()) -> Iterator[Tracker | None]:
+def stage_tracking(
+    settings: dict | None, study_dir: str | os.PathLike, stage_id: str, kind: str, run_ids: list[str] = ()
+) -> Iterator[Tracker | None]:
     """While a stage runs: its tracker (None when tracking is off), active for `train_logger`."""
     if not settings:
         yield None
@@ -154,6 +159,7 @@ def train_logger() -> Callable[[int, float, float, float], None] | None:
         tracker.scalar("train/loss", loss, step)
         tracker.scalar("train/lr", lr, step)
         tracker.scalar("train/tokens_per_s", tokens_per_s, step)
+
     return log
 
 

@@ -133,7 +133,8 @@ def load_weights(path: Path) -> object:
             wanted = wanted.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
             raise UnsafeCheckpointError(
                 f"{path}: refused by torch.load(weights_only=True): it pickles more than tensors ({wanted}); "
-                f"such files are never loaded, since unpickling them can run code") from None
+                f"such files are never loaded, since unpickling them can run code"
+            ) from None
         detail = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0].strip()
         if detail == text.strip():  # not torch's weights-only wrapper: keep pickle's own (short) message
             detail = detail.splitlines()[0] if detail else type(err).__name__
@@ -155,9 +156,17 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(p.detach(), 1.0 - decay)
 
 
-def fit(model: nn.Module, loss_fn: Callable[[StepContext], torch.Tensor], data: torch.Tensor, cfg: OptimConfig,
-        ckpt_dir: Path | str | None = None, desc: str = "train", device: torch.device | str | None = None,
-        progress: bool = True, stop_after: int | None = None) -> FitResult:
+def fit(
+    model: nn.Module,
+    loss_fn: Callable[[StepContext], torch.Tensor],
+    data: torch.Tensor,
+    cfg: OptimConfig,
+    ckpt_dir: Path | str | None = None,
+    desc: str = "train",
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> FitResult:
     """Train `model` for cfg.steps steps of `loss_fn` on blocks `data` (N, L) long.
 
     Resumes from `ckpt_dir/checkpoint.pt` when it exists. `stop_after` ends the call early after that many
@@ -172,8 +181,9 @@ def fit(model: nn.Module, loss_fn: Callable[[StepContext], torch.Tensor], data: 
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay is not None else None
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+    )
     ckpt = Path(ckpt_dir) / "checkpoint.pt" if ckpt_dir is not None else None
     start, losses = 0, []
     if ckpt is not None and ckpt.exists():
@@ -187,14 +197,30 @@ def fit(model: nn.Module, loss_fn: Callable[[StepContext], torch.Tensor], data: 
 
     def write(step: int) -> None:
         if ckpt is not None and rank == 0:
-            save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                   "losses": losses, "ema": ema.state_dict() if ema is not None else None})
+            save_checkpoint(
+                ckpt,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "losses": losses,
+                    "ema": ema.state_dict() if ema is not None else None,
+                },
+            )
 
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    bar = tqdm(range(start, end), desc=desc, initial=start, total=cfg.steps, disable=not progress or rank != 0 or not progress_enabled(),
-               mininterval=2.0, dynamic_ncols=True)
+    bar = tqdm(
+        range(start, end),
+        desc=desc,
+        initial=start,
+        total=cfg.steps,
+        disable=not progress or rank != 0 or not progress_enabled(),
+        mininterval=2.0,
+        dynamic_ncols=True,
+    )
     model.train()
     from fsdfm.tracking import train_logger
+
     track = train_logger()  # None unless a tracker is active (fsdfm run --track); it only reads what is computed
     step_tokens = cfg.batch_size * data.shape[1]
     t0 = time.perf_counter()
@@ -231,5 +257,12 @@ def fit(model: nn.Module, loss_fn: Callable[[StepContext], torch.Tensor], data: 
     wall = time.perf_counter() - t0
     write(end)
     n_tokens = (end - start) * cfg.batch_size * data.shape[1]
-    return FitResult(model=model, ema=ema, steps=end, losses=losses, wall_s=wall,
-                     tokens_per_s=n_tokens / wall if wall > 0 else 0.0, resumed_from=start)
+    return FitResult(
+        model=model,
+        ema=ema,
+        steps=end,
+        losses=losses,
+        wall_s=wall,
+        tokens_per_s=n_tokens / wall if wall > 0 else 0.0,
+        resumed_from=start,
+    )

@@ -33,9 +33,19 @@ def gpt2_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_gpt2(vocab_size: int, eos_id: int, seed: int = 0, n_positions: int = 64) -> GPT2LMHeadModel:
     """Randomly initialised 2-layer GPT-2; a large init range so per-token NLLs differ clearly."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=n_positions,
-                     bos_token_id=eos_id, eos_token_id=eos_id,
-                     initializer_range=0.5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        initializer_range=0.5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 

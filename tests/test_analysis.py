@@ -33,21 +33,41 @@ def tiny_claims(raw: dict, data_dir: Path) -> dict:
         stories = (REPO / raw["data"][split]).read_text().split("<|endoftext|>")[:n]
         files[split] = data_dir / f"{split}.txt"
         files[split].write_text("<|endoftext|>".join(stories))
-    raw["data"] = {**raw["data"], "train": str(files["train"]), "valid": str(files["valid"]),
-                   "vocab_size": 300, "seq_len": 8, "max_train_blocks": 64, "max_valid_blocks": 8}
+    raw["data"] = {
+        **raw["data"],
+        "train": str(files["train"]),
+        "valid": str(files["valid"]),
+        "vocab_size": 300,
+        "seq_len": 8,
+        "max_train_blocks": 64,
+        "max_valid_blocks": 8,
+    }
     raw["model"] = {"preset": "tiny", "hidden": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2}
     raw["sampling"] = {**raw["sampling"], "n_samples": 4, "batch_size": 4}
-    raw["evaluator"]["train"] = {**raw["evaluator"]["train"], "steps": TINY_STEPS["train_ar"], "batch_size": 8,
-                                 "warmup_steps": 1}
+    raw["evaluator"]["train"] = {
+        **raw["evaluator"]["train"],
+        "steps": TINY_STEPS["train_ar"],
+        "batch_size": 8,
+        "warmup_steps": 1,
+    }
     for m in raw["methods"].values():
         if "train" in m:
             kind = "fsdfm" if m.get("kind") == "fsdfm" else "dfm"
             m["train"] = {**m["train"], "steps": TINY_STEPS[kind], "batch_size": 8, "warmup_steps": 1}
         if "steps" in m:
             m["steps"] = [min(m["steps"])]
-    raw["metrics"] = {**raw["metrics"], "mauve_featurizer": "evaluator", "self_bleu_subsample": 4,
-                      "pos_divergence": {**raw["metrics"]["pos_divergence"], "n_states": 1, "n_rollouts": 2,
-                                         "teacher_steps": 8, "student_steps": [2]}}
+    raw["metrics"] = {
+        **raw["metrics"],
+        "mauve_featurizer": "evaluator",
+        "self_bleu_subsample": 4,
+        "pos_divergence": {
+            **raw["metrics"]["pos_divergence"],
+            "n_states": 1,
+            "n_rollouts": 2,
+            "teacher_steps": 8,
+            "student_steps": [2],
+        },
+    }
     return raw
 
 
@@ -71,11 +91,22 @@ def test_claims_spec_asks_every_question(monkeypatch):
     m = spec.methods
     assert {m["dfm"].source, m["dfm_u"].source} == {"mask", "uniform"}
     assert set(m["fsdfm_seed0"].rules) == {"cumulative_scalar", "euler", "mixture_euler"}
-    ablated = {(k, v) for name, mm in m.items() if name.startswith("fsdfm_") and name not in ("fsdfm_seed0", "fsdfm_u")
-               for k, v in mm.distill.items() if m["fsdfm_seed0"].distill.get(k) != v}
-    assert ablated == {("h_distribution", "fixed:8"), ("shortcut", "heun"), ("shortcut", "none"),
-                       ("shortcut", "frozen_dfm"), ("h_distribution", "uniform"), ("h_distribution", "annealed"),
-                       ("anchor_weight", "G/h")}
+    ablated = {
+        (k, v)
+        for name, mm in m.items()
+        if name.startswith("fsdfm_") and name not in ("fsdfm_seed0", "fsdfm_u")
+        for k, v in mm.distill.items()
+        if m["fsdfm_seed0"].distill.get(k) != v
+    }
+    assert ablated == {
+        ("h_distribution", "fixed:8"),
+        ("shortcut", "heun"),
+        ("shortcut", "none"),
+        ("shortcut", "frozen_dfm"),
+        ("h_distribution", "uniform"),
+        ("h_distribution", "annealed"),
+        ("anchor_weight", "G/h"),
+    }
     assert {"mauve", "rep_n", "distinct_4", "self_bleu", "entropy_nats"} <= set(spec.metrics.names)
     assert spec.metrics.pos_divergence is not None
     plan = plan_study(spec.name, cells)
@@ -102,8 +133,9 @@ ANALYSIS_SCRIPTS = sorted(p.stem for p in (REPO / "analysis").glob("*.py"))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ANALYSIS_SCRIPTS)
-def test_analysis_script_regenerates_its_artefact_from_records_alone(claims_study, tmp_path, capsys, monkeypatch,
-                                                                      script):
+def test_analysis_script_regenerates_its_artefact_from_records_alone(
+    claims_study, tmp_path, capsys, monkeypatch, script
+):
     sdir = claims_study[0]
     records_only = tmp_path / sdir.name
     for f in [sdir / "plan.json", *sdir.glob("stages/*/record.json")]:

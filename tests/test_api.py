@@ -19,27 +19,48 @@ from fsdfm.records import load, load_records, read_record
 from fsdfm.study.spec import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = ("Once upon a time there was a cat.\n\nThe cat sat on a mat and looked at the sun.\n\n"
-        "A little dog ran to the park. It saw a big red ball and it was happy.\n\n") * 12
+TEXT = (
+    "Once upon a time there was a cat.\n\nThe cat sat on a mat and looked at the sun.\n\n"
+    "A little dog ran to the park. It saw a big red ball and it was happy.\n\n"
+) * 12
 # provenance and timings: they differ between two runs of the same plan, nothing else may
 VOLATILE = {"end_time", "stage_wall_s", "wall_s", "tokens_per_s", "peak_mem", "host", "threads"}  # peak_mem: RSS on CPU
 
 
 def spec_dict(tmp: Path, sampling_seed: int) -> dict:
-    return {"name": "api_tiny",
-            "data": {"kind": "text", "train": str(tmp / "train.txt"), "valid": str(tmp / "valid.txt"),
-                     "tokenizer": "bpe", "vocab_size": 300, "seq_len": 16},
-            "model": {"preset": "tiny", "hidden": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2},
-            "sampling": {"n_samples": 4, "batch_size": 3, "seed": sampling_seed},
-            "evaluator": {"kind": "none"}, "data_reference": False,
-            "methods": {"dfm": {"kind": "dfm", "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1},
-                                "rules": ["euler"], "steps": [2]},
-                        "fs": {"kind": "fsdfm", "teacher": "dfm", "distill": {"K": 3},
-                               "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1}, "steps": [8]},
-                        "ar": {"kind": "ar", "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1}, "steps": [16]},
-                        "flm": {"kind": "flm", "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
-                                "steps": [4]}},
-            "metrics": {"names": ["entropy_nats", "distinct_2", "rep_n"]}}
+    return {
+        "name": "api_tiny",
+        "data": {
+            "kind": "text",
+            "train": str(tmp / "train.txt"),
+            "valid": str(tmp / "valid.txt"),
+            "tokenizer": "bpe",
+            "vocab_size": 300,
+            "seq_len": 16,
+        },
+        "model": {"preset": "tiny", "hidden": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2},
+        "sampling": {"n_samples": 4, "batch_size": 3, "seed": sampling_seed},
+        "evaluator": {"kind": "none"},
+        "data_reference": False,
+        "methods": {
+            "dfm": {
+                "kind": "dfm",
+                "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1},
+                "rules": ["euler"],
+                "steps": [2],
+            },
+            "fs": {
+                "kind": "fsdfm",
+                "teacher": "dfm",
+                "distill": {"K": 3},
+                "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
+                "steps": [8],
+            },
+            "ar": {"kind": "ar", "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1}, "steps": [16]},
+            "flm": {"kind": "flm", "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1}, "steps": [4]},
+        },
+        "metrics": {"names": ["entropy_nats", "distinct_2", "rep_n"]},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +69,13 @@ def studies(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
     (tmp / "train.txt").write_text(TEXT)
     (tmp / "valid.txt").write_text(TEXT[::-1].replace("\n\n", " . \n\n"))
-    (tmp / "api_tiny.yaml").write_text(yaml.safe_dump(spec_dict(tmp, sampling_seed=7), sort_keys=False))  # same method order
+    (tmp / "api_tiny.yaml").write_text(
+        yaml.safe_dump(spec_dict(tmp, sampling_seed=7), sort_keys=False)
+    )  # same method order
     assert main(["--results", str(tmp / "a"), "run", str(tmp / "api_tiny.yaml"), "--executor", "inline"]) == 0
-    df_b = fsdfm.run_study(spec_dict(tmp, sampling_seed=0), overrides={"sampling.seed": 7}, executor="debug",
-                           results=tmp / "b")
+    df_b = fsdfm.run_study(
+        spec_dict(tmp, sampling_seed=0), overrides={"sampling.seed": 7}, executor="debug", results=tmp / "b"
+    )
     return tmp, df_b
 
 
@@ -75,7 +99,9 @@ def test_run_study_returns_the_dataframe_of_fsdfm_run_and_load(studies):
 @pytest.mark.slow  # runs a tiny study (module fixture): ~1 min on 2 busy cores
 def test_a_bad_override_is_a_spec_error_naming_it(studies):
     tmp, _ = studies
-    with pytest.raises(SpecError, match=r"override methods\.fs\.distil\.K=4: unknown key methods\.fs\.distil \(did you mean 'distill'"):
+    with pytest.raises(
+        SpecError, match=r"override methods\.fs\.distil\.K=4: unknown key methods\.fs\.distil \(did you mean 'distill'"
+    ):
         fsdfm.run_study(spec_dict(tmp, 7), overrides={"methods.fs.distil.K": 4}, results=tmp / "c")
     assert not (tmp / "c").exists()  # nothing written
 
@@ -101,8 +127,9 @@ def test_load_model_sample_reproduces_the_studys_own_sample_stage(studies, metho
     np.testing.assert_array_equal(s.tokens, np.load(stage / "samples.npy"))
     assert s.texts == [json.loads(line)["text"] for line in (stage / "samples.jsonl").read_text().splitlines()]
     assert (s.steps, s.nfe, s.seed) == (cfg["steps"], rec["payload"]["metrics"]["nfe"], cfg["seed"])
-    other = m.sample(cfg["n_samples"], steps=cfg["steps"], rule=cfg["rule"], seed=cfg["seed"] + 1,
-                     batch_size=cfg["batch_size"])
+    other = m.sample(
+        cfg["n_samples"], steps=cfg["steps"], rule=cfg["rule"], seed=cfg["seed"] + 1, batch_size=cfg["batch_size"]
+    )
     assert not np.array_equal(other.tokens, s.tokens)  # the seed is what made them equal
 
 
@@ -140,8 +167,10 @@ def test_load_model_refuses_a_folder_without_a_model(studies):
 
 
 def test_import_fsdfm_is_cheap_and_exports_the_api_lazily():
-    code = ("import sys, fsdfm; heavy = [m for m in ('torch', 'pandas', 'numpy', 'yaml') if m in sys.modules]; "
-            "assert not heavy, heavy; assert callable(fsdfm.run_study) and callable(fsdfm.load_model); print('ok')")
+    code = (
+        "import sys, fsdfm; heavy = [m for m in ('torch', 'pandas', 'numpy', 'yaml') if m in sys.modules]; "
+        "assert not heavy, heavy; assert callable(fsdfm.run_study) and callable(fsdfm.load_model); print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-1000:]
 
@@ -159,5 +188,13 @@ def test_package_faces_export_what_their_all_names():
     assert fsdfm.compute_metrics is importlib.import_module("fsdfm.metrics.sample").compute_metrics
     assert fsdfm.register_metric is importlib.import_module("fsdfm.metrics.registry").register_metric
     assert fsdfm.write_report is importlib.import_module("fsdfm.report").write_report
-    assert set(fsdfm.__all__) >= {"run_study", "load_model", "evaluate", "compute_metrics", "register_metric",
-                                  "METRICS", "write_report", "load_study"}
+    assert set(fsdfm.__all__) >= {
+        "run_study",
+        "load_model",
+        "evaluate",
+        "compute_metrics",
+        "register_metric",
+        "METRICS",
+        "write_report",
+        "load_study",
+    }

@@ -16,7 +16,6 @@ from fsdfm.train import OptimConfig
 V, L, BOS = 12, 10, 0
 
 
-
 def tiny(seed: int = 0, vocab: int = V, seq_len: int = L) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_ar(ARConfig(vocab_size=vocab, seq_len=seq_len, hidden=32, n_blocks=2, n_heads=2), bos_id=BOS)
@@ -170,8 +169,14 @@ def test_reference_evaluator_loads_offline_with_its_tokenizer(tmp_path):
     assert ids == [1, 2, 3, 4, 5, 6] and tok.decode(ids) == text
     assert ar_nll(model, data[:64], tok.eos_token_id) < 0.5 * math.log(len(words) - 1)
     with pytest.raises(ValueError, match="more than ARConfig.vocab_size"):
-        train_reference_evaluator(data, tokenizer, ARConfig(vocab_size=5, seq_len=L, hidden=32, n_blocks=1,
-                                                            n_heads=2), optim, tmp_path / "bad", progress=False)
+        train_reference_evaluator(
+            data,
+            tokenizer,
+            ARConfig(vocab_size=5, seq_len=L, hidden=32, n_blocks=1, n_heads=2),
+            optim,
+            tmp_path / "bad",
+            progress=False,
+        )
 
 
 def test_kv_cache_goes_through_the_supported_cache_api():

@@ -25,17 +25,33 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # leaves: writing files, registries, progress bars, training-curve logging, memory probes
     ("io", "registry", "progress", "tracking", "memory"),
     # the library floor: maths, models, samplers, data (knows nothing of studies, stages or records)
-    ("schedulers", "paths", "losses", "model", "samplers", "sparse_step", "objectives", "teachers", "train",
-     "distributed", "ar", "flm", "fmlm", "oracle_posterior", "data", "released_checkpoints"),
-    ("metrics",),                 # measuring samples and models
-    ("study", "fingerprint"),     # spec schema and the stage graph (no method code)
-    ("records",),                 # the on-disk layout: the only place that knows it
-    ("methods",),                 # method kinds and their stage bodies
-    ("launch", "external"),       # running stages: executors, SLURM, status; importing external samples
-    ("versions",),                # the declared-versions check over every stage kind and metric
-    ("report",),                  # analysis: reads records and plans only
-    ("api",),                     # the Python API
-    ("cli",),                     # the command line
+    (
+        "schedulers",
+        "paths",
+        "losses",
+        "model",
+        "samplers",
+        "sparse_step",
+        "objectives",
+        "teachers",
+        "train",
+        "distributed",
+        "ar",
+        "flm",
+        "fmlm",
+        "oracle_posterior",
+        "data",
+        "released_checkpoints",
+    ),
+    ("metrics",),  # measuring samples and models
+    ("study", "fingerprint"),  # spec schema and the stage graph (no method code)
+    ("records",),  # the on-disk layout: the only place that knows it
+    ("methods",),  # method kinds and their stage bodies
+    ("launch", "external"),  # running stages: executors, SLURM, status; importing external samples
+    ("versions",),  # the declared-versions check over every stage kind and metric
+    ("report",),  # analysis: reads records and plans only
+    ("api",),  # the Python API
+    ("cli",),  # the command line
 )
 FLOOR = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 
@@ -52,7 +68,8 @@ MODULES = {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
 def _is_type_checking(node: ast.If) -> bool:
     t = node.test
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
 def _resolve(name: str) -> str | None:
@@ -112,9 +129,12 @@ def test_every_module_has_a_floor():
 
 
 def test_no_upward_import():
-    upward = sorted(f"{m} (floor {floor_of(m)}) imports {d} (floor {floor_of(d)})"
-                    for m, deps in GRAPH.items() for d in deps
-                    if floor_of(m) is not None and floor_of(d) is not None and floor_of(d) > floor_of(m))
+    upward = sorted(
+        f"{m} (floor {floor_of(m)}) imports {d} (floor {floor_of(d)})"
+        for m, deps in GRAPH.items()
+        for d in deps
+        if floor_of(m) is not None and floor_of(d) is not None and floor_of(d) > floor_of(m)
+    )
     assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
@@ -135,7 +155,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
                 stack.pop()
                 path.pop()
             elif colour.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif colour.get(nxt) == 0:
                 colour[nxt] = 1
                 stack.append((nxt, iter(sorted(graph[nxt]))))

@@ -23,8 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bench(name: str, *extra: str, timeout: int = 300) -> tuple[str, dict]:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--threads", "1", *extra],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--threads", "1", *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     record = json.loads(lines[-1])  # the closing line is JSON ...
@@ -58,15 +63,21 @@ def test_bench_sampling_quick():
         assert s["meets_targets"] == (s["fraction_of_nfe_ratio"] >= 0.95 and s["outside_share_few"] <= 0.05)
     assert all("mfu" in r for r in runs) and rec["numerics"]["precision"] == "float64"
     assert rec["numerics"]["logits_dtype"] == "float32" and rec["numerics"]["certified_float32_exp"]
-    assert [(s["source"], s["budget"]) for s in rec["share"]] == [("mask", 1), ("mask", 8), ("uniform", 1),
-                                                                  ("uniform", 8)]
+    assert [(s["source"], s["budget"]) for s in rec["share"]] == [
+        ("mask", 1),
+        ("mask", 8),
+        ("uniform", 1),
+        ("uniform", 8),
+    ]
     for s in rec["share"]:
         assert s["nfe"] == s["budget"] and 0.0 <= s["share_timed_forwards"] < 1 and 0.0 < s["share_standin"] < 1
         assert s["forward_s"] <= s["wall_s"] and _positive(s["own_work_s"], s["peak_mem_mib"])
     assert [(c["batch"], c["seq_len"]) for c in rec["scaling"]["vs_len"]] == [(2, 32), (2, 64)]
     assert [(c["batch"], c["seq_len"]) for c in rec["scaling"]["vs_batch"]] == [(1, 32), (4, 32)]
-    assert all(c["nfe"] == c["steps"] == 2 and _positive(c["per_step_ms"], c["peak_mem_mib"])
-               for c in rec["scaling"]["vs_len"] + rec["scaling"]["vs_batch"])
+    assert all(
+        c["nfe"] == c["steps"] == 2 and _positive(c["per_step_ms"], c["peak_mem_mib"])
+        for c in rec["scaling"]["vs_len"] + rec["scaling"]["vs_batch"]
+    )
     assert "[1] wall-clock vs step budget" in out and "[3] sampler time outside the model forward" in out
 
 
@@ -89,8 +100,9 @@ def test_bench_training_quick():
         assert ema["nograd_calls"] == r["teacher_forward_calls"] and ema["nograd_calls"] % calls == 0
         assert 0 < ema["nograd_calls"] <= calls * steps
         assert ema["nograd_rows"] <= (ema["nograd_calls"] // calls) * calls * rec["batch"]
-        assert r["forward_row_equiv_per_step"] == pytest.approx(1 + ema["nograd_rows"] / (rec["batch"] * steps),
-                                                                abs=1e-3)
+        assert r["forward_row_equiv_per_step"] == pytest.approx(
+            1 + ema["nograd_rows"] / (rec["batch"] * steps), abs=1e-3
+        )
 
 
 def test_bench_memory_quick():
@@ -102,8 +114,9 @@ def test_bench_memory_quick():
     for r in rec["runs"]:
         assert r["chunk_size"] == r["expected_chunk_size"] == r["max_state_bytes"] // per_sample
         assert r["max_state_seen_bytes"] == r["chunk_size"] * per_sample <= r["max_state_bytes"]
-        assert r["nfe"] == rec["steps"] and r["calls_per_run"] == rec["steps"] * math.ceil(rec["n_samples"] /
-                                                                                          r["chunk_size"])
+        assert r["nfe"] == rec["steps"] and r["calls_per_run"] == rec["steps"] * math.ceil(
+            rec["n_samples"] / r["chunk_size"]
+        )
         assert _positive(r["wall_s"], r["peak_mem_mib"])
 
 
@@ -112,8 +125,13 @@ def test_bench_ar_quick():
     assert rec["bench"] == "ar" and rec["ar_available"]
     L = rec["seq_len"]
     nfe = {r["method"]: r["nfe"] for r in rec["runs"]}
-    assert nfe == {"AR, KV cache=True": L, "AR, KV cache=False": L, f"DFM teacher, {L} steps (equal NFE), euler": L,
-                   "FS-DFM student, 8 steps, cumulative scalar": 8, "FS-DFM student, 1 steps, cumulative scalar": 1}
+    assert nfe == {
+        "AR, KV cache=True": L,
+        "AR, KV cache=False": L,
+        f"DFM teacher, {L} steps (equal NFE), euler": L,
+        "FS-DFM student, 8 steps, cumulative scalar": 8,
+        "FS-DFM student, 1 steps, cumulative scalar": 1,
+    }
     for r in rec["runs"]:
         assert _positive(r["wall_s"], r["ms_per_sample"], r["tokens_per_s"], r["peak_mem_mib"])
         assert r["ms_per_sample"] == pytest.approx(1e3 * r["wall_s"] / rec["batch"], rel=1e-2)
@@ -123,8 +141,18 @@ def test_bench_ar_quick():
 @pytest.mark.slow
 def test_bench_sampling_compile_and_autocast_paths():
     """The GPU options run (and give the counted NFE) on CPU: torch.compile of the model, bf16 autocast."""
-    _, rec = run_bench("bench_sampling.py", "--compile", "--autocast", "--sections", "sweep", "--rules", "euler",
-                       "--budgets", "1,8", timeout=900)
+    _, rec = run_bench(
+        "bench_sampling.py",
+        "--compile",
+        "--autocast",
+        "--sections",
+        "sweep",
+        "--rules",
+        "euler",
+        "--budgets",
+        "1,8",
+        timeout=900,
+    )
     assert rec["compile"] and rec["autocast"]
     assert [(r["budget"], r["nfe"]) for r in rec["sweep"]["runs"]] == [(1, 1), (8, 8)]
 
@@ -159,9 +187,11 @@ def test_logits_path_jump_probability_and_destinations(rule):
     x = torch.full((N_ROWS, N_COLS), z)
     t, h = torch.full((N_ROWS,), 0.3, dtype=torch.float64), torch.full((N_ROWS,), 0.4, dtype=torch.float64)
     y = update_from_logits(x, logits, t, h, get_rule(rule), path, torch.Generator().manual_seed(1))
-    expected = {"cumulative_scalar": 1 - (0.3 / 0.7) ** (1 - float(p[z])),  # r = (1 - 0.7) / (1 - 0.3)
-                "euler": (1 - float(p[z])) * (1 - math.exp(-0.4 / 0.7)),  # g(0.3) = 1 / 0.7
-                "mixture_euler": 1 - math.exp(-(1 - float(p[z])))}[rule]
+    expected = {
+        "cumulative_scalar": 1 - (0.3 / 0.7) ** (1 - float(p[z])),  # r = (1 - 0.7) / (1 - 0.3)
+        "euler": (1 - float(p[z])) * (1 - math.exp(-0.4 / 0.7)),  # g(0.3) = 1 / 0.7
+        "mixture_euler": 1 - math.exp(-(1 - float(p[z]))),
+    }[rule]
     frac = float((y != x).double().mean())
     assert abs(frac - expected) <= 5 * math.sqrt(expected * (1 - expected) / x.numel()), (frac, expected)
     moved = y[y != x]
@@ -177,8 +207,9 @@ def test_logits_path_final_step_and_mask_source():
     t, h = torch.full((N_ROWS,), 0.5, dtype=torch.float64), torch.full((N_ROWS,), 0.25, dtype=torch.float64)
     gen = torch.Generator().manual_seed(2)
     uniform = MixturePath(PolynomialScheduler(1), UniformSource(V))
-    y = update_from_logits(torch.full((N_ROWS, N_COLS), 3), logits, t, h, get_rule("cumulative_scalar"), uniform, gen,
-                           final=True)  # the final step draws x_1 ~ p everywhere, the current token included
+    y = update_from_logits(
+        torch.full((N_ROWS, N_COLS), 3), logits, t, h, get_rule("cumulative_scalar"), uniform, gen, final=True
+    )  # the final step draws x_1 ~ p everywhere, the current token included
     counts = torch.bincount(y.flatten(), minlength=V).double()
     assert counts[7] == 0 and _chi2_ok(*_chi2(counts, p))
     masked = MixturePath(PolynomialScheduler(1), MaskSource(V))
@@ -213,8 +244,12 @@ def test_logits_path_is_shift_invariant_across_its_overflow_guard():
     path = MixturePath(PolynomialScheduler(1), UniformSource(V))
     x = torch.randint(V, (4, 200), generator=torch.Generator().manual_seed(5))
     t, h = torch.full((4,), 0.25, dtype=torch.float64), torch.full((4,), 0.5, dtype=torch.float64)
-    draws = [update_from_logits(x, logits + shift, t, h, get_rule("cumulative_scalar"), path,
-                                torch.Generator().manual_seed(6)) for shift in (0.0, 1000.0, -1000.0)]
+    draws = [
+        update_from_logits(
+            x, logits + shift, t, h, get_rule("cumulative_scalar"), path, torch.Generator().manual_seed(6)
+        )
+        for shift in (0.0, 1000.0, -1000.0)
+    ]
     assert bool((draws[0] != x).any())
     assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
 
@@ -222,13 +257,27 @@ def test_logits_path_is_shift_invariant_across_its_overflow_guard():
 def test_gpu_run_script_lists_every_step_with_its_output():
     """benchmarks/gpu_run.sh --dry-run (no GPU): one line per step, each a benchmark of this repo (or the GPU tests)
     writing under benchmarks/results/<gpu>/, nothing created."""
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run"], capture_output=True,
-                          text=True, timeout=30, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "GPU_NAME": "testgpu"})
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "GPU_NAME": "testgpu"},
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     names = [line.split(" ", 1)[0] for line in lines]
-    assert names == ["sampling_small", "sampling_1p3b", "training_small_compile", "sampling_small_compile", "ar_small",
-                     "sampling_small_mask", "scaling_1p3b", "gpu_tests"]
+    assert names == [
+        "sampling_small",
+        "sampling_1p3b",
+        "training_small_compile",
+        "sampling_small_compile",
+        "ar_small",
+        "sampling_small_mask",
+        "scaling_1p3b",
+        "gpu_tests",
+    ]
     for name, line in zip(names, lines):
         assert line.endswith(f"> benchmarks/results/testgpu/{name}.txt")
         script = line.split(": ", 1)[1].split()[1]
@@ -243,8 +292,11 @@ def test_bench_own_work_quick():
     _, rec = run_bench("bench_own_work.py", "--rules", "cumulative_scalar,mixture_euler")
     assert rec["bench"] == "own_work" and rec["derived"] and (rec["few_steps"], rec["many_steps"]) == (8, 32)
     assert [(r["source"], r["rule"]) for r in rec["results"]] == [
-        ("mask", "cumulative_scalar"), ("mask", "mixture_euler"), ("uniform", "cumulative_scalar"),
-        ("uniform", "mixture_euler")]
+        ("mask", "cumulative_scalar"),
+        ("mask", "mixture_euler"),
+        ("uniform", "cumulative_scalar"),
+        ("uniform", "mixture_euler"),
+    ]
     for r in rec["results"]:
         assert r["same_tokens"] and _positive(r["forward_ms"])
         for chunk in ("default", "float64"):

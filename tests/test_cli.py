@@ -14,10 +14,13 @@ import yaml
 from fsdfm.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = {"name": "tiny", "data": {"kind": "oracle", "seq_len": 8,
-                                 "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2}},
-        "evaluator": {"kind": "none"}, "metrics": {"names": ["oracle_nll"]},
-        "methods": {"dfm": {"kind": "dfm", "steps": [1]}}}
+SPEC = {
+    "name": "tiny",
+    "data": {"kind": "oracle", "seq_len": 8, "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2}},
+    "evaluator": {"kind": "none"},
+    "metrics": {"names": ["oracle_nll"]},
+    "methods": {"dfm": {"kind": "dfm", "steps": [1]}},
+}
 
 CORRUPT_PLANS = {
     "truncated": '{"name": "tiny", "stages": {',
@@ -74,19 +77,39 @@ def test_threads_are_in_the_environment_before_numpy_and_torch_are_imported(tmp_
     spec.write_text(yaml.safe_dump(SPEC))
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([sys.executable, "-c", HOOK, "--results", str(tmp_path / "results"), "run", str(spec),
-                           "--dry-run", "--threads", "1"], capture_output=True, text=True, timeout=120, env=env,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            HOOK,
+            "--results",
+            str(tmp_path / "results"),
+            "run",
+            str(spec),
+            "--dry-run",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SEEN "))[5:])
     assert seen == {"numpy": "1", "torch": "1"}
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--executor", "lcoal"], "did you mean 'local'"),
-    (["--executor", "slurm", "--profile", "PROFILE"], "unknown section 'resorces'"),
-    (["--executor", "slurm", "--profile", "MISSING"], "not found"),
-], ids=["executor_typo", "profile_typo", "profile_missing"])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--executor", "lcoal"], "did you mean 'local'"),
+        (["--executor", "slurm", "--profile", "PROFILE"], "unknown section 'resorces'"),
+        (["--executor", "slurm", "--profile", "MISSING"], "not found"),
+    ],
+    ids=["executor_typo", "profile_typo", "profile_missing"],
+)
 def test_bad_executor_or_profile_is_exit_2_before_plan_json(extra, expected, tmp_path, capsys):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
@@ -104,7 +127,20 @@ def test_a_profile_that_is_not_yaml_is_exit_2(tmp_path, capsys):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
     (tmp_path / "p.yaml").write_text("defaults: [unclosed\n")
-    assert main(["--results", str(tmp_path / "results"), "run", str(spec), "--executor", "slurm",
-                 "--profile", str(tmp_path / "p.yaml")]) == 2
+    assert (
+        main(
+            [
+                "--results",
+                str(tmp_path / "results"),
+                "run",
+                str(spec),
+                "--executor",
+                "slurm",
+                "--profile",
+                str(tmp_path / "p.yaml"),
+            ]
+        )
+        == 2
+    )
     assert "not valid YAML" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()

@@ -68,9 +68,12 @@ def study(finished, tmp_path):
 
 def quality_metrics(sdir: Path) -> dict:
     """stage id -> metrics without the timing ones, for every done record."""
-    return {Path(r["stage_dir"]).name: {k: v for k, v in r["payload"]["metrics"].items() if k not in TIMING
-                                        and not k.startswith("train_")}
-            for r in load_records(sdir)}
+    return {
+        Path(r["stage_dir"]).name: {
+            k: v for k, v in r["payload"]["metrics"].items() if k not in TIMING and not k.startswith("train_")
+        }
+        for r in load_records(sdir)
+    }
 
 
 def truncate(path: Path) -> None:
@@ -107,7 +110,9 @@ def test_truncated_samples_redo_only_that_sample_and_its_evaluation(study, capsy
     code, out, res = cli(capsys, "--results", str(root), "run", str(spec), "--executor", "debug")
     assert code == 0 and res["done"] == 2
     changed = {sid for sid, b in records.items() if (stage_dir(sdir, sid) / RECORD).read_bytes() != b}
-    evaluations = {sid for sid in kinds["evaluate"] if read_json(stage_dir(sdir, sid) / RECORD)["inputs"]["samples"] == victim}
+    evaluations = {
+        sid for sid in kinds["evaluate"] if read_json(stage_dir(sdir, sid) / RECORD)["inputs"]["samples"] == victim
+    }
     assert changed == {victim} | evaluations and len(evaluations) == 1
     code, out, res = cli(capsys, "verify", str(sdir))  # a study directory works as well as its spec
     assert code == 0 and res["ok"] and res["done"] == len(records)
@@ -149,9 +154,14 @@ def test_metric_version_bump_reruns_only_the_stages_that_compute_it(study, capsy
     assert {s for s in new if not s.startswith("evaluate")} == set(kinds["train_dfm"] + kinds["sample"])
     rec = next(r for r in load_records(sdir, kind="evaluate"))
     # records store the versions: the listed metrics and the oracle metrics the oracle data adds
-    assert rec["fingerprint"]["metrics"] == {"distinct_2": "2", "entropy_nats": "1", "oracle_nll": "1",
-                                             "oracle_expected_nll": "1", "oracle_entropy_rate": "1",
-                                             **{m: "1" for m in ("ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor")}}
+    assert rec["fingerprint"]["metrics"] == {
+        "distinct_2": "2",
+        "entropy_nats": "1",
+        "oracle_nll": "1",
+        "oracle_expected_nll": "1",
+        "oracle_entropy_rate": "1",
+        **{m: "1" for m in ("ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor")},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ clean

@@ -14,12 +14,16 @@ import yaml
 from fsdfm.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = {"name": "tiny", "data": {"kind": "oracle", "seq_len": 8,
-                                 "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2}},
-        "evaluator": {"kind": "none"}, "metrics": {"names": ["oracle_nll", "entropy_nats"]}, "data_reference": False,
-        "sampling": {"n_samples": 4, "batch_size": 4},
-        "model": {"preset": "tiny", "hidden": 32, "cond_dim": 16, "n_blocks": 1, "n_heads": 2},
-        "methods": {"dfm": {"kind": "dfm", "steps": [1], "train": {"steps": 2, "warmup_steps": 1, "batch_size": 4}}}}
+SPEC = {
+    "name": "tiny",
+    "data": {"kind": "oracle", "seq_len": 8, "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2}},
+    "evaluator": {"kind": "none"},
+    "metrics": {"names": ["oracle_nll", "entropy_nats"]},
+    "data_reference": False,
+    "sampling": {"n_samples": 4, "batch_size": 4},
+    "model": {"preset": "tiny", "hidden": 32, "cond_dim": 16, "n_blocks": 1, "n_heads": 2},
+    "methods": {"dfm": {"kind": "dfm", "steps": [1], "train": {"steps": 2, "warmup_steps": 1, "batch_size": 4}}},
+}
 
 
 def last_json(out: str) -> dict:
@@ -73,11 +77,16 @@ def test_ls_lists_studies_with_done_over_total(ran, capsys):
     assert (rows["half"]["stages_done"], rows["half"]["stages_total"], rows["half"]["runs_done"]) == (0, 3, 0)
 
 
-@pytest.mark.parametrize("what,module,registry", [("rules", "fsdfm.samplers", "UPDATE_RULES"),
-                                                   ("methods", "fsdfm.methods", "METHOD_KINDS"),
-                                                   ("metrics", "fsdfm.metrics.registry", "METRICS"),
-                                                   ("presets", "fsdfm.model", "PRESETS"),
-                                                   ("published", "fsdfm.report.published", "PUBLISHED")])
+@pytest.mark.parametrize(
+    "what,module,registry",
+    [
+        ("rules", "fsdfm.samplers", "UPDATE_RULES"),
+        ("methods", "fsdfm.methods", "METHOD_KINDS"),
+        ("metrics", "fsdfm.metrics.registry", "METRICS"),
+        ("presets", "fsdfm.model", "PRESETS"),
+        ("published", "fsdfm.report.published", "PUBLISHED"),
+    ],
+)
 def test_ls_lists_every_registered_name(what, module, registry, capsys):
     import importlib
 
@@ -93,8 +102,10 @@ def test_status_follow_updates_until_everything_is_final(ran, capsys):
     capsys.readouterr()
     assert main(["--results", str(results), "status", str(spec), "seed=3", "--follow", "--interval", "0.01"]) == 0
     assert last_json(capsys.readouterr().out)["updates"] == 1  # all done: the first update is the last
-    assert main(["--results", str(results), "status", str(spec), "--follow", "--interval", "0.01",
-                 "--max-updates", "3"]) == 0
+    assert (
+        main(["--results", str(results), "status", str(spec), "--follow", "--interval", "0.01", "--max-updates", "3"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert last_json(out)["updates"] == 3 and out.count("study tiny (") == 3
 
@@ -120,8 +131,13 @@ def test_report_without_the_analysis_extra_names_it(ran, capsys, monkeypatch):
 
 def test_a_closed_pipe_ends_quietly():
     """`fsdfm ls metrics | head -0`: the reader is gone before the first write."""
-    proc = subprocess.Popen([sys.executable, "-m", "fsdfm.cli", "ls", "metrics"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fsdfm.cli", "ls", "metrics"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
     proc.stdout.close()  # long before the interpreter has imported anything
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141

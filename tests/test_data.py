@@ -16,9 +16,23 @@ import torch
 import fsdfm.data.text as text_kind
 import fsdfm.data.tokenizer as tokenizer_mod
 from fsdfm.data.hf import hf_datasets_cache
-from fsdfm.data import (DATASET_KINDS, PAPER_DATASETS, Corpus, DataConfig, DataError, check_corpus, load_corpus,
-                        load_gpt2_tokenizer, load_token_samples, load_tokenizer, pack_blocks, read_documents,
-                        save_token_samples, split_documents, train_bpe)
+from fsdfm.data import (
+    DATASET_KINDS,
+    PAPER_DATASETS,
+    Corpus,
+    DataConfig,
+    DataError,
+    check_corpus,
+    load_corpus,
+    load_gpt2_tokenizer,
+    load_token_samples,
+    load_tokenizer,
+    pack_blocks,
+    read_documents,
+    save_token_samples,
+    split_documents,
+    train_bpe,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TRAIN, VALID = DATA / "tinystories" / "train.txt", DATA / "tinystories" / "valid.txt"
@@ -166,14 +180,17 @@ def test_pack_blocks_known_answer():
 # --- config --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"kind": "txt"}, "did you mean 'text'"),
-    ({"seq_len": 0}, "seq_len must be a positive integer, got 0"),
-    ({"vocab_size": -3}, "vocab_size must be a positive integer or None, got -3"),
-    ({"max_train_blocks": 1.5}, "max_train_blocks"),
-    ({"dtype": "float32"}, "dtype must name a numpy integer dtype"),
-    ({"train": ""}, "DataConfig.train"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"kind": "txt"}, "did you mean 'text'"),
+        ({"seq_len": 0}, "seq_len must be a positive integer, got 0"),
+        ({"vocab_size": -3}, "vocab_size must be a positive integer or None, got -3"),
+        ({"max_train_blocks": 1.5}, "max_train_blocks"),
+        ({"dtype": "float32"}, "dtype must name a numpy integer dtype"),
+        ({"train": ""}, "DataConfig.train"),
+    ],
+)
 def test_data_config_validation(kwargs, message):
     with pytest.raises(DataError, match=message):
         DataConfig(**kwargs)
@@ -210,8 +227,9 @@ def test_text_corpus_blocks_and_cache(small, bpe512, tmp_path, monkeypatch):
 
 
 def test_corpus_texts(small, tmp_path):
-    corpus = load_corpus(DataConfig(train=str(small["train"]), valid=str(small["valid"]), vocab_size=512,
-                                    seq_len=32), tmp_path)
+    corpus = load_corpus(
+        DataConfig(train=str(small["train"]), valid=str(small["valid"]), vocab_size=512, seq_len=32), tmp_path
+    )
     texts = corpus.texts("valid", 8)
     docs = read_documents(small["valid"])
     assert len(texts) == 8 and "".join(texts).startswith(docs[0] + "<|endoftext|>" + docs[1][:20])
@@ -269,16 +287,33 @@ def test_token_files_npy_and_bin(tmp_path):
     stream.tofile(tmp_path / "stream.bin")
     np.save(tmp_path / "stream.npy", stream.astype(np.int32))
 
-    exact = load_corpus(DataConfig(kind="tokens", train=str(tmp_path / "seqs.npy"), valid=str(tmp_path / "seqs.npy"),
-                                   vocab_size=50, seq_len=10), tmp_path)
+    exact = load_corpus(
+        DataConfig(
+            kind="tokens", train=str(tmp_path / "seqs.npy"), valid=str(tmp_path / "seqs.npy"), vocab_size=50, seq_len=10
+        ),
+        tmp_path,
+    )
     assert exact.train.dtype == torch.long and exact.train.tolist() == seqs.tolist()
     assert exact.eos_id is None and exact.tokenizer is None
-    cut = load_corpus(DataConfig(kind="tokens", train=str(tmp_path / "seqs.npy"), valid=str(tmp_path / "seqs.npy"),
-                                 vocab_size=50, seq_len=6), tmp_path)
+    cut = load_corpus(
+        DataConfig(
+            kind="tokens", train=str(tmp_path / "seqs.npy"), valid=str(tmp_path / "seqs.npy"), vocab_size=50, seq_len=6
+        ),
+        tmp_path,
+    )
     assert cut.train.tolist() == seqs[:, :6].tolist()
     for name, dtype in (("stream.bin", "uint16"), ("stream.npy", None)):
-        c = load_corpus(DataConfig(kind="tokens", train=str(tmp_path / name), valid=str(tmp_path / "seqs.npy"),
-                                   vocab_size=50, seq_len=8, dtype=dtype), tmp_path)
+        c = load_corpus(
+            DataConfig(
+                kind="tokens",
+                train=str(tmp_path / name),
+                valid=str(tmp_path / "seqs.npy"),
+                vocab_size=50,
+                seq_len=8,
+                dtype=dtype,
+            ),
+            tmp_path,
+        )
         assert c.train.tolist() == np.arange(24).reshape(3, 8).tolist()  # 25 ids -> 3 blocks, tail dropped
 
 
@@ -293,8 +328,13 @@ def test_token_file_errors(tmp_path):
     np.array([1, 2, 999], dtype=np.uint16).tofile(tmp_path / "big.bin")
 
     def load(train, **kw):
-        base = {"kind": "tokens", "train": str(tmp_path / train), "valid": str(tmp_path / "ok.npy"),
-                "vocab_size": 50, "seq_len": 8}
+        base = {
+            "kind": "tokens",
+            "train": str(tmp_path / train),
+            "valid": str(tmp_path / "ok.npy"),
+            "vocab_size": 50,
+            "seq_len": 8,
+        }
         return load_corpus(DataConfig(**{**base, **kw}), tmp_path)
 
     with pytest.raises(DataError, match=r"bad\.npy.*id 77 at row 1, column 2 is outside the declared vocabulary"):
@@ -323,8 +363,10 @@ def test_token_samples_round_trip(tmp_path, gpt2):
     back = load_token_samples(path)
     assert back.dtype == np.int64 and np.array_equal(back, tokens.numpy())
     # Sample files are a valid "tokens" split, decodable with the tokenizer they came from.
-    c = load_corpus(DataConfig(kind="tokens", train=str(path), valid=str(path), vocab_size=50257, seq_len=16,
-                               tokenizer="gpt2"), tmp_path)
+    c = load_corpus(
+        DataConfig(kind="tokens", train=str(path), valid=str(path), vocab_size=50257, seq_len=16, tokenizer="gpt2"),
+        tmp_path,
+    )
     assert torch.equal(c.valid, tokens) and c.eos_id == 50256 and c.texts("valid", 1)[0] == gpt2.decode(tokens[0])
     with pytest.raises(DataError, match="must be a 2-D integer array"):
         save_token_samples(tmp_path / "x.npy", torch.zeros(5))
@@ -350,14 +392,32 @@ def test_hf_local_json_matches_text_kind(small, tmp_path):
         with open(tmp_path / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for doc in read_documents(small[split]):
                 f.write(json.dumps({"story": doc}) + "\n")
-    text = load_corpus(DataConfig(train=str(small["train"]), valid=str(small["valid"]), tokenizer="gpt2",
-                                  seq_len=128), tmp_path)
-    hf = load_corpus(DataConfig(kind="hf", hf_name="json", train=str(tmp_path / "train.jsonl"),
-                                valid=str(tmp_path / "valid.jsonl"), text_field="story", seq_len=128), tmp_path)
+    text = load_corpus(
+        DataConfig(train=str(small["train"]), valid=str(small["valid"]), tokenizer="gpt2", seq_len=128), tmp_path
+    )
+    hf = load_corpus(
+        DataConfig(
+            kind="hf",
+            hf_name="json",
+            train=str(tmp_path / "train.jsonl"),
+            valid=str(tmp_path / "valid.jsonl"),
+            text_field="story",
+            seq_len=128,
+        ),
+        tmp_path,
+    )
     assert torch.equal(hf.train, text.train) and torch.equal(hf.valid, text.valid)
     with pytest.raises(DataError, match="text_field='text' is not a column of the dataset; columns: story"):
-        load_corpus(DataConfig(kind="hf", hf_name="json", train=str(tmp_path / "train.jsonl"),
-                               valid=str(tmp_path / "valid.jsonl"), seq_len=64), tmp_path / "other")
+        load_corpus(
+            DataConfig(
+                kind="hf",
+                hf_name="json",
+                train=str(tmp_path / "train.jsonl"),
+                valid=str(tmp_path / "valid.jsonl"),
+                seq_len=64,
+            ),
+            tmp_path / "other",
+        )
 
 
 def test_hf_hub_dataset_offline_is_a_clear_error(tmp_path):

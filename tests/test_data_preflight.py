@@ -29,12 +29,12 @@ def test_bounds_decide_without_tokenizing_and_the_exact_count_decides_between_th
     docs = ["hello world"]  # 11 bytes, 2 words: 3 <= tokens + EOS <= 12
     tok = CountingTokenizer(4)
     assert text_split_has_a_block(docs, 13, lambda: tok) is False  # more than the byte bound
-    assert text_split_has_a_block(docs, 3, lambda: tok) is True    # within the word bound
+    assert text_split_has_a_block(docs, 3, lambda: tok) is True  # within the word bound
     assert tok.calls == 0
-    assert text_split_has_a_block(docs, 5, lambda: tok) is True    # 4 ids + EOS = 5
+    assert text_split_has_a_block(docs, 5, lambda: tok) is True  # 4 ids + EOS = 5
     assert text_split_has_a_block(docs, 6, lambda: tok) is False
     assert tok.calls == 2
-    assert text_split_has_a_block(docs, 6, lambda: None) is None   # undecided without a tokenizer
+    assert text_split_has_a_block(docs, 6, lambda: None) is None  # undecided without a tokenizer
 
 
 def test_gpt2_corpus_length_is_exact_at_the_boundary(tmp_path):

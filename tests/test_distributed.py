@@ -20,10 +20,27 @@ from fsdfm.distributed import DistEnv, cleanup, expand_nodelist, first_host, ini
 from fsdfm.model import DiT, ModelConfig
 from fsdfm.train import OptimConfig, fit
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR",
-               "SUBMITIT_LOCAL_JOB_ID", "SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_LOCALID",
-               "SLURM_PROCID", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
-               "SLURM_JOB_ID", "SLURM_NODEID", "SLURM_JOB_NUM_NODES")
+LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SUBMITIT_EXECUTOR",
+    "SUBMITIT_LOCAL_JOB_ID",
+    "SUBMITIT_LOCAL_NTASKS",
+    "SUBMITIT_LOCAL_GLOBALID",
+    "SUBMITIT_LOCAL_LOCALID",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_NPROCS",
+    "SLURM_LOCALID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+    "SLURM_JOB_ID",
+    "SLURM_NODEID",
+    "SLURM_JOB_NUM_NODES",
+)
 
 
 @pytest.fixture
@@ -38,26 +55,45 @@ def clean_env(monkeypatch):
 
 def test_single_process_by_default(clean_env):
     env = DistEnv.from_env()
-    assert env == DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=29500,
-                          source="single")
+    assert env == DistEnv(
+        rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=29500, source="single"
+    )
     assert not env.is_distributed and env.is_main
     assert init_distributed(env=env) is env and not torch.distributed.is_initialized()  # a world of one: no-op
     cleanup()  # nothing to leave: no error
 
 
 def test_torchrun_variables(clean_env):
-    for key, value in dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="10.0.0.5",
-                           MASTER_PORT="29611", SLURM_PROCID="0", SLURM_NTASKS="2").items():
+    for key, value in dict(
+        RANK="3",
+        WORLD_SIZE="8",
+        LOCAL_RANK="1",
+        MASTER_ADDR="10.0.0.5",
+        MASTER_PORT="29611",
+        SLURM_PROCID="0",
+        SLURM_NTASKS="2",
+    ).items():
         clean_env.setenv(key, value)
     env = DistEnv.from_env()  # torchrun's variables win over the SLURM ones of an enclosing allocation
-    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == \
-        (3, 8, 1, "10.0.0.5", 29611, "torchrun")
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == (
+        3,
+        8,
+        1,
+        "10.0.0.5",
+        29611,
+        "torchrun",
+    )
     assert env.init_method == "tcp://10.0.0.5:29611" and env.is_distributed and not env.is_main
 
 
 def test_slurm_variables_and_port_from_job_id(clean_env):
-    for key, value in dict(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_JOB_ID="123456",
-                           SLURM_JOB_NODELIST="gpu[07-08,10],cpu1").items():
+    for key, value in dict(
+        SLURM_PROCID="5",
+        SLURM_NTASKS="8",
+        SLURM_LOCALID="1",
+        SLURM_JOB_ID="123456",
+        SLURM_JOB_NODELIST="gpu[07-08,10],cpu1",
+    ).items():
         clean_env.setenv(key, value)
     env = DistEnv.from_env(use_scontrol=False)
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.source) == (5, 8, 1, "gpu07", "slurm")
@@ -77,28 +113,48 @@ def test_slurm_nodelist_fallback_and_older_names(clean_env):
 
 
 def test_submitit_local_job_environment(clean_env):
-    for key, value in dict(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="77", SUBMITIT_LOCAL_NTASKS="4",
-                           SUBMITIT_LOCAL_GLOBALID="2", SUBMITIT_LOCAL_LOCALID="2").items():
+    for key, value in dict(
+        SUBMITIT_EXECUTOR="local",
+        SUBMITIT_LOCAL_JOB_ID="77",
+        SUBMITIT_LOCAL_NTASKS="4",
+        SUBMITIT_LOCAL_GLOBALID="2",
+        SUBMITIT_LOCAL_LOCALID="2",
+    ).items():
         clean_env.setenv(key, value)
     env = DistEnv.from_env()
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.source) == (2, 4, 2, "127.0.0.1", "submitit")
 
 
 def test_submitit_slurm_job_environment(clean_env):
-    for key, value in dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="42", SLURM_PROCID="1", SLURM_NTASKS="2",
-                           SLURM_LOCALID="0", SLURM_JOB_NODELIST="a[1-2]").items():
+    for key, value in dict(
+        SUBMITIT_EXECUTOR="slurm",
+        SLURM_JOB_ID="42",
+        SLURM_PROCID="1",
+        SLURM_NTASKS="2",
+        SLURM_LOCALID="0",
+        SLURM_JOB_NODELIST="a[1-2]",
+    ).items():
         clean_env.setenv(key, value)
     env = DistEnv.from_env()
-    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == \
-        (1, 2, 0, "a1", 15042, "submitit")
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == (
+        1,
+        2,
+        0,
+        "a1",
+        15042,
+        "submitit",
+    )
 
 
-@pytest.mark.parametrize("nodelist,hosts", [
-    ("node1", ["node1"]),
-    ("a1,b2", ["a1", "b2"]),
-    ("gpu[01-03,7]", ["gpu01", "gpu02", "gpu03", "gpu7"]),
-    ("n[8-10]-ib,login", ["n8-ib", "n9-ib", "n10-ib", "login"]),
-])
+@pytest.mark.parametrize(
+    "nodelist,hosts",
+    [
+        ("node1", ["node1"]),
+        ("a1,b2", ["a1", "b2"]),
+        ("gpu[01-03,7]", ["gpu01", "gpu02", "gpu03", "gpu7"]),
+        ("n[8-10]-ib,login", ["n8-ib", "n9-ib", "n10-ib", "login"]),
+    ],
+)
 def test_expand_nodelist(nodelist, hosts):
     assert expand_nodelist(nodelist) == hosts
     assert first_host(nodelist, use_scontrol=False) == hosts[0]
@@ -142,8 +198,9 @@ def _data() -> torch.Tensor:
 
 def _model() -> DiT:
     torch.manual_seed(5)
-    model = DiT(ModelConfig(vocab_size=V, seq_len=L, input_vocab_size=V + 1, hidden=32, cond_dim=16, n_blocks=1,
-                            n_heads=2))
+    model = DiT(
+        ModelConfig(vocab_size=V, seq_len=L, input_vocab_size=V + 1, hidden=32, cond_dim=16, n_blocks=1, n_heads=2)
+    )
     for p in model.parameters():  # leave no zero-initialised layer: every parameter then gets a gradient
         if not p.detach().abs().sum():
             torch.nn.init.normal_(p, std=0.1)
@@ -170,8 +227,9 @@ def _fit(ckpt_dir=None, stop_after=None):
 
 
 def _worker(rank: int, world: int, port: int, jobs: list, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     env = init_distributed()
     assert env.source == "torchrun" and torch.distributed.get_world_size() == world
@@ -193,16 +251,19 @@ def _assert_same(a: dict, b: dict, what: str) -> None:
     assert a["steps"] == b["steps"] == CFG.steps, what
     for part in ("model", "ema"):
         for key in a[part]:
-            torch.testing.assert_close(a[part][key], b[part][key], atol=1e-5, rtol=1e-4,
-                                       msg=lambda m: f"{what}: {part}.{key}: {m}")
+            torch.testing.assert_close(
+                a[part][key], b[part][key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{what}: {part}.{key}: {m}"
+            )
 
 
 def test_two_process_fit_matches_one_process_and_checkpoints_cross_world_sizes(tmp_path, clean_env):
     reference = _fit()  # 1 process, the whole global batch, uninterrupted
     _fit(tmp_path / "one_then_two", stop_after=3)  # 1 process writes a checkpoint at step 3 ...
-    jobs = [("two", None, None),  # 2 processes, uninterrupted
-            ("two_first_half", str(tmp_path / "two_then_one"), 3),  # 2 processes stop at step 3 (rank 0 writes)
-            ("one_then_two", str(tmp_path / "one_then_two"), None)]  # ... which 2 processes resume
+    jobs = [
+        ("two", None, None),  # 2 processes, uninterrupted
+        ("two_first_half", str(tmp_path / "two_then_one"), 3),  # 2 processes stop at step 3 (rank 0 writes)
+        ("one_then_two", str(tmp_path / "one_then_two"), None),
+    ]  # ... which 2 processes resume
     mp.spawn(_worker, args=(2, _free_port(), jobs, str(tmp_path)), nprocs=2, join=True)
     two, two_rank1 = (torch.load(tmp_path / f"two.rank{r}.pt") for r in (0, 1))
     # each rank trained on its own half of the global batch: idx[rank::2] of the 1-process batch of that step

@@ -84,8 +84,13 @@ def test_exact_on_text_data_exits_2_and_writes_nothing(fixture, tmp_path):
     path = REPO / "tests" / "fixtures" / "bad_specs" / fixture
     key = path.read_text().splitlines()[0].removeprefix("# expect: ").split(":")[0]
     results = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "fsdfm.cli", "--results", str(results), "run", str(path.relative_to(REPO))],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fsdfm.cli", "--results", str(results), "run", str(path.relative_to(REPO))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert key in proc.stderr and "data.kind: oracle" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -87,12 +87,15 @@ def test_changed_file_is_a_new_stage(finished, capsys, tmp_path):
     assert runs[0]["metrics"]["distinct_2"] == pytest.approx(6 / 28)
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("s.txt", b"hello", "unknown sample file type '.txt'"),
-    ("s.npy", None, "the study's vocabulary has 6 ids"),
-    ("s.jsonl", b'{"text": "a b"}\n', "needs a study with a tokenizer"),
-    ("t.jsonl", b'{"txt": "a"}\n', 't.jsonl:1: each line must be a JSON object with a "text" key'),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("s.txt", b"hello", "unknown sample file type '.txt'"),
+        ("s.npy", None, "the study's vocabulary has 6 ids"),
+        ("s.jsonl", b'{"text": "a b"}\n', "needs a study with a tokenizer"),
+        ("t.jsonl", b'{"txt": "a"}\n', 't.jsonl:1: each line must be a JSON object with a "text" key'),
+    ],
+)
 def test_bad_files_are_exit_2_naming_the_file_and_write_nothing(finished, capsys, tmp_path, name, content, message):
     spec, root, sdir = finished
     p = tmp_path / name

@@ -72,8 +72,9 @@ def test_changing_one_byte_of_a_data_file_changes_exactly_the_stages_that_read_i
     after = plan_of(spec)
     assert len(after.stages) == len(before.stages)
     assert set(before.stages) - set(after.stages) == reads_a  # every stage reading a.txt has a new id ...
-    assert {sid for sid, s in after.stages.items() if s.config["data"]["valid"] == str(paths["b"])} \
-        == set(before.stages) - reads_a  # ... and nothing else changed
+    assert {sid for sid, s in after.stages.items() if s.config["data"]["valid"] == str(paths["b"])} == set(
+        before.stages
+    ) - reads_a  # ... and nothing else changed
     flip_one_byte(paths["train"])  # every stage reads train.txt
     assert set(plan_of(spec).stages).isdisjoint(after.stages)
 
@@ -111,11 +112,23 @@ def test_fingerprint_lists_the_kind_version_and_the_metrics_it_computes():
     cfg = {"metrics": {"names": ["distinct_2", "entropy_nats"]}, "data": {"kind": "oracle"}}
     fp = stage_fingerprint("evaluate", cfg)
     assert fp["version"] == STAGE_KINDS.get("evaluate").version
-    assert set(fp["metrics"]) == {"distinct_2", "entropy_nats", "oracle_nll", "oracle_expected_nll",
-                                  "oracle_entropy_rate", "ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor"}
+    assert set(fp["metrics"]) == {
+        "distinct_2",
+        "entropy_nats",
+        "oracle_nll",
+        "oracle_expected_nll",
+        "oracle_entropy_rate",
+        "ngram_tv",
+        "ngram_kl",
+        "ngram_tv_floor",
+        "ngram_kl_floor",
+    }
     assert "data" not in fp  # an oracle source names no file
     assert set(stage_fingerprint("sample", {"data": {}})["metrics"]) == {"nfe", "wall_s", "tokens_per_s", "peak_mem"}
     # a stage's id sees its fingerprint; its config (what the stage function gets) does not
-    s1, s2 = Stage("sample", {"a": 1}, fingerprint={"version": "1"}), Stage("sample", {"a": 1}, fingerprint={"version": "2"})
+    s1, s2 = (
+        Stage("sample", {"a": 1}, fingerprint={"version": "1"}),
+        Stage("sample", {"a": 1}, fingerprint={"version": "2"}),
+    )
     assert s1.id != s2.id and s1.config == s2.config
     assert Stage.from_dict(s1.to_dict()).id == s1.id

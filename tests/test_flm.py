@@ -8,10 +8,25 @@ import torch
 from scipy.integrate import quad
 from scipy.stats import norm
 
-from fsdfm.flm import (ContinuousSampleOutput, FLMConfig, FLMObjective, FLMTime, flow_map, noisy_state, sample_flm,
-                       state_chunk_size)
-from fsdfm.fmlm import (FMLMConfig, FMLMObjective, fmlm_student, sample_fmlm, semigroup_lambda, semigroup_target,
-                        soft_cross_entropy)
+from fsdfm.flm import (
+    ContinuousSampleOutput,
+    FLMConfig,
+    FLMObjective,
+    FLMTime,
+    flow_map,
+    noisy_state,
+    sample_flm,
+    state_chunk_size,
+)
+from fsdfm.fmlm import (
+    FMLMConfig,
+    FMLMObjective,
+    fmlm_student,
+    sample_fmlm,
+    semigroup_lambda,
+    semigroup_target,
+    soft_cross_entropy,
+)
 from fsdfm.model import DiT, ModelConfig
 from fsdfm.samplers import SampleOutput
 from fsdfm.train import OptimConfig, StepContext, fit
@@ -27,8 +42,9 @@ def time8():
 def tiny_dit(V=8, L=6, h_embedding="none", seed=0, randomise=True):
     """A tiny DiT; `randomise` replaces the zero-initialised adaLN / head so the function is not constant."""
     torch.manual_seed(seed)
-    model = DiT(ModelConfig(vocab_size=V, seq_len=L, hidden=16, cond_dim=16, n_blocks=1, n_heads=2,
-                            h_embedding=h_embedding))
+    model = DiT(
+        ModelConfig(vocab_size=V, seq_len=L, hidden=16, cond_dim=16, n_blocks=1, n_heads=2, h_embedding=h_embedding)
+    )
     if randomise:
         for name, p in model.named_parameters():
             if "adaLN" in name or name.startswith("head"):
@@ -37,6 +53,7 @@ def tiny_dit(V=8, L=6, h_embedding="none", seed=0, randomise=True):
 
 
 # ---- time change tau = alpha(gamma) ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("K", [2, 8, 64, 1000])
 def test_q_at_gamma_zero_is_chance_and_alpha_ends_are_exact(K):
@@ -57,8 +74,13 @@ def test_q_matches_adaptive_quadrature_for_large_vocabulary():
     T = FLMTime(K, n_quadrature=200, n_table=257)
     for gamma in (0.3, 0.6, 0.8):
         m = gamma / (1 - gamma)
-        exact = quad(lambda z: norm.pdf(z) * math.exp((K - 1) * norm.logcdf(z + m)), -30, 30,
-                     points=[math.sqrt(2 * math.log(K)) - m], limit=400)[0]
+        exact = quad(
+            lambda z: norm.pdf(z) * math.exp((K - 1) * norm.logcdf(z + m)),
+            -30,
+            30,
+            points=[math.sqrt(2 * math.log(K)) - m],
+            limit=400,
+        )[0]
         assert T.q(torch.tensor([gamma], dtype=F64)).item() == pytest.approx(exact, rel=1e-3)
 
 
@@ -89,6 +111,7 @@ def test_time_keeps_shape_and_dtype_and_rejects_out_of_range(time8):
 
 # ---- state, flow map, semigroup ------------------------------------------------------------------------------
 
+
 def test_noisy_state_is_the_interpolation():
     x_1 = torch.tensor([[0, 3, 2], [1, 1, 4]])
     gamma = torch.tensor([0.25, 1.0], dtype=F64)
@@ -108,8 +131,9 @@ def test_flow_map_identity_at_s_equals_t_and_denoiser_at_t_one():
 @pytest.mark.parametrize("gammas", [(0.2, 0.55), "tensors"])
 def test_flow_map_in_place_and_with_float_gammas_equals_the_formula(gammas):
     x, d = torch.randn(2, 3, 5, dtype=F64), torch.rand(2, 3, 5, dtype=F64)
-    gs, gt = (torch.tensor([0.2, 0.4], dtype=F64), torch.tensor([0.55, 0.9], dtype=F64)) if gammas == "tensors" \
-        else gammas
+    gs, gt = (
+        (torch.tensor([0.2, 0.4], dtype=F64), torch.tensor([0.55, 0.9], dtype=F64)) if gammas == "tensors" else gammas
+    )
     s_, t_ = torch.as_tensor(gs, dtype=F64).reshape(-1, 1, 1), torch.as_tensor(gt, dtype=F64).reshape(-1, 1, 1)
     want = (1 - t_) / (1 - s_) * x + (t_ - s_) / (1 - s_) * d  # the formula, written out
     assert torch.allclose(flow_map(x, d, gs, gt), want, atol=1e-15)
@@ -125,8 +149,11 @@ def test_semigroup_lambda_endpoints_and_composition_identity():
     assert torch.allclose(semigroup_lambda(s, s, t), torch.zeros(2))
     assert torch.allclose(semigroup_lambda(s, t, t), torch.ones(2))
     # For any D1, D2: X_{u,t}(X_{s,u}(x; D1); D2) = X_{s,t}(x; lambda D1 + (1 - lambda) D2), exactly.
-    s, u, t = torch.tensor([0.1, 0.0, 0.3], dtype=F64), torch.tensor([0.4, 0.5, 0.35], dtype=F64), \
-        torch.tensor([0.9, 1.0, 0.6], dtype=F64)
+    s, u, t = (
+        torch.tensor([0.1, 0.0, 0.3], dtype=F64),
+        torch.tensor([0.4, 0.5, 0.35], dtype=F64),
+        torch.tensor([0.9, 1.0, 0.6], dtype=F64),
+    )
     x, d1, d2 = (torch.randn(3, 4, 6, dtype=F64) for _ in range(3))
     lam = semigroup_lambda(s, u, t)[:, None, None]
     assert torch.allclose(flow_map(flow_map(x, d1, s, u), d2, u, t), flow_map(x, lam * d1 + (1 - lam) * d2, s, t))
@@ -146,6 +173,7 @@ def test_semigroup_target_reduces_to_the_direct_map_for_an_exact_denoiser(time8)
 
 
 # ---- samplers -------------------------------------------------------------------------------------------------
+
 
 def test_flm_sampler_with_a_constant_denoiser_returns_its_token(time8):
     k = 5
@@ -193,12 +221,14 @@ def test_fmlm_one_jump_is_argmax_of_the_denoiser_from_noise(time8):
     out = sample_fmlm(student, time8, n_samples=3, seq_len=6, n_steps=1, seed=4, precision=F64)
     # One jump from gamma = 0 to gamma = 1 lands on D_theta(eps, 0, 1): recompute it from the documented noise.
     from fsdfm.flm import sample_noise
+
     eps = sample_noise(4, 0, 3, 6, 8, F64, torch.device("cpu"))
     want = student(eps, torch.zeros(3), torch.ones(3)).argmax(-1)
     assert out.nfe == 1 and torch.equal(out.tokens, want)
 
 
 # ---- objectives -----------------------------------------------------------------------------------------------
+
 
 def test_flm_training_lowers_the_loss():
     V, L = 8, 8
@@ -245,8 +275,9 @@ def test_fmlm_objective_trains_only_the_student(time8):
     assert torch.isfinite(loss) and loss.item() > 0
     assert all(p.grad is None for p in teacher.parameters())
     assert student.head.weight.grad is not None and student.head.weight.grad.abs().sum() > 0
-    tau_s, tau_u, tau_t = FMLMObjective(teacher, time8, cfg).times(8, torch.Generator().manual_seed(0),
-                                                                    torch.device("cpu"))
+    tau_s, tau_u, tau_t = FMLMObjective(teacher, time8, cfg).times(
+        8, torch.Generator().manual_seed(0), torch.device("cpu")
+    )
     assert torch.equal(tau_s[:2], tau_t[:2]) and tau_s[2:4].tolist() == [0, 0] and tau_t[2:4].tolist() == [1, 1]
     assert bool((tau_s[2:] <= tau_u[2:]).all() and (tau_u[2:] <= tau_t[2:]).all() and (tau_t <= 1).all())
 
@@ -271,7 +302,8 @@ def test_fmlm_defaults_are_the_authors(time8):
     cfg = FMLMConfig()
     assert (cfg.diagonal_share, cfg.boundary_share, cfg.u_fraction) == (0.5, 0.016, 0.5)
     assert cfg.row_counts(1000) == (500, 16, 484) and cfg.row_counts(64) == (32, 1, 31)
-    tau_s, tau_u, tau_t = FMLMObjective(tiny_dit(seed=5), time8, cfg).times(64, torch.Generator().manual_seed(0),
-                                                                             torch.device("cpu"))
+    tau_s, tau_u, tau_t = FMLMObjective(tiny_dit(seed=5), time8, cfg).times(
+        64, torch.Generator().manual_seed(0), torch.device("cpu")
+    )
     assert torch.allclose(tau_u[32:], (tau_s[32:] + tau_t[32:]) / 2)  # the midpoint of every off-diagonal row
-    assert tau_s[32].item() == 0 and tau_t[32].item() == 1        # the one boundary row
+    assert tau_s[32].item() == 0 and tau_t[32].item() == 1  # the one boundary row

@@ -30,8 +30,9 @@ CUDA = torch.device("cuda")
 def tiny_dit(V: int, L: int, seed: int = 0) -> DiT:
     """A tiny DiT over V tokens plus the mask, its zero-initialised layers redrawn so that logits depend on x and t."""
     torch.manual_seed(seed)
-    model = DiT(ModelConfig(vocab_size=V, input_vocab_size=V + 1, seq_len=L, hidden=32, cond_dim=16, n_blocks=2,
-                            n_heads=2))
+    model = DiT(
+        ModelConfig(vocab_size=V, input_vocab_size=V + 1, seq_len=L, hidden=32, cond_dim=16, n_blocks=2, n_heads=2)
+    )
     with torch.no_grad():
         for p in model.parameters():
             if not p.abs().sum():
@@ -115,8 +116,16 @@ def test_one_step_cuda_draws_follow_p(source, sparse):
     V = 6
     p = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.07, 0.03], dtype=torch.float64)
     model = FixedLogits(p.log().float().to(CUDA))
-    out = sample(model, make_path(PolynomialScheduler(1), source, V), n_samples=200, seq_len=200, n_steps=1,
-                 device=CUDA, generator=torch.Generator(CUDA).manual_seed(1), sparse=sparse)
+    out = sample(
+        model,
+        make_path(PolynomialScheduler(1), source, V),
+        n_samples=200,
+        seq_len=200,
+        n_steps=1,
+        device=CUDA,
+        generator=torch.Generator(CUDA).manual_seed(1),
+        sparse=sparse,
+    )
     assert out.nfe == 1 and out.tokens.device.type == "cpu"
     n = out.tokens.numel()
     freq = torch.bincount(out.tokens.flatten(), minlength=V).double() / n
@@ -135,8 +144,17 @@ def test_cuda_and_cpu_samplers_agree_in_distribution(sparse):
     freqs = {}
     for dev in ("cpu", "cuda"):
         model = FixedLogits(p.log().float().to(dev))
-        out = sample(model, path, n_samples=200, seq_len=100, n_steps=2, rule="cumulative_scalar", device=dev,
-                     generator=torch.Generator(dev).manual_seed(3), sparse=None if dev == "cpu" else sparse)
+        out = sample(
+            model,
+            path,
+            n_samples=200,
+            seq_len=100,
+            n_steps=2,
+            rule="cumulative_scalar",
+            device=dev,
+            generator=torch.Generator(dev).manual_seed(3),
+            sparse=None if dev == "cpu" else sparse,
+        )
         freqs[dev] = torch.bincount(out.tokens.flatten(), minlength=V).double() / out.tokens.numel()
     n = 200 * 100
     sigma = (p * (1 - p) / n).sqrt()
@@ -149,8 +167,9 @@ def test_bf16_autocast_training_on_cuda_learns_and_keeps_fp32_weights():
     a deterministic cyclic language falls from ln V (zero-initialised head) well below it."""
     V, L = 16, 16
     torch.manual_seed(0)
-    model = DiT(ModelConfig(vocab_size=V, input_vocab_size=V + 1, seq_len=L, hidden=64, cond_dim=32, n_blocks=2,
-                            n_heads=4))
+    model = DiT(
+        ModelConfig(vocab_size=V, input_vocab_size=V + 1, seq_len=L, hidden=64, cond_dim=32, n_blocks=2, n_heads=4)
+    )
     data = (torch.arange(256)[:, None] + torch.arange(L)[None]) % V  # x_{i+1} = x_i + 1 (mod V)
     objective = DFMObjective(make_path(PolynomialScheduler(1), "mask", V), DFMConfig(loss="ce"))
     cfg = OptimConfig(steps=150, batch_size=32, lr=3e-3, warmup_steps=10, ema_decay=None, ckpt_every=0, seed=0)
@@ -170,8 +189,9 @@ def test_flm_sampler_on_cuda_returns_the_constant_token_and_counts_cuda_memory()
         return torch.nn.functional.one_hot(torch.full(x.shape[:2], k, device=x.device), V).float() * 10.0
 
     one_sample = L * V * 4
-    out = sample_flm(always_k, time, n_samples=10, seq_len=L, n_steps=4, seed=0, device=CUDA,
-                     max_state_bytes=3 * one_sample)
+    out = sample_flm(
+        always_k, time, n_samples=10, seq_len=L, n_steps=4, seed=0, device=CUDA, max_state_bytes=3 * one_sample
+    )
     assert bool((out.tokens == k).all()) and out.tokens.shape == (10, L)
     assert out.peak_mem_kind == "cuda_max_allocated" and out.peak_mem_bytes > 0
     assert out.chunk_size == 3 and out.nfe == 4

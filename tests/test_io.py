@@ -53,7 +53,10 @@ def test_canonical_json_and_digest_known_answers(tmp_path):
         canonical_json({"x": float("nan")})  # ids are never hashed from NaN
     p = tmp_path / "d.bin"
     p.write_bytes(b"abc")
-    assert sha256_file(p) == hashlib.sha256(b"abc").hexdigest() == (
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    assert (
+        sha256_file(p)
+        == hashlib.sha256(b"abc").hexdigest()
+        == ("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    )
     atomic_write_json(tmp_path / "j.json", {"k": (1, 2)})
     assert read_json(tmp_path / "j.json") == {"k": [1, 2]}

@@ -18,12 +18,29 @@ import pytest
 
 from fsdfm import launch
 from fsdfm.launch import (
-    StageInputError, execute, load_profile, resources_for, run_stage, status, write_plan,
+    StageInputError,
+    execute,
+    load_profile,
+    resources_for,
+    run_stage,
+    status,
+    write_plan,
 )
 from fsdfm.registry import UnknownNameError
 from fsdfm.io import atomic_write_json, read_json
 from fsdfm.records import (
-    ATTEMPTS, ERROR, PLAN, RECORD, RUNNING, SUBMITTED, StageLockedError, is_done, lock_holder, pid_alive, stage_dir, stage_lock,
+    ATTEMPTS,
+    ERROR,
+    PLAN,
+    RECORD,
+    RUNNING,
+    SUBMITTED,
+    StageLockedError,
+    is_done,
+    lock_holder,
+    pid_alive,
+    stage_dir,
+    stage_lock,
 )
 from fsdfm.study.graph import RunSpec, Stage, StudyPlan, stage_kind
 
@@ -110,16 +127,27 @@ def fit_stage(config, inputs, out_dir):
         time.sleep(config["sleep_s"])
         return (ctx.model(ctx.batch) - ctx.batch.unsqueeze(-1).float() / 8).pow(2).mean()
 
-    res = fit(model, loss_fn, data, OptimConfig(steps=config["steps"], batch_size=4, lr=0.05, warmup_steps=2,
-                                                ckpt_every=1, seed=1),
-              ckpt_dir=out_dir / "ckpt", device="cpu", progress=False)
-    return {"metrics": {"final_loss": res.losses[-1]}, "resumed_from": res.resumed_from, "losses": res.losses,
-            "weight": model.weight.tolist()}
+    res = fit(
+        model,
+        loss_fn,
+        data,
+        OptimConfig(steps=config["steps"], batch_size=4, lr=0.05, warmup_steps=2, ckpt_every=1, seed=1),
+        ckpt_dir=out_dir / "ckpt",
+        device="cpu",
+        progress=False,
+    )
+    return {
+        "metrics": {"final_loss": res.losses[-1]},
+        "resumed_from": res.resumed_from,
+        "losses": res.losses,
+        "weight": model.weight.tolist(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ plans
-def chain_plan(name: str = "chain", base: int = 1, add_b: int = 10, add_c: int = 100, hold_b: bool = False,
-               fail_b: bool = False) -> StudyPlan:
+def chain_plan(
+    name: str = "chain", base: int = 1, add_b: int = 10, add_c: int = 100, hold_b: bool = False, fail_b: bool = False
+) -> StudyPlan:
     """a(const) -> b(add) -> c(add, also reads a); d(const) independent; runs end in c and d."""
     a = Stage("t_launch_const", {"value": base})
     b_cfg = {"add": add_b, **({"hold": True} if hold_b else {}), **({"fail": True} if fail_b else {})}
@@ -149,8 +177,11 @@ def payloads(study: Path, plan: StudyPlan) -> dict:
 
 def artefacts(study: Path, sid: str) -> dict:
     d = stage_dir(study, sid)
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
-            if p.is_file() and not p.name.startswith(".") and p.suffix != ".json"}
+    return {
+        str(p.relative_to(d)): p.read_bytes()
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and not p.name.startswith(".") and p.suffix != ".json"
+    }
 
 
 # ---------------------------------------------------------------------------------------------- debug
@@ -278,14 +309,22 @@ def test_kill9_midway_then_rerun_gives_identical_results(tmp_path, counter):
     plan = chain_plan(hold_b=True)
     a, b, c, d = ids(plan)
     root = tmp_path / "killed"
-    code = ("import sys, test_launch as t\n"
-            "from fsdfm.launch import execute\n"
-            "execute(t.chain_plan(hold_b=True), sys.argv[1], executor='local', max_parallel=2, poll_s=0.1)\n")
+    code = (
+        "import sys, test_launch as t\n"
+        "from fsdfm.launch import execute\n"
+        "execute(t.chain_plan(hold_b=True), sys.argv[1], executor='local', max_parallel=2, poll_s=0.1)\n"
+    )
     env = {**os.environ, "FSDFM_TEST_HOLD": str(hold)}
     with open(tmp_path / "driver.log", "w") as log:
         # a session of its own: killpg takes the driver, submitit's controllers and the job processes at once
-        proc = subprocess.Popen([sys.executable, "-c", code, str(root)], env=env, cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(root)],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     bdir = stage_dir(root / "chain", b)
     deadline = time.time() + 60
     while not ((bdir / RUNNING).exists() and lock_holder(bdir)[1]):
@@ -333,8 +372,9 @@ def test_same_stage_in_two_processes_does_not_clobber(tmp_path, counter, capfd):
     study = write_plan(plan, tmp_path)
     run_stage(study, a)
     code = "import sys, test_launch; from fsdfm.launch import run_stage; run_stage(sys.argv[1], sys.argv[2])"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(study), b], cwd=ROOT,
-                            env={**os.environ, "FSDFM_TEST_HOLD": str(hold)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(study), b], cwd=ROOT, env={**os.environ, "FSDFM_TEST_HOLD": str(hold)}
+    )
     bdir = stage_dir(study, b)
     deadline = time.time() + 30
     while not lock_holder(bdir)[1]:
@@ -385,9 +425,14 @@ def test_a_job_imports_only_fsdfm_modules_or_those_its_driver_granted(tmp_path, 
 
     def job(**env):
         # PYTHONPATH holds tests/ too: the module *could* be imported, the grant decides
-        return subprocess.run([sys.executable, "-c", code, str(study), a], cwd=tmp_path, capture_output=True, text=True,
-                              env={**{k: v for k, v in os.environ.items() if k != launch.STAGE_MODULES_ENV}, **env},
-                              timeout=120)
+        return subprocess.run(
+            [sys.executable, "-c", code, str(study), a],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**{k: v for k, v in os.environ.items() if k != launch.STAGE_MODULES_ENV}, **env},
+            timeout=120,
+        )
 
     refused = job()
     assert refused.returncode != 0 and "module 'test_launch', which is not part of the fsdfm package" in refused.stderr
@@ -432,14 +477,21 @@ def test_sigterm_to_a_local_driver_stops_its_jobs_and_the_rerun_resumes(tmp_path
     st = Stage("t_launch_fit", cfg)
     plan = StudyPlan.from_stages("sig", [st])
     root = tmp_path / "run"
-    code = ("import sys, test_launch as t\n"
-            "from fsdfm.launch import execute\n"
-            "from fsdfm.study.graph import Stage, StudyPlan\n"
-            f"execute(StudyPlan.from_stages('sig', [Stage('t_launch_fit', {cfg!r})]), sys.argv[1], executor='local',"
-            " poll_s=0.1)\n")
+    code = (
+        "import sys, test_launch as t\n"
+        "from fsdfm.launch import execute\n"
+        "from fsdfm.study.graph import Stage, StudyPlan\n"
+        f"execute(StudyPlan.from_stages('sig', [Stage('t_launch_fit', {cfg!r})]), sys.argv[1], executor='local',"
+        " poll_s=0.1)\n"
+    )
     with open(tmp_path / "driver.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", code, str(root)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # a process group of its own, as a terminal gives it
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(root)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # a process group of its own, as a terminal gives it
     sdir = stage_dir(root / "sig", st.id)
     deadline = time.time() + 90
     while not ((sdir / "ckpt" / "checkpoint.pt").exists() and lock_holder(sdir)[1]):  # training, checkpointed
@@ -509,16 +561,19 @@ def test_two_concurrent_runs_of_a_study_both_succeed(tmp_path, counter, executor
     plan = chain_plan(hold_b=True)
     a, b, c, d = ids(plan)
     root = tmp_path / "res"
-    code = ("import sys, test_launch as t\n"
-            "from fsdfm.launch import execute\n"
-            f"s = execute(t.chain_plan(hold_b=True), sys.argv[1], executor={executor!r}, poll_s=0.1)\n"
-            "print(s.format()); sys.exit(0 if s.ok else 1)\n")
+    code = (
+        "import sys, test_launch as t\n"
+        "from fsdfm.launch import execute\n"
+        f"s = execute(t.chain_plan(hold_b=True), sys.argv[1], executor={executor!r}, poll_s=0.1)\n"
+        "print(s.format()); sys.exit(0 if s.ok else 1)\n"
+    )
     env = {**os.environ, "FSDFM_TEST_HOLD": str(hold)}
 
     def driver(name):
         log = open(tmp_path / f"{name}.log", "w")
-        return subprocess.Popen([sys.executable, "-c", code, str(root)], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT), tmp_path / f"{name}.log"
+        return subprocess.Popen(
+            [sys.executable, "-c", code, str(root)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        ), tmp_path / f"{name}.log"
 
     first, first_log = driver("first")
     bdir = stage_dir(root / "chain", b)
@@ -553,8 +608,17 @@ def _fake_scheduler(tmp_path: Path, monkeypatch, sacct_lines: list[str]) -> None
 
 
 def _submitted(study: Path, sid: str, job_id: str, age_s: float) -> None:
-    atomic_write_json(stage_dir(study, sid) / SUBMITTED, {"executor": "slurm", "job_id": job_id, "time": "t",
-                                                         "time_unix": time.time() - age_s, "stdout": "", "stderr": ""})
+    atomic_write_json(
+        stage_dir(study, sid) / SUBMITTED,
+        {
+            "executor": "slurm",
+            "job_id": job_id,
+            "time": "t",
+            "time_unix": time.time() - age_s,
+            "stdout": "",
+            "stderr": "",
+        },
+    )
 
 
 def test_status_asks_the_scheduler_about_submitted_jobs(tmp_path, monkeypatch):
@@ -567,11 +631,18 @@ def test_status_asks_the_scheduler_about_submitted_jobs(tmp_path, monkeypatch):
     v = Stage("t_launch_const", {"value": 3})
     n = Stage("t_launch_const", {"value": 4})
     study = write_plan(StudyPlan.from_stages("sched", [a, b, c, q, v, n]), tmp_path)
-    for sid, jid, age in ((a.id, "11_0", 600), (b.id, "12_0", 600), (c.id, "13_0", 600), (q.id, "14_0", 600),
-                          (v.id, "15_0", 600), (n.id, "16_0", 1)):
+    for sid, jid, age in (
+        (a.id, "11_0", 600),
+        (b.id, "12_0", 600),
+        (c.id, "13_0", 600),
+        (q.id, "14_0", 600),
+        (v.id, "15_0", 600),
+        (n.id, "16_0", 1),
+    ):
         _submitted(study, sid, jid, age)
-    _fake_scheduler(tmp_path, monkeypatch, ["11_0|CANCELLED by 0", "12_0|CANCELLED by 0", "13_0|CANCELLED by 0",
-                                            "14_0|PENDING"])
+    _fake_scheduler(
+        tmp_path, monkeypatch, ["11_0|CANCELLED by 0", "12_0|CANCELLED by 0", "13_0|CANCELLED by 0", "14_0|PENDING"]
+    )
     st = {x.stage_id: x for x in status(study).stages}
     assert st[a.id].state == "failed" and "slurm job 11_0 ended CANCELLED without a record" in st[a.id].detail
     assert st[b.id].state == st[c.id].state == "blocked"
@@ -598,13 +669,18 @@ def test_job_exception_is_the_jobs_own_exception_not_submitits_last_line():
         chained()
     except StageLockedError:
         import traceback
+
         trace = traceback.format_exc()
     # the text of submitit's FailedJobError around the job's traceback
-    text = ("Job (task=0) failed during processing with trace:\n----------------------\n" + trace
-            + "\n----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at "
-            "paths:\n  - /r/jobs/7/7_0_log.err\n  - /r/jobs/7/7_0_log.out\n")
-    assert launch.job_exception(text) == ("StageLockedError: stage s-1 is locked by pid 42 on vm: it runs there "
-                                          "second line")
+    text = (
+        "Job (task=0) failed during processing with trace:\n----------------------\n"
+        + trace
+        + "\n----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at "
+        "paths:\n  - /r/jobs/7/7_0_log.err\n  - /r/jobs/7/7_0_log.out\n"
+    )
+    assert launch.job_exception(text) == (
+        "StageLockedError: stage s-1 is locked by pid 42 on vm: it runs there second line"
+    )
     assert launch.job_exception("no traceback here") is None
 
 

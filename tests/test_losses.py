@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from fsdfm.losses import (DFM_LOSSES, cross_entropy, distill_kl, distill_kl_per_position, generalized_kl,
-                          generalized_kl_per_position)
+from fsdfm.losses import (
+    DFM_LOSSES,
+    cross_entropy,
+    distill_kl,
+    distill_kl_per_position,
+    generalized_kl,
+    generalized_kl_per_position,
+)
 from fsdfm.paths import PathSample
 
 # Two positions, three tokens: the model's probabilities p_{1|t}(. | x_t) per position.
@@ -33,22 +39,23 @@ def test_generalized_kl_hand_computation_uniform_source():
     # position 0: x_t = x_1 = 2; position 1: x_t = 1 != x_1 = 0; rate g = 2
     x_1, x_t, g = torch.tensor([[2, 0]]), torch.tensor([[2, 1]]), 2.0
     # -g [p(x_t) - 1{x_t = x_1} + (1 - 1{x_t = x_1}) log p(x_1)]
-    pos0 = -g * (P[0][2] - 1.0)                           # = 1.0
-    pos1 = -g * (P[1][1] - 0.0 + math.log(P[1][0]))       # = -0.5 + 2 ln 2
+    pos0 = -g * (P[0][2] - 1.0)  # = 1.0
+    pos1 = -g * (P[1][1] - 0.0 + math.log(P[1][0]))  # = -0.5 + 2 ln 2
     per_pos = generalized_kl_per_position(_logits(P), x_1, x_t, torch.tensor([g]))
     assert per_pos.shape == (1, 2)
     assert per_pos[0].tolist() == pytest.approx([pos0, pos1], rel=1e-6)
     assert pos0 == pytest.approx(1.0) and pos1 == pytest.approx(-0.5 + 2 * math.log(2))
     assert float(generalized_kl(_logits(P), x_1, x_t, torch.tensor([g]))) == pytest.approx((pos0 + pos1) / 2, rel=1e-6)
-    assert float(generalized_kl(_logits(P), x_1, x_t, torch.tensor([g]), torch.tensor([[1, 0]]))) == \
-        pytest.approx(pos0, rel=1e-6)
+    assert float(generalized_kl(_logits(P), x_1, x_t, torch.tensor([g]), torch.tensor([[1, 0]]))) == pytest.approx(
+        pos0, rel=1e-6
+    )
 
 
 def test_generalized_kl_hand_computation_mask_token():
     # V = 3, mask id 3: p(mask) = 0, so a masked position contributes -g log p(x_1)
     x_1, x_t, g = torch.tensor([[0, 2]]), torch.tensor([[3, 2]]), 0.5
-    pos0 = -g * (0.0 - 0.0 + math.log(P[0][0]))   # = 0.5 ln 6
-    pos1 = -g * (P[1][2] - 1.0)                    # = 0.375
+    pos0 = -g * (0.0 - 0.0 + math.log(P[0][0]))  # = 0.5 ln 6
+    pos1 = -g * (P[1][2] - 1.0)  # = 0.375
     per_pos = generalized_kl_per_position(_logits(P), x_1, x_t, torch.tensor([g]))
     assert per_pos[0].tolist() == pytest.approx([pos0, pos1], rel=1e-6)
 
@@ -87,8 +94,9 @@ def test_kl_of_a_distribution_with_itself_is_zero():
 
 def test_dfm_losses_registry_dispatches_to_the_functions():
     logits = _logits(P)
-    ps = PathSample(x_0=torch.tensor([[3, 3]]), x_1=torch.tensor([[2, 0]]), x_t=torch.tensor([[2, 1]]),
-                    t=torch.tensor([0.5]))
+    ps = PathSample(
+        x_0=torch.tensor([[3, 3]]), x_1=torch.tensor([[2, 0]]), x_t=torch.tensor([[2, 1]]), t=torch.tensor([0.5])
+    )
     rate = torch.tensor([2.0])
     assert set(DFM_LOSSES.names()) == {"ce", "gkl"}
     assert torch.equal(DFM_LOSSES.get("ce")(logits, ps, rate, None), cross_entropy(logits, ps.x_1))

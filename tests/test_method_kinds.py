@@ -19,9 +19,20 @@ from fsdfm.study.spec import SpecError
 from fsdfm.study.load import load_spec_dict
 
 REPO = Path(__file__).resolve().parents[1]
-ORACLE_DATA = {"kind": "oracle", "seq_len": 16,
-               "oracle": {"source": "markov", "vocab_size": 6, "order": 1, "support": 2, "epsilon": 0.05, "seed": 2,
-                          "n_train": 300, "n_valid": 64}}
+ORACLE_DATA = {
+    "kind": "oracle",
+    "seq_len": 16,
+    "oracle": {
+        "source": "markov",
+        "vocab_size": 6,
+        "order": 1,
+        "support": 2,
+        "epsilon": 0.05,
+        "seed": 2,
+        "n_train": 300,
+        "n_valid": 64,
+    },
+}
 
 
 @pytest.fixture()
@@ -38,10 +49,15 @@ def unigram_kind():
 
 
 def test_a_one_file_kind_runs_a_study_end_to_end(unigram_kind, tmp_path):
-    raw = {"name": "uni", "data": ORACLE_DATA, "evaluator": {"kind": "none"}, "data_reference": False,
-           "sampling": {"n_samples": 400, "batch_size": 400, "seed": 1},
-           "metrics": {"names": ["oracle_nll", "entropy_nats"]},
-           "methods": {"uni": {"kind": "unigram", "steps": [1]}}}
+    raw = {
+        "name": "uni",
+        "data": ORACLE_DATA,
+        "evaluator": {"kind": "none"},
+        "data_reference": False,
+        "sampling": {"n_samples": 400, "batch_size": 400, "seed": 1},
+        "metrics": {"names": ["oracle_nll", "entropy_nats"]},
+        "methods": {"uni": {"kind": "unigram", "steps": [1]}},
+    }
     spec, cells = load_spec_dict(raw, "uni.yaml")
     plan = plan_study(spec.name, cells)
     summary = execute(plan, tmp_path / "results", executor="debug")
@@ -54,6 +70,7 @@ def test_a_one_file_kind_runs_a_study_end_to_end(unigram_kind, tmp_path):
     tokens = np.load(Path(ev["stage_dir"]).parent / ev["inputs"]["samples"] / "samples.npy")
     # the known answer: the training marginal, counted independently from the corpus the stage read
     from fsdfm.data import DataConfig, load_corpus
+
     train = load_corpus(DataConfig(**ORACLE_DATA), tmp_path / "cache").train.numpy().ravel()
     marginal = np.bincount(train, minlength=6) / train.size
     empirical = np.bincount(tokens.ravel(), minlength=6) / tokens.size
@@ -63,15 +80,30 @@ def test_a_one_file_kind_runs_a_study_end_to_end(unigram_kind, tmp_path):
     assert row.oracle_nll.item() > 0
 
 
-@pytest.mark.parametrize("kind, extra", [
-    ("dfm", {}), ("fsdfm", {"teacher": "t"}), ("ar", {}), ("flm", {}), ("fmlm", {"teacher": "f"}),
-    ("exact", {}),
-])
+@pytest.mark.parametrize(
+    "kind, extra",
+    [
+        ("dfm", {}),
+        ("fsdfm", {"teacher": "t"}),
+        ("ar", {}),
+        ("flm", {}),
+        ("fmlm", {"teacher": "f"}),
+        ("exact", {}),
+    ],
+)
 def test_a_misspelt_model_key_is_a_spec_error_for_every_kind(kind, extra):
-    methods = {"t": {"kind": "dfm", "steps": [1]}, "f": {"kind": "flm", "steps": [1]},
-               "m": {"kind": kind, "steps": [1], "model": {"hiden": 32}, **extra}}
-    raw = {"name": "x", "data": ORACLE_DATA, "evaluator": {"kind": "none"}, "metrics": {"names": ["oracle_nll"]},
-           "methods": methods}
+    methods = {
+        "t": {"kind": "dfm", "steps": [1]},
+        "f": {"kind": "flm", "steps": [1]},
+        "m": {"kind": kind, "steps": [1], "model": {"hiden": 32}, **extra},
+    }
+    raw = {
+        "name": "x",
+        "data": ORACLE_DATA,
+        "evaluator": {"kind": "none"},
+        "metrics": {"names": ["oracle_nll"]},
+        "methods": methods,
+    }
     with pytest.raises(SpecError, match=r"unknown key 'methods\.m\.model\.hiden'.*did you mean 'hidden'"):
         load_spec_dict(raw, "x.yaml", check_files=False)
 
@@ -79,9 +111,13 @@ def test_a_misspelt_model_key_is_a_spec_error_for_every_kind(kind, extra):
 def test_a_misspelt_model_key_is_a_spec_error_for_a_released_checkpoint(tmp_path):
     ckpt = tmp_path / "c.pth"
     ckpt.write_bytes(b"")
-    raw = {"name": "x", "data": ORACLE_DATA, "evaluator": {"kind": "none"}, "metrics": {"names": ["oracle_nll"]},
-           "methods": {"r": {"kind": "released", "steps": [1], "checkpoint": {"path": str(ckpt)},
-                             "model": {"n_head": 2}}}}
+    raw = {
+        "name": "x",
+        "data": ORACLE_DATA,
+        "evaluator": {"kind": "none"},
+        "metrics": {"names": ["oracle_nll"]},
+        "methods": {"r": {"kind": "released", "steps": [1], "checkpoint": {"path": str(ckpt)}, "model": {"n_head": 2}}},
+    }
     with pytest.raises(SpecError, match=r"unknown key 'methods\.r\.model\.n_head'.*did you mean 'n_heads'"):
         load_spec_dict(raw, "x.yaml", check_files=False)
 
@@ -90,10 +126,17 @@ def test_kind_settings_are_built_once_at_load_as_the_kinds_dataclass():
     from fsdfm.flm import FLMConfig
     from fsdfm.methods import FSDFMSettings
 
-    raw = {"name": "x", "data": ORACLE_DATA, "evaluator": {"kind": "none"}, "metrics": {"names": ["oracle_nll"]},
-           "methods": {"t": {"kind": "dfm", "steps": [1]},
-                       "s": {"kind": "fsdfm", "teacher": "t", "steps": [2], "distill": {"K": 3, "shortcut": "heun"}},
-                       "f": {"kind": "flm", "steps": [1]}}}
+    raw = {
+        "name": "x",
+        "data": ORACLE_DATA,
+        "evaluator": {"kind": "none"},
+        "metrics": {"names": ["oracle_nll"]},
+        "methods": {
+            "t": {"kind": "dfm", "steps": [1]},
+            "s": {"kind": "fsdfm", "teacher": "t", "steps": [2], "distill": {"K": 3, "shortcut": "heun"}},
+            "f": {"kind": "flm", "steps": [1]},
+        },
+    }
     spec, _ = load_spec_dict(raw, "x.yaml", check_files=False)
     assert spec.methods["s"].settings == FSDFMSettings(K=3, shortcut="heun")
     assert spec.methods["f"].settings == FLMConfig()
@@ -102,8 +145,10 @@ def test_kind_settings_are_built_once_at_load_as_the_kinds_dataclass():
 
 
 def test_the_spec_schema_imports_no_method_code_and_no_torch():
-    code = ("import sys, fsdfm.study.spec; print(sorted(m for m in sys.modules if m.startswith('fsdfm.methods')), "
-            "'torch' in sys.modules)")
+    code = (
+        "import sys, fsdfm.study.spec; print(sorted(m for m in sys.modules if m.startswith('fsdfm.methods')), "
+        "'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[] False"
@@ -124,11 +169,30 @@ def test_the_sample_stage_counts_nfe_with_the_counting_wrapper(rule, n_steps, tm
     corpus = load_corpus(DataConfig(**ORACLE_DATA), tmp_path / "cache")
     torch.manual_seed(0)
     path_cfg = {"source": "mask", "scheduler": {"name": "polynomial", "n": 1.0}}
-    model = DiT(model_config("tiny", corpus.vocab_size, corpus.seq_len, hidden=32, cond_dim=16, n_blocks=1, n_heads=2,
-                             input_vocab_size=corpus.vocab_size + 1))
+    model = DiT(
+        model_config(
+            "tiny",
+            corpus.vocab_size,
+            corpus.seq_len,
+            hidden=32,
+            cond_dim=16,
+            n_blocks=1,
+            n_heads=2,
+            input_vocab_size=corpus.vocab_size + 1,
+        )
+    )
     save_dit(tmp_path / "model", model, path_cfg, h_conditioned=False)
-    cfg = {"data": ORACLE_DATA, "sampler": "dfm", "rule": rule, "steps": n_steps, "t_end": 1.0, "n_samples": 5,
-           "batch_size": 2, "seed": 0, "precision": "float64"}
+    cfg = {
+        "data": ORACLE_DATA,
+        "sampler": "dfm",
+        "rule": rule,
+        "steps": n_steps,
+        "t_end": 1.0,
+        "n_samples": 5,
+        "batch_size": 2,
+        "seed": 0,
+        "precision": "float64",
+    }
     draw = SAMPLERS.get("dfm")(tmp_path / "model", cfg, corpus, torch.device("cpu"))
     assert draw.counter.nfe == 0 and draw.counter.rows == 0  # the warm-up is not counted
     draw.run(torch.Generator().manual_seed(0))

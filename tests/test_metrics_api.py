@@ -6,17 +6,50 @@ import pytest
 import torch
 
 from fsdfm.metrics import (
-    METRICS, SAMPLE_METRICS, MetricInfo, collapse_flags, compute_metrics, data_reference, distinct_n, entropy,
-    gen_ppl, gen_ppl_seq_mean, rep_n, self_bleu,
+    METRICS,
+    SAMPLE_METRICS,
+    MetricInfo,
+    collapse_flags,
+    compute_metrics,
+    data_reference,
+    distinct_n,
+    entropy,
+    gen_ppl,
+    gen_ppl_seq_mean,
+    rep_n,
+    self_bleu,
 )
 from fsdfm.registry import UnknownNameError
 from metrics_fixtures import WORDS, tinystories, word_evaluator
 
 ALL_NAMES = [
-    "gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "entropy_bits", "mauve", "distinct_1", "distinct_2", "distinct_3",
-    "distinct_4", "self_bleu", "rep_n", "nfe", "wall_s", "tokens_per_s", "peak_mem", "val_nll", "elbo_ppl",
-    "pos_divergence", "pos_divergence_slope", "oracle_nll", "oracle_expected_nll", "oracle_entropy_rate",
-    "posterior_kl", "ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor",
+    "gen_ppl",
+    "gen_ppl_seq_mean",
+    "entropy_nats",
+    "entropy_bits",
+    "mauve",
+    "distinct_1",
+    "distinct_2",
+    "distinct_3",
+    "distinct_4",
+    "self_bleu",
+    "rep_n",
+    "nfe",
+    "wall_s",
+    "tokens_per_s",
+    "peak_mem",
+    "val_nll",
+    "elbo_ppl",
+    "pos_divergence",
+    "pos_divergence_slope",
+    "oracle_nll",
+    "oracle_expected_nll",
+    "oracle_entropy_rate",
+    "posterior_kl",
+    "ngram_tv",
+    "ngram_kl",
+    "ngram_tv_floor",
+    "ngram_kl_floor",
 ]
 
 
@@ -42,8 +75,18 @@ def test_registry_holds_every_metric_with_a_direction():
 def test_compute_metrics_matches_the_individual_functions():
     ids, texts = word_samples()
     ev = word_evaluator()
-    names = ["gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "entropy_bits", "distinct_1", "distinct_2",
-             "distinct_3", "distinct_4", "rep_n", "self_bleu"]
+    names = [
+        "gen_ppl",
+        "gen_ppl_seq_mean",
+        "entropy_nats",
+        "entropy_bits",
+        "distinct_1",
+        "distinct_2",
+        "distinct_3",
+        "distinct_4",
+        "rep_n",
+        "self_bleu",
+    ]
     out = compute_metrics(ids, texts, names, evaluator=ev, self_bleu_subsample=4, seed=2)
     assert list(out) == names and all(isinstance(v, float) and not math.isnan(v) for v in out.values())
     assert out["gen_ppl"] == pytest.approx(gen_ppl(texts, ev).value)
@@ -62,12 +105,14 @@ def test_compute_metrics_mauve_with_references():
     stories = tinystories("valid", n=24, words=25)
     ev = word_evaluator()
     ids = torch.randint(0, 100, (12, 8))
-    out = compute_metrics(ids, stories[:12], ["mauve"], references=stories[12:], mauve_featurizer="evaluator",
-                          evaluator=ev)
+    out = compute_metrics(
+        ids, stories[:12], ["mauve"], references=stories[12:], mauve_featurizer="evaluator", evaluator=ev
+    )
     assert 0.0 < out["mauve"] <= 1.0
     with pytest.raises(ValueError, match="as many references"):
-        compute_metrics(ids, stories[:12], ["mauve"], references=stories[12:20], mauve_featurizer="evaluator",
-                        evaluator=ev)
+        compute_metrics(
+            ids, stories[:12], ["mauve"], references=stories[12:20], mauve_featurizer="evaluator", evaluator=ev
+        )
     with pytest.raises(ValueError, match="needs references"):
         compute_metrics(ids, stories[:12], ["mauve"])
 
@@ -105,10 +150,14 @@ def test_data_reference_is_compute_metrics_without_recorded_metrics():
 def test_collapse_flags_thresholds():
     data = {"entropy_nats": 4.0, "rep_n": 0.05}
     # thresholds: entropy below 4.0 - 0.3 = 3.7; rep_n above max(2 * 0.05, 0.05 + 0.1) = 0.15
-    assert collapse_flags({"entropy_nats": 3.8, "rep_n": 0.14}, data) == {"collapse_entropy": False,
-                                                                          "collapse_rep": False}
-    assert collapse_flags({"entropy_nats": 3.6, "rep_n": 0.16}, data) == {"collapse_entropy": True,
-                                                                          "collapse_rep": True}
+    assert collapse_flags({"entropy_nats": 3.8, "rep_n": 0.14}, data) == {
+        "collapse_entropy": False,
+        "collapse_rep": False,
+    }
+    assert collapse_flags({"entropy_nats": 3.6, "rep_n": 0.16}, data) == {
+        "collapse_entropy": True,
+        "collapse_rep": True,
+    }
     # a large data rep_n: the 2x factor dominates the +0.1 margin
     assert collapse_flags({"rep_n": 0.55}, {"rep_n": 0.3}) == {"collapse_rep": False}
     assert collapse_flags({"rep_n": 0.65}, {"rep_n": 0.3}) == {"collapse_rep": True}
@@ -118,6 +167,7 @@ def test_collapse_flags_thresholds():
     vocab = {}
     real = torch.tensor([[vocab.setdefault(w, len(vocab)) for w in s.split()[:32]] for s in stories])
     looped = torch.tensor([[1, 2, 3, 4] * 8] * 8)
-    flags = collapse_flags(compute_metrics(looped, None, ["entropy_nats", "rep_n"]),
-                           data_reference(real, None, ["entropy_nats", "rep_n"]))
+    flags = collapse_flags(
+        compute_metrics(looped, None, ["entropy_nats", "rep_n"]), data_reference(real, None, ["entropy_nats", "rep_n"])
+    )
     assert flags == {"collapse_entropy": True, "collapse_rep": True}

@@ -53,6 +53,7 @@ def test_known_tv_two_tokens():
         def rollout(x, g):
             r = torch.arange(x.shape[0]) % 4
             return (r >= first_ones).long().unsqueeze(1).expand(-1, x.shape[1]).clone()
+
         return rollout
 
     result = pos_divergence(torch.full((2, 3), 2), pattern(3), pattern(1), n_rollouts=4, vocab_size=2)
@@ -70,6 +71,7 @@ def test_random_rollouts_match_dense_histograms():
             logits = torch.zeros(x.shape[0], x.shape[1], V)
             logits[..., 0] += bias * torch.linspace(0, 3, x.shape[1])
             return torch.distributions.Categorical(logits=logits).sample()
+
         return rollout
 
     torch.manual_seed(0)
@@ -87,8 +89,14 @@ def test_random_rollouts_match_dense_histograms():
             q = np.bincount(s[i, :, l], minlength=V) / 50
             m = (p + q) / 2
             tv[l] += 0.5 * np.abs(p - q).sum() / 4
-            js[l] += 0.5 * (sum(a * np.log(a / b) for a, b in zip(p, m) if a > 0)
-                            + sum(a * np.log(a / b) for a, b in zip(q, m) if a > 0)) / 4
+            js[l] += (
+                0.5
+                * (
+                    sum(a * np.log(a / b) for a, b in zip(p, m) if a > 0)
+                    + sum(a * np.log(a / b) for a, b in zip(q, m) if a > 0)
+                )
+                / 4
+            )
     np.testing.assert_allclose(result.tv.numpy(), tv, atol=1e-12)
     np.testing.assert_allclose(result.js.numpy(), js, atol=1e-12)
     np.testing.assert_allclose(result.agreement.numpy(), (t == s).mean(axis=(0, 1)))

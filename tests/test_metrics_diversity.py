@@ -68,8 +68,12 @@ def test_diversity_input_errors():
 def test_self_bleu_identical_and_disjoint():
     same = ["the little cat sat on the warm mat all day long"] * 5
     assert self_bleu(same).value == pytest.approx(100.0)
-    disjoint = ["alpha beta gamma delta epsilon", "one two three four five", "red green blue cyan magenta",
-                "north south east west up"]
+    disjoint = [
+        "alpha beta gamma delta epsilon",
+        "one two three four five",
+        "red green blue cyan magenta",
+        "north south east west up",
+    ]
     assert self_bleu(disjoint).value == pytest.approx(0.0, abs=1e-9)
 
 

@@ -103,7 +103,9 @@ def test_mauve_is_one_on_identical_sets_and_near_zero_on_disjoint_vocabularies()
     apart = mauve_score(left, _texts(RIGHT, 24, 1), featurizer=feat, num_buckets=4, seed=0, n_seeds=6)
     assert len(apart.values) == 6 and max(apart.values) < 0.05
     # the stored mean and std are those of the per-seed values (sample std, ddof 1)
-    assert apart.value == pytest.approx(np.mean(apart.values)) and apart.std == pytest.approx(np.std(apart.values, ddof=1))
+    assert apart.value == pytest.approx(np.mean(apart.values)) and apart.std == pytest.approx(
+        np.std(apart.values, ddof=1)
+    )
     rec = apart.record()
     assert rec["n_per_side"] == 24 and rec["num_buckets"] == 4 and rec["featurizer"] == "bag_of_words"
     assert rec["featurizer_sha256"] == "0" * 64 and rec["seeds"] == [0, 1, 2, 3, 4, 5]

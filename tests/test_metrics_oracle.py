@@ -7,7 +7,12 @@ import torch
 
 from fsdfm.data.oracle import HMMSource, MarkovSource, oracle_nll
 from fsdfm.metrics.oracle import (
-    corpus_metric_names, exact_ngram, extra_metrics, ngram_distance, ngram_floor, posterior_kl,
+    corpus_metric_names,
+    exact_ngram,
+    extra_metrics,
+    ngram_distance,
+    ngram_floor,
+    posterior_kl,
 )
 from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import make_path
@@ -39,10 +44,12 @@ def test_posterior_kl_is_zero_for_the_exact_model_and_positive_for_the_unigram_m
 def test_exact_ngram_tables_match_enumeration():
     """Markov (order 1 and 2) and HMM n-gram tables sum to 1 and equal the marginals of the first n tokens of a
     stationary sequence, computed by summing exp(log_prob) over every sequence of length n."""
-    for src, n in [(MarkovSource(3, order=1, support=2, seed=0, epsilon=0.02), 2),
-                   (MarkovSource(3, order=2, support=2, seed=1), 3),
-                   (HMMSource(3, n_states=2, seed=2, emission_support=2), 2),
-                   (HMMSource(3, n_states=2, seed=2, emission_support=2), 3)]:
+    for src, n in [
+        (MarkovSource(3, order=1, support=2, seed=0, epsilon=0.02), 2),
+        (MarkovSource(3, order=2, support=2, seed=1), 3),
+        (HMMSource(3, n_states=2, seed=2, emission_support=2), 2),
+        (HMMSource(3, n_states=2, seed=2, emission_support=2), 3),
+    ]:
         seqs = np.array(list(itertools.product(range(3), repeat=n)))
         with np.errstate(divide="ignore"):
             want = np.exp(src.log_prob(seqs))  # rows in base-3 order = the table's flattening
@@ -87,18 +94,31 @@ def test_most_likely_sequence_games_oracle_nll_but_not_the_ngram_distance():
 def test_extra_metrics_are_the_registered_oracle_metrics_of_an_oracle_corpus():
     """extra_metrics computes every registered metric that needs the oracle, each equal to the direct computation
     on a source rebuilt from the same config; other dataset kinds add nothing."""
-    oracle = {"source": "markov", "vocab_size": 6, "order": 1, "support": 2, "epsilon": 0.01, "seed": 4,
-              "n_train": 10, "n_valid": 10}
+    oracle = {
+        "source": "markov",
+        "vocab_size": 6,
+        "order": 1,
+        "support": 2,
+        "epsilon": 0.01,
+        "seed": 4,
+        "n_train": 10,
+        "n_valid": 10,
+    }
     config = {"data": {"kind": "oracle", "seq_len": 8, "oracle": oracle}}
     src = MarkovSource(6, order=1, support=2, epsilon=0.01, seed=4)
     tokens = src.sample(12, 8, seed=9)
     out = extra_metrics(config, tokens, corpus=None)
     assert tuple(sorted(out.values)) == corpus_metric_names(config)
     dist, floor = ngram_distance(tokens, src), ngram_floor(src, 12, 8, seed=4 * 1000 + 3)
-    assert out.values == {"oracle_nll": oracle_nll(tokens, src),
-                          "oracle_expected_nll": float(src.expected_nll_per_token(8)),
-                          "oracle_entropy_rate": float(src.entropy_rate), "ngram_tv": dist.tv, "ngram_kl": dist.kl,
-                          "ngram_tv_floor": floor.tv, "ngram_kl_floor": floor.kl}
+    assert out.values == {
+        "oracle_nll": oracle_nll(tokens, src),
+        "oracle_expected_nll": float(src.expected_nll_per_token(8)),
+        "oracle_entropy_rate": float(src.entropy_rate),
+        "ngram_tv": dist.tv,
+        "ngram_kl": dist.kl,
+        "ngram_tv_floor": floor.tv,
+        "ngram_kl_floor": floor.kl,
+    }
     np.testing.assert_allclose(out.per_sample["oracle_nll"], -src.log_prob(tokens) / 8)
     assert abs(out.per_sample["oracle_nll"].mean() - out.values["oracle_nll"]) < 1e-12  # their mean is oracle_nll
     assert extra_metrics({"data": {"kind": "text"}}, tokens, corpus=None).values == {}

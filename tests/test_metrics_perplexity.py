@@ -11,10 +11,10 @@ from metrics_fixtures import WORDS, gpt2_evaluator, word_evaluator
 
 WORD_TEXTS = [
     "the cat sat on the mat",
-    "a dog ran <eos> the cat sat",          # EOS in the middle: scored once, text after it still scored
+    "a dog ran <eos> the cat sat",  # EOS in the middle: scored once, text after it still scored
     "big red dog <eos> <eos> a cat <eos>",  # second and third EOS unscored
-    "<eos> the dog sat <eos> on",           # EOS at position 0 is the first EOS (and unscored as position 0)
-    "small",                                # one token: nothing to score, still counted as a sample
+    "<eos> the dog sat <eos> on",  # EOS at position 0 is the first EOS (and unscored as position 0)
+    "small",  # one token: nothing to score, still counted as a sample
     "blue and red and blue and red cat dog mat on a",
     "the the the the",
 ]

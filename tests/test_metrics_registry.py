@@ -11,7 +11,13 @@ import yaml
 
 from fsdfm.cli import main
 from fsdfm.metrics import (
-    METRICS, SAMPLE_METRICS, MetricOutcome, corpus_metric_names, data_target_metrics, register_metric, shown,
+    METRICS,
+    SAMPLE_METRICS,
+    MetricOutcome,
+    corpus_metric_names,
+    data_target_metrics,
+    register_metric,
+    shown,
     unregister_metric,
 )
 from fsdfm.report.summary import load_study
@@ -20,17 +26,37 @@ from fsdfm.report.tables import cost_metrics, main_table, pos_metrics
 
 
 def test_views_keep_the_report_columns_in_order():
-    assert shown("main") == ("gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "mauve", "distinct_2", "distinct_4",
-                             "self_bleu", "rep_n", "oracle_nll", "ngram_tv", "ngram_tv_floor", "oracle_expected_nll",
-                             "oracle_entropy_rate")
+    assert shown("main") == (
+        "gen_ppl",
+        "gen_ppl_seq_mean",
+        "entropy_nats",
+        "mauve",
+        "distinct_2",
+        "distinct_4",
+        "self_bleu",
+        "rep_n",
+        "oracle_nll",
+        "ngram_tv",
+        "ngram_tv_floor",
+        "oracle_expected_nll",
+        "oracle_entropy_rate",
+    )
     assert shown("seeds") == ("gen_ppl", "entropy_nats", "mauve", "rep_n")
     assert shown("sweep") == ("gen_ppl", "entropy_nats", "mauve", "rep_n", "self_bleu", "distinct_4")
     assert shown("ablation") == ("gen_ppl", "entropy_nats", "mauve", "rep_n")
     assert shown("pairs") == ("gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "rep_n", "oracle_nll", "mauve")
     assert cost_metrics() == ("nfe", "sampling_wall_s", "tokens_per_s", "peak_mem")
     assert pos_metrics() == ("pos_divergence", "pos_agreement", "pos_divergence_slope")
-    assert data_target_metrics() == ("distinct_1", "distinct_2", "distinct_3", "distinct_4", "entropy_bits",
-                                     "entropy_nats", "rep_n", "self_bleu")
+    assert data_target_metrics() == (
+        "distinct_1",
+        "distinct_2",
+        "distinct_3",
+        "distinct_4",
+        "entropy_bits",
+        "entropy_nats",
+        "rep_n",
+        "self_bleu",
+    )
 
 
 def test_entries_say_what_they_need_and_who_records_the_rest():
@@ -43,8 +69,14 @@ def test_entries_say_what_they_need_and_who_records_the_rest():
     # oracle corpus metrics are computed but not from samples alone
     assert "oracle_nll" not in SAMPLE_METRICS and "oracle_nll" in METRICS
     assert corpus_metric_names({"data": {"kind": "oracle"}}) == (
-        "ngram_kl", "ngram_kl_floor", "ngram_tv", "ngram_tv_floor", "oracle_entropy_rate", "oracle_expected_nll",
-        "oracle_nll")
+        "ngram_kl",
+        "ngram_kl_floor",
+        "ngram_tv",
+        "ngram_tv_floor",
+        "oracle_entropy_rate",
+        "oracle_expected_nll",
+        "oracle_nll",
+    )
     assert corpus_metric_names({"data": {"kind": "text"}}) == ()
     with pytest.raises(ValueError, match="unknown report views"):
         register_metric("x_bad_view", direction="min", unit="", family="toy", description="", show={"main_": 1})
@@ -56,8 +88,14 @@ def mean_token_id():
     """A toy metric, registered for the duration of the test: the mean of the token ids, higher is better,
     shown first in the main table."""
 
-    @register_metric("mean_token_id", direction="max", unit="id", family="toy", show={"main": 0},
-                     description="mean of the samples' token ids")
+    @register_metric(
+        "mean_token_id",
+        direction="max",
+        unit="id",
+        family="toy",
+        show={"main": 0},
+        description="mean of the samples' token ids",
+    )
     def _mean_token_id(x):
         return MetricOutcome(float(x.token_ids.double().mean()), x.n)
 
@@ -65,13 +103,19 @@ def mean_token_id():
     unregister_metric("mean_token_id")
 
 
-SPEC = {"name": "toy_metric", "data": {"kind": "oracle", "seq_len": 8,
-        "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2, "n_train": 64, "n_valid": 16}},
-        "evaluator": {"kind": "none"}, "metrics": {"names": ["mean_token_id", "entropy_nats"]},
-        "sampling": {"n_samples": 4, "batch_size": 4},
-        "model": {"preset": "tiny", "hidden": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2},
-        "methods": {"dfm": {"kind": "dfm", "steps": [1, 2],
-                            "train": {"steps": 2, "warmup_steps": 1, "batch_size": 4}}}}
+SPEC = {
+    "name": "toy_metric",
+    "data": {
+        "kind": "oracle",
+        "seq_len": 8,
+        "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2, "n_train": 64, "n_valid": 16},
+    },
+    "evaluator": {"kind": "none"},
+    "metrics": {"names": ["mean_token_id", "entropy_nats"]},
+    "sampling": {"n_samples": 4, "batch_size": 4},
+    "model": {"preset": "tiny", "hidden": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2},
+    "methods": {"dfm": {"kind": "dfm", "steps": [1, 2], "train": {"steps": 2, "warmup_steps": 1, "batch_size": 4}}},
+}
 
 
 def test_a_registered_metric_is_a_column_of_the_main_table(mean_token_id, tmp_path):
@@ -81,7 +125,7 @@ def test_a_registered_metric_is_a_column_of_the_main_table(mean_token_id, tmp_pa
     study_dir = results / "toy_metric"
     table = main_table(load_study(study_dir))
     # the first metric column (show position 0), with its direction arrow
-    metric_columns = [c for c in table.columns[table.n_label_columns:] if c != "n"]
+    metric_columns = [c for c in table.columns[table.n_label_columns :] if c != "n"]
     assert metric_columns[0] == header(mean_token_id) == "mean_token_id ↑"
     numbers = table.numbers
     checked = 0

@@ -16,8 +16,12 @@ def test_strip_end_markers_replaces_each_marker_and_its_whitespace_by_one_space(
 def test_self_bleu_sees_the_stripped_texts_and_records_the_convention():
     import torch
 
-    texts = ["the cat sat on the mat<|endoftext|>", "a dog ran on the mat<|endoftext|><|endoftext|>",
-             "the cat ran<|endoftext|>", "a red dog sat"]
+    texts = [
+        "the cat sat on the mat<|endoftext|>",
+        "a dog ran on the mat<|endoftext|><|endoftext|>",
+        "the cat ran<|endoftext|>",
+        "a red dog sat",
+    ]
     ids = torch.arange(40).view(4, 10)
     out = compute_metric_set(ids, texts, ["self_bleu"], seed=0, self_bleu_subsample=None)
     assert out.values["self_bleu"] == pytest.approx(self_bleu(strip_end_markers(texts)).value)

@@ -10,7 +10,6 @@ V, L = 11, 9
 CFG = ModelConfig(vocab_size=V, input_vocab_size=V + 1, seq_len=L, hidden=32, cond_dim=16, n_blocks=2, n_heads=2)
 
 
-
 def _randomised(model: DiT, seed: int = 0) -> DiT:
     """Overwrite every parameter with noise: the zero-initialised heads would otherwise make every test trivial."""
     gen = torch.Generator().manual_seed(seed)

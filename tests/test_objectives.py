@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from fsdfm.model import DiT, ModelConfig
-from fsdfm.objectives import (DFMConfig, DFMObjective, FSDFMConfig, FSDFMObjective, expected_h_weights,
-                              sample_step_sizes, step_size_probs)
+from fsdfm.objectives import (
+    DFMConfig,
+    DFMObjective,
+    FSDFMConfig,
+    FSDFMObjective,
+    expected_h_weights,
+    sample_step_sizes,
+    step_size_probs,
+)
 from fsdfm.paths import MaskSource, MixturePath, UniformSource
 from fsdfm.schedulers import PolynomialScheduler
 from fsdfm.train import StepContext
@@ -16,7 +23,6 @@ from fsdfm.train import StepContext
 V, L = 4, 6
 P_STUDENT = [0.1, 0.2, 0.3, 0.4]
 P_TEACHER = [0.4, 0.3, 0.2, 0.1]
-
 
 
 def _tol(p: float, n: int) -> float:
@@ -52,11 +58,11 @@ def test_uniform_and_annealed_to_end_step_sizes():
     _check_h_frequencies(FSDFMConfig(K=K, h_distribution="uniform"), uniform)
     inv_h = {2.0**-k: 2.0**k / 15 for k in range(K + 1)}
     annealed = FSDFMConfig(K=K, h_distribution="annealed_to_end")
-    _check_h_frequencies(annealed, inv_h, progress=0.0)     # starts at 1/h
-    _check_h_frequencies(annealed, uniform, progress=1.0)   # ends uniform
+    _check_h_frequencies(annealed, inv_h, progress=0.0)  # starts at 1/h
+    _check_h_frequencies(annealed, uniform, progress=1.0)  # ends uniform
     half = {2.0**-k: 2.0 ** (k / 2) / sum(2.0 ** (j / 2) for j in range(K + 1)) for k in range(K + 1)}
-    _check_h_frequencies(annealed, half, progress=0.5)       # P ~ h^(-1/2) halfway
-    h, p = step_size_probs(annealed, progress=2.0)           # clamped past the end
+    _check_h_frequencies(annealed, half, progress=0.5)  # P ~ h^(-1/2) halfway
+    h, p = step_size_probs(annealed, progress=2.0)  # clamped past the end
     assert torch.allclose(p, torch.full((K + 1,), 1 / (K + 1), dtype=torch.float64))
     # at 40% of training it is still far from uniform: P(h = 1) = 1 / sum_k 2^(0.6 k) = 0.0054 for K = 10
     _, p = step_size_probs(FSDFMConfig(K=10, h_distribution="annealed_to_end"), progress=0.4)
@@ -158,8 +164,9 @@ class SpyModel(torch.nn.Module):
 
 def _ctx(model, ema=None, B=16, seed=0, source_vocab=V):
     batch = torch.randint(source_vocab, (B, L), generator=torch.Generator().manual_seed(100 + seed))
-    return StepContext(model=model, ema=ema, batch=batch, generator=torch.Generator().manual_seed(seed), step=0,
-                       total_steps=10)
+    return StepContext(
+        model=model, ema=ema, batch=batch, generator=torch.Generator().manual_seed(seed), step=0, total_steps=10
+    )
 
 
 def _gkl(p, x_1, x_t, g):
@@ -175,12 +182,16 @@ def test_dfm_objective_ce_by_hand(source):
     model = SpyModel(P_STUDENT)
     ctx = _ctx(model)
     loss = DFMObjective(path, DFMConfig(loss="ce", eps=0.01))(ctx)
-    (x_t, t, h), = model.calls
+    ((x_t, t, h),) = model.calls
     assert h is None and t.shape == (16,) and bool(((t >= 0) & (t <= 0.99)).all())
     x_1 = ctx.batch
     assert bool(((x_t == x_1) | (x_t == V if source == "mask" else x_t < V)).all())
-    terms = [-math.log(P_STUDENT[int(x_1[b, i])]) for b in range(16) for i in range(L)
-             if source == "uniform" or int(x_t[b, i]) == V]  # mask source: the loss is on masked positions
+    terms = [
+        -math.log(P_STUDENT[int(x_1[b, i])])
+        for b in range(16)
+        for i in range(L)
+        if source == "uniform" or int(x_t[b, i]) == V
+    ]  # mask source: the loss is on masked positions
     assert len(terms) > 0
     assert float(loss.detach()) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
     loss.backward()
@@ -193,10 +204,13 @@ def test_dfm_objective_gkl_by_hand(source):
     model = SpyModel(P_STUDENT)
     ctx = _ctx(model, seed=1)
     loss = DFMObjective(path, DFMConfig(loss="gkl"))(ctx)
-    (x_t, t, _), = model.calls
+    ((x_t, t, _),) = model.calls
     x_1 = ctx.batch
-    terms = [_gkl(P_STUDENT, int(x_1[b, i]), int(x_t[b, i]), 1 / (1 - float(t[b])))  # kappa = t: g = 1 / (1 - t)
-             for b in range(16) for i in range(L)]
+    terms = [
+        _gkl(P_STUDENT, int(x_1[b, i]), int(x_t[b, i]), 1 / (1 - float(t[b])))  # kappa = t: g = 1 / (1 - t)
+        for b in range(16)
+        for i in range(L)
+    ]
     assert float(loss.detach()) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
 
 
@@ -232,8 +246,9 @@ KL_T_S = sum(q * math.log(q / p) for q, p in zip(P_TEACHER, P_STUDENT))
 @pytest.mark.parametrize("anchor_weight,anchor_loss", [("g", "gkl"), ("G/h", "gkl"), ("g", "ce")])
 def test_fsdfm_objective_by_hand(source, shortcut, anchor_weight, anchor_loss):
     path = MixturePath(PolynomialScheduler(1), MaskSource(V) if source == "mask" else UniformSource(V))
-    cfg = FSDFMConfig(K=2, h_distribution="inv_h", anchor_weight=anchor_weight, anchor_loss=anchor_loss,
-                      shortcut=shortcut)
+    cfg = FSDFMConfig(
+        K=2, h_distribution="inv_h", anchor_weight=anchor_weight, anchor_loss=anchor_loss, shortcut=shortcut
+    )
     student, ema = SpyModel(P_STUDENT), SpyModel(P_TEACHER)
     ctx = _ctx(student, ema, seed=2)
     loss = FSDFMObjective(path, cfg)(ctx)
@@ -301,7 +316,7 @@ def test_fsdfm_objective_frozen_teacher_only_at_the_finest_step(source):
     x_t, t, h = student.calls[0]
     finest = h == 0.25
     assert bool(finest.any()) and bool((~finest).any())
-    (fx, ft, fh), = frozen.calls  # one call, at the finest step only
+    ((fx, ft, fh),) = frozen.calls  # one call, at the finest step only
     assert fh is None and torch.equal(fx, x_t[finest]) and torch.equal(ft, t[finest].float())
     assert len(ema.calls) == 4 and all(torch.equal(c[2], h[~finest] / 2) for c in ema.calls)
     # the EMA equals the student (coarse KL 0); finest rows: KL(teacher || student) on movable positions
@@ -314,8 +329,16 @@ def test_fsdfm_objective_frozen_teacher_only_at_the_finest_step(source):
 
 def test_fsdfm_objective_runs_on_a_dit_student():
     path = MixturePath(PolynomialScheduler(1), MaskSource(V))
-    cfg = ModelConfig(vocab_size=V, input_vocab_size=V + 1, seq_len=L, hidden=16, cond_dim=8, n_blocks=1, n_heads=2,
-                      h_embedding="log2")
+    cfg = ModelConfig(
+        vocab_size=V,
+        input_vocab_size=V + 1,
+        seq_len=L,
+        hidden=16,
+        cond_dim=8,
+        n_blocks=1,
+        n_heads=2,
+        h_embedding="log2",
+    )
     student = DiT(cfg)
     ema = DiT(cfg).requires_grad_(False)
     ema.load_state_dict(student.state_dict())
@@ -331,18 +354,36 @@ def test_every_shortcut_is_a_registry_entry_carrying_what_the_objective_branches
     from fsdfm.objectives import FROZEN_TEACHER_SHORTCUTS, SHORTCUTS
     from fsdfm.teachers import COMPOSITIONS
 
-    assert set(SHORTCUTS.names()) == {"rk4", "rk4_x1", "rk4_time_consistent", "heun", "none", "frozen_dfm",
-                                      "frozen_dfm_rk4"}
+    assert set(SHORTCUTS.names()) == {
+        "rk4",
+        "rk4_x1",
+        "rk4_time_consistent",
+        "heun",
+        "none",
+        "frozen_dfm",
+        "frozen_dfm_rk4",
+    }
     assert FROZEN_TEACHER_SHORTCUTS == ("frozen_dfm", "frozen_dfm_rk4")
-    flags = {n: (s.composition, s.uses_frozen_teacher, s.frozen_evaluates, s.finest_from_teacher, s.anchor_everywhere,
-                 s.x1_at_end) for n, s in ((n, SHORTCUTS.get(n)) for n in SHORTCUTS.names())}
-    assert flags == {"rk4": ("rk4", False, False, False, False, False),
-                     "rk4_x1": ("rk4_x1", False, False, False, False, True),
-                     "rk4_time_consistent": ("rk4_time_consistent", False, False, False, False, False),
-                     "heun": ("heun", False, False, False, False, False),
-                     "none": (None, False, False, False, True, False),
-                     "frozen_dfm": ("rk4", True, False, True, False, False),
-                     "frozen_dfm_rk4": ("rk4", True, True, False, False, False)}
+    flags = {
+        n: (
+            s.composition,
+            s.uses_frozen_teacher,
+            s.frozen_evaluates,
+            s.finest_from_teacher,
+            s.anchor_everywhere,
+            s.x1_at_end,
+        )
+        for n, s in ((n, SHORTCUTS.get(n)) for n in SHORTCUTS.names())
+    }
+    assert flags == {
+        "rk4": ("rk4", False, False, False, False, False),
+        "rk4_x1": ("rk4_x1", False, False, False, False, True),
+        "rk4_time_consistent": ("rk4_time_consistent", False, False, False, False, False),
+        "heun": ("heun", False, False, False, False, False),
+        "none": (None, False, False, False, True, False),
+        "frozen_dfm": ("rk4", True, False, True, False, False),
+        "frozen_dfm_rk4": ("rk4", True, True, False, False, False),
+    }
     for s in map(SHORTCUTS.get, SHORTCUTS.names()):
         assert s.composition is None or s.composition in COMPOSITIONS
 
@@ -355,11 +396,15 @@ def test_h_distributions_are_one_table():
         h, p = step_size_probs(FSDFMConfig(K=2, h_distribution=name), progress=0.0)
         assert torch.isclose(p.sum(), torch.tensor(1.0, dtype=torch.float64))
     # known answers at progress 0: inv_h and annealed give P(h) ~ 1/h = (1, 2, 4) / 7; uniform 1/3 each
-    assert torch.allclose(step_size_probs(FSDFMConfig(K=2, h_distribution="inv_h"))[1],
-                          torch.tensor([1, 2, 4], dtype=torch.float64) / 7)
-    assert torch.allclose(step_size_probs(FSDFMConfig(K=2, h_distribution="annealed"))[1],
-                          torch.tensor([1, 2, 4], dtype=torch.float64) / 7)
-    assert torch.allclose(step_size_probs(FSDFMConfig(K=2, h_distribution="uniform"))[1],
-                          torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert torch.allclose(
+        step_size_probs(FSDFMConfig(K=2, h_distribution="inv_h"))[1], torch.tensor([1, 2, 4], dtype=torch.float64) / 7
+    )
+    assert torch.allclose(
+        step_size_probs(FSDFMConfig(K=2, h_distribution="annealed"))[1],
+        torch.tensor([1, 2, 4], dtype=torch.float64) / 7,
+    )
+    assert torch.allclose(
+        step_size_probs(FSDFMConfig(K=2, h_distribution="uniform"))[1], torch.full((3,), 1 / 3, dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="h_distribution must be one of"):
         FSDFMConfig(h_distribution="inverse")

@@ -49,7 +49,9 @@ def test_posterior_equals_brute_force(name, source):
         keep = rng.random(x_1.shape) < kappa
         noise = np.full_like(x_1, V) if source == "mask" else rng.integers(0, V, x_1.shape)
         x_t = np.where(keep, x_1, noise)
-        got = posterior(src, torch.from_numpy(x_t), torch.tensor(kappa, dtype=torch.float64), source, torch.float64).probs.numpy()
+        got = posterior(
+            src, torch.from_numpy(x_t), torch.tensor(kappa, dtype=torch.float64), source, torch.float64
+        ).probs.numpy()
         for b in range(len(x_t)):
             want = brute_force(src, x_t[b], kappa, source)
             assert np.abs(got[b] - want).max() < 1e-10, (name, source, kappa, b)
@@ -72,8 +74,15 @@ def test_exact_model_many_steps_reproduces_the_source():
     src = MarkovSource(8, order=1, support=3, seed=2, epsilon=0.01)  # epsilon: a rare same-step pair stays finite
     Ls, n = 8, 512
     model = ExactPosterior(src, _path("mask", 8))
-    out = sample(model, model.path, n_samples=n, seq_len=Ls, n_steps=16 * Ls, rule="cumulative_scalar",
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        model,
+        model.path,
+        n_samples=n,
+        seq_len=Ls,
+        n_steps=16 * Ls,
+        rule="cumulative_scalar",
+        generator=torch.Generator().manual_seed(0),
+    )
     per_seq = -src.log_prob(out.tokens.numpy()) / Ls
     expected = src.expected_nll_per_token(Ls).value
     stderr = per_seq.std(ddof=1) / np.sqrt(n)
@@ -105,11 +114,20 @@ def test_bench_oracle_posterior_quick():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_oracle_posterior.py"), "--quick",
-                           "--threads", "1"], capture_output=True, text=True, timeout=300, cwd=root)
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_oracle_posterior.py"), "--quick", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rec["bench"] == "oracle_posterior" and rec["dit_forward_ms"] > 0
-    assert [(r["source"], r["dtype"]) for r in rec["runs"]] == [("mask", "float64"), ("mask", "float32"),
-                                                                ("uniform", "float64"), ("uniform", "float32")]
+    assert [(r["source"], r["dtype"]) for r in rec["runs"]] == [
+        ("mask", "float64"),
+        ("mask", "float32"),
+        ("uniform", "float64"),
+        ("uniform", "float32"),
+    ]
     assert all(r["posterior_ms"] > 0 and r["ratio_to_dit_forward"] > 0 for r in rec["runs"])

@@ -17,14 +17,24 @@ from fsdfm.study.spec import SpecError
 from fsdfm.study.load import load_spec
 
 # a teacher and its student on an oracle source: no data files, no evaluator, planning takes milliseconds
-SPEC = {"name": "tiny", "seed": 0,
-        "data": {"kind": "oracle", "seq_len": 8,
-                 "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2}},
-        "evaluator": {"kind": "none"}, "metrics": {"names": ["oracle_nll"]},
-        "sampling": {"n_samples": 4, "batch_size": 4, "seed": 0},
-        "methods": {"dfm": {"kind": "dfm", "steps": [1], "train": {"steps": 40, "warmup_steps": 5}},
-                    "fsdfm": {"kind": "fsdfm", "teacher": "dfm", "steps": [1], "distill": {"K": 3},
-                              "train": {"steps": 30, "warmup_steps": 5}}}}
+SPEC = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"kind": "oracle", "seq_len": 8, "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2}},
+    "evaluator": {"kind": "none"},
+    "metrics": {"names": ["oracle_nll"]},
+    "sampling": {"n_samples": 4, "batch_size": 4, "seed": 0},
+    "methods": {
+        "dfm": {"kind": "dfm", "steps": [1], "train": {"steps": 40, "warmup_steps": 5}},
+        "fsdfm": {
+            "kind": "fsdfm",
+            "teacher": "dfm",
+            "steps": [1],
+            "distill": {"K": 3},
+            "train": {"steps": 30, "warmup_steps": 5},
+        },
+    },
+}
 
 
 def write(tmp_path: Path, raw: dict, name: str = "tiny.yaml") -> Path:
@@ -52,10 +62,26 @@ def descendants(plan, roots: set[str]) -> set[str]:
 
 
 def test_parse_overrides_values_sweeps_and_grid_axes():
-    got = parse_overrides(["sampling.seed=3", "seed=0,1,2", "methods.fsdfm.distill.shortcut=heun",
-                           "methods.dfm.steps=[1, 8]", "grid.sampling.seed=[4,5]", "label='a,b'", "x.y=null"])
-    assert got == {"sampling.seed": 3, "grid.seed": [0, 1, 2], "methods.fsdfm.distill.shortcut": "heun",
-                   "methods.dfm.steps": [1, 8], "grid.sampling.seed": [4, 5], "label": "a,b", "x.y": None}
+    got = parse_overrides(
+        [
+            "sampling.seed=3",
+            "seed=0,1,2",
+            "methods.fsdfm.distill.shortcut=heun",
+            "methods.dfm.steps=[1, 8]",
+            "grid.sampling.seed=[4,5]",
+            "label='a,b'",
+            "x.y=null",
+        ]
+    )
+    assert got == {
+        "sampling.seed": 3,
+        "grid.seed": [0, 1, 2],
+        "methods.fsdfm.distill.shortcut": "heun",
+        "methods.dfm.steps": [1, 8],
+        "grid.sampling.seed": [4, 5],
+        "label": "a,b",
+        "x.y": None,
+    }
     with pytest.raises(SpecError, match="'seed': expected KEY=VALUE"):
         parse_overrides(["seed"])
     with pytest.raises(SpecError, match="given twice"):
@@ -93,10 +119,12 @@ def test_a_command_line_sweep_equals_the_same_grid_in_yaml(tmp_path):
     for words in (["seed=0,1", "sampling.seed=2,3"], ["grid.seed=[0, 1]", "grid.sampling.seed=[2,3]"]):
         got = plan_of(spec, words)
         assert set(got.stages) == set(want.stages)
-        assert [(r.run_id, r.params, r.stage_id) for r in got.runs] == [(r.run_id, r.params, r.stage_id)
-                                                                         for r in want.runs]
-        assert {k: v for k, v in got.to_dict().items() if k != "name"} == \
-            {k: v for k, v in want.to_dict().items() if k != "name"}
+        assert [(r.run_id, r.params, r.stage_id) for r in got.runs] == [
+            (r.run_id, r.params, r.stage_id) for r in want.runs
+        ]
+        assert {k: v for k, v in got.to_dict().items() if k != "name"} == {
+            k: v for k, v in want.to_dict().items() if k != "name"
+        }
 
 
 def test_an_override_of_a_grid_axis_replaces_the_axis(tmp_path):
@@ -129,8 +157,12 @@ BAD = {
 def test_a_bad_override_is_exit_2_naming_it_and_writes_nothing(word, tmp_path, capsys):
     spec = write(tmp_path, SPEC)
     results = tmp_path / "results"
-    for cmd in (["run", str(spec), word, "--dry-run"], ["run", str(spec), word, "--executor", "debug"],
-                ["status", str(spec), word], ["report", str(spec), word]):
+    for cmd in (
+        ["run", str(spec), word, "--dry-run"],
+        ["run", str(spec), word, "--executor", "debug"],
+        ["status", str(spec), word],
+        ["report", str(spec), word],
+    ):
         assert main(["--results", str(results), *cmd]) == 2, cmd
         captured = capsys.readouterr()
         assert captured.err.count("\n") == 1 and "Traceback" not in captured.err, captured.err
@@ -160,8 +192,12 @@ def test_limit_shrinks_samples_and_training_as_the_spec_declares(tmp_path):
 def test_study_names_keep_overridden_studies_apart():
     assert study_name("demo", {}, None) == "demo"
     assert study_name("demo", {"seed": 3}, None) == "demo+seed-3"
-    assert study_name("demo", {"sampling.seed": 1, "grid.seed": [0, 1]}, 4) == "demo+limit-4+grid.seed-0_1+sampling.seed-1"
-    assert study_name("demo", {"seed": 1, "sampling.seed": 1}, None) == study_name("demo", {"sampling.seed": 1, "seed": 1}, None)
+    assert (
+        study_name("demo", {"sampling.seed": 1, "grid.seed": [0, 1]}, 4) == "demo+limit-4+grid.seed-0_1+sampling.seed-1"
+    )
+    assert study_name("demo", {"seed": 1, "sampling.seed": 1}, None) == study_name(
+        "demo", {"sampling.seed": 1, "seed": 1}, None
+    )
     hashed = study_name("demo", {"data.train": "/some/where/else.txt"}, None)
     assert hashed.startswith("demo+") and len(hashed) == len("demo+") + 10
     assert study_name("demo", {"name": "mine", "seed": 2}, None) == "mine"

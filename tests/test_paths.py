@@ -12,7 +12,6 @@ V = 7
 B, L = 8, 25_000  # 200k positions per t value
 
 
-
 def _tol(p: float, n: int, sigmas: float = 5.0) -> float:
     return sigmas * math.sqrt(max(p * (1 - p), 1e-12) / n)
 

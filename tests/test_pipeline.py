@@ -57,8 +57,14 @@ def test_oracle_study_runs_and_records_known_quantities(oracle_study):
     assert len(df) == 1 + 4 + 1 + 1
     runs = df[df.kind.isin(["dfm", "fsdfm"])]
     assert sorted(zip(runs.method, runs.rule, runs.steps)) == sorted(
-        [("dfm", "euler", 1), ("dfm", "euler", 4), ("dfm", "cumulative_scalar", 1), ("dfm", "cumulative_scalar", 4),
-         ("fs", "cumulative_scalar", 2)])
+        [
+            ("dfm", "euler", 1),
+            ("dfm", "euler", 4),
+            ("dfm", "cumulative_scalar", 1),
+            ("dfm", "cumulative_scalar", 4),
+            ("fs", "cumulative_scalar", 2),
+        ]
+    )
     assert (runs.nfe == runs.steps).all()  # NFE counted by the sampler equals the budget
     assert (runs.wall_s > 0).all() and (runs.tokens_per_s > 0).all()
     # oracle_nll recomputed independently from the stored samples under the same source
@@ -104,13 +110,23 @@ def test_teacher_record_has_validation_loss_and_unigram_baseline(oracle_study):
 def test_cli_dry_run_status_and_json_line(oracle_study):
     tmp, *_ = oracle_study
     spec = tmp / "tiny_oracle.yaml"
-    out = subprocess.run([sys.executable, "-m", "fsdfm.cli", "--results", str(tmp / "results"), "run", str(spec),
-                          "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "fsdfm.cli", "--results", str(tmp / "results"), "run", str(spec), "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["dry_run"] and last["stages"] == last["done"] > 0
-    st = subprocess.run([sys.executable, "-m", "fsdfm.cli", "--results", str(tmp / "results"), "status", str(spec)],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
+    st = subprocess.run(
+        [sys.executable, "-m", "fsdfm.cli", "--results", str(tmp / "results"), "status", str(spec)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert st.returncode == 0, st.stderr
     counts = json.loads(st.stdout.strip().splitlines()[-1])
     assert counts["done"] == last["stages"] and counts["failed"] == 0 and counts["pending"] == 0
@@ -137,9 +153,25 @@ def test_cli_threads_reach_the_stages_and_their_records(tmp_path):
     record says so, with the load average around it; the DataFrame has a threads column."""
     spec = tmp_path / "tiny_threads.yaml"
     spec.write_text(TINY)
-    out = subprocess.run([sys.executable, "-m", "fsdfm.cli", "--results", str(tmp_path / "results"), "run", str(spec),
-                          "--executor", "inline", "--threads", "2"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fsdfm.cli",
+            "--results",
+            str(tmp_path / "results"),
+            "run",
+            str(spec),
+            "--executor",
+            "inline",
+            "--threads",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     records = load_records(tmp_path / "results" / "tiny_threads")
     assert len(records) >= 3  # train, sample, evaluate (and the data row)
@@ -148,8 +180,13 @@ def test_cli_threads_reach_the_stages_and_their_records(tmp_path):
         assert prov["torch_threads"] == 2 and prov["cpu_count"] == os.cpu_count()
         assert set(prov["loadavg_1min"]) == {"start", "end"}
     assert set(load(tmp_path / "results" / "tiny_threads").threads) == {2}
-    bad = subprocess.run([sys.executable, "-m", "fsdfm.cli", "run", str(spec), "--threads", "0"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "fsdfm.cli", "run", str(spec), "--threads", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "--threads" in bad.stderr and "positive integer" in bad.stderr
 
 
@@ -160,10 +197,21 @@ def test_every_evaluate_stage_writes_a_per_sample_table_that_load_samples_reads(
     study = tmp / "results" / "tiny_oracle"
     df, samples = load(study), load_samples(study)
     evaluated = df[df.kind != "pos_divergence"]
-    assert set(samples.run_id) == set(evaluated.run_id)      # the data row's stage writes one too
+    assert set(samples.run_id) == set(evaluated.run_id)  # the data row's stage writes one too
     assert (samples.groupby("run_id").size() == 24).all()
-    assert {"study", "run_id", "stage_id", "method", "rule", "steps", "sample", "length", "entropy_nats", "rep_n",
-            "oracle_nll"} <= set(samples.columns)
+    assert {
+        "study",
+        "run_id",
+        "stage_id",
+        "method",
+        "rule",
+        "steps",
+        "sample",
+        "length",
+        "entropy_nats",
+        "rep_n",
+        "oracle_nll",
+    } <= set(samples.columns)
     source = make_oracle("markov", vocab_size=8, order=1, support=2, epsilon=0.001, seed=3)
     for rec in load_records(study, kind="evaluate"):
         tokens = np.load(Path(rec["stage_dir"]).parent / rec["inputs"]["samples"] / "samples.npy")
@@ -194,10 +242,21 @@ def test_per_sample_nlls_summed_and_pooled_reproduce_the_runs_gen_ppl_exactly(tm
 
     texts = ["the cat sat on the mat", "a dog ran <eos> the cat", "big red dog <eos> <eos> a", "the the the the"]
     tokens = np.array([[2, 3, 5, 6, 2, 7], [8, 4, 9, 1, 2, 3], [10, 12, 4, 1, 1, 8], [2, 2, 2, 2, 2, 2]])
-    config = {"data": {"kind": "text"}, "seed": 0,
-              "metrics": {"mauve_featurizer": "minilm", "mauve_buckets": "auto", "self_bleu_subsample": None}}
-    out = score_samples(config, tokens, texts, None, word_evaluator(), _WordCorpus(), tmp_path,
-                        ["gen_ppl", "gen_ppl_seq_mean", "entropy_nats"])
+    config = {
+        "data": {"kind": "text"},
+        "seed": 0,
+        "metrics": {"mauve_featurizer": "minilm", "mauve_buckets": "auto", "self_bleu_subsample": None},
+    }
+    out = score_samples(
+        config,
+        tokens,
+        texts,
+        None,
+        word_evaluator(),
+        _WordCorpus(),
+        tmp_path,
+        ["gen_ppl", "gen_ppl_seq_mean", "entropy_nats"],
+    )
     table = read_per_sample(tmp_path / "per_sample.csv")
     m = out["metrics"]
     assert list(table["sample"]) == [0, 1, 2, 3] and list(table["length"]) == [6, 3, 3, 6]
@@ -215,15 +274,25 @@ def test_evaluate_records_mauve_n_buckets_seeds_and_its_spread(tmp_path):
     texts = ["the cat sat on the mat", "a dog ran on the mat", "big red dog sat", "the small cat ran"]
     refs = ["a cat sat<eos>", "the dog ran on a mat", "a big blue dog", "the red cat sat on a mat"]
     tokens = np.array([[2, 3, 5, 6, 2, 7], [8, 4, 9, 6, 2, 7], [10, 12, 4, 5, 1, 1], [2, 11, 3, 9, 1, 1]])
-    config = {"data": {"kind": "text"}, "seed": 7,
-              "metrics": {"mauve_featurizer": "evaluator", "mauve_buckets": "auto", "mauve_seeds": 6,
-                          "self_bleu_subsample": None}}
+    config = {
+        "data": {"kind": "text"},
+        "seed": 7,
+        "metrics": {
+            "mauve_featurizer": "evaluator",
+            "mauve_buckets": "auto",
+            "mauve_seeds": 6,
+            "self_bleu_subsample": None,
+        },
+    }
     out = score_samples(config, tokens, texts, refs, word_evaluator(), _WordCorpus(), tmp_path, ["mauve", "self_bleu"])
     m, d = out["metrics"], out["metric_details"]["mauve"]
     assert (m["mauve_n"], m["mauve_buckets"]) == (4, 2) and d["n_per_side"] == 4 and d["num_buckets"] == 2
     assert d["seeds"] == [7, 8, 9, 10, 11, 12] and d["featurizer"] == "evaluator" and len(d["featurizer_sha256"]) == 64
-    assert m["mauve"] == pytest.approx(np.mean(d["values"])) and m["mauve_std"] == pytest.approx(np.std(d["values"], ddof=1))
+    assert m["mauve"] == pytest.approx(np.mean(d["values"])) and m["mauve_std"] == pytest.approx(
+        np.std(d["values"], ddof=1)
+    )
     assert "<|endoftext|>" in d["text_convention"] and out["metric_details"]["self_bleu"]["text_convention"]
     assert m["samples_per_metric"] == {"mauve": 4, "self_bleu": 4}
-    assert list(np.genfromtxt(tmp_path / "per_sample.csv", delimiter=",", names=True, dtype=None,
-                              encoding="utf-8")["length"]) == [6, 6, 4, 4]  # tokens before the first EOS (id 1)
+    assert list(
+        np.genfromtxt(tmp_path / "per_sample.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")["length"]
+    ) == [6, 6, 4, 4]  # tokens before the first EOS (id 1)

@@ -19,8 +19,9 @@ def model(x_t, t, h):
 
 def draw(n_steps: int = 5):
     path = MixturePath(PolynomialScheduler(1.0), MaskSource(V))
-    return sample(model, path, n_samples=3, seq_len=4, n_steps=n_steps, batch_size=2,
-                  generator=torch.Generator().manual_seed(0)).tokens
+    return sample(
+        model, path, n_samples=3, seq_len=4, n_steps=n_steps, batch_size=2, generator=torch.Generator().manual_seed(0)
+    ).tokens
 
 
 def test_sampling_and_metrics_draw_bars_only_when_asked_and_results_do_not_change(monkeypatch, capsys):

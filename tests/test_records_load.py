@@ -14,29 +14,46 @@ import fsdfm
 from fsdfm.records import read_plan, read_record, settings_columns, stage_dir
 from fsdfm.records.schema import Provenance, StageRecord
 
-TEXT = ("Once upon a time there was a cat.\n\nThe cat sat on a mat and looked at the sun.\n\n"
-        "A little dog ran to the park. It saw a big red ball and it was happy.\n\n") * 12
+TEXT = (
+    "Once upon a time there was a cat.\n\nThe cat sat on a mat and looked at the sun.\n\n"
+    "A little dog ran to the park. It saw a big red ball and it was happy.\n\n"
+) * 12
 TRAIN = {"steps": 2, "batch_size": 4, "warmup_steps": 1}
 
 
 def ablation_spec(tmp: Path) -> dict:
     """A teacher and three students that differ from `fs` in one setting each: the shortcut, the learning rate, the
     step-size distribution."""
-    return {"name": "tiny_ablation",
-            "data": {"kind": "text", "train": str(tmp / "train.txt"), "valid": str(tmp / "valid.txt"),
-                     "tokenizer": "bpe", "vocab_size": 300, "seq_len": 16},
-            "model": {"preset": "tiny", "hidden": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2},
-            "sampling": {"n_samples": 4, "batch_size": 4, "seed": 0},
-            "evaluator": {"kind": "none"}, "data_reference": False,
-            "methods": {
-                "dfm": {"kind": "dfm", "train": {**TRAIN, "steps": 3}, "rules": ["euler"], "steps": [2]},
-                "fs": {"kind": "fsdfm", "teacher": "dfm", "train": TRAIN, "rules": ["euler"], "steps": [2],
-                       "distill": {"K": 3, "shortcut": "rk4", "h_distribution": "inv_h"}},
-                "fs_heun": {"base": "fs", "distill": {"shortcut": "heun"}},
-                "fs_lr": {"base": "fs", "train": {"lr": 0.0001}},
-                "fs_uniform": {"base": "fs", "distill": {"h_distribution": "uniform"}},
+    return {
+        "name": "tiny_ablation",
+        "data": {
+            "kind": "text",
+            "train": str(tmp / "train.txt"),
+            "valid": str(tmp / "valid.txt"),
+            "tokenizer": "bpe",
+            "vocab_size": 300,
+            "seq_len": 16,
+        },
+        "model": {"preset": "tiny", "hidden": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2},
+        "sampling": {"n_samples": 4, "batch_size": 4, "seed": 0},
+        "evaluator": {"kind": "none"},
+        "data_reference": False,
+        "methods": {
+            "dfm": {"kind": "dfm", "train": {**TRAIN, "steps": 3}, "rules": ["euler"], "steps": [2]},
+            "fs": {
+                "kind": "fsdfm",
+                "teacher": "dfm",
+                "train": TRAIN,
+                "rules": ["euler"],
+                "steps": [2],
+                "distill": {"K": 3, "shortcut": "rk4", "h_distribution": "inv_h"},
             },
-            "metrics": {"names": ["entropy_nats", "distinct_2"]}}
+            "fs_heun": {"base": "fs", "distill": {"shortcut": "heun"}},
+            "fs_lr": {"base": "fs", "train": {"lr": 0.0001}},
+            "fs_uniform": {"base": "fs", "distill": {"h_distribution": "uniform"}},
+        },
+        "metrics": {"names": ["entropy_nats", "distinct_2"]},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +108,23 @@ def test_every_setting_that_differs_between_two_runs_has_a_column(ablation):
     plan = read_plan(sdir)
     leaves = {r["run_id"]: _upstream_leaves(plan, r["stage_id"]) for r in plan["runs"]}
     rows = df.set_index("run_id")
-    cols = [c for c in df.columns if c not in ("study", "run_id", "stage_id", "commit", "dirty", "device", "host",
-                                               "threads", "stage_wall_s", "end_time")]
+    cols = [
+        c
+        for c in df.columns
+        if c
+        not in (
+            "study",
+            "run_id",
+            "stage_id",
+            "commit",
+            "dirty",
+            "device",
+            "host",
+            "threads",
+            "stage_wall_s",
+            "end_time",
+        )
+    ]
     compared = 0
     for a, b in itertools.combinations(leaves, 2):
         if leaves[a].keys() != leaves[b].keys():
@@ -101,8 +133,13 @@ def test_every_setting_that_differs_between_two_runs_has_a_column(ablation):
         compared += bool(differ)
         for key in differ:
             # the differing leaf has a column whose two values are the two runs' values
-            hits = [c for c in cols if c.split(".")[-1] == key[2][-1] and
-                    _same(rows.loc[a, c], leaves[a].get(key)) and _same(rows.loc[b, c], leaves[b].get(key))]
+            hits = [
+                c
+                for c in cols
+                if c.split(".")[-1] == key[2][-1]
+                and _same(rows.loc[a, c], leaves[a].get(key))
+                and _same(rows.loc[b, c], leaves[b].get(key))
+            ]
             assert hits, f"{a} vs {b}: setting {key} = {leaves[a].get(key)!r} / {leaves[b].get(key)!r} has no column"
     assert compared == 6  # the four students, pairwise
 
@@ -114,16 +151,38 @@ def _same(cell, value) -> bool:
 
 
 def test_settings_columns_namespaces_each_upstream_stage():
-    plan = {"stages": {
-        "e": {"kind": "evaluate", "config": {"evaluator": {"name": "gpt2"}, "n_samples": 8}, "inputs": {"samples": "s"}},
-        "s": {"kind": "sample", "config": {"steps": 4, "precision": "float64"}, "inputs": {"model": "m"}},
-        "m": {"kind": "distil_fsdfm", "config": {"optim": {"lr": 0.1, "betas": [0.9, 0.98]}, "source": "mask",
-                                                 "distill": {"shortcut": "rk4"}}, "inputs": {"teacher": "t"}},
-        "t": {"kind": "train_dfm", "config": {"optim": {"lr": 0.5}, "model": {"hidden": 4}}, "inputs": {}}}}
+    plan = {
+        "stages": {
+            "e": {
+                "kind": "evaluate",
+                "config": {"evaluator": {"name": "gpt2"}, "n_samples": 8},
+                "inputs": {"samples": "s"},
+            },
+            "s": {"kind": "sample", "config": {"steps": 4, "precision": "float64"}, "inputs": {"model": "m"}},
+            "m": {
+                "kind": "distil_fsdfm",
+                "config": {
+                    "optim": {"lr": 0.1, "betas": [0.9, 0.98]},
+                    "source": "mask",
+                    "distill": {"shortcut": "rk4"},
+                },
+                "inputs": {"teacher": "t"},
+            },
+            "t": {"kind": "train_dfm", "config": {"optim": {"lr": 0.5}, "model": {"hidden": 4}}, "inputs": {}},
+        }
+    }
     assert settings_columns(plan, "e") == {
-        "evaluator.name": "gpt2", "evaluate.n_samples": 8, "sample.steps": 4, "sample.precision": "float64",
-        "train.lr": 0.1, "train.betas": (0.9, 0.98), "settings.source": "mask", "settings.shortcut": "rk4",
-        "teacher.train.lr": 0.5, "teacher.model.hidden": 4}
+        "evaluator.name": "gpt2",
+        "evaluate.n_samples": 8,
+        "sample.steps": 4,
+        "sample.precision": "float64",
+        "train.lr": 0.1,
+        "train.betas": (0.9, 0.98),
+        "settings.source": "mask",
+        "settings.shortcut": "rk4",
+        "teacher.train.lr": 0.5,
+        "teacher.model.hidden": 4,
+    }
 
 
 def _typed_keys(td) -> set:

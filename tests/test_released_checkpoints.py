@@ -30,29 +30,48 @@ def their_shapes(V: int, d: int, c: int, n_blocks: int, n_heads: int, dt_conditi
     freq = 256  # sinusoidal features of t (and dt)
     shapes = {
         "vocab_embed.weight": (V, d),
-        "time_embedding.mlp.0.weight": (c, freq), "time_embedding.mlp.0.bias": (c,),
-        "time_embedding.mlp.2.weight": (c, c), "time_embedding.mlp.2.bias": (c,),
+        "time_embedding.mlp.0.weight": (c, freq),
+        "time_embedding.mlp.0.bias": (c,),
+        "time_embedding.mlp.2.weight": (c, c),
+        "time_embedding.mlp.2.bias": (c,),
         "rotary_emb.inv_freq": (d // n_heads // 2,),
         "output_layer.norm_final.weight": (d,),
-        "output_layer.linear.weight": (V, d), "output_layer.linear.bias": (V,),
-        "output_layer.adaLN_modulation.weight": (2 * d, c), "output_layer.adaLN_modulation.bias": (2 * d,),
+        "output_layer.linear.weight": (V, d),
+        "output_layer.linear.bias": (V,),
+        "output_layer.adaLN_modulation.weight": (2 * d, c),
+        "output_layer.adaLN_modulation.bias": (2 * d,),
     }
     if dt_conditioned:
-        shapes.update({
-            "dt_embedding.mlp.0.weight": (c, freq), "dt_embedding.mlp.0.bias": (c,),
-            "dt_embedding.mlp.2.weight": (c, c), "dt_embedding.mlp.2.bias": (c,),
-            "time_condition_fuser.weight": (2 * c, 2 * c), "time_condition_fuser.bias": (2 * c,),
-            "output_layer.condition_fuser.weight": (c, 2 * c), "output_layer.condition_fuser.bias": (c,),
-        })
+        shapes.update(
+            {
+                "dt_embedding.mlp.0.weight": (c, freq),
+                "dt_embedding.mlp.0.bias": (c,),
+                "dt_embedding.mlp.2.weight": (c, c),
+                "dt_embedding.mlp.2.bias": (c,),
+                "time_condition_fuser.weight": (2 * c, 2 * c),
+                "time_condition_fuser.bias": (2 * c,),
+                "output_layer.condition_fuser.weight": (c, 2 * c),
+                "output_layer.condition_fuser.bias": (c,),
+            }
+        )
     for i in range(n_blocks):
         p = f"blocks.{i}."
-        shapes.update({
-            p + "norm1.weight": (d,), p + "norm2.weight": (d,),
-            p + "qw.weight": (d, d), p + "kw.weight": (d, d), p + "vw.weight": (d, d), p + "attn_out.weight": (d, d),
-            p + "mlp.0.weight": (4 * d, d), p + "mlp.0.bias": (4 * d,),
-            p + "mlp.2.weight": (d, 4 * d), p + "mlp.2.bias": (d,),
-            p + "adaLN_modulation.weight": (6 * d, c), p + "adaLN_modulation.bias": (6 * d,),
-        })
+        shapes.update(
+            {
+                p + "norm1.weight": (d,),
+                p + "norm2.weight": (d,),
+                p + "qw.weight": (d, d),
+                p + "kw.weight": (d, d),
+                p + "vw.weight": (d, d),
+                p + "attn_out.weight": (d, d),
+                p + "mlp.0.weight": (4 * d, d),
+                p + "mlp.0.bias": (4 * d,),
+                p + "mlp.2.weight": (d, 4 * d),
+                p + "mlp.2.bias": (d,),
+                p + "adaLN_modulation.weight": (6 * d, c),
+                p + "adaLN_modulation.bias": (6 * d,),
+            }
+        )
         if dt_conditioned:
             shapes.update({p + "condition_fuser.weight": (c, 2 * c), p + "condition_fuser.bias": (c,)})
     return shapes
@@ -81,13 +100,17 @@ def fake_optimizer_state(sd: dict) -> dict:
     """An AdamW-like state dict: nested containers of tensors and numbers, as torch.optim saves."""
     names = list(sd)[:2]
     return {
-        "state": {i: {"step": torch.tensor(7.0), "exp_avg": torch.zeros_like(sd[n]), "exp_avg_sq": torch.zeros_like(sd[n])}
-                  for i, n in enumerate(names)},
+        "state": {
+            i: {"step": torch.tensor(7.0), "exp_avg": torch.zeros_like(sd[n]), "exp_avg_sq": torch.zeros_like(sd[n])}
+            for i, n in enumerate(names)
+        },
         "param_groups": [{"lr": 1e-5, "betas": (0.9, 0.95), "weight_decay": 0.03, "params": list(range(len(names)))}],
     }
 
 
-def reference_logits(sd: dict, x_t: torch.Tensor, t: torch.Tensor, dt: torch.Tensor | None, n_heads: int) -> torch.Tensor:
+def reference_logits(
+    sd: dict, x_t: torch.Tensor, t: torch.Tensor, dt: torch.Tensor | None, n_heads: int
+) -> torch.Tensor:
     """Their forward pass in float64, from the description: sinusoidal(t) -> Linear-SiLU-Linear; DFM c = silu(e_t),
     student c = silu(fuser([e_t; e_dt])) re-projected by silu(Linear) per block and head; pre-norm blocks
     (weight-only LayerNorm, eps 1e-5) with adaLN shift/scale/gate; rotary as a complex rotation of the pairs
@@ -126,10 +149,12 @@ def reference_logits(sd: dict, x_t: torch.Tensor, t: torch.Tensor, dt: torch.Ten
         return c if dt is None else silu(linear(prefix + ".condition_fuser", c))
 
     theta = 10_000.0 ** (-torch.arange(0, dh, 2, dtype=torch.float64) / dh)
-    phase = torch.polar(torch.ones(Lx, dh // 2, dtype=torch.float64), torch.arange(Lx, dtype=torch.float64)[:, None] * theta)
+    phase = torch.polar(
+        torch.ones(Lx, dh // 2, dtype=torch.float64), torch.arange(Lx, dtype=torch.float64)[:, None] * theta
+    )
 
     def rotate(y):  # (B, L, H, dh)
-        z = torch.complex(y[..., : dh // 2], y[..., dh // 2:]) * phase[None, :, None]
+        z = torch.complex(y[..., : dh // 2], y[..., dh // 2 :]) * phase[None, :, None]
         return torch.cat([z.real, z.imag], -1)
 
     for i in range(n_blocks):
@@ -160,16 +185,19 @@ def fsdfm_file(tmp_path, weights):
     """Their distillation checkpoint (fs_dfm/logic/state.py layout); the frozen teacher was compiled without DDP,
     so its names carry `_orig_mod.`."""
     path = tmp_path / "checkpoint_step_190000.pth"
-    torch.save({
-        "step": 190000,
-        "train_sampler": {"epoch": 3, "counter": 1234},
-        "test_sampler": {"epoch": 0, "counter": 5},
-        "teacher_model": {"_orig_mod." + k: v for k, v in weights["teacher"].items()},
-        "teacher_optimizer": fake_optimizer_state(weights["teacher"]),
-        "student_model": weights["student"],
-        "student_optimizer": fake_optimizer_state(weights["student"]),
-        "student_ema_model": weights["ema"],
-    }, path)
+    torch.save(
+        {
+            "step": 190000,
+            "train_sampler": {"epoch": 3, "counter": 1234},
+            "test_sampler": {"epoch": 0, "counter": 5},
+            "teacher_model": {"_orig_mod." + k: v for k, v in weights["teacher"].items()},
+            "teacher_optimizer": fake_optimizer_state(weights["teacher"]),
+            "student_model": weights["student"],
+            "student_optimizer": fake_optimizer_state(weights["student"]),
+            "student_ema_model": weights["ema"],
+        },
+        path,
+    )
     return path
 
 
@@ -177,9 +205,16 @@ def fsdfm_file(tmp_path, weights):
 def dfm_file(tmp_path, weights):
     """Their pre-training checkpoint (pre_training/logic/state.py layout), names with a DDP `module.` prefix."""
     path = tmp_path / "checkpoint.pth"
-    torch.save({"model": {"module." + k: v for k, v in weights["teacher"].items()},
-                "optimizer": fake_optimizer_state(weights["teacher"]), "step": 10,
-                "train_sampler": {"epoch": 0}, "test_sampler": {"epoch": 0}}, path)
+    torch.save(
+        {
+            "model": {"module." + k: v for k, v in weights["teacher"].items()},
+            "optimizer": fake_optimizer_state(weights["teacher"]),
+            "step": 10,
+            "train_sampler": {"epoch": 0},
+            "test_sampler": {"epoch": 0},
+        },
+        path,
+    )
     return path
 
 
@@ -205,9 +240,22 @@ def test_auto_picks_ema_student_and_matches_independent_forward(fsdfm_file, weig
     loaded = load_released(fsdfm_file)  # which="auto"
     assert loaded.source_key == "student_ema_model" and loaded.h_conditioned
     cfg = loaded.config
-    assert (cfg.vocab_size, cfg.input_vocab_size, cfg.hidden, cfg.cond_dim, cfg.n_blocks, cfg.n_heads, cfg.mlp_ratio) == (
-        V, V, D, C, N_BLOCKS, N_HEADS, 4)
-    assert (cfg.h_embedding, cfg.h_fusion, cfg.t_scale, cfg.norm_weight, cfg.norm_eps) == ("raw", "concat", 1.0, True, 1e-5)
+    assert (
+        cfg.vocab_size,
+        cfg.input_vocab_size,
+        cfg.hidden,
+        cfg.cond_dim,
+        cfg.n_blocks,
+        cfg.n_heads,
+        cfg.mlp_ratio,
+    ) == (V, V, D, C, N_BLOCKS, N_HEADS, 4)
+    assert (cfg.h_embedding, cfg.h_fusion, cfg.t_scale, cfg.norm_weight, cfg.norm_eps) == (
+        "raw",
+        "concat",
+        1.0,
+        True,
+        1e-5,
+    )
     assert not loaded.model.training
     assert_matches_reference(loaded.model, weights["ema"], with_h=True)
 
@@ -245,7 +293,14 @@ def test_released_layout_converts_at_full_size():
     """Every name and shape of the 1.3B layouts maps onto released_config's DiT (meta tensors: no memory)."""
     for kind, dt in (("fsdfm", True), ("dfm", False)):
         cfg = released_config(kind)
-        assert (cfg.vocab_size, cfg.seq_len, cfg.hidden, cfg.cond_dim, cfg.n_blocks, cfg.n_heads) == (50257, 1024, 2048, 256, 21, 32)
+        assert (cfg.vocab_size, cfg.seq_len, cfg.hidden, cfg.cond_dim, cfg.n_blocks, cfg.n_heads) == (
+            50257,
+            1024,
+            2048,
+            256,
+            21,
+            32,
+        )
         shapes = their_shapes(50257, 2048, 256, 21, 32, dt)
         del shapes["rotary_emb.inv_freq"]  # values cannot be checked on meta; optional in the converter
         sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
@@ -359,6 +414,7 @@ def test_loaded_teacher_gives_a_student_in_their_layout(dfm_file, weights):
 
 # ------------------------------------------------------------------- experiments/released.yaml, end to end
 
+
 def _fake_hub_cache(root: Path, repo: str) -> Path:
     """A local HF hub cache holding only `repo`'s config.json (what a spec load checks offline)."""
     snap = root / f"models--{repo}" / "snapshots" / ("0" * 40)
@@ -386,8 +442,17 @@ def test_released_spec_validates_and_dry_runs_offline(monkeypatch, capsys, tmp_p
     for name, rules in (("dfm_released", ["euler", "cumulative_scalar"]), ("fsdfm_released", ["cumulative_scalar"])):
         m = spec.methods[name]
         assert m.kind == "released" and list(m.steps) == budgets and list(m.rules) == rules and m.source == "uniform"
-    assert {"gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "entropy_bits", "mauve", "self_bleu", "rep_n",
-            "distinct_1", "distinct_4"} <= set(spec.metrics.names)
+    assert {
+        "gen_ppl",
+        "gen_ppl_seq_mean",
+        "entropy_nats",
+        "entropy_bits",
+        "mauve",
+        "self_bleu",
+        "rep_n",
+        "distinct_1",
+        "distinct_4",
+    } <= set(spec.metrics.names)
     assert spec.evaluator.name == "gpt2-large" and spec.data.hf_name == "wikitext-103"
     kinds = sorted(s.kind for s in plan.stages.values())
     assert "train_dfm" not in kinds and "distil_fsdfm" not in kinds and kinds.count("load_released") == 2
@@ -401,9 +466,13 @@ def test_released_spec_rejects_bad_checkpoint_settings(tmp_path):
     from fsdfm.study.load import load_spec
 
     base = (REPO / "experiments" / "released.yaml").read_text()
-    cases = {"which: teacher}": ("which: techer}", "did you mean 'teacher'"),
-             "checkpoint: {path: ../checkpoints/released/dfm_1p3b.pth, which: teacher}": (
-                 "checkpoint: {pth: x.pth}", "unknown key 'methods.dfm_released.checkpoint.pth'")}
+    cases = {
+        "which: teacher}": ("which: techer}", "did you mean 'teacher'"),
+        "checkpoint: {path: ../checkpoints/released/dfm_1p3b.pth, which: teacher}": (
+            "checkpoint: {pth: x.pth}",
+            "unknown key 'methods.dfm_released.checkpoint.pth'",
+        ),
+    }
     for old, (new, message) in cases.items():
         p = tmp_path / "bad.yaml"
         p.write_text(base.replace(old, new, 1))
@@ -436,16 +505,29 @@ def released_study(tmp_path_factory):
     vocab = 50257
     teacher = random_their_state_dict(11, dt_conditioned=False, vocab_size=vocab)
     torch.save({"model": {"module." + k: v for k, v in teacher.items()}, "step": 1}, tmp / "dfm.pth")
-    torch.save({"step": 1, "teacher_model": teacher, "student_model": random_their_state_dict(12, True, vocab),
-                "student_ema_model": random_their_state_dict(13, True, vocab)}, tmp / "fs_dfm.pth")
+    torch.save(
+        {
+            "step": 1,
+            "teacher_model": teacher,
+            "student_model": random_their_state_dict(12, True, vocab),
+            "student_ema_model": random_their_state_dict(13, True, vocab),
+        },
+        tmp / "fs_dfm.pth",
+    )
     ev = gpt2_evaluator(seed=1)
     ev.model.save_pretrained(tmp / "evaluator")
     ev.tokenizer.save_pretrained(tmp / "evaluator")
     raw = yaml.safe_load((REPO / "experiments" / "released.yaml").read_text())
     raw["name"] = "released_tiny"
-    raw["data"] = {"kind": "text", "train": str(REPO / "data/tinystories/train.txt"),
-                   "valid": str(REPO / "data/tinystories/valid.txt"), "tokenizer": "gpt2", "seq_len": 16,
-                   "max_train_blocks": 8, "max_valid_blocks": 8}
+    raw["data"] = {
+        "kind": "text",
+        "train": str(REPO / "data/tinystories/train.txt"),
+        "valid": str(REPO / "data/tinystories/valid.txt"),
+        "tokenizer": "gpt2",
+        "seq_len": 16,
+        "max_train_blocks": 8,
+        "max_valid_blocks": 8,
+    }
     raw["sampling"] = {"n_samples": 4, "batch_size": 4, "seed": 0}
     raw["evaluator"] = {"kind": "hf", "name": str(tmp / "evaluator")}
     raw.pop("cluster")
@@ -453,8 +535,13 @@ def released_study(tmp_path_factory):
     raw["methods"]["fsdfm_released"]["checkpoint"]["path"] = str(tmp / "fs_dfm.pth")
     for m in raw["methods"].values():
         m["steps"] = TINY_V_BUDGETS
-    raw["metrics"]["pos_divergence"] = {"n_states": 2, "n_rollouts": 2, "t_start": 0.5, "teacher_steps": 8,
-                                        "student_steps": [2]}
+    raw["metrics"]["pos_divergence"] = {
+        "n_states": 2,
+        "n_rollouts": 2,
+        "t_start": 0.5,
+        "teacher_steps": 8,
+        "student_steps": [2],
+    }
     spec_path = tmp / "released_tiny.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     spec, cells = load_spec(spec_path)
@@ -470,8 +557,9 @@ def test_released_study_records_every_metric_for_every_budget(released_study):
     assert summary.ok, summary.format()
     df = load(tmp / "results" / "released_tiny")
     runs = df[df.kind == "released"]
-    expected = {("dfm_released", r, s) for r in ("euler", "cumulative_scalar") for s in TINY_V_BUDGETS} | \
-               {("fsdfm_released", "cumulative_scalar", s) for s in TINY_V_BUDGETS}
+    expected = {("dfm_released", r, s) for r in ("euler", "cumulative_scalar") for s in TINY_V_BUDGETS} | {
+        ("fsdfm_released", "cumulative_scalar", s) for s in TINY_V_BUDGETS
+    }
     assert set(zip(runs.method, runs.rule, runs.steps)) == expected and len(runs) == len(expected)
     for name in list(spec.metrics.names) + ["nfe", "wall_s", "tokens_per_s"]:
         assert runs[name].notna().all(), name
@@ -489,8 +577,10 @@ def test_released_study_samples_the_checkpoint_weights(released_study):
     from fsdfm.records import load_records
 
     tmp, spec, summary, raw = released_study
-    recs = {r["payload"]["checkpoint"]["which"]: r for r in load_records(tmp / "results" / "released_tiny",
-                                                                          kind="load_released")}
+    recs = {
+        r["payload"]["checkpoint"]["which"]: r
+        for r in load_records(tmp / "results" / "released_tiny", kind="load_released")
+    }
     assert set(recs) == {"teacher", "student_ema"}
     ema = torch.load(tmp / "fs_dfm.pth", weights_only=True)["student_ema_model"]
     m = load_dit(Path(recs["student_ema"]["stage_dir"]), torch.device("cpu"))
@@ -498,7 +588,8 @@ def test_released_study_samples_the_checkpoint_weights(released_study):
     x_t = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     t, h = torch.tensor([0.25, 0.5]), torch.tensor([0.5, 0.125])
     with torch.no_grad():
-        torch.testing.assert_close(m.model(x_t, t, h).double(), reference_logits(ema, x_t, t, h, N_HEADS),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            m.model(x_t, t, h).double(), reference_logits(ema, x_t, t, h, N_HEADS), atol=1e-4, rtol=1e-4
+        )
     teacher = load_dit(Path(recs["teacher"]["stage_dir"]), torch.device("cpu"))
     assert not teacher.h_conditioned

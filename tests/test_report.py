@@ -14,7 +14,8 @@ import pytest
 from fsdfm.registry import UnknownNameError
 from fsdfm.report import ReportOutput, load_study, sampling_wall_s, summarize, write_report
 from fsdfm.report.figures import divergence_curves
-from fsdfm.report.tables import metric_table, seeds_table
+from fsdfm.report.metric_table import metric_table
+from fsdfm.report.tables import seeds_table
 from fsdfm.io import atomic_write_json
 from fsdfm.records import stage_dir
 from fsdfm.study.graph import RunSpec, Stage, StudyPlan
@@ -32,19 +33,36 @@ def write_study(root: Path, name: str, runs: list[dict], description: str | None
     optionally curves (pos_divergence payload) and n_samples. Stage configs carry the study conventions."""
     stages, specs, records = [], [], {}
     for i, r in enumerate(runs):
-        kind = "pos_divergence" if r["params"]["kind"] == "pos_divergence" else (
-            "evaluate_data" if r["params"]["kind"] == "data" else "evaluate")
-        cfg = {"i": i, "metrics": {"names": ["gen_ppl", "mauve"], "mauve_featurizer": "minilm"},
-               "evaluator": {"kind": "reference", "name": None}}
+        kind = (
+            "pos_divergence"
+            if r["params"]["kind"] == "pos_divergence"
+            else ("evaluate_data" if r["params"]["kind"] == "data" else "evaluate")
+        )
+        cfg = {
+            "i": i,
+            "metrics": {"names": ["gen_ppl", "mauve"], "mauve_featurizer": "minilm"},
+            "evaluator": {"kind": "reference", "name": None},
+        }
         st = Stage(kind, cfg)
         stages.append(st)
         specs.append(RunSpec(f"run#{i}", r["params"], st.id))
         payload = {"metrics": r["metrics"], "n_samples": r.get("n_samples", 64)}
         if "curves" in r:
             payload["curves"] = r["curves"]
-        records[st.id] = {"status": "done", "stage_id": st.id, "kind": kind, "payload": payload,
-                          "provenance": {"git_commit": "abc123def4567890", "git_dirty": False, "device": "cpu",
-                                         "hostname": "test", "wall_s": 99.0, "end_time": "2026-01-01T00:00:00"}}
+        records[st.id] = {
+            "status": "done",
+            "stage_id": st.id,
+            "kind": kind,
+            "payload": payload,
+            "provenance": {
+                "git_commit": "abc123def4567890",
+                "git_dirty": False,
+                "device": "cpu",
+                "hostname": "test",
+                "wall_s": 99.0,
+                "end_time": "2026-01-01T00:00:00",
+            },
+        }
     plan = StudyPlan.from_stages(name, stages, specs).to_dict()
     if description:
         plan["description"] = description
@@ -65,36 +83,85 @@ DATA = {"gen_ppl": 20.0, "entropy_nats": 4.0, "mauve": 1.0, "rep_n": 0.05, "dist
 def full_study(root: Path) -> Path:
     """Data row; DFM teacher (2 rules x 3 budgets) and FS-DFM (3 budgets) with 3 seeds; an FS-DFM ablation
     variant (grid key methods.fsdfm.distill.shortcut); per-position divergence curves."""
-    runs = [{"params": _params("data", "data (held-out)", None, None, seed=None,
-                               **{"methods.fsdfm.distill.shortcut": None}), "metrics": dict(DATA)}]
+    runs = [
+        {
+            "params": _params(
+                "data", "data (held-out)", None, None, seed=None, **{"methods.fsdfm.distill.shortcut": None}
+            ),
+            "metrics": dict(DATA),
+        }
+    ]
     rng = np.random.default_rng(0)
     for seed in (0, 1, 2):
         for rule in ("euler", "cumulative_scalar"):
             for steps in (8, 64, 1024):
                 ppl = 30 + 600 / steps + 3 * rng.standard_normal()
-                runs.append({"params": _params("dfm", "DFM teacher", rule, steps, seed=seed,
-                                               **{"methods.fsdfm.distill.shortcut": None}),
-                             "metrics": {"gen_ppl": ppl, "entropy_nats": 3.9 + 0.02 * rng.standard_normal(),
-                                         "mauve": 0.9 - 1 / steps, "rep_n": 0.06, "distinct_4": 0.88,
-                                         "self_bleu": 11.0, "nfe": steps, "wall_s": 0.01 * steps + 0.02,
-                                         "tokens_per_s": 6400 / (0.01 * steps + 0.02), "peak_mem": 2 ** 30}})
+                runs.append(
+                    {
+                        "params": _params(
+                            "dfm", "DFM teacher", rule, steps, seed=seed, **{"methods.fsdfm.distill.shortcut": None}
+                        ),
+                        "metrics": {
+                            "gen_ppl": ppl,
+                            "entropy_nats": 3.9 + 0.02 * rng.standard_normal(),
+                            "mauve": 0.9 - 1 / steps,
+                            "rep_n": 0.06,
+                            "distinct_4": 0.88,
+                            "self_bleu": 11.0,
+                            "nfe": steps,
+                            "wall_s": 0.01 * steps + 0.02,
+                            "tokens_per_s": 6400 / (0.01 * steps + 0.02),
+                            "peak_mem": 2**30,
+                        },
+                    }
+                )
         for shortcut, base in (("rk4", 40.0), ("heun", 55.0)):
             for steps in (1, 2, 8):
-                runs.append({"params": _params("fsdfm", "FS-DFM", "cumulative_scalar", steps, seed=seed,
-                                               **{"methods.fsdfm.distill.shortcut": shortcut}),
-                             "metrics": {"gen_ppl": base + 40 / steps + 2 * rng.standard_normal(),
-                                         "entropy_nats": 3.5 if steps == 1 else 3.85, "mauve": 0.7,
-                                         "rep_n": 0.3 if steps == 1 else 0.07, "distinct_4": 0.85, "self_bleu": 12.0,
-                                         "nfe": steps, "wall_s": 0.01 * steps + 0.02}})
+                runs.append(
+                    {
+                        "params": _params(
+                            "fsdfm",
+                            "FS-DFM",
+                            "cumulative_scalar",
+                            steps,
+                            seed=seed,
+                            **{"methods.fsdfm.distill.shortcut": shortcut},
+                        ),
+                        "metrics": {
+                            "gen_ppl": base + 40 / steps + 2 * rng.standard_normal(),
+                            "entropy_nats": 3.5 if steps == 1 else 3.85,
+                            "mauve": 0.7,
+                            "rep_n": 0.3 if steps == 1 else 0.07,
+                            "distinct_4": 0.85,
+                            "self_bleu": 12.0,
+                            "nfe": steps,
+                            "wall_s": 0.01 * steps + 0.02,
+                        },
+                    }
+                )
             for steps in (1, 8):
                 L = 128
-                tv = np.clip(0.2 + 0.3 / steps + 0.2 * np.linspace(0, 1, L) / steps
-                             + 0.03 * rng.standard_normal(L), 0, 1)
-                runs.append({"params": _params("pos_divergence", "FS-DFM vs dfm", "cumulative_scalar", steps,
-                                               seed=seed, **{"methods.fsdfm.distill.shortcut": shortcut}),
-                             "metrics": {"pos_divergence": float(tv.mean()), "pos_agreement": float(1 - tv.mean()),
-                                         "nfe": steps},
-                             "curves": {"tv": tv.tolist(), "js": (tv / 2).tolist(), "agreement": (1 - tv).tolist()}})
+                tv = np.clip(
+                    0.2 + 0.3 / steps + 0.2 * np.linspace(0, 1, L) / steps + 0.03 * rng.standard_normal(L), 0, 1
+                )
+                runs.append(
+                    {
+                        "params": _params(
+                            "pos_divergence",
+                            "FS-DFM vs dfm",
+                            "cumulative_scalar",
+                            steps,
+                            seed=seed,
+                            **{"methods.fsdfm.distill.shortcut": shortcut},
+                        ),
+                        "metrics": {
+                            "pos_divergence": float(tv.mean()),
+                            "pos_agreement": float(1 - tv.mean()),
+                            "nfe": steps,
+                        },
+                        "curves": {"tv": tv.tolist(), "js": (tv / 2).tolist(), "agreement": (1 - tv).tolist()},
+                    }
+                )
     return write_study(root, "synth", runs, description="A synthetic study with known values.")
 
 
@@ -102,8 +169,9 @@ def bare_study(root: Path, name: str = "bare") -> Path:
     """One seed, a data row and one method at two budgets, with entropy and MAUVE only: no gen_ppl, no
     timing, no divergence, no ablation."""
     runs = [{"params": _params("data", "data (held-out)", None, None), "metrics": {"entropy_nats": 4.0}}]
-    runs += [{"params": _params("dfm", "DFM", "euler", s), "metrics": {"entropy_nats": 3.9, "mauve": 0.5}}
-             for s in (1, 4)]
+    runs += [
+        {"params": _params("dfm", "DFM", "euler", s), "metrics": {"entropy_nats": 3.9, "mauve": 0.5}} for s in (1, 4)
+    ]
     return write_study(root, name, runs)
 
 
@@ -124,10 +192,14 @@ def test_summarize_mean_std_t_interval_n():
 
 
 def test_summarize_groups_keep_order_and_missing_keys_and_single_seed_has_no_spread():
-    df = pd.concat([
-        pd.DataFrame([{"label": "data (held-out)", "rule": None, "steps": None, "kind": "data", "gen_ppl": 5.0}]),
-        _frame([1.0, 3.0]).assign(steps=1), _frame([4.0, np.nan, 6.0]),
-    ], ignore_index=True)
+    df = pd.concat(
+        [
+            pd.DataFrame([{"label": "data (held-out)", "rule": None, "steps": None, "kind": "data", "gen_ppl": 5.0}]),
+            _frame([1.0, 3.0]).assign(steps=1),
+            _frame([4.0, np.nan, 6.0]),
+        ],
+        ignore_index=True,
+    )
     s = summarize(df, metrics=["gen_ppl", "mauve"])  # mauve: not recorded -> no rows, no error
     assert list(s["metric"]) == ["gen_ppl"] * 3
     assert s.iloc[0]["label"] == "data (held-out)" and pd.isna(s.iloc[0]["steps"]) and s.iloc[0]["n"] == 1
@@ -147,13 +219,45 @@ def test_sampling_wall_s_prefers_the_sampler_column():
 
 # -------------------------------------------------------------------------------------------------- tables
 def _table_runs():
-    rows = [{"label": "data (held-out)", "rule": None, "steps": None, "kind": "data",
-             "gen_ppl": 1.0, "mauve": 1.0, "entropy_nats": 4.0, "rep_n": 0.05}]
+    rows = [
+        {
+            "label": "data (held-out)",
+            "rule": None,
+            "steps": None,
+            "kind": "data",
+            "gen_ppl": 1.0,
+            "mauve": 1.0,
+            "entropy_nats": 4.0,
+            "rep_n": 0.05,
+        }
+    ]
     for seed, (a, b) in enumerate([(10.0, 20.0), (12.0, 22.0)]):
-        rows.append({"label": "A", "rule": "euler", "steps": 8, "kind": "dfm", "seed": seed,
-                     "gen_ppl": a, "mauve": 0.5, "entropy_nats": 3.9, "rep_n": 0.06})
-        rows.append({"label": "B", "rule": "euler", "steps": 8, "kind": "fsdfm", "seed": seed,
-                     "gen_ppl": b, "mauve": 0.8, "entropy_nats": 3.6, "rep_n": 0.30})
+        rows.append(
+            {
+                "label": "A",
+                "rule": "euler",
+                "steps": 8,
+                "kind": "dfm",
+                "seed": seed,
+                "gen_ppl": a,
+                "mauve": 0.5,
+                "entropy_nats": 3.9,
+                "rep_n": 0.06,
+            }
+        )
+        rows.append(
+            {
+                "label": "B",
+                "rule": "euler",
+                "steps": 8,
+                "kind": "fsdfm",
+                "seed": seed,
+                "gen_ppl": b,
+                "mauve": 0.8,
+                "entropy_nats": 3.6,
+                "rep_n": 0.30,
+            }
+        )
     return pd.DataFrame(rows[1:] + rows[:1])  # data row last in the input: the table must still put it first
 
 
@@ -166,14 +270,14 @@ def test_table_best_by_direction_data_row_first_and_unmarked_and_collapse():
     a, a_bold = rows["A"]
     b, b_bold = rows["B"]
     g, e, m, rep = (cols.index(c) for c in ("gen_ppl ↓", "entropy_nats → data", "mauve ↑", "rep_n → data"))
-    assert a[g] == "11.00 ± 1.41" and a[3] == "2"          # mean ± std over 2 seeds, n shown
-    assert a_bold[g] and not b_bold[g]                      # min: A, although the data row is lower
-    assert b_bold[m] and not a_bold[m]                      # max: B, although the data row is higher
-    assert a_bold[e] and not b_bold[e]                      # entropy: A is closer to the data's 4.0
-    assert a_bold[rep] and not b_bold[rep]                  # rep_n: A (0.06) is closer to the data's 0.05
+    assert a[g] == "11.00 ± 1.41" and a[3] == "2"  # mean ± std over 2 seeds, n shown
+    assert a_bold[g] and not b_bold[g]  # min: A, although the data row is lower
+    assert b_bold[m] and not a_bold[m]  # max: B, although the data row is higher
+    assert a_bold[e] and not b_bold[e]  # entropy: A is closer to the data's 4.0
+    assert a_bold[rep] and not b_bold[rep]  # rep_n: A (0.06) is closer to the data's 0.05
     assert any("tested across seeds: gen_ppl" in n for n in t.notes)
     assert a[-1] == "no" and b[-1] == "low entropy, high rep_n"  # B: 0.4 nats below the data, rep_n 6x
-    assert "distinct_4" in " ".join(t.notes)                 # the missing metric is named, not a column
+    assert "distinct_4" in " ".join(t.notes)  # the missing metric is named, not a column
     md = t.to_markdown()
     assert "**11.00 ± 1.41**" in md and md.index("data (held-out)") < md.index("| A ")
     tex = t.to_latex()
@@ -279,18 +383,33 @@ def test_write_report_of_a_study_without_finished_runs(tmp_path):
 
 
 def test_seeds_table_reports_interval(tmp_path):
-    study = load_study(write_study(tmp_path, "s", [
-        {"params": _params("dfm", "DFM", "euler", 8, seed=k), "metrics": {"gen_ppl": v}} for k, v in
-        enumerate((1.0, 2.0, 3.0))]))
+    study = load_study(
+        write_study(
+            tmp_path,
+            "s",
+            [
+                {"params": _params("dfm", "DFM", "euler", 8, seed=k), "metrics": {"gen_ppl": v}}
+                for k, v in enumerate((1.0, 2.0, 3.0))
+            ],
+        )
+    )
     t = seeds_table(study, metrics=["gen_ppl"])
     (row,) = t.cells
     assert row[:5] == ("DFM", "euler", "8", "gen_ppl", "3") and row[5:8] == ("2.00", "1.00", "2.48")
 
 
 # ------------------------------------------------------------------------------------------------ analysis
-@pytest.mark.parametrize("script,drawn", [
-    ("table_main", True), ("table_seeds", True), ("table_ablations", False),
-    ("fig_step_sweep", True), ("fig_frontier", False), ("fig_pos_divergence", False)])
+@pytest.mark.parametrize(
+    "script,drawn",
+    [
+        ("table_main", True),
+        ("table_seeds", True),
+        ("table_ablations", False),
+        ("fig_step_sweep", True),
+        ("fig_frontier", False),
+        ("fig_pos_divergence", False),
+    ],
+)
 def test_analysis_scripts_end_with_one_json_line(tmp_path, capsys, monkeypatch, script, drawn):
     # the bare study keeps this cheap: figures are drawn once, in the write_report tests; here, the script
     # path and its "skipped" answer
@@ -308,7 +427,11 @@ def test_analysis_scripts_end_with_one_json_line(tmp_path, capsys, monkeypatch, 
 
 # ------------------------------------------------------------------------------------- significance marks
 def _two_rows(a_values, b_values, metric="gen_ppl", data=None, **extra):
-    rows = [{"label": "data (held-out)", "rule": None, "steps": None, "kind": "data", metric: data}] if data is not None else []
+    rows = (
+        [{"label": "data (held-out)", "rule": None, "steps": None, "kind": "data", metric: data}]
+        if data is not None
+        else []
+    )
     for seed, (a, b) in enumerate(zip(a_values, b_values)):
         rows.append({"label": "A", "rule": "euler", "steps": 8, "kind": "dfm", "seed": seed, metric: a, **extra})
         rows.append({"label": "B", "rule": "euler", "steps": 8, "kind": "fsdfm", "seed": seed, metric: b, **extra})
@@ -321,10 +444,14 @@ def _marks(t, metric_header):
 
 
 def test_overlapping_seed_values_mark_no_best_and_separated_values_mark_the_better():
-    overlap = metric_table(_two_rows([10.0, 14.0, 12.0], [11.0, 15.0, 13.0]), ["gen_ppl"], name="t", title="t", flags=False)
+    overlap = metric_table(
+        _two_rows([10.0, 14.0, 12.0], [11.0, 15.0, 13.0]), ["gen_ppl"], name="t", title="t", flags=False
+    )
     marks = _marks(overlap, "gen_ppl ↓")
-    assert not marks["A"][1] and not marks["B"][1]        # p = 0.71 (Welch): inside the noise
-    apart = metric_table(_two_rows([10.0, 10.5, 11.0], [20.0, 20.5, 21.0]), ["gen_ppl"], name="t", title="t", flags=False)
+    assert not marks["A"][1] and not marks["B"][1]  # p = 0.71 (Welch): inside the noise
+    apart = metric_table(
+        _two_rows([10.0, 10.5, 11.0], [20.0, 20.5, 21.0]), ["gen_ppl"], name="t", title="t", flags=False
+    )
     marks = _marks(apart, "gen_ppl ↓")
     assert marks["A"][1] and not marks["B"][1]
     assert any("tested across seeds: gen_ppl" in n for n in apart.notes)
@@ -344,9 +471,18 @@ def test_welch_matches_scipy_and_its_interval_covers_the_difference():
 
 
 def test_ties_with_the_best_are_marked_as_ties():
-    runs = pd.concat([_two_rows([10.0, 10.5, 11.0], [10.2, 10.8, 11.1]),
-                      pd.DataFrame([{"label": "C", "rule": "euler", "steps": 8, "kind": "ar", "seed": s, "gen_ppl": v}
-                                    for s, v in enumerate([30.0, 31.0, 30.5])])], ignore_index=True)
+    runs = pd.concat(
+        [
+            _two_rows([10.0, 10.5, 11.0], [10.2, 10.8, 11.1]),
+            pd.DataFrame(
+                [
+                    {"label": "C", "rule": "euler", "steps": 8, "kind": "ar", "seed": s, "gen_ppl": v}
+                    for s, v in enumerate([30.0, 31.0, 30.5])
+                ]
+            ),
+        ],
+        ignore_index=True,
+    )
     marks = _marks(metric_table(runs, ["gen_ppl"], name="t", title="t", flags=False), "gen_ppl ↓")
     assert marks["A"][0].endswith("≈") and marks["B"][0].endswith("≈") and not marks["C"][0].endswith("≈")
     assert not any(b for _, b in marks.values())
@@ -354,13 +490,23 @@ def test_ties_with_the_best_are_marked_as_ties():
 
 def test_data_target_metrics_are_ranked_by_distance_to_the_data_row():
     # distinct_4 of 1.000 is further from the data's 0.929 than 0.92 is: higher is not better
-    t = metric_table(_two_rows([1.0, 1.0], [0.92, 0.92], metric="distinct_4", data=0.929), ["distinct_4"],
-                     name="t", title="t", flags=False)
+    t = metric_table(
+        _two_rows([1.0, 1.0], [0.92, 0.92], metric="distinct_4", data=0.929),
+        ["distinct_4"],
+        name="t",
+        title="t",
+        flags=False,
+    )
     marks = _marks(t, "distinct_4 → data")
     assert marks["B"][1] and not marks["A"][1]
     # entropy: 3.5 (0.5 below the data's 4.0) beats 4.7 (0.7 above); directions would not rank it at all
-    t = metric_table(_two_rows([4.7, 4.71, 4.69], [3.5, 3.51, 3.49], metric="entropy_nats", data=4.0),
-                     ["entropy_nats"], name="t", title="t", flags=False)
+    t = metric_table(
+        _two_rows([4.7, 4.71, 4.69], [3.5, 3.51, 3.49], metric="entropy_nats", data=4.0),
+        ["entropy_nats"],
+        name="t",
+        title="t",
+        flags=False,
+    )
     marks = _marks(t, "entropy_nats → data")
     assert marks["B"][1] and not marks["A"][1]
     assert any("ranked by distance to the data row" in n and "entropy_nats" in n for n in t.notes)
@@ -371,7 +517,9 @@ def test_single_seed_rows_are_tested_across_per_sample_values():
     runs["run_id"] = [f"r{i}" for i in range(len(runs))]
     rng = np.random.default_rng(0)
     per = {"r1": 3.0 + 0.3 * rng.standard_normal(64), "r2": 3.9 + 0.3 * rng.standard_normal(64)}  # A, B
-    samples = pd.DataFrame([{"run_id": r, "sample": i, "entropy_nats": v} for r, vs in per.items() for i, v in enumerate(vs)])
+    samples = pd.DataFrame(
+        [{"run_id": r, "sample": i, "entropy_nats": v} for r, vs in per.items() for i, v in enumerate(vs)]
+    )
     t = metric_table(runs, ["entropy_nats"], name="t", title="t", flags=False, samples=samples)
     marks = _marks(t, "entropy_nats → data")
     assert marks["B"][1] and not marks["A"][1]
@@ -399,19 +547,37 @@ def _paired_study(root: Path) -> Path:
 
     rng = np.random.default_rng(1)
     nll = {"fsdfm": 3.0 + 0.2 * rng.standard_normal(64), "dfm": 3.4 + 0.2 * rng.standard_normal(64)}
-    runs = [{"params": _params("fsdfm", "FS-DFM", "cumulative_scalar", 8),
-             "metrics": {"gen_ppl": 20.0, "self_bleu": 10.0, "n_samples": 64, "gen_ppl_n_truncated": 3,
-                         "samples_per_metric": {"gen_ppl": 64, "self_bleu": 60}}},
-            {"params": _params("dfm", "DFM", "euler", 8),
-             "metrics": {"gen_ppl": 30.0, "self_bleu": 11.0, "n_samples": 64, "gen_ppl_n_truncated": 0,
-                         "samples_per_metric": {"gen_ppl": 64, "self_bleu": 64}}}]
+    runs = [
+        {
+            "params": _params("fsdfm", "FS-DFM", "cumulative_scalar", 8),
+            "metrics": {
+                "gen_ppl": 20.0,
+                "self_bleu": 10.0,
+                "n_samples": 64,
+                "gen_ppl_n_truncated": 3,
+                "samples_per_metric": {"gen_ppl": 64, "self_bleu": 60},
+            },
+        },
+        {
+            "params": _params("dfm", "DFM", "euler", 8),
+            "metrics": {
+                "gen_ppl": 30.0,
+                "self_bleu": 11.0,
+                "n_samples": 64,
+                "gen_ppl_n_truncated": 0,
+                "samples_per_metric": {"gen_ppl": 64, "self_bleu": 64},
+            },
+        },
+    ]
     sdir = write_study(root, "paired", runs)
     plan = json.loads((sdir / "plan.json").read_text())
     plan["report"] = {"mauve_min_n": 256, "pairs": [["fsdfm@8", "dfm/euler@8"], ["fsdfm@8", "dfm@1024"]]}
     atomic_write_json(sdir / "plan.json", plan)
     for run, method in zip(plan["runs"], ("fsdfm", "dfm")):
-        write_per_sample(stage_dir(sdir, run["stage_id"]) / "per_sample.csv",
-                         {"sample": np.arange(64), "nll": nll[method] * 10, "n_tokens": np.full(64, 10)})
+        write_per_sample(
+            stage_dir(sdir, run["stage_id"]) / "per_sample.csv",
+            {"sample": np.arange(64), "nll": nll[method] * 10, "n_tokens": np.full(64, 10)},
+        )
     return sdir, nll
 
 
@@ -425,11 +591,13 @@ def test_pairs_table_gives_the_difference_with_a_welch_interval(tmp_path):
     (row,) = [r for r in t.numbers.to_dict("records") if r["metric"] == "gen_ppl"]
     a, b = nll["fsdfm"], nll["dfm"]
     va, vb = a.var(ddof=1) / 64, b.var(ddof=1) / 64
-    df = (va + vb) ** 2 / (va ** 2 / 63 + vb ** 2 / 63)
+    df = (va + vb) ** 2 / (va**2 / 63 + vb**2 / 63)
     half = stats.t.ppf(0.975, df) * np.sqrt(va + vb)
     assert row["diff"] == pytest.approx(a.mean() - b.mean(), rel=1e-12)
-    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(a.mean() - b.mean() - half),
-                                               pytest.approx(a.mean() - b.mean() + half))
+    assert (row["ci_low"], row["ci_high"]) == (
+        pytest.approx(a.mean() - b.mean() - half),
+        pytest.approx(a.mean() - b.mean() + half),
+    )
     assert row["test"] == "Welch across samples" and row["n"] == "64/64" and row["p"] < 1e-6
     assert any("fsdfm@8 vs dfm@1024 not compared" in n and "no finished run" in n for n in t.notes)
 

@@ -9,10 +9,21 @@ from fsdfm.report.oracle import _versus_teacher
 
 
 def _runs(student: list[float], teacher: list[float], teacher_steps: int = 8) -> pd.DataFrame:
-    rows = [{"run_id": f"s{i}", "label": "S", "rule": "cumulative_scalar", "steps": 8, "seed": i, "oracle_nll": v}
-            for i, v in enumerate(student)]
-    rows += [{"run_id": f"t{i}", "label": "T", "rule": "cumulative_scalar", "steps": teacher_steps, "seed": i,
-              "oracle_nll": v} for i, v in enumerate(teacher)]
+    rows = [
+        {"run_id": f"s{i}", "label": "S", "rule": "cumulative_scalar", "steps": 8, "seed": i, "oracle_nll": v}
+        for i, v in enumerate(student)
+    ]
+    rows += [
+        {
+            "run_id": f"t{i}",
+            "label": "T",
+            "rule": "cumulative_scalar",
+            "steps": teacher_steps,
+            "seed": i,
+            "oracle_nll": v,
+        }
+        for i, v in enumerate(teacher)
+    ]
     return pd.DataFrame(rows)
 
 

@@ -16,7 +16,16 @@ from fsdfm import records
 from fsdfm.launch import execute
 from fsdfm.io import atomic_write, atomic_write_json, sha256_file, to_jsonable
 from fsdfm.records import (
-    LOCK, RECORD, StageLockedError, find_seeds, is_done, load, load_records, lock_holder, read_record, stage_dir,
+    LOCK,
+    RECORD,
+    StageLockedError,
+    find_seeds,
+    is_done,
+    load,
+    load_records,
+    lock_holder,
+    read_record,
+    stage_dir,
     stage_lock,
 )
 from fsdfm.records import LockInfo, break_stale_lock, remove_stale_temp_files
@@ -84,8 +93,7 @@ def test_done_iff_record_parses_with_status_done(tmp_path):
 
 
 def test_find_seeds():
-    cfg = {"train": {"seed": 1, "lr": 0.1}, "sample": {"sampling_seed": 7, "steps": 8}, "seed": 0,
-           "seeds": [1, 2]}
+    cfg = {"train": {"seed": 1, "lr": 0.1}, "sample": {"sampling_seed": 7, "steps": 8}, "seed": 0, "seeds": [1, 2]}
     assert find_seeds(cfg) == {"train.seed": 1, "sample.sampling_seed": 7, "seed": 0}
 
 
@@ -131,17 +139,21 @@ def test_lock_is_exclusive_and_released(tmp_path):
 def test_lock_contention_between_processes(tmp_path):
     """Four processes race for one lock: exactly one gets it, the others see who holds it."""
     d, release = tmp_path / "st", tmp_path / "release"
-    code = ("import os, sys, time; from fsdfm.records import stage_lock, StageLockedError\n"
-            "try:\n"
-            "    with stage_lock(sys.argv[1]):\n"
-            "        print('got', flush=True)\n"
-            "        t = time.time()\n"
-            "        while not os.path.exists(sys.argv[2]) and time.time() - t < 60: time.sleep(0.02)\n"
-            "except StageLockedError as e:\n"
-            "    print('busy', e, flush=True)\n")
+    code = (
+        "import os, sys, time; from fsdfm.records import stage_lock, StageLockedError\n"
+        "try:\n"
+        "    with stage_lock(sys.argv[1]):\n"
+        "        print('got', flush=True)\n"
+        "        t = time.time()\n"
+        "        while not os.path.exists(sys.argv[2]) and time.time() - t < 60: time.sleep(0.02)\n"
+        "except StageLockedError as e:\n"
+        "    print('busy', e, flush=True)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(d), str(release)], stdout=subprocess.PIPE,
-                              text=True, env=env) for _ in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(d), str(release)], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(4)
+    ]
     deadline = time.time() + 60
     while sum(p.poll() is not None for p in procs) < 3 and time.time() < deadline:
         time.sleep(0.02)  # the winner holds the lock until every loser has tried and given up
@@ -215,8 +227,10 @@ def _gen(config, inputs, out_dir):
 @stage_kind("t_results_score")
 def _score(config, inputs, out_dir):
     vals = [int(v) for v in (inputs["samples"] / "samples.txt").read_text().split()]
-    return {"metrics": {"total": sum(vals) * config["steps"], "curve": vals, "mauve": {"score": 0.5},
-                        "steps": -1}, "note": "x"}
+    return {
+        "metrics": {"total": sum(vals) * config["steps"], "curve": vals, "mauve": {"score": 0.5}, "steps": -1},
+        "note": "x",
+    }
 
 
 def _study(name: str, seeds=(1, 2), steps=(4, 8)) -> StudyPlan:
@@ -226,8 +240,13 @@ def _study(name: str, seeds=(1, 2), steps=(4, 8)) -> StudyPlan:
         for n in steps:
             s = Stage("t_results_score", {"steps": n, "train": {"seed": seed}}, {"samples": g.id})
             stages += [g, s]
-            runs.append(RunSpec(f"seed{seed}-steps{n}", {"method": "fsdfm", "sampler.steps": n, "train.seed": seed,
-                                                        "steps": n}, s.id))
+            runs.append(
+                RunSpec(
+                    f"seed{seed}-steps{n}",
+                    {"method": "fsdfm", "sampler.steps": n, "train.seed": seed, "steps": n},
+                    s.id,
+                )
+            )
     return StudyPlan.from_stages(name, stages, runs)
 
 
@@ -238,13 +257,28 @@ def test_load_one_row_per_done_run_with_params_metrics_provenance(tmp_path):
     df = load(tmp_path / "s1")
     assert isinstance(df, pd.DataFrame) and df.shape[0] == 4
     assert list(df.columns[:3]) == ["study", "run_id", "stage_id"]
-    assert {"method", "sampler.steps", "train.seed", "steps", "total", "curve", "mauve.score", "metrics.steps",
-            "commit", "dirty", "device", "host", "stage_wall_s", "end_time"} <= set(df.columns)
+    assert {
+        "method",
+        "sampler.steps",
+        "train.seed",
+        "steps",
+        "total",
+        "curve",
+        "mauve.score",
+        "metrics.steps",
+        "commit",
+        "dirty",
+        "device",
+        "host",
+        "stage_wall_s",
+        "end_time",
+    } <= set(df.columns)
     row = df.set_index("run_id").loc["seed2-steps8"]
     assert row["total"] == sum(2 * i for i in range(5)) * 8 and row["curve"] == [0, 2, 4, 6, 8]
     assert row["steps"] == 8 and row["metrics.steps"] == -1  # a metric may not shadow a parameter
     assert row["device"] == "cpu" and row["stage_wall_s"] >= 0
     from fsdfm.launch.runtime import malloc_tuned  # run_stage tuned malloc in this (debug-executor) process
+
     assert all(r["provenance"]["malloc_tuned"] is malloc_tuned() is not None for r in records.load_records(tmp_path))
     # the groupby the design promises
     mean = df.groupby(["method", "sampler.steps"]).total.mean()
@@ -295,8 +329,18 @@ def test_load_records_per_stage_view(tmp_path):
     assert r["seeds"] == {"train.seed": r["config"]["train"]["seed"]}
     assert r["payload"]["note"] == "x"
     prov = r["provenance"]
-    for key in ("git_commit", "git_dirty", "versions", "device", "hostname", "start_time", "end_time", "wall_s",
-                "slurm_job_id", "attempt"):
+    for key in (
+        "git_commit",
+        "git_dirty",
+        "versions",
+        "device",
+        "hostname",
+        "start_time",
+        "end_time",
+        "wall_s",
+        "slurm_job_id",
+        "attempt",
+    ):
         assert key in prov
     assert Path(r["stage_dir"], "record.json").is_file()
 
@@ -311,11 +355,18 @@ def test_remove_stale_temp_files_of_dead_writers_only(tmp_path):
     """Temp files of killed writers go (any depth, both naming schemes); live writers' and other files stay."""
     dead = _dead_pid()
     (tmp_path / "ckpt").mkdir()
-    stale = [tmp_path / "ckpt" / f".checkpoint.pt.{dead}.tmp", tmp_path / f".record.json.{dead}.0123abcd.tmp",
-             tmp_path / f".x.{2**40}.tmp"]  # a pid no kernel hands out
+    stale = [
+        tmp_path / "ckpt" / f".checkpoint.pt.{dead}.tmp",
+        tmp_path / f".record.json.{dead}.0123abcd.tmp",
+        tmp_path / f".x.{2**40}.tmp",
+    ]  # a pid no kernel hands out
     live = tmp_path / "ckpt" / f".checkpoint.pt.{os.getpid()}.tmp"
-    others = [tmp_path / "ckpt" / "checkpoint.pt", tmp_path / "notes.tmp", tmp_path / ".hidden.tmp",
-              tmp_path / f"checkpoint.pt.{dead}.tmp"]
+    others = [
+        tmp_path / "ckpt" / "checkpoint.pt",
+        tmp_path / "notes.tmp",
+        tmp_path / ".hidden.tmp",
+        tmp_path / f"checkpoint.pt.{dead}.tmp",
+    ]
     for p in stale + [live] + others:
         p.write_bytes(b"")
     assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
@@ -336,10 +387,17 @@ def test_break_stale_lock_only_breaks_dead_holders(tmp_path):
 def test_stage_lock_waits_for_a_live_holder(tmp_path):
     """wait=True: told once who holds it, then taken as soon as the holder lets go."""
     sdir = tmp_path / "s"
-    code = ("import sys, time; from pathlib import Path; from fsdfm.records import stage_lock\n"
-            "with stage_lock(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.readline()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(sdir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    code = (
+        "import sys, time; from pathlib import Path; from fsdfm.records import stage_lock\n"
+        "with stage_lock(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(sdir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert proc.stdout.readline().strip() == "held"
     told = []
 
@@ -380,11 +438,14 @@ def test_manifest_covers_every_artefact_and_only_artefacts(tmp_path):
     assert check.done and check.verified and not check.problems
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda p: p.write_bytes(p.read_bytes()[:350]), "350 bytes, recorded 700"),
-    (lambda p: p.write_bytes(b"W" + p.read_bytes()[1:]), "same size: overwritten"),
-    (lambda p: p.unlink(), "missing"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:350]), "350 bytes, recorded 700"),
+        (lambda p: p.write_bytes(b"W" + p.read_bytes()[1:]), "same size: overwritten"),
+        (lambda p: p.unlink(), "missing"),
+    ],
+)
 def test_a_damaged_artefact_makes_the_stage_not_done_naming_the_file(tmp_path, damage, words):
     d = tmp_path / "stage"
     _stage_with_artefacts(d)
@@ -408,8 +469,10 @@ def test_a_stage_whose_input_was_redone_is_stale(tmp_path):
     a, b = tmp_path / "a-1", tmp_path / "b-1"
     _stage_with_artefacts(a)
     b.mkdir()
-    atomic_write_json(b / RECORD, {"status": "done", "artefacts": {}, "inputs": {"x": "a-1"},
-                                   "input_records": {"x": records.record_digest(a)}})
+    atomic_write_json(
+        b / RECORD,
+        {"status": "done", "artefacts": {}, "inputs": {"x": "a-1"}, "input_records": {"x": records.record_digest(a)}},
+    )
     assert is_done(b)
     atomic_write_json(a / RECORD, {**read_record(a), "end_time": "later"})  # a was redone
     check = records.check_stage(b)

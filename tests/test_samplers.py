@@ -24,7 +24,6 @@ ROWS, COLS = 4, 12_500  # 50k positions per configuration
 SIGMAS = 5.0
 
 
-
 def _tol(p: float, n: int) -> float:
     return SIGMAS * math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
 
@@ -149,8 +148,17 @@ def test_unmasked_tokens_never_move_and_final_may_be_per_row(sparse):
     x = torch.full((2, 2000), V)
     x[:, ::2] = 1  # half the positions already unmasked
     t, h = torch.zeros(2, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64)
-    y = update(x, _probs()[:2, :2000], t, h, get_rule("cumulative_scalar"), path, gen,
-               final=torch.tensor([True, False]), sparse=sparse)
+    y = update(
+        x,
+        _probs()[:2, :2000],
+        t,
+        h,
+        get_rule("cumulative_scalar"),
+        path,
+        gen,
+        final=torch.tensor([True, False]),
+        sparse=sparse,
+    )
     assert bool((y[:, ::2] == 1).all())
     assert bool((y[0] < V).all())  # the final row is fully unmasked
     _assert_fraction(y[1, 1::2] != V, 0.5, "non-final row")
@@ -217,8 +225,16 @@ class AllMassOn:
 def test_all_mass_on_one_token_ends_there(n_steps, rule, source, sparse):
     seq_len = 3 if n_steps == 1024 else 16
     targets = [0, V - 1, 2]  # V - 1 is the index a mask id is clamped to
-    out = sample(AllMassOn(targets, seq_len), _path(source), n_samples=3, seq_len=seq_len, n_steps=n_steps,
-                 rule=rule, generator=torch.Generator().manual_seed(n_steps), sparse=sparse)
+    out = sample(
+        AllMassOn(targets, seq_len),
+        _path(source),
+        n_samples=3,
+        seq_len=seq_len,
+        n_steps=n_steps,
+        rule=rule,
+        generator=torch.Generator().manual_seed(n_steps),
+        sparse=sparse,
+    )
     assert out.tokens.shape == (3, seq_len) and out.nfe == n_steps
     assert torch.equal(out.tokens, torch.tensor(targets)[:, None].expand(3, seq_len)), out.tokens
 
@@ -228,8 +244,16 @@ def test_all_mass_on_one_token_ends_there(n_steps, rule, source, sparse):
 def test_mask_sampler_output_follows_p(rule, sparse):
     # a model that ignores its input: each position is unmasked once, by a draw from p, so the output ~ p
     model = FixedLogits(torch.tensor(P).log())
-    out = sample(model, _path("mask"), n_samples=100, seq_len=200, n_steps=8, rule=rule,
-                 generator=torch.Generator().manual_seed(9), sparse=sparse)
+    out = sample(
+        model,
+        _path("mask"),
+        n_samples=100,
+        seq_len=200,
+        n_steps=8,
+        rule=rule,
+        generator=torch.Generator().manual_seed(9),
+        sparse=sparse,
+    )
     counts = torch.bincount(out.tokens.flatten(), minlength=V + 1).double() / out.tokens.numel()
     assert float(counts[V]) == 0.0  # nothing stays masked
     for v in range(V):
@@ -251,8 +275,12 @@ def test_logits_step_without_host_checks_draws_the_same_tokens(source, rule, fin
     x = path.source.sample((B, L), generator=gen)
     x[:, :10] = torch.randint(Vb, (B, 10), generator=gen)  # some positions already hold data tokens
     t, h = torch.full((B,), 0.3, dtype=torch.float64), torch.full((B,), 0.4, dtype=torch.float64)
-    outs = [update_from_logits(x, logits, t, h, get_rule(rule), path, torch.Generator().manual_seed(1), final=final,
-                               host_checks=checks) for checks in (True, False)]
+    outs = [
+        update_from_logits(
+            x, logits, t, h, get_rule(rule), path, torch.Generator().manual_seed(1), final=final, host_checks=checks
+        )
+        for checks in (True, False)
+    ]
     assert torch.equal(outs[0], outs[1])
     assert not torch.equal(outs[0], x)  # the step moved something, so the comparison means something
 
@@ -272,8 +300,15 @@ def test_sample_reports_nfe_and_time_grid():
 def test_explicit_grid_is_honoured(h_conditioned):
     grid = torch.tensor([0.0, 0.1, 0.35, 0.6, 0.999], dtype=torch.float64)
     model = FixedLogits(torch.zeros(V))
-    out = sample(model, _path("uniform"), n_samples=2, seq_len=4, grid=grid, h_conditioned=h_conditioned,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        model,
+        _path("uniform"),
+        n_samples=2,
+        seq_len=4,
+        grid=grid,
+        h_conditioned=h_conditioned,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.nfe == 4 and torch.equal(out.time_grid, grid)
     assert len(model.calls) == 4
     for i, (x, t, h) in enumerate(model.calls):
@@ -286,8 +321,15 @@ def test_explicit_grid_is_honoured(h_conditioned):
 
 def test_batching_returns_exactly_n_samples():
     model = FixedLogits(torch.zeros(V))
-    out = sample(model, _path("mask"), n_samples=7, seq_len=4, n_steps=2, batch_size=3,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        model,
+        _path("mask"),
+        n_samples=7,
+        seq_len=4,
+        n_steps=2,
+        batch_size=3,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.tokens.shape == (7, 4) and out.nfe == 2
     assert [c[0].shape[0] for c in model.calls] == [3, 3, 3, 3, 1, 1]
     assert bool((out.tokens < V).all())
@@ -295,8 +337,16 @@ def test_batching_returns_exactly_n_samples():
 
 def test_same_seed_same_tokens_and_alias():
     def run(seed, rule="cumulative_scalar"):
-        return sample(FixedLogits(torch.zeros(V)), _path("mask"), n_samples=6, seq_len=20, n_steps=4, rule=rule,
-                      generator=torch.Generator().manual_seed(seed)).tokens
+        return sample(
+            FixedLogits(torch.zeros(V)),
+            _path("mask"),
+            n_samples=6,
+            seq_len=20,
+            n_steps=4,
+            rule=rule,
+            generator=torch.Generator().manual_seed(seed),
+        ).tokens
+
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
     # MDLM-style sampling is the cumulative-scalar rule under another name
@@ -309,8 +359,15 @@ def test_x_init_is_the_start_state():
     model = FixedLogits(torch.zeros(V))
     x_init = torch.full((2, 6), V)
     x_init[:, :3] = torch.tensor([4, 0, 2])
-    out = sample(model, _path("mask"), n_samples=2, seq_len=6, n_steps=3, x_init=x_init,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        model,
+        _path("mask"),
+        n_samples=2,
+        seq_len=6,
+        n_steps=3,
+        x_init=x_init,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(model.calls[0][0], x_init)
     assert torch.equal(out.tokens[:, :3], x_init[:, :3])  # unmasked tokens are final under the mask source
 
@@ -353,8 +410,16 @@ def test_dense_step_loop_has_no_host_device_sync(source, rule):
 
     def count(n_steps):
         with OpCounter() as ops:
-            sample(model, _path(source), n_samples=3, seq_len=8, n_steps=n_steps, rule=rule, sparse=False,
-                   generator=torch.Generator().manual_seed(0))
+            sample(
+                model,
+                _path(source),
+                n_samples=3,
+                seq_len=8,
+                n_steps=n_steps,
+                rule=rule,
+                sparse=False,
+                generator=torch.Generator().manual_seed(0),
+            )
         return {op: ops.counts[op] for op in SYNC_OPS}, ops.counts
 
     one, ops_one = count(1)
@@ -397,8 +462,12 @@ def test_certified_float32_step_draws_the_float64_tokens(source, rule, final, ch
     x[:, ::3] = torch.randint(Vb, (B, (L + 2) // 3), generator=gen)
     t, h = torch.full((B,), 0.2, dtype=torch.float64), torch.full((B,), 0.5, dtype=torch.float64)
     for seed in range(3):
-        outs = [update_from_logits(x, logits, t, h, get_rule(rule), path, torch.Generator().manual_seed(seed),
-                                   final=final, certified=c) for c in (True, False)]
+        outs = [
+            update_from_logits(
+                x, logits, t, h, get_rule(rule), path, torch.Generator().manual_seed(seed), final=final, certified=c
+            )
+            for c in (True, False)
+        ]
         assert torch.equal(outs[0], outs[1])
         assert int((outs[0] != x).sum()) > B * L // 10  # many positions moved: the comparison means something
         assert not bool((outs[0][1][outs[0][1] != x[1]] == 5).any())  # a token without mass is never drawn
@@ -416,8 +485,9 @@ def test_certificate_leaves_few_rows_to_the_float64_step():
     read = torch.ones(c, dtype=torch.bool)
     u, u_dest = torch.rand(c, dtype=torch.float64, generator=gen), torch.rand(c, dtype=torch.float64, generator=gen)
     t, h = torch.zeros(c, dtype=torch.float64), torch.full((c,), 0.5, dtype=torch.float64)
-    _, jump, unsure = _chunk_certified(l.clone(), Vb, z, read, u, u_dest, t, h, get_rule("mixture_euler"),
-                                       PolynomialScheduler(1))
+    _, jump, unsure = _chunk_certified(
+        l.clone(), Vb, z, read, u, u_dest, t, h, get_rule("mixture_euler"), PolynomialScheduler(1)
+    )
     assert 0.4 < float(jump.double().mean()) < 0.8  # 1 - exp(-(1 - 1/V)) = 0.63 of the rows jump
     assert float(unsure.double().mean()) < 0.1
 
@@ -426,12 +496,29 @@ def test_sample_records_its_numerics():
     model = FixedLogits(torch.zeros(V))
     path = _path("uniform")
     out = sample(model, path, n_samples=2, seq_len=3, n_steps=2, generator=torch.Generator().manual_seed(0))
-    assert out.numerics.to_dict() == {"logits_dtype": "float32", "precision": "float64", "step": "logits",
-                                      "certified_float32_exp": True, "autocast": False}
-    out = sample(model, path, n_samples=2, seq_len=3, n_steps=2, precision=torch.float32,
-                 generator=torch.Generator().manual_seed(0))
-    assert out.numerics.to_dict() == {"logits_dtype": "float32", "precision": "float32", "step": "softmax",
-                                      "certified_float32_exp": False, "autocast": False}
+    assert out.numerics.to_dict() == {
+        "logits_dtype": "float32",
+        "precision": "float64",
+        "step": "logits",
+        "certified_float32_exp": True,
+        "autocast": False,
+    }
+    out = sample(
+        model,
+        path,
+        n_samples=2,
+        seq_len=3,
+        n_steps=2,
+        precision=torch.float32,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.numerics.to_dict() == {
+        "logits_dtype": "float32",
+        "precision": "float32",
+        "step": "softmax",
+        "certified_float32_exp": False,
+        "autocast": False,
+    }
 
 
 @pytest.mark.parametrize("source", ["mask", "uniform"])
@@ -442,7 +529,18 @@ def test_sample_with_and_without_the_certified_chunk_gives_the_same_tokens(sourc
     Vb = 200
     logits = torch.randn(6, 40, Vb, generator=torch.Generator().manual_seed(4)) * 1.5
     path = MixturePath(PolynomialScheduler(1), MaskSource(Vb) if source == "mask" else UniformSource(Vb))
-    outs = [sample(lambda x, t, h=None: logits, path, n_samples=6, seq_len=40, n_steps=8, rule=rule, certified=c,
-                   generator=torch.Generator().manual_seed(9)) for c in (True, False)]
+    outs = [
+        sample(
+            lambda x, t, h=None: logits,
+            path,
+            n_samples=6,
+            seq_len=40,
+            n_steps=8,
+            rule=rule,
+            certified=c,
+            generator=torch.Generator().manual_seed(9),
+        )
+        for c in (True, False)
+    ]
     assert torch.equal(outs[0].tokens, outs[1].tokens)
     assert outs[0].numerics.certified_float32_exp and not outs[1].numerics.certified_float32_exp

@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def require_cluster() -> None:
     conf = os.environ.get("SLURM_CONF")
     if not conf:
-        pytest.fail("SLURM_CONF is not set: these tests need the single-node cluster. Run `make test-slurm`, or "
-                    "`bash slurm/start_slurm.sh` then `SLURM_CONF=/tmp/fsdfm-slurm/slurm.conf pytest -m slurm`.")
+        pytest.fail(
+            "SLURM_CONF is not set: these tests need the single-node cluster. Run `make test-slurm`, or "
+            "`bash slurm/start_slurm.sh` then `SLURM_CONF=/tmp/fsdfm-slurm/slurm.conf pytest -m slurm`."
+        )
     if not Path(conf).is_file() or shutil.which("sbatch") is None:
         pytest.fail(f"SLURM_CONF={conf} does not exist or sbatch is not on PATH: start slurm/start_slurm.sh")
     out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
@@ -74,8 +76,14 @@ def train_stage(config, inputs, out_dir):
         time.sleep(config["sleep_s"])
         state = {"step": k + 1, "x": lcg(state["x"], k)}
         atomic_write_json(ckpt, state)
-    return {"metrics": {"x": state["x"], "steps": state["step"], "resumed_from": start,
-                        "steps_this_attempt": state["step"] - start}}
+    return {
+        "metrics": {
+            "x": state["x"],
+            "steps": state["step"],
+            "resumed_from": start,
+            "steps_this_attempt": state["step"] - start,
+        }
+    }
 
 
 def _slurm(*args: str) -> str:
@@ -92,8 +100,11 @@ def test_study_submits_with_dependencies_and_returns(tmp_path, monkeypatch):
     g = Stage("t_slurm_gpu_sum", {"scale": 100}, {"a": a.id})
     after_bad = Stage("t_slurm_sum", {"scale": 1}, {"bad": bad.id})
     top = Stage("t_slurm_sum", {"scale": 1}, {"s": s.id, "g": g.id})
-    plan = StudyPlan.from_stages("slurm-study", [a, b, bad, s, g, after_bad, top], [
-        RunSpec("top", {"method": "sum"}, top.id), RunSpec("bad", {"method": "bad"}, after_bad.id)])
+    plan = StudyPlan.from_stages(
+        "slurm-study",
+        [a, b, bad, s, g, after_bad, top],
+        [RunSpec("top", {"method": "sum"}, top.id), RunSpec("bad", {"method": "bad"}, after_bad.id)],
+    )
 
     t0 = time.time()
     summary = execute(plan, tmp_path, executor="slurm", profile="local", wait=False)
@@ -119,8 +130,13 @@ def test_study_submits_with_dependencies_and_returns(tmp_path, monkeypatch):
     assert rec["provenance"]["slurm_job_id"] == jid[top.id]
     grec = read_json(stage_dir(tmp_path / "slurm-study", g.id) / RECORD)
     assert grec["payload"]["env"]["SLURM_GPUS_ON_NODE"] == "1"  # the fake GRES was allocated
-    assert status(tmp_path / "slurm-study").counts() == {"done": 5, "running": 0, "failed": 1, "blocked": 1,
-                                                              "pending": 0}
+    assert status(tmp_path / "slurm-study").counts() == {
+        "done": 5,
+        "running": 0,
+        "failed": 1,
+        "blocked": 1,
+        "pending": 0,
+    }
 
     again = execute(plan, tmp_path, executor="slurm", profile="local", wait=True, timeout_s=120, poll_s=1.0)
     assert set(again.skipped) == set(result.done)  # done stages are not resubmitted
@@ -215,8 +231,14 @@ def test_real_study_through_the_cli_on_slurm_matches_a_local_run(tmp_path):
     env = {**os.environ, "FSDFM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
 
     def run(results: Path, *extra: str) -> dict:
-        out = subprocess.run([sys.executable, "-m", "fsdfm.cli", "--results", str(results), "run", str(spec), *extra],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [sys.executable, "-m", "fsdfm.cli", "--results", str(results), "run", str(spec), *extra],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -225,6 +247,7 @@ def test_real_study_through_the_cli_on_slurm_matches_a_local_run(tmp_path):
     inline = run(tmp_path / "inline", "--executor", "debug")
     assert inline["ok"]
     from fsdfm.records import load
+
     a = load(tmp_path / "slurm" / "slurm_oracle").sort_values("run_id").reset_index(drop=True)
     b = load(tmp_path / "inline" / "slurm_oracle").sort_values("run_id").reset_index(drop=True)
     assert len(a) == len(b) == 3
@@ -237,7 +260,8 @@ def test_real_study_through_the_cli_on_slurm_matches_a_local_run(tmp_path):
 # finished in 6 s on an idle machine, before the scancel that followed the first checkpoint took effect
 CANCEL_SPEC = ORACLE_SPEC.replace("name: slurm_oracle", "name: slurm_cancel").replace(
     "train: {steps: 20, batch_size: 16, warmup_steps: 5, ema_decay: 0.9}",
-    "train: {steps: 3000, batch_size: 16, warmup_steps: 5, ema_decay: 0.9, ckpt_every: 25}")
+    "train: {steps: 3000, batch_size: 16, warmup_steps: 5, ema_decay: 0.9, ckpt_every: 25}",
+)
 
 
 def test_cancelled_job_is_failed_in_status_with_its_dependents_blocked_and_a_rerun_completes(tmp_path):
@@ -252,8 +276,14 @@ def test_cancelled_job_is_failed_in_status_with_its_dependents_blocked_and_a_rer
     results = tmp_path / "results"
 
     def cli(*args: str) -> tuple[int, dict, str]:
-        out = subprocess.run([sys.executable, "-m", "fsdfm.cli", "--results", str(results), *args], cwd=ROOT,
-                             env=env, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [sys.executable, "-m", "fsdfm.cli", "--results", str(results), *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         return out.returncode, json.loads(out.stdout.strip().splitlines()[-1]), out.stdout + out.stderr
 
     profile = str(ROOT / "slurm" / "local.yaml")

@@ -10,11 +10,16 @@ from fsdfm.methods import plan_study
 from fsdfm.study.spec import SpecError
 from fsdfm.study.load import apply_overrides, load_spec, load_spec_dict
 
-RAW = {"name": "tiny", "data": {"kind": "oracle", "seq_len": 8,
-                                "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2}},
-       "evaluator": {"kind": "none"}, "metrics": {"names": ["oracle_nll"]},
-       "methods": {"dfm": {"kind": "dfm", "steps": [1]},
-                   "fs": {"kind": "fsdfm", "teacher": "dfm", "distill": {"K": 3}, "steps": [1]}}}
+RAW = {
+    "name": "tiny",
+    "data": {"kind": "oracle", "seq_len": 8, "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2}},
+    "evaluator": {"kind": "none"},
+    "metrics": {"names": ["oracle_nll"]},
+    "methods": {
+        "dfm": {"kind": "dfm", "steps": [1]},
+        "fs": {"kind": "fsdfm", "teacher": "dfm", "distill": {"K": 3}, "steps": [1]},
+    },
+}
 
 
 def test_overrides_write_dotted_keys_into_a_copy():
@@ -42,14 +47,20 @@ def test_an_overridden_dict_plans_exactly_as_the_yaml_that_says_it(tmp_path):
     assert any(s.startswith("distil_fsdfm-") for s in changed)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"methods.fs.distil.K": 2}, r"override methods\.fs\.distil\.K=2: unknown key methods\.fs\.distil "
-                                 r"\(did you mean 'distill'\?\)"),
-    ({"sampling.seed": 1.5}, r"sampling\.seed: expected int.*\(set by override sampling\.seed=1\.5\)"),
-    ({"seed": -1}, r"seed: a seed is an integer.*\(set by override seed=-1\)"),
-    ({"name.x": 1}, r"override name\.x=1: name is 'tiny', not a mapping"),
-    ({"a..b": 1}, r"override a\.\.b=1: a key is a dotted spec key"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"methods.fs.distil.K": 2},
+            r"override methods\.fs\.distil\.K=2: unknown key methods\.fs\.distil "
+            r"\(did you mean 'distill'\?\)",
+        ),
+        ({"sampling.seed": 1.5}, r"sampling\.seed: expected int.*\(set by override sampling\.seed=1\.5\)"),
+        ({"seed": -1}, r"seed: a seed is an integer.*\(set by override seed=-1\)"),
+        ({"name.x": 1}, r"override name\.x=1: name is 'tiny', not a mapping"),
+        ({"a..b": 1}, r"override a\.\.b=1: a key is a dotted spec key"),
+    ],
+)
 def test_a_bad_override_is_one_spec_error_naming_the_override(overrides, message):
     with pytest.raises(SpecError, match=message) as e:
         load_spec_dict(RAW, "nb.yaml", overrides=overrides)

@@ -34,10 +34,12 @@ def test_paths_below_the_spec_folder_and_the_cwd_fallback(tmp_path, monkeypatch)
     text = (REPO / "data" / "tinystories" / "valid.txt").read_text()[:20000]
     for name in ("train.txt", "valid.txt"):
         (folder / "corpus" / name).write_text(text)
-    raw = {"name": "p", "data": {"kind": "text", "train": "corpus/train.txt", "valid": "corpus/valid.txt",
-                                 "seq_len": 16},
-           "cluster": {"profile": "my-cluster.yaml"},
-           "methods": {"dfm": {"kind": "dfm", "steps": [1]}}}
+    raw = {
+        "name": "p",
+        "data": {"kind": "text", "train": "corpus/train.txt", "valid": "corpus/valid.txt", "seq_len": 16},
+        "cluster": {"profile": "my-cluster.yaml"},
+        "methods": {"dfm": {"kind": "dfm", "steps": [1]}},
+    }
     (folder / "my-cluster.yaml").write_text("name: c\n")
     (folder / "s.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)

@@ -21,9 +21,12 @@ VALID = str(REPO / "data" / "tinystories" / "valid.txt")
 
 
 def base_spec(**top) -> dict:
-    spec = {"name": "bad", "data": {"kind": "text", "train": TRAIN, "valid": VALID, "seq_len": 32},
-            "model": {"preset": "tiny", "hidden": 32, "cond_dim": 16, "n_blocks": 1, "n_heads": 2},
-            "methods": {"dfm": {"kind": "dfm", "steps": [1]}}}
+    spec = {
+        "name": "bad",
+        "data": {"kind": "text", "train": TRAIN, "valid": VALID, "seq_len": 32},
+        "model": {"preset": "tiny", "hidden": 32, "cond_dim": 16, "n_blocks": 1, "n_heads": 2},
+        "methods": {"dfm": {"kind": "dfm", "steps": [1]}},
+    }
     spec.update(top)
     return spec
 
@@ -48,8 +51,10 @@ def bomb(levels: int) -> str:
     lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     for i in range(1, levels + 1):
         lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
-    return "\n".join(lines) + f"\nname: bomb\ndata: {{kind: text, train: {TRAIN}, valid: {VALID}}}\n" \
-                              f"methods: {{dfm: {{kind: dfm, steps: [1]}}}}\ndescription: *a{levels}\n"
+    return (
+        "\n".join(lines) + f"\nname: bomb\ndata: {{kind: text, train: {TRAIN}, valid: {VALID}}}\n"
+        f"methods: {{dfm: {{kind: dfm, steps: [1]}}}}\ndescription: *a{levels}\n"
+    )
 
 
 def data_files(tmp: Path) -> dict:
@@ -58,78 +63,131 @@ def data_files(tmp: Path) -> dict:
     (tmp / "empty.txt").write_bytes(b"")
     (tmp / "short.txt").write_text("Once upon a time.\n")
     np.save(tmp / "ids.npy", np.arange(64, dtype=np.int64).reshape(4, 16))
-    return {"dir": str(tmp / "adir"), "empty": str(tmp / "empty.txt"), "short": str(tmp / "short.txt"),
-            "ids": str(tmp / "ids.npy")}
+    return {
+        "dir": str(tmp / "adir"),
+        "empty": str(tmp / "empty.txt"),
+        "short": str(tmp / "short.txt"),
+        "ids": str(tmp / "ids.npy"),
+    }
 
 
 # id -> (spec as a dict or YAML text, given the data files; substrings the one message must hold)
 CASES = {
-    "model_key_misspelt": (lambda f: with_method(model={"hiden": 64}), ["'methods.dfm.model.hiden'", "did you mean 'hidden'"]),
+    "model_key_misspelt": (
+        lambda f: with_method(model={"hiden": 64}),
+        ["'methods.dfm.model.hiden'", "did you mean 'hidden'"],
+    ),
     "top_model_bad_heads": (lambda f: base_spec(model={"preset": "tiny", "hidden": 30, "n_heads": 4}), ["model"]),
-    "oracle_key_misspelt": (lambda f: base_spec(data={**ORACLE, "oracle": {**ORACLE["oracle"], "ordr": 2}},
-                                                evaluator={"kind": "none"}, metrics={"names": ["oracle_nll"]}),
-                            ["data.oracle.ordr", "did you mean 'order'"]),
-    "oracle_vocab_1": (lambda f: base_spec(data={**ORACLE, "oracle": {**ORACLE["oracle"], "vocab_size": 1, "support": 1}},
-                                           evaluator={"kind": "none"}, metrics={"names": ["oracle_nll"]}),
-                       ["data.oracle", "vocab_size"]),
+    "oracle_key_misspelt": (
+        lambda f: base_spec(
+            data={**ORACLE, "oracle": {**ORACLE["oracle"], "ordr": 2}},
+            evaluator={"kind": "none"},
+            metrics={"names": ["oracle_nll"]},
+        ),
+        ["data.oracle.ordr", "did you mean 'order'"],
+    ),
+    "oracle_vocab_1": (
+        lambda f: base_spec(
+            data={**ORACLE, "oracle": {**ORACLE["oracle"], "vocab_size": 1, "support": 1}},
+            evaluator={"kind": "none"},
+            metrics={"names": ["oracle_nll"]},
+        ),
+        ["data.oracle", "vocab_size"],
+    ),
     "bpe_vocab_256": (lambda f: with_data(vocab_size=256), ["data.vocab_size", "257"]),
     "vocab_below_tokenizer": (lambda f: with_data(tokenizer="gpt2", vocab_size=1000), ["data.vocab_size", "50257"]),
     "seq_len_beyond_corpus": (lambda f: with_data(valid=f["short"], seq_len=64), ["data.seq_len", "short.txt"]),
     "data_is_directory": (lambda f: with_data(train=f["dir"]), ["data.train", "is not a file"]),
     "data_empty_file": (lambda f: with_data(valid=f["empty"]), ["data.valid", "empty"]),
-    "token_id_beyond_vocab": (lambda f: with_data(kind="tokens", train=f["ids"], valid=f["ids"], vocab_size=50,
-                                                  seq_len=16, tokenizer=None),
-                              ["data.train", "id 50", "[0, 50)"]),
-    "token_seq_len_beyond_rows": (lambda f: with_data(kind="tokens", train=f["ids"], valid=f["ids"], vocab_size=64,
-                                                      seq_len=32), ["data.train", "seq_len=32"]),
-    "seed_huge_int": (lambda f: base_spec(sampling={"seed": 120000000000000000000000000000}), ["sampling.seed", "2**63"]),
+    "token_id_beyond_vocab": (
+        lambda f: with_data(kind="tokens", train=f["ids"], valid=f["ids"], vocab_size=50, seq_len=16, tokenizer=None),
+        ["data.train", "id 50", "[0, 50)"],
+    ),
+    "token_seq_len_beyond_rows": (
+        lambda f: with_data(kind="tokens", train=f["ids"], valid=f["ids"], vocab_size=64, seq_len=32),
+        ["data.train", "seq_len=32"],
+    ),
+    "seed_huge_int": (
+        lambda f: base_spec(sampling={"seed": 120000000000000000000000000000}),
+        ["sampling.seed", "2**63"],
+    ),
     "seed_float": (lambda f: base_spec(sampling={"seed": 1.2e29}), ["sampling.seed", "expected int"]),
     "seed_negative": (lambda f: base_spec(seed=-1), ["seed", "2**63"]),
-    "train_seed_in_grid": (lambda f: base_spec(grid={"methods.dfm.train.seed": [0, 2**64]}),
-                           ["methods.dfm.train.seed", "2**63"]),
+    "train_seed_in_grid": (
+        lambda f: base_spec(grid={"methods.dfm.train.seed": [0, 2**64]}),
+        ["methods.dfm.train.seed", "2**63"],
+    ),
     "lr_inf": (lambda f: with_method(train={"lr": float("inf")}), ["methods.dfm.train.lr", "finite"]),
     "lr_nan": (lambda f: with_method(train={"lr": float("nan")}), ["methods.dfm.train.lr", "finite"]),
-    "oracle_epsilon_inf": (lambda f: base_spec(data={**ORACLE, "oracle": {**ORACLE["oracle"], "epsilon": float("inf")}},
-                                               evaluator={"kind": "none"}, metrics={"names": ["oracle_nll"]}),
-                           ["data.oracle.epsilon", "finite"]),
-    "hf_evaluator_uncached": (lambda f: base_spec(evaluator={"kind": "hf", "name": "no-such-org/no-such-model"}),
-                              ["evaluator.name", "not available offline"]),
-    "hf_evaluator_missing_dir": (lambda f: base_spec(evaluator={"kind": "hf", "name": f["dir"] + "/gone"}),
-                                 ["evaluator.name", "does not exist"]),
+    "oracle_epsilon_inf": (
+        lambda f: base_spec(
+            data={**ORACLE, "oracle": {**ORACLE["oracle"], "epsilon": float("inf")}},
+            evaluator={"kind": "none"},
+            metrics={"names": ["oracle_nll"]},
+        ),
+        ["data.oracle.epsilon", "finite"],
+    ),
+    "hf_evaluator_uncached": (
+        lambda f: base_spec(evaluator={"kind": "hf", "name": "no-such-org/no-such-model"}),
+        ["evaluator.name", "not available offline"],
+    ),
+    "hf_evaluator_missing_dir": (
+        lambda f: base_spec(evaluator={"kind": "hf", "name": f["dir"] + "/gone"}),
+        ["evaluator.name", "does not exist"],
+    ),
     "name_with_slash": (lambda f: base_spec(name="a/b"), ["name:", "'a/b'"]),
     "name_dotdot": (lambda f: base_spec(name=".."), ["name:", "'..'"]),
     "name_newline": (lambda f: base_spec(name="a\nb"), ["name:", "'a\\nb'"]),
-    "name_nul": ('name: "a\\0b"\ndata: {kind: text, train: ' + TRAIN + ', valid: ' + VALID + '}\n'
-                 'methods: {dfm: {kind: dfm, steps: [1]}}\n', ["name:", "'a\\x00b'"]),
-    "method_name_slash": (lambda f: {**base_spec(), "methods": {"../x": {"kind": "dfm", "steps": [1]}}},
-                          ["methods.../x"]),
+    "name_nul": (
+        'name: "a\\0b"\ndata: {kind: text, train: ' + TRAIN + ", valid: " + VALID + "}\n"
+        "methods: {dfm: {kind: dfm, steps: [1]}}\n",
+        ["name:", "'a\\x00b'"],
+    ),
+    "method_name_slash": (
+        lambda f: {**base_spec(), "methods": {"../x": {"kind": "dfm", "steps": [1]}}},
+        ["methods.../x"],
+    ),
     "label_newline": (lambda f: with_method(label="two\nlines"), ["methods.dfm.label"]),
-    "duplicate_key": ("name: dup\nname: dup2\ndata: {kind: text, train: " + TRAIN + ", valid: " + VALID + "}\n"
-                      "methods: {dfm: {kind: dfm, steps: [1]}}\n", ["line 2", "duplicate key 'name'"]),
-    "duplicate_method": ("name: dup\ndata: {kind: text, train: " + TRAIN + ", valid: " + VALID + "}\nmethods:\n"
-                         "  dfm: {kind: dfm, steps: [1]}\n  dfm: {kind: dfm, steps: [8]}\n",
-                         ["line 5", "duplicate key 'dfm'"]),
-    "alias_bomb_7": (bomb(7), ["'a7'", "aliases"]),   # the first top-level key that expands this far
+    "duplicate_key": (
+        "name: dup\nname: dup2\ndata: {kind: text, train: " + TRAIN + ", valid: " + VALID + "}\n"
+        "methods: {dfm: {kind: dfm, steps: [1]}}\n",
+        ["line 2", "duplicate key 'name'"],
+    ),
+    "duplicate_method": (
+        "name: dup\ndata: {kind: text, train: " + TRAIN + ", valid: " + VALID + "}\nmethods:\n"
+        "  dfm: {kind: dfm, steps: [1]}\n  dfm: {kind: dfm, steps: [8]}\n",
+        ["line 5", "duplicate key 'dfm'"],
+    ),
+    "alias_bomb_7": (bomb(7), ["'a7'", "aliases"]),  # the first top-level key that expands this far
     "alias_bomb_9": (bomb(9), ["'a9'", "aliases"]),
     "recursive_alias": ("name: r\ndescription: &d [*d]\n", ["recursive alias"]),
     "data_path_nul": (lambda f: with_data(train="a\0b"), ["data.train", "'a\\x00b'"]),
-    "data_dtype_bad": (lambda f: with_data(kind="tokens", train=f["ids"], valid=f["ids"], vocab_size=64, dtype="float"),
-                       ["data.dtype", "integer dtype"]),
+    "data_dtype_bad": (
+        lambda f: with_data(kind="tokens", train=f["ids"], valid=f["ids"], vocab_size=64, dtype="float"),
+        ["data.dtype", "integer dtype"],
+    ),
     "grid_key_not_a_string": (lambda f: base_spec(grid={1: [1]}), ["grid:", "dotted field name"]),
     "override_match_not_a_mapping": (lambda f: base_spec(overrides=[{"match": 1, "set": {}}]), ["overrides[0]"]),
-    "base_not_a_name": (lambda f: {**base_spec(), "methods": {"dfm": {"kind": "dfm", "steps": [1]}, "b": {"base": [1]}}},
-                        ["methods.b.base"]),
-    "pos_divergence_bad": (lambda f: base_spec(metrics={"pos_divergence": {"t_start": 1.5}}),
-                           ["metrics.pos_divergence.t_start"]),
-    "mauve_featurizer_misspelt": (lambda f: base_spec(metrics={"mauve_featurizer": "minlm"}),
-                                  ["metrics.mauve_featurizer", "did you mean 'minilm'"]),
+    "base_not_a_name": (
+        lambda f: {**base_spec(), "methods": {"dfm": {"kind": "dfm", "steps": [1]}, "b": {"base": [1]}}},
+        ["methods.b.base"],
+    ),
+    "pos_divergence_bad": (
+        lambda f: base_spec(metrics={"pos_divergence": {"t_start": 1.5}}),
+        ["metrics.pos_divergence.t_start"],
+    ),
+    "mauve_featurizer_misspelt": (
+        lambda f: base_spec(metrics={"mauve_featurizer": "minlm"}),
+        ["metrics.mauve_featurizer", "did you mean 'minilm'"],
+    ),
     "mauve_buckets_bad": (lambda f: base_spec(metrics={"mauve_buckets": "lots"}), ["metrics.mauve_buckets"]),
 }
 
 
 def listing(root: Path) -> list:
-    return sorted((str(p.relative_to(root)), p.is_dir(), p.stat().st_size if p.is_file() else 0)
-                  for p in root.rglob("*"))
+    return sorted(
+        (str(p.relative_to(root)), p.is_dir(), p.stat().st_size if p.is_file() else 0) for p in root.rglob("*")
+    )
 
 
 def write_case(tmp: Path, case: str) -> Path:
@@ -176,8 +234,7 @@ def test_a_good_spec_still_loads_and_its_dry_run_writes_nothing(tmp_path, monkey
     spec = with_method(model={"hidden": 64, "n_heads": 4})
     spec["methods"]["dfm"]["label"] = "DFM (teacher)"
     text = yaml.safe_dump(spec) + "anchors: &lr {lr: 0.001}\n"  # an alias that expands a little is fine
-    path.write_text(text.replace("anchors: &lr {lr: 0.001}\n", "") +
-                    "grid: &g {seed: [0, 1]}\n")
+    path.write_text(text.replace("anchors: &lr {lr: 0.001}\n", "") + "grid: &g {seed: [0, 1]}\n")
     before = listing(tmp_path)
     assert main(["--results", str(tmp_path / "results"), "run", str(path), "--dry-run"]) == 0, capsys.readouterr().err
     assert listing(tmp_path) == before
@@ -196,8 +253,14 @@ def test_cli_subprocess_rejects_without_traceback(case, tmp_path):
     path = write_case(tmp_path, case)
     before = listing(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "fsdfm.cli", "--results", str(tmp_path / "results"), "run", str(path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fsdfm.cli", "--results", str(tmp_path / "results"), "run", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and str(path) in proc.stderr
     assert listing(tmp_path) == before

@@ -35,7 +35,7 @@ overrides:
 def expected_message(path: Path) -> str:
     first = path.read_text().splitlines()[0]
     assert first.startswith("# expect: "), path
-    return first[len("# expect: "):]
+    return first[len("# expect: ") :]
 
 
 def test_there_are_at_least_ten_malformed_fixtures():
@@ -55,8 +55,13 @@ def test_malformed_spec_is_one_clear_error(path, monkeypatch):
 @pytest.mark.parametrize("path", BAD[:3] + BAD[-2:], ids=[p.stem for p in BAD[:3] + BAD[-2:]])
 def test_cli_exits_nonzero_and_writes_nothing(path, tmp_path):
     results = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "fsdfm.cli", "--results", str(results), "run", str(path.relative_to(REPO))],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fsdfm.cli", "--results", str(results), "run", str(path.relative_to(REPO))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert expected_message(path) in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"] is False
@@ -130,7 +135,10 @@ def test_report_settings_reach_the_plan_without_entering_stage_ids(monkeypatch):
     plan = plan_study(spec.name, cells)
     d = plan.to_dict()
     assert d["report"]["mauve_min_n"] == 256
-    assert [tuple(p) for p in d["report"]["pairs"]] == [("fsdfm@8", "dfm_1024@1024"), ("fsdfm@8", "dfm/cumulative_scalar@8")]
+    assert [tuple(p) for p in d["report"]["pairs"]] == [
+        ("fsdfm@8", "dfm_1024@1024"),
+        ("fsdfm@8", "dfm/cumulative_scalar@8"),
+    ]
     assert StudyPlan.from_dict(json.loads(json.dumps(d))).report["pairs"][0] == ["fsdfm@8", "dfm_1024@1024"]
     assert all("report" not in s.config and "pairs" not in json.dumps(s.config) for s in plan.stages.values())
     assert "gen_ppl_seq_mean" in spec.metrics.names and spec.metrics.mauve_seeds == 5

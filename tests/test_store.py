@@ -57,7 +57,7 @@ def counter(tmp_path, monkeypatch):
 
     def calls() -> dict:
         out: dict = {}
-        for line in (path.read_text().split() if path.exists() else []):
+        for line in path.read_text().split() if path.exists() else []:
             out[line] = out.get(line, 0) + 1
         return out
 
@@ -196,6 +196,8 @@ def where_stage(config, inputs, out_dir):
 def test_stage_functions_are_handed_store_paths(tmp_path, counter):
     t = Stage("t_store_teacher", {"value": 1})
     w = Stage("t_store_where", {}, {"model": t.id})
-    execute(StudyPlan.from_stages("w", [t, w], [RunSpec(run_id="r", stage_id=w.id, params={})]), tmp_path, executor="debug")
+    execute(
+        StudyPlan.from_stages("w", [t, w], [RunSpec(run_id="r", stage_id=w.id, params={})]), tmp_path, executor="debug"
+    )
     got = read_json(stage_dir(tmp_path / "w", w.id) / RECORD)["payload"]["model_dir"]
     assert Path(got) == store_dir(tmp_path, t.id)  # not <study>/stages/<id>: the same whichever study runs it

@@ -8,7 +8,14 @@ import pytest
 from fsdfm.registry import UnknownNameError
 from fsdfm.io import canonical_json
 from fsdfm.study.graph import (
-    STAGE_KINDS, PlanError, RunSpec, Stage, StudyPlan, stage_id, stage_kind, waves,
+    STAGE_KINDS,
+    PlanError,
+    RunSpec,
+    Stage,
+    StudyPlan,
+    stage_id,
+    stage_kind,
+    waves,
 )
 
 
@@ -19,8 +26,11 @@ def _noop(config, inputs, out_dir):
 
 def test_id_is_sha256_of_canonical_json():
     s = Stage("train", {"lr": 0.001, "model": {"hidden": 64, "blocks": 2}}, {})
-    text = json.dumps({"kind": "train", "config": {"model": {"blocks": 2, "hidden": 64}, "lr": 0.001}, "inputs": {}},
-                      sort_keys=True, separators=(",", ":"))
+    text = json.dumps(
+        {"kind": "train", "config": {"model": {"blocks": 2, "hidden": 64}, "lr": 0.001}, "inputs": {}},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     assert s.id == "train-" + hashlib.sha256(text.encode()).hexdigest()[:12]
     # a golden value: a change to the hashing scheme would silently orphan every stored result
     assert s.id == "train-cbcdeb2a8ea8"
@@ -91,8 +101,10 @@ def _plan(stages, runs=()):
 
 def test_waves_are_topological_layers_in_plan_order():
     s = _chain(1e-3, 10)
-    plan = _plan([s["eval"], s["ref"], s["student"], s["teacher"]],
-                 [RunSpec("r0", {"method": "fsdfm", "sampler.steps": 8}, s["eval"].id)])
+    plan = _plan(
+        [s["eval"], s["ref"], s["student"], s["teacher"]],
+        [RunSpec("r0", {"method": "fsdfm", "sampler.steps": 8}, s["eval"].id)],
+    )
     got = [[st.id for st in wave] for wave in waves(plan)]
     assert got == [[s["ref"].id, s["teacher"].id], [s["student"].id], [s["eval"].id]]
     assert plan.ancestors(s["eval"].id) == [s["student"].id, s["teacher"].id]

@@ -17,7 +17,6 @@ from fsdfm.teachers import COMPOSITIONS, Jumper
 V, B, L = 6, 2, 5
 
 
-
 class SpyEvaluator:
     """f(x, t, h) -> logits equal to the call number (1, 2, ...) everywhere, or a one-hot on token tokens[i]."""
 
@@ -118,7 +117,9 @@ def test_weights_with_non_constant_logits():
 
 def test_registry():
     assert set(COMPOSITIONS.names()) == {"rk4", "rk4_x1", "rk4_time_consistent", "heun"}
-    assert COMPOSITIONS.get("rk4_x1") is COMPOSITIONS.get("rk4")  # same composition; only the Jumper's last step differs
+    assert COMPOSITIONS.get("rk4_x1") is COMPOSITIONS.get(
+        "rk4"
+    )  # same composition; only the Jumper's last step differs
 
 
 # ------------------------------------------------------------------------------------------ with the real Jumper
@@ -172,7 +173,7 @@ def test_rk4_time_consistent_with_real_jumper_jumps_from_x_t():
     states = [c[0] for c in f.calls]
     _assert_share(_filled_from(x_t, states[1], 0), 0.25 / 0.75, n_masked)  # [0.25, 0.5]
     _assert_share(_filled_from(x_t, states[2], 1), 0.25 / 0.75, n_masked)  # [0.25, 0.5]
-    _assert_share(_filled_from(x_t, states[3], 2), 0.5 / 0.75, n_masked)   # [0.25, 0.75]
+    _assert_share(_filled_from(x_t, states[3], 2), 0.5 / 0.75, n_masked)  # [0.25, 0.75]
 
 
 @pytest.mark.parametrize("x1_at_end", [False, True])

@@ -18,16 +18,35 @@ from fsdfm.study.spec import SpecError
 from fsdfm.train import OptimConfig, lr_factor
 from tensorboard.backend.event_processing import event_accumulator  # the `track` extra (in `all`)
 
-SPEC = {"name": "tracked",
-        "data": {"kind": "oracle", "seq_len": 8,
-                 "oracle": {"source": "markov", "vocab_size": 6, "order": 1, "support": 2, "epsilon": 0.001, "seed": 1,
-                            "n_train": 64, "n_valid": 16}},
-        "model": {"preset": "tiny", "hidden": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2},
-        "sampling": {"n_samples": 4, "batch_size": 4, "seed": 0},
-        "evaluator": {"kind": "none"},
-        "methods": {"dfm": {"kind": "dfm", "train": {"steps": 5, "batch_size": 4, "warmup_steps": 2, "lr": 0.01,
-                                                     "ema_decay": None}, "rules": ["euler"], "steps": [2]}},
-        "metrics": {"names": ["entropy_nats", "oracle_nll"]}}
+SPEC = {
+    "name": "tracked",
+    "data": {
+        "kind": "oracle",
+        "seq_len": 8,
+        "oracle": {
+            "source": "markov",
+            "vocab_size": 6,
+            "order": 1,
+            "support": 2,
+            "epsilon": 0.001,
+            "seed": 1,
+            "n_train": 64,
+            "n_valid": 16,
+        },
+    },
+    "model": {"preset": "tiny", "hidden": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2},
+    "sampling": {"n_samples": 4, "batch_size": 4, "seed": 0},
+    "evaluator": {"kind": "none"},
+    "methods": {
+        "dfm": {
+            "kind": "dfm",
+            "train": {"steps": 5, "batch_size": 4, "warmup_steps": 2, "lr": 0.01, "ema_decay": None},
+            "rules": ["euler"],
+            "steps": [2],
+        }
+    },
+    "metrics": {"names": ["entropy_nats", "oracle_nll"]},
+}
 
 
 def _events(folder):
@@ -41,8 +60,10 @@ def tracked(tmp_path_factory):
     """The study run with `fsdfm run --track` (no tracking: section: the default TensorBoard folder)."""
     tmp = tmp_path_factory.mktemp("track")
     (tmp / "tracked.yaml").write_text(yaml.safe_dump(SPEC))
-    assert main(["--results", str(tmp / "results"), "run", str(tmp / "tracked.yaml"), "--executor", "inline",
-                 "--track"]) == 0
+    assert (
+        main(["--results", str(tmp / "results"), "run", str(tmp / "tracked.yaml"), "--executor", "inline", "--track"])
+        == 0
+    )
     return tmp / "results" / "tracked"
 
 
@@ -55,7 +76,9 @@ def test_logged_losses_and_lr_are_the_records_per_step_values(tracked):
     assert ev["train/loss"] == [(i, float(np.float32(x))) for i, x in enumerate(curve)]  # event files hold float32
     cfg = OptimConfig(**train["config"]["optim"])
     assert ev["train/lr"] == [(i, float(np.float32(cfg.lr * lr_factor(i, cfg)))) for i in range(5)]
-    assert [s for s, _ in ev["train/tokens_per_s"]] == list(range(5)) and all(v > 0 for _, v in ev["train/tokens_per_s"])
+    assert [s for s, _ in ev["train/tokens_per_s"]] == list(range(5)) and all(
+        v > 0 for _, v in ev["train/tokens_per_s"]
+    )
     m = train["payload"]["metrics"]
     assert ev["metrics/train_loss_final"] == [(5, float(np.float32(m["train_loss_final"])))]
 
@@ -114,8 +137,14 @@ def test_fit_logs_each_steps_loss_and_lr_only_while_a_stage_tracker_is_active(tm
     settings = {"backend": "tensorboard", "dir": "tb"}
     with stage_tracking(settings, tmp_path, "train_x-abc", "train_x", ["run/1"]) as tracker:
         assert tracker is not None and train_logger() is not None
-        res = fit(_Scalar(), lambda ctx: (ctx.model.w * torch.tensor([3.0, -5.0])).sum(), data, cfg, progress=False,
-                  device="cpu")
+        res = fit(
+            _Scalar(),
+            lambda ctx: (ctx.model.w * torch.tensor([3.0, -5.0])).sum(),
+            data,
+            cfg,
+            progress=False,
+            device="cpu",
+        )
     assert train_logger() is None  # closed with the stage
     ev = _events(tmp_path / "tb" / "train_x-abc")
     assert res.losses[0] == 13.0

@@ -22,14 +22,14 @@ from fsdfm.train import OptimConfig, StepContext, fit, load_checkpoint, lr_facto
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 V, L = 12, 8
 
 
 def _tiny_dit(seed=0):
     torch.manual_seed(seed)
-    return DiT(ModelConfig(vocab_size=V, input_vocab_size=V + 1, seq_len=L, hidden=16, cond_dim=8, n_blocks=1,
-                           n_heads=2))
+    return DiT(
+        ModelConfig(vocab_size=V, input_vocab_size=V + 1, seq_len=L, hidden=16, cond_dim=8, n_blocks=1, n_heads=2)
+    )
 
 
 def _data(n=64):
@@ -54,13 +54,15 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     full = fit(_tiny_dit(), _objective(), _data(), CFG, ckpt_dir=tmp_path / "full", progress=False, device="cpu")
     assert full.steps == 7 and len(full.losses) == 7 and full.resumed_from == 0
 
-    first = fit(_tiny_dit(), _objective(), _data(), CFG, ckpt_dir=tmp_path / "split", progress=False, device="cpu",
-                stop_after=3)
+    first = fit(
+        _tiny_dit(), _objective(), _data(), CFG, ckpt_dir=tmp_path / "split", progress=False, device="cpu", stop_after=3
+    )
     assert first.steps == 3 and len(first.losses) == 3
     assert (tmp_path / "split" / "checkpoint.pt").exists()
     # a fresh process would build a fresh model: resume into a differently initialised one
-    second = fit(_tiny_dit(seed=1), _objective(), _data(), CFG, ckpt_dir=tmp_path / "split", progress=False,
-                 device="cpu")
+    second = fit(
+        _tiny_dit(seed=1), _objective(), _data(), CFG, ckpt_dir=tmp_path / "split", progress=False, device="cpu"
+    )
     assert second.resumed_from == 3 and second.steps == 7
     assert second.losses == full.losses  # the checkpoint carries the loss history
     _assert_same_state(second.model, full.model)
@@ -68,8 +70,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     # the EMA is a real average, not a copy of the weights
     assert not torch.equal(full.ema.head.weight, full.model.head.weight)
     # a finished run resumes to a no-op
-    again = fit(_tiny_dit(seed=2), _objective(), _data(), CFG, ckpt_dir=tmp_path / "split", progress=False,
-                device="cpu")
+    again = fit(
+        _tiny_dit(seed=2), _objective(), _data(), CFG, ckpt_dir=tmp_path / "split", progress=False, device="cpu"
+    )
     assert again.resumed_from == 7 and again.losses == full.losses
     _assert_same_state(again.model, full.model)
 
@@ -116,8 +119,14 @@ def test_first_step_uses_warmup_lr_and_ema_is_a_lerp():
     # AdamW's first step moves each weight by lr * g / (|g| + eps) = lr * sign(g) (no weight decay)
     cfg = OptimConfig(steps=1, batch_size=2, lr=0.1, warmup_steps=4, ema_decay=0.75, grad_clip=0.0)
     model = Scalar()
-    res = fit(model, lambda ctx: (ctx.model.w * torch.tensor([3.0, -5.0])).sum(), torch.zeros(4, 1, dtype=torch.long),
-              cfg, progress=False, device="cpu")
+    res = fit(
+        model,
+        lambda ctx: (ctx.model.w * torch.tensor([3.0, -5.0])).sum(),
+        torch.zeros(4, 1, dtype=torch.long),
+        cfg,
+        progress=False,
+        device="cpu",
+    )
     lr0 = 0.1 * (1 / 4)
     expected = torch.tensor([1.0 - lr0, -2.0 + lr0])
     assert torch.allclose(res.model.w.detach(), expected, atol=1e-6)
@@ -132,7 +141,7 @@ def test_batches_are_drawn_from_the_data_by_step_seed():
 
     def spy(ctx: StepContext):
         seen.append((ctx.step, ctx.batch.clone(), ctx.generator.initial_seed()))
-        return (ctx.model.w ** 2).sum()
+        return (ctx.model.w**2).sum()
 
     cfg = OptimConfig(steps=3, batch_size=5, ema_decay=None, seed=7)
     fit(Scalar(), spy, data, cfg, progress=False, device="cpu")
@@ -149,14 +158,32 @@ def test_batches_are_drawn_from_the_data_by_step_seed():
 
 def test_input_checks():
     with pytest.raises(ValueError, match=r"non-empty \(N, L\)"):
-        fit(Scalar(), lambda ctx: ctx.model.w.sum(), torch.zeros(0, 4, dtype=torch.long), OptimConfig(),
-            progress=False, device="cpu")
+        fit(
+            Scalar(),
+            lambda ctx: ctx.model.w.sum(),
+            torch.zeros(0, 4, dtype=torch.long),
+            OptimConfig(),
+            progress=False,
+            device="cpu",
+        )
     with pytest.raises(ValueError, match=r"non-empty \(N, L\)"):
-        fit(Scalar(), lambda ctx: ctx.model.w.sum(), torch.zeros(4, dtype=torch.long), OptimConfig(),
-            progress=False, device="cpu")
+        fit(
+            Scalar(),
+            lambda ctx: ctx.model.w.sum(),
+            torch.zeros(4, dtype=torch.long),
+            OptimConfig(),
+            progress=False,
+            device="cpu",
+        )
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        fit(Scalar(), lambda ctx: ctx.model.w.sum() * float("nan"), torch.zeros(4, 1, dtype=torch.long),
-            OptimConfig(steps=2, batch_size=1), progress=False, device="cpu")
+        fit(
+            Scalar(),
+            lambda ctx: ctx.model.w.sum() * float("nan"),
+            torch.zeros(4, 1, dtype=torch.long),
+            OptimConfig(steps=2, batch_size=1),
+            progress=False,
+            device="cpu",
+        )
     with pytest.raises(ValueError, match="optim.steps"):
         OptimConfig(steps=0)
     with pytest.raises(ValueError, match="optim.lr"):
@@ -170,8 +197,15 @@ def test_input_checks():
 def test_unreadable_checkpoint_is_an_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="cannot load checkpoint"):
-        fit(Scalar(), lambda ctx: ctx.model.w.sum(), torch.zeros(4, 1, dtype=torch.long), OptimConfig(steps=1),
-            ckpt_dir=tmp_path, progress=False, device="cpu")
+        fit(
+            Scalar(),
+            lambda ctx: ctx.model.w.sum(),
+            torch.zeros(4, 1, dtype=torch.long),
+            OptimConfig(steps=1),
+            ckpt_dir=tmp_path,
+            progress=False,
+            device="cpu",
+        )
 
 
 # ------------------------------------------------------------------------------------------ a real loss that falls
@@ -196,8 +230,17 @@ def test_teacher_loss_falls_below_unigram_on_tinystories():
     assert 2.5 < unigram_ce < math.log(V_data)
 
     torch.manual_seed(0)
-    model = DiT(ModelConfig(vocab_size=V_data, input_vocab_size=V_data + 1, seq_len=seq_len, hidden=64, cond_dim=32,
-                            n_blocks=1, n_heads=2))
+    model = DiT(
+        ModelConfig(
+            vocab_size=V_data,
+            input_vocab_size=V_data + 1,
+            seq_len=seq_len,
+            hidden=64,
+            cond_dim=32,
+            n_blocks=1,
+            n_heads=2,
+        )
+    )
     objective = DFMObjective(MixturePath(PolynomialScheduler(1), MaskSource(V_data)), DFMConfig(loss="ce"))
     cfg = OptimConfig(steps=200, batch_size=64, lr=3e-3, warmup_steps=20, ema_decay=None, ckpt_every=0, seed=0)
     res = fit(model, objective, data, cfg, progress=False, device="cpu")
@@ -255,8 +298,11 @@ class NotATensor:
     """Pickled by reference (GLOBAL tests.test_train.NotATensor): weights_only=True must refuse it."""
 
 
-@pytest.mark.parametrize("payload", [NotATensor(), {"state_dict": {}, "when": __import__("datetime").date(2020, 1, 1)}],
-                         ids=["class", "datetime"])
+@pytest.mark.parametrize(
+    "payload",
+    [NotATensor(), {"state_dict": {}, "when": __import__("datetime").date(2020, 1, 1)}],
+    ids=["class", "datetime"],
+)
 def test_a_refused_pickle_names_the_file_and_global_without_the_weights_only_false_advice(payload, tmp_path):
     from fsdfm.methods.common import load_dit
     from fsdfm.train import UnsafeCheckpointError, load_checkpoint

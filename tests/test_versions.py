@@ -45,7 +45,11 @@ def test_source_digest_of_a_module_and_of_one_function():
 
     import fsdfm.metrics.diversity as diversity
 
-    assert source_digest("fsdfm.metrics.diversity") == hashlib.sha256(
-        open(diversity.__file__, "rb").read().replace(b"\r\n", b"\n")).hexdigest()
-    assert source_digest("fsdfm.metrics.diversity:rep_n") == hashlib.sha256(
-        inspect.getsource(diversity.rep_n).encode()).hexdigest()
+    assert (
+        source_digest("fsdfm.metrics.diversity")
+        == hashlib.sha256(open(diversity.__file__, "rb").read().replace(b"\r\n", b"\n")).hexdigest()
+    )
+    assert (
+        source_digest("fsdfm.metrics.diversity:rep_n")
+        == hashlib.sha256(inspect.getsource(diversity.rep_n).encode()).hexdigest()
+    )

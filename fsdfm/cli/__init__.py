@@ -18,7 +18,12 @@ import os
 import sys
 
 from fsdfm.cli.common import (
-    DEFAULT_ROOT, InputError, UsageError, _offline_defaults, _positive_int, set_thread_env,
+    DEFAULT_ROOT,
+    InputError,
+    UsageError,
+    _offline_defaults,
+    _positive_int,
+    set_thread_env,
 )
 from fsdfm.cli.report import cmd_eval, cmd_report, cmd_samples
 from fsdfm.cli.run import cmd_run
@@ -31,12 +36,20 @@ __all__ = ["main", "build_parser", "InputError", "UsageError", "DEFAULT_ROOT"]
 def _spec_args(p: argparse.ArgumentParser, target: str, help_: str) -> None:
     """SPEC (or a study directory), then KEY=VALUE overrides and --limit: the same study for every command."""
     p.add_argument(target, help=help_)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="spec overrides (a.b=1, methods.fsdfm.distill.K=8), sweeps (seed=0,1,2, grid.KEY=[...]); "
-                        "see fsdfm/overrides.py")
-    p.add_argument("--limit", type=_positive_int, metavar="N",
-                   help="smoke run: N samples per run, training shrunk as the spec's limit: section says "
-                        "(its own study, <name>+limit-N)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="spec overrides (a.b=1, methods.fsdfm.distill.K=8), sweeps (seed=0,1,2, grid.KEY=[...]); "
+        "see fsdfm/overrides.py",
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="smoke run: N samples per run, training shrunk as the spec's limit: section says "
+        "(its own study, <name>+limit-N)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,27 +62,51 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", parents=[common], help="run (or --dry-run) a study spec")
     _spec_args(r, "spec", "a study spec (experiments/*.yaml)")
     r.add_argument("--dry-run", action="store_true", help="print the runs and stages with their ids and done state")
-    r.add_argument("--print-config", action="store_true",
-                   help="print the spec with the overrides and --limit applied (YAML) and exit; runs nothing")
-    r.add_argument("--executor", default="local", help="local (default: submitit local processes), inline (in this process, with progress bars), debug (in-process, for tests) or slurm")
+    r.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the spec with the overrides and --limit applied (YAML) and exit; runs nothing",
+    )
+    r.add_argument(
+        "--executor",
+        default="local",
+        help="local (default: submitit local processes), inline (in this process, with progress bars), debug (in-process, for tests) or slurm",
+    )
     r.add_argument("--profile", help="cluster profile YAML for --executor slurm (e.g. slurm/local.yaml)")
-    r.add_argument("--no-wait", action="store_true",
-                   help="submit and return (slurm); exits 0 once the submission succeeded (then: fsdfm status)")
+    r.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="submit and return (slurm); exits 0 once the submission succeeded (then: fsdfm status)",
+    )
     r.add_argument("--max-parallel", type=int, default=None)
-    r.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch intra-op threads of every stage process (OMP_NUM_THREADS for the jobs it starts); on a "
-                        "shared CPU machine 1 per concurrent job avoids threads stalling each other")
-    r.add_argument("--rerun", metavar="KIND[,KIND]",
-                   help="re-run the stages of these kinds (e.g. sample,evaluate), and so their dependents")
-    r.add_argument("--track", action="store_true",
-                   help="log training curves and final metrics to TensorBoard (the spec's tracking: section, else "
-                        "results/<study>/tracking); changes no stage id")
+    r.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch intra-op threads of every stage process (OMP_NUM_THREADS for the jobs it starts); on a "
+        "shared CPU machine 1 per concurrent job avoids threads stalling each other",
+    )
+    r.add_argument(
+        "--rerun",
+        metavar="KIND[,KIND]",
+        help="re-run the stages of these kinds (e.g. sample,evaluate), and so their dependents",
+    )
+    r.add_argument(
+        "--track",
+        action="store_true",
+        help="log training curves and final metrics to TensorBoard (the spec's tracking: section, else "
+        "results/<study>/tracking); changes no stage id",
+    )
     r.set_defaults(fn=cmd_run)
     target_help = "a spec file or a study results directory"
-    v = sub.add_parser("verify", parents=[common], help="check records and artefacts (sizes, sha256) of a study; runs nothing")
+    v = sub.add_parser(
+        "verify", parents=[common], help="check records and artefacts (sizes, sha256) of a study; runs nothing"
+    )
     _spec_args(v, "target", target_help)
     v.set_defaults(fn=cmd_verify)
-    c = sub.add_parser("clean", parents=[common], help="remove stage folders of a study (asks first; --yes when not on a terminal)")
+    c = sub.add_parser(
+        "clean", parents=[common], help="remove stage folders of a study (asks first; --yes when not on a terminal)"
+    )
     _spec_args(c, "target", target_help)
     c.add_argument("--kind", metavar="KIND[,KIND]", help="only the stages of these kinds")
     c.add_argument("--failed", action="store_true", help="only stages whose last attempt failed")
@@ -90,13 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", type=int, default=2, help="samples per run")
     sp.add_argument("--chars", type=int, default=300, help="characters per sample")
     sp.set_defaults(fn=cmd_samples)
-    e = sub.add_parser("eval", parents=[common],
-                       help="score external samples (.jsonl of texts, .npy of ids) with a study's metrics")
-    e.add_argument("files", nargs="+", help="sample files: .jsonl ({\"text\": ...} per line) or .npy ((N, L) ids)")
+    e = sub.add_parser(
+        "eval", parents=[common], help="score external samples (.jsonl of texts, .npy of ids) with a study's metrics"
+    )
+    e.add_argument("files", nargs="+", help='sample files: .jsonl ({"text": ...} per line) or .npy ((N, L) ids)')
     e.add_argument("--spec", required=True, help="the study (a spec file or its results directory); run it first")
     e.add_argument("--label", action="append", help="row label per file, in order (default: the file stem)")
     e.set_defaults(fn=cmd_eval)
     from fsdfm.cli.ls import add_ls_parser
+
     add_ls_parser(sub, common)
     return ap
 
@@ -104,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     from fsdfm.records import pin_cache_env
+
     pin_cache_env()  # the jobs this run starts may run in another directory
     try:
         return _main(argv)
@@ -123,6 +163,7 @@ def _main(argv: list[str] | None) -> int:
     from fsdfm.registry import UnknownNameError
     from fsdfm.study.spec import SpecError
     from fsdfm.study.graph import PlanError
+
     try:
         result = args.fn(args)
     except (SpecError, DataError, UnknownNameError, PlanError, InputError, UsageError, FileNotFoundError) as e:

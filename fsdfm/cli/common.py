@@ -79,5 +79,7 @@ def require_extra(command: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError:
-            raise InputError(f"fsdfm {command} needs the {extra!r} extra (module {name!r} is not installed): "
-                             f"pip install 'fsdfm[{extra}]'") from None
+            raise InputError(
+                f"fsdfm {command} needs the {extra!r} extra (module {name!r} is not installed): "
+                f"pip install 'fsdfm[{extra}]'"
+            ) from None

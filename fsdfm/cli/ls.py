@@ -34,8 +34,13 @@ def _methods() -> list[Entry]:
     for name in METHOD_KINDS:
         k = METHOD_KINDS.get(name)
         teacher = f"; distils a {k.teacher_kind} teacher" if k.teacher_kind else ""
-        out.append(Entry(name, f"sampler {k.sampler}, rules {', '.join(k.rules)}{teacher}"
-                               + ("; oracle data only" if k.oracle_only else "")))
+        out.append(
+            Entry(
+                name,
+                f"sampler {k.sampler}, rules {', '.join(k.rules)}{teacher}"
+                + ("; oracle data only" if k.oracle_only else ""),
+            )
+        )
     return out
 
 
@@ -90,8 +95,10 @@ def cmd_ls(args) -> dict:
             print(f"no studies under {root}/ yet (fsdfm run experiments/demo.yaml)")
         for r in rows:
             state = "done" if r.stages_done == r.stages_total else "partial" if r.stages_done else "not run"
-            print(f"  {r.name:<40} stages {r.stages_done:>4}/{r.stages_total:<4} runs {r.runs_done:>4}/{r.runs_total:<4}"
-                  f" {state}")
+            print(
+                f"  {r.name:<40} stages {r.stages_done:>4}/{r.stages_total:<4} runs {r.runs_done:>4}/{r.runs_total:<4}"
+                f" {state}"
+            )
         return {"results": str(root), "studies": [r.__dict__ for r in rows]}
     entries = LISTINGS.get(args.what)()
     width = max((len(e.name) for e in entries), default=0)
@@ -102,7 +109,7 @@ def cmd_ls(args) -> dict:
 
 def add_ls_parser(sub, common: argparse.ArgumentParser) -> None:
     ls = sub.add_parser("ls", parents=[common], help="list studies (no argument) or " + "|".join(LISTINGS))
-    ls.add_argument("what", nargs="?", default=None,
-                    help=f"one of {', '.join(LISTINGS)}; none: the studies under the results root")
+    ls.add_argument(
+        "what", nargs="?", default=None, help=f"one of {', '.join(LISTINGS)}; none: the studies under the results root"
+    )
     ls.set_defaults(fn=cmd_ls)
-

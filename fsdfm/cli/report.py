@@ -18,11 +18,17 @@ def cmd_report(args) -> dict:
     try:
         out = write_report(sdir, Path(args.out) if args.out else sdir / "report")
     except ModuleNotFoundError as e:  # a module of an extra imported deep inside (the list above missed it)
-        raise InputError(f"fsdfm report needs the 'analysis' extra (module {e.name!r} is not installed): "
-                         "pip install 'fsdfm[analysis]'") from None
+        raise InputError(
+            f"fsdfm report needs the 'analysis' extra (module {e.name!r} is not installed): "
+            "pip install 'fsdfm[analysis]'"
+        ) from None
     print(f"report: {out.index}")
-    return {"study": sdir.name, "report": str(out.index), "tables": [str(p) for p in out.tables],
-            "figures": [str(p) for p in out.figures]}
+    return {
+        "study": sdir.name,
+        "report": str(out.index),
+        "tables": [str(p) for p in out.tables],
+        "figures": [str(p) for p in out.figures],
+    }
 
 
 def cmd_samples(args) -> dict:
@@ -71,5 +77,10 @@ def cmd_eval(args) -> dict:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if isinstance(v, float))
         print(f"  {r.label:<24} {r.stage_id}  {shown}")
     print(f"study {sdir.name}: scored {len(done)} external file(s)   next: fsdfm report {args.spec}")
-    return {"study": sdir.name, "runs": [{"file": r.file, "label": r.label, "stage_id": r.stage_id,
-                                          "run_id": r.run_id, "metrics": r.metrics} for r in done]}
+    return {
+        "study": sdir.name,
+        "runs": [
+            {"file": r.file, "label": r.label, "stage_id": r.stage_id, "run_id": r.run_id, "metrics": r.metrics}
+            for r in done
+        ],
+    }

@@ -45,14 +45,17 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None =
     present = {s.kind for s in plan.stages.values()}
     for k in kinds:
         if k not in present:
-            raise UsageError(f"--rerun: study {plan.name!r} has no {k!r} stage; "
-                             f"its kinds: {', '.join(sorted(present))}")
+            raise UsageError(
+                f"--rerun: study {plan.name!r} has no {k!r} stage; its kinds: {', '.join(sorted(present))}"
+            )
     chosen = [sid for sid, s in plan.stages.items() if s.kind in kinds]
     for sid in chosen:
         holder, live = lock_holder(sdir / "stages" / sid)
         if live:
-            raise UsageError(f"--rerun: stage {sid} is running ({holder.describe() if holder else 'starting'}); "
-                             "wait for it or stop it first")
+            raise UsageError(
+                f"--rerun: stage {sid} is running ({holder.describe() if holder else 'starting'}); "
+                "wait for it or stop it first"
+            )
     if not dry_run:
         from fsdfm.records import discard_stage
 
@@ -74,8 +77,10 @@ def cmd_run(args) -> dict:
         return print_config(resolved, sdir)
     if args.track:  # tracking lives in plan.json, not in stage ids: the same stages, now logged (fsdfm.tracking)
         from fsdfm.tracking import enable
+
         plan = enable(plan, spec.tracking)
     from fsdfm.tracking import check_available
+
     try:
         check_available(plan.tracking)
     except RuntimeError as e:
@@ -100,32 +105,52 @@ def cmd_run(args) -> dict:
         print("runs:")
         for r in plan.runs:
             print(f"  {r.run_id}  -> {r.stage_id}")
-        return {"study": plan.name, "dry_run": True, "runs": len(plan.runs), "stages": len(plan.stages),
-                "done": sum(is_done(sdir / "stages" / s) for s in plan.stages if s not in redo),
-                "rerun": sorted(redo), "data": data}
+        return {
+            "study": plan.name,
+            "dry_run": True,
+            "runs": len(plan.runs),
+            "stages": len(plan.stages),
+            "done": sum(is_done(sdir / "stages" / s) for s in plan.stages if s not in redo),
+            "rerun": sorted(redo),
+            "data": data,
+        }
     profile = args.profile or (spec.cluster.get("profile") if args.executor == "slurm" else None)
     from fsdfm.launch import EXECUTORS, load_profile
+
     EXECUTORS.get(args.executor)  # checked here too: execute() writes plan.json before it reads the profile
     if args.executor == "slurm" and profile is None:
-        raise UsageError("--executor slurm needs a cluster profile: --profile slurm/<cluster>.yaml (template: "
-                         "slurm/example-cluster.yaml) or cluster: {profile: ...} in the spec")
+        raise UsageError(
+            "--executor slurm needs a cluster profile: --profile slurm/<cluster>.yaml (template: "
+            "slurm/example-cluster.yaml) or cluster: {profile: ...} in the spec"
+        )
     if profile is not None:
         import yaml
+
         try:
             load_profile(profile)
         except (ValueError, TypeError, OSError) as e:
             raise InputError(str(e)) from None
         except yaml.YAMLError as e:
             raise InputError(f"cluster profile {profile}: not valid YAML: {e}") from None
-    print(f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor})",
-          flush=True)
+    print(
+        f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor})",
+        flush=True,
+    )
     from fsdfm.launch import DriverInterrupted
 
     try:
-        summary = execute(plan, args.results, executor=args.executor, profile=profile, wait=not args.no_wait,
-                          max_parallel=args.max_parallel)
+        summary = execute(
+            plan,
+            args.results,
+            executor=args.executor,
+            profile=profile,
+            wait=not args.no_wait,
+            max_parallel=args.max_parallel,
+        )
     except DriverInterrupted as e:  # SIGTERM/SIGHUP: the executor has cancelled its jobs and released the locks
-        print(f"fsdfm run: {e}; its jobs were stopped. Re-run to resume: fsdfm run {command_line(args)}", file=sys.stderr)
+        print(
+            f"fsdfm run: {e}; its jobs were stopped. Re-run to resume: fsdfm run {command_line(args)}", file=sys.stderr
+        )
         print(json.dumps({"study": plan.name, "ok": False, "interrupted": signal_name(e.signum), "results": str(sdir)}))
         raise SystemExit(128 + e.signum) from None
     print(summary.format())
@@ -135,9 +160,17 @@ def cmd_run(args) -> dict:
         print(f"results: {sdir}   next: fsdfm report {command_line(args)}")
     elif ok:
         print(f"submitted: {len(summary.submitted)} jobs   next: fsdfm status {command_line(args)}")
-    return {"study": plan.name, "ok": ok, "done": len(summary.done), "skipped": len(summary.skipped),
-            "failed": len(summary.failed), "blocked": len(summary.blocked), "pending": len(summary.pending),
-            "submitted": len(summary.submitted), "results": str(sdir)}
+    return {
+        "study": plan.name,
+        "ok": ok,
+        "done": len(summary.done),
+        "skipped": len(summary.skipped),
+        "failed": len(summary.failed),
+        "blocked": len(summary.blocked),
+        "pending": len(summary.pending),
+        "submitted": len(summary.submitted),
+        "results": str(sdir),
+    }
 
 
 def signal_name(signum: int) -> str:

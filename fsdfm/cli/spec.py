@@ -15,8 +15,13 @@ def resolve_spec(args, check_files: bool = True):
     spec_path = getattr(args, "spec", None) or args.target
     root = args.results
     # the data checks may reuse (never write) the tokenizers a previous run cached under the results root
-    return load(spec_path, parse_overrides(getattr(args, "overrides", None) or []), getattr(args, "limit", None),
-                cache_dir=data_cache_dir(root), check_files=check_files)
+    return load(
+        spec_path,
+        parse_overrides(getattr(args, "overrides", None) or []),
+        getattr(args, "limit", None),
+        cache_dir=data_cache_dir(root),
+        check_files=check_files,
+    )
 
 
 def load_plan(args):
@@ -34,11 +39,13 @@ def study_dir(args) -> Path:
     if p.is_dir():
         if has_overrides:
             from fsdfm.cli.common import UsageError
+
             raise UsageError(f"{p} is a study directory: overrides and --limit go with a spec file")
         return p
     if has_overrides:
         return Path(args.results) / resolve_spec(args, check_files=False).name
     from fsdfm.study.spec import check_name, read_yaml
+
     return Path(args.results) / check_name(read_yaml(p).get("name"), "name", str(p))
 
 
@@ -56,7 +63,10 @@ def print_config(resolved, sdir: Path) -> dict:
     """--print-config: the spec after --limit and the overrides, as YAML; nothing is run or written."""
     import yaml
 
-    print(f"# study {resolved.name} -> {sdir}  (from {resolved.path}"
-          + (f", --limit {resolved.limit}" if resolved.limit is not None else "") + ")")
+    print(
+        f"# study {resolved.name} -> {sdir}  (from {resolved.path}"
+        + (f", --limit {resolved.limit}" if resolved.limit is not None else "")
+        + ")"
+    )
     print(yaml.safe_dump(resolved.raw, sort_keys=False, width=120, allow_unicode=True).rstrip())
     return {"study": resolved.name, "print_config": True, "overrides": resolved.overrides, "limit": resolved.limit}

@@ -41,5 +41,11 @@ def cmd_status(args) -> dict:
         if not args.follow or finished or (args.max_updates is not None and updates >= args.max_updates):
             break
         time.sleep(max(0.05, args.interval))
-    return {"study": report.study, **report.counts(), "runs_done": report.runs_done, "runs_total": report.runs_total,
-            "planned": not (sdir / "plan.json").exists(), "updates": updates}
+    return {
+        "study": report.study,
+        **report.counts(),
+        "runs_done": report.runs_done,
+        "runs_total": report.runs_total,
+        "planned": not (sdir / "plan.json").exists(),
+        "updates": updates,
+    }

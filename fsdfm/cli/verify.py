@@ -46,8 +46,10 @@ def cmd_verify(args) -> dict:
             if check.problems:
                 problems[s.id] = list(check.problems)
     bad = counts["damaged"] + counts["stale"]
-    print(f"{counts['done']} ok, {counts['damaged']} damaged, {counts['stale']} stale, {counts['failed']} failed, "
-          f"{counts['missing']} not run" + (f"; next: fsdfm run {args.target} redoes them" if bad else ""))
+    print(
+        f"{counts['done']} ok, {counts['damaged']} damaged, {counts['stale']} stale, {counts['failed']} failed, "
+        f"{counts['missing']} not run" + (f"; next: fsdfm run {args.target} redoes them" if bad else "")
+    )
     return {"study": plan.name, "ok": bad == 0, **counts, "problems": problems}
 
 
@@ -80,8 +82,10 @@ def cmd_clean(args) -> dict:
         print(f"  remove {stages_dir / sid}")
     if not args.yes:
         if not sys.stdin.isatty():
-            raise UsageError(f"clean: would remove {len(chosen)} {what}stage folders of {sdir}; not a terminal, "
-                             "so pass --yes to confirm")
+            raise UsageError(
+                f"clean: would remove {len(chosen)} {what}stage folders of {sdir}; not a terminal, "
+                "so pass --yes to confirm"
+            )
         answer = input(f"remove {len(chosen)} {what}stage folders of study {sdir.name}? [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
             print("nothing removed")
@@ -94,6 +98,8 @@ def cmd_clean(args) -> dict:
         if not u.deleted:
             shared[sid] = list(u.shared_with)
             print(f"  kept the files of {sid}: still used by {', '.join(u.shared_with)}")
-    print(f"study {sdir.name}: removed {len(chosen)} {what}stage folders"
-          + (f" ({len(shared)} only unlinked: shared with other studies)" if shared else ""))
+    print(
+        f"study {sdir.name}: removed {len(chosen)} {what}stage folders"
+        + (f" ({len(shared)} only unlinked: shared with other studies)" if shared else "")
+    )
     return {"study": sdir.name, "removed": len(chosen), "stages": chosen, "running": running, "shared": shared}

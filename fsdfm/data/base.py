@@ -102,8 +102,10 @@ class DataConfig:
         if not isinstance(self.text_field, str) or not self.text_field:
             raise DataError(f"DataConfig.text_field must be a non-empty string, got {self.text_field!r}")
         if (self.kind == "oracle") != (self.oracle is not None):
-            raise DataError("DataConfig.oracle: the oracle settings ({source: markov|hmm, ...}) go with kind 'oracle' "
-                            f"and only with it (kind is {self.kind!r})")
+            raise DataError(
+                "DataConfig.oracle: the oracle settings ({source: markov|hmm, ...}) go with kind 'oracle' "
+                f"and only with it (kind is {self.kind!r})"
+            )
         if self.dtype is not None:
             try:
                 dt = np.dtype(self.dtype)
@@ -182,8 +184,10 @@ def check_corpus(corpus: Corpus, seq_len: int) -> None:
         x = corpus.split(split)
         where = f"corpus {corpus.name!r}, {split} split"
         if not isinstance(x, torch.Tensor) or x.dtype != torch.long or x.ndim != 2:
-            raise DataError(f"{where}: expected a LongTensor (N, L), got {getattr(x, 'dtype', type(x))} "
-                            f"of shape {tuple(getattr(x, 'shape', ()))}")
+            raise DataError(
+                f"{where}: expected a LongTensor (N, L), got {getattr(x, 'dtype', type(x))} "
+                f"of shape {tuple(getattr(x, 'shape', ()))}"
+            )
         if x.shape[0] == 0:
             raise DataError(f"{where} is empty: no block of seq_len={seq_len} tokens")
         if x.shape[1] != seq_len:
@@ -191,14 +195,18 @@ def check_corpus(corpus: Corpus, seq_len: int) -> None:
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= V:
             bad = int(torch.nonzero((x < 0) | (x >= V))[0, 0])
-            raise DataError(f"{where}: ids must lie in [0, {V}) but block {bad} holds {lo if lo < 0 else hi} "
-                            f"(tokenizer/vocabulary mismatch?)")
+            raise DataError(
+                f"{where}: ids must lie in [0, {V}) but block {bad} holds {lo if lo < 0 else hi} "
+                f"(tokenizer/vocabulary mismatch?)"
+            )
     if corpus.eos_id is not None and not 0 <= corpus.eos_id < V:
         raise DataError(f"corpus {corpus.name!r}: eos_id={corpus.eos_id} lies outside the vocabulary [0, {V})")
     if corpus.tokenizer is not None and corpus.tokenizer.vocab_size > V:
         tok = corpus.tokenizer
-        raise DataError(f"corpus {corpus.name!r}: tokenizer {tok.name!r} has {tok.vocab_size} tokens "
-                        f"but the declared vocab_size is {V}")
+        raise DataError(
+            f"corpus {corpus.name!r}: tokenizer {tok.name!r} has {tok.vocab_size} tokens "
+            f"but the declared vocab_size is {V}"
+        )
 
 
 # --- caching helpers -------------------------------------------------------------------------------------

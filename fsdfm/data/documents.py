@@ -78,8 +78,9 @@ class BlockPacker:
     def add(self, docs_ids: Sequence[Sequence[int]]) -> None:
         tail = [] if self.eos_id is None else [self.eos_id]
         count = sum(len(d) for d in docs_ids) + len(tail) * len(docs_ids)
-        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(d, tail) for d in docs_ids),
-                           dtype=self.dtype, count=count)
+        flat = np.fromiter(
+            itertools.chain.from_iterable(itertools.chain(d, tail) for d in docs_ids), dtype=self.dtype, count=count
+        )
         self._chunks.append(flat)
 
     @property

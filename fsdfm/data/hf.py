@@ -23,8 +23,18 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from fsdfm.data.base import (CACHE_RECIPE, DATASET_KINDS, Corpus, DataConfig, DataError, cached_blocks,
-                             compact_dtype, digest, require_file, to_long)
+from fsdfm.data.base import (
+    CACHE_RECIPE,
+    DATASET_KINDS,
+    Corpus,
+    DataConfig,
+    DataError,
+    cached_blocks,
+    compact_dtype,
+    digest,
+    require_file,
+    to_long,
+)
 from fsdfm.data.documents import BlockPacker, clean_documents, split_documents
 from fsdfm.data.text import corpus_vocab_size, require_blocks, resolve_tokenizer
 from fsdfm.data.tokenizer import TextTokenizer
@@ -81,25 +91,31 @@ def load_hf_split(path: str, config: str | None, split: str, cache: str | None) 
         return datasets.load_dataset(path, cache_dir=cache, **kwargs)
     except (ConnectionError, FileNotFoundError) as err:
         if not _offline():
-            raise DataError(f"Hugging Face dataset {path!r} (config {config!r}, split {split!r}) could not be "
-                            f"loaded: {err}") from err
+            raise DataError(
+                f"Hugging Face dataset {path!r} (config {config!r}, split {split!r}) could not be loaded: {err}"
+            ) from err
         config_arg = f", {config!r}" if config else ""
         raise DataError(
             f"Hugging Face dataset {path!r} (config {config!r}, split {split!r}) is not available offline: "
             f"HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set and it is not in the cache {cache or '~/.cache/huggingface'}. "
             f"Pre-download it on a machine with network access:\n"
-            f"  python -c \"import datasets; datasets.load_dataset({path!r}{config_arg}, cache_dir={cache!r})\"\n"
-            f"then copy that cache here (or set HF_DATASETS_CACHE to it) and run again.") from err
+            f'  python -c "import datasets; datasets.load_dataset({path!r}{config_arg}, cache_dir={cache!r})"\n'
+            f"then copy that cache here (or set HF_DATASETS_CACHE to it) and run again."
+        ) from err
     except Exception as err:  # e.g. an unknown split or config: keep the library's message
-        raise DataError(f"Hugging Face dataset {path!r} (config {config!r}, split {split!r}) could not be "
-                        f"loaded: {type(err).__name__}: {err}") from err
+        raise DataError(
+            f"Hugging Face dataset {path!r} (config {config!r}, split {split!r}) could not be "
+            f"loaded: {type(err).__name__}: {err}"
+        ) from err
 
 
 def hf_documents(ds: Any, text_field: str, split_text: bool) -> Iterator[list[str]]:
     """Batches of cleaned documents from the `text_field` column of a `datasets.Dataset`."""
     if text_field not in ds.column_names:
-        raise DataError(f"DataConfig.text_field={text_field!r} is not a column of the dataset; "
-                        f"columns: {', '.join(ds.column_names)}")
+        raise DataError(
+            f"DataConfig.text_field={text_field!r} is not a column of the dataset; "
+            f"columns: {', '.join(ds.column_names)}"
+        )
     for batch in ds.select_columns([text_field]).iter(batch_size=_BATCH):
         texts = batch[text_field]
         yield [d for t in texts if t for d in split_documents(t)] if split_text else clean_documents(texts)
@@ -110,8 +126,17 @@ def hf_blocks(cfg: DataConfig, path: str, split: str, tok: TextTokenizer, cache_
     local = path in LOCAL_BUILDERS
     where = f"Hugging Face dataset {path!r} (config {cfg.hf_config!r}, split {split!r})"
     source = {"file": sha256_file(split)} if local else {"config": cfg.hf_config, "split": split}
-    key = digest({"recipe": CACHE_RECIPE, "kind": "hf", "path": path, **source, "text_field": cfg.text_field,
-                  "tokenizer": tok.fingerprint, "seq_len": cfg.seq_len})
+    key = digest(
+        {
+            "recipe": CACHE_RECIPE,
+            "kind": "hf",
+            "path": path,
+            **source,
+            "text_field": cfg.text_field,
+            "tokenizer": tok.fingerprint,
+            "seq_len": cfg.seq_len,
+        }
+    )
 
     def compute() -> np.ndarray:
         ds = load_hf_split(path, cfg.hf_config, split, hf_datasets_cache(cache_dir))
@@ -130,30 +155,45 @@ def load_hf_corpus(cfg: DataConfig, cache_dir: Path | None) -> Corpus:
     """cfg.hf_name: a `PAPER_DATASETS` key, a hub dataset, or a local builder ("text", "json", ...);
     tokenizer default "gpt2"."""
     if cfg.hf_name is None:
-        raise DataError(f"DataConfig.hf_name is required for kind 'hf': a hub dataset, one of "
-                        f"{', '.join(PAPER_DATASETS)}, or a local builder ({', '.join(LOCAL_BUILDERS)})")
+        raise DataError(
+            f"DataConfig.hf_name is required for kind 'hf': a hub dataset, one of "
+            f"{', '.join(PAPER_DATASETS)}, or a local builder ({', '.join(LOCAL_BUILDERS)})"
+        )
     paper = PAPER_DATASETS.get(cfg.hf_name)
     if paper is not None:  # the table fills in what the config leaves unset
-        cfg = replace(cfg, hf_name=paper.path, hf_config=cfg.hf_config or paper.config,
-                      train=cfg.train or paper.train_split, valid=cfg.valid or paper.valid_split,
-                      text_field=paper.text_field if cfg.text_field == "text" else cfg.text_field,
-                      name=cfg.name or cfg.hf_name)
+        cfg = replace(
+            cfg,
+            hf_name=paper.path,
+            hf_config=cfg.hf_config or paper.config,
+            train=cfg.train or paper.train_split,
+            valid=cfg.valid or paper.valid_split,
+            text_field=paper.text_field if cfg.text_field == "text" else cfg.text_field,
+            name=cfg.name or cfg.hf_name,
+        )
     path = cfg.hf_name
     splits = {}
     for split in ("train", "valid"):
         value = getattr(cfg, split)
         if value is None:
-            raise DataError(f"DataConfig.{split} is required for Hugging Face dataset {path!r} "
-                            f"(a split such as 'train' or 'validation', or a data file for a local builder)")
+            raise DataError(
+                f"DataConfig.{split} is required for Hugging Face dataset {path!r} "
+                f"(a split such as 'train' or 'validation', or a data file for a local builder)"
+            )
         splits[split] = str(require_file(value, f"DataConfig.{split}")) if path in LOCAL_BUILDERS else value
     spec = cfg.tokenizer or "gpt2"
     if spec == "bpe" and path != "text":
-        raise DataError(f"DataConfig.tokenizer='bpe' trains on a local text file (hf_name='text'), not on {path!r}; "
-                        f"use 'gpt2' or a tokenizer.json path")
+        raise DataError(
+            f"DataConfig.tokenizer='bpe' trains on a local text file (hf_name='text'), not on {path!r}; "
+            f"use 'gpt2' or a tokenizer.json path"
+        )
     tok = resolve_tokenizer(cfg, "gpt2", cache_dir, Path(splits["train"]) if path == "text" else None)
     blocks = {split: hf_blocks(cfg, path, s, tok, cache_dir) for split, s in splits.items()}
     name = cfg.name or (Path(splits["train"]).resolve().parent.name if path in LOCAL_BUILDERS else path)
-    return Corpus(train=to_long(blocks["train"], cfg.max_train_blocks),
-                  valid=to_long(blocks["valid"], cfg.max_valid_blocks),
-                  vocab_size=corpus_vocab_size(cfg, tok, trained=spec == "bpe"),
-                  eos_id=tok.eos_id, tokenizer=tok, name=name)
+    return Corpus(
+        train=to_long(blocks["train"], cfg.max_train_blocks),
+        valid=to_long(blocks["valid"], cfg.max_valid_blocks),
+        vocab_size=corpus_vocab_size(cfg, tok, trained=spec == "bpe"),
+        eos_id=tok.eos_id,
+        tokenizer=tok,
+        name=name,
+    )

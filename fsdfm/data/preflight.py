@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 from fsdfm.data.base import DataConfig, DataError, require_file
 from fsdfm.registry import Registry, did_you_mean
 
-READ_LIMIT = 64 << 20      # bytes of a text split read at load time; larger splits get the size checks only
-ID_CHECK_LIMIT = 1 << 30   # bytes of a token file whose ids are all range-checked at load time
+READ_LIMIT = 64 << 20  # bytes of a text split read at load time; larger splits get the size checks only
+ID_CHECK_LIMIT = 1 << 30  # bytes of a token file whose ids are all range-checked at load time
 BPE_TRAIN_LIMIT = 4 << 20  # bytes of a train split on which an uncached BPE may be trained (in memory) to count
 
 
@@ -60,6 +60,7 @@ def preflight(cfg: DataConfig, cache_dir: Path | None = None) -> None:
 
 # ------------------------------------------------------------------------------------------------- text
 
+
 def _nonempty_file(value: str | None, key: str) -> Path:
     with about(key):
         p = require_file(value, f"DataConfig.{key}")
@@ -71,8 +72,14 @@ def _nonempty_file(value: str | None, key: str) -> Path:
 def _fixed_or_cached_tokenizer(cfg: DataConfig, train: Path | None, cache_dir: Path | None, small: bool):
     """The tokenizer the loader will use, when it can be had without writing: a fixed one (gpt2, a file), a BPE
     already in `cache_dir`, or (small=True) a BPE trained in memory; None otherwise."""
-    from fsdfm.data.tokenizer import (DEFAULT_BPE_VOCAB_SIZE, MIN_BPE_VOCAB_SIZE, TextTokenizer, _train_bpe_backend,
-                                      bpe_cache_path, load_tokenizer)
+    from fsdfm.data.tokenizer import (
+        DEFAULT_BPE_VOCAB_SIZE,
+        MIN_BPE_VOCAB_SIZE,
+        TextTokenizer,
+        _train_bpe_backend,
+        bpe_cache_path,
+        load_tokenizer,
+    )
     from fsdfm.data.documents import read_documents
     from tokenizers import Tokenizer
 
@@ -80,8 +87,9 @@ def _fixed_or_cached_tokenizer(cfg: DataConfig, train: Path | None, cache_dir: P
     if spec == "bpe":
         size = cfg.vocab_size or DEFAULT_BPE_VOCAB_SIZE
         if size < MIN_BPE_VOCAB_SIZE:
-            raise PreflightError("vocab_size", f"a byte-level BPE needs vocab_size >= {MIN_BPE_VOCAB_SIZE} (256 bytes "
-                                               f"+ EOS), got {size}")
+            raise PreflightError(
+                "vocab_size", f"a byte-level BPE needs vocab_size >= {MIN_BPE_VOCAB_SIZE} (256 bytes + EOS), got {size}"
+            )
         if train is None:
             return None
         with about("train"):
@@ -94,13 +102,17 @@ def _fixed_or_cached_tokenizer(cfg: DataConfig, train: Path | None, cache_dir: P
     with about("tokenizer"):
         tok = load_tokenizer(spec, train, cfg.vocab_size, None)
     if cfg.vocab_size is not None and cfg.vocab_size < tok.vocab_size:
-        raise PreflightError("vocab_size", f"vocab_size={cfg.vocab_size} is smaller than tokenizer {tok.name!r}'s "
-                                           f"{tok.vocab_size} tokens (tokenizer/vocabulary mismatch)")
+        raise PreflightError(
+            "vocab_size",
+            f"vocab_size={cfg.vocab_size} is smaller than tokenizer {tok.name!r}'s "
+            f"{tok.vocab_size} tokens (tokenizer/vocabulary mismatch)",
+        )
     return tok
 
 
-def text_split_has_a_block(docs: list[str], seq_len: int, tokenize: Callable[[], object] | None,
-                           byte_level: bool = True) -> bool | None:
+def text_split_has_a_block(
+    docs: list[str], seq_len: int, tokenize: Callable[[], object] | None, byte_level: bool = True
+) -> bool | None:
     """Whether the documents pack into at least one block of seq_len tokens (each document + EOS).
 
     With a byte-level BPE (ours and GPT-2's) every token covers at least one byte and no token crosses a
@@ -119,8 +131,7 @@ def text_split_has_a_block(docs: list[str], seq_len: int, tokenize: Callable[[],
     return sum(len(ids) for ids in tok.encode_batch(docs)) + len(docs) >= seq_len
 
 
-def _check_text_splits(cfg: DataConfig, paths: dict[str, Path], cache_dir: Path | None,
-                       byte_level: bool) -> None:
+def _check_text_splits(cfg: DataConfig, paths: dict[str, Path], cache_dir: Path | None, byte_level: bool) -> None:
     from fsdfm.data.documents import read_documents
 
     train = paths.get("train")
@@ -142,8 +153,11 @@ def _check_text_splits(cfg: DataConfig, paths: dict[str, Path], cache_dir: Path 
             continue
         ok = text_split_has_a_block(docs, cfg.seq_len, tokenize, byte_level)
         if ok is False:
-            raise PreflightError("seq_len", f"seq_len={cfg.seq_len} is longer than the whole {key} split "
-                                            f"{str(path)!r} ({len(docs)} documents, fewer tokens than one block)")
+            raise PreflightError(
+                "seq_len",
+                f"seq_len={cfg.seq_len} is longer than the whole {key} split "
+                f"{str(path)!r} ({len(docs)} documents, fewer tokens than one block)",
+            )
 
 
 @PREFLIGHTS.register("text")
@@ -155,6 +169,7 @@ def _text(cfg: DataConfig, cache_dir: Path | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- tokens
+
 
 @PREFLIGHTS.register("tokens")
 def _tokens(cfg: DataConfig, cache_dir: Path | None) -> None:
@@ -172,25 +187,32 @@ def _tokens(cfg: DataConfig, cache_dir: Path | None) -> None:
     with about("tokenizer"):
         tok = _optional_tokenizer(cfg)
     if tok is not None and tok.vocab_size > cfg.vocab_size:
-        raise PreflightError("vocab_size", f"vocab_size={cfg.vocab_size} is smaller than tokenizer {tok.name!r}'s "
-                                           f"{tok.vocab_size} tokens")
+        raise PreflightError(
+            "vocab_size",
+            f"vocab_size={cfg.vocab_size} is smaller than tokenizer {tok.name!r}'s {tok.vocab_size} tokens",
+        )
 
 
 # ------------------------------------------------------------------------------------------------- hf
+
 
 @PREFLIGHTS.register("hf")
 def _hf(cfg: DataConfig, cache_dir: Path | None) -> None:
     from fsdfm.data.hf import LOCAL_BUILDERS, PAPER_DATASETS
 
     if cfg.hf_name is None:
-        raise PreflightError("hf_name", f"hf_name is required for kind 'hf': a hub dataset, one of "
-                                        f"{', '.join(PAPER_DATASETS)}, or a local builder ({', '.join(LOCAL_BUILDERS)})")
+        raise PreflightError(
+            "hf_name",
+            f"hf_name is required for kind 'hf': a hub dataset, one of "
+            f"{', '.join(PAPER_DATASETS)}, or a local builder ({', '.join(LOCAL_BUILDERS)})",
+        )
     spec = cfg.tokenizer or "gpt2"
     if spec == "none":
         raise PreflightError("tokenizer", "tokenizer 'none' is only allowed for kind 'tokens'")
     if spec == "bpe" and cfg.hf_name != "text":
-        raise PreflightError("tokenizer", f"tokenizer 'bpe' trains on a local text file (hf_name 'text'), not on "
-                                          f"{cfg.hf_name!r}")
+        raise PreflightError(
+            "tokenizer", f"tokenizer 'bpe' trains on a local text file (hf_name 'text'), not on {cfg.hf_name!r}"
+        )
     if cfg.hf_name in LOCAL_BUILDERS:
         paths = {key: _nonempty_file(getattr(cfg, key), key) for key in ("train", "valid")}
         if cfg.hf_name == "text":
@@ -200,6 +222,7 @@ def _hf(cfg: DataConfig, cache_dir: Path | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------- oracle
+
 
 @PREFLIGHTS.register("oracle")
 def _oracle(cfg: DataConfig, cache_dir: Path | None) -> None:
@@ -213,14 +236,20 @@ def _oracle(cfg: DataConfig, cache_dir: Path | None) -> None:
         raise PreflightError("oracle", f"expected a mapping {{source: markov|hmm, ...}}, got {type(o).__name__}")
     source = o.get("source")
     if source not in ORACLES:
-        raise PreflightError("oracle.source", f"unknown oracle source {source!r}"
-                                              f"{did_you_mean(str(source), ORACLES.names())}; allowed: "
-                                              f"{', '.join(ORACLES.names())}")
+        raise PreflightError(
+            "oracle.source",
+            f"unknown oracle source {source!r}"
+            f"{did_you_mean(str(source), ORACLES.names())}; allowed: "
+            f"{', '.join(ORACLES.names())}",
+        )
     allowed = ["source", *SPLIT_KEYS, *inspect.signature(ORACLES.get(source)).parameters]
     for key, value in o.items():
         if key not in allowed:
-            raise PreflightError(f"oracle.{key}", f"unknown key for oracle source {source!r}"
-                                                  f"{did_you_mean(str(key), allowed)}; allowed: {', '.join(allowed)}")
+            raise PreflightError(
+                f"oracle.{key}",
+                f"unknown key for oracle source {source!r}"
+                f"{did_you_mean(str(key), allowed)}; allowed: {', '.join(allowed)}",
+            )
         if isinstance(value, float) and not math.isfinite(value):
             raise PreflightError(f"oracle.{key}", f"expected a finite number, got {value!r}")
     for key in SPLIT_KEYS:

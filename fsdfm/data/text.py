@@ -6,15 +6,26 @@ from pathlib import Path
 
 import numpy as np
 
-from fsdfm.data.base import (CACHE_RECIPE, DATASET_KINDS, Corpus, DataConfig, DataError, cached_blocks,
-                             compact_dtype, digest, require_file, to_long)
+from fsdfm.data.base import (
+    CACHE_RECIPE,
+    DATASET_KINDS,
+    Corpus,
+    DataConfig,
+    DataError,
+    cached_blocks,
+    compact_dtype,
+    digest,
+    require_file,
+    to_long,
+)
 from fsdfm.data.documents import BlockPacker, read_documents
 from fsdfm.data.tokenizer import TextTokenizer, load_tokenizer
 from fsdfm.io import sha256_file
 
 
-def resolve_tokenizer(cfg: DataConfig, default: str, cache_dir: Path | None,
-                      train_path: Path | None = None) -> TextTokenizer:
+def resolve_tokenizer(
+    cfg: DataConfig, default: str, cache_dir: Path | None, train_path: Path | None = None
+) -> TextTokenizer:
     """The tokenizer named by cfg.tokenizer (None = `default`) for a text-based kind."""
     spec = cfg.tokenizer or default
     if spec == "none":
@@ -32,8 +43,10 @@ def corpus_vocab_size(cfg: DataConfig, tok: TextTokenizer, trained: bool) -> int
     if trained or cfg.vocab_size is None:
         return tok.vocab_size
     if cfg.vocab_size < tok.vocab_size:
-        raise DataError(f"DataConfig.vocab_size={cfg.vocab_size} is smaller than tokenizer {tok.name!r}'s "
-                        f"{tok.vocab_size} tokens (tokenizer/vocabulary mismatch)")
+        raise DataError(
+            f"DataConfig.vocab_size={cfg.vocab_size} is smaller than tokenizer {tok.name!r}'s "
+            f"{tok.vocab_size} tokens (tokenizer/vocabulary mismatch)"
+        )
     return cfg.vocab_size
 
 
@@ -52,8 +65,15 @@ def text_file_blocks(path: Path, tok: TextTokenizer, seq_len: int, cache_dir: Pa
         packer.add(tok.encode_batch(read_documents(path)))
         return require_blocks(packer.blocks(), f"text corpus {str(path)!r}", seq_len, packer.n_tokens)
 
-    key = digest({"recipe": CACHE_RECIPE, "kind": "text", "file": sha256_file(path),
-                  "tokenizer": tok.fingerprint, "seq_len": seq_len})
+    key = digest(
+        {
+            "recipe": CACHE_RECIPE,
+            "kind": "text",
+            "file": sha256_file(path),
+            "tokenizer": tok.fingerprint,
+            "seq_len": seq_len,
+        }
+    )
     return cached_blocks(cache_dir, f"text-{key[:24]}", compute)
 
 
@@ -64,9 +84,15 @@ def load_text_corpus(cfg: DataConfig, cache_dir: Path | None) -> Corpus:
     valid = require_file(cfg.valid, "DataConfig.valid")
     tok = resolve_tokenizer(cfg, "bpe", cache_dir, train)
     vocab_size = corpus_vocab_size(cfg, tok, trained=(cfg.tokenizer or "bpe") == "bpe")
-    blocks = {split: text_file_blocks(path, tok, cfg.seq_len, cache_dir) for split, path in
-              (("train", train), ("valid", valid))}
-    return Corpus(train=to_long(blocks["train"], cfg.max_train_blocks),
-                  valid=to_long(blocks["valid"], cfg.max_valid_blocks),
-                  vocab_size=vocab_size, eos_id=tok.eos_id, tokenizer=tok,
-                  name=cfg.name or train.resolve().parent.name)
+    blocks = {
+        split: text_file_blocks(path, tok, cfg.seq_len, cache_dir)
+        for split, path in (("train", train), ("valid", valid))
+    }
+    return Corpus(
+        train=to_long(blocks["train"], cfg.max_train_blocks),
+        valid=to_long(blocks["valid"], cfg.max_valid_blocks),
+        vocab_size=vocab_size,
+        eos_id=tok.eos_id,
+        tokenizer=tok,
+        name=cfg.name or train.resolve().parent.name,
+    )

@@ -54,7 +54,7 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
     """DataError naming the first id outside [0, vocab_size) and its position (row, column) or index."""
     flat = ids.reshape(-1)
     for start in range(0, flat.size, _CHECK_CHUNK):
-        chunk = flat[start:start + _CHECK_CHUNK]
+        chunk = flat[start : start + _CHECK_CHUNK]
         if chunk.min() < 0 or chunk.max() >= vocab_size:
             i = start + int(np.flatnonzero((chunk < 0) | (chunk >= vocab_size))[0])
             pos = tuple(int(k) for k in np.unravel_index(i, ids.shape))
@@ -84,8 +84,10 @@ def _optional_tokenizer(cfg: DataConfig) -> TextTokenizer | None:
     if cfg.tokenizer in (None, "none"):
         return None
     if cfg.tokenizer == "bpe":
-        raise DataError("DataConfig.tokenizer='bpe' trains on text, which kind 'tokens' does not have; "
-                        "use 'gpt2', a tokenizer.json path, or 'none'")
+        raise DataError(
+            "DataConfig.tokenizer='bpe' trains on text, which kind 'tokens' does not have; "
+            "use 'gpt2', a tokenizer.json path, or 'none'"
+        )
     return load_tokenizer(cfg.tokenizer)
 
 
@@ -98,9 +100,14 @@ def load_token_corpus(cfg: DataConfig, cache_dir: Path | None) -> Corpus:
     train = token_file_blocks(cfg.train, cfg, "DataConfig.train")
     valid = token_file_blocks(cfg.valid, cfg, "DataConfig.valid")
     tok = _optional_tokenizer(cfg)
-    return Corpus(train=to_long(train, cfg.max_train_blocks), valid=to_long(valid, cfg.max_valid_blocks),
-                  vocab_size=cfg.vocab_size, eos_id=tok.eos_id if tok else None, tokenizer=tok,
-                  name=cfg.name or Path(cfg.train).resolve().parent.name)
+    return Corpus(
+        train=to_long(train, cfg.max_train_blocks),
+        valid=to_long(valid, cfg.max_valid_blocks),
+        vocab_size=cfg.vocab_size,
+        eos_id=tok.eos_id if tok else None,
+        tokenizer=tok,
+        name=cfg.name or Path(cfg.train).resolve().parent.name,
+    )
 
 
 def save_token_samples(path: str | Path, tokens: torch.Tensor | np.ndarray | Any) -> Path:
@@ -108,8 +115,9 @@ def save_token_samples(path: str | Path, tokens: torch.Tensor | np.ndarray | Any
     back and kind "tokens" accepts it as a split."""
     arr = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise DataError(f"token samples for {str(path)!r} must be a 2-D integer array (B, L), "
-                        f"got {arr.dtype} of shape {arr.shape}")
+        raise DataError(
+            f"token samples for {str(path)!r} must be a 2-D integer array (B, L), got {arr.dtype} of shape {arr.shape}"
+        )
     p = Path(path)
     atomic_write(p, lambda f: np.save(f, arr.astype(np.int64), allow_pickle=False))
     return p

@@ -85,8 +85,10 @@ class TextTokenizer:
         for i, row in enumerate(rows):
             if row and (min(row) < 0 or max(row) >= self.vocab_size):
                 j = next(j for j, t in enumerate(row) if not 0 <= t < self.vocab_size)
-                raise DataError(f"tokenizer {self.name!r}: cannot decode id {row[j]} at sequence {i}, position {j}; "
-                                f"ids must lie in [0, {self.vocab_size})")
+                raise DataError(
+                    f"tokenizer {self.name!r}: cannot decode id {row[j]} at sequence {i}, position {j}; "
+                    f"ids must lie in [0, {self.vocab_size})"
+                )
         return self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
 
     def to_hf(self) -> PreTrainedTokenizerFast:
@@ -95,8 +97,13 @@ class TextTokenizer:
 
         eos = self.eos_token
         # A copy: transformers may set padding/truncation on the object it is given.
-        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(self.backend.to_str()),
-                                       eos_token=eos, bos_token=eos, unk_token=eos, pad_token=eos)
+        return PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer.from_str(self.backend.to_str()),
+            eos_token=eos,
+            bos_token=eos,
+            unk_token=eos,
+            pad_token=eos,
+        )
 
     def save(self, directory: str | Path) -> Path:
         """Write tokenizer.json (exact) and transformers' tokenizer_config.json into `directory`."""
@@ -114,16 +121,26 @@ def _train_bpe_backend(docs: Sequence[str], vocab_size: int) -> Tokenizer:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(docs, trainer=trainer, length=len(docs))
     return backend
 
 
 def bpe_cache_key(train_path: str | Path, vocab_size: int) -> str:
     """sha256 of the BPE recipe: the train file's content, vocab_size, the recipe and the `tokenizers` version."""
-    return digest({"recipe": BPE_RECIPE, "file": sha256_file(train_path), "vocab_size": int(vocab_size),
-                   "tokenizers": tokenizers.__version__})
+    return digest(
+        {
+            "recipe": BPE_RECIPE,
+            "file": sha256_file(train_path),
+            "vocab_size": int(vocab_size),
+            "tokenizers": tokenizers.__version__,
+        }
+    )
 
 
 def bpe_cache_path(train_path: str | Path, vocab_size: int, cache_dir: str | Path | None) -> Path | None:
@@ -134,16 +151,18 @@ def bpe_cache_path(train_path: str | Path, vocab_size: int, cache_dir: str | Pat
     return Path(cache_dir) / "tokenizers" / name / "tokenizer.json"
 
 
-def train_bpe(train_path: str | Path, vocab_size: int = DEFAULT_BPE_VOCAB_SIZE,
-              cache_dir: str | Path | None = None) -> TextTokenizer:
+def train_bpe(
+    train_path: str | Path, vocab_size: int = DEFAULT_BPE_VOCAB_SIZE, cache_dir: str | Path | None = None
+) -> TextTokenizer:
     """Byte-level BPE trained on the documents of `train_path`, cached in `cache_dir/tokenizers/`.
 
     The cache key hashes the file's content, vocab_size, the recipe and the `tokenizers` version, so the same
     file and size give the identical tokenizer.json and a second call only reads it.
     """
     if not isinstance(vocab_size, (int, np.integer)) or vocab_size < MIN_BPE_VOCAB_SIZE:
-        raise DataError(f"BPE vocab_size must be an integer >= {MIN_BPE_VOCAB_SIZE} (256 bytes + EOS), "
-                        f"got {vocab_size!r}")
+        raise DataError(
+            f"BPE vocab_size must be an integer >= {MIN_BPE_VOCAB_SIZE} (256 bytes + EOS), got {vocab_size!r}"
+        )
     require_file(train_path, "BPE train file")
     path = bpe_cache_path(train_path, vocab_size, cache_dir)
     name = f"bpe{vocab_size}-" + bpe_cache_key(train_path, vocab_size)[:10]
@@ -175,8 +194,10 @@ def load_gpt2_tokenizer(path: str | Path | None = None) -> TextTokenizer:
     text, expected = GPT2_KNOWN_ANSWER
     got = tok.encode(text)
     if got != expected or tok.vocab_size != 50257:
-        raise DataError(f"{str(path or GPT2_DIR)!r} is not GPT-2's tokenizer: encode({text!r}) = {got} "
-                        f"(expected {expected}), vocab_size = {tok.vocab_size} (expected 50257)")
+        raise DataError(
+            f"{str(path or GPT2_DIR)!r} is not GPT-2's tokenizer: encode({text!r}) = {got} "
+            f"(expected {expected}), vocab_size = {tok.vocab_size} (expected 50257)"
+        )
     return tok
 
 
@@ -195,13 +216,16 @@ def _gpt2_spec(train_path: str | Path | None, vocab_size: int | None, cache_dir:
     return load_gpt2_tokenizer()
 
 
-def load_tokenizer(spec: str, train_path: str | Path | None = None, vocab_size: int | None = None,
-                   cache_dir: str | Path | None = None) -> TextTokenizer:
+def load_tokenizer(
+    spec: str, train_path: str | Path | None = None, vocab_size: int | None = None, cache_dir: str | Path | None = None
+) -> TextTokenizer:
     """Resolve a tokenizer spec: "bpe" (trained on train_path with vocab_size), "gpt2", or a path to a
     tokenizer.json file or a directory holding one."""
     if spec in TOKENIZER_SPECS:
         return TOKENIZER_SPECS.get(spec)(train_path, vocab_size, cache_dir)
     if Path(spec).exists() or "/" in spec or spec.endswith(".json"):
         return tokenizer_from_file(spec)
-    raise DataError(f"unknown tokenizer {spec!r}{did_you_mean(spec, TOKENIZER_SPECS.names())}; allowed: "
-                    f"{', '.join(TOKENIZER_SPECS.names())}, or a path to a tokenizer.json file or its directory")
+    raise DataError(
+        f"unknown tokenizer {spec!r}{did_you_mean(spec, TOKENIZER_SPECS.names())}; allowed: "
+        f"{', '.join(TOKENIZER_SPECS.names())}, or a path to a tokenizer.json file or its directory"
+    )

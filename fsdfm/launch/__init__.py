@@ -20,7 +20,13 @@ from fsdfm.launch import local as _local, slurm as _slurm  # noqa: F401 - they r
 from fsdfm.launch.outcomes import ExecutionSummary, job_exception
 from fsdfm.launch.profiles import load_profile, resources_for, slurm_parameters
 from fsdfm.launch.runner import (
-    PACKAGE, STAGE_MODULES_ENV, CheckpointableStageJob, StageInputError, StageJob, resolve_kind, run_stage,
+    PACKAGE,
+    STAGE_MODULES_ENV,
+    CheckpointableStageJob,
+    StageInputError,
+    StageJob,
+    resolve_kind,
+    run_stage,
     stage_modules_env,
 )
 from fsdfm.launch.scheduler import expand_job_ids, slurm_states
@@ -28,8 +34,28 @@ from fsdfm.launch.signals import DriverInterrupted, signals_interrupt
 from fsdfm.launch.watch import StageStatus, StatusReport, status, wait_for
 
 __all__ = [
-    "EXECUTORS", "PACKAGE", "STAGE_MODULES_ENV", "CheckpointableStageJob", "DriverInterrupted", "ExecutionSummary",
-    "StageInputError", "StageJob", "StageStatus", "StatusReport", "execute", "expand_job_ids", "job_exception",
-    "load_profile", "resolve_kind", "resources_for", "run_stage", "signals_interrupt", "slurm_parameters",
-    "slurm_states", "stage_modules_env", "status", "wait_for", "write_plan",
+    "EXECUTORS",
+    "PACKAGE",
+    "STAGE_MODULES_ENV",
+    "CheckpointableStageJob",
+    "DriverInterrupted",
+    "ExecutionSummary",
+    "StageInputError",
+    "StageJob",
+    "StageStatus",
+    "StatusReport",
+    "execute",
+    "expand_job_ids",
+    "job_exception",
+    "load_profile",
+    "resolve_kind",
+    "resources_for",
+    "run_stage",
+    "signals_interrupt",
+    "slurm_parameters",
+    "slurm_states",
+    "stage_modules_env",
+    "status",
+    "wait_for",
+    "write_plan",
 ]

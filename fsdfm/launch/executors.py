@@ -44,9 +44,16 @@ def write_plan(plan: StudyPlan, root: str | os.PathLike) -> Path:
 EXECUTORS: Registry[Callable[..., ExecutionSummary]] = Registry("executor")
 
 
-def execute(plan: StudyPlan, root: str | os.PathLike, executor: str = "local",
-            profile: str | os.PathLike | dict | None = None, wait: bool = True, max_parallel: int | None = None,
-            timeout_s: float | None = None, poll_s: float = 1.0) -> ExecutionSummary:
+def execute(
+    plan: StudyPlan,
+    root: str | os.PathLike,
+    executor: str = "local",
+    profile: str | os.PathLike | dict | None = None,
+    wait: bool = True,
+    max_parallel: int | None = None,
+    timeout_s: float | None = None,
+    poll_s: float = 1.0,
+) -> ExecutionSummary:
     """Run every stage of `plan` that is not done yet; returns what happened.
 
     root/<plan.name>/plan.json is written first (atomically). Stages already done are skipped (not
@@ -63,17 +70,35 @@ def execute(plan: StudyPlan, root: str | os.PathLike, executor: str = "local",
     for kind in sorted(kinds):
         k = STAGE_KINDS.get(kind)  # an unknown kind fails here, before anything is written or submitted
         if executor != "debug" and k.module == "__main__":
-            raise ValueError(f"stage kind {kind!r} is defined in __main__, which a job process cannot import; "
-                             "define it in an importable module (or use executor='debug')")
+            raise ValueError(
+                f"stage kind {kind!r} is defined in __main__, which a job process cannot import; "
+                "define it in an importable module (or use executor='debug')"
+            )
     sdir = write_plan(plan, root)
     with signals_interrupt():
-        return run(plan, sdir, profile=load_profile(profile), wait=wait, max_parallel=max_parallel,
-                   timeout_s=timeout_s, poll_s=poll_s)
+        return run(
+            plan,
+            sdir,
+            profile=load_profile(profile),
+            wait=wait,
+            max_parallel=max_parallel,
+            timeout_s=timeout_s,
+            poll_s=poll_s,
+        )
 
 
 @EXECUTORS.register("debug")
-def _execute_debug(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, max_parallel: int | None,
-                   timeout_s: float | None, poll_s: float, verbose: bool = False) -> ExecutionSummary:
+def _execute_debug(
+    plan: StudyPlan,
+    sdir: Path,
+    *,
+    profile: dict,
+    wait: bool,
+    max_parallel: int | None,
+    timeout_s: float | None,
+    poll_s: float,
+    verbose: bool = False,
+) -> ExecutionSummary:
     """In this process, in wave order; a failure is recorded (error.json) and blocks only its dependents."""
     tally = Tally(sdir)
     total = len(plan.stages)
@@ -92,7 +117,9 @@ def _execute_debug(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
                     run_stage(sdir, stage.id)
                     tally.done.append(stage.id)
                     if verbose:
-                        print(f"[{n}/{total}] {stage.id} done in {time.time() - start:.1f} s", file=sys.stderr, flush=True)
+                        print(
+                            f"[{n}/{total}] {stage.id} done in {time.time() - start:.1f} s", file=sys.stderr, flush=True
+                        )
                 except Exception as e:  # noqa: BLE001 - reported in the summary and error.json
                     tally.failed[stage.id] = f"{type(e).__name__}: {e}"
                     if verbose:

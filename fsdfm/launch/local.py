@@ -46,15 +46,25 @@ def _visible_gpus() -> tuple[int, str | None]:
 
 
 @EXECUTORS.register("local")
-def _execute_local(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, max_parallel: int | None,
-                   timeout_s: float | None, poll_s: float) -> ExecutionSummary:
+def _execute_local(
+    plan: StudyPlan,
+    sdir: Path,
+    *,
+    profile: dict,
+    wait: bool,
+    max_parallel: int | None,
+    timeout_s: float | None,
+    poll_s: float,
+) -> ExecutionSummary:
     """One local process per stage, one wave at a time, at most `max_parallel` (default 1) at once.
 
     Every job sees the GPUs this process sees (LocalExecutor would otherwise set CUDA_VISIBLE_DEVICES=""
     unless gpus_per_node > 0, and renumber a restricted CUDA_VISIBLE_DEVICES from 0)."""
     if not wait:
-        raise ValueError("executor='local' cannot return before the study is done (wait=False): local jobs have "
-                         "no dependencies between waves; use executor='slurm'")
+        raise ValueError(
+            "executor='local' cannot return before the study is done (wait=False): local jobs have "
+            "no dependencies between waves; use executor='slurm'"
+        )
     cap = max(1, int(max_parallel or 1))
     n_gpus, cvd = _visible_gpus()
     setup = source_setup(plan) + ([f"export CUDA_VISIBLE_DEVICES={shlex.quote(cvd)}"] if cvd is not None else [])
@@ -87,15 +97,22 @@ def _execute_local(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
                     holder, live = lock_holder(stage_dir(sdir, stage.id))
                     if live:
                         who = holder.describe() if holder else "a process that is taking the lock"
-                        print(f"stage {stage.id} is locked by {who}: waiting for it to finish", file=sys.stderr,
-                              flush=True)
+                        print(
+                            f"stage {stage.id} is locked by {who}: waiting for it to finish",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         waiting.append(stage)
                         continue
                     cls = STAGE_KINDS.get(stage.kind).resources
                     res = {**profile["defaults"], **profile["resources"].get(cls, {}), **profile["overrides"]}
                     ex = submitit.AutoExecutor(folder=sdir / JOBS / "%j", cluster="local")  # never auto-detect
-                    ex.update_parameters(timeout_min=int(res.get("timeout_min", LOCAL_TIMEOUT_MIN)),
-                                         gpus_per_node=n_gpus, local_setup=setup, name=stage.kind)
+                    ex.update_parameters(
+                        timeout_min=int(res.get("timeout_min", LOCAL_TIMEOUT_MIN)),
+                        gpus_per_node=n_gpus,
+                        local_setup=setup,
+                        name=stage.kind,
+                    )
                     with contextlib.suppress(FileNotFoundError):  # an old failure is not this attempt's
                         os.unlink(stage_dir(sdir, stage.id) / ERROR)
                     job = ex.submit(job_for(sdir, stage))
@@ -103,9 +120,17 @@ def _execute_local(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
                     running[stage.id] = (stage, job)
                     started[stage.id] = time.time()
                     # status names the log while the stage runs (run_stage removes this file when it is done)
-                    atomic_write_json(stage_dir(sdir, stage.id) / SUBMITTED, {
-                        "executor": "local", "job_id": str(job.job_id), "time": now_iso(), "time_unix": time.time(),
-                        "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+                    atomic_write_json(
+                        stage_dir(sdir, stage.id) / SUBMITTED,
+                        {
+                            "executor": "local",
+                            "job_id": str(job.job_id),
+                            "time": now_iso(),
+                            "time_unix": time.time(),
+                            "stdout": str(job.paths.stdout),
+                            "stderr": str(job.paths.stderr),
+                        },
+                    )
                     say(f"[{len(started)}/{total}] {stage.id} started (local job {job.job_id}; log {job.paths.stderr})")
                 for sid, (stage, job) in list(running.items()):
                     if job.done():

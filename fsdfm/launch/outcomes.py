@@ -37,8 +37,10 @@ class ExecutionSummary:
         return not self.failed and not self.blocked and not self.pending
 
     def format(self) -> str:
-        out = [f"{self.study_dir}: {len(self.done)} done, {len(self.skipped)} skipped (already done), "
-               f"{len(self.failed)} failed, {len(self.blocked)} blocked, {len(self.pending)} pending"]
+        out = [
+            f"{self.study_dir}: {len(self.done)} done, {len(self.skipped)} skipped (already done), "
+            f"{len(self.failed)} failed, {len(self.blocked)} blocked, {len(self.pending)} pending"
+        ]
         out += [f"  failed  {sid}: {msg}" for sid, msg in self.failed.items()]
         out += [f"  blocked {sid} (an input failed)" for sid in self.blocked]
         return "\n".join(out)
@@ -61,8 +63,15 @@ class Tally:
         return any(d in self.failed or d in self.blocked for d in stage.inputs.values())
 
     def summary(self) -> ExecutionSummary:
-        return ExecutionSummary(str(self.study_dir), tuple(self.done), tuple(self.skipped), dict(self.failed),
-                                tuple(self.blocked), tuple(self.pending), dict(self.submitted))
+        return ExecutionSummary(
+            str(self.study_dir),
+            tuple(self.done),
+            tuple(self.skipped),
+            dict(self.failed),
+            tuple(self.blocked),
+            tuple(self.pending),
+            dict(self.submitted),
+        )
 
 
 def already_done(tally: Tally, sdir: Path, stage: Stage) -> bool:
@@ -100,7 +109,7 @@ def job_exception(text: str) -> str | None:
     if not starts:
         return None
     exc: list[str] = []
-    for ln in lines[starts[-1] + 1:]:
+    for ln in lines[starts[-1] + 1 :]:
         if not ln.strip() or ln.startswith((" ", "\t")) or ln.startswith("-----"):
             if exc:
                 break

@@ -21,9 +21,23 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # profile keys -> what they mean; mapped to submitit's SlurmExecutor parameters in `slurm_parameters`
 PROFILE_KEYS = {
-    "partition", "timeout_min", "cpus_per_task", "gpus_per_node", "mem_gb", "account", "qos", "constraint",
-    "exclude", "nodes", "tasks_per_node", "signal_delay_s", "array_parallelism", "setup", "additional_parameters",
-    "max_num_timeout", "comment",
+    "partition",
+    "timeout_min",
+    "cpus_per_task",
+    "gpus_per_node",
+    "mem_gb",
+    "account",
+    "qos",
+    "constraint",
+    "exclude",
+    "nodes",
+    "tasks_per_node",
+    "signal_delay_s",
+    "array_parallelism",
+    "setup",
+    "additional_parameters",
+    "max_num_timeout",
+    "comment",
 }
 PROFILE_SECTIONS = {"name", "description", "executor", "defaults", "resources"}
 DEFAULT_TIMEOUT_MIN = 60
@@ -33,8 +47,10 @@ LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # the local default (2 min) would kill any real
 def _check_keys(d: dict, where: str) -> None:
     for k in d:
         if k not in PROFILE_KEYS:
-            raise ValueError(f"{where}: unknown key {k!r}{did_you_mean(k, sorted(PROFILE_KEYS))}; "
-                             f"allowed: {', '.join(sorted(PROFILE_KEYS))}")
+            raise ValueError(
+                f"{where}: unknown key {k!r}{did_you_mean(k, sorted(PROFILE_KEYS))}; "
+                f"allowed: {', '.join(sorted(PROFILE_KEYS))}"
+            )
 
 
 def load_profile(profile: str | os.PathLike | dict | None, overrides: dict | None = None) -> dict:
@@ -60,8 +76,10 @@ def load_profile(profile: str | os.PathLike | dict | None, overrides: dict | Non
         raise ValueError(f"{where}: a cluster profile is a mapping with 'defaults' and 'resources'")
     for k in prof:
         if k not in PROFILE_SECTIONS:
-            raise ValueError(f"{where}: unknown section {k!r}{did_you_mean(k, sorted(PROFILE_SECTIONS))}; "
-                             f"allowed: {', '.join(sorted(PROFILE_SECTIONS))}")
+            raise ValueError(
+                f"{where}: unknown section {k!r}{did_you_mean(k, sorted(PROFILE_SECTIONS))}; "
+                f"allowed: {', '.join(sorted(PROFILE_SECTIONS))}"
+            )
     prof.setdefault("defaults", {})
     prof.setdefault("resources", {})
     _check_keys(prof["defaults"] or {}, f"{where}: defaults")
@@ -92,8 +110,10 @@ def resources_for(profile: dict, resource_class: str) -> dict:
     stage must never silently land on a CPU partition)."""
     classes = profile.get("resources", {})
     if resource_class not in classes and resource_class != "cpu":
-        raise ValueError(f"{profile.get('where', 'cluster profile')}: no resources.{resource_class} for stages "
-                         f"that need {resource_class!r}; profile has: {', '.join(sorted(classes)) or 'none'}")
+        raise ValueError(
+            f"{profile.get('where', 'cluster profile')}: no resources.{resource_class} for stages "
+            f"that need {resource_class!r}; profile has: {', '.join(sorted(classes)) or 'none'}"
+        )
     return {**profile.get("defaults", {}), **classes.get(resource_class, {}), **profile.get("overrides", {})}
 
 

@@ -29,9 +29,30 @@ import submitit.helpers
 
 from fsdfm.io import atomic_write_json, read_json, to_jsonable
 from fsdfm.records import (
-    ATTEMPTS, CONTROL_FILES, ERROR, PLAN, RECORD, RUNNING, SCHEMA_VERSION, SUBMITTED, LockInfo, StageCheck,
-    artefact_manifest, check_stage, device_name, find_seeds, loadavg_1min, now_iso, read_plan, read_record,
-    record_digest, remove_stale_temp_files, stage_dir, stage_lock, store_path, torch_threads,
+    ATTEMPTS,
+    CONTROL_FILES,
+    ERROR,
+    PLAN,
+    RECORD,
+    RUNNING,
+    SCHEMA_VERSION,
+    SUBMITTED,
+    LockInfo,
+    StageCheck,
+    artefact_manifest,
+    check_stage,
+    device_name,
+    find_seeds,
+    loadavg_1min,
+    now_iso,
+    read_plan,
+    read_record,
+    record_digest,
+    remove_stale_temp_files,
+    stage_dir,
+    stage_lock,
+    store_path,
+    torch_threads,
 )
 from fsdfm.records.provenance import provenance
 from fsdfm.registry import did_you_mean
@@ -88,9 +109,11 @@ def resolve_kind(kind: str, hint: dict | None = None) -> StageKind:
                 sys.path.append(root)  # appended: never shadow installed packages
             importlib.import_module(module)
         else:
-            raise PlanError(f"plan.json: stage kind {kind!r} names module {module!r}, which is not part of the "
-                            f"{PACKAGE} package and was not granted by the driver ({STAGE_MODULES_ENV}); a job "
-                            f"imports only those")
+            raise PlanError(
+                f"plan.json: stage kind {kind!r} names module {module!r}, which is not part of the "
+                f"{PACKAGE} package and was not granted by the driver ({STAGE_MODULES_ENV}); a job "
+                f"imports only those"
+            )
     return STAGE_KINDS.get(kind)
 
 
@@ -114,8 +137,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
     study_dir = Path(study_dir)
     plan = read_plan(study_dir)
     if stage_id not in plan["stages"]:
-        raise PlanError(f"{study_dir / PLAN}: no stage {stage_id!r}"
-                        f"{did_you_mean(stage_id, list(plan['stages']))}")
+        raise PlanError(f"{study_dir / PLAN}: no stage {stage_id!r}{did_you_mean(stage_id, list(plan['stages']))}")
     stage = Stage.from_dict(plan["stages"][stage_id], f"{study_dir / PLAN}: stages[{stage_id!r}]")
     kind = resolve_kind(stage.kind, plan.get("kinds", {}).get(stage.kind))
     out_dir = stage_dir(study_dir, stage_id)
@@ -139,27 +161,37 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         return {"rank": rank, "payload": kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)}
 
     def tell(holder: LockInfo) -> None:
-        print(f"stage {stage_id} is locked by {holder.describe()}: waiting for it to finish", file=sys.stderr,
-              flush=True)
+        print(
+            f"stage {stage_id} is locked by {holder.describe()}: waiting for it to finish", file=sys.stderr, flush=True
+        )
 
     with stage_lock(out_dir, wait=True, poll_s=LOCK_POLL_S, on_wait=tell):
         check = check_stage(out_dir)
         if check.done:  # finished while we were getting here
             return read_record(out_dir)
         if check.problems:
-            print(f"stage {stage_id}: redoing it (and its dependents): {'; '.join(check.problems)}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"stage {stage_id}: redoing it (and its dependents): {'; '.join(check.problems)}",
+                file=sys.stderr,
+                flush=True,
+            )
             _discard_result(out_dir, check, kind.checkpointable)
         remove_stale_temp_files(out_dir)  # what killed attempts left half-written (e.g. an empty checkpoint temp)
         attempt = _next_attempt(out_dir)
         t0, started, load_start = time.time(), now_iso(), loadavg_1min()
-        running = {"stage_id": stage_id, "kind": stage.kind, "attempt": attempt, "start_time": started,
-                   **{k: v for k, v in provenance().items() if k in ("hostname", "pid", "slurm_job_id", "job_id")}}
+        running = {
+            "stage_id": stage_id,
+            "kind": stage.kind,
+            "attempt": attempt,
+            "start_time": started,
+            **{k: v for k, v in provenance().items() if k in ("hostname", "pid", "slurm_job_id", "job_id")},
+        }
         atomic_write_json(out_dir / RUNNING, running)
         try:
             if not kind.checkpointable:
                 _clear_artefacts(out_dir)
             from fsdfm.tracking import log_final, stage_tracking
+
             runs = [r["run_id"] for r in plan.get("runs", []) if r.get("stage_id") == stage_id]
             with stage_tracking(plan.get("tracking"), study_dir, stage_id, stage.kind, runs) as tracker:
                 payload = kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)
@@ -167,8 +199,10 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
             if payload is None:
                 payload = {}
             if not isinstance(payload, dict):
-                raise TypeError(f"stage kind {stage.kind!r} returned {type(payload).__name__}; a stage function "
-                                "returns a dict (its record's payload, e.g. {'metrics': {...}})")
+                raise TypeError(
+                    f"stage kind {stage.kind!r} returned {type(payload).__name__}; a stage function "
+                    "returns a dict (its record's payload, e.g. {'metrics': {...}})"
+                )
             payload = to_jsonable(payload, where=f"payload of stage {stage_id}")
             wall = time.time() - t0
             artefacts = artefact_manifest(out_dir)  # every artefact hashed once, at write (see sha256_file)
@@ -185,10 +219,17 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
                 "artefacts": artefacts,
                 "input_records": input_records,
                 "payload": payload,
-                "provenance": {**provenance(), "device": device_name(), "torch_threads": torch_threads(),
-                               "malloc_tuned": malloc_tuned(),
-                               "loadavg_1min": {"start": load_start, "end": loadavg_1min()},
-                               "start_time": started, "end_time": now_iso(), "wall_s": wall, "attempt": attempt},
+                "provenance": {
+                    **provenance(),
+                    "device": device_name(),
+                    "torch_threads": torch_threads(),
+                    "malloc_tuned": malloc_tuned(),
+                    "loadavg_1min": {"start": load_start, "end": loadavg_1min()},
+                    "start_time": started,
+                    "end_time": now_iso(),
+                    "wall_s": wall,
+                    "attempt": attempt,
+                },
             }
             atomic_write_json(out_dir / RECORD, record)
             for stale in (ERROR, SUBMITTED):
@@ -255,7 +296,11 @@ def _write_error(out_dir: Path, stage: Stage, e: BaseException, attempt: int, st
     tb = traceback.format_exception(type(e), e, e.__traceback__)
     lines = "".join(tb).rstrip("\n").splitlines()
     err = {
-        "stage_id": stage.id, "kind": stage.kind, "attempt": attempt, "start_time": started, "time": now_iso(),
+        "stage_id": stage.id,
+        "kind": stage.kind,
+        "attempt": attempt,
+        "start_time": started,
+        "time": now_iso(),
         "type": f"{type(e).__module__}.{type(e).__qualname__}".removeprefix("builtins."),
         "message": str(e),
         "traceback_tail": lines[-ERROR_TAIL_LINES:],
@@ -270,6 +315,7 @@ def error_summary(out_dir: Path) -> str | None:
         err = read_json(out_dir / ERROR)
         return f"{err['type']}: {err['message']}"
     return None
+
 
 class StageJob:
     """The callable a submitit job runs: `run_stage(study_dir, stage_id)` (picklable by reference)."""

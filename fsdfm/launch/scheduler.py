@@ -14,8 +14,22 @@ from fsdfm.launch.outcomes import job_exception
 from fsdfm.records import JOBS, SUBMITTED
 
 
-SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-                "RESIZING", "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT", "SPECIAL_EXIT", "RESV_DEL_HOLD"}
+SLURM_ACTIVE = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "RESIZING",
+    "SUSPENDED",
+    "PREEMPTED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "SPECIAL_EXIT",
+    "RESV_DEL_HOLD",
+}
 UNKNOWN_GRACE_S = 120.0  # sacct/squeue may not know a job for a moment after sbatch returns
 RECORD_GRACE_S = 30.0  # a job that COMPLETED may show its record a little later on a network filesystem
 
@@ -37,8 +51,10 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     for what sacct does not know (no accounting, or not recorded yet). Unknown ids map to "UNKNOWN"."""
     states: dict[str, str] = {}
     mains = sorted({j.split("_")[0] for j in job_ids})
-    commands = [["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(mains)],
-                ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(mains)]]
+    commands = [
+        ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(mains)],
+        ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(mains)],
+    ]
     for cmd in commands:
         if all(j in states for j in job_ids):
             break

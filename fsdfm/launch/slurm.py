@@ -27,8 +27,16 @@ from fsdfm.study.graph import STAGE_KINDS, Stage, StudyPlan, waves
 
 
 @EXECUTORS.register("slurm")
-def _execute_slurm(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, max_parallel: int | None,
-                   timeout_s: float | None, poll_s: float) -> ExecutionSummary:
+def _execute_slurm(
+    plan: StudyPlan,
+    sdir: Path,
+    *,
+    profile: dict,
+    wait: bool,
+    max_parallel: int | None,
+    timeout_s: float | None,
+    poll_s: float,
+) -> ExecutionSummary:
     """Submit one job array per (wave, resource class, input jobs), chained by afterok; then maybe wait."""
     if shutil.which("sbatch") is None:
         raise RuntimeError("executor='slurm' needs sbatch on PATH (and SLURM_CONF for a non-default cluster)")
@@ -40,8 +48,9 @@ def _execute_slurm(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
         for stage in wave:
             if already_done(tally, sdir, stage):
                 tally.skipped.append(stage.id)
-            elif tally.bad(stage) or any(d not in tally.submitted and not is_done(stage_dir(sdir, d))
-                                         for d in stage.inputs.values()):
+            elif tally.bad(stage) or any(
+                d not in tally.submitted and not is_done(stage_dir(sdir, d)) for d in stage.inputs.values()
+            ):
                 tally.blocked.append(stage.id)
             else:
                 deps = tuple(sorted({tally.submitted[d] for d in stage.inputs.values() if d in tally.submitted}))
@@ -68,8 +77,11 @@ def _execute_slurm(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
             try:
                 with ex.batch():
                     jobs = [ex.submit(job_for(sdir, s)) for s in stages]
-            except (submitit.core.utils.FailedSubmissionError, submitit.core.utils.FailedJobError,
-                    subprocess.CalledProcessError) as e:
+            except (
+                submitit.core.utils.FailedSubmissionError,
+                submitit.core.utils.FailedJobError,
+                subprocess.CalledProcessError,
+            ) as e:
                 # e.g. sbatch refuses afterok on an input job that already failed ("Job dependency problem")
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 for s in stages:
@@ -78,12 +90,27 @@ def _execute_slurm(plan: StudyPlan, sdir: Path, *, profile: dict, wait: bool, ma
             for s, job in zip(stages, jobs):
                 tally.submitted[s.id] = str(job.job_id)
                 say(f"wave {k}: {s.id} submitted as slurm job {job.job_id} (log {job.paths.stderr})")
-                atomic_write_json(stage_dir(sdir, s.id) / SUBMITTED, {
-                    "executor": "slurm", "job_id": str(job.job_id), "time": now_iso(), "time_unix": time.time(),
-                    "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+                atomic_write_json(
+                    stage_dir(sdir, s.id) / SUBMITTED,
+                    {
+                        "executor": "slurm",
+                        "job_id": str(job.job_id),
+                        "time": now_iso(),
+                        "time_unix": time.time(),
+                        "stdout": str(job.paths.stdout),
+                        "stderr": str(job.paths.stderr),
+                    },
+                )
     if not wait:
         tally.pending.extend(tally.submitted)
         return tally.summary()
     waited = wait_for(sdir, list(tally.submitted), timeout_s=timeout_s, poll_s=poll_s)
-    return ExecutionSummary(str(sdir), waited.done, tuple(tally.skipped), waited.failed, waited.blocked,
-                            waited.pending, dict(tally.submitted))
+    return ExecutionSummary(
+        str(sdir),
+        waited.done,
+        tuple(tally.skipped),
+        waited.failed,
+        waited.blocked,
+        waited.pending,
+        dict(tally.submitted),
+    )

@@ -18,13 +18,25 @@ from fsdfm.launch.outcomes import ExecutionSummary, Tally, say, say_end
 from fsdfm.launch.runner import error_summary
 from fsdfm.launch.scheduler import RECORD_GRACE_S, SLURM_ACTIVE, UNKNOWN_GRACE_S, slurm_failure, slurm_states
 from fsdfm.records import (
-    ERROR, SUBMITTED, check_stage, is_done, lock_holder, read_plan, read_record, read_study_plan, stage_dir,
+    ERROR,
+    SUBMITTED,
+    check_stage,
+    is_done,
+    lock_holder,
+    read_plan,
+    read_record,
+    read_study_plan,
+    stage_dir,
 )
 from fsdfm.study.graph import StudyPlan, waves
 
 
-def wait_for(study_dir: str | os.PathLike, stage_ids: list[str] | None = None, timeout_s: float | None = None,
-             poll_s: float = 2.0) -> ExecutionSummary:
+def wait_for(
+    study_dir: str | os.PathLike,
+    stage_ids: list[str] | None = None,
+    timeout_s: float | None = None,
+    poll_s: float = 2.0,
+) -> ExecutionSummary:
     """Wait until the given stages (default: every stage not done) are done or have failed.
 
     The stage files decide (record.json = done, error.json = failed); the cluster's job state (from the job id
@@ -33,8 +45,7 @@ def wait_for(study_dir: str | os.PathLike, stage_ids: list[str] | None = None, t
     Stages still unfinished after `timeout_s` are returned as pending."""
     sdir = Path(study_dir)
     plan = read_plan(sdir)
-    todo = list(stage_ids) if stage_ids is not None else [s for s in plan["stages"]
-                                                          if not is_done(stage_dir(sdir, s))]
+    todo = list(stage_ids) if stage_ids is not None else [s for s in plan["stages"] if not is_done(stage_dir(sdir, s))]
     inputs = {sid: list(plan["stages"][sid].get("inputs", {}).values()) for sid in plan["stages"]}
     deadline = None if timeout_s is None else time.time() + timeout_s
     tally = Tally(sdir)
@@ -66,8 +77,11 @@ def wait_for(study_dir: str | os.PathLike, stage_ids: list[str] | None = None, t
             now = time.time()
             if state == "UNKNOWN" and now - first_unknown.setdefault(sid, now) < UNKNOWN_GRACE_S:
                 continue  # sacct/squeue may not list a job yet
-            if state == "COMPLETED" and not (out / ERROR).exists() \
-                    and now - ended_at.setdefault(sid, now) < RECORD_GRACE_S:
+            if (
+                state == "COMPLETED"
+                and not (out / ERROR).exists()
+                and now - ended_at.setdefault(sid, now) < RECORD_GRACE_S
+            ):
                 continue  # the record may show up late on a network filesystem
             todo.remove(sid)
             err = error_summary(out)
@@ -122,8 +136,11 @@ class StatusReport:
 
     def format(self, error_lines: int = 8) -> str:
         c = self.counts()
-        lines = [f"study {self.study} ({self.study_dir}): " + ", ".join(f"{c[s]} {s}" for s in self.STATES)
-                 + f"; runs {self.runs_done}/{self.runs_total} done"]
+        lines = [
+            f"study {self.study} ({self.study_dir}): "
+            + ", ".join(f"{c[s]} {s}" for s in self.STATES)
+            + f"; runs {self.runs_done}/{self.runs_total} done"
+        ]
         for s in self.stages:
             lines.append(f"  {s.state:<8} {s.stage_id:<32} {s.detail}".rstrip())
             for ln in s.error_tail[-error_lines:]:
@@ -148,7 +165,7 @@ def _scheduler_states(sdir: Path, stage_ids: list[str]) -> tuple[dict[str, dict]
 
 
 def _log_note(d: Path) -> str:
-    """"; log <stderr file>" of the job a stage was handed to (submitted.json), or ""."""
+    """ "; log <stderr file>" of the job a stage was handed to (submitted.json), or ""."""
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         log = read_json(d / SUBMITTED).get("stderr")
         if log:
@@ -172,7 +189,9 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan
     sdir = Path(study_dir)
     if plan is None:
         plan = read_study_plan(sdir)
-    todo = [sid for sid in plan.stages if not is_done(stage_dir(sdir, sid)) and not lock_holder(stage_dir(sdir, sid))[1]]
+    todo = [
+        sid for sid in plan.stages if not is_done(stage_dir(sdir, sid)) and not lock_holder(stage_dir(sdir, sid))[1]
+    ]
     subs, states = _scheduler_states(sdir, todo) if scheduler else ({}, None)
     out = []
     blocked_by: dict[str, str] = {}  # stage id -> the failed stage upstream of it (or itself, if it failed)
@@ -183,8 +202,15 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan
             check = check_stage(d)  # a damaged or stale stage is not done: the next run redoes it
             if check.done:
                 wall = rec.get("provenance", {}).get("wall_s")
-                out.append(StageStatus(stage.id, stage.kind, "done",
-                                       f"{wall:.1f} s" if isinstance(wall, (int, float)) else "", wall_s=wall))
+                out.append(
+                    StageStatus(
+                        stage.id,
+                        stage.kind,
+                        "done",
+                        f"{wall:.1f} s" if isinstance(wall, (int, float)) else "",
+                        wall_s=wall,
+                    )
+                )
                 continue
             holder, live = lock_holder(d)
             if live:
@@ -194,9 +220,16 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan
             if (d / ERROR).exists():
                 with contextlib.suppress(OSError, ValueError):
                     err = read_json(d / ERROR)
-                    out.append(StageStatus(stage.id, stage.kind, "failed", f"{err.get('type')}: {err.get('message')}"
-                                           f" (attempt {err.get('attempt')}, {err.get('time')})" + _log_note(d),
-                                           error_tail=tuple(err.get("traceback_tail", ()))))
+                    out.append(
+                        StageStatus(
+                            stage.id,
+                            stage.kind,
+                            "failed",
+                            f"{err.get('type')}: {err.get('message')}"
+                            f" (attempt {err.get('attempt')}, {err.get('time')})" + _log_note(d),
+                            error_tail=tuple(err.get("traceback_tail", ())),
+                        )
+                    )
                     blocked_by[stage.id] = stage.id
                     continue
             notes = [f"{check.state}: {check.problems[0]}"] if check.problems else []
@@ -206,8 +239,9 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan
                 jid = str(sub["job_id"])
                 state = states.get(jid, "UNKNOWN") if states is not None else None
                 known = "" if states is not None else "; no sacct/squeue here to ask"
-                notes.append(f"submitted as slurm job {jid} at {sub.get('time')}{known}"
-                             + (f" ({state})" if state else ""))
+                notes.append(
+                    f"submitted as slurm job {jid} at {sub.get('time')}{known}" + (f" ({state})" if state else "")
+                )
             else:
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     other = read_json(d / SUBMITTED)
@@ -219,14 +253,20 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan
             bad = [dep for dep in stage.inputs.values() if dep in blocked_by]
             if bad:
                 blocked_by[stage.id] = blocked_by[bad[0]]
-                out.append(StageStatus(stage.id, stage.kind, "blocked",
-                                       "; ".join([f"input {blocked_by[bad[0]]} failed"] + notes)))
+                out.append(
+                    StageStatus(
+                        stage.id, stage.kind, "blocked", "; ".join([f"input {blocked_by[bad[0]]} failed"] + notes)
+                    )
+                )
                 continue
             if state is not None and state not in SLURM_ACTIVE:
                 young = time.time() - float(sub.get("time_unix") or 0) < UNKNOWN_GRACE_S
                 if not (state == "UNKNOWN" and young):  # else sacct/squeue may not list a fresh job yet
-                    what = ("vanished: the scheduler knows no job " + str(sub["job_id"]) if state == "UNKNOWN"
-                            else f"slurm job {sub['job_id']} ended {state} without a record")
+                    what = (
+                        "vanished: the scheduler knows no job " + str(sub["job_id"])
+                        if state == "UNKNOWN"
+                        else f"slurm job {sub['job_id']} ended {state} without a record"
+                    )
                     why = slurm_failure(d, str(sub["job_id"]), state, sdir)
                     detail = what if why.startswith("slurm job") else f"{what}: {why}"
                     out.append(StageStatus(stage.id, stage.kind, "failed", detail))
@@ -237,5 +277,10 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan
                 continue
             out.append(StageStatus(stage.id, stage.kind, "pending", "; ".join(notes)))
     done = {s.stage_id for s in out if s.state == "done"}
-    return StatusReport(plan.name, str(sdir), tuple(out), runs_total=len(plan.runs),
-                        runs_done=sum(r.stage_id in done for r in plan.runs))
+    return StatusReport(
+        plan.name,
+        str(sdir),
+        tuple(out),
+        runs_total=len(plan.runs),
+        runs_done=sum(r.stage_id in done for r in plan.runs),
+    )

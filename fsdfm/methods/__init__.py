@@ -16,5 +16,14 @@ from fsdfm.methods.common import SAMPLERS
 from fsdfm.methods.fsdfm import FSDFMSettings
 from fsdfm.methods.released import ReleasedCheckpoint
 
-__all__ = ["EXACT_TEACHER", "METHOD_KINDS", "SAMPLERS", "FSDFMSettings", "MethodKind", "Planner",
-           "ReleasedCheckpoint", "plan_study", "register_kind"]
+__all__ = [
+    "EXACT_TEACHER",
+    "METHOD_KINDS",
+    "SAMPLERS",
+    "FSDFMSettings",
+    "MethodKind",
+    "Planner",
+    "ReleasedCheckpoint",
+    "plan_study",
+    "register_kind",
+]

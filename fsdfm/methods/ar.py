@@ -12,8 +12,16 @@ import numpy as np
 import torch
 
 from fsdfm.methods.base import MethodKind, Planner, register_kind
-from fsdfm.methods.common import (SAMPLERS, Draw, build_model_config, corpus_for, device, join_process_group,
-                                  save_tokenizer, train_metrics)
+from fsdfm.methods.common import (
+    SAMPLERS,
+    Draw,
+    build_model_config,
+    corpus_for,
+    device,
+    join_process_group,
+    save_tokenizer,
+    train_metrics,
+)
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
 from fsdfm.train import OptimConfig
@@ -35,16 +43,29 @@ def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     join_process_group()
     corpus = corpus_for(config, out_dir)
     dims = build_model_config(config["model"], corpus.vocab_size, corpus.seq_len)
-    cfg = ARConfig(vocab_size=corpus.vocab_size, seq_len=corpus.seq_len, hidden=dims.hidden, n_blocks=dims.n_blocks,
-                   n_heads=dims.n_heads)
+    cfg = ARConfig(
+        vocab_size=corpus.vocab_size,
+        seq_len=corpus.seq_len,
+        hidden=dims.hidden,
+        n_blocks=dims.n_blocks,
+        n_heads=dims.n_heads,
+    )
     torch.manual_seed(config["optim"]["seed"])
     hf_tok = corpus.tokenizer.to_hf() if corpus.tokenizer is not None else None
-    res = train_ar(corpus.train, cfg, OptimConfig(**config["optim"]), Path(out_dir), bos_id=corpus.eos_id or 0,
-                   hf_tokenizer=hf_tok, valid=corpus.valid, device=device())
+    res = train_ar(
+        corpus.train,
+        cfg,
+        OptimConfig(**config["optim"]),
+        Path(out_dir),
+        bos_id=corpus.eos_id or 0,
+        hf_tokenizer=hf_tok,
+        valid=corpus.valid,
+        device=device(),
+    )
     save_tokenizer(out_dir, corpus)
-    return train_metrics(res.fit, {"val_nll": res.val_nll, "elbo_ppl": float(np.exp(res.val_nll)),
-                                   "n_params": res.n_params})
-
+    return train_metrics(
+        res.fit, {"val_nll": res.val_nll, "elbo_ppl": float(np.exp(res.val_nll)), "n_params": res.n_params}
+    )
 
 
 @SAMPLERS.register("ar")
@@ -54,8 +75,12 @@ def sample_ar_model(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     from fsdfm.ar import sample_ar
 
     model = AutoModelForCausalLM.from_pretrained(Path(model_dir) / "hf").to(dev).eval()
-    kw = dict(seq_len=corpus.seq_len, bos_id=corpus.eos_id or 0, use_cache=True, batch_size=cfg["batch_size"],
-              dtype=getattr(torch, cfg["precision"]))
+    kw = dict(
+        seq_len=corpus.seq_len,
+        bos_id=corpus.eos_id or 0,
+        use_cache=True,
+        batch_size=cfg["batch_size"],
+        dtype=getattr(torch, cfg["precision"]),
+    )
     sample_ar(model, min(2, cfg["n_samples"]), generator=torch.Generator(dev).manual_seed(0), **{**kw, "seq_len": 4})
     return Draw(lambda gen: sample_ar(model, cfg["n_samples"], generator=gen, **kw))
-

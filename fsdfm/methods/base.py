@@ -20,11 +20,29 @@ from typing import Callable
 from fsdfm.fingerprint import with_fingerprint
 from fsdfm.registry import did_you_mean
 from fsdfm.study.graph import RunSpec, Stage, StudyPlan
-from fsdfm.study.spec import (METHOD_KINDS, PAIR_PATTERN, STUDY_CHECKS, Cell, MethodSpec, SpecError, StudySpec,
-                              build, short)
+from fsdfm.study.spec import (
+    METHOD_KINDS,
+    PAIR_PATTERN,
+    STUDY_CHECKS,
+    Cell,
+    MethodSpec,
+    SpecError,
+    StudySpec,
+    build,
+    short,
+)
 
-__all__ = ["EXACT_TEACHER", "METHOD_KINDS", "MethodKind", "Planner", "declared_rules", "plan_study", "register_kind",
-           "validate_methods", "validate_pairs"]
+__all__ = [
+    "EXACT_TEACHER",
+    "METHOD_KINDS",
+    "MethodKind",
+    "Planner",
+    "declared_rules",
+    "plan_study",
+    "register_kind",
+    "validate_methods",
+    "validate_pairs",
+]
 
 
 @dataclass(frozen=True)
@@ -41,14 +59,14 @@ class MethodKind:
 
     name: str
     sampler: str
-    rules: tuple            # allowed rules; the first is the default
-    build_stage: Callable   # (planner, method name, MethodSpec) -> Stage
+    rules: tuple  # allowed rules; the first is the default
+    build_stage: Callable  # (planner, method name, MethodSpec) -> Stage
     teacher_kind: str | None = None
     settings_key: str | None = None
     settings_cls: type | None = None
     settings_required: bool = False
     exact_teacher: bool = False  # accepts `teacher: exact` (the oracle's exact posterior; oracle data only)
-    oracle_only: bool = False    # valid only with data.kind: oracle
+    oracle_only: bool = False  # valid only with data.kind: oracle
     teacher_optional: bool = False  # a teacher only for diagnostics (released: pos_divergence against it)
     # whether the sampler's time grid ends at 1 - eps (a generalized-KL model is trained on t <= 1 - eps)
     ends_before_one: Callable = lambda m: False
@@ -106,8 +124,9 @@ class Planner:
         if ev.kind != "reference":
             return None
         model = {"preset": self.spec.model.preset, **self.spec.model.overrides(), **ev.model}
-        return self.add(Stage("train_ar", {"role": "evaluator", "data": self.data, "model": model,
-                                           "optim": ev.train.to_dict()}))
+        return self.add(
+            Stage("train_ar", {"role": "evaluator", "data": self.data, "model": model, "optim": ev.train.to_dict()})
+        )
 
 
 def _section(kind: MethodKind, m: MethodSpec, key: str, where: str, file: str):
@@ -116,13 +135,17 @@ def _section(kind: MethodKind, m: MethodSpec, key: str, where: str, file: str):
     raw = getattr(m, key)
     if kind.settings_key != key:
         if raw and key == "checkpoint":
-            raise SpecError(f"{file}: {where}.checkpoint: only a method of kind released reads a checkpoint; a {m.kind} "
-                            f"method is trained by the study")
+            raise SpecError(
+                f"{file}: {where}.checkpoint: only a method of kind released reads a checkpoint; a {m.kind} "
+                f"method is trained by the study"
+            )
         if raw:
             raise SpecError(f"{file}: {where}.distill: a {m.kind} method takes no distill settings")
         return None
     if kind.settings_required and not raw:
-        raise SpecError(f"{file}: {where}.{key}: a {m.kind} method needs {getattr(kind.settings_cls, 'SPEC_HINT', 'settings')}")
+        raise SpecError(
+            f"{file}: {where}.{key}: a {m.kind} method needs {getattr(kind.settings_cls, 'SPEC_HINT', 'settings')}"
+        )
     return build(kind.settings_cls, raw, f"{where}.{key}", file)
 
 
@@ -136,45 +159,63 @@ def validate_methods(spec: StudySpec, file: str) -> StudySpec:
     for name, m in spec.methods.items():
         where = f"methods.{name}"
         if m.kind not in METHOD_KINDS:
-            raise SpecError(f"{file}: {where}.kind: unknown method kind {short(m.kind)}{did_you_mean(m.kind, METHOD_KINDS.names())}; "
-                            f"allowed: {', '.join(METHOD_KINDS.names())}")
+            raise SpecError(
+                f"{file}: {where}.kind: unknown method kind {short(m.kind)}{did_you_mean(m.kind, METHOD_KINDS.names())}; "
+                f"allowed: {', '.join(METHOD_KINDS.names())}"
+            )
         kind = METHOD_KINDS.get(m.kind)
         settings = _section(kind, m, "checkpoint", where, file)
         if name == EXACT_TEACHER:
-            raise SpecError(f"{file}: methods.{name}: the method name {EXACT_TEACHER!r} is reserved for `teacher: exact` "
-                            "(the exact posterior); rename the method")
+            raise SpecError(
+                f"{file}: methods.{name}: the method name {EXACT_TEACHER!r} is reserved for `teacher: exact` "
+                "(the exact posterior); rename the method"
+            )
         if kind.oracle_only and spec.data.kind != "oracle":
-            raise SpecError(f"{file}: {where}.kind: an {m.kind} method needs data.kind: oracle (a source with an exact "
-                            f"posterior); data.kind is {spec.data.kind!r}")
+            raise SpecError(
+                f"{file}: {where}.kind: an {m.kind} method needs data.kind: oracle (a source with an exact "
+                f"posterior); data.kind is {spec.data.kind!r}"
+            )
         if m.teacher == EXACT_TEACHER:
             if not kind.exact_teacher:
                 raise SpecError(f"{file}: {where}.teacher: a {m.kind} method cannot use teacher {EXACT_TEACHER!r}")
             if spec.data.kind != "oracle":
-                raise SpecError(f"{file}: {where}.teacher: teacher {EXACT_TEACHER!r} (the exact posterior) needs "
-                                f"data.kind: oracle; data.kind is {spec.data.kind!r}")
+                raise SpecError(
+                    f"{file}: {where}.teacher: teacher {EXACT_TEACHER!r} (the exact posterior) needs "
+                    f"data.kind: oracle; data.kind is {spec.data.kind!r}"
+                )
             if kind.validate is not None:
                 kind.validate(spec, name, m, file)
         elif kind.teacher_kind and (m.teacher is not None or not kind.teacher_optional):
             if m.teacher is None:
-                raise SpecError(f"{file}: {where}.teacher: a {m.kind} student needs a teacher (a method of kind {kind.teacher_kind})")
+                raise SpecError(
+                    f"{file}: {where}.teacher: a {m.kind} student needs a teacher (a method of kind {kind.teacher_kind})"
+                )
             if m.teacher not in spec.methods:
                 known = list(spec.methods) + ([EXACT_TEACHER] if kind.exact_teacher else [])
-                raise SpecError(f"{file}: {where}.teacher: unknown method {short(m.teacher)}{did_you_mean(m.teacher, known)}")
+                raise SpecError(
+                    f"{file}: {where}.teacher: unknown method {short(m.teacher)}{did_you_mean(m.teacher, known)}"
+                )
             if spec.methods[m.teacher].kind != kind.teacher_kind:
-                raise SpecError(f"{file}: {where}.teacher: {short(m.teacher)} is a {spec.methods[m.teacher].kind} method; "
-                                f"a {m.kind} student distils from a {kind.teacher_kind} method")
+                raise SpecError(
+                    f"{file}: {where}.teacher: {short(m.teacher)} is a {spec.methods[m.teacher].kind} method; "
+                    f"a {m.kind} student distils from a {kind.teacher_kind} method"
+                )
         elif m.teacher is not None:
             raise SpecError(f"{file}: {where}.teacher: a {m.kind} method has no teacher")
         if m.source not in ("mask", "uniform"):
-            raise SpecError(f"{file}: {where}.source: must be mask or uniform, got {short(m.source)}{did_you_mean(m.source, ['mask', 'uniform'])}")
+            raise SpecError(
+                f"{file}: {where}.source: must be mask or uniform, got {short(m.source)}{did_you_mean(m.source, ['mask', 'uniform'])}"
+            )
         try:
             DFMConfig(m.loss)
         except (ValueError, KeyError) as e:
             raise SpecError(f"{file}: {where}.loss: {e}") from None
         for rule in m.rules:
             if rule not in kind.rules:
-                raise SpecError(f"{file}: {where}.rules: {short(rule)} is not a rule of {m.kind}{did_you_mean(str(rule), list(kind.rules))}; "
-                                f"allowed: {', '.join(kind.rules)}")
+                raise SpecError(
+                    f"{file}: {where}.rules: {short(rule)} is not a rule of {m.kind}{did_you_mean(str(rule), list(kind.rules))}; "
+                    f"allowed: {', '.join(kind.rules)}"
+                )
         if not m.steps:
             raise SpecError(f"{file}: {where}.steps: list the step budgets to evaluate, e.g. [1, 8, 64]")
         for s in m.steps:
@@ -201,14 +242,22 @@ def validate_pairs(spec: StudySpec, file: str) -> None:
             g = PAIR_PATTERN.match(side).groupdict()
             m = spec.methods.get(g["method"])
             if m is None:
-                raise SpecError(f"{where}: unknown method {g['method']!r}{did_you_mean(g['method'], list(spec.methods))}")
+                raise SpecError(
+                    f"{where}: unknown method {g['method']!r}{did_you_mean(g['method'], list(spec.methods))}"
+                )
             rules = list(m.rules or METHOD_KINDS.get(m.kind).rules[:1])
             if g["rule"] is not None and g["rule"] not in rules:
-                raise SpecError(f"{where}: {g['method']} is not sampled with rule {g['rule']!r}"
-                                f"{did_you_mean(g['rule'], rules)}; its rules: {', '.join(rules)}")
+                raise SpecError(
+                    f"{where}: {g['method']} is not sampled with rule {g['rule']!r}"
+                    f"{did_you_mean(g['rule'], rules)}; its rules: {', '.join(rules)}"
+                )
             if int(g["steps"]) not in m.steps:
-                raise SpecError(f"{where}: {g['method']} is not sampled at {g['steps']} steps; "
-                                f"its step budgets: {', '.join(map(str, m.steps))}")
+                raise SpecError(
+                    f"{where}: {g['method']} is not sampled at {g['steps']} steps; "
+                    f"its step budgets: {', '.join(map(str, m.steps))}"
+                )
+
+
 def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
     """Expand every grid cell into stages and runs (deduplicated by stage id and by run content)."""
     stages: dict[str, Stage] = {}
@@ -228,42 +277,86 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
         spec, p = cell.spec, Planner(cell.spec, stages)
         ev = p.evaluator_stage()
         ev_inputs = {"evaluator": ev.id} if ev is not None else {}
-        eval_cfg = {"data": p.data, "metrics": dataclasses.asdict(spec.metrics), "n_samples": spec.sampling.n_samples,
-                    "seed": spec.sampling.seed, "evaluator": dataclasses.asdict(spec.evaluator)}
+        eval_cfg = {
+            "data": p.data,
+            "metrics": dataclasses.asdict(spec.metrics),
+            "n_samples": spec.sampling.n_samples,
+            "seed": spec.sampling.seed,
+            "evaluator": dataclasses.asdict(spec.evaluator),
+        }
         eval_cfg["metrics"].pop("pos_divergence")
         eval_cfg["evaluator"].pop("train")
         if spec.data_reference:
             ref = p.add(Stage("evaluate_data", eval_cfg, ev_inputs))
-            add_run({"method": "data", "kind": "data", "label": "data (held-out)", "rule": None, "steps": None}, ref, cell.params)
+            add_run(
+                {"method": "data", "kind": "data", "label": "data (held-out)", "rule": None, "steps": None},
+                ref,
+                cell.params,
+            )
         for mname, m in spec.methods.items():
             kind = METHOD_KINDS.get(m.kind)
             model = p.model_stage(mname)
             t_end = 1.0 - spec.sampling.eps if kind.ends_before_one(m) else 1.0
-            for rule in (m.rules or kind.rules[:1]):
+            for rule in m.rules or kind.rules[:1]:
                 for steps in m.steps:
-                    sample = p.add(Stage("sample", {
-                        "data": p.data, "sampler": kind.sampler, "rule": rule, "steps": steps, "t_end": t_end,
-                        "n_samples": spec.sampling.n_samples, "batch_size": spec.sampling.batch_size,
-                        "seed": spec.sampling.seed, "precision": spec.sampling.precision}, {"model": model.id}))
+                    sample = p.add(
+                        Stage(
+                            "sample",
+                            {
+                                "data": p.data,
+                                "sampler": kind.sampler,
+                                "rule": rule,
+                                "steps": steps,
+                                "t_end": t_end,
+                                "n_samples": spec.sampling.n_samples,
+                                "batch_size": spec.sampling.batch_size,
+                                "seed": spec.sampling.seed,
+                                "precision": spec.sampling.precision,
+                            },
+                            {"model": model.id},
+                        )
+                    )
                     ev_stage = p.add(Stage("evaluate", eval_cfg, {"samples": sample.id, **ev_inputs}))
-                    add_run({"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps},
-                            ev_stage, cell.params)
+                    add_run(
+                        {"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps},
+                        ev_stage,
+                        cell.params,
+                    )
             pd = spec.metrics.pos_divergence
             if pd is not None and kind.pos_divergence and m.teacher is not None and m.teacher != EXACT_TEACHER:
                 for k in pd.student_steps:
-                    cfg = {"data": p.data, **dataclasses.asdict(pd), "student_steps": k, "seed": spec.sampling.seed,
-                           "precision": spec.sampling.precision}
-                    div = p.add(Stage("pos_divergence", cfg, {"teacher": p.model_stage(m.teacher).id, "student": model.id}))
-                    add_run({"method": mname, "kind": "pos_divergence", "label": f"{m.label or mname} vs {m.teacher}",
-                             "rule": "cumulative_scalar", "steps": k}, div, cell.params)
+                    cfg = {
+                        "data": p.data,
+                        **dataclasses.asdict(pd),
+                        "student_steps": k,
+                        "seed": spec.sampling.seed,
+                        "precision": spec.sampling.precision,
+                    }
+                    div = p.add(
+                        Stage("pos_divergence", cfg, {"teacher": p.model_stage(m.teacher).id, "student": model.id})
+                    )
+                    add_run(
+                        {
+                            "method": mname,
+                            "kind": "pos_divergence",
+                            "label": f"{m.label or mname} vs {m.teacher}",
+                            "rule": "cumulative_scalar",
+                            "steps": k,
+                        },
+                        div,
+                        cell.params,
+                    )
     run_list = []
     for i, r in enumerate(runs.values()):
         prm = r["params"]
-        run_id = f"{prm['method']}/{prm['rule']}/{prm['steps']}/" + ",".join(f"{k}={prm[k]}" for k in grid_keys) + f"#{i}"
+        run_id = (
+            f"{prm['method']}/{prm['rule']}/{prm['steps']}/" + ",".join(f"{k}={prm[k]}" for k in grid_keys) + f"#{i}"
+        )
         run_list.append(RunSpec(run_id=run_id, params=prm, stage_id=r["stage_id"]))
     rs = cells[0].spec.report if cells else None
     report = {"mauve_min_n": rs.mauve_min_n, "pairs": [list(p) for p in rs.pairs]} if rs is not None else {}
     # tracking settings go to plan.json, not into any stage config: a tracked study has the same stage ids
     ts = cells[0].spec.tracking if cells else None
-    return StudyPlan(name=name, stages=stages, runs=run_list, report=report,
-                     tracking=ts.to_plan() if ts is not None else {})
+    return StudyPlan(
+        name=name, stages=stages, runs=run_list, report=report, tracking=ts.to_plan() if ts is not None else {}
+    )

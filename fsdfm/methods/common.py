@@ -40,6 +40,7 @@ LOSS_CURVE_POINTS = 200
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -47,6 +48,7 @@ def device() -> torch.device:
 def cache_dir(out_dir: Path) -> Path:
     """Tokenizers and packed blocks are cached once per results root (or FSDFM_CACHE): fsdfm.records.cache."""
     from fsdfm.records import stage_cache_dir
+
     return stage_cache_dir(out_dir)
 
 
@@ -64,18 +66,22 @@ def loss_curve(losses: list[float]) -> list[float]:
     if not losses:
         return []
     k = max(1, len(losses) // LOSS_CURVE_POINTS)
-    return [float(np.mean(losses[i:i + k])) for i in range(0, len(losses), k)]
+    return [float(np.mean(losses[i : i + k])) for i in range(0, len(losses), k)]
 
 
 def is_main_rank() -> bool:
     """True outside DDP and on rank 0: the one process that writes a training stage's model."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    return (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_rank() == 0
+    )
 
 
 def join_process_group() -> None:
     """Multi-task jobs (SLURM tasks_per_node > 1, torchrun) train with DDP: ranks from the environment; a no-op
     for one process. `fit` then gives every rank its slice of the global batch."""
     from fsdfm.distributed import init_distributed
+
     init_distributed()
 
 
@@ -101,8 +107,15 @@ def save_dit(out_dir: Path, model: DiT, path_cfg: dict, h_conditioned: bool, cor
         return
     if corpus is not None:
         save_tokenizer(out_dir, corpus)
-    save_checkpoint(Path(out_dir) / "model.pt", {"model_config": model.cfg.to_dict(), "state_dict": model.state_dict(),
-                                                 "path": path_cfg, "h_conditioned": h_conditioned})
+    save_checkpoint(
+        Path(out_dir) / "model.pt",
+        {
+            "model_config": model.cfg.to_dict(),
+            "state_dict": model.state_dict(),
+            "path": path_cfg,
+            "h_conditioned": h_conditioned,
+        },
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +142,10 @@ def load_dit(model_dir: Path, dev: torch.device | None = None) -> LoadedDiT:
     except UnsafeCheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - a truncated file raises OSError/RuntimeError/EOFError that name no file
-        raise ArtefactError(f"{path}: cannot be read as a model ({type(e).__name__}: {e}); delete the stage "
-                            "folder (fsdfm clean) or re-run the study, which redoes damaged stages") from e
+        raise ArtefactError(
+            f"{path}: cannot be read as a model ({type(e).__name__}: {e}); delete the stage "
+            "folder (fsdfm clean) or re-run the study, which redoes damaged stages"
+        ) from e
     model = DiT(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["state_dict"])
     model.to(dev or device()).eval()
@@ -147,27 +162,42 @@ def load_released_dit(pointer_file: Path, dev: torch.device) -> LoadedDiT:
     ptr = json.loads(Path(pointer_file).read_text())
     stat = Path(ptr["checkpoint"]).stat() if Path(ptr["checkpoint"]).is_file() else None
     if stat is None or (stat.st_size, stat.st_mtime_ns) != (ptr["size_bytes"], ptr["mtime_ns"]):
-        raise CheckpointError(f"{ptr['checkpoint']}: the checkpoint {pointer_file} points to is gone or changed since it "
-                              f"was checked; re-run its load_released stage (delete {Path(pointer_file).parent})")
+        raise CheckpointError(
+            f"{ptr['checkpoint']}: the checkpoint {pointer_file} points to is gone or changed since it "
+            f"was checked; re-run its load_released stage (delete {Path(pointer_file).parent})"
+        )
     loaded = load_released(ptr["checkpoint"], ptr["which"], device=dev)
-    return LoadedDiT(loaded.model, path_from_config(ptr["path"], loaded.config.vocab_size), ptr["path"],
-                     loaded.h_conditioned)
-
+    return LoadedDiT(
+        loaded.model, path_from_config(ptr["path"], loaded.config.vocab_size), ptr["path"], loaded.h_conditioned
+    )
 
 
 def train_metrics(res, extra: dict | None = None) -> dict:
-    return {"metrics": {"train_loss_final": float(np.mean(res.losses[-20:])), "train_wall_s": res.wall_s,
-                        "train_tokens_per_s": res.tokens_per_s, **(extra or {})},
-            "loss_curve": loss_curve(res.losses), "resumed_from": res.resumed_from}
+    return {
+        "metrics": {
+            "train_loss_final": float(np.mean(res.losses[-20:])),
+            "train_wall_s": res.wall_s,
+            "train_tokens_per_s": res.tokens_per_s,
+            **(extra or {}),
+        },
+        "loss_curve": loss_curve(res.losses),
+        "resumed_from": res.resumed_from,
+    }
 
 
-def fit_dit(model: DiT, objective, corpus, config: dict, out_dir: Path, desc: str, path_cfg: dict,
-            h_conditioned: bool):
+def fit_dit(model: DiT, objective, corpus, config: dict, out_dir: Path, desc: str, path_cfg: dict, h_conditioned: bool):
     """The training-stage skeleton every DiT method shares: fit `model` on the corpus with `objective` and
     config["optim"] (resuming from out_dir/ckpt), save the final weights (the EMA copy when EMA is on) as
     out_dir/model.pt with the corpus tokenizer. Returns (fit result, final model)."""
-    res = fit(model, objective, corpus.train, OptimConfig(**config["optim"]), Path(out_dir) / "ckpt",
-              desc=desc, device=device())
+    res = fit(
+        model,
+        objective,
+        corpus.train,
+        OptimConfig(**config["optim"]),
+        Path(out_dir) / "ckpt",
+        desc=desc,
+        device=device(),
+    )
     final = res.ema if res.ema is not None else res.model
     save_dit(out_dir, final, path_cfg, h_conditioned=h_conditioned, corpus=corpus)
     return res, final
@@ -194,8 +224,6 @@ def oracle_model_metrics(config: dict, model, path: MixturePath, corpus, h: floa
     model.eval()
     gen = torch.Generator(dev).manual_seed(0)  # the same states for every model of the study
     return {"posterior_kl": posterior_kl(model, exact, path, corpus.valid[:POSTERIOR_KL_STATES].to(dev), gen, h=h)}
-
-
 
 
 class RowCounter(CountingModel):

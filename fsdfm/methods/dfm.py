@@ -15,9 +15,20 @@ import torch
 
 from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, declared_rules, register_kind
 from fsdfm.methods.exact import plan_exact
-from fsdfm.methods.common import (SAMPLERS, Draw, RowCounter, build_model_config, corpus_for, fit_dit, join_process_group,
-                                  load_dit, oracle_model_metric, oracle_model_metrics, path_from_config,
-                                  train_metrics)
+from fsdfm.methods.common import (
+    SAMPLERS,
+    Draw,
+    RowCounter,
+    build_model_config,
+    corpus_for,
+    fit_dit,
+    join_process_group,
+    load_dit,
+    oracle_model_metric,
+    oracle_model_metrics,
+    path_from_config,
+    train_metrics,
+)
 from fsdfm.model import DiT
 from fsdfm.objectives import DFMConfig, DFMObjective
 from fsdfm.paths import MixturePath
@@ -31,19 +42,45 @@ DFM_RULES = declared_rules("dfm", "euler")  # euler, cumulative_scalar, mixture_
 def plan_dfm(p: Planner, name: str, m: MethodSpec) -> Stage:
     # `teacher: exact`: the "exact targets" baseline, trained on KL(exact posterior || model) instead of CE on x_1
     inputs = {"teacher": plan_exact(p, name, m).id} if m.teacher == EXACT_TEACHER else {}
-    return p.add(Stage("train_dfm", {"data": p.data, "model": p.model_cfg(m), "source": m.source,
-                                     "scheduler": dataclasses.asdict(m.scheduler),
-                                     "objective": dataclasses.asdict(DFMConfig(m.loss, p.spec.sampling.eps)),
-                                     "optim": p.optim(m)}, inputs))
+    return p.add(
+        Stage(
+            "train_dfm",
+            {
+                "data": p.data,
+                "model": p.model_cfg(m),
+                "source": m.source,
+                "scheduler": dataclasses.asdict(m.scheduler),
+                "objective": dataclasses.asdict(DFMConfig(m.loss, p.spec.sampling.eps)),
+                "optim": p.optim(m),
+            },
+            inputs,
+        )
+    )
 
 
-register_kind(MethodKind("dfm", "dfm", DFM_RULES, plan_dfm, exact_teacher=True, pos_divergence=True,
-                         ends_before_one=lambda m: m.loss == "gkl"))
+register_kind(
+    MethodKind(
+        "dfm",
+        "dfm",
+        DFM_RULES,
+        plan_dfm,
+        exact_teacher=True,
+        pos_divergence=True,
+        ends_before_one=lambda m: m.loss == "gkl",
+    )
+)
 
 
 @torch.no_grad()
-def dfm_validation(model: DiT, path: MixturePath, valid: torch.Tensor, eps: float, seed: int = 0,
-                   n_batches: int = 8, batch_size: int = 32) -> dict:
+def dfm_validation(
+    model: DiT,
+    path: MixturePath,
+    valid: torch.Tensor,
+    eps: float,
+    seed: int = 0,
+    n_batches: int = 8,
+    batch_size: int = 32,
+) -> dict:
     """Held-out CE on movable positions at t ~ U[0, 1 - eps] and, for the mask source, the ELBO bound
     val_nll = E_t[ g(t) sum_masked -log p(x_1 | x_t) ] / L (nats/token) and elbo_ppl = exp(val_nll)."""
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -52,7 +89,7 @@ def dfm_validation(model: DiT, path: MixturePath, valid: torch.Tensor, eps: floa
     n_seq = 0
     dev = next(model.parameters()).device
     for b in range(n_batches):
-        x_1 = valid[b * batch_size % max(1, len(valid)):][:batch_size].to(dev)
+        x_1 = valid[b * batch_size % max(1, len(valid)) :][:batch_size].to(dev)
         if len(x_1) == 0:
             break
         t = torch.rand(len(x_1), device=dev, generator=g) * (1 - eps)
@@ -77,28 +114,49 @@ def unigram_ce(train: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> flo
     return float(-logp[valid.flatten()].mean())
 
 
-
-@stage_kind("train_dfm", checkpointable=True, resources="gpu_multi", version="1",
-            metrics=lambda c: (("val_nll", "elbo_ppl") if c.get("source") == "mask" else ()) + oracle_model_metric(c))
+@stage_kind(
+    "train_dfm",
+    checkpointable=True,
+    resources="gpu_multi",
+    version="1",
+    metrics=lambda c: (("val_nll", "elbo_ppl") if c.get("source") == "mask" else ()) + oracle_model_metric(c),
+)
 def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The DFM teacher: mask or uniform source, CE or generalized-KL loss."""
     join_process_group()
     corpus = corpus_for(config, out_dir)
     path = path_from_config(config, corpus.vocab_size)
-    cfg = build_model_config(config["model"], corpus.vocab_size, corpus.seq_len,
-                             input_vocab_size=path.source.input_vocab_size)
+    cfg = build_model_config(
+        config["model"], corpus.vocab_size, corpus.seq_len, input_vocab_size=path.source.input_vocab_size
+    )
     torch.manual_seed(config["optim"]["seed"])
     model = DiT(cfg)
     obj = DFMConfig(**config["objective"])
     objective = DFMObjective(path, obj)
     if "teacher" in inputs:  # teacher: exact -- the "exact targets" baseline (fsdfm.methods.exact_teacher)
         from fsdfm.methods.exact_teacher import ExactTargetObjective, load_exact
+
         objective = ExactTargetObjective(path, load_exact(inputs["teacher"], config["data"]), obj.eps)
-    res, final = fit_dit(model, objective, corpus, config, out_dir, "train dfm teacher",
-                         {"source": config["source"], "scheduler": config["scheduler"]}, h_conditioned=False)
+    res, final = fit_dit(
+        model,
+        objective,
+        corpus,
+        config,
+        out_dir,
+        "train dfm teacher",
+        {"source": config["source"], "scheduler": config["scheduler"]},
+        h_conditioned=False,
+    )
     val = dfm_validation(final, path, corpus.valid, obj.eps)
-    return train_metrics(res, {**val, "unigram_ce": unigram_ce(corpus.train, corpus.valid, corpus.vocab_size),
-                               "n_params": model.num_parameters(), **oracle_model_metrics(config, final, path, corpus)})
+    return train_metrics(
+        res,
+        {
+            **val,
+            "unigram_ce": unigram_ce(corpus.train, corpus.valid, corpus.vocab_size),
+            "n_params": model.num_parameters(),
+            **oracle_model_metrics(config, final, path, corpus),
+        },
+    )
 
 
 @SAMPLERS.register("dfm")
@@ -109,10 +167,22 @@ def sample_dfm(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     precision = getattr(torch, cfg["precision"])
 
     def run(n, steps_grid, gen):
-        return sample(net, m.path, n_samples=n, seq_len=corpus.seq_len, grid=steps_grid, rule=cfg["rule"],
-                      h_conditioned=m.h_conditioned, generator=gen, precision=precision,
-                      batch_size=cfg["batch_size"], device=dev)
+        return sample(
+            net,
+            m.path,
+            n_samples=n,
+            seq_len=corpus.seq_len,
+            grid=steps_grid,
+            rule=cfg["rule"],
+            h_conditioned=m.h_conditioned,
+            generator=gen,
+            precision=precision,
+            batch_size=cfg["batch_size"],
+            device=dev,
+        )
 
-    run(min(cfg["batch_size"], cfg["n_samples"]), time_grid(1, t_end=cfg["t_end"]), torch.Generator(dev).manual_seed(0))  # warm-up
+    run(
+        min(cfg["batch_size"], cfg["n_samples"]), time_grid(1, t_end=cfg["t_end"]), torch.Generator(dev).manual_seed(0)
+    )  # warm-up
     net.reset()
     return Draw(lambda gen: run(cfg["n_samples"], grid, gen), net)

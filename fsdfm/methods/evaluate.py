@@ -45,10 +45,19 @@ def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
         raise RuntimeError(f"sampler returned {tokens.shape}, expected {(config['n_samples'], corpus.seq_len)}")
     write_samples(Path(out_dir), tokens, corpus)
     n_tok = tokens.size
-    return {"metrics": {"nfe": nfe, "wall_s": wall_s, "tokens_per_s": n_tok / wall_s if wall_s > 0 else None,
-                        "peak_mem": peak}, "peak_mem_kind": peak_kind, "device": str(dev),
-            "precision": config["precision"], "time_grid": [float(t) for t in out.time_grid[:2049]],
-            "numerics": out.numerics.to_dict() if getattr(out, "numerics", None) else None}
+    return {
+        "metrics": {
+            "nfe": nfe,
+            "wall_s": wall_s,
+            "tokens_per_s": n_tok / wall_s if wall_s > 0 else None,
+            "peak_mem": peak,
+        },
+        "peak_mem_kind": peak_kind,
+        "device": str(dev),
+        "precision": config["precision"],
+        "time_grid": [float(t) for t in out.time_grid[:2049]],
+        "numerics": out.numerics.to_dict() if getattr(out, "numerics", None) else None,
+    }
 
 
 def counted_nfe(rows: int, n_samples: int) -> int | float:
@@ -59,6 +68,7 @@ def counted_nfe(rows: int, n_samples: int) -> int | float:
 def write_samples(out_dir: Path, tokens: np.ndarray, corpus) -> None:
     """samples.npy (token ids) and samples.jsonl (decoded text), each written atomically."""
     import io
+
     buf = io.BytesIO()
     np.save(buf, tokens)
     atomic_write(out_dir / "samples.npy", buf.getvalue())
@@ -72,8 +82,10 @@ def read_samples(stage_dir: Path) -> tuple[np.ndarray, list[str] | None]:
     try:
         tokens = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - numpy's errors for a truncated file name no file
-        raise ArtefactError(f"{path}: cannot be read as samples ({type(e).__name__}: {e}); re-run the study, "
-                            "which redoes damaged stages") from e
+        raise ArtefactError(
+            f"{path}: cannot be read as samples ({type(e).__name__}: {e}); re-run the study, "
+            "which redoes damaged stages"
+        ) from e
     p = Path(stage_dir) / "samples.jsonl"
     texts = [json.loads(line)["text"] for line in p.read_text().splitlines()] if p.exists() else None
     return tokens, texts
@@ -81,8 +93,10 @@ def read_samples(stage_dir: Path) -> tuple[np.ndarray, list[str] | None]:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 
+
 def load_study_evaluator(config: dict, inputs: dict, dev):
     from fsdfm.metrics.evaluator import load_evaluator
+
     ev = config["evaluator"]
     if ev["kind"] == "reference":
         return load_evaluator(str(Path(inputs["evaluator"]) / "hf"), device=str(dev))
@@ -97,13 +111,21 @@ def _metric_kwargs(config: dict, evaluator, references, corpus) -> dict:
     m = config["metrics"]
     eos = getattr(corpus.tokenizer, "eos_token", None) if corpus.tokenizer is not None else None
     markers = END_MARKERS + ((eos,) if eos and eos not in END_MARKERS else ())
-    return dict(evaluator=evaluator, references=references, mauve_featurizer=m["mauve_featurizer"],
-                mauve_num_buckets=m["mauve_buckets"], mauve_seeds=m.get("mauve_seeds", 5),
-                self_bleu_subsample=m["self_bleu_subsample"], seed=config["seed"], end_markers=markers)
+    return dict(
+        evaluator=evaluator,
+        references=references,
+        mauve_featurizer=m["mauve_featurizer"],
+        mauve_num_buckets=m["mauve_buckets"],
+        mauve_seeds=m.get("mauve_seeds", 5),
+        self_bleu_subsample=m["self_bleu_subsample"],
+        seed=config["seed"],
+        end_markers=markers,
+    )
 
 
 def _sample_metric_names(config: dict, evaluator) -> list[str]:
     from fsdfm.metrics import SAMPLE_METRICS
+
     names = [n for n in config["metrics"]["names"] if n in SAMPLE_METRICS]
     if evaluator is None:
         names = [n for n in names if n not in ("gen_ppl", "gen_ppl_seq_mean")]
@@ -168,9 +190,13 @@ def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
         raise RuntimeError(f"{inputs['samples']}: {tokens.shape[0]} samples on disk, {n} requested")
     evaluator = load_study_evaluator(config, inputs, device())
     refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
-    scored = score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir, _sample_metric_names(config, evaluator))
+    scored = score_samples(
+        config, tokens, texts, refs, evaluator, corpus, out_dir, _sample_metric_names(config, evaluator)
+    )
     sample_rec = read_record(Path(inputs["samples"])) or {}
-    scored["metrics"].update((sample_rec.get("payload") or {}).get("metrics") or {})  # nfe, wall_s, tokens_per_s, peak_mem
+    scored["metrics"].update(
+        (sample_rec.get("payload") or {}).get("metrics") or {}
+    )  # nfe, wall_s, tokens_per_s, peak_mem
     return {**scored, "n_samples": n, "samples_stage": Path(inputs["samples"]).name}
 
 
@@ -180,12 +206,16 @@ def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     corpus = corpus_for(config, out_dir)
     n = config["n_samples"]
     if corpus.valid.shape[0] < 2 * n:
-        raise RuntimeError(f"the data reference row needs {2 * n} held-out blocks; the valid split has {corpus.valid.shape[0]}")
-    tokens = corpus.valid[n:2 * n].numpy()
+        raise RuntimeError(
+            f"the data reference row needs {2 * n} held-out blocks; the valid split has {corpus.valid.shape[0]}"
+        )
+    tokens = corpus.valid[n : 2 * n].numpy()
     texts = corpus.texts("valid", 2 * n)[n:] if corpus.tokenizer is not None else None  # decode only what is used
     refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
     evaluator = load_study_evaluator(config, inputs, device())
-    scored = score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir, _sample_metric_names(config, evaluator))
+    scored = score_samples(
+        config, tokens, texts, refs, evaluator, corpus, out_dir, _sample_metric_names(config, evaluator)
+    )
     return {**scored, "n_samples": n}
 
 
@@ -214,16 +244,41 @@ def pos_divergence_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
         grid = time_grid(n_steps, t_start=t0)
 
         def go(x_start, g):
-            return sample(m.model, m.path, n_samples=len(x_start), seq_len=corpus.seq_len, grid=grid, rule="cumulative_scalar",
-                          h_conditioned=m.h_conditioned, generator=g, precision=precision, device=dev, x_init=x_start).tokens
+            return sample(
+                m.model,
+                m.path,
+                n_samples=len(x_start),
+                seq_len=corpus.seq_len,
+                grid=grid,
+                rule="cumulative_scalar",
+                h_conditioned=m.h_conditioned,
+                generator=g,
+                precision=precision,
+                device=dev,
+                x_init=x_start,
+            ).tokens
+
         return go
 
     n_teacher = max(1, round(config["teacher_steps"] * (1 - t0)))
     n_student = max(1, round(config["student_steps"] * (1 - t0)))
-    res = pos_divergence(x.cpu(), rollout(teacher, n_teacher), rollout(student, n_student), config["n_rollouts"],
-                         corpus.vocab_size, generator=gen)
-    return {"metrics": {"pos_divergence": float(res.tv.mean()), "pos_divergence_slope": res.slope,
-                        "pos_divergence_slope_stderr": res.slope_stderr, "pos_agreement": float(res.agreement.mean()),
-                        "student_nfe_from_t_start": n_student},
-            "curves": {"tv": res.tv.tolist(), "js": res.js.tolist(), "agreement": res.agreement.tolist()},
-            "teacher_steps_from_t_start": n_teacher, "student_steps_from_t_start": n_student}
+    res = pos_divergence(
+        x.cpu(),
+        rollout(teacher, n_teacher),
+        rollout(student, n_student),
+        config["n_rollouts"],
+        corpus.vocab_size,
+        generator=gen,
+    )
+    return {
+        "metrics": {
+            "pos_divergence": float(res.tv.mean()),
+            "pos_divergence_slope": res.slope,
+            "pos_divergence_slope_stderr": res.slope_stderr,
+            "pos_agreement": float(res.agreement.mean()),
+            "student_nfe_from_t_start": n_student,
+        },
+        "curves": {"tv": res.tv.tolist(), "js": res.js.tolist(), "agreement": res.agreement.tolist()},
+        "teacher_steps_from_t_start": n_teacher,
+        "student_steps_from_t_start": n_student,
+    }

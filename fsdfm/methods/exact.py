@@ -21,12 +21,12 @@ from fsdfm.study.spec import MethodSpec
 
 def plan_exact(p: Planner, name: str, m: MethodSpec) -> Stage:
     """The exact posterior of the oracle source on the method's path: no training, one small record."""
-    return p.add(Stage("exact_posterior", {"data": p.data, "source": m.source,
-                                           "scheduler": dataclasses.asdict(m.scheduler)}))
+    return p.add(
+        Stage("exact_posterior", {"data": p.data, "source": m.source, "scheduler": dataclasses.asdict(m.scheduler)})
+    )
 
 
-register_kind(MethodKind("exact", "exact", declared_rules("exact", "cumulative_scalar"), plan_exact,
-                         oracle_only=True))
+register_kind(MethodKind("exact", "exact", declared_rules("exact", "cumulative_scalar"), plan_exact, oracle_only=True))
 
 
 @stage_kind("exact_posterior", resources="cpu", version="1")
@@ -48,6 +48,18 @@ def sample_exact(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     exact = load_exact(model_dir, cfg["data"])
     net = RowCounter(exact)
     grid = time_grid(cfg["steps"], t_end=cfg["t_end"])
-    return Draw(lambda gen: sample(net, exact.path, n_samples=cfg["n_samples"], seq_len=corpus.seq_len, grid=grid,
-                                   rule=cfg["rule"], generator=gen, precision=getattr(torch, cfg["precision"]),
-                                   batch_size=cfg["batch_size"], device=dev), net)
+    return Draw(
+        lambda gen: sample(
+            net,
+            exact.path,
+            n_samples=cfg["n_samples"],
+            seq_len=corpus.seq_len,
+            grid=grid,
+            rule=cfg["rule"],
+            generator=gen,
+            precision=getattr(torch, cfg["precision"]),
+            batch_size=cfg["batch_size"],
+            device=dev,
+        ),
+        net,
+    )

@@ -13,8 +13,17 @@ import torch
 
 from fsdfm.flm import FLMConfig
 from fsdfm.methods.base import MethodKind, Planner, register_kind
-from fsdfm.methods.common import (SAMPLERS, Draw, RowCounter, build_model_config, corpus_for, fit_dit, join_process_group, load_dit,
-                                  train_metrics)
+from fsdfm.methods.common import (
+    SAMPLERS,
+    Draw,
+    RowCounter,
+    build_model_config,
+    corpus_for,
+    fit_dit,
+    join_process_group,
+    load_dit,
+    train_metrics,
+)
 from fsdfm.model import DiT
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
@@ -22,7 +31,9 @@ from fsdfm.study.spec import MethodSpec
 
 def plan_flm(p: Planner, name: str, m: MethodSpec) -> Stage:
     # the `distill:` mapping as written (not the filled-in FLMConfig): that is what the stage ids have hashed
-    return p.add(Stage("train_flm", {"data": p.data, "model": p.model_cfg(m), "flm": dict(m.distill), "optim": p.optim(m)}))
+    return p.add(
+        Stage("train_flm", {"data": p.data, "model": p.model_cfg(m), "flm": dict(m.distill), "optim": p.optim(m)})
+    )
 
 
 register_kind(MethodKind("flm", "flm", ("euler",), plan_flm, settings_key="distill", settings_cls=FLMConfig))
@@ -38,8 +49,16 @@ def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
     cfg = build_model_config(config["model"], corpus.vocab_size, corpus.seq_len)
     torch.manual_seed(config["optim"]["seed"])
     model = DiT(cfg)
-    res, _ = fit_dit(model, FLMObjective(FLMTime(corpus.vocab_size), FLMConfig(**config["flm"])), corpus, config,
-                     out_dir, "train flm", {"continuous": "flm"}, h_conditioned=False)
+    res, _ = fit_dit(
+        model,
+        FLMObjective(FLMTime(corpus.vocab_size), FLMConfig(**config["flm"])),
+        corpus,
+        config,
+        out_dir,
+        "train flm",
+        {"continuous": "flm"},
+        h_conditioned=False,
+    )
     return train_metrics(res, {"n_params": model.num_parameters()})
 
 
@@ -51,13 +70,22 @@ def continuous_sampler(two_time: bool) -> Callable:
         counter = RowCounter(m.model)
         time = FLMTime(corpus.vocab_size)
         net = (lambda x, s, t: counter(x, s, t)) if two_time else (lambda x, s, t: counter(x, s))
-        kw = dict(seq_len=corpus.seq_len, precision=getattr(torch, cfg["precision"]), device=dev,
-                  max_state_bytes=cfg.get("max_state_bytes", 1 << 28))
+        kw = dict(
+            seq_len=corpus.seq_len,
+            precision=getattr(torch, cfg["precision"]),
+            device=dev,
+            max_state_bytes=cfg.get("max_state_bytes", 1 << 28),
+        )
         sample_continuous(net, time, n_samples=min(2, cfg["n_samples"]), n_steps=1, seed=0, **kw)  # warm-up
         counter.reset()
         # seeded by cfg["seed"] per chunk (fsdfm.flm.sample_noise), not by the stage's generator
-        return Draw(lambda gen: sample_continuous(net, time, n_samples=cfg["n_samples"], n_steps=cfg["steps"],
-                                                  seed=cfg["seed"], **kw), counter)
+        return Draw(
+            lambda gen: sample_continuous(
+                net, time, n_samples=cfg["n_samples"], n_steps=cfg["steps"], seed=cfg["seed"], **kw
+            ),
+            counter,
+        )
+
     return prepare
 
 

@@ -20,12 +20,16 @@ from fsdfm.study.spec import MethodSpec
 
 def plan_fmlm(p: Planner, name: str, m: MethodSpec) -> Stage:
     teacher = p.model_stage(m.teacher)
-    return p.add(Stage("distil_fmlm", {"data": p.data, "fmlm": dict(m.distill), "optim": p.optim(m)},
-                       {"teacher": teacher.id}))
+    return p.add(
+        Stage("distil_fmlm", {"data": p.data, "fmlm": dict(m.distill), "optim": p.optim(m)}, {"teacher": teacher.id})
+    )
 
 
-register_kind(MethodKind("fmlm", "fmlm", ("flow_map",), plan_fmlm, teacher_kind="flm", settings_key="distill",
-                         settings_cls=FMLMConfig))
+register_kind(
+    MethodKind(
+        "fmlm", "fmlm", ("flow_map",), plan_fmlm, teacher_kind="flm", settings_key="distill", settings_cls=FMLMConfig
+    )
+)
 
 
 @stage_kind("distil_fmlm", checkpointable=True, resources="gpu_multi", version="1")

@@ -15,8 +15,16 @@ from pathlib import Path
 import torch
 
 from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, declared_rules, register_kind
-from fsdfm.methods.common import (build_model_config, corpus_for, fit_dit, join_process_group, load_dit,
-                                  oracle_model_metric, oracle_model_metrics, train_metrics)
+from fsdfm.methods.common import (
+    build_model_config,
+    corpus_for,
+    fit_dit,
+    join_process_group,
+    load_dit,
+    oracle_model_metric,
+    oracle_model_metrics,
+    train_metrics,
+)
 from fsdfm.methods.exact import plan_exact
 from fsdfm.model import DiT, student_from_teacher
 from fsdfm.objectives import FROZEN_TEACHER_SHORTCUTS, SHORTCUTS, FSDFMConfig, FSDFMObjective
@@ -55,16 +63,31 @@ def check_exact_teacher(spec: StudySpec, name: str, m: MethodSpec, file: str) ->
     """With `teacher: exact` the exact posterior is the frozen teacher: the shortcut must use one."""
     shortcut = m.distill.get("shortcut", FSDFMConfig.shortcut)
     if shortcut not in SHORTCUTS or not SHORTCUTS.get(shortcut).uses_frozen_teacher:
-        raise SpecError(f"{file}: methods.{name}.distill.shortcut: with teacher {EXACT_TEACHER!r} the exact posterior "
-                        f"is the frozen teacher: set shortcut to one of {', '.join(FROZEN_TEACHER_SHORTCUTS)}")
+        raise SpecError(
+            f"{file}: methods.{name}.distill.shortcut: with teacher {EXACT_TEACHER!r} the exact posterior "
+            f"is the frozen teacher: set shortcut to one of {', '.join(FROZEN_TEACHER_SHORTCUTS)}"
+        )
 
 
-register_kind(MethodKind("fsdfm", "dfm", declared_rules("fsdfm", "cumulative_scalar"), plan_fsdfm,
-                         teacher_kind="dfm", settings_key="distill", settings_cls=FSDFMSettings, exact_teacher=True,
-                         validate=check_exact_teacher, pos_divergence=True))
+register_kind(
+    MethodKind(
+        "fsdfm",
+        "dfm",
+        declared_rules("fsdfm", "cumulative_scalar"),
+        plan_fsdfm,
+        teacher_kind="dfm",
+        settings_key="distill",
+        settings_cls=FSDFMSettings,
+        exact_teacher=True,
+        validate=check_exact_teacher,
+        pos_divergence=True,
+    )
+)
 
 
-@stage_kind("distil_fsdfm", checkpointable=True, resources="gpu_multi", version="1", metrics=lambda c: oracle_model_metric(c))
+@stage_kind(
+    "distil_fsdfm", checkpointable=True, resources="gpu_multi", version="1", metrics=lambda c: oracle_model_metric(c)
+)
 def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The FS-DFM student, initialised from the teacher with a fresh step-size embedding."""
     from fsdfm.methods.exact_teacher import is_exact
@@ -74,11 +97,19 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     spec = FSDFMSettings(**config["distill"])
     if is_exact(inputs["teacher"]):  # teacher: exact -- fresh student, exact posterior as frozen evaluator
         from fsdfm.methods.exact_teacher import exact_path_cfg, load_exact
+
         exact = load_exact(inputs["teacher"], config["data"])
         path_cfg, teacher_path = exact_path_cfg(inputs["teacher"]), exact.path
         torch.manual_seed(config["optim"]["seed"])
-        student = DiT(build_model_config(config["model"], corpus.vocab_size, corpus.seq_len, h_embedding=spec.h_embedding,
-                                         input_vocab_size=teacher_path.source.input_vocab_size))
+        student = DiT(
+            build_model_config(
+                config["model"],
+                corpus.vocab_size,
+                corpus.seq_len,
+                h_embedding=spec.h_embedding,
+                input_vocab_size=teacher_path.source.input_vocab_size,
+            )
+        )
         frozen = exact
     else:
         teacher = load_dit(inputs["teacher"])
@@ -86,7 +117,20 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
         torch.manual_seed(config["optim"]["seed"])
         student = student_from_teacher(teacher.model, spec.h_embedding)
         frozen = teacher.model.requires_grad_(False) if spec.rule.uses_frozen_teacher else None
-    res, final = fit_dit(student, FSDFMObjective(teacher_path, spec.objective(), frozen), corpus, config, out_dir,
-                         "distil fs-dfm student", path_cfg, h_conditioned=True)
-    return train_metrics(res, {"n_params": student.num_parameters(),
-                               **oracle_model_metrics(config, final, teacher_path, corpus, h=2.0 ** -spec.K)})
+    res, final = fit_dit(
+        student,
+        FSDFMObjective(teacher_path, spec.objective(), frozen),
+        corpus,
+        config,
+        out_dir,
+        "distil fs-dfm student",
+        path_cfg,
+        h_conditioned=True,
+    )
+    return train_metrics(
+        res,
+        {
+            "n_params": student.num_parameters(),
+            **oracle_model_metrics(config, final, teacher_path, corpus, h=2.0**-spec.K),
+        },
+    )

@@ -42,19 +42,41 @@ class ReleasedCheckpoint:
 
     def __post_init__(self):
         if self.which not in RELEASED_ENTRIES:
-            raise ValueError(f"which must be one of {', '.join(RELEASED_ENTRIES)}, got {self.which!r}"
-                             f"{did_you_mean(str(self.which), list(RELEASED_ENTRIES))}")
+            raise ValueError(
+                f"which must be one of {', '.join(RELEASED_ENTRIES)}, got {self.which!r}"
+                f"{did_you_mean(str(self.which), list(RELEASED_ENTRIES))}"
+            )
 
 
 def plan_released(p: Planner, name: str, m: MethodSpec) -> Stage:
-    return p.add(Stage("load_released", {"data": p.data, "checkpoint": dataclasses.asdict(m.settings),
-                                         "source": m.source, "scheduler": dataclasses.asdict(m.scheduler)}))
+    return p.add(
+        Stage(
+            "load_released",
+            {
+                "data": p.data,
+                "checkpoint": dataclasses.asdict(m.settings),
+                "source": m.source,
+                "scheduler": dataclasses.asdict(m.scheduler),
+            },
+        )
+    )
 
 
-register_kind(MethodKind(
-    "released", "dfm", declared_rules("released", "cumulative_scalar"), plan_released, teacher_kind="released",
-    teacher_optional=True, settings_key="checkpoint", settings_cls=ReleasedCheckpoint, settings_required=True,
-    pos_divergence=True, ends_before_one=lambda m: m.loss == "gkl" and m.settings.which == "teacher"))
+register_kind(
+    MethodKind(
+        "released",
+        "dfm",
+        declared_rules("released", "cumulative_scalar"),
+        plan_released,
+        teacher_kind="released",
+        teacher_optional=True,
+        settings_key="checkpoint",
+        settings_cls=ReleasedCheckpoint,
+        settings_required=True,
+        pos_divergence=True,
+        ends_before_one=lambda m: m.loss == "gkl" and m.settings.which == "teacher",
+    )
+)
 
 
 @stage_kind("load_released", resources="gpu", version="1")
@@ -69,17 +91,26 @@ def load_released_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     loaded = load_released(file, ckpt["which"])
     h_wanted = ckpt["which"] != "teacher"
     if loaded.h_conditioned != h_wanted:
-        raise CheckpointError(f"{file} [{loaded.source_key!r}]: which={ckpt['which']!r} expects a model "
-                              f"{'with' if h_wanted else 'without'} step-size conditioning")
+        raise CheckpointError(
+            f"{file} [{loaded.source_key!r}]: which={ckpt['which']!r} expects a model "
+            f"{'with' if h_wanted else 'without'} step-size conditioning"
+        )
     if loaded.config.vocab_size != corpus.vocab_size or loaded.config.seq_len < corpus.seq_len:
-        raise CheckpointError(f"{file}: the model has V = {loaded.config.vocab_size}, L <= {loaded.config.seq_len}; "
-                              f"the corpus V = {corpus.vocab_size}, L = {corpus.seq_len}: they must agree")
+        raise CheckpointError(
+            f"{file}: the model has V = {loaded.config.vocab_size}, L <= {loaded.config.seq_len}; "
+            f"the corpus V = {corpus.vocab_size}, L = {corpus.seq_len}: they must agree"
+        )
     stat = file.stat()
-    pointer = {"checkpoint": str(file), "which": ckpt["which"], "source_key": loaded.source_key,
-               "size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "model_config": loaded.config.to_dict(),
-               "path": {"source": config["source"], "scheduler": config["scheduler"]},
-               "h_conditioned": loaded.h_conditioned}
+    pointer = {
+        "checkpoint": str(file),
+        "which": ckpt["which"],
+        "source_key": loaded.source_key,
+        "size_bytes": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "model_config": loaded.config.to_dict(),
+        "path": {"source": config["source"], "scheduler": config["scheduler"]},
+        "h_conditioned": loaded.h_conditioned,
+    }
     atomic_write(Path(out_dir) / RELEASED_POINTER, json.dumps(pointer, indent=1).encode())
     save_tokenizer(out_dir, corpus)
     return {"metrics": {"n_params": loaded.model.num_parameters()}, "checkpoint": pointer}
-

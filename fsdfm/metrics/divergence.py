@@ -118,7 +118,7 @@ def pos_divergence(
     student = _run(student_rollout, x_rep, generator, batch_size, vocab_size, "student")
 
     # Sparse marginals: one key per (start, position, token) instead of an (S, L, V) histogram (V ~ 50k).
-    cell = (torch.arange(n_starts).repeat_interleave(n_rollouts).unsqueeze(1) * length + torch.arange(length))
+    cell = torch.arange(n_starts).repeat_interleave(n_rollouts).unsqueeze(1) * length + torch.arange(length)
     keys = torch.cat([(cell * vocab_size + teacher).flatten(), (cell * vocab_size + student).flatten()])
     uniq, inverse = torch.unique(keys, return_inverse=True)
     half = teacher.numel()
@@ -137,18 +137,35 @@ def pos_divergence(
     agreement = (teacher == student).double().mean(dim=0)
     fit = fit_slope(tv)
     return PosDivergence(
-        tv=tv, js=js, agreement=agreement, slope=fit.slope, slope_stderr=fit.slope_stderr,
-        n_starts=n_starts, n_rollouts=n_rollouts,
+        tv=tv,
+        js=js,
+        agreement=agreement,
+        slope=fit.slope,
+        slope_stderr=fit.slope_stderr,
+        n_starts=n_starts,
+        n_rollouts=n_rollouts,
     )
 
 
 # --- recorded by the pos_divergence stage (needs teacher and student rollouts, not samples)
 _POS = "fsdfm.metrics.divergence.pos_divergence (needs teacher and student rollouts)"
-register_metric("pos_divergence", direction="min", unit="TV", family="divergence", show={"pos": 1},
-                recorded_by=_POS,
-                description="per-position total variation between few-step and many-step teacher marginals from the "
-                            "same start state (a curve over positions; its mean as a scalar)")
-register_metric("pos_divergence_slope", direction="min", unit="TV/sequence", family="divergence", show={"pos": 3},
-                recorded_by=_POS,
-                description="least-squares slope of the pos_divergence TV curve against normalised position 0..1 "
-                            "(positive: error grows)")
+register_metric(
+    "pos_divergence",
+    direction="min",
+    unit="TV",
+    family="divergence",
+    show={"pos": 1},
+    recorded_by=_POS,
+    description="per-position total variation between few-step and many-step teacher marginals from the "
+    "same start state (a curve over positions; its mean as a scalar)",
+)
+register_metric(
+    "pos_divergence_slope",
+    direction="min",
+    unit="TV/sequence",
+    family="divergence",
+    show={"pos": 3},
+    recorded_by=_POS,
+    description="least-squares slope of the pos_divergence TV curve against normalised position 0..1 "
+    "(positive: error grows)",
+)

@@ -115,8 +115,10 @@ def check_evaluator_available(name_or_path: str | os.PathLike) -> None:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise EvaluatorError(f"evaluator {name!r}: directory {str(path)!r} holds no config.json "
-                                 f"(expected a directory written by save_pretrained)")
+            raise EvaluatorError(
+                f"evaluator {name!r}: directory {str(path)!r} holds no config.json "
+                f"(expected a directory written by save_pretrained)"
+            )
         return
     if path.is_absolute() or name.startswith((".", "~")):
         raise EvaluatorError(f"evaluator {name!r}: directory {str(path)!r} does not exist")
@@ -127,8 +129,12 @@ def check_evaluator_available(name_or_path: str | os.PathLike) -> None:
     try:
         found = try_to_load_from_cache(name, "config.json")
     except Exception as err:  # an invalid repo id (huggingface_hub's validation error)
-        raise EvaluatorError(f"evaluator {name!r}: not a local directory and not a valid hub model id ({err})") from None
+        raise EvaluatorError(
+            f"evaluator {name!r}: not a local directory and not a valid hub model id ({err})"
+        ) from None
     if not isinstance(found, str):
-        raise EvaluatorError(f"evaluator {name!r} is not available offline (HF_HUB_OFFLINE=1): not a local directory "
-                             f"and not in the local HF cache; pass a local path (a directory written by "
-                             f"save_pretrained) or pre-download it")
+        raise EvaluatorError(
+            f"evaluator {name!r} is not available offline (HF_HUB_OFFLINE=1): not a local directory "
+            f"and not in the local HF cache; pass a local path (a directory written by "
+            f"save_pretrained) or pre-download it"
+        )

@@ -64,9 +64,16 @@ class MauveResult:
 
     def record(self) -> dict:
         """What a stage record stores about this score (JSON-ready)."""
-        return {"n_per_side": self.n, "num_buckets": self.num_buckets, "featurizer": self.featurizer,
-                "featurizer_sha256": self.featurizer_sha256, "seeds": list(self.seeds),
-                "values": list(self.values), "mean": self.value, "std": self.std}
+        return {
+            "n_per_side": self.n,
+            "num_buckets": self.num_buckets,
+            "featurizer": self.featurizer,
+            "featurizer_sha256": self.featurizer_sha256,
+            "seeds": list(self.seeds),
+            "values": list(self.values),
+            "mean": self.value,
+            "std": self.std,
+        }
 
 
 FEATURIZERS: Registry[Callable[..., Featurizer]] = Registry("MAUVE featurizer")
@@ -252,10 +259,18 @@ def mauve_score(
     seeds = tuple(range(seed, seed + n_seeds))
     values = []
     for s in seeds:
-        out = mauve.compute_mauve(p_features=p_features, q_features=q_features, num_buckets=buckets, seed=s,
-                                  verbose=False)
+        out = mauve.compute_mauve(
+            p_features=p_features, q_features=q_features, num_buckets=buckets, seed=s, verbose=False
+        )
         values.append(min(float(out.mauve), 1.0))  # the area under the curve can exceed 1 by rounding (1 + 4e-16)
     weights = featurizer.weights_sha256() if hasattr(featurizer, "weights_sha256") else None
-    return MauveResult(value=float(np.mean(values)), n=len(samples), featurizer=featurizer.name, num_buckets=buckets,
-                       std=float(np.std(values, ddof=1)), values=tuple(values), seeds=seeds,
-                       featurizer_sha256=weights)
+    return MauveResult(
+        value=float(np.mean(values)),
+        n=len(samples),
+        featurizer=featurizer.name,
+        num_buckets=buckets,
+        std=float(np.std(values, ddof=1)),
+        values=tuple(values),
+        seeds=seeds,
+        featurizer_sha256=weights,
+    )

@@ -38,8 +38,19 @@ from fsdfm.data.oracle import HMMSource, MarkovSource, OracleSource
 from fsdfm.metrics.registry import METRICS, register_metric
 from fsdfm.metrics.sample import MetricOutcome
 
-__all__ = ["HMM_NGRAM", "NgramDistance", "exact_ngram", "ngram_distance", "ngram_floor", "posterior_kl",
-           "POSTERIOR_KL_T_GRID", "ExtraMetrics", "OracleInputs", "corpus_metric_names", "extra_metrics"]
+__all__ = [
+    "HMM_NGRAM",
+    "NgramDistance",
+    "exact_ngram",
+    "ngram_distance",
+    "ngram_floor",
+    "posterior_kl",
+    "POSTERIOR_KL_T_GRID",
+    "ExtraMetrics",
+    "OracleInputs",
+    "corpus_metric_names",
+    "extra_metrics",
+]
 
 HMM_NGRAM = 2
 POSTERIOR_KL_T_GRID = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))  # t = 0.05, 0.15, ..., 0.95
@@ -72,7 +83,9 @@ def exact_ngram(source: OracleSource, n: int | None = None) -> np.ndarray:
         raise ValueError(f"{V}^{n} n-gram bins exceed the limit {MAX_NGRAM_BINS}")
     if isinstance(source, MarkovSource):
         if n != source.order + 1:
-            raise ValueError(f"a Markov source of order {source.order} has an exact n-gram table for n = order + 1 only")
+            raise ValueError(
+                f"a Markov source of order {source.order} has an exact n-gram table for n = order + 1 only"
+            )
         T = np.zeros((source.n_contexts, V))
         np.put_along_axis(T, source.next_tokens, (1 - source.epsilon) * source.next_probs, axis=1)
         T += source.epsilon / V
@@ -93,11 +106,13 @@ def ngram_counts(tokens: np.ndarray, vocab_size: int, n: int) -> np.ndarray:
         raise ValueError(f"sequences of length {tokens.shape[1]} hold no {n}-gram")
     idx = np.zeros((tokens.shape[0], tokens.shape[1] - n + 1), dtype=np.int64)
     for j in range(n):
-        idx = idx * vocab_size + tokens[:, j:tokens.shape[1] - n + 1 + j]
+        idx = idx * vocab_size + tokens[:, j : tokens.shape[1] - n + 1 + j]
     return np.bincount(idx.ravel(), minlength=vocab_size**n).astype(np.float64)
 
 
-def ngram_distance(tokens, source: OracleSource, n: int | None = None, exact: np.ndarray | None = None) -> NgramDistance:
+def ngram_distance(
+    tokens, source: OracleSource, n: int | None = None, exact: np.ndarray | None = None
+) -> NgramDistance:
     """TV and KL(empirical || exact) of the n-grams of tokens (N, L) (numpy or torch) under `source`."""
     tokens = source.check_tokens(tokens)
     n = ngram_order(source) if n is None else n
@@ -117,8 +132,16 @@ def ngram_floor(source: OracleSource, n_samples: int, seq_len: int, seed: int) -
 
 
 @torch.no_grad()
-def posterior_kl(model: Callable, exact: Callable, path, x_1: torch.Tensor, generator: torch.Generator,
-                 t_grid: tuple = POSTERIOR_KL_T_GRID, h: float | None = None, batch_size: int = 256) -> float:
+def posterior_kl(
+    model: Callable,
+    exact: Callable,
+    path,
+    x_1: torch.Tensor,
+    generator: torch.Generator,
+    t_grid: tuple = POSTERIOR_KL_T_GRID,
+    h: float | None = None,
+    batch_size: int = 256,
+) -> float:
     """Mean KL(p_exact || p_theta) in nats per movable position over t in t_grid and states x_t ~ p_t(. | x_1).
 
     Args:
@@ -134,7 +157,7 @@ def posterior_kl(model: Callable, exact: Callable, path, x_1: torch.Tensor, gene
     dev = x_1.device
     for t_value in t_grid:
         for s in range(0, len(x_1), batch_size):
-            xb = x_1[s:s + batch_size]
+            xb = x_1[s : s + batch_size]
             t = torch.full((len(xb),), float(t_value), device=dev)
             x_t = path.sample(xb, t, generator).x_t
             log_p = torch.log_softmax(exact(x_t, t.double()).double(), -1)
@@ -149,11 +172,16 @@ def posterior_kl(model: Callable, exact: Callable, path, x_1: torch.Tensor, gene
 
 
 # ------------------------------------------------------------------------------- the registered metrics
-register_metric("posterior_kl", direction="min", unit="nats/position", family="oracle",
-                recorded_by="the training stage (fsdfm.metrics.oracle.posterior_kl on the trained model)",
-                description="model error: mean KL(exact posterior || model p_{1|t}) over a fixed t grid and held-out "
-                            "path states, at movable positions (the FS-DFM student at its smallest step); recorded by "
-                            "the training stage")
+register_metric(
+    "posterior_kl",
+    direction="min",
+    unit="nats/position",
+    family="oracle",
+    recorded_by="the training stage (fsdfm.metrics.oracle.posterior_kl on the trained model)",
+    description="model error: mean KL(exact posterior || model p_{1|t}) over a fixed t grid and held-out "
+    "path states, at movable positions (the FS-DFM student at its smallest step); recorded by "
+    "the training stage",
+)
 
 
 @dataclass(frozen=True)
@@ -190,20 +218,33 @@ class OracleInputs:
 
 
 def _oracle(name: str, direction: str | None, unit: str, description: str, show: dict | None = None):
-    return register_metric(name, direction=direction, unit=unit, family="oracle", needs=("oracle",),
-                           show=show or {}, description=description)
+    return register_metric(
+        name,
+        direction=direction,
+        unit=unit,
+        family="oracle",
+        needs=("oracle",),
+        show=show or {},
+        description=description,
+    )
 
 
-@_oracle("oracle_nll", "min", "nats/token", "NLL of the samples under the known oracle source",
-         show={"main": 9, "pairs": 5})
+@_oracle(
+    "oracle_nll", "min", "nats/token", "NLL of the samples under the known oracle source", show={"main": 9, "pairs": 5}
+)
 def _oracle_nll(x: OracleInputs) -> MetricOutcome:
     """oracle_nll of the samples; per sample, oracle_nll_i = -log p(x_i) / L (their mean is oracle_nll)."""
     per_sample = -np.asarray(x.source.log_prob(x.source.check_tokens(x.tokens)), dtype=np.float64) / x.tokens.shape[1]
     return MetricOutcome(float(x.source.nll_per_token(x.tokens)), len(x.tokens), per_sample={"oracle_nll": per_sample})
 
 
-@_oracle("oracle_expected_nll", None, "nats/token", "the source's own exact expected NLL per token of length-L "
-         "sequences: the floor oracle_nll is compared with", show={"main": 12})
+@_oracle(
+    "oracle_expected_nll",
+    None,
+    "nats/token",
+    "the source's own exact expected NLL per token of length-L sequences: the floor oracle_nll is compared with",
+    show={"main": 12},
+)
 def _oracle_expected_nll(x: OracleInputs) -> MetricOutcome:
     return MetricOutcome(float(x.source.expected_nll_per_token(x.tokens.shape[1])), len(x.tokens))
 
@@ -213,8 +254,14 @@ def _oracle_entropy_rate(x: OracleInputs) -> MetricOutcome:
     return MetricOutcome(float(x.source.entropy_rate), len(x.tokens))
 
 
-@_oracle("ngram_tv", "min", "TV", "total variation between the samples' empirical (order + 1)-gram distribution "
-         "(HMM: bigram) and the source's exact stationary one; collapse cannot game it", show={"main": 10})
+@_oracle(
+    "ngram_tv",
+    "min",
+    "TV",
+    "total variation between the samples' empirical (order + 1)-gram distribution "
+    "(HMM: bigram) and the source's exact stationary one; collapse cannot game it",
+    show={"main": 10},
+)
 def _ngram_tv(x: OracleInputs) -> MetricOutcome:
     return MetricOutcome(x.distance.tv, len(x.tokens))
 
@@ -224,8 +271,13 @@ def _ngram_kl(x: OracleInputs) -> MetricOutcome:
     return MetricOutcome(x.distance.kl, len(x.tokens))
 
 
-@_oracle("ngram_tv_floor", None, "TV", "ngram_tv of as many true source sequences: the finite-sample floor of "
-         "ngram_tv", show={"main": 11})
+@_oracle(
+    "ngram_tv_floor",
+    None,
+    "TV",
+    "ngram_tv of as many true source sequences: the finite-sample floor of ngram_tv",
+    show={"main": 11},
+)
 def _ngram_tv_floor(x: OracleInputs) -> MetricOutcome:
     return MetricOutcome(x.floor.tv, len(x.tokens))
 
@@ -242,8 +294,7 @@ _KIND_NEEDS = {"oracle": "oracle"}
 def corpus_metric_names(config: dict) -> tuple:
     """Names of the metrics `extra_metrics` adds for this config's dataset kind."""
     need = _KIND_NEEDS.get((config.get("data") or {}).get("kind"))
-    return tuple(n for n in METRICS.names() if METRICS.get(n).computed and need in METRICS.get(n).needs) \
-        if need else ()
+    return tuple(n for n in METRICS.names() if METRICS.get(n).computed and need in METRICS.get(n).needs) if need else ()
 
 
 def extra_metrics(config: dict, tokens: np.ndarray, corpus) -> ExtraMetrics:

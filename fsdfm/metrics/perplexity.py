@@ -159,8 +159,16 @@ def gen_ppl(
     if n_tokens == 0:
         raise ValueError(f"gen_ppl: none of the {len(texts)} texts has a scorable token (all shorter than 2 tokens)")
     nll_sum = math.fsum(sample_nll.tolist())  # exactly rounded: the same total in any order
-    return PerplexityResult(math.exp(nll_sum / n_tokens), nll_sum, n_tokens, n_samples, n_truncated,
-                            sample_nll=sample_nll, sample_tokens=sample_tokens, sample_truncated=truncated)
+    return PerplexityResult(
+        math.exp(nll_sum / n_tokens),
+        nll_sum,
+        n_tokens,
+        n_samples,
+        n_truncated,
+        sample_nll=sample_nll,
+        sample_tokens=sample_tokens,
+        sample_truncated=truncated,
+    )
 
 
 @torch.no_grad()

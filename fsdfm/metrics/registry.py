@@ -96,15 +96,27 @@ class MetricInfo:
 METRICS: Registry[MetricInfo] = Registry("metric")
 
 
-def register_metric(name: str, *, direction: str | None, unit: str, family: str, description: str,
-                    version: str = "1", target: str | None = None, needs: tuple = (), label: str = "",
-                    show: Mapping[str, float] | tuple = (), recorded_by: str = "") -> Any:
+def register_metric(
+    name: str,
+    *,
+    direction: str | None,
+    unit: str,
+    family: str,
+    description: str,
+    version: str = "1",
+    target: str | None = None,
+    needs: tuple = (),
+    label: str = "",
+    show: Mapping[str, float] | tuple = (),
+    recorded_by: str = "",
+) -> Any:
     """Register metric `name`. With `recorded_by`, the description alone is registered and its `MetricInfo`
     returned; otherwise a decorator is returned that registers the function computing it from samples."""
 
     def info(fn: Callable | None) -> MetricInfo:
-        return MetricInfo(name, direction, unit, family, description, version, target, tuple(needs), label, show,
-                          recorded_by, fn)
+        return MetricInfo(
+            name, direction, unit, family, description, version, target, tuple(needs), label, show, recorded_by, fn
+        )
 
     if recorded_by:
         return METRICS.register(name, info(None))
@@ -129,8 +141,10 @@ def shown(view: str) -> tuple[str, ...]:
     if view not in VIEWS:
         raise ValueError(f"unknown report view {view!r}; allowed: {', '.join(VIEWS)}")
     infos = [METRICS.get(n) for n in METRICS.names()]
-    return tuple(i.name for i in sorted((i for i in infos if i.position(view) is not None),
-                                        key=lambda i: (i.position(view), i.name)))
+    return tuple(
+        i.name
+        for i in sorted((i for i in infos if i.position(view) is not None), key=lambda i: (i.position(view), i.name))
+    )
 
 
 def data_target_metrics() -> tuple[str, ...]:
@@ -145,9 +159,19 @@ def axis_label(name: str) -> str:
 
 
 # --- likelihood, recorded by the training/evaluation stage of methods that have a bound
-register_metric("val_nll", direction="min", unit="nats/token", family="likelihood",
-                description="held-out NLL (or its upper bound) per token",
-                recorded_by="the training / likelihood-evaluation stage")
-register_metric("elbo_ppl", direction="min", unit="ppl", family="likelihood",
-                description="exp(val_nll): perplexity bound on held-out data",
-                recorded_by="the training / likelihood-evaluation stage")
+register_metric(
+    "val_nll",
+    direction="min",
+    unit="nats/token",
+    family="likelihood",
+    description="held-out NLL (or its upper bound) per token",
+    recorded_by="the training / likelihood-evaluation stage",
+)
+register_metric(
+    "elbo_ppl",
+    direction="min",
+    unit="ppl",
+    family="likelihood",
+    description="exp(val_nll): perplexity bound on held-out data",
+    recorded_by="the training / likelihood-evaluation stage",
+)

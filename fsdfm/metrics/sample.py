@@ -28,8 +28,16 @@ from fsdfm.metrics.registry import METRICS, MetricInfo, register_metric
 from fsdfm.metrics.texts import END_MARKERS, convention, strip_end_markers
 from fsdfm.registry import UnknownNameError, did_you_mean
 
-__all__ = ["SAMPLE_METRICS", "MetricInputs", "MetricOutcome", "MetricSet", "compute_metrics", "compute_metric_set",
-           "data_reference", "data_reference_set"]
+__all__ = [
+    "SAMPLE_METRICS",
+    "MetricInputs",
+    "MetricOutcome",
+    "MetricSet",
+    "compute_metrics",
+    "compute_metric_set",
+    "data_reference",
+    "data_reference_set",
+]
 
 
 def _recorded_by(info: MetricInfo) -> str:
@@ -113,8 +121,9 @@ class _SampleMetrics:
 
     def get(self, name: str) -> Callable[[MetricInputs], MetricOutcome]:
         if not self._ok(name):
-            raise UnknownNameError(f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}; "
-                                   f"allowed: {', '.join(self.names())}")
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}; allowed: {', '.join(self.names())}"
+            )
         return METRICS.get(name).compute
 
     def __contains__(self, name: object) -> bool:
@@ -132,45 +141,75 @@ SAMPLE_METRICS = _SampleMetrics()
 
 def _ppl_outcome(result: PerplexityResult, prefix: str) -> MetricOutcome:
     return MetricOutcome(
-        result.value, result.n_samples,
+        result.value,
+        result.n_samples,
         details={"n_tokens": result.n_tokens, "n_truncated": result.n_truncated, "nll_sum": result.nll_sum},
-        per_sample={f"{prefix}nll": result.sample_nll, f"{prefix}n_tokens": result.sample_tokens,
-                    f"{prefix}truncated": result.sample_truncated},
+        per_sample={
+            f"{prefix}nll": result.sample_nll,
+            f"{prefix}n_tokens": result.sample_tokens,
+            f"{prefix}truncated": result.sample_truncated,
+        },
     )
 
 
-@register_metric("gen_ppl", direction="min", unit="ppl", family="perplexity", needs=("texts", "evaluator"),
-                 label="generative perplexity, token-pooled",
-                 show={"main": 1, "seeds": 1, "sweep": 1, "ablation": 1, "pairs": 1},
-                 description="token-pooled exp(sum NLL / sum tokens) of the re-tokenized decoded samples under the "
-                             "evaluator LM (fp32; first token unscored; non-EOS tokens plus the first EOS scored)")
+@register_metric(
+    "gen_ppl",
+    direction="min",
+    unit="ppl",
+    family="perplexity",
+    needs=("texts", "evaluator"),
+    label="generative perplexity, token-pooled",
+    show={"main": 1, "seeds": 1, "sweep": 1, "ablation": 1, "pairs": 1},
+    description="token-pooled exp(sum NLL / sum tokens) of the re-tokenized decoded samples under the "
+    "evaluator LM (fp32; first token unscored; non-EOS tokens plus the first EOS scored)",
+)
 def _gen_ppl(x: MetricInputs) -> MetricOutcome:
     texts, evaluator = x.need_texts("gen_ppl"), x.need_evaluator("gen_ppl")
     result = gen_ppl(texts, evaluator, batch_size=x.batch_size, max_length=x.max_length)
     return _ppl_outcome(result, "")
 
 
-@register_metric("gen_ppl_seq_mean", direction="min", unit="ppl", family="perplexity", needs=("evaluator",),
-                 label="perplexity, mean over samples", show={"main": 2, "pairs": 2},
-                 description="FS-DFM/SEDD convention: mean over samples of exp(mean NLL) on the raw ids (tokenizers "
-                             "must match)")
+@register_metric(
+    "gen_ppl_seq_mean",
+    direction="min",
+    unit="ppl",
+    family="perplexity",
+    needs=("evaluator",),
+    label="perplexity, mean over samples",
+    show={"main": 2, "pairs": 2},
+    description="FS-DFM/SEDD convention: mean over samples of exp(mean NLL) on the raw ids (tokenizers must match)",
+)
 def _gen_ppl_seq_mean(x: MetricInputs) -> MetricOutcome:
     result = gen_ppl_seq_mean(x.token_ids, x.need_evaluator("gen_ppl_seq_mean"), batch_size=x.batch_size)
     out = _ppl_outcome(result, "seq_")
-    return MetricOutcome(out.value, out.n_samples, out.details,
-                         {k: v for k, v in out.per_sample.items() if k != "seq_truncated"})
+    return MetricOutcome(
+        out.value, out.n_samples, out.details, {k: v for k, v in out.per_sample.items() if k != "seq_truncated"}
+    )
 
 
-@register_metric("entropy_nats", direction=None, unit="nats", family="diversity", target="data",
-                 label="unigram entropy per sample (nats)",
-                 show={"main": 3, "seeds": 2, "sweep": 2, "ablation": 2, "pairs": 3},
-                 description="per-sample unigram entropy of the token ids, averaged over samples")
+@register_metric(
+    "entropy_nats",
+    direction=None,
+    unit="nats",
+    family="diversity",
+    target="data",
+    label="unigram entropy per sample (nats)",
+    show={"main": 3, "seeds": 2, "sweep": 2, "ablation": 2, "pairs": 3},
+    description="per-sample unigram entropy of the token ids, averaged over samples",
+)
 def _entropy_nats(x: MetricInputs) -> MetricOutcome:
     return MetricOutcome(x.entropy.nats, x.entropy.n_samples, per_sample={"entropy_nats": x.entropy.per_sample})
 
 
-@register_metric("entropy_bits", direction=None, unit="bits", family="diversity", target="data",
-                 label="unigram entropy per sample (bits)", description="entropy_nats / ln 2")
+@register_metric(
+    "entropy_bits",
+    direction=None,
+    unit="bits",
+    family="diversity",
+    target="data",
+    label="unigram entropy per sample (bits)",
+    description="entropy_nats / ln 2",
+)
 def _entropy_bits(x: MetricInputs) -> MetricOutcome:
     return MetricOutcome(x.entropy.bits, x.entropy.n_samples)
 
@@ -178,45 +217,82 @@ def _entropy_bits(x: MetricInputs) -> MetricOutcome:
 # distinct-2 and distinct-4 are the main table's; distinct-4 is also a step-sweep panel
 _DISTINCT_SHOW = {1: {}, 2: {"main": 5}, 3: {}, 4: {"main": 6, "sweep": 6}}
 for _n in range(1, 5):
-    register_metric(f"distinct_{_n}", direction="max", unit="fraction", family="diversity", target="data",
-                    show=_DISTINCT_SHOW[_n],
-                    description=f"unique {_n}-grams / total {_n}-grams, pooled over all samples")(
-        lambda x, _n=_n: MetricOutcome(distinct_n(x.token_ids, _n), x.n))
+    register_metric(
+        f"distinct_{_n}",
+        direction="max",
+        unit="fraction",
+        family="diversity",
+        target="data",
+        show=_DISTINCT_SHOW[_n],
+        description=f"unique {_n}-grams / total {_n}-grams, pooled over all samples",
+    )(lambda x, _n=_n: MetricOutcome(distinct_n(x.token_ids, _n), x.n))
 
 
-@register_metric("rep_n", direction="min", unit="fraction", family="diversity", target="data",
-                 label="repeated 4-grams (fraction)",
-                 show={"main": 8, "seeds": 4, "sweep": 4, "ablation": 4, "pairs": 4},
-                 description="within-sample fraction of repeated 4-grams (1 - unique/total per sample), averaged "
-                             "over samples")
+@register_metric(
+    "rep_n",
+    direction="min",
+    unit="fraction",
+    family="diversity",
+    target="data",
+    label="repeated 4-grams (fraction)",
+    show={"main": 8, "seeds": 4, "sweep": 4, "ablation": 4, "pairs": 4},
+    description="within-sample fraction of repeated 4-grams (1 - unique/total per sample), averaged over samples",
+)
 def _rep_n(x: MetricInputs) -> MetricOutcome:
     per_sample = rep_n_per_sample(x.token_ids, 4)
     return MetricOutcome(float(per_sample.mean()), len(per_sample), per_sample={"rep_n": per_sample})
 
 
-@register_metric("self_bleu", direction="min", unit="BLEU", family="diversity", needs=("texts",), target="data",
-                 label="self-BLEU (0-100)", show={"main": 7, "sweep": 5},
-                 description="mean sacrebleu sentence BLEU-4 of each (subsampled, seeded) sample against all the "
-                             "other samples")
+@register_metric(
+    "self_bleu",
+    direction="min",
+    unit="BLEU",
+    family="diversity",
+    needs=("texts",),
+    target="data",
+    label="self-BLEU (0-100)",
+    show={"main": 7, "sweep": 5},
+    description="mean sacrebleu sentence BLEU-4 of each (subsampled, seeded) sample against all the other samples",
+)
 def _self_bleu(x: MetricInputs) -> MetricOutcome:
     result = self_bleu(x.clean_texts("self_bleu"), n_subsample=x.self_bleu_subsample, seed=x.seed)
-    return MetricOutcome(result.value, result.n_samples,
-                         details={"n_hypotheses": result.n_hypotheses, "seed": result.seed,
-                                  "text_convention": convention(x.end_markers)})
+    return MetricOutcome(
+        result.value,
+        result.n_samples,
+        details={
+            "n_hypotheses": result.n_hypotheses,
+            "seed": result.seed,
+            "text_convention": convention(x.end_markers),
+        },
+    )
 
 
-@register_metric("mauve", direction="max", unit="score", family="mauve", needs=("texts", "references"),
-                 label="MAUVE (0-1)", show={"main": 4, "seeds": 3, "sweep": 3, "ablation": 3, "pairs": 6},
-                 description="mauve-text on featurizer features between the samples and as many held-out real texts")
+@register_metric(
+    "mauve",
+    direction="max",
+    unit="score",
+    family="mauve",
+    needs=("texts", "references"),
+    label="MAUVE (0-1)",
+    show={"main": 4, "seeds": 3, "sweep": 3, "ablation": 3, "pairs": 6},
+    description="mauve-text on featurizer features between the samples and as many held-out real texts",
+)
 def _mauve(x: MetricInputs) -> MetricOutcome:
     if x.references is None:
         raise ValueError(f"metric 'mauve' needs references: {x.n} held-out real texts (references=None was passed)")
     result = mauve_score(
-        x.clean_texts("mauve"), x.clean_references, featurizer=x.mauve_featurizer, num_buckets=x.mauve_num_buckets,
-        seed=x.seed, evaluator=x.evaluator, device=x.evaluator.device if x.evaluator is not None else "cpu",
+        x.clean_texts("mauve"),
+        x.clean_references,
+        featurizer=x.mauve_featurizer,
+        num_buckets=x.mauve_num_buckets,
+        seed=x.seed,
+        evaluator=x.evaluator,
+        device=x.evaluator.device if x.evaluator is not None else "cpu",
         n_seeds=x.mauve_seeds,
     )
-    return MetricOutcome(result.value, result.n, details={**result.record(), "text_convention": convention(x.end_markers)})
+    return MetricOutcome(
+        result.value, result.n, details={**result.record(), "text_convention": convention(x.end_markers)}
+    )
 
 
 @dataclass(frozen=True)
@@ -240,9 +316,7 @@ def _check_names(names: Sequence[str]) -> list[str]:
     for name in names:
         info = METRICS.get(name)  # unknown name -> UnknownNameError with did-you-mean
         if name not in SAMPLE_METRICS:
-            raise ValueError(
-                f"metric {name!r} is not computed from samples; it is recorded by {_recorded_by(info)}"
-            )
+            raise ValueError(f"metric {name!r} is not computed from samples; it is recorded by {_recorded_by(info)}")
     return names
 
 
@@ -270,14 +344,22 @@ def compute_metric_set(
         if len(texts) != ids.shape[0]:
             raise ValueError(f"compute_metrics: {len(texts)} texts for {ids.shape[0]} token sequences; they must match")
     inputs = MetricInputs(
-        token_ids=ids, texts=texts, evaluator=evaluator,
+        token_ids=ids,
+        texts=texts,
+        evaluator=evaluator,
         references=list(references) if references is not None else None,
-        mauve_featurizer=mauve_featurizer, mauve_num_buckets=mauve_num_buckets, mauve_seeds=mauve_seeds,
-        self_bleu_subsample=self_bleu_subsample, seed=seed, batch_size=batch_size, max_length=max_length,
+        mauve_featurizer=mauve_featurizer,
+        mauve_num_buckets=mauve_num_buckets,
+        mauve_seeds=mauve_seeds,
+        self_bleu_subsample=self_bleu_subsample,
+        seed=seed,
+        batch_size=batch_size,
+        max_length=max_length,
         end_markers=tuple(end_markers),
     )
     values, n_samples, details, per_sample = {}, {}, {}, {}
     from fsdfm.progress import bar as progress_bar
+
     bar = progress_bar(len(names), f"metrics of {ids.shape[0]} samples", unit="metric")
     for name in names:
         if bar is not None:

@@ -80,13 +80,41 @@ def tokens_per_s(n_tokens: int, wall_s: float) -> float:
 
 # --- cost, recorded by the sampling stage; evaluator time excluded
 _SAMPLING = "the sampling stage (fsdfm.metrics.timing: CountingModel / timed)"
-register_metric("nfe", direction="min", unit="evals", family="timing", show={"cost": 1}, recorded_by=_SAMPLING,
-                description="counted model forward calls per sampling run")
+register_metric(
+    "nfe",
+    direction="min",
+    unit="evals",
+    family="timing",
+    show={"cost": 1},
+    recorded_by=_SAMPLING,
+    description="counted model forward calls per sampling run",
+)
 # the cost table shows wall_s as its `sampling_wall_s` column (fsdfm.report.summary.sampling_wall_s)
-register_metric("wall_s", direction="min", unit="s", family="timing", label="sampling wall-clock (s)",
-                show={"cost": 2}, recorded_by=_SAMPLING,
-                description="sampling wall-clock seconds (warm-up excluded, CUDA synchronised)")
-register_metric("tokens_per_s", direction="max", unit="tok/s", family="timing", show={"cost": 3},
-                recorded_by=_SAMPLING, description="generated tokens per second of sampling wall-clock")
-register_metric("peak_mem", direction="min", unit="bytes", family="timing", show={"cost": 4}, recorded_by=_SAMPLING,
-                description="peak memory while sampling (CUDA max allocated, or process peak RSS)")
+register_metric(
+    "wall_s",
+    direction="min",
+    unit="s",
+    family="timing",
+    label="sampling wall-clock (s)",
+    show={"cost": 2},
+    recorded_by=_SAMPLING,
+    description="sampling wall-clock seconds (warm-up excluded, CUDA synchronised)",
+)
+register_metric(
+    "tokens_per_s",
+    direction="max",
+    unit="tok/s",
+    family="timing",
+    show={"cost": 3},
+    recorded_by=_SAMPLING,
+    description="generated tokens per second of sampling wall-clock",
+)
+register_metric(
+    "peak_mem",
+    direction="min",
+    unit="bytes",
+    family="timing",
+    show={"cost": 4},
+    recorded_by=_SAMPLING,
+    description="peak memory while sampling (CUDA max allocated, or process peak RSS)",
+)

@@ -36,7 +36,10 @@ from pathlib import Path
 
 from fsdfm.io import read_json, sha256_file
 from fsdfm.records.schema import SCHEMA_VERSION  # noqa: F401 - part of the layout's face
-from fsdfm.study.graph import PlanError, StudyPlan  # a broken plan.json is an inconsistent plan, as the stage graph says
+from fsdfm.study.graph import (
+    PlanError,
+    StudyPlan,
+)  # a broken plan.json is an inconsistent plan, as the stage graph says
 
 PLAN = "plan.json"
 STAGES = "stages"
@@ -104,8 +107,11 @@ def artefact_paths(sdir: Path) -> list[Path]:
         rel = p.relative_to(sdir)
         if not p.is_file() or any(part.startswith(".") for part in rel.parts):
             continue
-        if (len(rel.parts) == 1 and p.name in CONTROL_FILES) or rel.parts[0] in NOT_ARTEFACT_DIRS \
-                or p.name.endswith(LOG_SUFFIXES):
+        if (
+            (len(rel.parts) == 1 and p.name in CONTROL_FILES)
+            or rel.parts[0] in NOT_ARTEFACT_DIRS
+            or p.name.endswith(LOG_SUFFIXES)
+        ):
             continue
         out.append(p)
     return out
@@ -114,8 +120,10 @@ def artefact_paths(sdir: Path) -> list[Path]:
 def artefact_manifest(sdir: Path) -> dict[str, dict]:
     """{relative posix path: {"size": bytes, "sha256": hex}} of every `artefact_paths` file of `sdir`."""
     sdir = Path(sdir)
-    return {p.relative_to(sdir).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in artefact_paths(sdir)}
+    return {
+        p.relative_to(sdir).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in artefact_paths(sdir)
+    }
 
 
 def record_digest(sdir: Path) -> str | None:
@@ -173,8 +181,10 @@ def check_stage(sdir: Path) -> StageCheck:
             if size != want.get("size"):
                 problems.append(f"{p}: {size} bytes, recorded {want.get('size')} (truncated or rewritten)")
             elif sha256_file(p) != want.get("sha256"):
-                problems.append(f"{p}: sha256 {sha256_file(p)[:12]} differs from the recorded "
-                                f"{str(want.get('sha256'))[:12]} (same size: overwritten)")
+                problems.append(
+                    f"{p}: sha256 {sha256_file(p)[:12]} differs from the recorded "
+                    f"{str(want.get('sha256'))[:12]} (same size: overwritten)"
+                )
             else:
                 continue
             damaged.append(str(p))
@@ -252,8 +262,11 @@ def merge_external(sdir: Path, plan: dict) -> dict:
         return plan
     keep = {sid: st for sid, st in stages.items() if set((st.get("inputs") or {}).values()) <= set(plan["stages"])}
     if len(keep) < len(stages):
-        warnings.warn(f"{path}: {len(stages) - len(keep)} external evaluation(s) read an evaluator this plan no "
-                      "longer has; not shown (re-run fsdfm eval)", stacklevel=2)
+        warnings.warn(
+            f"{path}: {len(stages) - len(keep)} external evaluation(s) read an evaluator this plan no "
+            "longer has; not shown (re-run fsdfm eval)",
+            stacklevel=2,
+        )
     plan = dict(plan)
     plan["stages"] = {**plan["stages"], **keep}
     have = {r["run_id"] for r in plan["runs"]}

@@ -58,11 +58,22 @@ def list_studies(root: str | os.PathLike) -> list[StudyListing]:
         plan = read_plan_or_warn(sdir)
         if plan is None:
             continue
-        done = {sid for sid in plan["stages"]
-                if (read_record(stage_dir(sdir, sid), warn=False) or {}).get("status") == "done"}
+        done = {
+            sid
+            for sid in plan["stages"]
+            if (read_record(stage_dir(sdir, sid), warn=False) or {}).get("status") == "done"
+        }
         runs = [r.get("stage_id") for r in plan["runs"]]
-        out.append(StudyListing(plan.get("name", sdir.name), str(sdir), len(done), len(plan["stages"]),
-                                sum(sid in done for sid in runs), len(runs)))
+        out.append(
+            StudyListing(
+                plan.get("name", sdir.name),
+                str(sdir),
+                len(done),
+                len(plan["stages"]),
+                sum(sid in done for sid in runs),
+                len(runs),
+            )
+        )
     return out
 
 
@@ -84,8 +95,14 @@ PROVENANCE_COLUMNS = ("commit", "dirty", "device", "host", "threads", "stage_wal
 # the spec calls `train:` (train.lr, train.steps); its method's own section ("distill", ...) and its plain keys are
 # the method's settings (settings.shortcut, settings.h_distribution, settings.source); model/objective/scheduler/
 # data keep their names. A sample stage's keys are sample.*, an evaluate stage's evaluate.* except its evaluator.
-TRAIN_SECTIONS = {"optim": "train", "model": "model", "objective": "objective", "scheduler": "scheduler",
-                  "data": "data", "evaluator": "evaluator"}
+TRAIN_SECTIONS = {
+    "optim": "train",
+    "model": "model",
+    "objective": "objective",
+    "scheduler": "scheduler",
+    "data": "data",
+    "evaluator": "evaluator",
+}
 
 
 def _stage_role(kind: str) -> str:
@@ -180,8 +197,7 @@ def load(path: str | os.PathLike):
                 row[k] = v
                 param_cols[k] = None
             for k, v in metrics.items():
-                col = k if k not in params and k not in BASE_COLUMNS and k not in PROVENANCE_COLUMNS \
-                    else f"metrics.{k}"
+                col = k if k not in params and k not in BASE_COLUMNS and k not in PROVENANCE_COLUMNS else f"metrics.{k}"
                 row[col] = v
                 metric_cols[col] = None
             for k, v in settings_columns(plan, sid).items():
@@ -190,9 +206,15 @@ def load(path: str | os.PathLike):
                 row[k] = v
                 setting_cols[k] = None
             prov = rec.get("provenance", {})
-            row.update(commit=prov.get("git_commit"), dirty=prov.get("git_dirty"), device=prov.get("device"),
-                       host=prov.get("hostname"), threads=prov.get("torch_threads"), stage_wall_s=prov.get("wall_s"),
-                       end_time=prov.get("end_time"))
+            row.update(
+                commit=prov.get("git_commit"),
+                dirty=prov.get("git_dirty"),
+                device=prov.get("device"),
+                host=prov.get("hostname"),
+                threads=prov.get("torch_threads"),
+                stage_wall_s=prov.get("wall_s"),
+                end_time=prov.get("end_time"),
+            )
             rows.append(row)
     setting_cols = {k: None for k in setting_cols if k not in param_cols and k not in metric_cols}
     columns = list(BASE_COLUMNS) + list(param_cols) + list(metric_cols) + list(setting_cols) + list(PROVENANCE_COLUMNS)
@@ -248,13 +270,21 @@ def load_samples(path: str | os.PathLike):
                     missing.append(run["run_id"])
                 continue
             df = read_per_sample(table)
-            head = {"study": plan.get("name", sdir.name), "run_id": run["run_id"], "stage_id": sid,
-                    **_flatten(run.get("params", {}))}
-            frames.append(pd.concat([pd.DataFrame({k: [v] * len(df) for k, v in head.items()}, index=df.index), df],
-                                    axis=1))
+            head = {
+                "study": plan.get("name", sdir.name),
+                "run_id": run["run_id"],
+                "stage_id": sid,
+                **_flatten(run.get("params", {})),
+            }
+            frames.append(
+                pd.concat([pd.DataFrame({k: [v] * len(df) for k, v in head.items()}, index=df.index), df], axis=1)
+            )
     if missing:
-        warnings.warn(f"load_samples: {len(missing)} finished run(s) have no {PER_SAMPLE} (recorded before per-sample "
-                      f"tables): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", stacklevel=2)
+        warnings.warn(
+            f"load_samples: {len(missing)} finished run(s) have no {PER_SAMPLE} (recorded before per-sample "
+            f"tables): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
+            stacklevel=2,
+        )
     if not frames:
         return pd.DataFrame(columns=list(BASE_COLUMNS) + ["sample"])
     return pd.concat(frames, ignore_index=True)

@@ -79,8 +79,13 @@ def pid_alive(pid: int, pid_start: int | None = None) -> bool:
 def _read_lock(path: Path) -> LockInfo | None:
     try:
         d = json.loads(path.read_text())
-        return LockInfo(host=d["host"], pid=int(d["pid"]), pid_start=d.get("pid_start"), job_id=d.get("job_id"),
-                        time=d.get("time", "?"))
+        return LockInfo(
+            host=d["host"],
+            pid=int(d["pid"]),
+            pid_start=d.get("pid_start"),
+            job_id=d.get("job_id"),
+            time=d.get("time", "?"),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -109,8 +114,9 @@ def _lock_is_stale(path: Path, info: LockInfo | None) -> bool:
 
 
 @contextlib.contextmanager
-def stage_lock(sdir: Path, wait: bool = False, poll_s: float = 1.0,
-               on_wait: Callable[[LockInfo | None], None] | None = None) -> Iterator[LockInfo]:
+def stage_lock(
+    sdir: Path, wait: bool = False, poll_s: float = 1.0, on_wait: Callable[[LockInfo | None], None] | None = None
+) -> Iterator[LockInfo]:
     """Hold the exclusive lock of stage directory `sdir` for the duration of the block.
 
     Created with O_CREAT|O_EXCL, so exactly one process wins. A lock whose holder is dead (same host, pid
@@ -123,8 +129,9 @@ def stage_lock(sdir: Path, wait: bool = False, poll_s: float = 1.0,
     sdir = Path(sdir)
     sdir.mkdir(parents=True, exist_ok=True)
     path = sdir / LOCK
-    me = LockInfo(host=socket.gethostname(), pid=os.getpid(), pid_start=_pid_start(os.getpid()), job_id=job_id(),
-                  time=now_iso())
+    me = LockInfo(
+        host=socket.gethostname(), pid=os.getpid(), pid_start=_pid_start(os.getpid()), job_id=job_id(), time=now_iso()
+    )
     tries, waited_for = 0, []
     while tries < 5:
         tries += 1

@@ -25,8 +25,10 @@ def write_per_sample(path: str | os.PathLike, columns: dict) -> None:
     arrays = [np.asarray(columns[k]) for k in names]
     lengths = {len(a) for a in arrays}
     if len(lengths) > 1:
-        raise ValueError(f"{path}: per-sample columns of different lengths: "
-                         + ", ".join(f"{k}={len(a)}" for k, a in zip(names, arrays)))
+        raise ValueError(
+            f"{path}: per-sample columns of different lengths: "
+            + ", ".join(f"{k}={len(a)}" for k, a in zip(names, arrays))
+        )
 
     def text(x) -> str:
         if isinstance(x, (bool, np.bool_)):

@@ -28,8 +28,9 @@ def git_state(src: str | None = None) -> tuple[str, bool | None]:
     src = src or str(Path(__file__).resolve().parents[1])
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", src, *args], capture_output=True, text=True, check=True,
-                              timeout=20).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", src, *args], capture_output=True, text=True, check=True, timeout=20
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")

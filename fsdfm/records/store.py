@@ -40,7 +40,6 @@ from fsdfm.records.loading import find_studies
 from fsdfm.records.locks import lock_holder
 
 
-
 def store_root(root: str | os.PathLike) -> Path:
     """<root>/_stages."""
     return Path(root) / STORE
@@ -123,9 +122,12 @@ def link_stages(study_dir: str | os.PathLike, stage_ids, root: str | os.PathLike
         _symlink_atomic(rel, link)
         linked.append(sid)
     if kept:
-        warnings.warn(f"{stages}: {len(kept)} stage folder(s) of the old layout kept in the study (running, or the "
-                      f"store {store_root(root)} already holds that id): {', '.join(kept[:3])}"
-                      f"{' ...' if len(kept) > 3 else ''}", stacklevel=2)
+        warnings.warn(
+            f"{stages}: {len(kept)} stage folder(s) of the old layout kept in the study (running, or the "
+            f"store {store_root(root)} already holds that id): {', '.join(kept[:3])}"
+            f"{' ...' if len(kept) > 3 else ''}",
+            stacklevel=2,
+        )
     return LinkReport(tuple(linked), tuple(migrated), tuple(kept))
 
 

@@ -27,13 +27,41 @@ from fsdfm.report.pairs import pairs_table
 from fsdfm.report.plotting import FigureResult
 from fsdfm.report.table import Table
 from fsdfm.report.tables import (
-    ablation_tables, cost_table, main_table, pos_divergence_table, sample_count_warnings, seeds_table, summary_csv,
+    ablation_tables,
+    cost_table,
+    main_table,
+    pos_divergence_table,
+    sample_count_warnings,
+    seeds_table,
+    summary_csv,
 )
 
-__all__ = ["write_report", "ReportOutput", "summarize", "wide", "load_study", "Study", "sampling_wall_s",
-           "main_table", "cost_table", "pos_divergence_table", "seeds_table", "ablation_tables", "pairs_table",
-           "summary_csv", "sample_count_warnings", "Table", "write_table", "FIGURES", "render", "FigureResult",
-           "PUBLISHED", "DEFAULT_BY", "decomposition_table", "decomposition_figure"]
+__all__ = [
+    "write_report",
+    "ReportOutput",
+    "summarize",
+    "wide",
+    "load_study",
+    "Study",
+    "sampling_wall_s",
+    "main_table",
+    "cost_table",
+    "pos_divergence_table",
+    "seeds_table",
+    "ablation_tables",
+    "pairs_table",
+    "summary_csv",
+    "sample_count_warnings",
+    "Table",
+    "write_table",
+    "FIGURES",
+    "render",
+    "FigureResult",
+    "PUBLISHED",
+    "DEFAULT_BY",
+    "decomposition_table",
+    "decomposition_figure",
+]
 
 FIGURE_ORDER = ("step_sweep", "frontier", "pos_divergence", "ablation")
 FIGURES.register("decomposition", decomposition_figure)
@@ -56,8 +84,11 @@ def write_table(table: Table, out_dir: Path) -> list[Path]:
     from fsdfm.io import atomic_write
 
     out = []
-    for ext, text in (("md", f"# {table.title}\n\n" + table.to_markdown()), ("tex", table.to_latex()),
-                      ("csv", table.to_csv())):
+    for ext, text in (
+        ("md", f"# {table.title}\n\n" + table.to_markdown()),
+        ("tex", table.to_latex()),
+        ("csv", table.to_csv()),
+    ):
         path = Path(out_dir) / f"{table.name}.{ext}"
         atomic_write(path, text.encode("utf-8"))
         out.append(path)
@@ -94,21 +125,26 @@ def _facts(study: Study) -> list[str]:
     if len(runs):
         settings = runs.groupby(list(DEFAULT_BY), dropna=False).size()
         seeds = sorted(set(settings))
-        lines.append(f"settings (method × rule × steps, incl. data): {len(settings)}; seeds per setting: "
-                     + (str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"))
+        lines.append(
+            f"settings (method × rule × steps, incl. data): {len(settings)}; seeds per setting: "
+            + (str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}")
+        )
         if study.seed_keys:
             lines.append(f"seed grid keys: {', '.join(f'`{k}`' for k in study.seed_keys)}")
         if study.ablation_keys:
-            lines.append(f"ablated grid keys (shown in the method label): "
-                         f"{', '.join(f'`{k}`' for k in study.ablation_keys)}")
+            lines.append(
+                f"ablated grid keys (shown in the method label): {', '.join(f'`{k}`' for k in study.ablation_keys)}"
+            )
         ns = sorted({int(v) for v in runs.get("n_samples", []) if v == v})
         if ns:
             lines.append(f"samples per run: {', '.join(map(str, ns))}")
         commits = sorted({str(c)[:12] for c in runs.get("commit", []) if isinstance(c, str)})
         dirty = any(bool(d) for d in runs.get("dirty", []) if d is not None and d == d)
         if commits:
-            lines.append(f"code: commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
-                         + (" (uncommitted changes in some runs)" if dirty else ""))
+            lines.append(
+                f"code: commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
+                + (" (uncommitted changes in some runs)" if dirty else "")
+            )
         devices = sorted({str(d) for d in runs.get("device", []) if isinstance(d, str)})
         if devices:
             lines.append(f"devices: {', '.join(devices)}")
@@ -134,9 +170,11 @@ def _mauve_facts(study: Study) -> str:
     def j(k):
         return ", ".join(map(str, sorted(facts[k])))
 
-    return (f"; n = {j('n')} per side, {j('buckets')} k-means buckets, mean ± std over {j('seeds')} k-means seeds "
-            f"(std in the records), featurizer weights sha256 {j('sha')}…; below "
-            f"{study.report_settings['mauve_min_n']} per side MAUVE is footnoted unreliable")
+    return (
+        f"; n = {j('n')} per side, {j('buckets')} k-means buckets, mean ± std over {j('seeds')} k-means seeds "
+        f"(std in the records), featurizer weights sha256 {j('sha')}…; below "
+        f"{study.report_settings['mauve_min_n']} per side MAUVE is footnoted unreliable"
+    )
 
 
 def _conventions(study: Study) -> list[str]:
@@ -150,7 +188,8 @@ def _conventions(study: Study) -> list[str]:
         "entropy: per-sample unigram entropy of the model's own token ids, averaged over samples, in **nats** "
         "(`entropy_bits` = nats / ln 2).",
         f"MAUVE featurizer: {', '.join(s['featurizer']) or 'MAUVE not computed'}; samples vs as many held-out texts"
-        + _mauve_facts(study) + ".",
+        + _mauve_facts(study)
+        + ".",
         "text metrics (MAUVE, self-BLEU): end-of-text markers removed from samples and references "
         "(`fsdfm.metrics.texts`: each marker and its surrounding whitespace replaced by one space).",
         f"sampling precision: {', '.join(s['precision']) or 'not recorded'} (float32 categorical sampling lowers "
@@ -158,16 +197,26 @@ def _conventions(study: Study) -> list[str]:
         f"collapse flags: entropy_nats more than {ENTROPY_COLLAPSE_NATS} nats below the data row's (`low entropy`); "
         f"rep_n above max({REP_COLLAPSE_FACTOR:g} × data, data + {REP_COLLAPSE_MARGIN:g}) (`high rep_n`).",
         "sampling wall-clock: warm-up excluded, evaluator time excluded"
-        + ("" if study.wall_s_source != "wall_s" or "stage_wall_s" in study.runs else
-           "; **this study's records carry no separate sampler time, so the stage's run time is shown**") + ".",
+        + (
+            ""
+            if study.wall_s_source != "wall_s" or "stage_wall_s" in study.runs
+            else "; **this study's records carry no separate sampler time, so the stage's run time is shown**"
+        )
+        + ".",
         "spread: ±1 sample std over seeds (ddof 1); 95% CI half-widths (Student t) are in the CSV files and "
         "table_seeds.",
     ]
     return out
 
 
-def _index(study: Study, main: Table | None, tables: list[tuple[Table, list[Path]]], figures: list[FigureResult],
-           notes: list[str], out_dir: Path) -> str:
+def _index(
+    study: Study,
+    main: Table | None,
+    tables: list[tuple[Table, list[Path]]],
+    figures: list[FigureResult],
+    notes: list[str],
+    out_dir: Path,
+) -> str:
     parts = [f"# Report: {study.name}", ""]
     if study.description:
         parts += [study.description, ""]
@@ -190,15 +239,23 @@ def _index(study: Study, main: Table | None, tables: list[tuple[Table, list[Path
         parts += ["## Figures", ""]
         for f in drawn:
             png, pdf = f.paths
-            parts += [f"### {f.title}", "", f"![{f.title}]({_rel(png, out_dir)})", "",
-                      f"{f.caption} ([PDF]({_rel(pdf, out_dir)}))", ""]
+            parts += [
+                f"### {f.title}",
+                "",
+                f"![{f.title}]({_rel(png, out_dir)})",
+                "",
+                f"{f.caption} ([PDF]({_rel(pdf, out_dir)}))",
+                "",
+            ]
     if tables:
         parts += ["## Tables", ""]
         for t, paths in tables:
             links = " · ".join(f"[{p.suffix[1:]}]({_rel(p, out_dir)})" for p in paths)
             parts.append(f"* {t.title}: {links}")
-        parts += ["* every recorded metric of every setting, long format (mean, std, ci95, n, min, max): "
-                  "[csv](summary.csv)", ""]
+        parts += [
+            "* every recorded metric of every setting, long format (mean, std, ci95, n, min, max): [csv](summary.csv)",
+            "",
+        ]
     skipped = [f for f in figures if f.skipped is not None]
     if skipped or notes:
         parts += ["## Not shown", ""]
@@ -209,8 +266,9 @@ def _index(study: Study, main: Table | None, tables: list[tuple[Table, list[Path
     return "\n".join(parts)
 
 
-def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
-                 published: Sequence[str] | None = None) -> ReportOutput:
+def write_report(
+    study_dir: str | Path, out_dir: str | Path | None = None, published: Sequence[str] | None = None
+) -> ReportOutput:
     """Write the report of the study in `study_dir` (holding plan.json) to `out_dir` (default
     <study_dir>/report): table_*.{md,tex,csv}, summary.csv, fig_*.{png,pdf} and index.md, each atomically.
 
@@ -253,6 +311,9 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
     index = out_dir / "index.md"
     atomic_write(index, _index(study, main, tables, figures, notes, out_dir).encode("utf-8"))
     table_paths = [p for _, paths in tables for p in paths] + ([out_dir / "summary.csv"] if tables else [])
-    return ReportOutput(index=index, tables=table_paths,
-                        figures=[p for f in figures for p in f.paths],
-                        skipped=[(f.name, f.skipped) for f in figures if f.skipped is not None])
+    return ReportOutput(
+        index=index,
+        tables=table_paths,
+        figures=[p for f in figures for p in f.paths],
+        skipped=[(f.name, f.skipped) for f in figures if f.skipped is not None],
+    )

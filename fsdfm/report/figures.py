@@ -29,9 +29,25 @@ import pandas as pd
 from fsdfm.metrics.registry import shown
 from fsdfm.registry import Registry
 from fsdfm.report.plotting import (
-    _RULE_MARKERS, _RULE_STYLES, Drawn, FigureResult, SkipFigure, _data_mean, _legend_outside, _log2_steps,
-    _n_text, _new_figure, _palette, _plain_log, _series_key, _setting_stats, _shade, _steps_text, _style,
-    axis_label, save_figure,
+    _RULE_MARKERS,
+    _RULE_STYLES,
+    Drawn,
+    FigureResult,
+    SkipFigure,
+    _data_mean,
+    _legend_outside,
+    _log2_steps,
+    _n_text,
+    _new_figure,
+    _palette,
+    _plain_log,
+    _series_key,
+    _setting_stats,
+    _shade,
+    _steps_text,
+    _style,
+    axis_label,
+    save_figure,
 )
 from fsdfm.report.summary import DATA_LABEL, SAMPLING_WALL_S, Study, metric_info, present
 
@@ -71,8 +87,15 @@ def step_sweep(study: Study, metrics: tuple | None = None) -> list[Drawn]:
                 sd = sel["std"].fillna(0).to_numpy()
                 ns += list(sel["n"])
                 k = rules.index(rule)
-                ax.plot(x, y, color=colors[label], ls=_RULE_STYLES[k % 4], marker=_RULE_MARKERS[k % 4], ms=4,
-                        label=_series_key(label, rule))
+                ax.plot(
+                    x,
+                    y,
+                    color=colors[label],
+                    ls=_RULE_STYLES[k % 4],
+                    marker=_RULE_MARKERS[k % 4],
+                    ms=4,
+                    label=_series_key(label, rule),
+                )
                 if (sel["n"] > 1).any():
                     ax.fill_between(x, y - sd, y + sd, color=colors[label], alpha=0.18, lw=0)
             ref = _data_mean(study, m)
@@ -87,8 +110,10 @@ def step_sweep(study: Study, metrics: tuple | None = None) -> list[Drawn]:
         band = "band: ±1 std over seeds" if any(n > 1 for n in ns) else "single seed per point"
         fig.suptitle(f"{study.name}: sample quality vs step budget (mean; {band})")
         _legend_outside(fig, axes)
-    caption = (f"Each metric against the sampling step budget (log2 axis), one line per method · update rule; "
-               f"{band} ({_n_text(ns)}); dashed black: data (held-out) reference.")
+    caption = (
+        f"Each metric against the sampling step budget (log2 axis), one line per method · update rule; "
+        f"{band} ({_n_text(ns)}); dashed black: data (held-out) reference."
+    )
     return [Drawn("fig_step_sweep", "Quality vs step budget", caption, fig)]
 
 
@@ -118,12 +143,27 @@ def frontier(study: Study, metric: str = "gen_ppl") -> list[Drawn]:
             rule = None if pd.isna(rule) else rule
             g = g.sort_values("steps")
             k = rules.index(rule)
-            ax.errorbar(g["mean_x"], g["mean_y"], xerr=g["std_x"].fillna(0), yerr=g["std_y"].fillna(0),
-                        color=colors[label], ls=_RULE_STYLES[k % 4], marker=_RULE_MARKERS[k % 4], ms=5, capsize=2,
-                        label=_series_key(label, rule))
+            ax.errorbar(
+                g["mean_x"],
+                g["mean_y"],
+                xerr=g["std_x"].fillna(0),
+                yerr=g["std_y"].fillna(0),
+                color=colors[label],
+                ls=_RULE_STYLES[k % 4],
+                marker=_RULE_MARKERS[k % 4],
+                ms=5,
+                capsize=2,
+                label=_series_key(label, rule),
+            )
             for _, r in g.iterrows():
-                ax.annotate(f"{int(r['steps'])}", (r["mean_x"], r["mean_y"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7, color=colors[label])
+                ax.annotate(
+                    f"{int(r['steps'])}",
+                    (r["mean_x"], r["mean_y"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=colors[label],
+                )
         ref = _data_mean(study, metric)
         if ref is not None:
             ax.axhline(ref, color="black", ls="--", lw=1.2, label=DATA_LABEL)
@@ -139,8 +179,10 @@ def frontier(study: Study, metric: str = "gen_ppl") -> list[Drawn]:
         ax.set_title(f"{study.name}: quality vs sampling cost (point labels: steps)")
         _legend_outside(fig, [ax], where="bottom")
     n = _n_text(list(both["n_x"]) + list(both["n_y"]))
-    caption = (f"{metric} against sampling wall-clock (log x; evaluator time excluded), one line per method · rule, "
-               f"points labelled by step budget; error bars ±1 std ({n}); lower-left is better.")
+    caption = (
+        f"{metric} against sampling wall-clock (log x; evaluator time excluded), one line per method · rule, "
+        f"points labelled by step budget; error bars ±1 std ({n}); lower-left is better."
+    )
     return [Drawn("fig_frontier", "Quality vs wall-clock frontier", caption, fig)]
 
 
@@ -160,12 +202,20 @@ def divergence_curves(study: Study) -> pd.DataFrame:
         for name in ("tv", "js", "agreement"):
             c = curves.get(name)
             if c is not None and len(c) != len(tv):
-                raise ValueError(f"{stage_dir(study.path, run['stage_id'])}/record.json: curves.{name} has {len(c)} "
-                                 f"positions, curves.tv has {len(tv)}")
+                raise ValueError(
+                    f"{stage_dir(study.path, run['stage_id'])}/record.json: curves.{name} has {len(c)} "
+                    f"positions, curves.tv has {len(tv)}"
+                )
         for pos in range(len(tv)):
-            rows.append({"label": run["label"], "steps": run["steps"], "run_id": run["run_id"], "position": pos,
-                         **{k: (curves[k][pos] if curves.get(k) is not None else np.nan)
-                            for k in ("tv", "js", "agreement")}})
+            rows.append(
+                {
+                    "label": run["label"],
+                    "steps": run["steps"],
+                    "run_id": run["run_id"],
+                    "position": pos,
+                    **{k: (curves[k][pos] if curves.get(k) is not None else np.nan) for k in ("tv", "js", "agreement")},
+                }
+            )
     return pd.DataFrame(rows, columns=["label", "steps", "run_id", "position", "tv", "js", "agreement"])
 
 
@@ -195,8 +245,10 @@ def pos_divergence(study: Study) -> list[Drawn]:
     for student, base in zip(students, _palette(len(students))):
         for k, b in enumerate(budgets):
             colors[(student, b)] = _shade(base, k, len(budgets))
-    panels = [("tv", "total variation distance (0-1)\n(lower is better)"),
-              ("agreement", "token agreement (fraction)\n(higher is better)")]
+    panels = [
+        ("tv", "total variation distance (0-1)\n(lower is better)"),
+        ("agreement", "token agreement (fraction)\n(higher is better)"),
+    ]
     ns = []
     with _style():
         fig, axes = _new_figure(2, ncols=2, w=5.2, h=3.6)
@@ -223,13 +275,17 @@ def pos_divergence(study: Study) -> list[Drawn]:
         axes[0].set_title("TV distance to teacher")
         axes[1].set_title("agreement with teacher")
         smooth = f"; thick: moving average over {w} positions, thin: raw" if w > 1 else ""
-        fig.suptitle(f"{study.name}: few-step students vs the many-step teacher, per position"
-                     + (f"\n(thick: moving average over {w} positions; thin: raw)" if w > 1 else ""))
+        fig.suptitle(
+            f"{study.name}: few-step students vs the many-step teacher, per position"
+            + (f"\n(thick: moving average over {w} positions; thin: raw)" if w > 1 else "")
+        )
         _legend_outside(fig, axes)
     band = "band: ±1 std over seeds" if any(n > 1 for n in ns) else "one seed per curve"
-    caption = (f"Per-position total variation distance and token agreement between few-step student rollouts and "
-               f"many-step teacher rollouts from the same start states ({band}{smooth}). A rising TV curve means "
-               "few-step errors compound along the sequence.")
+    caption = (
+        f"Per-position total variation distance and token agreement between few-step student rollouts and "
+        f"many-step teacher rollouts from the same start states ({band}{smooth}). A rising TV curve means "
+        "few-step errors compound along the sequence."
+    )
     return [Drawn("fig_pos_divergence", "Per-position divergence to the teacher", caption, fig)]
 
 
@@ -276,8 +332,15 @@ def ablation(study: Study, metrics: tuple | None = None) -> list[Drawn]:
                     ns.append(len(v))
                     sd = v.std(ddof=1) if len(v) > 1 else 0.0
                     ax.barh(y[i], v.mean(), xerr=sd, color=colors[i], alpha=0.85, capsize=3, height=0.6)
-                    ax.plot(v, np.full(len(v), y[i]), "o", color="black", ms=3, alpha=0.7,
-                            label="one seed" if len(v) > 1 else None)
+                    ax.plot(
+                        v,
+                        np.full(len(v), y[i]),
+                        "o",
+                        color="black",
+                        ms=3,
+                        alpha=0.7,
+                        label="one seed" if len(v) > 1 else None,
+                    )
                 ref = _data_mean(study, m)
                 if ref is not None:
                     ax.axvline(ref, color="black", ls="--", lw=1.2, label=DATA_LABEL)
@@ -289,8 +352,10 @@ def ablation(study: Study, metrics: tuple | None = None) -> list[Drawn]:
                 ax.set_title(m)
             fig.suptitle(f"{study.name}: {kind} variants at {_steps_text(budget)} (mean ± 1 std over seeds)")
             _legend_outside(fig, axes)
-        caption = (f"Ablation of {kind}: each variant at {_steps_text(budget)} (the budget most variants share); bars: mean, "
-                   f"error bars ±1 std, dots: individual seeds ({_n_text(ns)}); dashed: data (held-out).")
+        caption = (
+            f"Ablation of {kind}: each variant at {_steps_text(budget)} (the budget most variants share); bars: mean, "
+            f"error bars ±1 std, dots: individual seeds ({_n_text(ns)}); dashed: data (held-out)."
+        )
         out.append(Drawn(f"fig_ablation_{kind}", f"Ablation: {kind} variants", caption, fig))
     if not out:
         raise SkipFigure(f"the variants of {', '.join(kinds)} recorded none of {', '.join(metrics)}")
@@ -313,5 +378,13 @@ def render(name: str, study: Study, out_dir: Path) -> list[FigureResult]:
     return out
 
 
-__all__ = ["FIGURES", "render", "divergence_curves", "step_sweep", "frontier", "pos_divergence", "ablation",
-           "ablation_budget"]
+__all__ = [
+    "FIGURES",
+    "render",
+    "divergence_curves",
+    "step_sweep",
+    "frontier",
+    "pos_divergence",
+    "ablation",
+    "ablation_budget",
+]

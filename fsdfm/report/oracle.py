@@ -76,7 +76,9 @@ def annotated_runs(study: Study) -> pd.DataFrame:
     runs["model_stage"] = [model_stage(study.plan, s) for s in runs["stage_id"]]
     runs["path"] = [path_key(study.plan, s) for s in runs["model_stage"]]
     cache: dict = {}
-    runs["posterior_kl"] = [cache.setdefault(s, _training_metric(study, s, "posterior_kl")) for s in runs["model_stage"]]
+    runs["posterior_kl"] = [
+        cache.setdefault(s, _training_metric(study, s, "posterior_kl")) for s in runs["model_stage"]
+    ]
     return runs
 
 
@@ -96,26 +98,40 @@ def decomposition_frame(study: Study) -> pd.DataFrame:
     runs = annotated_runs(study)
     if runs.empty or not (runs["kind"] == EXACT_KIND).any():
         return pd.DataFrame()
-    exact = {(p, r, int(s)): _mean(g["oracle_nll"]) for (p, r, s), g in
-             runs[runs["kind"] == EXACT_KIND].groupby(["path", "rule", "steps"], dropna=False)}
+    exact = {
+        (p, r, int(s)): _mean(g["oracle_nll"])
+        for (p, r, s), g in runs[runs["kind"] == EXACT_KIND].groupby(["path", "rule", "steps"], dropna=False)
+    }
     rows = []
     for (p, label, rule, steps), g in runs.groupby(["path", "label", "rule", "steps"], dropna=False, sort=False):
         kind = str(g["kind"].iloc[0])
         ex = exact.get((p, rule, int(steps)), math.nan)
         nll = _mean(g["oracle_nll"])
         expected = _mean(g["oracle_expected_nll"])
-        rows.append({
-            "source": path_source(p), "path": p, "label": label, "kind": kind, "rule": rule, "steps": int(steps),
-            "n": int(pd.to_numeric(g["oracle_nll"], errors="coerce").notna().sum()),
-            "oracle_nll_mean": nll, "oracle_nll_std": _std(g["oracle_nll"]), "exact_oracle_nll": ex,
-            "model_error": nll - ex if kind != EXACT_KIND else 0.0,
-            "model_error_std": _std(g["oracle_nll"]) if kind != EXACT_KIND else math.nan,
-            "sampler_error": ex - expected, "posterior_kl_mean": _mean(g["posterior_kl"]),
-            "posterior_kl_std": _std(g["posterior_kl"]),
-            "ngram_tv_mean": _mean(g.get("ngram_tv", math.nan)), "ngram_tv_std": _std(g.get("ngram_tv", math.nan)),
-            "ngram_tv_floor": _mean(g.get("ngram_tv_floor", math.nan)),
-            "expected_nll": expected, "entropy_rate": _mean(g.get("oracle_entropy_rate", math.nan)),
-        })
+        rows.append(
+            {
+                "source": path_source(p),
+                "path": p,
+                "label": label,
+                "kind": kind,
+                "rule": rule,
+                "steps": int(steps),
+                "n": int(pd.to_numeric(g["oracle_nll"], errors="coerce").notna().sum()),
+                "oracle_nll_mean": nll,
+                "oracle_nll_std": _std(g["oracle_nll"]),
+                "exact_oracle_nll": ex,
+                "model_error": nll - ex if kind != EXACT_KIND else 0.0,
+                "model_error_std": _std(g["oracle_nll"]) if kind != EXACT_KIND else math.nan,
+                "sampler_error": ex - expected,
+                "posterior_kl_mean": _mean(g["posterior_kl"]),
+                "posterior_kl_std": _std(g["posterior_kl"]),
+                "ngram_tv_mean": _mean(g.get("ngram_tv", math.nan)),
+                "ngram_tv_std": _std(g.get("ngram_tv", math.nan)),
+                "ngram_tv_floor": _mean(g.get("ngram_tv_floor", math.nan)),
+                "expected_nll": expected,
+                "entropy_rate": _mean(g.get("oracle_entropy_rate", math.nan)),
+            }
+        )
     df = pd.DataFrame(rows)
     order = {k: i for i, k in enumerate(dict.fromkeys(df["label"]))}
     df["_exact_first"] = (df["kind"] != EXACT_KIND).astype(int)
@@ -144,9 +160,10 @@ def _setting(study: Study, runs: pd.DataFrame, label: str, rule: str, steps: int
     return seeds, samples[samples["run_id"].isin(sel["run_id"])]
 
 
-def _versus_teacher(study: Study, runs: pd.DataFrame, st: pd.Series, tlabel: str, steps: int,
-                    teacher_steps: int | None = None) -> str | None:
-    """"S beats / is worse than / is not distinguishable from its teacher T at N steps", decided by the paired t-test
+def _versus_teacher(
+    study: Study, runs: pd.DataFrame, st: pd.Series, tlabel: str, steps: int, teacher_steps: int | None = None
+) -> str | None:
+    """ "S beats / is worse than / is not distinguishable from its teacher T at N steps", decided by the paired t-test
     across the training seeds the two share (a student is distilled from the teacher of its own seed), else (one seed)
     by Welch's test across per-sample values; at 0.05."""
     from fsdfm.report.significance import ALPHA, compare
@@ -162,9 +179,11 @@ def _versus_teacher(study: Study, runs: pd.DataFrame, st: pd.Series, tlabel: str
     else:
         verdict = "is not distinguishable from"
     at = f"at {steps} steps" if teacher_steps == steps else f"at {steps} steps vs its teacher at {teacher_steps}"
-    return (f"{st['label']} {verdict} its teacher {tlabel} {at} ({st['rule']}): oracle_nll "
-            f"{c.mean_a:.3f} vs {c.mean_b:.3f} nats/token, difference {c.diff:+.3f} (95% CI [{c.ci[0]:+.3f}, "
-            f"{c.ci[1]:+.3f}], {c.test}, n = {c.n}, p = {c.p:.2g}).")
+    return (
+        f"{st['label']} {verdict} its teacher {tlabel} {at} ({st['rule']}): oracle_nll "
+        f"{c.mean_a:.3f} vs {c.mean_b:.3f} nats/token, difference {c.diff:+.3f} (95% CI [{c.ci[0]:+.3f}, "
+        f"{c.ci[1]:+.3f}], {c.test}, n = {c.n}, p = {c.p:.2g})."
+    )
 
 
 def verdicts(study: Study, frame: pd.DataFrame, steps: int = VERDICT_STEPS) -> list[str]:
@@ -178,11 +197,16 @@ def verdicts(study: Study, frame: pd.DataFrame, steps: int = VERDICT_STEPS) -> l
             continue
         tlabel = _teacher_label(study, runs, sid.iloc[0])
         excess = st["oracle_nll_mean"] - st["expected_nll"]
-        term = "the sampler's own error (factorization + discretization)" if st["sampler_error"] >= st["model_error"] \
+        term = (
+            "the sampler's own error (factorization + discretization)"
+            if st["sampler_error"] >= st["model_error"]
             else "the model error"
-        line = (f"{st['label']} ({st['rule']}, {steps} steps): oracle_nll {st['oracle_nll_mean']:.3f}; excess over the "
-                f"expected NLL {excess:.3f} = model error {st['model_error']:.3f} + sampler error "
-                f"{st['sampler_error']:.3f}: {term} is the larger part")
+        )
+        line = (
+            f"{st['label']} ({st['rule']}, {steps} steps): oracle_nll {st['oracle_nll_mean']:.3f}; excess over the "
+            f"expected NLL {excess:.3f} = model error {st['model_error']:.3f} + sampler error "
+            f"{st['sampler_error']:.3f}: {term} is the larger part"
+        )
         if tlabel is not None:
             verdict = _versus_teacher(study, runs, st, tlabel, steps)
             if verdict is not None:
@@ -200,11 +224,32 @@ def verdicts(study: Study, frame: pd.DataFrame, steps: int = VERDICT_STEPS) -> l
 def decomposition_table(study: Study) -> Table:
     """The decomposition as a Table (markdown, LaTeX, CSV): one block per path source, exact rows first."""
     frame = decomposition_frame(study)
-    columns = ("source", "method", "rule", "steps", "n", "oracle_nll ↓", "exact oracle_nll", "model error",
-               "sampler error", "posterior_kl ↓", "ngram_tv ↓", "ngram_tv floor")
+    columns = (
+        "source",
+        "method",
+        "rule",
+        "steps",
+        "n",
+        "oracle_nll ↓",
+        "exact oracle_nll",
+        "model error",
+        "sampler error",
+        "posterior_kl ↓",
+        "ngram_tv ↓",
+        "ngram_tv floor",
+    )
     if frame.empty:
-        return Table(name="table_decomposition", title=f"{study.name}: few-step error decomposition", columns=columns,
-                     cells=(), bold=(), sections=(), notes=(), numbers=pd.DataFrame(), n_label_columns=4)
+        return Table(
+            name="table_decomposition",
+            title=f"{study.name}: few-step error decomposition",
+            columns=columns,
+            cells=(),
+            bold=(),
+            sections=(),
+            notes=(),
+            numbers=pd.DataFrame(),
+            n_label_columns=4,
+        )
     cells, sections = [], []
     prev = None
     for i, r in frame.iterrows():
@@ -212,31 +257,57 @@ def decomposition_table(study: Study) -> Table:
             sections.append(len(cells))
         prev = r["source"]
         exact = r["kind"] == EXACT_KIND
-        cells.append((r["source"], r["label"], str(r["rule"]), str(r["steps"]), str(r["n"]),
-                      fmt_mean_std(r["oracle_nll_mean"], r["oracle_nll_std"], r["n"], "nats/token"),
-                      fmt_number(r["exact_oracle_nll"], "nats/token"),
-                      DASH if exact else fmt_mean_std(r["model_error"], r["model_error_std"], r["n"], "nats/token"),
-                      fmt_number(r["sampler_error"], "nats/token"),
-                      DASH if exact else fmt_mean_std(r["posterior_kl_mean"], r["posterior_kl_std"], r["n"], "nats"),
-                      fmt_mean_std(r["ngram_tv_mean"], r["ngram_tv_std"], r["n"], "TV"),
-                      fmt_number(r["ngram_tv_floor"], "TV")))
+        cells.append(
+            (
+                r["source"],
+                r["label"],
+                str(r["rule"]),
+                str(r["steps"]),
+                str(r["n"]),
+                fmt_mean_std(r["oracle_nll_mean"], r["oracle_nll_std"], r["n"], "nats/token"),
+                fmt_number(r["exact_oracle_nll"], "nats/token"),
+                DASH if exact else fmt_mean_std(r["model_error"], r["model_error_std"], r["n"], "nats/token"),
+                fmt_number(r["sampler_error"], "nats/token"),
+                DASH if exact else fmt_mean_std(r["posterior_kl_mean"], r["posterior_kl_std"], r["n"], "nats"),
+                fmt_mean_std(r["ngram_tv_mean"], r["ngram_tv_std"], r["n"], "TV"),
+                fmt_number(r["ngram_tv_floor"], "TV"),
+            )
+        )
     data = study.data
     ref = []
-    ref.append(f"expected NLL of true length-L sequences (H_L): {_mean(frame['expected_nll']):.3f} nats/token; "
-               f"entropy rate {_mean(frame['entropy_rate']):.3f}")
+    ref.append(
+        f"expected NLL of true length-L sequences (H_L): {_mean(frame['expected_nll']):.3f} nats/token; "
+        f"entropy rate {_mean(frame['entropy_rate']):.3f}"
+    )
     if not data.empty and "oracle_nll" in data:
-        ref.append(f"data row (held-out true sequences): oracle_nll {_mean(data['oracle_nll']):.3f}"
-                   + (f", ngram_tv {_mean(data['ngram_tv']):.3f}" if "ngram_tv" in data else ""))
-    notes = ["oracle_nll(M, N) − H_L = model error [oracle_nll(M, N) − oracle_nll(exact, N)] + sampler error "
-             "[oracle_nll(exact, N) − H_L]; the exact run has the same path, rule and budget; cells mean ± std over "
-             "seeds (the exact sampler: one sampling seed)",
-             "posterior_kl: KL(exact posterior ‖ model p_{1|t}) per movable position, over t = 0.05..0.95 and "
-             "held-out path states (student: at its smallest step h = 2^-K)",
-             "ngram_tv: total variation of the samples' (order + 1)-gram distribution (HMM: bigrams) from the "
-             "source's exact one; floor: the same for as many true sequences"] + ref + verdicts(study, frame)
-    return Table(name="table_decomposition", title=f"{study.name}: few-step error decomposition", columns=columns,
-                 cells=tuple(cells), bold=tuple((False,) * len(columns) for _ in cells), sections=tuple(sections),
-                 notes=tuple(notes), numbers=frame.drop(columns=["path"]).convert_dtypes(), n_label_columns=4)
+        ref.append(
+            f"data row (held-out true sequences): oracle_nll {_mean(data['oracle_nll']):.3f}"
+            + (f", ngram_tv {_mean(data['ngram_tv']):.3f}" if "ngram_tv" in data else "")
+        )
+    notes = (
+        [
+            "oracle_nll(M, N) − H_L = model error [oracle_nll(M, N) − oracle_nll(exact, N)] + sampler error "
+            "[oracle_nll(exact, N) − H_L]; the exact run has the same path, rule and budget; cells mean ± std over "
+            "seeds (the exact sampler: one sampling seed)",
+            "posterior_kl: KL(exact posterior ‖ model p_{1|t}) per movable position, over t = 0.05..0.95 and "
+            "held-out path states (student: at its smallest step h = 2^-K)",
+            "ngram_tv: total variation of the samples' (order + 1)-gram distribution (HMM: bigrams) from the "
+            "source's exact one; floor: the same for as many true sequences",
+        ]
+        + ref
+        + verdicts(study, frame)
+    )
+    return Table(
+        name="table_decomposition",
+        title=f"{study.name}: few-step error decomposition",
+        columns=columns,
+        cells=tuple(cells),
+        bold=tuple((False,) * len(columns) for _ in cells),
+        sections=tuple(sections),
+        notes=tuple(notes),
+        numbers=frame.drop(columns=["path"]).convert_dtypes(),
+        n_label_columns=4,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ figure
@@ -244,7 +315,14 @@ def decomposition_figure(study: Study):
     """Per path source: oracle_nll vs N (exact and trained methods; expected NLL, entropy rate and the data row
     marked), and below it the two error terms vs N (model error solid, sampler error dashed), log2 x axis."""
     from fsdfm.report.plotting import (
-        PANEL_W, Drawn, SkipFigure, _legend_outside, _log2_steps, _new_figure, _palette, _style,
+        PANEL_W,
+        Drawn,
+        SkipFigure,
+        _legend_outside,
+        _log2_steps,
+        _new_figure,
+        _palette,
+        _style,
     )
 
     frame = decomposition_frame(study)
@@ -257,20 +335,41 @@ def decomposition_figure(study: Study):
     data_nll = _mean(study.data["oracle_nll"]) if not study.data.empty and "oracle_nll" in study.data else None
     with _style():
         fig, axes = _new_figure(2 * len(sources), ncols=len(sources), w=1.5 * PANEL_W)
-        top, bottom = axes[:len(sources)], axes[len(sources):]
+        top, bottom = axes[: len(sources)], axes[len(sources) :]
         for j, src in enumerate(sources):
             f = frame[frame["source"] == src]
             for (label, rule), g in f.groupby(["label", "rule"], sort=False):
                 g = g.sort_values("steps")
                 x = g["steps"].to_numpy(float)
-                top[j].plot(x, g["oracle_nll_mean"], color=colors[label], ls=styles[rule], marker="o", ms=3,
-                            label=f"{label} · {rule}")
+                top[j].plot(
+                    x,
+                    g["oracle_nll_mean"],
+                    color=colors[label],
+                    ls=styles[rule],
+                    marker="o",
+                    ms=3,
+                    label=f"{label} · {rule}",
+                )
                 if (g["kind"] != EXACT_KIND).any():
-                    bottom[j].plot(x, g["model_error"], color=colors[label], ls=styles[rule], marker="o", ms=3,
-                                   label=f"{label} · {rule}")
+                    bottom[j].plot(
+                        x,
+                        g["model_error"],
+                        color=colors[label],
+                        ls=styles[rule],
+                        marker="o",
+                        ms=3,
+                        label=f"{label} · {rule}",
+                    )
                 else:
-                    bottom[j].plot(x, g["sampler_error"], color="black", ls=styles[rule], marker="s", ms=3,
-                                   label=f"sampler error (exact) · {rule}")
+                    bottom[j].plot(
+                        x,
+                        g["sampler_error"],
+                        color="black",
+                        ls=styles[rule],
+                        marker="s",
+                        ms=3,
+                        label=f"sampler error (exact) · {rule}",
+                    )
             top[j].axhline(_mean(f["expected_nll"]), color="black", ls="--", lw=1, label="expected NLL H_L")
             top[j].axhline(_mean(f["entropy_rate"]), color="gray", ls=":", lw=1, label="entropy rate")
             if data_nll is not None:
@@ -286,8 +385,10 @@ def decomposition_figure(study: Study):
             bottom[j].set_title(f"{src}: error terms")
         fig.suptitle(f"{study.name}: few-step error = model + sampler error (seed means)")
         _legend_outside(fig, axes)
-    caption = ("Top: oracle_nll against the step budget for the exact denoiser and each trained method, with the "
-               "expected NLL of true sequences (dashed), the entropy rate (dotted) and the held-out data row. "
-               "Bottom: model error oracle_nll(M, N) − oracle_nll(exact, N) per method (colour) and the sampler's "
-               "own error oracle_nll(exact, N) − H_L (black), same rule.")
+    caption = (
+        "Top: oracle_nll against the step budget for the exact denoiser and each trained method, with the "
+        "expected NLL of true sequences (dashed), the entropy rate (dotted) and the held-out data row. "
+        "Bottom: model error oracle_nll(M, N) − oracle_nll(exact, N) per method (colour) and the sampler's "
+        "own error oracle_nll(exact, N) − H_L (black), same rule."
+    )
     return [Drawn("fig_decomposition", "Few-step error decomposition", caption, fig)]

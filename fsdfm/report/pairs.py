@@ -69,20 +69,59 @@ def pairs_table(study: Study) -> Table:
 
             def by_seed(r: pd.DataFrame) -> dict:
                 vals = pd.to_numeric(r[m], errors="coerce")
-                return {tuple(row): v for row, v in zip(r[seed_cols].astype(str).itertuples(index=False), vals) if v == v}
+                return {
+                    tuple(row): v for row, v in zip(r[seed_cols].astype(str).itertuples(index=False), vals) if v == v
+                }
 
             c = significance.compare(m, by_seed(ra), by_seed(rb), sa, sb)
             if c is None:
                 continue
-            cells.append((a_name, b_name, m, c.of, _fmt(c.mean_a), _fmt(c.mean_b), _fmt(c.diff),
-                          f"[{_fmt(c.ci[0])}, {_fmt(c.ci[1])}]", f"{c.p:.3g}", c.test, c.n))
-            numbers.append({"a": a_name, "b": b_name, "metric": m, "values": c.of, "mean_a": c.mean_a,
-                            "mean_b": c.mean_b, "diff": c.diff, "ci_low": c.ci[0], "ci_high": c.ci[1], "p": c.p,
-                            "test": c.test, "n": c.n})
-    notes.insert(0, "A − B with a 95% confidence interval: paired t across matched seeds where both settings have "
-                    ">= 2 shared seeds, else Welch's interval across per-sample values (samples of two models are "
-                    "independent draws, so they are not paired by index); gen_ppl is compared as per-sample NLL per "
-                    "scored token (log-perplexity units), MAUVE only across seeds")
-    return Table(name="table_pairs", title=f"{study.name}: headline pairs (report.pairs)", columns=cols,
-                 cells=tuple(cells), bold=tuple((False,) * len(cols) for _ in cells), sections=(),
-                 notes=tuple(notes), numbers=pd.DataFrame(numbers), n_label_columns=4)
+            cells.append(
+                (
+                    a_name,
+                    b_name,
+                    m,
+                    c.of,
+                    _fmt(c.mean_a),
+                    _fmt(c.mean_b),
+                    _fmt(c.diff),
+                    f"[{_fmt(c.ci[0])}, {_fmt(c.ci[1])}]",
+                    f"{c.p:.3g}",
+                    c.test,
+                    c.n,
+                )
+            )
+            numbers.append(
+                {
+                    "a": a_name,
+                    "b": b_name,
+                    "metric": m,
+                    "values": c.of,
+                    "mean_a": c.mean_a,
+                    "mean_b": c.mean_b,
+                    "diff": c.diff,
+                    "ci_low": c.ci[0],
+                    "ci_high": c.ci[1],
+                    "p": c.p,
+                    "test": c.test,
+                    "n": c.n,
+                }
+            )
+    notes.insert(
+        0,
+        "A − B with a 95% confidence interval: paired t across matched seeds where both settings have "
+        ">= 2 shared seeds, else Welch's interval across per-sample values (samples of two models are "
+        "independent draws, so they are not paired by index); gen_ppl is compared as per-sample NLL per "
+        "scored token (log-perplexity units), MAUVE only across seeds",
+    )
+    return Table(
+        name="table_pairs",
+        title=f"{study.name}: headline pairs (report.pairs)",
+        columns=cols,
+        cells=tuple(cells),
+        bold=tuple((False,) * len(cols) for _ in cells),
+        sections=(),
+        notes=tuple(notes),
+        numbers=pd.DataFrame(numbers),
+        n_label_columns=4,
+    )

@@ -55,38 +55,133 @@ def _sweep(method: str, steps: tuple, pairs: tuple) -> tuple:
 _FLM_STEPS = (8, 16, 32, 64, 128, 256, 512, 1024)
 _FMLM_STEPS = (1, 2, 4, 8, 16, 32)
 
-PUBLISHED.register("flm_owt", PublishedTable(_FLM_README, "OWT", _FLM_CONV, _sweep("FLM (Euler)", _FLM_STEPS, (
-    (449.15, 5.21), (380.99, 5.66), (240.11, 5.72), (147.28, 5.68), (103.30, 5.58), (82.05, 5.48), (70.22, 5.40),
-    (62.23, 5.33)))))
-PUBLISHED.register("flm_lm1b", PublishedTable(_FLM_README, "LM1B", _FLM_CONV, _sweep("FLM (Euler)", _FLM_STEPS, (
-    (243.36, 2.41), (198.53, 4.22), (152.01, 4.40), (126.51, 4.36), (112.54, 4.34), (104.59, 4.32), (99.75, 4.30),
-    (96.91, 4.29)))))
-PUBLISHED.register("fmlm_owt", PublishedTable(_FLM_README, "OWT", _FLM_CONV, _sweep("FMLM", _FMLM_STEPS, (
-    (168.30, 5.17), (133.29, 5.25), (111.31, 5.26), (86.50, 5.36), (63.63, 5.29), (45.09, 5.25)))))
-PUBLISHED.register("fmlm_lm1b", PublishedTable(_FLM_README, "LM1B", _FLM_CONV, _sweep("FMLM", _FMLM_STEPS, (
-    (119.34, 4.16), (110.19, 4.21), (98.76, 4.21), (86.32, 4.21), (78.35, 4.21), (69.21, 4.21)))))
-PUBLISHED.register("many_step_lm1b", PublishedTable(_FLM_PAGE, "LM1B", _FLM_CONV, (
-    PublishedRow("MDLM", 1024, {"gen_ppl": 109.21, "entropy_nats": 4.32}),
-    PublishedRow("Duo", 1024, {"gen_ppl": 98.14, "entropy_nats": 4.31}),
-    PublishedRow("FLM", 1024, {"gen_ppl": 96.91, "entropy_nats": 4.29}),
-    PublishedRow("data", None, {"entropy_nats": 4.31}),
-)))
-PUBLISHED.register("many_step_owt", PublishedTable(_FLM_PAGE, "OWT", _FLM_CONV, (
-    PublishedRow("MDLM", 1024, {"gen_ppl": 121.09, "entropy_nats": 5.65}),
-    PublishedRow("Duo", 1024, {"gen_ppl": 77.69, "entropy_nats": 5.55}),
-    PublishedRow("FLM", 1024, {"gen_ppl": 62.23, "entropy_nats": 5.33}),
-    PublishedRow("data", None, {"entropy_nats": 5.44}),
-)))
-PUBLISHED.register("few_step_owt", PublishedTable(_FLM_PAGE, "OWT", _FLM_CONV,
-                                                  _sweep("Duo+DCD", (1, 2, 4), ((5743.29, 6.02), (891.16, 5.41), (250.86, 5.37)))
-                                                  + _sweep("MDLM+SDTT", (1, 2, 4), ((1260.86, 5.26), (877.22, 5.34), (339.73, 5.38)))
-                                                  + _sweep("FMLM", (1, 2, 4), ((168.30, 5.17), (133.29, 5.25), (111.31, 5.26)))))
-PUBLISHED.register("dfm_reference", PublishedTable(
-    "facebookresearch/flow_matching text example", "FineWeb-Edu (170M model)",
-    "gen. PPL convention not stated in our notes; float32 sampling (lowers perplexity relative to float64); "
-    "no entropy reported",
-    tuple(PublishedRow(m, 1024, {"gen_ppl": v}) for m, v in
-          (("DFM mask+CE", 128.9), ("DFM mask+GKL", 132.2), ("DFM uniform+CE", 90.9), ("DFM uniform+GKL", 82.1)))))
+PUBLISHED.register(
+    "flm_owt",
+    PublishedTable(
+        _FLM_README,
+        "OWT",
+        _FLM_CONV,
+        _sweep(
+            "FLM (Euler)",
+            _FLM_STEPS,
+            (
+                (449.15, 5.21),
+                (380.99, 5.66),
+                (240.11, 5.72),
+                (147.28, 5.68),
+                (103.30, 5.58),
+                (82.05, 5.48),
+                (70.22, 5.40),
+                (62.23, 5.33),
+            ),
+        ),
+    ),
+)
+PUBLISHED.register(
+    "flm_lm1b",
+    PublishedTable(
+        _FLM_README,
+        "LM1B",
+        _FLM_CONV,
+        _sweep(
+            "FLM (Euler)",
+            _FLM_STEPS,
+            (
+                (243.36, 2.41),
+                (198.53, 4.22),
+                (152.01, 4.40),
+                (126.51, 4.36),
+                (112.54, 4.34),
+                (104.59, 4.32),
+                (99.75, 4.30),
+                (96.91, 4.29),
+            ),
+        ),
+    ),
+)
+PUBLISHED.register(
+    "fmlm_owt",
+    PublishedTable(
+        _FLM_README,
+        "OWT",
+        _FLM_CONV,
+        _sweep(
+            "FMLM",
+            _FMLM_STEPS,
+            ((168.30, 5.17), (133.29, 5.25), (111.31, 5.26), (86.50, 5.36), (63.63, 5.29), (45.09, 5.25)),
+        ),
+    ),
+)
+PUBLISHED.register(
+    "fmlm_lm1b",
+    PublishedTable(
+        _FLM_README,
+        "LM1B",
+        _FLM_CONV,
+        _sweep(
+            "FMLM",
+            _FMLM_STEPS,
+            ((119.34, 4.16), (110.19, 4.21), (98.76, 4.21), (86.32, 4.21), (78.35, 4.21), (69.21, 4.21)),
+        ),
+    ),
+)
+PUBLISHED.register(
+    "many_step_lm1b",
+    PublishedTable(
+        _FLM_PAGE,
+        "LM1B",
+        _FLM_CONV,
+        (
+            PublishedRow("MDLM", 1024, {"gen_ppl": 109.21, "entropy_nats": 4.32}),
+            PublishedRow("Duo", 1024, {"gen_ppl": 98.14, "entropy_nats": 4.31}),
+            PublishedRow("FLM", 1024, {"gen_ppl": 96.91, "entropy_nats": 4.29}),
+            PublishedRow("data", None, {"entropy_nats": 4.31}),
+        ),
+    ),
+)
+PUBLISHED.register(
+    "many_step_owt",
+    PublishedTable(
+        _FLM_PAGE,
+        "OWT",
+        _FLM_CONV,
+        (
+            PublishedRow("MDLM", 1024, {"gen_ppl": 121.09, "entropy_nats": 5.65}),
+            PublishedRow("Duo", 1024, {"gen_ppl": 77.69, "entropy_nats": 5.55}),
+            PublishedRow("FLM", 1024, {"gen_ppl": 62.23, "entropy_nats": 5.33}),
+            PublishedRow("data", None, {"entropy_nats": 5.44}),
+        ),
+    ),
+)
+PUBLISHED.register(
+    "few_step_owt",
+    PublishedTable(
+        _FLM_PAGE,
+        "OWT",
+        _FLM_CONV,
+        _sweep("Duo+DCD", (1, 2, 4), ((5743.29, 6.02), (891.16, 5.41), (250.86, 5.37)))
+        + _sweep("MDLM+SDTT", (1, 2, 4), ((1260.86, 5.26), (877.22, 5.34), (339.73, 5.38)))
+        + _sweep("FMLM", (1, 2, 4), ((168.30, 5.17), (133.29, 5.25), (111.31, 5.26))),
+    ),
+)
+PUBLISHED.register(
+    "dfm_reference",
+    PublishedTable(
+        "facebookresearch/flow_matching text example",
+        "FineWeb-Edu (170M model)",
+        "gen. PPL convention not stated in our notes; float32 sampling (lowers perplexity relative to float64); "
+        "no entropy reported",
+        tuple(
+            PublishedRow(m, 1024, {"gen_ppl": v})
+            for m, v in (
+                ("DFM mask+CE", 128.9),
+                ("DFM mask+GKL", 132.2),
+                ("DFM uniform+CE", 90.9),
+                ("DFM uniform+GKL", 82.1),
+            )
+        ),
+    ),
+)
 
 
 def published_tables(keys) -> list[tuple[str, PublishedTable]]:

@@ -19,12 +19,21 @@ DEFAULT_STUDY = Path(__file__).resolve().parents[2] / "results" / "demo"
 
 def _parse(doc: str, argv: Sequence[str] | None, published: bool) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
-    ap.add_argument("study", nargs="?", default=str(DEFAULT_STUDY),
-                    help=f"a study results directory holding plan.json (default: {DEFAULT_STUDY})")
+    ap.add_argument(
+        "study",
+        nargs="?",
+        default=str(DEFAULT_STUDY),
+        help=f"a study results directory holding plan.json (default: {DEFAULT_STUDY})",
+    )
     ap.add_argument("--out", default=None, help="output directory (default: <study>/report)")
     if published:
-        ap.add_argument("--published", nargs="*", default=[], metavar="KEY",
-                        help="published reference rows to append (keys of fsdfm.report.published.PUBLISHED)")
+        ap.add_argument(
+            "--published",
+            nargs="*",
+            default=[],
+            metavar="KEY",
+            help="published reference rows to append (keys of fsdfm.report.published.PUBLISHED)",
+        )
     return ap.parse_args(argv)
 
 
@@ -33,8 +42,12 @@ def _finish(study: Study, files: list[Path], skipped: str | None = None) -> int:
     return 0
 
 
-def table_script(doc: str, build: Callable[[Study, argparse.Namespace], list], argv: Sequence[str] | None = None,
-                 published: bool = False) -> int:
+def table_script(
+    doc: str,
+    build: Callable[[Study, argparse.Namespace], list],
+    argv: Sequence[str] | None = None,
+    published: bool = False,
+) -> int:
     """Build the tables `build(study, args)` returns, print each as Markdown, write md/tex/csv."""
     from fsdfm.report import write_table
 
@@ -62,5 +75,9 @@ def figure_script(doc: str, name: str, argv: Sequence[str] | None = None) -> int
     files = [p for r in results for p in r.paths]
     skipped = next((r.skipped for r in results if r.skipped), None)
     for r in results:
-        print(f"{r.name}: skipped: {r.skipped}" if r.skipped else f"{r.title}: {', '.join(map(str, r.paths))}\n  {r.caption}")
+        print(
+            f"{r.name}: skipped: {r.skipped}"
+            if r.skipped
+            else f"{r.title}: {', '.join(map(str, r.paths))}\n  {r.caption}"
+        )
     return _finish(study, files, skipped)

@@ -41,6 +41,7 @@ def _per_token(num: str, den: str) -> Callable[[pd.DataFrame], pd.Series]:
     def f(df: pd.DataFrame) -> pd.Series:
         tokens = pd.to_numeric(df[den], errors="coerce")
         return (pd.to_numeric(df[num], errors="coerce") / tokens).where(tokens > 0)
+
     return f
 
 
@@ -116,7 +117,7 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Welch
     se = math.sqrt(va + vb)
     if se == 0.0:
         return Welch(diff, 0.0 if diff != 0 else 1.0, (diff, diff), math.inf, len(a), len(b))
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     t = diff / se
     p = float(2 * stats.t.sf(abs(t), df))
     half = float(stats.t.ppf(0.5 + level / 2, df) * se)
@@ -149,8 +150,13 @@ def _values(c: Candidate, test: str) -> np.ndarray:
     return c.seeds if test == "seeds" else c.samples
 
 
-def mark_best(metric: str, candidates: Sequence[Candidate], data_mean: float | None = None,
-              alpha: float = ALPHA, shown: Callable[[float], str] | None = None) -> Marks:
+def mark_best(
+    metric: str,
+    candidates: Sequence[Candidate],
+    data_mean: float | None = None,
+    alpha: float = ALPHA,
+    shown: Callable[[float], str] | None = None,
+) -> Marks:
     """Mark the best of `candidates` only when it differs significantly from the runner-up (module docstring).
 
     shown: the display formatter; rows whose shown means are equal are tied without a test. Rows not
@@ -181,8 +187,12 @@ def mark_best(metric: str, candidates: Sequence[Candidate], data_mean: float | N
             return "shown", 1.0
         if len(best.seeds) >= 2 and len(other.seeds) >= 2:
             test = "seeds"
-        elif best.samples is not None and other.samples is not None and len(best.samples) >= 2 \
-                and len(other.samples) >= 2:
+        elif (
+            best.samples is not None
+            and other.samples is not None
+            and len(best.samples) >= 2
+            and len(other.samples) >= 2
+        ):
             test = "samples"
         else:
             return None, None
@@ -233,8 +243,9 @@ def paired_t(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> tu
     return mean, (mean - half, mean + half), float(2 * stats.t.sf(abs(mean / se), k - 1))
 
 
-def compare(metric: str, seeds_a: dict, seeds_b: dict, samples_a: pd.DataFrame | None,
-            samples_b: pd.DataFrame | None) -> Comparison | None:
+def compare(
+    metric: str, seeds_a: dict, seeds_b: dict, samples_a: pd.DataFrame | None, samples_b: pd.DataFrame | None
+) -> Comparison | None:
     """A - B on `metric`. seeds_a / seeds_b: {seed value: run-level metric value}; samples_*: per-sample tables.
     Paired across seeds where >= 2 seed values are shared, else Welch across per-sample values; None when
     neither is possible."""
@@ -243,12 +254,30 @@ def compare(metric: str, seeds_a: dict, seeds_b: dict, samples_a: pd.DataFrame |
         a = [seeds_a[k] for k in shared]
         b = [seeds_b[k] for k in shared]
         diff, ci, p = paired_t(a, b)
-        return Comparison(metric, float(np.mean(a)), float(np.mean(b)), diff, ci, p, "paired t across seeds",
-                          str(len(shared)), f"run-level {metric}")
+        return Comparison(
+            metric,
+            float(np.mean(a)),
+            float(np.mean(b)),
+            diff,
+            ci,
+            p,
+            "paired t across seeds",
+            str(len(shared)),
+            f"run-level {metric}",
+        )
     va = per_sample_values(samples_a, metric) if samples_a is not None else None
     vb = per_sample_values(samples_b, metric) if samples_b is not None else None
     if va is None or vb is None or len(va) < 2 or len(vb) < 2:
         return None
     w = welch(va, vb)
-    return Comparison(metric, float(va.mean()), float(vb.mean()), w.diff, w.ci, w.p, "Welch across samples",
-                      f"{w.n_a}/{w.n_b}", PER_SAMPLE_VALUES[metric][2])
+    return Comparison(
+        metric,
+        float(va.mean()),
+        float(vb.mean()),
+        w.diff,
+        w.ci,
+        w.p,
+        "Welch across samples",
+        f"{w.n_a}/{w.n_b}",
+        PER_SAMPLE_VALUES[metric][2],
+    )

@@ -94,8 +94,9 @@ def _t_half_width(std: float, n: int, level: float) -> float:
     return float(t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n))
 
 
-def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY, metrics: Sequence[str] | None = None,
-              level: float = 0.95) -> pd.DataFrame:
+def summarize(
+    df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY, metrics: Sequence[str] | None = None, level: float = 0.95
+) -> pd.DataFrame:
     """Mean, std, CI half-width and n across the seeds of each setting, one row per (setting, metric).
 
     df:      a run table (`fsdfm.records.load`, or `Study.runs`), one row per run.
@@ -126,9 +127,19 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY, metrics: Sequenc
                     continue
                 mean = float(x.mean())
                 std = float(x.std(ddof=1)) if n > 1 else math.nan
-                rows.append({**dict(zip(by, keys)), "metric": m, "mean": mean, "std": std,
-                             "ci95": _t_half_width(std, n, level), "n": n, "min": float(x.min()),
-                             "max": float(x.max()), "n_samples": n_samples})
+                rows.append(
+                    {
+                        **dict(zip(by, keys)),
+                        "metric": m,
+                        "mean": mean,
+                        "std": std,
+                        "ci95": _t_half_width(std, n, level),
+                        "n": n,
+                        "min": float(x.min()),
+                        "max": float(x.max()),
+                        "n_samples": n_samples,
+                    }
+                )
     out = pd.DataFrame(rows, columns=by + list(SUMMARY_COLUMNS))
     out["n"] = out["n"].astype("int64")
     if "steps" in out:
@@ -136,8 +147,11 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY, metrics: Sequenc
     return out
 
 
-def wide(summary: pd.DataFrame, by: Sequence[str] = DEFAULT_BY, stats: Sequence[str] = ("mean", "std", "ci95", "n"),
-         ) -> pd.DataFrame:
+def wide(
+    summary: pd.DataFrame,
+    by: Sequence[str] = DEFAULT_BY,
+    stats: Sequence[str] = ("mean", "std", "ci95", "n"),
+) -> pd.DataFrame:
     """`summarize` output pivoted to one row per setting with `<metric>_<stat>` columns (order preserved)."""
     by = list(by)
     settings = summary[by].drop_duplicates()
@@ -265,7 +279,17 @@ def load_study(study_dir: str | Path) -> Study:
     with warnings.catch_warnings(record=True) as caught:  # said in the report, not on stderr
         warnings.simplefilter("always")
         samples = load_samples(path)
-    return Study(name=plan.get("name", path.name), path=path, plan=plan, runs=df,
-                 description=str(plan.get("description") or "").strip(), grid_keys=tuple(grid),
-                 seed_keys=tuple(seeds), ablation_keys=tuple(ablated), n_planned=len(plan.get("runs", [])),
-                 wall_s_source=wall_col, samples=samples, notes=tuple(str(w.message) for w in caught))
+    return Study(
+        name=plan.get("name", path.name),
+        path=path,
+        plan=plan,
+        runs=df,
+        description=str(plan.get("description") or "").strip(),
+        grid_keys=tuple(grid),
+        seed_keys=tuple(seeds),
+        ablation_keys=tuple(ablated),
+        n_planned=len(plan.get("runs", [])),
+        wall_s_source=wall_col,
+        samples=samples,
+        notes=tuple(str(w.message) for w in caught),
+    )

@@ -15,7 +15,7 @@ from fsdfm.report.summary import metric_info
 
 DASH = "—"
 # display scaling by unit: (divisor, unit shown in the header)
-_SCALE = {"bytes": (2.0 ** 20, "MiB")}
+_SCALE = {"bytes": (2.0**20, "MiB")}
 _ARROW = {"min": "↓", "max": "↑", None: ""}
 TIE = "≈"
 UNRELIABLE = "†"
@@ -65,10 +65,26 @@ def header(metric: str) -> str:
     return f"{metric}{unit} {arrow}".rstrip()
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "—": "---", "–": "--",
-                  "≈": r"$\approx$", "†": r"$^\dagger$", "→": r"$\rightarrow$"}
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "↓": r"$\downarrow$",
+    "↑": r"$\uparrow$",
+    "—": "---",
+    "–": "--",
+    "≈": r"$\approx$",
+    "†": r"$^\dagger$",
+    "→": r"$\rightarrow$",
+}
 
 
 def latex_escape(s: str) -> str:
@@ -98,8 +114,10 @@ class Table:
 
     def frame(self, markup: str = "") -> pd.DataFrame:
         """The cells as a DataFrame; markup "markdown" wraps bold cells in ** **."""
-        rows = [[f"**{c}**" if (b and markup == "markdown") else c for c, b in zip(r, br)]
-                for r, br in zip(self.cells, self.bold)]
+        rows = [
+            [f"**{c}**" if (b and markup == "markdown") else c for c, b in zip(r, br)]
+            for r, br in zip(self.cells, self.bold)
+        ]
         return pd.DataFrame(rows, columns=list(self.columns))
 
     def to_markdown(self, notes: bool = True) -> str:
@@ -116,8 +134,12 @@ class Table:
         k = len(self.columns)
         spec = "l" * self.n_label_columns + "r" * (k - self.n_label_columns)
         lines = [f"% {latex_escape(self.title)}"] + [f"% {n}" for n in self.notes]
-        lines += [f"\\begin{{tabular}}{{{spec}}}", r"\toprule",
-                  " & ".join(latex_escape(c) for c in self.columns) + r" \\", r"\midrule"]
+        lines += [
+            f"\\begin{{tabular}}{{{spec}}}",
+            r"\toprule",
+            " & ".join(latex_escape(c) for c in self.columns) + r" \\",
+            r"\midrule",
+        ]
         for i, (row, brow) in enumerate(zip(self.cells, self.bold)):
             if i in self.sections and i > 0:
                 lines.append(r"\midrule")

@@ -17,6 +17,7 @@ from typing import Any
 from fsdfm.registry import did_you_mean
 from fsdfm.study.yaml_io import SpecError, check_seed, short, short_message
 
+
 def type_hints(cls: type) -> dict:
     """typing.get_type_hints of a dataclass, with the names its module imports only on first use: a module may
     define `_lazy_types() -> {name: type}` for annotations it does not import at module level (torch-side config
@@ -41,8 +42,11 @@ def _convert(tp: Any, value: Any, where: str, file: str) -> Any:
                 return _convert(arg, value, where, file)
             except SpecError as e:
                 errors.append(str(e))
-        raise SpecError(errors[-1] if len(errors) == 1 else
-                        f"{file}: {where}: expected {' or '.join(_type_name(a) for a in args)}, got {short(value)}")
+        raise SpecError(
+            errors[-1]
+            if len(errors) == 1
+            else f"{file}: {where}: expected {' or '.join(_type_name(a) for a in args)}, got {short(value)}"
+        )
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where, file)
     if tp is Any:
@@ -87,12 +91,20 @@ def build(cls: type, raw: Any, where: str, file: str):
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise SpecError(f"{file}: unknown key {short(path)}{did_you_mean(str(key)[:80], names)}; allowed keys here: {', '.join(names)}")
+            raise SpecError(
+                f"{file}: unknown key {short(path)}{did_you_mean(str(key)[:80], names)}; allowed keys here: {', '.join(names)}"
+            )
         kwargs[key] = _convert(hints[key], value, path, file)
         if str(key).endswith("seed") and kwargs[key] is not None:
             check_seed(kwargs[key], path, file)
-    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise SpecError(f"{file}: {where or '<top level>'}: missing required key(s): {', '.join(missing)}")
     try:
@@ -106,6 +118,5 @@ def build(cls: type, raw: Any, where: str, file: str):
         field_name = m.group(1) if m and m.group(1) in names else None
         key = f"{where}.{field_name}" if where and field_name else where or field_name or "<top level>"
         text = short_message(e)
-        text = text[len(field_name) + 2:] if field_name and text.startswith(f"{field_name}: ") else text
+        text = text[len(field_name) + 2 :] if field_name and text.startswith(f"{field_name}: ") else text
         raise SpecError(f"{file}: {key}: {text}") from None
-

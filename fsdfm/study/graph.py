@@ -108,8 +108,9 @@ class Stage:
         if not isinstance(self.inputs, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.inputs.items()
         ):
-            raise TypeError(f"inputs of {self.kind} stage must map input names to stage ids (str -> str), "
-                            f"got {self.inputs!r}")
+            raise TypeError(
+                f"inputs of {self.kind} stage must map input names to stage ids (str -> str), got {self.inputs!r}"
+            )
         fingerprint = _jsonable_copy(self.fingerprint, f"fingerprint of {self.kind} stage")
         if not isinstance(fingerprint, dict):
             raise TypeError(f"fingerprint of {self.kind} stage must be a dict, got {type(self.fingerprint).__name__}")
@@ -134,13 +135,16 @@ class Stage:
     @classmethod
     def from_dict(cls, d: dict, where: str = "stage") -> "Stage":
         try:
-            stage = cls(kind=d["kind"], config=d["config"], inputs=d.get("inputs", {}),
-                        fingerprint=d.get("fingerprint") or {})
+            stage = cls(
+                kind=d["kind"], config=d["config"], inputs=d.get("inputs", {}), fingerprint=d.get("fingerprint") or {}
+            )
         except KeyError as e:
             raise PlanError(f"{where}: missing key {e.args[0]!r} (a stage needs kind, config, inputs)") from None
         if "id" in d and d["id"] != stage.id:
-            raise PlanError(f"{where}: stored id {d['id']!r} does not match its content (recomputed {stage.id!r}); "
-                            "was the file edited by hand, or written by an incompatible version?")
+            raise PlanError(
+                f"{where}: stored id {d['id']!r} does not match its content (recomputed {stage.id!r}); "
+                "was the file edited by hand, or written by an incompatible version?"
+            )
         return stage
 
 
@@ -193,16 +197,22 @@ class StageKind:
 STAGE_KINDS: Registry[StageKind] = Registry("stage kind")
 
 
-def stage_kind(name: str, checkpointable: bool = False, resources: str = "cpu", version: str = "1",
-               metrics: tuple | Callable[[dict], Any] = ()) -> Callable[[StageFn], StageFn]:
+def stage_kind(
+    name: str,
+    checkpointable: bool = False,
+    resources: str = "cpu",
+    version: str = "1",
+    metrics: tuple | Callable[[dict], Any] = (),
+) -> Callable[[StageFn], StageFn]:
     """Register `fn(config, inputs, out_dir) -> dict` as stage kind `name` (see `StageKind` for the options);
     returns `fn` unchanged."""
     if not isinstance(version, str) or not version:
         raise ValueError(f"stage kind {name!r}: version must be a non-empty string, got {version!r}")
 
     def deco(fn: StageFn) -> StageFn:
-        STAGE_KINDS.register(name, StageKind(fn=fn, checkpointable=checkpointable, resources=resources,
-                                             version=version, metrics=metrics))
+        STAGE_KINDS.register(
+            name, StageKind(fn=fn, checkpointable=checkpointable, resources=resources, version=version, metrics=metrics)
+        )
         return fn
 
     return deco
@@ -261,8 +271,9 @@ class StudyPlan:
                 raise PlanError(f"study {self.name!r}: run id {run.run_id!r} appears twice")
             seen.add(run.run_id)
             if run.stage_id not in self.stages:
-                raise PlanError(f"study {self.name!r}: run {run.run_id!r} ends in stage {run.stage_id!r}, "
-                                "which is not in the plan")
+                raise PlanError(
+                    f"study {self.name!r}: run {run.run_id!r} ends in stage {run.stage_id!r}, which is not in the plan"
+                )
         waves(self)  # missing inputs and cycles
 
     def ancestors(self, sid: str) -> list[str]:
@@ -282,8 +293,12 @@ class StudyPlan:
         for kind in sorted({s.kind for s in self.stages.values()}):
             if kind in STAGE_KINDS:
                 k = STAGE_KINDS.get(kind)
-                kinds[kind] = {"module": k.module, "import_root": k.import_root,
-                               "checkpointable": k.checkpointable, "resources": k.resources}
+                kinds[kind] = {
+                    "module": k.module,
+                    "import_root": k.import_root,
+                    "checkpointable": k.checkpointable,
+                    "resources": k.resources,
+                }
         return {
             "name": self.name,
             "kinds": kinds,
@@ -298,8 +313,13 @@ class StudyPlan:
         try:
             stages = {sid: Stage.from_dict(s, f"{where}: stages[{sid!r}]") for sid, s in d["stages"].items()}
             runs = [RunSpec(run_id=r["run_id"], params=r["params"], stage_id=r["stage_id"]) for r in d["runs"]]
-            return cls(name=d["name"], stages=stages, runs=runs, report=dict(d.get("report") or {}),
-                       tracking=dict(d.get("tracking") or {}))
+            return cls(
+                name=d["name"],
+                stages=stages,
+                runs=runs,
+                report=dict(d.get("report") or {}),
+                tracking=dict(d.get("tracking") or {}),
+            )
         except KeyError as e:
             raise PlanError(f"{where}: missing key {e.args[0]!r}") from None
 
@@ -317,8 +337,9 @@ def waves(plan: "StudyPlan | Mapping[str, Stage]") -> list[list[Stage]]:
     for sid, stage in stages.items():
         for inp, dep in stage.inputs.items():
             if dep not in stages:
-                raise PlanError(f"study {name!r}: stage {sid!r} input {inp!r} refers to stage {dep!r}, "
-                                "which is not in the plan")
+                raise PlanError(
+                    f"study {name!r}: stage {sid!r} input {inp!r} refers to stage {dep!r}, which is not in the plan"
+                )
     placed: set[str] = set()
     remaining = dict(stages)
     out: list[list[Stage]] = []
@@ -338,4 +359,4 @@ def _find_cycle(stages: dict[str, Stage]) -> list[str]:
     while sid not in path:
         path.append(sid)
         sid = next(d for d in stages[sid].inputs.values() if d in stages)
-    return path[path.index(sid):] + [sid]
+    return path[path.index(sid) :] + [sid]

@@ -13,6 +13,7 @@ from typing import Any
 from fsdfm.registry import did_you_mean
 from fsdfm.study.yaml_io import SpecError, short
 
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -39,7 +40,9 @@ def resolve_bases(methods: Any, file: str) -> dict:
             out = dict(raw)
         else:
             if base not in methods:
-                raise SpecError(f"{file}: methods.{name}.base: unknown method {base!r}{did_you_mean(base, list(methods))}")
+                raise SpecError(
+                    f"{file}: methods.{name}.base: unknown method {base!r}{did_you_mean(base, list(methods))}"
+                )
             if base in chain:
                 raise SpecError(f"{file}: methods.{name}.base: circular base chain {' -> '.join(chain + (base,))}")
             out = deep_merge(resolve(base, chain + (base,)), {k: v for k, v in raw.items() if k != "base"})
@@ -57,7 +60,7 @@ def set_dotted(raw: dict, dotted: str, value: Any, file: str) -> None:
     node = raw
     for i, k in enumerate(keys[:-1]):
         if not isinstance(node.get(k, {}), dict):
-            raise SpecError(f"{file}: grid key '{dotted}': '{'.'.join(keys[:i + 1])}' is not a mapping")
+            raise SpecError(f"{file}: grid key '{dotted}': '{'.'.join(keys[: i + 1])}' is not a mapping")
         node = node.setdefault(k, {})
     node[keys[-1]] = value
 
@@ -82,13 +85,16 @@ def cell_raw(raw: dict, cell: dict, file: str) -> dict:
     for key, value in cell.items():
         set_dotted(out, key, value, file)
     for i, ov in enumerate(raw.get("overrides") or []):
-        if (not isinstance(ov, dict) or set(ov) - {"match", "set"} or not isinstance(ov.get("set"), dict)
-                or not isinstance(ov.get("match") or {}, dict)
-                or not all(isinstance(k, str) and k for k in [*ov["set"], *(ov.get("match") or {})])):
+        if (
+            not isinstance(ov, dict)
+            or set(ov) - {"match", "set"}
+            or not isinstance(ov.get("set"), dict)
+            or not isinstance(ov.get("match") or {}, dict)
+            or not all(isinstance(k, str) and k for k in [*ov["set"], *(ov.get("match") or {})])
+        ):
             raise SpecError(f"{file}: overrides[{i}]: expected {{match: {{dotted: value}}, set: {{dotted: value}}}}")
         match = ov.get("match") or {}
         if all(cell.get(k) == v for k, v in match.items()):
             for key, value in ov["set"].items():
                 set_dotted(out, key, value, file)
     return out
-

@@ -33,12 +33,14 @@ def check_data(spec: StudySpec, file: str, cache_dir: str | Path | None) -> None
         raise SpecError(f"{file}: data.{e.key}: {short_message(e)}") from None
     if "mauve" in spec.metrics.names and spec.metrics.mauve_featurizer == "minilm":
         from fsdfm.metrics import mauve
+
         try:
             mauve.minilm_model_dir()
         except RuntimeError as e:
             raise SpecError(f"{file}: metrics.mauve_featurizer: {short_message(e)}") from None
     if spec.evaluator.kind == "hf":
         from fsdfm.metrics.evaluator import EvaluatorError, check_evaluator_available
+
         try:
             check_evaluator_available(spec.evaluator.name)
         except EvaluatorError as e:
@@ -62,8 +64,10 @@ def _naming_overrides(e: SpecError, overrides: Mapping[str, Any] | None) -> Spec
 
     def mentioned(key: str) -> bool:  # the key, or a prefix of it an "unknown key" message stops at, as a whole path
         parts = key.split(".")
-        return any(re.search(r"(?<![\w.])" + re.escape(".".join(parts[:n])) + r"(?![\w])", text)
-                   for n in range(len(parts), min(2, len(parts)) - 1, -1))
+        return any(
+            re.search(r"(?<![\w.])" + re.escape(".".join(parts[:n])) + r"(?![\w])", text)
+            for n in range(len(parts), min(2, len(parts)) - 1, -1)
+        )
 
     named = [k for k in (overrides or {}) if isinstance(k, str) and mentioned(k)]
     if not named:
@@ -71,8 +75,12 @@ def _naming_overrides(e: SpecError, overrides: Mapping[str, Any] | None) -> Spec
     return SpecError(text + " (set by override " + ", ".join(f"{k}={short(overrides[k], 60)}" for k in named) + ")")
 
 
-def load_spec(path: str | Path, cache_dir: str | Path | None = None, check_files: bool = True,
-              overrides: Mapping[str, Any] | None = None) -> tuple[StudySpec, list[Cell]]:
+def load_spec(
+    path: str | Path,
+    cache_dir: str | Path | None = None,
+    check_files: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[StudySpec, list[Cell]]:
     """Read and validate a spec file; returns the base spec and every grid cell's spec.
 
     Args:
@@ -82,12 +90,19 @@ def load_spec(path: str | Path, cache_dir: str | Path | None = None, check_files
         overrides: dotted key -> value, applied before validation (`apply_overrides`).
     Nothing is written: a spec that passes cannot fail later on anything checked here.
     """
-    return load_spec_dict(read_yaml(path), str(path), cache_dir, check_files, overrides, spec_dir=Path(str(path)).parent)
+    return load_spec_dict(
+        read_yaml(path), str(path), cache_dir, check_files, overrides, spec_dir=Path(str(path)).parent
+    )
 
 
-def load_spec_dict(raw: Mapping[str, Any], file: str = "<spec dict>", cache_dir: str | Path | None = None,
-                   check_files: bool = True, overrides: Mapping[str, Any] | None = None,
-                   spec_dir: str | Path | None = None) -> tuple[StudySpec, list[Cell]]:
+def load_spec_dict(
+    raw: Mapping[str, Any],
+    file: str = "<spec dict>",
+    cache_dir: str | Path | None = None,
+    check_files: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+    spec_dir: str | Path | None = None,
+) -> tuple[StudySpec, list[Cell]]:
     """`load_spec` for a spec already in memory (a dict, as `yaml.safe_load` of the file would give it); `file`
     names it in errors; relative paths resolve against `spec_dir` (None: as given, i.e. against the working
     directory). The same checks as a YAML file, after the overrides."""
@@ -101,8 +116,13 @@ def load_spec_dict(raw: Mapping[str, Any], file: str = "<spec dict>", cache_dir:
         raise _naming_overrides(e, overrides) from None
 
 
-def expand(raw: dict, file: str, cache_dir: str | Path | None = None, check_files: bool = True,
-           spec_dir: str | Path | None = None) -> tuple[StudySpec, list[Cell]]:
+def expand(
+    raw: dict,
+    file: str,
+    cache_dir: str | Path | None = None,
+    check_files: bool = True,
+    spec_dir: str | Path | None = None,
+) -> tuple[StudySpec, list[Cell]]:
     """Validate and expand a spec mapping (as read from `file`, perhaps with overrides applied): the base spec and
     every grid cell's spec. Relative paths in it resolve against `spec_dir` (fsdfm.study.paths); None = as given."""
     cells = grid_cells(raw, file)
@@ -153,8 +173,13 @@ def _culprit(raw: dict, overrides: dict, file: str) -> str | None:
     return None
 
 
-def load(path: str | Path, overrides: Mapping[str, Any] | None = None, limit: int | None = None,
-         cache_dir: str | Path | None = None, check_files: bool = True) -> ResolvedSpec:
+def load(
+    path: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+    check_files: bool = True,
+) -> ResolvedSpec:
     """Read `path`, apply --limit then `overrides`, validate and expand it (`expand`).
 
     An error caused by an override names it: "SPEC: override KEY=VALUE: ..."."""
@@ -168,14 +193,13 @@ def load(path: str | Path, overrides: Mapping[str, Any] | None = None, limit: in
     merged.update(overrides)
     resolved = apply_overrides(raw, merged, file)
     try:
-        spec, cells = expand(resolved, file, cache_dir=cache_dir, check_files=check_files,
-                             spec_dir=Path(file).parent)
+        spec, cells = expand(resolved, file, cache_dir=cache_dir, check_files=check_files, spec_dir=Path(file).parent)
     except SpecError as e:
         culprit = _culprit(raw, merged, file) if merged else None
         if culprit is None:
             raise
         msg = str(e)
-        msg = msg[len(file) + 2:] if msg.startswith(f"{file}: ") else msg
+        msg = msg[len(file) + 2 :] if msg.startswith(f"{file}: ") else msg
         what = format_override(culprit, merged[culprit])
         label = f"--limit {limit} (from its limit: section, {what})" if culprit in from_limit else f"override {what}"
         raise SpecError(f"{file}: {label}: {msg}") from None

@@ -81,8 +81,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         shown = repr(word) if len(word) <= 120 else short(word)
         key = key.strip()
         if not sep or not key or any(not k or k != k.strip() for k in key.split(".")):
-            raise SpecError(f"override {shown}: expected KEY=VALUE with a dotted spec key, e.g. sampling.seed=1 "
-                            "(a sweep: seed=0,1,2)")
+            raise SpecError(
+                f"override {shown}: expected KEY=VALUE with a dotted spec key, e.g. sampling.seed=1 "
+                "(a sweep: seed=0,1,2)"
+            )
         parts = _split_commas(text)
         if len(parts) > 1:  # a sweep
             values = [_yaml_value(p, shown) for p in parts]
@@ -124,15 +126,18 @@ def check_key(raw: dict, key: str, label: str) -> None:
         part = parts[i]
         if part not in names:
             where = ".".join(parts[: i + 1])
-            raise SpecError(f"{label}: unknown key {where}{did_you_mean(part, names)}; "
-                            f"allowed keys here: {', '.join(names)}")
+            raise SpecError(
+                f"{label}: unknown key {where}{did_you_mean(part, names)}; allowed keys here: {', '.join(names)}"
+            )
         if cls is StudySpec and part == "methods":
             methods = raw.get("methods") if isinstance(raw.get("methods"), dict) else {}
             if i + 1 < len(parts):
                 name = parts[i + 1]
                 if name not in methods:
-                    raise SpecError(f"{label}: methods.{name}: the spec has no method {name!r}"
-                                    f"{did_you_mean(name, list(methods))}; its methods: {', '.join(methods)}")
+                    raise SpecError(
+                        f"{label}: methods.{name}: the spec has no method {name!r}"
+                        f"{did_you_mean(name, list(methods))}; its methods: {', '.join(methods)}"
+                    )
                 cls, i = MethodSpec, i + 2
                 continue
             return
@@ -184,7 +189,7 @@ def apply_overrides(raw: dict, overrides: Mapping[str, Any], file: str) -> dict:
         if not isinstance(grid, dict):
             raise SpecError(f"{label}: the spec's grid is not a mapping")
         if key.startswith("grid."):
-            axis = key[len("grid."):]
+            axis = key[len("grid.") :]
             check_key(out, axis, label)
             if not isinstance(value, list) or not value:
                 raise SpecError(f"{label}: a grid axis is a non-empty list of values, e.g. {axis}=[0,1] or {axis}=0,1")

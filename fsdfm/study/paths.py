@@ -42,9 +42,13 @@ def _resolve(value: Any, spec_dir: Path, where: str, file: str, is_path: bool) -
     if candidate.exists():
         return _frame(candidate) if spec_dir != Path(".") else value
     if Path(value).exists():
-        warnings.warn(f"{file}: {where}: {value!r} is read relative to the working directory; spec paths resolve "
-                      f"against the spec's folder ({spec_dir}/{value} does not exist): write it relative to "
-                      "the spec file", FutureWarning, stacklevel=2)
+        warnings.warn(
+            f"{file}: {where}: {value!r} is read relative to the working directory; spec paths resolve "
+            f"against the spec's folder ({spec_dir}/{value} does not exist): write it relative to "
+            "the spec file",
+            FutureWarning,
+            stacklevel=2,
+        )
         return value
     return _frame(candidate) if is_path else value
 

@@ -31,8 +31,7 @@ from typing import Any, Callable
 from fsdfm.registry import Registry, did_you_mean
 from fsdfm.study.convert import _convert, build
 from fsdfm.study.grid import resolve_bases
-from fsdfm.study.yaml_io import (NAME_PATTERN, SpecError, check_name, read_yaml, short,
-                                 short_message)
+from fsdfm.study.yaml_io import NAME_PATTERN, SpecError, check_name, read_yaml, short, short_message
 from fsdfm.tracking import TrackingSpec
 
 if typing.TYPE_CHECKING:
@@ -40,6 +39,7 @@ if typing.TYPE_CHECKING:
     from fsdfm.train import OptimConfig
 
 __all__ = ["NAME_PATTERN", "SpecError", "check_name", "read_yaml", "short", "short_message", "build"]
+
 
 def _lazy_types() -> dict:
     """The torch-side config classes the schema's annotations name (DataConfig, OptimConfig), imported on first
@@ -56,7 +56,9 @@ def _optim(**settings):
 
     def make():
         from fsdfm.train import OptimConfig
+
         return OptimConfig(**settings)
+
     return make
 
 
@@ -87,6 +89,7 @@ class ModelSpec:
 
     def __post_init__(self):
         from fsdfm.model import PRESETS
+
         PRESETS.get(self.preset)
 
     def overrides(self) -> dict:
@@ -100,6 +103,7 @@ class SchedulerSpec:
 
     def __post_init__(self):
         from fsdfm.schedulers import SCHEDULERS
+
         SCHEDULERS.get(self.name)
 
     def kwargs(self) -> dict:
@@ -159,12 +163,15 @@ class EvaluatorSpec:
     kind: str = "reference"
     name: str | None = None
     model: dict = field(default_factory=dict)
-    train: OptimConfig = field(default_factory=_optim(steps=600, batch_size=32, lr=1e-3, warmup_steps=50, seed=1234,
-                                                      ema_decay=None))
+    train: OptimConfig = field(
+        default_factory=_optim(steps=600, batch_size=32, lr=1e-3, warmup_steps=50, seed=1234, ema_decay=None)
+    )
 
     def __post_init__(self):
         if self.kind not in ("reference", "hf", "none"):
-            raise ValueError(f"kind must be reference, hf or none, got {self.kind!r}{did_you_mean(self.kind, ['reference', 'hf', 'none'])}")
+            raise ValueError(
+                f"kind must be reference, hf or none, got {self.kind!r}{did_you_mean(self.kind, ['reference', 'hf', 'none'])}"
+            )
         if self.kind == "hf" and not self.name:
             raise ValueError("an hf evaluator needs a name (a model id or a local path)")
 
@@ -192,8 +199,18 @@ class PosDivergenceSpec:
 
 @dataclass(frozen=True)
 class MetricsSpec:
-    names: tuple = ("gen_ppl", "entropy_nats", "entropy_bits", "mauve", "distinct_1", "distinct_2", "distinct_3",
-                    "distinct_4", "self_bleu", "rep_n")
+    names: tuple = (
+        "gen_ppl",
+        "entropy_nats",
+        "entropy_bits",
+        "mauve",
+        "distinct_1",
+        "distinct_2",
+        "distinct_3",
+        "distinct_4",
+        "self_bleu",
+        "rep_n",
+    )
     mauve_featurizer: str = "minilm"
     mauve_buckets: str | int = "auto"
     mauve_seeds: int = 5  # k-means seeds MAUVE is averaged over (>= 5; mean and std recorded)
@@ -203,6 +220,7 @@ class MetricsSpec:
     def __post_init__(self):
         from fsdfm.metrics.mauve import FEATURIZERS, resolve_num_buckets
         from fsdfm.registry import UnknownNameError
+
         try:
             FEATURIZERS.get(self.mauve_featurizer)
         except UnknownNameError as e:
@@ -293,6 +311,7 @@ class StudySpec:
 # ----------------------------------------------------------------------------------------------------------
 # One cell: validation of the dataclasses, of the methods (through the kinds' checks) and of the files
 
+
 def build_study(raw: dict, file: str) -> StudySpec:
     """Validate one (cell) spec: dataclasses, method inheritance, method kinds and teachers, files."""
     raw = dict(raw)
@@ -313,8 +332,10 @@ def build_study(raw: dict, file: str) -> StudySpec:
     for name, m in methods.items():
         check_name(name, f"methods.{name}", file)
         if m.label is not None and (not m.label.isprintable() or len(m.label) > 200):
-            raise SpecError(f"{file}: methods.{name}.label: a label is one printable line of at most 200 "
-                            f"characters, got {short(m.label)}")
+            raise SpecError(
+                f"{file}: methods.{name}.label: a label is one printable line of at most 200 "
+                f"characters, got {short(m.label)}"
+            )
     for check in _method_hooks():
         spec = check(spec, file)
     base = {"preset": spec.model.preset, **spec.model.overrides()}
@@ -345,8 +366,10 @@ def check_model(model: dict, where: str, file: str, seq_len: int) -> None:
     sizes = {}
     for key, value in model.items():
         if key not in allowed:
-            raise SpecError(f"{file}: unknown key '{where}.{key}'{did_you_mean(str(key), allowed)}; "
-                            f"allowed keys here: {', '.join(allowed)}")
+            raise SpecError(
+                f"{file}: unknown key '{where}.{key}'{did_you_mean(str(key), allowed)}; "
+                f"allowed keys here: {', '.join(allowed)}"
+            )
         sizes[key] = _convert(str if key == "preset" else hints[key], value, f"{where}.{key}", file)
     preset = sizes.pop("preset")
     try:

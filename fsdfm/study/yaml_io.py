@@ -13,14 +13,15 @@ from typing import Any
 
 import yaml
 
+
 class SpecError(ValueError):
     """A malformed study spec; the message names the file and the key path."""
 
 
-MAX_SPEC_BYTES = 1 << 20       # a spec is a page of YAML; a larger file is refused before parsing
-MAX_EXPANDED_NODES = 100_000   # YAML aliases expanded: an "alias bomb" of ~1 KB expands to billions of nodes
-MAX_DEPTH = 64                 # nesting of mappings and lists
-SEED_RANGE = (0, 2**63)        # seeds: ints accepted by torch.manual_seed and numpy.random.default_rng
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML; a larger file is refused before parsing
+MAX_EXPANDED_NODES = 100_000  # YAML aliases expanded: an "alias bomb" of ~1 KB expands to billions of nodes
+MAX_DEPTH = 64  # nesting of mappings and lists
+SEED_RANGE = (0, 2**63)  # seeds: ints accepted by torch.manual_seed and numpy.random.default_rng
 # Study and method names become directory names, run ids and table rows: one path component, printable.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _SHORT = reprlib.Repr()
@@ -42,8 +43,10 @@ def short_message(err: BaseException, limit: int = 400) -> str:
 def check_name(value: Any, key: str, file: str) -> str:
     """A study or method name: one path component of letters, digits and ._+- (no '/', '..', NUL, newline)."""
     if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        raise SpecError(f"{file}: {key}: a name is 1-128 characters of letters, digits and . _ + - starting with a "
-                        f"letter or digit (no '/', '..', spaces or control characters), got {short(value)}")
+        raise SpecError(
+            f"{file}: {key}: a name is 1-128 characters of letters, digits and . _ + - starting with a "
+            f"letter or digit (no '/', '..', spaces or control characters), got {short(value)}"
+        )
     return value
 
 
@@ -51,8 +54,6 @@ def check_seed(value: Any, key: str, file: str) -> None:
     lo, hi = SEED_RANGE
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < hi:
         raise SpecError(f"{file}: {key}: a seed is an integer in [0, 2**63), got {short(value)}")
-
-
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -75,8 +76,10 @@ class _SpecLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: SafeConstructor reports it
                     continue
                 if first is not None:
-                    raise DuplicateKeyError(f"line {key_node.start_mark.line + 1}: duplicate key {short(key)} "
-                                            f"(first given on line {first}; YAML would silently keep the last)")
+                    raise DuplicateKeyError(
+                        f"line {key_node.start_mark.line + 1}: duplicate key {short(key)} "
+                        f"(first given on line {first}; YAML would silently keep the last)"
+                    )
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
@@ -114,8 +117,10 @@ def expanded_size(obj: Any, file: str, limit: int = MAX_EXPANDED_NODES) -> int:
         if isinstance(obj, dict) and obj:
             key = max(obj, key=lambda k: size(obj[k], 1))
             where = f"{short(key)}: "
-        raise SpecError(f"{file}: {where}expands to {n:.3g} YAML nodes through its aliases (limit {limit}); "
-                        f"a spec is a small document (an alias bomb?)")
+        raise SpecError(
+            f"{file}: {where}expands to {n:.3g} YAML nodes through its aliases (limit {limit}); "
+            f"a spec is a small document (an alias bomb?)"
+        )
     return n
 
 
@@ -146,4 +151,3 @@ def read_yaml(path: str | Path) -> dict:
         raise SpecError(f"{path}: a spec must be a mapping at the top level, got {type(raw).__name__}")
     expanded_size(raw, str(path))
     return raw
-

@@ -26,8 +26,19 @@ from fsdfm.data.oracle.hmm import HMMSource
 from fsdfm.data.oracle.markov import MarkovSource
 from fsdfm.data.oracle.sources import ORACLES, OracleEstimate, OracleSource, de_bruijn, make_oracle, oracle_nll
 
-__all__ = ["ORACLES", "HMMSource", "MarkovSource", "OracleEstimate", "OracleSource", "de_bruijn", "make_oracle",
-           "oracle_nll", "oracle_source", "load_oracle_corpus", "SPLIT_KEYS"]
+__all__ = [
+    "ORACLES",
+    "HMMSource",
+    "MarkovSource",
+    "OracleEstimate",
+    "OracleSource",
+    "de_bruijn",
+    "make_oracle",
+    "oracle_nll",
+    "oracle_source",
+    "load_oracle_corpus",
+    "SPLIT_KEYS",
+]
 
 SPLIT_KEYS = ("n_train", "n_valid")
 
@@ -53,5 +64,11 @@ def load_oracle_corpus(cfg: DataConfig, cache_dir: Path | None) -> Corpus:
     n_train, n_valid = int(o.get("n_train", 20_000)), int(o.get("n_valid", 2_000))
     train = source.sample(n_train, cfg.seq_len, seed=seed * 1000 + 1)
     valid = source.sample(n_valid, cfg.seq_len, seed=seed * 1000 + 2)
-    return Corpus(train=torch.from_numpy(train).long(), valid=torch.from_numpy(valid).long(),
-                  vocab_size=source.vocab_size, eos_id=None, tokenizer=None, name=f"oracle-{o['source']}")
+    return Corpus(
+        train=torch.from_numpy(train).long(),
+        valid=torch.from_numpy(valid).long(),
+        vocab_size=source.vocab_size,
+        eos_id=None,
+        tokenizer=None,
+        name=f"oracle-{o['source']}",
+    )

@@ -8,8 +8,18 @@ from typing import Any
 import numpy as np
 
 from fsdfm.data.oracle.sources import (
-    ORACLES, OracleEstimate, OracleSource, _categorical, _categorical_1d, _check_concentration,
-    _check_epsilon, _check_positive_int, _cumulative, _dirichlet_rows, _xlogx, de_bruijn,
+    ORACLES,
+    OracleEstimate,
+    OracleSource,
+    _categorical,
+    _categorical_1d,
+    _check_concentration,
+    _check_epsilon,
+    _check_positive_int,
+    _cumulative,
+    _dirichlet_rows,
+    _xlogx,
+    de_bruijn,
 )
 
 __all__ = ["MarkovSource"]
