@@ -22,7 +22,7 @@ from torch import nn
 
 from benchlib import MiB, add_common_args, emit, environment, maybe_compile, measure, random_dit, rounded, setup, table
 from fsdfm.flm import FLMTime, sample_flm, state_chunk_size
-from fsdfm.metrics.timing import _vm_hwm_bytes
+from fsdfm.memory import _vm_hwm_bytes
 
 
 class StateProbe(nn.Module):

@@ -473,7 +473,8 @@ def test_sigterm_to_a_local_driver_stops_its_jobs_and_the_rerun_resumes(tmp_path
     lock outlive it; the re-run resumes from the last checkpoint and ends with the weights and losses of an
     uninterrupted run."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = {"steps": 40, "sleep_s": 0.05}
+    # 10 s of training: under load (a study on the same 2 cores) 2 s were over before the SIGTERM reached the job
+    cfg = {"steps": 200, "sleep_s": 0.05}
     st = Stage("t_launch_fit", cfg)
     plan = StudyPlan.from_stages("sig", [st])
     root = tmp_path / "run"
