@@ -77,36 +77,47 @@ class SampleOutput:
     numerics: SampleNumerics | None = None
 
 
-@UPDATE_RULES.register("euler")
+# The method kinds whose models the discrete sampling loop below samples (names, not imports: the library floor
+# knows no method code). A rule declares the kinds it applies to where it is registered, so a new rule is one
+# function; fsdfm.methods.base.declared_rules reads RULE_KINDS (each kind's own default rule comes first there).
+DFM_FAMILY = ("dfm", "fsdfm", "exact", "released")
+RULE_KINDS: dict[str, tuple[str, ...]] = {}
+UPDATE_ALIASES: dict[str, str] = {}
+
+
+def register_rule(name: str, kinds: tuple[str, ...] = DFM_FAMILY, alias_of: str | None = None) -> Callable:
+    """`@register_rule("name", kinds=...)` on a jump-probability function (p_z, t, h, scheduler) -> (B, L);
+    `register_rule("alias", kinds=..., alias_of="rule")` names an existing rule again for some kinds."""
+    RULE_KINDS[name] = tuple(kinds)
+    if alias_of is not None:
+        UPDATE_RULES.get(alias_of)  # an alias of an unknown rule is an error here, not at sampling time
+        UPDATE_ALIASES[name] = alias_of
+        return lambda fn: fn
+    return UPDATE_RULES.register(name)
+
+
+@register_rule("euler")
 def euler_jump_prob(p_z, t, h, scheduler):
     """(1 - p(z)) (1 - exp(-h g(t))). p_z: (B, L); t, h: (B,) -> (B, L)."""
     g = scheduler(t).rate
     return (1.0 - p_z) * (1.0 - torch.exp(-h * g))[:, None]
 
 
-@UPDATE_RULES.register("cumulative_scalar")
+@register_rule("cumulative_scalar")
 def cumulative_scalar_jump_prob(p_z, t, h, scheduler):
     """1 - r^(1 - p(z)) with r = (1 - kappa(t + h)) / (1 - kappa(t)) in [0, 1]."""
     r = scheduler.survival_ratio(t, h)[:, None]
     return 1.0 - r ** (1.0 - p_z)
 
 
-@UPDATE_RULES.register("mixture_euler")
+@register_rule("mixture_euler")
 def mixture_euler_jump_prob(p_z, t, h, scheduler):
     """1 - exp(-(1 - p(z))), independent of t and h."""
     return 1.0 - torch.exp(-(1.0 - p_z))
 
 
 # MDLM-style sampling is the mask-source DFM with the cumulative-scalar (exact ancestral) rule.
-UPDATE_ALIASES = {"mdlm": "cumulative_scalar"}
-# The method kinds each rule (or alias) samples: fsdfm.methods.base.declared_rules reads it, so a new rule is its
-# function and its entry here. (fsdfm.methods: the kind's own default rule comes first.)
-RULE_KINDS = {
-    "euler": ("dfm", "fsdfm", "exact", "released"),
-    "cumulative_scalar": ("dfm", "fsdfm", "exact", "released"),
-    "mixture_euler": ("dfm", "fsdfm", "exact", "released"),
-    "mdlm": ("dfm", "exact"),
-}
+register_rule("mdlm", kinds=("dfm", "exact"), alias_of="cumulative_scalar")
 
 
 def get_rule(name: str) -> Rule:
