@@ -9,7 +9,7 @@
   fresh student with a new h path computes exactly its teacher's function.
 
 Options whose defaults give the behaviour above, set otherwise by `released_config` to reproduce the
-released apple/ml-fs-dfm 1.3B checkpoints (see fsdfm/checkpoints.py):
+released apple/ml-fs-dfm 1.3B checkpoints (see fsdfm/released_checkpoints.py):
 
 * `t_scale`: t (and raw h) are multiplied by it before the sinusoidal features (1000, the DiT habit; 1 there);
 * `norm_weight`, `norm_eps`: LayerNorms with a learned per-channel scale (no bias) and their eps;
@@ -93,7 +93,7 @@ def model_config(preset: str, vocab_size: int, seq_len: int, **overrides) -> Mod
     return ModelConfig(vocab_size=vocab_size, seq_len=seq_len, **{**PRESETS.get(preset), **overrides})
 
 
-# The architecture of the released apple/ml-fs-dfm 1.3B checkpoints (facts and sources: fsdfm/checkpoints.py):
+# The architecture of the released apple/ml-fs-dfm 1.3B checkpoints (facts and sources: fsdfm/released_checkpoints.py):
 # GPT-2 vocabulary (50,257, uniform source: no mask row), 1,024 tokens, width 2048, cond 256, 21 blocks of
 # 32 heads, MLP ratio 4; t and h enter unscaled; LayerNorms with a weight, eps 1e-5; h fused by concatenation.
 RELEASED_ARCHITECTURE = dict(

@@ -1,4 +1,4 @@
-"""Command-line overrides, sweeps and --limit (fsdfm/overrides.py): the same validated, content-addressed plan as
+"""Command-line overrides, sweeps and --limit (fsdfm/study/overrides.py): the same validated, content-addressed plan as
 the YAML holding the same values; a bad override is one message naming it."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Loading apple/ml-fs-dfm checkpoints: a tiny state dict in their layout, saved as their training code saves it,
 must load into our DiT and give the logits of an independent forward pass written here from their architecture
-description (fsdfm/checkpoints.py docstring); bad files fail with one clear error."""
+description (fsdfm/released_checkpoints.py docstring); bad files fail with one clear error."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Spec paths resolve against the spec file's folder (fsdfm/spec_paths.py), so a spec works from any directory."""
+"""Spec paths resolve against the spec file's folder (fsdfm/study/paths.py), so a spec works from any directory."""
 
 from __future__ import annotations
 

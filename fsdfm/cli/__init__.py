@@ -41,7 +41,7 @@ def _spec_args(p: argparse.ArgumentParser, target: str, help_: str) -> None:
         nargs="*",
         metavar="KEY=VALUE",
         help="spec overrides (a.b=1, methods.fsdfm.distill.K=8), sweeps (seed=0,1,2, grid.KEY=[...]); "
-        "see fsdfm/overrides.py",
+        "see fsdfm/study/overrides.py",
     )
     p.add_argument(
         "--limit",

@@ -1,4 +1,4 @@
-"""The study a command line names: SPEC with its KEY=VALUE overrides and --limit (fsdfm/overrides.py), or a
+"""The study a command line names: SPEC with its KEY=VALUE overrides and --limit (fsdfm/study/overrides.py), or a
 study directory; `--print-config`."""
 
 from __future__ import annotations
