@@ -450,6 +450,34 @@ def test_a_job_imports_only_fsdfm_modules_or_those_its_driver_granted(tmp_path, 
     assert is_done(stage_dir(study, a))
 
 
+def test_a_plan_written_before_the_refactor_still_finds_its_kinds(tmp_path):
+    """A plan.json of a study planned before issue 12 names "fsdfm.pipeline" (gone) as the module of every method
+    and evaluation stage kind: a fresh job falls back to the modules that register fsdfm's kinds now."""
+    old_hints = {"train_dfm": "fsdfm.pipeline", "sample": "fsdfm.pipeline", "evaluate_external": "fsdfm.external"}
+    kinds = {
+        kind: {"module": module, "checkpointable": False, "resources": "cpu"} for kind, module in old_hints.items()
+    }
+    atomic_write_json(tmp_path / PLAN, {"name": "old", "kinds": kinds, "stages": {}, "runs": []})
+    code = (
+        "import json, sys\n"
+        "from fsdfm.launch import resolve_kind\n"
+        "from fsdfm.records import read_plan\n"
+        "assert 'fsdfm.methods' not in sys.modules  # a job starts with fsdfm.launch only\n"
+        "hints = read_plan(sys.argv[1])['kinds']\n"
+        "print(json.dumps({kind: resolve_kind(kind, hint).module for kind, hint in hints.items()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != launch.STAGE_MODULES_ENV}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {
+        "train_dfm": "fsdfm.methods.dfm",
+        "sample": "fsdfm.methods.evaluate",
+        "evaluate_external": "fsdfm.external",
+    }
+
+
 def _processes_mentioning(text: str) -> list[int]:
     """Live processes whose command line contains `text` (the job processes of a study name its folder)."""
     out = []

@@ -71,6 +71,10 @@ STAGE_MODULES_ENV = "FSDFM_STAGE_MODULES"
 
 PACKAGE = __name__.split(".")[0]  # "fsdfm"
 
+# Where fsdfm's own stage kinds are registered now. A plan.json written before issue 12's refactor names modules
+# that are gone ("fsdfm.pipeline" for every method and evaluation stage); a job of such a study imports these.
+KIND_MODULES = ("fsdfm.methods", "fsdfm.external")
+
 
 def stage_modules_env(kinds: list[str]) -> dict[str, str]:
     """{module: import_root} of the registered `kinds` that live outside the fsdfm package (tests, user code).
@@ -86,13 +90,28 @@ def stage_modules_env(kinds: list[str]) -> dict[str, str]:
     return out
 
 
+def _import_fsdfm_module(module: str, kind: str) -> None:
+    """Import fsdfm's `module`; if it no longer exists or no longer registers `kind` (a hint from an older
+    plan.json), import the modules that register every fsdfm stage kind today (`KIND_MODULES`)."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if not e.name or not (module == e.name or module.startswith(e.name + ".")):
+            raise  # the module exists but something it imports does not: that error is the message
+    if kind not in STAGE_KINDS:
+        for m in KIND_MODULES:
+            importlib.import_module(m)
+
+
 def resolve_kind(kind: str, hint: dict | None = None) -> StageKind:
     """The registered `StageKind` named `kind`, importing the module that registers it if needed.
 
     A fresh job process has only imported fsdfm.launch; plan.json records, per kind, the module that registered
     it (`hint`). A job imports that module only if it is part of the fsdfm package, or if its driver granted it
     in FSDFM_STAGE_MODULES (`stage_modules_env`: module -> the sys.path entry to import it from), so a tampered
-    plan.json cannot make a job import (run) any other module."""
+    plan.json cannot make a job import (run) any other module. A hinted fsdfm module that is gone or no longer
+    registers the kind (a study planned by an older fsdfm) falls back to the modules that register fsdfm's kinds
+    now (`KIND_MODULES`)."""
     if kind not in STAGE_KINDS and hint and hint.get("module"):
         module = str(hint["module"])
         try:
@@ -102,7 +121,7 @@ def resolve_kind(kind: str, hint: dict | None = None) -> StageKind:
         if not isinstance(granted, dict):
             granted = {}
         if module.split(".")[0] == PACKAGE:
-            importlib.import_module(module)
+            _import_fsdfm_module(module, kind)
         elif module in granted:
             root = str(granted[module])
             if root not in sys.path:
