@@ -19,6 +19,7 @@ import copy
 import importlib
 import json
 import os
+import signal
 import shutil
 import sys
 import time
@@ -344,6 +345,11 @@ class StageJob:
         self.stage_id = stage_id
 
     def __call__(self) -> dict:
+        # A driver started in the background by a non-interactive shell (`fsdfm run ... &`, nohup) has SIGINT
+        # ignored, and its jobs inherit that; the driver cancels a job with SIGINT (_cancel_local_jobs), so the
+        # job restores Python's default handler: the KeyboardInterrupt then unwinds run_stage and its lock.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         return run_stage(self.study_dir, self.stage_id)
 
     def __repr__(self) -> str:
