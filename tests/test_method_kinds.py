@@ -16,7 +16,7 @@ from fsdfm.methods import METHOD_KINDS, SAMPLERS, plan_study
 from fsdfm.records import load, load_records
 from fsdfm.study.graph import STAGE_KINDS
 from fsdfm.study.spec import SpecError
-from fsdfm.study.load import load_spec_dict
+from fsdfm.methods.load import load_spec_dict
 
 REPO = Path(__file__).resolve().parents[1]
 ORACLE_DATA = {
@@ -56,7 +56,7 @@ def test_a_one_file_kind_runs_a_study_end_to_end(unigram_kind, tmp_path):
         "data_reference": False,
         "sampling": {"n_samples": 400, "batch_size": 400, "seed": 1},
         "metrics": {"names": ["oracle_nll", "entropy_nats"]},
-        "methods": {"uni": {"kind": "unigram", "steps": [1]}},
+        "methods": {"uni": {"kind": "unigram", "budgets": [1]}},
     }
     spec, cells = load_spec_dict(raw, "uni.yaml")
     plan = plan_study(spec.name, cells)
@@ -93,9 +93,9 @@ def test_a_one_file_kind_runs_a_study_end_to_end(unigram_kind, tmp_path):
 )
 def test_a_misspelt_model_key_is_a_spec_error_for_every_kind(kind, extra):
     methods = {
-        "t": {"kind": "dfm", "steps": [1]},
-        "f": {"kind": "flm", "steps": [1]},
-        "m": {"kind": kind, "steps": [1], "model": {"hiden": 32}, **extra},
+        "t": {"kind": "dfm", "budgets": [1]},
+        "f": {"kind": "flm", "budgets": [1]},
+        "m": {"kind": kind, "budgets": [1], "model": {"hiden": 32}, **extra},
     }
     raw = {
         "name": "x",
@@ -116,7 +116,9 @@ def test_a_misspelt_model_key_is_a_spec_error_for_a_released_checkpoint(tmp_path
         "data": ORACLE_DATA,
         "evaluator": {"kind": "none"},
         "metrics": {"names": ["oracle_nll"]},
-        "methods": {"r": {"kind": "released", "steps": [1], "checkpoint": {"path": str(ckpt)}, "model": {"n_head": 2}}},
+        "methods": {
+            "r": {"kind": "released", "budgets": [1], "checkpoint": {"path": str(ckpt)}, "model": {"n_head": 2}}
+        },
     }
     with pytest.raises(SpecError, match=r"unknown key 'methods\.r\.model\.n_head'.*did you mean 'n_heads'"):
         load_spec_dict(raw, "x.yaml", check_files=False)
@@ -132,16 +134,16 @@ def test_kind_settings_are_built_once_at_load_as_the_kinds_dataclass():
         "evaluator": {"kind": "none"},
         "metrics": {"names": ["oracle_nll"]},
         "methods": {
-            "t": {"kind": "dfm", "steps": [1]},
-            "s": {"kind": "fsdfm", "teacher": "t", "steps": [2], "distill": {"K": 3, "shortcut": "heun"}},
-            "f": {"kind": "flm", "steps": [1]},
+            "t": {"kind": "dfm", "budgets": [1]},
+            "s": {"kind": "fsdfm", "teacher": "t", "budgets": [2], "distill": {"K": 3, "shortcut": "heun"}},
+            "f": {"kind": "flm", "budgets": [1]},
         },
     }
     spec, _ = load_spec_dict(raw, "x.yaml", check_files=False)
     assert spec.methods["s"].settings == FSDFMSettings(K=3, shortcut="heun")
     assert spec.methods["f"].settings == FLMConfig()
     assert spec.methods["t"].settings is None
-    assert spec.methods["s"].sample_steps == (2,)
+    assert spec.methods["s"].budgets == (2,)
 
 
 def test_the_spec_schema_imports_no_method_code_and_no_torch():

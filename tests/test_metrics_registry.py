@@ -114,7 +114,7 @@ SPEC = {
     "metrics": {"names": ["mean_token_id", "entropy_nats"]},
     "sampling": {"n_samples": 4, "batch_size": 4},
     "model": {"preset": "tiny", "hidden": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2},
-    "methods": {"dfm": {"kind": "dfm", "steps": [1, 2], "train": {"steps": 2, "warmup_steps": 1, "batch_size": 4}}},
+    "methods": {"dfm": {"kind": "dfm", "budgets": [1, 2], "train": {"steps": 2, "warmup_steps": 1, "batch_size": 4}}},
 }
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 
 def resolve_spec(args, check_files: bool = True):
-    """args.spec / args.target with the command line's overrides and --limit (fsdfm.study.load.load)."""
+    """args.spec / args.target with the command line's overrides and --limit (fsdfm.methods.load.load)."""
     from fsdfm.records import data_cache_dir
     from fsdfm.study.overrides import parse_overrides
-    from fsdfm.study.load import load
+    from fsdfm.methods.load import load
 
     spec_path = getattr(args, "spec", None) or args.target
     root = args.results

@@ -116,7 +116,7 @@ def check_key(raw: dict, key: str, label: str) -> None:
     """A dotted key names a field of the spec: an unknown one is a SpecError with close matches (`label` names
     the override). Keys under a free-form mapping (cluster, a method's model, ...) are checked when the spec
     is built, like the YAML's."""
-    from fsdfm.study.spec import MethodSpec
+    from fsdfm.study.spec import DEPRECATED_METHOD_KEYS, MethodSpec
 
     parts = key.split(".")
     cls: Any = StudySpec
@@ -124,6 +124,8 @@ def check_key(raw: dict, key: str, label: str) -> None:
     while i < len(parts) and cls is not None:
         names = [f.name for f in dataclasses.fields(cls) if f.init]
         part = parts[i]
+        if cls is MethodSpec and part in DEPRECATED_METHOD_KEYS:  # the old name (renamed, with a warning, at build)
+            part = DEPRECATED_METHOD_KEYS[part]
         if part not in names:
             where = ".".join(parts[: i + 1])
             raise SpecError(
