@@ -53,9 +53,10 @@ class PluginError(ImportError):
     """An entry point of the group `fsdfm.plugins` that does not load; the message names it and its value."""
 
 
-def discover(*packages: str) -> None:
-    """Import every module of `packages` (each a package or a plain module, by dotted name) and load every entry
-    point of the group `PLUGIN_GROUP`, each at most once per process.
+def discover(*packages: str, submodules: bool = True) -> None:
+    """Import every module of `packages` (each a package or a plain module, by dotted name; with
+    `submodules=False` only the named modules themselves) and load every entry point of the group `PLUGIN_GROUP`,
+    each at most once per process.
 
     Why a scan and not a list: a new kind, rule, metric or executor is one file that registers itself on import,
     so no list elsewhere has to name it. Entry points are re-read on every call (cheap: the installed
@@ -68,8 +69,10 @@ def discover(*packages: str) -> None:
     for package in packages:
         if package in _scanned:
             continue
-        _scanned.add(package)
         mod = importlib.import_module(package)
+        if not submodules:
+            continue
+        _scanned.add(package)
         for info in pkgutil.walk_packages(getattr(mod, "__path__", []), prefix=package + "."):
             if info.name not in sys.modules:
                 importlib.import_module(info.name)

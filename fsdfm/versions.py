@@ -47,7 +47,7 @@ class Unit:
 def source_digest(ref: str) -> str:
     """sha256 of a source: a module's file bytes ("fsdfm.model") or one object's source ("fsdfm.methods.common:fn")."""
     module, _, attr = ref.partition(":")
-    discover(module)  # imports it (the one function that imports by name)
+    discover(module, submodules=False)  # imports it (the one function that imports by name)
     mod = sys.modules[module]
     if attr:
         obj = mod

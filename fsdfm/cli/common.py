@@ -72,14 +72,12 @@ EXTRAS = {"report": ("analysis", ("matplotlib", "seaborn", "scipy"))}
 
 def require_extra(command: str) -> None:
     """An InputError naming the extra to install when a module `command` needs is missing."""
-    import importlib
+    import importlib.util
 
     extra, modules = EXTRAS[command]
     for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
+        if importlib.util.find_spec(name) is None:
             raise InputError(
                 f"fsdfm {command} needs the {extra!r} extra (module {name!r} is not installed): "
                 f"pip install 'fsdfm[{extra}]'"
-            ) from None
+            )

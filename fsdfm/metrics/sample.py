@@ -152,6 +152,10 @@ def _ppl_outcome(result: PerplexityResult, prefix: str) -> MetricOutcome:
     )
 
 
+_PPL = ("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator")  # shared parts of the declared `sources`
+_NGRAMS = ("fsdfm.metrics.diversity:_ngrams", "fsdfm.metrics.diversity:as_token_matrix")
+
+
 @register_metric(
     "gen_ppl",
     direction="min",
@@ -162,7 +166,7 @@ def _ppl_outcome(result: PerplexityResult, prefix: str) -> MetricOutcome:
     show={"main": 1, "seeds": 1, "sweep": 1, "ablation": 1, "pairs": 1},
     description="token-pooled exp(sum NLL / sum tokens) of the re-tokenized decoded samples under the "
     "evaluator LM (fp32; first token unscored; non-EOS tokens plus the first EOS scored)",
-    sources=("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator", "fsdfm.metrics.sample:_gen_ppl"),
+    sources=(*_PPL, "fsdfm.metrics.sample:_gen_ppl"),
 )
 def _gen_ppl(x: MetricInputs) -> MetricOutcome:
     texts, evaluator = x.need_texts("gen_ppl"), x.need_evaluator("gen_ppl")
@@ -179,7 +183,7 @@ def _gen_ppl(x: MetricInputs) -> MetricOutcome:
     label="perplexity, mean over samples",
     show={"main": 2, "pairs": 2},
     description="FS-DFM/SEDD convention: mean over samples of exp(mean NLL) on the raw ids (tokenizers must match)",
-    sources=("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator", "fsdfm.metrics.sample:_gen_ppl_seq_mean"),
+    sources=(*_PPL, "fsdfm.metrics.sample:_gen_ppl_seq_mean"),
 )
 def _gen_ppl_seq_mean(x: MetricInputs) -> MetricOutcome:
     result = gen_ppl_seq_mean(x.token_ids, x.need_evaluator("gen_ppl_seq_mean"), batch_size=x.batch_size)
@@ -229,11 +233,7 @@ for _n in range(1, 5):
         target="data",
         show=_DISTINCT_SHOW[_n],
         description=f"unique {_n}-grams / total {_n}-grams, pooled over all samples",
-        sources=(
-            "fsdfm.metrics.diversity:distinct_n",
-            "fsdfm.metrics.diversity:_ngrams",
-            "fsdfm.metrics.diversity:as_token_matrix",
-        ),
+        sources=("fsdfm.metrics.diversity:distinct_n", *_NGRAMS),
     )(lambda x, _n=_n: MetricOutcome(distinct_n(x.token_ids, _n), x.n))
 
 
@@ -246,11 +246,7 @@ for _n in range(1, 5):
     label="repeated 4-grams (fraction)",
     show={"main": 8, "seeds": 4, "sweep": 4, "ablation": 4, "pairs": 4},
     description="within-sample fraction of repeated 4-grams (1 - unique/total per sample), averaged over samples",
-    sources=(
-        "fsdfm.metrics.diversity:rep_n",
-        "fsdfm.metrics.diversity:_ngrams",
-        "fsdfm.metrics.diversity:as_token_matrix",
-    ),
+    sources=("fsdfm.metrics.diversity:rep_n", *_NGRAMS),
 )
 def _rep_n(x: MetricInputs) -> MetricOutcome:
     per_sample = rep_n_per_sample(x.token_ids, 4)
