@@ -205,17 +205,27 @@ def test_the_sample_stage_counts_nfe_with_the_counting_wrapper(rule, n_steps, tm
     assert len(payload["time_grid"]) == n_steps + 1 and payload["metrics"]["wall_s"] > 0
 
 
-def test_update_rules_declare_their_kinds(monkeypatch):
+def test_kinds_claim_the_rules_that_apply_to_them(monkeypatch):
     from fsdfm import samplers
-    from fsdfm.methods.base import declared_rules
+    from fsdfm.methods.base import MixtureRules, declared_rules
 
-    # the rules of today, each kind's default first (the order "allowed: ..." messages list them in)
-    assert declared_rules("dfm", "euler") == ("euler", "cumulative_scalar", "mixture_euler", "mdlm")
-    assert declared_rules("fsdfm", "cumulative_scalar") == ("cumulative_scalar", "euler", "mixture_euler")
-    assert METHOD_KINDS.get("released").rules == ("cumulative_scalar", "euler", "mixture_euler")
-    # a new rule is its function and its declaration: no kind file changes
-    monkeypatch.setitem(samplers.RULE_KINDS, "new_rule", ("fsdfm",))
-    assert declared_rules("fsdfm", "cumulative_scalar")[-1] == "new_rule"
-    assert "new_rule" not in declared_rules("dfm", "euler")
+    mixture = [k for k in METHOD_KINDS if isinstance(METHOD_KINDS.get(k).rules, MixtureRules)]
+    assert mixture  # the DFM family samples the mixture path
+    for name in METHOD_KINDS:
+        rules = METHOD_KINDS.get(name).rules
+        assert rules[0] in rules and len(set(rules)) == len(rules)  # its default is accepted; no rule twice
+        if isinstance(rules, MixtureRules):  # every accepted rule of a mixture kind samples (or aliases one that does)
+            assert all(callable(samplers.get_rule(rule)) for rule in rules)
+    # a rule registered without kinds applies to every mixture kind and to no other; a restricted one only where
+    # it says; an opted-out one everywhere but there; no kind file changes
+    monkeypatch.setitem(samplers.RULE_KINDS, "new_rule", None)
+    monkeypatch.setitem(samplers.RULE_KINDS, "narrow_rule", ("fsdfm",))
+    monkeypatch.setitem(samplers.RULE_KINDS, "shy_rule", None)
+    monkeypatch.setitem(samplers.RULE_EXCLUDES, "shy_rule", ("dfm",))
+    for name in METHOD_KINDS:
+        rules = METHOD_KINDS.get(name).rules
+        assert ("new_rule" in rules) == (name in mixture)
+        assert ("narrow_rule" in rules) == (name == "fsdfm")
+        assert ("shy_rule" in rules) == (name in mixture and name != "dfm")
     with pytest.raises(ValueError, match="default rule 'mdlm' does not declare it applies to 'fsdfm'"):
         declared_rules("fsdfm", "mdlm")
