@@ -229,3 +229,18 @@ def test_kinds_claim_the_rules_that_apply_to_them(monkeypatch):
         assert ("shy_rule" in rules) == (name in mixture and name != "dfm")
     with pytest.raises(ValueError, match="default rule 'mdlm' does not declare it applies to 'fsdfm'"):
         declared_rules("fsdfm", "mdlm")
+
+
+@pytest.mark.parametrize("key,value", [("source", "uniform"), ("loss", "gkl"), ("scheduler", {"name": "cosine"})])
+def test_mixture_path_settings_are_refused_for_a_kind_that_has_no_path(key, value):
+    # AR samples left to right: a source, loss or scheduler would be ignored, so it is an error naming the key
+    raw = {
+        "name": "x",
+        "data": {"kind": "oracle", **{k: v for k, v in ORACLE_DATA.items() if k != "kind"}},
+        "evaluator": {"kind": "none"},
+        "methods": {"a": {"kind": "ar", "budgets": [16], key: value}},
+    }
+    with pytest.raises(SpecError, match=rf"methods\.a\.{key}: a ar method does not sample the mixture path"):
+        load_spec_dict(raw, "x.yaml", check_files=False)
+    raw["methods"] = {"d": {"kind": "dfm", "budgets": [2], key: value}}  # the same setting on a DFM method is fine
+    assert getattr(load_spec_dict(raw, "x.yaml", check_files=False)[0].methods["d"], key) is not None

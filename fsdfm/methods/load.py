@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from fsdfm.methods.base import EXACT_TEACHER, METHOD_KINDS, MethodKind
+from fsdfm.methods.base import EXACT_TEACHER, METHOD_KINDS, MethodKind, MixtureRules
 from fsdfm.metrics.registry import METRICS
 from fsdfm.objectives import DFMConfig
 from fsdfm.registry import did_you_mean
 from fsdfm.study import load as schema
-from fsdfm.study.spec import PAIR_PATTERN, MethodSpec, SpecError, StudySpec, build, short
+from fsdfm.study.spec import PAIR_PATTERN, MethodSpec, SchedulerSpec, SpecError, StudySpec, build, short
 
 __all__ = ["CHECKS", "expand", "load", "load_spec", "load_spec_dict", "validate_methods", "validate_pairs"]
 
@@ -40,6 +40,32 @@ def _section(kind: MethodKind, m: MethodSpec, key: str, where: str, file: str):
             f"{file}: {where}.{key}: a {m.kind} method needs {getattr(kind.settings_cls, 'SPEC_HINT', 'settings')}"
         )
     return build(kind.settings_cls, raw, f"{where}.{key}", file)
+
+
+# the mixture path's settings of a method (MethodSpec fields) and their defaults
+PATH_SETTINGS = {"source": "mask", "scheduler": SchedulerSpec(), "loss": "ce"}
+
+
+def check_path_settings(kind: MethodKind, m: MethodSpec, where: str, file: str) -> None:
+    """`source`, `scheduler` and `loss` are read by the kinds that sample the mixture path (those that claim its
+    update rules, `MixtureRules`) and checked for them; any other kind (AR, FLM, ...) would silently ignore them, so
+    a value other than the default is an error there."""
+    if not isinstance(kind.rules, MixtureRules):
+        for key, default in PATH_SETTINGS.items():
+            if getattr(m, key) != default:
+                raise SpecError(
+                    f"{file}: {where}.{key}: a {m.kind} method does not sample the mixture path, so it has no {key}"
+                )
+        return
+    if m.source not in ("mask", "uniform"):
+        raise SpecError(
+            f"{file}: {where}.source: must be mask or uniform, got {short(m.source)}"
+            f"{did_you_mean(m.source, ['mask', 'uniform'])}"
+        )
+    try:
+        DFMConfig(m.loss)
+    except (ValueError, KeyError) as e:
+        raise SpecError(f"{file}: {where}.loss: {e}") from None
 
 
 def validate_methods(spec: StudySpec, file: str) -> StudySpec:
@@ -92,14 +118,7 @@ def validate_methods(spec: StudySpec, file: str) -> StudySpec:
                 )
         elif m.teacher is not None:
             raise SpecError(f"{file}: {where}.teacher: a {m.kind} method has no teacher")
-        if m.source not in ("mask", "uniform"):
-            raise SpecError(
-                f"{file}: {where}.source: must be mask or uniform, got {short(m.source)}{did_you_mean(m.source, ['mask', 'uniform'])}"
-            )
-        try:
-            DFMConfig(m.loss)
-        except (ValueError, KeyError) as e:
-            raise SpecError(f"{file}: {where}.loss: {e}") from None
+        check_path_settings(kind, m, where, file)
         for rule in m.rules:
             if rule not in kind.rules:
                 raise SpecError(

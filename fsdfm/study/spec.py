@@ -102,6 +102,9 @@ class MethodSpec:
     sampling budgets: steps of the sampler, not optimiser steps, which are `train.steps`; the old YAML key
     `steps` still works, with a deprecation warning: `DEPRECATED_METHOD_KEYS`).
 
+    `source`, `scheduler` and `loss` are the mixture path's settings: only the kinds that sample that path read
+    them (fsdfm.methods.load.check_path_settings refuses them elsewhere).
+
     `distill` and `checkpoint` are the YAML mappings of the kind's own settings as written; `settings` is the
     kind's frozen dataclass built from them once, at load (`MethodKind.settings_cls`; None for a kind without).
     """
