@@ -30,6 +30,8 @@ data_reference: false
 methods:
   teacher: {kind: dfm, train: {steps: 6, batch_size: 8, warmup_steps: 2, ema_decay: 0.9}, budgets: [8]}
   sdtt: {kind: sdtt, teacher: teacher, distill: {rounds: 2, base_steps: 8}, train: {steps: 3, batch_size: 4, warmup_steps: 1, ema_decay: null}, budgets: [2]}
+  duo: {kind: duo, distill: {curriculum_start: 0.0, curriculum_end: 0.5}, train: {steps: 4, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [ancestral, greedy_tail], budgets: [3]}
+  dcd: {kind: dcd, teacher: duo, distill: {rounds: 2, base_steps: 8}, train: {steps: 2, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [greedy_tail], budgets: [2]}
 metrics:
   names: [oracle_nll, entropy_nats]
 """
@@ -62,12 +64,29 @@ def test_sdtt_trains_its_rounds_and_samples(rivals_study):
     assert m["train_wall_s"] > 0 and len(p["loss_curve"]) == 6
 
 
+def test_duo_and_dcd_train_and_sample(rivals_study):
+    tmp, plan, summary = rivals_study
+    assert summary.ok, summary.format()
+    df = load(tmp / "results" / "tiny_rivals")
+    duo = df[df.method == "duo"].sort_values("rule")
+    assert list(duo.rule) == ["ancestral", "greedy_tail"] and (duo.nfe == 3).all()
+    dcd = df[df.method == "dcd"]
+    assert len(dcd) == 1 and dcd.nfe.item() == 2 and dcd.rule.item() == "greedy_tail"
+    assert (df.oracle_nll > 0).all()
+    (train,) = load_records(tmp / "results" / "tiny_rivals", kind="train_duo")
+    assert train["payload"]["metrics"]["train_tokens"] == 4 * 4 * 8
+    (rec,) = load_records(tmp / "results" / "tiny_rivals", kind="distil_dcd")
+    m = rec["payload"]["metrics"]
+    assert rec["payload"]["gaps"] == [1 / 8, 2 / 8]  # h = 2^r / base_steps
+    assert (m["rounds"], m["train_steps"], m["train_tokens"], m["train_teacher_nfe_per_row"]) == (2, 4, 4 * 4 * 8, 1)
+
+
 def test_the_rival_kinds_are_listed_and_named_nowhere_else_in_fsdfm():
     out = subprocess.run(
         [sys.executable, "-m", "fsdfm.cli", "ls", "methods"], capture_output=True, text=True, cwd=REPO, check=True
     )
     names = [k for k in ("sdtt", "duo", "dcd", "di4c") if k in METHOD_KINDS]
-    assert "sdtt" in names
+    assert names == ["sdtt", "duo", "dcd"] or names == ["sdtt", "duo", "dcd", "di4c"]
     for k in names:
         assert k in out.stdout
     for path in (REPO / "fsdfm").rglob("*.py"):

@@ -1,0 +1,81 @@
+"""Duo's duality and DCD's trajectories (fsdfm.duo), with known or independently computed answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from fsdfm.duo import (
+    DuoConfig,
+    ancestral_step,
+    argmax_latent,
+    ddim_trajectory,
+    kappa_of_snr,
+    snr_of_kappa,
+)
+
+
+def test_the_transform_has_its_closed_forms_at_two_tokens_and_at_zero_signal():
+    # V = 2: P(argmax right) = P(m + e1 > e2) = Phi(m / sqrt 2), so kappa = 2 Phi(m / sqrt 2) - 1
+    m = torch.tensor([0.0, 0.3, 1.0, 2.5])
+    expected = 2 * stats.norm.cdf(m.numpy() / np.sqrt(2)) - 1
+    assert np.allclose(kappa_of_snr(m, 2).numpy(), expected, atol=1e-10)
+    assert abs(float(kappa_of_snr(torch.tensor([0.0]), 50))) < 1e-10  # no signal: uniform
+
+
+@pytest.mark.parametrize("vocab", [5, 40])
+def test_the_inverse_transform_recovers_kappa(vocab):
+    kappa = torch.tensor([0.01, 0.2, 0.5, 0.9, 0.999])
+    assert torch.allclose(kappa_of_snr(snr_of_kappa(kappa, vocab), vocab), kappa.double(), atol=1e-9)
+
+
+@pytest.mark.parametrize("kappa", [0.15, 0.6])
+def test_the_argmax_of_the_gaussian_latent_has_the_uniform_state_marginal(kappa):
+    """Chi-square: 40,000 argmax draws at m = T^-1(kappa) against kappa e_{x_1} + (1 - kappa) / V."""
+    V, n = 6, 40_000
+    g = torch.Generator().manual_seed(1)
+    x_1 = torch.full((n, 1), 2)
+    eps = torch.randn((n, 1, V), generator=g, dtype=torch.float64)
+    x = argmax_latent(x_1, torch.full((n,), kappa, dtype=torch.float64), eps)
+    counts = np.bincount(x.flatten().numpy(), minlength=V)
+    probs = np.full(V, (1 - kappa) / V)
+    probs[2] += kappa
+    assert stats.chisquare(counts, probs * n).pvalue > 1e-3
+    # and the transform is not vacuous: the uniform marginal is rejected
+    assert stats.chisquare(counts, np.full(V, n / V)).pvalue < 1e-6
+
+
+def test_the_dcd_trajectory_is_a_function_of_the_seed_only():
+    x_1 = torch.tensor([[0, 3, 1, 2], [4, 4, 0, 1]])
+    kappas = [0.0, 0.3, 0.7, 1.0]
+    a = ddim_trajectory(x_1, kappas, 5, torch.Generator().manual_seed(7))
+    b = ddim_trajectory(x_1, kappas, 5, torch.Generator().manual_seed(7))
+    c = ddim_trajectory(x_1, kappas, 5, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[-1], x_1)  # kappa = 1: the data
+    # deterministic along the trajectory: a position right at kappa stays right at every later kappa (the
+    # latent's data coordinate only grows with m while the noise is fixed)
+    right = a[:-1] == x_1
+    assert bool((right[1:] | ~right[:-1]).all())
+
+
+def test_the_ancestral_step_from_pure_noise_draws_the_denoisers_mixture():
+    """kappa_t = 0: q(v) = kappa_s p(v) + (1 - kappa_s) / V whatever x_t is (chi-square over 30,000 draws)."""
+    V, n = 4, 30_000
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64).expand(n, 1, V)
+    x = torch.zeros((n, 1), dtype=torch.long)
+    out = ancestral_step(x, p, 0.0, 0.4, torch.Generator().manual_seed(0))
+    counts = np.bincount(out.flatten().numpy(), minlength=V)
+    assert stats.chisquare(counts, (0.4 * p[0, 0].numpy() + 0.6 / V) * n).pvalue > 1e-3
+    assert torch.equal(ancestral_step(x[:2], p[:2], 0.5, 1.0, None, greedy=True), torch.zeros((2, 1), dtype=torch.long))
+
+
+def test_the_curriculum_temperature_schedule():
+    cfg = DuoConfig(curriculum_start=0.2, curriculum_end=0.6)
+    assert cfg.tau(0, 10) == pytest.approx(0.1) and cfg.tau(1, 10) == pytest.approx(0.1)
+    assert cfg.tau(4, 10) == pytest.approx(10**-1.5)
+    assert cfg.tau(6, 10) is None
+    with pytest.raises(ValueError, match="curriculum_start"):
+        DuoConfig(curriculum_start=0.7, curriculum_end=0.6)
