@@ -32,6 +32,7 @@ methods:
   sdtt: {kind: sdtt, teacher: teacher, distill: {rounds: 2, base_steps: 8}, train: {steps: 3, batch_size: 4, warmup_steps: 1, ema_decay: null}, budgets: [2]}
   duo: {kind: duo, distill: {curriculum_start: 0.0, curriculum_end: 0.5}, train: {steps: 4, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [ancestral, greedy_tail], budgets: [3]}
   dcd: {kind: dcd, teacher: duo, distill: {rounds: 2, base_steps: 8}, train: {steps: 2, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [greedy_tail], budgets: [2]}
+  di4c: {kind: di4c, teacher: teacher, distill: {rounds: 2, base_steps: 8, lambda_samples: 2}, train: {steps: 2, batch_size: 4, warmup_steps: 1, ema_decay: null}, budgets: [2]}
 metrics:
   names: [oracle_nll, entropy_nats]
 """
@@ -81,12 +82,24 @@ def test_duo_and_dcd_train_and_sample(rivals_study):
     assert (m["rounds"], m["train_steps"], m["train_tokens"], m["train_teacher_nfe_per_row"]) == (2, 4, 4 * 4 * 8, 1)
 
 
+def test_di4c_trains_and_samples_counting_every_lambda_forward(rivals_study):
+    tmp, plan, summary = rivals_study
+    assert summary.ok, summary.format()
+    df = load(tmp / "results" / "tiny_rivals")
+    row = df[df.method == "di4c"]
+    assert len(row) == 1 and row.nfe.item() == 2 and row.oracle_nll.item() > 0
+    (rec,) = load_records(tmp / "results" / "tiny_rivals", kind="distil_di4c")
+    m = rec["payload"]["metrics"]
+    assert (m["rounds"], m["student_steps"], m["train_tokens"]) == (2, 2, 4 * 4 * 8)
+    assert (m["train_teacher_nfe_per_row"], m["train_student_nfe_per_row"]) == (2, 2)
+
+
 def test_the_rival_kinds_are_listed_and_named_nowhere_else_in_fsdfm():
     out = subprocess.run(
         [sys.executable, "-m", "fsdfm.cli", "ls", "methods"], capture_output=True, text=True, cwd=REPO, check=True
     )
     names = [k for k in ("sdtt", "duo", "dcd", "di4c") if k in METHOD_KINDS]
-    assert names == ["sdtt", "duo", "dcd"] or names == ["sdtt", "duo", "dcd", "di4c"]
+    assert names == ["sdtt", "duo", "dcd", "di4c"]
     for k in names:
         assert k in out.stdout
     for path in (REPO / "fsdfm").rglob("*.py"):

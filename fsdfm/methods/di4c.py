@@ -1,0 +1,166 @@
+"""Kind "di4c": the Di4C mixture student (Hayakawa et al. 2024; the maths is fsdfm.di4c) of a mask-source DFM
+teacher, on SDTT's rounds of x2 step reduction.
+
+Registers on itself: its settings (`distill:` builds `Di4CSettings`: SDTT's rounds/base_steps/target plus
+components, lambda_samples and the loss weights), its planning (the teacher's stage, then distil_di4c), the stage
+`distil_di4c` and the sampler "di4c": the DFM sampling loop (fsdfm.samplers.sample, any mixture-path rule) with
+lambda drawn once per step per sequence; NFE counts every lambda forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fsdfm.di4c import Di4CConfig, Di4CObjective, LambdaModel
+from fsdfm.io import atomic_write
+from fsdfm.methods.base import MethodKind, Planner, declared_rules, register_kind
+from fsdfm.methods.common import (
+    DATA_SOURCES,
+    DIT_SOURCES,
+    SAMPLERS,
+    Draw,
+    RowCounter,
+    corpus_for,
+    device,
+    join_process_group,
+    load_dit,
+    loss_curve,
+    save_dit,
+)
+from fsdfm.model import student_from_teacher
+from fsdfm.samplers import sample, time_grid
+from fsdfm.study.graph import Stage, stage_kind
+from fsdfm.study.spec import MethodSpec, SpecError
+from fsdfm.train import OptimConfig, fit
+
+MIXTURE_FILE = "di4c.json"
+
+
+class Di4CSettings(Di4CConfig):
+    SPEC_HINT = "distill: {rounds, base_steps, target, components, lambda_samples, distill_weight, consistency_weight}"
+
+
+def plan_di4c(p: Planner, name: str, m: MethodSpec) -> Stage:
+    if p.spec.methods[m.teacher].source != "mask":
+        raise SpecError(f"methods.{name}.teacher: Di4C distils a mask-source teacher; {m.teacher!r} is not one")
+    teacher = p.model_stage(m.teacher)
+    config = {"data": p.data, "distill": dataclasses.asdict(m.settings), "optim": p.optim(m)}
+    return p.add(Stage("distil_di4c", config, {"teacher": teacher.id}))
+
+
+register_kind(
+    MethodKind(
+        "di4c",
+        "di4c",
+        declared_rules("di4c", "cumulative_scalar"),
+        plan_di4c,
+        teacher_kind="dfm",
+        settings_key="distill",
+        settings_cls=Di4CSettings,
+    )
+)
+
+
+@stage_kind(
+    "distil_di4c",
+    checkpointable=True,
+    resources="gpu_multi",
+    version="1",
+    metrics=lambda c: (),  # no posterior_kl: the student's p_{1|t} depends on lambda
+    sources=(
+        "fsdfm.methods.di4c:distil_di4c",
+        *DIT_SOURCES,
+        *DATA_SOURCES,
+        "fsdfm.di4c",
+        "fsdfm.sdtt",
+        "fsdfm.samplers",
+        "fsdfm.methods.common:load_dit",
+    ),
+    model_sampler="di4c",
+    model_rule="cumulative_scalar",
+)
+def distil_di4c(config: dict, inputs: dict, out_dir: Path) -> dict:
+    """Every round: teacher steps h = 1 / (base_steps / 2^r) distilled into mixture-student steps 2h; the raw student
+    is the next round's teacher (called with lambda drawn per row, as it samples)."""
+    join_process_group()
+    corpus = corpus_for(config, out_dir)
+    cfg = Di4CConfig(**config["distill"])
+    optim = OptimConfig(**config["optim"])
+    loaded = load_dit(inputs["teacher"])
+    teacher = loaded.model.requires_grad_(False)
+    torch.manual_seed(optim.seed)
+    student = student_from_teacher(loaded.model, "raw").requires_grad_(True).train()  # lambda rides the h input
+    losses, resumed, rounds = [], 0, []
+    t0 = time.perf_counter()
+    for r in range(cfg.rounds):
+        h = 1.0 / cfg.teacher_steps(r)
+        res = fit(
+            student,
+            Di4CObjective(teacher, loaded.path, cfg, h),
+            corpus.train,
+            optim,
+            Path(out_dir) / "ckpt" / f"round_{r}",
+            desc=f"di4c round {r + 1}/{cfg.rounds}",
+            device=device(),
+        )
+        losses += res.losses
+        resumed = max(resumed, res.resumed_from)
+        rounds.append({"teacher_steps": cfg.teacher_steps(r), "student_steps": cfg.teacher_steps(r) // 2})
+        gen = torch.Generator(device()).manual_seed(optim.seed + r)
+        teacher = LambdaModel(copy.deepcopy(res.model).requires_grad_(False).eval(), cfg.components, gen)
+        final = res.ema if res.ema is not None else res.model
+        student = res.model
+    save_dit(out_dir, final, loaded.path_cfg, h_conditioned=True, corpus=corpus)
+    atomic_write(Path(out_dir) / MIXTURE_FILE, json.dumps({"components": cfg.components}).encode())
+    steps = cfg.rounds * optim.steps
+    return {
+        "metrics": {
+            "train_loss_final": float(sum(losses[-20:]) / len(losses[-20:])),
+            "train_wall_s": time.perf_counter() - t0,
+            "rounds": cfg.rounds,
+            "steps_per_round": optim.steps,
+            "student_steps": cfg.student_steps,
+            "train_steps": steps,
+            "train_tokens": steps * optim.batch_size * corpus.seq_len,
+            "train_teacher_nfe_per_row": Di4CObjective.TEACHER_NFE,
+            "train_student_nfe_per_row": cfg.lambda_samples,
+            "n_params": final.num_parameters(),
+        },
+        "rounds": rounds,
+        "loss_curve": loss_curve(losses),
+        "resumed_from": resumed,
+    }
+
+
+@SAMPLERS.register("di4c")
+def sample_di4c(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
+    m = load_dit(model_dir, dev)
+    components = json.loads((Path(model_dir) / MIXTURE_FILE).read_text())["components"]
+    net = RowCounter(m.model)
+    precision = getattr(torch, cfg["precision"])
+
+    def run(n, grid, gen):
+        model = LambdaModel(net, components, gen)  # lambda from the sampler's own generator: one draw per step
+        return sample(
+            model,
+            m.path,
+            n_samples=n,
+            seq_len=corpus.seq_len,
+            grid=grid,
+            rule=cfg["rule"],
+            h_conditioned=False,
+            generator=gen,
+            precision=precision,
+            batch_size=cfg["batch_size"],
+            device=dev,
+        )
+
+    run(min(cfg["batch_size"], cfg["n_samples"]), time_grid(1, t_end=cfg["t_end"]), torch.Generator(dev).manual_seed(0))
+    net.reset()
+    return Draw(lambda gen: run(cfg["n_samples"], time_grid(cfg["steps"], t_end=cfg["t_end"]), gen), net)
