@@ -14,6 +14,7 @@ from fsdfm.duo import (
     ddim_trajectory,
     kappa_of_snr,
     snr_of_kappa,
+    snr_of_kappa_fast,
 )
 
 
@@ -25,10 +26,12 @@ def test_the_transform_has_its_closed_forms_at_two_tokens_and_at_zero_signal():
     assert abs(float(kappa_of_snr(torch.tensor([0.0]), 50))) < 1e-10  # no signal: uniform
 
 
-@pytest.mark.parametrize("vocab", [5, 40])
+@pytest.mark.parametrize("vocab", [5, 40, 50_257])
 def test_the_inverse_transform_recovers_kappa(vocab):
     kappa = torch.tensor([0.01, 0.2, 0.5, 0.9, 0.999])
     assert torch.allclose(kappa_of_snr(snr_of_kappa(kappa, vocab), vocab), kappa.double(), atol=1e-9)
+    # the interpolated table the training objectives use
+    assert torch.allclose(kappa_of_snr(snr_of_kappa_fast(kappa, vocab), vocab), kappa.double(), atol=1e-5)
 
 
 @pytest.mark.parametrize("kappa", [0.15, 0.6])
