@@ -31,6 +31,9 @@ from fsdfm.study.spec import (
     build,
     short,
 )
+from fsdfm.metrics.registry import METRICS
+from fsdfm.objectives import DFMConfig
+from fsdfm.samplers import RULE_KINDS
 
 __all__ = [
     "EXACT_TEACHER",
@@ -78,8 +81,6 @@ class MethodKind:
 def declared_rules(kind: str, default: str) -> tuple:
     """The update rules that declare they apply to `kind` (fsdfm.samplers.RULE_KINDS), `default` first: the rules
     a DFM-family kind accepts, so that adding a rule touches no kind file."""
-    from fsdfm.samplers import RULE_KINDS
-
     rules = [r for r, kinds in RULE_KINDS.items() if kind in kinds and r != default]
     if default not in RULE_KINDS or kind not in RULE_KINDS[default]:
         raise ValueError(f"method kind {kind!r}: default rule {default!r} does not declare it applies to {kind!r}")
@@ -152,9 +153,6 @@ def _section(kind: MethodKind, m: MethodSpec, key: str, where: str, file: str):
 def validate_methods(spec: StudySpec, file: str) -> StudySpec:
     """Method kinds, teachers (existing, of the right kind, acyclic), rules, step budgets, kind settings; returns
     the spec with every method's typed `settings` filled in."""
-    from fsdfm.metrics.registry import METRICS
-    from fsdfm.objectives import DFMConfig
-
     typed = {}
     for name, m in spec.methods.items():
         where = f"methods.{name}"
