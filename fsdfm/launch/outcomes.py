@@ -1,7 +1,9 @@
-"""What executors report: `ExecutionSummary` (stage ids by outcome), the tally kept while executing, progress lines,
-and reading a failed job's own exception out of its traceback.
+"""What executors share: `ExecutionSummary` (stage ids by outcome), the tally kept while executing, progress lines,
+reading a failed job's own exception out of its traceback, and the stage files an executor writes around a job
+(`runnable` sorts a wave, `clear_error` before a submission, `write_submitted` after it).
 
-Knows stage outcomes and the stage files that decide them (`fsdfm.records`); knows nothing of how a job was run.
+Knows stage outcomes and the stage files that decide them (`fsdfm.records`); knows nothing of how a job is run
+(a job is anything with `job_id` and `paths.stdout`/`paths.stderr`, as submitit's are).
 """
 
 from __future__ import annotations

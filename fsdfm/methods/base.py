@@ -7,8 +7,11 @@ itself with `register_kind`, lm-eval's `@register_model` shape, so a new baselin
 `plan_study` walks the validated grid cells and emits one `StudyPlan`: stages are deduplicated by their
 content ids, so a teacher shared by ten ablations is one stage.
 
-Boundary: knows the spec dataclasses (fsdfm.study.spec) and the stage graph (fsdfm.study.graph); knows nothing
-of any particular kind (no kind name is compared here) and nothing of torch.
+Boundary: knows the spec dataclasses (fsdfm.study.spec), the stage graph (fsdfm.study.graph) and the registries
+a spec's names are checked against (update rules, metrics, the DFM loss), which import torch; compares no kind
+name (what differs between kinds is a `MethodKind` field). Two things are DFM-family assumptions made for every
+kind: `source` and `loss` are validated whatever the kind, and the pos_divergence runs are labelled with the
+cumulative_scalar rule the diagnostic samples with (a kind opts in with `pos_divergence=True`).
 """
 
 from __future__ import annotations

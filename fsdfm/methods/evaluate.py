@@ -5,7 +5,9 @@ NFE, wall-clock and peak memory; `evaluate` scores one sample set with the study
 writes the per-sample table; `evaluate_data` is the data reference row; `pos_divergence` compares a few-step
 student with its many-step teacher from states on teacher paths.
 
-Boundary: knows samplers by name, metrics by name and the records' per-sample table; knows no method kind.
+Boundary: knows samplers by name, metrics by name and the records' per-sample table; compares no method kind.
+`pos_divergence` assumes what a kind that opts into it (`MethodKind.pos_divergence`) guarantees: both models are
+DiTs on a mixture path (`load_dit`), rolled out with the cumulative_scalar rule.
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ def pairs_table(study: Study) -> Table:
         if ra is None or rb is None:
             notes.append(f"pair {a_name} vs {b_name} not compared: {why_a or why_b}")
             continue
+        # the per-sample tables of each side's runs: Welch's fallback when fewer than 2 seeds are shared
         sa = sb = None
         if study.samples is not None and len(study.samples) and "run_id" in study.samples:
             sa = study.samples[study.samples["run_id"].isin(ra["run_id"])]
@@ -67,10 +68,14 @@ def pairs_table(study: Study) -> Table:
             if m not in ra or m not in rb:
                 continue
 
+            # keyed by every seed column's value (as text): a run of A pairs with the run of B that shares all its
+            # seeds (training and sampling), never with whichever run happens to come at the same position
             def by_seed(r: pd.DataFrame) -> dict:
                 vals = pd.to_numeric(r[m], errors="coerce")
                 return {
-                    tuple(row): v for row, v in zip(r[seed_cols].astype(str).itertuples(index=False), vals) if v == v
+                    tuple(row): v
+                    for row, v in zip(r[seed_cols].astype(str).itertuples(index=False), vals)
+                    if v == v  # NaN (a seed that did not record it) drops out rather than poisoning the pair
                 }
 
             c = significance.compare(m, by_seed(ra), by_seed(rb), sa, sb)
