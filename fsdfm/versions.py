@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fsdfm.metrics.registry import METRICS
+from fsdfm.io import atomic_write_json
 from fsdfm.registry import discover
 from fsdfm.study.graph import STAGE_KINDS
 
@@ -66,6 +66,8 @@ UNIT_PACKAGES = ("fsdfm.methods", "fsdfm.metrics", "fsdfm.external")
 def current_units() -> tuple[dict[str, Unit], list[str]]:
     """Every versioned unit of the installed code ({name: Unit}) and the problems found while collecting them
     (a unit without declared sources, a source that does not import)."""
+    from fsdfm.metrics.registry import METRICS  # heavy: torch
+
     discover(*UNIT_PACKAGES)
     declared = {}
     for kind in STAGE_KINDS.names():
@@ -136,8 +138,6 @@ def check(path: Path = TABLE) -> list[str]:
 
 def write(path: Path = TABLE) -> dict:
     """Refresh the table from the current code; returns the names of the units whose rows changed."""
-    from fsdfm.io import atomic_write_json
-
     units, problems = current_units()
     if problems:
         raise SystemExit("\n".join(problems))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from fsdfm.records import list_studies
 from fsdfm.registry import Registry
 
 
@@ -28,7 +29,7 @@ def _first_line(obj: object) -> str:
 
 
 def _methods() -> list[Entry]:
-    from fsdfm.methods import METHOD_KINDS
+    from fsdfm.methods import METHOD_KINDS  # heavy: torch (each listing imports only what it shows)
 
     out = []
     for name in METHOD_KINDS:
@@ -46,9 +47,9 @@ def _methods() -> list[Entry]:
 
 def _rules() -> list[Entry]:
     """Every update rule of the mixture-path loop (aliases too), with the method kinds that accept it."""
-    from fsdfm.methods import METHOD_KINDS
-    from fsdfm.methods.base import MixtureRules
-    from fsdfm.samplers import RULE_KINDS, UPDATE_ALIASES, UPDATE_RULES, get_rule
+    from fsdfm.methods import METHOD_KINDS  # heavy: torch
+    from fsdfm.methods.base import MixtureRules  # heavy: torch
+    from fsdfm.samplers import RULE_KINDS, UPDATE_ALIASES, UPDATE_RULES, get_rule  # heavy: torch
 
     UPDATE_RULES.discover()  # rule modules and plugins registered before RULE_KINDS is read
     # the kinds that sample the mixture path (a kind with a loop of its own may reuse a name, e.g. FLM's euler)
@@ -62,7 +63,7 @@ def _rules() -> list[Entry]:
 
 
 def _metrics() -> list[Entry]:
-    from fsdfm.metrics.registry import METRICS
+    from fsdfm.metrics.registry import METRICS  # heavy: torch
 
     out = []
     for n in METRICS:
@@ -73,13 +74,13 @@ def _metrics() -> list[Entry]:
 
 
 def _presets() -> list[Entry]:
-    from fsdfm.model import PRESETS
+    from fsdfm.model import PRESETS  # heavy: torch
 
     return [Entry(n, ", ".join(f"{k}={v}" for k, v in PRESETS.get(n).items())) for n in PRESETS]
 
 
 def _published() -> list[Entry]:
-    from fsdfm.report.published import PUBLISHED
+    from fsdfm.report.published import PUBLISHED  # heavy: pandas, torch
 
     out = []
     for n in PUBLISHED:
@@ -98,8 +99,6 @@ LISTINGS.register("published", _published)
 
 def cmd_ls(args) -> dict:
     if args.what is None:
-        from fsdfm.records import list_studies  # aware of the shared stage store and of external runs
-
         root = Path(args.results)
         rows = list_studies(root)
         if not rows:
