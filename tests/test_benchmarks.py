@@ -350,6 +350,8 @@ def test_bench_own_work_quick():
     ]
     for r in rec["results"]:
         assert r["same_tokens"] and _positive(r["forward_ms"])
+        real = r["real_model"]  # measured with the real model between the steps (the default step)
+        assert real["runs"] >= 1 and _positive(real["own_ms_per_step_8"]) and 0.0 < real["outside_share_8"] < 1.0
         for chunk in ("default", "float64"):
             c = r[chunk]
             F, o8, o32 = r["forward_ms"], c["own_ms_per_step_8"], c["own_ms_per_step_32"]
