@@ -72,6 +72,8 @@ else
     GPU=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from benchlib import gpu_folder; print(gpu_folder(sys.argv[1]))" "$NAME") ||
         { echo "no GPU name (nvidia-smi: '$NAME'); set GPU_NAME" >&2; exit 1; }
     DEV="--device cuda"
+    # the sampler's block sums through torch.compile (fsdfm.sparse_step; off by default in studies): measured here
+    export FSDFM_SAMPLER_COMPILE=${FSDFM_SAMPLER_COMPILE:-1}
     SMALL=small BIG=1.3b LONG=1024 MID=64 STEPS=10 VOCAB=50257 AR="--repeats 1 --student-steps 8"
     S="$DEV --vocab $VOCAB --autocast --sections sweep --sweep-len 1024 --sweep-batch 16"
     T="$DEV --preset small --vocab 50257 --len 1024 --batch 16"
@@ -112,7 +114,7 @@ for step in "${STEP_LIST[@]}"; do
     fi
     echo "=== $name (<= ${limit} s): $cmd" >&2
     {
-        echo "=== $cmd  $(date -u)  load $(cut -d' ' -f1-3 /proc/loadavg)  commit $(git rev-parse --short HEAD 2>/dev/null)"
+        echo "=== $cmd  $(date -u)  load $(cut -d' ' -f1-3 /proc/loadavg)  commit $(git rev-parse --short HEAD 2>/dev/null)  FSDFM_SAMPLER_COMPILE=${FSDFM_SAMPLER_COMPILE:-0}"
         [ $DRY = 1 ] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
     } > "$file"
     t0=$(date +%s)

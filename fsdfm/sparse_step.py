@@ -125,13 +125,21 @@ def _block_sums_eager(l: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 _COMPILED_BLOCK_SUMS: list = []  # [fn] once compiled (CUDA only); [None] when compilation failed once
 
 
+def compiled_block_sums() -> bool:
+    """Whether the sampler's block sums go through torch.compile on CUDA: FSDFM_SAMPLER_COMPILE=1 (off by default, so
+    that a study's tokens stay those of the eager float64 step; the sample stage records the setting)."""
+    import os
+
+    return os.environ.get("FSDFM_SAMPLER_COMPILE", "0") == "1"
+
+
 def _block_sums(l: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """`_block_sums_eager`, through torch.compile on CUDA: one kernel that reads each logit once (2 bytes in bf16)
-    and writes only the block sums, instead of writing and re-reading float64 weights (~34 bytes per logit). The
-    compiled reduction may round the last bit differently from the eager one (a token differs only when a target
-    falls within ~1e-16 of an interval end). NOT YET RUN ON A GPU (issue 28: no GPU was lent); on any failure to
-    compile it falls back to the eager function for the rest of the process."""
-    if l.device.type != "cuda":
+    """`_block_sums_eager`, through torch.compile on CUDA when `compiled_block_sums()`: one kernel that reads each
+    logit once (2 bytes in bf16) and writes only the block sums, instead of writing and re-reading float64 weights
+    (~34 bytes per logit). The compiled reduction may round the last bit differently from the eager one (a token
+    differs only when a target falls within ~1e-16 of an interval end). NOT YET RUN ON A GPU (issue 28: no GPU was
+    lent); on any failure to compile it falls back to the eager function for the rest of the process."""
+    if l.device.type != "cuda" or not compiled_block_sums():
         return _block_sums_eager(l, m)
     if not _COMPILED_BLOCK_SUMS:
         _COMPILED_BLOCK_SUMS.append(torch.compile(_block_sums_eager, dynamic=True))

@@ -43,3 +43,15 @@ def test_block_sums_known_answer():
     V = 150
     sums = _block_sums(torch.zeros(2, V), torch.zeros(2, 1, dtype=torch.float64))
     assert sums.dtype == torch.float64 and sums.tolist() == [[64.0, 64.0, 22.0]] * 2
+
+
+def test_compiled_block_sums_is_opt_in_and_cuda_only(monkeypatch):
+    """FSDFM_SAMPLER_COMPILE=1 asks for the compiled sums (off by default); on a CPU the eager sums are used anyway."""
+    from fsdfm.sparse_step import _block_sums_eager, compiled_block_sums
+
+    monkeypatch.delenv("FSDFM_SAMPLER_COMPILE", raising=False)
+    assert not compiled_block_sums()
+    monkeypatch.setenv("FSDFM_SAMPLER_COMPILE", "1")
+    assert compiled_block_sums()
+    l, m = torch.randn(5, 130), torch.zeros(5, 1, dtype=torch.float64)
+    assert torch.equal(_block_sums(l, m), _block_sums_eager(l, m))

@@ -31,6 +31,7 @@ from fsdfm.methods.common import (
 from fsdfm.io import atomic_write
 from fsdfm.metrics.oracle import corpus_metric_names, extra_metrics  # the oracle corpus metrics (registered there)
 from fsdfm.samplers import get_rule, sample, time_grid, update
+from fsdfm.sparse_step import compiled_block_sums
 from fsdfm.study.graph import stage_kind
 
 
@@ -67,6 +68,7 @@ def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
         "device": str(dev),
         "precision": config["precision"],
         "forward_precision": forward_precision(config),
+        **({"compiled_block_sums": True} if dev.type == "cuda" and compiled_block_sums() else {}),
         "time_grid": [float(t) for t in out.time_grid[:2049]],
         "numerics": out.numerics.to_dict() if getattr(out, "numerics", None) else None,
     }
