@@ -43,7 +43,9 @@ elif [ $DRY = 1 ]; then
     [ -x "${VENV:-.venv}/bin/python" ] && PY=${VENV:-.venv}/bin/python
 else
     VENV=${VENV:-.venv}
-    [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || { echo "cannot create the venv $VENV" >&2; exit 1; }
+    # --system-site-packages: a machine image's CUDA torch is used as it is, not downloaded again
+    [ -x "$VENV/bin/python" ] || python3 -m venv --system-site-packages "$VENV" ||
+        { echo "cannot create the venv $VENV (install python3-venv, or set PYTHON=an interpreter with CUDA torch)" >&2; exit 1; }
     PY=$VENV/bin/python
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
         # PyPI's Linux torch wheel is the CUDA build; a CPU wheel (torch==X+cpu, from the CPU index) is replaced.
@@ -53,8 +55,10 @@ else
         "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
             { echo "torch $("$PY" -c 'import torch; print(torch.__version__)') sees no CUDA device" >&2; exit 1; }
     fi
-    if ! "$PY" -c "import fsdfm, pytest, scipy" 2>/dev/null; then
-        timeout 240 "$PY" -m pip install -q -e ".[all,dev]" || { echo "pip install -e .[all,dev] failed" >&2; exit 1; }
+    if ! "$PY" -c "import fsdfm, pytest, scipy, transformers" 2>/dev/null; then
+        # offline, the project still runs from PYTHONPATH if its core dependencies are there: a warning, not a stop
+        timeout 240 "$PY" -m pip install -q -e ".[all,dev]" || echo "pip install -e .[all,dev] failed" >&2
+        "$PY" -c "import fsdfm, pytest, transformers" || { echo "fsdfm or pytest cannot be imported" >&2; exit 1; }
     fi
 fi
 
