@@ -6,6 +6,8 @@ sampling loop.
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -94,6 +96,8 @@ def _chunk_float64(
     else:
         w_v = torch.sub(l, m.to(w.dtype), out=w[:, :V])
     w_v.exp_()
+    # block sums: the inverse CDF then searches n_blocks sums and one block of _BLOCK weights instead of a cumsum
+    # over all V (a (c, V) float64 cumsum is the largest pass otherwise); they also give the total for p(z)
     blocks = w.view(c, -1, _BLOCK)
     block_sums = blocks.sum(-1)
     jump = None  # every candidate jumps unless its probability reads p(z)
@@ -128,8 +132,6 @@ _COMPILED_BLOCK_SUMS: list = []  # [fn] once compiled (CUDA only); [None] when c
 def compiled_block_sums() -> bool:
     """Whether the sampler's block sums go through torch.compile on CUDA: FSDFM_SAMPLER_COMPILE=1 (off by default, so
     that a study's tokens stay those of the eager float64 step; the sample stage records the setting)."""
-    import os
-
     return os.environ.get("FSDFM_SAMPLER_COMPILE", "0") == "1"
 
 
@@ -148,8 +150,6 @@ def _block_sums(l: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         try:
             return fn(l, m)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function computes the same sums
-            import warnings
-
             warnings.warn(f"sampler block sums: torch.compile failed ({type(e).__name__}: {e}); eager from now on")
             _COMPILED_BLOCK_SUMS[0] = None
     return _block_sums_eager(l, m)
@@ -248,8 +248,10 @@ def _chunk_certified(
     The float64 step then gives the same tokens from the same uniforms; only the other rows (`unsure`, a fraction
     ~ 8 D / w_x, a few per cent at V = 2,048 for flat logits) need it. Returns (dest, jump, unsure), each (c,)."""
     c, V = w.shape[0], vocab_size
-    w.exp_()
+    w.exp_()  # float32: half the bytes and twice the SIMD lanes of the float64 chunk's exp, its cost on CPU
     blocks = w.view(c, -1, _BLOCK)
+    # each block summed in float32 (error bounded by _BLOCK_SUM32_REL), everything after in float64, so the
+    # rounding of the long sums over V stays at float64's _SUM_REL
     block_sums = blocks.sum(-1).double()
     total = block_sums.sum(-1)
     unsure = ~((total >= 2.0**-60) & (total <= 2.0**100))  # also catches inf and nan
