@@ -28,6 +28,7 @@ from fsdfm.methods.common import (
     RowCounter,
     corpus_for,
     device,
+    forward_autocast,
     join_process_group,
     load_dit,
     loss_curve,
@@ -159,6 +160,7 @@ def sample_di4c(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
             precision=precision,
             batch_size=cfg["batch_size"],
             device=dev,
+            autocast=forward_autocast(cfg),
         )
 
     run(min(cfg["batch_size"], cfg["n_samples"]), time_grid(1, t_end=cfg["t_end"]), torch.Generator(dev).manual_seed(0))

@@ -28,6 +28,7 @@ from fsdfm.methods.common import (
     build_model_config,
     corpus_for,
     fit_dit,
+    forward_autocast,
     join_process_group,
     load_dit,
     oracle_model_metric,
@@ -111,7 +112,9 @@ def sample_duo(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
             x = m.path.source.sample((b, corpus.seq_len), generator=gen, device=dev)
             t0 = time.perf_counter()
             for i in range(steps):
-                p = torch.softmax(net(x, grid[i].expand(b).float()).double(), -1)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=forward_autocast(cfg)):
+                    logits = net(x, grid[i].expand(b).float())
+                p = torch.softmax(logits.double(), -1)
                 last = i == steps - 1
                 x = ancestral_step(x, p, kappa[i], kappa[i + 1], gen, greedy=greedy_tail and last)
             wall += time.perf_counter() - t0
