@@ -12,7 +12,9 @@ package and the `fsdfm.plugins` entry points, so a kind file registers itself by
 
 Boundary: knows the spec dataclasses (fsdfm.study.spec), the stage graph (fsdfm.study.graph), the update-rule
 registry (fsdfm.samplers, whose import brings torch) and the fingerprint; no kind name is compared here. The checks
-of a whole spec against the kinds are fsdfm.methods.load.
+of a whole spec against the kinds are fsdfm.methods.load. One DFM-family assumption holds for every kind: the
+pos_divergence runs are labelled with the cumulative_scalar rule the diagnostic samples with (a kind opts in with
+`pos_divergence=True`).
 """
 
 from __future__ import annotations
