@@ -6,7 +6,7 @@
 
 Modules: `summary` (per-setting statistics, reading a study), `table` (the Table type and number formatting),
 `tables` (the study's tables), `pairs` (headline pairs), `plotting` (figure helpers and types), `figures` (the
-figure kinds), `significance` (marking the best), `oracle` (the oracle decomposition), `published` (published
+figure kinds), `significance` (marking the best), `oracle` (the oracle decomposition), `speedup` (quality-matched speed-up), `published` (published
 numbers for labelled reference rows). Scripts in analysis/ regenerate single tables/figures from these.
 
 Which metrics a table or figure shows, its axis label and how it is ranked come from the metric's registry entry
@@ -24,6 +24,7 @@ from fsdfm.report.oracle import decomposition_figure, decomposition_table
 from fsdfm.report.published import PUBLISHED
 from fsdfm.report.summary import DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
 from fsdfm.report.pairs import pairs_table
+from fsdfm.report.speedup import speedup_table
 from fsdfm.report.plotting import FigureResult
 from fsdfm.report.table import Table
 from fsdfm.report.tables import (
@@ -50,6 +51,7 @@ __all__ = [
     "seeds_table",
     "ablation_tables",
     "pairs_table",
+    "speedup_table",
     "summary_csv",
     "sample_count_warnings",
     "Table",
@@ -234,6 +236,8 @@ def _index(
     for t, _ in tables:
         if t.name == "table_decomposition":  # oracle studies with an exact method (fsdfm.report.oracle)
             parts += ["## Few-step error decomposition (exact oracle)", "", t.to_markdown(), ""]
+        if t.name == "table_speedup":  # studies with a distilled student and its sampled teacher
+            parts += ["## Quality-matched speed-up", "", t.to_markdown(), ""]
     drawn = [f for f in figures if f.skipped is None]
     if drawn:
         parts += ["## Figures", ""]
@@ -289,7 +293,14 @@ def write_report(
     main = None
     if len(study.runs):
         main = main_table(study, published=published)
-        candidates = [main, cost_table(study), pos_divergence_table(study), seeds_table(study), *ablation_tables(study)]
+        candidates = [
+            main,
+            speedup_table(study),
+            cost_table(study),
+            pos_divergence_table(study),
+            seeds_table(study),
+            *ablation_tables(study),
+        ]
         if study.report_settings["pairs"]:
             candidates.append(pairs_table(study))
         has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
