@@ -40,6 +40,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "flm",
         "fmlm",
         "oracle_posterior",
+        "oracle_joint",
+        "oracle_law",
         "data",
         "released_checkpoints",
     ),
