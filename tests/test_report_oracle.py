@@ -1,6 +1,10 @@
 """The oracle report's verdict sentences: student vs teacher decided by a paired test, not by eye."""
 
+import math
 from types import SimpleNamespace
+
+import numpy as np
+import pytest
 
 import pandas as pd
 from scipy import stats
@@ -56,3 +60,18 @@ def test_the_claim_line_compares_with_the_teachers_largest_budget():
 def test_no_shared_seed_and_no_samples_gives_no_verdict():
     runs = _runs([2.5], [2.7])
     assert _verdict(runs) is None
+
+
+def test_monte_carlo_standard_errors_from_the_per_sample_table():
+    from fsdfm.report.mc import mc_standard_errors, pooled_se
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(2.0, 0.5, 100), rng.normal(3.0, 1.0, 400)
+    samples = pd.DataFrame(
+        {"run_id": ["a"] * 100 + ["b"] * 400, "oracle_nll": np.r_[a, b], "entropy_nats": np.r_[a, b] + 1}
+    )
+    se = mc_standard_errors(SimpleNamespace(samples=samples)).set_index("run_id")
+    want_a, want_b = a.std(ddof=1) / 10, b.std(ddof=1) / 20
+    assert se.loc["a", "oracle_nll"] == pytest.approx(want_a) and se.loc["b", "entropy_nats"] == pytest.approx(want_b)
+    # the mean of the two run means: Var = (SE_a^2 + SE_b^2) / 4
+    assert pooled_se(se.reset_index(), ["a", "b"], "oracle_nll") == pytest.approx(math.hypot(want_a, want_b) / 2)

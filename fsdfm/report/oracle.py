@@ -1,17 +1,21 @@
-"""The few-step error decomposition of oracle studies: model error vs the sampler's own error, exactly.
+"""The few-step error decomposition of oracle studies, in cross-entropies: "CE excess", split at the exact denoiser.
 
 For a trained method M sampled with rule r at budget N, and the exact denoiser (`kind: exact`) on the same path
 (source and scheduler) with the same rule and budget:
 
     oracle_nll(M, N) - H_L  =  [oracle_nll(M, N) - oracle_nll(exact, N)]  +  [oracle_nll(exact, N) - H_L]
-                                 model error at N                            sampler error at N
+    CE excess                   model CE excess at N                          exact sampler's CE excess at N
 
-with H_L the source's expected NLL per token of length-L sequences. The sampler error is what no denoiser, however
-good, removes at N steps with that rule (factorization: positions drawn independently within a step; plus the
-update rule's discretization); the model error is what a better network or teacher could still remove. Model
-error at N is a difference of two sample means (one seed of the exact sampler, many of the model), so it can be
-slightly negative at large N by chance. Next to them: posterior_kl (the model's p_{1|t} error, recorded by its
-training stage) and the n-gram TV with its finite-sample floor.
+with H_L the source's expected NLL per token of length-L sequences. These are differences of cross-entropies, not
+divergences: for a sampler with output law q, E_q[-log p] / L - H_L = KL(q || p) / L - (H(p) - H(q)) / L, so a
+more diffuse sampler scores worse at equal KL, and the model CE excess can be negative (the exact posterior is the
+best p_{1|t}, not the best few-step denoiser, under the uniform source). The true divergences of the output law
+(KL(q || p), KL(p || q), H(q)) on sources small enough to enumerate, and the per-step split into factorization
+(the total correlation of the exact step law) and a per-position term, are `fsdfm.oracle_law`; under the mask
+source with the cumulative-scalar rule the exact sampler's per-position term is zero, so its CE excess is
+factorization, set by the grid. Each oracle_nll has a Monte-Carlo standard error (per run: the std of the
+per-sample values / sqrt(n), from the per-sample table), shown beside it. Next to them: posterior_kl (the model's
+p_{1|t} error, recorded by its training stage) and the n-gram TV with its finite-sample floor.
 
 Matching runs to their path reads the plan (evaluate -> sample -> model stage -> ... -> the stage that fixed the
 path), and posterior_kl the model stage's record: analysis reads records and the plan only.
@@ -24,10 +28,12 @@ import math
 
 import pandas as pd
 
+from fsdfm.report.mc import mc_standard_errors, pooled_se
 from fsdfm.report.summary import DATA_KIND, POS_KIND, Study
 from fsdfm.report.table import DASH, Table, fmt_mean_std, fmt_number
 
 EXACT_KIND = "exact"
+JOINT_KIND = "exact_joint"  # the exact joint sampler (fsdfm.oracle_joint): its CE excess is its own oracle_nll - H_L
 VERDICT_STEPS = 8
 
 
@@ -93,8 +99,9 @@ def _std(x) -> float:
 
 
 def decomposition_frame(study: Study) -> pd.DataFrame:
-    """One row per (path, label, rule, steps): oracle_nll mean/std/n over seeds, the matched exact run's oracle_nll,
-    model_error, sampler_error, posterior_kl, ngram_tv and its floor, the expected NLL and the entropy rate."""
+    """One row per (path, label, rule, steps): oracle_nll mean/std/n over seeds and its Monte-Carlo standard error
+    (`mc_se`), the matched exact run's oracle_nll, model_ce_excess, exact_ce_excess, posterior_kl, ngram_tv and its
+    floor, the expected NLL and the entropy rate."""
     runs = annotated_runs(study)
     if runs.empty or not (runs["kind"] == EXACT_KIND).any():
         return pd.DataFrame()
@@ -102,11 +109,12 @@ def decomposition_frame(study: Study) -> pd.DataFrame:
         (p, r, int(s)): _mean(g["oracle_nll"])
         for (p, r, s), g in runs[runs["kind"] == EXACT_KIND].groupby(["path", "rule", "steps"], dropna=False)
     }
+    se = mc_standard_errors(study)
     rows = []
     for (p, label, rule, steps), g in runs.groupby(["path", "label", "rule", "steps"], dropna=False, sort=False):
         kind = str(g["kind"].iloc[0])
-        ex = exact.get((p, rule, int(steps)), math.nan)
         nll = _mean(g["oracle_nll"])
+        ex = nll if kind == JOINT_KIND else exact.get((p, rule, int(steps)), math.nan)
         expected = _mean(g["oracle_expected_nll"])
         rows.append(
             {
@@ -119,10 +127,12 @@ def decomposition_frame(study: Study) -> pd.DataFrame:
                 "n": int(pd.to_numeric(g["oracle_nll"], errors="coerce").notna().sum()),
                 "oracle_nll_mean": nll,
                 "oracle_nll_std": _std(g["oracle_nll"]),
+                "oracle_nll_mc_se": pooled_se(se, g["run_id"], "oracle_nll"),
+                "entropy_nats_mc_se": pooled_se(se, g["run_id"], "entropy_nats"),
                 "exact_oracle_nll": ex,
-                "model_error": nll - ex if kind != EXACT_KIND else 0.0,
-                "model_error_std": _std(g["oracle_nll"]) if kind != EXACT_KIND else math.nan,
-                "sampler_error": ex - expected,
+                "model_ce_excess": nll - ex if kind not in (EXACT_KIND, JOINT_KIND) else 0.0,
+                "model_ce_excess_std": _std(g["oracle_nll"]) if kind not in (EXACT_KIND, JOINT_KIND) else math.nan,
+                "exact_ce_excess": ex - expected,
                 "posterior_kl_mean": _mean(g["posterior_kl"]),
                 "posterior_kl_std": _std(g["posterior_kl"]),
                 "ngram_tv_mean": _mean(g.get("ngram_tv", math.nan)),
@@ -198,14 +208,14 @@ def verdicts(study: Study, frame: pd.DataFrame, steps: int = VERDICT_STEPS) -> l
         tlabel = _teacher_label(study, runs, sid.iloc[0])
         excess = st["oracle_nll_mean"] - st["expected_nll"]
         term = (
-            "the sampler's own error (factorization + discretization)"
-            if st["sampler_error"] >= st["model_error"]
-            else "the model error"
+            "the exact sampler's CE excess (what the exact denoiser itself loses at this budget and rule)"
+            if st["exact_ce_excess"] >= st["model_ce_excess"]
+            else "the model CE excess"
         )
         line = (
-            f"{st['label']} ({st['rule']}, {steps} steps): oracle_nll {st['oracle_nll_mean']:.3f}; excess over the "
-            f"expected NLL {excess:.3f} = model error {st['model_error']:.3f} + sampler error "
-            f"{st['sampler_error']:.3f}: {term} is the larger part"
+            f"{st['label']} ({st['rule']}, {steps} steps): oracle_nll {st['oracle_nll_mean']:.3f}; CE excess over "
+            f"H_L {excess:.3f} = model CE excess {st['model_ce_excess']:.3f} + exact sampler's CE excess "
+            f"{st['exact_ce_excess']:.3f}: {term} is the larger part (cross-entropies, not divergences)"
         )
         if tlabel is not None:
             verdict = _versus_teacher(study, runs, st, tlabel, steps)
@@ -231,9 +241,10 @@ def decomposition_table(study: Study) -> Table:
         "steps",
         "n",
         "oracle_nll ↓",
+        "MC SE",
         "exact oracle_nll",
-        "model error",
-        "sampler error",
+        "model CE excess",
+        "exact sampler CE excess",
         "posterior_kl ↓",
         "ngram_tv ↓",
         "ngram_tv floor",
@@ -256,7 +267,7 @@ def decomposition_table(study: Study) -> Table:
         if prev is not None and r["source"] != prev:
             sections.append(len(cells))
         prev = r["source"]
-        exact = r["kind"] == EXACT_KIND
+        exact = r["kind"] in (EXACT_KIND, JOINT_KIND)
         cells.append(
             (
                 r["source"],
@@ -265,9 +276,10 @@ def decomposition_table(study: Study) -> Table:
                 str(r["steps"]),
                 str(r["n"]),
                 fmt_mean_std(r["oracle_nll_mean"], r["oracle_nll_std"], r["n"], "nats/token"),
+                fmt_number(r["oracle_nll_mc_se"], "nats/token"),
                 fmt_number(r["exact_oracle_nll"], "nats/token"),
-                DASH if exact else fmt_mean_std(r["model_error"], r["model_error_std"], r["n"], "nats/token"),
-                fmt_number(r["sampler_error"], "nats/token"),
+                DASH if exact else fmt_mean_std(r["model_ce_excess"], r["model_ce_excess_std"], r["n"], "nats/token"),
+                fmt_number(r["exact_ce_excess"], "nats/token"),
                 DASH if exact else fmt_mean_std(r["posterior_kl_mean"], r["posterior_kl_std"], r["n"], "nats"),
                 fmt_mean_std(r["ngram_tv_mean"], r["ngram_tv_std"], r["n"], "TV"),
                 fmt_number(r["ngram_tv_floor"], "TV"),
@@ -286,9 +298,17 @@ def decomposition_table(study: Study) -> Table:
         )
     notes = (
         [
-            "oracle_nll(M, N) − H_L = model error [oracle_nll(M, N) − oracle_nll(exact, N)] + sampler error "
-            "[oracle_nll(exact, N) − H_L]; the exact run has the same path, rule and budget; cells mean ± std over "
-            "seeds (the exact sampler: one sampling seed)",
+            "CE excess oracle_nll(M, N) − H_L = model CE excess [oracle_nll(M, N) − oracle_nll(exact, N)] + exact "
+            "sampler CE excess [oracle_nll(exact, N) − H_L]; the exact run has the same path, rule and budget; cells "
+            "mean ± std over seeds (the exact sampler: one sampling seed)",
+            "these are cross-entropy differences, not divergences: E_q[−log p]/L − H_L = KL(q‖p)/L − (H(p) − H(q))/L "
+            "for output law q, so a more diffuse sampler scores worse at equal KL and a model CE excess can be "
+            "negative; true KL(q‖p), KL(p‖q), H(q) on enumerable sources and the per-step split into factorization "
+            "(total correlation) and a per-position term: fsdfm.oracle_law. Under the mask source with the "
+            "cumulative-scalar rule the exact sampler's per-position term is zero: its CE excess is factorization, "
+            "set by the grid",
+            "MC SE: the Monte-Carlo standard error of the oracle_nll cell's mean from the per-sample values "
+            "(sqrt(Σ SE_run²) / runs); sampling noise only, not the spread over training seeds",
             "posterior_kl: KL(exact posterior ‖ model p_{1|t}) per movable position, over t = 0.05..0.95 and "
             "held-out path states (student: at its smallest step h = 2^-K)",
             "ngram_tv: total variation of the samples' (order + 1)-gram distribution (HMM: bigrams) from the "
@@ -313,7 +333,7 @@ def decomposition_table(study: Study) -> Table:
 # ------------------------------------------------------------------------------------------------ figure
 def decomposition_figure(study: Study):
     """Per path source: oracle_nll vs N (exact and trained methods; expected NLL, entropy rate and the data row
-    marked), and below it the two error terms vs N (model error solid, sampler error dashed), log2 x axis."""
+    marked), and below it the two CE excess terms vs N (model: solid, per method; exact sampler: black), log2 x axis."""
     from fsdfm.report.plotting import (
         PANEL_W,
         Drawn,
@@ -350,10 +370,10 @@ def decomposition_figure(study: Study):
                     ms=3,
                     label=f"{label} · {rule}",
                 )
-                if (g["kind"] != EXACT_KIND).any():
+                if (~g["kind"].isin([EXACT_KIND, JOINT_KIND])).any():
                     bottom[j].plot(
                         x,
-                        g["model_error"],
+                        g["model_ce_excess"],
                         color=colors[label],
                         ls=styles[rule],
                         marker="o",
@@ -363,12 +383,12 @@ def decomposition_figure(study: Study):
                 else:
                     bottom[j].plot(
                         x,
-                        g["sampler_error"],
+                        g["exact_ce_excess"],
                         color="black",
                         ls=styles[rule],
                         marker="s",
                         ms=3,
-                        label=f"sampler error (exact) · {rule}",
+                        label=f"exact sampler CE excess · {rule}",
                     )
             top[j].axhline(_mean(f["expected_nll"]), color="black", ls="--", lw=1, label="expected NLL H_L")
             top[j].axhline(_mean(f["entropy_rate"]), color="gray", ls=":", lw=1, label="entropy rate")
@@ -381,14 +401,15 @@ def decomposition_figure(study: Study):
             top[j].set_yscale("log")
             top[j].set_ylabel("oracle_nll (nats/token, log scale)")
             top[j].set_title(f"{src}: oracle_nll")
-            bottom[j].set_ylabel("error term (nats/token)")
-            bottom[j].set_title(f"{src}: error terms")
-        fig.suptitle(f"{study.name}: few-step error = model + sampler error (seed means)")
+            bottom[j].set_ylabel("CE excess term (nats/token)")
+            bottom[j].set_title(f"{src}: CE excess terms")
+        fig.suptitle(f"{study.name}: CE excess = model CE excess + exact sampler CE excess (seed means)")
         _legend_outside(fig, axes)
     caption = (
         "Top: oracle_nll against the step budget for the exact denoiser and each trained method, with the "
         "expected NLL of true sequences (dashed), the entropy rate (dotted) and the held-out data row. "
-        "Bottom: model error oracle_nll(M, N) − oracle_nll(exact, N) per method (colour) and the sampler's "
-        "own error oracle_nll(exact, N) − H_L (black), same rule."
+        "Bottom: model CE excess oracle_nll(M, N) − oracle_nll(exact, N) per method (colour) and the exact "
+        "sampler's CE excess oracle_nll(exact, N) − H_L (black), same rule: cross-entropy differences, not "
+        "divergences (fsdfm.report.oracle)."
     )
     return [Drawn("fig_decomposition", "Few-step error decomposition", caption, fig)]
