@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 from fsdfm.report.figures import FIGURES, render
-from fsdfm.report.oracle import decomposition_figure, decomposition_table
+from fsdfm.report.oracle import decomposition_table
+from fsdfm.report.oracle_figure import decomposition_figure
 from fsdfm.report.published import PUBLISHED
 from fsdfm.report.summary import DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
 from fsdfm.report.pairs import pairs_table

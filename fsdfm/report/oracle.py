@@ -170,37 +170,50 @@ def _setting(study: Study, runs: pd.DataFrame, label: str, rule: str, steps: int
     return seeds, samples[samples["run_id"].isin(sel["run_id"])]
 
 
+def _compare_teacher(study: Study, runs: pd.DataFrame, st: pd.Series, tlabel: str, steps: int, teacher_steps: int):
+    """The `fsdfm.report.significance.compare` of oracle_nll: student at `steps` vs teacher at `teacher_steps`."""
+    from fsdfm.report.significance import compare
+
+    a, sa = _setting(study, runs, st["label"], st["rule"], steps)
+    b, sb = _setting(study, runs, tlabel, st["rule"], teacher_steps)
+    return compare("oracle_nll", a, b, sa, sb)
+
+
+def _verdict_line(st: pd.Series, tlabel: str, steps: int, teacher_steps: int, c, p_holm: float | None, m: int = 1):
+    from fsdfm.report.significance import ALPHA
+
+    p = c.p if p_holm is None else p_holm
+    verdict = ("beats" if c.diff < 0 else "is worse than") if p < ALPHA else "is not distinguishable from"
+    at = f"at {steps} steps" if teacher_steps == steps else f"at {steps} steps vs its teacher at {teacher_steps}"
+    holm = (
+        "" if p_holm is None else f", Holm-adjusted p = {p_holm:.2g} over the {m} student–teacher tests of this table"
+    )
+    return (
+        f"{st['label']} {verdict} its teacher {tlabel} {at} ({st['rule']}): oracle_nll "
+        f"{c.mean_a:.3f} vs {c.mean_b:.3f} nats/token, difference {c.diff:+.3f} (95% CI [{c.ci[0]:+.3f}, "
+        f"{c.ci[1]:+.3f}], {c.test}, n = {c.n}, p = {c.p:.2g}{holm})."
+    )
+
+
 def _versus_teacher(
     study: Study, runs: pd.DataFrame, st: pd.Series, tlabel: str, steps: int, teacher_steps: int | None = None
 ) -> str | None:
     """ "S beats / is worse than / is not distinguishable from its teacher T at N steps", decided by the paired t-test
     across the training seeds the two share (a student is distilled from the teacher of its own seed), else (one seed)
-    by Welch's test across per-sample values; at 0.05."""
-    from fsdfm.report.significance import ALPHA, compare
-
+    by Welch's test across per-sample values; at 0.05 (one test alone; `verdicts` corrects a table's family)."""
     teacher_steps = steps if teacher_steps is None else teacher_steps
-    a, sa = _setting(study, runs, st["label"], st["rule"], steps)
-    b, sb = _setting(study, runs, tlabel, st["rule"], teacher_steps)
-    c = compare("oracle_nll", a, b, sa, sb)
-    if c is None:
-        return None
-    if c.p < ALPHA:
-        verdict = "beats" if c.diff < 0 else "is worse than"
-    else:
-        verdict = "is not distinguishable from"
-    at = f"at {steps} steps" if teacher_steps == steps else f"at {steps} steps vs its teacher at {teacher_steps}"
-    return (
-        f"{st['label']} {verdict} its teacher {tlabel} {at} ({st['rule']}): oracle_nll "
-        f"{c.mean_a:.3f} vs {c.mean_b:.3f} nats/token, difference {c.diff:+.3f} (95% CI [{c.ci[0]:+.3f}, "
-        f"{c.ci[1]:+.3f}], {c.test}, n = {c.n}, p = {c.p:.2g})."
-    )
+    c = _compare_teacher(study, runs, st, tlabel, steps, teacher_steps)
+    return None if c is None else _verdict_line(st, tlabel, steps, teacher_steps, c, None)
 
 
 def verdicts(study: Study, frame: pd.DataFrame, steps: int = VERDICT_STEPS) -> list[str]:
-    """Plain sentences: does each FS-DFM student beat its teacher at `steps` (same rule), and which error term is
-    the larger part of its excess over the expected NLL there."""
+    """Plain sentences: does each FS-DFM student beat its teacher at `steps` (same rule) and at the teacher's largest
+    budget, and which CE excess term is the larger part. The family of student–teacher tests of the table is
+    Holm-corrected (`fsdfm.report.significance.holm`): a verdict is stated where the adjusted p < 0.05."""
+    from fsdfm.report.significance import holm
+
     runs = annotated_runs(study)
-    out = []
+    heads, tests = [], []  # per student: its line; tests: (student index, st, tlabel, teacher steps, comparison)
     for _, st in frame[(frame["kind"] == "fsdfm") & (frame["steps"] == steps)].iterrows():
         sid = runs[(runs["label"] == st["label"])]["model_stage"].dropna()
         if sid.empty:
@@ -212,22 +225,23 @@ def verdicts(study: Study, frame: pd.DataFrame, steps: int = VERDICT_STEPS) -> l
             if st["exact_ce_excess"] >= st["model_ce_excess"]
             else "the model CE excess"
         )
-        line = (
+        heads.append(
             f"{st['label']} ({st['rule']}, {steps} steps): oracle_nll {st['oracle_nll_mean']:.3f}; CE excess over "
             f"H_L {excess:.3f} = model CE excess {st['model_ce_excess']:.3f} + exact sampler's CE excess "
             f"{st['exact_ce_excess']:.3f}: {term} is the larger part (cross-entropies, not divergences)"
         )
-        if tlabel is not None:
-            verdict = _versus_teacher(study, runs, st, tlabel, steps)
-            if verdict is not None:
-                line = verdict + " " + line
-            # the claim itself: N student steps against the teacher's largest budget with the same rule
-            tsteps = pd.to_numeric(runs[(runs["label"] == tlabel) & (runs["rule"] == st["rule"])]["steps"]).max()
-            if tsteps == tsteps and int(tsteps) > steps:
-                far = _versus_teacher(study, runs, st, tlabel, steps, int(tsteps))
-                if far is not None:
-                    line += ". " + far
-        out.append(line)
+        if tlabel is None:
+            continue
+        # the claim itself: N student steps against the same budget and the teacher's largest budget, same rule
+        tsteps = pd.to_numeric(runs[(runs["label"] == tlabel) & (runs["rule"] == st["rule"])]["steps"]).max()
+        for ts in [steps] + ([int(tsteps)] if tsteps == tsteps and int(tsteps) > steps else []):
+            c = _compare_teacher(study, runs, st, tlabel, steps, ts)
+            if c is not None:
+                tests.append((len(heads) - 1, st, tlabel, ts, c))
+    adjusted = holm([c.p for *_, c in tests])
+    out = list(heads)
+    for (i, st, tlabel, ts, c), q in zip(tests, adjusted):
+        out[i] += ". " + _verdict_line(st, tlabel, steps, ts, c, q, len(tests))
     return out
 
 
@@ -328,88 +342,3 @@ def decomposition_table(study: Study) -> Table:
         numbers=frame.drop(columns=["path"]).convert_dtypes(),
         n_label_columns=4,
     )
-
-
-# ------------------------------------------------------------------------------------------------ figure
-def decomposition_figure(study: Study):
-    """Per path source: oracle_nll vs N (exact and trained methods; expected NLL, entropy rate and the data row
-    marked), and below it the two CE excess terms vs N (model: solid, per method; exact sampler: black), log2 x axis."""
-    from fsdfm.report.plotting import (
-        PANEL_W,
-        Drawn,
-        SkipFigure,
-        _legend_outside,
-        _log2_steps,
-        _new_figure,
-        _palette,
-        _style,
-    )
-
-    frame = decomposition_frame(study)
-    if frame.empty:
-        raise SkipFigure("no exact runs to decompose against")
-    sources = list(dict.fromkeys(frame["source"]))
-    labels = list(dict.fromkeys(frame["label"]))
-    colors = dict(zip(labels, _palette(len(labels))))
-    styles = {r: s for r, s in zip(dict.fromkeys(frame["rule"]), ("-", "--", ":", "-."))}
-    data_nll = _mean(study.data["oracle_nll"]) if not study.data.empty and "oracle_nll" in study.data else None
-    with _style():
-        fig, axes = _new_figure(2 * len(sources), ncols=len(sources), w=1.5 * PANEL_W)
-        top, bottom = axes[: len(sources)], axes[len(sources) :]
-        for j, src in enumerate(sources):
-            f = frame[frame["source"] == src]
-            for (label, rule), g in f.groupby(["label", "rule"], sort=False):
-                g = g.sort_values("steps")
-                x = g["steps"].to_numpy(float)
-                top[j].plot(
-                    x,
-                    g["oracle_nll_mean"],
-                    color=colors[label],
-                    ls=styles[rule],
-                    marker="o",
-                    ms=3,
-                    label=f"{label} · {rule}",
-                )
-                if (~g["kind"].isin([EXACT_KIND, JOINT_KIND])).any():
-                    bottom[j].plot(
-                        x,
-                        g["model_ce_excess"],
-                        color=colors[label],
-                        ls=styles[rule],
-                        marker="o",
-                        ms=3,
-                        label=f"{label} · {rule}",
-                    )
-                else:
-                    bottom[j].plot(
-                        x,
-                        g["exact_ce_excess"],
-                        color="black",
-                        ls=styles[rule],
-                        marker="s",
-                        ms=3,
-                        label=f"exact sampler CE excess · {rule}",
-                    )
-            top[j].axhline(_mean(f["expected_nll"]), color="black", ls="--", lw=1, label="expected NLL H_L")
-            top[j].axhline(_mean(f["entropy_rate"]), color="gray", ls=":", lw=1, label="entropy rate")
-            if data_nll is not None:
-                top[j].axhline(data_nll, color="tab:green", ls="-.", lw=1, label="data (held-out)")
-            bottom[j].axhline(0.0, color="gray", lw=0.8)
-            for ax in (top[j], bottom[j]):
-                _log2_steps(ax, f["steps"])
-                ax.set_xlabel("sampling steps N (log2 scale)")
-            top[j].set_yscale("log")
-            top[j].set_ylabel("oracle_nll (nats/token, log scale)")
-            top[j].set_title(f"{src}: oracle_nll")
-            bottom[j].set_ylabel("CE excess term (nats/token)")
-            bottom[j].set_title(f"{src}: CE excess terms")
-        fig.suptitle(f"{study.name}: CE excess = model CE excess + exact sampler CE excess (seed means)")
-        _legend_outside(fig, axes)
-    caption = (
-        "Top: oracle_nll against the step budget for the exact denoiser and each trained method, with the "
-        "expected NLL of true sequences (dashed), the entropy rate (dotted) and the held-out data row. "
-        "Bottom: model CE excess oracle_nll(M, N) − oracle_nll(exact, N) per method (colour) and the exact "
-        "sampler's CE excess oracle_nll(exact, N) − H_L (black), same rule: cross-entropy differences, not "
-        "divergences (fsdfm.report.oracle)."
-    )
-    return [Drawn("fig_decomposition", "Few-step error decomposition", caption, fig)]

@@ -51,7 +51,7 @@ def resolve_side(study: Study, side: str) -> tuple[pd.DataFrame | None, str | No
 def pairs_table(study: Study) -> Table:
     """The headline pairs of the spec (report.pairs): A - B per metric with a 95% CI of the difference and p
     (`fsdfm.report.significance.compare`: paired t across matched seeds, else Welch across per-sample values)."""
-    cols = ("A", "B", "metric", "values", "mean A", "mean B", "A − B", "95% CI", "p", "test", "n")
+    cols = ("A", "B", "metric", "values", "mean A", "mean B", "A − B", "95% CI", "p", "p (Holm)", "test", "n")
     cells, numbers, notes = [], [], []
     seed_cols = [k for k in study.seed_keys if k in study.runs]
     for a_name, b_name in study.report_settings["pairs"]:
@@ -87,6 +87,7 @@ def pairs_table(study: Study) -> Table:
                     _fmt(c.diff),
                     f"[{_fmt(c.ci[0])}, {_fmt(c.ci[1])}]",
                     f"{c.p:.3g}",
+                    "",  # filled below, once the family is complete
                     c.test,
                     c.n,
                 )
@@ -107,6 +108,17 @@ def pairs_table(study: Study) -> Table:
                     "n": c.n,
                 }
             )
+    # Holm over the family of every test this table makes (each pair x metric), so "p (Holm) < 0.05" holds for the
+    # table as a whole, not for one cell chosen after the fact
+    adjusted = significance.holm([n["p"] for n in numbers])
+    cells = [(*c[:9], f"{q:.3g}", *c[10:]) for c, q in zip(cells, adjusted)]
+    for n, q in zip(numbers, adjusted):
+        n["p_holm"] = q
+    if numbers:
+        notes.append(
+            f"p (Holm): Holm's step-down adjustment over this table's family of {len(numbers)} tests (every pair × "
+            "metric), controlling the family-wise error rate at 0.05; p: each test alone"
+        )
     notes.insert(
         0,
         "A − B with a 95% confidence interval: paired t across matched seeds where both settings have "
