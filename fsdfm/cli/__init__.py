@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", parents=[common], help="tables and figures of a study")
     _spec_args(p, "target", target_help)
     p.add_argument("--out", help="output directory (default: <study>/report)")
+    p.add_argument(
+        "--records",
+        action="store_true",
+        help="also copy the light records (plan, record.json, per_sample.csv) to <out>/records/, to commit",
+    )
     p.set_defaults(fn=cmd_report)
     sp = sub.add_parser("samples", parents=[common], help="print decoded samples of every run")
     _spec_args(sp, "target", target_help)
