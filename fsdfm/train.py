@@ -15,7 +15,7 @@ import copy
 import math
 import pickle
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -44,9 +44,21 @@ class OptimConfig:
     seed: int = 0
     ckpt_every: int = 200
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    # Convergence, shown (absent: None, and left out of `to_dict`, so stage ids without them are unchanged):
+    # curve_every: evaluate held-out metrics every that many steps into the record's `curve`;
+    # until: {metric, patience, every?, min_delta?} a stopping rule: stop once `metric` (lower is better) has not
+    #        improved by more than min_delta for `patience` evaluations in a row; `steps` is the maximum.
+    curve_every: int | None = None
+    until: dict | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))
+        if self.curve_every is not None and (
+            isinstance(self.curve_every, bool) or not isinstance(self.curve_every, int) or self.curve_every < 1
+        ):
+            raise ValueError(f"optim.curve_every must be an integer >= 1, got {self.curve_every!r}")
+        if self.until is not None:
+            object.__setattr__(self, "until", dict(Until.parse(self.until, self.curve_every).__dict__))
         for name in ("steps", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -58,7 +70,49 @@ class OptimConfig:
             raise ValueError(f"optim.precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for key in ("curve_every", "until"):  # absent settings stay out of stage configs (ids unchanged)
+            if d[key] is None:
+                del d[key]
+        return d
+
+    @property
+    def eval_every(self) -> int | None:
+        """Steps between curve evaluations: until.every, else curve_every (None: no curve)."""
+        return self.until["every"] if self.until else self.curve_every
+
+
+@dataclass(frozen=True)
+class Until:
+    """The stopping rule `until: {metric, patience, every, min_delta}`: evaluate every `every` steps; stop after
+    `patience` evaluations in a row without `metric` (lower is better) falling below best - min_delta."""
+
+    metric: str
+    patience: int
+    every: int
+    min_delta: float = 0.0
+
+    @classmethod
+    def parse(cls, raw, curve_every: int | None) -> "Until":
+        if not isinstance(raw, dict):
+            raise ValueError(f"optim.until must be a mapping {{metric, patience, every, min_delta}}, got {raw!r}")
+        unknown = sorted(set(raw) - {"metric", "patience", "every", "min_delta"})
+        if unknown:
+            raise ValueError(
+                f"optim.until: unknown key(s) {unknown}; allowed: metric, patience, every, min_delta "
+                "(the maximum is train.steps)"
+            )
+        metric, patience = raw.get("metric"), raw.get("patience")
+        every = raw.get("every", curve_every)
+        if not isinstance(metric, str) or not metric:
+            raise ValueError(f"optim.until.metric must name a curve metric (e.g. val_nll), got {metric!r}")
+        for name, v in (("patience", patience), ("every", every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"optim.until.{name} must be an integer >= 1, got {v!r}")
+        min_delta = raw.get("min_delta", 0.0)
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
+            raise ValueError(f"optim.until.min_delta must be a number >= 0, got {min_delta!r}")
+        return cls(metric, int(patience), int(every), float(min_delta))
 
 
 @dataclass
@@ -82,6 +136,8 @@ class FitResult:
     wall_s: float
     tokens_per_s: float
     resumed_from: int
+    curve: list = field(default_factory=list)  # [{"step": s, metric: value, ...}] (cfg.eval_every and evaluate)
+    stopped_at: int | None = None  # the step the stopping rule ended training at (None: ran to cfg.steps)
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:
@@ -166,11 +222,16 @@ def fit(
     device: torch.device | str | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    evaluate: Callable[[nn.Module], dict] | None = None,
 ) -> FitResult:
     """Train `model` for cfg.steps steps of `loss_fn` on blocks `data` (N, L) long.
 
     Resumes from `ckpt_dir/checkpoint.pt` when it exists. `stop_after` ends the call early after that many
     steps (for tests of resumption and for preemption); the checkpoint is written before returning.
+    evaluate: held-out metrics of the model being kept (the EMA copy when EMA is on) -> {name: float}, called every
+    cfg.eval_every steps and at the end into `FitResult.curve`; with cfg.until, training stops once until.metric
+    has not improved for until.patience evaluations (the curve and the rule's state are in the checkpoint, so a
+    resumed run stops where an uninterrupted one does).
     """
     if data.ndim != 2 or data.shape[0] == 0:
         raise ValueError(f"training data must be a non-empty (N, L) tensor, got shape {tuple(data.shape)}")
@@ -185,7 +246,7 @@ def fit(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
     ckpt = Path(ckpt_dir) / "checkpoint.pt" if ckpt_dir is not None else None
-    start, losses = 0, []
+    start, losses, curve, stopped = 0, [], [], None
     if ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt)
         model.load_state_dict(state["model"])
@@ -193,6 +254,27 @@ def fit(
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start, losses = state["step"], list(state["losses"])
+        curve, stopped = list(state.get("curve", [])), state.get("stopped_at")
+    every = cfg.eval_every if evaluate is not None else None
+
+    def evaluate_at(step: int) -> None:
+        kept = ema if ema is not None else model
+        kept.eval()
+        with torch.no_grad():
+            curve.append({"step": step, **{k: float(v) for k, v in evaluate(kept).items()}})
+        model.train()
+
+    def should_stop() -> bool:
+        """The stopping rule on the curve so far: no improvement beyond min_delta in the last `patience` points."""
+        u = cfg.until
+        vals = [c.get(u["metric"]) for c in curve] if u else []
+        if not u or len(vals) <= u["patience"] or any(v is None for v in vals):
+            if u and vals and vals[-1] is None:
+                raise KeyError(f"optim.until.metric {u['metric']!r} is not a curve metric; recorded: {list(curve[-1])}")
+            return False
+        best_before = min(vals[: -u["patience"]])
+        return min(vals[-u["patience"] :]) > best_before - u["min_delta"]
+
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     def write(step: int) -> None:
@@ -205,10 +287,14 @@ def fit(
                     "step": step,
                     "losses": losses,
                     "ema": ema.state_dict() if ema is not None else None,
+                    "curve": curve,
+                    "stopped_at": stopped,
                 },
             )
 
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    if stopped is not None:  # a resumed run the stopping rule had already ended
+        end = start
     bar = tqdm(
         range(start, end),
         desc=desc,
@@ -252,9 +338,16 @@ def fit(
             track(step, losses[-1], opt.param_groups[0]["lr"], step_tokens / dt if dt > 0 else 0.0)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        if every and (step + 1) % every == 0 and (step + 1) < cfg.steps:
+            evaluate_at(step + 1)
+            if should_stop():
+                stopped = end = step + 1
+                break
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:
             write(step + 1)
     wall = time.perf_counter() - t0
+    if every and end == cfg.steps and (not curve or curve[-1]["step"] != end):
+        evaluate_at(end)  # the final point
     write(end)
     n_tokens = (end - start) * cfg.batch_size * data.shape[1]
     return FitResult(
@@ -265,4 +358,6 @@ def fit(
         wall_s=wall,
         tokens_per_s=n_tokens / wall if wall > 0 else 0.0,
         resumed_from=start,
+        curve=curve,
+        stopped_at=stopped,
     )
