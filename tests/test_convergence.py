@@ -57,3 +57,31 @@ def test_absent_settings_leave_the_stage_config_unchanged_and_bad_ones_are_refus
         OptimConfig(until={"metric": "val_nll", "patience": 3, "every": 5, "max_step": 9})
     with pytest.raises(ValueError, match="every must be an integer"):
         OptimConfig(until={"metric": "val_nll", "patience": 3})  # no every and no curve_every
+
+
+def test_the_report_reads_the_curves_of_the_training_records(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from fsdfm.io import atomic_write_json, read_json
+    from fsdfm.records import stage_dir
+    from fsdfm.report import load_study, write_report
+    from fsdfm.report.convergence import convergence_frame
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_report_speedup import _study
+
+    sdir = _study(tmp_path)
+    plan = read_json(sdir / "plan.json")
+    train = [sid for sid, st in plan["stages"].items() if st["kind"] == "train"]
+    for i, sid in enumerate(train):
+        curve = [{"step": s, "val_nll": 3.0 - s / 100 + i} for s in (10, 20, 30)]
+        atomic_write_json(
+            stage_dir(sdir, sid) / "record.json",
+            {"status": "done", "stage_id": sid, "kind": "train", "payload": {"curve": curve, "stopped_at": 30}},
+        )
+    df = convergence_frame(load_study(sdir))
+    assert len(df) == 3 * len(train) and set(df["label"]) == {"DFM"} and set(df["metric"]) == {"val_nll"}
+    assert sorted(df[df["stage_id"] == train[1]]["value"]) == pytest.approx([3.7, 3.8, 3.9])
+    out = write_report(sdir)
+    assert any(p.name == "fig_convergence.png" for p in out.figures)

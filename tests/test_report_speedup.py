@@ -121,7 +121,7 @@ def test_a_study_pairs_each_student_with_its_own_teacher(tmp_path):
     study = load_study(_study(tmp_path))
     df = speedup_frame(study, n_boot=200)
     row = df[df["metric"] == "gen_ppl"].iloc[0]
-    assert (row["student"], row["teacher"], row["k"], row["units"]) == ("FS-DFM", "DFM", 8, 3)
+    assert (row["student"], row["teacher"], row["k"], row["units"]) == ("FS-DFM", "DFM (cumulative_scalar)", 8, 3)
     assert row["n_star"] == pytest.approx(32.0, rel=1e-6) and row["speedup_nfe"] == pytest.approx(4.0, rel=1e-6)
     assert row["speedup_wall"] == pytest.approx(0.1 * 32 / (0.1 * 8), rel=1e-6)
     table = speedup_table(study, n_boot=200)

@@ -22,6 +22,7 @@ from typing import Sequence
 from fsdfm.report.figures import FIGURES, render
 from fsdfm.report.oracle import decomposition_table
 from fsdfm.report.oracle_figure import decomposition_figure
+from fsdfm.report.convergence import convergence_figure
 from fsdfm.report.published import PUBLISHED
 from fsdfm.report.summary import DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
 from fsdfm.report.pairs import pairs_table
@@ -66,8 +67,9 @@ __all__ = [
     "decomposition_figure",
 ]
 
-FIGURE_ORDER = ("step_sweep", "frontier", "pos_divergence", "ablation")
+FIGURE_ORDER = ("step_sweep", "frontier", "pos_divergence", "ablation", "convergence")
 FIGURES.register("decomposition", decomposition_figure)
+FIGURES.register("convergence", convergence_figure)
 ORACLE_FIGURES = ("decomposition",)  # drawn only for studies with an exact method (fsdfm.report.oracle)
 
 

@@ -217,18 +217,26 @@ def _units(study: Study) -> pd.DataFrame:
 
 
 def speedup_frame(study: Study, n_boot: int = N_BOOT) -> pd.DataFrame:
-    """One row per (student label, rule, k, metric): the teacher label, the student's mean value, N* with its
-    status and 95% interval, the NFE and wall-clock speed-ups, the units and the teacher budgets."""
+    """One row per (student label, rule, k, teacher rule, metric): the teacher label (with its rule), the student's
+    mean value, N* with its status and 95% interval, the NFE and wall-clock speed-ups, the units and the teacher
+    budgets. The teacher is compared under every rule it was sampled with, the student's own first."""
     runs = _units(study)
     if runs.empty or runs["teacher_stage"].isna().all():
         return pd.DataFrame()
     wall = SAMPLING_WALL_S if SAMPLING_WALL_S in runs else None
     rows = []
-    for (label, rule), st in runs[runs["teacher_stage"].notna()].groupby(["label", "rule"], sort=False):
-        teach = runs[runs["model_stage"].isin(set(st["teacher_stage"])) & (runs["rule"] == rule)]
-        if teach.empty:
-            continue
-        t_label = " / ".join(dict.fromkeys(teach.sort_values("steps")["label"]))
+    students = runs[runs["teacher_stage"].notna()].groupby(["label", "rule"], sort=False)
+    # each student setting against its teacher under every rule the teacher was sampled with (its own rule first)
+    combos = [
+        (label, rule, st, t_rule)
+        for (label, rule), st in students
+        for t_rule in sorted(
+            set(runs[runs["model_stage"].isin(set(st["teacher_stage"]))]["rule"].dropna()), key=lambda r: r != rule
+        )
+    ]
+    for label, rule, st, t_rule in combos:
+        teach = runs[runs["model_stage"].isin(set(st["teacher_stage"])) & (runs["rule"] == t_rule)]
+        t_label = " / ".join(dict.fromkeys(teach.sort_values("steps")["label"])) + f" ({t_rule})"
         pairs = [(s, t) for s, t in st[["model_stage", "teacher_stage"]].drop_duplicates().itertuples(index=False)]
         for metric in speedup_metrics(study):
             to_z, from_z = _score_fn(metric)
