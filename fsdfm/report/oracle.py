@@ -275,9 +275,26 @@ def decomposition_table(study: Study) -> Table:
             numbers=pd.DataFrame(),
             n_label_columns=4,
         )
+    cells, sections = _decomposition_cells(frame)
+    notes = _decomposition_notes(study, frame)
+    return Table(
+        name="table_decomposition",
+        title=f"{study.name}: few-step error decomposition",
+        columns=columns,
+        cells=tuple(cells),
+        bold=tuple((False,) * len(columns) for _ in cells),
+        sections=tuple(sections),
+        notes=tuple(notes),
+        numbers=frame.drop(columns=["path"]).convert_dtypes(),
+        n_label_columns=4,
+    )
+
+
+def _decomposition_cells(frame: pd.DataFrame) -> tuple[list[tuple], list[int]]:
+    """(one row of cells per frame row, the row indices where a new path source's block starts)."""
     cells, sections = [], []
     prev = None
-    for i, r in frame.iterrows():
+    for _, r in frame.iterrows():
         if prev is not None and r["source"] != prev:
             sections.append(len(cells))
         prev = r["source"]
@@ -299,18 +316,22 @@ def decomposition_table(study: Study) -> Table:
                 fmt_number(r["ngram_tv_floor"], "TV"),
             )
         )
+    return cells, sections
+
+
+def _decomposition_notes(study: Study, frame: pd.DataFrame) -> list[str]:
+    """What the columns mean, the reference values (H_L, entropy rate, the data row) and the verdicts."""
     data = study.data
-    ref = []
-    ref.append(
+    ref = [
         f"expected NLL of true length-L sequences (H_L): {_mean(frame['expected_nll']):.3f} nats/token; "
         f"entropy rate {_mean(frame['entropy_rate']):.3f}"
-    )
+    ]
     if not data.empty and "oracle_nll" in data:
         ref.append(
             f"data row (held-out true sequences): oracle_nll {_mean(data['oracle_nll']):.3f}"
             + (f", ngram_tv {_mean(data['ngram_tv']):.3f}" if "ngram_tv" in data else "")
         )
-    notes = (
+    return (
         [
             "CE excess oracle_nll(M, N) − H_L = model CE excess [oracle_nll(M, N) − oracle_nll(exact, N)] + exact "
             "sampler CE excess [oracle_nll(exact, N) − H_L]; the exact run has the same path, rule and budget; cells "
@@ -330,15 +351,4 @@ def decomposition_table(study: Study) -> Table:
         ]
         + ref
         + verdicts(study, frame)
-    )
-    return Table(
-        name="table_decomposition",
-        title=f"{study.name}: few-step error decomposition",
-        columns=columns,
-        cells=tuple(cells),
-        bold=tuple((False,) * len(columns) for _ in cells),
-        sections=tuple(sections),
-        notes=tuple(notes),
-        numbers=frame.drop(columns=["path"]).convert_dtypes(),
-        n_label_columns=4,
     )

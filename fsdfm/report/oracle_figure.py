@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pandas as pd
+
 from fsdfm.report.oracle import EXACT_KIND, JOINT_KIND, _mean, decomposition_frame
 from fsdfm.report.summary import Study
 
@@ -10,7 +12,7 @@ __all__ = ["decomposition_figure"]
 
 def decomposition_figure(study: Study):
     """Per path source: oracle_nll vs N (exact and trained methods; expected NLL, entropy rate and the data row
-    marked), and below it the two CE excess terms vs N (model: solid, per method; exact sampler: black), log2 x axis."""
+    marked), and below it the two CE excess terms vs N (model: per method, colour; exact sampler: black), log2 x axis."""
     from fsdfm.report.plotting import (
         PANEL_W,
         Drawn,
@@ -34,52 +36,7 @@ def decomposition_figure(study: Study):
         fig, axes = _new_figure(2 * len(sources), ncols=len(sources), w=1.5 * PANEL_W)
         top, bottom = axes[: len(sources)], axes[len(sources) :]
         for j, src in enumerate(sources):
-            f = frame[frame["source"] == src]
-            for (label, rule), g in f.groupby(["label", "rule"], sort=False):
-                g = g.sort_values("steps")
-                x = g["steps"].to_numpy(float)
-                top[j].plot(
-                    x,
-                    g["oracle_nll_mean"],
-                    color=colors[label],
-                    ls=styles[rule],
-                    marker="o",
-                    ms=3,
-                    label=f"{label} · {rule}",
-                )
-                if (~g["kind"].isin([EXACT_KIND, JOINT_KIND])).any():
-                    bottom[j].plot(
-                        x,
-                        g["model_ce_excess"],
-                        color=colors[label],
-                        ls=styles[rule],
-                        marker="o",
-                        ms=3,
-                        label=f"{label} · {rule}",
-                    )
-                else:
-                    bottom[j].plot(
-                        x,
-                        g["exact_ce_excess"],
-                        color="black",
-                        ls=styles[rule],
-                        marker="s",
-                        ms=3,
-                        label=f"exact sampler CE excess · {rule}",
-                    )
-            top[j].axhline(_mean(f["expected_nll"]), color="black", ls="--", lw=1, label="expected NLL H_L")
-            top[j].axhline(_mean(f["entropy_rate"]), color="gray", ls=":", lw=1, label="entropy rate")
-            if data_nll is not None:
-                top[j].axhline(data_nll, color="tab:green", ls="-.", lw=1, label="data (held-out)")
-            bottom[j].axhline(0.0, color="gray", lw=0.8)
-            for ax in (top[j], bottom[j]):
-                _log2_steps(ax, f["steps"])
-                ax.set_xlabel("sampling steps N (log2 scale)")
-            top[j].set_yscale("log")
-            top[j].set_ylabel("oracle_nll (nats/token, log scale)")
-            top[j].set_title(f"{src}: oracle_nll")
-            bottom[j].set_ylabel("CE excess term (nats/token)")
-            bottom[j].set_title(f"{src}: CE excess terms")
+            _draw_source(top[j], bottom[j], src, frame[frame["source"] == src], colors, styles, data_nll, _log2_steps)
         fig.suptitle(f"{study.name}: CE excess = model CE excess + exact sampler CE excess (seed means)")
         _legend_outside(fig, axes)
     caption = (
@@ -90,3 +47,52 @@ def decomposition_figure(study: Study):
         "divergences (fsdfm.report.oracle)."
     )
     return [Drawn("fig_decomposition", "Few-step error decomposition", caption, fig)]
+
+
+def _draw_source(top, bottom, src: str, f: pd.DataFrame, colors: dict, styles: dict, data_nll, log2_steps) -> None:
+    """One path source's two panels: oracle_nll vs N with the reference lines (top), the CE excess terms (bottom)."""
+    for (label, rule), g in f.groupby(["label", "rule"], sort=False):
+        g = g.sort_values("steps")
+        x = g["steps"].to_numpy(float)
+        top.plot(
+            x,
+            g["oracle_nll_mean"],
+            color=colors[label],
+            ls=styles[rule],
+            marker="o",
+            ms=3,
+            label=f"{label} · {rule}",
+        )
+        if (~g["kind"].isin([EXACT_KIND, JOINT_KIND])).any():
+            bottom.plot(
+                x,
+                g["model_ce_excess"],
+                color=colors[label],
+                ls=styles[rule],
+                marker="o",
+                ms=3,
+                label=f"{label} · {rule}",
+            )
+        else:
+            bottom.plot(
+                x,
+                g["exact_ce_excess"],
+                color="black",
+                ls=styles[rule],
+                marker="s",
+                ms=3,
+                label=f"exact sampler CE excess · {rule}",
+            )
+    top.axhline(_mean(f["expected_nll"]), color="black", ls="--", lw=1, label="expected NLL H_L")
+    top.axhline(_mean(f["entropy_rate"]), color="gray", ls=":", lw=1, label="entropy rate")
+    if data_nll is not None:
+        top.axhline(data_nll, color="tab:green", ls="-.", lw=1, label="data (held-out)")
+    bottom.axhline(0.0, color="gray", lw=0.8)
+    for ax in (top, bottom):
+        log2_steps(ax, f["steps"])
+        ax.set_xlabel("sampling steps N (log2 scale)")
+    top.set_yscale("log")
+    top.set_ylabel("oracle_nll (nats/token, log scale)")
+    top.set_title(f"{src}: oracle_nll")
+    bottom.set_ylabel("CE excess term (nats/token)")
+    bottom.set_title(f"{src}: CE excess terms")
