@@ -33,7 +33,7 @@ def cmd_report(args) -> dict:
         "figures": [str(p) for p in out.figures],
     }
     if getattr(args, "records", False):
-        from fsdfm.report.light_records import copy_light_records
+        from fsdfm.report.light_records import copy_light_records  # heavy: the report package (pandas)
 
         light = copy_light_records(sdir, out.index.parent)
         print(f"records: {light.folder} ({len(light.files)} files; {len(light.skipped)} too large, left out)")

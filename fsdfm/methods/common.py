@@ -231,10 +231,6 @@ def oracle_curve_metrics(config: dict, path: MixturePath, corpus, hs: tuple = (N
     (None: no h, the teacher; the student at each h = 2^-j it trains and is sampled at); {} on other data."""
     if config["data"]["kind"] != "oracle":
         return {}
-    from fsdfm.data import DataConfig, oracle_source
-    from fsdfm.metrics.oracle import posterior_kl
-    from fsdfm.oracle_posterior import ExactPosterior
-
     exact = ExactPosterior(oracle_source(DataConfig(**config["data"])), path)
 
     def one(h):

@@ -20,6 +20,7 @@ from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
 from fsdfm.data import DataConfig, oracle_source
 from fsdfm.methods.exact_teacher import load_exact, write_exact
+from fsdfm.oracle_joint import sample_joint
 
 
 def plan_exact(p: Planner, name: str, m: MethodSpec) -> Stage:
@@ -70,9 +71,6 @@ def sample_exact(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
 def sample_exact_joint(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     """The exact joint sampler (FFBS + bridge, fsdfm.oracle_joint) on the recorded path; it counts its own NFE
     (one joint posterior per step)."""
-    from fsdfm.methods.exact_teacher import load_exact
-    from fsdfm.oracle_joint import sample_joint
-
     exact = load_exact(model_dir, cfg["data"])
     grid = time_grid(cfg["steps"], t_end=cfg["t_end"])
     return Draw(

@@ -60,6 +60,21 @@ def _by_seed(r: pd.DataFrame, metric: str, seed_cols: list[str]) -> dict:
     }
 
 
+def _with_holm(cells: list, numbers: list, notes: list) -> list:
+    """Holm over the family of every test the table makes (each pair x metric), so "p (Holm) < 0.05" holds for
+    the table as a whole, not for one cell chosen after the fact: the cells with their "p (Holm)" filled in;
+    `numbers` gain p_holm and `notes` the family's size (both in place)."""
+    adjusted = significance.holm([n["p"] for n in numbers])
+    for n, q in zip(numbers, adjusted):
+        n["p_holm"] = q
+    if numbers:
+        notes.append(
+            f"p (Holm): Holm's step-down adjustment over this table's family of {len(numbers)} tests (every pair × "
+            "metric), controlling the family-wise error rate at 0.05; p: each test alone"
+        )
+    return [(*c[:9], f"{q:.3g}", *c[10:]) for c, q in zip(cells, adjusted)]
+
+
 def pairs_table(study: Study) -> Table:
     """The headline pairs of the spec (report.pairs): A - B per metric with a 95% CI of the difference and p
     (`fsdfm.report.significance.compare`: paired t across matched seeds, else Welch across per-sample values)."""
@@ -115,17 +130,7 @@ def pairs_table(study: Study) -> Table:
                     "n": c.n,
                 }
             )
-    # Holm over the family of every test this table makes (each pair x metric), so "p (Holm) < 0.05" holds for the
-    # table as a whole, not for one cell chosen after the fact
-    adjusted = significance.holm([n["p"] for n in numbers])
-    cells = [(*c[:9], f"{q:.3g}", *c[10:]) for c, q in zip(cells, adjusted)]
-    for n, q in zip(numbers, adjusted):
-        n["p_holm"] = q
-    if numbers:
-        notes.append(
-            f"p (Holm): Holm's step-down adjustment over this table's family of {len(numbers)} tests (every pair × "
-            "metric), controlling the family-wise error rate at 0.05; p: each test alone"
-        )
+    cells = _with_holm(cells, numbers, notes)
     notes.insert(
         0,
         "A − B with a 95% confidence interval: paired t across matched seeds where both settings have "
