@@ -22,7 +22,7 @@ from typing import Sequence
 from fsdfm.report.figures import FIGURES, render
 from fsdfm.report.oracle import decomposition_table
 from fsdfm.report.oracle_figure import decomposition_figure
-from fsdfm.report.convergence import convergence_figure
+from fsdfm.report.convergence import convergence_figure, convergence_frame
 from fsdfm.report.published import PUBLISHED
 from fsdfm.report.summary import DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
 from fsdfm.report.pairs import pairs_table
@@ -67,10 +67,11 @@ __all__ = [
     "decomposition_figure",
 ]
 
-FIGURE_ORDER = ("step_sweep", "frontier", "pos_divergence", "ablation", "convergence")
+FIGURE_ORDER = ("step_sweep", "frontier", "pos_divergence", "ablation")
 FIGURES.register("decomposition", decomposition_figure)
 FIGURES.register("convergence", convergence_figure)
 ORACLE_FIGURES = ("decomposition",)  # drawn only for studies with an exact method (fsdfm.report.oracle)
+CURVE_FIGURES = ("convergence",)  # drawn only for studies whose training records hold curves (optim.curve_every)
 
 
 @dataclass(frozen=True)
@@ -317,7 +318,8 @@ def write_report(
         atomic_write(out_dir / "summary.csv", summary_csv(study).to_csv(index=False).encode("utf-8"))
     figures: list[FigureResult] = []
     has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
-    for name in FIGURE_ORDER + (ORACLE_FIGURES if has_exact else ()):
+    has_curves = len(study.runs) > 0 and not convergence_frame(study).empty
+    for name in FIGURE_ORDER + (ORACLE_FIGURES if has_exact else ()) + (CURVE_FIGURES if has_curves else ()):
         if len(study.runs):
             figures += render(name, study, out_dir)
         else:
