@@ -50,6 +50,10 @@ class OptimConfig:
     #        improved by more than min_delta for `patience` evaluations in a row; `steps` is the maximum.
     curve_every: int | None = None
     until: dict | None = None
+    # GPU speed options, off by default and then absent from the stage config (`to_dict`): every study written
+    # before they existed keeps its stage ids. Either changes the weights at the rounding level, hence the ids.
+    compile: bool = False  # torch.compile the trained model (the first steps compile)
+    fused: bool = False  # AdamW(fused=True): one kernel for the whole update (CUDA; CPU supports it too)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -70,8 +74,13 @@ class OptimConfig:
             raise ValueError(f"optim.precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     def to_dict(self) -> dict:
+        """The stage config's `optim`: every field, less the speed options left at their default (off) and the
+        convergence settings left unset (so every study written before they existed keeps its stage ids)."""
         d = asdict(self)
-        for key in ("curve_every", "until"):  # absent settings stay out of stage configs (ids unchanged)
+        for key in _OFF_BY_DEFAULT:
+            if not d[key]:
+                del d[key]
+        for key in ("curve_every", "until"):
             if d[key] is None:
                 del d[key]
         return d
@@ -80,6 +89,9 @@ class OptimConfig:
     def eval_every(self) -> int | None:
         """Steps between curve evaluations: until.every, else curve_every (None: no curve)."""
         return self.until["every"] if self.until else self.curve_every
+
+
+_OFF_BY_DEFAULT = ("compile", "fused")
 
 
 @dataclass(frozen=True)
@@ -208,8 +220,15 @@ def load_checkpoint(path: Path) -> dict:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+    """e <- e + (1 - decay) (p - e) for every parameter, as one foreach call (one multi-tensor kernel per launch
+    group on a GPU instead of one kernel per parameter; the same elementwise lerp, so the same bits)."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+
+
+# Host syncs of the training loop (the loss read back, its finiteness checked) every N steps: free on CPU, a
+# pipeline stall per step on a GPU. A non-finite loss is still reported with its own step number.
+_SYNC_EVERY = {"cpu": 1}
+_SYNC_EVERY_DEFAULT = 16
 
 
 def fit(
@@ -222,12 +241,15 @@ def fit(
     device: torch.device | str | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    sync_every: int | None = None,
     evaluate: Callable[[nn.Module], dict] | None = None,
 ) -> FitResult:
     """Train `model` for cfg.steps steps of `loss_fn` on blocks `data` (N, L) long.
 
     Resumes from `ckpt_dir/checkpoint.pt` when it exists. `stop_after` ends the call early after that many
     steps (for tests of resumption and for preemption); the checkpoint is written before returning.
+    sync_every: read the losses back to the host (and check them finite) every that many steps (default 1 on CPU,
+    16 on a GPU; always before a checkpoint and at the end); the losses and the weights do not depend on it.
     evaluate: held-out metrics of the model being kept (the EMA copy when EMA is on) -> {name: float}, called every
     cfg.eval_every steps and at the end into `FitResult.curve`; with cfg.until, training stops once until.metric
     has not improved for until.patience evaluations (the curve and the rule's state are in the checkpoint, so a
@@ -242,9 +264,17 @@ def fit(
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay is not None else None
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # foreach: the multi-tensor update (CUDA's default already; on CPU the same bits as the per-parameter loop)
     opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        **({"fused": True} if cfg.fused else {"foreach": True}),
     )
+    if cfg.compile:
+        trained = torch.compile(trained)
+    sync_every = sync_every or _SYNC_EVERY.get(device.type, _SYNC_EVERY_DEFAULT)
     ckpt = Path(ckpt_dir) / "checkpoint.pt" if ckpt_dir is not None else None
     start, losses, curve, stopped = 0, [], [], None
     if ckpt is not None and ckpt.exists():
@@ -309,6 +339,20 @@ def fit(
 
     track = train_logger()  # None unless a tracker is active (fsdfm run --track); it only reads what is computed
     step_tokens = cfg.batch_size * data.shape[1]
+    pending: list[torch.Tensor] = []  # this window's losses, still on the device
+
+    def flush() -> None:
+        """Read the pending losses back (one sync) and fail on the first non-finite one."""
+        if not pending:
+            return
+        values = torch.stack(pending).float().tolist()
+        first = len(losses)  # the losses of steps 0 .. first - 1 are in (a resumed fit's from its checkpoint)
+        pending.clear()
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise FloatingPointError(f"{desc}: non-finite loss {v} at step {first + i}")
+        losses.extend(values)
+
     t0 = time.perf_counter()
     for step in bar:
         t_step = time.perf_counter()
@@ -323,7 +367,7 @@ def fit(
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(StepContext(trained, ema, batch, g_noise, step, cfg.steps))
-        if not torch.isfinite(loss):
+        if sync_every == 1 and not torch.isfinite(loss):  # before the update, as always on CPU
             raise FloatingPointError(f"{desc}: non-finite loss {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -332,11 +376,13 @@ def fit(
         opt.step()
         if ema is not None:
             ema_update(ema, model, cfg.ema_decay)
-        losses.append(float(loss.detach()))  # float() waits for the step, so t_step below times all of it
+        pending.append(loss.detach())
+        if track is not None or (step + 1 - start) % sync_every == 0:
+            flush()  # the read waits for the step, so t_step below times all of it
         if track is not None:
             dt = time.perf_counter() - t_step
             track(step, losses[-1], opt.param_groups[0]["lr"], step_tokens / dt if dt > 0 else 0.0)
-        if step % 10 == 0:
+        if step % 10 == 0 and losses:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         if every and (step + 1) % every == 0 and (step + 1) < cfg.steps:
             evaluate_at(step + 1)
@@ -344,7 +390,9 @@ def fit(
                 stopped = end = step + 1
                 break
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:
+            flush()
             write(step + 1)
+    flush()
     wall = time.perf_counter() - t0
     if every and end == cfg.steps and (not curve or curve[-1]["step"] != end):
         evaluate_at(end)  # the final point
