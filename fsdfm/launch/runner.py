@@ -37,6 +37,7 @@ from fsdfm.records import (
     RECORD,
     RUNNING,
     SCHEMA_VERSION,
+    STORE,
     SUBMITTED,
     LockInfo,
     StageCheck,
@@ -44,6 +45,7 @@ from fsdfm.records import (
     check_stage,
     device_name,
     find_seeds,
+    link_stages,
     loadavg_1min,
     now_iso,
     read_plan,
@@ -161,6 +163,10 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
     stage = Stage.from_dict(plan["stages"][stage_id], f"{study_dir / PLAN}: stages[{stage_id!r}]")
     kind = resolve_kind(stage.kind, plan.get("kinds", {}).get(stage.kind))
     out_dir = stage_dir(study_dir, stage_id)
+    if not out_dir.exists() and (study_dir.parent / STORE).is_dir():
+        # its link was removed since the plan was written (`fsdfm clean`): the stage lives in the store, never
+        # as a real folder of the study that no other study would see
+        link_stages(study_dir, [stage_id], study_dir.parent)
     if check_stage(out_dir).done:
         return read_record(out_dir)
     inputs: dict[str, Path] = {}
@@ -185,7 +191,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
             f"stage {stage_id} is locked by {holder.describe()}: waiting for it to finish", file=sys.stderr, flush=True
         )
 
-    with stage_lock(out_dir, wait=True, poll_s=LOCK_POLL_S, on_wait=tell):
+    with stage_lock(out_dir, wait=True, poll_s=LOCK_POLL_S, on_wait=tell, study=plan["name"]):
         check = check_stage(out_dir)
         if check.done:  # finished while we were getting here
             return read_record(out_dir)
