@@ -253,3 +253,93 @@ def test_a_study_folder_that_is_a_symlink_just_works(tmp_path):
     tid = teacher_id(plan)
     assert (store_dir(root, tid) / RECORD).is_file() and is_done(stage_dir(root / "a", tid))
     assert execute(plan, root, executor="debug").skipped  # and a re-run finds everything done
+
+
+# ----------------------------------------------------------------------------------- a real (tiny) study
+import yaml  # noqa: E402
+
+TINY = {
+    "name": "tiny",
+    "data": {"kind": "oracle", "seq_len": 8, "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2}},
+    "evaluator": {"kind": "none"},
+    "metrics": {"names": ["oracle_nll", "entropy_nats"]},
+    "data_reference": False,
+    "sampling": {"n_samples": 4, "batch_size": 4},
+    "model": {"preset": "tiny", "hidden": 32, "cond_dim": 16, "n_blocks": 1, "n_heads": 2},
+    "methods": {"dfm": {"kind": "dfm", "steps": [1], "train": {"steps": 2, "warmup_steps": 1, "batch_size": 4}}},
+}
+TRAIN_TXT = str(ROOT / "data" / "tinystories" / "train.txt")
+
+
+def spec_file(tmp_path: Path, name: str = "tiny", **changes) -> Path:
+    """TINY with `changes` (dotted keys) written to tmp_path/<name>.yaml."""
+    spec = json.loads(json.dumps(TINY))
+    spec["name"] = name
+    for key, value in changes.items():
+        *head, last = key.split(".")
+        d = spec
+        for k in head:
+            d = d.setdefault(k, {})
+        d[last] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def listing(root: Path) -> list:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"fsdfm {command}: error: "), err  # one line, no traceback
+    return err
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+BOUNDS = {
+    "train.steps": ({"methods.dfm.train.steps": 10**23}, "methods.dfm.train.steps", "years"),
+    "n_samples": ({"sampling.n_samples": 10**12}, "sampling.n_samples", "TiB"),
+    "batch_size": ({"sampling.batch_size": 10**8}, "sampling.batch_size", "GiB"),
+    "train.batch_size": ({"methods.dfm.train.batch_size": 10**7}, "methods.dfm.train.batch_size", "GiB"),
+    "hidden": ({"model.hidden": 10**7, "model.cond_dim": 16}, "methods.dfm.model.hidden", "parameters"),
+    "bpe vocab": (
+        {"data": {"kind": "text", "train": TRAIN_TXT, "valid": TRAIN_TXT, "seq_len": 8, "vocab_size": 10**8}},
+        "data.vocab_size",
+        "GPT-2 has",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BOUNDS))
+def test_implausible_sizes_are_refused_at_load_naming_key_bound_and_override(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FSDFM_ALLOW_LARGE", raising=False)
+    changes, key, estimate = BOUNDS[case]
+    path = spec_file(tmp_path, **changes)
+    results = tmp_path / "results"
+    assert main(["--results", str(results), "run", str(path), "--executor", "debug"]) == 2
+    err = one_error_line(capsys, "run")
+    assert f"{key}:" in err and "plausibility bound" in err and estimate in err, err
+    assert f"FSDFM_ALLOW_LARGE={key}" in err
+    assert listing(results) == []  # nothing written
+    if case == "train.steps":  # allowed deliberately: it loads and plans
+        monkeypatch.setenv("FSDFM_ALLOW_LARGE", key)
+        assert main(["--results", str(results), "run", str(path), "--dry-run"]) == 0
+
+
+def test_max_parallel_zero_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--results", str(tmp_path), "run", str(spec_file(tmp_path)), "--max-parallel", "0"])
+    assert e.value.code == 2 and "expected a positive integer, got '0'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_parallel must be an integer >= 1"):
+        execute(study("a"), tmp_path, executor="local", max_parallel=0)
+    assert listing(tmp_path) == ["tiny.yaml"]
+
+
+def test_a_study_whose_metrics_are_only_oracle_corpus_metrics_runs(tmp_path, capsys):
+    path = spec_file(tmp_path, **{"metrics.names": ["oracle_nll"]})
+    assert main(["--results", str(tmp_path / "r"), "run", str(path), "--executor", "debug"]) == 0
+    from fsdfm.records import load
+
+    df = load(tmp_path / "r" / "tiny")
+    assert len(df) == 1 and df["oracle_nll"].notna().all() and "entropy_nats" not in df.columns

@@ -86,6 +86,13 @@ def cmd_run(args) -> dict:
         check_available(plan.tracking)
     except RuntimeError as e:
         raise InputError(str(e)) from None
+    if not args.dry_run:
+        from fsdfm.records import check_cache_dir
+
+        try:
+            check_cache_dir(args.results)  # before the plan is written: not a failure of every stage later
+        except ValueError as e:
+            raise InputError(str(e)) from None
     rerun_kinds = _kinds_arg(args.rerun, "--rerun")
     if args.threads is not None:
         set_threads(args.threads)

@@ -63,6 +63,10 @@ def execute(
     (see `load_profile`). `timeout_s` bounds the wait (pending stages are reported, not raised).
     """
     run = EXECUTORS.get(executor)
+    if max_parallel is not None and (
+        isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1
+    ):
+        raise ValueError(f"max_parallel must be an integer >= 1 (or None), got {max_parallel!r}")
     if not isinstance(plan, StudyPlan):
         raise TypeError(f"execute() needs a StudyPlan, got {type(plan).__name__}")
     plan.validate()

@@ -52,12 +52,14 @@ from fsdfm.records import (
     read_record,
     record_digest,
     remove_stale_temp_files,
+    seal,
     stage_dir,
     stage_lock,
     store_path,
     torch_threads,
 )
 from fsdfm.records.provenance import provenance
+from fsdfm.fingerprint import check_data_unchanged
 from fsdfm.registry import did_you_mean
 from fsdfm.launch.runtime import malloc_tuned, tune_malloc
 from fsdfm.study.graph import STAGE_KINDS, PlanError, Stage, StageKind
@@ -214,6 +216,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         }
         atomic_write_json(out_dir / RUNNING, running)
         try:
+            data_read = check_data_unchanged(stage)  # time of use: what the id holds is what is read
             if not kind.checkpointable:
                 _clear_artefacts(out_dir)
             from fsdfm.tracking import log_final, stage_tracking
@@ -242,6 +245,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
                 "inputs": stage.inputs,
                 "seeds": find_seeds(stage.config),
                 "fingerprint": stage.fingerprint,  # code versions (kind, metrics) and data hashes: in the id
+                "data_read": data_read,  # the data files' digests, re-checked when the stage started
                 "artefacts": artefacts,
                 "input_records": input_records,
                 "payload": payload,
@@ -257,6 +261,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
                     "attempt": attempt,
                 },
             }
+            record = seal(to_jsonable(record, where=f"record of stage {stage_id}"))  # digest of its own content
             atomic_write_json(out_dir / RECORD, record)
             for stale in (ERROR, SUBMITTED):
                 with contextlib.suppress(FileNotFoundError):

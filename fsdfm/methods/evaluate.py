@@ -151,11 +151,14 @@ def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corp
     (per-seed MAUVE values, featurizer weights hash, text convention). Writes out_dir/per_sample.csv: one row
     per sample (`fsdfm.records.load_samples`).
     """
-    from fsdfm.metrics import compute_metric_set
+    from fsdfm.metrics import MetricSet, compute_metric_set
     from fsdfm.metrics.diversity import entropy, rep_n_per_sample
     from fsdfm.records import PER_SAMPLE, write_per_sample
 
-    ms = compute_metric_set(tokens, texts, names, **_metric_kwargs(config, evaluator, refs, corpus))
+    if names:
+        ms = compute_metric_set(tokens, texts, names, **_metric_kwargs(config, evaluator, refs, corpus))
+    else:  # only corpus metrics asked (e.g. `names: [oracle_nll]` of an oracle study without an evaluator)
+        ms = MetricSet(values={}, n_samples={}, details={}, per_sample={})
     metrics = dict(ms.values)
     for name in ("gen_ppl", "gen_ppl_seq_mean"):
         if name in ms.details:

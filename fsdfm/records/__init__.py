@@ -14,7 +14,14 @@ It writes through `fsdfm.io` and knows nothing of stage functions or executors (
 writes their records through here).
 """
 
-from fsdfm.records.cache import data_cache_dir, default_cache_dir, pin_cache_env, results_root_of, stage_cache_dir
+from fsdfm.records.cache import (
+    check_cache_dir,
+    data_cache_dir,
+    default_cache_dir,
+    pin_cache_env,
+    results_root_of,
+    stage_cache_dir,
+)
 from fsdfm.records.layout import (
     ATTEMPTS,
     CONTROL_FILES,
@@ -40,6 +47,8 @@ from fsdfm.records.layout import (
     read_record,
     read_study_plan,
     record_digest,
+    content_digest,
+    seal,
     stage_dir,
     study_dir,
 )
@@ -93,6 +102,7 @@ from fsdfm.records.store import (
 )
 
 __all__ = [
+    "check_cache_dir",
     "ATTEMPTS",
     "BASE_COLUMNS",
     "CONTROL_FILES",
@@ -153,6 +163,8 @@ __all__ = [
     "read_record",
     "read_study_plan",
     "record_digest",
+    "content_digest",
+    "seal",
     "remove_stale_temp_files",
     "results_root_of",
     "settings_columns",
