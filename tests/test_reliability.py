@@ -343,3 +343,247 @@ def test_a_study_whose_metrics_are_only_oracle_corpus_metrics_runs(tmp_path, cap
 
     df = load(tmp_path / "r" / "tiny")
     assert len(df) == 1 and df["oracle_nll"].notna().all() and "entropy_nats" not in df.columns
+
+
+# ------------------------------------------------------------------------------------- time of check
+def test_a_stage_refuses_data_that_changed_since_planning(tmp_path):
+    from fsdfm.fingerprint import DataChangedError, with_fingerprint
+
+    data = tmp_path / "train.txt"
+    data.write_text("the planned content\n")
+    st = with_fingerprint(Stage("t_rel_teacher", {"value": 1, "data": {"train": str(data)}}))
+    plan = StudyPlan.from_stages("toc", [st], [RunSpec(run_id="r", stage_id=st.id, params={})])
+    sdir = write_plan(plan, tmp_path / "results")
+    data.write_text("content written after planning\n")  # e.g. while a --no-wait SLURM job waited in the queue
+    with pytest.raises(DataChangedError, match=r"data\.train .*train\.txt: changed since this study was planned"):
+        run_stage(sdir, st.id)
+    err = json.loads((stage_dir(sdir, st.id) / ERROR).read_text())
+    assert err["type"] == "fsdfm.fingerprint.DataChangedError" and not (stage_dir(sdir, st.id) / RECORD).exists()
+    data.write_text("the planned content\n")
+    rec = run_stage(sdir, st.id)  # the planned content again: it runs, and records what it checked
+    assert rec["data_read"] == st.fingerprint["data"] == {"train": "sha256:" + _sha256(data)}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ record digests
+def test_a_hand_edited_record_is_reported_by_verify_and_kept_out_of_the_report(tmp_path, capsys):
+    from fsdfm.records import content_digest, load
+
+    root = tmp_path / "results"
+    plan = study("a", (3,))
+    execute(plan, root, executor="debug")
+    eid = plan.runs[0].stage_id
+    path = stage_dir(root / "a", eid) / RECORD
+    rec = json.loads(path.read_text())
+    assert rec["digest"] == content_digest(rec)
+    assert list(load(root / "a")["score"]) == [21]
+    rec["payload"]["metrics"]["score"] = 99  # a "better" number, typed in by hand
+    path.write_text(json.dumps(rec, indent=2))
+    capsys.readouterr()
+    assert main(["--results", str(root), "verify", str(root / "a")]) == 1
+    out = capsys.readouterr().out
+    assert f"damaged  {eid}" in out and f"{path}: its content does not match its digest" in out
+    with pytest.warns(UserWarning, match="does not match its digest"):
+        df = load(root / "a")
+    assert df.empty  # the edited value never reaches a table
+    s = execute(plan, root, executor="debug")  # and a run redoes it
+    assert eid in s.done and list(load(root / "a")["score"]) == [21]
+
+
+def test_records_written_before_digests_still_load(tmp_path):
+    """A record of an older fsdfm has no digest (none is committed here: the reports under results/ keep only
+    their tables): it is still done, verified by its artefacts, and loaded."""
+    from fsdfm.records import check_stage, load
+
+    root = tmp_path / "results"
+    plan = study("a", (3,))
+    execute(plan, root, executor="debug")
+    path = stage_dir(root / "a", plan.runs[0].stage_id) / RECORD  # the leaf: no other record holds its sha256
+    rec = json.loads(path.read_text())
+    del rec["digest"], rec["data_read"]
+    path.write_text(json.dumps(rec, indent=2, sort_keys=True))
+    assert check_stage(path.parent).state == "done"
+    assert list(load(root / "a")["score"]) == [21]
+    assert not execute(plan, root, executor="debug").done  # nothing redone
+
+
+# ----------------------------------------------------------------------------------------------- healing
+def test_damaged_model_and_checkpoint_heal_on_the_next_run(tmp_path, capsys):
+    path = spec_file(tmp_path)
+    root = tmp_path / "results"
+    argv = ["--results", str(root), "run", str(path), "--executor", "debug"]
+    assert main(argv) == 0
+    sdir = root / "tiny"
+    tid = next(p.name for p in (sdir / "stages").iterdir() if p.name.startswith("train"))
+    before = json.loads((stage_dir(sdir, tid) / RECORD).read_text())
+    d = stage_dir(sdir, tid)
+    (d / "model.pt").write_bytes(b"rot")
+    (d / "ckpt" / "checkpoint.pt").write_bytes(b"rot too")
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err  # used to fail on every re-run
+    err = capsys.readouterr().err
+    assert f"{d / 'ckpt' / 'checkpoint.pt'}: damaged checkpoint" in err
+    after = json.loads((d / RECORD).read_text())
+    assert after["artefacts"] == before["artefacts"]  # retrained from scratch to the same bytes
+    assert (d / "ckpt" / "checkpoint.pt.damaged-1").read_bytes() == b"rot too"
+
+
+def test_a_stage_that_died_without_error_json_is_failed_in_status(tmp_path):
+    """kill -9 (or an abort in native code) leaves running.json and a stale lock, but no error.json."""
+    from fsdfm.launch import status
+
+    root = tmp_path / "results"
+    plan = study("a", (1,))
+    sdir = write_plan(plan, root)
+    tid = teacher_id(plan)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    d = stage_dir(sdir, tid)
+    info = {"host": __import__("socket").gethostname(), "pid": dead.pid, "pid_start": None, "job_id": None}
+    (d / ".lock").write_text(json.dumps({**info, "time": "t"}))
+    (d / "running.json").write_text(
+        json.dumps({"hostname": info["host"], "pid": dead.pid, "attempt": 1, "start_time": "t"})
+    )
+    log = tmp_path / "job.err"
+    log.write_text("Fatal Python error: Aborted\nlast words\n")
+    (d / "submitted.json").write_text(json.dumps({"executor": "local", "job_id": "1", "time": "t", "stderr": str(log)}))
+    st = {s.stage_id: s for s in status(sdir).stages}
+    assert st[tid].state == "failed" and f"died without an error report (attempt 1, pid {dead.pid}" in st[tid].detail
+    assert f"log {log}" in st[tid].detail and st[tid].error_tail[-1] == "last words"
+    assert st[plan.runs[0].stage_id].state == "blocked"
+
+
+# ---------------------------------------------------------------------------------------------- environment
+import builtins  # noqa: E402
+import errno  # noqa: E402
+import io as _io  # noqa: E402
+
+
+class _FullFile:
+    """A file object whose writes fail as on a full disk (what the atomic writer's temp file meets)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, b):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def disk_full_for(monkeypatch, name: str) -> None:
+    """Writes through `fsdfm.io.atomic_write` to files called `name` fail with ENOSPC."""
+    import fsdfm.io
+
+    real = os.fdopen
+
+    def fdopen(fd, *a, **kw):
+        f = real(fd, *a, **kw)
+        return _FullFile(f) if f".{name}." in os.readlink(f"/proc/self/fd/{fd}") else f
+
+    monkeypatch.setattr(fsdfm.io.os, "fdopen", fdopen)
+
+
+def test_disk_full_while_writing_the_plan_is_one_line_and_leaves_no_plan(tmp_path, capsys, monkeypatch):
+    disk_full_for(monkeypatch, "plan.json")
+    root = tmp_path / "results"
+    assert main(["--results", str(root), "run", str(spec_file(tmp_path)), "--executor", "debug"]) == 2
+    err = one_error_line(capsys, "run")
+    assert f"{root / 'tiny' / 'plan.json'}: No space left on device; the disk is full" in err
+    assert not (root / "tiny" / "plan.json").exists()
+    assert not [p for p in (root / "tiny").iterdir() if p.name.endswith(".tmp")]  # no half-written temp file
+
+
+def test_a_checkpoint_write_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    import torch
+
+    from fsdfm.io import StorageError
+    from fsdfm.train import save_checkpoint
+
+    disk_full_for(monkeypatch, "checkpoint.pt")
+    with pytest.raises(StorageError, match=r"checkpoint\.pt: No space left on device; the disk is full") as e:
+        save_checkpoint(tmp_path / "checkpoint.pt", {"w": torch.zeros(3)})
+    assert e.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
+def read_only(monkeypatch, root: Path) -> None:
+    """Everything under `root` behaves as on a read-only file system (EROFS), as a `mount -o ro` would (a test
+    cannot mount, and root ignores permission bits)."""
+    top = os.path.abspath(root)
+
+    def under(p) -> bool:
+        return isinstance(p, (str, os.PathLike)) and os.path.abspath(os.fspath(p)).startswith(top)
+
+    def refuse(p):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(p))
+
+    def guard(fn, n):
+        def wrapped(*a, **kw):
+            if kw.get("dir_fd") is not None or kw.get("src_dir_fd") is not None or any(under(p) for p in a[:n]):
+                if fn is real["mkdir"] and os.path.lexists(a[0]):
+                    return fn(*a, **kw)  # EEXIST comes first, as on a real read-only mount
+                refuse(next((p for p in a[:n] if under(p)), top))
+            return fn(*a, **kw)
+
+        return wrapped
+
+    real = {name: getattr(os, name) for name in ("mkdir", "symlink", "unlink", "rmdir", "replace", "rename")}
+    for name, n in (("mkdir", 1), ("symlink", 2), ("unlink", 1), ("rmdir", 1), ("replace", 2), ("rename", 2)):
+        monkeypatch.setattr(os, name, guard(real[name], n))
+    real_open, real_bopen = os.open, builtins.open
+
+    def os_open(path, flags, *a, **kw):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and (under(path) or kw.get("dir_fd") is not None):
+            refuse(path)
+        return real_open(path, flags, *a, **kw)
+
+    def b_open(file, mode="r", *a, **kw):
+        if any(c in mode for c in "wax+") and under(file):
+            refuse(file)
+        return real_bopen(file, mode, *a, **kw)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", b_open)
+    monkeypatch.setattr(_io, "open", b_open)
+
+
+@pytest.mark.parametrize("command", ["run", "report", "clean"])
+def test_a_read_only_results_root_is_one_line_exit_2(command, tmp_path, capsys, monkeypatch):
+    path = spec_file(tmp_path)
+    root = tmp_path / "results"
+    assert main(["--results", str(root), "run", str(path), "--executor", "debug"]) == 0
+    before = listing(root)
+    capsys.readouterr()
+    read_only(monkeypatch, root)
+    argv = {
+        "run": ["run", str(path), "--executor", "debug"],
+        "report": ["report", str(path)],
+        "clean": ["clean", str(path), "--yes"],
+    }[command]
+    assert main(["--results", str(root), *argv]) == 2
+    err = one_error_line(capsys, command)
+    assert f"{root}" in err and "Read-only file system; the file system is read-only" in err, err
+    monkeypatch.undo()
+    assert listing(root) == before  # nothing changed
+
+
+def test_fsdfm_cache_under_a_regular_file_is_named_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setenv("FSDFM_CACHE", str(tmp_path / "afile" / "cache"))
+    root = tmp_path / "results"
+    assert main(["--results", str(root), "run", str(spec_file(tmp_path)), "--executor", "debug"]) == 2
+    err = one_error_line(capsys, "run")
+    assert f"FSDFM_CACHE={tmp_path / 'afile' / 'cache'}: {tmp_path / 'afile'} is a file, not a folder" in err
+    assert not root.exists()
