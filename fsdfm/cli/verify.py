@@ -9,14 +9,21 @@ from pathlib import Path
 from fsdfm.cli.common import UsageError
 from fsdfm.cli.run import _kind_of, _kinds_arg
 from fsdfm.cli.spec import load_plan, study_dir
+from fsdfm.records import (
+    ERROR,
+    StageLockedError,
+    check_stage,
+    is_done,
+    live_drivers,
+    read_plan,
+    running_holder,
+    unlink_stage,
+)
+from fsdfm.study.graph import PlanError, StudyPlan, waves
 
 
 def cmd_verify(args) -> dict:
     """Check every stage of a study (record, artefact sizes and sha256s, input records) without running anything."""
-    from fsdfm.records import read_plan
-    from fsdfm.records import ERROR, check_stage
-    from fsdfm.study.graph import PlanError, StudyPlan, waves
-
     target = Path(args.target)
     if target.is_dir():
         sdir = target
@@ -60,8 +67,6 @@ def cmd_clean(args) -> dict:
     Only folders the store owns are deleted (a link to anything else is unlinked, never followed), each under its
     stage lock; a stage running under any study is kept, and a study whose driver (`fsdfm run`) is running is
     refused: the driver would go on to run the dependents of what was removed."""
-    from fsdfm.records import ERROR, StageLockedError, is_done, live_drivers, running_holder
-
     sdir = study_dir(args)
     kinds = _kinds_arg(args.kind, "--kind")
     drivers = live_drivers(sdir) if sdir.is_dir() else []
@@ -103,8 +108,6 @@ def cmd_clean(args) -> dict:
         if answer not in ("y", "yes"):
             print("nothing removed")
             return {"study": sdir.name, "removed": 0, "stages": [], "running": running}
-    from fsdfm.records import unlink_stage
-
     shared, removed = {}, []
     for sid in chosen:  # a stage another study still links keeps its files; only this study's link goes
         try:
