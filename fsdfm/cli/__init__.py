@@ -17,6 +17,7 @@ import json
 import os
 import sys
 
+from fsdfm.io import STORAGE_ADVICE, storage_error
 from fsdfm.cli.common import (
     DEFAULT_ROOT,
     InputError,
@@ -172,8 +173,6 @@ def _main(argv: list[str] | None) -> int:
     if getattr(args, "threads", None) is not None:
         set_thread_env(args.threads)  # before the imports below load numpy and torch
     from fsdfm.data import DataError  # heavy: torch, imported after the thread variables are set
-
-    from fsdfm.io import STORAGE_ADVICE, storage_error
 
     try:
         result = args.fn(args)

@@ -165,11 +165,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         raise PlanError(f"{study_dir / PLAN}: no stage {stage_id!r}{did_you_mean(stage_id, list(plan['stages']))}")
     stage = Stage.from_dict(plan["stages"][stage_id], f"{study_dir / PLAN}: stages[{stage_id!r}]")
     kind = resolve_kind(stage.kind, plan.get("kinds", {}).get(stage.kind))
-    out_dir = stage_dir(study_dir, stage_id)
-    if not out_dir.exists() and (study_dir.parent / STORE).is_dir():
-        # its link was removed since the plan was written (`fsdfm clean`): the stage lives in the store, never
-        # as a real folder of the study that no other study would see
-        link_stages(study_dir, [stage_id], study_dir.parent)
+    out_dir = _relinked(study_dir, stage_id)
     if check_stage(out_dir).done:
         return read_record(out_dir)
     inputs, input_records = _done_inputs(study_dir, stage)
@@ -214,8 +210,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
                 wall_s=wall,
                 attempt=attempt,
             )
-            record["data_read"] = data_read  # the data files' digests, re-checked when the stage started
-            record = seal(to_jsonable(record, where=f"record of stage {stage_id}"))  # digest of its own content
+            record = _sealed(record, data_read)
             atomic_write_json(out_dir / RECORD, record)
             for stale in (ERROR, SUBMITTED):
                 with contextlib.suppress(FileNotFoundError):
@@ -283,6 +278,21 @@ def _record(plan: dict, stage: Stage, out_dir: Path, input_records: dict, payloa
             "malloc_tuned": malloc_tuned(),
         },
     }
+
+
+def _relinked(study_dir: Path, stage_id: str) -> Path:
+    """The stage's folder `<study>/stages/<id>`, linked into the store again if its link was removed since the
+    plan was written (`fsdfm clean`): a stage lives in the store, never as a real folder of one study."""
+    out_dir = stage_dir(study_dir, stage_id)
+    if not out_dir.exists() and (study_dir.parent / STORE).is_dir():
+        link_stages(study_dir, [stage_id], study_dir.parent)
+    return out_dir
+
+
+def _sealed(record: dict, data_read: dict) -> dict:
+    """The record with the data digests the stage checked (`data_read`) and the digest of its own content."""
+    record = to_jsonable({**record, "data_read": data_read}, where=f"record of stage {record['stage_id']}")
+    return seal(record)
 
 
 def _attempt_fields(stage: Stage, attempt: int, started: str) -> dict:

@@ -78,7 +78,7 @@ def vocab_estimate(data) -> int:
 
 def _params(model: dict, V: int) -> int:
     """~ parameters of a DiT of these sizes: n_blocks * 12 * hidden^2 (attention and MLP) + 2 * V * hidden."""
-    from fsdfm.model import PRESETS
+    from fsdfm.model import PRESETS  # heavy: torch
 
     sizes = {**PRESETS.get(model.get("preset", "tiny")), **{k: v for k, v in model.items() if v is not None}}
     h, n = int(sizes.get("hidden", 0)), int(sizes.get("n_blocks", 0))
