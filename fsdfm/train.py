@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fsdfm.progress import enabled as progress_enabled
+from fsdfm.convergence import Until, stopping_rule_fires
 from fsdfm.io import atomic_write
 
 
@@ -95,39 +96,6 @@ class OptimConfig:
 
 
 _OFF_BY_DEFAULT = ("compile", "fused")
-
-
-@dataclass(frozen=True)
-class Until:
-    """The stopping rule `until: {metric, patience, every, min_delta}`: evaluate every `every` steps; stop after
-    `patience` evaluations in a row without `metric` (lower is better) falling below best - min_delta."""
-
-    metric: str
-    patience: int
-    every: int
-    min_delta: float = 0.0
-
-    @classmethod
-    def parse(cls, raw, curve_every: int | None) -> "Until":
-        if not isinstance(raw, dict):
-            raise ValueError(f"optim.until must be a mapping {{metric, patience, every, min_delta}}, got {raw!r}")
-        unknown = sorted(set(raw) - {"metric", "patience", "every", "min_delta"})
-        if unknown:
-            raise ValueError(
-                f"optim.until: unknown key(s) {unknown}; allowed: metric, patience, every, min_delta "
-                "(the maximum is train.steps)"
-            )
-        metric, patience = raw.get("metric"), raw.get("patience")
-        every = raw.get("every", curve_every)
-        if not isinstance(metric, str) or not metric:
-            raise ValueError(f"optim.until.metric must name a curve metric (e.g. val_nll), got {metric!r}")
-        for name, v in (("patience", patience), ("every", every)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"optim.until.{name} must be an integer >= 1, got {v!r}")
-        min_delta = raw.get("min_delta", 0.0)
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
-            raise ValueError(f"optim.until.min_delta must be a number >= 0, got {min_delta!r}")
-        return cls(metric, int(patience), int(every), float(min_delta))
 
 
 @dataclass
@@ -330,15 +298,7 @@ def fit(
         model.train()
 
     def should_stop() -> bool:
-        """The stopping rule on the curve so far: no improvement beyond min_delta in the last `patience` points."""
-        u = cfg.until
-        vals = [c.get(u["metric"]) for c in curve] if u else []
-        if not u or len(vals) <= u["patience"] or any(v is None for v in vals):
-            if u and vals and vals[-1] is None:
-                raise KeyError(f"optim.until.metric {u['metric']!r} is not a curve metric; recorded: {list(curve[-1])}")
-            return False
-        best_before = min(vals[: -u["patience"]])
-        return min(vals[-u["patience"] :]) > best_before - u["min_delta"]
+        return stopping_rule_fires(curve, cfg.until)
 
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 

@@ -51,6 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "oracle_posterior",
         "oracle_joint",
         "oracle_law",
+        "convergence",
         "data",
         "released_checkpoints",
     ),
