@@ -70,7 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--executor",
         default="local",
-        help="local (default: submitit local processes), inline (in this process, with progress bars), debug (in-process, for tests) or slurm",
+        help="local (default: submitit local processes), local_gpus (one process per GPU, see --devices), inline "
+        "(in this process, with progress bars), debug (in-process, for tests) or slurm",
+    )
+    r.add_argument(
+        "--devices",
+        metavar="0,1,...",
+        help="GPUs of --executor local_gpus, one stage at a time on each (a GPU named twice runs two); default: "
+        "$FSDFM_DEVICES, else $CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists",
     )
     r.add_argument("--profile", help="cluster profile YAML for --executor slurm (e.g. slurm/local.yaml)")
     r.add_argument(

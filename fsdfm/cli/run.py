@@ -118,6 +118,19 @@ def cmd_run(args) -> dict:
     from fsdfm.launch import EXECUTORS, load_profile
 
     EXECUTORS.get(args.executor)  # checked here too: execute() writes plan.json before it reads the profile
+    if getattr(args, "devices", None) is not None:
+        import os
+
+        from fsdfm.launch.gpus import DEVICES_ENV
+
+        os.environ[DEVICES_ENV] = args.devices
+    if args.executor == "local_gpus":  # no device: refused before plan.json is written
+        from fsdfm.launch.gpus import NoDevicesError, device_slots
+
+        try:
+            device_slots()
+        except NoDevicesError as e:
+            raise InputError(str(e)) from None
     if args.executor == "slurm" and profile is None:
         raise UsageError(
             "--executor slurm needs a cluster profile: --profile slurm/<cluster>.yaml (template: "
