@@ -1,11 +1,12 @@
 """Command line: `fsdfm run SPEC`, `fsdfm status SPEC|DIR`, `fsdfm report SPEC|DIR`, `fsdfm samples SPEC|DIR`,
-`fsdfm verify SPEC|DIR`, `fsdfm clean SPEC|DIR`, `fsdfm ls`, `fsdfm eval FILES --spec SPEC`.
+`fsdfm verify SPEC|DIR`, `fsdfm clean SPEC|DIR`, `fsdfm ls`, `fsdfm eval FILES --spec SPEC`,
+`fsdfm compare STUDY_OR_SPEC...`.
 
 Every command prints for humans and ends with one JSON line for machines. Bad input (a malformed spec,
 a missing file, an unknown name) is one message naming what and where, exit status 2, nothing written.
 
 The package: `common` (errors, argument types, threads), `spec` (resolving SPEC|DIR and overrides), one module per
-command family (`run`, `status`, `report` (report, samples, eval), `verify` (verify, clean), `ls`); this module
+command family (`run`, `status`, `report` (report, samples, eval), `verify` (verify, clean), `ls`, `compare`); this module
 builds the parser and turns errors into exit statuses.
 """
 
@@ -25,6 +26,7 @@ from fsdfm.cli.common import (
     _positive_int,
     set_thread_env,
 )
+from fsdfm.cli.compare import cmd_compare
 from fsdfm.cli.report import cmd_eval, cmd_report, cmd_samples
 from fsdfm.cli.run import cmd_run
 from fsdfm.cli.status import cmd_status
@@ -141,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--spec", required=True, help="the study (a spec file or its results directory); run it first")
     e.add_argument("--label", action="append", help="row label per file, in order (default: the file stem)")
     e.set_defaults(fn=cmd_eval)
+    cmp = sub.add_parser(
+        "compare", parents=[common], help="one table across studies by setting, with the significance rules"
+    )
+    cmp.add_argument("studies", nargs="+", metavar="STUDY_OR_SPEC", help="study folders, spec files or results.json")
+    cmp.add_argument("--metrics", metavar="M[,M]", help="columns (default: the main table's metrics)")
+    cmp.add_argument("--out", help="also write table_compare.{md,tex,csv} here")
+    cmp.set_defaults(fn=cmd_compare)
     from fsdfm.cli.ls import add_ls_parser
 
     add_ls_parser(sub, common)
