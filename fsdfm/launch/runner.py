@@ -212,8 +212,12 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
                 _clear_artefacts(out_dir)
             from fsdfm.tracking import log_final, stage_tracking
 
-            runs = [r["run_id"] for r in plan.get("runs", []) if r.get("stage_id") == stage_id]
-            with stage_tracking(plan.get("tracking"), study_dir, stage_id, stage.kind, runs) as tracker:
+            ends = [r for r in plan.get("runs", []) if r.get("stage_id") == stage_id]  # the runs this stage ends
+            runs = [r["run_id"] for r in ends]
+            params = ends[0].get("params") if ends else None
+            with stage_tracking(
+                plan.get("tracking"), study_dir, stage_id, stage.kind, runs, config=stage.config, run_params=params
+            ) as tracker:
                 payload = kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)
                 log_final(tracker, payload if isinstance(payload, dict) else {}, step=_final_step(stage.config))
             if payload is None:
