@@ -104,3 +104,7 @@ def test_cli_compare_prints_the_table_writes_it_and_refuses_bad_input(tmp_path):
     assert bad.returncode == 2 and "missing" in bad.stderr and "no study here" in bad.stderr
     typo = _cli("compare", str(old), str(new), "--metrics", "gen_pp", cwd=tmp_path)
     assert typo.returncode == 2 and "gen_ppl" in typo.stderr  # did you mean
+    rep = _cli("report", str(old), cwd=tmp_path)
+    done = json.loads(rep.stdout.strip().splitlines()[-1])
+    assert rep.returncode == 0 and Path(done["html"]).is_file() and Path(done["results"]).is_file()
+    assert json.loads(Path(done["results"]).read_text())["study"] == "old"
