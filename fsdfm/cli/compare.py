@@ -6,18 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from fsdfm.cli.common import InputError, UsageError, require_extra
+from fsdfm.metrics.registry import METRICS
 
 
 def cmd_compare(args) -> dict:
     require_extra("report")
-    from fsdfm.report.compare import CompareError, compare
+    from fsdfm.report import write_table  # heavy: pandas, matplotlib (checked by require_extra first)
+    from fsdfm.report.compare import CompareError, compare  # heavy: pandas (as above)
 
     metrics = [m.strip() for m in (args.metrics or "").split(",") if m.strip()] or None
-    if metrics:
-        from fsdfm.metrics.registry import METRICS
-
-        for m in metrics:
-            METRICS.get(m)  # an unknown name: one line with "did you mean" (UnknownNameError -> exit 2)
+    for m in metrics or ():
+        METRICS.get(m)  # an unknown name: one line with "did you mean" (UnknownNameError -> exit 2)
     if len(args.studies) < 2:
         raise UsageError(f"fsdfm compare needs at least two studies, got {len(args.studies)}")
     try:
@@ -28,8 +27,6 @@ def cmd_compare(args) -> dict:
     print(result.table.to_markdown())
     written = []
     if args.out:
-        from fsdfm.report import write_table
-
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         written = [str(p) for p in write_table(result.table, out)]
