@@ -90,7 +90,8 @@ def _add_run_parser(sub, common: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--print-config",
         action="store_true",
-        help="print the spec with the overrides and --limit applied (YAML) and exit; runs nothing",
+        help="print the spec with the overrides and --limit applied and every default filled in (YAML) and exit; "
+        "runs nothing",
     )
     r.add_argument(
         "--executor",
