@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from fsdfm.cli.common import InputError, UsageError, require_extra
-from fsdfm.metrics.registry import METRICS
 
 
 def cmd_compare(args) -> dict:
     require_extra("report")
     from fsdfm.report import write_table  # heavy: pandas, matplotlib (checked by require_extra first)
+    from fsdfm.metrics.registry import METRICS  # heavy: numpy/torch, loaded only after main() set the threads
     from fsdfm.report.compare import CompareError, compare  # heavy: pandas (as above)
 
     metrics = [m.strip() for m in (args.metrics or "").split(",") if m.strip()] or None
