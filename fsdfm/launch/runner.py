@@ -242,8 +242,12 @@ def _done_inputs(study_dir: Path, stage: Stage) -> tuple[dict[str, Path], dict[s
 
 def _call_stage(plan: dict, study_dir: Path, stage: Stage, kind: StageKind, inputs: dict, out_dir: Path) -> dict:
     """The stage function's payload (JSON-ready), called on a copy of its config under the study's tracking."""
-    runs = [r["run_id"] for r in plan.get("runs", []) if r.get("stage_id") == stage.id]
-    with stage_tracking(plan.get("tracking"), study_dir, stage.id, stage.kind, runs) as tracker:
+    ends = [r for r in plan.get("runs", []) if r.get("stage_id") == stage.id]  # the runs this stage ends
+    runs = [r["run_id"] for r in ends]
+    params = ends[0].get("params") if ends else None  # its hyperparameters beside the stage config
+    with stage_tracking(
+        plan.get("tracking"), study_dir, stage.id, stage.kind, runs, config=stage.config, run_params=params
+    ) as tracker:
         payload = kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)
         log_final(tracker, payload if isinstance(payload, dict) else {}, step=_final_step(stage.config))
     if payload is None:
