@@ -220,9 +220,11 @@ def _model_dims(d: Path, sampler: str, record: dict) -> tuple[int, int]:
     if sampler == "ar":
         cfg = json.loads((d / "hf" / "config.json").read_text())
         return int(cfg["n_positions"]) - 1, int(cfg["vocab_size"])  # n_positions = L + 1 (the BOS position)
-    if sampler == "exact":
+    if sampler == "exact":  # the source knows its vocabulary (a user's file source has no vocab_size key)
+        from fsdfm.data import DataConfig, oracle_source  # heavy: torch
+
         data = record["config"]["data"]
-        return int(data["seq_len"]), int(data["oracle"]["vocab_size"])
+        return int(data["seq_len"]), int(oracle_source(DataConfig(**data)).vocab_size)
     if (d / "released.json").exists():
         ptr = json.loads((d / "released.json").read_text())
         data = record.get("config", {}).get("data", {})

@@ -32,6 +32,7 @@ from fsdfm.io import sha256_file
 from fsdfm.study.graph import STAGE_KINDS, Stage
 
 DATA_FILE_FIELDS = ("train", "valid", "tokenizer")
+ORACLE_FILE_FIELDS = ("transition", "emission", "initial")
 
 
 def data_fingerprint(data: dict) -> dict[str, str]:
@@ -47,6 +48,12 @@ def data_fingerprint(data: dict) -> dict[str, str]:
             p = p / "tokenizer.json"
         if p.is_file():
             out[key] = "sha256:" + sha256_file(p)
+    oracle = data.get("oracle")
+    if isinstance(oracle, dict):  # a user's own chain / HMM from .npy files (fsdfm.data.oracle.files)
+        for key in ORACLE_FILE_FIELDS:
+            value = oracle.get(key)
+            if isinstance(value, str) and value and Path(value).is_file():
+                out[f"oracle.{key}"] = "sha256:" + sha256_file(Path(value))
     return out
 
 
@@ -70,3 +77,31 @@ def stage_fingerprint(kind: str, config: dict) -> dict[str, Any]:
 def with_fingerprint(stage: Stage) -> Stage:
     """`stage` with its fingerprint filled in (a new Stage, so a new id)."""
     return Stage(stage.kind, stage.config, stage.inputs, stage_fingerprint(stage.kind, stage.config))
+
+
+class DataChangedError(RuntimeError):
+    """A data file a stage reads no longer has the content its stage id was planned with."""
+
+
+def check_data_unchanged(stage: Stage) -> dict[str, str]:
+    """Re-hash the data files `stage` reads and compare them with the digests in its fingerprint (its id).
+
+    A SLURM job may start hours after its plan was made; if a file changed meanwhile, the stage would train on
+    the new content under the old content's id. Raises `DataChangedError` naming the file, both digests and
+    what to do; returns {field: "sha256:<hex>"} of what was checked (what the stage reads)."""
+    planned = (stage.fingerprint or {}).get("data") or {}
+    if not planned:
+        return {}
+    data = stage.config.get("data") if isinstance(stage.config, dict) else None
+    now = data_fingerprint(data) if isinstance(data, dict) else {}
+    for field, want in sorted(planned.items()):
+        got = now.get(field)
+        if got != want:
+            src = (data or {}).get(field)
+            state = f"now {got[:19]}" if got else "now missing"
+            raise DataChangedError(
+                f"data.{field} {src}: changed since this study was planned (planned {str(want)[:19]}, {state}); "
+                "this stage's id holds the old content, so it will not run on the new one. Re-run `fsdfm run "
+                "SPEC`: the plan is made again and the stages that read the file get new ids"
+            )
+    return dict(planned)

@@ -137,8 +137,8 @@ def test_exact_study_runs_and_the_report_decomposes_the_error(tmp_path):
     for _, row in frame[frame.kind != "exact"].iterrows():
         model = df[(df.label == row.label) & (df.steps == row.steps)].oracle_nll.mean()
         exact = df[(df.method == "ex") & (df.steps == row.steps)].oracle_nll.item()
-        assert row.model_error == pytest.approx(model - exact, abs=1e-12)
-        assert row.sampler_error == pytest.approx(exact - expected, abs=1e-12)
+        assert row.model_ce_excess == pytest.approx(model - exact, abs=1e-12)
+        assert row.exact_ce_excess == pytest.approx(exact - expected, abs=1e-12)
     out = write_report(study_dir)
     index = out.index.read_text()
     assert "Few-step error decomposition" in index and (study_dir / "report" / "fig_decomposition.png").is_file()

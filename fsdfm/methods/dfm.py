@@ -28,6 +28,7 @@ from fsdfm.methods.common import (
     join_process_group,
     load_dit,
     oracle_model_metric,
+    oracle_curve_metrics,
     oracle_model_metrics,
     path_from_config,
     train_metrics,
@@ -151,6 +152,11 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     objective = DFMObjective(path, obj)
     if "teacher" in inputs:  # teacher: exact -- the "exact targets" baseline (fsdfm.methods.exact_teacher)
         objective = ExactTargetObjective(path, load_exact(inputs["teacher"], config["data"]), obj.eps)
+    kl = oracle_curve_metrics(config, path, corpus)
+
+    def evaluate(m) -> dict:  # the curve: held-out CE / ELBO bound (2 batches) and posterior_kl on oracle data
+        return {**dfm_validation(m, path, corpus.valid, obj.eps, n_batches=2), **{k: f(m) for k, f in kl.items()}}
+
     res, final = fit_dit(
         model,
         objective,
@@ -160,6 +166,7 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
         "train dfm teacher",
         {"source": config["source"], "scheduler": config["scheduler"]},
         h_conditioned=False,
+        evaluate=evaluate,
     )
     val = dfm_validation(final, path, corpus.valid, obj.eps)
     return train_metrics(

@@ -24,6 +24,7 @@ from fsdfm.methods.common import (
     join_process_group,
     load_dit,
     oracle_model_metric,
+    oracle_curve_metrics,
     oracle_model_metrics,
     train_metrics,
 )
@@ -134,6 +135,8 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
         torch.manual_seed(config["optim"]["seed"])
         student = student_from_teacher(teacher.model, settings.h_embedding)
         frozen = teacher.model.requires_grad_(False) if settings.shortcut_entry.uses_frozen_teacher else None
+    # the curve (oracle data): posterior_kl at every step size h = 2^-j the student is trained and sampled at
+    kl = oracle_curve_metrics(config, teacher_path, corpus, hs=tuple(2.0**-j for j in range(settings.K + 1)))
     res, final = fit_dit(
         student,
         FSDFMObjective(teacher_path, settings.objective(), frozen),
@@ -143,6 +146,7 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
         "distil fs-dfm student",
         path_cfg,
         h_conditioned=True,
+        evaluate=(lambda m: {k: f(m) for k, f in kl.items()}) if kl else None,
     )
     return train_metrics(
         res,
