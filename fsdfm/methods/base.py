@@ -28,7 +28,7 @@ from fsdfm.fingerprint import with_fingerprint
 from fsdfm.registry import Registry
 from fsdfm.samplers import RULE_KINDS, rule_applies, rules_for
 from fsdfm.study.graph import RunSpec, Stage, StudyPlan
-from fsdfm.study.spec import Cell, MethodSpec, StudySpec
+from fsdfm.study.spec import FORWARD_PRECISIONS, Cell, MethodSpec, StudySpec
 
 __all__ = [
     "EXACT_TEACHER",
@@ -42,6 +42,12 @@ __all__ = [
 
 # kind name -> its MethodKind (settings class, planning, sampler, rules); filled by the kind files on import
 METHOD_KINDS: Registry = Registry("method kind", discover=("fsdfm.methods",))
+
+
+def forward_precision_key(value: str) -> dict:
+    """The sample stage's `forward_precision` entry: none for the default (float32), so that the stage ids of every
+    study written before the setting existed are unchanged; {"forward_precision": value} otherwise."""
+    return {} if value == FORWARD_PRECISIONS[0] else {"forward_precision": value}
 
 
 @dataclass(frozen=True)
@@ -234,6 +240,8 @@ def _plan_samples(
                 "batch_size": spec.sampling.batch_size,
                 "seed": spec.sampling.seed,
                 "precision": spec.sampling.precision,
+                # only when not the default, so that a float32 study keeps its stage ids
+                **forward_precision_key(spec.sampling.forward_precision),
             }
             sample = p.add(Stage("sample", cfg, {"model": model.id}))
             ev_stage = p.add(Stage("evaluate", eval_cfg, {"samples": sample.id, **ev_inputs}))

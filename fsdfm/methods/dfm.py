@@ -18,6 +18,7 @@ from fsdfm.methods.exact import plan_exact
 from fsdfm.methods.common import (
     DATA_SOURCES,
     DIT_SOURCES,
+    forward_autocast,
     SAMPLERS,
     Draw,
     RowCounter,
@@ -192,6 +193,7 @@ def sample_dfm(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
             precision=precision,
             batch_size=cfg["batch_size"],
             device=dev,
+            autocast=forward_autocast(cfg),
         )
 
     run(
