@@ -32,9 +32,12 @@ __all__ = ["__version__", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
+        import sys
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        from fsdfm.registry import discover
+
+        discover(_LAZY[name], submodules=False)  # imports the module (fsdfm imports by name only there)
+        return getattr(sys.modules[_LAZY[name]], name)
     raise AttributeError(f"module 'fsdfm' has no attribute {name!r}")
 
 

@@ -7,7 +7,7 @@
     fsdfm.evaluate(s, metrics=["entropy_nats", "rep_n"])                                 # a MetricSet
 
 Everything goes through the code paths of the command line: `run_study` validates a dict exactly like a YAML file
-(`fsdfm.study.load.load_spec_dict`, overrides applied first) and runs the same plan with the same executors;
+(`fsdfm.methods.load.load_spec_dict`, overrides applied first) and runs the same plan with the same executors;
 `Model.sample` calls the sampler the study's sample stage calls (`fsdfm.methods.common.SAMPLERS`) with the same
 settings, so the same seed gives the same tokens; `evaluate` is `fsdfm.metrics.compute_metric_set`.
 
@@ -24,28 +24,24 @@ from typing import Any, Mapping, Sequence
 from fsdfm.launch import execute
 from fsdfm.records import data_cache_dir, load, read_record, stage_cache_dir
 from fsdfm.registry import did_you_mean
-from fsdfm.study.load import load_spec, load_spec_dict
+from fsdfm.study.graph import STAGE_KINDS
 from fsdfm.tracking import check_available, enable
 
 DEFAULT_ROOT = "results"
 TOKENIZER_FILE = "tokenizer.json"
-# the stage kinds that leave a model in their folder -> the sampler of fsdfm.methods.common.SAMPLERS that draws from it
-MODEL_SAMPLERS = {
-    "train_dfm": "dfm",
-    "distil_fsdfm": "dfm",
-    "load_released": "dfm",
-    "train_ar": "ar",
-    "train_flm": "flm",
-    "distil_fmlm": "fmlm",
-    "exact_posterior": "exact",
-}
-DEFAULT_RULES = {
-    "dfm": "cumulative_scalar",
-    "exact": "cumulative_scalar",
-    "ar": "ancestral",
-    "flm": "euler",
-    "fmlm": "flow_map",
-}
+
+
+def model_stage_kinds() -> dict:
+    """{stage kind: (sampler, default rule)} of the stage kinds that leave a model in their folder, as each
+    declares it (`@stage_kind(..., model_sampler=, model_rule=)`); every kind found by discovery."""
+    import fsdfm.methods  # noqa: F401  (heavy: torch; finds every method and stage kind)
+
+    out = {}
+    for name in STAGE_KINDS.names():
+        k = STAGE_KINDS.get(name)
+        if k.model_sampler is not None:
+            out[name] = (k.model_sampler, k.model_rule)
+    return out
 
 
 class StudyFailed(RuntimeError):
@@ -85,6 +81,7 @@ def run_study(
     """
     import fsdfm.methods  # noqa: F401  (heavy: torch; registers the method and stage kinds)
     from fsdfm.methods import plan_study  # heavy: torch
+    from fsdfm.methods.load import load_spec, load_spec_dict  # heavy: torch
 
     cache = data_cache_dir(results)
     if isinstance(spec, Mapping):
@@ -180,14 +177,15 @@ class Model:
             raise ValueError(f"sample: precision must be float64 or float32, got {precision!r}")
         if forward_precision not in ("float32", "bfloat16"):
             raise ValueError(f"sample: forward_precision must be float32 or bfloat16, got {forward_precision!r}")
+        rule = rule or model_stage_kinds()[self.kind][1]
         if self.sampler == "dfm" or self.sampler == "exact":
             from fsdfm.samplers import get_rule  # heavy: torch
 
-            get_rule(rule or DEFAULT_RULES[self.sampler])  # an unknown rule: UnknownNameError with did-you-mean
+            get_rule(rule)  # an unknown rule: UnknownNameError with did-you-mean
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         cfg = {
             "sampler": self.sampler,
-            "rule": rule or DEFAULT_RULES[self.sampler],
+            "rule": rule,
             "steps": steps,
             "t_end": self.t_end if t_end is None else t_end,
             "n_samples": n,
@@ -263,14 +261,15 @@ def load_model(stage_dir: str | os.PathLike) -> Model:
         raise FileNotFoundError(f"load_model: {d}: no such stage folder")
     record = read_record(d) or {}
     kind = record.get("kind") or d.name.rsplit("-", 1)[0]
-    if kind not in MODEL_SAMPLERS:
+    models = model_stage_kinds()
+    if kind not in models:
         raise ValueError(
-            f"load_model: {d} is a {kind!r} stage, which holds no model{did_you_mean(kind, list(MODEL_SAMPLERS))}; "
-            f"pass the folder of one of: {', '.join(MODEL_SAMPLERS)}"
+            f"load_model: {d} is a {kind!r} stage, which holds no model{did_you_mean(kind, list(models))}; "
+            f"pass the folder of one of: {', '.join(models)}"
         )
     if record.get("status") != "done":
         raise FileNotFoundError(f"load_model: {d}: the stage has not finished (no done record.json)")
-    sampler = MODEL_SAMPLERS[kind]
+    sampler = models[kind][0]
     config = record.get("config") or {}
     seq_len, vocab_size = _model_dims(d, sampler, record)
     objective = config.get("objective") or {}

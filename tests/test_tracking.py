@@ -13,7 +13,7 @@ import yaml
 from fsdfm.cli import main
 from fsdfm.methods import plan_study
 from fsdfm.records import load_records
-from fsdfm.study.load import load_spec_dict
+from fsdfm.methods.load import load_spec_dict
 from fsdfm.study.spec import SpecError
 from fsdfm.train import OptimConfig, lr_factor
 from tensorboard.backend.event_processing import event_accumulator  # the `track` extra (in `all`)
@@ -42,7 +42,7 @@ SPEC = {
             "kind": "dfm",
             "train": {"steps": 5, "batch_size": 4, "warmup_steps": 2, "lr": 0.01, "ema_decay": None},
             "rules": ["euler"],
-            "steps": [2],
+            "budgets": [2],
         }
     },
     "metrics": {"names": ["entropy_nats", "oracle_nll"]},

@@ -9,13 +9,14 @@ from pathlib import Path
 from fsdfm.cli.common import UsageError
 from fsdfm.records import data_cache_dir
 from fsdfm.study.dump import dump_yaml
-from fsdfm.study.load import load
 from fsdfm.study.overrides import parse_overrides
 from fsdfm.study.spec import check_name, read_yaml
 
 
 def resolve_spec(args, check_files: bool = True):
-    """args.spec / args.target with the command line's overrides and --limit (fsdfm.study.load.load)."""
+    """args.spec / args.target with the command line's overrides and --limit (fsdfm.methods.load.load)."""
+    from fsdfm.methods.load import load  # heavy: torch (the kinds' checks); the CLI sets its threads first
+
     spec_path = getattr(args, "spec", None) or args.target
     root = args.results
     # the data checks may reuse (never write) the tokenizers a previous run cached under the results root

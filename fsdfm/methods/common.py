@@ -67,6 +67,30 @@ def tf32_matmuls(enabled: bool):
 # name -> prepare(model_dir, cfg, corpus, dev) -> Draw: load the model, wrap it in a RowCounter, warm up (each kind
 # file registers its own; the sample stage times `Draw.run` and reads the counter)
 SAMPLERS: Registry = Registry("sampler")
+
+# The code every stage that loads a corpus depends on, and every DiT training stage: parts of the `sources` of
+# their stage kinds (`@stage_kind(..., sources=...)`, digested by fsdfm.versions).
+DATA_SOURCES = (
+    "fsdfm.data.base:load_corpus",
+    "fsdfm.data.documents",
+    "fsdfm.data.tokenizer",
+    "fsdfm.data.text",
+    "fsdfm.data.tokenfiles",
+    "fsdfm.data.hf",
+    "fsdfm.data.oracle",
+    "fsdfm.methods.common:corpus_for",
+)
+DIT_SOURCES = (
+    "fsdfm.model",
+    "fsdfm.train",
+    "fsdfm.paths",
+    "fsdfm.schedulers",
+    "fsdfm.methods.common:save_dit",
+    "fsdfm.methods.common:build_model_config",
+    "fsdfm.methods.common:train_metrics",
+    "fsdfm.methods.common:loss_curve",
+    "fsdfm.methods.common:fit_dit",
+)
 LOSS_CURVE_POINTS = 200
 
 

@@ -16,6 +16,8 @@ import torch
 from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, declared_rules, register_kind
 from fsdfm.methods.exact import plan_exact
 from fsdfm.methods.common import (
+    DATA_SOURCES,
+    DIT_SOURCES,
     forward_autocast,
     SAMPLERS,
     Draw,
@@ -123,6 +125,18 @@ def unigram_ce(train: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> flo
     resources="gpu_multi",
     version="1",
     metrics=lambda c: (("val_nll", "elbo_ppl") if c.get("source") == "mask" else ()) + oracle_model_metric(c),
+    sources=(
+        "fsdfm.methods.dfm:train_dfm",
+        *DIT_SOURCES,
+        *DATA_SOURCES,
+        "fsdfm.objectives",
+        "fsdfm.losses",
+        "fsdfm.methods.dfm:dfm_validation",
+        "fsdfm.methods.dfm:unigram_ce",
+        "fsdfm.methods.common:path_from_config",
+    ),
+    model_sampler="dfm",
+    model_rule="cumulative_scalar",
 )
 def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The DFM teacher: mask or uniform source, CE or generalized-KL loss."""

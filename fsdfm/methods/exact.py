@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from fsdfm.methods.base import MethodKind, Planner, declared_rules, register_kind
-from fsdfm.methods.common import SAMPLERS, Draw, RowCounter
+from fsdfm.data.oracle import ORACLE_SOURCES
+from fsdfm.methods.common import DATA_SOURCES, SAMPLERS, Draw, RowCounter
 from fsdfm.samplers import sample, time_grid
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
@@ -36,7 +37,20 @@ register_kind(MethodKind("exact", "exact", declared_rules("exact", "cumulative_s
 register_kind(MethodKind("exact_joint", "exact_joint", ("ffbs",), plan_exact, oracle_only=True))
 
 
-@stage_kind("exact_posterior", resources="cpu", version="1")
+@stage_kind(
+    "exact_posterior",
+    resources="cpu",
+    version="1",
+    sources=(
+        "fsdfm.methods.exact:exact_posterior_stage",
+        "fsdfm.methods.exact_teacher",
+        "fsdfm.oracle_posterior",
+        *ORACLE_SOURCES,
+        *DATA_SOURCES,
+    ),
+    model_sampler="exact",
+    model_rule="cumulative_scalar",
+)
 def exact_posterior_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The exact denoiser of an oracle source (fsdfm.methods.exact_teacher): nothing to train; records its path."""
     oracle_source(DataConfig(**config["data"]))  # a bad oracle config fails here, with a clear DataError

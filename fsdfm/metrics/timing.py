@@ -87,6 +87,7 @@ register_metric(
     family="timing",
     show={"cost": 1},
     recorded_by=_SAMPLING,
+    sources=("fsdfm.metrics.timing", "fsdfm.memory"),
     description="counted model forward calls per sampling run",
 )
 # the cost table shows wall_s as its `sampling_wall_s` column (fsdfm.report.summary.sampling_wall_s)
@@ -98,6 +99,7 @@ register_metric(
     label="sampling wall-clock (s)",
     show={"cost": 2},
     recorded_by=_SAMPLING,
+    sources=("fsdfm.metrics.timing", "fsdfm.memory"),
     description="sampling wall-clock seconds (warm-up excluded, CUDA synchronised)",
 )
 register_metric(
@@ -107,6 +109,7 @@ register_metric(
     family="timing",
     show={"cost": 3},
     recorded_by=_SAMPLING,
+    sources=("fsdfm.metrics.timing", "fsdfm.memory"),
     description="generated tokens per second of sampling wall-clock",
 )
 register_metric(
@@ -116,5 +119,6 @@ register_metric(
     family="timing",
     show={"cost": 4},
     recorded_by=_SAMPLING,
+    sources=("fsdfm.metrics.timing", "fsdfm.memory"),
     description="peak memory while sampling (CUDA max allocated, or process peak RSS)",
 )

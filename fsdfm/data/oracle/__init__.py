@@ -28,6 +28,10 @@ from fsdfm.data.oracle.hmm import HMMSource
 from fsdfm.data.oracle.markov import MarkovSource
 from fsdfm.data.oracle.sources import ORACLES, OracleEstimate, OracleSource, de_bruijn, make_oracle, oracle_nll
 
+# the oracle sources' code (this file is the dataset kind, part of fsdfm.methods.common.DATA_SOURCES): the
+# sources of every versioned unit that reads an oracle source (fsdfm.versions)
+ORACLE_SOURCES = ("fsdfm.data.oracle.sources", "fsdfm.data.oracle.markov", "fsdfm.data.oracle.hmm")
+
 __all__ = [
     "ORACLES",
     "HMMFileSource",
