@@ -11,10 +11,10 @@ import yaml
 
 from fsdfm.cli import main
 from fsdfm.methods import plan_study
-from fsdfm.study.dump import WRITTEN_SETTINGS_KINDS, dump_yaml, resolved_config
+from fsdfm.methods.dump import WRITTEN_SETTINGS_KINDS, dump_yaml, resolved_config
 from fsdfm.study.grid import resolve_bases
-from fsdfm.study.load import load, load_spec_dict
-from fsdfm.study.spec import METHOD_KINDS
+from fsdfm.methods.load import load, load_spec_dict
+from fsdfm.methods.base import METHOD_KINDS
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from fsdfm.cli.common import UsageError
 from fsdfm.records import data_cache_dir
-from fsdfm.study.dump import dump_yaml
 from fsdfm.study.overrides import parse_overrides
 from fsdfm.study.spec import check_name, read_yaml
 
@@ -60,7 +59,9 @@ def command_line(args) -> str:
 
 def print_config(resolved, sdir: Path) -> dict:
     """--print-config: the spec after --limit and the overrides with every default resolved (each method kind's
-    own settings included: `fsdfm.study.dump.resolved_config`), as YAML; nothing is run or written."""
+    own settings included: `fsdfm.methods.dump.resolved_config`), as YAML; nothing is run or written."""
+    from fsdfm.methods.dump import dump_yaml  # heavy: torch (the kinds' registry); the CLI sets its threads first
+
     print(
         f"# study {resolved.name} -> {sdir}  (from {resolved.path}"
         + (f", --limit {resolved.limit}" if resolved.limit is not None else "")

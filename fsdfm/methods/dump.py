@@ -20,7 +20,8 @@ from pathlib import PurePath
 from typing import Any
 
 from fsdfm.study.grid import resolve_bases
-from fsdfm.study.spec import METHOD_KINDS, StudySpec
+from fsdfm.methods.base import METHOD_KINDS
+from fsdfm.study.spec import StudySpec
 
 # StudySpec fields the YAML does not hold (derived at load), left out of the mapping
 _NOT_YAML = {"overrides"}
