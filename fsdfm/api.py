@@ -175,9 +175,9 @@ class Model:
             raise ValueError(f"sample: steps must be a positive integer, got {steps!r}")
         if precision not in ("float64", "float32"):
             raise ValueError(f"sample: precision must be float64 or float32, got {precision!r}")
-        rule = rule or model_stage_kinds()[self.kind][1]
         if forward_precision not in ("float32", "bfloat16"):
             raise ValueError(f"sample: forward_precision must be float32 or bfloat16, got {forward_precision!r}")
+        rule = rule or model_stage_kinds()[self.kind][1]
         if self.sampler == "dfm" or self.sampler == "exact":
             from fsdfm.samplers import get_rule  # heavy: torch
 

@@ -13,8 +13,8 @@ from fsdfm.cli import main
 from fsdfm.methods import plan_study
 from fsdfm.methods.dump import WRITTEN_SETTINGS_KINDS, dump_yaml, resolved_config
 from fsdfm.study.grid import resolve_bases
-from fsdfm.methods.load import load, load_spec_dict  # the loaders that build the kinds' settings
-from fsdfm.methods import METHOD_KINDS
+from fsdfm.methods.load import load, load_spec_dict
+from fsdfm.methods.base import METHOD_KINDS
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

@@ -60,12 +60,12 @@ def command_line(args) -> str:
 def print_config(resolved, sdir: Path) -> dict:
     """--print-config: the spec after --limit and the overrides with every default resolved (each method kind's
     own settings included: `fsdfm.methods.dump.resolved_config`), as YAML; nothing is run or written."""
+    from fsdfm.methods.dump import dump_yaml  # heavy: torch (the kinds' registry); the CLI sets its threads first
+
     print(
         f"# study {resolved.name} -> {sdir}  (from {resolved.path}"
         + (f", --limit {resolved.limit}" if resolved.limit is not None else "")
         + "; every default filled in, base: merged; the grid applies on top)"
     )
-    from fsdfm.methods.dump import dump_yaml  # heavy: torch (the kinds' registry)
-
     print(dump_yaml(resolved.spec, resolved.raw))
     return {"study": resolved.name, "print_config": True, "overrides": resolved.overrides, "limit": resolved.limit}

@@ -19,8 +19,8 @@ import enum
 from pathlib import PurePath
 from typing import Any
 
-from fsdfm.methods.base import METHOD_KINDS
 from fsdfm.study.grid import resolve_bases
+from fsdfm.methods.base import METHOD_KINDS
 from fsdfm.study.spec import StudySpec
 
 # StudySpec fields the YAML does not hold (derived at load), left out of the mapping
