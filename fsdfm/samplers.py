@@ -75,6 +75,7 @@ class SampleOutput:
     time_grid: torch.Tensor
     wall_s: float = 0.0
     numerics: SampleNumerics | None = None
+    nfe_per_sample: torch.Tensor | None = None  # (N,) where NFE varies per sample (fsdfm.sampling: threshold)
 
 
 # The method kinds whose models the discrete sampling loop below samples (names, not imports: the library floor
@@ -313,6 +314,11 @@ def sample(
     if grid.ndim != 1 or grid.numel() < 2 or not bool((grid[1:] > grid[:-1]).all()):
         raise ValueError("time grid must be a 1-D increasing tensor with at least 2 points")
     rule_fn = get_rule(rule)
+    if hasattr(rule_fn, "sample_loop"):  # a whole-step sampler (fsdfm.sampling) runs its own loop: same contract
+        return rule_fn.sample_loop(
+            model, path, n_samples=n_samples, seq_len=seq_len, grid=grid, h_conditioned=h_conditioned,
+            generator=generator, precision=precision, batch_size=batch_size, device=device,
+        )  # fmt: skip
     # The logits path (the default) needs no (B, L, V) softmax. Other precisions keep softmax + Gumbel-max, so that
     # a low-precision ablation reproduces exactly the known low-precision artefact.
     from_logits = sparse is not False and precision == torch.float64

@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "model",
         "samplers",
         "sparse_step",
+        "sampling",
         "objectives",
         "teachers",
         "train",

@@ -45,9 +45,17 @@ def _methods() -> list[Entry]:
 
 
 def _rules() -> list[Entry]:
-    from fsdfm.samplers import UPDATE_RULES
+    import fsdfm.sampling  # noqa: F401  (registers the training-free samplers)
+    from fsdfm.samplers import RULE_KINDS, UPDATE_ALIASES, UPDATE_RULES
 
-    return [Entry(n, _first_line(UPDATE_RULES.get(n))) for n in UPDATE_RULES]
+    def aliases(n: str) -> str:
+        names = [f"{a} for {', '.join(RULE_KINDS[a])}" for a, r in UPDATE_ALIASES.items() if r == n]
+        return f" (alias {'; '.join(names)})" if names else ""
+
+    return [
+        Entry(n, f"[kinds {', '.join(RULE_KINDS.get(n, ()))}] {_first_line(UPDATE_RULES.get(n))}{aliases(n)}")
+        for n in UPDATE_RULES
+    ]
 
 
 def _metrics() -> list[Entry]:

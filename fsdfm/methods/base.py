@@ -78,6 +78,7 @@ class MethodKind:
 def declared_rules(kind: str, default: str) -> tuple:
     """The update rules that declare they apply to `kind` (fsdfm.samplers.RULE_KINDS), `default` first: the rules
     a DFM-family kind accepts, so that adding a rule touches no kind file."""
+    import fsdfm.sampling  # noqa: F401  (registers the training-free samplers as rules before a kind reads them)
     from fsdfm.samplers import RULE_KINDS
 
     rules = [r for r, kinds in RULE_KINDS.items() if kind in kinds and r != default]
@@ -149,6 +150,29 @@ def _section(kind: MethodKind, m: MethodSpec, key: str, where: str, file: str):
     return build(kind.settings_cls, raw, f"{where}.{key}", file)
 
 
+def _check_knobs(m: MethodSpec, kind: MethodKind, where: str, file: str) -> None:
+    """Sampler knobs (fsdfm.sampling.knobs): known, valid, used by one of the method's rules, on a kind whose sampler
+    reads them (the DFM sampling loop); mask-source-only rules and knobs on a mask-source method."""
+    from fsdfm.sampling import MASK_SOURCE_KINDS, WHOLE_STEP, knob_errors
+
+    rules = tuple(m.rules or kind.rules[:1])
+    for rule in rules:
+        if rule in WHOLE_STEP and m.source != "mask":
+            raise SpecError(
+                f"{file}: {where}.rules: {rule!r} needs the mask source; this method's source is {m.source}"
+            )
+    if not m.knobs:
+        return
+    if m.kind not in MASK_SOURCE_KINDS:
+        key = next(iter(m.knobs)) if isinstance(m.knobs, dict) else ""
+        raise SpecError(
+            f"{file}: {where}.knobs.{key}: a {m.kind} method's sampler takes no sampler knobs "
+            f"(they apply to kinds {', '.join(MASK_SOURCE_KINDS)})"
+        )
+    for key, msg in knob_errors(m.knobs, rules, m.source):
+        raise SpecError(f"{file}: {where}.knobs{'.' + key if key else ''}: {msg}")
+
+
 def validate_methods(spec: StudySpec, file: str) -> StudySpec:
     """Method kinds, teachers (existing, of the right kind, acyclic), rules, step budgets, kind settings; returns
     the spec with every method's typed `settings` filled in."""
@@ -216,6 +240,7 @@ def validate_methods(spec: StudySpec, file: str) -> StudySpec:
                     f"{file}: {where}.rules: {short(rule)} is not a rule of {m.kind}{did_you_mean(str(rule), list(kind.rules))}; "
                     f"allowed: {', '.join(kind.rules)}"
                 )
+        _check_knobs(m, kind, where, file)
         if not m.steps:
             raise SpecError(f"{file}: {where}.steps: list the step budgets to evaluate, e.g. [1, 8, 64]")
         for s in m.steps:
@@ -312,13 +337,17 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
                                 "batch_size": spec.sampling.batch_size,
                                 "seed": spec.sampling.seed,
                                 "precision": spec.sampling.precision,
+                                # only set knobs: a method without knobs keeps its stage ids
+                                **({"knobs": dict(sorted(m.knobs.items()))} if m.knobs else {}),
                             },
                             {"model": model.id},
                         )
                     )
                     ev_stage = p.add(Stage("evaluate", eval_cfg, {"samples": sample.id, **ev_inputs}))
+                    knob_col = {"knobs": ",".join(f"{k}={v}" for k, v in sorted(m.knobs.items()))} if m.knobs else {}
                     add_run(
-                        {"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps},
+                        {"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps}
+                        | knob_col,
                         ev_stage,
                         cell.params,
                     )

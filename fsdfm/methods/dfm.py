@@ -32,7 +32,8 @@ from fsdfm.methods.common import (
 from fsdfm.model import DiT
 from fsdfm.objectives import DFMConfig, DFMObjective
 from fsdfm.paths import MixturePath
-from fsdfm.samplers import sample, time_grid
+from fsdfm.samplers import time_grid
+from fsdfm.sampling import sample_with_knobs
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
 
@@ -167,9 +168,10 @@ def sample_dfm(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     precision = getattr(torch, cfg["precision"])
 
     def run(n, steps_grid, gen):
-        return sample(
+        return sample_with_knobs(
             net,
             m.path,
+            knobs=cfg.get("knobs"),
             n_samples=n,
             seq_len=corpus.seq_len,
             grid=steps_grid,

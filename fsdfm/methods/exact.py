@@ -14,7 +14,8 @@ import torch
 
 from fsdfm.methods.base import MethodKind, Planner, declared_rules, register_kind
 from fsdfm.methods.common import SAMPLERS, Draw, RowCounter
-from fsdfm.samplers import sample, time_grid
+from fsdfm.samplers import time_grid
+from fsdfm.sampling import sample_with_knobs
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
 
@@ -49,9 +50,10 @@ def sample_exact(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     net = RowCounter(exact)
     grid = time_grid(cfg["steps"], t_end=cfg["t_end"])
     return Draw(
-        lambda gen: sample(
+        lambda gen: sample_with_knobs(
             net,
             exact.path,
+            knobs=cfg.get("knobs"),
             n_samples=cfg["n_samples"],
             seq_len=corpus.seq_len,
             grid=grid,

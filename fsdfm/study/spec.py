@@ -132,6 +132,7 @@ class MethodSpec:
     steps: tuple = ()
     label: str | None = None
     checkpoint: dict = field(default_factory=dict)  # kind "released": {path, which} of a checkpoint to evaluate
+    knobs: dict = field(default_factory=dict)  # sampler knobs (fsdfm.sampling.knobs): temperature, top_p, ...
     settings: Any = field(default=None, metadata={"yaml": False})
 
     @property
