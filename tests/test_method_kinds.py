@@ -208,9 +208,11 @@ def test_update_rules_declare_their_kinds(monkeypatch):
     from fsdfm.methods.base import declared_rules
 
     # the rules of today, each kind's default first (the order "allowed: ..." messages list them in)
-    assert declared_rules("dfm", "euler") == ("euler", "cumulative_scalar", "mixture_euler", "mdlm")
-    assert declared_rules("fsdfm", "cumulative_scalar") == ("cumulative_scalar", "euler", "mixture_euler")
-    assert METHOD_KINDS.get("released").rules == ("cumulative_scalar", "euler", "mixture_euler")
+    # (then the training-free samplers of fsdfm.sampling, registered after fsdfm.samplers' own rules)
+    new = ("confidence", "threshold", "remdm")
+    assert declared_rules("dfm", "euler") == ("euler", "cumulative_scalar", "mixture_euler", "mdlm", *new)
+    assert declared_rules("fsdfm", "cumulative_scalar") == ("cumulative_scalar", "euler", "mixture_euler", *new)
+    assert METHOD_KINDS.get("released").rules == ("cumulative_scalar", "euler", "mixture_euler", *new)
     # a new rule is its function and its declaration: no kind file changes
     monkeypatch.setitem(samplers.RULE_KINDS, "new_rule", ("fsdfm",))
     assert declared_rules("fsdfm", "cumulative_scalar")[-1] == "new_rule"
