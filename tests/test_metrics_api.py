@@ -50,6 +50,8 @@ ALL_NAMES = [
     "ngram_kl",
     "ngram_tv_floor",
     "ngram_kl_floor",
+    "collapse_ngram",
+    "ngram_tv_text",
 ]
 
 

@@ -40,14 +40,17 @@ def test_views_keep_the_report_columns_in_order():
         "ngram_tv_floor",
         "oracle_expected_nll",
         "oracle_entropy_rate",
+        "collapse_ngram",
+        "ngram_tv_text",
     )
     assert shown("seeds") == ("gen_ppl", "entropy_nats", "mauve", "rep_n")
-    assert shown("sweep") == ("gen_ppl", "entropy_nats", "mauve", "rep_n", "self_bleu", "distinct_4")
+    assert shown("sweep") == ("gen_ppl", "entropy_nats", "mauve", "rep_n", "self_bleu", "distinct_4", "collapse_ngram")
     assert shown("ablation") == ("gen_ppl", "entropy_nats", "mauve", "rep_n")
     assert shown("pairs") == ("gen_ppl", "gen_ppl_seq_mean", "entropy_nats", "rep_n", "oracle_nll", "mauve")
     assert cost_metrics() == ("nfe", "sampling_wall_s", "tokens_per_s", "peak_mem")
     assert pos_metrics() == ("pos_divergence", "pos_agreement", "pos_divergence_slope")
     assert data_target_metrics() == (
+        "collapse_ngram",
         "distinct_1",
         "distinct_2",
         "distinct_3",
