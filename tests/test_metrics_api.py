@@ -52,6 +52,9 @@ ALL_NAMES = [
     "ngram_kl_floor",
     "collapse_ngram",
     "ngram_tv_text",
+    "gen_ppl_raw",
+    "gen_ppl_first_scored",
+    "gen_ppl_short_ctx",
 ]
 
 
