@@ -59,6 +59,10 @@ def _spec(tmp_path, methods: str) -> Path:
             r"methods\.a\.knobs\.temperature: a ar method's sampler takes no sampler knobs",
         ),
         (
+            "  e: {kind: exact, steps: [2, 4], knobs: {block_length: 2}}\n",
+            r"methods\.e\.knobs\.block_length: 2 cuts seq_len 6 into 3 blocks; every step budget must be at least that",
+        ),
+        (
             "  e: {kind: exact, rules: [remdm], steps: [2], knobs: {remask: lop}}\n",
             r"methods\.e\.knobs\.remask: remask must be one of",
         ),

@@ -150,7 +150,7 @@ def _section(kind: MethodKind, m: MethodSpec, key: str, where: str, file: str):
     return build(kind.settings_cls, raw, f"{where}.{key}", file)
 
 
-def _check_knobs(m: MethodSpec, kind: MethodKind, where: str, file: str) -> None:
+def _check_knobs(m: MethodSpec, kind: MethodKind, seq_len: int, where: str, file: str) -> None:
     """Sampler knobs (fsdfm.sampling.knobs): known, valid, used by one of the method's rules, on a kind whose sampler
     reads them (the DFM sampling loop); mask-source-only rules and knobs on a mask-source method."""
     from fsdfm.sampling import MASK_SOURCE_KINDS, WHOLE_STEP, knob_errors
@@ -171,6 +171,12 @@ def _check_knobs(m: MethodSpec, kind: MethodKind, where: str, file: str) -> None
         )
     for key, msg in knob_errors(m.knobs, rules, m.source):
         raise SpecError(f"{file}: {where}.knobs{'.' + key if key else ''}: {msg}")
+    bl = m.knobs.get("block_length")
+    if bl and any(s < -(-seq_len // bl) for s in m.steps if isinstance(s, int)):
+        raise SpecError(
+            f"{file}: {where}.knobs.block_length: {bl} cuts seq_len {seq_len} into {-(-seq_len // bl)} blocks; "
+            f"every step budget must be at least that (steps: {list(m.steps)})"
+        )
 
 
 def validate_methods(spec: StudySpec, file: str) -> StudySpec:
@@ -240,7 +246,7 @@ def validate_methods(spec: StudySpec, file: str) -> StudySpec:
                     f"{file}: {where}.rules: {short(rule)} is not a rule of {m.kind}{did_you_mean(str(rule), list(kind.rules))}; "
                     f"allowed: {', '.join(kind.rules)}"
                 )
-        _check_knobs(m, kind, where, file)
+        _check_knobs(m, kind, spec.data.seq_len, where, file)
         if not m.steps:
             raise SpecError(f"{file}: {where}.steps: list the step budgets to evaluate, e.g. [1, 8, 64]")
         for s in m.steps:

@@ -59,7 +59,7 @@ def sample_exact(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
             grid=grid,
             rule=cfg["rule"],
             generator=gen,
-            precision=getattr(torch, cfg["precision"]),
+            precision=getattr(torch, (cfg.get("knobs") or {}).get("precision") or cfg["precision"]),
             batch_size=cfg["batch_size"],
             device=dev,
         ),

@@ -36,7 +36,9 @@ class SamplerKnobs:
     block); score: the order of confidence-ordered unmasking (confidence = p of the drawn token, margin = top-1 minus
     top-2 probability, entropy = minus the entropy of p); tau: the threshold of threshold decoding; remask: the ReMDM
     schedule; eta: its remasking strength (None = the paper's default for the schedule); t_on, t_off, alpha_on: the
-    loop schedule's window and held revealed fraction (paper's reverse time).
+    loop schedule's window and held revealed fraction (paper's reverse time); precision: the dtype of p and the
+    draws for this method (None = the spec's sampling.precision; float32 reproduces the known low-precision
+    categorical draw, for the protocol audit).
     """
 
     temperature: float = 1.0
@@ -50,6 +52,7 @@ class SamplerKnobs:
     t_on: float = 0.55
     t_off: float = 0.05
     alpha_on: float = 0.9
+    precision: str | None = None
 
     def __post_init__(self):
         def num(name, lo, hi, lo_open=False):
@@ -74,6 +77,8 @@ class SamplerKnobs:
         if self.eta is not None:
             num("eta", 0.0, 1.0)
         num("alpha_on", 0.0, 1.0, lo_open=True)
+        if self.precision not in (None, "float64", "float32"):
+            raise ValueError(f"precision must be float64 or float32, got {self.precision!r}")
         if not 0.0 <= self.t_off < self.t_on <= 1.0:
             raise ValueError(f"need 0 <= t_off < t_on <= 1, got t_off={self.t_off!r}, t_on={self.t_on!r}")
 
@@ -108,6 +113,7 @@ KNOB_RULES: dict[str, tuple | None] = {
     "t_on": ("remdm",),
     "t_off": ("remdm",),
     "alpha_on": ("remdm",),
+    "precision": None,
 }
 MASK_ONLY_KNOBS = ("block_length",)
 

@@ -103,7 +103,8 @@ def sample_with_knobs(
     device = torch.device(device)
     grid = time_grid(n_steps, device=device) if grid is None else grid.to(device=device, dtype=torch.float64)
     whole = rule in WHOLE_STEP
-    if not whole and not knobs.non_default():
+    # precision is resolved by the caller (the `precision` argument); alone it needs no knob loop
+    if not whole and not {k for k in knobs.non_default() if k != "precision"}:
         out = plain_sample(
             model, path, n_samples=n_samples, seq_len=seq_len, grid=grid, rule=rule, h_conditioned=h_conditioned,
             generator=generator, precision=precision, batch_size=batch_size, device=device, **plain_kw,
