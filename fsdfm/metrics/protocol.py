@@ -4,7 +4,8 @@ exactly one switch, so one checkpoint shows the spread that different papers' co
     gen_ppl               re-tokenized text, token-pooled, first token unscored, full context     (the headline)
     gen_ppl_raw           raw sample ids            (vs gen_ppl: re-tokenization; vs gen_ppl_seq_mean: pooling)
     gen_ppl_seq_mean      raw ids, mean over samples of exp(mean NLL)
-    gen_ppl_first_scored  the evaluator's BOS (its EOS id, as GPT-2) prepended: the first token is scored too
+    gen_ppl_first_scored  the evaluator's BOS (its EOS id, as GPT-2) prepended: the first token is scored too (an
+                          evaluator whose context is the sample length then loses the sample's last token)
     gen_ppl_short_ctx     each sample scored in 4 independent chunks (MDLM's chunking when a sample is longer than
                           the evaluator's context): context restarts, each chunk's first token unscored
 
@@ -94,9 +95,14 @@ def _gen_ppl_raw(x: MetricInputs) -> MetricOutcome:
 def _gen_ppl_first(x: MetricInputs) -> MetricOutcome:
     enc, ev = _encode(x, "gen_ppl_first_scored")
     bos = ev.eos_token_id if ev.eos_token_id is not None else 0
-    rows = [[bos] + e for e in enc]
-    scored = [[False] + _eos_rule(e, ev.eos_token_id) for e in enc]
-    return _outcome(pooled_ppl(ev, rows, scored, x.batch_size))
+    cap = ev.max_length or 1 << 30  # an evaluator with a context of L positions cannot take BOS + L tokens:
+    rows = [([bos] + e)[:cap] for e in enc]  # the last token then falls out (recorded as n_truncated)
+    scored = [([False] + _eos_rule(e, ev.eos_token_id))[:cap] for e in enc]
+    r = pooled_ppl(ev, rows, scored, x.batch_size)
+    n_cut = sum(len(e) + 1 > cap for e in enc)
+    return MetricOutcome(
+        r.value, r.n_samples, details={"n_tokens": r.n_tokens, "nll_sum": r.nll_sum, "n_truncated": n_cut}
+    )
 
 
 @register_metric(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from fsdfm.report.entropy_frontier import entropy_frontier, matched_entropy_table
 from fsdfm.report.figures import FIGURES, render
 from fsdfm.report.oracle import decomposition_figure, decomposition_table
 from fsdfm.report.published import PUBLISHED
@@ -64,6 +65,8 @@ __all__ = [
 ]
 
 FIGURE_ORDER = ("step_sweep", "frontier", "pos_divergence", "ablation")
+FIGURES.register("entropy_frontier", entropy_frontier)
+KNOB_FIGURES = ("entropy_frontier",)  # drawn only for studies with sampler knobs (fsdfm.report.entropy_frontier)
 FIGURES.register("decomposition", decomposition_figure)
 ORACLE_FIGURES = ("decomposition",)  # drawn only for studies with an exact method (fsdfm.report.oracle)
 
@@ -292,6 +295,10 @@ def write_report(
         candidates = [main, cost_table(study), pos_divergence_table(study), seeds_table(study), *ablation_tables(study)]
         if study.report_settings["pairs"]:
             candidates.append(pairs_table(study))
+        if "knobs" in study.runs:  # sampler-knob sweeps: the matched-entropy comparison
+            d = study.data
+            h = float(d["entropy_nats"].mean()) if not d.empty and "entropy_nats" in d else None
+            candidates.append(matched_entropy_table(study.models, h))
         has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
         if has_exact:
             candidates.insert(1, decomposition_table(study))
@@ -303,7 +310,8 @@ def write_report(
         atomic_write(out_dir / "summary.csv", summary_csv(study).to_csv(index=False).encode("utf-8"))
     figures: list[FigureResult] = []
     has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
-    for name in FIGURE_ORDER + (ORACLE_FIGURES if has_exact else ()):
+    knob_figures = KNOB_FIGURES if "knobs" in study.runs else ()
+    for name in FIGURE_ORDER + (ORACLE_FIGURES if has_exact else ()) + knob_figures:
         if len(study.runs):
             figures += render(name, study, out_dir)
         else:
