@@ -53,3 +53,22 @@ def test_the_frontier_figure_draws_one_curve_per_family(tmp_path):
     (d,) = drawn
     ax = d.figure.axes[0]
     assert len(ax.get_legend_handles_labels()[1]) == 3  # two families and the data star
+
+
+def test_protocol_table_compares_each_switch_with_its_one_switch_neighbour():
+    from fsdfm.report.protocol import protocol_table
+
+    runs = pd.DataFrame(
+        [
+            {"steps": 64, "knobs": np.nan, "gen_ppl": 100.0, "gen_ppl_raw": 90.0, "gen_ppl_seq_mean": 99.0,
+             "gen_ppl_first_scored": 110.0, "gen_ppl_short_ctx": 150.0},
+            {"steps": 64, "knobs": "precision=float32", "gen_ppl": 80.0},
+            {"steps": 64, "knobs": "top_p=0.9", "gen_ppl": 50.0},
+        ]
+    )  # fmt: skip
+    n = protocol_table(runs).numbers.set_index("switch")
+    assert n.loc["per-sample mean instead of token-pooled (raw ids)", "ratio"] == 99.0 / 90.0
+    assert n.loc["raw ids instead of re-tokenized text", "ratio"] == 0.9
+    assert n.loc["float32 draws instead of float64 (precision=float32)", "ratio"] == 0.8
+    assert n.loc["nucleus on (top_p=0.9)", "reference"] == 100.0
+    assert n.loc["evaluator context a quarter of the sample", "value"] == 150.0

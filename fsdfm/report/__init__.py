@@ -21,6 +21,7 @@ from typing import Sequence
 
 from fsdfm.report.entropy_frontier import entropy_frontier, matched_entropy_table
 from fsdfm.report.figures import FIGURES, render
+from fsdfm.report.protocol import protocol_table
 from fsdfm.report.oracle import decomposition_figure, decomposition_table
 from fsdfm.report.published import PUBLISHED
 from fsdfm.report.summary import DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
@@ -299,6 +300,8 @@ def write_report(
             d = study.data
             h = float(d["entropy_nats"].mean()) if not d.empty and "entropy_nats" in d else None
             candidates.append(matched_entropy_table(study.models, h))
+        if "gen_ppl_raw" in study.runs or "gen_ppl_first_scored" in study.runs:  # the protocol audit
+            candidates.append(protocol_table(study.models))
         has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
         if has_exact:
             candidates.insert(1, decomposition_table(study))
