@@ -98,14 +98,24 @@ def decomposition_frame(study: Study) -> pd.DataFrame:
     runs = annotated_runs(study)
     if runs.empty or not (runs["kind"] == EXACT_KIND).any():
         return pd.DataFrame()
+    from fsdfm.samplers import UPDATE_ALIASES
+
+    # a run is matched with the exact run of the same sampler: rule (an alias is its rule: mdlm = cumulative_scalar)
+    # and sampler knobs (fsdfm.sampling; "" when none)
+    runs = runs.assign(
+        _rule=runs["rule"].map(lambda r: UPDATE_ALIASES.get(r, r)),
+        _knobs=runs["knobs"].fillna("").astype(str) if "knobs" in runs else "",
+    )
     exact = {
-        (p, r, int(s)): _mean(g["oracle_nll"])
-        for (p, r, s), g in runs[runs["kind"] == EXACT_KIND].groupby(["path", "rule", "steps"], dropna=False)
+        (p, r, k, int(s)): _mean(g["oracle_nll"])
+        for (p, r, k, s), g in runs[runs["kind"] == EXACT_KIND].groupby(
+            ["path", "_rule", "_knobs", "steps"], dropna=False
+        )
     }
     rows = []
     for (p, label, rule, steps), g in runs.groupby(["path", "label", "rule", "steps"], dropna=False, sort=False):
         kind = str(g["kind"].iloc[0])
-        ex = exact.get((p, rule, int(steps)), math.nan)
+        ex = exact.get((p, g["_rule"].iloc[0], g["_knobs"].iloc[0], int(steps)), math.nan)
         nll = _mean(g["oracle_nll"])
         expected = _mean(g["oracle_expected_nll"])
         rows.append(
@@ -213,7 +223,7 @@ def verdicts(study: Study, frame: pd.DataFrame, steps: int = VERDICT_STEPS) -> l
                 line = verdict + " " + line
             # the claim itself: N student steps against the teacher's largest budget with the same rule
             tsteps = pd.to_numeric(runs[(runs["label"] == tlabel) & (runs["rule"] == st["rule"])]["steps"]).max()
-            if tsteps == tsteps and int(tsteps) > steps:
+            if pd.notna(tsteps) and int(tsteps) > steps:  # NA: the teacher was not sampled with this rule
                 far = _versus_teacher(study, runs, st, tlabel, steps, int(tsteps))
                 if far is not None:
                     line += ". " + far
@@ -331,7 +341,7 @@ def decomposition_figure(study: Study):
     sources = list(dict.fromkeys(frame["source"]))
     labels = list(dict.fromkeys(frame["label"]))
     colors = dict(zip(labels, _palette(len(labels))))
-    styles = {r: s for r, s in zip(dict.fromkeys(frame["rule"]), ("-", "--", ":", "-."))}
+    styles = {r: ("-", "--", ":", "-.")[i % 4] for i, r in enumerate(dict.fromkeys(frame["rule"]))}
     data_nll = _mean(study.data["oracle_nll"]) if not study.data.empty and "oracle_nll" in study.data else None
     with _style():
         fig, axes = _new_figure(2 * len(sources), ncols=len(sources), w=1.5 * PANEL_W)
