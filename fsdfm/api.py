@@ -21,6 +21,11 @@ import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from fsdfm.launch import execute
+from fsdfm.records import data_cache_dir, load, read_record, stage_cache_dir
+from fsdfm.registry import did_you_mean
+from fsdfm.study.load import load_spec, load_spec_dict
+from fsdfm.tracking import check_available, enable
 
 DEFAULT_ROOT = "results"
 TOKENIZER_FILE = "tokenizer.json"
@@ -78,12 +83,8 @@ def run_study(
     Raises:
         SpecError (bad spec or override), StudyFailed (a stage failed or was blocked; nothing is hidden).
     """
-    import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
-    from fsdfm.records import data_cache_dir
-    from fsdfm.launch import execute
-    from fsdfm.methods import plan_study
-    from fsdfm.records import load
-    from fsdfm.study.load import load_spec, load_spec_dict
+    import fsdfm.methods  # noqa: F401  (heavy: torch; registers the method and stage kinds)
+    from fsdfm.methods import plan_study  # heavy: torch
 
     cache = data_cache_dir(results)
     if isinstance(spec, Mapping):
@@ -91,8 +92,6 @@ def run_study(
     else:
         study, cells = load_spec(spec, cache_dir=cache, overrides=overrides)
     plan = plan_study(study.name, cells)
-    from fsdfm.tracking import check_available, enable
-
     if track:
         plan = enable(plan, study.tracking)
     check_available(plan.tracking)  # a missing tensorboard fails here, before anything runs
@@ -170,7 +169,7 @@ class Model:
         import numpy as np
         import torch
 
-        from fsdfm.methods.common import draw_samples
+        from fsdfm.methods.common import draw_samples  # heavy: torch
 
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"sample: n must be a positive integer, got {n!r}")
@@ -179,7 +178,7 @@ class Model:
         if precision not in ("float64", "float32"):
             raise ValueError(f"sample: precision must be float64 or float32, got {precision!r}")
         if self.sampler == "dfm" or self.sampler == "exact":
-            from fsdfm.samplers import get_rule
+            from fsdfm.samplers import get_rule  # heavy: torch
 
             get_rule(rule or DEFAULT_RULES[self.sampler])  # an unknown rule: UnknownNameError with did-you-mean
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -226,7 +225,7 @@ def _model_dims(d: Path, sampler: str, record: dict) -> tuple[int, int]:
         ptr = json.loads((d / "released.json").read_text())
         data = record.get("config", {}).get("data", {})
         return int(data.get("seq_len") or ptr["model_config"]["seq_len"]), int(ptr["model_config"]["vocab_size"])
-    from fsdfm.methods.common import load_dit
+    from fsdfm.methods.common import load_dit  # heavy: torch
 
     model = load_dit(d, dev=None).model
     return int(model.cfg.seq_len), int(model.cfg.vocab_size)
@@ -235,15 +234,14 @@ def _model_dims(d: Path, sampler: str, record: dict) -> tuple[int, int]:
 def _model_tokenizer(d: Path, record: dict):
     """tokenizer.json beside the model; for folders written before tokenizers were saved there, the tokenizer the
     record's data config builds (from the data cache); None for data without one."""
-    from fsdfm.data.tokenizer import tokenizer_from_file
+    from fsdfm.data.tokenizer import tokenizer_from_file  # heavy: torch
 
     if (d / TOKENIZER_FILE).is_file():
         return tokenizer_from_file(d / TOKENIZER_FILE, name=str(d / TOKENIZER_FILE))
     data = (record.get("config") or {}).get("data")
     if not data or data.get("kind") in ("oracle",) or data.get("tokenizer") == "none":
         return None
-    from fsdfm.records import stage_cache_dir
-    from fsdfm.data import DataConfig, load_corpus
+    from fsdfm.data import DataConfig, load_corpus  # heavy: torch
 
     return load_corpus(DataConfig(**data), stage_cache_dir(d)).tokenizer
 
@@ -254,16 +252,12 @@ def load_model(stage_dir: str | os.PathLike) -> Model:
 
     Raises: FileNotFoundError / ValueError naming the folder when it holds no finished model.
     """
-    from fsdfm.records import read_record
-
     d = Path(stage_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"load_model: {d}: no such stage folder")
     record = read_record(d) or {}
     kind = record.get("kind") or d.name.rsplit("-", 1)[0]
     if kind not in MODEL_SAMPLERS:
-        from fsdfm.registry import did_you_mean
-
         raise ValueError(
             f"load_model: {d} is a {kind!r} stage, which holds no model{did_you_mean(kind, list(MODEL_SAMPLERS))}; "
             f"pass the folder of one of: {', '.join(MODEL_SAMPLERS)}"
@@ -299,7 +293,7 @@ def _as_tokenizer(tokenizer):
         return tokenizer
     if isinstance(tokenizer, Model):
         return tokenizer.tokenizer
-    from fsdfm.data.tokenizer import load_tokenizer
+    from fsdfm.data.tokenizer import load_tokenizer  # heavy: torch
 
     return load_tokenizer(str(tokenizer))
 
@@ -331,8 +325,8 @@ def evaluate(
     """
     import numpy as np
 
-    from fsdfm.metrics import compute_metric_set
-    from fsdfm.metrics.texts import END_MARKERS
+    from fsdfm.metrics import compute_metric_set  # heavy: torch
+    from fsdfm.metrics.texts import END_MARKERS  # heavy: torch
 
     tok = _as_tokenizer(tokenizer)
     if isinstance(samples, Samples):
@@ -351,7 +345,7 @@ def evaluate(
         if tok is not None:
             texts = tok.decode_batch(np.asarray(ids).tolist())
     if isinstance(evaluator, (str, os.PathLike)):
-        from fsdfm.metrics.evaluator import load_evaluator
+        from fsdfm.metrics.evaluator import load_evaluator  # heavy: torch
 
         evaluator = load_evaluator(evaluator, device=device)
     if metrics is None:

@@ -89,6 +89,8 @@ def _chunk_float64(
     else:
         w_v = torch.sub(l, m.to(w.dtype), out=w[:, :V])
     w_v.exp_()
+    # block sums: the inverse CDF then searches n_blocks sums and one block of _BLOCK weights instead of a cumsum
+    # over all V (a (c, V) float64 cumsum is the largest pass otherwise); they also give the total for p(z)
     blocks = w.view(c, -1, _BLOCK)
     block_sums = blocks.sum(-1)
     jump = None  # every candidate jumps unless its probability reads p(z)
@@ -150,8 +152,10 @@ def _chunk_certified(
     The float64 step then gives the same tokens from the same uniforms; only the other rows (`unsure`, a fraction
     ~ 8 D / w_x, a few per cent at V = 2,048 for flat logits) need it. Returns (dest, jump, unsure), each (c,)."""
     c, V = w.shape[0], vocab_size
-    w.exp_()
+    w.exp_()  # float32: half the bytes and twice the SIMD lanes of the float64 chunk's exp, its cost on CPU
     blocks = w.view(c, -1, _BLOCK)
+    # each block summed in float32 (error bounded by _BLOCK_SUM32_REL), everything after in float64, so the
+    # rounding of the long sums over V stays at float64's _SUM_REL
     block_sums = blocks.sum(-1).double()
     total = block_sums.sum(-1)
     unsure = ~((total >= 2.0**-60) & (total <= 2.0**100))  # also catches inf and nan

@@ -25,10 +25,15 @@ from fsdfm.cli.common import (
     _positive_int,
     set_thread_env,
 )
+from fsdfm.cli.ls import add_ls_parser
 from fsdfm.cli.report import cmd_eval, cmd_report, cmd_samples
 from fsdfm.cli.run import cmd_run
 from fsdfm.cli.status import cmd_status
 from fsdfm.cli.verify import cmd_clean, cmd_verify
+from fsdfm.records import pin_cache_env
+from fsdfm.registry import UnknownNameError
+from fsdfm.study.graph import PlanError
+from fsdfm.study.spec import SpecError
 
 __all__ = ["main", "build_parser", "InputError", "UsageError", "DEFAULT_ROOT"]
 
@@ -59,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--results", default=argparse.SUPPRESS, help="results root (default: results)")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_run_parser(sub, common)
+    _add_study_parsers(sub, common)
+    add_ls_parser(sub, common)
+    return ap
+
+
+def _add_run_parser(sub, common: argparse.ArgumentParser) -> None:
     r = sub.add_parser("run", parents=[common], help="run (or --dry-run) a study spec")
     _spec_args(r, "spec", "a study spec (experiments/*.yaml)")
     r.add_argument("--dry-run", action="store_true", help="print the runs and stages with their ids and done state")
@@ -98,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         "results/<study>/tracking); changes no stage id",
     )
     r.set_defaults(fn=cmd_run)
+
+
+def _add_study_parsers(sub, common: argparse.ArgumentParser) -> None:
+    """verify, clean, status, report, samples and eval: the commands that read (or clean) one study."""
     target_help = "a spec file or a study results directory"
     v = sub.add_parser(
         "verify", parents=[common], help="check records and artefacts (sizes, sha256) of a study; runs nothing"
@@ -134,16 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--spec", required=True, help="the study (a spec file or its results directory); run it first")
     e.add_argument("--label", action="append", help="row label per file, in order (default: the file stem)")
     e.set_defaults(fn=cmd_eval)
-    from fsdfm.cli.ls import add_ls_parser
-
-    add_ls_parser(sub, common)
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
-    from fsdfm.records import pin_cache_env
-
     pin_cache_env()  # the jobs this run starts may run in another directory
     try:
         return _main(argv)
@@ -159,10 +169,7 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None) is not None:
         set_thread_env(args.threads)  # before the imports below load numpy and torch
-    from fsdfm.data import DataError
-    from fsdfm.registry import UnknownNameError
-    from fsdfm.study.spec import SpecError
-    from fsdfm.study.graph import PlanError
+    from fsdfm.data import DataError  # heavy: torch, imported after the thread variables are set
 
     try:
         result = args.fn(args)

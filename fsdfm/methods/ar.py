@@ -38,7 +38,7 @@ register_kind(MethodKind("ar", "ar", ("ancestral",), plan_ar))
 def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """An autoregressive GPT-2-style model (the AR baseline, or the suite's reference evaluator), saved with
     save_pretrained together with the corpus tokenizer."""
-    from fsdfm.ar import ARConfig, train_ar
+    from fsdfm.ar import ARConfig, train_ar  # heavy: transformers (GPT-2), only for the AR stages
 
     join_process_group()
     corpus = corpus_for(config, out_dir)
@@ -72,7 +72,7 @@ def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
 def sample_ar_model(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     from transformers import AutoModelForCausalLM
 
-    from fsdfm.ar import sample_ar
+    from fsdfm.ar import sample_ar  # heavy: transformers (GPT-2), only for the AR stages
 
     model = AutoModelForCausalLM.from_pretrained(Path(model_dir) / "hf").to(dev).eval()
     kw = dict(

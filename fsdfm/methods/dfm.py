@@ -36,6 +36,7 @@ from fsdfm.samplers import time_grid
 from fsdfm.sampling import sample_with_knobs
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
+from fsdfm.methods.exact_teacher import ExactTargetObjective, load_exact
 
 DFM_RULES = declared_rules("dfm", "euler")  # euler, cumulative_scalar, mixture_euler, mdlm
 
@@ -135,8 +136,6 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     obj = DFMConfig(**config["objective"])
     objective = DFMObjective(path, obj)
     if "teacher" in inputs:  # teacher: exact -- the "exact targets" baseline (fsdfm.methods.exact_teacher)
-        from fsdfm.methods.exact_teacher import ExactTargetObjective, load_exact
-
         objective = ExactTargetObjective(path, load_exact(inputs["teacher"], config["data"]), obj.eps)
     res, final = fit_dit(
         model,

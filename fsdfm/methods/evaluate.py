@@ -5,7 +5,9 @@ NFE, wall-clock and peak memory; `evaluate` scores one sample set with the study
 writes the per-sample table; `evaluate_data` is the data reference row; `pos_divergence` compares a few-step
 student with its many-step teacher from states on teacher paths.
 
-Boundary: knows samplers by name, metrics by name and the records' per-sample table; knows no method kind.
+Boundary: knows samplers by name, metrics by name and the records' per-sample table; compares no method kind.
+`pos_divergence` assumes what a kind that opts into it (`MethodKind.pos_divergence`) guarantees: both models are
+DiTs on a mixture path (`load_dit`), rolled out with the cumulative_scalar rule.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from fsdfm.io import atomic_write
 from fsdfm.metrics.oracle import corpus_metric_names, extra_metrics  # the oracle corpus metrics (registered there)
 from fsdfm.samplers import get_rule, sample, time_grid, update
 from fsdfm.study.graph import stage_kind
+from fsdfm.metrics import SAMPLE_METRICS, compute_metric_set
+from fsdfm.metrics.divergence import pos_divergence
+from fsdfm.metrics.diversity import entropy, rep_n_per_sample
+from fsdfm.metrics.evaluator import load_evaluator
+from fsdfm.metrics.texts import END_MARKERS
+from fsdfm.metrics.timing import timed
+from fsdfm.records import PER_SAMPLE, read_record, write_per_sample
 
 
 @stage_kind("sample", resources="gpu", version="1", metrics=("nfe", "wall_s", "tokens_per_s", "peak_mem"))
@@ -31,8 +40,6 @@ def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     NFE is counted, not inferred: the network evaluations the sampler's RowCounter saw, per sample (a sampler
     without a counter reports its own). Wall-clock and peak memory come from one timer (fsdfm.metrics.timing.timed)
     around the draw only: model loading and the sampler's warm-up are outside it."""
-    from fsdfm.metrics.timing import timed
-
     corpus = corpus_for(config, out_dir)
     dev = device()
     gen = torch.Generator(dev).manual_seed(config["seed"])
@@ -105,8 +112,6 @@ def read_samples(stage_dir: Path) -> tuple[np.ndarray, list[str] | None]:
 
 
 def load_study_evaluator(config: dict, inputs: dict, dev):
-    from fsdfm.metrics.evaluator import load_evaluator
-
     ev = config["evaluator"]
     if ev["kind"] == "reference":
         return load_evaluator(str(Path(inputs["evaluator"]) / "hf"), device=str(dev))
@@ -116,8 +121,6 @@ def load_study_evaluator(config: dict, inputs: dict, dev):
 
 
 def _metric_kwargs(config: dict, evaluator, references, corpus) -> dict:
-    from fsdfm.metrics.texts import END_MARKERS
-
     m = config["metrics"]
     eos = getattr(corpus.tokenizer, "eos_token", None) if corpus.tokenizer is not None else None
     markers = END_MARKERS + ((eos,) if eos and eos not in END_MARKERS else ())
@@ -134,8 +137,6 @@ def _metric_kwargs(config: dict, evaluator, references, corpus) -> dict:
 
 
 def _sample_metric_names(config: dict, evaluator) -> list[str]:
-    from fsdfm.metrics import SAMPLE_METRICS
-
     names = [n for n in config["metrics"]["names"] if n in SAMPLE_METRICS]
     if evaluator is None:
         names = [n for n in names if n not in ("gen_ppl", "gen_ppl_seq_mean")]
@@ -161,10 +162,6 @@ def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corp
     (per-seed MAUVE values, featurizer weights hash, text convention). Writes out_dir/per_sample.csv: one row
     per sample (`fsdfm.records.load_samples`).
     """
-    from fsdfm.metrics import compute_metric_set
-    from fsdfm.metrics.diversity import entropy, rep_n_per_sample
-    from fsdfm.records import PER_SAMPLE, write_per_sample
-
     ms = compute_metric_set(tokens, texts, names, **_metric_kwargs(config, evaluator, refs, corpus))
     metrics = dict(ms.values)
     for name in ("gen_ppl", "gen_ppl_seq_mean"):
@@ -191,8 +188,6 @@ def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corp
 @stage_kind("evaluate", resources="gpu", version="1", metrics=lambda c: corpus_metric_names(c))
 def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """All sample metrics of one sample stage (evaluator time is not sampling time), and the per-sample table."""
-    from fsdfm.records import read_record
-
     corpus = corpus_for(config, out_dir)
     tokens, texts = read_samples(inputs["samples"])
     n = config["n_samples"]
@@ -233,8 +228,6 @@ def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
 def pos_divergence_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """Per-position divergence of the few-step student from the many-step teacher, from states x_t taken
     along teacher trajectories at t_start: both finish from the same state; marginals from rollouts."""
-    from fsdfm.metrics.divergence import pos_divergence
-
     corpus = corpus_for(config, out_dir)
     dev = device()
     teacher, student = load_dit(inputs["teacher"], dev), load_dit(inputs["student"], dev)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fsdfm.metrics.registry import register_metric
-from fsdfm.metrics.sample import MetricInputs, MetricOutcome
+from fsdfm.metrics.inputs import MetricInputs, MetricOutcome
 
 COLLAPSE_MAX_N = 16
 TEXT_NGRAM = 2

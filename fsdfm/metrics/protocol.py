@@ -22,7 +22,7 @@ import torch
 
 from fsdfm.metrics.perplexity import PerplexityResult, _token_nll, gen_ppl_seq_mean
 from fsdfm.metrics.registry import register_metric
-from fsdfm.metrics.sample import MetricInputs, MetricOutcome
+from fsdfm.metrics.inputs import MetricInputs, MetricOutcome
 
 SHORT_CTX_CHUNKS = 4
 
