@@ -118,6 +118,9 @@ SOURCES: dict[str, tuple[str, ...]] = {
         "fsdfm.methods.evaluate:counted_nfe",
         "fsdfm.metrics.timing:timed",
         "fsdfm.methods.exact:sample_exact",
+        "fsdfm.sampling.knobs",
+        "fsdfm.sampling.loop",
+        "fsdfm.sampling.steps",
         "fsdfm.ar:sample_ar",
         "fsdfm.flm",
         "fsdfm.methods.exact_teacher",
@@ -186,6 +189,16 @@ SOURCES: dict[str, tuple[str, ...]] = {
     **{
         f"metric:{m}": ("fsdfm.metrics.oracle", *_ORACLE)
         for m in ("ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor")
+    },
+    "metric:collapse_ngram": ("fsdfm.metrics.collapse:shares_ngram", "fsdfm.metrics.collapse:_collapse_ngram"),
+    "metric:ngram_tv_text": (
+        "fsdfm.metrics.collapse:word_ngrams",
+        "fsdfm.metrics.collapse:ngram_tv",
+        "fsdfm.metrics.collapse:_ngram_tv_text",
+    ),
+    **{
+        f"metric:{m}": ("fsdfm.metrics.protocol", "fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator")
+        for m in ("gen_ppl_raw", "gen_ppl_first_scored", "gen_ppl_short_ctx")
     },
 }
 
