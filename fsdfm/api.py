@@ -159,11 +159,12 @@ class Model:
         precision: str = "float64",
         t_end: float | None = None,
         device: str | None = None,
+        forward_precision: str = "float32",
     ) -> Samples:
         """Draw n samples with `steps` steps of update rule `rule` (default: the method's first rule).
 
-        With the settings of a study's sample stage (n_samples, steps, rule, seed, batch_size, precision, and the
-        t_end the planner chose, which is the default here) the tokens are those of that stage.
+        With the settings of a study's sample stage (n_samples, steps, rule, seed, batch_size, precision,
+        forward_precision (float32, or bfloat16: the network under bf16 autocast), and the t_end the planner chose, which is the default here) the tokens are those of that stage.
         Returns: Samples with tokens (n, L) int64 and, with a tokenizer, the decoded texts.
         """
         import numpy as np
@@ -177,6 +178,8 @@ class Model:
             raise ValueError(f"sample: steps must be a positive integer, got {steps!r}")
         if precision not in ("float64", "float32"):
             raise ValueError(f"sample: precision must be float64 or float32, got {precision!r}")
+        if forward_precision not in ("float32", "bfloat16"):
+            raise ValueError(f"sample: forward_precision must be float32 or bfloat16, got {forward_precision!r}")
         if self.sampler == "dfm" or self.sampler == "exact":
             from fsdfm.samplers import get_rule  # heavy: torch
 
@@ -191,6 +194,7 @@ class Model:
             "batch_size": batch_size or min(n, 64),
             "seed": seed,
             "precision": precision,
+            "forward_precision": forward_precision,
             "data": self.config.get("data", {}),
         }
         corpus = _ModelCorpus(

@@ -31,7 +31,14 @@ import torch
 from fsdfm.paths import MixturePath
 from fsdfm.registry import Registry
 from fsdfm.schedulers import Scheduler
-from fsdfm.sparse_step import _BLOCK, _CERTIFIED_MIN_ELEMENTS, _chunk_certified, _chunk_float64, _final_rows
+from fsdfm.sparse_step import (
+    _BLOCK,
+    _CERTIFIED_MIN_ELEMENTS,
+    _chunk_certified,
+    _chunk_float64,
+    _chunk_from_logits,
+    _final_rows,
+)
 
 # The logits path processes rows in chunks whose work buffers (float64 weights) are allocated once per step and
 # reused. On CPU a chunk is ~8 MiB, so the sampler's own work stays in cache instead of streaming (B, L, V) float64
@@ -201,8 +208,11 @@ def update_from_logits(
     step = min(max(1, chunk_elements // V), n)
     n_blocks = -(-V // _BLOCK)
     l_buf = None if every_row or certified else torch.empty((step, V), dtype=logits.dtype, device=device)
-    w_buf = torch.empty((step, n_blocks * _BLOCK), dtype=torch.float32 if certified else precision, device=device)
-    w_buf[:, V:] = 0.0  # padding up to whole blocks keeps weight 0
+    # without host checks (a GPU) the float64 step recomputes weights from the logits: no (c, V) weight buffer
+    from_logits_only = not on_cpu and precision == torch.float64
+    if not from_logits_only:
+        w_buf = torch.empty((step, n_blocks * _BLOCK), dtype=torch.float32 if certified else precision, device=device)
+        w_buf[:, V:] = 0.0  # padding up to whole blocks keeps weight 0
     open_rows = []  # certified mode: indices into rows that the certificate leaves to the float64 step
     # the weight pass: chunks bound the (c, V) weight buffer (memory ~ _CHUNK_ELEMENTS, not n x V) while keeping
     # each chunk large enough that exp and the block sums run vectorised; the uniforms were drawn for all candidates
@@ -226,7 +236,10 @@ def update_from_logits(
         else:
             # l is a slice or a copy of the model's logits, never modified
             l = flat[s : s + c] if every_row else torch.index_select(flat, 0, r, out=l_buf[:c])
-            dest, jump = _chunk_float64(l, w_buf[:c], *args, rule, path.scheduler, on_cpu=on_cpu)
+            if from_logits_only:  # block sums in one pass over the logits, no float64 weights written and re-read
+                dest, jump = _chunk_from_logits(l, *args, rule, path.scheduler)
+            else:
+                dest, jump = _chunk_float64(l, w_buf[:c], *args, rule, path.scheduler, on_cpu=on_cpu)
         x[r] = dest if jump is None else torch.where(jump, dest, x[r])  # no boolean indexing: no sync
     if open_rows:  # the float64 step at the open rows of all chunks at once (few: one call per step, not per chunk)
         i_all = torch.cat(open_rows)

@@ -13,6 +13,7 @@ import torch
 
 from fsdfm.methods.base import MethodKind, Planner, register_kind
 from fsdfm.methods.common import (
+    forward_autocast,
     SAMPLERS,
     Draw,
     build_model_config,
@@ -82,5 +83,11 @@ def sample_ar_model(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
         batch_size=cfg["batch_size"],
         dtype=getattr(torch, cfg["precision"]),
     )
-    sample_ar(model, min(2, cfg["n_samples"]), generator=torch.Generator(dev).manual_seed(0), **{**kw, "seq_len": 4})
-    return Draw(lambda gen: sample_ar(model, cfg["n_samples"], generator=gen, **kw))
+    bf16 = forward_autocast(cfg)
+
+    def draw(n, gen, **over):
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16):
+            return sample_ar(model, n, generator=gen, **{**kw, **over})
+
+    draw(min(2, cfg["n_samples"]), torch.Generator(dev).manual_seed(0), seq_len=4)
+    return Draw(lambda gen: draw(cfg["n_samples"], gen))

@@ -24,6 +24,7 @@ from fsdfm.fingerprint import with_fingerprint
 from fsdfm.registry import did_you_mean
 from fsdfm.study.graph import RunSpec, Stage, StudyPlan
 from fsdfm.study.spec import (
+    FORWARD_PRECISIONS,
     METHOD_KINDS,
     PAIR_PATTERN,
     STUDY_CHECKS,
@@ -50,6 +51,12 @@ __all__ = [
     "validate_methods",
     "validate_pairs",
 ]
+
+
+def forward_precision_key(value: str) -> dict:
+    """The sample stage's `forward_precision` entry: none for the default (float32), so that the stage ids of every
+    study written before the setting existed are unchanged; {"forward_precision": value} otherwise."""
+    return {} if value == FORWARD_PRECISIONS[0] else {"forward_precision": value}
 
 
 @dataclass(frozen=True)
@@ -371,6 +378,8 @@ def _plan_samples(
                 "batch_size": spec.sampling.batch_size,
                 "seed": spec.sampling.seed,
                 "precision": spec.sampling.precision,
+                # only when not the default, so that a float32 study keeps its stage ids
+                **forward_precision_key(spec.sampling.forward_precision),
                 # only set knobs (fsdfm.sampling.knobs): a method without knobs keeps its stage ids
                 **({"knobs": dict(sorted(m.knobs.items()))} if m.knobs else {}),
             }

@@ -15,6 +15,7 @@ Boundary: knows the library floor (model, paths, train loop, data); knows no met
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -36,6 +37,32 @@ from fsdfm.metrics.oracle import posterior_kl
 from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.records import stage_cache_dir
 from fsdfm.released_checkpoints import CheckpointError, load_released
+
+
+def forward_precision(cfg: dict) -> str:
+    """The sample stage's forward precision: "float32" (the default, absent from the config) or "bfloat16"."""
+    return cfg.get("forward_precision", "float32")
+
+
+def forward_autocast(cfg: dict) -> bool:
+    """Whether the sampler runs its network under bf16 autocast (sampling.forward_precision: bfloat16)."""
+    return forward_precision(cfg) == "bfloat16"
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """TF32 for the float32 matmuls and convolutions left outside autocast (CUDA only; no effect on a CPU), restored
+    on exit so that nothing else in the process (the evaluator, which must score in fp32) inherits it."""
+    if not enabled:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
 
 # name -> prepare(model_dir, cfg, corpus, dev) -> Draw: load the model, wrap it in a RowCounter, warm up (each kind
 # file registers its own; the sample stage times `Draw.run` and reads the counter)

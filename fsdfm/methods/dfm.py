@@ -16,6 +16,7 @@ import torch
 from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, declared_rules, register_kind
 from fsdfm.methods.exact import plan_exact
 from fsdfm.methods.common import (
+    forward_autocast,
     SAMPLERS,
     Draw,
     RowCounter,
@@ -180,6 +181,7 @@ def sample_dfm(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
             precision=precision,
             batch_size=cfg["batch_size"],
             device=dev,
+            autocast=forward_autocast(cfg),
         )
 
     warm = {k: v for k, v in (cfg.get("knobs") or {}).items() if k != "block_length"}  # 1 step covers one block

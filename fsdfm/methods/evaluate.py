@@ -19,10 +19,21 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fsdfm.methods.common import SAMPLERS, ArtefactError, LoadedDiT, corpus_for, device, load_dit
+from fsdfm.methods.common import (
+    SAMPLERS,
+    ArtefactError,
+    LoadedDiT,
+    corpus_for,
+    device,
+    forward_autocast,
+    forward_precision,
+    load_dit,
+    tf32_matmuls,
+)
 from fsdfm.io import atomic_write
 from fsdfm.metrics.oracle import corpus_metric_names, extra_metrics  # the oracle corpus metrics (registered there)
 from fsdfm.samplers import get_rule, sample, time_grid, update
+from fsdfm.sparse_step import compiled_block_sums
 from fsdfm.study.graph import stage_kind
 from fsdfm.metrics import SAMPLE_METRICS, compute_metric_set
 from fsdfm.metrics.divergence import pos_divergence
@@ -44,7 +55,8 @@ def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     dev = device()
     gen = torch.Generator(dev).manual_seed(config["seed"])
     draw = SAMPLERS.get(config["sampler"])(inputs["model"], config, corpus, dev)
-    timing = timed(lambda: draw.run(gen), warmup=0, device=dev)
+    with tf32_matmuls(forward_autocast(config)):
+        timing = timed(lambda: draw.run(gen), warmup=0, device=dev)
     out, peak, peak_kind, wall_s = timing.result, timing.peak_mem_bytes, timing.peak_mem_kind, timing.wall_s
     nfe = out.nfe if draw.counter is None else counted_nfe(draw.counter.rows, config["n_samples"])
     tokens = out.tokens.cpu().numpy().astype(np.int64)
@@ -62,6 +74,8 @@ def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
         "peak_mem_kind": peak_kind,
         "device": str(dev),
         "precision": config["precision"],
+        "forward_precision": forward_precision(config),
+        **({"compiled_block_sums": True} if dev.type == "cuda" and compiled_block_sums() else {}),
         "time_grid": [float(t) for t in out.time_grid[:2049]],
         "numerics": out.numerics.to_dict() if getattr(out, "numerics", None) else None,
         # where NFE varies per sample (threshold decoding): its mean and max over the samples

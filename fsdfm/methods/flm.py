@@ -14,6 +14,7 @@ import torch
 from fsdfm.flm import FLMConfig, FLMObjective, FLMTime, sample_continuous
 from fsdfm.methods.base import MethodKind, Planner, register_kind
 from fsdfm.methods.common import (
+    forward_autocast,
     SAMPLERS,
     Draw,
     RowCounter,
@@ -71,6 +72,7 @@ def continuous_sampler(two_time: bool) -> Callable:
             precision=getattr(torch, cfg["precision"]),
             device=dev,
             max_state_bytes=cfg.get("max_state_bytes", 1 << 28),
+            autocast=forward_autocast(cfg),
         )
         sample_continuous(net, time, n_samples=min(2, cfg["n_samples"]), n_steps=1, seed=0, **kw)  # warm-up
         counter.reset()

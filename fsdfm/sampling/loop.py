@@ -67,6 +67,14 @@ for _name, _doc in (
     register_rule(_name, kinds=MASK_SOURCE_KINDS)(WholeStepSampler(_name, _doc))
 
 
+def _autocast(model: Callable, device: torch.device) -> Callable:
+    def forward(x, t, h=None):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return model(x, t, h)
+
+    return forward
+
+
 def _blocks(seq_len: int, knobs: SamplerKnobs) -> list[tuple[int, int]]:
     b = knobs.block_length or seq_len
     return [(a, min(a + b, seq_len)) for a in range(0, seq_len, b)]
@@ -110,6 +118,8 @@ def sample_with_knobs(
             generator=generator, precision=precision, batch_size=batch_size, device=device, **plain_kw,
         )  # fmt: skip
         return out
+    if plain_kw.get("autocast"):  # bf16 autocast of the forward only, as the plain loop does
+        model = _autocast(model, device)
     mask = path.source.name == "mask"
     if (whole or knobs.block_length is not None) and not mask:
         raise ValueError(f"rule {rule!r} / block_length need the mask source; this path's source is {path.source.name}")
