@@ -7,7 +7,7 @@ imported from its module the first time it is read.
   results, `StudyFailed`;
 * metrics (`fsdfm.metrics`): `compute_metrics`, `register_metric` (adding a metric is one registered function),
   `METRICS` (one entry per metric);
-* reports (`fsdfm.report`): `write_report`, `load_study`.
+* reports (`fsdfm.report`): `write_report`, `load_study`, `compare` (one table across studies).
 """
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ _LAZY = {
     "METRICS": "fsdfm.metrics",
     "write_report": "fsdfm.report",
     "load_study": "fsdfm.report",
+    "compare": "fsdfm.report.compare",
 }
 __all__ = ["__version__", *_LAZY]
 

@@ -68,7 +68,7 @@ def set_threads(n: int) -> None:
 
 
 # what a bare `pip install fsdfm` lacks for a command: the extra and the modules it brings
-EXTRAS = {"report": ("analysis", ("matplotlib", "seaborn", "scipy"))}
+EXTRAS = {"report": ("analysis", ("matplotlib", "seaborn", "scipy", "markdown"))}
 
 
 def require_extra(command: str) -> None:

@@ -25,12 +25,14 @@ def cmd_report(args) -> dict:
             f"fsdfm report needs the 'analysis' extra (module {e.name!r} is not installed): "
             "pip install 'fsdfm[analysis]'"
         ) from None
-    print(f"report: {out.index}")
+    print(f"report: {out.index}  (one file: {out.html}; results: {out.results})")
     return {
         "study": sdir.name,
         "report": str(out.index),
         "tables": [str(p) for p in out.tables],
         "figures": [str(p) for p in out.figures],
+        "html": str(out.html),
+        "results": str(out.results),
     }
 
 

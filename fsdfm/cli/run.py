@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import yaml
 from fsdfm.cli.common import InputError, UsageError, set_threads
 from fsdfm.cli.spec import command_line, load_plan, print_config
 from fsdfm.launch import EXECUTORS, DriverInterrupted, execute, load_profile
-from fsdfm.records import check_stage, discard_stage, is_done, lock_holder
+from fsdfm.launch.gpus import DEVICES_ENV, NoDevicesError, device_slots
+from fsdfm.records import StageLockedError, check_cache_dir, check_stage, discard_stage, is_done, running_holder
 from fsdfm.study.graph import STAGE_KINDS, StudyPlan, waves
 from fsdfm.tracking import check_available, enable
 
@@ -45,7 +47,9 @@ def _data_lines(plan) -> dict[str, str]:
 
 def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None = None) -> list[str]:
     """Remove the stage folders of the plan's stages of `kinds` (their dependents then see a redone input and
-    re-run too); nothing is removed under --dry-run. A stage that is running is an error."""
+    re-run too); nothing is removed under --dry-run. A stage that is running under any study (the lock of its
+    store folder, whether or not this study links it yet) is an error naming its holder; each folder is
+    emptied under its lock, and only folders the store owns are (`fsdfm.records.store.owned_folder`)."""
     present = {s.kind for s in plan.stages.values()}
     for k in kinds:
         if k not in present:
@@ -53,16 +57,17 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None =
                 f"--rerun: study {plan.name!r} has no {k!r} stage; its kinds: {', '.join(sorted(present))}"
             )
     chosen = [sid for sid, s in plan.stages.items() if s.kind in kinds]
+    root = root if root is not None else sdir.parent
     for sid in chosen:
-        holder, live = lock_holder(sdir / "stages" / sid)
-        if live:
-            raise UsageError(
-                f"--rerun: stage {sid} is running ({holder.describe() if holder else 'starting'}); "
-                "wait for it or stop it first"
-            )
+        holder = running_holder(sdir, sid, root)
+        if holder is not None:
+            raise UsageError(f"--rerun: stage {sid} is running ({holder.describe()}); wait for it or stop it first")
     if not dry_run:
         for sid in chosen:  # emptied where it lives (the shared store): every study sharing it sees it redone
-            discard_stage(sdir, sid, root)
+            try:
+                discard_stage(sdir, sid, root)
+            except StageLockedError as e:  # started between the check and now
+                raise UsageError(f"--rerun: {e}; wait for it or stop it first") from None
     return chosen
 
 
@@ -80,6 +85,11 @@ def cmd_run(args) -> dict:
         check_available(plan.tracking)
     except RuntimeError as e:
         raise InputError(str(e)) from None
+    if not args.dry_run:
+        try:
+            check_cache_dir(args.results)  # before the plan is written: not a failure of every stage later
+        except ValueError as e:
+            raise InputError(str(e)) from None
     rerun_kinds = _kinds_arg(args.rerun, "--rerun")
     if args.threads is not None:
         set_threads(args.threads)
@@ -87,6 +97,7 @@ def cmd_run(args) -> dict:
     if args.dry_run:
         return _dry_run(args, plan, sdir, rerun)
     profile = _profile(args, spec)
+    _check_devices(args)
     print(
         f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor})",
         flush=True,
@@ -167,6 +178,18 @@ def _profile(args, spec) -> str | None:
         except yaml.YAMLError as e:
             raise InputError(f"cluster profile {profile}: not valid YAML: {e}") from None
     return profile
+
+
+def _check_devices(args) -> None:
+    """--devices into the environment the local_gpus executor reads; with --executor local_gpus and no device,
+    one InputError before plan.json is written."""
+    if getattr(args, "devices", None) is not None:
+        os.environ[DEVICES_ENV] = args.devices
+    if args.executor == "local_gpus":
+        try:
+            device_slots()
+        except NoDevicesError as e:
+            raise InputError(str(e)) from None
 
 
 def signal_name(signum: int) -> str:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-import yaml
-
 from fsdfm.cli.common import UsageError
 from fsdfm.records import data_cache_dir
+from fsdfm.study.dump import dump_yaml
 from fsdfm.study.load import load
 from fsdfm.study.overrides import parse_overrides
 from fsdfm.study.spec import check_name, read_yaml
@@ -59,11 +58,12 @@ def command_line(args) -> str:
 
 
 def print_config(resolved, sdir: Path) -> dict:
-    """--print-config: the spec after --limit and the overrides, as YAML; nothing is run or written."""
+    """--print-config: the spec after --limit and the overrides with every default resolved (each method kind's
+    own settings included: `fsdfm.study.dump.resolved_config`), as YAML; nothing is run or written."""
     print(
         f"# study {resolved.name} -> {sdir}  (from {resolved.path}"
         + (f", --limit {resolved.limit}" if resolved.limit is not None else "")
-        + ")"
+        + "; every default filled in, base: merged; the grid applies on top)"
     )
-    print(yaml.safe_dump(resolved.raw, sort_keys=False, width=120, allow_unicode=True).rstrip())
+    print(dump_yaml(resolved.spec, resolved.raw))
     return {"study": resolved.name, "print_config": True, "overrides": resolved.overrides, "limit": resolved.limit}

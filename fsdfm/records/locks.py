@@ -33,46 +33,62 @@ class StageLockedError(RuntimeError):
 class LockInfo:
     host: str
     pid: int
-    pid_start: int | None  # the process's start time (clock ticks since boot) to see through pid reuse
+    pid_start: float | None  # the process's start time (psutil, seconds since the epoch) to see through pid reuse
     job_id: str | None
     time: str
+    study: str | None = None  # the study whose run took it (a shared stage in the store is run by one of many)
 
     def describe(self) -> str:
         job = f", job {self.job_id}" if self.job_id else ""
-        return f"pid {self.pid} on {self.host}{job}, since {self.time}"
+        study = f", study {self.study}" if self.study else ""
+        return f"pid {self.pid} on {self.host}{job}{study}, since {self.time}"
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/<pid>/stat (state, ppid, ...), None where /proc cannot tell."""
+def _pid_start(pid: int) -> float | None:
+    """The start time of process `pid` (seconds since the epoch, psutil: Linux, macOS, BSD), None when it is gone
+    or cannot be asked. With the pid it names one process: a pid reused later has another start time."""
+    import psutil
+
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # comm may contain spaces
-    except (OSError, IndexError):
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
         return None
 
 
-def _pid_start(pid: int) -> int | None:
-    stat = _proc_stat(pid)
-    try:
-        return int(stat[19]) if stat else None  # field 22: start time in clock ticks since boot
-    except (ValueError, IndexError):
-        return None
+# a start time below this is from a lock written before psutil: clock ticks since boot (/proc/<pid>/stat field 22)
+_TICKS_FORMAT_BELOW = 1e9
 
 
-def pid_alive(pid: int, pid_start: int | None = None) -> bool:
-    """Whether process `pid` on this host is alive (and, given `pid_start`, is the same process)."""
+def _same_start(recorded: float, now: float) -> bool:
+    """Whether a recorded start time is `now`'s (psutil's float is stable for a process to well under 10 ms; an
+    old lock's clock ticks since boot are converted with the boot time and the tick rate, to the second)."""
+    if recorded < _TICKS_FORMAT_BELOW:
+        import psutil
+
+        try:
+            ticks = os.sysconf("SC_CLK_TCK")
+        except (ValueError, OSError, AttributeError):
+            return True  # cannot convert: trust the pid
+        return abs(psutil.boot_time() + recorded / ticks - now) < 1.0
+    return abs(recorded - now) < 0.01
+
+
+def pid_alive(pid: int, pid_start: float | None = None) -> bool:
+    """Whether process `pid` on this host is alive (and, given `pid_start`, is the same process): psutil, so the
+    same on Linux and macOS. A zombie (killed, not reaped: containers often run no init that reaps) is dead."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return False
+        now = proc.create_time()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    stat = _proc_stat(pid)
-    if stat and stat[0] in ("Z", "X"):
-        return False  # a killed process nobody reaped yet (containers often run no init that reaps)
-    if pid_start is not None:
-        now = _pid_start(pid)
-        if now is not None and now != pid_start:
-            return False  # the pid was reused by another process
+    except (psutil.AccessDenied, OSError):
+        return True  # exists, owned by someone else
+    if pid_start is not None and not _same_start(float(pid_start), now):
+        return False  # the pid was reused by another process
     return True
 
 
@@ -85,6 +101,7 @@ def _read_lock(path: Path) -> LockInfo | None:
             pid_start=d.get("pid_start"),
             job_id=d.get("job_id"),
             time=d.get("time", "?"),
+            study=d.get("study"),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -115,14 +132,19 @@ def _lock_is_stale(path: Path, info: LockInfo | None) -> bool:
 
 @contextlib.contextmanager
 def stage_lock(
-    sdir: Path, wait: bool = False, poll_s: float = 1.0, on_wait: Callable[[LockInfo | None], None] | None = None
+    sdir: Path,
+    wait: bool = False,
+    poll_s: float = 1.0,
+    on_wait: Callable[[LockInfo | None], None] | None = None,
+    study: str | None = None,
 ) -> Iterator[LockInfo]:
     """Hold the exclusive lock of stage directory `sdir` for the duration of the block.
 
     Created with O_CREAT|O_EXCL, so exactly one process wins. A lock whose holder is dead (same host, pid
     gone or reused; or the same SLURM job, requeued) is broken and retaken; a live one raises
     `StageLockedError` naming the holder, or with `wait=True` is polled every `poll_s` seconds until its holder
-    releases it or dies (`on_wait(holder)` is called once per holder waited for, to tell the user). Breaking is
+    releases it or dies (`on_wait(holder)` is called once per holder waited for, to tell the user); `study` is
+    recorded in the lock so that whoever finds it busy can name the study that runs it. Breaking is
     serialised by a second O_EXCL file, so two processes that both judge a lock stale cannot delete each
     other's fresh lock.
     """
@@ -130,7 +152,12 @@ def stage_lock(
     sdir.mkdir(parents=True, exist_ok=True)
     path = sdir / LOCK
     me = LockInfo(
-        host=socket.gethostname(), pid=os.getpid(), pid_start=_pid_start(os.getpid()), job_id=job_id(), time=now_iso()
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        pid_start=_pid_start(os.getpid()),
+        job_id=job_id(),
+        time=now_iso(),
+        study=study,
     )
     tries, waited_for = 0, []
     while tries < 5:
@@ -153,7 +180,7 @@ def stage_lock(
             who = info.describe() if info else "a process that is still writing the lock file"
             raise StageLockedError(f"stage {sdir.name} is locked by {who} ({path})") from None
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(asdict(me)))
+            f.write(json.dumps({k: v for k, v in asdict(me).items() if v is not None or k != "study"}))
             f.flush()
             os.fsync(f.fileno())
         break
@@ -226,3 +253,44 @@ def remove_stale_temp_files(sdir: Path) -> list[Path]:
                     p.unlink()
                     removed.append(p)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------- drivers
+DRIVER_MARK = ".driver"  # <study>/.driver.<pid>: a driver (`fsdfm run`) of this study is running
+
+
+@contextlib.contextmanager
+def driver_mark(study_dir: str | os.PathLike, study: str | None = None) -> Iterator[LockInfo]:
+    """Mark `study_dir` as driven by this process for the duration of the block (`<study>/.driver.<pid>`).
+
+    Not exclusive (two runs of one study may overlap; their stages serialise on the stage locks): it lets
+    `fsdfm clean` refuse to delete stages under a driver that is about to run their dependents."""
+    path = Path(study_dir) / f"{DRIVER_MARK}.{os.getpid()}"
+    me = LockInfo(
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        pid_start=_pid_start(os.getpid()),
+        job_id=job_id(),
+        time=now_iso(),
+        study=study,
+    )
+    path.write_text(json.dumps(asdict(me)))
+    try:
+        yield me
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def live_drivers(study_dir: str | os.PathLike) -> list[LockInfo]:
+    """The live drivers of `study_dir` (`driver_mark`); marks of dead ones are removed as litter."""
+    out = []
+    for p in sorted(Path(study_dir).glob(f"{DRIVER_MARK}.*")):
+        info = _read_lock(p)
+        if not _lock_is_stale(p, info):
+            if info is not None:
+                out.append(info)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    return out

@@ -134,5 +134,7 @@ def provenance() -> dict:
         "pid": os.getpid(),
         "slurm_job_id": slurm_job_id(),
         "job_id": job_id(),
+        # the GPU(s) the job was given (the local_gpus executor sets one per job; SLURM sets it too)
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "argv": list(sys.argv),
     }
