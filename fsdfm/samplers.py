@@ -48,7 +48,7 @@ _CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 27}
 # A rule maps (p_z (B, L), t (B,), h (B,), scheduler) to jump probabilities (B, L), elementwise over positions and
 # non-increasing in p(z) (more mass on the current token, less reason to leave it): `update_from_logits` relies on
 # both, evaluating p(z) only where u < rule(0) and calling the rule on (n, 1) candidates with their rows' t and h.
-UPDATE_RULES: Registry = Registry("update rule", discover=("fsdfm.samplers",))
+UPDATE_RULES: Registry = Registry("update rule", discover=("fsdfm.samplers", "fsdfm.sampling"))
 Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Scheduler], torch.Tensor]
 
 
@@ -82,6 +82,7 @@ class SampleOutput:
     time_grid: torch.Tensor
     wall_s: float = 0.0
     numerics: SampleNumerics | None = None
+    nfe_per_sample: torch.Tensor | None = None  # (N,) where NFE varies per sample (fsdfm.sampling: threshold)
 
 
 # Which method kinds a rule applies to. A kind that samples the mixture path with the loop below claims every
@@ -348,6 +349,11 @@ def sample(
     if grid.ndim != 1 or grid.numel() < 2 or not bool((grid[1:] > grid[:-1]).all()):
         raise ValueError("time grid must be a 1-D increasing tensor with at least 2 points")
     rule_fn = get_rule(rule)
+    if hasattr(rule_fn, "sample_loop"):  # a whole-step sampler (fsdfm.sampling) runs its own loop: same contract
+        return rule_fn.sample_loop(
+            model, path, n_samples=n_samples, seq_len=seq_len, grid=grid, h_conditioned=h_conditioned,
+            generator=generator, precision=precision, batch_size=batch_size, device=device,
+        )  # fmt: skip
     # The logits path (the default) needs no (B, L, V) softmax. Other precisions keep softmax + Gumbel-max, so that
     # a low-precision ablation reproduces exactly the known low-precision artefact.
     from_logits = sparse is not False and precision == torch.float64

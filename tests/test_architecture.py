@@ -46,6 +46,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "model",
         "samplers",
         "sparse_step",
+        "sampling",
         "objectives",
         "teachers",
         "train",

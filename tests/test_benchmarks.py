@@ -358,3 +358,18 @@ def test_bench_own_work_quick():
             assert _positive(o8, o32)
             assert c["fraction_of_nfe_ratio"] == pytest.approx((F + o32) / (F + o8), rel=2e-3)
             assert c["outside_share_few"] == pytest.approx(o8 / (F + o8), rel=2e-3)
+
+
+def test_bench_own_work_reports_the_training_free_samplers():
+    """confidence / threshold / remdm (fsdfm.sampling) beside the forward with the same JSON keys, mask source only
+    (on the uniform source they are skipped: they reveal masked positions)."""
+    _, rec = run_bench("bench_own_work.py", "--rules", "confidence,threshold,remdm")
+    assert [(r["source"], r["rule"]) for r in rec["results"]] == [
+        ("mask", "confidence"),
+        ("mask", "threshold"),
+        ("mask", "remdm"),
+    ]
+    for r in rec["results"]:
+        assert r["same_tokens"] and _positive(r["forward_ms"])
+        for chunk in ("default", "float64"):
+            assert _positive(r[chunk]["own_ms_per_step_8"], r[chunk]["own_ms_per_step_32"])

@@ -50,6 +50,11 @@ ALL_NAMES = [
     "ngram_kl",
     "ngram_tv_floor",
     "ngram_kl_floor",
+    "collapse_ngram",
+    "ngram_tv_text",
+    "gen_ppl_raw",
+    "gen_ppl_first_scored",
+    "gen_ppl_short_ctx",
 ]
 
 

@@ -172,6 +172,8 @@ def test_a_token_with_all_the_mass_never_moves(sparse):
     one_hot[..., 3] = 1.0
     t, h = torch.zeros(ROWS, dtype=torch.float64), torch.full((ROWS,), 0.5, dtype=torch.float64)
     for rule in UPDATE_RULES.names():
+        if hasattr(get_rule(rule), "sample_loop"):  # a whole-step sampler (fsdfm.sampling) has no jump probability
+            continue
         y = update(x, one_hot, t, h, get_rule(rule), path, torch.Generator().manual_seed(0), sparse=sparse)
         assert torch.equal(y, x), rule
 

@@ -242,12 +242,14 @@ def _plan_samples(
                 "precision": spec.sampling.precision,
                 # only when not the default, so that a float32 study keeps its stage ids
                 **forward_precision_key(spec.sampling.forward_precision),
+                # only set knobs (fsdfm.sampling.knobs): a method without knobs keeps its stage ids
+                **({"knobs": dict(sorted(m.knobs.items()))} if m.knobs else {}),
             }
             sample = p.add(Stage("sample", cfg, {"model": model.id}))
             ev_stage = p.add(Stage("evaluate", eval_cfg, {"samples": sample.id, **ev_inputs}))
-            add_run(
-                {"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps}, ev_stage
-            )
+            knob_col = {"knobs": ",".join(f"{k}={v}" for k, v in sorted(m.knobs.items()))} if m.knobs else {}
+            run = {"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps}
+            add_run(run | knob_col, ev_stage)
 
 
 def _plan_divergence(p: Planner, model: Stage, mname: str, m: MethodSpec, add_run: Callable) -> None:

@@ -36,7 +36,8 @@ from fsdfm.methods.common import (
 from fsdfm.model import DiT
 from fsdfm.objectives import DFMConfig, DFMObjective
 from fsdfm.paths import MixturePath
-from fsdfm.samplers import sample, time_grid
+from fsdfm.samplers import time_grid
+from fsdfm.sampling import sample_with_knobs
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
 from fsdfm.methods.exact_teacher import ExactTargetObjective, load_exact
@@ -185,12 +186,13 @@ def sample_dfm(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     m = load_dit(model_dir, dev)
     net = RowCounter(m.model)
     grid = time_grid(cfg["steps"], t_end=cfg["t_end"])
-    precision = getattr(torch, cfg["precision"])
+    precision = getattr(torch, (cfg.get("knobs") or {}).get("precision") or cfg["precision"])
 
-    def run(n, steps_grid, gen):
-        return sample(
+    def run(n, steps_grid, gen, knobs=cfg.get("knobs")):
+        return sample_with_knobs(
             net,
             m.path,
+            knobs=knobs,
             n_samples=n,
             seq_len=corpus.seq_len,
             grid=steps_grid,
@@ -203,8 +205,12 @@ def sample_dfm(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
             autocast=forward_autocast(cfg),
         )
 
+    warm = {k: v for k, v in (cfg.get("knobs") or {}).items() if k != "block_length"}  # 1 step covers one block
     run(
-        min(cfg["batch_size"], cfg["n_samples"]), time_grid(1, t_end=cfg["t_end"]), torch.Generator(dev).manual_seed(0)
+        min(cfg["batch_size"], cfg["n_samples"]),
+        time_grid(1, t_end=cfg["t_end"]),
+        torch.Generator(dev).manual_seed(0),
+        warm,
     )  # warm-up
     net.reset()
     return Draw(lambda gen: run(cfg["n_samples"], grid, gen), net)

@@ -64,6 +64,9 @@ EVAL_SOURCES = (
         *DATA_SOURCES,
         "fsdfm.samplers",
         "fsdfm.sparse_step",
+        "fsdfm.sampling.knobs",
+        "fsdfm.sampling.loop",
+        "fsdfm.sampling.steps",
         "fsdfm.methods.dfm:sample_dfm",
         "fsdfm.methods.ar:sample_ar_model",
         "fsdfm.methods.flm:continuous_sampler",
@@ -112,7 +115,17 @@ def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
         **({"compiled_block_sums": True} if dev.type == "cuda" and compiled_block_sums() else {}),
         "time_grid": [float(t) for t in out.time_grid[:2049]],
         "numerics": out.numerics.to_dict() if getattr(out, "numerics", None) else None,
+        # where NFE varies per sample (threshold decoding): its mean and max over the samples
+        **(
+            {"nfe_per_sample": _nfe_summary(out.nfe_per_sample)}
+            if getattr(out, "nfe_per_sample", None) is not None
+            else {}
+        ),
     }
+
+
+def _nfe_summary(nfe: torch.Tensor) -> dict:
+    return {"mean": float(nfe.double().mean()), "max": float(nfe.max()), "min": float(nfe.min())}
 
 
 def counted_nfe(rows: int, n_samples: int) -> int | float:

@@ -16,7 +16,8 @@ import torch
 from fsdfm.methods.base import MethodKind, Planner, declared_rules, register_kind
 from fsdfm.data.oracle import ORACLE_SOURCES
 from fsdfm.methods.common import DATA_SOURCES, SAMPLERS, Draw, RowCounter
-from fsdfm.samplers import sample, time_grid
+from fsdfm.samplers import time_grid
+from fsdfm.sampling import sample_with_knobs
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
 from fsdfm.data import DataConfig, oracle_source
@@ -65,15 +66,16 @@ def sample_exact(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     net = RowCounter(exact)
     grid = time_grid(cfg["steps"], t_end=cfg["t_end"])
     return Draw(
-        lambda gen: sample(
+        lambda gen: sample_with_knobs(
             net,
             exact.path,
+            knobs=cfg.get("knobs"),
             n_samples=cfg["n_samples"],
             seq_len=corpus.seq_len,
             grid=grid,
             rule=cfg["rule"],
             generator=gen,
-            precision=getattr(torch, cfg["precision"]),
+            precision=getattr(torch, (cfg.get("knobs") or {}).get("precision") or cfg["precision"]),
             batch_size=cfg["batch_size"],
             device=dev,
         ),

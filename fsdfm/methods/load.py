@@ -16,6 +16,7 @@ from fsdfm.methods.base import EXACT_TEACHER, METHOD_KINDS, MethodKind, MixtureR
 from fsdfm.metrics.registry import METRICS
 from fsdfm.objectives import DFMConfig
 from fsdfm.registry import did_you_mean
+from fsdfm.sampling import WHOLE_STEP, knob_errors
 from fsdfm.study import load as schema
 from fsdfm.study.spec import PAIR_PATTERN, MethodSpec, SchedulerSpec, SpecError, StudySpec, build, short
 
@@ -66,6 +67,34 @@ def check_path_settings(kind: MethodKind, m: MethodSpec, where: str, file: str) 
         DFMConfig(m.loss)
     except (ValueError, KeyError) as e:
         raise SpecError(f"{file}: {where}.loss: {e}") from None
+
+
+def check_knobs(m: MethodSpec, kind: MethodKind, seq_len: int, where: str, file: str) -> None:
+    """Sampler knobs (fsdfm.sampling.knobs): known, valid, used by one of the method's rules, on a kind whose sampler
+    reads them (a mixture-path kind: the DFM sampling loop); whole-step samplers only on a mask-source method."""
+    rules = tuple(m.rules or kind.rules[:1])
+    for rule in rules:
+        if rule in WHOLE_STEP and m.source != "mask":
+            raise SpecError(
+                f"{file}: {where}.rules: {rule!r} needs the mask source; this method's source is {m.source}"
+            )
+    if not m.knobs:
+        return
+    if not isinstance(kind.rules, MixtureRules):
+        key = next(iter(m.knobs)) if isinstance(m.knobs, dict) else ""
+        mixture = [k for k in METHOD_KINDS if isinstance(METHOD_KINDS.get(k).rules, MixtureRules)]
+        raise SpecError(
+            f"{file}: {where}.knobs.{key}: a {m.kind} method's sampler takes no sampler knobs "
+            f"(they apply to kinds {', '.join(mixture)})"
+        )
+    for key, msg in knob_errors(m.knobs, rules, m.source):
+        raise SpecError(f"{file}: {where}.knobs{'.' + key if key else ''}: {msg}")
+    bl = m.knobs.get("block_length")
+    if bl and any(s < -(-seq_len // bl) for s in m.budgets if isinstance(s, int)):
+        raise SpecError(
+            f"{file}: {where}.knobs.block_length: {bl} cuts seq_len {seq_len} into {-(-seq_len // bl)} blocks; "
+            f"every step budget must be at least that (budgets: {list(m.budgets)})"
+        )
 
 
 def validate_methods(spec: StudySpec, file: str) -> StudySpec:
@@ -125,6 +154,7 @@ def validate_methods(spec: StudySpec, file: str) -> StudySpec:
                     f"{file}: {where}.rules: {short(rule)} is not a rule of {m.kind}{did_you_mean(str(rule), list(kind.rules))}; "
                     f"allowed: {', '.join(kind.rules)}"
                 )
+        check_knobs(m, kind, spec.data.seq_len, where, file)
         if not m.budgets:
             raise SpecError(f"{file}: {where}.budgets: list the step budgets to evaluate, e.g. [1, 8, 64]")
         for s in m.budgets:

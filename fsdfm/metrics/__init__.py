@@ -51,6 +51,8 @@ from fsdfm.metrics.timing import (
     tokens_per_s,
 )
 from fsdfm.metrics.oracle import corpus_metric_names, extra_metrics  # also registers the oracle metrics
+from fsdfm.metrics import collapse as _collapse  # noqa: F401  (registers collapse_ngram and ngram_tv_text)
+from fsdfm.metrics import protocol as _protocol  # noqa: F401  (registers the protocol-audit gen-PPL conventions)
 
 __all__ = [
     "METRICS",

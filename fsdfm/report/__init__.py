@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from fsdfm.report.entropy_frontier import entropy_frontier, matched_entropy_table
 from fsdfm.report.figures import FIGURES, render
 from fsdfm.report.html import HTML_FILE, html_report
 from fsdfm.report.nfe_figure import quality_vs_nfe
+from fsdfm.report.protocol import protocol_table
 from fsdfm.report.oracle import decomposition_table
 from fsdfm.report.oracle_figure import decomposition_figure
 from fsdfm.report.convergence import convergence_figure, convergence_frame
@@ -75,6 +77,8 @@ __all__ = [
 
 FIGURE_ORDER = ("step_sweep", "frontier", "quality_vs_nfe", "pos_divergence", "ablation")
 FIGURES.register("quality_vs_nfe", quality_vs_nfe)
+FIGURES.register("entropy_frontier", entropy_frontier)
+KNOB_FIGURES = ("entropy_frontier",)  # drawn only for studies with sampler knobs (fsdfm.report.entropy_frontier)
 FIGURES.register("decomposition", decomposition_figure)
 FIGURES.register("convergence", convergence_figure)
 ORACLE_FIGURES = ("decomposition",)  # drawn only for studies with an exact method (fsdfm.report.oracle)
@@ -317,6 +321,12 @@ def write_report(
         ]
         if study.report_settings["pairs"]:
             candidates.append(pairs_table(study))
+        if "knobs" in study.runs:  # sampler-knob sweeps: the matched-entropy comparison
+            d = study.data
+            h = float(d["entropy_nats"].mean()) if not d.empty and "entropy_nats" in d else None
+            candidates.append(matched_entropy_table(study.models, h))
+        if "gen_ppl_raw" in study.runs or "gen_ppl_first_scored" in study.runs:  # the protocol audit
+            candidates.append(protocol_table(study.models))
         has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
         if has_exact:
             candidates.insert(1, decomposition_table(study))
@@ -329,7 +339,9 @@ def write_report(
     figures: list[FigureResult] = []
     has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
     has_curves = len(study.runs) > 0 and not convergence_frame(study).empty
-    for name in FIGURE_ORDER + (ORACLE_FIGURES if has_exact else ()) + (CURVE_FIGURES if has_curves else ()):
+    knob_figures = KNOB_FIGURES if "knobs" in study.runs else ()
+    extra = (ORACLE_FIGURES if has_exact else ()) + (CURVE_FIGURES if has_curves else ()) + knob_figures
+    for name in FIGURE_ORDER + extra:
         if len(study.runs):
             figures += render(name, study, out_dir)
         else:

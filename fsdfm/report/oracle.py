@@ -105,16 +105,28 @@ def decomposition_frame(study: Study) -> pd.DataFrame:
     runs = annotated_runs(study)
     if runs.empty or not (runs["kind"] == EXACT_KIND).any():
         return pd.DataFrame()
+    from fsdfm.samplers import UPDATE_ALIASES
+
+    # a run is matched with the exact run of the same sampler: rule (an alias is its rule: mdlm = cumulative_scalar)
+    # and sampler knobs (fsdfm.sampling; "" when none)
+    runs = runs.assign(
+        _rule=runs["rule"].map(lambda r: UPDATE_ALIASES.get(r, r)),
+        _knobs=runs["knobs"].fillna("").astype(str) if "knobs" in runs else "",
+    )
     exact = {
-        (p, r, int(s)): _mean(g["oracle_nll"])
-        for (p, r, s), g in runs[runs["kind"] == EXACT_KIND].groupby(["path", "rule", "steps"], dropna=False)
+        (p, r, k, int(s)): _mean(g["oracle_nll"])
+        for (p, r, k, s), g in runs[runs["kind"] == EXACT_KIND].groupby(
+            ["path", "_rule", "_knobs", "steps"], dropna=False
+        )
     }
     se = mc_standard_errors(study)
     rows = []
     for (p, label, rule, steps), g in runs.groupby(["path", "label", "rule", "steps"], dropna=False, sort=False):
         kind = str(g["kind"].iloc[0])
         nll = _mean(g["oracle_nll"])
-        ex = nll if kind == JOINT_KIND else exact.get((p, rule, int(steps)), math.nan)
+        ex = (
+            nll if kind == JOINT_KIND else exact.get((p, g["_rule"].iloc[0], g["_knobs"].iloc[0], int(steps)), math.nan)
+        )
         expected = _mean(g["oracle_expected_nll"])
         rows.append(
             {

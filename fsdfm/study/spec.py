@@ -122,6 +122,7 @@ class MethodSpec:
     budgets: tuple = ()
     label: str | None = None
     checkpoint: dict = field(default_factory=dict)  # kind "released": {path, which} of a checkpoint to evaluate
+    knobs: dict = field(default_factory=dict)  # sampler knobs (fsdfm.sampling.knobs): temperature, top_p, ...
     settings: Any = field(default=None, metadata={"yaml": False})
 
 
