@@ -19,7 +19,7 @@ import torch
 
 from fsdfm.di4c import Di4CConfig, Di4CObjective, LambdaModel
 from fsdfm.io import atomic_write
-from fsdfm.methods.base import MethodKind, Planner, declared_rules, register_kind
+from fsdfm.methods.base import MethodKind, Planner, register_kind
 from fsdfm.methods.common import (
     DATA_SOURCES,
     DIT_SOURCES,
@@ -59,7 +59,10 @@ register_kind(
     MethodKind(
         "di4c",
         "di4c",
-        declared_rules("di4c", "cumulative_scalar"),
+        # the per-position rules of the DFM loop, which `LambdaModel` plugs into; not the whole-step samplers
+        # (fsdfm.sampling), which call the network their own way. A fixed tuple also refuses source/scheduler
+        # keys: the student samples its teacher's path
+        ("cumulative_scalar", "euler", "mixture_euler"),
         plan_di4c,
         teacher_kind="dfm",
         settings_key="distill",
