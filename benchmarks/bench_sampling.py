@@ -47,6 +47,7 @@ from benchlib import (
 from fsdfm.metrics.timing import peak_memory, reset_peak_memory
 from fsdfm.paths import MixturePath, make_path
 from fsdfm.samplers import UPDATE_RULES, sample
+from fsdfm.sampling import WHOLE_STEP
 from fsdfm.schedulers import PolynomialScheduler
 
 SECTIONS = ("sweep", "share", "scaling")
@@ -498,7 +499,8 @@ def main(argv=None) -> dict:
     add_common_args(parser)
     parser.add_argument("--vocab", type=int, default=None, help="V (default 2048; --quick: 256)")
     parser.add_argument("--sections", default=",".join(SECTIONS))
-    parser.add_argument("--rules", default=",".join(UPDATE_RULES.names()))
+    # the jump-probability rules (the training-free whole-step samplers are measured by bench_own_work.py)
+    parser.add_argument("--rules", default=",".join(n for n in UPDATE_RULES.names() if n not in WHOLE_STEP))
     parser.add_argument("--budgets", default=None, help="comma-separated step budgets (default 1,2,4,...,1024)")
     parser.add_argument("--sweep-source", default="uniform", choices=["mask", "uniform"])
     parser.add_argument("--sweep-batch", type=int, default=None)
