@@ -133,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("files", nargs="+", help='sample files: .jsonl ({"text": ...} per line) or .npy ((N, L) ids)')
     e.add_argument("--spec", required=True, help="the study (a spec file or its results directory); run it first")
     e.add_argument("--label", action="append", help="row label per file, in order (default: the file stem)")
+    from fsdfm.external import EvalLimits
+
+    lim = EvalLimits()
+    for flag, default, what in (
+        ("--max-file-bytes", lim.max_file_bytes, "bytes per file"),
+        ("--max-line-bytes", lim.max_line_bytes, "bytes per .jsonl line"),
+        ("--max-samples", lim.max_samples, "texts or rows per file"),
+    ):
+        e.add_argument(
+            flag, type=int, default=default, metavar="N", help=f"refuse more than N {what} (default {default:,})"
+        )
     e.set_defaults(fn=cmd_eval)
     from fsdfm.cli.ls import add_ls_parser
 

@@ -3,6 +3,8 @@ score external samples with its metrics."""
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 from fsdfm.cli.common import InputError, _read_plan, require_extra
@@ -65,22 +67,32 @@ def _eval_study_dir(args) -> Path:
 
 def cmd_eval(args) -> dict:
     """Score external sample files with a study's metrics and evaluator (fsdfm.external), recorded as runs."""
-    from fsdfm.external import ExternalError, eval_files
+    from fsdfm.external import EvalLimits, ExternalError, eval_files
 
     sdir = _eval_study_dir(args)
     _read_plan(sdir)  # the study's plan must exist: its evaluate config and evaluator are what score the files
     try:
-        done = eval_files(sdir, sdir.parent, args.files, args.label)
+        limits = EvalLimits(args.max_file_bytes, args.max_line_bytes, args.max_samples)
+        done = eval_files(sdir, sdir.parent, args.files, args.label, limits)
     except ExternalError as e:
         raise InputError(str(e)) from None
     for r in done:
+        for note in r.notes:
+            print(f"warning: {note}", file=sys.stderr)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if isinstance(v, float))
         print(f"  {r.label:<24} {r.stage_id}  {shown}")
     print(f"study {sdir.name}: scored {len(done)} external file(s)   next: fsdfm report {args.spec}")
     return {
         "study": sdir.name,
         "runs": [
-            {"file": r.file, "label": r.label, "stage_id": r.stage_id, "run_id": r.run_id, "metrics": r.metrics}
+            {
+                "file": r.file,
+                "label": r.label,
+                "stage_id": r.stage_id,
+                "run_id": r.run_id,
+                "metrics": r.metrics,
+                "notes": list(r.notes),
+            }
             for r in done
         ],
     }

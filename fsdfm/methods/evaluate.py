@@ -132,17 +132,24 @@ def _sample_metric_names(config: dict, evaluator) -> list[str]:
     return names
 
 
-def content_length(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:
-    """(N, L) ids -> (N,) tokens before the first EOS (L where a row has none, or without an EOS id)."""
+def content_length(tokens: np.ndarray, eos_id: int | None, lengths: np.ndarray | None = None) -> np.ndarray:
+    """(N, L) ids -> (N,) tokens before the first EOS (L_i where a row has none in its first L_i = lengths[i]
+    ids (default L), or without an EOS id)."""
     n, length = tokens.shape
+    lens = np.full(n, length, dtype=np.int64) if lengths is None else np.asarray(lengths, dtype=np.int64)
     if eos_id is None:
-        return np.full(n, length, dtype=np.int64)
-    is_eos = tokens == eos_id
-    return np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), length).astype(np.int64)
+        return lens
+    is_eos = (tokens == eos_id) & (np.arange(length)[None, :] < lens[:, None])
+    return np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), lens).astype(np.int64)
 
 
-def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corpus, out_dir: Path, names) -> dict:
+def score_samples(
+    config: dict, tokens: np.ndarray, texts, refs, evaluator, corpus, out_dir: Path, names, lengths=None
+) -> dict:
     """The sample metrics of one sample set, recorded with what each saw, and the per-sample table.
+
+    tokens (N, L) ids; lengths: optional (N,) content lengths (sample i is tokens[i, :lengths[i]], e.g. external
+    texts shorter than L: the padding after it is scored by no metric); None: every sample fills L.
 
     Returns the payload part {"metrics", "metric_details"}: metrics holds the values, `n_samples`,
     `samples_per_metric` {name: samples the metric saw}, gen_ppl's scored tokens and truncated samples
@@ -155,7 +162,7 @@ def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corp
     from fsdfm.metrics.diversity import entropy, rep_n_per_sample
     from fsdfm.records import PER_SAMPLE, write_per_sample
 
-    ms = compute_metric_set(tokens, texts, names, **_metric_kwargs(config, evaluator, refs, corpus))
+    ms = compute_metric_set(tokens, texts, names, lengths=lengths, **_metric_kwargs(config, evaluator, refs, corpus))
     metrics = dict(ms.values)
     for name in ("gen_ppl", "gen_ppl_seq_mean"):
         if name in ms.details:
@@ -169,10 +176,11 @@ def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corp
     n = int(tokens.shape[0])
     metrics["samples_per_metric"] = {**ms.n_samples, **{k: n for k in extra.values if k in extra.per_sample}}
     metrics["n_samples"] = n
-    columns = {"sample": np.arange(n), "length": content_length(tokens, corpus.eos_id)}
+    columns = {"sample": np.arange(n), "length": content_length(tokens, corpus.eos_id, lengths)}
     columns.update(ms.per_sample)
-    columns.setdefault("entropy_nats", entropy(tokens).per_sample)
-    columns.setdefault("rep_n", rep_n_per_sample(tokens, 4))
+    columns.setdefault("entropy_nats", entropy(tokens, lengths).per_sample)
+    if tokens.shape[1] >= 4:
+        columns.setdefault("rep_n", rep_n_per_sample(tokens, 4, lengths))
     columns.update(extra.per_sample)
     write_per_sample(Path(out_dir) / PER_SAMPLE, columns)
     return {"metrics": metrics, "metric_details": ms.details, "per_sample": PER_SAMPLE}
