@@ -161,13 +161,13 @@ class ResolvedSpec:
     cells: list
 
 
-def _culprit(raw: dict, overrides: dict, file: str) -> str | None:
+def _culprit(raw: dict, overrides: dict, file: str, spec_dir: str | Path | None) -> str | None:
     """The key of the first override after which the spec no longer builds (None: it fails without any)."""
     applied: dict[str, Any] = {}
     for key, value in overrides.items():
         applied[key] = value
         try:
-            expand(apply_overrides(raw, applied, file), file, check_files=False, spec_dir=Path(file).parent)
+            expand(apply_overrides(raw, applied, file), file, check_files=False, spec_dir=spec_dir)
         except SpecError:
             return key
     return None
@@ -180,11 +180,27 @@ def load(
     cache_dir: str | Path | None = None,
     check_files: bool = True,
 ) -> ResolvedSpec:
-    """Read `path`, apply --limit then `overrides`, validate and expand it (`expand`).
+    """Read `path`, apply --limit then `overrides`, validate and expand it (`resolve`): `fsdfm run SPEC OVERRIDES
+    --limit N`. An error caused by an override names it: "SPEC: override KEY=VALUE: ..."."""
+    return resolve(read_yaml(path), str(path), Path(str(path)).parent, overrides, limit, cache_dir, check_files)
 
-    An error caused by an override names it: "SPEC: override KEY=VALUE: ..."."""
-    file = str(path)
-    raw = read_yaml(path)
+
+def resolve(
+    raw: Mapping[str, Any],
+    file: str,
+    spec_dir: str | Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+    check_files: bool = True,
+) -> ResolvedSpec:
+    """A spec mapping (read from `file`; relative paths against `spec_dir`, None: as given) with --limit then
+    `overrides` applied, validated and expanded, and its study name (`study_name`): the one naming rule of the
+    command line and of `fsdfm.run_study`, so both put the same study in the same folder."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{file}: a spec must be a mapping at the top level, got {type(raw).__name__}")
+    raw = dict(raw)
+    expanded_size(raw, file)
     overrides = dict(overrides or {})
     merged: dict[str, Any] = {}
     if limit is not None:
@@ -193,9 +209,9 @@ def load(
     merged.update(overrides)
     resolved = apply_overrides(raw, merged, file)
     try:
-        spec, cells = expand(resolved, file, cache_dir=cache_dir, check_files=check_files, spec_dir=Path(file).parent)
+        spec, cells = expand(resolved, file, cache_dir=cache_dir, check_files=check_files, spec_dir=spec_dir)
     except SpecError as e:
-        culprit = _culprit(raw, merged, file) if merged else None
+        culprit = _culprit(raw, merged, file, spec_dir) if merged else None
         if culprit is None:
             raise
         msg = str(e)
