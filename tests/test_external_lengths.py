@@ -247,3 +247,12 @@ def test_npy_rows_longer_than_seq_len_are_cut_like_texts(text_study, tmp_path, c
     run = json.loads(out.out.strip().splitlines()[-1])["runs"][0]
     kept = tokens[:, : corpus.seq_len]
     assert run["metrics"]["entropy_nats"] == pytest.approx(np.mean([by_hand_entropy(list(r)) for r in kept]))
+
+
+def test_the_limits_help_states_the_defaults():
+    from fsdfm.cli import build_parser
+    from fsdfm.external import EvalLimits
+
+    assert EvalLimits() == EvalLimits(max_file_bytes=1 << 30, max_line_bytes=1 << 20, max_samples=100_000)
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["eval"].format_help().split())
+    assert "default 1 GiB" in help_text and "default 1 MiB" in help_text and "default 100,000" in help_text

@@ -133,17 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("files", nargs="+", help='sample files: .jsonl ({"text": ...} per line) or .npy ((N, L) ids)')
     e.add_argument("--spec", required=True, help="the study (a spec file or its results directory); run it first")
     e.add_argument("--label", action="append", help="row label per file, in order (default: the file stem)")
-    from fsdfm.external import EvalLimits
-
-    lim = EvalLimits()
-    for flag, default, what in (
-        ("--max-file-bytes", lim.max_file_bytes, "bytes per file"),
-        ("--max-line-bytes", lim.max_line_bytes, "bytes per .jsonl line"),
-        ("--max-samples", lim.max_samples, "texts or rows per file"),
+    # defaults in fsdfm.external.EvalLimits (not imported here: it loads numpy before --threads is applied)
+    for flag, what in (
+        ("--max-file-bytes", "bytes per file (default 1 GiB)"),
+        ("--max-line-bytes", "bytes per .jsonl line (default 1 MiB)"),
+        ("--max-samples", "texts or rows per file (default 100,000)"),
     ):
-        e.add_argument(
-            flag, type=int, default=default, metavar="N", help=f"refuse more than N {what} (default {default:,})"
-        )
+        e.add_argument(flag, type=int, metavar="N", help=f"refuse more than N {what}")
     e.set_defaults(fn=cmd_eval)
     from fsdfm.cli.ls import add_ls_parser
 

@@ -72,7 +72,9 @@ def cmd_eval(args) -> dict:
     sdir = _eval_study_dir(args)
     _read_plan(sdir)  # the study's plan must exist: its evaluate config and evaluator are what score the files
     try:
-        limits = EvalLimits(args.max_file_bytes, args.max_line_bytes, args.max_samples)
+        given = {"max_file_bytes": args.max_file_bytes, "max_line_bytes": args.max_line_bytes}
+        given["max_samples"] = args.max_samples
+        limits = EvalLimits(**{k: v for k, v in given.items() if v is not None})
         done = eval_files(sdir, sdir.parent, args.files, args.label, limits)
     except ExternalError as e:
         raise InputError(str(e)) from None

@@ -194,8 +194,10 @@ def _conventions(study: Study) -> list[str]:
         "(`fsdfm.metrics.texts`: each marker and its surrounding whitespace replaced by one space).",
         f"sampling precision: {', '.join(s['precision']) or 'not recorded'} (float32 categorical sampling lowers "
         "perplexity artificially).",
-        f"collapse flags: entropy_nats more than {ENTROPY_COLLAPSE_NATS} nats below the data row's (`low entropy`); "
-        f"rep_n above max({REP_COLLAPSE_FACTOR:g} × data, data + {REP_COLLAPSE_MARGIN:g}) (`high rep_n`).",
+        f"collapse flags: `collapsed` when entropy_nats is more than {ENTROPY_COLLAPSE_NATS} nats below the data row's "
+        f"(`low entropy`) or rep_n above max({REP_COLLAPSE_FACTOR:g} × data, data + {REP_COLLAPSE_MARGIN:g}) "
+        f"(`high rep_n`); `noisy` when entropy_nats is more than {ENTROPY_COLLAPSE_NATS} nats above the data row's "
+        "(near-uniform tokens: noise, not collapse). A flagged row is never marked best.",
         "sampling wall-clock: warm-up excluded, evaluator time excluded"
         + (
             ""

@@ -77,8 +77,12 @@ def _cell(v) -> str:
 
 
 def _flag_text(flags: dict) -> str:
-    words = [w for k, w in (("collapse_entropy", "low entropy"), ("collapse_rep", "high rep_n")) if flags.get(k)]
-    return ", ".join(words) if words else "no"
+    """ "collapsed: low entropy, high rep_n", "noisy: high entropy" (entropy above the data's), or "no"."""
+    collapsed = [w for k, w in (("collapse_entropy", "low entropy"), ("collapse_rep", "high rep_n")) if flags.get(k)]
+    parts = (["collapsed: " + ", ".join(collapsed)] if collapsed else []) + (
+        ["noisy: high entropy"] if flags.get("noise_entropy") else []
+    )
+    return "; ".join(parts) if parts else "no"
 
 
 def _mauve_n(runs: pd.DataFrame) -> pd.Series:
@@ -146,7 +150,12 @@ def metric_table(
 
     from fsdfm.metrics import collapse_flags  # here, not at the top: fsdfm.metrics imports torch
 
+    # the flags read entropy_nats and rep_n whether or not this table shows them
+    flag_means: dict = {}
+    for _, r in summarize(runs, by, present(runs, ("entropy_nats", "rep_n"))).iterrows():
+        flag_means.setdefault(_key(r[c] for c in by), {})[r["metric"]] = r["mean"]
     cells, numbers = [], []
+    flagged: set[int] = set()  # rows with a collapse or noise flag: shown, never marked best
     for i, key in enumerate(keys):
         row_stats = {m: stats.get((key, m)) for m in metrics}
         ns = sorted({int(s["n"]) for s in row_stats.values() if s is not None})
@@ -162,14 +171,17 @@ def metric_table(
             div, unit = display_unit(m)
             row.append(fmt_mean_std(s["mean"] / div, s["std"] / div, int(s["n"]), unit))
             num.update({f"{m}_mean": s["mean"], f"{m}_std": s["std"], f"{m}_ci95": s["ci95"], f"{m}_n": int(s["n"])})
+        fl = {}
+        if data_rows and i not in data_rows:  # flags decide the best marks even where no column shows them
+            fl = collapse_flags(flag_means.get(key, {}), flag_means.get(keys[data_rows[0]], {}))
+            if any(fl.values()):
+                flagged.add(i)
         if flag_col:
             if i in data_rows:
                 row.append(DASH)
             elif not data_rows:
                 row.append("n/a")
             else:
-                means = {m: s["mean"] for m, s in row_stats.items() if s is not None}
-                fl = collapse_flags(means, data_means)
                 row.append(_flag_text(fl))
                 num.update(fl)
         cells.append(row)
@@ -201,7 +213,7 @@ def metric_table(
         div, unit = display_unit(m)
         cands = []
         for i, key in enumerate(keys):
-            if i in data_rows or (key, m) not in stats or (m == "mauve" and i in unreliable):
+            if i in data_rows or i in flagged or (key, m) not in stats or (m == "mauve" and i in unreliable):
                 continue
             seeds = pd.to_numeric(runs.loc[[k == key for k in setting_of], m], errors="coerce").dropna().to_numpy(float)
             cands.append(
@@ -249,7 +261,7 @@ def metric_table(
     )
     marks_note = [
         f"{head}; bold: best in its column, only where its difference from the runner-up is significant "
-        f"(Welch t-test, p < {significance.ALPHA:g}; data and published rows excluded); "
+        f"(Welch t-test, p < {significance.ALPHA:g}; data, published and flagged rows excluded); "
         f"{TIE}: tied with the best (difference not significant)"
     ]
     if tests_used["seeds"]:

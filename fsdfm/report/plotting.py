@@ -21,7 +21,6 @@ _RULE_MARKERS = ("o", "s", "^", "D")
 # The metrics of the step-sweep and ablation figures and their axis labels are the registry's (views "sweep"
 # and "ablation"; `MetricInfo.label`), read when a figure is drawn. The direction is said in words because an
 # arrow glyph in a rotated y label reads as pointing sideways.
-_BETTER = {"min": "lower is better", "max": "higher is better"}
 
 
 class SkipFigure(Exception):
@@ -51,10 +50,11 @@ class FigureResult:
 
 # ------------------------------------------------------------------------------------------------ helpers
 def axis_label(metric: str, direction: bool = True) -> str:
-    """Axis label with the unit and, for metrics with a direction, "(lower/higher is better)"."""
+    """Axis label with the unit and the metric's goal (`MetricInfo.better`: "(lower is better)", "(closest to the
+    data is better)" for entropy, distinct-n, self-BLEU and rep-n, as the tables rank them)."""
     info = metric_info(metric)  # sampling_wall_s reads wall_s's entry
     text = info.label or (f"{metric} ({info.unit})" if info.unit else metric)
-    better = _BETTER.get(info.direction) if direction else None
+    better = info.better if direction else None
     return f"{text}\n({better})" if better else text
 
 
