@@ -122,6 +122,10 @@ def run_study(
     summary = execute(plan, results, executor=executor, profile=profile, max_parallel=max_parallel)
     if not summary.ok:
         raise StudyFailed(summary)
+    if plan.tracking and summary.skipped:  # finished before tracking was on: log what their records keep
+        from fsdfm.launch.backfill import backfill_tracking
+
+        backfill_tracking(plan.to_dict(), Path(results) / r.name, summary.skipped)
     return load(Path(results) / r.name)
 
 

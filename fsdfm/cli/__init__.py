@@ -162,8 +162,28 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line, with KEY=VALUE overrides accepted anywhere after the spec (`fsdfm run SPEC --dry-run
+    seed=3`, as Hydra users type them): argparse takes the positional run before the first flag, the rest are
+    collected here. Anything else left over is argparse's "unrecognized arguments" error (exit 2)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    late = [w for w in extra if "=" in w and not w.startswith("-")]
+    rest = [w for w in extra if w not in late]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*(args.overrides or []), *late]
+    elif late:
+        rest = extra
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except KeyboardInterrupt:
+        return 130
     if getattr(args, "threads", None) is not None:
         set_thread_env(args.threads)  # before the imports below load numpy and torch
     from fsdfm.data import DataError
@@ -173,6 +193,10 @@ def _main(argv: list[str] | None) -> int:
 
     try:
         result = args.fn(args)
+    except KeyboardInterrupt:  # Ctrl-C in a command with nothing to stop (`fsdfm run` handles its own): one line
+        print(f"fsdfm {args.cmd}: interrupted by SIGINT", file=sys.stderr)
+        print(json.dumps({"ok": False, "interrupted": "SIGINT"}), flush=True)
+        return 130
     except (SpecError, DataError, UnknownNameError, PlanError, InputError, UsageError, FileNotFoundError) as e:
         print(f"fsdfm {args.cmd}: error: {e}", file=sys.stderr)
         print(json.dumps({"ok": False, "error": str(e)}), flush=True)

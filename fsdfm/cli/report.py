@@ -3,11 +3,12 @@ score external samples with its metrics."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 from pathlib import Path
 
-from fsdfm.cli.common import InputError, _read_plan, require_extra
+from fsdfm.cli.common import DEFAULT_ROOT, InputError, _read_plan, require_extra
 from fsdfm.cli.spec import study_dir
 
 
@@ -83,7 +84,10 @@ def cmd_eval(args) -> dict:
             print(f"warning: {note}", file=sys.stderr)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if isinstance(v, float))
         print(f"  {r.label:<24} {r.stage_id}  {shown}")
-    print(f"study {sdir.name}: scored {len(done)} external file(s)   next: fsdfm report {args.spec}")
+    where = "" if str(args.results) == str(DEFAULT_ROOT) else f" --results {shlex.quote(str(args.results))}"
+    print(
+        f"study {sdir.name}: scored {len(done)} external file(s)   next: fsdfm report {shlex.quote(args.spec)}{where}"
+    )
     return {
         "study": sdir.name,
         "runs": [

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from fsdfm.cli.common import InputError, UsageError, set_threads
-from fsdfm.cli.spec import command_line, load_plan, print_config
+from fsdfm.cli.spec import command_line, load_plan, print_config, run_line
 
 
 def _kinds_arg(text: str | None, option: str) -> list[str]:
@@ -147,19 +147,29 @@ def cmd_run(args) -> dict:
             wait=not args.no_wait,
             max_parallel=args.max_parallel,
         )
-    except DriverInterrupted as e:  # SIGTERM/SIGHUP: the executor has cancelled its jobs and released the locks
+    except KeyboardInterrupt as e:  # SIGTERM/SIGHUP/SIGINT: the executor has cancelled its jobs, released the locks
+        import signal
+
+        signum = e.signum if isinstance(e, DriverInterrupted) else int(signal.SIGINT)  # a Ctrl-C outside the handler
         print(
-            f"fsdfm run: {e}; its jobs were stopped. Re-run to resume: fsdfm run {command_line(args)}", file=sys.stderr
+            f"fsdfm run: interrupted by {signal_name(signum)}; its jobs were stopped. Re-run to resume: {run_line(args)}",
+            file=sys.stderr,
         )
-        print(json.dumps({"study": plan.name, "ok": False, "interrupted": signal_name(e.signum), "results": str(sdir)}))
-        raise SystemExit(128 + e.signum) from None
+        print(json.dumps({"study": plan.name, "ok": False, "interrupted": signal_name(signum), "results": str(sdir)}))
+        raise SystemExit(128 + signum) from None
     print(summary.format())
+    if plan.tracking and summary.skipped:  # --track on finished stages: log what their records keep
+        from fsdfm.launch.backfill import backfill_tracking
+
+        print(backfill_tracking(plan.to_dict(), sdir, summary.skipped).format())
     # --no-wait: a submission that succeeded is a success (its stages are pending by design); see `fsdfm status`
     ok = summary.ok or (args.no_wait and not summary.failed and not summary.blocked)
     if summary.ok:
         print(f"results: {sdir}   next: fsdfm report {command_line(args)}")
     elif ok:
         print(f"submitted: {len(summary.submitted)} jobs   next: fsdfm status {command_line(args)}")
+    elif summary.failed or summary.blocked:
+        print(f"after a fix, resume with: {run_line(args)}   (what failed: fsdfm status {command_line(args)})")
     return {
         "study": plan.name,
         "ok": ok,

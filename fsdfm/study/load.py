@@ -161,6 +161,34 @@ class ResolvedSpec:
     cells: list
 
 
+_PAIR_ERROR = re.compile(r"report\.pairs\[(\d+)\]: ")
+
+
+def _drop_stale_pairs(resolved: dict, file: str, spec_dir: str | Path | None) -> dict:
+    """The spec with the `report.pairs` entries that the overrides made point at nothing (a method, rule or step
+    budget no longer sampled) removed, each with a warning: a report-only section never blocks a plan. The spec
+    file's own pairs are still checked strictly when it is loaded without overrides (a typo is an error)."""
+    report = resolved.get("report")
+    if not isinstance(report, dict) or not isinstance(report.get("pairs"), list) or not report["pairs"]:
+        return resolved
+    import warnings
+
+    out = copy.deepcopy(resolved)
+    for _ in range(len(report["pairs"])):
+        try:
+            expand(out, file, check_files=False, spec_dir=spec_dir)
+            return out
+        except SpecError as e:
+            m = _PAIR_ERROR.search(str(e))
+            if m is None:
+                return out  # not a pair's error: expand() reports it with its culprit
+            i = int(m.group(1))
+            pair = out["report"]["pairs"].pop(i)
+            why = str(e)[m.end() :]
+            warnings.warn(f"{file}: report.pairs[{i}] {pair} dropped after the overrides: {why}", stacklevel=2)
+    return out
+
+
 def _culprit(raw: dict, overrides: dict, file: str, spec_dir: str | Path | None) -> str | None:
     """The key of the first override after which the spec no longer builds (None: it fails without any)."""
     applied: dict[str, Any] = {}
@@ -209,6 +237,8 @@ def resolve(
     merged.update(overrides)
     resolved = apply_overrides(raw, merged, file)
     try:
+        if merged:
+            resolved = _drop_stale_pairs(resolved, file, spec_dir)
         spec, cells = expand(resolved, file, cache_dir=cache_dir, check_files=check_files, spec_dir=spec_dir)
     except SpecError as e:
         culprit = _culprit(raw, merged, file, spec_dir) if merged else None

@@ -1,0 +1,129 @@
+"""A researcher's first hour with the command line (issue 24, item 4): overrides anywhere on the line, hints that
+repeat the exact command, Ctrl-C as clean as SIGTERM, report-only sections that never block a plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fsdfm.cli import main
+from fsdfm.records import RUNNING, read_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = {
+    "name": "newc",
+    "data": {
+        "kind": "oracle",
+        "seq_len": 8,
+        "oracle": {
+            "source": "markov",
+            "vocab_size": 6,
+            "order": 1,
+            "support": 2,
+            "epsilon": 0.001,
+            "seed": 1,
+            "n_train": 64,
+            "n_valid": 16,
+        },
+    },
+    "model": {"preset": "tiny", "hidden": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2},
+    "sampling": {"n_samples": 4, "batch_size": 4, "seed": 0},
+    "evaluator": {"kind": "none"},
+    "methods": {
+        "dfm": {
+            "kind": "dfm",
+            "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "ema_decay": None},
+            "rules": ["euler"],
+            "steps": [2, 4],
+        }
+    },
+    "metrics": {"names": ["entropy_nats", "rep_n"]},
+    "report": {"pairs": [["dfm@2", "dfm@4"]]},
+}
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def spec(tmp_path) -> Path:
+    p = tmp_path / "newc.yaml"
+    p.write_text(yaml.safe_dump(SPEC, sort_keys=False))
+    return p
+
+
+def test_overrides_are_accepted_anywhere_on_the_line(spec, tmp_path, capsys):
+    """9c2f443: `fsdfm run SPEC --dry-run seed=3` was "unrecognized arguments"."""
+    root = str(tmp_path / "r")
+    assert main(["run", str(spec), "--dry-run", "seed=3", "--results", root, "sampling.seed=2"]) == 0
+    late = last_json(capsys.readouterr().out)
+    assert main(["--results", root, "run", str(spec), "seed=3", "sampling.seed=2", "--dry-run"]) == 0
+    early = last_json(capsys.readouterr().out)
+    assert late == early and late["study"] == "newc+sampling.seed-2+seed-3"
+    # what is not an override is still argparse's error
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(spec), "--dry-run", "stray"])
+    assert e.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_a_report_pair_never_blocks_an_unrelated_override(spec, tmp_path, capsys):
+    """9c2f443: report.pairs naming dfm@4 made `methods.dfm.steps=[2]` an error; the pair is a report setting."""
+    root = str(tmp_path / "r")
+    with pytest.warns(UserWarning, match=r"report\.pairs\[0\] \['dfm@2', 'dfm@4'\] dropped after the overrides"):
+        assert main(["--results", root, "run", str(spec), "methods.dfm.steps=[2]", "--executor", "debug"]) == 0
+    out = last_json(capsys.readouterr().out)
+    assert out["ok"] and read_plan(Path(root) / out["study"])["report"]["pairs"] == []
+    # the spec file's own pairs are still checked strictly: a pair that names nothing there is an error
+    bad = {**SPEC, "report": {"pairs": [["dfm@2", "dfm@64"]]}}
+    spec.write_text(yaml.safe_dump(bad))
+    assert main(["--results", root, "run", str(spec), "--dry-run"]) == 2
+    assert "report.pairs[0]: 'dfm@64': dfm is not sampled at 64 steps" in capsys.readouterr().err
+
+
+def test_the_next_hint_repeats_the_study_and_its_results_root(spec, tmp_path, capsys):
+    root = str(tmp_path / "my results")
+    assert main(["run", str(spec), "seed=3", "--limit", "2", "--executor", "debug", "--results", root]) == 0
+    out = capsys.readouterr().out
+    assert f"next: fsdfm report {spec} seed=3 --limit 2 --results '{root}'" in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_is_as_clean_as_sigterm_and_the_resume_line_is_exact(spec, tmp_path, sig):
+    """9c2f443: Ctrl-C printed a raw traceback and the resume hint dropped --results, --executor, --threads."""
+    long = {**SPEC, "methods": {"dfm": {**SPEC["methods"]["dfm"], "train": {"steps": 100000, "batch_size": 4}}}}
+    spec.write_text(yaml.safe_dump(long))
+    root = tmp_path / "r"
+    args = ["run", str(spec), "seed=3", "--executor", "inline", "--threads", "1", "--results", str(root)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fsdfm.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a background test runner may ignore SIGINT; a terminal's Ctrl-C reaches a process that does not
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.time() + 120
+    while not list((root / "_stages").glob(f"*/{RUNNING}")) if (root / "_stages").exists() else True:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "training never started"
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    resume = f"fsdfm run {spec} seed=3 --results {root} --executor inline --threads 1"
+    assert f"fsdfm run: interrupted by {name}; its jobs were stopped. Re-run to resume: {resume}" in err
+    assert last_json(out)["interrupted"] == name
