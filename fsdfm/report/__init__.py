@@ -22,7 +22,7 @@ from typing import Sequence
 from fsdfm.report.figures import FIGURES, render
 from fsdfm.report.oracle import decomposition_figure, decomposition_table
 from fsdfm.report.published import PUBLISHED
-from fsdfm.report.summary import DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
+from fsdfm.report.summary import EXTERNAL_RUN_KIND, DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
 from fsdfm.report.pairs import pairs_table
 from fsdfm.report.plotting import FigureResult
 from fsdfm.report.table import Table
@@ -120,8 +120,17 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def _facts(study: Study) -> list[str]:
+    import pandas as pd
+
     runs = study.runs
-    lines = [f"results: `{study.path}`", f"runs: {len(runs)} finished of {study.n_planned} planned"]
+    # external rows (`fsdfm eval`) are scored files, not planned runs: counted apart (9c2f443: "11 of 9 planned")
+    is_ext = runs["kind"].eq(EXTERNAL_RUN_KIND) if "kind" in runs else pd.Series(False, index=runs.index)
+    n_ext = int(is_ext.sum())
+    lines = [
+        f"results: `{study.path}`",
+        f"runs: {len(runs) - n_ext} finished of {study.n_planned} planned"
+        + (f"; {n_ext} external sample file(s) scored by `fsdfm eval`" if n_ext else ""),
+    ]
     if len(runs):
         settings = runs.groupby(list(DEFAULT_BY), dropna=False).size()
         seeds = sorted(set(settings))

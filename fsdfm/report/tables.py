@@ -30,6 +30,7 @@ from fsdfm.report.metric_table import _cell, _key, _order, best_rows, metric_tab
 from fsdfm.report.summary import (
     DATA_KIND,
     DEFAULT_BY,
+    EXTERNAL_RUN_KIND,
     POS_KIND,
     SAMPLING_WALL_S,
     Study,
@@ -166,6 +167,7 @@ def ablation_kinds(study: Study) -> dict[str, list[str]]:
     m = study.models
     if m.empty or "kind" not in m:
         return {}
+    m = m[m["kind"] != EXTERNAL_RUN_KIND]  # scored files from elsewhere are rows, not variants of one method
     out = {k: list(dict.fromkeys(g["label"])) for k, g in m.groupby("kind", sort=False)}
     return {k: v for k, v in out.items() if len(v) > 1}
 
