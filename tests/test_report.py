@@ -653,3 +653,18 @@ def test_report_warns_where_a_metric_saw_fewer_samples_and_where_gen_ppl_truncat
     assert "self_bleu saw fewer samples than the run made" in warnings and "(60 of 64)" in warnings
     assert "gen_ppl truncated" in warnings and "(3 of 64)" in warnings and "gen_ppl saw" not in warnings
     assert "## Headline pairs" in index and (sdir / "report" / "table_pairs.csv").is_file()
+
+
+def test_an_outside_legend_with_long_labels_fits_in_the_figure():
+    """The claims frontier figure's legend was cut at both edges (2 columns of 60-character labels)."""
+    from fsdfm.report.plotting import _legend_outside, _new_figure
+
+    for where in ("bottom", "right"):
+        fig, (ax,) = _new_figure(1, w=7.0, h=5.0)
+        for i in range(14):
+            ax.plot([0, 1], [i, i + 1], label=f"no consistency training (teacher, cumulative rule) {i} · cumulative")
+        _legend_outside(fig, [ax], where=where)
+        fig.canvas.draw()
+        box, page = fig.legends[0].get_window_extent(), fig.bbox
+        assert page.x0 - 0.5 <= box.x0 and box.x1 <= page.x1 + 0.5, (where, box, page)
+        assert page.y0 - 0.5 <= box.y0 and box.y1 <= page.y1 + 0.5, (where, box, page)

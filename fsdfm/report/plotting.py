@@ -168,9 +168,29 @@ def _legend_outside(fig, axes, where: str = "right") -> None:
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)
-    if handles:
-        loc, ncols = ("outside right center", 1) if where == "right" else ("outside lower center", 2)
-        fig.legend([handles[lab] for lab in labels], labels, loc=loc, ncols=ncols, frameon=False)
+    if not handles:
+        return
+    # below the axes: two columns only when the labels are short enough to sit side by side
+    two = where != "right" and max(map(len, labels)) <= 40
+    loc, ncols = ("outside right center", 1) if where == "right" else ("outside lower center", 2 if two else 1)
+    legend = fig.legend([handles[lab] for lab in labels], labels, loc=loc, ncols=ncols, frameon=False)
+    fit_legend(fig, legend)
+
+
+def fit_legend(fig, legend) -> None:
+    """Widen (and heighten) the figure until the legend lies inside it: constrained layout places an outside
+    legend but never grows the figure, so long labels were cut at the edges (the claims frontier figure)."""
+    for _ in range(3):
+        fig.canvas.draw()
+        box, page = legend.get_window_extent(), fig.bbox
+        over_w = max(0.0, page.x0 - box.x0) + max(0.0, box.x1 - page.x1)
+        over_h = max(0.0, page.y0 - box.y0) + max(0.0, box.y1 - page.y1)
+        if over_w <= 0.5 and over_h <= 0.5:
+            return
+        fig.set_size_inches(
+            fig.get_figwidth() + (over_w + 12) / fig.dpi * (over_w > 0.5),
+            fig.get_figheight() + (over_h + 12) / fig.dpi * (over_h > 0.5),
+        )
 
 
 def _n_text(ns) -> str:
