@@ -43,7 +43,7 @@ EXTERNAL_BLOBS = "_external"
 EXTERNAL_KIND = "evaluate_external"
 FORMATS = {".jsonl": "jsonl", ".npy": "npy"}
 # what a sample stage measures and an evaluate stage copies into its metrics: external files have no sampler
-SAMPLING_METRICS = ("nfe", "wall_s", "tokens_per_s", "peak_mem")
+SAMPLING_METRICS = ("nfe", "wall_s", "tokens_per_s", "peak_mem", "cpu_s", "load_per_core")
 
 
 class ExternalError(ValueError):

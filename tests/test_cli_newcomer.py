@@ -127,3 +127,24 @@ def test_ctrl_c_is_as_clean_as_sigterm_and_the_resume_line_is_exact(spec, tmp_pa
     resume = f"fsdfm run {spec} seed=3 --results {root} --executor inline --threads 1"
     assert f"fsdfm run: interrupted by {name}; its jobs were stopped. Re-run to resume: {resume}" in err
     assert last_json(out)["interrupted"] == name
+
+
+def test_a_report_under_results_does_not_make_the_tree_dirty(tmp_path):
+    """9c2f443: .gitignore un-ignores results/*/report/, so after the first report every record said "dirty"."""
+    from fsdfm.records.provenance import git_state
+
+    def git(*a):
+        subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    report = tmp_path / "results" / "demo" / "report"
+    report.mkdir(parents=True)
+    (report / "index.md").write_text("# report\n")
+    probe = git_state.__wrapped__  # uncached: the state changes within the test
+    assert probe(str(tmp_path))[1] is False
+    (tmp_path / "code.py").write_text("x = 2\n")  # a change to the code is still dirty
+    assert probe(str(tmp_path))[1] is True

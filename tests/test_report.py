@@ -668,3 +668,42 @@ def test_an_outside_legend_with_long_labels_fits_in_the_figure():
         box, page = fig.legends[0].get_window_extent(), fig.bbox
         assert page.x0 - 0.5 <= box.x0 and box.x1 <= page.x1 + 0.5, (where, box, page)
         assert page.y0 - 0.5 <= box.y0 and box.y1 <= page.y1 + 0.5, (where, box, page)
+
+
+def test_timings_taken_under_load_are_marked_and_never_bold():
+    """9c2f443: the same network's 8 steps showed 8.33 s and 2.44 s in the cost table, with nothing saying load
+    made the difference. A setting timed at load_per_core > 1 gets ‡ on its time columns and a note."""
+    from fsdfm.report.tables import cost_metrics, mark_loaded
+
+    rows = []
+    for label, wall, load in (("idle", 2.0, 0.4), ("busy", 1.0, 5.0)):
+        for seed in range(2):
+            rows.append(
+                {
+                    "label": label,
+                    "rule": None,
+                    "steps": 8,
+                    "kind": "dfm",
+                    "seed": seed,
+                    "nfe": 8,
+                    "sampling_wall_s": wall + 0.01 * seed,
+                    "tokens_per_s": 100 / (wall + 0.01 * seed),
+                    "load_per_core": load,
+                }
+            )
+    runs = pd.DataFrame(rows)
+    t = mark_loaded(metric_table(runs, cost_metrics(), name="c", title="c", flags=False), runs)
+    cols = list(t.columns)
+    w = next(i for i, c in enumerate(cols) if c.startswith("sampling_wall_s"))
+    cells = {r[0]: (r, b) for r, b in zip(t.cells, t.bold)}
+    assert cells["busy"][0][w].endswith("‡") and not cells["busy"][1][w]  # faster, but timed under load
+    assert not cells["idle"][0][w].endswith("‡")
+    assert any("timed under load: load average up to 5.0 per usable core" in n for n in t.notes)
+
+
+def test_a_timed_call_records_cpu_time_and_load():
+    from fsdfm.metrics.timing import timed, usable_cores
+
+    t = timed(lambda: sum(i * i for i in range(20000)), warmup=0)
+    assert t.cpu_s is not None and t.cpu_s >= 0 and usable_cores() >= 1
+    assert t.load_per_core is not None and t.load_per_core >= 0  # Linux has a load average

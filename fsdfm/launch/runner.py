@@ -198,7 +198,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
             _discard_result(out_dir, check, kind.checkpointable)
         remove_stale_temp_files(out_dir)  # what killed attempts left half-written (e.g. an empty checkpoint temp)
         attempt = _next_attempt(out_dir)
-        t0, started, load_start = time.time(), now_iso(), loadavg_1min()
+        t0, started, load_start, cpu0 = time.time(), now_iso(), loadavg_1min(), _cpu_s()
         running = {
             "stage_id": stage_id,
             "kind": stage.kind,
@@ -248,6 +248,9 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
                     "start_time": started,
                     "end_time": now_iso(),
                     "wall_s": wall,
+                    # CPU seconds of this process and the processes it waited for, beside the wall-clock: on a
+                    # loaded machine wall_s grows while cpu_s does not
+                    "cpu_s": round(_cpu_s() - cpu0, 3),
                     "attempt": attempt,
                 },
             }
@@ -262,6 +265,12 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(out_dir / RUNNING)
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process and its waited-for children (os.times: portable)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _global_rank() -> int:

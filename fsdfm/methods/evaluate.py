@@ -24,6 +24,8 @@ from fsdfm.samplers import get_rule, sample, time_grid, update
 from fsdfm.study.graph import stage_kind
 
 
+# cpu_s and load_per_core are recorded beside the timing too, but are not listed: they describe the machine, not
+# the samples, and listing them would change the id of every sample stage
 @stage_kind("sample", resources="gpu", version="1", metrics=("nfe", "wall_s", "tokens_per_s", "peak_mem"))
 def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """Draw n_samples from a trained method; record tokens, decoded text, NFE, wall-clock and peak memory.
@@ -51,6 +53,8 @@ def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
             "wall_s": wall_s,
             "tokens_per_s": n_tok / wall_s if wall_s > 0 else None,
             "peak_mem": peak,
+            "cpu_s": timing.cpu_s,
+            "load_per_core": timing.load_per_core,
         },
         "peak_mem_kind": peak_kind,
         "device": str(dev),
