@@ -148,3 +148,27 @@ def test_a_report_under_results_does_not_make_the_tree_dirty(tmp_path):
     assert probe(str(tmp_path))[1] is False
     (tmp_path / "code.py").write_text("x = 2\n")  # a change to the code is still dirty
     assert probe(str(tmp_path))[1] is True
+
+
+def test_threads_are_chosen_not_to_oversubscribe_and_recorded(spec, tmp_path, monkeypatch, capsys):
+    """9c2f443: `make demo` at load 10-13 on 2 cores took 73 min (239 s idle): torch's threads fought other jobs."""
+    from fsdfm.cli.common import auto_threads
+    from fsdfm.records import load_records
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (10.0, 10.0, 10.0))
+    assert auto_threads(None)[0] == 1  # busy: one thread
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert auto_threads(None)[0] == 8 and auto_threads(4)[0] == 2  # idle: the cores, shared by the parallel stages
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    n, why = auto_threads(1)
+    assert n == 3 and why == "auto: 8 usable cores, load 5.0, 1 stage(s) at once -> 3"
+    # fsdfm run without --threads or OMP_NUM_THREADS: the auto count, said on the first line and recorded
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FSDFM_THREADS_SOURCE"):
+        monkeypatch.delenv(key, raising=False)
+    root = tmp_path / "r"
+    assert main(["--results", str(root), "run", str(spec), "--executor", "debug"]) == 0
+    assert "torch threads per stage: 3)" in capsys.readouterr().out
+    rec = next(iter(load_records(root / "newc")))
+    assert rec["provenance"]["threads_source"] == why and rec["provenance"]["torch_threads"] == 3

@@ -21,8 +21,11 @@ from fsdfm.cli.common import (
     DEFAULT_ROOT,
     InputError,
     UsageError,
+    THREAD_ENV,
+    THREADS_SOURCE_ENV,
     _offline_defaults,
     _positive_int,
+    auto_threads,
     set_thread_env,
 )
 from fsdfm.cli.report import cmd_eval, cmd_report, cmd_samples
@@ -186,6 +189,14 @@ def _main(argv: list[str] | None) -> int:
         return 130
     if getattr(args, "threads", None) is not None:
         set_thread_env(args.threads)  # before the imports below load numpy and torch
+        os.environ[THREADS_SOURCE_ENV] = f"--threads {args.threads}"
+    elif getattr(args, "cmd", None) == "run" and args.executor != "slurm" and not any(map(os.environ.get, THREAD_ENV)):
+        # no choice made: a count that does not oversubscribe the machine (a SLURM job has its own cpus-per-task)
+        args.auto_threads, why = auto_threads(args.max_parallel)
+        set_thread_env(args.auto_threads)
+        os.environ[THREADS_SOURCE_ENV] = why
+    elif getattr(args, "cmd", None) == "run" and any(map(os.environ.get, THREAD_ENV)):
+        os.environ[THREADS_SOURCE_ENV] = "OMP_NUM_THREADS=" + str(os.environ.get("OMP_NUM_THREADS"))
     from fsdfm.data import DataError
     from fsdfm.registry import UnknownNameError
     from fsdfm.study.spec import SpecError

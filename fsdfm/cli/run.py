@@ -86,8 +86,9 @@ def cmd_run(args) -> dict:
     except RuntimeError as e:
         raise InputError(str(e)) from None
     rerun_kinds = _kinds_arg(args.rerun, "--rerun")
-    if args.threads is not None:
-        set_threads(args.threads)
+    threads = args.threads if args.threads is not None else getattr(args, "auto_threads", None)
+    if threads is not None:
+        set_threads(threads)
     rerun = _rerun(plan, sdir, rerun_kinds, args.dry_run, args.results) if rerun_kinds else []
     if args.dry_run:
         print(f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages  ({args.spec})")
@@ -133,7 +134,9 @@ def cmd_run(args) -> dict:
         except yaml.YAMLError as e:
             raise InputError(f"cluster profile {profile}: not valid YAML: {e}") from None
     print(
-        f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor})",
+        f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor}"
+        + (f", torch threads per stage: {threads}" if threads is not None else "")
+        + ")",
         flush=True,
     )
     from fsdfm.launch import DriverInterrupted

@@ -140,4 +140,6 @@ def provenance() -> dict:
         "slurm_job_id": slurm_job_id(),
         "job_id": job_id(),
         "argv": list(sys.argv),
+        # how the torch thread count was chosen (--threads N, OMP_NUM_THREADS, or `auto: ...` by fsdfm run)
+        "threads_source": os.environ.get("FSDFM_THREADS_SOURCE"),
     }
