@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from fsdfm.progress import enabled as progress_enabled
+from fsdfm.progress import enabled as progress_enabled, step as report_step
 from fsdfm.io import atomic_write
 
 
@@ -252,6 +252,8 @@ def fit(
             track(step, losses[-1], opt.param_groups[0]["lr"], step_tokens / dt if dt > 0 else 0.0)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        if progress and rank == 0:  # for `fsdfm status` and logs off a terminal (fsdfm.progress.step)
+            report_step(step + 1, cfg.steps, desc, losses[-1])
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:
             write(step + 1)
     wall = time.perf_counter() - t0

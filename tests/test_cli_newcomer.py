@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,3 +173,59 @@ def test_threads_are_chosen_not_to_oversubscribe_and_recorded(spec, tmp_path, mo
     assert "torch threads per stage: 3)" in capsys.readouterr().out
     rec = next(iter(load_records(root / "newc")))
     assert rec["provenance"]["threads_source"] == why and rec["provenance"]["torch_threads"] == 3
+
+
+def test_progress_lines_off_a_terminal_and_the_progress_file(tmp_path, capsys, monkeypatch):
+    """9c2f443: `make demo` was silent for 25 min when not on a terminal. A loop reports every tenth of its steps
+    as a line on stderr (not a terminal here) and in progress.json, which is gone when the stage ends."""
+    from fsdfm import progress
+
+    monkeypatch.delenv(progress.ENV, raising=False)
+    with progress.stage_progress(tmp_path, "train_x-1"):
+        for i in range(1, 21):
+            progress.step(i, 20, "train", loss=1.0 / i)
+            if i == 20:
+                assert progress.read_progress(tmp_path)["step"] == 20
+    assert not (tmp_path / progress.PROGRESS_FILE).exists()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "train_x-1: train step" in ln]
+    assert [ln.split("step ")[1].split(",")[0] for ln in lines] == [f"{2 * k}/20" for k in range(1, 11)]
+    assert "left" in lines[0] and "loss 0.5" in lines[0]
+    progress.step(1, 10)  # outside a stage: nothing, no error
+
+
+def test_status_names_the_runs_of_each_stage_and_a_running_stages_step(spec, tmp_path, capsys):
+    """9c2f443: `fsdfm status` showed opaque stage ids, no run label, no step and no time left."""
+    long = {**SPEC, "methods": {"dfm": {**SPEC["methods"]["dfm"], "train": {"steps": 100000, "batch_size": 4}}}}
+    spec.write_text(yaml.safe_dump(long))
+    root = tmp_path / "r"
+    assert main(["--results", str(root), "status", str(spec)]) == 0  # before any run: labels already
+    out = capsys.readouterr().out
+    train = next(ln for ln in out.splitlines() if "train_dfm-" in ln)
+    assert "[dfm/euler@2, dfm/euler@4]" in train
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "err.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fsdfm.cli", "--results", str(root), "run", str(spec), "--executor", "inline"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "err.log").read_text()
+            capsys.readouterr()
+            main(["--results", str(root), "status", str(spec)])
+            line = next(ln for ln in capsys.readouterr().out.splitlines() if "train_dfm-" in ln)
+            if "running" in line and "left" in line:
+                break
+            time.sleep(0.5)
+        assert re.search(
+            r"running\s+train_dfm-\w+\s+\[dfm/euler@2, dfm/euler@4\] train dfm teacher step \d+/100000, ~[\d.]+ (s|min|h) left; ",
+            line,
+        ), line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()

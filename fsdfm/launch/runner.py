@@ -213,7 +213,12 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
             from fsdfm.tracking import log_final, stage_tracking
 
             runs = [r["run_id"] for r in plan.get("runs", []) if r.get("stage_id") == stage_id]
-            with stage_tracking(plan.get("tracking"), study_dir, stage_id, stage.kind, runs) as tracker:
+            from fsdfm.progress import stage_progress
+
+            with (
+                stage_tracking(plan.get("tracking"), study_dir, stage_id, stage.kind, runs) as tracker,
+                stage_progress(out_dir, stage_id),
+            ):
                 payload = kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)
                 log_final(tracker, payload if isinstance(payload, dict) else {}, step=_final_step(stage.config))
             if payload is None:

@@ -7,6 +7,7 @@ Reads the stage files (`fsdfm.records`) and the scheduler's job states (`fsdfm.l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import time
@@ -116,6 +117,7 @@ class StageStatus:
     detail: str = ""
     error_tail: tuple = ()
     wall_s: float | None = None
+    runs: tuple = ()  # labels of the runs that need this stage ("FS-DFM/euler@8"), for people reading status
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,9 @@ class StatusReport:
             + f"; runs {self.runs_done}/{self.runs_total} done"
         ]
         for s in self.stages:
-            lines.append(f"  {s.state:<8} {s.stage_id:<32} {s.detail}".rstrip())
+            shown = ", ".join(s.runs[:2]) + (f" +{len(s.runs) - 2} more" if len(s.runs) > 2 else "")
+            label = f" [{shown}]" if shown else ""
+            lines.append(f"  {s.state:<8} {s.stage_id:<32}{label} {s.detail}".rstrip())
             for ln in s.error_tail[-error_lines:]:
                 lines.append(f"           | {ln}")
         return "\n".join(lines)
@@ -162,6 +166,41 @@ def _scheduler_states(sdir: Path, stage_ids: list[str]) -> tuple[dict[str, dict]
     if shutil.which("sacct") is None and shutil.which("squeue") is None:
         return subs, None
     return subs, slurm_states(sorted({str(sub["job_id"]) for sub in subs.values()}))
+
+
+def _progress_note(d: Path) -> str:
+    """ "train step 500/2000, ~37 s left; " of a running stage (its progress.json, fsdfm.progress), or ""."""
+    from fsdfm.progress import format_seconds, read_progress
+
+    p = read_progress(d)
+    if not p or not isinstance(p.get("step"), int):
+        return ""
+    left = p.get("seconds_left")
+    return f"{p.get('what', 'step')} step {p['step']}/{p.get('total')}" + (
+        f", ~{format_seconds(left)} left; " if isinstance(left, (int, float)) else "; "
+    )
+
+
+def run_labels(plan: StudyPlan) -> dict[str, tuple]:
+    """Stage id -> labels of the runs whose final stage needs it (directly or upstream): "label/rule@steps" (the
+    parts a run has), so a stage id in `fsdfm status` says which rows of the report wait for it."""
+    out: dict[str, dict] = {}
+    for run in plan.runs:
+        p = run.params or {}
+        text = str(p.get("label") or p.get("method") or run.run_id)
+        if p.get("rule"):
+            text += f"/{p['rule']}"
+        if p.get("steps") is not None:
+            text += f"@{p['steps']}"
+        todo, seen = [run.stage_id], set()
+        while todo:
+            sid = todo.pop()
+            if sid in seen or sid not in plan.stages:
+                continue
+            seen.add(sid)
+            out.setdefault(sid, {})[text] = None
+            todo.extend(plan.stages[sid].inputs.values())
+    return {sid: tuple(labels) for sid, labels in out.items()}
 
 
 def _log_note(d: Path) -> str:
@@ -215,7 +254,7 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan
             holder, live = lock_holder(d)
             if live:
                 who = holder.describe() if holder else "starting"
-                out.append(StageStatus(stage.id, stage.kind, "running", who + _log_note(d)))
+                out.append(StageStatus(stage.id, stage.kind, "running", _progress_note(d) + who + _log_note(d)))
                 continue
             if (d / ERROR).exists():
                 with contextlib.suppress(OSError, ValueError):
@@ -277,6 +316,8 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan
                 continue
             out.append(StageStatus(stage.id, stage.kind, "pending", "; ".join(notes)))
     done = {s.stage_id for s in out if s.state == "done"}
+    labels = run_labels(plan)
+    out = [dataclasses.replace(s, runs=labels.get(s.stage_id, ())) for s in out]
     return StatusReport(
         plan.name,
         str(sdir),
