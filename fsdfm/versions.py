@@ -60,6 +60,11 @@ _EVAL = (
     "fsdfm.metrics.sample:compute_metrics",
 )
 
+_LENGTHS = (
+    "fsdfm.metrics.diversity:as_lengths",
+    "fsdfm.metrics.diversity:valid_mask",
+    "fsdfm.metrics.diversity:_gram_mask",
+)
 SOURCES: dict[str, tuple[str, ...]] = {
     # stage kinds (fsdfm.methods)
     "stage:train_dfm": (
@@ -142,31 +147,40 @@ SOURCES: dict[str, tuple[str, ...]] = {
         "fsdfm.sparse_step",
         "fsdfm.methods.common:load_dit",
     ),
-    # metrics (fsdfm.metrics.registry)
+    # metrics (fsdfm.metrics.registry); _LENGTHS: per-sample lengths (external texts), a no-op on model samples
     "metric:gen_ppl": ("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator", "fsdfm.metrics.sample:_gen_ppl"),
     "metric:gen_ppl_seq_mean": (
+        *_LENGTHS,
         "fsdfm.metrics.perplexity",
         "fsdfm.metrics.evaluator",
         "fsdfm.metrics.sample:_gen_ppl_seq_mean",
     ),
-    "metric:entropy_nats": ("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix"),
-    "metric:entropy_bits": ("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix"),
+    "metric:entropy_nats": ("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix", *_LENGTHS),
+    "metric:entropy_bits": ("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix", *_LENGTHS),
     **{
         f"metric:distinct_{n}": (
             "fsdfm.metrics.diversity:distinct_n",
             "fsdfm.metrics.diversity:_ngrams",
             "fsdfm.metrics.diversity:as_token_matrix",
+            *_LENGTHS,
         )
         for n in range(1, 5)
     },
     "metric:self_bleu": ("fsdfm.metrics.diversity:self_bleu", "fsdfm.metrics.sample:_self_bleu"),
     "metric:rep_n": (
         "fsdfm.metrics.diversity:rep_n",
+        "fsdfm.metrics.diversity:rep_n_per_sample",
+        "fsdfm.metrics.diversity:rep_n_mean",
         "fsdfm.metrics.diversity:_ngrams",
         "fsdfm.metrics.diversity:as_token_matrix",
+        "fsdfm.metrics.sample:_rep_n",
+        *_LENGTHS,
     ),
     "metric:mauve": ("fsdfm.metrics.mauve", "fsdfm.metrics.sample:_mauve"),
-    **{f"metric:{m}": ("fsdfm.metrics.timing", "fsdfm.memory") for m in ("nfe", "wall_s", "tokens_per_s", "peak_mem")},
+    **{
+        f"metric:{m}": ("fsdfm.metrics.timing", "fsdfm.memory")
+        for m in ("nfe", "wall_s", "tokens_per_s", "peak_mem", "cpu_s", "load_per_core")
+    },
     "metric:val_nll": ("fsdfm.methods.dfm:dfm_validation", "fsdfm.ar:ar_nll"),
     "metric:elbo_ppl": ("fsdfm.methods.dfm:dfm_validation", "fsdfm.ar:ar_nll"),
     "metric:pos_divergence": ("fsdfm.metrics.divergence",),

@@ -35,6 +35,8 @@ ALL_NAMES = [
     "self_bleu",
     "rep_n",
     "nfe",
+    "cpu_s",
+    "load_per_core",
     "wall_s",
     "tokens_per_s",
     "peak_mem",

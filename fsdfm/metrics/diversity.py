@@ -134,7 +134,11 @@ def distinct_n(token_ids, n: int, lengths=None) -> float:
 
 def rep_n(token_ids, n: int = 4, lengths=None) -> float:
     """Mean over samples (with at least n ids) of the within-sample fraction of repeated n-grams, 1 - unique/total."""
-    per_sample = rep_n_per_sample(token_ids, n, lengths)
+    return rep_n_mean(rep_n_per_sample(token_ids, n, lengths), n)
+
+
+def rep_n_mean(per_sample: np.ndarray, n: int) -> float:
+    """The mean of `rep_n_per_sample` over the samples that have an n-gram (NaN: none)."""
     if np.isnan(per_sample).all():
         raise ValueError(f"rep_n: no sample has {n} ids, so there is no {n}-gram")
     return float(np.nanmean(per_sample))

@@ -20,15 +20,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from fsdfm.metrics.diversity import (
-    EntropyResult,
-    as_lengths,
-    as_token_matrix,
-    distinct_n,
-    entropy,
-    rep_n_per_sample,
-    self_bleu,
-)
+from fsdfm.metrics.diversity import EntropyResult, as_lengths, as_token_matrix, distinct_n, entropy, rep_n_mean
+from fsdfm.metrics.diversity import rep_n_per_sample, self_bleu
 from fsdfm.metrics.evaluator import Evaluator
 from fsdfm.metrics.mauve import mauve_score
 from fsdfm.metrics.perplexity import PerplexityResult, gen_ppl, gen_ppl_seq_mean
@@ -62,9 +55,7 @@ class MetricInputs:
 
     token_ids: torch.Tensor  # (N, L) LongTensor, validated
     texts: list[str] | None
-    # (N,) content lengths L_i (sample i is token_ids[i, :L_i]; the rest is padding no metric sees), or None when
-    # every sample fills its row (a model's samples)
-    lengths: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None  # (N,) L_i: sample i is token_ids[i, :L_i]; None: each fills its row
     evaluator: Evaluator | None = None
     references: list[str] | None = None
     mauve_featurizer: str = "minilm"
@@ -191,9 +182,7 @@ def _gen_ppl(x: MetricInputs) -> MetricOutcome:
     description="FS-DFM/SEDD convention: mean over samples of exp(mean NLL) on the raw ids (tokenizers must match)",
 )
 def _gen_ppl_seq_mean(x: MetricInputs) -> MetricOutcome:
-    result = gen_ppl_seq_mean(
-        x.token_ids, x.need_evaluator("gen_ppl_seq_mean"), batch_size=x.batch_size, lengths=x.lengths
-    )
+    result = gen_ppl_seq_mean(x.token_ids, x.need_evaluator("gen_ppl_seq_mean"), x.batch_size, x.lengths)
     out = _ppl_outcome(result, "seq_")
     return MetricOutcome(
         out.value, out.n_samples, out.details, {k: v for k, v in out.per_sample.items() if k != "seq_truncated"}
@@ -252,11 +241,10 @@ for _n in range(1, 5):
     description="within-sample fraction of repeated 4-grams (1 - unique/total per sample), averaged over samples",
 )
 def _rep_n(x: MetricInputs) -> MetricOutcome:
-    per_sample = rep_n_per_sample(x.token_ids, 4, x.lengths)
-    seen = int(np.isfinite(per_sample).sum())  # a sample shorter than 4 ids has no 4-gram (NaN): not seen
-    if not seen:
-        raise ValueError("metric 'rep_n': no sample has 4 ids, so there is no 4-gram to count")
-    return MetricOutcome(float(np.nanmean(per_sample)), seen, per_sample={"rep_n": per_sample})
+    per_sample = rep_n_per_sample(x.token_ids, 4, x.lengths)  # NaN for a sample of < 4 ids: not seen, not counted
+    return MetricOutcome(
+        rep_n_mean(per_sample, 4), int(np.isfinite(per_sample).sum()), per_sample={"rep_n": per_sample}
+    )
 
 
 @register_metric(
@@ -404,8 +392,7 @@ def compute_metrics(token_ids, texts: Sequence[str] | None, names: Sequence[str]
 
     token_ids: (N, L) ids of the samples in the model's own tokenizer (N >= 1, L >= 2).
     texts:     the N decoded samples (needed by gen_ppl, self_bleu, mauve), in the same order.
-    lengths:   optional (N,) ints in [1, L]: sample i is token_ids[i, :lengths[i]] (texts of other lengths, e.g.
-               `fsdfm eval`); the ids after it are padding that no metric sees. None: every sample fills L.
+    lengths:   optional (N,) ints in [1, L]: sample i is token_ids[i, :lengths[i]], no metric sees the rest.
     references: N held-out real texts of the same length (needed by mauve).
     Keyword settings as in `compute_metric_set` (mauve_featurizer, mauve_num_buckets, mauve_seeds (k-means
     seeds averaged, >= 5), self_bleu_subsample, seed, batch_size, max_length, end_markers).
