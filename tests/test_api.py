@@ -24,7 +24,17 @@ TEXT = (
     "A little dog ran to the park. It saw a big red ball and it was happy.\n\n"
 ) * 12
 # provenance and timings: they differ between two runs of the same plan, nothing else may
-VOLATILE = {"end_time", "stage_wall_s", "wall_s", "tokens_per_s", "peak_mem", "host", "threads"}  # peak_mem: RSS on CPU
+VOLATILE = {
+    "end_time",
+    "stage_wall_s",
+    "wall_s",
+    "tokens_per_s",
+    "peak_mem",
+    "host",
+    "threads",
+    "cpu_s",
+    "load_per_core",
+}  # peak_mem: RSS on CPU
 
 
 def spec_dict(tmp: Path, sampling_seed: int) -> dict:
