@@ -46,7 +46,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--student-steps", default="8,1")
     parser.add_argument("--teacher-steps", default="", help="extra teacher budgets, e.g. 1024")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--ar-cache",
+        default="on,off",
+        help="AR rows to time: on (KV cache), off (the full prefix every step; quadratic in L, ~60 s per call at "
+        "L 1,024 on an H100), or both",
+    )
+    parser.add_argument("--autocast", action="store_true", help="bf16 autocast of every forward (the GPU path)")
     args = parser.parse_args(argv)
+    ar_cache_modes = {"on": True, "off": False}
+    unknown = set(args.ar_cache.split(",")) - set(ar_cache_modes) - {""}
+    if unknown:
+        raise SystemExit(f"--ar-cache: unknown {sorted(unknown)}; choose from on, off")
     device = setup(args)
     q = args.quick
     V, B, L = args.vocab or (256 if q else 2048), args.batch or (4 if q else 16), args.len or (32 if q else 128)
@@ -90,7 +101,7 @@ def main(argv=None) -> dict:
         torch.manual_seed(args.seed)
         ar = build_ar(ARConfig.from_model_config(teacher.cfg), bos_id=0).to(device).eval()
         ar = maybe_compile(ar, args.compile)
-        for use_cache in (True, False):
+        for use_cache in [ar_cache_modes[c] for c in args.ar_cache.split(",") if c]:
             counted = TimedForward(ar, device)
 
             def run_ar(use_cache=use_cache, counted=counted):
@@ -99,7 +110,8 @@ def main(argv=None) -> dict:
                     counted, B, L, bos_id=0, generator=torch.Generator(device).manual_seed(1), use_cache=use_cache
                 )
 
-            m = measure(run_ar, repeats=repeats, warmup=1, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+                m = measure(run_ar, repeats=repeats, warmup=1, device=device)
             record(f"AR, KV cache={use_cache}", L, m, counted.calls)
             assert m.result.nfe == L
 
@@ -118,12 +130,17 @@ def main(argv=None) -> dict:
                 h_conditioned=h_conditioned,
                 generator=torch.Generator(device).manual_seed(1),
                 device=device,
+                autocast=args.autocast,
             )
 
-        m = measure(go, repeats=reps, warmup=1 if steps <= L else 0, device=device)
+        # The 2-step warm-up below has already run the DiT at this shape: a long run (L or 1,024 steps) needs no
+        # untimed copy of itself, which would double the teacher's time (issue 28: 2 x 1,024 fp32 steps overran).
+        m = measure(go, repeats=reps, warmup=1 if steps <= 64 else 0, device=device)
         record(method, steps, m, counted.calls)
 
-    sample(teacher, path, n_samples=B, seq_len=L, n_steps=2, device=device)  # warm-up of the DiT at this shape
+    sample(
+        teacher, path, n_samples=B, seq_len=L, n_steps=2, device=device, autocast=args.autocast
+    )  # warm-up of the DiT at this shape
     run_dfm(f"DFM teacher, {L} steps (equal NFE), euler", teacher, L, "euler", False, repeats)
     for steps in [int(s) for s in args.student_steps.split(",") if s]:
         run_dfm(
@@ -178,6 +195,7 @@ def main(argv=None) -> dict:
         "source": args.source,
         "model": args.preset,
         "compile": args.compile,
+        "autocast": args.autocast,
         "ar_available": sample_ar is not None,
         "runs": runs,
         "dfm_ms_per_step": rounded(1e3 * per_step_s),

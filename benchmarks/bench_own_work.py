@@ -3,7 +3,10 @@ with the default step (which takes the certified float32-exp chunk from 2^19 can
 float64 chunk throughout, interleaved, and the forward it is compared with.
 
 A stand-in model returns precomputed logits of the `tiny` DiT (random init; its cost is ~0), so the loop time is the
-sampler's own work o(n) per step at a budget of n steps; the real forward time F is measured beside it. Both are
+sampler's own work o(n) per step at a budget of n steps; the real forward time F is measured beside it. The stand-in
+keeps the sampler's data in cache between steps, which the real forward evicts (issue 28 found the stand-in 2-8x
+low), so the few-step budget is also run with the real model between steps (`CpuTimedForward`): own work =
+(the run's CPU time - its forwards' CPU time) / steps, and its outside-forward share measured, not derived. Both are
 process CPU times (a loaded machine stalls wall time, not CPU time), repeated and interleaved (certified, float64,
 default, ...), reported as medians and minima. From them, for each rule and source:
 
@@ -40,6 +43,20 @@ class Precomputed(torch.nn.Module):
 
     def forward(self, x, t, h=None):
         return self.logits
+
+
+class CpuTimedForward(torch.nn.Module):
+    """The real model, with the process CPU time spent inside its forward calls summed in `seconds`."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.module, self.seconds = model, 0.0
+
+    def forward(self, x, t, h=None):
+        c0 = time.process_time()
+        out = self.module(x, t, h)
+        self.seconds += time.process_time() - c0
+        return out
 
 
 def cpu_seconds(fn) -> float:
@@ -87,6 +104,16 @@ def main(argv=None) -> dict:
         standin = Precomputed(logits)
         for rule in [r for r in args.rules.split(",") if r]:
             own = {}
+            real = []  # (own work per step, outside share) with the real model between the steps, few steps
+            for r in range(max(1, repeats // 3)):
+                timed = CpuTimedForward(model)
+                gen = torch.Generator(device).manual_seed(args.seed + r)
+                total = cpu_seconds(
+                    lambda timed=timed, gen=gen: sample(
+                        timed, path, n_samples=B, seq_len=L, n_steps=few, rule=rule, generator=gen, device=device
+                    )
+                )
+                real.append(((total - timed.seconds) / few, (total - timed.seconds) / total))
             for n in (few, many):
                 times = {None: [], False: []}
                 for r in range(repeats if n == few else max(1, repeats // 3)):
@@ -119,6 +146,11 @@ def main(argv=None) -> dict:
                 "forward_min_ms": rounded(1e3 * min(forward)),
                 "same_tokens": True,
             }
+            entry["real_model"] = {
+                f"own_ms_per_step_{few}": rounded(1e3 * statistics.median(o for o, _ in real)),
+                f"outside_share_{few}": rounded(statistics.median(s for _, s in real)),
+                "runs": len(real),
+            }
             for certified, name in ((None, "default"), (False, "float64")):
                 o_few, o_many = own[few][certified][0], own[many][certified][0]
                 entry[name] = {
@@ -138,12 +170,18 @@ def main(argv=None) -> dict:
                         1e3 * o_many,
                         (F + o_many) / (F + o_few),
                         o_few / (F + o_few),
+                        *(
+                            (entry["real_model"][f"own_ms_per_step_{few}"], entry["real_model"][f"outside_share_{few}"])
+                            if name == "default"
+                            else ("", "")
+                        ),
                     ]
                 )
             results.append(entry)
             print(
                 f"  {source} {rule}: own work {1e3 * own[few][None][0]:.2f} vs {1e3 * own[few][False][0]:.2f} "
-                f"ms/step (default vs float64 chunk, {few} steps)",
+                f"ms/step (default vs float64 chunk, {few} steps; stand-in), "
+                f"{entry['real_model'][f'own_ms_per_step_{few}']:.2f} with the real model",
                 flush=True,
             )
     print(
@@ -157,6 +195,8 @@ def main(argv=None) -> dict:
                 f"own ms/step {many}",
                 "fraction of NFE ratio (derived)",
                 f"outside share {few} (derived)",
+                f"own ms/step {few}, real model",
+                f"outside share {few}, real model",
             ],
             rows,
             title="\nthe sampler's own work per step (medians of process CPU time; targets >= 0.95 and <= 0.05)",

@@ -510,7 +510,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--share-repeats", type=int, default=None)
     parser.add_argument("--scaling-source", default="mask", choices=["mask", "uniform"])
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of the sampler's own work")
-    parser.add_argument("--autocast", action="store_true", help="bf16 autocast of the forward (the GPU path)")
+    parser.add_argument(
+        "--autocast",
+        action="store_true",
+        help="bf16 autocast of the forward and TF32 matmuls (the path of a study with sampling.forward_precision: "
+        "bfloat16)",
+    )
     parser.add_argument(
         "--precision",
         default="float64",
@@ -528,6 +533,8 @@ def main(argv=None) -> dict:
     args.sparse = {"auto": None, "on": True, "off": False}[args.sparse]
     args.sample_kw = dict(autocast=args.autocast, precision=args.precision, sparse=args.sparse)
     device = setup(args)
+    if args.autocast:  # the path a study with sampling.forward_precision: bfloat16 runs (fsdfm.methods.common)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     q = args.quick
     args.vocab = args.vocab or (256 if q else 2048)
     args.rules = [r for r in args.rules.split(",") if r]

@@ -90,8 +90,36 @@ def random_dit(
     return model.to(device).eval()
 
 
-# Dense bf16 tensor-core peak (no sparsity) of the GPUs we report MFU on, from NVIDIA's data sheets (SXM parts).
-PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+# Dense bf16 tensor-core peak (no sparsity: half the data sheets' "with sparsity" figure), FLOP/s, by the device
+# folder name (`gpu_folder`). The PCIe and NVL parts run at lower clocks than the SXM ones, so an H100 PCIe taken as
+# an SXM would understate its MFU by 24%.
+PEAK_BF16_FLOPS = {
+    "h100": 989.4e12,  # H100 SXM5
+    "h100-pcie": 756.5e12,  # 1,513 TFLOP/s with sparsity
+    "h100-nvl": 835.5e12,  # 1,671 with sparsity
+    "h200": 989.4e12,  # H200 SXM
+    "h200-nvl": 835.5e12,
+    "a100": 312e12,  # A100 SXM4 and PCIe alike
+    "a100-pcie": 312e12,
+}
+
+
+def gpu_folder(name: str) -> str:
+    """The results folder of a GPU from its CUDA / nvidia-smi name: the model in lower case, plus "-pcie" or
+    "-nvl" for those form factors (their peaks differ from the SXM part's; an SXM part gets no suffix).
+
+    "NVIDIA H100 80GB HBM3" -> "h100"; "NVIDIA H100 PCIe" -> "h100-pcie"; "NVIDIA A100-SXM4-80GB" -> "a100";
+    "NVIDIA A100-PCIE-40GB" -> "a100-pcie"; "NVIDIA H200 NVL" -> "h200-nvl"; "Tesla V100-SXM2-16GB" -> "v100"; "NVIDIA GeForce RTX 4090" -> "rtx4090".
+    A name without a model number raises ValueError (so that no run is filed under a wrong folder)."""
+    import re
+
+    words = [w for w in re.split(r"[\s_-]+", name.lower()) if w]
+    i = next((i for i, w in enumerate(words) if re.fullmatch(r"[a-z]{0,3}\d{2,4}[a-z]?", w) and w[:3] != "sxm"), None)
+    if i is None:
+        raise ValueError(f"GPU name {name!r}: no model number (such as H100) in it; set GPU_NAME")
+    model = words[i] if words[i][0].isalpha() or i == 0 else words[i - 1] + words[i]  # GeForce RTX 4090: rtx4090
+    form = next((f for f in ("pcie", "nvl") if f in words), None)
+    return f"{model}-{form}" if form else model
 
 
 def peak_bf16_flops(device: torch.device | str) -> float | None:
@@ -99,8 +127,10 @@ def peak_bf16_flops(device: torch.device | str) -> float | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    try:
+        return PEAK_BF16_FLOPS.get(gpu_folder(torch.cuda.get_device_name(device)))
+    except ValueError:
+        return None
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

@@ -21,6 +21,12 @@ import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from fsdfm.launch import execute
+from fsdfm.records import data_cache_dir, load, read_record, stage_cache_dir
+from fsdfm.registry import did_you_mean
+from fsdfm.launch.backfill import backfill_tracking
+from fsdfm.study.load import load as load_file, resolve
+from fsdfm.tracking import check_available, enable
 
 DEFAULT_ROOT = "results"
 TOKENIZER_FILE = "tokenizer.json"
@@ -56,9 +62,6 @@ class StudyFailed(RuntimeError):
 
 def _resolve(spec, overrides, limit, results, check_files: bool = True):
     """The resolved spec (fsdfm.study.load.ResolvedSpec) of a spec file or mapping, with overrides and limit."""
-    from fsdfm.records import data_cache_dir
-    from fsdfm.study.load import load as load_file, resolve
-
     cache = data_cache_dir(results)
     if isinstance(spec, Mapping):
         return resolve(spec, "<spec dict>", None, overrides, limit, cache_dir=cache, check_files=check_files)
@@ -106,16 +109,12 @@ def run_study(
     Raises:
         SpecError (bad spec or override), StudyFailed (a stage failed or was blocked; nothing is hidden).
     """
-    import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
-    from fsdfm.launch import execute
-    from fsdfm.methods import plan_study
-    from fsdfm.records import load
+    import fsdfm.methods  # noqa: F401  (heavy: torch; registers the method and stage kinds)
+    from fsdfm.methods import plan_study  # heavy: torch
 
     r = _resolve(spec, overrides, limit, results)
     study = r.spec
     plan = plan_study(r.name, r.cells)
-    from fsdfm.tracking import check_available, enable
-
     if track:
         plan = enable(plan, study.tracking)
     check_available(plan.tracking)  # a missing tensorboard fails here, before anything runs
@@ -123,8 +122,6 @@ def run_study(
     if not summary.ok:
         raise StudyFailed(summary)
     if plan.tracking and summary.skipped:  # finished before tracking was on: log what their records keep
-        from fsdfm.launch.backfill import backfill_tracking
-
         backfill_tracking(plan.to_dict(), Path(results) / r.name, summary.skipped)
     return load(Path(results) / r.name)
 
@@ -187,17 +184,18 @@ class Model:
         precision: str = "float64",
         t_end: float | None = None,
         device: str | None = None,
+        forward_precision: str = "float32",
     ) -> Samples:
         """Draw n samples with `steps` steps of update rule `rule` (default: the method's first rule).
 
-        With the settings of a study's sample stage (n_samples, steps, rule, seed, batch_size, precision, and the
-        t_end the planner chose, which is the default here) the tokens are those of that stage.
+        With the settings of a study's sample stage (n_samples, steps, rule, seed, batch_size, precision,
+        forward_precision (float32, or bfloat16: the network under bf16 autocast), and the t_end the planner chose, which is the default here) the tokens are those of that stage.
         Returns: Samples with tokens (n, L) int64 and, with a tokenizer, the decoded texts.
         """
         import numpy as np
         import torch
 
-        from fsdfm.methods.common import draw_samples
+        from fsdfm.methods.common import draw_samples  # heavy: torch
 
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"sample: n must be a positive integer, got {n!r}")
@@ -205,8 +203,10 @@ class Model:
             raise ValueError(f"sample: steps must be a positive integer, got {steps!r}")
         if precision not in ("float64", "float32"):
             raise ValueError(f"sample: precision must be float64 or float32, got {precision!r}")
+        if forward_precision not in ("float32", "bfloat16"):
+            raise ValueError(f"sample: forward_precision must be float32 or bfloat16, got {forward_precision!r}")
         if self.sampler == "dfm" or self.sampler == "exact":
-            from fsdfm.samplers import get_rule
+            from fsdfm.samplers import get_rule  # heavy: torch
 
             get_rule(rule or DEFAULT_RULES[self.sampler])  # an unknown rule: UnknownNameError with did-you-mean
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,6 +219,7 @@ class Model:
             "batch_size": batch_size or min(n, 64),
             "seed": seed,
             "precision": precision,
+            "forward_precision": forward_precision,
             "data": self.config.get("data", {}),
         }
         corpus = _ModelCorpus(
@@ -253,7 +254,7 @@ def _model_dims(d: Path, sampler: str, record: dict) -> tuple[int, int]:
         ptr = json.loads((d / "released.json").read_text())
         data = record.get("config", {}).get("data", {})
         return int(data.get("seq_len") or ptr["model_config"]["seq_len"]), int(ptr["model_config"]["vocab_size"])
-    from fsdfm.methods.common import load_dit
+    from fsdfm.methods.common import load_dit  # heavy: torch
 
     model = load_dit(d, dev=None).model
     return int(model.cfg.seq_len), int(model.cfg.vocab_size)
@@ -262,15 +263,14 @@ def _model_dims(d: Path, sampler: str, record: dict) -> tuple[int, int]:
 def _model_tokenizer(d: Path, record: dict):
     """tokenizer.json beside the model; for folders written before tokenizers were saved there, the tokenizer the
     record's data config builds (from the data cache); None for data without one."""
-    from fsdfm.data.tokenizer import tokenizer_from_file
+    from fsdfm.data.tokenizer import tokenizer_from_file  # heavy: torch
 
     if (d / TOKENIZER_FILE).is_file():
         return tokenizer_from_file(d / TOKENIZER_FILE, name=str(d / TOKENIZER_FILE))
     data = (record.get("config") or {}).get("data")
     if not data or data.get("kind") in ("oracle",) or data.get("tokenizer") == "none":
         return None
-    from fsdfm.records import stage_cache_dir
-    from fsdfm.data import DataConfig, load_corpus
+    from fsdfm.data import DataConfig, load_corpus  # heavy: torch
 
     return load_corpus(DataConfig(**data), stage_cache_dir(d)).tokenizer
 
@@ -281,16 +281,12 @@ def load_model(stage_dir: str | os.PathLike) -> Model:
 
     Raises: FileNotFoundError / ValueError naming the folder when it holds no finished model.
     """
-    from fsdfm.records import read_record
-
     d = Path(stage_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"load_model: {d}: no such stage folder")
     record = read_record(d) or {}
     kind = record.get("kind") or d.name.rsplit("-", 1)[0]
     if kind not in MODEL_SAMPLERS:
-        from fsdfm.registry import did_you_mean
-
         raise ValueError(
             f"load_model: {d} is a {kind!r} stage, which holds no model{did_you_mean(kind, list(MODEL_SAMPLERS))}; "
             f"pass the folder of one of: {', '.join(MODEL_SAMPLERS)}"
@@ -326,7 +322,7 @@ def _as_tokenizer(tokenizer):
         return tokenizer
     if isinstance(tokenizer, Model):
         return tokenizer.tokenizer
-    from fsdfm.data.tokenizer import load_tokenizer
+    from fsdfm.data.tokenizer import load_tokenizer  # heavy: torch
 
     return load_tokenizer(str(tokenizer))
 
@@ -358,8 +354,8 @@ def evaluate(
     """
     import numpy as np
 
-    from fsdfm.metrics import compute_metric_set
-    from fsdfm.metrics.texts import END_MARKERS
+    from fsdfm.metrics import compute_metric_set  # heavy: torch
+    from fsdfm.metrics.texts import END_MARKERS  # heavy: torch
 
     tok = _as_tokenizer(tokenizer)
     if isinstance(samples, Samples):
@@ -378,7 +374,7 @@ def evaluate(
         if tok is not None:
             texts = tok.decode_batch(np.asarray(ids).tolist())
     if isinstance(evaluator, (str, os.PathLike)):
-        from fsdfm.metrics.evaluator import load_evaluator
+        from fsdfm.metrics.evaluator import load_evaluator  # heavy: torch
 
         evaluator = load_evaluator(evaluator, device=device)
     if metrics is None:

@@ -37,7 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from fsdfm.records.layout import EXTERNAL, merge_external  # noqa: F401 - the plan reader merges external.json
-from fsdfm.study.graph import RunSpec, Stage, stage_kind
+from fsdfm.study.graph import RunSpec, STAGE_KINDS, Stage, stage_kind
+from fsdfm.io import atomic_write, atomic_write_json, sha256_file
+from fsdfm.launch import run_stage
+from fsdfm.records import is_done, link_stages, read_plan, stage_dir
 
 EXTERNAL_BLOBS = "_external"
 EXTERNAL_KIND = "evaluate_external"
@@ -51,8 +54,6 @@ class ExternalError(ValueError):
 
 
 def _sha256(path: Path) -> str:
-    from fsdfm.io import sha256_file
-
     return sha256_file(path)
 
 
@@ -234,8 +235,8 @@ EXTERNAL_VERSION = "2"
 @stage_kind(EXTERNAL_KIND, resources="gpu", version=EXTERNAL_VERSION)
 def evaluate_external_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The study's sample metrics on an external sample file (copied into out_dir), and the per-sample table."""
-    from fsdfm.methods.evaluate import _sample_metric_names, load_study_evaluator, score_samples
-    from fsdfm.methods.common import corpus_for, device
+    from fsdfm.methods.evaluate import _sample_metric_names, load_study_evaluator, score_samples  # heavy: torch
+    from fsdfm.methods.common import corpus_for, device  # heavy: torch
 
     ext = config["external"]
     suffix = next(s for s, f in FORMATS.items() if f == ext["format"])
@@ -302,11 +303,8 @@ def eval_files(
     """Score each of `files` with the metrics and evaluator of the study in `sdir` (its plan written: the
     study's evaluator stage must be done); records them in `sdir`/external.json; returns what was scored.
     Every file is read and checked (`limits`, default EvalLimits()) before anything is written."""
-    import fsdfm.methods  # noqa: F401  (registers the method and stage kinds this one builds on)
-    from fsdfm.launch import run_stage
-    from fsdfm.methods.common import corpus_for
-    from fsdfm.io import atomic_write, atomic_write_json
-    from fsdfm.records import is_done, link_stages, read_plan, stage_dir
+    import fsdfm.methods  # noqa: F401  (heavy: torch; registers the method and stage kinds this one builds on)
+    from fsdfm.methods.common import corpus_for  # heavy: torch
 
     paths = [Path(f) for f in files]
     for p in paths:
@@ -363,8 +361,6 @@ def eval_files(
 
 def _kind_hint() -> dict:
     """The plan's `kinds` entry for this kind (module and version), as StudyPlan.to_dict writes it."""
-    from fsdfm.study.graph import STAGE_KINDS
-
     k = STAGE_KINDS.get(EXTERNAL_KIND)
     return {
         EXTERNAL_KIND: {

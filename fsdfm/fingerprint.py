@@ -52,7 +52,7 @@ def data_fingerprint(data: dict) -> dict[str, str]:
 
 def stage_fingerprint(kind: str, config: dict) -> dict[str, Any]:
     """The fingerprint of a stage of registered kind `kind` with `config` (see the module docstring)."""
-    from fsdfm.metrics.registry import METRICS
+    from fsdfm.metrics.registry import METRICS  # heavy: torch
 
     k = STAGE_KINDS.get(kind)
     fp: dict[str, Any] = {"version": k.version}

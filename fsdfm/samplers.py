@@ -31,7 +31,14 @@ import torch
 from fsdfm.paths import MixturePath
 from fsdfm.registry import Registry
 from fsdfm.schedulers import Scheduler
-from fsdfm.sparse_step import _BLOCK, _CERTIFIED_MIN_ELEMENTS, _chunk_certified, _chunk_float64, _final_rows
+from fsdfm.sparse_step import (
+    _BLOCK,
+    _CERTIFIED_MIN_ELEMENTS,
+    _chunk_certified,
+    _chunk_float64,
+    _chunk_from_logits,
+    _final_rows,
+)
 
 # The logits path processes rows in chunks whose work buffers (float64 weights) are allocated once per step and
 # reused. On CPU a chunk is ~8 MiB, so the sampler's own work stays in cache instead of streaming (B, L, V) float64
@@ -181,7 +188,9 @@ def update_from_logits(
     reads_p = (in_vocab & ~final[:, None]).flatten()  # prob depends on p(z); a move must change the token
     u = torch.rand((B, L), dtype=precision, device=device, generator=generator)
     bound = torch.where(final[:, None], 1.0, rule(torch.zeros_like(u), t, h, path.scheduler))  # prob at p(z) = 0
-    rows = (movable & (u < bound)).flatten().nonzero().squeeze(1)  # candidates; all other positions stay
+    # candidates; all other positions stay. Under the mask source the movable positions hold the mask (p(z) = 0),
+    # so every movable one is a candidate with probability bound; under the uniform source ~h g(t) of them are
+    rows = (movable & (u < bound)).flatten().nonzero().squeeze(1)
     n = rows.numel()
     u_dest = torch.rand(n, dtype=precision, device=device, generator=generator)  # one per candidate
     x0 = x.flatten()
@@ -198,9 +207,15 @@ def update_from_logits(
     step = min(max(1, chunk_elements // V), n)
     n_blocks = -(-V // _BLOCK)
     l_buf = None if every_row or certified else torch.empty((step, V), dtype=logits.dtype, device=device)
-    w_buf = torch.empty((step, n_blocks * _BLOCK), dtype=torch.float32 if certified else precision, device=device)
-    w_buf[:, V:] = 0.0  # padding up to whole blocks keeps weight 0
+    # without host checks (a GPU) the float64 step recomputes weights from the logits: no (c, V) weight buffer
+    from_logits_only = not on_cpu and precision == torch.float64
+    if not from_logits_only:
+        w_buf = torch.empty((step, n_blocks * _BLOCK), dtype=torch.float32 if certified else precision, device=device)
+        w_buf[:, V:] = 0.0  # padding up to whole blocks keeps weight 0
     open_rows = []  # certified mode: indices into rows that the certificate leaves to the float64 step
+    # the weight pass: chunks bound the (c, V) weight buffer (memory ~ _CHUNK_ELEMENTS, not n x V) while keeping
+    # each chunk large enough that exp and the block sums run vectorised; the uniforms were drawn for all candidates
+    # above, so the tokens do not depend on where the chunks fall
     for s in range(0, n, step):
         c = min(step, n - s)
         r, z_c, read_c = rows[s : s + c], z[rows[s : s + c], None], reads_p[rows[s : s + c]]
@@ -220,7 +235,10 @@ def update_from_logits(
         else:
             # l is a slice or a copy of the model's logits, never modified
             l = flat[s : s + c] if every_row else torch.index_select(flat, 0, r, out=l_buf[:c])
-            dest, jump = _chunk_float64(l, w_buf[:c], *args, rule, path.scheduler, on_cpu=on_cpu)
+            if from_logits_only:  # block sums in one pass over the logits, no float64 weights written and re-read
+                dest, jump = _chunk_from_logits(l, *args, rule, path.scheduler)
+            else:
+                dest, jump = _chunk_float64(l, w_buf[:c], *args, rule, path.scheduler, on_cpu=on_cpu)
         x[r] = dest if jump is None else torch.where(jump, dest, x[r])  # no boolean indexing: no sync
     if open_rows:  # the float64 step at the open rows of all chunks at once (few: one call per step, not per chunk)
         i_all = torch.cat(open_rows)
@@ -328,10 +346,12 @@ def sample(
             x = x_init[start : start + B].to(device)
         else:
             x = path.source.sample((B, seq_len), generator=generator, device=device)
+        # CUDA kernels run asynchronously: synchronise on both sides so that wall_s times the steps themselves,
+        # not the queue of kernels launched before (the source draw) or still running after
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        for i in range(n_total):
+        for i in range(n_total):  # one network evaluation per step: NFE = n_total per sample
             t, h = grid[i].expand(B), (grid[i + 1] - grid[i]).expand(B)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(x, t.float(), h.float() if h_conditioned else None)
@@ -344,7 +364,7 @@ def sample(
                     rule_fn,
                     path,
                     generator,
-                    final=(i == n_total - 1),
+                    final=(i == n_total - 1),  # the last step lands at t = 1: no position may stay in the source
                     precision=precision,
                     certified=certified,
                 )

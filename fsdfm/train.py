@@ -44,6 +44,10 @@ class OptimConfig:
     seed: int = 0
     ckpt_every: int = 200
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    # GPU speed options, off by default and then absent from the stage config (`to_dict`): every study written
+    # before they existed keeps its stage ids. Either changes the weights at the rounding level, hence the ids.
+    compile: bool = False  # torch.compile the trained model (the first steps compile)
+    fused: bool = False  # AdamW(fused=True): one kernel for the whole update (CUDA; CPU supports it too)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -58,7 +62,15 @@ class OptimConfig:
             raise ValueError(f"optim.precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The stage config's `optim`: every field, less the speed options left at their default (off)."""
+        d = asdict(self)
+        for key in _OFF_BY_DEFAULT:
+            if not d[key]:
+                del d[key]
+        return d
+
+
+_OFF_BY_DEFAULT = ("compile", "fused")
 
 
 @dataclass
@@ -152,8 +164,15 @@ def load_checkpoint(path: Path) -> dict:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+    """e <- e + (1 - decay) (p - e) for every parameter, as one foreach call (one multi-tensor kernel per launch
+    group on a GPU instead of one kernel per parameter; the same elementwise lerp, so the same bits)."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+
+
+# Host syncs of the training loop (the loss read back, its finiteness checked) every N steps: free on CPU, a
+# pipeline stall per step on a GPU. A non-finite loss is still reported with its own step number.
+_SYNC_EVERY = {"cpu": 1}
+_SYNC_EVERY_DEFAULT = 16
 
 
 def fit(
@@ -166,11 +185,14 @@ def fit(
     device: torch.device | str | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    sync_every: int | None = None,
 ) -> FitResult:
     """Train `model` for cfg.steps steps of `loss_fn` on blocks `data` (N, L) long.
 
     Resumes from `ckpt_dir/checkpoint.pt` when it exists. `stop_after` ends the call early after that many
     steps (for tests of resumption and for preemption); the checkpoint is written before returning.
+    sync_every: read the losses back to the host (and check them finite) every that many steps (default 1 on CPU,
+    16 on a GPU; always before a checkpoint and at the end); the losses and the weights do not depend on it.
     """
     if data.ndim != 2 or data.shape[0] == 0:
         raise ValueError(f"training data must be a non-empty (N, L) tensor, got shape {tuple(data.shape)}")
@@ -181,9 +203,17 @@ def fit(
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay is not None else None
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # foreach: the multi-tensor update (CUDA's default already; on CPU the same bits as the per-parameter loop)
     opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        **({"fused": True} if cfg.fused else {"foreach": True}),
     )
+    if cfg.compile:
+        trained = torch.compile(trained)
+    sync_every = sync_every or _SYNC_EVERY.get(device.type, _SYNC_EVERY_DEFAULT)
     ckpt = Path(ckpt_dir) / "checkpoint.pt" if ckpt_dir is not None else None
     start, losses = 0, []
     if ckpt is not None and ckpt.exists():
@@ -223,6 +253,20 @@ def fit(
 
     track = train_logger()  # None unless a tracker is active (fsdfm run --track); it only reads what is computed
     step_tokens = cfg.batch_size * data.shape[1]
+    pending: list[torch.Tensor] = []  # this window's losses, still on the device
+
+    def flush() -> None:
+        """Read the pending losses back (one sync) and fail on the first non-finite one."""
+        if not pending:
+            return
+        values = torch.stack(pending).float().tolist()
+        first = len(losses)  # the losses of steps 0 .. first - 1 are in (a resumed fit's from its checkpoint)
+        pending.clear()
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise FloatingPointError(f"{desc}: non-finite loss {v} at step {first + i}")
+        losses.extend(values)
+
     t0 = time.perf_counter()
     for step in bar:
         t_step = time.perf_counter()
@@ -237,7 +281,7 @@ def fit(
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(StepContext(trained, ema, batch, g_noise, step, cfg.steps))
-        if not torch.isfinite(loss):
+        if sync_every == 1 and not torch.isfinite(loss):  # before the update, as always on CPU
             raise FloatingPointError(f"{desc}: non-finite loss {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -246,16 +290,20 @@ def fit(
         opt.step()
         if ema is not None:
             ema_update(ema, model, cfg.ema_decay)
-        losses.append(float(loss.detach()))  # float() waits for the step, so t_step below times all of it
+        pending.append(loss.detach())
+        if track is not None or (step + 1 - start) % sync_every == 0:
+            flush()  # the read waits for the step, so t_step below times all of it
         if track is not None:
             dt = time.perf_counter() - t_step
             track(step, losses[-1], opt.param_groups[0]["lr"], step_tokens / dt if dt > 0 else 0.0)
-        if step % 10 == 0:
+        if step % 10 == 0 and losses:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         if progress and rank == 0:  # for `fsdfm status` and logs off a terminal (fsdfm.progress.step)
             report_step(step + 1, cfg.steps, desc, losses[-1])
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:
+            flush()
             write(step + 1)
+    flush()
     wall = time.perf_counter() - t0
     write(end)
     n_tokens = (end - start) * cfg.batch_size * data.shape[1]

@@ -25,6 +25,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fsdfm.io import atomic_write_json
+from fsdfm.study.graph import STAGE_KINDS
+
 TABLE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "code_versions.json"
 
 # what every stage that loads a corpus depends on
@@ -237,10 +240,9 @@ def source_digest(ref: str) -> str:
 def current_units() -> tuple[dict[str, Unit], list[str]]:
     """Every versioned unit of the installed code ({name: Unit}) and the problems found while collecting them
     (a unit without declared sources, a source that does not import)."""
-    import fsdfm.external  # noqa: F401  (registers evaluate_external)
-    import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
-    from fsdfm.metrics.registry import METRICS
-    from fsdfm.study.graph import STAGE_KINDS
+    import fsdfm.external  # noqa: F401  (heavy: torch; registers evaluate_external)
+    import fsdfm.methods  # noqa: F401  (heavy: torch; registers the method and stage kinds)
+    from fsdfm.metrics.registry import METRICS  # heavy: torch
 
     declared = {}
     for kind in STAGE_KINDS.names():
@@ -313,8 +315,6 @@ def check(path: Path = TABLE) -> list[str]:
 
 def write(path: Path = TABLE) -> dict:
     """Refresh the table from the current code; returns the names of the units whose rows changed."""
-    from fsdfm.io import atomic_write_json
-
     units, problems = current_units()
     if problems:
         raise SystemExit("\n".join(problems))

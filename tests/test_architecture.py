@@ -5,7 +5,10 @@ function to dodge a cycle is still a cycle) and fails on
 
 * a cycle between fsdfm modules (package `__init__` files count as the package's module);
 * an upward import: a module of a lower floor importing one of a higher floor (`LAYERS`);
-* a module far over the length one sitting can read (`MAX_LINES`).
+* a module far over the length one sitting can read (`MAX_LINES`);
+* a function of the orchestration floors (and the report) longer than `MAX_FUNCTION_LINES` (issue 22: split it into named steps);
+* an fsdfm import inside a function of the orchestration floors without a comment saying what forces it there
+  ("heavy: ..." a heavy dependency such as torch that the importing module keeps out, or "cycle: ...").
 
 Imports under `if TYPE_CHECKING:` are annotations only and are not edges.
 """
@@ -19,6 +22,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "fsdfm"
 MAX_LINES = 420
+MAX_FUNCTION_LINES = 80
+# the floors that drive the library (plan, record, run, report on studies): their functions stay short
+ORCHESTRATION = ("study", "fingerprint", "records", "methods", "launch", "external", "versions", "api", "cli")
+SHORT_FUNCTION_FLOORS = (*ORCHESTRATION, "report")  # the report's tables and figures too
+# "module:function" allowed over MAX_FUNCTION_LINES, each named with its reason in the README (none today)
+LONG_FUNCTION_EXCEPTIONS: frozenset[str] = frozenset()
 
 # floors, lowest first: a module may import from its own floor and the floors below it, never above
 LAYERS: tuple[tuple[str, ...], ...] = (
@@ -178,3 +187,67 @@ def test_find_cycle_finds_a_known_cycle():
 def test_module_is_readable_in_one_sitting(module):
     n = len(MODULES[module].read_text().splitlines())
     assert n <= MAX_LINES, f"{MODULES[module]} has {n} lines (more than {MAX_LINES}): split it by concept"
+
+
+def long_functions(source: str, limit: int) -> list[tuple[str, int]]:
+    """(name, lines) of every function (methods and nested ones too) of `source` longer than `limit` lines,
+    counted from its `def` (decorators excluded) to its last line, docstring included."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > limit:
+                out.append((node.name, n))
+    return out
+
+
+def test_long_functions_counts_lines_from_def_to_end():
+    # the checker itself: a 3-line function passes a limit of 3 and fails a limit of 2; nested ones count too
+    src = "@dec\ndef f(x):\n    y = x\n    return y\n\n\ndef g():\n    def h():\n        return 1\n    return h\n"
+    assert long_functions(src, 3) == [("g", 4)]
+    assert sorted(long_functions(src, 2)) == [("f", 3), ("g", 4)]
+
+
+def test_orchestration_functions_are_short():
+    long = sorted(
+        f"{m}:{name} ({n} lines)"
+        for m, path in MODULES.items()
+        if floor_of(m) is not None and m.split(".")[1] in SHORT_FUNCTION_FLOORS
+        for name, n in long_functions(path.read_text(), MAX_FUNCTION_LINES)
+        if f"{m}:{name}" not in LONG_FUNCTION_EXCEPTIONS
+    )
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n" + "\n".join(long)
+
+
+def deferred_imports(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every fsdfm import inside a function of `source`, the text its first line."""
+    lines = source.splitlines()
+    out = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                mod = node.module if isinstance(node, ast.ImportFrom) else None
+                if isinstance(node, ast.Import):
+                    mod = node.names[0].name
+                if mod and (mod == "fsdfm" or mod.startswith("fsdfm.")):
+                    out.append((node.lineno, lines[node.lineno - 1].strip()))
+    return sorted(set(out))
+
+
+def test_deferred_imports_finds_imports_inside_functions_only():
+    src = "from fsdfm.io import x\n\ndef f():\n    import fsdfm.methods  # heavy: torch\n    import os\n    return x\n"
+    assert deferred_imports(src) == [(4, "import fsdfm.methods  # heavy: torch")]
+
+
+def test_every_deferred_import_says_why():
+    unexplained = sorted(
+        f"{MODULES[m]}:{line}: {text}"
+        for m in MODULES
+        if floor_of(m) is not None and m.split(".")[1] in ORCHESTRATION
+        for line, text in deferred_imports(MODULES[m].read_text())
+        if not any(w in text for w in ("heavy:", "cycle:"))
+    )
+    assert not unexplained, (
+        "fsdfm imports inside functions go to the module top, unless a cycle or a heavy dependency forces "
+        "them there; then a comment says which ('# heavy: torch', '# cycle: ...'):\n" + "\n".join(unexplained)
+    )

@@ -122,6 +122,7 @@ def test_bench_memory_quick():
 
 def test_bench_ar_quick():
     _, rec = run_bench("bench_ar.py")
+    assert rec["autocast"] is False
     assert rec["bench"] == "ar" and rec["ar_available"]
     L = rec["seq_len"]
     nfe = {r["method"]: r["nfe"] for r in rec["runs"]}
@@ -254,36 +255,86 @@ def test_logits_path_is_shift_invariant_across_its_overflow_guard():
     assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
 
 
-def test_gpu_run_script_lists_every_step_with_its_output():
-    """benchmarks/gpu_run.sh --dry-run (no GPU): one line per step, each a benchmark of this repo (or the GPU tests)
-    writing under benchmarks/results/<gpu>/, nothing created."""
-    proc = subprocess.run(
+GPU_RUN_STEPS = {  # the default steps of benchmarks/gpu_run.sh, in order, and the "bench" of each closing JSON line
+    "sampling_small": "sampling",
+    "gpu_tests": None,
+    "sampling_1p3b": "sampling",
+    "training_small": "training",
+    "ar_small": "ar",
+    "sampling_small_mask": "sampling",
+    "scaling_1p3b": "sampling",
+}
+
+
+def _gpu_run(tmp_path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run"],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=600,
         cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "GPU_NAME": "testgpu"},
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT_DIR": str(tmp_path), **env},
     )
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    names = [line.split(" ", 1)[0] for line in lines]
-    assert names == [
-        "sampling_small",
-        "sampling_1p3b",
-        "training_small_compile",
-        "sampling_small_compile",
-        "ar_small",
-        "sampling_small_mask",
-        "scaling_1p3b",
-        "gpu_tests",
-    ]
-    for name, line in zip(names, lines):
-        assert line.endswith(f"> benchmarks/results/testgpu/{name}.txt")
-        script = line.split(": ", 1)[1].split()[1]
-        assert script == "-m" or (ROOT / script).is_file(), line
-        assert "--device cuda" in line or "-m gpu" in line
-    assert not (ROOT / "benchmarks" / "results" / "testgpu").exists()
+
+
+@pytest.mark.slow
+def test_gpu_run_script_dry_run_runs_every_step_on_cpu(tmp_path):
+    """benchmarks/gpu_run.sh --dry-run runs every default step at tiny shapes on the CPU (the same commands and flags
+    as on a GPU, --device cpu): each output file holds the header, the benchmark's tables, its closing JSON line
+    and "=== exit 0"; summary.txt has one line per step; the compile steps run only when named in ONLY."""
+    proc = _gpu_run(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary[:-1]] == list(GPU_RUN_STEPS)
+    assert all(": exit 0 in " in line for line in summary[:-1]) and summary[-1].endswith("failed or timed out: none")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{n}.txt" for n in GPU_RUN_STEPS] + ["summary.txt"])
+    for name, bench in GPU_RUN_STEPS.items():
+        lines = (tmp_path / f"{name}.txt").read_text().splitlines()
+        assert lines[0].startswith("=== ") and "--device cpu" in lines[0] or "-m gpu" in lines[0], lines[0]
+        assert lines[-1].startswith("=== exit 0 "), lines[-3:]
+        if bench is None:
+            assert "skipped" in lines[-2]  # the GPU tests are collected (the file imports) and skip without CUDA
+            continue
+        record = json.loads(lines[-2])
+        assert record["bench"] == bench and record["device"] == "cpu"
+        assert bench == "training" or record["autocast"] is True  # the bf16 path a GPU study samples with
+    ar = json.loads((tmp_path / "ar_small.txt").read_text().splitlines()[-2])
+    assert [r["method"] for r in ar["runs"]][0] == "AR, KV cache=True"  # the uncached AR row is left out
+    assert not any("KV cache=False" in r["method"] for r in ar["runs"])
+
+
+def test_gpu_run_script_stops_within_its_time_budget(tmp_path):
+    """With no time left in TOTAL_S, every step is skipped (not started), listed as such, and the script exits 1."""
+    proc = _gpu_run(tmp_path, TOTAL_S="10")
+    assert proc.returncode == 1
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert summary[:-1] == [f"{n}: skipped (the run's 10 s are spent)" for n in GPU_RUN_STEPS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.txt"]
+
+
+@pytest.mark.parametrize(
+    "name, folder, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100", 989.4e12),
+        ("NVIDIA H100 PCIe", "h100-pcie", 756.5e12),
+        ("NVIDIA H100 NVL", "h100-nvl", 835.5e12),
+        ("NVIDIA H200", "h200", 989.4e12),
+        ("NVIDIA A100-SXM4-80GB", "a100", 312e12),
+        ("NVIDIA A100-PCIE-40GB", "a100-pcie", 312e12),
+        ("Tesla V100-SXM2-16GB", "v100", None),
+        ("NVIDIA GeForce RTX 4090", "rtx4090", None),
+    ],
+)
+def test_gpu_folder_names_the_model_and_form_factor(name, folder, peak):
+    """The results folder from nvidia-smi's name (the model, not the memory type: issue 28 found "hbm3"), and the
+    data-sheet dense bf16 peak it selects (PCIe/NVL parts below the SXM figure)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from benchlib import PEAK_BF16_FLOPS, gpu_folder
+
+    assert gpu_folder(name) == folder
+    assert PEAK_BF16_FLOPS.get(folder) == peak
+    with pytest.raises(ValueError, match="no model number"):
+        gpu_folder("cpu")
 
 
 def test_bench_own_work_quick():
@@ -299,6 +350,8 @@ def test_bench_own_work_quick():
     ]
     for r in rec["results"]:
         assert r["same_tokens"] and _positive(r["forward_ms"])
+        real = r["real_model"]  # measured with the real model between the steps (the default step)
+        assert real["runs"] >= 1 and _positive(real["own_ms_per_step_8"]) and 0.0 < real["outside_share_8"] < 1.0
         for chunk in ("default", "float64"):
             c = r[chunk]
             F, o8, o32 = r["forward_ms"], c["own_ms_per_step_8"], c["own_ms_per_step_32"]

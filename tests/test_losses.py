@@ -101,3 +101,38 @@ def test_dfm_losses_registry_dispatches_to_the_functions():
     assert set(DFM_LOSSES.names()) == {"ce", "gkl"}
     assert torch.equal(DFM_LOSSES.get("ce")(logits, ps, rate, None), cross_entropy(logits, ps.x_1))
     assert torch.equal(DFM_LOSSES.get("gkl")(logits, ps, rate, None), generalized_kl(logits, ps.x_1, ps.x_t, rate))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_log_probs_equals_the_materialised_log_softmax(k, chunk, with_bias):
+    """Chunked log p(index) from hidden states: the same values and the same gradients (hidden, weight, bias) as
+    log_softmax(F.linear(...)) on the whole (N, V) logits, for a cross-entropy (k = 1) and a generalized-KL-like
+    combination of two indices (k = 2) weighted per row."""
+    from fsdfm.losses import linear_log_probs
+
+    g = torch.Generator().manual_seed(k * 10 + chunk)
+    N, d, V = 37, 16, 300
+    h = torch.randn(N, d, generator=g, dtype=torch.float64).float().requires_grad_()
+    W = (0.3 * torch.randn(V, d, generator=g)).requires_grad_()
+    b = torch.randn(V, generator=g).requires_grad_() if with_bias else None
+    idx = torch.randint(V, (N, k), generator=g)
+    w_rows = torch.rand(N, k, generator=g)
+    ours = linear_log_probs(h, W, b, idx, chunk=chunk)
+    loss = -(ours * w_rows).sum()
+    params = [h, W] + ([b] if with_bias else [])
+    grads = torch.autograd.grad(loss, params)
+    ref = torch.log_softmax(torch.nn.functional.linear(h, W, b), -1).gather(-1, idx)
+    ref_grads = torch.autograd.grad(-(ref * w_rows).sum(), params)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    for a, r in zip(grads, ref_grads):
+        assert torch.allclose(a, r, atol=1e-4, rtol=1e-4)
+    # cross-entropy from the hidden states = F.cross_entropy on the materialised logits
+    if k == 1:
+        with torch.no_grad():
+            ce = -linear_log_probs(h, W, b, idx, chunk=chunk).mean()
+            full = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, W, b), idx[:, 0])
+        assert float(ce) == pytest.approx(float(full), rel=1e-5)
+    with pytest.raises(ValueError, match="index must be"):
+        linear_log_probs(h, W, b, idx[:, 0], chunk=chunk)

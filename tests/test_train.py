@@ -329,3 +329,69 @@ def test_garbage_checkpoint_message_has_no_torch_advice(tmp_path):
         load_checkpoint(path)
     assert "cannot load checkpoint" in str(err.value) and str(path) in str(err.value)
     assert "False" not in str(err.value)
+
+
+def test_deferred_host_syncs_change_nothing(tmp_path):
+    """sync_every (the GPU default reads the losses back every 16 steps) gives the same losses, weights and EMA as
+    reading them every step; the periodic checkpoint and resumption still hold the whole loss history."""
+    every = fit(_tiny_dit(), _objective(), _data(), CFG, progress=False, device="cpu")
+    deferred = fit(
+        _tiny_dit(),
+        _objective(),
+        _data(),
+        CFG,
+        ckpt_dir=tmp_path,
+        progress=False,
+        device="cpu",
+        sync_every=3,
+        stop_after=5,
+    )
+    assert deferred.losses == every.losses[:5]
+    resumed = fit(
+        _tiny_dit(), _objective(), _data(), CFG, ckpt_dir=tmp_path, progress=False, device="cpu", sync_every=4
+    )
+    assert resumed.resumed_from == 5 and resumed.losses == every.losses
+    _assert_same_state(resumed.model, every.model)
+    _assert_same_state(resumed.ema, every.ema)
+
+
+def test_a_deferred_non_finite_loss_names_its_own_step():
+    """With syncs every 4 steps a NaN at step 2 is caught at the window's end and reported as step 2."""
+
+    def loss_fn(ctx):
+        return ctx.model.w.sum() * (float("nan") if ctx.step == 2 else 1.0)
+
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 2"):
+        fit(
+            Scalar(),
+            loss_fn,
+            torch.zeros(4, 1, dtype=torch.long),
+            OptimConfig(steps=6, batch_size=1),
+            progress=False,
+            device="cpu",
+            sync_every=4,
+        )
+
+
+def test_foreach_ema_is_the_per_parameter_lerp():
+    """ema_update (one foreach call) equals e.lerp_(p, 1 - decay) parameter by parameter, bit for bit."""
+    from fsdfm.train import ema_update
+
+    model, ema = _tiny_dit(0), _tiny_dit(1)
+    expected = [e.detach().clone().lerp_(p.detach(), 1 - 0.97) for e, p in zip(ema.parameters(), model.parameters())]
+    ema_update(ema, model, 0.97)
+    assert all(torch.equal(e, x) for e, x in zip(ema.parameters(), expected))
+
+
+def test_speed_options_are_absent_from_the_stage_config_unless_on():
+    """compile and fused AdamW: off by default and then not in `to_dict` (stage ids of existing studies unchanged);
+    on, they are recorded. Fused AdamW trains (CPU supports it) to the same weights within rounding."""
+    assert "compile" not in CFG.to_dict() and "fused" not in CFG.to_dict()
+    on = OptimConfig(**{**CFG.to_dict(), "fused": True, "compile": True})
+    assert on.to_dict()["fused"] is True and on.to_dict()["compile"] is True
+    fused = OptimConfig(**{**CFG.to_dict(), "fused": True})
+    a = fit(_tiny_dit(), _objective(), _data(), CFG, progress=False, device="cpu")
+    b = fit(_tiny_dit(), _objective(), _data(), fused, progress=False, device="cpu")
+    for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), k
+    assert b.losses == pytest.approx(a.losses, rel=1e-4)

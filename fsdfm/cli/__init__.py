@@ -28,10 +28,15 @@ from fsdfm.cli.common import (
     auto_threads,
     set_thread_env,
 )
+from fsdfm.cli.ls import add_ls_parser
 from fsdfm.cli.report import cmd_eval, cmd_report, cmd_samples
 from fsdfm.cli.run import cmd_run
 from fsdfm.cli.status import cmd_status
 from fsdfm.cli.verify import cmd_clean, cmd_verify
+from fsdfm.records import pin_cache_env
+from fsdfm.registry import UnknownNameError
+from fsdfm.study.graph import PlanError
+from fsdfm.study.spec import SpecError
 
 __all__ = ["main", "build_parser", "InputError", "UsageError", "DEFAULT_ROOT"]
 
@@ -62,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--results", default=argparse.SUPPRESS, help="results root (default: results)")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_run_parser(sub, common)
+    _add_study_parsers(sub, common)
+    add_ls_parser(sub, common)
+    return ap
+
+
+def _add_run_parser(sub, common: argparse.ArgumentParser) -> None:
     r = sub.add_parser("run", parents=[common], help="run (or --dry-run) a study spec")
     _spec_args(r, "spec", "a study spec (experiments/*.yaml)")
     r.add_argument("--dry-run", action="store_true", help="print the runs and stages with their ids and done state")
@@ -101,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         "results/<study>/tracking); changes no stage id",
     )
     r.set_defaults(fn=cmd_run)
+
+
+def _add_study_parsers(sub, common: argparse.ArgumentParser) -> None:
+    """verify, clean, status, report, samples and eval: the commands that read (or clean) one study."""
     target_help = "a spec file or a study results directory"
     v = sub.add_parser(
         "verify", parents=[common], help="check records and artefacts (sizes, sha256) of a study; runs nothing"
@@ -144,16 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         e.add_argument(flag, type=int, metavar="N", help=f"refuse more than N {what}")
     e.set_defaults(fn=cmd_eval)
-    from fsdfm.cli.ls import add_ls_parser
-
-    add_ls_parser(sub, common)
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
-    from fsdfm.records import pin_cache_env
-
     pin_cache_env()  # the jobs this run starts may run in another directory
     try:
         return _main(argv)
@@ -197,10 +207,7 @@ def _main(argv: list[str] | None) -> int:
         os.environ[THREADS_SOURCE_ENV] = why
     elif getattr(args, "cmd", None) == "run" and any(map(os.environ.get, THREAD_ENV)):
         os.environ[THREADS_SOURCE_ENV] = "OMP_NUM_THREADS=" + str(os.environ.get("OMP_NUM_THREADS"))
-    from fsdfm.data import DataError
-    from fsdfm.registry import UnknownNameError
-    from fsdfm.study.spec import SpecError
-    from fsdfm.study.graph import PlanError
+    from fsdfm.data import DataError  # heavy: torch, imported after the thread variables are set
 
     try:
         result = args.fn(args)

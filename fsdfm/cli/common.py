@@ -4,8 +4,12 @@ thread settings and reading a study's plan. Knows nothing about any one command.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from pathlib import Path
+
+from fsdfm.records import read_plan
+from fsdfm.study.graph import PlanError, StudyPlan
 
 DEFAULT_ROOT = "results"
 
@@ -26,9 +30,6 @@ def _offline_defaults() -> None:
 
 def _read_plan(sdir: Path) -> dict:
     """plan.json of a study directory; a missing, corrupt or malformed one is a PlanError / FileNotFoundError."""
-    from fsdfm.records import read_plan
-    from fsdfm.study.graph import PlanError, StudyPlan
-
     plan = read_plan(sdir)
     try:
         StudyPlan.from_dict(plan, str(sdir / "plan.json"))
@@ -80,7 +81,7 @@ def set_threads(n: int) -> None:
     """n intra-op threads here (inline and debug executors) and in every job this process starts (submitit local
     processes and SLURM jobs inherit the environment)."""
     set_thread_env(n)
-    import torch
+    import torch  # heavy: only the commands that compute need it, and only after the thread variables are set
 
     torch.set_num_threads(n)
 
@@ -91,8 +92,6 @@ EXTRAS = {"report": ("analysis", ("matplotlib", "seaborn", "scipy"))}
 
 def require_extra(command: str) -> None:
     """An InputError naming the extra to install when a module `command` needs is missing."""
-    import importlib
-
     extra, modules = EXTRAS[command]
     for name in modules:
         try:

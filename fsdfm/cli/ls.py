@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from fsdfm.records import list_studies
 from fsdfm.registry import Registry
 
 
@@ -28,7 +29,7 @@ def _first_line(obj: object) -> str:
 
 
 def _methods() -> list[Entry]:
-    from fsdfm.methods import METHOD_KINDS
+    from fsdfm.methods import METHOD_KINDS  # heavy: torch (each listing imports only what it shows)
 
     out = []
     for name in METHOD_KINDS:
@@ -45,13 +46,13 @@ def _methods() -> list[Entry]:
 
 
 def _rules() -> list[Entry]:
-    from fsdfm.samplers import UPDATE_RULES
+    from fsdfm.samplers import UPDATE_RULES  # heavy: torch
 
     return [Entry(n, _first_line(UPDATE_RULES.get(n))) for n in UPDATE_RULES]
 
 
 def _metrics() -> list[Entry]:
-    from fsdfm.metrics.registry import METRICS
+    from fsdfm.metrics.registry import METRICS  # heavy: torch
 
     out = []
     for n in METRICS:
@@ -62,13 +63,13 @@ def _metrics() -> list[Entry]:
 
 
 def _presets() -> list[Entry]:
-    from fsdfm.model import PRESETS
+    from fsdfm.model import PRESETS  # heavy: torch
 
     return [Entry(n, ", ".join(f"{k}={v}" for k, v in PRESETS.get(n).items())) for n in PRESETS]
 
 
 def _published() -> list[Entry]:
-    from fsdfm.report.published import PUBLISHED
+    from fsdfm.report.published import PUBLISHED  # heavy: pandas, torch
 
     out = []
     for n in PUBLISHED:
@@ -87,8 +88,6 @@ LISTINGS.register("published", _published)
 
 def cmd_ls(args) -> dict:
     if args.what is None:
-        from fsdfm.records import list_studies  # aware of the shared stage store and of external runs
-
         root = Path(args.results)
         rows = list_studies(root)
         if not rows:

@@ -3,6 +3,8 @@ score external samples with its metrics."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import shlex
 import sys
 
@@ -10,13 +12,14 @@ from pathlib import Path
 
 from fsdfm.cli.common import DEFAULT_ROOT, InputError, _read_plan, require_extra
 from fsdfm.cli.spec import study_dir
+from fsdfm.records import read_record
 
 
 def cmd_report(args) -> dict:
     sdir = study_dir(args)
     _read_plan(sdir)
     require_extra("report")
-    from fsdfm.report import write_report
+    from fsdfm.report import write_report  # heavy: pandas, matplotlib (checked by require_extra first)
 
     try:
         out = write_report(sdir, Path(args.out) if args.out else sdir / "report")
@@ -36,10 +39,6 @@ def cmd_report(args) -> dict:
 
 def cmd_samples(args) -> dict:
     """Print the first decoded samples of every evaluated run (method, rule, step budget)."""
-    import json as _json
-
-    from fsdfm.records import read_record
-
     sdir = study_dir(args)
     plan = _read_plan(sdir)
     shown = 0
@@ -53,7 +52,7 @@ def cmd_samples(args) -> dict:
         p = run["params"]
         print(f"=== {p.get('label') or p['method']} | rule {p.get('rule')} | {p.get('steps')} steps ===")
         for line in texts.read_text().splitlines()[: args.n]:
-            text = " ".join(_json.loads(line)["text"].split())
+            text = " ".join(json.loads(line)["text"].split())
             print("  " + (text[: args.chars] + " ..." if len(text) > args.chars else text))
         shown += 1
     return {"study": sdir.name, "runs_shown": shown}
@@ -61,14 +60,12 @@ def cmd_samples(args) -> dict:
 
 def _eval_study_dir(args) -> Path:
     """`fsdfm eval --spec X`: X is a spec file (its study under --results) or a study directory."""
-    import argparse as _argparse
-
-    return study_dir(_argparse.Namespace(target=args.spec, results=args.results, overrides=[], limit=None))
+    return study_dir(argparse.Namespace(target=args.spec, results=args.results, overrides=[], limit=None))
 
 
 def cmd_eval(args) -> dict:
     """Score external sample files with a study's metrics and evaluator (fsdfm.external), recorded as runs."""
-    from fsdfm.external import EvalLimits, ExternalError, eval_files
+    from fsdfm.external import EvalLimits, ExternalError, eval_files  # heavy: torch (the metrics)
 
     sdir = _eval_study_dir(args)
     _read_plan(sdir)  # the study's plan must exist: its evaluate config and evaluator are what score the files

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
+import yaml
+
 from fsdfm.cli.common import InputError, UsageError, set_threads
 from fsdfm.cli.spec import command_line, load_plan, print_config, run_line
+from fsdfm.launch import EXECUTORS, DriverInterrupted, execute, load_profile
+from fsdfm.launch.backfill import backfill_tracking
+from fsdfm.records import check_stage, discard_stage, is_done, lock_holder
+from fsdfm.study.graph import STAGE_KINDS, StudyPlan, waves
+from fsdfm.tracking import check_available, enable
 
 
 def _kinds_arg(text: str | None, option: str) -> list[str]:
     """KIND[,KIND] -> registered stage kind names (an unknown one is an UnknownNameError with did-you-mean)."""
-    import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
-    from fsdfm.study.graph import STAGE_KINDS
+    import fsdfm.methods  # noqa: F401  (heavy: torch; registers the method and stage kinds)
 
     kinds = [k.strip() for k in (text or "").split(",") if k.strip()]
     if text is not None and not kinds:
@@ -40,8 +47,6 @@ def _data_lines(plan) -> dict[str, str]:
 def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None = None) -> list[str]:
     """Remove the stage folders of the plan's stages of `kinds` (their dependents then see a redone input and
     re-run too); nothing is removed under --dry-run. A stage that is running is an error."""
-    from fsdfm.records import lock_holder
-
     present = {s.kind for s in plan.stages.values()}
     for k in kinds:
         if k not in present:
@@ -57,18 +62,13 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None =
                 "wait for it or stop it first"
             )
     if not dry_run:
-        from fsdfm.records import discard_stage
-
         for sid in chosen:  # emptied where it lives (the shared store): every study sharing it sees it redone
             discard_stage(sdir, sid, root)
     return chosen
 
 
 def cmd_run(args) -> dict:
-    import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
-    from fsdfm.launch import execute
-    from fsdfm.records import check_stage, is_done
-    from fsdfm.study.graph import waves
+    import fsdfm.methods  # noqa: F401  (heavy: torch; registers the method and stage kinds)
 
     resolved, plan = load_plan(args)
     spec = resolved.spec
@@ -76,11 +76,7 @@ def cmd_run(args) -> dict:
     if args.print_config:
         return print_config(resolved, sdir)
     if args.track:  # tracking lives in plan.json, not in stage ids: the same stages, now logged (fsdfm.tracking)
-        from fsdfm.tracking import enable
-
         plan = enable(plan, spec.tracking)
-    from fsdfm.tracking import check_available
-
     try:
         check_available(plan.tracking)
     except RuntimeError as e:
@@ -91,56 +87,14 @@ def cmd_run(args) -> dict:
         set_threads(threads)
     rerun = _rerun(plan, sdir, rerun_kinds, args.dry_run, args.results) if rerun_kinds else []
     if args.dry_run:
-        print(f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages  ({args.spec})")
-        data = _data_lines(plan)
-        for src, digest in data.items():
-            print(f"  data {src}  {digest[:19]}  (in the ids of the stages that read it)")
-        redo = set(rerun)
-        for i, wave in enumerate(waves(plan)):
-            for s in wave:
-                if any(d in redo for d in s.inputs.values()):
-                    redo.add(s.id)
-                state = "rerun" if s.id in redo else check_stage(sdir / "stages" / s.id).state
-                state = {"done": "done", "missing": "pending"}.get(state, state)
-                print(f"  wave {i}  {state:<7}  {s.id}  <- {', '.join(s.inputs.values()) or '-'}")
-        print("runs:")
-        for r in plan.runs:
-            print(f"  {r.run_id}  -> {r.stage_id}")
-        return {
-            "study": plan.name,
-            "dry_run": True,
-            "runs": len(plan.runs),
-            "stages": len(plan.stages),
-            "done": sum(is_done(sdir / "stages" / s) for s in plan.stages if s not in redo),
-            "rerun": sorted(redo),
-            "data": data,
-        }
-    profile = args.profile or (spec.cluster.get("profile") if args.executor == "slurm" else None)
-    from fsdfm.launch import EXECUTORS, load_profile
-
-    EXECUTORS.get(args.executor)  # checked here too: execute() writes plan.json before it reads the profile
-    if args.executor == "slurm" and profile is None:
-        raise UsageError(
-            "--executor slurm needs a cluster profile: --profile slurm/<cluster>.yaml (template: "
-            "slurm/example-cluster.yaml) or cluster: {profile: ...} in the spec"
-        )
-    if profile is not None:
-        import yaml
-
-        try:
-            load_profile(profile)
-        except (ValueError, TypeError, OSError) as e:
-            raise InputError(str(e)) from None
-        except yaml.YAMLError as e:
-            raise InputError(f"cluster profile {profile}: not valid YAML: {e}") from None
+        return _dry_run(args, plan, sdir, rerun)
+    profile = _profile(args, spec)
     print(
         f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor}"
         + (f", torch threads per stage: {threads}" if threads is not None else "")
         + ")",
         flush=True,
     )
-    from fsdfm.launch import DriverInterrupted
-
     try:
         summary = execute(
             plan,
@@ -151,8 +105,6 @@ def cmd_run(args) -> dict:
             max_parallel=args.max_parallel,
         )
     except KeyboardInterrupt as e:  # SIGTERM/SIGHUP/SIGINT: the executor has cancelled its jobs, released the locks
-        import signal
-
         signum = e.signum if isinstance(e, DriverInterrupted) else int(signal.SIGINT)  # a Ctrl-C outside the handler
         print(
             f"fsdfm run: interrupted by {signal_name(signum)}; its jobs were stopped. Re-run to resume: {run_line(args)}",
@@ -162,8 +114,6 @@ def cmd_run(args) -> dict:
         raise SystemExit(128 + signum) from None
     print(summary.format())
     if plan.tracking and summary.skipped:  # --track on finished stages: log what their records keep
-        from fsdfm.launch.backfill import backfill_tracking
-
         print(backfill_tracking(plan.to_dict(), sdir, summary.skipped).format())
     # --no-wait: a submission that succeeded is a success (its stages are pending by design); see `fsdfm status`
     ok = summary.ok or (args.no_wait and not summary.failed and not summary.blocked)
@@ -176,17 +126,58 @@ def cmd_run(args) -> dict:
     return {
         "study": plan.name,
         "ok": ok,
-        "done": len(summary.done),
-        "skipped": len(summary.skipped),
-        "failed": len(summary.failed),
-        "blocked": len(summary.blocked),
-        "pending": len(summary.pending),
-        "submitted": len(summary.submitted),
+        **{k: len(getattr(summary, k)) for k in ("done", "skipped", "failed", "blocked", "pending", "submitted")},
         "results": str(sdir),
     }
 
 
-def signal_name(signum: int) -> str:
-    import signal
+def _dry_run(args, plan: StudyPlan, sdir: Path, rerun: list[str]) -> dict:
+    """--dry-run: print the runs, the data files' hashes and every stage by wave with its state; run nothing."""
+    print(f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages  ({args.spec})")
+    data = _data_lines(plan)
+    for src, digest in data.items():
+        print(f"  data {src}  {digest[:19]}  (in the ids of the stages that read it)")
+    redo = set(rerun)
+    for i, wave in enumerate(waves(plan)):
+        for s in wave:
+            if any(d in redo for d in s.inputs.values()):
+                redo.add(s.id)
+            state = "rerun" if s.id in redo else check_stage(sdir / "stages" / s.id).state
+            state = {"done": "done", "missing": "pending"}.get(state, state)
+            print(f"  wave {i}  {state:<7}  {s.id}  <- {', '.join(s.inputs.values()) or '-'}")
+    print("runs:")
+    for r in plan.runs:
+        print(f"  {r.run_id}  -> {r.stage_id}")
+    return {
+        "study": plan.name,
+        "dry_run": True,
+        "runs": len(plan.runs),
+        "stages": len(plan.stages),
+        "done": sum(is_done(sdir / "stages" / s) for s in plan.stages if s not in redo),
+        "rerun": sorted(redo),
+        "data": data,
+    }
 
+
+def _profile(args, spec) -> str | None:
+    """The cluster profile to run with (--profile, else the spec's for SLURM), checked before anything is written
+    (execute() writes plan.json before it reads the profile)."""
+    profile = args.profile or (spec.cluster.get("profile") if args.executor == "slurm" else None)
+    EXECUTORS.get(args.executor)
+    if args.executor == "slurm" and profile is None:
+        raise UsageError(
+            "--executor slurm needs a cluster profile: --profile slurm/<cluster>.yaml (template: "
+            "slurm/example-cluster.yaml) or cluster: {profile: ...} in the spec"
+        )
+    if profile is not None:
+        try:
+            load_profile(profile)
+        except (ValueError, TypeError, OSError) as e:
+            raise InputError(str(e)) from None
+        except yaml.YAMLError as e:
+            raise InputError(f"cluster profile {profile}: not valid YAML: {e}") from None
+    return profile
+
+
+def signal_name(signum: int) -> str:
     return signal.Signals(signum).name

@@ -3,15 +3,20 @@ study directory; `--print-config`."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+
+import yaml
+
+from fsdfm.cli.common import DEFAULT_ROOT, UsageError
+from fsdfm.records import data_cache_dir
+from fsdfm.study.load import load
+from fsdfm.study.overrides import parse_overrides
+from fsdfm.study.spec import check_name, read_yaml
 
 
 def resolve_spec(args, check_files: bool = True):
     """args.spec / args.target with the command line's overrides and --limit (fsdfm.study.load.load)."""
-    from fsdfm.records import data_cache_dir
-    from fsdfm.study.overrides import parse_overrides
-    from fsdfm.study.load import load
-
     spec_path = getattr(args, "spec", None) or args.target
     root = args.results
     # the data checks may reuse (never write) the tokenizers a previous run cached under the results root
@@ -26,7 +31,7 @@ def resolve_spec(args, check_files: bool = True):
 
 def load_plan(args):
     """(the resolved spec, its plan) of `fsdfm run SPEC [overrides]`."""
-    from fsdfm.methods import plan_study
+    from fsdfm.methods import plan_study  # heavy: torch, imported after --threads set the thread variables
 
     r = resolve_spec(args)
     return r, plan_study(r.name, r.cells)
@@ -38,24 +43,16 @@ def study_dir(args) -> Path:
     has_overrides = bool(getattr(args, "overrides", None)) or getattr(args, "limit", None) is not None
     if p.is_dir():
         if has_overrides:
-            from fsdfm.cli.common import UsageError
-
             raise UsageError(f"{p} is a study directory: overrides and --limit go with a spec file")
         return p
     if has_overrides:
         return Path(args.results) / resolve_spec(args, check_files=False).name
-    from fsdfm.study.spec import check_name, read_yaml
-
     return Path(args.results) / check_name(read_yaml(p).get("name"), "name", str(p))
 
 
 def command_line(args) -> str:
     """SPEC KEY=VALUE ... --limit N [--results R] as typed: what names the study for every command (the "next:"
     hints of `run`, `eval`, `verify`; --results only where it is not the default)."""
-    import shlex
-
-    from fsdfm.cli.common import DEFAULT_ROOT
-
     words = [getattr(args, "spec", None) or args.target, *(getattr(args, "overrides", None) or [])]
     if getattr(args, "limit", None) is not None:
         words += ["--limit", str(args.limit)]
@@ -68,8 +65,6 @@ def run_line(args) -> str:
     """`fsdfm run ...` as typed, with every option that shapes how it runs (--executor, --threads, --max-parallel,
     --profile, --no-wait, --track): the line that resumes an interrupted run. --rerun is left out (its stages were
     already discarded: repeating it would redo what the interrupted run finished), and so is --dry-run."""
-    import shlex
-
     words = ["--executor", args.executor]
     for flag, value in (
         ("--threads", args.threads),
@@ -84,8 +79,6 @@ def run_line(args) -> str:
 
 def print_config(resolved, sdir: Path) -> dict:
     """--print-config: the spec after --limit and the overrides, as YAML; nothing is run or written."""
-    import yaml
-
     print(
         f"# study {resolved.name} -> {sdir}  (from {resolved.path}"
         + (f", --limit {resolved.limit}" if resolved.limit is not None else "")

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from fsdfm.cli.spec import resolve_spec, study_dir
+from fsdfm.launch import status
+from fsdfm.records import read_study_plan
 
 
 def _status_plan(args, sdir: Path):
     """The plan `fsdfm status` reports on: plan.json of the study, or (a spec that has not run yet) its plan
     from the spec, every stage pending."""
-    from fsdfm.methods import plan_study
-    from fsdfm.records import read_study_plan
+    from fsdfm.methods import plan_study  # heavy: torch; a study that ran needs only its plan.json
 
     if (sdir / "plan.json").exists() or Path(args.target).is_dir():
         return read_study_plan(sdir)
@@ -24,10 +26,6 @@ STATUS_FINAL = ("done", "failed", "blocked")
 
 
 def cmd_status(args) -> dict:
-    import time
-
-    from fsdfm.launch import status
-
     sdir = study_dir(args)
     updates = 0
     while True:

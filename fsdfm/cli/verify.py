@@ -9,14 +9,12 @@ from pathlib import Path
 from fsdfm.cli.common import UsageError
 from fsdfm.cli.run import _kind_of, _kinds_arg
 from fsdfm.cli.spec import command_line, load_plan, study_dir
+from fsdfm.records import ERROR, check_stage, is_done, lock_holder, read_plan, unlink_stage
+from fsdfm.study.graph import PlanError, StudyPlan, waves
 
 
 def cmd_verify(args) -> dict:
     """Check every stage of a study (record, artefact sizes and sha256s, input records) without running anything."""
-    from fsdfm.records import read_plan
-    from fsdfm.records import ERROR, check_stage
-    from fsdfm.study.graph import PlanError, StudyPlan, waves
-
     target = Path(args.target)
     if target.is_dir():
         sdir = target
@@ -57,8 +55,6 @@ def cmd_clean(args) -> dict:
     """Remove stage folders of a study: all, those of --kind, or only --failed ones; never a running stage.
 
     A stage in the shared store (fsdfm.records.store) that another study still links loses only this study's link."""
-    from fsdfm.records import ERROR, is_done, lock_holder
-
     sdir = study_dir(args)
     kinds = _kinds_arg(args.kind, "--kind")
     stages_dir = sdir / "stages"
@@ -90,8 +86,6 @@ def cmd_clean(args) -> dict:
         if answer not in ("y", "yes"):
             print("nothing removed")
             return {"study": sdir.name, "removed": 0, "stages": [], "running": running}
-    from fsdfm.records import unlink_stage
-
     shared = {}
     for sid in chosen:  # a stage another study still links keeps its files; only this study's link goes
         u = unlink_stage(sdir, sid)

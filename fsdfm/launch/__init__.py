@@ -32,30 +32,3 @@ from fsdfm.launch.runner import (
 from fsdfm.launch.scheduler import expand_job_ids, slurm_states
 from fsdfm.launch.signals import DriverInterrupted, signals_interrupt
 from fsdfm.launch.watch import StageStatus, StatusReport, status, wait_for
-
-__all__ = [
-    "EXECUTORS",
-    "PACKAGE",
-    "STAGE_MODULES_ENV",
-    "CheckpointableStageJob",
-    "DriverInterrupted",
-    "ExecutionSummary",
-    "StageInputError",
-    "StageJob",
-    "StageStatus",
-    "StatusReport",
-    "execute",
-    "expand_job_ids",
-    "job_exception",
-    "load_profile",
-    "resolve_kind",
-    "resources_for",
-    "run_stage",
-    "signals_interrupt",
-    "slurm_parameters",
-    "slurm_states",
-    "stage_modules_env",
-    "status",
-    "wait_for",
-    "write_plan",
-]

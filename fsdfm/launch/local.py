@@ -15,19 +15,27 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from fsdfm.io import atomic_write_json
 from fsdfm.launch.executors import EXECUTORS
-from fsdfm.launch.outcomes import ExecutionSummary, Tally, already_done, say, say_end, settle, job_exception
+from fsdfm.launch.outcomes import (
+    ExecutionSummary,
+    Tally,
+    clear_error,
+    job_exception,
+    runnable,
+    say,
+    say_end,
+    settle,
+    write_submitted,
+)
 from fsdfm.launch.profiles import LOCAL_TIMEOUT_MIN, source_setup
 from fsdfm.launch.runner import job_for
-from fsdfm.records import ERROR, JOBS, SUBMITTED, break_stale_lock, is_done, lock_holder, now_iso, pid_alive, stage_dir
+from fsdfm.records import JOBS, break_stale_lock, is_done, lock_holder, pid_alive, stage_dir
 from fsdfm.records.locks import _pid_start
 from fsdfm.study.graph import STAGE_KINDS, Stage, StudyPlan, waves
 
@@ -73,64 +81,22 @@ def _execute_local(
     total = len(plan.stages)
     started: dict[str, float] = {}
     for wave in waves(plan):
-        queue: list[Stage] = []
-        for stage in wave:
-            if already_done(tally, sdir, stage):
-                tally.skipped.append(stage.id)
-            elif tally.bad(stage):
-                tally.blocked.append(stage.id)
-            else:
-                queue.append(stage)
+        queue = runnable(tally, sdir, wave)
         running: dict[str, tuple[Stage, Any]] = {}
         waiting: list[Stage] = []  # locked by a live process of another run: not submitted while it holds them
         try:
             while queue or running or waiting:
-                for stage in list(waiting):
-                    if not lock_holder(stage_dir(sdir, stage.id))[1]:
-                        waiting.remove(stage)
-                        if is_done(stage_dir(sdir, stage.id)):
-                            tally.done.append(stage.id)  # finished by the other run
-                        else:
-                            queue.insert(0, stage)  # its holder is gone without a record: run it ourselves
+                _release_waiting(tally, sdir, waiting, queue)
                 while queue and len(running) < cap:
                     stage = queue.pop(0)
-                    holder, live = lock_holder(stage_dir(sdir, stage.id))
-                    if live:
-                        who = holder.describe() if holder else "a process that is taking the lock"
-                        print(
-                            f"stage {stage.id} is locked by {who}: waiting for it to finish",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                    if _locked_elsewhere(sdir, stage):
                         waiting.append(stage)
                         continue
-                    cls = STAGE_KINDS.get(stage.kind).resources
-                    res = {**profile["defaults"], **profile["resources"].get(cls, {}), **profile["overrides"]}
-                    ex = submitit.AutoExecutor(folder=sdir / JOBS / "%j", cluster="local")  # never auto-detect
-                    ex.update_parameters(
-                        timeout_min=int(res.get("timeout_min", LOCAL_TIMEOUT_MIN)),
-                        gpus_per_node=n_gpus,
-                        local_setup=setup,
-                        name=stage.kind,
-                    )
-                    with contextlib.suppress(FileNotFoundError):  # an old failure is not this attempt's
-                        os.unlink(stage_dir(sdir, stage.id) / ERROR)
-                    job = ex.submit(job_for(sdir, stage))
+                    job = _submit_local(sdir, stage, profile, n_gpus, setup)
                     tally.submitted[stage.id] = str(job.job_id)
                     running[stage.id] = (stage, job)
                     started[stage.id] = time.time()
-                    # status names the log while the stage runs (run_stage removes this file when it is done)
-                    atomic_write_json(
-                        stage_dir(sdir, stage.id) / SUBMITTED,
-                        {
-                            "executor": "local",
-                            "job_id": str(job.job_id),
-                            "time": now_iso(),
-                            "time_unix": time.time(),
-                            "stdout": str(job.paths.stdout),
-                            "stderr": str(job.paths.stderr),
-                        },
-                    )
+                    write_submitted(sdir, stage.id, "local", job)  # status names the log while the stage runs
                     say(f"[{len(started)}/{total}] {stage.id} started (local job {job.job_id}; log {job.paths.stderr})")
                 for sid, (stage, job) in list(running.items()):
                     if job.done():
@@ -149,6 +115,41 @@ def _execute_local(
             _cancel_local_jobs(sdir, running, signalled=type(e) is KeyboardInterrupt)
             raise
     return tally.summary()
+
+
+def _release_waiting(tally: Tally, sdir: Path, waiting: list[Stage], queue: list[Stage]) -> None:
+    """Stages whose lock holder (another run) let go: done by it, or queued first (it is gone without a record)."""
+    for stage in list(waiting):
+        if not lock_holder(stage_dir(sdir, stage.id))[1]:
+            waiting.remove(stage)
+            if is_done(stage_dir(sdir, stage.id)):
+                tally.done.append(stage.id)
+            else:
+                queue.insert(0, stage)
+
+
+def _locked_elsewhere(sdir: Path, stage: Stage) -> bool:
+    """Whether a live process of another run holds the stage's lock (said on stderr: this run waits for it)."""
+    holder, live = lock_holder(stage_dir(sdir, stage.id))
+    if live:
+        who = holder.describe() if holder else "a process that is taking the lock"
+        say(f"stage {stage.id} is locked by {who}: waiting for it to finish")
+    return live
+
+
+def _submit_local(sdir: Path, stage: Stage, profile: dict, n_gpus: int, setup: list[str]) -> Any:
+    """One submitit LocalExecutor job running `stage`, with the timeout of its resource class."""
+    cls = STAGE_KINDS.get(stage.kind).resources
+    res = {**profile["defaults"], **profile["resources"].get(cls, {}), **profile["overrides"]}
+    ex = submitit.AutoExecutor(folder=sdir / JOBS / "%j", cluster="local")  # never auto-detect
+    ex.update_parameters(
+        timeout_min=int(res.get("timeout_min", LOCAL_TIMEOUT_MIN)),
+        gpus_per_node=n_gpus,
+        local_setup=setup,
+        name=stage.kind,
+    )
+    clear_error(sdir, stage.id)
+    return ex.submit(job_for(sdir, stage))
 
 
 LOCAL_CANCEL_GRACE_S = 20.0  # how long a cancelled job process may take to unwind (release its lock) before SIGKILL

@@ -1,18 +1,24 @@
-"""What executors report: `ExecutionSummary` (stage ids by outcome), the tally kept while executing, progress lines,
-and reading a failed job's own exception out of its traceback.
+"""What executors share: `ExecutionSummary` (stage ids by outcome), the tally kept while executing, progress lines,
+reading a failed job's own exception out of its traceback, and the stage files an executor writes around a job
+(`runnable` sorts a wave, `clear_error` before a submission, `write_submitted` after it).
 
-Knows stage outcomes and the stage files that decide them (`fsdfm.records`); knows nothing of how a job was run.
+Knows stage outcomes and the stage files that decide them (`fsdfm.records`); knows nothing of how a job is run
+(a job is anything with `job_id` and `paths.stdout`/`paths.stderr`, as submitit's are).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from fsdfm.io import atomic_write_json
 from fsdfm.launch.runner import error_summary
-from fsdfm.records import check_stage, is_done, stage_dir
+from fsdfm.records import ERROR, SUBMITTED, check_stage, is_done, now_iso, stage_dir
 from fsdfm.study.graph import Stage
 
 
@@ -129,3 +135,38 @@ def settle(tally: Tally, sdir: Path, stage: Stage, why: Callable[[], str]) -> No
         tally.done.append(stage.id)
     else:
         tally.failed[stage.id] = error_summary(out) or why()
+
+
+def runnable(tally: Tally, sdir: Path, wave: list[Stage]) -> list[Stage]:
+    """The stages of `wave` to run: the done ones are filed as skipped, those behind a failed input as blocked."""
+    out = []
+    for stage in wave:
+        if already_done(tally, sdir, stage):
+            tally.skipped.append(stage.id)
+        elif tally.bad(stage):
+            tally.blocked.append(stage.id)
+        else:
+            out.append(stage)
+    return out
+
+
+def clear_error(sdir: Path, stage_id: str) -> None:
+    """Remove a stage's error.json before it is handed to a job: an earlier failure is not this attempt's."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(stage_dir(sdir, stage_id) / ERROR)
+
+
+def write_submitted(sdir: Path, stage_id: str, executor: str, job: Any) -> None:
+    """submitted.json: which job (and log files) a stage was handed to, read by `status` while the stage runs
+    (run_stage removes it when the stage is done)."""
+    atomic_write_json(
+        stage_dir(sdir, stage_id) / SUBMITTED,
+        {
+            "executor": executor,
+            "job_id": str(job.job_id),
+            "time": now_iso(),
+            "time_unix": time.time(),
+            "stdout": str(job.paths.stdout),
+            "stderr": str(job.paths.stderr),
+        },
+    )

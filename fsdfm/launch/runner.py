@@ -57,6 +57,8 @@ from fsdfm.records import (
 )
 from fsdfm.records.provenance import provenance
 from fsdfm.registry import did_you_mean
+from fsdfm.progress import stage_progress
+from fsdfm.tracking import log_final, stage_tracking
 from fsdfm.launch.runtime import malloc_tuned, tune_malloc
 from fsdfm.study.graph import STAGE_KINDS, PlanError, Stage, StageKind
 
@@ -163,16 +165,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
     out_dir = stage_dir(study_dir, stage_id)
     if check_stage(out_dir).done:
         return read_record(out_dir)
-    inputs: dict[str, Path] = {}
-    input_records: dict[str, str | None] = {}
-    for name, dep in stage.inputs.items():
-        dep_dir = stage_dir(study_dir, dep)
-        dep_check = check_stage(dep_dir)
-        if not dep_check.done:
-            why = f": {'; '.join(dep_check.problems)}" if dep_check.problems else f" ({dep_dir})"
-            raise StageInputError(f"stage {stage_id}: input {name!r} (stage {dep}) is not done{why}")
-        inputs[name] = store_path(dep_dir)  # the store folder: the same for every study sharing this stage
-        input_records[name] = record_digest(dep_dir)
+    inputs, input_records = _done_inputs(study_dir, stage)
 
     rank = _global_rank()
     if rank > 0:
@@ -199,66 +192,23 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         remove_stale_temp_files(out_dir)  # what killed attempts left half-written (e.g. an empty checkpoint temp)
         attempt = _next_attempt(out_dir)
         t0, started, load_start, cpu0 = time.time(), now_iso(), loadavg_1min(), _cpu_s()
-        running = {
-            "stage_id": stage_id,
-            "kind": stage.kind,
-            "attempt": attempt,
-            "start_time": started,
-            **{k: v for k, v in provenance().items() if k in ("hostname", "pid", "slurm_job_id", "job_id")},
-        }
-        atomic_write_json(out_dir / RUNNING, running)
+        atomic_write_json(out_dir / RUNNING, {**_attempt_fields(stage, attempt, started), **_job_identity()})
         try:
             if not kind.checkpointable:
                 _clear_artefacts(out_dir)
-            from fsdfm.tracking import log_final, stage_tracking
-
-            runs = [r["run_id"] for r in plan.get("runs", []) if r.get("stage_id") == stage_id]
-            from fsdfm.progress import stage_progress
-
-            with (
-                stage_tracking(plan.get("tracking"), study_dir, stage_id, stage.kind, runs) as tracker,
-                stage_progress(out_dir, stage_id),
-            ):
-                payload = kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)
-                log_final(tracker, payload if isinstance(payload, dict) else {}, step=_final_step(stage.config))
-            if payload is None:
-                payload = {}
-            if not isinstance(payload, dict):
-                raise TypeError(
-                    f"stage kind {stage.kind!r} returned {type(payload).__name__}; a stage function "
-                    "returns a dict (its record's payload, e.g. {'metrics': {...}})"
-                )
-            payload = to_jsonable(payload, where=f"payload of stage {stage_id}")
+            payload = _call_stage(plan, study_dir, stage, kind, inputs, out_dir)
             wall = time.time() - t0
-            artefacts = artefact_manifest(out_dir)  # every artefact hashed once, at write (see sha256_file)
-            record = {
-                "schema": SCHEMA_VERSION,
-                "status": "done",
-                "study": plan["name"],
-                "stage_id": stage_id,
-                "kind": stage.kind,
-                "config": stage.config,
-                "inputs": stage.inputs,
-                "seeds": find_seeds(stage.config),
-                "fingerprint": stage.fingerprint,  # code versions (kind, metrics) and data hashes: in the id
-                "artefacts": artefacts,
-                "input_records": input_records,
-                "payload": payload,
-                "provenance": {
-                    **provenance(),
-                    "device": device_name(),
-                    "torch_threads": torch_threads(),
-                    "malloc_tuned": malloc_tuned(),
-                    "loadavg_1min": {"start": load_start, "end": loadavg_1min()},
-                    "start_time": started,
-                    "end_time": now_iso(),
-                    "wall_s": wall,
-                    # CPU seconds of this process and the processes it waited for, beside the wall-clock: on a
-                    # loaded machine wall_s grows while cpu_s does not
-                    "cpu_s": round(_cpu_s() - cpu0, 3),
-                    "attempt": attempt,
-                },
-            }
+            record = _record(plan, stage, out_dir, input_records, payload)
+            record["provenance"].update(
+                loadavg_1min={"start": load_start, "end": loadavg_1min()},
+                start_time=started,
+                end_time=now_iso(),
+                wall_s=wall,
+                # CPU seconds of this process and the processes it waited for, beside the wall-clock: on a
+                # loaded machine wall_s grows while cpu_s does not
+                cpu_s=round(_cpu_s() - cpu0, 3),
+                attempt=attempt,
+            )
             atomic_write_json(out_dir / RECORD, record)
             for stale in (ERROR, SUBMITTED):
                 with contextlib.suppress(FileNotFoundError):
@@ -276,6 +226,74 @@ def _cpu_s() -> float:
     """User + system CPU seconds of this process and its waited-for children (os.times: portable)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def _done_inputs(study_dir: Path, stage: Stage) -> tuple[dict[str, Path], dict[str, str | None]]:
+    """({input name: its store folder}, {input name: its record's digest}); raises StageInputError naming the
+    first input that is not done. The store folder is the same for every study sharing the input stage."""
+    inputs: dict[str, Path] = {}
+    input_records: dict[str, str | None] = {}
+    for name, dep in stage.inputs.items():
+        dep_dir = stage_dir(study_dir, dep)
+        dep_check = check_stage(dep_dir)
+        if not dep_check.done:
+            why = f": {'; '.join(dep_check.problems)}" if dep_check.problems else f" ({dep_dir})"
+            raise StageInputError(f"stage {stage.id}: input {name!r} (stage {dep}) is not done{why}")
+        inputs[name] = store_path(dep_dir)
+        input_records[name] = record_digest(dep_dir)
+    return inputs, input_records
+
+
+def _call_stage(plan: dict, study_dir: Path, stage: Stage, kind: StageKind, inputs: dict, out_dir: Path) -> dict:
+    """The stage function's payload (JSON-ready), called on a copy of its config under the study's tracking."""
+    runs = [r["run_id"] for r in plan.get("runs", []) if r.get("stage_id") == stage.id]
+    with (
+        stage_tracking(plan.get("tracking"), study_dir, stage.id, stage.kind, runs) as tracker,
+        stage_progress(out_dir, stage.id),  # step and time left for `fsdfm status` and logs off a terminal
+    ):
+        payload = kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)
+        log_final(tracker, payload if isinstance(payload, dict) else {}, step=_final_step(stage.config))
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        raise TypeError(
+            f"stage kind {stage.kind!r} returned {type(payload).__name__}; a stage function "
+            "returns a dict (its record's payload, e.g. {'metrics': {...}})"
+        )
+    return to_jsonable(payload, where=f"payload of stage {stage.id}")
+
+
+def _record(plan: dict, stage: Stage, out_dir: Path, input_records: dict, payload: dict) -> dict:
+    """record.json of a stage that just finished (its provenance still lacks the attempt's times)."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "status": "done",
+        "study": plan["name"],
+        "stage_id": stage.id,
+        "kind": stage.kind,
+        "config": stage.config,
+        "inputs": stage.inputs,
+        "seeds": find_seeds(stage.config),
+        "fingerprint": stage.fingerprint,  # code versions (kind, metrics) and data hashes: in the id
+        "artefacts": artefact_manifest(out_dir),  # every artefact hashed once, at write (see sha256_file)
+        "input_records": input_records,
+        "payload": payload,
+        "provenance": {
+            **provenance(),
+            "device": device_name(),
+            "torch_threads": torch_threads(),
+            "malloc_tuned": malloc_tuned(),
+        },
+    }
+
+
+def _attempt_fields(stage: Stage, attempt: int, started: str) -> dict:
+    return {"stage_id": stage.id, "kind": stage.kind, "attempt": attempt, "start_time": started}
+
+
+def _job_identity() -> dict:
+    """Where this attempt runs (host, pid, SLURM/submitit job id): written to running.json and error.json."""
+    return {k: v for k, v in provenance().items() if k in ("hostname", "pid", "slurm_job_id", "job_id")}
 
 
 def _global_rank() -> int:
@@ -330,15 +348,12 @@ def _write_error(out_dir: Path, stage: Stage, e: BaseException, attempt: int, st
     tb = traceback.format_exception(type(e), e, e.__traceback__)
     lines = "".join(tb).rstrip("\n").splitlines()
     err = {
-        "stage_id": stage.id,
-        "kind": stage.kind,
-        "attempt": attempt,
-        "start_time": started,
+        **_attempt_fields(stage, attempt, started),
         "time": now_iso(),
         "type": f"{type(e).__module__}.{type(e).__qualname__}".removeprefix("builtins."),
         "message": str(e),
         "traceback_tail": lines[-ERROR_TAIL_LINES:],
-        **{k: v for k, v in provenance().items() if k in ("hostname", "pid", "slurm_job_id", "job_id")},
+        **_job_identity(),
     }
     with contextlib.suppress(Exception):  # never hide the stage's own exception behind a failed error report
         atomic_write_json(out_dir / ERROR, err)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fsdfm.io import read_json
+from fsdfm.progress import format_seconds, read_progress
 from fsdfm.launch.outcomes import ExecutionSummary, Tally, say, say_end
 from fsdfm.launch.runner import error_summary
 from fsdfm.launch.scheduler import RECORD_GRACE_S, SLURM_ACTIVE, UNKNOWN_GRACE_S, slurm_failure, slurm_states
@@ -29,7 +30,7 @@ from fsdfm.records import (
     read_study_plan,
     stage_dir,
 )
-from fsdfm.study.graph import StudyPlan, waves
+from fsdfm.study.graph import Stage, StudyPlan, waves
 
 
 def wait_for(
@@ -170,8 +171,6 @@ def _scheduler_states(sdir: Path, stage_ids: list[str]) -> tuple[dict[str, dict]
 
 def _progress_note(d: Path) -> str:
     """ "train step 500/2000, ~37 s left; " of a running stage (its progress.json, fsdfm.progress), or ""."""
-    from fsdfm.progress import format_seconds, read_progress
-
     p = read_progress(d)
     if not p or not isinstance(p.get("step"), int):
         return ""
@@ -212,6 +211,88 @@ def _log_note(d: Path) -> str:
     return ""
 
 
+def _stage_status(
+    sdir: Path, stage: Stage, sub: dict | None, states: dict[str, str] | None, blocked_by: dict[str, str]
+) -> StageStatus:
+    """The status of one stage (see `status`); a failed or blocked stage is entered in `blocked_by`, so the
+    stages downstream of it (visited later: in wave order) are blocked."""
+    d = stage_dir(sdir, stage.id)
+    check = check_stage(d)  # a damaged or stale stage is not done: the next run redoes it
+    if check.done:
+        wall = read_record(d).get("provenance", {}).get("wall_s")
+        return StageStatus(
+            stage.id, stage.kind, "done", f"{wall:.1f} s" if isinstance(wall, (int, float)) else "", wall_s=wall
+        )
+    holder, live = lock_holder(d)
+    if live:
+        who = holder.describe() if holder else "starting"
+        return StageStatus(stage.id, stage.kind, "running", _progress_note(d) + who + _log_note(d))
+    failed = _error_status(d, stage)
+    if failed is not None:
+        blocked_by[stage.id] = stage.id
+        return failed
+    notes = [f"{check.state}: {check.problems[0]}"] if check.problems else []
+    state = None
+    if sub is not None:
+        jid = str(sub["job_id"])
+        state = states.get(jid, "UNKNOWN") if states is not None else None
+        known = "" if states is not None else "; no sacct/squeue here to ask"
+        notes.append(f"submitted as slurm job {jid} at {sub.get('time')}{known}" + (f" ({state})" if state else ""))
+    else:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            other = read_json(d / SUBMITTED)
+            notes.append(f"submitted as {other['executor']} job {other['job_id']} at {other['time']}")
+    if _log_note(d):
+        notes.append(_log_note(d)[2:])
+    if holder is not None:
+        notes.append(f"interrupted: {holder.describe()} is gone")
+    bad = [dep for dep in stage.inputs.values() if dep in blocked_by]
+    if bad:
+        blocked_by[stage.id] = blocked_by[bad[0]]
+        return StageStatus(stage.id, stage.kind, "blocked", "; ".join([f"input {blocked_by[bad[0]]} failed"] + notes))
+    ended = _ended_job(d, sdir, sub, state)
+    if ended is not None:
+        blocked_by[stage.id] = stage.id
+        return StageStatus(stage.id, stage.kind, "failed", ended)
+    if state == "RUNNING":  # the job started; run_stage has not taken the lock yet
+        return StageStatus(stage.id, stage.kind, "running", "; ".join(notes + ["starting"]))
+    return StageStatus(stage.id, stage.kind, "pending", "; ".join(notes))
+
+
+def _error_status(d: Path, stage: Stage) -> StageStatus | None:
+    """A failed status from the stage's error.json, or None when it has none (or it cannot be read)."""
+    if not (d / ERROR).exists():
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        err = read_json(d / ERROR)
+        return StageStatus(
+            stage.id,
+            stage.kind,
+            "failed",
+            f"{err.get('type')}: {err.get('message')} (attempt {err.get('attempt')}, {err.get('time')})" + _log_note(d),
+            error_tail=tuple(err.get("traceback_tail", ())),
+        )
+    return None
+
+
+def _ended_job(d: Path, sdir: Path, sub: dict | None, state: str | None) -> str | None:
+    """What a SLURM job that is no longer queued or running and left no record did ("vanished: ...", "slurm job
+    J ended FAILED ..."), or None while it may still run (or is unknown for less than UNKNOWN_GRACE_S after
+    sbatch: sacct/squeue may not list a fresh job yet)."""
+    if state is None or state in SLURM_ACTIVE:
+        return None
+    if state == "UNKNOWN" and time.time() - float(sub.get("time_unix") or 0) < UNKNOWN_GRACE_S:
+        return None
+    jid = str(sub["job_id"])
+    what = (
+        f"vanished: the scheduler knows no job {jid}"
+        if state == "UNKNOWN"
+        else f"slurm job {jid} ended {state} without a record"
+    )
+    why = slurm_failure(d, jid, state, sdir)
+    return what if why.startswith("slurm job") else f"{what}: {why}"
+
+
 def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan | None = None) -> StatusReport:
     """Per stage: done (with wall time), running (host, pid, job, since), failed (type, message and the last
     lines of the traceback; or a SLURM job that was cancelled, failed or vanished without a record, with its
@@ -232,89 +313,8 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan
         sid for sid in plan.stages if not is_done(stage_dir(sdir, sid)) and not lock_holder(stage_dir(sdir, sid))[1]
     ]
     subs, states = _scheduler_states(sdir, todo) if scheduler else ({}, None)
-    out = []
     blocked_by: dict[str, str] = {}  # stage id -> the failed stage upstream of it (or itself, if it failed)
-    for wave in waves(plan):
-        for stage in wave:
-            d = stage_dir(sdir, stage.id)
-            rec = read_record(d)
-            check = check_stage(d)  # a damaged or stale stage is not done: the next run redoes it
-            if check.done:
-                wall = rec.get("provenance", {}).get("wall_s")
-                out.append(
-                    StageStatus(
-                        stage.id,
-                        stage.kind,
-                        "done",
-                        f"{wall:.1f} s" if isinstance(wall, (int, float)) else "",
-                        wall_s=wall,
-                    )
-                )
-                continue
-            holder, live = lock_holder(d)
-            if live:
-                who = holder.describe() if holder else "starting"
-                out.append(StageStatus(stage.id, stage.kind, "running", _progress_note(d) + who + _log_note(d)))
-                continue
-            if (d / ERROR).exists():
-                with contextlib.suppress(OSError, ValueError):
-                    err = read_json(d / ERROR)
-                    out.append(
-                        StageStatus(
-                            stage.id,
-                            stage.kind,
-                            "failed",
-                            f"{err.get('type')}: {err.get('message')}"
-                            f" (attempt {err.get('attempt')}, {err.get('time')})" + _log_note(d),
-                            error_tail=tuple(err.get("traceback_tail", ())),
-                        )
-                    )
-                    blocked_by[stage.id] = stage.id
-                    continue
-            notes = [f"{check.state}: {check.problems[0]}"] if check.problems else []
-            sub = subs.get(stage.id)
-            state = None
-            if sub is not None:
-                jid = str(sub["job_id"])
-                state = states.get(jid, "UNKNOWN") if states is not None else None
-                known = "" if states is not None else "; no sacct/squeue here to ask"
-                notes.append(
-                    f"submitted as slurm job {jid} at {sub.get('time')}{known}" + (f" ({state})" if state else "")
-                )
-            else:
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    other = read_json(d / SUBMITTED)
-                    notes.append(f"submitted as {other['executor']} job {other['job_id']} at {other['time']}")
-            if _log_note(d):
-                notes.append(_log_note(d)[2:])
-            if holder is not None:
-                notes.append(f"interrupted: {holder.describe()} is gone")
-            bad = [dep for dep in stage.inputs.values() if dep in blocked_by]
-            if bad:
-                blocked_by[stage.id] = blocked_by[bad[0]]
-                out.append(
-                    StageStatus(
-                        stage.id, stage.kind, "blocked", "; ".join([f"input {blocked_by[bad[0]]} failed"] + notes)
-                    )
-                )
-                continue
-            if state is not None and state not in SLURM_ACTIVE:
-                young = time.time() - float(sub.get("time_unix") or 0) < UNKNOWN_GRACE_S
-                if not (state == "UNKNOWN" and young):  # else sacct/squeue may not list a fresh job yet
-                    what = (
-                        "vanished: the scheduler knows no job " + str(sub["job_id"])
-                        if state == "UNKNOWN"
-                        else f"slurm job {sub['job_id']} ended {state} without a record"
-                    )
-                    why = slurm_failure(d, str(sub["job_id"]), state, sdir)
-                    detail = what if why.startswith("slurm job") else f"{what}: {why}"
-                    out.append(StageStatus(stage.id, stage.kind, "failed", detail))
-                    blocked_by[stage.id] = stage.id
-                    continue
-            if state == "RUNNING":  # the job started; run_stage has not taken the lock yet
-                out.append(StageStatus(stage.id, stage.kind, "running", "; ".join(notes + ["starting"])))
-                continue
-            out.append(StageStatus(stage.id, stage.kind, "pending", "; ".join(notes)))
+    out = [_stage_status(sdir, stage, subs.get(stage.id), states, blocked_by) for wave in waves(plan) for stage in wave]
     done = {s.stage_id for s in out if s.state == "done"}
     labels = run_labels(plan)
     out = [dataclasses.replace(s, runs=labels.get(s.stage_id, ())) for s in out]

@@ -13,6 +13,7 @@ import torch
 
 from fsdfm.methods.base import MethodKind, Planner, register_kind
 from fsdfm.methods.common import (
+    forward_autocast,
     SAMPLERS,
     Draw,
     build_model_config,
@@ -38,7 +39,7 @@ register_kind(MethodKind("ar", "ar", ("ancestral",), plan_ar))
 def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """An autoregressive GPT-2-style model (the AR baseline, or the suite's reference evaluator), saved with
     save_pretrained together with the corpus tokenizer."""
-    from fsdfm.ar import ARConfig, train_ar
+    from fsdfm.ar import ARConfig, train_ar  # heavy: transformers (GPT-2), only for the AR stages
 
     join_process_group()
     corpus = corpus_for(config, out_dir)
@@ -72,7 +73,7 @@ def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
 def sample_ar_model(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     from transformers import AutoModelForCausalLM
 
-    from fsdfm.ar import sample_ar
+    from fsdfm.ar import sample_ar  # heavy: transformers (GPT-2), only for the AR stages
 
     model = AutoModelForCausalLM.from_pretrained(Path(model_dir) / "hf").to(dev).eval()
     kw = dict(
@@ -82,5 +83,11 @@ def sample_ar_model(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
         batch_size=cfg["batch_size"],
         dtype=getattr(torch, cfg["precision"]),
     )
-    sample_ar(model, min(2, cfg["n_samples"]), generator=torch.Generator(dev).manual_seed(0), **{**kw, "seq_len": 4})
-    return Draw(lambda gen: sample_ar(model, cfg["n_samples"], generator=gen, **kw))
+    bf16 = forward_autocast(cfg)
+
+    def draw(n, gen, **over):
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16):
+            return sample_ar(model, n, generator=gen, **{**kw, **over})
+
+    draw(min(2, cfg["n_samples"]), torch.Generator(dev).manual_seed(0), seq_len=4)
+    return Draw(lambda gen: draw(cfg["n_samples"], gen))

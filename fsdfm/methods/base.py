@@ -7,8 +7,11 @@ itself with `register_kind`, lm-eval's `@register_model` shape, so a new baselin
 `plan_study` walks the validated grid cells and emits one `StudyPlan`: stages are deduplicated by their
 content ids, so a teacher shared by ten ablations is one stage.
 
-Boundary: knows the spec dataclasses (fsdfm.study.spec) and the stage graph (fsdfm.study.graph); knows nothing
-of any particular kind (no kind name is compared here) and nothing of torch.
+Boundary: knows the spec dataclasses (fsdfm.study.spec), the stage graph (fsdfm.study.graph) and the registries
+a spec's names are checked against (update rules, metrics, the DFM loss), which import torch; compares no kind
+name (what differs between kinds is a `MethodKind` field). Two things are DFM-family assumptions made for every
+kind: `source` and `loss` are validated whatever the kind, and the pos_divergence runs are labelled with the
+cumulative_scalar rule the diagnostic samples with (a kind opts in with `pos_divergence=True`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from fsdfm.fingerprint import with_fingerprint
 from fsdfm.registry import did_you_mean
 from fsdfm.study.graph import RunSpec, Stage, StudyPlan
 from fsdfm.study.spec import (
+    FORWARD_PRECISIONS,
     METHOD_KINDS,
     PAIR_PATTERN,
     STUDY_CHECKS,
@@ -31,6 +35,9 @@ from fsdfm.study.spec import (
     build,
     short,
 )
+from fsdfm.metrics.registry import METRICS
+from fsdfm.objectives import DFMConfig
+from fsdfm.samplers import RULE_KINDS
 
 __all__ = [
     "EXACT_TEACHER",
@@ -43,6 +50,12 @@ __all__ = [
     "validate_methods",
     "validate_pairs",
 ]
+
+
+def forward_precision_key(value: str) -> dict:
+    """The sample stage's `forward_precision` entry: none for the default (float32), so that the stage ids of every
+    study written before the setting existed are unchanged; {"forward_precision": value} otherwise."""
+    return {} if value == FORWARD_PRECISIONS[0] else {"forward_precision": value}
 
 
 @dataclass(frozen=True)
@@ -78,8 +91,6 @@ class MethodKind:
 def declared_rules(kind: str, default: str) -> tuple:
     """The update rules that declare they apply to `kind` (fsdfm.samplers.RULE_KINDS), `default` first: the rules
     a DFM-family kind accepts, so that adding a rule touches no kind file."""
-    from fsdfm.samplers import RULE_KINDS
-
     rules = [r for r, kinds in RULE_KINDS.items() if kind in kinds and r != default]
     if default not in RULE_KINDS or kind not in RULE_KINDS[default]:
         raise ValueError(f"method kind {kind!r}: default rule {default!r} does not declare it applies to {kind!r}")
@@ -152,9 +163,6 @@ def _section(kind: MethodKind, m: MethodSpec, key: str, where: str, file: str):
 def validate_methods(spec: StudySpec, file: str) -> StudySpec:
     """Method kinds, teachers (existing, of the right kind, acyclic), rules, step budgets, kind settings; returns
     the spec with every method's typed `settings` filled in."""
-    from fsdfm.metrics.registry import METRICS
-    from fsdfm.objectives import DFMConfig
-
     typed = {}
     for name, m in spec.methods.items():
         where = f"methods.{name}"
@@ -258,21 +266,41 @@ def validate_pairs(spec: StudySpec, file: str) -> None:
                 )
 
 
+class _Runs:
+    """The runs of a study as they are planned: deduplicated by (final stage, params), named at the end."""
+
+    def __init__(self, grid_keys: list[str]):
+        self.grid_keys = grid_keys
+        self.runs: dict[str, dict] = {}
+
+    def add(self, params: dict, final: Stage, cell: dict) -> None:
+        key = final.id + "|" + "|".join(f"{k}={params[k]}" for k in sorted(params))
+        if key in self.runs:  # the same run reached from another cell: grid values it does not depend on become None
+            for k in self.grid_keys:
+                if self.runs[key]["params"].get(k) != cell.get(k):
+                    self.runs[key]["params"][k] = None
+            return
+        self.runs[key] = {"params": {**params, **{k: cell.get(k) for k in self.grid_keys}}, "stage_id": final.id}
+
+    def specs(self) -> list[RunSpec]:
+        out = []
+        for i, r in enumerate(self.runs.values()):
+            prm = r["params"]
+            grid = ",".join(f"{k}={prm[k]}" for k in self.grid_keys)
+            out.append(
+                RunSpec(
+                    run_id=f"{prm['method']}/{prm['rule']}/{prm['steps']}/{grid}#{i}",
+                    params=prm,
+                    stage_id=r["stage_id"],
+                )
+            )
+        return out
+
+
 def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
     """Expand every grid cell into stages and runs (deduplicated by stage id and by run content)."""
     stages: dict[str, Stage] = {}
-    runs: dict[str, dict] = {}
-    grid_keys = sorted({k for c in cells for k in c.params})
-
-    def add_run(params: dict, final: Stage, cell: dict):
-        key = final.id + "|" + "|".join(f"{k}={params[k]}" for k in sorted(params))
-        if key in runs:  # the same run reached from another cell: grid values it does not depend on become None
-            for k in grid_keys:
-                if runs[key]["params"].get(k) != cell.get(k):
-                    runs[key]["params"][k] = None
-            return
-        runs[key] = {"params": {**params, **{k: cell.get(k) for k in grid_keys}}, "stage_id": final.id}
-
+    runs = _Runs(sorted({k for c in cells for k in c.params}))
     for cell in cells:
         spec, p = cell.spec, Planner(cell.spec, stages)
         ev = p.evaluator_stage()
@@ -288,75 +316,66 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
         eval_cfg["evaluator"].pop("train")
         if spec.data_reference:
             ref = p.add(Stage("evaluate_data", eval_cfg, ev_inputs))
-            add_run(
-                {"method": "data", "kind": "data", "label": "data (held-out)", "rule": None, "steps": None},
-                ref,
-                cell.params,
-            )
+            data_run = {"method": "data", "kind": "data", "label": "data (held-out)", "rule": None, "steps": None}
+            runs.add(data_run, ref, cell.params)
         for mname, m in spec.methods.items():
-            kind = METHOD_KINDS.get(m.kind)
             model = p.model_stage(mname)
-            t_end = 1.0 - spec.sampling.eps if kind.ends_before_one(m) else 1.0
-            for rule in m.rules or kind.rules[:1]:
-                for steps in m.steps:
-                    sample = p.add(
-                        Stage(
-                            "sample",
-                            {
-                                "data": p.data,
-                                "sampler": kind.sampler,
-                                "rule": rule,
-                                "steps": steps,
-                                "t_end": t_end,
-                                "n_samples": spec.sampling.n_samples,
-                                "batch_size": spec.sampling.batch_size,
-                                "seed": spec.sampling.seed,
-                                "precision": spec.sampling.precision,
-                            },
-                            {"model": model.id},
-                        )
-                    )
-                    ev_stage = p.add(Stage("evaluate", eval_cfg, {"samples": sample.id, **ev_inputs}))
-                    add_run(
-                        {"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps},
-                        ev_stage,
-                        cell.params,
-                    )
-            pd = spec.metrics.pos_divergence
-            if pd is not None and kind.pos_divergence and m.teacher is not None and m.teacher != EXACT_TEACHER:
-                for k in pd.student_steps:
-                    cfg = {
-                        "data": p.data,
-                        **dataclasses.asdict(pd),
-                        "student_steps": k,
-                        "seed": spec.sampling.seed,
-                        "precision": spec.sampling.precision,
-                    }
-                    div = p.add(
-                        Stage("pos_divergence", cfg, {"teacher": p.model_stage(m.teacher).id, "student": model.id})
-                    )
-                    add_run(
-                        {
-                            "method": mname,
-                            "kind": "pos_divergence",
-                            "label": f"{m.label or mname} vs {m.teacher}",
-                            "rule": "cumulative_scalar",
-                            "steps": k,
-                        },
-                        div,
-                        cell.params,
-                    )
-    run_list = []
-    for i, r in enumerate(runs.values()):
-        prm = r["params"]
-        run_id = (
-            f"{prm['method']}/{prm['rule']}/{prm['steps']}/" + ",".join(f"{k}={prm[k]}" for k in grid_keys) + f"#{i}"
-        )
-        run_list.append(RunSpec(run_id=run_id, params=prm, stage_id=r["stage_id"]))
+            _plan_samples(p, model, mname, m, eval_cfg, ev_inputs, lambda prm, fin: runs.add(prm, fin, cell.params))
+            _plan_divergence(p, model, mname, m, lambda prm, fin: runs.add(prm, fin, cell.params))
     rs = cells[0].spec.report if cells else None
     report = {"mauve_min_n": rs.mauve_min_n, "pairs": [list(p) for p in rs.pairs]} if rs is not None else {}
     # tracking settings go to plan.json, not into any stage config: a tracked study has the same stage ids
     ts = cells[0].spec.tracking if cells else None
     return StudyPlan(
-        name=name, stages=stages, runs=run_list, report=report, tracking=ts.to_plan() if ts is not None else {}
+        name=name, stages=stages, runs=runs.specs(), report=report, tracking=ts.to_plan() if ts is not None else {}
     )
+
+
+def _plan_samples(
+    p: Planner, model: Stage, mname: str, m: MethodSpec, eval_cfg: dict, ev_inputs: dict, add_run: Callable
+) -> None:
+    """A sample stage of `model` and its evaluate stage (a run) per (rule, step budget) of method `mname`."""
+    spec, kind = p.spec, METHOD_KINDS.get(m.kind)
+    t_end = 1.0 - spec.sampling.eps if kind.ends_before_one(m) else 1.0
+    for rule in m.rules or kind.rules[:1]:
+        for steps in m.steps:
+            cfg = {
+                "data": p.data,
+                "sampler": kind.sampler,
+                "rule": rule,
+                "steps": steps,
+                "t_end": t_end,
+                "n_samples": spec.sampling.n_samples,
+                "batch_size": spec.sampling.batch_size,
+                "seed": spec.sampling.seed,
+                "precision": spec.sampling.precision,
+                # only when not the default, so that a float32 study keeps its stage ids
+                **forward_precision_key(spec.sampling.forward_precision),
+            }
+            sample = p.add(Stage("sample", cfg, {"model": model.id}))
+            ev_stage = p.add(Stage("evaluate", eval_cfg, {"samples": sample.id, **ev_inputs}))
+            add_run(
+                {"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps}, ev_stage
+            )
+
+
+def _plan_divergence(p: Planner, model: Stage, mname: str, m: MethodSpec, add_run: Callable) -> None:
+    """The pos_divergence diagnostic of a student against its (trained) teacher, per student step budget."""
+    spec, kind = p.spec, METHOD_KINDS.get(m.kind)
+    pd = spec.metrics.pos_divergence
+    if pd is None or not kind.pos_divergence or m.teacher is None or m.teacher == EXACT_TEACHER:
+        return
+    for k in pd.student_steps:
+        cfg = {
+            "data": p.data,
+            **dataclasses.asdict(pd),
+            "student_steps": k,
+            "seed": spec.sampling.seed,
+            "precision": spec.sampling.precision,
+        }
+        inputs = {"teacher": p.model_stage(m.teacher).id, "student": model.id}
+        div = p.add(Stage("pos_divergence", cfg, inputs))
+        label = f"{m.label or mname} vs {m.teacher}"
+        add_run(
+            {"method": mname, "kind": "pos_divergence", "label": label, "rule": "cumulative_scalar", "steps": k}, div
+        )

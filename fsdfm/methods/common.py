@@ -15,6 +15,7 @@ Boundary: knows the library floor (model, paths, train loop, data); knows no met
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fsdfm.data import DataConfig, load_corpus
+from fsdfm.data import DataConfig, load_corpus, oracle_source
 from fsdfm.metrics.timing import CountingModel
 from fsdfm.model import DiT, ModelConfig, model_config
 from fsdfm.paths import MixturePath, make_path
@@ -31,6 +32,37 @@ from fsdfm.registry import Registry
 from fsdfm.io import atomic_write
 from fsdfm.schedulers import make_scheduler
 from fsdfm.train import OptimConfig, UnsafeCheckpointError, fit, load_weights, save_checkpoint
+from fsdfm.distributed import init_distributed
+from fsdfm.metrics.oracle import posterior_kl
+from fsdfm.oracle_posterior import ExactPosterior
+from fsdfm.records import stage_cache_dir
+from fsdfm.released_checkpoints import CheckpointError, load_released
+
+
+def forward_precision(cfg: dict) -> str:
+    """The sample stage's forward precision: "float32" (the default, absent from the config) or "bfloat16"."""
+    return cfg.get("forward_precision", "float32")
+
+
+def forward_autocast(cfg: dict) -> bool:
+    """Whether the sampler runs its network under bf16 autocast (sampling.forward_precision: bfloat16)."""
+    return forward_precision(cfg) == "bfloat16"
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """TF32 for the float32 matmuls and convolutions left outside autocast (CUDA only; no effect on a CPU), restored
+    on exit so that nothing else in the process (the evaluator, which must score in fp32) inherits it."""
+    if not enabled:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
 
 # name -> prepare(model_dir, cfg, corpus, dev) -> Draw: load the model, wrap it in a RowCounter, warm up (each kind
 # file registers its own; the sample stage times `Draw.run` and reads the counter)
@@ -47,8 +79,6 @@ def device() -> torch.device:
 
 def cache_dir(out_dir: Path) -> Path:
     """Tokenizers and packed blocks are cached once per results root (or FSDFM_CACHE): fsdfm.records.cache."""
-    from fsdfm.records import stage_cache_dir
-
     return stage_cache_dir(out_dir)
 
 
@@ -80,8 +110,6 @@ def is_main_rank() -> bool:
 def join_process_group() -> None:
     """Multi-task jobs (SLURM tasks_per_node > 1, torchrun) train with DDP: ranks from the environment; a no-op
     for one process. `fit` then gives every rank its slice of the global batch."""
-    from fsdfm.distributed import init_distributed
-
     init_distributed()
 
 
@@ -157,8 +185,6 @@ def load_dit(model_dir: Path, dev: torch.device | None = None) -> LoadedDiT:
 
 def load_released_dit(pointer_file: Path, dev: torch.device) -> LoadedDiT:
     """The model a load_released stage points to, refusing a checkpoint file that changed since (size, mtime)."""
-    from fsdfm.released_checkpoints import CheckpointError, load_released
-
     ptr = json.loads(Path(pointer_file).read_text())
     stat = Path(ptr["checkpoint"]).stat() if Path(ptr["checkpoint"]).is_file() else None
     if stat is None or (stat.st_size, stat.st_mtime_ns) != (ptr["size_bytes"], ptr["mtime_ns"]):
@@ -215,10 +241,6 @@ def oracle_model_metrics(config: dict, model, path: MixturePath, corpus, h: floa
     """posterior_kl of a trained DiT on oracle data (nats per movable position; the student at step h); {} else."""
     if config["data"]["kind"] != "oracle":
         return {}
-    from fsdfm.data import DataConfig, oracle_source
-    from fsdfm.metrics.oracle import posterior_kl
-    from fsdfm.oracle_posterior import ExactPosterior
-
     exact = ExactPosterior(oracle_source(DataConfig(**config["data"])), path)
     dev = next(model.parameters()).device
     model.eval()

@@ -16,6 +16,7 @@ import torch
 from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, declared_rules, register_kind
 from fsdfm.methods.exact import plan_exact
 from fsdfm.methods.common import (
+    forward_autocast,
     SAMPLERS,
     Draw,
     RowCounter,
@@ -35,6 +36,7 @@ from fsdfm.paths import MixturePath
 from fsdfm.samplers import sample, time_grid
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
+from fsdfm.methods.exact_teacher import ExactTargetObjective, load_exact
 
 DFM_RULES = declared_rules("dfm", "euler")  # euler, cumulative_scalar, mixture_euler, mdlm
 
@@ -134,8 +136,6 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     obj = DFMConfig(**config["objective"])
     objective = DFMObjective(path, obj)
     if "teacher" in inputs:  # teacher: exact -- the "exact targets" baseline (fsdfm.methods.exact_teacher)
-        from fsdfm.methods.exact_teacher import ExactTargetObjective, load_exact
-
         objective = ExactTargetObjective(path, load_exact(inputs["teacher"], config["data"]), obj.eps)
     res, final = fit_dit(
         model,
@@ -179,6 +179,7 @@ def sample_dfm(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
             precision=precision,
             batch_size=cfg["batch_size"],
             device=dev,
+            autocast=forward_autocast(cfg),
         )
 
     run(

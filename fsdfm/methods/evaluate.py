@@ -5,7 +5,9 @@ NFE, wall-clock and peak memory; `evaluate` scores one sample set with the study
 writes the per-sample table; `evaluate_data` is the data reference row; `pos_divergence` compares a few-step
 student with its many-step teacher from states on teacher paths.
 
-Boundary: knows samplers by name, metrics by name and the records' per-sample table; knows no method kind.
+Boundary: knows samplers by name, metrics by name and the records' per-sample table; compares no method kind.
+`pos_divergence` assumes what a kind that opts into it (`MethodKind.pos_divergence`) guarantees: both models are
+DiTs on a mixture path (`load_dit`), rolled out with the cumulative_scalar rule.
 """
 
 from __future__ import annotations
@@ -17,11 +19,29 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fsdfm.methods.common import SAMPLERS, ArtefactError, LoadedDiT, corpus_for, device, load_dit
+from fsdfm.methods.common import (
+    SAMPLERS,
+    ArtefactError,
+    LoadedDiT,
+    corpus_for,
+    device,
+    forward_autocast,
+    forward_precision,
+    load_dit,
+    tf32_matmuls,
+)
 from fsdfm.io import atomic_write
 from fsdfm.metrics.oracle import corpus_metric_names, extra_metrics  # the oracle corpus metrics (registered there)
 from fsdfm.samplers import get_rule, sample, time_grid, update
+from fsdfm.sparse_step import compiled_block_sums
 from fsdfm.study.graph import stage_kind
+from fsdfm.metrics import SAMPLE_METRICS, compute_metric_set
+from fsdfm.metrics.divergence import pos_divergence
+from fsdfm.metrics.diversity import entropy, rep_n_per_sample
+from fsdfm.metrics.evaluator import load_evaluator
+from fsdfm.metrics.texts import END_MARKERS
+from fsdfm.metrics.timing import timed
+from fsdfm.records import PER_SAMPLE, read_record, write_per_sample
 
 
 # cpu_s and load_per_core are recorded beside the timing too, but are not listed: they describe the machine, not
@@ -33,13 +53,12 @@ def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     NFE is counted, not inferred: the network evaluations the sampler's RowCounter saw, per sample (a sampler
     without a counter reports its own). Wall-clock and peak memory come from one timer (fsdfm.metrics.timing.timed)
     around the draw only: model loading and the sampler's warm-up are outside it."""
-    from fsdfm.metrics.timing import timed
-
     corpus = corpus_for(config, out_dir)
     dev = device()
     gen = torch.Generator(dev).manual_seed(config["seed"])
     draw = SAMPLERS.get(config["sampler"])(inputs["model"], config, corpus, dev)
-    timing = timed(lambda: draw.run(gen), warmup=0, device=dev)
+    with tf32_matmuls(forward_autocast(config)):
+        timing = timed(lambda: draw.run(gen), warmup=0, device=dev)
     out, peak, peak_kind, wall_s = timing.result, timing.peak_mem_bytes, timing.peak_mem_kind, timing.wall_s
     nfe = out.nfe if draw.counter is None else counted_nfe(draw.counter.rows, config["n_samples"])
     tokens = out.tokens.cpu().numpy().astype(np.int64)
@@ -59,6 +78,8 @@ def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
         "peak_mem_kind": peak_kind,
         "device": str(dev),
         "precision": config["precision"],
+        "forward_precision": forward_precision(config),
+        **({"compiled_block_sums": True} if dev.type == "cuda" and compiled_block_sums() else {}),
         "time_grid": [float(t) for t in out.time_grid[:2049]],
         "numerics": out.numerics.to_dict() if getattr(out, "numerics", None) else None,
     }
@@ -99,8 +120,6 @@ def read_samples(stage_dir: Path) -> tuple[np.ndarray, list[str] | None]:
 
 
 def load_study_evaluator(config: dict, inputs: dict, dev):
-    from fsdfm.metrics.evaluator import load_evaluator
-
     ev = config["evaluator"]
     if ev["kind"] == "reference":
         return load_evaluator(str(Path(inputs["evaluator"]) / "hf"), device=str(dev))
@@ -110,8 +129,6 @@ def load_study_evaluator(config: dict, inputs: dict, dev):
 
 
 def _metric_kwargs(config: dict, evaluator, references, corpus) -> dict:
-    from fsdfm.metrics.texts import END_MARKERS
-
     m = config["metrics"]
     eos = getattr(corpus.tokenizer, "eos_token", None) if corpus.tokenizer is not None else None
     markers = END_MARKERS + ((eos,) if eos and eos not in END_MARKERS else ())
@@ -128,8 +145,6 @@ def _metric_kwargs(config: dict, evaluator, references, corpus) -> dict:
 
 
 def _sample_metric_names(config: dict, evaluator) -> list[str]:
-    from fsdfm.metrics import SAMPLE_METRICS
-
     names = [n for n in config["metrics"]["names"] if n in SAMPLE_METRICS]
     if evaluator is None:
         names = [n for n in names if n not in ("gen_ppl", "gen_ppl_seq_mean")]
@@ -162,10 +177,6 @@ def score_samples(
     (per-seed MAUVE values, featurizer weights hash, text convention). Writes out_dir/per_sample.csv: one row
     per sample (`fsdfm.records.load_samples`).
     """
-    from fsdfm.metrics import compute_metric_set
-    from fsdfm.metrics.diversity import entropy, rep_n_per_sample
-    from fsdfm.records import PER_SAMPLE, write_per_sample
-
     ms = compute_metric_set(tokens, texts, names, lengths=lengths, **_metric_kwargs(config, evaluator, refs, corpus))
     metrics = dict(ms.values)
     for name in ("gen_ppl", "gen_ppl_seq_mean"):
@@ -193,8 +204,6 @@ def score_samples(
 @stage_kind("evaluate", resources="gpu", version="1", metrics=lambda c: corpus_metric_names(c))
 def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """All sample metrics of one sample stage (evaluator time is not sampling time), and the per-sample table."""
-    from fsdfm.records import read_record
-
     corpus = corpus_for(config, out_dir)
     tokens, texts = read_samples(inputs["samples"])
     n = config["n_samples"]
@@ -235,8 +244,6 @@ def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
 def pos_divergence_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """Per-position divergence of the few-step student from the many-step teacher, from states x_t taken
     along teacher trajectories at t_start: both finish from the same state; marginals from rollouts."""
-    from fsdfm.metrics.divergence import pos_divergence
-
     corpus = corpus_for(config, out_dir)
     dev = device()
     teacher, student = load_dit(inputs["teacher"], dev), load_dit(inputs["student"], dev)

@@ -17,6 +17,8 @@ from fsdfm.methods.common import SAMPLERS, Draw, RowCounter
 from fsdfm.samplers import sample, time_grid
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
+from fsdfm.data import DataConfig, oracle_source
+from fsdfm.methods.exact_teacher import load_exact, write_exact
 
 
 def plan_exact(p: Planner, name: str, m: MethodSpec) -> Stage:
@@ -32,9 +34,6 @@ register_kind(MethodKind("exact", "exact", declared_rules("exact", "cumulative_s
 @stage_kind("exact_posterior", resources="cpu", version="1")
 def exact_posterior_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The exact denoiser of an oracle source (fsdfm.methods.exact_teacher): nothing to train; records its path."""
-    from fsdfm.data import DataConfig, oracle_source
-    from fsdfm.methods.exact_teacher import write_exact
-
     oracle_source(DataConfig(**config["data"]))  # a bad oracle config fails here, with a clear DataError
     write_exact(Path(out_dir), {"source": config["source"], "scheduler": config["scheduler"]})
     return {"metrics": {}}
@@ -43,8 +42,6 @@ def exact_posterior_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
 @SAMPLERS.register("exact")
 def sample_exact(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     """The exact posterior sampled by the DFM sampling loop (same rules, grids and precision as a network)."""
-    from fsdfm.methods.exact_teacher import load_exact
-
     exact = load_exact(model_dir, cfg["data"])
     net = RowCounter(exact)
     grid = time_grid(cfg["steps"], t_end=cfg["t_end"])

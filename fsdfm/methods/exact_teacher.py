@@ -25,6 +25,8 @@ from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import MixturePath
 from fsdfm.io import atomic_write
 from fsdfm.train import StepContext
+from fsdfm.data import DataConfig, oracle_source
+from fsdfm.methods.common import path_from_config
 
 EXACT_FILE = "exact.json"
 
@@ -41,9 +43,6 @@ def write_exact(out_dir: Path, path_cfg: dict) -> None:
 
 def load_exact(model_dir: Path, data_cfg: dict, dtype: torch.dtype = torch.float64) -> ExactPosterior:
     """The ExactPosterior of the study's oracle source (from the data config) on the recorded path."""
-    from fsdfm.data import DataConfig, oracle_source
-    from fsdfm.methods.common import path_from_config
-
     path_cfg = json.loads((Path(model_dir) / EXACT_FILE).read_text())["path"]
     source = oracle_source(DataConfig(**data_cfg))
     return ExactPosterior(source, path_from_config(path_cfg, source.vocab_size), dtype)

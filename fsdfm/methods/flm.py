@@ -11,9 +11,10 @@ from typing import Callable
 
 import torch
 
-from fsdfm.flm import FLMConfig
+from fsdfm.flm import FLMConfig, FLMObjective, FLMTime, sample_continuous
 from fsdfm.methods.base import MethodKind, Planner, register_kind
 from fsdfm.methods.common import (
+    forward_autocast,
     SAMPLERS,
     Draw,
     RowCounter,
@@ -42,8 +43,6 @@ register_kind(MethodKind("flm", "flm", ("euler",), plan_flm, settings_key="disti
 @stage_kind("train_flm", checkpointable=True, resources="gpu_multi", version="1")
 def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """FLM: a DiT reading the noisy one-hot state x_gamma, trained with CE at tau ~ U[0, 1]."""
-    from fsdfm.flm import FLMObjective, FLMTime
-
     join_process_group()
     corpus = corpus_for(config, out_dir)
     cfg = build_model_config(config["model"], corpus.vocab_size, corpus.seq_len)
@@ -64,8 +63,6 @@ def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
 
 def continuous_sampler(two_time: bool) -> Callable:
     def prepare(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
-        from fsdfm.flm import FLMTime, sample_continuous
-
         m = load_dit(model_dir, dev)
         counter = RowCounter(m.model)
         time = FLMTime(corpus.vocab_size)
@@ -75,6 +72,7 @@ def continuous_sampler(two_time: bool) -> Callable:
             precision=getattr(torch, cfg["precision"]),
             device=dev,
             max_state_bytes=cfg.get("max_state_bytes", 1 << 28),
+            autocast=forward_autocast(cfg),
         )
         sample_continuous(net, time, n_samples=min(2, cfg["n_samples"]), n_steps=1, seed=0, **kw)  # warm-up
         counter.reset()

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from fsdfm.fmlm import FMLMConfig
+from fsdfm.fmlm import FMLMConfig, FMLMObjective, fmlm_student
 from fsdfm.methods.base import MethodKind, Planner, register_kind
 from fsdfm.methods.common import SAMPLERS, corpus_for, fit_dit, join_process_group, load_dit, train_metrics
 from fsdfm.methods.flm import continuous_sampler
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
+from fsdfm.flm import FLMTime
 
 
 def plan_fmlm(p: Planner, name: str, m: MethodSpec) -> Stage:
@@ -35,9 +36,6 @@ register_kind(
 @stage_kind("distil_fmlm", checkpointable=True, resources="gpu_multi", version="1")
 def distil_fmlm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """FMLM: the two-time flow-map denoiser distilled from a frozen FLM teacher by the semigroup rule."""
-    from fsdfm.flm import FLMTime
-    from fsdfm.fmlm import FMLMObjective, fmlm_student
-
     join_process_group()
     corpus = corpus_for(config, out_dir)
     teacher = load_dit(inputs["teacher"])

@@ -30,6 +30,7 @@ from fsdfm.model import DiT, student_from_teacher
 from fsdfm.objectives import FROZEN_TEACHER_SHORTCUTS, SHORTCUTS, FSDFMConfig, FSDFMObjective
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec, SpecError, StudySpec
+from fsdfm.methods.exact_teacher import exact_path_cfg, is_exact, load_exact
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,10 @@ register_kind(
 )
 def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The FS-DFM student, initialised from the teacher with a fresh step-size embedding."""
-    from fsdfm.methods.exact_teacher import is_exact
-
     join_process_group()
     corpus = corpus_for(config, out_dir)
     spec = FSDFMSettings(**config["distill"])
     if is_exact(inputs["teacher"]):  # teacher: exact -- fresh student, exact posterior as frozen evaluator
-        from fsdfm.methods.exact_teacher import exact_path_cfg, load_exact
-
         exact = load_exact(inputs["teacher"], config["data"])
         path_cfg, teacher_path = exact_path_cfg(inputs["teacher"]), exact.path
         torch.manual_seed(config["optim"]["seed"])

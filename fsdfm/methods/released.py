@@ -22,6 +22,7 @@ from fsdfm.registry import did_you_mean
 from fsdfm.io import atomic_write
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
+from fsdfm.released_checkpoints import CheckpointError, load_released
 
 RELEASED_ENTRIES = ("student_ema", "student", "teacher")
 
@@ -83,8 +84,6 @@ register_kind(
 def load_released_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """A released apple/ml-fs-dfm checkpoint as the model of a method, no training: load it once (every name and
     shape checked by fsdfm.released_checkpoints), check its vocabulary against the corpus, write a pointer to it."""
-    from fsdfm.released_checkpoints import CheckpointError, load_released
-
     corpus = corpus_for(config, out_dir)
     ckpt = config["checkpoint"]
     file = Path(ckpt["path"]).resolve()

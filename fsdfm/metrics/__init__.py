@@ -2,7 +2,7 @@
 
 `METRICS` (`fsdfm.metrics.registry`) holds one `MetricInfo` per metric: direction (or target "data"), unit,
 family, what it needs, axis label, where the report shows it and, for metrics computed from samples, the
-function (`@register_metric`). `compute_metrics(token_ids, texts, names, ...)` (`fsdfm.metrics.sample`)
+function (`@register_metric`). `compute_metrics(token_ids, texts, names, ...)` (`fsdfm.metrics.compute`)
 computes any of the sample-based metrics in `SAMPLE_METRICS` and returns {name: float};
 `compute_metric_set` returns the same values with what each metric saw. The oracle corpus metrics
 (`extra_metrics`, `corpus_metric_names`: `fsdfm.metrics.oracle`) are computed from a synthetic corpus's
@@ -30,16 +30,16 @@ from fsdfm.metrics.registry import (
     shown,
     unregister_metric,
 )
-from fsdfm.metrics.sample import (
+from fsdfm.metrics.compute import (
     SAMPLE_METRICS,
-    MetricInputs,
-    MetricOutcome,
     MetricSet,
     compute_metric_set,
     compute_metrics,
     data_reference,
     data_reference_set,
 )
+from fsdfm.metrics.inputs import MetricInputs, MetricOutcome
+from fsdfm.metrics import sample as _sample  # noqa: F401  (registers the built-in sample metrics)
 from fsdfm.metrics.texts import END_MARKERS, strip_end_markers
 from fsdfm.metrics.timing import (
     CountingModel,

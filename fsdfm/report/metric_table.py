@@ -139,23 +139,91 @@ def metric_table(
     if data_rows:
         data_means = {m: stats[(keys[data_rows[0]], m)]["mean"] for m in metrics if (keys[data_rows[0]], m) in stats}
 
+    columns, flag_col = _columns(by, metrics, flags, bool(data_rows), notes)
+
+    row_flags = _row_flags(runs, by, keys, data_rows)
+    flagged = {i for i, f in row_flags.items() if any(f.values())}  # shown, never marked best
+    cells, numbers = _setting_rows(keys, settings, by, metrics, stats, data_rows, row_flags, flag_col)
+    bold = [[False] * len(columns) for _ in cells]
+    run_settings = runs[by].copy()
+    if "steps" in run_settings:  # as `summarize` keys them (8, not 8.0, when the data row's steps is missing)
+        run_settings["steps"] = pd.to_numeric(run_settings["steps"], errors="coerce").astype("Int64")
+    setting_of = [_key(r) for r in run_settings.itertuples(index=False)]
+    unreliable = _unreliable_mauve(runs, setting_of, keys, metrics, mauve_min_n)
+    marked = _mark(
+        runs,
+        samples,
+        setting_of,
+        keys,
+        metrics,
+        stats,
+        set(data_rows) | flagged,
+        data_means,
+        unreliable,
+        cells,
+        bold,
+        len(by) + 1,
+    )
+    sections = []
+    if data_rows and len(cells) > len(data_rows):
+        sections.append(len(data_rows))
+    if pub:
+        sections.append(len(cells))
+        _add_published(pub, by, metrics, flag_col, cells, bold, numbers, notes, len(columns))
+    notes[0:0] = _marks_note(stats, marked, metrics, unreliable, mauve_min_n)
+    return Table(
+        name=name,
+        title=title,
+        columns=tuple(columns),
+        cells=tuple(tuple(r) for r in cells),
+        bold=tuple(tuple(b) for b in bold),
+        sections=tuple(sections),
+        notes=tuple(notes),
+        numbers=pd.DataFrame(numbers).convert_dtypes(),
+        n_label_columns=len(by),
+    )
+
+
+def _unreliable_mauve(runs: pd.DataFrame, setting_of: list, keys: list, metrics: list, mauve_min_n: int) -> dict:
+    """{row: its fewest MAUVE samples per side} of the rows whose MAUVE has fewer than `mauve_min_n`."""
+    mauve_n: dict = {}
+    if "mauve" in metrics:
+        for k, n in zip(setting_of, _mauve_n(runs)):
+            if n == n:  # not NaN
+                mauve_n[k] = min(mauve_n.get(k, n), n)
+    return {i: int(mauve_n[k]) for i, k in enumerate(keys) if k in mauve_n and mauve_n[k] < mauve_min_n}
+
+
+def _columns(by: list, metrics: list, flags: bool, has_data: bool, notes: list) -> tuple[list[str], bool]:
+    """(the table's column headers, whether it has the collapse column); notes why flags cannot be shown."""
     columns = ["method" if c == "label" else c for c in by] + ["n"] + [header(m) for m in metrics]
     flag_col = flags and any(m in metrics for m in ("entropy_nats", "rep_n"))
     if flag_col:
         columns.append("collapse")
     if flags and not flag_col:
         notes.append("collapse flags need entropy_nats or rep_n; neither was recorded")
-    if flag_col and not data_rows:
+    if flag_col and not has_data:
         notes.append("no data reference row: collapse flags cannot be computed (n/a)")
+    return columns, flag_col
 
-    from fsdfm.metrics import collapse_flags  # here, not at the top: fsdfm.metrics imports torch
 
-    # the flags read entropy_nats and rep_n whether or not this table shows them
-    flag_means: dict = {}
+def _row_flags(runs: pd.DataFrame, by: list, keys: list, data_rows: list) -> dict[int, dict]:
+    """{row: collapse_flags} of each setting row against the data row, from entropy_nats and rep_n whether or not
+    the table shows them: a flagged (collapsed or noisy) row is never marked best. {} without a data row."""
+    from fsdfm.metrics import collapse_flags  # heavy: fsdfm.metrics imports torch (the report is torch-free else)
+
+    if not data_rows:
+        return {}
+    means: dict = {}
     for _, r in summarize(runs, by, present(runs, ("entropy_nats", "rep_n"))).iterrows():
-        flag_means.setdefault(_key(r[c] for c in by), {})[r["metric"]] = r["mean"]
+        means.setdefault(_key(r[c] for c in by), {})[r["metric"]] = r["mean"]
+    data = means.get(keys[data_rows[0]], {})
+    return {i: collapse_flags(means.get(k, {}), data) for i, k in enumerate(keys) if i not in data_rows}
+
+
+def _setting_rows(keys, settings, by, metrics, stats, data_rows, row_flags, flag_col) -> tuple[list, list]:
+    """(the shown cells, the numbers) of each setting's row: n, "mean ± std" per metric, the collapse flags."""
     cells, numbers = [], []
-    flagged: set[int] = set()  # rows with a collapse or noise flag: shown, never marked best
     for i, key in enumerate(keys):
         row_stats = {m: stats.get((key, m)) for m in metrics}
         ns = sorted({int(s["n"]) for s in row_stats.values() if s is not None})
@@ -171,11 +239,7 @@ def metric_table(
             div, unit = display_unit(m)
             row.append(fmt_mean_std(s["mean"] / div, s["std"] / div, int(s["n"]), unit))
             num.update({f"{m}_mean": s["mean"], f"{m}_std": s["std"], f"{m}_ci95": s["ci95"], f"{m}_n": int(s["n"])})
-        fl = {}
-        if data_rows and i not in data_rows:  # flags decide the best marks even where no column shows them
-            fl = collapse_flags(flag_means.get(key, {}), flag_means.get(keys[data_rows[0]], {}))
-            if any(fl.values()):
-                flagged.add(i)
+        fl = row_flags.get(i, {})
         if flag_col:
             if i in data_rows:
                 row.append(DASH)
@@ -186,26 +250,21 @@ def metric_table(
                 num.update(fl)
         cells.append(row)
         numbers.append(num)
+    return cells, numbers
 
-    bold = [[False] * len(columns) for _ in cells]
-    offset = len(by) + 1
-    run_settings = runs[by].copy()
-    if "steps" in run_settings:  # as `summarize` keys them (8, not 8.0, when the data row's steps is missing)
-        run_settings["steps"] = pd.to_numeric(run_settings["steps"], errors="coerce").astype("Int64")
-    setting_of = [_key(r) for r in run_settings.itertuples(index=False)]
+
+def _mark(
+    runs, samples, setting_of, keys, metrics, stats, data_rows, data_means, unreliable, cells, bold, offset
+) -> dict:
+    """Mark each metric's column in place: bold the significantly best row, TIE the rows tied with it, footnote
+    unreliable MAUVE. Returns {"seeds": [metrics tested across seeds], "samples": [... across per-sample values],
+    "untestable": [metrics no test could mark]}."""
     per_setting_samples: dict = {}
     if samples is not None and len(samples) and "run_id" in runs and "run_id" in samples:
         run_key = dict(zip(runs["run_id"], setting_of))
         keyed = samples.assign(_setting=samples["run_id"].map(run_key)).dropna(subset=["_setting"])
         per_setting_samples = {k: g for k, g in keyed.groupby("_setting", sort=False)}
-    mauve_n: dict = {}
-    if "mauve" in metrics:
-        for k, n in zip(setting_of, _mauve_n(runs)):
-            if n == n:
-                mauve_n[k] = min(mauve_n.get(k, n), n)
-    unreliable = {i for i, k in enumerate(keys) if k in mauve_n and mauve_n[k] < mauve_min_n}
-    tests_used: dict[str, list[str]] = {"seeds": [], "samples": []}
-    untestable: list[str] = []
+    out: dict[str, list[str]] = {"seeds": [], "samples": [], "untestable": []}
     for j, m in enumerate(metrics):
         if m == "mauve":
             for i in unreliable:
@@ -213,7 +272,7 @@ def metric_table(
         div, unit = display_unit(m)
         cands = []
         for i, key in enumerate(keys):
-            if i in data_rows or i in flagged or (key, m) not in stats or (m == "mauve" and i in unreliable):
+            if i in data_rows or (key, m) not in stats or (m == "mauve" and i in unreliable):
                 continue
             seeds = pd.to_numeric(runs.loc[[k == key for k in setting_of], m], errors="coerce").dropna().to_numpy(float)
             cands.append(
@@ -225,71 +284,64 @@ def metric_table(
         for i in marks.tied:
             cells[i][offset + j] += f" {TIE}"
         if marks.test:
-            tests_used[marks.test].append(m)
+            out[marks.test].append(m)
         if marks.untestable:
-            untestable.append(m)
-    target = [m for m in metrics if significance.is_data_target(m)]
+            out["untestable"].append(m)
+    return out
 
-    sections = []
-    if data_rows and len(cells) > len(data_rows):
-        sections.append(len(data_rows))
-    if pub:
-        sections.append(len(cells))
-        for key_, ptab in pub:
-            notes.append(
-                f"published ({key_}): {ptab.source}, {ptab.dataset}: {ptab.convention}. Paper-scale "
-                "reference numbers, not comparable in absolute terms with this study."
-            )
-            for prow in ptab.rows:
-                lab = {"label": ptab.label(prow), "steps": prow.steps}
-                row = [_cell(lab.get(c)) for c in by] + [DASH]
-                num = {**{c: lab.get(c) for c in by}, "published": True}
-                for m in metrics:
-                    v = prow.values.get(m)
-                    row.append(DASH if v is None else str(v))  # as published, not re-rounded
-                    if v is not None:
-                        num[f"{m}_mean"] = v
-                if flag_col:
-                    row.append(DASH)
-                cells.append(row)
-                bold.append([False] * len(columns))
-                numbers.append(num)
+
+def _add_published(pub, by, metrics, flag_col, cells, bold, numbers, notes, n_columns: int) -> None:
+    """Append the published rows (values as published, never marked) and a note naming each source."""
+    for key_, ptab in pub:
+        notes.append(
+            f"published ({key_}): {ptab.source}, {ptab.dataset}: {ptab.convention}. Paper-scale "
+            "reference numbers, not comparable in absolute terms with this study."
+        )
+        for prow in ptab.rows:
+            lab = {"label": ptab.label(prow), "steps": prow.steps}
+            row = [_cell(lab.get(c)) for c in by] + [DASH]
+            num = {**{c: lab.get(c) for c in by}, "published": True}
+            for m in metrics:
+                v = prow.values.get(m)
+                row.append(DASH if v is None else str(v))  # as published, not re-rounded
+                if v is not None:
+                    num[f"{m}_mean"] = v
+            if flag_col:
+                row.append(DASH)
+            cells.append(row)
+            bold.append([False] * n_columns)
+            numbers.append(num)
+
+
+def _marks_note(stats: dict, marked: dict, metrics: list, unreliable: dict, mauve_min_n: int) -> list[str]:
+    """The notes that say what a cell holds and how the best marks were tested."""
     head = (
         "cells: mean ± std over seeds (runs sharing method, rule and steps); n = seeds"
         if any(int(s["n"]) > 1 for s in stats.values())
         else "cells: one seed per setting (no spread)"
     )
-    marks_note = [
+    out = [
         f"{head}; bold: best in its column, only where its difference from the runner-up is significant "
         f"(Welch t-test, p < {significance.ALPHA:g}; data, published and flagged rows excluded); "
         f"{TIE}: tied with the best (difference not significant)"
     ]
-    if tests_used["seeds"]:
-        marks_note.append(f"tested across seeds: {', '.join(tests_used['seeds'])}")
-    if tests_used["samples"]:
-        marks_note.append(
+    if marked["seeds"]:
+        out.append(f"tested across seeds: {', '.join(marked['seeds'])}")
+    if marked["samples"]:
+        out.append(
             "tested across per-sample values (fewer than 2 seeds): "
-            + ", ".join(f"{m} ({significance.PER_SAMPLE_VALUES[m][2]})" for m in tests_used["samples"])
+            + ", ".join(f"{m} ({significance.PER_SAMPLE_VALUES[m][2]})" for m in marked["samples"])
         )
-    if untestable:
-        marks_note.append(f"not marked, no test possible (one seed and no per-sample values): {', '.join(untestable)}")
+    if marked["untestable"]:
+        out.append(
+            f"not marked, no test possible (one seed and no per-sample values): {', '.join(marked['untestable'])}"
+        )
+    target = [m for m in metrics if significance.is_data_target(m)]
     if target:
-        marks_note.append(f"ranked by distance to the data row (→ data), not by direction: {', '.join(target)}")
+        out.append(f"ranked by distance to the data row (→ data), not by direction: {', '.join(target)}")
     if unreliable:
-        ns = sorted({int(mauve_n[keys[i]]) for i in unreliable})
-        marks_note.append(
-            f"{UNRELIABLE} MAUVE unreliable, n = {', '.join(map(str, ns))} samples per side "
+        out.append(
+            f"{UNRELIABLE} MAUVE unreliable, n = {', '.join(map(str, sorted(set(unreliable.values()))))} samples per side "
             f"(< {mauve_min_n}): shown, never marked best"
         )
-    notes[0:0] = marks_note
-    return Table(
-        name=name,
-        title=title,
-        columns=tuple(columns),
-        cells=tuple(tuple(r) for r in cells),
-        bold=tuple(tuple(b) for b in bold),
-        sections=tuple(sections),
-        notes=tuple(notes),
-        numbers=pd.DataFrame(numbers).convert_dtypes(),
-        n_label_columns=len(by),
-    )
+    return out

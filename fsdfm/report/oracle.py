@@ -250,9 +250,26 @@ def decomposition_table(study: Study) -> Table:
             numbers=pd.DataFrame(),
             n_label_columns=4,
         )
+    cells, sections = _decomposition_cells(frame)
+    notes = _decomposition_notes(study, frame)
+    return Table(
+        name="table_decomposition",
+        title=f"{study.name}: few-step error decomposition",
+        columns=columns,
+        cells=tuple(cells),
+        bold=tuple((False,) * len(columns) for _ in cells),
+        sections=tuple(sections),
+        notes=tuple(notes),
+        numbers=frame.drop(columns=["path"]).convert_dtypes(),
+        n_label_columns=4,
+    )
+
+
+def _decomposition_cells(frame: pd.DataFrame) -> tuple[list[tuple], list[int]]:
+    """(one row of cells per frame row, the row indices where a new path source's block starts)."""
     cells, sections = [], []
     prev = None
-    for i, r in frame.iterrows():
+    for _, r in frame.iterrows():
         if prev is not None and r["source"] != prev:
             sections.append(len(cells))
         prev = r["source"]
@@ -273,18 +290,22 @@ def decomposition_table(study: Study) -> Table:
                 fmt_number(r["ngram_tv_floor"], "TV"),
             )
         )
+    return cells, sections
+
+
+def _decomposition_notes(study: Study, frame: pd.DataFrame) -> list[str]:
+    """What the columns mean, the reference values (H_L, entropy rate, the data row) and the verdicts."""
     data = study.data
-    ref = []
-    ref.append(
+    ref = [
         f"expected NLL of true length-L sequences (H_L): {_mean(frame['expected_nll']):.3f} nats/token; "
         f"entropy rate {_mean(frame['entropy_rate']):.3f}"
-    )
+    ]
     if not data.empty and "oracle_nll" in data:
         ref.append(
             f"data row (held-out true sequences): oracle_nll {_mean(data['oracle_nll']):.3f}"
             + (f", ngram_tv {_mean(data['ngram_tv']):.3f}" if "ngram_tv" in data else "")
         )
-    notes = (
+    return (
         [
             "oracle_nll(M, N) − H_L = model error [oracle_nll(M, N) − oracle_nll(exact, N)] + sampler error "
             "[oracle_nll(exact, N) − H_L]; the exact run has the same path, rule and budget; cells mean ± std over "
@@ -296,17 +317,6 @@ def decomposition_table(study: Study) -> Table:
         ]
         + ref
         + verdicts(study, frame)
-    )
-    return Table(
-        name="table_decomposition",
-        title=f"{study.name}: few-step error decomposition",
-        columns=columns,
-        cells=tuple(cells),
-        bold=tuple((False,) * len(columns) for _ in cells),
-        sections=tuple(sections),
-        notes=tuple(notes),
-        numbers=frame.drop(columns=["path"]).convert_dtypes(),
-        n_label_columns=4,
     )
 
 
@@ -337,52 +347,7 @@ def decomposition_figure(study: Study):
         fig, axes = _new_figure(2 * len(sources), ncols=len(sources), w=1.5 * PANEL_W)
         top, bottom = axes[: len(sources)], axes[len(sources) :]
         for j, src in enumerate(sources):
-            f = frame[frame["source"] == src]
-            for (label, rule), g in f.groupby(["label", "rule"], sort=False):
-                g = g.sort_values("steps")
-                x = g["steps"].to_numpy(float)
-                top[j].plot(
-                    x,
-                    g["oracle_nll_mean"],
-                    color=colors[label],
-                    ls=styles[rule],
-                    marker="o",
-                    ms=3,
-                    label=f"{label} · {rule}",
-                )
-                if (g["kind"] != EXACT_KIND).any():
-                    bottom[j].plot(
-                        x,
-                        g["model_error"],
-                        color=colors[label],
-                        ls=styles[rule],
-                        marker="o",
-                        ms=3,
-                        label=f"{label} · {rule}",
-                    )
-                else:
-                    bottom[j].plot(
-                        x,
-                        g["sampler_error"],
-                        color="black",
-                        ls=styles[rule],
-                        marker="s",
-                        ms=3,
-                        label=f"sampler error (exact) · {rule}",
-                    )
-            top[j].axhline(_mean(f["expected_nll"]), color="black", ls="--", lw=1, label="expected NLL H_L")
-            top[j].axhline(_mean(f["entropy_rate"]), color="gray", ls=":", lw=1, label="entropy rate")
-            if data_nll is not None:
-                top[j].axhline(data_nll, color="tab:green", ls="-.", lw=1, label="data (held-out)")
-            bottom[j].axhline(0.0, color="gray", lw=0.8)
-            for ax in (top[j], bottom[j]):
-                _log2_steps(ax, f["steps"])
-                ax.set_xlabel("sampling steps N (log2 scale)")
-            top[j].set_yscale("log")
-            top[j].set_ylabel("oracle_nll (nats/token, log scale)")
-            top[j].set_title(f"{src}: oracle_nll")
-            bottom[j].set_ylabel("error term (nats/token)")
-            bottom[j].set_title(f"{src}: error terms")
+            _draw_source(top[j], bottom[j], src, frame[frame["source"] == src], colors, styles, data_nll, _log2_steps)
         fig.suptitle(f"{study.name}: few-step error = model + sampler error (seed means)")
         _legend_outside(fig, axes)
     caption = (
@@ -392,3 +357,52 @@ def decomposition_figure(study: Study):
         "own error oracle_nll(exact, N) − H_L (black), same rule."
     )
     return [Drawn("fig_decomposition", "Few-step error decomposition", caption, fig)]
+
+
+def _draw_source(top, bottom, src: str, f: pd.DataFrame, colors: dict, styles: dict, data_nll, log2_steps) -> None:
+    """One path source's two panels: oracle_nll vs N with the reference lines (top), the error terms (bottom)."""
+    for (label, rule), g in f.groupby(["label", "rule"], sort=False):
+        g = g.sort_values("steps")
+        x = g["steps"].to_numpy(float)
+        top.plot(
+            x,
+            g["oracle_nll_mean"],
+            color=colors[label],
+            ls=styles[rule],
+            marker="o",
+            ms=3,
+            label=f"{label} · {rule}",
+        )
+        if (g["kind"] != EXACT_KIND).any():
+            bottom.plot(
+                x,
+                g["model_error"],
+                color=colors[label],
+                ls=styles[rule],
+                marker="o",
+                ms=3,
+                label=f"{label} · {rule}",
+            )
+        else:
+            bottom.plot(
+                x,
+                g["sampler_error"],
+                color="black",
+                ls=styles[rule],
+                marker="s",
+                ms=3,
+                label=f"sampler error (exact) · {rule}",
+            )
+    top.axhline(_mean(f["expected_nll"]), color="black", ls="--", lw=1, label="expected NLL H_L")
+    top.axhline(_mean(f["entropy_rate"]), color="gray", ls=":", lw=1, label="entropy rate")
+    if data_nll is not None:
+        top.axhline(data_nll, color="tab:green", ls="-.", lw=1, label="data (held-out)")
+    bottom.axhline(0.0, color="gray", lw=0.8)
+    for ax in (top, bottom):
+        log2_steps(ax, f["steps"])
+        ax.set_xlabel("sampling steps N (log2 scale)")
+    top.set_yscale("log")
+    top.set_ylabel("oracle_nll (nats/token, log scale)")
+    top.set_title(f"{src}: oracle_nll")
+    bottom.set_ylabel("error term (nats/token)")
+    bottom.set_title(f"{src}: error terms")

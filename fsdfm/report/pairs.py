@@ -48,6 +48,18 @@ def resolve_side(study: Study, side: str) -> tuple[pd.DataFrame | None, str | No
     return sel, None
 
 
+def _by_seed(r: pd.DataFrame, metric: str, seed_cols: list[str]) -> dict:
+    """{(every seed column's value, as text): the run's `metric`}. Keyed by the seeds themselves: a run of A pairs
+    with the run of B that shares all its seeds (training and sampling), never with whichever run happens to come
+    at the same position."""
+    vals = pd.to_numeric(r[metric], errors="coerce")
+    return {
+        tuple(row): v
+        for row, v in zip(r[seed_cols].astype(str).itertuples(index=False), vals)
+        if v == v  # NaN (a seed that did not record it) drops out rather than poisoning the pair
+    }
+
+
 def pairs_table(study: Study) -> Table:
     """The headline pairs of the spec (report.pairs): A - B per metric with a 95% CI of the difference and p
     (`fsdfm.report.significance.compare`: paired t across matched seeds, else Welch across per-sample values)."""
@@ -59,6 +71,7 @@ def pairs_table(study: Study) -> Table:
         if ra is None or rb is None:
             notes.append(f"pair {a_name} vs {b_name} not compared: {why_a or why_b}")
             continue
+        # the per-sample tables of each side's runs: Welch's fallback when fewer than 2 seeds are shared
         sa = sb = None
         if study.samples is not None and len(study.samples) and "run_id" in study.samples:
             sa = study.samples[study.samples["run_id"].isin(ra["run_id"])]
@@ -67,13 +80,7 @@ def pairs_table(study: Study) -> Table:
             if m not in ra or m not in rb:
                 continue
 
-            def by_seed(r: pd.DataFrame) -> dict:
-                vals = pd.to_numeric(r[m], errors="coerce")
-                return {
-                    tuple(row): v for row, v in zip(r[seed_cols].astype(str).itertuples(index=False), vals) if v == v
-                }
-
-            c = significance.compare(m, by_seed(ra), by_seed(rb), sa, sb)
+            c = significance.compare(m, _by_seed(ra, m, seed_cols), _by_seed(rb, m, seed_cols), sa, sb)
             if c is None:
                 continue
             cells.append(

@@ -113,10 +113,13 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Welch
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f"welch: needs >= 2 values per side, got {len(a)} and {len(b)}")
     diff = float(a.mean() - b.mean())
+    # Welch, not Student: two settings (two models, or one at two step budgets) need not share a variance, and
+    # seeds per setting are few and may differ in number. ddof=1: unbiased variances of the means
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     se = math.sqrt(va + vb)
-    if se == 0.0:
+    if se == 0.0:  # identical values on both sides (e.g. a metric the samples saturate): no t to compute
         return Welch(diff, 0.0 if diff != 0 else 1.0, (diff, diff), math.inf, len(a), len(b))
+    # Welch-Satterthwaite: the degrees of freedom of the t distribution that best matches (va + vb)'s spread
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     t = diff / se
     p = float(2 * stats.t.sf(abs(t), df))
@@ -163,7 +166,7 @@ def mark_best(
     significantly different from the best are `tied` (nothing is marked when every row ties).
     """
     candidates = [c for c in candidates if len(c.seeds)]
-    if len(candidates) < 2:
+    if len(candidates) < 2:  # a lone row is best of nothing
         return Marks()
     ranked = []
     for c in candidates:
@@ -198,11 +201,14 @@ def mark_best(
             return None, None
         return test, welch(z(best, test), z(other, test)).p
 
+    # Only best vs runner-up decides the mark: if the best does not beat the second-ranked row it beats no row
+    # for sure, so one test (not one per pair) keeps the false-mark rate at alpha per column
     test, p = compare(ranked[1][1])
     if test is None:
         return Marks(untestable=True)
     if test != "shown" and p < alpha:
         return Marks(best=(best.key,), test=test, p=p)
+    # not significant: every row the best cannot be told from is tied with it (each its own test vs the best)
     tied = [best.key]
     for _, other in ranked[1:]:
         t, q = compare(other)
@@ -234,6 +240,8 @@ def paired_t(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> tu
     """(mean difference, LEVEL interval, two-sided p) of the paired differences a_k - b_k."""
     from scipy import stats
 
+    # paired: the two settings at one seed share that seed's data order and initial draws, so the differences
+    # remove the seed-to-seed variation both sides share; a t interval on k - 1 degrees of freedom
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     mean, k = float(d.mean()), len(d)
     se = float(d.std(ddof=1) / math.sqrt(k))
@@ -249,8 +257,8 @@ def compare(
     """A - B on `metric`. seeds_a / seeds_b: {seed value: run-level metric value}; samples_*: per-sample tables.
     Paired across seeds where >= 2 seed values are shared, else Welch across per-sample values; None when
     neither is possible."""
-    shared = [k for k in seeds_a if k in seeds_b]
-    if len(shared) >= 2:
+    shared = [k for k in seeds_a if k in seeds_b]  # seeds matched by value, never by position
+    if len(shared) >= 2:  # a paired t needs >= 2 differences to estimate their spread
         a = [seeds_a[k] for k in shared]
         b = [seeds_b[k] for k in shared]
         diff, ci, p = paired_t(a, b)
@@ -265,6 +273,8 @@ def compare(
             str(len(shared)),
             f"run-level {metric}",
         )
+    # Welch, unpaired: sample i of model A and sample i of model B are independent draws; pairing them by index
+    # would claim a correlation that does not exist. Per-sample values treat one seed's samples as the population
     va = per_sample_values(samples_a, metric) if samples_a is not None else None
     vb = per_sample_values(samples_b, metric) if samples_b is not None else None
     if va is None or vb is None or len(va) < 2 or len(vb) < 2:

@@ -25,21 +25,21 @@ def check_data(spec: StudySpec, file: str, cache_dir: str | Path | None) -> None
     """The data and the evaluator as far as they can be checked cheaply and without writing: files, sizes, token
     ids, vocabularies, corpus length (fsdfm.data.preflight), an hf evaluator present offline, and the MiniLM
     files of the MAUVE featurizer."""
-    from fsdfm.data.preflight import PreflightError, preflight
+    from fsdfm.data.preflight import PreflightError, preflight  # heavy: torch
 
     try:
         preflight(spec.data, Path(cache_dir) if cache_dir is not None else None)
     except PreflightError as e:
         raise SpecError(f"{file}: data.{e.key}: {short_message(e)}") from None
     if "mauve" in spec.metrics.names and spec.metrics.mauve_featurizer == "minilm":
-        from fsdfm.metrics import mauve
+        from fsdfm.metrics import mauve  # heavy: torch
 
         try:
             mauve.minilm_model_dir()
         except RuntimeError as e:
             raise SpecError(f"{file}: metrics.mauve_featurizer: {short_message(e)}") from None
     if spec.evaluator.kind == "hf":
-        from fsdfm.metrics.evaluator import EvaluatorError, check_evaluator_available
+        from fsdfm.metrics.evaluator import EvaluatorError, check_evaluator_available  # heavy: torch
 
         try:
             check_evaluator_available(spec.evaluator.name)

@@ -33,12 +33,21 @@ import yaml
 
 from fsdfm.registry import did_you_mean
 from fsdfm.study.convert import type_hints
-from fsdfm.study.spec import NAME_PATTERN, SpecError, StudySpec, short
+from fsdfm.study.spec import (
+    EvaluatorSpec,
+    LimitSpec,
+    MethodSpec,
+    NAME_PATTERN,
+    SpecError,
+    StudySpec,
+    build,
+    resolve_bases,
+    short,
+)
+from fsdfm.study.yaml_io import _SpecLoader
 
 
 def _yaml_value(text: str, shown: str) -> Any:
-    from fsdfm.study.yaml_io import _SpecLoader
-
     try:
         return yaml.load(text, Loader=_SpecLoader) if text.strip() else None
     except yaml.YAMLError as e:
@@ -116,8 +125,6 @@ def check_key(raw: dict, key: str, label: str) -> None:
     """A dotted key names a field of the spec: an unknown one is a SpecError with close matches (`label` names
     the override). Keys under a free-form mapping (cluster, a method's model, ...) are checked when the spec
     is built, like the YAML's."""
-    from fsdfm.study.spec import MethodSpec
-
     parts = key.split(".")
     cls: Any = StudySpec
     i = 0
@@ -212,8 +219,7 @@ def limit_overrides(raw: dict, n: int, file: str) -> dict[str, Any]:
     any other dotted overrides (e.g. metrics.pos_divergence.teacher_steps). Without a `limit` section only the
     sample counts shrink.
     """
-    from fsdfm.study.spec import EvaluatorSpec, LimitSpec, build, resolve_bases
-    from fsdfm.train import OptimConfig
+    from fsdfm.train import OptimConfig  # heavy: torch
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise SpecError(f"--limit: expected a positive number of samples per run, got {short(n)}")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fsdfm.registry import Registry, did_you_mean
+from fsdfm.registry import Registry, UnknownNameError, did_you_mean
 from fsdfm.study.convert import _convert, build
 from fsdfm.study.grid import resolve_bases
 from fsdfm.study.yaml_io import NAME_PATTERN, SpecError, check_name, read_yaml, short, short_message
@@ -44,8 +44,8 @@ __all__ = ["NAME_PATTERN", "SpecError", "check_name", "read_yaml", "short", "sho
 def _lazy_types() -> dict:
     """The torch-side config classes the schema's annotations name (DataConfig, OptimConfig), imported on first
     use (fsdfm.study.convert.type_hints) so that importing this module imports no torch."""
-    from fsdfm.data.base import DataConfig
-    from fsdfm.train import OptimConfig
+    from fsdfm.data.base import DataConfig  # heavy: torch
+    from fsdfm.train import OptimConfig  # heavy: torch
 
     return {"DataConfig": DataConfig, "OptimConfig": OptimConfig}
 
@@ -55,7 +55,7 @@ def _optim(**settings):
     training loop, which imports torch)."""
 
     def make():
-        from fsdfm.train import OptimConfig
+        from fsdfm.train import OptimConfig  # heavy: torch
 
         return OptimConfig(**settings)
 
@@ -88,7 +88,7 @@ class ModelSpec:
     n_heads: int | None = None
 
     def __post_init__(self):
-        from fsdfm.model import PRESETS
+        from fsdfm.model import PRESETS  # heavy: torch
 
         PRESETS.get(self.preset)
 
@@ -102,7 +102,7 @@ class SchedulerSpec:
     n: float = 1.0
 
     def __post_init__(self):
-        from fsdfm.schedulers import SCHEDULERS
+        from fsdfm.schedulers import SCHEDULERS  # heavy: torch
 
         SCHEDULERS.get(self.name)
 
@@ -140,17 +140,29 @@ class MethodSpec:
         return self.steps
 
 
+FORWARD_PRECISIONS = ("float32", "bfloat16")  # sampling.forward_precision; the first is the default
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
+    """precision: dtype of the categorical draws (float64, or float32 as the known low-precision artefact).
+    forward_precision: dtype of the network's forward while sampling: float32, or bfloat16 (bf16 autocast plus TF32
+    matmuls on a GPU: ~3x faster there, to be used where `fsdfm.metrics.forward_precision.check_forward_precision`
+    finds its effect on the token distribution below the sampling noise). The draws stay in `precision` either way.
+    A non-default value enters the sample stages' configs (and ids); the default leaves them as they were."""
+
     n_samples: int = 64
     batch_size: int = 64
     seed: int = 0
     precision: str = "float64"
     eps: float = 1e-3
+    forward_precision: str = "float32"
 
     def __post_init__(self):
         if self.precision not in ("float64", "float32"):
             raise ValueError(f"precision must be float64 or float32, got {self.precision!r}")
+        if self.forward_precision not in FORWARD_PRECISIONS:
+            raise ValueError(f"forward_precision must be float32 or bfloat16, got {self.forward_precision!r}")
         if self.n_samples < 1 or self.batch_size < 1:
             raise ValueError("n_samples and batch_size must be >= 1")
 
@@ -218,8 +230,7 @@ class MetricsSpec:
     pos_divergence: PosDivergenceSpec | None = None
 
     def __post_init__(self):
-        from fsdfm.metrics.mauve import FEATURIZERS, resolve_num_buckets
-        from fsdfm.registry import UnknownNameError
+        from fsdfm.metrics.mauve import FEATURIZERS, resolve_num_buckets  # heavy: torch
 
         try:
             FEATURIZERS.get(self.mauve_featurizer)
@@ -358,8 +369,7 @@ MODEL_DERIVED = ("vocab_size", "seq_len", "input_vocab_size")
 def check_model(model: dict, where: str, file: str, seq_len: int) -> None:
     """A model mapping ({preset, hidden, n_heads, ...}) as the pipeline will build it: known keys (with close
     matches), the types of ModelConfig, and a valid config (e.g. hidden splits into heads of even size)."""
-    from fsdfm.model import ModelConfig, model_config
-    from fsdfm.registry import UnknownNameError
+    from fsdfm.model import ModelConfig, model_config  # heavy: torch
 
     hints = typing.get_type_hints(ModelConfig)
     allowed = ["preset"] + [f.name for f in dataclasses.fields(ModelConfig) if f.name not in MODEL_DERIVED]
