@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fsdfm.records import read_record, stage_dir
+from fsdfm.tracking import log_dir, log_final, stage_tracking
+
 
 @dataclass(frozen=True)
 class Backfill:
@@ -35,9 +38,6 @@ class Backfill:
 def backfill_tracking(plan: dict, study_dir: str | Path, stage_ids) -> Backfill:
     """Log the records of finished stages `stage_ids` of `plan` (plan.json's dict, tracking on) that have no event
     folder yet. Returns what was done (`Backfill`)."""
-    from fsdfm.records import read_record, stage_dir
-    from fsdfm.tracking import log_dir, log_final, stage_tracking
-
     settings = plan.get("tracking") or {}
     if not settings:
         return Backfill(missing="tracking is off in this plan")

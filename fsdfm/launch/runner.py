@@ -204,9 +204,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
                 start_time=started,
                 end_time=now_iso(),
                 wall_s=wall,
-                # CPU seconds of this process and the processes it waited for, beside the wall-clock: on a
-                # loaded machine wall_s grows while cpu_s does not
-                cpu_s=round(_cpu_s() - cpu0, 3),
+                cpu_s=round(_cpu_s() - cpu0, 3),  # beside wall_s: under load wall_s grows, cpu_s does not
                 attempt=attempt,
             )
             atomic_write_json(out_dir / RECORD, record)

@@ -135,9 +135,9 @@ def metric_table(
     stats = {(_key(r[c] for c in by), r["metric"]): r for _, r in summary.iterrows()}  # (setting, metric) -> row
     keys = [_key(s) for s in settings.itertuples(index=False)]
     data_rows = [i for i, k in enumerate(keys) if k in data_keys]
-    data_means = {}
-    if data_rows:
-        data_means = {m: stats[(keys[data_rows[0]], m)]["mean"] for m in metrics if (keys[data_rows[0]], m) in stats}
+    data_means = {
+        m: stats[(keys[data_rows[0]], m)]["mean"] for m in metrics if data_rows and (keys[data_rows[0]], m) in stats
+    }
 
     columns, flag_col = _columns(by, metrics, flags, bool(data_rows), notes)
 
@@ -145,28 +145,12 @@ def metric_table(
     flagged = {i for i, f in row_flags.items() if any(f.values())}  # shown, never marked best
     cells, numbers = _setting_rows(keys, settings, by, metrics, stats, data_rows, row_flags, flag_col)
     bold = [[False] * len(columns) for _ in cells]
-    run_settings = runs[by].copy()
-    if "steps" in run_settings:  # as `summarize` keys them (8, not 8.0, when the data row's steps is missing)
-        run_settings["steps"] = pd.to_numeric(run_settings["steps"], errors="coerce").astype("Int64")
-    setting_of = [_key(r) for r in run_settings.itertuples(index=False)]
+    setting_of = _setting_of(runs, by)
     unreliable = _unreliable_mauve(runs, setting_of, keys, metrics, mauve_min_n)
-    marked = _mark(
-        runs,
-        samples,
-        setting_of,
-        keys,
-        metrics,
-        stats,
-        set(data_rows) | flagged,
-        data_means,
-        unreliable,
-        cells,
-        bold,
-        len(by) + 1,
-    )
-    sections = []
-    if data_rows and len(cells) > len(data_rows):
-        sections.append(len(data_rows))
+    excluded = set(data_rows) | flagged
+    args = (runs, samples, setting_of, keys, metrics, stats, excluded, data_means, unreliable, cells, bold, len(by) + 1)
+    marked = _mark(*args)
+    sections = [len(data_rows)] if data_rows and len(cells) > len(data_rows) else []
     if pub:
         sections.append(len(cells))
         _add_published(pub, by, metrics, flag_col, cells, bold, numbers, notes, len(columns))
@@ -182,6 +166,14 @@ def metric_table(
         numbers=pd.DataFrame(numbers).convert_dtypes(),
         n_label_columns=len(by),
     )
+
+
+def _setting_of(runs: pd.DataFrame, by: list) -> list:
+    """Each run's setting key, as `summarize` keys them (8, not 8.0, when the data row's steps is missing)."""
+    run_settings = runs[by].copy()
+    if "steps" in run_settings:
+        run_settings["steps"] = pd.to_numeric(run_settings["steps"], errors="coerce").astype("Int64")
+    return [_key(r) for r in run_settings.itertuples(index=False)]
 
 
 def _unreliable_mauve(runs: pd.DataFrame, setting_of: list, keys: list, metrics: list, mauve_min_n: int) -> dict:
