@@ -70,3 +70,31 @@ def stage_fingerprint(kind: str, config: dict) -> dict[str, Any]:
 def with_fingerprint(stage: Stage) -> Stage:
     """`stage` with its fingerprint filled in (a new Stage, so a new id)."""
     return Stage(stage.kind, stage.config, stage.inputs, stage_fingerprint(stage.kind, stage.config))
+
+
+class DataChangedError(RuntimeError):
+    """A data file a stage reads no longer has the content its stage id was planned with."""
+
+
+def check_data_unchanged(stage: Stage) -> dict[str, str]:
+    """Re-hash the data files `stage` reads and compare them with the digests in its fingerprint (its id).
+
+    A SLURM job may start hours after its plan was made; if a file changed meanwhile, the stage would train on
+    the new content under the old content's id. Raises `DataChangedError` naming the file, both digests and
+    what to do; returns {field: "sha256:<hex>"} of what was checked (what the stage reads)."""
+    planned = (stage.fingerprint or {}).get("data") or {}
+    if not planned:
+        return {}
+    data = stage.config.get("data") if isinstance(stage.config, dict) else None
+    now = data_fingerprint(data) if isinstance(data, dict) else {}
+    for field, want in sorted(planned.items()):
+        got = now.get(field)
+        if got != want:
+            src = (data or {}).get(field)
+            state = f"now {got[:19]}" if got else "now missing"
+            raise DataChangedError(
+                f"data.{field} {src}: changed since this study was planned (planned {str(want)[:19]}, {state}); "
+                "this stage's id holds the old content, so it will not run on the new one. Re-run `fsdfm run "
+                "SPEC`: the plan is made again and the stages that read the file get new ids"
+            )
+    return dict(planned)

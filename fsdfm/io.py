@@ -12,6 +12,7 @@ writers of one process (threads) apart. `TEMP_FILE` is the pattern of those name
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -34,6 +35,31 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
 
 
+# what the environment, not the suite, got wrong: an OSError with one of these is a `StorageError` naming the path
+STORAGE_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space there, or choose a results root on another disk (--results)",
+    errno.EDQUOT: "the disk quota is used up: free space there, or choose another results root (--results)",
+    errno.EROFS: "the file system is read-only: choose a writable results root (--results)",
+    errno.EACCES: "no permission to write there: fix its permissions, or choose another results root (--results)",
+    errno.EPERM: "not permitted to write there: fix its permissions, or choose another results root (--results)",
+}
+
+
+class StorageError(OSError):
+    """Writing failed for a reason of the environment (disk full, read-only, no permission): one line naming the
+    path and what to do. Keeps the errno of the original error."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}; {STORAGE_ADVICE.get(self.errno, 'check the path')}"
+
+
+def storage_error(e: OSError, path: str | os.PathLike) -> OSError:
+    """`e` as a `StorageError` naming `path` when its errno is one of `STORAGE_ADVICE`, else `e` itself."""
+    if isinstance(e, StorageError) or e.errno not in STORAGE_ADVICE:
+        return e
+    return StorageError(e.errno, e.strerror or os.strerror(e.errno), str(e.filename or path))
+
+
 def atomic_write(path: str | os.PathLike, data: Union[bytes, Writer]) -> None:
     """Write `data` to `path` so that readers see either the old file or the complete new one.
 
@@ -41,9 +67,17 @@ def atomic_write(path: str | os.PathLike, data: Union[bytes, Writer]) -> None:
     `lambda f: torch.save(state, f)`, `lambda f: np.save(f, a)`). The bytes go to a unique temp file in the same
     directory (`temp_path`), are flushed and fsync'ed, then `os.replace`d over `path`; the directory is fsync'ed so
     that the rename survives a crash (without it a crash soon after the rename can leave a renamed but empty file,
-    whose data blocks were never written back). On any error the temp file is removed and `path` is untouched.
+    whose data blocks were never written back). On any error the temp file is removed and `path` is untouched;
+    a full disk, a read-only file system or a missing permission is a `StorageError` naming `path`.
     """
     path = Path(path)
+    try:
+        _atomic_write(path, data)
+    except OSError as e:  # disk full, read-only, no permission: one line naming the file and what to do
+        raise storage_error(e, path) from None
+
+
+def _atomic_write(path: Path, data: Union[bytes, Writer]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

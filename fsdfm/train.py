@@ -11,9 +11,12 @@ Under torch.distributed (DDP) every rank draws the same global batch indices and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import pickle
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -162,6 +165,29 @@ def load_checkpoint(path: Path) -> dict:
         raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
 
 
+def _optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters. foreach: the multi-tensor update (CUDA's default already; on CPU the
+    same bits as the per-parameter loop); fused when asked."""
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        **({"fused": True} if cfg.fused else {"foreach": True}),
+    )
+
+
+def set_aside(ckpt: Path, rank: int = 0) -> Path:
+    """Rename a damaged checkpoint to `<name>.damaged-<n>` beside it (rank 0 only; the others just ignore it)."""
+    n = 1
+    while (aside := ckpt.with_name(f"{ckpt.name}.damaged-{n}")).exists():
+        n += 1
+    if rank == 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(ckpt, aside)
+    return aside
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """e <- e + (1 - decay) (p - e) for every parameter, as one foreach call (one multi-tensor kernel per launch
@@ -203,26 +229,35 @@ def fit(
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay is not None else None
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    # foreach: the multi-tensor update (CUDA's default already; on CPU the same bits as the per-parameter loop)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.lr,
-        betas=cfg.betas,
-        weight_decay=cfg.weight_decay,
-        **({"fused": True} if cfg.fused else {"foreach": True}),
-    )
+    opt = _optimizer(model, cfg)
     if cfg.compile:
         trained = torch.compile(trained)
     sync_every = sync_every or _SYNC_EVERY.get(device.type, _SYNC_EVERY_DEFAULT)
     ckpt = Path(ckpt_dir) / "checkpoint.pt" if ckpt_dir is not None else None
     start, losses = 0, []
     if ckpt is not None and ckpt.exists():
-        state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start, losses = state["step"], list(state["losses"])
+        init = copy.deepcopy(model.state_dict())  # to start clean if the checkpoint fails half-way through loading
+        try:
+            state = load_checkpoint(ckpt)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            start, losses = int(state["step"]), [float(x) for x in state["losses"]]
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
+            # A damaged checkpoint must not fail every later attempt: set it aside (kept for a post-mortem, never
+            # read again) and train from step 0, which gives the weights of an uninterrupted run.
+            aside = set_aside(ckpt, rank)
+            print(
+                f"{ckpt}: damaged checkpoint ({' '.join(str(e).split())[:160]}); moved aside to {aside.name}, "
+                "training restarts from step 0",
+                file=sys.stderr,
+                flush=True,
+            )
+            model.load_state_dict(init)
+            opt = _optimizer(model, cfg)
+            ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay is not None else None
+            start, losses = 0, []
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     def write(step: int) -> None:

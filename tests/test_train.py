@@ -194,18 +194,30 @@ def test_input_checks():
         OptimConfig(precision="fp16")
 
 
-def test_unreadable_checkpoint_is_an_error(tmp_path):
-    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="cannot load checkpoint"):
-        fit(
-            Scalar(),
-            lambda ctx: ctx.model.w.sum(),
-            torch.zeros(4, 1, dtype=torch.long),
-            OptimConfig(steps=1),
-            ckpt_dir=tmp_path,
-            progress=False,
-            device="cpu",
-        )
+@pytest.mark.parametrize("damage", [b"not a checkpoint", b""], ids=["garbage", "empty"])
+def test_a_damaged_checkpoint_is_set_aside_and_training_restarts(tmp_path, capsys, damage):
+    """Issue 23: an unreadable checkpoint used to fail every later attempt. It is moved aside (kept, named on
+    stderr) and training restarts from step 0, to exactly the weights of an uninterrupted run."""
+    full = fit(_tiny_dit(), _objective(), _data(), CFG, progress=False, device="cpu")
+    fit(_tiny_dit(), _objective(), _data(), CFG, ckpt_dir=tmp_path, progress=False, device="cpu", stop_after=3)
+    (tmp_path / "checkpoint.pt").write_bytes(damage)
+    res = fit(_tiny_dit(), _objective(), _data(), CFG, ckpt_dir=tmp_path, progress=False, device="cpu")
+    assert res.resumed_from == 0 and res.losses == full.losses
+    _assert_same_state(res.model, full.model)
+    _assert_same_state(res.ema, full.ema)
+    assert (tmp_path / "checkpoint.pt.damaged-1").read_bytes() == damage  # kept for a post-mortem, never read
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'checkpoint.pt'}: damaged checkpoint" in err and "restarts from step 0" in err
+
+
+def test_a_checkpoint_of_another_model_is_set_aside_too(tmp_path):
+    """Readable, but its state does not fit the model (a half-loaded model must not leak into the restart)."""
+    save_checkpoint(tmp_path / "checkpoint.pt", {"model": {"w": torch.ones(3)}, "optimizer": {}, "step": 2})
+    full = fit(_tiny_dit(), _objective(), _data(), CFG, progress=False, device="cpu")
+    res = fit(_tiny_dit(), _objective(), _data(), CFG, ckpt_dir=tmp_path, progress=False, device="cpu")
+    assert res.resumed_from == 0 and res.losses == full.losses
+    _assert_same_state(res.model, full.model)
+    assert (tmp_path / "checkpoint.pt.damaged-1").is_file()
 
 
 # ------------------------------------------------------------------------------------------ a real loss that falls

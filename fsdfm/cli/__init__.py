@@ -17,6 +17,7 @@ import json
 import os
 import sys
 
+from fsdfm.io import STORAGE_ADVICE, storage_error
 from fsdfm.cli.common import (
     DEFAULT_ROOT,
     InputError,
@@ -93,7 +94,9 @@ def _add_run_parser(sub, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="submit and return (slurm); exits 0 once the submission succeeded (then: fsdfm status)",
     )
-    r.add_argument("--max-parallel", type=int, default=None)
+    r.add_argument(
+        "--max-parallel", type=_positive_int, default=None, metavar="N", help="at most N stages at once (N >= 1)"
+    )
     r.add_argument(
         "--threads",
         type=_positive_int,
@@ -218,6 +221,14 @@ def _main(argv: list[str] | None) -> int:
     except (SpecError, DataError, UnknownNameError, PlanError, InputError, UsageError, FileNotFoundError) as e:
         print(f"fsdfm {args.cmd}: error: {e}", file=sys.stderr)
         print(json.dumps({"ok": False, "error": str(e)}), flush=True)
+        return 2
+    except OSError as e:
+        if e.errno not in STORAGE_ADVICE:
+            raise
+        # the environment (disk full, read-only results root, no permission): one line naming the path, exit 2
+        msg = str(storage_error(e, e.filename or args.results))
+        print(f"fsdfm {args.cmd}: error: {msg}", file=sys.stderr)
+        print(json.dumps({"ok": False, "error": msg}), flush=True)
         return 2
     print(json.dumps(result, default=str), flush=True)
     return 0 if result.get("ok", True) else 1

@@ -13,7 +13,7 @@ from fsdfm.cli.common import InputError, UsageError, set_threads
 from fsdfm.cli.spec import command_line, load_plan, print_config, run_line
 from fsdfm.launch import EXECUTORS, DriverInterrupted, execute, load_profile
 from fsdfm.launch.backfill import backfill_tracking
-from fsdfm.records import check_stage, discard_stage, is_done, lock_holder
+from fsdfm.records import StageLockedError, check_cache_dir, check_stage, discard_stage, is_done, running_holder
 from fsdfm.study.graph import STAGE_KINDS, StudyPlan, waves
 from fsdfm.tracking import check_available, enable
 
@@ -46,7 +46,9 @@ def _data_lines(plan) -> dict[str, str]:
 
 def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None = None) -> list[str]:
     """Remove the stage folders of the plan's stages of `kinds` (their dependents then see a redone input and
-    re-run too); nothing is removed under --dry-run. A stage that is running is an error."""
+    re-run too); nothing is removed under --dry-run. A stage that is running under any study (the lock of its
+    store folder, whether or not this study links it yet) is an error naming its holder; each folder is
+    emptied under its lock, and only folders the store owns are (`fsdfm.records.store.owned_folder`)."""
     present = {s.kind for s in plan.stages.values()}
     for k in kinds:
         if k not in present:
@@ -54,16 +56,17 @@ def _rerun(plan, sdir: Path, kinds: list[str], dry_run: bool, root: str | None =
                 f"--rerun: study {plan.name!r} has no {k!r} stage; its kinds: {', '.join(sorted(present))}"
             )
     chosen = [sid for sid, s in plan.stages.items() if s.kind in kinds]
+    root = root if root is not None else sdir.parent
     for sid in chosen:
-        holder, live = lock_holder(sdir / "stages" / sid)
-        if live:
-            raise UsageError(
-                f"--rerun: stage {sid} is running ({holder.describe() if holder else 'starting'}); "
-                "wait for it or stop it first"
-            )
+        holder = running_holder(sdir, sid, root)
+        if holder is not None:
+            raise UsageError(f"--rerun: stage {sid} is running ({holder.describe()}); wait for it or stop it first")
     if not dry_run:
         for sid in chosen:  # emptied where it lives (the shared store): every study sharing it sees it redone
-            discard_stage(sdir, sid, root)
+            try:
+                discard_stage(sdir, sid, root)
+            except StageLockedError as e:  # started between the check and now
+                raise UsageError(f"--rerun: {e}; wait for it or stop it first") from None
     return chosen
 
 
@@ -81,6 +84,11 @@ def cmd_run(args) -> dict:
         check_available(plan.tracking)
     except RuntimeError as e:
         raise InputError(str(e)) from None
+    if not args.dry_run:
+        try:
+            check_cache_dir(args.results)  # before the plan is written: not a failure of every stage later
+        except ValueError as e:
+            raise InputError(str(e)) from None
     rerun_kinds = _kinds_arg(args.rerun, "--rerun")
     threads = args.threads if args.threads is not None else getattr(args, "auto_threads", None)
     if threads is not None:

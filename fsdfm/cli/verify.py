@@ -9,7 +9,16 @@ from pathlib import Path
 from fsdfm.cli.common import UsageError
 from fsdfm.cli.run import _kind_of, _kinds_arg
 from fsdfm.cli.spec import command_line, load_plan, study_dir
-from fsdfm.records import ERROR, check_stage, is_done, lock_holder, read_plan, unlink_stage
+from fsdfm.records import (
+    ERROR,
+    StageLockedError,
+    check_stage,
+    is_done,
+    live_drivers,
+    read_plan,
+    running_holder,
+    unlink_stage,
+)
 from fsdfm.study.graph import PlanError, StudyPlan, waves
 
 
@@ -54,22 +63,35 @@ def cmd_verify(args) -> dict:
 def cmd_clean(args) -> dict:
     """Remove stage folders of a study: all, those of --kind, or only --failed ones; never a running stage.
 
-    A stage in the shared store (fsdfm.records.store) that another study still links loses only this study's link."""
+    A stage in the shared store (fsdfm.records.store) that another study still links loses only this study's link.
+    Only folders the store owns are deleted (a link to anything else is unlinked, never followed), each under its
+    stage lock; a stage running under any study is kept, and a study whose driver (`fsdfm run`) is running is
+    refused: the driver would go on to run the dependents of what was removed."""
     sdir = study_dir(args)
     kinds = _kinds_arg(args.kind, "--kind")
+    drivers = live_drivers(sdir) if sdir.is_dir() else []
+    if drivers:
+        raise UsageError(
+            f"clean: study {sdir.name} is being run by {drivers[0].describe()}; stop that run first "
+            "(or wait for it to end), then clean"
+        )
     stages_dir = sdir / "stages"
-    found = sorted(p.name for p in stages_dir.iterdir() if p.is_dir()) if stages_dir.is_dir() else []
-    chosen, running = [], []
+    found = sorted(p.name for p in stages_dir.iterdir() if p.is_dir() or p.is_symlink()) if stages_dir.is_dir() else []
+    chosen, running = [], {}
     for sid in found:
         d = stages_dir / sid
         if kinds and _kind_of(sid) not in kinds:
             continue
         if args.failed and not ((d / ERROR).exists() and not is_done(d)):
             continue
-        holder, live = lock_holder(d)
-        (running if live else chosen).append(sid)
-    for sid in running:
-        print(f"  keeping {sid}: running ({lock_holder(stages_dir / sid)[0].describe()})")
+        holder = running_holder(sdir, sid)
+        if holder is not None:
+            running[sid] = holder
+        else:
+            chosen.append(sid)
+    for sid, holder in running.items():
+        print(f"  keeping {sid}: running ({holder.describe()})")
+    running = sorted(running)
     what = ("failed " if args.failed else "") + (f"{'/'.join(kinds)} " if kinds else "")
     if not chosen:
         print(f"study {sdir.name}: no {what}stage folders to remove")
@@ -86,14 +108,20 @@ def cmd_clean(args) -> dict:
         if answer not in ("y", "yes"):
             print("nothing removed")
             return {"study": sdir.name, "removed": 0, "stages": [], "running": running}
-    shared = {}
+    shared, removed = {}, []
     for sid in chosen:  # a stage another study still links keeps its files; only this study's link goes
-        u = unlink_stage(sdir, sid)
+        try:
+            u = unlink_stage(sdir, sid)
+        except StageLockedError as e:  # started since the check: kept, as a running stage always is
+            print(f"  keeping {sid}: {e}")
+            running.append(sid)
+            continue
+        removed.append(sid)
         if not u.deleted:
             shared[sid] = list(u.shared_with)
             print(f"  kept the files of {sid}: still used by {', '.join(u.shared_with)}")
     print(
-        f"study {sdir.name}: removed {len(chosen)} {what}stage folders"
+        f"study {sdir.name}: removed {len(removed)} {what}stage folders"
         + (f" ({len(shared)} only unlinked: shared with other studies)" if shared else "")
     )
-    return {"study": sdir.name, "removed": len(chosen), "stages": chosen, "running": running, "shared": shared}
+    return {"study": sdir.name, "removed": len(removed), "stages": removed, "running": running, "shared": shared}

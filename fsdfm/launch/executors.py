@@ -24,7 +24,7 @@ from fsdfm.launch.outcomes import ExecutionSummary, Tally, already_done
 from fsdfm.launch.profiles import load_profile
 from fsdfm.launch.runner import run_stage
 from fsdfm.launch.signals import signals_interrupt
-from fsdfm.records import PLAN, STORE, link_stages, study_dir as _study_dir
+from fsdfm.records import PLAN, STORE, driver_mark, link_stages, study_dir as _study_dir
 from fsdfm.registry import Registry
 from fsdfm.study.graph import STAGE_KINDS, PlanError, StudyPlan, waves
 
@@ -63,6 +63,10 @@ def execute(
     (see `load_profile`). `timeout_s` bounds the wait (pending stages are reported, not raised).
     """
     run = EXECUTORS.get(executor)
+    if max_parallel is not None and (
+        isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1
+    ):
+        raise ValueError(f"max_parallel must be an integer >= 1 (or None), got {max_parallel!r}")
     if not isinstance(plan, StudyPlan):
         raise TypeError(f"execute() needs a StudyPlan, got {type(plan).__name__}")
     plan.validate()
@@ -75,7 +79,7 @@ def execute(
                 "define it in an importable module (or use executor='debug')"
             )
     sdir = write_plan(plan, root)
-    with signals_interrupt():
+    with signals_interrupt(), driver_mark(sdir, plan.name):  # `fsdfm clean` refuses while it is there
         return run(
             plan,
             sdir,

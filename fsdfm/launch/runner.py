@@ -37,6 +37,7 @@ from fsdfm.records import (
     RECORD,
     RUNNING,
     SCHEMA_VERSION,
+    STORE,
     SUBMITTED,
     LockInfo,
     StageCheck,
@@ -44,18 +45,21 @@ from fsdfm.records import (
     check_stage,
     device_name,
     find_seeds,
+    link_stages,
     loadavg_1min,
     now_iso,
     read_plan,
     read_record,
     record_digest,
     remove_stale_temp_files,
+    seal,
     stage_dir,
     stage_lock,
     store_path,
     torch_threads,
 )
 from fsdfm.records.provenance import provenance
+from fsdfm.fingerprint import check_data_unchanged
 from fsdfm.registry import did_you_mean
 from fsdfm.progress import stage_progress
 from fsdfm.tracking import log_final, stage_tracking
@@ -162,7 +166,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         raise PlanError(f"{study_dir / PLAN}: no stage {stage_id!r}{did_you_mean(stage_id, list(plan['stages']))}")
     stage = Stage.from_dict(plan["stages"][stage_id], f"{study_dir / PLAN}: stages[{stage_id!r}]")
     kind = resolve_kind(stage.kind, plan.get("kinds", {}).get(stage.kind))
-    out_dir = stage_dir(study_dir, stage_id)
+    out_dir = _relinked(study_dir, stage_id)
     if check_stage(out_dir).done:
         return read_record(out_dir)
     inputs, input_records = _done_inputs(study_dir, stage)
@@ -178,7 +182,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
             f"stage {stage_id} is locked by {holder.describe()}: waiting for it to finish", file=sys.stderr, flush=True
         )
 
-    with stage_lock(out_dir, wait=True, poll_s=LOCK_POLL_S, on_wait=tell):
+    with stage_lock(out_dir, wait=True, poll_s=LOCK_POLL_S, on_wait=tell, study=plan["name"]):
         check = check_stage(out_dir)
         if check.done:  # finished while we were getting here
             return read_record(out_dir)
@@ -194,6 +198,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         t0, started, load_start, cpu0 = time.time(), now_iso(), loadavg_1min(), _cpu_s()
         atomic_write_json(out_dir / RUNNING, {**_attempt_fields(stage, attempt, started), **_job_identity()})
         try:
+            data_read = check_data_unchanged(stage)  # time of use: what the id holds is what is read
             if not kind.checkpointable:
                 _clear_artefacts(out_dir)
             payload = _call_stage(plan, study_dir, stage, kind, inputs, out_dir)
@@ -207,6 +212,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
                 cpu_s=round(_cpu_s() - cpu0, 3),  # beside wall_s: under load wall_s grows, cpu_s does not
                 attempt=attempt,
             )
+            record = _sealed(record, data_read)
             atomic_write_json(out_dir / RECORD, record)
             for stale in (ERROR, SUBMITTED):
                 with contextlib.suppress(FileNotFoundError):
@@ -283,6 +289,21 @@ def _record(plan: dict, stage: Stage, out_dir: Path, input_records: dict, payloa
             "malloc_tuned": malloc_tuned(),
         },
     }
+
+
+def _relinked(study_dir: Path, stage_id: str) -> Path:
+    """The stage's folder `<study>/stages/<id>`, linked into the store again if its link was removed since the
+    plan was written (`fsdfm clean`): a stage lives in the store, never as a real folder of one study."""
+    out_dir = stage_dir(study_dir, stage_id)
+    if not out_dir.exists() and (study_dir.parent / STORE).is_dir():
+        link_stages(study_dir, [stage_id], study_dir.parent)
+    return out_dir
+
+
+def _sealed(record: dict, data_read: dict) -> dict:
+    """The record with the data digests the stage checked (`data_read`) and the digest of its own content."""
+    record = to_jsonable({**record, "data_read": data_read}, where=f"record of stage {record['stage_id']}")
+    return seal(record)
 
 
 def _attempt_fields(stage: Stage, attempt: int, started: str) -> dict:

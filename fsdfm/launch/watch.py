@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,12 @@ from fsdfm.launch.runner import error_summary
 from fsdfm.launch.scheduler import RECORD_GRACE_S, SLURM_ACTIVE, UNKNOWN_GRACE_S, slurm_failure, slurm_states
 from fsdfm.records import (
     ERROR,
+    RUNNING,
     SUBMITTED,
     check_stage,
     is_done,
     lock_holder,
+    pid_alive,
     read_plan,
     read_record,
     read_study_plan,
@@ -211,6 +214,39 @@ def _log_note(d: Path) -> str:
     return ""
 
 
+def _died(d: Path, holder, state: str | None) -> str | None:
+    """Why the stage in `d` counts as failed although it wrote no error.json: its attempt's running.json is
+    still there and the process that wrote it is gone (kill -9, an abort in native code, the OOM killer), and no
+    scheduler job of it is still queued or running (a requeued SLURM attempt is pending, not failed). None else."""
+    if state in SLURM_ACTIVE:
+        return None
+    try:
+        run = read_json(d / RUNNING)
+        pid, host = int(run["pid"]), str(run["hostname"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if holder is not None and holder.pid == pid and holder.host == host:
+        pass  # its lock is still there: `status` found its holder gone
+    elif host != socket.gethostname() or pid_alive(pid):
+        return None  # another host's process cannot be seen from here; a live one is not dead
+    return (
+        f"died without an error report (attempt {run.get('attempt')}, pid {pid} on {host}, started "
+        f"{run.get('start_time')}: killed, out of memory, or aborted in native code)"
+    )
+
+
+def _log_tail(d: Path, lines: int = 8) -> tuple:
+    """The last lines of the job log named in submitted.json (what a process that died without error.json
+    printed last), or ()."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        log = Path(read_json(d / SUBMITTED)["stderr"])
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+        return tuple(ln for ln in text.splitlines() if ln.strip())[-lines:]
+    return ()
+
+
 def _stage_status(
     sdir: Path, stage: Stage, sub: dict | None, states: dict[str, str] | None, blocked_by: dict[str, str]
 ) -> StageStatus:
@@ -246,6 +282,10 @@ def _stage_status(
         notes.append(_log_note(d)[2:])
     if holder is not None:
         notes.append(f"interrupted: {holder.describe()} is gone")
+    died = _died(d, holder, state)
+    if died is not None:  # killed or aborted in native code: no error.json, but a failure all the same
+        blocked_by[stage.id] = stage.id
+        return StageStatus(stage.id, stage.kind, "failed", died + _log_note(d), error_tail=_log_tail(d))
     bad = [dep for dep in stage.inputs.values() if dep in blocked_by]
     if bad:
         blocked_by[stage.id] = blocked_by[bad[0]]

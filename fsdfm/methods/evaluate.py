@@ -35,7 +35,7 @@ from fsdfm.metrics.oracle import corpus_metric_names, extra_metrics  # the oracl
 from fsdfm.samplers import get_rule, sample, time_grid, update
 from fsdfm.sparse_step import compiled_block_sums
 from fsdfm.study.graph import stage_kind
-from fsdfm.metrics import SAMPLE_METRICS, compute_metric_set
+from fsdfm.metrics import SAMPLE_METRICS, MetricSet, compute_metric_set
 from fsdfm.metrics.divergence import pos_divergence
 from fsdfm.metrics.diversity import entropy, rep_n_per_sample
 from fsdfm.metrics.evaluator import load_evaluator
@@ -177,7 +177,11 @@ def score_samples(
     (per-seed MAUVE values, featurizer weights hash, text convention). Writes out_dir/per_sample.csv: one row
     per sample (`fsdfm.records.load_samples`).
     """
-    ms = compute_metric_set(tokens, texts, names, lengths=lengths, **_metric_kwargs(config, evaluator, refs, corpus))
+    if names:
+        kwargs = _metric_kwargs(config, evaluator, refs, corpus)
+        ms = compute_metric_set(tokens, texts, names, lengths=lengths, **kwargs)
+    else:  # only corpus metrics asked (e.g. `names: [oracle_nll]` of an oracle study without an evaluator)
+        ms = MetricSet(values={}, n_samples={}, details={}, per_sample={})
     metrics = dict(ms.values)
     for name in ("gen_ppl", "gen_ppl_seq_mean"):
         if name in ms.details:

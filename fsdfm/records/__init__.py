@@ -14,7 +14,14 @@ It writes through `fsdfm.io` and knows nothing of stage functions or executors (
 writes their records through here).
 """
 
-from fsdfm.records.cache import data_cache_dir, default_cache_dir, pin_cache_env, results_root_of, stage_cache_dir
+from fsdfm.records.cache import (
+    check_cache_dir,
+    data_cache_dir,
+    default_cache_dir,
+    pin_cache_env,
+    results_root_of,
+    stage_cache_dir,
+)
 from fsdfm.records.layout import (
     ATTEMPTS,
     CONTROL_FILES,
@@ -40,6 +47,8 @@ from fsdfm.records.layout import (
     read_record,
     read_study_plan,
     record_digest,
+    content_digest,
+    seal,
     stage_dir,
     study_dir,
 )
@@ -59,6 +68,8 @@ from fsdfm.records.locks import (
     LockInfo,
     StageLockedError,
     break_stale_lock,
+    driver_mark,
+    live_drivers,
     lock_holder,
     pid_alive,
     remove_stale_temp_files,
@@ -82,6 +93,8 @@ from fsdfm.records.store import (
     discard_stage,
     link_stages,
     linked_by,
+    owned_folder,
+    running_holder,
     store_dir,
     store_path,
     store_root,

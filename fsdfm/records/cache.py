@@ -70,3 +70,19 @@ def pin_cache_env() -> None:
     env = os.environ.get(CACHE_ENV)
     if env:
         os.environ[CACHE_ENV] = str(_absolute(env))
+
+
+def check_cache_dir(results_root: str | os.PathLike) -> None:
+    """A ValueError naming $FSDFM_CACHE (or the default <root>/.cache) when the data cache cannot be a folder
+    here: a path under a regular file, or a folder this process may not write. Checked before a plan is
+    written, so that a bad cache fails one command instead of every stage."""
+    d = data_cache_dir(results_root)
+    env = os.environ.get(CACHE_ENV)
+    who = f"{CACHE_ENV}={env}" if env else f"the data cache {d} (set {CACHE_ENV} to put it elsewhere)"
+    p = d
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        raise ValueError(f"{who}: {p} is a file, not a folder; point {CACHE_ENV} at a folder (or unset it)")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"{who}: {p} is not writable here; point {CACHE_ENV} at a writable folder")

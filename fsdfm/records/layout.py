@@ -16,7 +16,8 @@ stage id):
                                      *             the stage's own artefacts and checkpoints
     <root>/_stages/<stage_id>/                    the shared store the study's stages/<id> links into (store.py)
 
-A stage is done iff its record.json parses, has "status": "done", every artefact it lists under "artefacts"
+A stage is done iff its record.json parses, has "status": "done", matches its own digest (a record carries the
+sha256 of its content, so a hand-edited value is found; records written before digests have none), every artefact it lists under "artefacts"
 (path -> size and sha256 of every file the stage left in its folder, see `artefact_manifest`) still has that
 size and content, and every input record it read (sha256 under "input_records") is still the current one (an
 input that was redone since makes it stale). `check_stage` says which of these fails, naming the file. The
@@ -27,6 +28,7 @@ The keys of a record are `fsdfm.records.schema.StageRecord`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -65,9 +67,36 @@ def stage_dir(study: str | os.PathLike, stage_id: str) -> Path:
     return Path(study) / STAGES / stage_id
 
 
-def read_record(sdir: Path, warn: bool = True) -> dict | None:
+DIGEST = "digest"  # the record's own key: sha256 of the rest of its content (`content_digest`)
+
+
+def content_digest(rec: dict) -> str:
+    """ "sha256:<hex>" of a record's content without its `digest` key, as canonical JSON (sorted keys, no
+    whitespace; NaN kept, as records hold measured values). JSON numbers read back as the same floats, so the
+    digest of the written record and of the record read back agree; any edit of a value changes it."""
+    body = {k: v for k, v in rec.items() if k != DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal(rec: dict) -> dict:
+    """`rec` (JSON-ready) with its `digest` added: what the runner writes as record.json."""
+    return {**rec, DIGEST: content_digest(rec)}
+
+
+def digest_problem(sdir: Path, rec: dict) -> str | None:
+    """A line naming record.json when its content no longer matches its digest; None when it matches or when the
+    record has no digest (written before records carried one: still read, as the committed results are)."""
+    want = rec.get(DIGEST)
+    if want is None or want == content_digest(rec):
+        return None
+    return f"{Path(sdir) / RECORD}: its content does not match its digest (edited after it was written)"
+
+
+def read_record(sdir: Path, warn: bool = True, check_digest: bool = True) -> dict | None:
     """The record in stage directory `sdir`, or None when there is none. A record that does not parse (or is
-    not a JSON object) is treated as absent, with a `warnings.warn` naming the file when `warn`."""
+    not a JSON object), or whose content no longer matches its digest (`check_digest`: a hand-edited metric
+    must not reach a report), is treated as absent, with a `warnings.warn` naming the file when `warn`."""
     path = Path(sdir) / RECORD
     try:
         rec = read_json(path)
@@ -81,6 +110,12 @@ def read_record(sdir: Path, warn: bool = True) -> dict | None:
         if warn:
             warnings.warn(f"skipping record {path}: not a JSON object", stacklevel=2)
         return None
+    if check_digest:
+        problem = digest_problem(sdir, rec)
+        if problem is not None:
+            if warn:
+                warnings.warn(f"skipping record {problem}; `fsdfm run` redoes the stage", stacklevel=2)
+            return None
     return rec
 
 
@@ -163,9 +198,12 @@ def check_stage(sdir: Path) -> StageCheck:
     Sizes are compared first (a truncation costs no hashing); then every artefact is hashed (see `sha256_file`
     for the cost). Input records are found beside `sdir` (the study's stages/ folder)."""
     sdir = Path(sdir)
-    rec = read_record(sdir, warn=False)
+    rec = read_record(sdir, warn=False, check_digest=False)
     if rec is None or rec.get("status") != "done":
         return StageCheck(str(sdir), "missing")
+    edited = digest_problem(sdir, rec)
+    if edited is not None:
+        return StageCheck(str(sdir), "damaged", (edited,), isinstance(rec.get("artefacts"), dict))
     manifest = rec.get("artefacts")
     problems, damaged = [], []
     if isinstance(manifest, dict):

@@ -36,10 +36,12 @@ class LockInfo:
     pid_start: int | None  # the process's start time (clock ticks since boot) to see through pid reuse
     job_id: str | None
     time: str
+    study: str | None = None  # the study whose run took it (a shared stage in the store is run by one of many)
 
     def describe(self) -> str:
         job = f", job {self.job_id}" if self.job_id else ""
-        return f"pid {self.pid} on {self.host}{job}, since {self.time}"
+        study = f", study {self.study}" if self.study else ""
+        return f"pid {self.pid} on {self.host}{job}{study}, since {self.time}"
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -85,6 +87,7 @@ def _read_lock(path: Path) -> LockInfo | None:
             pid_start=d.get("pid_start"),
             job_id=d.get("job_id"),
             time=d.get("time", "?"),
+            study=d.get("study"),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -115,14 +118,19 @@ def _lock_is_stale(path: Path, info: LockInfo | None) -> bool:
 
 @contextlib.contextmanager
 def stage_lock(
-    sdir: Path, wait: bool = False, poll_s: float = 1.0, on_wait: Callable[[LockInfo | None], None] | None = None
+    sdir: Path,
+    wait: bool = False,
+    poll_s: float = 1.0,
+    on_wait: Callable[[LockInfo | None], None] | None = None,
+    study: str | None = None,
 ) -> Iterator[LockInfo]:
     """Hold the exclusive lock of stage directory `sdir` for the duration of the block.
 
     Created with O_CREAT|O_EXCL, so exactly one process wins. A lock whose holder is dead (same host, pid
     gone or reused; or the same SLURM job, requeued) is broken and retaken; a live one raises
     `StageLockedError` naming the holder, or with `wait=True` is polled every `poll_s` seconds until its holder
-    releases it or dies (`on_wait(holder)` is called once per holder waited for, to tell the user). Breaking is
+    releases it or dies (`on_wait(holder)` is called once per holder waited for, to tell the user); `study` is
+    recorded in the lock so that whoever finds it busy can name the study that runs it. Breaking is
     serialised by a second O_EXCL file, so two processes that both judge a lock stale cannot delete each
     other's fresh lock.
     """
@@ -130,7 +138,12 @@ def stage_lock(
     sdir.mkdir(parents=True, exist_ok=True)
     path = sdir / LOCK
     me = LockInfo(
-        host=socket.gethostname(), pid=os.getpid(), pid_start=_pid_start(os.getpid()), job_id=job_id(), time=now_iso()
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        pid_start=_pid_start(os.getpid()),
+        job_id=job_id(),
+        time=now_iso(),
+        study=study,
     )
     tries, waited_for = 0, []
     while tries < 5:
@@ -153,7 +166,7 @@ def stage_lock(
             who = info.describe() if info else "a process that is still writing the lock file"
             raise StageLockedError(f"stage {sdir.name} is locked by {who} ({path})") from None
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(asdict(me)))
+            f.write(json.dumps({k: v for k, v in asdict(me).items() if v is not None or k != "study"}))
             f.flush()
             os.fsync(f.fileno())
         break
@@ -226,3 +239,44 @@ def remove_stale_temp_files(sdir: Path) -> list[Path]:
                     p.unlink()
                     removed.append(p)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------- drivers
+DRIVER_MARK = ".driver"  # <study>/.driver.<pid>: a driver (`fsdfm run`) of this study is running
+
+
+@contextlib.contextmanager
+def driver_mark(study_dir: str | os.PathLike, study: str | None = None) -> Iterator[LockInfo]:
+    """Mark `study_dir` as driven by this process for the duration of the block (`<study>/.driver.<pid>`).
+
+    Not exclusive (two runs of one study may overlap; their stages serialise on the stage locks): it lets
+    `fsdfm clean` refuse to delete stages under a driver that is about to run their dependents."""
+    path = Path(study_dir) / f"{DRIVER_MARK}.{os.getpid()}"
+    me = LockInfo(
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        pid_start=_pid_start(os.getpid()),
+        job_id=job_id(),
+        time=now_iso(),
+        study=study,
+    )
+    path.write_text(json.dumps(asdict(me)))
+    try:
+        yield me
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def live_drivers(study_dir: str | os.PathLike) -> list[LockInfo]:
+    """The live drivers of `study_dir` (`driver_mark`); marks of dead ones are removed as litter."""
+    out = []
+    for p in sorted(Path(study_dir).glob(f"{DRIVER_MARK}.*")):
+        info = _read_lock(p)
+        if not _lock_is_stale(p, info):
+            if info is not None:
+                out.append(info)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    return out

@@ -66,3 +66,5 @@ class StageRecord(TypedDict):
     input_records: dict[str, Optional[str]]  # input name -> sha256 of the input's record.json when read
     payload: dict[str, Any]  # what the stage function returned: {"metrics": {...}, ...}
     provenance: Provenance  # where and with what it ran
+    data_read: dict  # data field -> sha256 of the file as re-checked when the stage started (= fingerprint's)
+    digest: str  # "sha256:<hex>" of the record's own content without this key (fsdfm.records.layout.seal)

@@ -35,9 +35,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from fsdfm.records.layout import STAGES, STORE
+from fsdfm.records.layout import LOCK, STAGES, STORE
 from fsdfm.records.loading import find_studies
-from fsdfm.records.locks import lock_holder
+from fsdfm.records.locks import LockInfo, StageLockedError, lock_holder, stage_lock
 
 
 def store_root(root: str | os.PathLike) -> Path:
@@ -75,8 +75,22 @@ def _symlink_atomic(target: str, link: Path) -> None:
         raise
 
 
-def _live_lock(d: Path) -> bool:
-    return lock_holder(d)[1]
+def _migrate(link: Path, target_dir: Path, rel: str) -> bool:
+    """Move the old-layout folder `link` into the store as `target_dir` and link it; False when it is kept
+    (running, or the store holds its own copy). Done under the folder's stage lock, so no stage starts in it
+    meanwhile; the lock file moves with the folder and is released through the new link."""
+    try:
+        with stage_lock(link, wait=False):
+            with contextlib.suppress(OSError):  # an empty folder made by another study's plan: ours replaces it
+                target_dir.rmdir()
+            try:
+                os.rename(link, target_dir)
+            except OSError:  # the store holds its own copy of this id: keep reading ours
+                return False
+            _symlink_atomic(rel, link)
+            return True
+    except StageLockedError:  # running: migrated on a later touch
+        return False
 
 
 def link_stages(study_dir: str | os.PathLike, stage_ids, root: str | os.PathLike) -> LinkReport:
@@ -93,30 +107,21 @@ def link_stages(study_dir: str | os.PathLike, stage_ids, root: str | os.PathLike
     for sid in stage_ids:
         target_dir = store_dir(root, sid)
         link = stages / sid
-        rel = os.path.relpath(target_dir, stages)
+        store_root(root).mkdir(parents=True, exist_ok=True)
+        # relative to where the link really is: a study folder that is itself a link (moved to another disk)
+        # must still reach <root>/_stages, and the kernel resolves ".." from the link's real folder
+        rel = os.path.relpath(store_root(root).resolve() / sid, stages.resolve())
         if link.is_symlink():
-            target_dir.mkdir(parents=True, exist_ok=True)  # a dangling link (store folder removed by hand)
             if os.readlink(link) != rel:
-                _symlink_atomic(rel, link)
+                _symlink_atomic(rel, link)  # replaced, never followed: its old target is not ours to touch
                 linked.append(sid)
+            target_dir.mkdir(parents=True, exist_ok=True)  # a dangling link (store folder removed by hand)
             continue
         if link.is_dir():  # the old layout
-            if _live_lock(link):
-                kept.append(sid)
-                continue
-            store_root(root).mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):  # an empty folder made by another study's plan: ours replaces it
-                target_dir.rmdir()
-            try:
-                os.rename(link, target_dir)
-            except FileNotFoundError:  # another process migrated it a moment ago: just link
-                pass
-            except OSError:  # the store holds its own copy of this id: keep reading ours
-                kept.append(sid)
-                continue
-            else:
+            if _migrate(link, target_dir, rel):
                 migrated.append(sid)
-            _symlink_atomic(rel, link)
+            else:
+                kept.append(sid)
             continue
         target_dir.mkdir(parents=True, exist_ok=True)
         _symlink_atomic(rel, link)
@@ -138,7 +143,9 @@ def store_path(stage_path: str | os.PathLike) -> Path:
     p = Path(stage_path)
     if not p.is_symlink():
         return p
-    return Path(os.path.normpath(p.parent / os.readlink(p)))
+    lexical = Path(os.path.normpath(p.parent / os.readlink(p)))
+    # a study folder that is itself a link: ".." in the link goes up from its real folder, not from `p.parent`
+    return lexical if lexical.exists() and lexical.resolve() == p.resolve() else p.resolve()
 
 
 def linked_by(stage_path: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
@@ -161,6 +168,52 @@ def linked_by(stage_path: str | os.PathLike, exclude: str | os.PathLike | None =
     return out
 
 
+def owned_folder(study_dir: str | os.PathLike, stage_id: str, root: str | os.PathLike | None = None) -> Path | None:
+    """The folder a removal of `<study_dir>/stages/<stage_id>` may delete, or None when it may delete nothing.
+
+    Only what the store owns: a link that resolves to `<root>/_stages/<stage_id>` (a real folder, not itself a
+    link), or an old-layout real folder that is the study's own (`<study>/stages/<id>` resolving inside the
+    study's real stages folder). A link anywhere else (to a folder outside the results root, to another id) is
+    never followed: whoever removes the stage unlinks it. `root` defaults to the study folder's parent."""
+    study_dir = Path(study_dir)
+    root = Path(root) if root is not None else study_dir.parent
+    path = study_dir / STAGES / stage_id
+    if path.is_symlink():
+        target = path.resolve()
+        store = store_dir(root, stage_id)
+        if store.is_symlink() or not target.is_dir():
+            return None
+        return target if target == store.resolve() and target.parent == store_root(root).resolve() else None
+    if path.is_dir() and path.resolve().parent == (study_dir / STAGES).resolve():
+        return path
+    return None
+
+
+def _empty_locked(folder: Path, study: str | None = None) -> None:
+    """Delete everything in `folder` under its stage lock (a running stage is never deleted: `StageLockedError`
+    names its holder); links inside are unlinked, never followed. The folder itself stays (empty)."""
+    with stage_lock(folder, wait=False, study=study):
+        for p in folder.iterdir():
+            if p.name in (LOCK, LOCK + ".break"):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def running_holder(study_dir: str | os.PathLike, stage_id: str, root: str | os.PathLike | None = None):
+    """The live holder (`LockInfo`) of any folder a removal of the stage would touch (the study's folder or
+    link target, and the store's folder of that id), else None."""
+    root = Path(root) if root is not None else Path(study_dir).parent
+    for d in (owned_folder(study_dir, stage_id, root), store_dir(root, stage_id)):
+        if d is not None and d.is_dir() and not d.is_symlink():
+            holder, live = lock_holder(d)
+            if live:
+                return holder or LockInfo("?", -1, None, None, "now (the lock is being written)")
+    return None
+
+
 @dataclass(frozen=True)
 class Unlinked:
     """What `unlink_stage` did: `deleted` (the stage's files are gone) or kept because `shared_with` studies
@@ -171,22 +224,29 @@ class Unlinked:
     shared_with: tuple = ()
 
 
-def unlink_stage(study_dir: str | os.PathLike, stage_id: str) -> Unlinked:
+def unlink_stage(study_dir: str | os.PathLike, stage_id: str, root: str | os.PathLike | None = None) -> Unlinked:
     """Remove a stage from one study: its link, and the store folder unless another study still links it.
 
-    An old-layout real folder is deleted (no other study can see it)."""
+    An old-layout real folder is deleted (no other study can see it). Only `owned_folder` is ever deleted, and
+    under its stage lock (a running stage raises `StageLockedError`, naming the holder, and nothing is removed);
+    a link to anything else is just unlinked."""
     link = Path(study_dir) / STAGES / stage_id
+    owned = owned_folder(study_dir, stage_id, root)
     if not link.is_symlink():
-        if link.exists():
-            shutil.rmtree(link)
+        if owned is not None:
+            _empty_locked(owned)
+            with contextlib.suppress(OSError):  # a runner that took the lock just now keeps its folder
+                owned.rmdir()
         return Unlinked(stage_id, True)
-    others = linked_by(link, exclude=study_dir)
-    target = link.resolve()
+    others = linked_by(link, exclude=study_dir) if owned is not None else []
+    if owned is not None and not others:
+        _empty_locked(owned)  # before the link goes: a refusal leaves everything as it was
     os.unlink(link)
     if others:
         return Unlinked(stage_id, False, tuple(p.name for p in others))
-    if target.parent.name == STORE and target.is_dir():
-        shutil.rmtree(target)
+    if owned is not None:
+        with contextlib.suppress(OSError):
+            owned.rmdir()
     return Unlinked(stage_id, True)
 
 
@@ -194,12 +254,22 @@ def discard_stage(study_dir: str | os.PathLike, stage_id: str, root: str | os.Pa
     """Empty the stage's folder wherever it lives (store or old layout), keeping the link, so that it is redone;
     every study sharing it sees the redone record (their dependents re-run as stale). With `root`, the store's
     folder of that id is emptied too when the study holds an old-layout copy (else the next plan write would
-    link the study to the store's copy and skip the redo)."""
+    link the study to the store's copy and skip the redo).
+
+    Only folders the store owns are emptied (`owned_folder`), each under its stage lock, so a stage running
+    under any study is never touched (`StageLockedError` names its holder and study); a link to any other
+    folder is unlinked (the next plan write links the study to the store again), its target left alone."""
     path = Path(study_dir) / STAGES / stage_id
-    targets = [path.resolve()] if path.exists() else []
-    if root is not None and store_dir(root, stage_id).is_dir():
-        targets.append(store_dir(root, stage_id).resolve())
-    for real in dict.fromkeys(targets):
-        shutil.rmtree(real)
-        if real.parent.name == STORE:
-            real.mkdir(parents=True, exist_ok=True)  # the links to it stay valid
+    owned = owned_folder(study_dir, stage_id, root)
+    targets = [owned] if owned is not None else []
+    if owned is None and path.is_symlink():
+        os.unlink(path)
+    if root is not None:
+        store = store_dir(root, stage_id)
+        if store.is_dir() and not store.is_symlink() and store.resolve().parent == store_root(root).resolve():
+            targets.append(store)
+    seen = set()
+    for real in targets:
+        if real.resolve() not in seen:
+            seen.add(real.resolve())
+            _empty_locked(real)

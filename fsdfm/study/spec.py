@@ -31,6 +31,7 @@ from typing import Any, Callable
 from fsdfm.registry import Registry, UnknownNameError, did_you_mean
 from fsdfm.study.convert import _convert, build
 from fsdfm.study.grid import resolve_bases
+from fsdfm.study.bounds import check_bounds
 from fsdfm.study.yaml_io import NAME_PATTERN, SpecError, check_name, read_yaml, short, short_message
 from fsdfm.tracking import TrackingSpec
 
@@ -354,6 +355,7 @@ def build_study(raw: dict, file: str) -> StudySpec:
         check_model({**base, **m.model}, f"methods.{name}.model", file, spec.data.seq_len)
     if spec.evaluator.kind == "reference":
         check_model({**base, **spec.evaluator.model}, "evaluator.model", file, spec.data.seq_len)
+    check_bounds(spec, file)  # sizes that decide memory and time: before anything is planned or written
     for key in ("train", "valid"):
         value = getattr(spec.data, key)
         if spec.data.kind in ("text", "tokens") and value is not None and not Path(value).exists():
