@@ -204,14 +204,10 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
             payload = _call_stage(plan, study_dir, stage, kind, inputs, out_dir)
             wall = time.time() - t0
             record = _record(plan, stage, out_dir, input_records, payload)
-            record["provenance"].update(
-                loadavg_1min={"start": load_start, "end": loadavg_1min()},
-                start_time=started,
-                end_time=now_iso(),
-                wall_s=wall,
-                cpu_s=round(_cpu_s() - cpu0, 3),  # beside wall_s: under load wall_s grows, cpu_s does not
-                attempt=attempt,
-            )
+            loads = {"start": load_start, "end": loadavg_1min()}
+            cpu_s = round(_cpu_s() - cpu0, 3)  # beside wall_s: under load wall_s grows, cpu_s does not
+            prov = dict(loadavg_1min=loads, start_time=started, end_time=now_iso(), wall_s=wall, cpu_s=cpu_s)
+            record["provenance"].update(prov, attempt=attempt)
             record = _sealed(record, data_read)
             atomic_write_json(out_dir / RECORD, record)
             for stale in (ERROR, SUBMITTED):
