@@ -7,7 +7,7 @@ imported from its module the first time it is read.
   results, `StudyFailed`;
 * metrics (`fsdfm.metrics`): `compute_metrics`, `register_metric` (adding a metric is one registered function),
   `METRICS` (one entry per metric);
-* reports (`fsdfm.report`): `write_report`, `load_study`.
+* reports (`fsdfm.report`): `write_report`, `load_study`, `compare` (one table across studies).
 """
 
 __version__ = "0.1.0"
@@ -26,15 +26,19 @@ _LAZY = {
     "METRICS": "fsdfm.metrics",
     "write_report": "fsdfm.report",
     "load_study": "fsdfm.report",
+    "compare": "fsdfm.report.compare",
 }
 __all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
+        import sys
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        from fsdfm.registry import discover
+
+        discover(_LAZY[name], submodules=False)  # imports the module (fsdfm imports by name only there)
+        return getattr(sys.modules[_LAZY[name]], name)
     raise AttributeError(f"module 'fsdfm' has no attribute {name!r}")
 
 

@@ -7,7 +7,7 @@
     fsdfm.evaluate(s, metrics=["entropy_nats", "rep_n"])                                 # a MetricSet
 
 Everything goes through the code paths of the command line: `run_study` validates a dict exactly like a YAML file
-(`fsdfm.study.load.load_spec_dict`, overrides applied first) and runs the same plan with the same executors;
+(`fsdfm.methods.load.load_spec_dict`, overrides applied first) and runs the same plan with the same executors;
 `Model.sample` calls the sampler the study's sample stage calls (`fsdfm.methods.common.SAMPLERS`) with the same
 settings, so the same seed gives the same tokens; `evaluate` is `fsdfm.metrics.compute_metric_set`.
 
@@ -25,28 +25,24 @@ from fsdfm.launch import execute
 from fsdfm.records import data_cache_dir, load, read_record, stage_cache_dir
 from fsdfm.registry import did_you_mean
 from fsdfm.launch.backfill import backfill_tracking
-from fsdfm.study.load import load as load_file, resolve
+from fsdfm.study.graph import STAGE_KINDS
 from fsdfm.tracking import check_available, enable
 
 DEFAULT_ROOT = "results"
 TOKENIZER_FILE = "tokenizer.json"
-# the stage kinds that leave a model in their folder -> the sampler of fsdfm.methods.common.SAMPLERS that draws from it
-MODEL_SAMPLERS = {
-    "train_dfm": "dfm",
-    "distil_fsdfm": "dfm",
-    "load_released": "dfm",
-    "train_ar": "ar",
-    "train_flm": "flm",
-    "distil_fmlm": "fmlm",
-    "exact_posterior": "exact",
-}
-DEFAULT_RULES = {
-    "dfm": "cumulative_scalar",
-    "exact": "cumulative_scalar",
-    "ar": "ancestral",
-    "flm": "euler",
-    "fmlm": "flow_map",
-}
+
+
+def model_stage_kinds() -> dict:
+    """{stage kind: (sampler, default rule)} of the stage kinds that leave a model in their folder, as each
+    declares it (`@stage_kind(..., model_sampler=, model_rule=)`); every kind found by discovery."""
+    import fsdfm.methods  # noqa: F401  (heavy: torch; finds every method and stage kind)
+
+    out = {}
+    for name in STAGE_KINDS.names():
+        k = STAGE_KINDS.get(name)
+        if k.model_sampler is not None:
+            out[name] = (k.model_sampler, k.model_rule)
+    return out
 
 
 class StudyFailed(RuntimeError):
@@ -61,7 +57,10 @@ class StudyFailed(RuntimeError):
 
 
 def _resolve(spec, overrides, limit, results, check_files: bool = True):
-    """The resolved spec (fsdfm.study.load.ResolvedSpec) of a spec file or mapping, with overrides and limit."""
+    """The resolved spec (fsdfm.study.load.ResolvedSpec) of a spec file or mapping, with overrides and limit,
+    checked against the method kinds (`fsdfm.methods.load`)."""
+    from fsdfm.methods.load import load as load_file, resolve  # heavy: torch (the method kinds)
+
     cache = data_cache_dir(results)
     if isinstance(spec, Mapping):
         return resolve(spec, "<spec dict>", None, overrides, limit, cache_dir=cache, check_files=check_files)
@@ -205,14 +204,15 @@ class Model:
             raise ValueError(f"sample: precision must be float64 or float32, got {precision!r}")
         if forward_precision not in ("float32", "bfloat16"):
             raise ValueError(f"sample: forward_precision must be float32 or bfloat16, got {forward_precision!r}")
+        rule = rule or model_stage_kinds()[self.kind][1]
         if self.sampler == "dfm" or self.sampler == "exact":
             from fsdfm.samplers import get_rule  # heavy: torch
 
-            get_rule(rule or DEFAULT_RULES[self.sampler])  # an unknown rule: UnknownNameError with did-you-mean
+            get_rule(rule)  # an unknown rule: UnknownNameError with did-you-mean
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         cfg = {
             "sampler": self.sampler,
-            "rule": rule or DEFAULT_RULES[self.sampler],
+            "rule": rule,
             "steps": steps,
             "t_end": self.t_end if t_end is None else t_end,
             "n_samples": n,
@@ -247,9 +247,11 @@ def _model_dims(d: Path, sampler: str, record: dict) -> tuple[int, int]:
     if sampler == "ar":
         cfg = json.loads((d / "hf" / "config.json").read_text())
         return int(cfg["n_positions"]) - 1, int(cfg["vocab_size"])  # n_positions = L + 1 (the BOS position)
-    if sampler == "exact":
+    if sampler == "exact":  # the source knows its vocabulary (a user's file source has no vocab_size key)
+        from fsdfm.data import DataConfig, oracle_source  # heavy: torch
+
         data = record["config"]["data"]
-        return int(data["seq_len"]), int(data["oracle"]["vocab_size"])
+        return int(data["seq_len"]), int(oracle_source(DataConfig(**data)).vocab_size)
     if (d / "released.json").exists():
         ptr = json.loads((d / "released.json").read_text())
         data = record.get("config", {}).get("data", {})
@@ -286,14 +288,15 @@ def load_model(stage_dir: str | os.PathLike) -> Model:
         raise FileNotFoundError(f"load_model: {d}: no such stage folder")
     record = read_record(d) or {}
     kind = record.get("kind") or d.name.rsplit("-", 1)[0]
-    if kind not in MODEL_SAMPLERS:
+    models = model_stage_kinds()
+    if kind not in models:
         raise ValueError(
-            f"load_model: {d} is a {kind!r} stage, which holds no model{did_you_mean(kind, list(MODEL_SAMPLERS))}; "
-            f"pass the folder of one of: {', '.join(MODEL_SAMPLERS)}"
+            f"load_model: {d} is a {kind!r} stage, which holds no model{did_you_mean(kind, list(models))}; "
+            f"pass the folder of one of: {', '.join(models)}"
         )
     if record.get("status") != "done":
         raise FileNotFoundError(f"load_model: {d}: the stage has not finished (no done record.json)")
-    sampler = MODEL_SAMPLERS[kind]
+    sampler = models[kind][0]
     config = record.get("config") or {}
     seq_len, vocab_size = _model_dims(d, sampler, record)
     objective = config.get("objective") or {}

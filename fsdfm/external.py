@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from fsdfm.records.layout import EXTERNAL, merge_external  # noqa: F401 - the plan reader merges external.json
+from fsdfm.methods.common import DATA_SOURCES
+from fsdfm.methods.evaluate import EVAL_SOURCES
 from fsdfm.study.graph import RunSpec, STAGE_KINDS, Stage, stage_kind
 from fsdfm.io import atomic_write, atomic_write_json, sha256_file
 from fsdfm.launch import run_stage
@@ -232,7 +234,17 @@ def read_external(path: Path, corpus, limits: EvalLimits = NO_LIMITS) -> Externa
 EXTERNAL_VERSION = "2"
 
 
-@stage_kind(EXTERNAL_KIND, resources="gpu", version=EXTERNAL_VERSION)
+@stage_kind(
+    EXTERNAL_KIND,
+    resources="gpu",
+    version=EXTERNAL_VERSION,
+    sources=(
+        "fsdfm.external:evaluate_external_stage",
+        "fsdfm.external:read_external",
+        *DATA_SOURCES,
+        *EVAL_SOURCES,
+    ),
+)
 def evaluate_external_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The study's sample metrics on an external sample file (copied into out_dir), and the per-sample table."""
     from fsdfm.methods.evaluate import _sample_metric_names, load_study_evaluator, score_samples  # heavy: torch

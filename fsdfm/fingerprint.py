@@ -32,6 +32,7 @@ from fsdfm.io import sha256_file
 from fsdfm.study.graph import STAGE_KINDS, Stage
 
 DATA_FILE_FIELDS = ("train", "valid", "tokenizer")
+ORACLE_FILE_FIELDS = ("transition", "emission", "initial")
 
 
 def data_fingerprint(data: dict) -> dict[str, str]:
@@ -47,6 +48,12 @@ def data_fingerprint(data: dict) -> dict[str, str]:
             p = p / "tokenizer.json"
         if p.is_file():
             out[key] = "sha256:" + sha256_file(p)
+    oracle = data.get("oracle")
+    if isinstance(oracle, dict):  # a user's own chain / HMM from .npy files (fsdfm.data.oracle.files)
+        for key in ORACLE_FILE_FIELDS:
+            value = oracle.get(key)
+            if isinstance(value, str) and value and Path(value).is_file():
+                out[f"oracle.{key}"] = "sha256:" + sha256_file(Path(value))
     return out
 
 

@@ -147,8 +147,8 @@ class FSDFMConfig:
             )
 
     @property
-    def rule(self) -> Shortcut:
-        """The registry entry of `shortcut`."""
+    def shortcut_entry(self) -> Shortcut:
+        """The registry entry of `shortcut` (SHORTCUTS: what the shortcut target does), not an update rule."""
         return SHORTCUTS.get(self.shortcut)
 
     @property
@@ -212,7 +212,7 @@ class FSDFMObjective:
     """
 
     def __init__(self, path: MixturePath, cfg: FSDFMConfig = FSDFMConfig(), frozen_teacher: nn.Module | None = None):
-        if cfg.rule.uses_frozen_teacher and frozen_teacher is None:
+        if cfg.shortcut_entry.uses_frozen_teacher and frozen_teacher is None:
             raise ValueError(f"shortcut {cfg.shortcut!r} needs the frozen DFM teacher")
         self.path, self.cfg, self.frozen_teacher = path, cfg, frozen_teacher
         self.h_min = 2.0**-cfg.K
@@ -231,7 +231,7 @@ class FSDFMObjective:
         logits = ctx.model(ps.x_t, t.float(), h.float())
         weight = self.path.source.movable(ps.x_t)  # positions that may still move carry the loss
         finest = h <= self.h_min * (1 + 1e-9)
-        rule = self.cfg.rule
+        rule = self.cfg.shortcut_entry
         anchor = torch.ones_like(h, dtype=torch.bool) if rule.anchor_everywhere else finest
         per_pos = torch.zeros(x_1.shape, dtype=torch.float32, device=x_1.device)
         shortcut_rows = ~anchor
@@ -265,7 +265,7 @@ class FSDFMObjective:
 
     @torch.no_grad()
     def shortcut_target(self, ctx: StepContext, x_t, t, h) -> torch.Tensor:
-        rule = self.cfg.rule
+        rule = self.cfg.shortcut_entry
         if rule.frozen_evaluates:
 
             def f(x, tt, hh):

@@ -48,7 +48,7 @@ _CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 27}
 # A rule maps (p_z (B, L), t (B,), h (B,), scheduler) to jump probabilities (B, L), elementwise over positions and
 # non-increasing in p(z) (more mass on the current token, less reason to leave it): `update_from_logits` relies on
 # both, evaluating p(z) only where u < rule(0) and calling the rule on (n, 1) candidates with their rows' t and h.
-UPDATE_RULES: Registry = Registry("update rule")
+UPDATE_RULES: Registry = Registry("update rule", discover=("fsdfm.samplers",))
 Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Scheduler], torch.Tensor]
 
 
@@ -84,23 +84,40 @@ class SampleOutput:
     numerics: SampleNumerics | None = None
 
 
-# The method kinds whose models the discrete sampling loop below samples (names, not imports: the library floor
-# knows no method code). A rule declares the kinds it applies to where it is registered, so a new rule is one
-# function; fsdfm.methods.base.declared_rules reads RULE_KINDS (each kind's own default rule comes first there).
-DFM_FAMILY = ("dfm", "fsdfm", "exact", "released")
-RULE_KINDS: dict[str, tuple[str, ...]] = {}
+# Which method kinds a rule applies to. A kind that samples the mixture path with the loop below claims every
+# registered rule (fsdfm.methods.base.declared_rules); a rule may restrict itself to some kinds (`kinds=`) or opt
+# out of some (`exclude=`). Names, not imports: the library floor knows no method code.
+RULE_KINDS: dict[str, tuple[str, ...] | None] = {}  # rule -> the kinds it is restricted to; None: every mixture kind
+RULE_EXCLUDES: dict[str, tuple[str, ...]] = {}  # rule -> the mixture kinds it does not apply to
 UPDATE_ALIASES: dict[str, str] = {}
 
 
-def register_rule(name: str, kinds: tuple[str, ...] = DFM_FAMILY, alias_of: str | None = None) -> Callable:
-    """`@register_rule("name", kinds=...)` on a jump-probability function (p_z, t, h, scheduler) -> (B, L);
-    `register_rule("alias", kinds=..., alias_of="rule")` names an existing rule again for some kinds."""
-    RULE_KINDS[name] = tuple(kinds)
+def register_rule(
+    name: str, kinds: tuple[str, ...] | None = None, alias_of: str | None = None, exclude: tuple[str, ...] = ()
+) -> Callable:
+    """`@register_rule("name")` on a jump-probability function (p_z, t, h, scheduler) -> (B, L): a rule of every
+    mixture-path kind; `kinds=(...)` restricts it to those kinds, `exclude=(...)` keeps it from those;
+    `register_rule("alias", kinds=..., alias_of="rule")` names an existing rule again (for some kinds)."""
+    RULE_KINDS[name] = None if kinds is None else tuple(kinds)
+    RULE_EXCLUDES[name] = tuple(exclude)
     if alias_of is not None:
         UPDATE_RULES.get(alias_of)  # an alias of an unknown rule is an error here, not at sampling time
         UPDATE_ALIASES[name] = alias_of
         return lambda fn: fn
     return UPDATE_RULES.register(name)
+
+
+def rule_applies(rule: str, kind: str) -> bool:
+    """Whether the registered `rule` applies to the mixture-path method kind `kind` (its restriction, its opt-outs)."""
+    kinds = RULE_KINDS.get(rule, ())
+    return (kinds is None or kind in kinds) and kind not in RULE_EXCLUDES.get(rule, ())
+
+
+def rules_for(kind: str) -> list[str]:
+    """Every registered rule (aliases included) that applies to the mixture-path kind `kind`, in registration order;
+    finds the rules first (`UPDATE_RULES.discover`: rule modules and plugins)."""
+    UPDATE_RULES.discover()
+    return [r for r in RULE_KINDS if rule_applies(r, kind)]
 
 
 @register_rule("euler")

@@ -18,7 +18,7 @@ import os
 import pickle
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fsdfm.progress import enabled as progress_enabled, step as report_step
+from fsdfm.convergence import Until, stopping_rule_fires
 from fsdfm.io import atomic_write
 
 
@@ -47,6 +48,12 @@ class OptimConfig:
     seed: int = 0
     ckpt_every: int = 200
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    # Convergence, shown (absent: None, and left out of `to_dict`, so stage ids without them are unchanged):
+    # curve_every: evaluate held-out metrics every that many steps into the record's `curve`;
+    # until: {metric, patience, every?, min_delta?} a stopping rule: stop once `metric` (lower is better) has not
+    #        improved by more than min_delta for `patience` evaluations in a row; `steps` is the maximum.
+    curve_every: int | None = None
+    until: dict | None = None
     # GPU speed options, off by default and then absent from the stage config (`to_dict`): every study written
     # before they existed keeps its stage ids. Either changes the weights at the rounding level, hence the ids.
     compile: bool = False  # torch.compile the trained model (the first steps compile)
@@ -54,6 +61,12 @@ class OptimConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))
+        if self.curve_every is not None and (
+            isinstance(self.curve_every, bool) or not isinstance(self.curve_every, int) or self.curve_every < 1
+        ):
+            raise ValueError(f"optim.curve_every must be an integer >= 1, got {self.curve_every!r}")
+        if self.until is not None:
+            object.__setattr__(self, "until", dict(Until.parse(self.until, self.curve_every).__dict__))
         for name in ("steps", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -65,12 +78,21 @@ class OptimConfig:
             raise ValueError(f"optim.precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     def to_dict(self) -> dict:
-        """The stage config's `optim`: every field, less the speed options left at their default (off)."""
+        """The stage config's `optim`: every field, less the speed options left at their default (off) and the
+        convergence settings left unset (so every study written before they existed keeps its stage ids)."""
         d = asdict(self)
         for key in _OFF_BY_DEFAULT:
             if not d[key]:
                 del d[key]
+        for key in ("curve_every", "until"):
+            if d[key] is None:
+                del d[key]
         return d
+
+    @property
+    def eval_every(self) -> int | None:
+        """Steps between curve evaluations: until.every, else curve_every (None: no curve)."""
+        return self.until["every"] if self.until else self.curve_every
 
 
 _OFF_BY_DEFAULT = ("compile", "fused")
@@ -97,6 +119,8 @@ class FitResult:
     wall_s: float
     tokens_per_s: float
     resumed_from: int
+    curve: list = field(default_factory=list)  # [{"step": s, metric: value, ...}] (cfg.eval_every and evaluate)
+    stopped_at: int | None = None  # the step the stopping rule ended training at (None: ran to cfg.steps)
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:
@@ -212,6 +236,7 @@ def fit(
     progress: bool = True,
     stop_after: int | None = None,
     sync_every: int | None = None,
+    evaluate: Callable[[nn.Module], dict] | None = None,
 ) -> FitResult:
     """Train `model` for cfg.steps steps of `loss_fn` on blocks `data` (N, L) long.
 
@@ -219,6 +244,10 @@ def fit(
     steps (for tests of resumption and for preemption); the checkpoint is written before returning.
     sync_every: read the losses back to the host (and check them finite) every that many steps (default 1 on CPU,
     16 on a GPU; always before a checkpoint and at the end); the losses and the weights do not depend on it.
+    evaluate: held-out metrics of the model being kept (the EMA copy when EMA is on) -> {name: float}, called every
+    cfg.eval_every steps and at the end into `FitResult.curve`; with cfg.until, training stops once until.metric
+    has not improved for until.patience evaluations (the curve and the rule's state are in the checkpoint, so a
+    resumed run stops where an uninterrupted one does).
     """
     if data.ndim != 2 or data.shape[0] == 0:
         raise ValueError(f"training data must be a non-empty (N, L) tensor, got shape {tuple(data.shape)}")
@@ -234,7 +263,7 @@ def fit(
         trained = torch.compile(trained)
     sync_every = sync_every or _SYNC_EVERY.get(device.type, _SYNC_EVERY_DEFAULT)
     ckpt = Path(ckpt_dir) / "checkpoint.pt" if ckpt_dir is not None else None
-    start, losses = 0, []
+    start, losses, curve, stopped = 0, [], [], None
     if ckpt is not None and ckpt.exists():
         init = copy.deepcopy(model.state_dict())  # to start clean if the checkpoint fails half-way through loading
         try:
@@ -244,6 +273,7 @@ def fit(
             if ema is not None:
                 ema.load_state_dict(state["ema"])
             start, losses = int(state["step"]), [float(x) for x in state["losses"]]
+            curve, stopped = list(state.get("curve", [])), state.get("stopped_at")
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
             # A damaged checkpoint must not fail every later attempt: set it aside (kept for a post-mortem, never
             # read again) and train from step 0, which gives the weights of an uninterrupted run.
@@ -257,7 +287,19 @@ def fit(
             model.load_state_dict(init)
             opt = _optimizer(model, cfg)
             ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay is not None else None
-            start, losses = 0, []
+            start, losses, curve, stopped = 0, [], [], None
+    every = cfg.eval_every if evaluate is not None else None
+
+    def evaluate_at(step: int) -> None:
+        kept = ema if ema is not None else model
+        kept.eval()
+        with torch.no_grad():
+            curve.append({"step": step, **{k: float(v) for k, v in evaluate(kept).items()}})
+        model.train()
+
+    def should_stop() -> bool:
+        return stopping_rule_fires(curve, cfg.until)
+
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     def write(step: int) -> None:
@@ -270,10 +312,14 @@ def fit(
                     "step": step,
                     "losses": losses,
                     "ema": ema.state_dict() if ema is not None else None,
+                    "curve": curve,
+                    "stopped_at": stopped,
                 },
             )
 
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    if stopped is not None:  # a resumed run the stopping rule had already ended
+        end = start
     bar = tqdm(
         range(start, end),
         desc=desc,
@@ -335,11 +381,18 @@ def fit(
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         if progress and rank == 0:  # for `fsdfm status` and logs off a terminal (fsdfm.progress.step)
             report_step(step + 1, cfg.steps, desc, losses[-1])
+        if every and (step + 1) % every == 0 and (step + 1) < cfg.steps:
+            evaluate_at(step + 1)
+            if should_stop():
+                stopped = end = step + 1
+                break
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:
             flush()
             write(step + 1)
     flush()
     wall = time.perf_counter() - t0
+    if every and end == cfg.steps and (not curve or curve[-1]["step"] != end):
+        evaluate_at(end)  # the final point
     write(end)
     n_tokens = (end - start) * cfg.batch_size * data.shape[1]
     return FitResult(
@@ -350,4 +403,6 @@ def fit(
         wall_s=wall,
         tokens_per_s=n_tokens / wall if wall > 0 else 0.0,
         resumed_from=start,
+        curve=curve,
+        stopped_at=stopped,
     )

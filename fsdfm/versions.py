@@ -1,9 +1,11 @@
 """Keeping declared versions honest: a committed table of source digests per versioned unit.
 
-Every stage kind (`@stage_kind(..., version=...)`) and every metric (`METRICS`, `@register_metric(..., version=...)`) carries
-a declared version string that enters the ids of the stages that compute it (see `fsdfm.fingerprint` for why
-declared strings and not hashes of the code). A unit's *sources* (`SOURCES`: modules, or `module:function`
-for one function of a shared module) are what compute it. tests/fixtures/code_versions.json holds, per unit,
+Every stage kind (`@stage_kind(..., version=..., sources=...)`) and every metric (`METRICS`,
+`@register_metric(..., version=..., sources=...)`) carries a declared version string that enters the ids of the
+stages that compute it (see `fsdfm.fingerprint` for why declared strings and not hashes of the code), and its
+*sources*, declared beside it: modules, or `module:function` for one function of a shared module (default: the
+unit's own function). This module only checks: it walks the registries (found by discovery, so a new unit needs
+no edit here). tests/fixtures/code_versions.json holds, per unit,
 its version and the sha256 of each source as of the last refresh. `check()` (run by tests/test_versions.py)
 fails when
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import inspect
 import json
 import sys
@@ -26,190 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fsdfm.io import atomic_write_json
+from fsdfm.registry import discover
 from fsdfm.study.graph import STAGE_KINDS
 
 TABLE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "code_versions.json"
-
-# what every stage that loads a corpus depends on
-_DATA = (
-    "fsdfm.data.base:load_corpus",
-    "fsdfm.data.documents",
-    "fsdfm.data.tokenizer",
-    "fsdfm.data.text",
-    "fsdfm.data.tokenfiles",
-    "fsdfm.data.hf",
-    "fsdfm.data.oracle",
-    "fsdfm.methods.common:corpus_for",
-)
-# the oracle sources (fsdfm.data.oracle's own file is the dataset kind, in _DATA)
-_ORACLE = ("fsdfm.data.oracle.sources", "fsdfm.data.oracle.markov", "fsdfm.data.oracle.hmm")
-# what every DiT training stage depends on
-_DIT = (
-    "fsdfm.model",
-    "fsdfm.train",
-    "fsdfm.paths",
-    "fsdfm.schedulers",
-    "fsdfm.methods.common:save_dit",
-    "fsdfm.methods.common:build_model_config",
-    "fsdfm.methods.common:train_metrics",
-    "fsdfm.methods.common:loss_curve",
-    "fsdfm.methods.common:fit_dit",
-)
-_EVAL = (
-    "fsdfm.methods.evaluate:load_study_evaluator",
-    "fsdfm.methods.evaluate:_metric_kwargs",
-    "fsdfm.methods.evaluate:_sample_metric_names",
-    "fsdfm.metrics.oracle:extra_metrics",
-    "fsdfm.metrics.sample:compute_metrics",
-)
-
-_LENGTHS = (
-    "fsdfm.metrics.diversity:as_lengths",
-    "fsdfm.metrics.diversity:valid_mask",
-    "fsdfm.metrics.diversity:_gram_mask",
-)
-SOURCES: dict[str, tuple[str, ...]] = {
-    # stage kinds (fsdfm.methods)
-    "stage:train_dfm": (
-        "fsdfm.methods.dfm:train_dfm",
-        *_DIT,
-        *_DATA,
-        "fsdfm.objectives",
-        "fsdfm.losses",
-        "fsdfm.methods.dfm:dfm_validation",
-        "fsdfm.methods.dfm:unigram_ce",
-        "fsdfm.methods.common:path_from_config",
-    ),
-    "stage:distil_fsdfm": (
-        "fsdfm.methods.fsdfm:distil_fsdfm",
-        *_DIT,
-        *_DATA,
-        "fsdfm.objectives",
-        "fsdfm.losses",
-        "fsdfm.methods.common:load_dit",
-        "fsdfm.methods.fsdfm:FSDFMSettings",
-        "fsdfm.teachers",
-        "fsdfm.methods.exact_teacher",
-        "fsdfm.oracle_posterior",
-    ),
-    "stage:train_ar": (
-        "fsdfm.methods.ar:train_ar_stage",
-        "fsdfm.ar",
-        "fsdfm.train",
-        *_DATA,
-        "fsdfm.methods.common:build_model_config",
-        "fsdfm.methods.common:train_metrics",
-    ),
-    "stage:train_flm": ("fsdfm.methods.flm:train_flm", *_DIT, *_DATA, "fsdfm.flm"),
-    "stage:distil_fmlm": (
-        "fsdfm.methods.fmlm:distil_fmlm",
-        *_DIT,
-        *_DATA,
-        "fsdfm.flm",
-        "fsdfm.fmlm",
-        "fsdfm.methods.common:load_dit",
-    ),
-    "stage:sample": (
-        "fsdfm.methods.evaluate:sample_stage",
-        *_DATA,
-        "fsdfm.samplers",
-        "fsdfm.sparse_step",
-        "fsdfm.methods.dfm:sample_dfm",
-        "fsdfm.methods.ar:sample_ar_model",
-        "fsdfm.methods.flm:continuous_sampler",
-        "fsdfm.methods.evaluate:write_samples",
-        "fsdfm.methods.common:load_dit",
-        "fsdfm.methods.common:RowCounter",
-        "fsdfm.methods.evaluate:counted_nfe",
-        "fsdfm.metrics.timing:timed",
-        "fsdfm.methods.exact:sample_exact",
-        "fsdfm.ar:sample_ar",
-        "fsdfm.flm",
-        "fsdfm.methods.exact_teacher",
-        "fsdfm.oracle_posterior",
-    ),
-    "stage:evaluate": ("fsdfm.methods.evaluate:evaluate_stage", *_DATA, *_EVAL, "fsdfm.methods.evaluate:read_samples"),
-    "stage:evaluate_data": (
-        "fsdfm.methods.evaluate:evaluate_data_stage",
-        *_DATA,
-        *_EVAL,
-        "fsdfm.metrics.sample:data_reference",
-    ),
-    "stage:load_released": ("fsdfm.methods.released:load_released_stage", "fsdfm.released_checkpoints", *_DATA),
-    "stage:exact_posterior": (
-        "fsdfm.methods.exact:exact_posterior_stage",
-        "fsdfm.methods.exact_teacher",
-        "fsdfm.oracle_posterior",
-        *_ORACLE,
-        *_DATA,
-    ),
-    "stage:pos_divergence": (
-        "fsdfm.methods.evaluate:pos_divergence_stage",
-        *_DATA,
-        "fsdfm.samplers",
-        "fsdfm.sparse_step",
-        "fsdfm.methods.common:load_dit",
-    ),
-    # metrics (fsdfm.metrics.registry); _LENGTHS: per-sample lengths (external texts), a no-op on model samples
-    "metric:gen_ppl": ("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator", "fsdfm.metrics.sample:_gen_ppl"),
-    "metric:gen_ppl_seq_mean": (
-        *_LENGTHS,
-        "fsdfm.metrics.perplexity",
-        "fsdfm.metrics.evaluator",
-        "fsdfm.metrics.sample:_gen_ppl_seq_mean",
-    ),
-    "metric:entropy_nats": ("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix", *_LENGTHS),
-    "metric:entropy_bits": ("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix", *_LENGTHS),
-    **{
-        f"metric:distinct_{n}": (
-            "fsdfm.metrics.diversity:distinct_n",
-            "fsdfm.metrics.diversity:_ngrams",
-            "fsdfm.metrics.diversity:as_token_matrix",
-            *_LENGTHS,
-        )
-        for n in range(1, 5)
-    },
-    "metric:self_bleu": ("fsdfm.metrics.diversity:self_bleu", "fsdfm.metrics.sample:_self_bleu"),
-    "metric:rep_n": (
-        "fsdfm.metrics.diversity:rep_n",
-        "fsdfm.metrics.diversity:rep_n_per_sample",
-        "fsdfm.metrics.diversity:rep_n_mean",
-        "fsdfm.metrics.diversity:_ngrams",
-        "fsdfm.metrics.diversity:as_token_matrix",
-        "fsdfm.metrics.sample:_rep_n",
-        *_LENGTHS,
-    ),
-    "metric:mauve": ("fsdfm.metrics.mauve", "fsdfm.metrics.sample:_mauve"),
-    **{
-        f"metric:{m}": ("fsdfm.metrics.timing", "fsdfm.memory")
-        for m in ("nfe", "wall_s", "tokens_per_s", "peak_mem", "cpu_s", "load_per_core")
-    },
-    "metric:val_nll": ("fsdfm.methods.dfm:dfm_validation", "fsdfm.ar:ar_nll"),
-    "metric:elbo_ppl": ("fsdfm.methods.dfm:dfm_validation", "fsdfm.ar:ar_nll"),
-    "metric:pos_divergence": ("fsdfm.metrics.divergence",),
-    "metric:pos_divergence_slope": ("fsdfm.metrics.divergence",),
-    **{
-        f"metric:{m}": (*_ORACLE, f"fsdfm.metrics.oracle:_{m}", "fsdfm.metrics.oracle:OracleInputs")
-        for m in ("oracle_nll", "oracle_expected_nll", "oracle_entropy_rate")
-    },
-    "metric:posterior_kl": (
-        "fsdfm.metrics.oracle:posterior_kl",
-        "fsdfm.oracle_posterior",
-        "fsdfm.methods.common:oracle_model_metrics",
-    ),
-    **{
-        f"metric:{m}": ("fsdfm.metrics.oracle", *_ORACLE)
-        for m in ("ngram_tv", "ngram_kl", "ngram_tv_floor", "ngram_kl_floor")
-    },
-}
-
-# fsdfm eval's stage (fsdfm.external): the evaluate stage's metric code on a file instead of a sample stage
-SOURCES["stage:evaluate_external"] = (
-    "fsdfm.external:evaluate_external_stage",
-    "fsdfm.external:read_external",
-    *_DATA,
-    *_EVAL,
-)
 
 
 @dataclass(frozen=True)
@@ -226,7 +47,8 @@ class Unit:
 def source_digest(ref: str) -> str:
     """sha256 of a source: a module's file bytes ("fsdfm.model") or one object's source ("fsdfm.methods.common:fn")."""
     module, _, attr = ref.partition(":")
-    mod = importlib.import_module(module)
+    discover(module, submodules=False)  # imports it (the one function that imports by name)
+    mod = sys.modules[module]
     if attr:
         obj = mod
         for part in attr.split("."):
@@ -237,30 +59,31 @@ def source_digest(ref: str) -> str:
     return hashlib.sha256(text.replace(b"\r\n", b"\n")).hexdigest()
 
 
+# every package whose modules register stage kinds or metrics (fsdfm.external: `fsdfm eval`'s stage)
+UNIT_PACKAGES = ("fsdfm.methods", "fsdfm.metrics", "fsdfm.external")
+
+
 def current_units() -> tuple[dict[str, Unit], list[str]]:
     """Every versioned unit of the installed code ({name: Unit}) and the problems found while collecting them
     (a unit without declared sources, a source that does not import)."""
-    import fsdfm.external  # noqa: F401  (heavy: torch; registers evaluate_external)
-    import fsdfm.methods  # noqa: F401  (heavy: torch; registers the method and stage kinds)
     from fsdfm.metrics.registry import METRICS  # heavy: torch
 
+    discover(*UNIT_PACKAGES)
     declared = {}
     for kind in STAGE_KINDS.names():
         k = STAGE_KINDS.get(kind)
-        if k.module.startswith("fsdfm."):  # the package's own kinds (tests register fakes of their own)
-            declared[f"stage:{kind}"] = (k.version, f"@stage_kind({kind!r}, version=...) in {k.module}")
+        if k.module.startswith("fsdfm."):  # the package's own kinds (tests and plugins register their own)
+            declared[f"stage:{kind}"] = (k.version, k.sources, f"@stage_kind({kind!r}, ...) in {k.module}")
     for name in METRICS.names():
-        declared[f"metric:{name}"] = (
-            METRICS.get(name).version,
-            f"register_metric({name!r}, ..., version=...) (fsdfm.metrics)",
-        )
+        m = METRICS.get(name)
+        if m.compute is None or m.compute.__module__.startswith("fsdfm."):
+            declared[f"metric:{name}"] = (m.version, m.sources, f"register_metric({name!r}, ...) (fsdfm.metrics)")
     units, problems = {}, []
-    for name, (version, where) in sorted(declared.items()):
-        refs = SOURCES.get(name)
+    for name, (version, refs, where) in sorted(declared.items()):
         if not refs:
             problems.append(
-                f"{name}: no sources declared: list the modules/functions that compute it in "
-                "fsdfm.versions.SOURCES, then run python -m fsdfm.versions --write"
+                f"{name}: no sources declared: list the modules/functions that compute it in its "
+                f"`sources=` ({where}), then run python -m fsdfm.versions --write"
             )
             continue
         digests = {}
@@ -269,7 +92,7 @@ def current_units() -> tuple[dict[str, Unit], list[str]]:
                 digests[ref] = source_digest(ref)
             except (ImportError, AttributeError, OSError, TypeError) as e:
                 problems.append(
-                    f"{name}: source {ref!r} cannot be read ({type(e).__name__}: {e}); fix fsdfm.versions.SOURCES"
+                    f"{name}: source {ref!r} cannot be read ({type(e).__name__}: {e}); fix its `sources=` ({where})"
                 )
         units[name] = Unit(name, version, digests, where)
     return units, problems

@@ -17,7 +17,7 @@ import fsdfm.methods  # noqa: F401  (registers the method and stage kinds)
 from fsdfm.launch import execute
 from fsdfm.methods import plan_study
 from fsdfm.records import load
-from fsdfm.study.load import load_spec
+from fsdfm.methods.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STEPS = {"train_ar": 3, "dfm": 4, "fsdfm": 2}

@@ -57,17 +57,17 @@ def spec_dict(tmp: Path, sampling_seed: int) -> dict:
                 "kind": "dfm",
                 "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1},
                 "rules": ["euler"],
-                "steps": [2],
+                "budgets": [2],
             },
             "fs": {
                 "kind": "fsdfm",
                 "teacher": "dfm",
                 "distill": {"K": 3},
                 "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
-                "steps": [8],
+                "budgets": [8],
             },
-            "ar": {"kind": "ar", "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1}, "steps": [16]},
-            "flm": {"kind": "flm", "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1}, "steps": [4]},
+            "ar": {"kind": "ar", "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1}, "budgets": [16]},
+            "flm": {"kind": "flm", "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1}, "budgets": [4]},
         },
         "metrics": {"names": ["entropy_nats", "distinct_2", "rep_n"]},
     }
@@ -222,7 +222,7 @@ model: {preset: tiny, hidden: 16, cond_dim: 8, n_blocks: 1, n_heads: 2}
 sampling: {n_samples: 4, batch_size: 4, seed: 0}
 evaluator: {kind: none}
 methods:
-  dfm: {kind: dfm, train: {steps: 2, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [euler], steps: [2]}
+  dfm: {kind: dfm, train: {steps: 2, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [euler], budgets: [2]}
 metrics:
   names: [entropy_nats, rep_n]
 """

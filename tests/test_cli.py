@@ -19,7 +19,7 @@ SPEC = {
     "data": {"kind": "oracle", "seq_len": 8, "oracle": {"source": "markov", "vocab_size": 8, "order": 1, "support": 2}},
     "evaluator": {"kind": "none"},
     "metrics": {"names": ["oracle_nll"]},
-    "methods": {"dfm": {"kind": "dfm", "steps": [1]}},
+    "methods": {"dfm": {"kind": "dfm", "budgets": [1]}},
 }
 
 CORRUPT_PLANS = {

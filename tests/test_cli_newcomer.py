@@ -43,7 +43,7 @@ SPEC = {
             "kind": "dfm",
             "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "ema_decay": None},
             "rules": ["euler"],
-            "steps": [2, 4],
+            "budgets": [2, 4],
         }
     },
     "metrics": {"names": ["entropy_nats", "rep_n"]},
@@ -77,10 +77,10 @@ def test_overrides_are_accepted_anywhere_on_the_line(spec, tmp_path, capsys):
 
 
 def test_a_report_pair_never_blocks_an_unrelated_override(spec, tmp_path, capsys):
-    """9c2f443: report.pairs naming dfm@4 made `methods.dfm.steps=[2]` an error; the pair is a report setting."""
+    """9c2f443: report.pairs naming dfm@4 made `methods.dfm.steps=[2]` (now `budgets`) an error; the pair is a report setting."""
     root = str(tmp_path / "r")
     with pytest.warns(UserWarning, match=r"report\.pairs\[0\] \['dfm@2', 'dfm@4'\] dropped after the overrides"):
-        assert main(["--results", root, "run", str(spec), "methods.dfm.steps=[2]", "--executor", "debug"]) == 0
+        assert main(["--results", root, "run", str(spec), "methods.dfm.budgets=[2]", "--executor", "debug"]) == 0
     out = last_json(capsys.readouterr().out)
     assert out["ok"] and read_plan(Path(root) / out["study"])["report"]["pairs"] == []
     # the spec file's own pairs are still checked strictly: a pair that names nothing there is an error

@@ -30,7 +30,7 @@ model: {preset: tiny, hidden: 16, cond_dim: 8, n_blocks: 1, n_heads: 2}
 sampling: {n_samples: 4, batch_size: 4, seed: 0}
 evaluator: {kind: none}
 methods:
-  dfm: {kind: dfm, train: {steps: 3, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [euler], steps: [1, 2]}
+  dfm: {kind: dfm, train: {steps: 3, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [euler], budgets: [1, 2]}
 metrics:
   names: [entropy_nats, distinct_2]
 """

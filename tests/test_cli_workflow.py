@@ -22,7 +22,7 @@ SPEC = {
     "data_reference": False,
     "sampling": {"n_samples": 4, "batch_size": 4},
     "model": {"preset": "tiny", "hidden": 32, "cond_dim": 16, "n_blocks": 1, "n_heads": 2},
-    "methods": {"dfm": {"kind": "dfm", "steps": [1], "train": {"steps": 2, "warmup_steps": 1, "batch_size": 4}}},
+    "methods": {"dfm": {"kind": "dfm", "budgets": [1], "train": {"steps": 2, "warmup_steps": 1, "batch_size": 4}}},
 }
 
 
@@ -80,7 +80,7 @@ def test_ls_lists_studies_with_done_over_total(ran, capsys):
 @pytest.mark.parametrize(
     "what,module,registry",
     [
-        ("rules", "fsdfm.samplers", "UPDATE_RULES"),
+        ("rules", "fsdfm.samplers", "RULE_KINDS"),  # every rule with its declared kinds, aliases included
         ("methods", "fsdfm.methods", "METHOD_KINDS"),
         ("metrics", "fsdfm.metrics.registry", "METRICS"),
         ("presets", "fsdfm.model", "PRESETS"),
@@ -92,7 +92,8 @@ def test_ls_lists_every_registered_name(what, module, registry, capsys):
 
     assert main(["ls", what]) == 0
     out = capsys.readouterr().out
-    names = getattr(importlib.import_module(module), registry).names()
+    reg = getattr(importlib.import_module(module), registry)
+    names = list(reg) if isinstance(reg, dict) else reg.names()
     assert last_json(out)["names"] == names and len(out.splitlines()) == len(names) + 1
     assert main(["ls", "rulez"]) == 2 and "did you mean 'rules'" in capsys.readouterr().err
 

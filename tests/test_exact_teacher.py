@@ -18,7 +18,7 @@ from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import make_path
 from fsdfm.schedulers import make_scheduler
 from fsdfm.study.spec import SpecError
-from fsdfm.study.load import load_spec
+from fsdfm.methods.load import load_spec
 from fsdfm.train import StepContext
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,13 +69,13 @@ def _spec(tmp_path, methods: str) -> Path:
 
 def test_exact_teacher_needs_the_frozen_shortcut_and_the_name_is_reserved(tmp_path):
     with pytest.raises(SpecError, match=r"methods\.s\.distill\.shortcut: .*frozen_dfm"):
-        load_spec(_spec(tmp_path, "  s: {kind: fsdfm, teacher: exact, steps: [2]}\n"))
+        load_spec(_spec(tmp_path, "  s: {kind: fsdfm, teacher: exact, budgets: [2]}\n"))
     with pytest.raises(SpecError, match=r"methods\.exact: the method name 'exact' is reserved"):
-        load_spec(_spec(tmp_path, "  exact: {kind: exact, steps: [2]}\n"))
+        load_spec(_spec(tmp_path, "  exact: {kind: exact, budgets: [2]}\n"))
     with pytest.raises(SpecError, match=r"methods\.s\.teacher: unknown method 'exat' \(did you mean 'exact'"):
-        load_spec(_spec(tmp_path, "  s: {kind: fsdfm, teacher: exat, steps: [2]}\n"))
+        load_spec(_spec(tmp_path, "  s: {kind: fsdfm, teacher: exat, budgets: [2]}\n"))
     with pytest.raises(SpecError, match=r"methods\.a\.teacher: a ar method cannot use teacher 'exact'"):
-        load_spec(_spec(tmp_path, "  a: {kind: ar, teacher: exact, steps: [2]}\n"))
+        load_spec(_spec(tmp_path, "  a: {kind: ar, teacher: exact, budgets: [2]}\n"))
 
 
 @pytest.mark.slow
@@ -99,12 +99,12 @@ def test_exact_on_text_data_exits_2_and_writes_nothing(fixture, tmp_path):
 
 STUDY = """
 methods:
-  ex: {kind: exact, label: exact, rules: [cumulative_scalar], steps: [1, 8]}
-  dfm: {kind: dfm, label: DFM, rules: [cumulative_scalar], train: {steps: 3, batch_size: 8, warmup_steps: 1}, steps: [1, 8]}
-  fs: {kind: fsdfm, label: FS-DFM, teacher: dfm, distill: {K: 3}, train: {steps: 2, batch_size: 8, warmup_steps: 1}, steps: [8]}
+  ex: {kind: exact, label: exact, rules: [cumulative_scalar], budgets: [1, 8]}
+  dfm: {kind: dfm, label: DFM, rules: [cumulative_scalar], train: {steps: 3, batch_size: 8, warmup_steps: 1}, budgets: [1, 8]}
+  fs: {kind: fsdfm, label: FS-DFM, teacher: dfm, distill: {K: 3}, train: {steps: 2, batch_size: 8, warmup_steps: 1}, budgets: [8]}
   fs_exact: {kind: fsdfm, label: FS-DFM exact teacher, teacher: exact, distill: {K: 3, shortcut: frozen_dfm},
-             train: {steps: 2, batch_size: 8, warmup_steps: 1}, steps: [8]}
-  dfm_exact: {kind: dfm, label: DFM exact targets, teacher: exact, rules: [cumulative_scalar], train: {steps: 2, batch_size: 8, warmup_steps: 1}, steps: [8]}
+             train: {steps: 2, batch_size: 8, warmup_steps: 1}, budgets: [8]}
+  dfm_exact: {kind: dfm, label: DFM exact targets, teacher: exact, rules: [cumulative_scalar], train: {steps: 2, batch_size: 8, warmup_steps: 1}, budgets: [8]}
 """
 
 
@@ -137,8 +137,8 @@ def test_exact_study_runs_and_the_report_decomposes_the_error(tmp_path):
     for _, row in frame[frame.kind != "exact"].iterrows():
         model = df[(df.label == row.label) & (df.steps == row.steps)].oracle_nll.mean()
         exact = df[(df.method == "ex") & (df.steps == row.steps)].oracle_nll.item()
-        assert row.model_error == pytest.approx(model - exact, abs=1e-12)
-        assert row.sampler_error == pytest.approx(exact - expected, abs=1e-12)
+        assert row.model_ce_excess == pytest.approx(model - exact, abs=1e-12)
+        assert row.exact_ce_excess == pytest.approx(exact - expected, abs=1e-12)
     out = write_report(study_dir)
     index = out.index.read_text()
     assert "Few-step error decomposition" in index and (study_dir / "report" / "fig_decomposition.png").is_file()

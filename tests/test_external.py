@@ -24,7 +24,7 @@ model: {preset: tiny, hidden: 16, cond_dim: 8, n_blocks: 1, n_heads: 2}
 sampling: {n_samples: 4, batch_size: 4, seed: 0}
 evaluator: {kind: none}
 methods:
-  dfm: {kind: dfm, train: {steps: 2, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [euler], steps: [2]}
+  dfm: {kind: dfm, train: {steps: 2, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [euler], budgets: [2]}
 metrics:
   names: [entropy_nats, distinct_2, rep_n]
 """
@@ -119,7 +119,7 @@ model: {{preset: tiny, hidden: 16, cond_dim: 8, n_blocks: 1, n_heads: 2}}
 sampling: {{n_samples: 4, batch_size: 4, seed: 0}}
 evaluator: {{kind: reference, train: {{steps: 2, batch_size: 4}}}}
 methods:
-  dfm: {{kind: dfm, train: {{steps: 2, batch_size: 4}}, rules: [euler], steps: [2]}}
+  dfm: {{kind: dfm, train: {{steps: 2, batch_size: 4}}, rules: [euler], budgets: [2]}}
 metrics:
   names: [gen_ppl, self_bleu, entropy_nats]
 """

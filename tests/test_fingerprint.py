@@ -12,7 +12,7 @@ from fsdfm.cli import main
 from fsdfm.fingerprint import data_fingerprint, stage_fingerprint
 from fsdfm.methods import plan_study
 from fsdfm.metrics.registry import METRICS
-from fsdfm.study.load import load_spec
+from fsdfm.methods.load import load_spec
 from fsdfm.study.graph import STAGE_KINDS, Stage
 
 TEXT = "Once upon a time there was a cat.\n\nThe cat sat on a mat and looked at the sun.\n\n" * 20
@@ -24,8 +24,8 @@ model: {{preset: tiny, hidden: 16, cond_dim: 8, n_blocks: 1, n_heads: 2}}
 sampling: {{n_samples: 4, batch_size: 4, seed: 0}}
 evaluator: {{kind: reference, train: {{steps: 2, batch_size: 4}}}}
 methods:
-  dfm: {{kind: dfm, train: {{steps: 2, batch_size: 4}}, rules: [euler], steps: [1, 2]}}
-  fs: {{kind: fsdfm, teacher: dfm, train: {{steps: 2, batch_size: 4}}, steps: [1]}}
+  dfm: {{kind: dfm, train: {{steps: 2, batch_size: 4}}, rules: [euler], budgets: [1, 2]}}
+  fs: {{kind: fsdfm, teacher: dfm, train: {{steps: 2, batch_size: 4}}, budgets: [1]}}
 grid:
   data.valid: [{a}, {b}]
 metrics:

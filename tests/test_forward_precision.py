@@ -100,7 +100,7 @@ methods:
 
 def _plan(tmp_path, text):
     from fsdfm.methods import plan_study
-    from fsdfm.study.load import load_spec
+    from fsdfm.methods.load import load_spec
 
     (tmp_path / "s.yaml").write_text(text)
     spec, cells = load_spec(tmp_path / "s.yaml", check_files=False)

@@ -16,7 +16,7 @@ from fsdfm.methods import METHOD_KINDS, SAMPLERS, plan_study
 from fsdfm.records import load, load_records
 from fsdfm.study.graph import STAGE_KINDS
 from fsdfm.study.spec import SpecError
-from fsdfm.study.load import load_spec_dict
+from fsdfm.methods.load import load_spec_dict
 
 REPO = Path(__file__).resolve().parents[1]
 ORACLE_DATA = {
@@ -56,7 +56,7 @@ def test_a_one_file_kind_runs_a_study_end_to_end(unigram_kind, tmp_path):
         "data_reference": False,
         "sampling": {"n_samples": 400, "batch_size": 400, "seed": 1},
         "metrics": {"names": ["oracle_nll", "entropy_nats"]},
-        "methods": {"uni": {"kind": "unigram", "steps": [1]}},
+        "methods": {"uni": {"kind": "unigram", "budgets": [1]}},
     }
     spec, cells = load_spec_dict(raw, "uni.yaml")
     plan = plan_study(spec.name, cells)
@@ -93,9 +93,9 @@ def test_a_one_file_kind_runs_a_study_end_to_end(unigram_kind, tmp_path):
 )
 def test_a_misspelt_model_key_is_a_spec_error_for_every_kind(kind, extra):
     methods = {
-        "t": {"kind": "dfm", "steps": [1]},
-        "f": {"kind": "flm", "steps": [1]},
-        "m": {"kind": kind, "steps": [1], "model": {"hiden": 32}, **extra},
+        "t": {"kind": "dfm", "budgets": [1]},
+        "f": {"kind": "flm", "budgets": [1]},
+        "m": {"kind": kind, "budgets": [1], "model": {"hiden": 32}, **extra},
     }
     raw = {
         "name": "x",
@@ -116,7 +116,9 @@ def test_a_misspelt_model_key_is_a_spec_error_for_a_released_checkpoint(tmp_path
         "data": ORACLE_DATA,
         "evaluator": {"kind": "none"},
         "metrics": {"names": ["oracle_nll"]},
-        "methods": {"r": {"kind": "released", "steps": [1], "checkpoint": {"path": str(ckpt)}, "model": {"n_head": 2}}},
+        "methods": {
+            "r": {"kind": "released", "budgets": [1], "checkpoint": {"path": str(ckpt)}, "model": {"n_head": 2}}
+        },
     }
     with pytest.raises(SpecError, match=r"unknown key 'methods\.r\.model\.n_head'.*did you mean 'n_heads'"):
         load_spec_dict(raw, "x.yaml", check_files=False)
@@ -132,16 +134,16 @@ def test_kind_settings_are_built_once_at_load_as_the_kinds_dataclass():
         "evaluator": {"kind": "none"},
         "metrics": {"names": ["oracle_nll"]},
         "methods": {
-            "t": {"kind": "dfm", "steps": [1]},
-            "s": {"kind": "fsdfm", "teacher": "t", "steps": [2], "distill": {"K": 3, "shortcut": "heun"}},
-            "f": {"kind": "flm", "steps": [1]},
+            "t": {"kind": "dfm", "budgets": [1]},
+            "s": {"kind": "fsdfm", "teacher": "t", "budgets": [2], "distill": {"K": 3, "shortcut": "heun"}},
+            "f": {"kind": "flm", "budgets": [1]},
         },
     }
     spec, _ = load_spec_dict(raw, "x.yaml", check_files=False)
     assert spec.methods["s"].settings == FSDFMSettings(K=3, shortcut="heun")
     assert spec.methods["f"].settings == FLMConfig()
     assert spec.methods["t"].settings is None
-    assert spec.methods["s"].sample_steps == (2,)
+    assert spec.methods["s"].budgets == (2,)
 
 
 def test_the_spec_schema_imports_no_method_code_and_no_torch():
@@ -203,17 +205,42 @@ def test_the_sample_stage_counts_nfe_with_the_counting_wrapper(rule, n_steps, tm
     assert len(payload["time_grid"]) == n_steps + 1 and payload["metrics"]["wall_s"] > 0
 
 
-def test_update_rules_declare_their_kinds(monkeypatch):
+def test_kinds_claim_the_rules_that_apply_to_them(monkeypatch):
     from fsdfm import samplers
-    from fsdfm.methods.base import declared_rules
+    from fsdfm.methods.base import MixtureRules, declared_rules
 
-    # the rules of today, each kind's default first (the order "allowed: ..." messages list them in)
-    assert declared_rules("dfm", "euler") == ("euler", "cumulative_scalar", "mixture_euler", "mdlm")
-    assert declared_rules("fsdfm", "cumulative_scalar") == ("cumulative_scalar", "euler", "mixture_euler")
-    assert METHOD_KINDS.get("released").rules == ("cumulative_scalar", "euler", "mixture_euler")
-    # a new rule is its function and its declaration: no kind file changes
-    monkeypatch.setitem(samplers.RULE_KINDS, "new_rule", ("fsdfm",))
-    assert declared_rules("fsdfm", "cumulative_scalar")[-1] == "new_rule"
-    assert "new_rule" not in declared_rules("dfm", "euler")
+    mixture = [k for k in METHOD_KINDS if isinstance(METHOD_KINDS.get(k).rules, MixtureRules)]
+    assert mixture  # the DFM family samples the mixture path
+    for name in METHOD_KINDS:
+        rules = METHOD_KINDS.get(name).rules
+        assert rules[0] in rules and len(set(rules)) == len(rules)  # its default is accepted; no rule twice
+        if isinstance(rules, MixtureRules):  # every accepted rule of a mixture kind samples (or aliases one that does)
+            assert all(callable(samplers.get_rule(rule)) for rule in rules)
+    # a rule registered without kinds applies to every mixture kind and to no other; a restricted one only where
+    # it says; an opted-out one everywhere but there; no kind file changes
+    monkeypatch.setitem(samplers.RULE_KINDS, "new_rule", None)
+    monkeypatch.setitem(samplers.RULE_KINDS, "narrow_rule", ("fsdfm",))
+    monkeypatch.setitem(samplers.RULE_KINDS, "shy_rule", None)
+    monkeypatch.setitem(samplers.RULE_EXCLUDES, "shy_rule", ("dfm",))
+    for name in METHOD_KINDS:
+        rules = METHOD_KINDS.get(name).rules
+        assert ("new_rule" in rules) == (name in mixture)
+        assert ("narrow_rule" in rules) == (name == "fsdfm")
+        assert ("shy_rule" in rules) == (name in mixture and name != "dfm")
     with pytest.raises(ValueError, match="default rule 'mdlm' does not declare it applies to 'fsdfm'"):
         declared_rules("fsdfm", "mdlm")
+
+
+@pytest.mark.parametrize("key,value", [("source", "uniform"), ("loss", "gkl"), ("scheduler", {"name": "cosine"})])
+def test_mixture_path_settings_are_refused_for_a_kind_that_has_no_path(key, value):
+    # AR samples left to right: a source, loss or scheduler would be ignored, so it is an error naming the key
+    raw = {
+        "name": "x",
+        "data": {"kind": "oracle", **{k: v for k, v in ORACLE_DATA.items() if k != "kind"}},
+        "evaluator": {"kind": "none"},
+        "methods": {"a": {"kind": "ar", "budgets": [16], key: value}},
+    }
+    with pytest.raises(SpecError, match=rf"methods\.a\.{key}: a ar method does not sample the mixture path"):
+        load_spec_dict(raw, "x.yaml", check_files=False)
+    raw["methods"] = {"d": {"kind": "dfm", "budgets": [2], key: value}}  # the same setting on a DFM method is fine
+    assert getattr(load_spec_dict(raw, "x.yaml", check_files=False)[0].methods["d"], key) is not None

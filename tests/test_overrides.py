@@ -12,9 +12,9 @@ import yaml
 from fsdfm.cli import main
 from fsdfm.methods import plan_study
 from fsdfm.study.overrides import apply_overrides, parse_overrides, study_name
-from fsdfm.study.load import load
+from fsdfm.methods.load import load
 from fsdfm.study.spec import SpecError
-from fsdfm.study.load import load_spec
+from fsdfm.methods.load import load_spec
 
 # a teacher and its student on an oracle source: no data files, no evaluator, planning takes milliseconds
 SPEC = {
@@ -25,11 +25,11 @@ SPEC = {
     "metrics": {"names": ["oracle_nll"]},
     "sampling": {"n_samples": 4, "batch_size": 4, "seed": 0},
     "methods": {
-        "dfm": {"kind": "dfm", "steps": [1], "train": {"steps": 40, "warmup_steps": 5}},
+        "dfm": {"kind": "dfm", "budgets": [1], "train": {"steps": 40, "warmup_steps": 5}},
         "fsdfm": {
             "kind": "fsdfm",
             "teacher": "dfm",
-            "steps": [1],
+            "budgets": [1],
             "distill": {"K": 3},
             "train": {"steps": 30, "warmup_steps": 5},
         },
@@ -67,7 +67,7 @@ def test_parse_overrides_values_sweeps_and_grid_axes():
             "sampling.seed=3",
             "seed=0,1,2",
             "methods.fsdfm.distill.shortcut=heun",
-            "methods.dfm.steps=[1, 8]",
+            "methods.dfm.budgets=[1, 8]",
             "grid.sampling.seed=[4,5]",
             "label='a,b'",
             "x.y=null",
@@ -77,7 +77,7 @@ def test_parse_overrides_values_sweeps_and_grid_axes():
         "sampling.seed": 3,
         "grid.seed": [0, 1, 2],
         "methods.fsdfm.distill.shortcut": "heun",
-        "methods.dfm.steps": [1, 8],
+        "methods.dfm.budgets": [1, 8],
         "grid.sampling.seed": [4, 5],
         "label": "a,b",
         "x.y": None,
@@ -144,7 +144,7 @@ def test_apply_overrides_leaves_the_input_alone_and_writes_nested_keys():
 
 BAD = {
     "sampling.n_sampels=3": ["override sampling.n_sampels=3", "did you mean 'n_samples'"],
-    "methods.fsdm.steps=[2]": ["override methods.fsdm.steps=[2]", "did you mean 'fsdfm'"],
+    "methods.fsdm.budgets=[2]": ["override methods.fsdm.budgets=[2]", "did you mean 'fsdfm'"],
     "sampling.precision=float16": ["override sampling.precision=float16", "float64 or float32"],
     "methods.fsdfm.distill.K=many": ["override methods.fsdfm.distill.K=many", "distill.K"],
     "grid.seed=3": ["override grid.seed=3", "non-empty list"],
@@ -219,11 +219,11 @@ def test_the_shipped_demo_declares_a_smoke_run():
     r = load(repo / "experiments" / "demo.yaml", {}, 8, check_files=False)
     assert r.name == "demo+limit-8" and r.spec.sampling.n_samples == 8
     assert all(m.train.steps <= 20 for m in r.spec.methods.values()) and r.spec.evaluator.train.steps == 20
-    assert max(s for m in r.spec.methods.values() for s in m.steps) == 16
+    assert max(s for m in r.spec.methods.values() for s in m.budgets) == 16
 
 
 def test_a_bad_limit_section_names_the_limit(tmp_path):
-    spec = write(tmp_path, {**SPEC, "limit": {"set": {"methods.dfm.steps": []}}})
-    with pytest.raises(SpecError, match=r"--limit 2 \(from its limit: section, methods.dfm.steps=\[\]\)"):
+    spec = write(tmp_path, {**SPEC, "limit": {"set": {"methods.dfm.budgets": []}}})
+    with pytest.raises(SpecError, match=r"--limit 2 \(from its limit: section, methods.dfm.budgets=\[\]\)"):
         load(spec, {}, 2, check_files=False)
     load(spec, {}, None, check_files=False)  # without --limit the section does nothing

@@ -16,7 +16,7 @@ from fsdfm.launch import execute
 from fsdfm.methods import plan_study
 from fsdfm.data.oracle import make_oracle
 from fsdfm.records import load, load_records
-from fsdfm.study.load import load_spec
+from fsdfm.methods.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,8 @@ model: {preset: tiny, hidden: 32, cond_dim: 16, n_blocks: 1, n_heads: 2}
 sampling: {n_samples: 24, batch_size: 10, seed: 5}
 evaluator: {kind: none}
 methods:
-  dfm: {kind: dfm, train: {steps: 40, batch_size: 16, lr: 0.003, warmup_steps: 5, ema_decay: 0.9}, rules: [euler, cumulative_scalar], steps: [1, 4]}
-  fs: {kind: fsdfm, teacher: dfm, distill: {K: 3}, train: {steps: 6, batch_size: 8, warmup_steps: 2, ema_decay: 0.9}, steps: [2]}
+  dfm: {kind: dfm, train: {steps: 40, batch_size: 16, lr: 0.003, warmup_steps: 5, ema_decay: 0.9}, rules: [euler, cumulative_scalar], budgets: [1, 4]}
+  fs: {kind: fsdfm, teacher: dfm, distill: {K: 3}, train: {steps: 6, batch_size: 8, warmup_steps: 2, ema_decay: 0.9}, budgets: [2]}
 metrics:
   names: [oracle_nll, entropy_nats, distinct_2, rep_n]
   pos_divergence: {n_states: 2, n_rollouts: 3, t_start: 0.5, teacher_steps: 8, student_steps: [2]}
@@ -142,7 +142,7 @@ model: {preset: tiny, hidden: 16, cond_dim: 8, n_blocks: 1, n_heads: 2}
 sampling: {n_samples: 4, batch_size: 4, seed: 0}
 evaluator: {kind: none}
 methods:
-  dfm: {kind: dfm, train: {steps: 2, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [euler], steps: [2]}
+  dfm: {kind: dfm, train: {steps: 2, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [euler], budgets: [2]}
 metrics:
   names: [entropy_nats]
 """

@@ -39,13 +39,13 @@ def ablation_spec(tmp: Path) -> dict:
         "evaluator": {"kind": "none"},
         "data_reference": False,
         "methods": {
-            "dfm": {"kind": "dfm", "train": {**TRAIN, "steps": 3}, "rules": ["euler"], "steps": [2]},
+            "dfm": {"kind": "dfm", "train": {**TRAIN, "steps": 3}, "rules": ["euler"], "budgets": [2]},
             "fs": {
                 "kind": "fsdfm",
                 "teacher": "dfm",
                 "train": TRAIN,
                 "rules": ["euler"],
-                "steps": [2],
+                "budgets": [2],
                 "distill": {"K": 3, "shortcut": "rk4", "h_distribution": "inv_h"},
             },
             "fs_heun": {"base": "fs", "distill": {"shortcut": "heun"}},

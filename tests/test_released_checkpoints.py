@@ -432,7 +432,7 @@ def test_released_spec_validates_and_dry_runs_offline(monkeypatch, capsys, tmp_p
 
     from fsdfm.cli import main
     from fsdfm.methods import plan_study
-    from fsdfm.study.load import load_spec
+    from fsdfm.methods.load import load_spec
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(_fake_hub_cache(tmp_path / "hub", "gpt2-large")))
     monkeypatch.chdir(REPO)
@@ -441,7 +441,7 @@ def test_released_spec_validates_and_dry_runs_offline(monkeypatch, capsys, tmp_p
     budgets = [2**k for k in range(11)]
     for name, rules in (("dfm_released", ["euler", "cumulative_scalar"]), ("fsdfm_released", ["cumulative_scalar"])):
         m = spec.methods[name]
-        assert m.kind == "released" and list(m.steps) == budgets and list(m.rules) == rules and m.source == "uniform"
+        assert m.kind == "released" and list(m.budgets) == budgets and list(m.rules) == rules and m.source == "uniform"
     assert {
         "gen_ppl",
         "gen_ppl_seq_mean",
@@ -463,7 +463,7 @@ def test_released_spec_validates_and_dry_runs_offline(monkeypatch, capsys, tmp_p
 
 def test_released_spec_rejects_bad_checkpoint_settings(tmp_path):
     from fsdfm.study.spec import SpecError
-    from fsdfm.study.load import load_spec
+    from fsdfm.methods.load import load_spec
 
     base = (REPO / "experiments" / "released.yaml").read_text()
     cases = {
@@ -498,7 +498,7 @@ def released_study(tmp_path_factory):
 
     from fsdfm.launch import execute
     from fsdfm.methods import plan_study
-    from fsdfm.study.load import load_spec
+    from fsdfm.methods.load import load_spec
     from metrics_fixtures import gpt2_evaluator
 
     tmp = tmp_path_factory.mktemp("released")

@@ -266,7 +266,7 @@ TINY = {
     "data_reference": False,
     "sampling": {"n_samples": 4, "batch_size": 4},
     "model": {"preset": "tiny", "hidden": 32, "cond_dim": 16, "n_blocks": 1, "n_heads": 2},
-    "methods": {"dfm": {"kind": "dfm", "steps": [1], "train": {"steps": 2, "warmup_steps": 1, "batch_size": 4}}},
+    "methods": {"dfm": {"kind": "dfm", "budgets": [1], "train": {"steps": 2, "warmup_steps": 1, "batch_size": 4}}},
 }
 TRAIN_TXT = str(ROOT / "data" / "tinystories" / "train.txt")
 

@@ -407,7 +407,7 @@ def test_missing_metrics_and_figures_are_skipped_and_said(tmp_path):
     out = write_report(bare_study(tmp_path), tmp_path / "rep")
     assert {p.name for p in out.figures} == {"fig_step_sweep.png", "fig_step_sweep.pdf"}
     skipped = dict(out.skipped)
-    assert set(skipped) == {"frontier", "pos_divergence", "ablation"}
+    assert set(skipped) == {"frontier", "quality_vs_nfe", "pos_divergence", "ablation"}
     assert "gen_ppl was not recorded" in skipped["frontier"]
     index = out.index.read_text()
     for name, why in skipped.items():

@@ -1,6 +1,10 @@
 """The oracle report's verdict sentences: student vs teacher decided by a paired test, not by eye."""
 
+import math
 from types import SimpleNamespace
+
+import numpy as np
+import pytest
 
 import pandas as pd
 from scipy import stats
@@ -56,3 +60,31 @@ def test_the_claim_line_compares_with_the_teachers_largest_budget():
 def test_no_shared_seed_and_no_samples_gives_no_verdict():
     runs = _runs([2.5], [2.7])
     assert _verdict(runs) is None
+
+
+def test_monte_carlo_standard_errors_from_the_per_sample_table():
+    from fsdfm.report.mc import mc_standard_errors, pooled_se
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(2.0, 0.5, 100), rng.normal(3.0, 1.0, 400)
+    samples = pd.DataFrame(
+        {"run_id": ["a"] * 100 + ["b"] * 400, "oracle_nll": np.r_[a, b], "entropy_nats": np.r_[a, b] + 1}
+    )
+    se = mc_standard_errors(SimpleNamespace(samples=samples)).set_index("run_id")
+    want_a, want_b = a.std(ddof=1) / 10, b.std(ddof=1) / 20
+    assert se.loc["a", "oracle_nll"] == pytest.approx(want_a) and se.loc["b", "entropy_nats"] == pytest.approx(want_b)
+    # the mean of the two run means: Var = (SE_a^2 + SE_b^2) / 4
+    assert pooled_se(se.reset_index(), ["a", "b"], "oracle_nll") == pytest.approx(math.hypot(want_a, want_b) / 2)
+
+
+def test_holm_adjustment_matches_the_step_down_definition():
+    from fsdfm.report.significance import holm
+
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 4 x 0.01, max(0.04, 3 x 0.02), max(0.06, 2 x 0.03), max(0.06, 0.5)
+    got = holm([0.03, 0.5, 0.01, 0.02])
+    assert got == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    # a NaN is no test: it stays NaN and m = 2
+    got = holm([0.04, float("nan"), 0.01])
+    assert got[0] == pytest.approx(0.04) and math.isnan(got[1]) and got[2] == pytest.approx(0.02)
+    # a family of one is the test itself; the adjusted p never exceeds 1
+    assert holm([0.2]) == [0.2] and holm([0.6, 0.7]) == [1.0, 1.0]

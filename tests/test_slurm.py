@@ -214,8 +214,8 @@ model: {preset: tiny, hidden: 32, cond_dim: 16, n_blocks: 1, n_heads: 2}
 sampling: {n_samples: 16, batch_size: 16, seed: 5}
 evaluator: {kind: none}
 methods:
-  dfm: {kind: dfm, train: {steps: 20, batch_size: 16, warmup_steps: 5, ema_decay: 0.9}, rules: [cumulative_scalar], steps: [2]}
-  fs: {kind: fsdfm, teacher: dfm, distill: {K: 3}, train: {steps: 4, batch_size: 8, warmup_steps: 2, ema_decay: 0.9}, steps: [2]}
+  dfm: {kind: dfm, train: {steps: 20, batch_size: 16, warmup_steps: 5, ema_decay: 0.9}, rules: [cumulative_scalar], budgets: [2]}
+  fs: {kind: fsdfm, teacher: dfm, distill: {K: 3}, train: {steps: 4, batch_size: 8, warmup_steps: 2, ema_decay: 0.9}, budgets: [2]}
 metrics:
   names: [oracle_nll, entropy_nats]
 """

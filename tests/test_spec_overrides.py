@@ -8,7 +8,8 @@ import yaml
 
 from fsdfm.methods import plan_study
 from fsdfm.study.spec import SpecError
-from fsdfm.study.load import apply_overrides, load_spec, load_spec_dict
+from fsdfm.methods.load import load_spec, load_spec_dict
+from fsdfm.study.load import apply_overrides
 
 RAW = {
     "name": "tiny",
@@ -16,8 +17,8 @@ RAW = {
     "evaluator": {"kind": "none"},
     "metrics": {"names": ["oracle_nll"]},
     "methods": {
-        "dfm": {"kind": "dfm", "steps": [1]},
-        "fs": {"kind": "fsdfm", "teacher": "dfm", "distill": {"K": 3}, "steps": [1]},
+        "dfm": {"kind": "dfm", "budgets": [1]},
+        "fs": {"kind": "fsdfm", "teacher": "dfm", "distill": {"K": 3}, "budgets": [1]},
     },
 }
 

@@ -10,7 +10,7 @@ import yaml
 
 from fsdfm.methods import plan_study
 from fsdfm.study.spec import SpecError
-from fsdfm.study.load import load_spec
+from fsdfm.methods.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_paths_below_the_spec_folder_and_the_cwd_fallback(tmp_path, monkeypatch)
         "name": "p",
         "data": {"kind": "text", "train": "corpus/train.txt", "valid": "corpus/valid.txt", "seq_len": 16},
         "cluster": {"profile": "my-cluster.yaml"},
-        "methods": {"dfm": {"kind": "dfm", "steps": [1]}},
+        "methods": {"dfm": {"kind": "dfm", "budgets": [1]}},
     }
     (folder / "my-cluster.yaml").write_text("name: c\n")
     (folder / "s.yaml").write_text(yaml.safe_dump(raw))

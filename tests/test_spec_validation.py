@@ -25,7 +25,7 @@ def base_spec(**top) -> dict:
         "name": "bad",
         "data": {"kind": "text", "train": TRAIN, "valid": VALID, "seq_len": 32},
         "model": {"preset": "tiny", "hidden": 32, "cond_dim": 16, "n_blocks": 1, "n_heads": 2},
-        "methods": {"dfm": {"kind": "dfm", "steps": [1]}},
+        "methods": {"dfm": {"kind": "dfm", "budgets": [1]}},
     }
     spec.update(top)
     return spec
@@ -53,7 +53,7 @@ def bomb(levels: int) -> str:
         lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
     return (
         "\n".join(lines) + f"\nname: bomb\ndata: {{kind: text, train: {TRAIN}, valid: {VALID}}}\n"
-        f"methods: {{dfm: {{kind: dfm, steps: [1]}}}}\ndescription: *a{levels}\n"
+        f"methods: {{dfm: {{kind: dfm, budgets: [1]}}}}\ndescription: *a{levels}\n"
     )
 
 
@@ -140,22 +140,22 @@ CASES = {
     "name_newline": (lambda f: base_spec(name="a\nb"), ["name:", "'a\\nb'"]),
     "name_nul": (
         'name: "a\\0b"\ndata: {kind: text, train: ' + TRAIN + ", valid: " + VALID + "}\n"
-        "methods: {dfm: {kind: dfm, steps: [1]}}\n",
+        "methods: {dfm: {kind: dfm, budgets: [1]}}\n",
         ["name:", "'a\\x00b'"],
     ),
     "method_name_slash": (
-        lambda f: {**base_spec(), "methods": {"../x": {"kind": "dfm", "steps": [1]}}},
+        lambda f: {**base_spec(), "methods": {"../x": {"kind": "dfm", "budgets": [1]}}},
         ["methods.../x"],
     ),
     "label_newline": (lambda f: with_method(label="two\nlines"), ["methods.dfm.label"]),
     "duplicate_key": (
         "name: dup\nname: dup2\ndata: {kind: text, train: " + TRAIN + ", valid: " + VALID + "}\n"
-        "methods: {dfm: {kind: dfm, steps: [1]}}\n",
+        "methods: {dfm: {kind: dfm, budgets: [1]}}\n",
         ["line 2", "duplicate key 'name'"],
     ),
     "duplicate_method": (
         "name: dup\ndata: {kind: text, train: " + TRAIN + ", valid: " + VALID + "}\nmethods:\n"
-        "  dfm: {kind: dfm, steps: [1]}\n  dfm: {kind: dfm, steps: [8]}\n",
+        "  dfm: {kind: dfm, budgets: [1]}\n  dfm: {kind: dfm, budgets: [8]}\n",
         ["line 5", "duplicate key 'dfm'"],
     ),
     "alias_bomb_7": (bomb(7), ["'a7'", "aliases"]),  # the first top-level key that expands this far
@@ -169,7 +169,7 @@ CASES = {
     "grid_key_not_a_string": (lambda f: base_spec(grid={1: [1]}), ["grid:", "dotted field name"]),
     "override_match_not_a_mapping": (lambda f: base_spec(overrides=[{"match": 1, "set": {}}]), ["overrides[0]"]),
     "base_not_a_name": (
-        lambda f: {**base_spec(), "methods": {"dfm": {"kind": "dfm", "steps": [1]}, "b": {"base": [1]}}},
+        lambda f: {**base_spec(), "methods": {"dfm": {"kind": "dfm", "budgets": [1]}, "b": {"base": [1]}}},
         ["methods.b.base"],
     ),
     "pos_divergence_bad": (
@@ -244,8 +244,8 @@ def test_yaml_merge_keys_may_override_without_a_duplicate_error(tmp_path):
     from fsdfm.study.spec import read_yaml
 
     path = tmp_path / "m.yaml"
-    path.write_text("base: &b {steps: [1], kind: dfm}\nm: {<<: *b, steps: [8]}\n")
-    assert read_yaml(path)["m"] == {"steps": [8], "kind": "dfm"}
+    path.write_text("base: &b {budgets: [1], kind: dfm}\nm: {<<: *b, budgets: [8]}\n")
+    assert read_yaml(path)["m"] == {"budgets": [8], "kind": "dfm"}
 
 
 @pytest.mark.parametrize("case", ["alias_bomb_9", "name_with_slash"])

@@ -11,7 +11,7 @@ import pytest
 
 from fsdfm.methods import plan_study
 from fsdfm.study.spec import SpecError
-from fsdfm.study.load import load_spec
+from fsdfm.methods.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = sorted((REPO / "tests" / "fixtures" / "bad_specs").glob("*.yaml"))
@@ -21,8 +21,8 @@ name: good
 data: {kind: text, train: data/tinystories/train.txt, valid: data/tinystories/valid.txt, seq_len: 32}
 seed: 7
 methods:
-  dfm: {kind: dfm, rules: [euler, cumulative_scalar], steps: [1, 8]}
-  fs: {kind: fsdfm, teacher: dfm, steps: [1, 8], distill: {shortcut: rk4}}
+  dfm: {kind: dfm, rules: [euler, cumulative_scalar], budgets: [1, 8]}
+  fs: {kind: fsdfm, teacher: dfm, budgets: [1, 8], distill: {shortcut: rk4}}
   fs_heun: {base: fs, distill: {shortcut: heun}}
 grid:
   sampling.seed: [0, 1]

@@ -13,7 +13,7 @@ import yaml
 from fsdfm.cli import main
 from fsdfm.methods import plan_study
 from fsdfm.records import load_records
-from fsdfm.study.load import load_spec_dict
+from fsdfm.methods.load import load_spec_dict
 from fsdfm.study.spec import SpecError
 from fsdfm.train import OptimConfig, lr_factor
 from tensorboard.backend.event_processing import event_accumulator  # the `track` extra (in `all`)
@@ -42,7 +42,7 @@ SPEC = {
             "kind": "dfm",
             "train": {"steps": 5, "batch_size": 4, "warmup_steps": 2, "lr": 0.01, "ema_decay": None},
             "rules": ["euler"],
-            "steps": [2],
+            "budgets": [2],
         }
     },
     "metrics": {"names": ["entropy_nats", "oracle_nll"]},
@@ -191,3 +191,107 @@ def test_track_on_a_finished_study_backfills_from_the_records(tmp_path, capsys):
     assert f"tracking: backfilled 0 finished stage(s) from their records, {len(recs)} already tracked" in (
         capsys.readouterr().out
     )
+
+
+# ------------------------------------------------------------------------------------- hparams and MLflow
+def _hparams(folder) -> dict:
+    """The hyperparameters TensorBoard's HPARAMS tab shows for an event folder (its session start info)."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = event_accumulator.EventAccumulator(str(folder))
+    acc.Reload()
+    out = {}
+    for content in acc.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            for k, v in data.session_start_info.hparams.items():
+                out[k] = getattr(v, v.WhichOneof("kind"))
+    return out
+
+
+CONFIG = {"optim": {"lr": 0.01, "betas": (0.9, 0.98), "ema_decay": None}, "rule": "euler", "steps": 8, "float64": True}
+EXPECTED = {
+    "kind": "sample",
+    "optim.lr": 0.01,
+    "optim.betas": "[0.9, 0.98]",
+    "optim.ema_decay": "none",
+    "rule": "euler",
+    "steps": 8,
+    "float64": True,
+    "run.method": "dfm",
+    "run.seed": 3,
+}
+
+
+def test_a_stage_logs_its_config_and_run_as_tensorboard_hparams(tmp_path):
+    from fsdfm.tracking import log_final, stage_tracking
+
+    settings = {"backend": "tensorboard", "dir": str(tmp_path / "tb")}
+    with stage_tracking(
+        settings, tmp_path, "sample-1", "sample", ["r1"], config=CONFIG, run_params={"method": "dfm", "seed": 3}
+    ) as tracker:
+        log_final(tracker, {"metrics": {"nfe": 8.0}}, step=0)
+    hp = _hparams(tmp_path / "tb" / "sample-1")
+    # the proto stores every number as a double
+    assert hp == {k: (float(v) if isinstance(v, int) and not isinstance(v, bool) else v) for k, v in EXPECTED.items()}
+    assert _events(tmp_path / "tb" / "sample-1")["metrics/nfe"] == [(0, 8.0)]
+
+
+def _mlflow_runs(store):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store.as_uri())
+    return client, {
+        r.info.run_name: r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+    }
+
+
+def test_the_mlflow_backend_logs_scalars_params_and_texts_to_a_file_store(tmp_path, monkeypatch):
+    from fsdfm.tracking import log_final, stage_tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = {"backend": "mlflow", "dir": str(tmp_path / "ml")}
+    with stage_tracking(
+        settings,
+        tmp_path / "study",
+        "sample-1",
+        "sample",
+        ["r1"],
+        config=CONFIG,
+        run_params={"method": "dfm", "seed": 3},
+    ) as tracker:
+        tracker.scalar("train/loss", 2.5, 0)
+        tracker.scalar("train/loss", 1.5, 1)
+        log_final(tracker, {"metrics": {"nfe": 8.0, "per": {"x": 1}}}, step=2)
+    client, runs = _mlflow_runs(tmp_path / "ml" / "mlruns")
+    run = runs["sample-1"]
+    assert client.get_experiment(run.info.experiment_id).name == "study" and run.info.status == "FINISHED"
+    assert run.data.params == {k: str(v) for k, v in EXPECTED.items()}
+    assert run.data.metrics == {"train/loss": 1.5, "metrics/nfe": 8.0, "metrics/per.x": 1.0}
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == [(0, 2.5), (1, 1.5)]
+    assert (
+        "sample sample-1"
+        in (tmp_path / "ml" / "mlruns")
+        .joinpath(run.info.experiment_id, run.info.run_id, "artifacts", "stage.txt")
+        .read_text()
+    )
+
+
+@pytest.mark.slow  # runs a tiny study: ~30 s on 2 busy cores
+def test_a_study_tracked_with_mlflow_has_one_run_per_stage_with_the_records_metrics(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = {**copy.deepcopy(SPEC), "tracking": {"backend": "mlflow"}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["--results", str(tmp_path / "r"), "run", str(tmp_path / "s.yaml"), "--executor", "inline"]) == 0
+    client, runs = _mlflow_runs(tmp_path / "r" / "tracked" / "tracking" / "mlruns")
+    records = load_records(tmp_path / "r" / "tracked")
+    assert set(runs) == {rec["stage_id"] for rec in records}
+    for rec in records:
+        run = runs[rec["stage_id"]]
+        assert run.data.params["kind"] == rec["kind"]
+        for name, value in rec["payload"].get("metrics", {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert run.data.metrics[f"metrics/{name}"] == pytest.approx(float(value)), name
+    (train,) = load_records(tmp_path / "r" / "tracked", kind="train_dfm")
+    losses = client.get_metric_history(runs[train["stage_id"]].info.run_id, "train/loss")
+    assert [m.value for m in sorted(losses, key=lambda m: m.step)] == pytest.approx(train["payload"]["loss_curve"])

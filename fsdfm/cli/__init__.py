@@ -1,11 +1,12 @@
 """Command line: `fsdfm run SPEC`, `fsdfm status SPEC|DIR`, `fsdfm report SPEC|DIR`, `fsdfm samples SPEC|DIR`,
-`fsdfm verify SPEC|DIR`, `fsdfm clean SPEC|DIR`, `fsdfm ls`, `fsdfm eval FILES --spec SPEC`.
+`fsdfm verify SPEC|DIR`, `fsdfm clean SPEC|DIR`, `fsdfm ls`, `fsdfm eval FILES --spec SPEC`,
+`fsdfm compare STUDY_OR_SPEC...`.
 
 Every command prints for humans and ends with one JSON line for machines. Bad input (a malformed spec,
 a missing file, an unknown name) is one message naming what and where, exit status 2, nothing written.
 
 The package: `common` (errors, argument types, threads), `spec` (resolving SPEC|DIR and overrides), one module per
-command family (`run`, `status`, `report` (report, samples, eval), `verify` (verify, clean), `ls`); this module
+command family (`run`, `status`, `report` (report, samples, eval), `verify` (verify, clean), `ls`, `compare`); this module
 builds the parser and turns errors into exit statuses.
 """
 
@@ -29,6 +30,7 @@ from fsdfm.cli.common import (
     auto_threads,
     set_thread_env,
 )
+from fsdfm.cli.compare import cmd_compare
 from fsdfm.cli.ls import add_ls_parser
 from fsdfm.cli.report import cmd_eval, cmd_report, cmd_samples
 from fsdfm.cli.run import cmd_run
@@ -70,8 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_run_parser(sub, common)
     _add_study_parsers(sub, common)
+    _add_compare_parser(sub, common)
     add_ls_parser(sub, common)
     return ap
+
+
+def _add_compare_parser(sub, common: argparse.ArgumentParser) -> None:
+    cmp = sub.add_parser(
+        "compare", parents=[common], help="one table across studies by setting, with the significance rules"
+    )
+    cmp.add_argument("studies", nargs="+", metavar="STUDY_OR_SPEC", help="study folders, spec files or results.json")
+    cmp.add_argument("--metrics", metavar="M[,M]", help="columns (default: the main table's metrics)")
+    cmp.add_argument("--out", help="also write table_compare.{md,tex,csv} here")
+    cmp.set_defaults(fn=cmd_compare)
 
 
 def _add_run_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -81,12 +94,20 @@ def _add_run_parser(sub, common: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--print-config",
         action="store_true",
-        help="print the spec with the overrides and --limit applied (YAML) and exit; runs nothing",
+        help="print the spec with the overrides and --limit applied and every default filled in (YAML) and exit; "
+        "runs nothing",
     )
     r.add_argument(
         "--executor",
         default="local",
-        help="local (default: submitit local processes), inline (in this process, with progress bars), debug (in-process, for tests) or slurm",
+        help="local (default: submitit local processes), local_gpus (one process per GPU, see --devices), inline "
+        "(in this process, with progress bars), debug (in-process, for tests) or slurm",
+    )
+    r.add_argument(
+        "--devices",
+        metavar="0,1,...",
+        help="GPUs of --executor local_gpus, one stage at a time on each (a GPU named twice runs two); default: "
+        "$FSDFM_DEVICES, else $CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists",
     )
     r.add_argument("--profile", help="cluster profile YAML for --executor slurm (e.g. slurm/local.yaml)")
     r.add_argument(
@@ -143,6 +164,11 @@ def _add_study_parsers(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("report", parents=[common], help="tables and figures of a study")
     _spec_args(p, "target", target_help)
     p.add_argument("--out", help="output directory (default: <study>/report)")
+    p.add_argument(
+        "--records",
+        action="store_true",
+        help="also copy the light records (plan, record.json, per_sample.csv) to <out>/records/, to commit",
+    )
     p.set_defaults(fn=cmd_report)
     sp = sub.add_parser("samples", parents=[common], help="print decoded samples of every run")
     _spec_args(sp, "target", target_help)

@@ -4,7 +4,7 @@ thread settings and reading a study's plan. Knows nothing about any one command.
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -87,17 +87,15 @@ def set_threads(n: int) -> None:
 
 
 # what a bare `pip install fsdfm` lacks for a command: the extra and the modules it brings
-EXTRAS = {"report": ("analysis", ("matplotlib", "seaborn", "scipy"))}
+EXTRAS = {"report": ("analysis", ("matplotlib", "seaborn", "scipy", "markdown"))}
 
 
 def require_extra(command: str) -> None:
     """An InputError naming the extra to install when a module `command` needs is missing."""
     extra, modules = EXTRAS[command]
     for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
+        if importlib.util.find_spec(name) is None:
             raise InputError(
                 f"fsdfm {command} needs the {extra!r} extra (module {name!r} is not installed): "
                 f"pip install 'fsdfm[{extra}]'"
-            ) from None
+            )

@@ -46,9 +46,20 @@ def _methods() -> list[Entry]:
 
 
 def _rules() -> list[Entry]:
-    from fsdfm.samplers import UPDATE_RULES  # heavy: torch
+    """Every update rule of the mixture-path loop (aliases too), with the method kinds that accept it."""
+    from fsdfm.methods import METHOD_KINDS  # heavy: torch
+    from fsdfm.methods.base import MixtureRules  # heavy: torch
+    from fsdfm.samplers import RULE_KINDS, UPDATE_ALIASES, UPDATE_RULES, get_rule  # heavy: torch
 
-    return [Entry(n, _first_line(UPDATE_RULES.get(n))) for n in UPDATE_RULES]
+    UPDATE_RULES.discover()  # rule modules and plugins registered before RULE_KINDS is read
+    # the kinds that sample the mixture path (a kind with a loop of its own may reuse a name, e.g. FLM's euler)
+    kinds = {k: METHOD_KINDS.get(k).rules for k in METHOD_KINDS if isinstance(METHOD_KINDS.get(k).rules, MixtureRules)}
+    out = []
+    for n in RULE_KINDS:
+        about = f"alias of {UPDATE_ALIASES[n]}" if n in UPDATE_ALIASES else _first_line(get_rule(n))
+        takers = [k for k, rules in kinds.items() if n in rules]
+        out.append(Entry(n, f"{about} [kinds: {', '.join(takers) or 'none'}]"))
+    return out
 
 
 def _metrics() -> list[Entry]:

@@ -28,13 +28,23 @@ def cmd_report(args) -> dict:
             f"fsdfm report needs the 'analysis' extra (module {e.name!r} is not installed): "
             "pip install 'fsdfm[analysis]'"
         ) from None
-    print(f"report: {out.index}")
-    return {
+    print(f"report: {out.index}  (one file: {out.html}; results: {out.results})")
+    result = {
         "study": sdir.name,
         "report": str(out.index),
         "tables": [str(p) for p in out.tables],
         "figures": [str(p) for p in out.figures],
+        "html": str(out.html),
+        "results": str(out.results),
     }
+    if getattr(args, "records", False):
+        from fsdfm.report.light_records import copy_light_records  # heavy: the report package (pandas)
+
+        light = copy_light_records(sdir, out.index.parent)
+        print(f"records: {light.folder} ({len(light.files)} files; {len(light.skipped)} too large, left out)")
+        result["records"] = str(light.folder)
+        result["records_skipped"] = [f"{p} ({why})" for p, why in light.skipped]
+    return result
 
 
 def cmd_samples(args) -> dict:

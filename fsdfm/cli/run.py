@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from fsdfm.cli.common import InputError, UsageError, set_threads
 from fsdfm.cli.spec import command_line, load_plan, print_config, run_line
 from fsdfm.launch import EXECUTORS, DriverInterrupted, execute, load_profile
 from fsdfm.launch.backfill import backfill_tracking
+from fsdfm.launch.gpus import DEVICES_ENV, NoDevicesError, device_slots
 from fsdfm.records import StageLockedError, check_cache_dir, check_stage, discard_stage, is_done, running_holder
 from fsdfm.study.graph import STAGE_KINDS, StudyPlan, waves
 from fsdfm.tracking import check_available, enable
@@ -97,6 +99,7 @@ def cmd_run(args) -> dict:
     if args.dry_run:
         return _dry_run(args, plan, sdir, rerun)
     profile = _profile(args, spec)
+    _check_devices(args)
     print(
         f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor}"
         + (f", torch threads per stage: {threads}" if threads is not None else "")
@@ -185,6 +188,18 @@ def _profile(args, spec) -> str | None:
         except yaml.YAMLError as e:
             raise InputError(f"cluster profile {profile}: not valid YAML: {e}") from None
     return profile
+
+
+def _check_devices(args) -> None:
+    """--devices into the environment the local_gpus executor reads; with --executor local_gpus and no device,
+    one InputError before plan.json is written."""
+    if getattr(args, "devices", None) is not None:
+        os.environ[DEVICES_ENV] = args.devices
+    if args.executor == "local_gpus":
+        try:
+            device_slots()
+        except NoDevicesError as e:
+            raise InputError(str(e)) from None
 
 
 def signal_name(signum: int) -> str:

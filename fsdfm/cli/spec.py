@@ -6,17 +6,16 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-import yaml
-
 from fsdfm.cli.common import DEFAULT_ROOT, UsageError
 from fsdfm.records import data_cache_dir
-from fsdfm.study.load import load
 from fsdfm.study.overrides import parse_overrides
 from fsdfm.study.spec import check_name, read_yaml
 
 
 def resolve_spec(args, check_files: bool = True):
-    """args.spec / args.target with the command line's overrides and --limit (fsdfm.study.load.load)."""
+    """args.spec / args.target with the command line's overrides and --limit (fsdfm.methods.load.load)."""
+    from fsdfm.methods.load import load  # heavy: torch (the kinds' checks); the CLI sets its threads first
+
     spec_path = getattr(args, "spec", None) or args.target
     root = args.results
     # the data checks may reuse (never write) the tokenizers a previous run cached under the results root
@@ -78,11 +77,14 @@ def run_line(args) -> str:
 
 
 def print_config(resolved, sdir: Path) -> dict:
-    """--print-config: the spec after --limit and the overrides, as YAML; nothing is run or written."""
+    """--print-config: the spec after --limit and the overrides with every default resolved (each method kind's
+    own settings included: `fsdfm.methods.dump.resolved_config`), as YAML; nothing is run or written."""
+    from fsdfm.methods.dump import dump_yaml  # heavy: torch (the kinds' registry); the CLI sets its threads first
+
     print(
         f"# study {resolved.name} -> {sdir}  (from {resolved.path}"
         + (f", --limit {resolved.limit}" if resolved.limit is not None else "")
-        + ")"
+        + "; every default filled in, base: merged; the grid applies on top)"
     )
-    print(yaml.safe_dump(resolved.raw, sort_keys=False, width=120, allow_unicode=True).rstrip())
+    print(dump_yaml(resolved.spec, resolved.raw))
     return {"study": resolved.name, "print_config": True, "overrides": resolved.overrides, "limit": resolved.limit}

@@ -4,6 +4,7 @@
                   pickles: only the study folder and the stage id)
     executors.py  the executor registry, execute(), the in-process "debug" and "inline" executors
     local.py      the "local" executor (one submitit process per stage) and the cancelling of its jobs
+    gpus.py       the "local_gpus" executor (one machine, several GPUs: one stage per GPU, CUDA_VISIBLE_DEVICES)
     slurm.py      the "slurm" executor (job arrays chained by afterok)
     scheduler.py  asking SLURM about job states
     profiles.py   cluster profiles (slurm/*.yaml) and their resources
@@ -16,7 +17,7 @@ executor. What a stage reads and writes on disk is `fsdfm.records`'s.
 """
 
 from fsdfm.launch.executors import EXECUTORS, execute, write_plan
-from fsdfm.launch import local as _local, slurm as _slurm  # noqa: F401 - they register the local and slurm executors
+from fsdfm.launch import gpus as _gpus, local as _local, slurm as _slurm  # noqa: F401 - they register their executors
 from fsdfm.launch.outcomes import ExecutionSummary, job_exception
 from fsdfm.launch.profiles import load_profile, resources_for, slurm_parameters
 from fsdfm.launch.runner import (

@@ -41,7 +41,7 @@ def write_plan(plan: StudyPlan, root: str | os.PathLike) -> Path:
     return sdir
 
 
-EXECUTORS: Registry[Callable[..., ExecutionSummary]] = Registry("executor")
+EXECUTORS: Registry[Callable[..., ExecutionSummary]] = Registry("executor", discover=("fsdfm.launch",))
 
 
 def execute(

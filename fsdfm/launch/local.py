@@ -3,7 +3,7 @@
 the driver is interrupted.
 
 `cluster="local"` is always explicit: submitit's auto-detection picks SLURM as soon as `srun` is on PATH.
-`timeout_min` is always set (an int; the local default is 2 minutes). Knows local processes (/proc); the stage
+`timeout_min` is always set (an int; the local default is 2 minutes). Knows local processes (psutil); the stage
 work is `run_stage`, run by the job.
 """
 
@@ -156,28 +156,22 @@ LOCAL_CANCEL_GRACE_S = 20.0  # how long a cancelled job process may take to unwi
 
 
 def _process_tree(root: int) -> list[int]:
-    """`root` and all its descendants (from /proc; [root] where /proc cannot tell)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+    """`root` and all its descendants (psutil: Linux and macOS alike; [root] when it is gone or cannot be asked)."""
+    import psutil
+
+    try:
+        return [root] + [p.pid for p in psutil.Process(root).children(recursive=True)]
+    except (psutil.Error, OSError):
+        return [root]
 
 
 def _is_task(pid: int) -> bool:
     """Whether `pid` is a submitit task process (the one running `run_stage`), not its controller or shell."""
+    import psutil
+
     try:
-        return b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        return any("submitit.core._submit" in part for part in psutil.Process(pid).cmdline())
+    except (psutil.Error, OSError):
         return False
 
 

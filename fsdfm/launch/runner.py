@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import json
 import os
 import signal
@@ -60,7 +59,7 @@ from fsdfm.records import (
 )
 from fsdfm.records.provenance import provenance
 from fsdfm.fingerprint import check_data_unchanged
-from fsdfm.registry import did_you_mean
+from fsdfm.registry import did_you_mean, discover
 from fsdfm.progress import stage_progress
 from fsdfm.tracking import log_final, stage_tracking
 from fsdfm.launch.runtime import malloc_tuned, tune_malloc
@@ -78,8 +77,9 @@ STAGE_MODULES_ENV = "FSDFM_STAGE_MODULES"
 
 PACKAGE = __name__.split(".")[0]  # "fsdfm"
 
-# Where fsdfm's own stage kinds are registered now. A plan.json written before issue 12's refactor names modules
-# that are gone ("fsdfm.pipeline" for every method and evaluation stage); a job of such a study imports these.
+# Where fsdfm's own stage kinds are registered now (every module of each is imported: fsdfm.registry.discover). A
+# plan.json written before issue 12's refactor names modules that are gone ("fsdfm.pipeline" for every method and
+# evaluation stage); a job of such a study finds its kinds here.
 KIND_MODULES = ("fsdfm.methods", "fsdfm.external")
 
 
@@ -101,13 +101,12 @@ def _import_fsdfm_module(module: str, kind: str) -> None:
     """Import fsdfm's `module`; if it no longer exists or no longer registers `kind` (a hint from an older
     plan.json), import the modules that register every fsdfm stage kind today (`KIND_MODULES`)."""
     try:
-        importlib.import_module(module)
+        discover(module, submodules=False)
     except ModuleNotFoundError as e:
         if not e.name or not (module == e.name or module.startswith(e.name + ".")):
             raise  # the module exists but something it imports does not: that error is the message
     if kind not in STAGE_KINDS:
-        for m in KIND_MODULES:
-            importlib.import_module(m)
+        discover(*KIND_MODULES)
 
 
 def resolve_kind(kind: str, hint: dict | None = None) -> StageKind:
@@ -133,7 +132,7 @@ def resolve_kind(kind: str, hint: dict | None = None) -> StageKind:
             root = str(granted[module])
             if root not in sys.path:
                 sys.path.append(root)  # appended: never shadow installed packages
-            importlib.import_module(module)
+            discover(module, submodules=False)
         else:
             raise PlanError(
                 f"plan.json: stage kind {kind!r} names module {module!r}, which is not part of the "
@@ -246,9 +245,13 @@ def _done_inputs(study_dir: Path, stage: Stage) -> tuple[dict[str, Path], dict[s
 
 def _call_stage(plan: dict, study_dir: Path, stage: Stage, kind: StageKind, inputs: dict, out_dir: Path) -> dict:
     """The stage function's payload (JSON-ready), called on a copy of its config under the study's tracking."""
-    runs = [r["run_id"] for r in plan.get("runs", []) if r.get("stage_id") == stage.id]
+    ends = [r for r in plan.get("runs", []) if r.get("stage_id") == stage.id]  # the runs this stage ends
+    runs = [r["run_id"] for r in ends]
+    params = ends[0].get("params") if ends else None  # its hyperparameters beside the stage config
     with (
-        stage_tracking(plan.get("tracking"), study_dir, stage.id, stage.kind, runs) as tracker,
+        stage_tracking(
+            plan.get("tracking"), study_dir, stage.id, stage.kind, runs, config=stage.config, run_params=params
+        ) as tracker,
         stage_progress(out_dir, stage.id),  # step and time left for `fsdfm status` and logs off a terminal
     ):
         payload = kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)

@@ -13,6 +13,7 @@ import torch
 
 from fsdfm.methods.base import MethodKind, Planner, register_kind
 from fsdfm.methods.common import (
+    DATA_SOURCES,
     forward_autocast,
     SAMPLERS,
     Draw,
@@ -35,7 +36,23 @@ def plan_ar(p: Planner, name: str, m: MethodSpec) -> Stage:
 register_kind(MethodKind("ar", "ar", ("ancestral",), plan_ar))
 
 
-@stage_kind("train_ar", checkpointable=True, resources="gpu_multi", version="1", metrics=("val_nll", "elbo_ppl"))
+@stage_kind(
+    "train_ar",
+    checkpointable=True,
+    resources="gpu_multi",
+    version="1",
+    metrics=("val_nll", "elbo_ppl"),
+    sources=(
+        "fsdfm.methods.ar:train_ar_stage",
+        "fsdfm.ar",
+        "fsdfm.train",
+        *DATA_SOURCES,
+        "fsdfm.methods.common:build_model_config",
+        "fsdfm.methods.common:train_metrics",
+    ),
+    model_sampler="ar",
+    model_rule="ancestral",
+)
 def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """An autoregressive GPT-2-style model (the AR baseline, or the suite's reference evaluator), saved with
     save_pretrained together with the corpus tokenizer."""

@@ -7,37 +7,28 @@ itself with `register_kind`, lm-eval's `@register_model` shape, so a new baselin
 `plan_study` walks the validated grid cells and emits one `StudyPlan`: stages are deduplicated by their
 content ids, so a teacher shared by ten ablations is one stage.
 
-Boundary: knows the spec dataclasses (fsdfm.study.spec), the stage graph (fsdfm.study.graph) and the registries
-a spec's names are checked against (update rules, metrics, the DFM loss), which import torch; compares no kind
-name (what differs between kinds is a `MethodKind` field). Two things are DFM-family assumptions made for every
-kind: `source` and `loss` are validated whatever the kind, and the pos_divergence runs are labelled with the
-cumulative_scalar rule the diagnostic samples with (a kind opts in with `pos_divergence=True`).
+`METHOD_KINDS` is filled by discovery (fsdfm.registry.discover): its first lookup imports every module of this
+package and the `fsdfm.plugins` entry points, so a kind file registers itself by existing.
+
+Boundary: knows the spec dataclasses (fsdfm.study.spec), the stage graph (fsdfm.study.graph), the update-rule
+registry (fsdfm.samplers, whose import brings torch) and the fingerprint; no kind name is compared here. The checks
+of a whole spec against the kinds are fsdfm.methods.load. One DFM-family assumption holds for every kind: the
+pos_divergence runs are labelled with the cumulative_scalar rule the diagnostic samples with (a kind opts in with
+`pos_divergence=True`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Callable
 
 from fsdfm.fingerprint import with_fingerprint
-from fsdfm.registry import did_you_mean
+from fsdfm.registry import Registry
+from fsdfm.samplers import RULE_KINDS, rule_applies, rules_for
 from fsdfm.study.graph import RunSpec, Stage, StudyPlan
-from fsdfm.study.spec import (
-    FORWARD_PRECISIONS,
-    METHOD_KINDS,
-    PAIR_PATTERN,
-    STUDY_CHECKS,
-    Cell,
-    MethodSpec,
-    SpecError,
-    StudySpec,
-    build,
-    short,
-)
-from fsdfm.metrics.registry import METRICS
-from fsdfm.objectives import DFMConfig
-from fsdfm.samplers import RULE_KINDS
+from fsdfm.study.spec import FORWARD_PRECISIONS, Cell, MethodSpec, StudySpec
 
 __all__ = [
     "EXACT_TEACHER",
@@ -47,9 +38,10 @@ __all__ = [
     "declared_rules",
     "plan_study",
     "register_kind",
-    "validate_methods",
-    "validate_pairs",
 ]
+
+# kind name -> its MethodKind (settings class, planning, sampler, rules); filled by the kind files on import
+METHOD_KINDS: Registry = Registry("method kind", discover=("fsdfm.methods",))
 
 
 def forward_precision_key(value: str) -> dict:
@@ -72,7 +64,7 @@ class MethodKind:
 
     name: str
     sampler: str
-    rules: tuple  # allowed rules; the first is the default
+    rules: Sequence  # allowed rules, the first the default: a tuple, or `declared_rules` (every mixture rule)
     build_stage: Callable  # (planner, method name, MethodSpec) -> Stage
     teacher_kind: str | None = None
     settings_key: str | None = None
@@ -88,13 +80,38 @@ class MethodKind:
     pos_divergence: bool = False
 
 
-def declared_rules(kind: str, default: str) -> tuple:
-    """The update rules that declare they apply to `kind` (fsdfm.samplers.RULE_KINDS), `default` first: the rules
-    a DFM-family kind accepts, so that adding a rule touches no kind file."""
-    rules = [r for r, kinds in RULE_KINDS.items() if kind in kinds and r != default]
-    if default not in RULE_KINDS or kind not in RULE_KINDS[default]:
+class MixtureRules(Sequence):
+    """The update rules a mixture-path kind accepts: its default first, then every registered rule that applies to
+    it (fsdfm.samplers.rules_for), read afresh on each use, so a rule registered later (a new rule module, a
+    plugin) is accepted with no edit of the kind. Behaves as a tuple of names."""
+
+    def __init__(self, kind: str, default: str):
+        self.kind, self.default = kind, default
+
+    def _names(self) -> tuple:
+        return (self.default, *(r for r in rules_for(self.kind) if r != self.default))
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and not isinstance(other, str) and self._names() == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.default))
+
+
+def declared_rules(kind: str, default: str) -> MixtureRules:
+    """The rules of the mixture-path kind `kind`, `default` first (`MixtureRules`); the default must apply to it."""
+    if default not in RULE_KINDS or not rule_applies(default, kind):
         raise ValueError(f"method kind {kind!r}: default rule {default!r} does not declare it applies to {kind!r}")
-    return (default, *rules)
+    return MixtureRules(kind, default)
 
 
 def register_kind(kind: MethodKind) -> MethodKind:
@@ -138,132 +155,6 @@ class Planner:
         return self.add(
             Stage("train_ar", {"role": "evaluator", "data": self.data, "model": model, "optim": ev.train.to_dict()})
         )
-
-
-def _section(kind: MethodKind, m: MethodSpec, key: str, where: str, file: str):
-    """The kind's settings dataclass from the method's `key` section (`distill` or `checkpoint`), built once,
-    here; None when the kind's settings live in the other section or it has none."""
-    raw = getattr(m, key)
-    if kind.settings_key != key:
-        if raw and key == "checkpoint":
-            raise SpecError(
-                f"{file}: {where}.checkpoint: only a method of kind released reads a checkpoint; a {m.kind} "
-                f"method is trained by the study"
-            )
-        if raw:
-            raise SpecError(f"{file}: {where}.distill: a {m.kind} method takes no distill settings")
-        return None
-    if kind.settings_required and not raw:
-        raise SpecError(
-            f"{file}: {where}.{key}: a {m.kind} method needs {getattr(kind.settings_cls, 'SPEC_HINT', 'settings')}"
-        )
-    return build(kind.settings_cls, raw, f"{where}.{key}", file)
-
-
-def validate_methods(spec: StudySpec, file: str) -> StudySpec:
-    """Method kinds, teachers (existing, of the right kind, acyclic), rules, step budgets, kind settings; returns
-    the spec with every method's typed `settings` filled in."""
-    typed = {}
-    for name, m in spec.methods.items():
-        where = f"methods.{name}"
-        if m.kind not in METHOD_KINDS:
-            raise SpecError(
-                f"{file}: {where}.kind: unknown method kind {short(m.kind)}{did_you_mean(m.kind, METHOD_KINDS.names())}; "
-                f"allowed: {', '.join(METHOD_KINDS.names())}"
-            )
-        kind = METHOD_KINDS.get(m.kind)
-        settings = _section(kind, m, "checkpoint", where, file)
-        if name == EXACT_TEACHER:
-            raise SpecError(
-                f"{file}: methods.{name}: the method name {EXACT_TEACHER!r} is reserved for `teacher: exact` "
-                "(the exact posterior); rename the method"
-            )
-        if kind.oracle_only and spec.data.kind != "oracle":
-            raise SpecError(
-                f"{file}: {where}.kind: an {m.kind} method needs data.kind: oracle (a source with an exact "
-                f"posterior); data.kind is {spec.data.kind!r}"
-            )
-        if m.teacher == EXACT_TEACHER:
-            if not kind.exact_teacher:
-                raise SpecError(f"{file}: {where}.teacher: a {m.kind} method cannot use teacher {EXACT_TEACHER!r}")
-            if spec.data.kind != "oracle":
-                raise SpecError(
-                    f"{file}: {where}.teacher: teacher {EXACT_TEACHER!r} (the exact posterior) needs "
-                    f"data.kind: oracle; data.kind is {spec.data.kind!r}"
-                )
-            if kind.validate is not None:
-                kind.validate(spec, name, m, file)
-        elif kind.teacher_kind and (m.teacher is not None or not kind.teacher_optional):
-            if m.teacher is None:
-                raise SpecError(
-                    f"{file}: {where}.teacher: a {m.kind} student needs a teacher (a method of kind {kind.teacher_kind})"
-                )
-            if m.teacher not in spec.methods:
-                known = list(spec.methods) + ([EXACT_TEACHER] if kind.exact_teacher else [])
-                raise SpecError(
-                    f"{file}: {where}.teacher: unknown method {short(m.teacher)}{did_you_mean(m.teacher, known)}"
-                )
-            if spec.methods[m.teacher].kind != kind.teacher_kind:
-                raise SpecError(
-                    f"{file}: {where}.teacher: {short(m.teacher)} is a {spec.methods[m.teacher].kind} method; "
-                    f"a {m.kind} student distils from a {kind.teacher_kind} method"
-                )
-        elif m.teacher is not None:
-            raise SpecError(f"{file}: {where}.teacher: a {m.kind} method has no teacher")
-        if m.source not in ("mask", "uniform"):
-            raise SpecError(
-                f"{file}: {where}.source: must be mask or uniform, got {short(m.source)}{did_you_mean(m.source, ['mask', 'uniform'])}"
-            )
-        try:
-            DFMConfig(m.loss)
-        except (ValueError, KeyError) as e:
-            raise SpecError(f"{file}: {where}.loss: {e}") from None
-        for rule in m.rules:
-            if rule not in kind.rules:
-                raise SpecError(
-                    f"{file}: {where}.rules: {short(rule)} is not a rule of {m.kind}{did_you_mean(str(rule), list(kind.rules))}; "
-                    f"allowed: {', '.join(kind.rules)}"
-                )
-        if not m.steps:
-            raise SpecError(f"{file}: {where}.steps: list the step budgets to evaluate, e.g. [1, 8, 64]")
-        for s in m.steps:
-            if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= 4096:
-                raise SpecError(f"{file}: {where}.steps: step budgets are integers in 1..4096, got {short(s)}")
-        settings = _section(kind, m, "distill", where, file) if settings is None else settings
-        typed[name] = dataclasses.replace(m, settings=settings)
-    for n in spec.metrics.names:
-        if n not in METRICS:
-            raise SpecError(f"{file}: metrics.names: unknown metric {short(n)}{did_you_mean(n, METRICS.names())}")
-    spec = dataclasses.replace(spec, methods=typed)
-    validate_pairs(spec, file)
-    return spec
-
-
-STUDY_CHECKS.append(validate_methods)
-
-
-def validate_pairs(spec: StudySpec, file: str) -> None:
-    """Each side of report.pairs names a method of the spec, one of its rules and one of its step budgets."""
-    for i, pair in enumerate(spec.report.pairs):
-        for side in pair:
-            where = f"{file}: report.pairs[{i}]: {side!r}"
-            g = PAIR_PATTERN.match(side).groupdict()
-            m = spec.methods.get(g["method"])
-            if m is None:
-                raise SpecError(
-                    f"{where}: unknown method {g['method']!r}{did_you_mean(g['method'], list(spec.methods))}"
-                )
-            rules = list(m.rules or METHOD_KINDS.get(m.kind).rules[:1])
-            if g["rule"] is not None and g["rule"] not in rules:
-                raise SpecError(
-                    f"{where}: {g['method']} is not sampled with rule {g['rule']!r}"
-                    f"{did_you_mean(g['rule'], rules)}; its rules: {', '.join(rules)}"
-                )
-            if int(g["steps"]) not in m.steps:
-                raise SpecError(
-                    f"{where}: {g['method']} is not sampled at {g['steps']} steps; "
-                    f"its step budgets: {', '.join(map(str, m.steps))}"
-                )
 
 
 class _Runs:
@@ -338,7 +229,7 @@ def _plan_samples(
     spec, kind = p.spec, METHOD_KINDS.get(m.kind)
     t_end = 1.0 - spec.sampling.eps if kind.ends_before_one(m) else 1.0
     for rule in m.rules or kind.rules[:1]:
-        for steps in m.steps:
+        for steps in m.budgets:
             cfg = {
                 "data": p.data,
                 "sampler": kind.sampler,

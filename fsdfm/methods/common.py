@@ -67,6 +67,30 @@ def tf32_matmuls(enabled: bool):
 # name -> prepare(model_dir, cfg, corpus, dev) -> Draw: load the model, wrap it in a RowCounter, warm up (each kind
 # file registers its own; the sample stage times `Draw.run` and reads the counter)
 SAMPLERS: Registry = Registry("sampler")
+
+# The code every stage that loads a corpus depends on, and every DiT training stage: parts of the `sources` of
+# their stage kinds (`@stage_kind(..., sources=...)`, digested by fsdfm.versions).
+DATA_SOURCES = (
+    "fsdfm.data.base:load_corpus",
+    "fsdfm.data.documents",
+    "fsdfm.data.tokenizer",
+    "fsdfm.data.text",
+    "fsdfm.data.tokenfiles",
+    "fsdfm.data.hf",
+    "fsdfm.data.oracle",
+    "fsdfm.methods.common:corpus_for",
+)
+DIT_SOURCES = (
+    "fsdfm.model",
+    "fsdfm.train",
+    "fsdfm.paths",
+    "fsdfm.schedulers",
+    "fsdfm.methods.common:save_dit",
+    "fsdfm.methods.common:build_model_config",
+    "fsdfm.methods.common:train_metrics",
+    "fsdfm.methods.common:loss_curve",
+    "fsdfm.methods.common:fit_dit",
+)
 LOSS_CURVE_POINTS = 200
 
 
@@ -208,13 +232,27 @@ def train_metrics(res, extra: dict | None = None) -> dict:
         },
         "loss_curve": loss_curve(res.losses),
         "resumed_from": res.resumed_from,
+        # convergence, shown: held-out metrics along training (optim.curve_every / optim.until; else absent)
+        **({"curve": res.curve} if res.curve else {}),
+        **({"stopped_at": res.stopped_at} if res.stopped_at is not None else {}),
     }
 
 
-def fit_dit(model: DiT, objective, corpus, config: dict, out_dir: Path, desc: str, path_cfg: dict, h_conditioned: bool):
+def fit_dit(
+    model: DiT,
+    objective,
+    corpus,
+    config: dict,
+    out_dir: Path,
+    desc: str,
+    path_cfg: dict,
+    h_conditioned: bool,
+    evaluate=None,
+):
     """The training-stage skeleton every DiT method shares: fit `model` on the corpus with `objective` and
     config["optim"] (resuming from out_dir/ckpt), save the final weights (the EMA copy when EMA is on) as
-    out_dir/model.pt with the corpus tokenizer. Returns (fit result, final model)."""
+    out_dir/model.pt with the corpus tokenizer. Returns (fit result, final model). evaluate: held-out metrics
+    along training (`fsdfm.train.fit`), used when config["optim"] asks for a curve."""
     res = fit(
         model,
         objective,
@@ -223,6 +261,7 @@ def fit_dit(model: DiT, objective, corpus, config: dict, out_dir: Path, desc: st
         Path(out_dir) / "ckpt",
         desc=desc,
         device=device(),
+        evaluate=evaluate,
     )
     final = res.ema if res.ema is not None else res.model
     save_dit(out_dir, final, path_cfg, h_conditioned=h_conditioned, corpus=corpus)
@@ -235,6 +274,25 @@ def oracle_model_metric(config: dict) -> tuple:
 
 
 POSTERIOR_KL_STATES = 256  # held-out sequences noised at each t of the posterior_kl grid
+CURVE_STATES = 64  # the same, at each point of a training curve (cheaper; the final value uses 256)
+
+
+def oracle_curve_metrics(config: dict, path: MixturePath, corpus, hs: tuple = (None,)) -> dict:
+    """{name: fn(model) -> float} of posterior_kl along training on oracle data, one per step size h in `hs`
+    (None: no h, the teacher; the student at each h = 2^-j it trains and is sampled at); {} on other data."""
+    if config["data"]["kind"] != "oracle":
+        return {}
+    exact = ExactPosterior(oracle_source(DataConfig(**config["data"])), path)
+
+    def one(h):
+        def fn(model) -> float:
+            dev = next(model.parameters()).device
+            gen = torch.Generator(dev).manual_seed(0)
+            return posterior_kl(model, exact, path, corpus.valid[:CURVE_STATES].to(dev), gen, h=h)
+
+        return fn
+
+    return {("posterior_kl" if h is None else f"posterior_kl_h{h:g}"): one(h) for h in hs}
 
 
 def oracle_model_metrics(config: dict, model, path: MixturePath, corpus, h: float | None = None) -> dict:

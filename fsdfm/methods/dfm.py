@@ -16,6 +16,8 @@ import torch
 from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, declared_rules, register_kind
 from fsdfm.methods.exact import plan_exact
 from fsdfm.methods.common import (
+    DATA_SOURCES,
+    DIT_SOURCES,
     forward_autocast,
     SAMPLERS,
     Draw,
@@ -26,6 +28,7 @@ from fsdfm.methods.common import (
     join_process_group,
     load_dit,
     oracle_model_metric,
+    oracle_curve_metrics,
     oracle_model_metrics,
     path_from_config,
     train_metrics,
@@ -122,6 +125,18 @@ def unigram_ce(train: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> flo
     resources="gpu_multi",
     version="1",
     metrics=lambda c: (("val_nll", "elbo_ppl") if c.get("source") == "mask" else ()) + oracle_model_metric(c),
+    sources=(
+        "fsdfm.methods.dfm:train_dfm",
+        *DIT_SOURCES,
+        *DATA_SOURCES,
+        "fsdfm.objectives",
+        "fsdfm.losses",
+        "fsdfm.methods.dfm:dfm_validation",
+        "fsdfm.methods.dfm:unigram_ce",
+        "fsdfm.methods.common:path_from_config",
+    ),
+    model_sampler="dfm",
+    model_rule="cumulative_scalar",
 )
 def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The DFM teacher: mask or uniform source, CE or generalized-KL loss."""
@@ -137,6 +152,11 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     objective = DFMObjective(path, obj)
     if "teacher" in inputs:  # teacher: exact -- the "exact targets" baseline (fsdfm.methods.exact_teacher)
         objective = ExactTargetObjective(path, load_exact(inputs["teacher"], config["data"]), obj.eps)
+    kl = oracle_curve_metrics(config, path, corpus)
+
+    def evaluate(m) -> dict:  # the curve: held-out CE / ELBO bound (2 batches) and posterior_kl on oracle data
+        return {**dfm_validation(m, path, corpus.valid, obj.eps, n_batches=2), **{k: f(m) for k, f in kl.items()}}
+
     res, final = fit_dit(
         model,
         objective,
@@ -146,6 +166,7 @@ def train_dfm(config: dict, inputs: dict, out_dir: Path) -> dict:
         "train dfm teacher",
         {"source": config["source"], "scheduler": config["scheduler"]},
         h_conditioned=False,
+        evaluate=evaluate,
     )
     val = dfm_validation(final, path, corpus.valid, obj.eps)
     return train_metrics(

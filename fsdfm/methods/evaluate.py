@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fsdfm.methods.common import (
+    DATA_SOURCES,
     SAMPLERS,
     ArtefactError,
     LoadedDiT,
@@ -43,10 +44,43 @@ from fsdfm.metrics.texts import END_MARKERS
 from fsdfm.metrics.timing import timed
 from fsdfm.records import PER_SAMPLE, read_record, write_per_sample
 
+# what every stage that computes sample metrics depends on (with DATA_SOURCES): part of their `sources`
+EVAL_SOURCES = (
+    "fsdfm.methods.evaluate:load_study_evaluator",
+    "fsdfm.methods.evaluate:_metric_kwargs",
+    "fsdfm.methods.evaluate:_sample_metric_names",
+    "fsdfm.metrics.oracle:extra_metrics",
+    "fsdfm.metrics.sample:compute_metrics",
+)
+
 
 # cpu_s and load_per_core are recorded beside the timing too, but are not listed: they describe the machine, not
 # the samples, and listing them would change the id of every sample stage
-@stage_kind("sample", resources="gpu", version="1", metrics=("nfe", "wall_s", "tokens_per_s", "peak_mem"))
+@stage_kind(
+    "sample",
+    resources="gpu",
+    version="1",
+    metrics=("nfe", "wall_s", "tokens_per_s", "peak_mem"),
+    sources=(
+        "fsdfm.methods.evaluate:sample_stage",
+        *DATA_SOURCES,
+        "fsdfm.samplers",
+        "fsdfm.sparse_step",
+        "fsdfm.methods.dfm:sample_dfm",
+        "fsdfm.methods.ar:sample_ar_model",
+        "fsdfm.methods.flm:continuous_sampler",
+        "fsdfm.methods.evaluate:write_samples",
+        "fsdfm.methods.common:load_dit",
+        "fsdfm.methods.common:RowCounter",
+        "fsdfm.methods.evaluate:counted_nfe",
+        "fsdfm.metrics.timing:timed",
+        "fsdfm.methods.exact:sample_exact",
+        "fsdfm.ar:sample_ar",
+        "fsdfm.flm",
+        "fsdfm.methods.exact_teacher",
+        "fsdfm.oracle_posterior",
+    ),
+)
 def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """Draw n_samples from a trained method; record tokens, decoded text, NFE, wall-clock and peak memory.
 
@@ -205,7 +239,18 @@ def score_samples(
     return {"metrics": metrics, "metric_details": ms.details, "per_sample": PER_SAMPLE}
 
 
-@stage_kind("evaluate", resources="gpu", version="1", metrics=lambda c: corpus_metric_names(c))
+@stage_kind(
+    "evaluate",
+    resources="gpu",
+    version="1",
+    metrics=lambda c: corpus_metric_names(c),
+    sources=(
+        "fsdfm.methods.evaluate:evaluate_stage",
+        *DATA_SOURCES,
+        *EVAL_SOURCES,
+        "fsdfm.methods.evaluate:read_samples",
+    ),
+)
 def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """All sample metrics of one sample stage (evaluator time is not sampling time), and the per-sample table."""
     corpus = corpus_for(config, out_dir)
@@ -225,7 +270,18 @@ def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     return {**scored, "n_samples": n, "samples_stage": Path(inputs["samples"]).name}
 
 
-@stage_kind("evaluate_data", resources="gpu", version="1", metrics=lambda c: corpus_metric_names(c))
+@stage_kind(
+    "evaluate_data",
+    resources="gpu",
+    version="1",
+    metrics=lambda c: corpus_metric_names(c),
+    sources=(
+        "fsdfm.methods.evaluate:evaluate_data_stage",
+        *DATA_SOURCES,
+        *EVAL_SOURCES,
+        "fsdfm.metrics.sample:data_reference",
+    ),
+)
 def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The data reference row: the same metrics on real held-out blocks (a disjoint set is the MAUVE reference)."""
     corpus = corpus_for(config, out_dir)
@@ -244,7 +300,19 @@ def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     return {**scored, "n_samples": n}
 
 
-@stage_kind("pos_divergence", resources="gpu", version="1", metrics=("pos_divergence", "pos_divergence_slope"))
+@stage_kind(
+    "pos_divergence",
+    resources="gpu",
+    version="1",
+    metrics=("pos_divergence", "pos_divergence_slope"),
+    sources=(
+        "fsdfm.methods.evaluate:pos_divergence_stage",
+        *DATA_SOURCES,
+        "fsdfm.samplers",
+        "fsdfm.sparse_step",
+        "fsdfm.methods.common:load_dit",
+    ),
+)
 def pos_divergence_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """Per-position divergence of the few-step student from the many-step teacher, from states x_t taken
     along teacher trajectories at t_start: both finish from the same state; marginals from rollouts."""

@@ -14,6 +14,8 @@ import torch
 from fsdfm.flm import FLMConfig, FLMObjective, FLMTime, sample_continuous
 from fsdfm.methods.base import MethodKind, Planner, register_kind
 from fsdfm.methods.common import (
+    DATA_SOURCES,
+    DIT_SOURCES,
     forward_autocast,
     SAMPLERS,
     Draw,
@@ -40,7 +42,15 @@ def plan_flm(p: Planner, name: str, m: MethodSpec) -> Stage:
 register_kind(MethodKind("flm", "flm", ("euler",), plan_flm, settings_key="distill", settings_cls=FLMConfig))
 
 
-@stage_kind("train_flm", checkpointable=True, resources="gpu_multi", version="1")
+@stage_kind(
+    "train_flm",
+    checkpointable=True,
+    resources="gpu_multi",
+    version="1",
+    sources=("fsdfm.methods.flm:train_flm", *DIT_SOURCES, *DATA_SOURCES, "fsdfm.flm"),
+    model_sampler="flm",
+    model_rule="euler",
+)
 def train_flm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """FLM: a DiT reading the noisy one-hot state x_gamma, trained with CE at tau ~ U[0, 1]."""
     join_process_group()

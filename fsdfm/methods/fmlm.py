@@ -12,7 +12,16 @@ import torch
 
 from fsdfm.fmlm import FMLMConfig, FMLMObjective, fmlm_student
 from fsdfm.methods.base import MethodKind, Planner, register_kind
-from fsdfm.methods.common import SAMPLERS, corpus_for, fit_dit, join_process_group, load_dit, train_metrics
+from fsdfm.methods.common import (
+    DATA_SOURCES,
+    DIT_SOURCES,
+    SAMPLERS,
+    corpus_for,
+    fit_dit,
+    join_process_group,
+    load_dit,
+    train_metrics,
+)
 from fsdfm.methods.flm import continuous_sampler
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
@@ -33,7 +42,22 @@ register_kind(
 )
 
 
-@stage_kind("distil_fmlm", checkpointable=True, resources="gpu_multi", version="1")
+@stage_kind(
+    "distil_fmlm",
+    checkpointable=True,
+    resources="gpu_multi",
+    version="1",
+    sources=(
+        "fsdfm.methods.fmlm:distil_fmlm",
+        *DIT_SOURCES,
+        *DATA_SOURCES,
+        "fsdfm.flm",
+        "fsdfm.fmlm",
+        "fsdfm.methods.common:load_dit",
+    ),
+    model_sampler="fmlm",
+    model_rule="flow_map",
+)
 def distil_fmlm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """FMLM: the two-time flow-map denoiser distilled from a frozen FLM teacher by the semigroup rule."""
     join_process_group()

@@ -16,12 +16,15 @@ import torch
 
 from fsdfm.methods.base import EXACT_TEACHER, MethodKind, Planner, declared_rules, register_kind
 from fsdfm.methods.common import (
+    DATA_SOURCES,
+    DIT_SOURCES,
     build_model_config,
     corpus_for,
     fit_dit,
     join_process_group,
     load_dit,
     oracle_model_metric,
+    oracle_curve_metrics,
     oracle_model_metrics,
     train_metrics,
 )
@@ -87,13 +90,31 @@ register_kind(
 
 
 @stage_kind(
-    "distil_fsdfm", checkpointable=True, resources="gpu_multi", version="1", metrics=lambda c: oracle_model_metric(c)
+    "distil_fsdfm",
+    checkpointable=True,
+    resources="gpu_multi",
+    version="1",
+    metrics=lambda c: oracle_model_metric(c),
+    sources=(
+        "fsdfm.methods.fsdfm:distil_fsdfm",
+        *DIT_SOURCES,
+        *DATA_SOURCES,
+        "fsdfm.objectives",
+        "fsdfm.losses",
+        "fsdfm.methods.common:load_dit",
+        "fsdfm.methods.fsdfm:FSDFMSettings",
+        "fsdfm.teachers",
+        "fsdfm.methods.exact_teacher",
+        "fsdfm.oracle_posterior",
+    ),
+    model_sampler="dfm",
+    model_rule="cumulative_scalar",
 )
 def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The FS-DFM student, initialised from the teacher with a fresh step-size embedding."""
     join_process_group()
     corpus = corpus_for(config, out_dir)
-    spec = FSDFMSettings(**config["distill"])
+    settings = FSDFMSettings(**config["distill"])
     if is_exact(inputs["teacher"]):  # teacher: exact -- fresh student, exact posterior as frozen evaluator
         exact = load_exact(inputs["teacher"], config["data"])
         path_cfg, teacher_path = exact_path_cfg(inputs["teacher"]), exact.path
@@ -103,7 +124,7 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
                 config["model"],
                 corpus.vocab_size,
                 corpus.seq_len,
-                h_embedding=spec.h_embedding,
+                h_embedding=settings.h_embedding,
                 input_vocab_size=teacher_path.source.input_vocab_size,
             )
         )
@@ -112,22 +133,25 @@ def distil_fsdfm(config: dict, inputs: dict, out_dir: Path) -> dict:
         teacher = load_dit(inputs["teacher"])
         path_cfg, teacher_path = teacher.path_cfg, teacher.path
         torch.manual_seed(config["optim"]["seed"])
-        student = student_from_teacher(teacher.model, spec.h_embedding)
-        frozen = teacher.model.requires_grad_(False) if spec.rule.uses_frozen_teacher else None
+        student = student_from_teacher(teacher.model, settings.h_embedding)
+        frozen = teacher.model.requires_grad_(False) if settings.shortcut_entry.uses_frozen_teacher else None
+    # the curve (oracle data): posterior_kl at every step size h = 2^-j the student is trained and sampled at
+    kl = oracle_curve_metrics(config, teacher_path, corpus, hs=tuple(2.0**-j for j in range(settings.K + 1)))
     res, final = fit_dit(
         student,
-        FSDFMObjective(teacher_path, spec.objective(), frozen),
+        FSDFMObjective(teacher_path, settings.objective(), frozen),
         corpus,
         config,
         out_dir,
         "distil fs-dfm student",
         path_cfg,
         h_conditioned=True,
+        evaluate=(lambda m: {k: f(m) for k, f in kl.items()}) if kl else None,
     )
     return train_metrics(
         res,
         {
             "n_params": student.num_parameters(),
-            **oracle_model_metrics(config, final, teacher_path, corpus, h=2.0**-spec.K),
+            **oracle_model_metrics(config, final, teacher_path, corpus, h=2.0**-settings.K),
         },
     )

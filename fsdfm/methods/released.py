@@ -17,7 +17,7 @@ from typing import ClassVar
 
 
 from fsdfm.methods.base import MethodKind, Planner, declared_rules, register_kind
-from fsdfm.methods.common import RELEASED_POINTER, corpus_for, save_tokenizer
+from fsdfm.methods.common import DATA_SOURCES, RELEASED_POINTER, corpus_for, save_tokenizer
 from fsdfm.registry import did_you_mean
 from fsdfm.io import atomic_write
 from fsdfm.study.graph import Stage, stage_kind
@@ -80,7 +80,14 @@ register_kind(
 )
 
 
-@stage_kind("load_released", resources="gpu", version="1")
+@stage_kind(
+    "load_released",
+    resources="gpu",
+    version="1",
+    sources=("fsdfm.methods.released:load_released_stage", "fsdfm.released_checkpoints", *DATA_SOURCES),
+    model_sampler="dfm",
+    model_rule="cumulative_scalar",
+)
 def load_released_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """A released apple/ml-fs-dfm checkpoint as the model of a method, no training: load it once (every name and
     shape checked by fsdfm.released_checkpoints), check its vocabulary against the corpus, write a pointer to it."""

@@ -156,6 +156,7 @@ register_metric(
     family="divergence",
     show={"pos": 1},
     recorded_by=_POS,
+    sources=("fsdfm.metrics.divergence",),
     description="per-position total variation between few-step and many-step teacher marginals from the "
     "same start state (a curve over positions; its mean as a scalar)",
 )
@@ -166,6 +167,7 @@ register_metric(
     family="divergence",
     show={"pos": 3},
     recorded_by=_POS,
+    sources=("fsdfm.metrics.divergence",),
     description="least-squares slope of the pos_divergence TV curve against normalised position 0..1 "
     "(positive: error grows)",
 )

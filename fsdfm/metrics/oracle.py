@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fsdfm.data.oracle import HMMSource, MarkovSource, OracleSource
+from fsdfm.data.oracle import ORACLE_SOURCES, HMMSource, MarkovSource, OracleSource
 
 from fsdfm.metrics.registry import METRICS, register_metric
 from fsdfm.metrics.sample import MetricOutcome
@@ -178,6 +178,11 @@ register_metric(
     unit="nats/position",
     family="oracle",
     recorded_by="the training stage (fsdfm.metrics.oracle.posterior_kl on the trained model)",
+    sources=(
+        "fsdfm.metrics.oracle:posterior_kl",
+        "fsdfm.oracle_posterior",
+        "fsdfm.methods.common:oracle_model_metrics",
+    ),
     description="model error: mean KL(exact posterior || model p_{1|t}) over a fixed t grid and held-out "
     "path states, at movable positions (the FS-DFM student at its smallest step); recorded by "
     "the training stage",
@@ -218,6 +223,12 @@ class OracleInputs:
 
 
 def _oracle(name: str, direction: str | None, unit: str, description: str, show: dict | None = None):
+    # sources: an oracle_* metric is its function and the source's likelihood code; an n-gram metric shares this
+    # module's n-gram machinery, so the whole module is its source
+    if name.startswith("oracle_"):
+        sources = (*ORACLE_SOURCES, f"fsdfm.metrics.oracle:_{name}", "fsdfm.metrics.oracle:OracleInputs")
+    else:
+        sources = ("fsdfm.metrics.oracle", *ORACLE_SOURCES)
     return register_metric(
         name,
         direction=direction,
@@ -226,6 +237,7 @@ def _oracle(name: str, direction: str | None, unit: str, description: str, show:
         needs=("oracle",),
         show=show or {},
         description=description,
+        sources=sources,
     )
 
 

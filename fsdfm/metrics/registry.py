@@ -45,7 +45,9 @@ class MetricInfo:
     label:       axis label with the unit (default: "name (unit)");
     show:        ((view, position), ...): the report views that show the metric, and where;
     recorded_by: for a metric no function computes from samples, the stage or code that records it;
-    compute:     the function `MetricInputs -> MetricOutcome` (None for recorded metrics).
+    compute:     the function `MetricInputs -> MetricOutcome` (None for recorded metrics);
+    sources:     what computes its value ("module" or "module:name"), digested by `fsdfm.versions` to keep
+                 `version` honest (default for a computed metric: its function).
 
     `version` is bumped whenever the metric's value can change for the same samples (a fix, a new convention);
     it enters the id of every stage that computes the metric, so only those stages re-run (tests/test_versions.py
@@ -63,6 +65,7 @@ class MetricInfo:
     show: tuple = ()
     recorded_by: str = ""
     compute: Callable | None = field(default=None, compare=False, repr=False)
+    sources: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -109,7 +112,7 @@ class MetricInfo:
         return min(values) if self.goal == "min" else max(values)
 
 
-METRICS: Registry[MetricInfo] = Registry("metric")
+METRICS: Registry[MetricInfo] = Registry("metric", discover=("fsdfm.metrics",))
 
 
 def register_metric(
@@ -125,13 +128,27 @@ def register_metric(
     label: str = "",
     show: Mapping[str, float] | tuple = (),
     recorded_by: str = "",
+    sources: tuple = (),
 ) -> Any:
     """Register metric `name`. With `recorded_by`, the description alone is registered and its `MetricInfo`
     returned; otherwise a decorator is returned that registers the function computing it from samples."""
 
     def info(fn: Callable | None) -> MetricInfo:
+        own = (f"{fn.__module__}:{fn.__qualname__}",) if fn is not None else ()
         return MetricInfo(
-            name, direction, unit, family, description, version, target, tuple(needs), label, show, recorded_by, fn
+            name,
+            direction,
+            unit,
+            family,
+            description,
+            version,
+            target,
+            tuple(needs),
+            label,
+            show,
+            recorded_by,
+            fn,
+            tuple(sources) or own,
         )
 
     if recorded_by:
@@ -182,6 +199,7 @@ register_metric(
     family="likelihood",
     description="held-out NLL (or its upper bound) per token",
     recorded_by="the training / likelihood-evaluation stage",
+    sources=("fsdfm.methods.dfm:dfm_validation", "fsdfm.ar:ar_nll"),
 )
 register_metric(
     "elbo_ppl",
@@ -190,4 +208,5 @@ register_metric(
     family="likelihood",
     description="exp(val_nll): perplexity bound on held-out data",
     recorded_by="the training / likelihood-evaluation stage",
+    sources=("fsdfm.methods.dfm:dfm_validation", "fsdfm.ar:ar_nll"),
 )

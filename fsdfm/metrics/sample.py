@@ -51,6 +51,16 @@ def _ppl_outcome(result: PerplexityResult, prefix: str) -> MetricOutcome:
     )
 
 
+_PPL = ("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator")  # shared parts of the declared `sources`
+_NGRAMS = ("fsdfm.metrics.diversity:_ngrams", "fsdfm.metrics.diversity:as_token_matrix")
+# per-sample lengths (external texts scored at their own length), a no-op on model samples
+_LENGTHS = (
+    "fsdfm.metrics.diversity:as_lengths",
+    "fsdfm.metrics.diversity:valid_mask",
+    "fsdfm.metrics.diversity:_gram_mask",
+)
+
+
 @register_metric(
     "gen_ppl",
     direction="min",
@@ -61,6 +71,7 @@ def _ppl_outcome(result: PerplexityResult, prefix: str) -> MetricOutcome:
     show={"main": 1, "seeds": 1, "sweep": 1, "ablation": 1, "pairs": 1},
     description="token-pooled exp(sum NLL / sum tokens) of the re-tokenized decoded samples under the "
     "evaluator LM (fp32; first token unscored; non-EOS tokens plus the first EOS scored)",
+    sources=(*_PPL, "fsdfm.metrics.sample:_gen_ppl"),
 )
 def _gen_ppl(x: MetricInputs) -> MetricOutcome:
     texts, evaluator = x.need_texts("gen_ppl"), x.need_evaluator("gen_ppl")
@@ -77,6 +88,7 @@ def _gen_ppl(x: MetricInputs) -> MetricOutcome:
     label="perplexity, mean over samples",
     show={"main": 2, "pairs": 2},
     description="FS-DFM/SEDD convention: mean over samples of exp(mean NLL) on the raw ids (tokenizers must match)",
+    sources=(*_LENGTHS, *_PPL, "fsdfm.metrics.sample:_gen_ppl_seq_mean"),
 )
 def _gen_ppl_seq_mean(x: MetricInputs) -> MetricOutcome:
     result = gen_ppl_seq_mean(x.token_ids, x.need_evaluator("gen_ppl_seq_mean"), x.batch_size, x.lengths)
@@ -95,6 +107,7 @@ def _gen_ppl_seq_mean(x: MetricInputs) -> MetricOutcome:
     label="unigram entropy per sample (nats)",
     show={"main": 3, "seeds": 2, "sweep": 2, "ablation": 2, "pairs": 3},
     description="per-sample unigram entropy of the token ids, averaged over samples",
+    sources=("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix", *_LENGTHS),
 )
 def _entropy_nats(x: MetricInputs) -> MetricOutcome:
     return MetricOutcome(x.entropy.nats, x.entropy.n_samples, per_sample={"entropy_nats": x.entropy.per_sample})
@@ -108,6 +121,7 @@ def _entropy_nats(x: MetricInputs) -> MetricOutcome:
     target="data",
     label="unigram entropy per sample (bits)",
     description="entropy_nats / ln 2",
+    sources=("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix", *_LENGTHS),
 )
 def _entropy_bits(x: MetricInputs) -> MetricOutcome:
     return MetricOutcome(x.entropy.bits, x.entropy.n_samples)
@@ -124,6 +138,7 @@ for _n in range(1, 5):
         target="data",
         show=_DISTINCT_SHOW[_n],
         description=f"unique {_n}-grams / total {_n}-grams, pooled over all samples",
+        sources=("fsdfm.metrics.diversity:distinct_n", *_NGRAMS, *_LENGTHS),
     )(lambda x, _n=_n: MetricOutcome(distinct_n(x.token_ids, _n, x.lengths), x.n))
 
 
@@ -136,6 +151,14 @@ for _n in range(1, 5):
     label="repeated 4-grams (fraction)",
     show={"main": 8, "seeds": 4, "sweep": 4, "ablation": 4, "pairs": 4},
     description="within-sample fraction of repeated 4-grams (1 - unique/total per sample), averaged over samples",
+    sources=(
+        "fsdfm.metrics.diversity:rep_n",
+        "fsdfm.metrics.diversity:rep_n_per_sample",
+        "fsdfm.metrics.diversity:rep_n_mean",
+        *_NGRAMS,
+        "fsdfm.metrics.sample:_rep_n",
+        *_LENGTHS,
+    ),
 )
 def _rep_n(x: MetricInputs) -> MetricOutcome:
     per_sample = rep_n_per_sample(x.token_ids, 4, x.lengths)  # NaN for a sample of < 4 ids: not seen, not counted
@@ -154,6 +177,7 @@ def _rep_n(x: MetricInputs) -> MetricOutcome:
     label="self-BLEU (0-100)",
     show={"main": 7, "sweep": 5},
     description="mean sacrebleu sentence BLEU-4 of each (subsampled, seeded) sample against all the other samples",
+    sources=("fsdfm.metrics.diversity:self_bleu", "fsdfm.metrics.sample:_self_bleu"),
 )
 def _self_bleu(x: MetricInputs) -> MetricOutcome:
     result = self_bleu(x.clean_texts("self_bleu"), n_subsample=x.self_bleu_subsample, seed=x.seed)
@@ -177,6 +201,7 @@ def _self_bleu(x: MetricInputs) -> MetricOutcome:
     label="MAUVE (0-1)",
     show={"main": 4, "seeds": 3, "sweep": 3, "ablation": 3, "pairs": 6},
     description="mauve-text on featurizer features between the samples and as many held-out real texts",
+    sources=("fsdfm.metrics.mauve", "fsdfm.metrics.sample:_mauve"),
 )
 def _mauve(x: MetricInputs) -> MetricOutcome:
     if x.references is None:

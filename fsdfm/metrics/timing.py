@@ -117,6 +117,7 @@ register_metric(
     family="timing",
     show={"cost": 1},
     recorded_by=_SAMPLING,
+    sources=("fsdfm.metrics.timing", "fsdfm.memory"),
     description="counted model forward calls per sampling run",
 )
 # the cost table shows wall_s as its `sampling_wall_s` column (fsdfm.report.summary.sampling_wall_s)
@@ -128,6 +129,7 @@ register_metric(
     label="sampling wall-clock (s)",
     show={"cost": 2},
     recorded_by=_SAMPLING,
+    sources=("fsdfm.metrics.timing", "fsdfm.memory"),
     description="sampling wall-clock seconds (warm-up excluded, CUDA synchronised)",
 )
 register_metric(
@@ -137,6 +139,7 @@ register_metric(
     family="timing",
     show={"cost": 3},
     recorded_by=_SAMPLING,
+    sources=("fsdfm.metrics.timing", "fsdfm.memory"),
     description="generated tokens per second of sampling wall-clock",
 )
 register_metric(
@@ -145,6 +148,7 @@ register_metric(
     unit="s",
     family="timing",
     recorded_by=_SAMPLING,
+    sources=("fsdfm.metrics.timing", "fsdfm.memory"),
     description="CPU seconds of the sampling process during the timed draw (all threads): beside wall_s, the share "
     "of the cores the draw really got",
 )
@@ -154,6 +158,7 @@ register_metric(
     unit="load/core",
     family="timing",
     recorded_by=_SAMPLING,
+    sources=("fsdfm.metrics.timing", "fsdfm.memory"),
     description="1-minute load average / usable cores around the timed draw (max of before and after); above 1 "
     "the machine was oversubscribed and the report marks the timing",
 )
@@ -164,5 +169,6 @@ register_metric(
     family="timing",
     show={"cost": 4},
     recorded_by=_SAMPLING,
+    sources=("fsdfm.metrics.timing", "fsdfm.memory"),
     description="peak memory while sampling (CUDA max allocated, or process peak RSS)",
 )

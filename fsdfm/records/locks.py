@@ -33,7 +33,7 @@ class StageLockedError(RuntimeError):
 class LockInfo:
     host: str
     pid: int
-    pid_start: int | None  # the process's start time (clock ticks since boot) to see through pid reuse
+    pid_start: float | None  # the process's start time (psutil, seconds since the epoch) to see through pid reuse
     job_id: str | None
     time: str
     study: str | None = None  # the study whose run took it (a shared stage in the store is run by one of many)
@@ -44,37 +44,51 @@ class LockInfo:
         return f"pid {self.pid} on {self.host}{job}{study}, since {self.time}"
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/<pid>/stat (state, ppid, ...), None where /proc cannot tell."""
+def _pid_start(pid: int) -> float | None:
+    """The start time of process `pid` (seconds since the epoch, psutil: Linux, macOS, BSD), None when it is gone
+    or cannot be asked. With the pid it names one process: a pid reused later has another start time."""
+    import psutil
+
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # comm may contain spaces
-    except (OSError, IndexError):
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
         return None
 
 
-def _pid_start(pid: int) -> int | None:
-    stat = _proc_stat(pid)
-    try:
-        return int(stat[19]) if stat else None  # field 22: start time in clock ticks since boot
-    except (ValueError, IndexError):
-        return None
+# a start time below this is from a lock written before psutil: clock ticks since boot (/proc/<pid>/stat field 22)
+_TICKS_FORMAT_BELOW = 1e9
 
 
-def pid_alive(pid: int, pid_start: int | None = None) -> bool:
-    """Whether process `pid` on this host is alive (and, given `pid_start`, is the same process)."""
+def _same_start(recorded: float, now: float) -> bool:
+    """Whether a recorded start time is `now`'s (psutil's float is stable for a process to well under 10 ms; an
+    old lock's clock ticks since boot are converted with the boot time and the tick rate, to the second)."""
+    if recorded < _TICKS_FORMAT_BELOW:
+        import psutil
+
+        try:
+            ticks = os.sysconf("SC_CLK_TCK")
+        except (ValueError, OSError, AttributeError):
+            return True  # cannot convert: trust the pid
+        return abs(psutil.boot_time() + recorded / ticks - now) < 1.0
+    return abs(recorded - now) < 0.01
+
+
+def pid_alive(pid: int, pid_start: float | None = None) -> bool:
+    """Whether process `pid` on this host is alive (and, given `pid_start`, is the same process): psutil, so the
+    same on Linux and macOS. A zombie (killed, not reaped: containers often run no init that reaps) is dead."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return False
+        now = proc.create_time()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    stat = _proc_stat(pid)
-    if stat and stat[0] in ("Z", "X"):
-        return False  # a killed process nobody reaped yet (containers often run no init that reaps)
-    if pid_start is not None:
-        now = _pid_start(pid)
-        if now is not None and now != pid_start:
-            return False  # the pid was reused by another process
+    except (psutil.AccessDenied, OSError):
+        return True  # exists, owned by someone else
+    if pid_start is not None and not _same_start(float(pid_start), now):
+        return False  # the pid was reused by another process
     return True
 
 

@@ -139,6 +139,8 @@ def provenance() -> dict:
         "pid": os.getpid(),
         "slurm_job_id": slurm_job_id(),
         "job_id": job_id(),
+        # the GPU(s) the job was given (the local_gpus executor sets one per job; SLURM sets it too)
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "argv": list(sys.argv),
         # how the torch thread count was chosen (--threads N, OMP_NUM_THREADS, or `auto: ...` by fsdfm run)
         "threads_source": os.environ.get("FSDFM_THREADS_SOURCE"),

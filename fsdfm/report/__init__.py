@@ -1,13 +1,16 @@
-"""Reports of a study: tables (Markdown, LaTeX, CSV), figures (PNG, PDF) and an index tying them together.
+"""Reports of a study: tables (Markdown, LaTeX, CSV), figures (PNG, PDF), an index tying them together, the same
+as one self-contained HTML file and a versioned results JSON.
 
-    out = write_report("results/demo")             # -> results/demo/report/index.md, table_*.*, fig_*.*
+    out = write_report("results/demo")             # -> results/demo/report/index.{md,html}, results.json, table_*.*, fig_*.*
     df = fsdfm.records.load("results/demo")
     summarize(df)                                  # mean, std, 95% CI half-width, n across seeds
 
 Modules: `summary` (per-setting statistics, reading a study), `table` (the Table type and number formatting),
 `tables` (the study's tables), `pairs` (headline pairs), `plotting` (figure helpers and types), `figures` (the
-figure kinds), `significance` (marking the best), `oracle` (the oracle decomposition), `published` (published
-numbers for labelled reference rows). Scripts in analysis/ regenerate single tables/figures from these.
+figure kinds), `significance` (marking the best), `oracle` (the oracle decomposition), `speedup` (quality-matched
+speed-up), `convergence` (training curves), `published` (published numbers for labelled reference rows),
+`nfe_figure` (quality vs model calls), `html` (index.html), `results_json` (results.json and its schema), `compare`
+(one table across studies). Scripts in analysis/ regenerate single tables/figures from these.
 
 Which metrics a table or figure shows, its axis label and how it is ranked come from the metric's registry entry
 (`fsdfm.metrics.registry`); the report knows nothing about how a metric is computed.
@@ -20,11 +23,17 @@ from pathlib import Path
 from typing import Sequence
 
 from fsdfm.report.figures import FIGURES, render
-from fsdfm.report.oracle import decomposition_figure, decomposition_table
+from fsdfm.report.html import HTML_FILE, html_report
+from fsdfm.report.nfe_figure import quality_vs_nfe
+from fsdfm.report.oracle import decomposition_table
+from fsdfm.report.oracle_figure import decomposition_figure
+from fsdfm.report.convergence import convergence_figure, convergence_frame
 from fsdfm.report.published import PUBLISHED
 from fsdfm.report.summary import EXTERNAL_RUN_KIND, DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
 from fsdfm.report.pairs import pairs_table
+from fsdfm.report.speedup import speedup_table
 from fsdfm.report.plotting import FigureResult
+from fsdfm.report.results_json import RESULTS_FILE, results_document
 from fsdfm.report.table import Table
 from fsdfm.report.tables import (
     ablation_tables,
@@ -50,6 +59,7 @@ __all__ = [
     "seeds_table",
     "ablation_tables",
     "pairs_table",
+    "speedup_table",
     "summary_csv",
     "sample_count_warnings",
     "Table",
@@ -63,20 +73,25 @@ __all__ = [
     "decomposition_figure",
 ]
 
-FIGURE_ORDER = ("step_sweep", "frontier", "pos_divergence", "ablation")
+FIGURE_ORDER = ("step_sweep", "frontier", "quality_vs_nfe", "pos_divergence", "ablation")
+FIGURES.register("quality_vs_nfe", quality_vs_nfe)
 FIGURES.register("decomposition", decomposition_figure)
+FIGURES.register("convergence", convergence_figure)
 ORACLE_FIGURES = ("decomposition",)  # drawn only for studies with an exact method (fsdfm.report.oracle)
+CURVE_FIGURES = ("convergence",)  # drawn only for studies whose training records hold curves (optim.curve_every)
 
 
 @dataclass(frozen=True)
 class ReportOutput:
-    """What `write_report` wrote: the index, the table files, the figure files, and the figures it skipped
-    as (name, reason) pairs."""
+    """What `write_report` wrote: the index, the table files, the figure files, the figures it skipped
+    as (name, reason) pairs, the self-contained HTML report and the results JSON."""
 
     index: Path
     tables: list = field(default_factory=list)
     figures: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    html: Path | None = None
+    results: Path | None = None
 
 
 def write_table(table: Table, out_dir: Path) -> list[Path]:
@@ -214,8 +229,8 @@ def _conventions(study: Study) -> list[str]:
             else "; **this study's records carry no separate sampler time, so the stage's run time is shown**"
         )
         + ".",
-        "spread: ±1 sample std over seeds (ddof 1); 95% CI half-widths (Student t) are in the CSV files and "
-        "table_seeds.",
+        "spread: tables ±1 sample std over seeds (ddof 1); figures: 95% confidence intervals of the mean "
+        "(Student t); the 95% CI half-widths are also in the CSV files, results.json and table_seeds.",
     ]
     return out
 
@@ -245,6 +260,8 @@ def _index(
     for t, _ in tables:
         if t.name == "table_decomposition":  # oracle studies with an exact method (fsdfm.report.oracle)
             parts += ["## Few-step error decomposition (exact oracle)", "", t.to_markdown(), ""]
+        if t.name == "table_speedup":  # studies with a distilled student and its sampled teacher
+            parts += ["## Quality-matched speed-up", "", t.to_markdown(), ""]
     drawn = [f for f in figures if f.skipped is None]
     if drawn:
         parts += ["## Figures", ""]
@@ -281,7 +298,8 @@ def write_report(
     study_dir: str | Path, out_dir: str | Path | None = None, published: Sequence[str] | None = None
 ) -> ReportOutput:
     """Write the report of the study in `study_dir` (holding plan.json) to `out_dir` (default
-    <study_dir>/report): table_*.{md,tex,csv}, summary.csv, fig_*.{png,pdf} and index.md, each atomically.
+    <study_dir>/report): table_*.{md,tex,csv}, summary.csv, fig_*.{png,pdf}, index.md, index.html (the same, one
+    self-contained file: `fsdfm.report.html`) and results.json (`fsdfm.report.results_json`), each atomically.
 
     published: keys of `fsdfm.report.published.PUBLISHED` to add as labelled reference rows to the main table
     (an unknown key is an `UnknownNameError` listing the allowed keys, raised before anything is written).
@@ -300,7 +318,14 @@ def write_report(
     main = None
     if len(study.runs):
         main = main_table(study, published=published)
-        candidates = [main, cost_table(study), pos_divergence_table(study), seeds_table(study), *ablation_tables(study)]
+        candidates = [
+            main,
+            speedup_table(study),
+            cost_table(study),
+            pos_divergence_table(study),
+            seeds_table(study),
+            *ablation_tables(study),
+        ]
         if study.report_settings["pairs"]:
             candidates.append(pairs_table(study))
         has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
@@ -314,17 +339,28 @@ def write_report(
         atomic_write(out_dir / "summary.csv", summary_csv(study).to_csv(index=False).encode("utf-8"))
     figures: list[FigureResult] = []
     has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
-    for name in FIGURE_ORDER + (ORACLE_FIGURES if has_exact else ()):
+    has_curves = len(study.runs) > 0 and not convergence_frame(study).empty
+    for name in FIGURE_ORDER + (ORACLE_FIGURES if has_exact else ()) + (CURVE_FIGURES if has_curves else ()):
         if len(study.runs):
             figures += render(name, study, out_dir)
         else:
             figures.append(FigureResult(name=name, skipped="no finished runs"))
+    import json
+
     index = out_dir / "index.md"
-    atomic_write(index, _index(study, main, tables, figures, notes, out_dir).encode("utf-8"))
+    text = _index(study, main, tables, figures, notes, out_dir)
+    atomic_write(index, text.encode("utf-8"))
+    html = out_dir / HTML_FILE
+    atomic_write(html, html_report(f"Report: {study.name}", text, [t for t, _ in tables], out_dir).encode("utf-8"))
+    results = out_dir / RESULTS_FILE
+    doc = results_document(study, [t for t, _ in tables], figures)
+    atomic_write(results, (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode("utf-8"))
     table_paths = [p for _, paths in tables for p in paths] + ([out_dir / "summary.csv"] if tables else [])
     return ReportOutput(
         index=index,
         tables=table_paths,
         figures=[p for f in figures for p in f.paths],
         skipped=[(f.name, f.skipped) for f in figures if f.skipped is not None],
+        html=html,
+        results=results,
     )

@@ -3,13 +3,17 @@
 Figure kinds, by registry name (`FIGURES`):
 
 * `step_sweep`     metric vs step budget, log2 x axis, one line per (label, rule): mean over seeds with a
-                   ±1 std band; the data reference as a dashed horizontal line.
+                   95% confidence band (Student t); the data reference as a dashed horizontal line.
 * `frontier`       gen_ppl vs sampling wall-clock (log x), one line per (label, rule), points labelled by
-                   their step budget; error bars ±1 std over seeds.
+                   their step budget; error bars: 95% confidence intervals over seeds.
 * `pos_divergence` per-position TV distance and agreement to the many-step teacher, one line per
-                   (student, step budget); seeds averaged, ±1 std band.
+                   (student, step budget); seeds averaged, 95% confidence band.
 * `ablation`       one figure per method kind with several variants: bars of each variant at one step
-                   budget (the one most variants share), ±1 std error bars and the seeds as dots.
+                   budget (the one most variants share), 95% CI error bars and the seeds as dots.
+* `quality_vs_nfe` (`fsdfm.report.nfe_figure`) quality vs the number of model calls (NFE), 95% bands.
+
+Every band and error bar is the 95% Student-t interval of the mean over seeds, mean ± t_{0.975, n-1} s / sqrt(n)
+(`ci95_half_width`); a setting with one seed has none.
 
 A builder returns the figures it drew, or raises `SkipFigure` saying why there is nothing to draw (the
 report lists the reason); no empty figure is ever written. Figures are drawn on `Figure` objects with
@@ -47,6 +51,7 @@ from fsdfm.report.plotting import (
     _steps_text,
     _style,
     axis_label,
+    ci95_half_width,
     save_figure,
 )
 from fsdfm.report.summary import DATA_LABEL, SAMPLING_WALL_S, Study, metric_info, present
@@ -57,7 +62,7 @@ FIGURES: Registry[Callable[[Study], "list[Drawn]"]] = Registry("figure")
 # ------------------------------------------------------------------------------------------- step sweep
 @FIGURES.register("step_sweep")
 def step_sweep(study: Study, metrics: tuple | None = None) -> list[Drawn]:
-    """Metric vs step budget (log2 x), mean ± std over seeds per (label, rule), data as a dashed line."""
+    """Metric vs step budget (log2 x), mean and 95% CI over seeds per (label, rule), data as a dashed line."""
     runs = study.models
     runs = runs[runs["steps"].notna()] if "steps" in runs else runs.iloc[:0]
     if runs.empty:
@@ -84,7 +89,7 @@ def step_sweep(study: Study, metrics: tuple | None = None) -> list[Drawn]:
                     continue
                 x = sel["steps"].astype(float).to_numpy()
                 y = sel["mean"].to_numpy()
-                sd = sel["std"].fillna(0).to_numpy()
+                sd = sel["ci95"].fillna(0).to_numpy()  # 95% CI half-width (0 for one seed: no band)
                 ns += list(sel["n"])
                 k = rules.index(rule)
                 ax.plot(
@@ -107,7 +112,7 @@ def step_sweep(study: Study, metrics: tuple | None = None) -> list[Drawn]:
             ax.set_xlabel("sampling steps (log2 scale)")
             ax.set_ylabel(axis_label(m))
             ax.set_title(m)
-        band = "band: ±1 std over seeds" if any(n > 1 for n in ns) else "single seed per point"
+        band = "band: 95% CI of the mean over seeds" if any(n > 1 for n in ns) else "single seed per point"
         fig.suptitle(f"{study.name}: sample quality vs step budget (mean; {band})")
         _legend_outside(fig, axes)
     caption = (
@@ -146,8 +151,8 @@ def frontier(study: Study, metric: str = "gen_ppl") -> list[Drawn]:
             ax.errorbar(
                 g["mean_x"],
                 g["mean_y"],
-                xerr=g["std_x"].fillna(0),
-                yerr=g["std_y"].fillna(0),
+                xerr=g["ci95_x"].fillna(0),
+                yerr=g["ci95_y"].fillna(0),
                 color=colors[label],
                 ls=_RULE_STYLES[k % 4],
                 marker=_RULE_MARKERS[k % 4],
@@ -181,7 +186,7 @@ def frontier(study: Study, metric: str = "gen_ppl") -> list[Drawn]:
     n = _n_text(list(both["n_x"]) + list(both["n_y"]))
     caption = (
         f"{metric} against sampling wall-clock (log x; evaluator time excluded), one line per method · rule, "
-        f"points labelled by step budget; error bars ±1 std ({n}); lower-left is better."
+        f"points labelled by step budget; error bars: 95% CI of the mean ({n}); lower-left is better."
     )
     return [Drawn("fig_frontier", "Quality vs wall-clock frontier", caption, fig)]
 
@@ -265,7 +270,7 @@ def pos_divergence(study: Study) -> list[Drawn]:
                     ax.plot(x, mean, color=color, ls=ls, lw=0.6, alpha=0.35)
                 ax.plot(x, _smooth(mean, w), color=color, ls=ls, lw=1.8, label=name)
                 if mat.shape[0] > 1:
-                    sd = _smooth(np.nanstd(mat, axis=0, ddof=1), w)
+                    sd = _smooth(ci95_half_width(np.nanstd(mat, axis=0, ddof=1), mat.shape[0]), w)
                     sm = _smooth(mean, w)
                     ax.fill_between(x, sm - sd, sm + sd, color=color, alpha=0.15, lw=0)
             ax.set_xlabel("position in sequence (token index)")
@@ -280,7 +285,7 @@ def pos_divergence(study: Study) -> list[Drawn]:
             + (f"\n(thick: moving average over {w} positions; thin: raw)" if w > 1 else "")
         )
         _legend_outside(fig, axes)
-    band = "band: ±1 std over seeds" if any(n > 1 for n in ns) else "one seed per curve"
+    band = "band: 95% CI of the mean over seeds" if any(n > 1 for n in ns) else "one seed per curve"
     caption = (
         f"Per-position total variation distance and token agreement between few-step student rollouts and "
         f"many-step teacher rollouts from the same start states ({band}{smooth}). A rising TV curve means "
@@ -300,7 +305,7 @@ def ablation_budget(runs: pd.DataFrame) -> int:
 
 @FIGURES.register("ablation")
 def ablation(study: Study, metrics: tuple | None = None) -> list[Drawn]:
-    """Per method kind with several variants: bars of each variant at one step budget, ±1 std, seeds as dots."""
+    """Per method kind with several variants: bars of each variant at one step budget, 95% CI, seeds as dots."""
     from fsdfm.report.tables import ablation_kinds
 
     metrics = shown("ablation") if metrics is None else metrics
@@ -330,7 +335,7 @@ def ablation(study: Study, metrics: tuple | None = None) -> list[Drawn]:
                     if not len(v):
                         continue
                     ns.append(len(v))
-                    sd = v.std(ddof=1) if len(v) > 1 else 0.0
+                    sd = float(ci95_half_width(v.std(ddof=1), len(v))) if len(v) > 1 else 0.0
                     ax.barh(y[i], v.mean(), xerr=sd, color=colors[i], alpha=0.85, capsize=3, height=0.6)
                     ax.plot(
                         v,
@@ -350,11 +355,11 @@ def ablation(study: Study, metrics: tuple | None = None) -> list[Drawn]:
                 ax.set_ylim(len(bars) - 0.5, -0.5)
                 ax.set_xlabel(axis_label(m))
                 ax.set_title(m)
-            fig.suptitle(f"{study.name}: {kind} variants at {_steps_text(budget)} (mean ± 1 std over seeds)")
+            fig.suptitle(f"{study.name}: {kind} variants at {_steps_text(budget)} (mean, 95% CI over seeds)")
             _legend_outside(fig, axes)
         caption = (
             f"Ablation of {kind}: each variant at {_steps_text(budget)} (the budget most variants share); bars: mean, "
-            f"error bars ±1 std, dots: individual seeds ({_n_text(ns)}); dashed: data (held-out)."
+            f"error bars: 95% CI of the mean, dots: individual seeds ({_n_text(ns)}); dashed: data (held-out)."
         )
         out.append(Drawn(f"fig_ablation_{kind}", f"Ablation: {kind} variants", caption, fig))
     if not out:

@@ -1,17 +1,21 @@
-"""The few-step error decomposition of oracle studies: model error vs the sampler's own error, exactly.
+"""The few-step error decomposition of oracle studies, in cross-entropies: "CE excess", split at the exact denoiser.
 
 For a trained method M sampled with rule r at budget N, and the exact denoiser (`kind: exact`) on the same path
 (source and scheduler) with the same rule and budget:
 
     oracle_nll(M, N) - H_L  =  [oracle_nll(M, N) - oracle_nll(exact, N)]  +  [oracle_nll(exact, N) - H_L]
-                                 model error at N                            sampler error at N
+    CE excess                   model CE excess at N                          exact sampler's CE excess at N
 
-with H_L the source's expected NLL per token of length-L sequences. The sampler error is what no denoiser, however
-good, removes at N steps with that rule (factorization: positions drawn independently within a step; plus the
-update rule's discretization); the model error is what a better network or teacher could still remove. Model
-error at N is a difference of two sample means (one seed of the exact sampler, many of the model), so it can be
-slightly negative at large N by chance. Next to them: posterior_kl (the model's p_{1|t} error, recorded by its
-training stage) and the n-gram TV with its finite-sample floor.
+with H_L the source's expected NLL per token of length-L sequences. These are differences of cross-entropies, not
+divergences: for a sampler with output law q, E_q[-log p] / L - H_L = KL(q || p) / L - (H(p) - H(q)) / L, so a
+more diffuse sampler scores worse at equal KL, and the model CE excess can be negative (the exact posterior is the
+best p_{1|t}, not the best few-step denoiser, under the uniform source). The true divergences of the output law
+(KL(q || p), KL(p || q), H(q)) on sources small enough to enumerate, and the per-step split into factorization
+(the total correlation of the exact step law) and a per-position term, are `fsdfm.oracle_law`; under the mask
+source with the cumulative-scalar rule the exact sampler's per-position term is zero, so its CE excess is
+factorization, set by the grid. Each oracle_nll has a Monte-Carlo standard error (per run: the std of the
+per-sample values / sqrt(n), from the per-sample table), shown beside it. Next to them: posterior_kl (the model's
+p_{1|t} error, recorded by its training stage) and the n-gram TV with its finite-sample floor.
 
 Matching runs to their path reads the plan (evaluate -> sample -> model stage -> ... -> the stage that fixed the
 path), and posterior_kl the model stage's record: analysis reads records and the plan only.
@@ -24,10 +28,12 @@ import math
 
 import pandas as pd
 
+from fsdfm.report.mc import mc_standard_errors, pooled_se
 from fsdfm.report.summary import DATA_KIND, POS_KIND, Study
 from fsdfm.report.table import DASH, Table, fmt_mean_std, fmt_number
 
 EXACT_KIND = "exact"
+JOINT_KIND = "exact_joint"  # the exact joint sampler (fsdfm.oracle_joint): its CE excess is its own oracle_nll - H_L
 VERDICT_STEPS = 8
 
 
@@ -93,8 +99,9 @@ def _std(x) -> float:
 
 
 def decomposition_frame(study: Study) -> pd.DataFrame:
-    """One row per (path, label, rule, steps): oracle_nll mean/std/n over seeds, the matched exact run's oracle_nll,
-    model_error, sampler_error, posterior_kl, ngram_tv and its floor, the expected NLL and the entropy rate."""
+    """One row per (path, label, rule, steps): oracle_nll mean/std/n over seeds and its Monte-Carlo standard error
+    (`mc_se`), the matched exact run's oracle_nll, model_ce_excess, exact_ce_excess, posterior_kl, ngram_tv and its
+    floor, the expected NLL and the entropy rate."""
     runs = annotated_runs(study)
     if runs.empty or not (runs["kind"] == EXACT_KIND).any():
         return pd.DataFrame()
@@ -102,11 +109,12 @@ def decomposition_frame(study: Study) -> pd.DataFrame:
         (p, r, int(s)): _mean(g["oracle_nll"])
         for (p, r, s), g in runs[runs["kind"] == EXACT_KIND].groupby(["path", "rule", "steps"], dropna=False)
     }
+    se = mc_standard_errors(study)
     rows = []
     for (p, label, rule, steps), g in runs.groupby(["path", "label", "rule", "steps"], dropna=False, sort=False):
         kind = str(g["kind"].iloc[0])
-        ex = exact.get((p, rule, int(steps)), math.nan)
         nll = _mean(g["oracle_nll"])
+        ex = nll if kind == JOINT_KIND else exact.get((p, rule, int(steps)), math.nan)
         expected = _mean(g["oracle_expected_nll"])
         rows.append(
             {
@@ -119,10 +127,12 @@ def decomposition_frame(study: Study) -> pd.DataFrame:
                 "n": int(pd.to_numeric(g["oracle_nll"], errors="coerce").notna().sum()),
                 "oracle_nll_mean": nll,
                 "oracle_nll_std": _std(g["oracle_nll"]),
+                "oracle_nll_mc_se": pooled_se(se, g["run_id"], "oracle_nll"),
+                "entropy_nats_mc_se": pooled_se(se, g["run_id"], "entropy_nats"),
                 "exact_oracle_nll": ex,
-                "model_error": nll - ex if kind != EXACT_KIND else 0.0,
-                "model_error_std": _std(g["oracle_nll"]) if kind != EXACT_KIND else math.nan,
-                "sampler_error": ex - expected,
+                "model_ce_excess": nll - ex if kind not in (EXACT_KIND, JOINT_KIND) else 0.0,
+                "model_ce_excess_std": _std(g["oracle_nll"]) if kind not in (EXACT_KIND, JOINT_KIND) else math.nan,
+                "exact_ce_excess": ex - expected,
                 "posterior_kl_mean": _mean(g["posterior_kl"]),
                 "posterior_kl_std": _std(g["posterior_kl"]),
                 "ngram_tv_mean": _mean(g.get("ngram_tv", math.nan)),
@@ -160,37 +170,50 @@ def _setting(study: Study, runs: pd.DataFrame, label: str, rule: str, steps: int
     return seeds, samples[samples["run_id"].isin(sel["run_id"])]
 
 
+def _compare_teacher(study: Study, runs: pd.DataFrame, st: pd.Series, tlabel: str, steps: int, teacher_steps: int):
+    """The `fsdfm.report.significance.compare` of oracle_nll: student at `steps` vs teacher at `teacher_steps`."""
+    from fsdfm.report.significance import compare
+
+    a, sa = _setting(study, runs, st["label"], st["rule"], steps)
+    b, sb = _setting(study, runs, tlabel, st["rule"], teacher_steps)
+    return compare("oracle_nll", a, b, sa, sb)
+
+
+def _verdict_line(st: pd.Series, tlabel: str, steps: int, teacher_steps: int, c, p_holm: float | None, m: int = 1):
+    from fsdfm.report.significance import ALPHA
+
+    p = c.p if p_holm is None else p_holm
+    verdict = ("beats" if c.diff < 0 else "is worse than") if p < ALPHA else "is not distinguishable from"
+    at = f"at {steps} steps" if teacher_steps == steps else f"at {steps} steps vs its teacher at {teacher_steps}"
+    holm = (
+        "" if p_holm is None else f", Holm-adjusted p = {p_holm:.2g} over the {m} student–teacher tests of this table"
+    )
+    return (
+        f"{st['label']} {verdict} its teacher {tlabel} {at} ({st['rule']}): oracle_nll "
+        f"{c.mean_a:.3f} vs {c.mean_b:.3f} nats/token, difference {c.diff:+.3f} (95% CI [{c.ci[0]:+.3f}, "
+        f"{c.ci[1]:+.3f}], {c.test}, n = {c.n}, p = {c.p:.2g}{holm})."
+    )
+
+
 def _versus_teacher(
     study: Study, runs: pd.DataFrame, st: pd.Series, tlabel: str, steps: int, teacher_steps: int | None = None
 ) -> str | None:
     """ "S beats / is worse than / is not distinguishable from its teacher T at N steps", decided by the paired t-test
     across the training seeds the two share (a student is distilled from the teacher of its own seed), else (one seed)
-    by Welch's test across per-sample values; at 0.05."""
-    from fsdfm.report.significance import ALPHA, compare
-
+    by Welch's test across per-sample values; at 0.05 (one test alone; `verdicts` corrects a table's family)."""
     teacher_steps = steps if teacher_steps is None else teacher_steps
-    a, sa = _setting(study, runs, st["label"], st["rule"], steps)
-    b, sb = _setting(study, runs, tlabel, st["rule"], teacher_steps)
-    c = compare("oracle_nll", a, b, sa, sb)
-    if c is None:
-        return None
-    if c.p < ALPHA:
-        verdict = "beats" if c.diff < 0 else "is worse than"
-    else:
-        verdict = "is not distinguishable from"
-    at = f"at {steps} steps" if teacher_steps == steps else f"at {steps} steps vs its teacher at {teacher_steps}"
-    return (
-        f"{st['label']} {verdict} its teacher {tlabel} {at} ({st['rule']}): oracle_nll "
-        f"{c.mean_a:.3f} vs {c.mean_b:.3f} nats/token, difference {c.diff:+.3f} (95% CI [{c.ci[0]:+.3f}, "
-        f"{c.ci[1]:+.3f}], {c.test}, n = {c.n}, p = {c.p:.2g})."
-    )
+    c = _compare_teacher(study, runs, st, tlabel, steps, teacher_steps)
+    return None if c is None else _verdict_line(st, tlabel, steps, teacher_steps, c, None)
 
 
 def verdicts(study: Study, frame: pd.DataFrame, steps: int = VERDICT_STEPS) -> list[str]:
-    """Plain sentences: does each FS-DFM student beat its teacher at `steps` (same rule), and which error term is
-    the larger part of its excess over the expected NLL there."""
+    """Plain sentences: does each FS-DFM student beat its teacher at `steps` (same rule) and at the teacher's largest
+    budget, and which CE excess term is the larger part. The family of student–teacher tests of the table is
+    Holm-corrected (`fsdfm.report.significance.holm`): a verdict is stated where the adjusted p < 0.05."""
+    from fsdfm.report.significance import holm
+
     runs = annotated_runs(study)
-    out = []
+    heads, tests = [], []  # per student: its line; tests: (student index, st, tlabel, teacher steps, comparison)
     for _, st in frame[(frame["kind"] == "fsdfm") & (frame["steps"] == steps)].iterrows():
         sid = runs[(runs["label"] == st["label"])]["model_stage"].dropna()
         if sid.empty:
@@ -198,26 +221,27 @@ def verdicts(study: Study, frame: pd.DataFrame, steps: int = VERDICT_STEPS) -> l
         tlabel = _teacher_label(study, runs, sid.iloc[0])
         excess = st["oracle_nll_mean"] - st["expected_nll"]
         term = (
-            "the sampler's own error (factorization + discretization)"
-            if st["sampler_error"] >= st["model_error"]
-            else "the model error"
+            "the exact sampler's CE excess (what the exact denoiser itself loses at this budget and rule)"
+            if st["exact_ce_excess"] >= st["model_ce_excess"]
+            else "the model CE excess"
         )
-        line = (
-            f"{st['label']} ({st['rule']}, {steps} steps): oracle_nll {st['oracle_nll_mean']:.3f}; excess over the "
-            f"expected NLL {excess:.3f} = model error {st['model_error']:.3f} + sampler error "
-            f"{st['sampler_error']:.3f}: {term} is the larger part"
+        heads.append(
+            f"{st['label']} ({st['rule']}, {steps} steps): oracle_nll {st['oracle_nll_mean']:.3f}; CE excess over "
+            f"H_L {excess:.3f} = model CE excess {st['model_ce_excess']:.3f} + exact sampler's CE excess "
+            f"{st['exact_ce_excess']:.3f}: {term} is the larger part (cross-entropies, not divergences)"
         )
-        if tlabel is not None:
-            verdict = _versus_teacher(study, runs, st, tlabel, steps)
-            if verdict is not None:
-                line = verdict + " " + line
-            # the claim itself: N student steps against the teacher's largest budget with the same rule
-            tsteps = pd.to_numeric(runs[(runs["label"] == tlabel) & (runs["rule"] == st["rule"])]["steps"]).max()
-            if tsteps == tsteps and int(tsteps) > steps:
-                far = _versus_teacher(study, runs, st, tlabel, steps, int(tsteps))
-                if far is not None:
-                    line += ". " + far
-        out.append(line)
+        if tlabel is None:
+            continue
+        # the claim itself: N student steps against the same budget and the teacher's largest budget, same rule
+        tsteps = pd.to_numeric(runs[(runs["label"] == tlabel) & (runs["rule"] == st["rule"])]["steps"]).max()
+        for ts in [steps] + ([int(tsteps)] if tsteps == tsteps and int(tsteps) > steps else []):
+            c = _compare_teacher(study, runs, st, tlabel, steps, ts)
+            if c is not None:
+                tests.append((len(heads) - 1, st, tlabel, ts, c))
+    adjusted = holm([c.p for *_, c in tests])
+    out = list(heads)
+    for (i, st, tlabel, ts, c), q in zip(tests, adjusted):
+        out[i] += ". " + _verdict_line(st, tlabel, steps, ts, c, q, len(tests))
     return out
 
 
@@ -231,9 +255,10 @@ def decomposition_table(study: Study) -> Table:
         "steps",
         "n",
         "oracle_nll ↓",
+        "MC SE",
         "exact oracle_nll",
-        "model error",
-        "sampler error",
+        "model CE excess",
+        "exact sampler CE excess",
         "posterior_kl ↓",
         "ngram_tv ↓",
         "ngram_tv floor",
@@ -273,7 +298,7 @@ def _decomposition_cells(frame: pd.DataFrame) -> tuple[list[tuple], list[int]]:
         if prev is not None and r["source"] != prev:
             sections.append(len(cells))
         prev = r["source"]
-        exact = r["kind"] == EXACT_KIND
+        exact = r["kind"] in (EXACT_KIND, JOINT_KIND)
         cells.append(
             (
                 r["source"],
@@ -282,9 +307,10 @@ def _decomposition_cells(frame: pd.DataFrame) -> tuple[list[tuple], list[int]]:
                 str(r["steps"]),
                 str(r["n"]),
                 fmt_mean_std(r["oracle_nll_mean"], r["oracle_nll_std"], r["n"], "nats/token"),
+                fmt_number(r["oracle_nll_mc_se"], "nats/token"),
                 fmt_number(r["exact_oracle_nll"], "nats/token"),
-                DASH if exact else fmt_mean_std(r["model_error"], r["model_error_std"], r["n"], "nats/token"),
-                fmt_number(r["sampler_error"], "nats/token"),
+                DASH if exact else fmt_mean_std(r["model_ce_excess"], r["model_ce_excess_std"], r["n"], "nats/token"),
+                fmt_number(r["exact_ce_excess"], "nats/token"),
                 DASH if exact else fmt_mean_std(r["posterior_kl_mean"], r["posterior_kl_std"], r["n"], "nats"),
                 fmt_mean_std(r["ngram_tv_mean"], r["ngram_tv_std"], r["n"], "TV"),
                 fmt_number(r["ngram_tv_floor"], "TV"),
@@ -307,9 +333,17 @@ def _decomposition_notes(study: Study, frame: pd.DataFrame) -> list[str]:
         )
     return (
         [
-            "oracle_nll(M, N) − H_L = model error [oracle_nll(M, N) − oracle_nll(exact, N)] + sampler error "
-            "[oracle_nll(exact, N) − H_L]; the exact run has the same path, rule and budget; cells mean ± std over "
-            "seeds (the exact sampler: one sampling seed)",
+            "CE excess oracle_nll(M, N) − H_L = model CE excess [oracle_nll(M, N) − oracle_nll(exact, N)] + exact "
+            "sampler CE excess [oracle_nll(exact, N) − H_L]; the exact run has the same path, rule and budget; cells "
+            "mean ± std over seeds (the exact sampler: one sampling seed)",
+            "these are cross-entropy differences, not divergences: E_q[−log p]/L − H_L = KL(q‖p)/L − (H(p) − H(q))/L "
+            "for output law q, so a more diffuse sampler scores worse at equal KL and a model CE excess can be "
+            "negative; true KL(q‖p), KL(p‖q), H(q) on enumerable sources and the per-step split into factorization "
+            "(total correlation) and a per-position term: fsdfm.oracle_law. Under the mask source with the "
+            "cumulative-scalar rule the exact sampler's per-position term is zero: its CE excess is factorization, "
+            "set by the grid",
+            "MC SE: the Monte-Carlo standard error of the oracle_nll cell's mean from the per-sample values "
+            "(sqrt(Σ SE_run²) / runs); sampling noise only, not the spread over training seeds",
             "posterior_kl: KL(exact posterior ‖ model p_{1|t}) per movable position, over t = 0.05..0.95 and "
             "held-out path states (student: at its smallest step h = 2^-K)",
             "ngram_tv: total variation of the samples' (order + 1)-gram distribution (HMM: bigrams) from the "
@@ -318,91 +352,3 @@ def _decomposition_notes(study: Study, frame: pd.DataFrame) -> list[str]:
         + ref
         + verdicts(study, frame)
     )
-
-
-# ------------------------------------------------------------------------------------------------ figure
-def decomposition_figure(study: Study):
-    """Per path source: oracle_nll vs N (exact and trained methods; expected NLL, entropy rate and the data row
-    marked), and below it the two error terms vs N (model error solid, sampler error dashed), log2 x axis."""
-    from fsdfm.report.plotting import (
-        PANEL_W,
-        Drawn,
-        SkipFigure,
-        _legend_outside,
-        _log2_steps,
-        _new_figure,
-        _palette,
-        _style,
-    )
-
-    frame = decomposition_frame(study)
-    if frame.empty:
-        raise SkipFigure("no exact runs to decompose against")
-    sources = list(dict.fromkeys(frame["source"]))
-    labels = list(dict.fromkeys(frame["label"]))
-    colors = dict(zip(labels, _palette(len(labels))))
-    styles = {r: s for r, s in zip(dict.fromkeys(frame["rule"]), ("-", "--", ":", "-."))}
-    data_nll = _mean(study.data["oracle_nll"]) if not study.data.empty and "oracle_nll" in study.data else None
-    with _style():
-        fig, axes = _new_figure(2 * len(sources), ncols=len(sources), w=1.5 * PANEL_W)
-        top, bottom = axes[: len(sources)], axes[len(sources) :]
-        for j, src in enumerate(sources):
-            _draw_source(top[j], bottom[j], src, frame[frame["source"] == src], colors, styles, data_nll, _log2_steps)
-        fig.suptitle(f"{study.name}: few-step error = model + sampler error (seed means)")
-        _legend_outside(fig, axes)
-    caption = (
-        "Top: oracle_nll against the step budget for the exact denoiser and each trained method, with the "
-        "expected NLL of true sequences (dashed), the entropy rate (dotted) and the held-out data row. "
-        "Bottom: model error oracle_nll(M, N) − oracle_nll(exact, N) per method (colour) and the sampler's "
-        "own error oracle_nll(exact, N) − H_L (black), same rule."
-    )
-    return [Drawn("fig_decomposition", "Few-step error decomposition", caption, fig)]
-
-
-def _draw_source(top, bottom, src: str, f: pd.DataFrame, colors: dict, styles: dict, data_nll, log2_steps) -> None:
-    """One path source's two panels: oracle_nll vs N with the reference lines (top), the error terms (bottom)."""
-    for (label, rule), g in f.groupby(["label", "rule"], sort=False):
-        g = g.sort_values("steps")
-        x = g["steps"].to_numpy(float)
-        top.plot(
-            x,
-            g["oracle_nll_mean"],
-            color=colors[label],
-            ls=styles[rule],
-            marker="o",
-            ms=3,
-            label=f"{label} · {rule}",
-        )
-        if (g["kind"] != EXACT_KIND).any():
-            bottom.plot(
-                x,
-                g["model_error"],
-                color=colors[label],
-                ls=styles[rule],
-                marker="o",
-                ms=3,
-                label=f"{label} · {rule}",
-            )
-        else:
-            bottom.plot(
-                x,
-                g["sampler_error"],
-                color="black",
-                ls=styles[rule],
-                marker="s",
-                ms=3,
-                label=f"sampler error (exact) · {rule}",
-            )
-    top.axhline(_mean(f["expected_nll"]), color="black", ls="--", lw=1, label="expected NLL H_L")
-    top.axhline(_mean(f["entropy_rate"]), color="gray", ls=":", lw=1, label="entropy rate")
-    if data_nll is not None:
-        top.axhline(data_nll, color="tab:green", ls="-.", lw=1, label="data (held-out)")
-    bottom.axhline(0.0, color="gray", lw=0.8)
-    for ax in (top, bottom):
-        log2_steps(ax, f["steps"])
-        ax.set_xlabel("sampling steps N (log2 scale)")
-    top.set_yscale("log")
-    top.set_ylabel("oracle_nll (nats/token, log scale)")
-    top.set_title(f"{src}: oracle_nll")
-    bottom.set_ylabel("error term (nats/token)")
-    bottom.set_title(f"{src}: error terms")

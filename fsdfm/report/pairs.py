@@ -60,10 +60,25 @@ def _by_seed(r: pd.DataFrame, metric: str, seed_cols: list[str]) -> dict:
     }
 
 
+def _with_holm(cells: list, numbers: list, notes: list) -> list:
+    """Holm over the family of every test the table makes (each pair x metric), so "p (Holm) < 0.05" holds for
+    the table as a whole, not for one cell chosen after the fact: the cells with their "p (Holm)" filled in;
+    `numbers` gain p_holm and `notes` the family's size (both in place)."""
+    adjusted = significance.holm([n["p"] for n in numbers])
+    for n, q in zip(numbers, adjusted):
+        n["p_holm"] = q
+    if numbers:
+        notes.append(
+            f"p (Holm): Holm's step-down adjustment over this table's family of {len(numbers)} tests (every pair × "
+            "metric), controlling the family-wise error rate at 0.05; p: each test alone"
+        )
+    return [(*c[:9], f"{q:.3g}", *c[10:]) for c, q in zip(cells, adjusted)]
+
+
 def pairs_table(study: Study) -> Table:
     """The headline pairs of the spec (report.pairs): A - B per metric with a 95% CI of the difference and p
     (`fsdfm.report.significance.compare`: paired t across matched seeds, else Welch across per-sample values)."""
-    cols = ("A", "B", "metric", "values", "mean A", "mean B", "A − B", "95% CI", "p", "test", "n")
+    cols = ("A", "B", "metric", "values", "mean A", "mean B", "A − B", "95% CI", "p", "p (Holm)", "test", "n")
     cells, numbers, notes = [], [], []
     seed_cols = [k for k in study.seed_keys if k in study.runs]
     for a_name, b_name in study.report_settings["pairs"]:
@@ -94,6 +109,7 @@ def pairs_table(study: Study) -> Table:
                     _fmt(c.diff),
                     f"[{_fmt(c.ci[0])}, {_fmt(c.ci[1])}]",
                     f"{c.p:.3g}",
+                    "",  # filled below, once the family is complete
                     c.test,
                     c.n,
                 )
@@ -114,6 +130,7 @@ def pairs_table(study: Study) -> Table:
                     "n": c.n,
                 }
             )
+    cells = _with_holm(cells, numbers, notes)
     notes.insert(
         0,
         "A − B with a 95% confidence interval: paired t across matched seeds where both settings have "

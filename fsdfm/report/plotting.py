@@ -147,8 +147,18 @@ def save_figure(fig, out_dir: Path, stem: str) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def ci95_half_width(std, n: int, level: float = 0.95):
+    """Half-width of the `level` Student-t interval of a mean of n values with sample std `std`:
+    t_{(1 + level) / 2, n - 1} * std / sqrt(n) (array or float; NaN for n < 2)."""
+    from scipy.stats import t
+
+    if n < 2:
+        return std * math.nan
+    return t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+
+
 def _setting_stats(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per (label, rule, steps): mean, std, n of `metric` (summarize, long rows of one metric)."""
+    """Per (label, rule, steps): mean, std, ci95 (half-width), n of `metric` (summarize, long rows of one metric)."""
     s = summarize(runs, ("label", "rule", "steps"), [metric])
     return s[s["metric"] == metric]
 

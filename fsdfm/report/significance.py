@@ -291,3 +291,18 @@ def compare(
         f"{w.n_a}/{w.n_b}",
         PER_SAMPLE_VALUES[metric][2],
     )
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values of one family of m tests (controls the family-wise error rate):
+    with p_(1) <= ... <= p_(m), adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)), in the input order.
+    NaN p-values are not tests: they stay NaN and do not count in m."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(len(p), np.nan)
+    idx = np.flatnonzero(~np.isnan(p))
+    m = len(idx)
+    running = 0.0
+    for rank, i in enumerate(idx[np.argsort(p[idx], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()

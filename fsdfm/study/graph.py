@@ -160,6 +160,10 @@ class StageKind:
         tests/test_versions.py fails when the kind's sources change without a bump (see `fsdfm.versions`).
     metrics: the metrics (names in `fsdfm.metrics.registry.METRICS`) the kind records itself, or a function
         config -> names; their versions enter the id too (evaluate stages add the names their config lists).
+    sources: what computes the kind's results ("module" for a file, "module:name" for one function of a shared
+        module), digested by `fsdfm.versions` to keep `version` honest; default: the stage function alone.
+    model_sampler, model_rule: for a kind whose folder holds a model afterwards, the sampler (fsdfm.methods.common
+        SAMPLERS) that draws from it and the update rule it uses by default (`fsdfm.load_model`); None otherwise.
     """
 
     fn: StageFn
@@ -167,6 +171,9 @@ class StageKind:
     resources: str = "cpu"
     version: str = "1"
     metrics: tuple | Callable[[dict], Any] = ()
+    sources: tuple = ()
+    model_sampler: str | None = None
+    model_rule: str | None = None
 
     def metric_names(self, config: dict) -> list[str]:
         """Sorted names of the metrics a stage of this kind with `config` computes."""
@@ -203,6 +210,9 @@ def stage_kind(
     resources: str = "cpu",
     version: str = "1",
     metrics: tuple | Callable[[dict], Any] = (),
+    sources: tuple = (),
+    model_sampler: str | None = None,
+    model_rule: str | None = None,
 ) -> Callable[[StageFn], StageFn]:
     """Register `fn(config, inputs, out_dir) -> dict` as stage kind `name` (see `StageKind` for the options);
     returns `fn` unchanged."""
@@ -210,8 +220,19 @@ def stage_kind(
         raise ValueError(f"stage kind {name!r}: version must be a non-empty string, got {version!r}")
 
     def deco(fn: StageFn) -> StageFn:
+        own = (f"{fn.__module__}:{fn.__qualname__}",)
         STAGE_KINDS.register(
-            name, StageKind(fn=fn, checkpointable=checkpointable, resources=resources, version=version, metrics=metrics)
+            name,
+            StageKind(
+                fn=fn,
+                checkpointable=checkpointable,
+                resources=resources,
+                version=version,
+                metrics=metrics,
+                sources=tuple(sources) or own,
+                model_sampler=model_sampler,
+                model_rule=model_rule,
+            ),
         )
         return fn
 

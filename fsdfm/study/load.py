@@ -2,7 +2,8 @@
 
 The top of fsdfm.study: it reads (yaml_io), applies overrides (overrides), expands the grid (grid), resolves
 relative paths (paths), validates each cell (spec) and checks the data files (fsdfm.data.preflight). Nothing is
-written. Knows no method kind: the kinds' checks run through fsdfm.study.spec's registries.
+written. Knows no method kind: the checks that need the kinds come in as `checks` (fsdfm.methods.load passes
+them; without them a spec is checked against the shared schema only).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def load_spec(
     cache_dir: str | Path | None = None,
     check_files: bool = True,
     overrides: Mapping[str, Any] | None = None,
+    checks: tuple = (),
 ) -> tuple[StudySpec, list[Cell]]:
     """Read and validate a spec file; returns the base spec and every grid cell's spec.
 
@@ -88,10 +90,11 @@ def load_spec(
             data checks can reuse a tokenizer a previous run trained.
         check_files: also check the data files and the evaluator (`check_data`), once per distinct data config.
         overrides: dotted key -> value, applied before validation (`apply_overrides`).
+        checks: (spec, file) -> spec validations of each cell beyond the schema (`build_study`).
     Nothing is written: a spec that passes cannot fail later on anything checked here.
     """
     return load_spec_dict(
-        read_yaml(path), str(path), cache_dir, check_files, overrides, spec_dir=Path(str(path)).parent
+        read_yaml(path), str(path), cache_dir, check_files, overrides, spec_dir=Path(str(path)).parent, checks=checks
     )
 
 
@@ -102,6 +105,7 @@ def load_spec_dict(
     check_files: bool = True,
     overrides: Mapping[str, Any] | None = None,
     spec_dir: str | Path | None = None,
+    checks: tuple = (),
 ) -> tuple[StudySpec, list[Cell]]:
     """`load_spec` for a spec already in memory (a dict, as `yaml.safe_load` of the file would give it); `file`
     names it in errors; relative paths resolve against `spec_dir` (None: as given, i.e. against the working
@@ -111,7 +115,7 @@ def load_spec_dict(
     expanded_size(dict(raw), file)
     raw = apply_overrides(dict(raw), overrides, file)
     try:
-        return expand(raw, file, cache_dir=cache_dir, check_files=check_files, spec_dir=spec_dir)
+        return expand(raw, file, cache_dir=cache_dir, check_files=check_files, spec_dir=spec_dir, checks=checks)
     except SpecError as e:
         raise _naming_overrides(e, overrides) from None
 
@@ -122,6 +126,7 @@ def expand(
     cache_dir: str | Path | None = None,
     check_files: bool = True,
     spec_dir: str | Path | None = None,
+    checks: tuple = (),
 ) -> tuple[StudySpec, list[Cell]]:
     """Validate and expand a spec mapping (as read from `file`, perhaps with overrides applied): the base spec and
     every grid cell's spec. Relative paths in it resolve against `spec_dir` (fsdfm.study.paths); None = as given."""
@@ -131,7 +136,7 @@ def expand(
         one = cell_raw(raw, cell, file)
         if spec_dir is not None:
             one = resolve_paths(one, Path(spec_dir), file)
-        specs.append(Cell(cell, build_study(one, file)))
+        specs.append(Cell(cell, build_study(one, file, checks)))
     if check_files:
         seen = set()
         for c in specs:
@@ -164,7 +169,7 @@ class ResolvedSpec:
 _PAIR_ERROR = re.compile(r"report\.pairs\[(\d+)\]: ")
 
 
-def _drop_stale_pairs(resolved: dict, file: str, spec_dir: str | Path | None) -> dict:
+def _drop_stale_pairs(resolved: dict, file: str, spec_dir: str | Path | None, checks: tuple) -> dict:
     """The spec with the `report.pairs` entries that the overrides made point at nothing (a method, rule or step
     budget no longer sampled) removed, each with a warning: a report-only section never blocks a plan. The spec
     file's own pairs are still checked strictly when it is loaded without overrides (a typo is an error)."""
@@ -176,7 +181,7 @@ def _drop_stale_pairs(resolved: dict, file: str, spec_dir: str | Path | None) ->
     out = copy.deepcopy(resolved)
     for _ in range(len(report["pairs"])):
         try:
-            expand(out, file, check_files=False, spec_dir=spec_dir)
+            expand(out, file, check_files=False, spec_dir=spec_dir, checks=checks)
             return out
         except SpecError as e:
             m = _PAIR_ERROR.search(str(e))
@@ -189,13 +194,13 @@ def _drop_stale_pairs(resolved: dict, file: str, spec_dir: str | Path | None) ->
     return out
 
 
-def _culprit(raw: dict, overrides: dict, file: str, spec_dir: str | Path | None) -> str | None:
+def _culprit(raw: dict, overrides: dict, file: str, spec_dir: str | Path | None, checks: tuple) -> str | None:
     """The key of the first override after which the spec no longer builds (None: it fails without any)."""
     applied: dict[str, Any] = {}
     for key, value in overrides.items():
         applied[key] = value
         try:
-            expand(apply_overrides(raw, applied, file), file, check_files=False, spec_dir=spec_dir)
+            expand(apply_overrides(raw, applied, file), file, check_files=False, spec_dir=spec_dir, checks=checks)
         except SpecError:
             return key
     return None
@@ -207,10 +212,11 @@ def load(
     limit: int | None = None,
     cache_dir: str | Path | None = None,
     check_files: bool = True,
+    checks: tuple = (),
 ) -> ResolvedSpec:
     """Read `path`, apply --limit then `overrides`, validate and expand it (`resolve`): `fsdfm run SPEC OVERRIDES
     --limit N`. An error caused by an override names it: "SPEC: override KEY=VALUE: ..."."""
-    return resolve(read_yaml(path), str(path), Path(str(path)).parent, overrides, limit, cache_dir, check_files)
+    return resolve(read_yaml(path), str(path), Path(str(path)).parent, overrides, limit, cache_dir, check_files, checks)
 
 
 def resolve(
@@ -221,6 +227,7 @@ def resolve(
     limit: int | None = None,
     cache_dir: str | Path | None = None,
     check_files: bool = True,
+    checks: tuple = (),
 ) -> ResolvedSpec:
     """A spec mapping (read from `file`; relative paths against `spec_dir`, None: as given) with --limit then
     `overrides` applied, validated and expanded, and its study name (`study_name`): the one naming rule of the
@@ -238,10 +245,12 @@ def resolve(
     resolved = apply_overrides(raw, merged, file)
     try:
         if merged:
-            resolved = _drop_stale_pairs(resolved, file, spec_dir)
-        spec, cells = expand(resolved, file, cache_dir=cache_dir, check_files=check_files, spec_dir=spec_dir)
+            resolved = _drop_stale_pairs(resolved, file, spec_dir, checks)
+        spec, cells = expand(
+            resolved, file, cache_dir=cache_dir, check_files=check_files, spec_dir=spec_dir, checks=checks
+        )
     except SpecError as e:
-        culprit = _culprit(raw, merged, file, spec_dir) if merged else None
+        culprit = _culprit(raw, merged, file, spec_dir, checks) if merged else None
         if culprit is None:
             raise
         msg = str(e)

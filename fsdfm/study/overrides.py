@@ -34,6 +34,7 @@ import yaml
 from fsdfm.registry import did_you_mean
 from fsdfm.study.convert import type_hints
 from fsdfm.study.spec import (
+    DEPRECATED_METHOD_KEYS,
     EvaluatorSpec,
     LimitSpec,
     MethodSpec,
@@ -131,6 +132,8 @@ def check_key(raw: dict, key: str, label: str) -> None:
     while i < len(parts) and cls is not None:
         names = [f.name for f in dataclasses.fields(cls) if f.init]
         part = parts[i]
+        if cls is MethodSpec and part in DEPRECATED_METHOD_KEYS:  # the old name (renamed, with a warning, at build)
+            part = DEPRECATED_METHOD_KEYS[part]
         if part not in names:
             where = ".".join(parts[: i + 1])
             raise SpecError(

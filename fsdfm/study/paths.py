@@ -1,6 +1,7 @@
 """Relative paths in a spec resolve against the spec file's folder, not the working directory.
 
-Fields: data.train and data.valid (kinds text and tokens), data.tokenizer (a tokenizer.json or a folder holding
+Fields: data.train and data.valid (kinds text and tokens), data.oracle.{transition,emission,initial} (kind oracle),
+data.tokenizer (a tokenizer.json or a folder holding
 one), evaluator.name (an hf evaluator saved in a local folder), cluster.profile and methods.*.checkpoint.path.
 
     value absolute                      -> kept
@@ -27,6 +28,7 @@ from typing import Any
 
 # (dotted path, must it be a file path?) -- names such as tokenizer "bpe" or evaluator "gpt2" are not paths
 _DATA_FILE_KINDS = ("text", "tokens")
+ORACLE_FILE_FIELDS = ("transition", "emission", "initial")  # data.oracle files of sources markov_file / hmm_file
 
 
 def _frame(path: Path) -> str:
@@ -63,6 +65,11 @@ def resolve_paths(raw: dict, spec_dir: Path, file: str) -> dict:
         for key in ("train", "valid"):
             if kind in _DATA_FILE_KINDS and key in data:
                 data[key] = _resolve(data[key], spec_dir, f"data.{key}", file, is_path=True)
+        oracle = data.get("oracle")
+        if kind == "oracle" and isinstance(oracle, dict):  # a user's own chain / HMM (fsdfm.data.oracle.files)
+            for key in ORACLE_FILE_FIELDS:
+                if isinstance(oracle.get(key), str):
+                    oracle[key] = _resolve(oracle[key], spec_dir, f"data.oracle.{key}", file, is_path=True)
         if data.get("tokenizer") not in (None, "bpe", "gpt2", "none"):
             data["tokenizer"] = _resolve(data["tokenizer"], spec_dir, "data.tokenizer", file, is_path=False)
     ev = out.get("evaluator")

@@ -12,23 +12,23 @@ itself (safe-loaded, no duplicate keys, aliases bounded against "billion laughs"
 names (one path component), seeds (ints in [0, 2**63)), finite floats, model keys, and the data and evaluator
 files (`check_data`, fsdfm.data.preflight). Values quoted in messages are truncated (`short`).
 
-Boundary: this module knows the schema every study shares and nothing of any method kind. A kind's own
-settings (`distill:`, `checkpoint:`) and its checks live in its file under fsdfm.methods, which fills
-`METHOD_KINDS` and `STUDY_CHECKS` here when imported (`_method_hooks` imports it on first use, the way a plugin
-registry is initialised), so no module of this package imports method code.
+Boundary: this module knows the schema every study shares and nothing of any method kind: it imports no method
+code and holds no kinds' registry. A kind's own settings (`distill:`, `checkpoint:`) and the checks that need
+the kinds (teachers, rules, budgets) live in fsdfm.methods, whose loader (`fsdfm.methods.load`) passes them to
+`build_study` as `checks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from fsdfm.registry import Registry, UnknownNameError, did_you_mean
+from fsdfm.registry import UnknownNameError, did_you_mean
 from fsdfm.study.convert import _convert, build
 from fsdfm.study.grid import resolve_bases
 from fsdfm.study.bounds import check_bounds
@@ -61,21 +61,6 @@ def _optim(**settings):
         return OptimConfig(**settings)
 
     return make
-
-
-# Filled by fsdfm.methods: kind name -> its MethodKind (settings class, planning, stages), and the checks of a
-# whole study that need the kinds (teachers, rules, budgets). Each check returns the spec with the methods'
-# typed settings filled in.
-METHOD_KINDS: Registry = Registry("method kind")
-STUDY_CHECKS: list[Callable[[Any, str], Any]] = []
-METHODS_PACKAGE = "fsdfm.methods"
-
-
-def _method_hooks() -> list:
-    """The study checks, importing the method package (which registers every kind) if nothing has yet."""
-    if not STUDY_CHECKS:
-        importlib.import_module(METHODS_PACKAGE)
-    return STUDY_CHECKS
 
 
 @dataclass(frozen=True)
@@ -114,8 +99,12 @@ class SchedulerSpec:
 @dataclass(frozen=True)
 class MethodSpec:
     """One method of a study. `kind` picks the method family (dfm, fsdfm, ar, flm, fmlm, ...); `teacher` names
-    the method a student distils from; `rules` x `steps` are the sampler settings it is evaluated at (`steps`
-    is the YAML key of the sampling budgets, not optimiser steps: those are `train.steps`).
+    the method a student distils from; `rules` x `budgets` are the sampler settings it is evaluated at (the
+    sampling budgets: steps of the sampler, not optimiser steps, which are `train.steps`; the old YAML key
+    `steps` still works, with a deprecation warning: `DEPRECATED_METHOD_KEYS`).
+
+    `source`, `scheduler` and `loss` are the mixture path's settings: only the kinds that sample that path read
+    them (fsdfm.methods.load.check_path_settings refuses them elsewhere).
 
     `distill` and `checkpoint` are the YAML mappings of the kind's own settings as written; `settings` is the
     kind's frozen dataclass built from them once, at load (`MethodKind.settings_cls`; None for a kind without).
@@ -130,15 +119,10 @@ class MethodSpec:
     train: OptimConfig = field(default_factory=_optim())
     distill: dict = field(default_factory=dict)
     rules: tuple = ()
-    steps: tuple = ()
+    budgets: tuple = ()
     label: str | None = None
     checkpoint: dict = field(default_factory=dict)  # kind "released": {path, which} of a checkpoint to evaluate
     settings: Any = field(default=None, metadata={"yaml": False})
-
-    @property
-    def sample_steps(self) -> tuple:
-        """The sampling budgets (NFE grids) the method is evaluated at: the YAML key `steps`."""
-        return self.steps
 
 
 FORWARD_PRECISIONS = ("float32", "bfloat16")  # sampling.forward_precision; the first is the default
@@ -324,9 +308,35 @@ class StudySpec:
 # One cell: validation of the dataclasses, of the methods (through the kinds' checks) and of the files
 
 
-def build_study(raw: dict, file: str) -> StudySpec:
-    """Validate one (cell) spec: dataclasses, method inheritance, method kinds and teachers, files."""
+# old YAML key of a method -> its name now (a deprecation warning names the method; both at once is an error)
+DEPRECATED_METHOD_KEYS = {"steps": "budgets"}
+_WARNED: set[str] = set()
+
+
+def renamed_keys(method: Any, where: str, file: str) -> Any:
+    """A method's raw mapping with its deprecated keys renamed (`DEPRECATED_METHOD_KEYS`), warning once per key."""
+    if not isinstance(method, dict) or not set(method) & set(DEPRECATED_METHOD_KEYS):
+        return method
+    method = dict(method)
+    for old, new in DEPRECATED_METHOD_KEYS.items():
+        if old not in method:
+            continue
+        if new in method:
+            raise SpecError(f"{file}: {where}: both {new} and {old} (the old name of {new}); keep {new}")
+        note = f"fsdfm: warning: {file}: {where}.{old} is deprecated: name it {new}"
+        if note not in _WARNED:  # one line per spec and key, however often the spec is expanded
+            _WARNED.add(note)
+            print(note, file=sys.stderr)
+        method[new] = method.pop(old)
+    return method
+
+
+def build_study(raw: dict, file: str, checks: tuple = ()) -> StudySpec:
+    """Validate one (cell) spec: dataclasses, method inheritance, model sizes, files, then each of `checks`
+    ((spec, file) -> spec: fsdfm.methods.load's method kinds and teachers, which fill in the kinds' settings)."""
     raw = dict(raw)
+    if isinstance(raw.get("methods"), dict):  # before the bases merge, so that `base:` sees one name per key
+        raw["methods"] = {n: renamed_keys(m, f"methods.{n}", file) for n, m in raw["methods"].items()}
     if "methods" in raw:
         raw["methods"] = resolve_bases(raw["methods"], file)
     methods_raw = raw.pop("methods", None)
@@ -348,7 +358,7 @@ def build_study(raw: dict, file: str) -> StudySpec:
                 f"{file}: methods.{name}.label: a label is one printable line of at most 200 "
                 f"characters, got {short(m.label)}"
             )
-    for check in _method_hooks():
+    for check in checks:
         spec = check(spec, file)
     base = {"preset": spec.model.preset, **spec.model.overrides()}
     for name, m in methods.items():

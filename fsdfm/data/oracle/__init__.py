@@ -11,8 +11,9 @@ seeds derived from the source seed, so the corpus is a pure function of the conf
 scored by `oracle_nll` (exact NLL per token under the source) next to the source's expected NLL per token.
 
 The sources themselves: `sources` (the `OracleSource` interface, `ORACLES`, `make_oracle`), `markov`
-(`MarkovSource`), `hmm` (`HMMSource`); importing this package registers both. This module turns a data config
-into a corpus; the sources know nothing about corpora.
+(`MarkovSource`), `hmm` (`HMMSource`) and `files` (`markov_file`, `hmm_file`: a user's own chain or HMM from .npy
+files); importing this package registers them. This module turns a data config into a corpus; the sources know
+nothing about corpora.
 """
 
 from __future__ import annotations
@@ -22,13 +23,20 @@ from pathlib import Path
 import torch
 
 from fsdfm.data.base import DATASET_KINDS, Corpus, DataConfig, DataError
+from fsdfm.data.oracle.files import HMMFileSource, MarkovFileSource
 from fsdfm.data.oracle.hmm import HMMSource
 from fsdfm.data.oracle.markov import MarkovSource
 from fsdfm.data.oracle.sources import ORACLES, OracleEstimate, OracleSource, de_bruijn, make_oracle, oracle_nll
 
+# the oracle sources' code (this file is the dataset kind, part of fsdfm.methods.common.DATA_SOURCES): the
+# sources of every versioned unit that reads an oracle source (fsdfm.versions)
+ORACLE_SOURCES = ("fsdfm.data.oracle.sources", "fsdfm.data.oracle.markov", "fsdfm.data.oracle.hmm")
+
 __all__ = [
     "ORACLES",
+    "HMMFileSource",
     "HMMSource",
+    "MarkovFileSource",
     "MarkovSource",
     "OracleEstimate",
     "OracleSource",

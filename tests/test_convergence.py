@@ -1,0 +1,87 @@
+"""Convergence, shown: held-out curves along training (optim.curve_every) and the stopping rule optim.until."""
+
+import pytest
+import torch
+from torch import nn
+
+from fsdfm.train import OptimConfig, fit
+
+
+def _toy(tmp_path, cfg: OptimConfig, stop_after=None, ckpt="ckpt"):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x = torch.randn(64, 4)
+
+    def loss_fn(ctx):
+        return ((ctx.model(x) - 1.0) ** 2).mean()
+
+    def evaluate(m):  # a deterministic function of the weights being kept
+        return {"val": float(((m(x) - 1.0) ** 2).mean()), "w0": float(m.weight[0, 0])}
+
+    data = torch.zeros((8, 2), dtype=torch.long)  # fit draws batches from it; the toy loss ignores them
+    return fit(model, loss_fn, data, cfg, tmp_path / ckpt, progress=False, evaluate=evaluate, stop_after=stop_after)
+
+
+def test_the_curve_has_a_point_every_n_steps_and_at_the_end(tmp_path):
+    res = _toy(tmp_path, OptimConfig(steps=25, batch_size=2, lr=0.05, warmup_steps=1, ema_decay=None, curve_every=10))
+    assert [c["step"] for c in res.curve] == [10, 20, 25] and res.stopped_at is None
+    assert res.curve[-1]["val"] < res.curve[0]["val"]  # it learns: the held-out loss falls
+
+
+def test_the_stopping_rule_stops_after_patience_evaluations_without_improvement(tmp_path):
+    # min_delta larger than any possible gain: no evaluation ever improves, so training stops at the evaluation
+    # patience + 1, i.e. at step (patience + 1) * every
+    until = {"metric": "val", "patience": 2, "every": 5, "min_delta": 1e9}
+    res = _toy(tmp_path, OptimConfig(steps=100, batch_size=2, lr=0.05, warmup_steps=1, ema_decay=None, until=until))
+    assert res.stopped_at == 15 and res.steps == 15 and [c["step"] for c in res.curve] == [5, 10, 15]
+    assert len(res.losses) == 15
+
+
+def test_a_resumed_run_stops_where_an_uninterrupted_one_does(tmp_path):
+    until = {"metric": "val", "patience": 2, "every": 4, "min_delta": 1e9}
+    cfg = OptimConfig(steps=50, batch_size=2, lr=0.05, warmup_steps=1, ema_decay=0.9, until=until, ckpt_every=3)
+    whole = _toy(tmp_path, cfg, ckpt="a")
+    _toy(tmp_path, cfg, stop_after=7, ckpt="b")  # preempted before the rule fired
+    resumed = _toy(tmp_path, cfg, ckpt="b")
+    assert resumed.stopped_at == whole.stopped_at == 12
+    assert resumed.curve == whole.curve  # resumption is exact (the suite's checkpoints restore every state)
+    again = _toy(tmp_path, cfg, ckpt="b")  # a stopped run restarted does not train on
+    assert again.steps == 12 and again.curve == resumed.curve
+
+
+def test_absent_settings_leave_the_stage_config_unchanged_and_bad_ones_are_refused():
+    assert "until" not in OptimConfig().to_dict() and "curve_every" not in OptimConfig().to_dict()
+    d = OptimConfig(until={"metric": "val_nll", "patience": 3, "every": 50}).to_dict()
+    assert d["until"] == {"metric": "val_nll", "patience": 3, "every": 50, "min_delta": 0.0}
+    with pytest.raises(ValueError, match="unknown key"):
+        OptimConfig(until={"metric": "val_nll", "patience": 3, "every": 5, "max_step": 9})
+    with pytest.raises(ValueError, match="every must be an integer"):
+        OptimConfig(until={"metric": "val_nll", "patience": 3})  # no every and no curve_every
+
+
+def test_the_report_reads_the_curves_of_the_training_records(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from fsdfm.io import atomic_write_json, read_json
+    from fsdfm.records import stage_dir
+    from fsdfm.report import load_study, write_report
+    from fsdfm.report.convergence import convergence_frame
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_report_speedup import _study
+
+    sdir = _study(tmp_path)
+    plan = read_json(sdir / "plan.json")
+    train = [sid for sid, st in plan["stages"].items() if st["kind"] == "train"]
+    for i, sid in enumerate(train):
+        curve = [{"step": s, "val_nll": 3.0 - s / 100 + i} for s in (10, 20, 30)]
+        atomic_write_json(
+            stage_dir(sdir, sid) / "record.json",
+            {"status": "done", "stage_id": sid, "kind": "train", "payload": {"curve": curve, "stopped_at": 30}},
+        )
+    df = convergence_frame(load_study(sdir))
+    assert len(df) == 3 * len(train) and set(df["label"]) == {"DFM"} and set(df["metric"]) == {"val_nll"}
+    assert sorted(df[df["stage_id"] == train[1]]["value"]) == pytest.approx([3.7, 3.8, 3.9])
+    out = write_report(sdir)
+    assert any(p.name == "fig_convergence.png" for p in out.figures)
