@@ -88,7 +88,7 @@ def test_each_defect_is_one_message_at_spec_load(name, tmp_path, monkeypatch, ca
         "data": {"kind": "oracle", "seq_len": 8, "oracle": {**oracle, "n_train": 64, "n_valid": 32}},
         "model": {"preset": "tiny", "hidden": 32, "n_blocks": 1, "n_heads": 2, "cond_dim": 16},
         "evaluator": {"kind": "none"},
-        "methods": {"exact_m": {"kind": "exact", "source": "mask", "steps": [2]}},
+        "methods": {"exact_m": {"kind": "exact", "source": "mask", "budgets": [2]}},
         "metrics": {"names": ["oracle_nll"]},
     }
     path = spec_dir / "byo.yaml"
@@ -108,7 +108,7 @@ def test_a_good_file_source_plans_and_its_files_enter_the_stage_ids(tmp_path, mo
         "name": "byo",
         "data": {"kind": "oracle", "seq_len": 8, "oracle": {"source": "markov_file", "transition": "P.npy"}},
         "evaluator": {"kind": "none"},
-        "methods": {"exact_m": {"kind": "exact", "source": "mask", "steps": [2]}},
+        "methods": {"exact_m": {"kind": "exact", "source": "mask", "budgets": [2]}},
         "metrics": {"names": ["oracle_nll"]},
     }
     path = spec_dir / "byo.yaml"
