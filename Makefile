@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[all,dev]"
 	touch $@
 
-demo: install
+demo: install  # fsdfm run picks threads per stage from the free cores (load average): see auto_threads
 	$(VENV)/bin/fsdfm run experiments/demo.yaml --executor inline
 	$(VENV)/bin/fsdfm samples experiments/demo.yaml
 	$(VENV)/bin/fsdfm report experiments/demo.yaml

@@ -3,7 +3,7 @@
 The public API is re-exported lazily, so that `import fsdfm` stays cheap (no torch, no pandas): each name is
 imported from its module the first time it is read.
 
-* running and using studies (`fsdfm.api`): `run_study`, `load_model`, `evaluate`, and their `Samples` / `Model`
+* running and using studies (`fsdfm.api`): `run_study`, `study_path` (the folder `run_study` and `fsdfm run` use), `load_model`, `evaluate`, and their `Samples` / `Model`
   results, `StudyFailed`;
 * metrics (`fsdfm.metrics`): `compute_metrics`, `register_metric` (adding a metric is one registered function),
   `METRICS` (one entry per metric);
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it (imported on first access)
 _LAZY = {
     "run_study": "fsdfm.api",
+    "study_path": "fsdfm.api",
     "load_model": "fsdfm.api",
     "evaluate": "fsdfm.api",
     "Model": "fsdfm.api",

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 from fsdfm.launch import execute
 from fsdfm.records import data_cache_dir, load, read_record, stage_cache_dir
 from fsdfm.registry import did_you_mean
+from fsdfm.launch.backfill import backfill_tracking
 from fsdfm.study.graph import STAGE_KINDS
 from fsdfm.tracking import check_available, enable
 
@@ -55,6 +56,29 @@ class StudyFailed(RuntimeError):
 # ------------------------------------------------------------------------------------------------ run_study
 
 
+def _resolve(spec, overrides, limit, results, check_files: bool = True):
+    """The resolved spec (fsdfm.study.load.ResolvedSpec) of a spec file or mapping, with overrides and limit,
+    checked against the method kinds (`fsdfm.methods.load`)."""
+    from fsdfm.methods.load import load as load_file, resolve  # heavy: torch (the method kinds)
+
+    cache = data_cache_dir(results)
+    if isinstance(spec, Mapping):
+        return resolve(spec, "<spec dict>", None, overrides, limit, cache_dir=cache, check_files=check_files)
+    return load_file(spec, overrides, limit, cache_dir=cache, check_files=check_files)
+
+
+def study_path(
+    spec: str | os.PathLike | Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    results: str | os.PathLike = DEFAULT_ROOT,
+) -> Path:
+    """The folder of the study `run_study(spec, overrides, limit=limit, results=results)` runs: the one that
+    `fsdfm run SPEC KEY=VALUE... --limit N --results R` writes (one naming rule, `fsdfm.study.load.resolve`).
+    Reads the spec only (no data checks); writes nothing."""
+    return Path(results) / _resolve(spec, overrides, limit, results, check_files=False).name
+
+
 def run_study(
     spec: str | os.PathLike | Mapping[str, Any],
     overrides: Mapping[str, Any] | None = None,
@@ -63,8 +87,12 @@ def run_study(
     profile: str | None = None,
     max_parallel: int | None = None,
     track: bool = False,
+    limit: int | None = None,
 ):
     """Run (or finish) a study and return its results DataFrame, as `fsdfm run` then `fsdfm.records.load`.
+
+    The study lands where `fsdfm run SPEC KEY=VALUE... --limit N` puts it (`fsdfm.study.load.resolve`, one naming
+    rule): results/<name> without overrides or limit, else results/<name>+<overrides> (e.g. demo+seed-3).
 
     Args:
         spec: a spec file, or the spec as a dict (what `yaml.safe_load` of the file gives), validated the same way.
@@ -72,7 +100,8 @@ def run_study(
             (`fsdfm.study.load.apply_overrides`; a bad one is a SpecError naming it).
         executor: "inline" (default: this process, progress bars), "debug", "local" (one process per stage) or
             "slurm" (with `profile`; waits for the jobs).
-        results: the results root; the study lands in results/<name>.
+        results: the results root; the study lands in results/<study name> (above).
+        limit: as `fsdfm run --limit N`: N samples per run, training as the spec's `limit:` section says.
         track: log to the tracker of the spec's `tracking:` section (TensorBoard by default), as `fsdfm run --track`.
     Returns:
         pandas.DataFrame, one row per run whose final stage is done (`fsdfm.records.load`).
@@ -81,21 +110,19 @@ def run_study(
     """
     import fsdfm.methods  # noqa: F401  (heavy: torch; registers the method and stage kinds)
     from fsdfm.methods import plan_study  # heavy: torch
-    from fsdfm.methods.load import load_spec, load_spec_dict  # heavy: torch
 
-    cache = data_cache_dir(results)
-    if isinstance(spec, Mapping):
-        study, cells = load_spec_dict(spec, "<spec dict>", cache_dir=cache, overrides=overrides)
-    else:
-        study, cells = load_spec(spec, cache_dir=cache, overrides=overrides)
-    plan = plan_study(study.name, cells)
+    r = _resolve(spec, overrides, limit, results)
+    study = r.spec
+    plan = plan_study(r.name, r.cells)
     if track:
         plan = enable(plan, study.tracking)
     check_available(plan.tracking)  # a missing tensorboard fails here, before anything runs
     summary = execute(plan, results, executor=executor, profile=profile, max_parallel=max_parallel)
     if not summary.ok:
         raise StudyFailed(summary)
-    return load(Path(results) / study.name)
+    if plan.tracking and summary.skipped:  # finished before tracking was on: log what their records keep
+        backfill_tracking(plan.to_dict(), Path(results) / r.name, summary.skipped)
+    return load(Path(results) / r.name)
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -4,12 +4,18 @@
 like any run and shown in the report as an external row (params kind="external", label = --label or the file
 stem). Accepted files:
 
-* `.jsonl`: one `{"text": ...}` per line; the texts are scored as they are (gen_ppl, MAUVE, self-BLEU read
-  text) and encoded with the study's tokenizer for the id metrics (entropy, distinct-n, rep-n), each row cut
-  at seq_len and padded with EOS (a study without a tokenizer cannot read text: an error);
-* `.npy`: an (N, L) integer array of ids in the study's own tokenizer/vocabulary (the declared vocabulary is
-  the study's: ids outside [0, vocab) are an error naming the file); decoded with the study's tokenizer when
-  it has one.
+* `.jsonl`: one `{"text": ...}` (a non-empty string) per line, UTF-8; the texts are scored as they are (gen_ppl,
+  MAUVE, self-BLEU read text) and encoded with the study's tokenizer for the id metrics (entropy, distinct-n,
+  rep-n, gen_ppl_seq_mean), each scored at its own length: no metric sees padding (a study without a tokenizer
+  cannot read text: an error);
+* `.npy`: an (N, L) integer array (N >= 1, L >= 4) of ids in the study's own tokenizer/vocabulary (the declared
+  vocabulary is the study's: ids outside [0, vocab) are an error naming the file), every row scored whole;
+  decoded with the study's tokenizer when it has one.
+
+Both are cut the same way: a sample longer than the study's seq_len tokens keeps its first seq_len (its text, for
+the text metrics, is the decoded ids kept), and each cut is reported (`ExternalSamples.notes`, the record's
+`external.n_cut`). Sizes are bounded before anything is read whole (`EvalLimits`: file bytes, line bytes,
+samples; each error names the flag that raises it) and every file is checked before anything is written.
 
 The stage's config is the study's evaluate config (metrics, evaluator, seed, data) plus
 `external: {sha256, format, n_samples}`, so its id holds the file's content hash: the same file scored twice
@@ -42,7 +48,7 @@ EXTERNAL_BLOBS = "_external"
 EXTERNAL_KIND = "evaluate_external"
 FORMATS = {".jsonl": "jsonl", ".npy": "npy"}
 # what a sample stage measures and an evaluate stage copies into its metrics: external files have no sampler
-SAMPLING_METRICS = ("nfe", "wall_s", "tokens_per_s", "peak_mem")
+SAMPLING_METRICS = ("nfe", "wall_s", "tokens_per_s", "peak_mem", "cpu_s", "load_per_core")
 
 
 class ExternalError(ValueError):
@@ -53,56 +59,185 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def read_external(path: Path, corpus) -> tuple[np.ndarray, list[str] | None]:
-    """(tokens (N, L) int64, texts or None) of an external sample file in the study's tokenizer (see module)."""
-    fmt = FORMATS.get(path.suffix)
+@dataclass(frozen=True)
+class EvalLimits:
+    """Bounds on what `fsdfm eval` reads, checked before a byte is held whole (a 100 MB one-line .jsonl is
+    refused after reading max_line_bytes + 1 of it). Each is named in its error with the flag that raises it:
+
+    max_file_bytes: size of one file (--max-file-bytes); max_line_bytes: one .jsonl line (--max-line-bytes);
+    max_samples: texts or rows in one file (--max-samples). None: unbounded (the stage re-reading a file that
+    already passed them)."""
+
+    max_file_bytes: int | None = 1 << 30
+    max_line_bytes: int | None = 1 << 20
+    max_samples: int | None = 100_000
+
+
+NO_LIMITS = EvalLimits(None, None, None)
+MIN_NPY_IDS = 4  # the 4-gram metrics (rep_n, distinct_4) need 4 ids per row
+
+
+@dataclass(frozen=True)
+class ExternalSamples:
+    """An external file as the metrics see it.
+
+    tokens: (N, W) int64 ids in the study's tokenizer; sample i is tokens[i, :lengths[i]], the rest of its row
+    is padding (EOS) that no metric scores. lengths: (N,) int64, or None when every sample fills its row (an
+    .npy, whose rows are scored whole). texts: the N texts the text metrics read (as given, or decoded from the
+    ids kept when cut), None without a tokenizer. cut: how many samples were longer than the study's seq_len
+    (cut to it); notes: one line per cut, for the user and the record."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray | None
+    texts: list[str] | None
+    cut: int
+    notes: tuple[str, ...]
+
+
+def _too_big(path: Path, what: str, size: int, limit: int, flag: str) -> ExternalError:
+    return ExternalError(f"{path}: {what} {size:,} exceeds the limit {limit:,} ({flag} N raises it)")
+
+
+def _check_file(path: Path, limits: EvalLimits) -> None:
+    size = path.stat().st_size
+    if limits.max_file_bytes is not None and size > limits.max_file_bytes:
+        raise _too_big(path, "file size in bytes", size, limits.max_file_bytes, "--max-file-bytes")
+
+
+def _read_npy(path: Path, corpus, limits: EvalLimits) -> ExternalSamples:
+    """Rows of ids, scored whole (cut to seq_len); the header is checked before the array is read."""
     seq_len = corpus.seq_len
+    try:
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")  # reads the header only
+    except Exception as e:  # noqa: BLE001 - numpy's errors do not name the file
+        raise ExternalError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ExternalError(f"{path}: needs an (N, L) integer array of token ids, got {arr.dtype} {arr.shape}")
+    n, width = arr.shape
+    if n == 0 or width < MIN_NPY_IDS:
+        raise ExternalError(
+            f"{path}: an ({n}, {width}) array has no samples to score; needs N >= 1 rows of L >= {MIN_NPY_IDS} ids"
+        )
+    if limits.max_samples is not None and n > limits.max_samples:
+        raise _too_big(path, "number of rows", n, limits.max_samples, "--max-samples")
+    tokens = np.array(arr[:, :seq_len], dtype=np.int64)  # only the kept columns are read into memory
+    del arr
+    vocab = int(corpus.vocab_size)
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        raise ExternalError(
+            f"{path}: ids in [{tokens.min()}, {tokens.max()}] but the study's vocabulary has "
+            f"{vocab} ids; .npy files must use the study's tokenizer"
+        )
+    notes = (f"{path}: all {n} rows have {width} ids, cut to the study's seq_len {seq_len}",) if width > seq_len else ()
     tok = corpus.tokenizer
-    if fmt == "npy":
-        try:
-            tokens = np.load(path, allow_pickle=False)
-        except Exception as e:  # noqa: BLE001 - numpy's errors do not name the file
-            raise ExternalError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
-        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ExternalError(
-                f"{path}: needs an (N, L) integer array of token ids, got {tokens.dtype} {tokens.shape}"
-            )
-        vocab = int(corpus.vocab_size)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-            raise ExternalError(
-                f"{path}: ids in [{tokens.min()}, {tokens.max()}] but the study's vocabulary has "
-                f"{vocab} ids; .npy files must use the study's tokenizer"
-            )
-        tokens = tokens.astype(np.int64)
-        return tokens, (tok.decode_batch(tokens.tolist()) if tok is not None else None)
-    texts = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            texts.append(str(row["text"]))
-        except (ValueError, KeyError, TypeError):
-            raise ExternalError(f'{path}:{i}: each line must be a JSON object with a "text" key') from None
-    if not texts:
+    texts = tok.decode_batch(tokens.tolist()) if tok is not None else None
+    return ExternalSamples(tokens, None, texts, n if width > seq_len else 0, notes)
+
+
+def _jsonl_texts(path: Path, limits: EvalLimits) -> list[tuple[int, str]]:
+    """(line number, text) of each non-blank line, read a bounded line at a time."""
+    max_line = limits.max_line_bytes
+    out = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(iter(lambda: f.readline(-1 if max_line is None else max_line + 1), b""), 1):
+            if max_line is not None and len(raw.rstrip(b"\r\n")) > max_line:
+                raise ExternalError(
+                    f"{path}:{i}: line longer than {max_line:,} bytes, the limit (--max-line-bytes N raises it)"
+                )
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ExternalError(f"{path}:{i}: not UTF-8 (byte {e.start} of the line: {e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or "text" not in row:
+                raise ExternalError(f'{path}:{i}: each line must be a JSON object with a "text" key')
+            text = row["text"]
+            if not isinstance(text, str):
+                raise ExternalError(f'{path}:{i}: "text" must be a string, got {type(text).__name__} ({text!r:.40})')
+            if not text.strip():
+                raise ExternalError(f'{path}:{i}: "text" is empty; there is nothing to score')
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ExternalError(
+                    f'{path}:{i}: "text" is not valid Unicode ({e.reason} at character {e.start})'
+                ) from None
+            out.append((i, text))
+            if limits.max_samples is not None and len(out) > limits.max_samples:
+                raise _too_big(path, "number of texts over", len(out), limits.max_samples, "--max-samples")
+    if not out:
         raise ExternalError(f"{path}: no samples")
+    return out
+
+
+def _max_token_chars(tok) -> int:
+    """The longest vocabulary entry in characters (byte-level: one character per byte, so >= its text): a text
+    cut to (seq_len + 1) * this many characters still holds more than seq_len tokens if the whole text does."""
+    return max(1, max(len(t) for t in tok.backend.get_vocab(with_added_tokens=True)))
+
+
+def _read_jsonl(path: Path, corpus, limits: EvalLimits) -> ExternalSamples:
+    """Texts as given, encoded with the study's tokenizer; one longer than seq_len tokens is cut to seq_len and
+    its text becomes the decoded ids kept (so the text metrics and the id metrics see the same sample)."""
+    rows = _jsonl_texts(path, limits)
+    tok = corpus.tokenizer
     if tok is None:
         raise ExternalError(
             f"{path}: a .jsonl of texts needs a study with a tokenizer; this study's data "
             f"({corpus.__class__.__name__}) has none: pass a .npy of ids"
         )
+    seq_len = corpus.seq_len
+    char_cap = (seq_len + 1) * _max_token_chars(tok)  # bounds the tokenizer's work on a huge text
+    texts = [t for _, t in rows]
+    ids = tok.encode_batch([t[:char_cap] for t in texts])
+    cut = [i for i, e in enumerate(ids) if len(e) > seq_len]
+    for i in cut:
+        ids[i] = ids[i][:seq_len]
+        texts[i] = tok.decode(ids[i])
+    empty = [rows[i][0] for i, e in enumerate(ids) if not e]
+    if empty:
+        raise ExternalError(f"{path}:{empty[0]}: the text encodes to no token; there is nothing to score")
+    lengths = np.array([len(e) for e in ids], dtype=np.int64)
+    width = max(int(lengths.max()), MIN_NPY_IDS)
     pad = corpus.eos_id if corpus.eos_id is not None else 0
-    tokens = np.full((len(texts), seq_len), pad, dtype=np.int64)
-    for i, ids in enumerate(tok.encode_batch(texts)):
-        ids = ids[:seq_len]
-        tokens[i, : len(ids)] = ids
-    return tokens, texts
+    tokens = np.full((len(ids), width), pad, dtype=np.int64)
+    for i, e in enumerate(ids):
+        tokens[i, : len(e)] = e
+    notes = ()
+    if cut:
+        lines = ", ".join(str(rows[i][0]) for i in cut[:10]) + (", ..." if len(cut) > 10 else "")
+        notes = (
+            f"{path}: {len(cut)} of {len(ids)} texts longer than the study's seq_len {seq_len} tokens were cut "
+            f"to {seq_len} (lines {lines})",
+        )
+    full = bool((lengths == width).all())
+    return ExternalSamples(tokens, None if full else lengths, texts, len(cut), notes)
+
+
+def read_external(path: Path, corpus, limits: EvalLimits = NO_LIMITS) -> ExternalSamples:
+    """An external sample file (see module) in the study's tokenizer, within `limits`; every refusal is one
+    ExternalError naming the file (and line), every cut a note."""
+    path = Path(path)
+    _check_file(path, limits)
+    if FORMATS.get(path.suffix) == "npy":
+        return _read_npy(path, corpus, limits)
+    return _read_jsonl(path, corpus, limits)
+
+
+# 2: each text scored at its own length (1 padded every text with EOS to seq_len and scored the padding), texts
+# and .npy rows cut to seq_len alike
+EXTERNAL_VERSION = "2"
 
 
 @stage_kind(
     EXTERNAL_KIND,
     resources="gpu",
-    version="1",
+    version=EXTERNAL_VERSION,
     sources=(
         "fsdfm.external:evaluate_external_stage",
         "fsdfm.external:read_external",
@@ -126,14 +261,27 @@ def evaluate_external_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     mine = Path(out_dir) / f"external{suffix}"
     shutil.copyfile(blob, mine)
     corpus = corpus_for(config, out_dir)
-    tokens, texts = read_external(mine, corpus)
-    n = int(tokens.shape[0])
+    got = read_external(mine, corpus)  # the limits were checked when `fsdfm eval` took the file
+    n = int(got.tokens.shape[0])
     evaluator = load_study_evaluator(config, inputs, device())
     refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
-    scored = score_samples(
-        config, tokens, texts, refs, evaluator, corpus, out_dir, _sample_metric_names(config, evaluator)
-    )
-    return {**scored, "n_samples": n, "external": {"sha256": ext["sha256"], "format": ext["format"]}}
+    names = _sample_metric_names(config, evaluator)
+    scored = score_samples(config, got.tokens, got.texts, refs, evaluator, corpus, out_dir, names, got.lengths)
+    lengths = got.lengths if got.lengths is not None else np.full(n, got.tokens.shape[1])
+    return {
+        **scored,
+        "n_samples": n,
+        "external": {
+            "sha256": ext["sha256"],
+            "format": ext["format"],
+            "n_cut": got.cut,
+            "cut_to": corpus.seq_len,
+            "notes": list(got.notes),
+            "length_mean": float(lengths.mean()),
+            "length_min": int(lengths.min()),
+            "length_max": int(lengths.max()),
+        },
+    }
 
 
 @dataclass(frozen=True)
@@ -145,6 +293,7 @@ class ExternalRun:
     stage_id: str
     run_id: str
     metrics: dict
+    notes: tuple[str, ...] = ()
 
 
 def _eval_config(plan: dict, n: int) -> tuple[dict, dict, dict]:
@@ -160,9 +309,12 @@ def _eval_config(plan: dict, n: int) -> tuple[dict, dict, dict]:
     return config, inputs, dict(st.get("fingerprint") or {})
 
 
-def eval_files(sdir: Path, root: Path, files: list[str], labels: list[str] | None = None) -> list[ExternalRun]:
+def eval_files(
+    sdir: Path, root: Path, files: list[str], labels: list[str] | None = None, limits: EvalLimits | None = None
+) -> list[ExternalRun]:
     """Score each of `files` with the metrics and evaluator of the study in `sdir` (its plan written: the
-    study's evaluator stage must be done); records them in `sdir`/external.json; returns what was scored."""
+    study's evaluator stage must be done); records them in `sdir`/external.json; returns what was scored.
+    Every file is read and checked (`limits`, default EvalLimits()) before anything is written."""
     import fsdfm.methods  # noqa: F401  (heavy: torch; registers the method and stage kinds this one builds on)
     from fsdfm.methods.common import corpus_for  # heavy: torch
 
@@ -182,39 +334,40 @@ def eval_files(sdir: Path, root: Path, files: list[str], labels: list[str] | Non
     corpus = corpus_for(base, sdir)
     todo = []
     for i, p in enumerate(paths):
-        tokens, _ = read_external(p, corpus)  # checked before anything is written
+        got = read_external(p, corpus, limits or EvalLimits())  # checked before anything is written
+        tokens = got.tokens
         sha = _sha256(p)
         config = {
             **base,
             "n_samples": int(tokens.shape[0]),
             "external": {"sha256": sha, "format": FORMATS[p.suffix], "n_samples": int(tokens.shape[0])},
         }
-        stage = Stage(EXTERNAL_KIND, config, inputs, {**fingerprint, "external_kind": "1"})
+        stage = Stage(EXTERNAL_KIND, config, inputs, {**fingerprint, "external_kind": EXTERNAL_VERSION})
         label = labels[i] if labels else p.stem
         run = RunSpec(
             run_id=f"external-{label}-{sha[:8]}",
             stage_id=stage.id,
             params={"kind": "external", "label": label, "method": "external", "file": str(p)},
         )
-        todo.append((p, stage, run))
+        todo.append((p, stage, run, got.notes))
     ext_path = sdir / EXTERNAL
     try:
         ext = json.loads(ext_path.read_text()) if ext_path.is_file() else {}
     except ValueError:
         ext = {}
     stages, runs = dict(ext.get("stages") or {}), list(ext.get("runs") or [])
-    for p, stage, run in todo:
+    for p, stage, run, _ in todo:
         blob = root / EXTERNAL_BLOBS / f"{stage.config['external']['sha256']}{p.suffix}"
         if not blob.is_file():
             atomic_write(blob, p.read_bytes())
         stages[stage.id] = stage.to_dict()
         runs = [r for r in runs if r["run_id"] != run.run_id] + [run.to_dict()]
-    link_stages(sdir, [s.id for _, s, _ in todo], root)
+    link_stages(sdir, [s.id for _, s, _, _ in todo], root)
     atomic_write_json(ext_path, {"stages": stages, "runs": runs, "kinds": _kind_hint()})
     out = []
-    for p, stage, run in todo:
+    for p, stage, run, notes in todo:
         rec = run_stage(sdir, stage.id)
-        out.append(ExternalRun(str(p), run.params["label"], stage.id, run.run_id, rec["payload"]["metrics"]))
+        out.append(ExternalRun(str(p), run.params["label"], stage.id, run.run_id, rec["payload"]["metrics"], notes))
     return out
 
 

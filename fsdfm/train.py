@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from fsdfm.progress import enabled as progress_enabled
+from fsdfm.progress import enabled as progress_enabled, step as report_step
 from fsdfm.convergence import Until, stopping_rule_fires
 from fsdfm.io import atomic_write
 
@@ -379,6 +379,8 @@ def fit(
             track(step, losses[-1], opt.param_groups[0]["lr"], step_tokens / dt if dt > 0 else 0.0)
         if step % 10 == 0 and losses:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        if progress and rank == 0:  # for `fsdfm status` and logs off a terminal (fsdfm.progress.step)
+            report_step(step + 1, cfg.steps, desc, losses[-1])
         if every and (step + 1) % every == 0 and (step + 1) < cfg.steps:
             evaluate_at(step + 1)
             if should_stop():

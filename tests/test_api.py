@@ -24,7 +24,17 @@ TEXT = (
     "A little dog ran to the park. It saw a big red ball and it was happy.\n\n"
 ) * 12
 # provenance and timings: they differ between two runs of the same plan, nothing else may
-VOLATILE = {"end_time", "stage_wall_s", "wall_s", "tokens_per_s", "peak_mem", "host", "threads"}  # peak_mem: RSS on CPU
+VOLATILE = {
+    "end_time",
+    "stage_wall_s",
+    "wall_s",
+    "tokens_per_s",
+    "peak_mem",
+    "host",
+    "threads",
+    "cpu_s",
+    "load_per_core",
+}  # peak_mem: RSS on CPU
 
 
 def spec_dict(tmp: Path, sampling_seed: int) -> dict:
@@ -84,8 +94,10 @@ def test_run_study_returns_the_dataframe_of_fsdfm_run_and_load(studies):
     tmp, df_b = studies
     df_a = load(tmp / "a" / "api_tiny")
     assert len(df_a) == 4 and sorted(df_a.method) == ["ar", "dfm", "flm", "fs"]
-    keep = [c for c in df_a.columns if c not in VOLATILE]
+    keep = [c for c in df_a.columns if c not in VOLATILE | {"study"}]
     assert list(df_b.columns) == list(df_a.columns)
+    # the override names the study as `fsdfm run SPEC sampling.seed=7` would (issue 24: it was api_tiny, the file's)
+    assert set(df_b.study) == {"api_tiny+sampling.seed-7"} and set(df_a.study) == {"api_tiny"}
     pd.testing.assert_frame_equal(df_b[keep].reset_index(drop=True), df_a[keep].reset_index(drop=True))
     # equal stage ids: the override sampling.seed=7 gave the plan of the YAML that says 7
     assert list(df_b.stage_id) == list(df_a.stage_id)
@@ -198,3 +210,40 @@ def test_package_faces_export_what_their_all_names():
         "write_report",
         "load_study",
     }
+
+
+ORACLE_SPEC = """
+name: api_name
+data:
+  kind: oracle
+  seq_len: 8
+  oracle: {source: markov, vocab_size: 6, order: 1, support: 2, epsilon: 0.001, seed: 1, n_train: 64, n_valid: 16}
+model: {preset: tiny, hidden: 16, cond_dim: 8, n_blocks: 1, n_heads: 2}
+sampling: {n_samples: 4, batch_size: 4, seed: 0}
+evaluator: {kind: none}
+methods:
+  dfm: {kind: dfm, train: {steps: 2, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [euler], budgets: [2]}
+metrics:
+  names: [entropy_nats, rep_n]
+"""
+
+
+def test_the_api_and_the_cli_name_a_study_alike(tmp_path, capsys):
+    """Issue 24: run_study(spec, overrides={"sampling.n_samples": 8}) resolved to results/<name>, where `fsdfm run`
+    writes <name>+sampling.n_samples-8 (and the API had no limit=): one rule now, the same folder and stages."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(ORACLE_SPEC)
+    root = tmp_path / "r"
+    over = {"sampling.n_samples": 2, "seed": 3}
+    df = fsdfm.run_study(spec, overrides=over, limit=2, executor="debug", results=root)
+    want = root / "api_name+limit-2+sampling.n_samples-2+seed-3"
+    assert fsdfm.study_path(spec, over, limit=2, results=root) == want and want.is_dir()
+    assert set(df.study) == {want.name}
+    assert not (root / "api_name").exists()  # the file's own study is untouched
+    capsys.readouterr()
+    args = ["--results", str(root), "run", str(spec), "sampling.n_samples=2", "seed=3", "--limit", "2", "--dry-run"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["study"] == want.name and out["done"] == out["stages"]  # the API's folder, every stage done there
+    # a spec given as a mapping names its study by the same rule
+    assert fsdfm.study_path(yaml.safe_load(ORACLE_SPEC), over, limit=2, results=root) == want

@@ -34,7 +34,13 @@ methods:
 metrics:
   names: [entropy_nats, distinct_2]
 """
-TIMING = {"wall_s", "tokens_per_s", "peak_mem"}  # measured, so they differ between two honest runs
+TIMING = {
+    "wall_s",
+    "tokens_per_s",
+    "peak_mem",
+    "cpu_s",
+    "load_per_core",
+}  # measured, so they differ between two honest runs
 
 
 def cli(capsys, *argv) -> tuple[int, str, dict]:

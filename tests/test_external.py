@@ -127,8 +127,10 @@ metrics:
 
 @pytest.mark.slow
 def test_eval_of_the_studys_own_texts_reproduces_its_text_metrics(tmp_path, capsys):
-    """A .jsonl of the study's own decoded samples scores the same gen_ppl (reference evaluator) and self-BLEU:
-    both read text. (Id metrics see the texts re-encoded, which need not give back the sampled ids.)"""
+    """The study's own samples.npy scores every metric of the run, text metrics included (gen_ppl under the
+    reference evaluator, self-BLEU: the texts are the ids decoded, as the run's). The .jsonl of the same samples
+    need not: its texts are re-encoded, and a lossy decode (a partial UTF-8 byte token becomes U+FFFD, 3 bytes)
+    re-encodes longer than seq_len, so that text is cut to seq_len tokens (reported), as any over-long text is."""
     for name in ("train", "valid"):
         (tmp_path / f"{name}.txt").write_text(TEXT + name)
     spec = tmp_path / "t.yaml"
@@ -137,9 +139,29 @@ def test_eval_of_the_studys_own_texts_reproduces_its_text_metrics(tmp_path, caps
     assert main(["--results", str(root), "run", str(spec), "--executor", "debug"]) == 0
     sdir = root / "tiny_ext_text"
     ev = next(r for r in load_records(sdir, kind="evaluate"))
-    texts = stage_dir(sdir, ev["inputs"]["samples"]) / "samples.jsonl"
+    ids = stage_dir(sdir, ev["inputs"]["samples"]) / "samples.npy"
     capsys.readouterr()
-    assert main(["--results", str(root), "eval", str(texts), "--spec", str(spec)]) == 0
+    assert main(["--results", str(root), "eval", str(ids), "--spec", str(spec)]) == 0
     got = last_json(capsys)["runs"][0]["metrics"]
-    for k in ("gen_ppl", "gen_ppl_n_tokens", "self_bleu"):
+    for k in ("gen_ppl", "gen_ppl_n_tokens", "self_bleu", "entropy_nats"):
         assert got[k] == ev["payload"]["metrics"][k]
+
+
+def test_external_rows_are_counted_apart_and_are_no_ablation(finished, capsys, tmp_path):
+    """9c2f443: after `fsdfm eval` of two files the report said "N+2 finished of N planned" and added an "ablation
+    of external" table, as if two scored files were variants of one method."""
+    spec, root, sdir = finished
+    files = []
+    for i, row in enumerate(([0, 1, 2, 3, 4, 5, 0, 1], [5, 4, 3, 2, 1, 0, 5, 4])):
+        files.append(tmp_path / f"x{i}.npy")
+        np.save(files[-1], np.array([row] * 4, dtype=np.int64))
+    assert main(["--results", str(root), "eval", *map(str, files), "--spec", str(spec)]) == 0
+    plan_runs = [r for r in read_plan(sdir)["runs"] if r["params"].get("kind") != "external"]
+    n_ext = sum(r["run_id"].startswith("external-") for r in load(sdir).to_dict("records"))
+    assert n_ext >= 2
+    capsys.readouterr()
+    assert main(["--results", str(root), "report", str(sdir)]) == 0
+    out = Path(last_json(capsys)["report"])
+    index = out.read_text()
+    assert f"runs: {len(plan_runs)} finished of {len(plan_runs)} planned; {n_ext} external sample file(s)" in index
+    assert "ablation of external" not in index and not (out.parent / "table_ablation_external.md").exists()

@@ -35,6 +35,8 @@ ALL_NAMES = [
     "self_bleu",
     "rep_n",
     "nfe",
+    "cpu_s",
+    "load_per_core",
     "wall_s",
     "tokens_per_s",
     "peak_mem",
@@ -157,12 +159,16 @@ def test_collapse_flags_thresholds():
     # thresholds: entropy below 4.0 - 0.3 = 3.7; rep_n above max(2 * 0.05, 0.05 + 0.1) = 0.15
     assert collapse_flags({"entropy_nats": 3.8, "rep_n": 0.14}, data) == {
         "collapse_entropy": False,
+        "noise_entropy": False,
         "collapse_rep": False,
     }
     assert collapse_flags({"entropy_nats": 3.6, "rep_n": 0.16}, data) == {
         "collapse_entropy": True,
+        "noise_entropy": False,
         "collapse_rep": True,
     }
+    # more entropy than the data (4.0 + 0.3 = 4.3) is noise, not collapse (issue 24: mixture-Euler samples)
+    assert collapse_flags({"entropy_nats": 4.4}, data) == {"collapse_entropy": False, "noise_entropy": True}
     # a large data rep_n: the 2x factor dominates the +0.1 margin
     assert collapse_flags({"rep_n": 0.55}, {"rep_n": 0.3}) == {"collapse_rep": False}
     assert collapse_flags({"rep_n": 0.65}, {"rep_n": 0.3}) == {"collapse_rep": True}
@@ -175,4 +181,4 @@ def test_collapse_flags_thresholds():
     flags = collapse_flags(
         compute_metrics(looped, None, ["entropy_nats", "rep_n"]), data_reference(real, None, ["entropy_nats", "rep_n"])
     )
-    assert flags == {"collapse_entropy": True, "collapse_rep": True}
+    assert flags == {"collapse_entropy": True, "noise_entropy": False, "collapse_rep": True}

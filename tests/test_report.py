@@ -262,7 +262,10 @@ def _table_runs():
 
 
 def test_table_best_by_direction_data_row_first_and_unmarked_and_collapse():
-    t = metric_table(_table_runs(), ["gen_ppl", "entropy_nats", "mauve", "rep_n", "distinct_4"], name="t", title="t")
+    runs = _table_runs()
+    # B within the flags' thresholds (0.25 nats below the data, rep_n under max(2 x 0.05, 0.05 + 0.1)): it competes
+    runs.loc[runs.label == "B", ["entropy_nats", "rep_n"]] = [3.75, 0.09]
+    t = metric_table(runs, ["gen_ppl", "entropy_nats", "mauve", "rep_n", "distinct_4"], name="t", title="t")
     cols = list(t.columns)
     assert cols[:4] == ["method", "rule", "steps", "n"] and cols[-1] == "collapse"
     rows = {r[0]: (r, b) for r, b in zip(t.cells, t.bold)}
@@ -276,7 +279,7 @@ def test_table_best_by_direction_data_row_first_and_unmarked_and_collapse():
     assert a_bold[e] and not b_bold[e]  # entropy: A is closer to the data's 4.0
     assert a_bold[rep] and not b_bold[rep]  # rep_n: A (0.06) is closer to the data's 0.05
     assert any("tested across seeds: gen_ppl" in n for n in t.notes)
-    assert a[-1] == "no" and b[-1] == "low entropy, high rep_n"  # B: 0.4 nats below the data, rep_n 6x
+    assert a[-1] == "no" and b[-1] == "no"
     assert "distinct_4" in " ".join(t.notes)  # the missing metric is named, not a column
     md = t.to_markdown()
     assert "**11.00 ± 1.41**" in md and md.index("data (held-out)") < md.index("| A ")
@@ -289,13 +292,53 @@ def test_table_best_by_direction_data_row_first_and_unmarked_and_collapse():
     assert csv.loc[csv.label == "A", "gen_ppl_ci95"].item() == pytest.approx(12.706204736)
 
 
+def test_a_flagged_row_is_never_bold_and_noise_is_not_collapse():
+    """Issue 24: a collapsed row was bold (claims report: DFM teacher (uniform), low entropy, bold distinct-n and
+    self-BLEU), and entropy above the data's was read as collapse. B here collapses (0.4 nats below the data's 4.0,
+    rep_n 6x) yet has the best MAUVE; C is noisy (0.5 nats above) with the best gen_ppl."""
+    runs = _table_runs()
+    c = runs[runs.label == "A"].assign(label="C", gen_ppl=[1.5, 1.6], entropy_nats=4.5, mauve=0.6)
+    runs = pd.concat([runs, c], ignore_index=True)
+    t = metric_table(runs, ["gen_ppl", "entropy_nats", "mauve", "rep_n"], name="t", title="t")
+    rows = {r[0]: (r, b) for r, b in zip(t.cells, t.bold)}
+    assert rows["B"][0][-1] == "collapsed: low entropy, high rep_n" and not any(rows["B"][1])
+    assert rows["C"][0][-1] == "noisy: high entropy" and not any(rows["C"][1])
+    cols = list(t.columns)
+    # among the unflagged rows only A is left: nothing to beat, so nothing is bold (neither B's MAUVE nor C's gen_ppl)
+    assert not any(rows["A"][1])
+    assert any("flagged rows excluded" in n for n in t.notes)
+    runs2 = pd.concat([runs, runs[runs.label == "A"].assign(label="D", mauve=0.55, gen_ppl=[40.0, 40.5])])
+    t = metric_table(runs2, ["gen_ppl", "mauve"], name="t", title="t", flags=False)  # no flag column, same rule
+    rows = {r[0]: b for r, b in zip(t.cells, t.bold)}
+    cols = list(t.columns)
+    g, m = cols.index("gen_ppl ↓"), cols.index("mauve ↑")
+    assert rows["A"][g] and rows["D"][m] and not rows["B"][m] and not rows["C"][g]
+
+
+def test_one_notion_of_best_per_metric():
+    """Tables, figure axes and `fsdfm ls metrics` say the same: data-target metrics are "closest to the data"."""
+    from fsdfm.cli.ls import _metrics
+    from fsdfm.metrics.registry import METRICS
+    from fsdfm.report.plotting import axis_label
+    from fsdfm.report.table import header
+
+    listed = {e.name: e.about for e in _metrics()}
+    for name in ("entropy_nats", "rep_n", "distinct_2", "self_bleu"):
+        info = METRICS.get(name)
+        assert info.goal == "data" and header(name).endswith("→ data")
+        assert "closest to the data is better" in axis_label(name) and "closest to the data is better" in listed[name]
+        assert info.best([0.1, 0.5, 0.9], data=0.45) == 0.5
+    assert "lower is better" in axis_label("gen_ppl") and "lower is better" in listed["gen_ppl"]
+    assert METRICS.get("mauve").best([0.2, 0.7]) == 0.7 and header("mauve").endswith("↑")
+
+
 def test_collapse_flag_thresholds_follow_collapse_flags():
     runs = _table_runs()
     runs.loc[runs.label == "B", "entropy_nats"] = 3.69  # 0.31 nats below the data's 4.0
     runs.loc[runs.label == "B", "rep_n"] = 0.06
     t = metric_table(runs, ["entropy_nats", "rep_n"], name="t", title="t")
     flags = {r[0]: r[-1] for r in t.cells}
-    assert flags == {"data (held-out)": "—", "A": "no", "B": "low entropy"}
+    assert flags == {"data (held-out)": "—", "A": "no", "B": "collapsed: low entropy"}
     t = metric_table(runs[runs.kind != "data"], ["entropy_nats"], name="t", title="t")
     assert {r[-1] for r in t.cells} == {"n/a"} and any("no data reference row" in n for n in t.notes)
 
@@ -356,7 +399,7 @@ def test_write_report_writes_every_file(tmp_path):
     assert "| data (held-out)" in index and "published: FLM project page" in index
     assert "![Quality vs step budget](fig_step_sweep.png)" in index and "(table_main.tex)" in index
     assert "token-pooled" in index and "nats" in index and "MAUVE featurizer: minilm" in index
-    assert "low entropy, high rep_n" in index  # FS-DFM at 1 step collapses (entropy 3.5, rep_n 0.3)
+    assert "collapsed: low entropy, high rep_n" in index  # FS-DFM at 1 step collapses (entropy 3.5, rep_n 0.3)
     assert not list(out.index.parent.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
@@ -499,9 +542,10 @@ def test_data_target_metrics_are_ranked_by_distance_to_the_data_row():
     )
     marks = _marks(t, "distinct_4 → data")
     assert marks["B"][1] and not marks["A"][1]
-    # entropy: 3.5 (0.5 below the data's 4.0) beats 4.7 (0.7 above); directions would not rank it at all
+    # entropy: 3.8 (0.2 below the data's 4.0) beats 4.25 (0.25 above); directions would not rank it at all
+    # (both within the flags' 0.3 nats: a flagged row is never marked)
     t = metric_table(
-        _two_rows([4.7, 4.71, 4.69], [3.5, 3.51, 3.49], metric="entropy_nats", data=4.0),
+        _two_rows([4.25, 4.26, 4.24], [3.8, 3.81, 3.79], metric="entropy_nats", data=4.0),
         ["entropy_nats"],
         name="t",
         title="t",
@@ -513,10 +557,10 @@ def test_data_target_metrics_are_ranked_by_distance_to_the_data_row():
 
 
 def test_single_seed_rows_are_tested_across_per_sample_values():
-    runs = _two_rows([3.0], [3.9], metric="entropy_nats", data=4.0)
+    runs = _two_rows([3.75], [3.95], metric="entropy_nats", data=4.0)  # A within the collapse flag's 0.3 nats
     runs["run_id"] = [f"r{i}" for i in range(len(runs))]
     rng = np.random.default_rng(0)
-    per = {"r1": 3.0 + 0.3 * rng.standard_normal(64), "r2": 3.9 + 0.3 * rng.standard_normal(64)}  # A, B
+    per = {"r1": 3.75 + 0.3 * rng.standard_normal(64), "r2": 3.95 + 0.3 * rng.standard_normal(64)}  # A, B
     samples = pd.DataFrame(
         [{"run_id": r, "sample": i, "entropy_nats": v} for r, vs in per.items() for i, v in enumerate(vs)]
     )
@@ -609,3 +653,57 @@ def test_report_warns_where_a_metric_saw_fewer_samples_and_where_gen_ppl_truncat
     assert "self_bleu saw fewer samples than the run made" in warnings and "(60 of 64)" in warnings
     assert "gen_ppl truncated" in warnings and "(3 of 64)" in warnings and "gen_ppl saw" not in warnings
     assert "## Headline pairs" in index and (sdir / "report" / "table_pairs.csv").is_file()
+
+
+def test_an_outside_legend_with_long_labels_fits_in_the_figure():
+    """The claims frontier figure's legend was cut at both edges (2 columns of 60-character labels)."""
+    from fsdfm.report.plotting import _legend_outside, _new_figure
+
+    for where in ("bottom", "right"):
+        fig, (ax,) = _new_figure(1, w=7.0, h=5.0)
+        for i in range(14):
+            ax.plot([0, 1], [i, i + 1], label=f"no consistency training (teacher, cumulative rule) {i} · cumulative")
+        _legend_outside(fig, [ax], where=where)
+        fig.canvas.draw()
+        box, page = fig.legends[0].get_window_extent(), fig.bbox
+        assert page.x0 - 0.5 <= box.x0 and box.x1 <= page.x1 + 0.5, (where, box, page)
+        assert page.y0 - 0.5 <= box.y0 and box.y1 <= page.y1 + 0.5, (where, box, page)
+
+
+def test_timings_taken_under_load_are_marked_and_never_bold():
+    """9c2f443: the same network's 8 steps showed 8.33 s and 2.44 s in the cost table, with nothing saying load
+    made the difference. A setting timed at load_per_core > 1 gets ‡ on its time columns and a note."""
+    from fsdfm.report.tables import cost_metrics, mark_loaded
+
+    rows = []
+    for label, wall, load in (("idle", 2.0, 0.4), ("busy", 1.0, 5.0)):
+        for seed in range(2):
+            rows.append(
+                {
+                    "label": label,
+                    "rule": None,
+                    "steps": 8,
+                    "kind": "dfm",
+                    "seed": seed,
+                    "nfe": 8,
+                    "sampling_wall_s": wall + 0.01 * seed,
+                    "tokens_per_s": 100 / (wall + 0.01 * seed),
+                    "load_per_core": load,
+                }
+            )
+    runs = pd.DataFrame(rows)
+    t = mark_loaded(metric_table(runs, cost_metrics(), name="c", title="c", flags=False), runs)
+    cols = list(t.columns)
+    w = next(i for i, c in enumerate(cols) if c.startswith("sampling_wall_s"))
+    cells = {r[0]: (r, b) for r, b in zip(t.cells, t.bold)}
+    assert cells["busy"][0][w].endswith("‡") and not cells["busy"][1][w]  # faster, but timed under load
+    assert not cells["idle"][0][w].endswith("‡")
+    assert any("timed under load: load average up to 5.0 per usable core" in n for n in t.notes)
+
+
+def test_a_timed_call_records_cpu_time_and_load():
+    from fsdfm.metrics.timing import timed, usable_cores
+
+    t = timed(lambda: sum(i * i for i in range(20000)), warmup=0)
+    assert t.cpu_s is not None and t.cpu_s >= 0 and usable_cores() >= 1
+    assert t.load_per_core is not None and t.load_per_core >= 0  # Linux has a load average

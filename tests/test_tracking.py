@@ -166,6 +166,33 @@ def test_a_missing_tensorboard_is_exit_2_before_anything_is_written(tmp_path, mo
     assert not (tmp_path / "r").exists()
 
 
+def test_track_on_a_finished_study_backfills_from_the_records(tmp_path, capsys):
+    """Issue 24: `--track` on a finished study logged nothing, silently (every stage is skipped). Now each finished
+    stage gets an event folder with its recorded final metrics and loss curve, and the line says what cannot be."""
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(SPEC))
+    root = tmp_path / "r"
+    assert main(["--results", str(root), "run", str(tmp_path / "t.yaml"), "--executor", "debug"]) == 0
+    capsys.readouterr()
+    assert main(["--results", str(root), "run", str(tmp_path / "t.yaml"), "--executor", "debug", "--track"]) == 0
+    out = capsys.readouterr().out
+    recs = {r["stage_id"]: r for r in load_records(root / "tracked")}
+    assert f"tracking: backfilled {len(recs)} finished stage(s) from their records" in out
+    assert "per-step train/loss, train/lr and train/tokens_per_s are not recorded" in out
+    for sid, rec in recs.items():
+        ev = _events(root / "tracked" / "tracking" / sid)
+        for name, value in (rec["payload"].get("metrics") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert ev[f"metrics/{name}"][-1][1] == pytest.approx(float(np.float32(value)))
+        curve = rec["payload"].get("loss_curve")
+        if curve:
+            assert [v for _, v in ev["train/loss_curve"]] == pytest.approx([float(np.float32(x)) for x in curve])
+    # again: already tracked, nothing written twice
+    assert main(["--results", str(root), "run", str(tmp_path / "t.yaml"), "--executor", "debug", "--track"]) == 0
+    assert f"tracking: backfilled 0 finished stage(s) from their records, {len(recs)} already tracked" in (
+        capsys.readouterr().out
+    )
+
+
 # ------------------------------------------------------------------------------------- hparams and MLflow
 def _hparams(folder) -> dict:
     """The hyperparameters TensorBoard's HPARAMS tab shows for an event folder (its session start info)."""

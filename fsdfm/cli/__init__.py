@@ -23,8 +23,11 @@ from fsdfm.cli.common import (
     DEFAULT_ROOT,
     InputError,
     UsageError,
+    THREAD_ENV,
+    THREADS_SOURCE_ENV,
     _offline_defaults,
     _positive_int,
+    auto_threads,
     set_thread_env,
 )
 from fsdfm.cli.compare import cmd_compare
@@ -178,6 +181,13 @@ def _add_study_parsers(sub, common: argparse.ArgumentParser) -> None:
     e.add_argument("files", nargs="+", help='sample files: .jsonl ({"text": ...} per line) or .npy ((N, L) ids)')
     e.add_argument("--spec", required=True, help="the study (a spec file or its results directory); run it first")
     e.add_argument("--label", action="append", help="row label per file, in order (default: the file stem)")
+    # defaults in fsdfm.external.EvalLimits (not imported here: it loads numpy before --threads is applied)
+    for flag, what in (
+        ("--max-file-bytes", "bytes per file (default 1 GiB)"),
+        ("--max-line-bytes", "bytes per .jsonl line (default 1 MiB)"),
+        ("--max-samples", "texts or rows per file (default 100,000)"),
+    ):
+        e.add_argument(flag, type=int, metavar="N", help=f"refuse more than N {what}")
     e.set_defaults(fn=cmd_eval)
 
 
@@ -194,14 +204,46 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line, with KEY=VALUE overrides accepted anywhere after the spec (`fsdfm run SPEC --dry-run
+    seed=3`, as Hydra users type them): argparse takes the positional run before the first flag, the rest are
+    collected here. Anything else left over is argparse's "unrecognized arguments" error (exit 2)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    late = [w for w in extra if "=" in w and not w.startswith("-")]
+    rest = [w for w in extra if w not in late]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*(args.overrides or []), *late]
+    elif late:
+        rest = extra
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except KeyboardInterrupt:
+        return 130
     if getattr(args, "threads", None) is not None:
         set_thread_env(args.threads)  # before the imports below load numpy and torch
+        os.environ[THREADS_SOURCE_ENV] = f"--threads {args.threads}"
+    elif getattr(args, "cmd", None) == "run" and args.executor != "slurm" and not any(map(os.environ.get, THREAD_ENV)):
+        # no choice made: a count that does not oversubscribe the machine (a SLURM job has its own cpus-per-task)
+        args.auto_threads, why = auto_threads(args.max_parallel)
+        set_thread_env(args.auto_threads)
+        os.environ[THREADS_SOURCE_ENV] = why
+    elif getattr(args, "cmd", None) == "run" and any(map(os.environ.get, THREAD_ENV)):
+        os.environ[THREADS_SOURCE_ENV] = "OMP_NUM_THREADS=" + str(os.environ.get("OMP_NUM_THREADS"))
     from fsdfm.data import DataError  # heavy: torch, imported after the thread variables are set
 
     try:
         result = args.fn(args)
+    except KeyboardInterrupt:  # Ctrl-C in a command with nothing to stop (`fsdfm run` handles its own): one line
+        print(f"fsdfm {args.cmd}: interrupted by SIGINT", file=sys.stderr)
+        print(json.dumps({"ok": False, "interrupted": "SIGINT"}), flush=True)
+        return 130
     except (SpecError, DataError, UnknownNameError, PlanError, InputError, UsageError, FileNotFoundError) as e:
         print(f"fsdfm {args.cmd}: error: {e}", file=sys.stderr)
         print(json.dumps({"ok": False, "error": str(e)}), flush=True)

@@ -68,7 +68,7 @@ def _metrics() -> list[Entry]:
     out = []
     for n in METRICS:
         m = METRICS.get(n)
-        better = {"min": "lower is better", "max": "higher is better"}.get(m.direction, "no direction")
+        better = m.better or "no direction"  # the goal the report's tables and figures rank by
         out.append(Entry(n, f"[{m.family}, {m.unit}, {better}] {m.description}"))
     return out
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
+
 from pathlib import Path
 
-from fsdfm.cli.common import InputError, _read_plan, require_extra
+from fsdfm.cli.common import DEFAULT_ROOT, InputError, _read_plan, require_extra
 from fsdfm.cli.spec import study_dir
 from fsdfm.records import read_record
 
@@ -72,22 +75,37 @@ def _eval_study_dir(args) -> Path:
 
 def cmd_eval(args) -> dict:
     """Score external sample files with a study's metrics and evaluator (fsdfm.external), recorded as runs."""
-    from fsdfm.external import ExternalError, eval_files  # heavy: torch (the metrics)
+    from fsdfm.external import EvalLimits, ExternalError, eval_files  # heavy: torch (the metrics)
 
     sdir = _eval_study_dir(args)
     _read_plan(sdir)  # the study's plan must exist: its evaluate config and evaluator are what score the files
     try:
-        done = eval_files(sdir, sdir.parent, args.files, args.label)
+        given = {"max_file_bytes": args.max_file_bytes, "max_line_bytes": args.max_line_bytes}
+        given["max_samples"] = args.max_samples
+        limits = EvalLimits(**{k: v for k, v in given.items() if v is not None})
+        done = eval_files(sdir, sdir.parent, args.files, args.label, limits)
     except ExternalError as e:
         raise InputError(str(e)) from None
     for r in done:
+        for note in r.notes:
+            print(f"warning: {note}", file=sys.stderr)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if isinstance(v, float))
         print(f"  {r.label:<24} {r.stage_id}  {shown}")
-    print(f"study {sdir.name}: scored {len(done)} external file(s)   next: fsdfm report {args.spec}")
+    where = "" if str(args.results) == str(DEFAULT_ROOT) else f" --results {shlex.quote(str(args.results))}"
+    print(
+        f"study {sdir.name}: scored {len(done)} external file(s)   next: fsdfm report {shlex.quote(args.spec)}{where}"
+    )
     return {
         "study": sdir.name,
         "runs": [
-            {"file": r.file, "label": r.label, "stage_id": r.stage_id, "run_id": r.run_id, "metrics": r.metrics}
+            {
+                "file": r.file,
+                "label": r.label,
+                "stage_id": r.stage_id,
+                "run_id": r.run_id,
+                "metrics": r.metrics,
+                "notes": list(r.notes),
+            }
             for r in done
         ],
     }

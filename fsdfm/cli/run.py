@@ -11,8 +11,9 @@ from pathlib import Path
 import yaml
 
 from fsdfm.cli.common import InputError, UsageError, set_threads
-from fsdfm.cli.spec import command_line, load_plan, print_config
+from fsdfm.cli.spec import command_line, load_plan, print_config, run_line
 from fsdfm.launch import EXECUTORS, DriverInterrupted, execute, load_profile
+from fsdfm.launch.backfill import backfill_tracking
 from fsdfm.launch.gpus import DEVICES_ENV, NoDevicesError, device_slots
 from fsdfm.records import StageLockedError, check_cache_dir, check_stage, discard_stage, is_done, running_holder
 from fsdfm.study.graph import STAGE_KINDS, StudyPlan, waves
@@ -91,15 +92,18 @@ def cmd_run(args) -> dict:
         except ValueError as e:
             raise InputError(str(e)) from None
     rerun_kinds = _kinds_arg(args.rerun, "--rerun")
-    if args.threads is not None:
-        set_threads(args.threads)
+    threads = args.threads if args.threads is not None else getattr(args, "auto_threads", None)
+    if threads is not None:
+        set_threads(threads)
     rerun = _rerun(plan, sdir, rerun_kinds, args.dry_run, args.results) if rerun_kinds else []
     if args.dry_run:
         return _dry_run(args, plan, sdir, rerun)
     profile = _profile(args, spec)
     _check_devices(args)
     print(
-        f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor})",
+        f"study {plan.name}: {len(plan.runs)} runs, {len(plan.stages)} stages -> {sdir}  (executor: {args.executor}"
+        + (f", torch threads per stage: {threads}" if threads is not None else "")
+        + ")",
         flush=True,
     )
     try:
@@ -111,19 +115,25 @@ def cmd_run(args) -> dict:
             wait=not args.no_wait,
             max_parallel=args.max_parallel,
         )
-    except DriverInterrupted as e:  # SIGTERM/SIGHUP: the executor has cancelled its jobs and released the locks
+    except KeyboardInterrupt as e:  # SIGTERM/SIGHUP/SIGINT: the executor has cancelled its jobs, released the locks
+        signum = e.signum if isinstance(e, DriverInterrupted) else int(signal.SIGINT)  # a Ctrl-C outside the handler
         print(
-            f"fsdfm run: {e}; its jobs were stopped. Re-run to resume: fsdfm run {command_line(args)}", file=sys.stderr
+            f"fsdfm run: interrupted by {signal_name(signum)}; its jobs were stopped. Re-run to resume: {run_line(args)}",
+            file=sys.stderr,
         )
-        print(json.dumps({"study": plan.name, "ok": False, "interrupted": signal_name(e.signum), "results": str(sdir)}))
-        raise SystemExit(128 + e.signum) from None
+        print(json.dumps({"study": plan.name, "ok": False, "interrupted": signal_name(signum), "results": str(sdir)}))
+        raise SystemExit(128 + signum) from None
     print(summary.format())
+    if plan.tracking and summary.skipped:  # --track on finished stages: log what their records keep
+        print(backfill_tracking(plan.to_dict(), sdir, summary.skipped).format())
     # --no-wait: a submission that succeeded is a success (its stages are pending by design); see `fsdfm status`
     ok = summary.ok or (args.no_wait and not summary.failed and not summary.blocked)
     if summary.ok:
         print(f"results: {sdir}   next: fsdfm report {command_line(args)}")
     elif ok:
         print(f"submitted: {len(summary.submitted)} jobs   next: fsdfm status {command_line(args)}")
+    elif summary.failed or summary.blocked:
+        print(f"after a fix, resume with: {run_line(args)}   (what failed: fsdfm status {command_line(args)})")
     return {
         "study": plan.name,
         "ok": ok,

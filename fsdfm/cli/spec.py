@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from fsdfm.cli.common import UsageError
+from fsdfm.cli.common import DEFAULT_ROOT, UsageError
 from fsdfm.records import data_cache_dir
 from fsdfm.study.overrides import parse_overrides
 from fsdfm.study.spec import check_name, read_yaml
@@ -50,11 +50,30 @@ def study_dir(args) -> Path:
 
 
 def command_line(args) -> str:
-    """SPEC KEY=VALUE ... --limit N as typed (for the "next:" hints)."""
+    """SPEC KEY=VALUE ... --limit N [--results R] as typed: what names the study for every command (the "next:"
+    hints of `run`, `eval`, `verify`; --results only where it is not the default)."""
     words = [getattr(args, "spec", None) or args.target, *(getattr(args, "overrides", None) or [])]
     if getattr(args, "limit", None) is not None:
         words += ["--limit", str(args.limit)]
+    if str(getattr(args, "results", DEFAULT_ROOT)) != str(DEFAULT_ROOT):
+        words += ["--results", str(args.results)]
     return " ".join(shlex.quote(w) for w in words)
+
+
+def run_line(args) -> str:
+    """`fsdfm run ...` as typed, with every option that shapes how it runs (--executor, --threads, --max-parallel,
+    --profile, --no-wait, --track): the line that resumes an interrupted run. --rerun is left out (its stages were
+    already discarded: repeating it would redo what the interrupted run finished), and so is --dry-run."""
+    words = ["--executor", args.executor]
+    for flag, value in (
+        ("--threads", args.threads),
+        ("--max-parallel", args.max_parallel),
+        ("--profile", args.profile),
+    ):
+        if value is not None:
+            words += [flag, str(value)]
+    words += [flag for flag, on in (("--no-wait", args.no_wait), ("--track", args.track)) if on]
+    return f"fsdfm run {command_line(args)} " + " ".join(shlex.quote(w) for w in words)
 
 
 def print_config(resolved, sdir: Path) -> dict:

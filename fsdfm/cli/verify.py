@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fsdfm.cli.common import UsageError
 from fsdfm.cli.run import _kind_of, _kinds_arg
-from fsdfm.cli.spec import load_plan, study_dir
+from fsdfm.cli.spec import command_line, load_plan, study_dir
 from fsdfm.records import (
     ERROR,
     StageLockedError,
@@ -55,7 +55,7 @@ def cmd_verify(args) -> dict:
     bad = counts["damaged"] + counts["stale"]
     print(
         f"{counts['done']} ok, {counts['damaged']} damaged, {counts['stale']} stale, {counts['failed']} failed, "
-        f"{counts['missing']} not run" + (f"; next: fsdfm run {args.target} redoes them" if bad else "")
+        f"{counts['missing']} not run" + (f"; next: fsdfm run {command_line(args)} redoes them" if bad else "")
     )
     return {"study": plan.name, "ok": bad == 0, **counts, "problems": problems}
 

@@ -60,6 +60,7 @@ from fsdfm.records import (
 from fsdfm.records.provenance import provenance
 from fsdfm.fingerprint import check_data_unchanged
 from fsdfm.registry import did_you_mean, discover
+from fsdfm.progress import stage_progress
 from fsdfm.tracking import log_final, stage_tracking
 from fsdfm.launch.runtime import malloc_tuned, tune_malloc
 from fsdfm.study.graph import STAGE_KINDS, PlanError, Stage, StageKind
@@ -193,7 +194,7 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
             _discard_result(out_dir, check, kind.checkpointable)
         remove_stale_temp_files(out_dir)  # what killed attempts left half-written (e.g. an empty checkpoint temp)
         attempt = _next_attempt(out_dir)
-        t0, started, load_start = time.time(), now_iso(), loadavg_1min()
+        t0, started, load_start, cpu0 = time.time(), now_iso(), loadavg_1min(), _cpu_s()
         atomic_write_json(out_dir / RUNNING, {**_attempt_fields(stage, attempt, started), **_job_identity()})
         try:
             data_read = check_data_unchanged(stage)  # time of use: what the id holds is what is read
@@ -202,13 +203,10 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
             payload = _call_stage(plan, study_dir, stage, kind, inputs, out_dir)
             wall = time.time() - t0
             record = _record(plan, stage, out_dir, input_records, payload)
-            record["provenance"].update(
-                loadavg_1min={"start": load_start, "end": loadavg_1min()},
-                start_time=started,
-                end_time=now_iso(),
-                wall_s=wall,
-                attempt=attempt,
-            )
+            loads = {"start": load_start, "end": loadavg_1min()}
+            cpu_s = round(_cpu_s() - cpu0, 3)  # beside wall_s: under load wall_s grows, cpu_s does not
+            prov = dict(loadavg_1min=loads, start_time=started, end_time=now_iso(), wall_s=wall, cpu_s=cpu_s)
+            record["provenance"].update(prov, attempt=attempt)
             record = _sealed(record, data_read)
             atomic_write_json(out_dir / RECORD, record)
             for stale in (ERROR, SUBMITTED):
@@ -221,6 +219,12 @@ def run_stage(study_dir: str | os.PathLike, stage_id: str) -> dict:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(out_dir / RUNNING)
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process and its waited-for children (os.times: portable)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _done_inputs(study_dir: Path, stage: Stage) -> tuple[dict[str, Path], dict[str, str | None]]:
@@ -244,9 +248,12 @@ def _call_stage(plan: dict, study_dir: Path, stage: Stage, kind: StageKind, inpu
     ends = [r for r in plan.get("runs", []) if r.get("stage_id") == stage.id]  # the runs this stage ends
     runs = [r["run_id"] for r in ends]
     params = ends[0].get("params") if ends else None  # its hyperparameters beside the stage config
-    with stage_tracking(
-        plan.get("tracking"), study_dir, stage.id, stage.kind, runs, config=stage.config, run_params=params
-    ) as tracker:
+    with (
+        stage_tracking(
+            plan.get("tracking"), study_dir, stage.id, stage.kind, runs, config=stage.config, run_params=params
+        ) as tracker,
+        stage_progress(out_dir, stage.id),  # step and time left for `fsdfm status` and logs off a terminal
+    ):
         payload = kind.fn(copy.deepcopy(stage.config), dict(inputs), out_dir)
         log_final(tracker, payload if isinstance(payload, dict) else {}, step=_final_step(stage.config))
     if payload is None:

@@ -1,4 +1,4 @@
-"""The driver's signals: SIGTERM and SIGHUP are handled like Ctrl-C while a study executes.
+"""The driver's signals: SIGTERM, SIGHUP and Ctrl-C (SIGINT) all raise one exception while a study executes.
 
 Knows signals only. The driver (`execute`) runs under `signals_interrupt`, so the local executor cancels its jobs,
 kills what they started and breaks their locks, and an inline stage unwinds and releases its lock.
@@ -12,7 +12,7 @@ import threading
 
 
 class DriverInterrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP reached the driver. A KeyboardInterrupt, so that it is handled exactly like Ctrl-C: the
+    """SIGTERM, SIGHUP or SIGINT reached the driver (`signum`; the command line prints one line for each). A KeyboardInterrupt, so that it is handled exactly like Ctrl-C: the
     local executor cancels its jobs, an inline stage unwinds (releasing its lock), no `except Exception` eats it."""
 
     def __init__(self, signum: int):
@@ -21,6 +21,9 @@ class DriverInterrupted(KeyboardInterrupt):
 
 
 INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# SIGINT too, but only where it is not ignored: a driver started in the background (`cmd &` in a script) inherits
+# SIG_IGN for it, and a Ctrl-C meant for the foreground must not stop it
+OPTIONAL_SIGNALS = (signal.SIGINT,)
 
 
 @contextlib.contextmanager
@@ -39,7 +42,8 @@ def signals_interrupt():
             fired.append(signum)
             raise DriverInterrupted(signum)
 
-    old = {sig: signal.signal(sig, handler) for sig in INTERRUPT_SIGNALS}
+    sigs = INTERRUPT_SIGNALS + tuple(s for s in OPTIONAL_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
+    old = {sig: signal.signal(sig, handler) for sig in sigs}
     try:
         yield
     finally:

@@ -7,6 +7,7 @@ Reads the stage files (`fsdfm.records`) and the scheduler's job states (`fsdfm.l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fsdfm.io import read_json
+from fsdfm.progress import format_seconds, read_progress
 from fsdfm.launch.outcomes import ExecutionSummary, Tally, say, say_end
 from fsdfm.launch.runner import error_summary
 from fsdfm.launch.scheduler import RECORD_GRACE_S, SLURM_ACTIVE, UNKNOWN_GRACE_S, slurm_failure, slurm_states
@@ -119,6 +121,7 @@ class StageStatus:
     detail: str = ""
     error_tail: tuple = ()
     wall_s: float | None = None
+    runs: tuple = ()  # labels of the runs that need this stage ("FS-DFM/euler@8"), for people reading status
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,9 @@ class StatusReport:
             + f"; runs {self.runs_done}/{self.runs_total} done"
         ]
         for s in self.stages:
-            lines.append(f"  {s.state:<8} {s.stage_id:<32} {s.detail}".rstrip())
+            shown = ", ".join(s.runs[:2]) + (f" +{len(s.runs) - 2} more" if len(s.runs) > 2 else "")
+            label = f" [{shown}]" if shown else ""
+            lines.append(f"  {s.state:<8} {s.stage_id:<32}{label} {s.detail}".rstrip())
             for ln in s.error_tail[-error_lines:]:
                 lines.append(f"           | {ln}")
         return "\n".join(lines)
@@ -165,6 +170,39 @@ def _scheduler_states(sdir: Path, stage_ids: list[str]) -> tuple[dict[str, dict]
     if shutil.which("sacct") is None and shutil.which("squeue") is None:
         return subs, None
     return subs, slurm_states(sorted({str(sub["job_id"]) for sub in subs.values()}))
+
+
+def _progress_note(d: Path) -> str:
+    """ "train step 500/2000, ~37 s left; " of a running stage (its progress.json, fsdfm.progress), or ""."""
+    p = read_progress(d)
+    if not p or not isinstance(p.get("step"), int):
+        return ""
+    left = p.get("seconds_left")
+    return f"{p.get('what', 'step')} step {p['step']}/{p.get('total')}" + (
+        f", ~{format_seconds(left)} left; " if isinstance(left, (int, float)) else "; "
+    )
+
+
+def run_labels(plan: StudyPlan) -> dict[str, tuple]:
+    """Stage id -> labels of the runs whose final stage needs it (directly or upstream): "label/rule@steps" (the
+    parts a run has), so a stage id in `fsdfm status` says which rows of the report wait for it."""
+    out: dict[str, dict] = {}
+    for run in plan.runs:
+        p = run.params or {}
+        text = str(p.get("label") or p.get("method") or run.run_id)
+        if p.get("rule"):
+            text += f"/{p['rule']}"
+        if p.get("steps") is not None:
+            text += f"@{p['steps']}"
+        todo, seen = [run.stage_id], set()
+        while todo:
+            sid = todo.pop()
+            if sid in seen or sid not in plan.stages:
+                continue
+            seen.add(sid)
+            out.setdefault(sid, {})[text] = None
+            todo.extend(plan.stages[sid].inputs.values())
+    return {sid: tuple(labels) for sid, labels in out.items()}
 
 
 def _log_note(d: Path) -> str:
@@ -224,7 +262,7 @@ def _stage_status(
     holder, live = lock_holder(d)
     if live:
         who = holder.describe() if holder else "starting"
-        return StageStatus(stage.id, stage.kind, "running", who + _log_note(d))
+        return StageStatus(stage.id, stage.kind, "running", _progress_note(d) + who + _log_note(d))
     failed = _error_status(d, stage)
     if failed is not None:
         blocked_by[stage.id] = stage.id
@@ -318,6 +356,8 @@ def status(study_dir: str | os.PathLike, scheduler: bool = True, plan: StudyPlan
     blocked_by: dict[str, str] = {}  # stage id -> the failed stage upstream of it (or itself, if it failed)
     out = [_stage_status(sdir, stage, subs.get(stage.id), states, blocked_by) for wave in waves(plan) for stage in wave]
     done = {s.stage_id for s in out if s.state == "done"}
+    labels = run_labels(plan)
+    out = [dataclasses.replace(s, runs=labels.get(s.stage_id, ())) for s in out]
     return StatusReport(
         plan.name,
         str(sdir),

@@ -54,6 +54,8 @@ EVAL_SOURCES = (
 )
 
 
+# cpu_s and load_per_core are recorded beside the timing too, but are not listed: they describe the machine, not
+# the samples, and listing them would change the id of every sample stage
 @stage_kind(
     "sample",
     resources="gpu",
@@ -107,6 +109,8 @@ def sample_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
             "wall_s": wall_s,
             "tokens_per_s": n_tok / wall_s if wall_s > 0 else None,
             "peak_mem": peak,
+            "cpu_s": timing.cpu_s,
+            "load_per_core": timing.load_per_core,
         },
         "peak_mem_kind": peak_kind,
         "device": str(dev),
@@ -194,17 +198,24 @@ def _sample_metric_names(config: dict, evaluator) -> list[str]:
     return names
 
 
-def content_length(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:
-    """(N, L) ids -> (N,) tokens before the first EOS (L where a row has none, or without an EOS id)."""
+def content_length(tokens: np.ndarray, eos_id: int | None, lengths: np.ndarray | None = None) -> np.ndarray:
+    """(N, L) ids -> (N,) tokens before the first EOS (L_i where a row has none in its first L_i = lengths[i]
+    ids (default L), or without an EOS id)."""
     n, length = tokens.shape
+    lens = np.full(n, length, dtype=np.int64) if lengths is None else np.asarray(lengths, dtype=np.int64)
     if eos_id is None:
-        return np.full(n, length, dtype=np.int64)
-    is_eos = tokens == eos_id
-    return np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), length).astype(np.int64)
+        return lens
+    is_eos = (tokens == eos_id) & (np.arange(length)[None, :] < lens[:, None])
+    return np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), lens).astype(np.int64)
 
 
-def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corpus, out_dir: Path, names) -> dict:
+def score_samples(
+    config: dict, tokens: np.ndarray, texts, refs, evaluator, corpus, out_dir: Path, names, lengths=None
+) -> dict:
     """The sample metrics of one sample set, recorded with what each saw, and the per-sample table.
+
+    tokens (N, L) ids; lengths: optional (N,) content lengths (sample i is tokens[i, :lengths[i]], e.g. external
+    texts shorter than L: the padding after it is scored by no metric); None: every sample fills L.
 
     Returns the payload part {"metrics", "metric_details"}: metrics holds the values, `n_samples`,
     `samples_per_metric` {name: samples the metric saw}, gen_ppl's scored tokens and truncated samples
@@ -214,7 +225,8 @@ def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corp
     per sample (`fsdfm.records.load_samples`).
     """
     if names:
-        ms = compute_metric_set(tokens, texts, names, **_metric_kwargs(config, evaluator, refs, corpus))
+        kwargs = _metric_kwargs(config, evaluator, refs, corpus)
+        ms = compute_metric_set(tokens, texts, names, lengths=lengths, **kwargs)
     else:  # only corpus metrics asked (e.g. `names: [oracle_nll]` of an oracle study without an evaluator)
         ms = MetricSet(values={}, n_samples={}, details={}, per_sample={})
     metrics = dict(ms.values)
@@ -230,10 +242,11 @@ def score_samples(config: dict, tokens: np.ndarray, texts, refs, evaluator, corp
     n = int(tokens.shape[0])
     metrics["samples_per_metric"] = {**ms.n_samples, **{k: n for k in extra.values if k in extra.per_sample}}
     metrics["n_samples"] = n
-    columns = {"sample": np.arange(n), "length": content_length(tokens, corpus.eos_id)}
+    columns = {"sample": np.arange(n), "length": content_length(tokens, corpus.eos_id, lengths)}
     columns.update(ms.per_sample)
-    columns.setdefault("entropy_nats", entropy(tokens).per_sample)
-    columns.setdefault("rep_n", rep_n_per_sample(tokens, 4))
+    columns.setdefault("entropy_nats", entropy(tokens, lengths).per_sample)
+    if tokens.shape[1] >= 4:
+        columns.setdefault("rep_n", rep_n_per_sample(tokens, 4, lengths))
     columns.update(extra.per_sample)
     write_per_sample(Path(out_dir) / PER_SAMPLE, columns)
     return {"metrics": metrics, "metric_details": ms.details, "per_sample": PER_SAMPLE}

@@ -20,7 +20,16 @@ from fsdfm.sampling import WHOLE_STEP, knob_errors
 from fsdfm.study import load as schema
 from fsdfm.study.spec import PAIR_PATTERN, MethodSpec, SchedulerSpec, SpecError, StudySpec, build, short
 
-__all__ = ["CHECKS", "expand", "load", "load_spec", "load_spec_dict", "validate_methods", "validate_pairs"]
+__all__ = [
+    "CHECKS",
+    "expand",
+    "load",
+    "load_spec",
+    "load_spec_dict",
+    "resolve",
+    "validate_methods",
+    "validate_pairs",
+]
 
 
 def _section(kind: MethodKind, m: MethodSpec, key: str, where: str, file: str):
@@ -200,3 +209,4 @@ load_spec = functools.partial(schema.load_spec, checks=CHECKS)
 load_spec_dict = functools.partial(schema.load_spec_dict, checks=CHECKS)
 expand = functools.partial(schema.expand, checks=CHECKS)
 load = functools.partial(schema.load, checks=CHECKS)
+resolve = functools.partial(schema.resolve, checks=CHECKS)

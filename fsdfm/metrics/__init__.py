@@ -117,15 +117,18 @@ REP_COLLAPSE_MARGIN = 0.1
 
 
 def collapse_flags(metrics: dict[str, float], data_metrics: dict[str, float]) -> dict[str, bool]:
-    """Flag mode collapse relative to the data reference row.
+    """Flag degenerate samples relative to the data reference row, on the side of the data they fall:
 
-    collapse_entropy: entropy_nats < data entropy_nats - ENTROPY_COLLAPSE_NATS
+    collapse_entropy: entropy_nats < data entropy_nats - ENTROPY_COLLAPSE_NATS   (collapsed: too few distinct tokens)
+    noise_entropy:    entropy_nats > data entropy_nats + ENTROPY_COLLAPSE_NATS   (noisy: near-uniform tokens; more
+                      entropy than the data is noise, not collapse)
     collapse_rep:     rep_n > max(REP_COLLAPSE_FACTOR * data rep_n, data rep_n + REP_COLLAPSE_MARGIN)
     A flag is present only when both rows have its metric.
     """
     flags: dict[str, bool] = {}
     if "entropy_nats" in metrics and "entropy_nats" in data_metrics:
         flags["collapse_entropy"] = metrics["entropy_nats"] < data_metrics["entropy_nats"] - ENTROPY_COLLAPSE_NATS
+        flags["noise_entropy"] = metrics["entropy_nats"] > data_metrics["entropy_nats"] + ENTROPY_COLLAPSE_NATS
     if "rep_n" in metrics and "rep_n" in data_metrics:
         data_rep = data_metrics["rep_n"]
         flags["collapse_rep"] = metrics["rep_n"] > max(REP_COLLAPSE_FACTOR * data_rep, data_rep + REP_COLLAPSE_MARGIN)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fsdfm.metrics.diversity import as_token_matrix
+from fsdfm.metrics.diversity import as_lengths, as_token_matrix
 from fsdfm.metrics.evaluator import Evaluator
 from fsdfm.metrics.inputs import MetricInputs, MetricOutcome
 from fsdfm.metrics.registry import METRICS, MetricInfo
@@ -117,10 +117,12 @@ def compute_metric_set(
     batch_size: int = 8,
     max_length: int | None = None,
     end_markers: Sequence[str] = END_MARKERS,
+    lengths=None,
 ) -> MetricSet:
     """Compute the sample metrics `names` on N samples, with what each saw (see `compute_metrics`)."""
     names = _check_names(names)
     ids = as_token_matrix(token_ids, "compute_metrics: token_ids", min_len=2)
+    lens = as_lengths(lengths, ids, "compute_metrics: lengths")
     if texts is not None:
         texts = list(texts)
         if len(texts) != ids.shape[0]:
@@ -128,6 +130,7 @@ def compute_metric_set(
     inputs = MetricInputs(
         token_ids=ids,
         texts=texts,
+        lengths=lens,
         evaluator=evaluator,
         references=list(references) if references is not None else None,
         mauve_featurizer=mauve_featurizer,
@@ -165,6 +168,8 @@ def compute_metrics(token_ids, texts: Sequence[str] | None, names: Sequence[str]
 
     token_ids: (N, L) ids of the samples in the model's own tokenizer (N >= 1, L >= 2).
     texts:     the N decoded samples (needed by gen_ppl, self_bleu, mauve), in the same order.
+    lengths:   optional (N,) ints in [1, L]: sample i is token_ids[i, :lengths[i]]; no metric sees the rest
+               (texts of other lengths, `fsdfm eval`). None: every sample fills L.
     references: N held-out real texts of the same length (needed by mauve).
     Keyword settings as in `compute_metric_set` (mauve_featurizer, mauve_num_buckets, mauve_seeds (k-means
     seeds averaged, >= 5), self_bleu_subsample, seed, batch_size, max_length, end_markers).

@@ -1,11 +1,15 @@
 """Diversity / degeneration metrics on token ids and on texts.
 
-All id-based metrics take a (N, L) integer tensor of the model's own token ids (N samples of L tokens):
+All id-based metrics take a (N, L) integer tensor of the model's own token ids (N samples of L tokens) and
+optional per-sample `lengths` (N,): sample i is its first L_i = lengths[i] ids, the rest of its row is padding
+that no metric sees (samples scored from outside, `fsdfm eval`, are shorter than L; a model's samples fill L, and
+lengths=None or all L gives the very same numbers):
 
-* `entropy`:     H_i = -sum_v p_iv ln p_iv with p_iv = count of v in sample i / L; reported as mean_i H_i
+* `entropy`:     H_i = -sum_v p_iv ln p_iv with p_iv = count of v in sample i / L_i; reported as mean_i H_i
                  in nats and in bits. Low entropy = repetitive samples (a classic collapse that perplexity hides).
 * `distinct_n`:  |unique n-grams over all samples| / |n-grams over all samples| (n-grams never cross samples).
-* `rep_n`:       mean_i (1 - |unique n-grams of sample i| / |n-grams of sample i|): within-sample repetition.
+* `rep_n`:       mean_i (1 - |unique n-grams of sample i| / |n-grams of sample i|): within-sample repetition,
+                 over the samples with at least n ids (a shorter one has no n-gram; its per-sample value is NaN).
 * `self_bleu`:   mean over (a seeded subsample of) samples of sacrebleu sentence BLEU-4 of the sample against
                  all the other samples as references. High = the samples resemble each other.
 """
@@ -62,16 +66,41 @@ def as_token_matrix(token_ids, what: str = "token_ids", min_len: int = 1) -> tor
     return ids.long().cpu()
 
 
-def entropy(token_ids) -> EntropyResult:
-    """Unigram entropy of each sample's token ids, averaged over samples (see module docstring)."""
+def as_lengths(lengths, ids: torch.Tensor, what: str = "lengths") -> torch.Tensor | None:
+    """Validate per-sample lengths (N,) of an (N, L) id matrix: ints in [1, L]. Returns None when every sample
+    fills its row (the full-row code path, so a model's samples score bit-identically with or without them)."""
+    if lengths is None:
+        return None
+    lens = torch.as_tensor(np.asarray(lengths))
+    n, length = ids.shape
+    if lens.shape != (n,) or lens.dtype.is_floating_point or lens.dtype == torch.bool:
+        raise ValueError(f"{what}: expected ({n},) integer lengths, got {lens.dtype} {tuple(lens.shape)}")
+    lens = lens.long()
+    if n and (int(lens.min()) < 1 or int(lens.max()) > length):
+        raise ValueError(f"{what}: lengths must lie in [1, {length}], got [{int(lens.min())}, {int(lens.max())}]")
+    return None if bool((lens == length).all()) else lens
+
+
+def valid_mask(lens: torch.Tensor, width: int) -> torch.Tensor:
+    """(N,) lengths -> (N, width) bool: position j of sample i is content (j < L_i)."""
+    return torch.arange(width).unsqueeze(0) < lens.unsqueeze(1)
+
+
+def entropy(token_ids, lengths=None) -> EntropyResult:
+    """Unigram entropy of each sample's token ids, averaged over samples (see module docstring).
+
+    token_ids: (N, L) ids; lengths: optional (N,) content lengths L_i (the ids after L_i are not counted)."""
     ids = as_token_matrix(token_ids)
     n, length = ids.shape
+    lens = as_lengths(lengths, ids, "entropy: lengths")
     # Count (sample, token) pairs with one unique over a combined key instead of an (N, V) histogram:
     # V can be 50k and N thousands.
     span = int(ids.max()) + 1
     keys = torch.arange(n).unsqueeze(1) * span + ids
+    if lens is not None:
+        keys = keys[valid_mask(lens, length)]
     uniq, counts = torch.unique(keys, return_counts=True)
-    p = counts.double() / length
+    p = counts.double() / (length if lens is None else lens[uniq // span].double())
     per_sample = torch.zeros(n, dtype=torch.float64).index_add_(0, uniq // span, -p * p.log())
     nats = float(per_sample.mean())
     return EntropyResult(nats=nats, bits=nats / math.log(2), n_samples=n, per_sample=per_sample.numpy())
@@ -86,27 +115,55 @@ def _ngrams(ids: torch.Tensor, n: int, what: str) -> torch.Tensor:
     return ids.unfold(1, n, 1)
 
 
-def distinct_n(token_ids, n: int) -> float:
-    """Unique n-grams / total n-grams, pooled over all samples."""
-    grams = _ngrams(as_token_matrix(token_ids, "distinct_n"), n, "distinct_n").reshape(-1, n)
+def _gram_mask(lens: torch.Tensor | None, n_samples: int, n_grams: int, n: int) -> torch.Tensor | None:
+    """(N, L-n+1) bool: n-gram j of sample i lies inside its content (j + n <= L_i); None for full rows."""
+    return None if lens is None else valid_mask(lens - n + 1, n_grams)
+
+
+def distinct_n(token_ids, n: int, lengths=None) -> float:
+    """Unique n-grams / total n-grams, pooled over all samples (only n-grams inside each sample's length)."""
+    ids = as_token_matrix(token_ids, "distinct_n")
+    lens = as_lengths(lengths, ids, "distinct_n: lengths")
+    grams = _ngrams(ids, n, "distinct_n")
+    mask = _gram_mask(lens, grams.shape[0], grams.shape[1], n)
+    grams = grams.reshape(-1, n) if mask is None else grams[mask]
+    if grams.shape[0] == 0:
+        raise ValueError(f"distinct_n: no sample has {n} ids, so there is no {n}-gram")
     return torch.unique(grams, dim=0).shape[0] / grams.shape[0]
 
 
-def rep_n(token_ids, n: int = 4) -> float:
-    """Mean over samples of the within-sample fraction of repeated n-grams, 1 - unique/total."""
-    return float(rep_n_per_sample(token_ids, n).mean())
+def rep_n(token_ids, n: int = 4, lengths=None) -> float:
+    """Mean over samples (with at least n ids) of the within-sample fraction of repeated n-grams, 1 - unique/total."""
+    return rep_n_mean(rep_n_per_sample(token_ids, n, lengths), n)
 
 
-def rep_n_per_sample(token_ids, n: int = 4) -> np.ndarray:
-    """(N,) float64: each sample's fraction of repeated n-grams, 1 - unique/total (their mean is `rep_n`)."""
+def rep_n_mean(per_sample: np.ndarray, n: int) -> float:
+    """The mean of `rep_n_per_sample` over the samples that have an n-gram (NaN: none)."""
+    if np.isnan(per_sample).all():
+        raise ValueError(f"rep_n: no sample has {n} ids, so there is no {n}-gram")
+    return float(np.nanmean(per_sample))
+
+
+def rep_n_per_sample(token_ids, n: int = 4, lengths=None) -> np.ndarray:
+    """(N,) float64: each sample's fraction of repeated n-grams, 1 - unique/total (their mean is `rep_n`); NaN for
+    a sample shorter than n (lengths (N,) given: it has no n-gram)."""
     ids = as_token_matrix(token_ids, "rep_n")
+    lens = as_lengths(lengths, ids, "rep_n: lengths")
     grams = _ngrams(ids, n, "rep_n")
     n_samples, per_sample = grams.shape[0], grams.shape[1]
     # Prefix each n-gram with its sample index so one unique() counts unique n-grams per sample.
     rows = torch.arange(n_samples).repeat_interleave(per_sample).unsqueeze(1)
-    uniq = torch.unique(torch.cat([rows, grams.reshape(-1, n)], dim=1), dim=0)
+    keyed = torch.cat([rows, grams.reshape(-1, n)], dim=1)
+    mask = _gram_mask(lens, n_samples, per_sample, n)
+    if mask is not None:
+        keyed = keyed[mask.reshape(-1)]
+    uniq = torch.unique(keyed, dim=0)
     unique_per_sample = torch.bincount(uniq[:, 0], minlength=n_samples).double()
-    return (1.0 - unique_per_sample / per_sample).numpy()
+    if mask is None:
+        return (1.0 - unique_per_sample / per_sample).numpy()
+    total = mask.sum(dim=1).double()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total.numpy() > 0, 1.0 - unique_per_sample.numpy() / total.numpy(), np.nan)
 
 
 def self_bleu(texts: Sequence[str], n_subsample: int | None = None, seed: int = 0) -> SelfBleuResult:

@@ -26,6 +26,7 @@ class MetricInputs:
 
     token_ids: torch.Tensor  # (N, L) LongTensor, validated
     texts: list[str] | None
+    lengths: torch.Tensor | None = None  # (N,) L_i: sample i is token_ids[i, :L_i]; None: each fills its row
     evaluator: Evaluator | None = None
     references: list[str] | None = None
     mauve_featurizer: str = "minilm"
@@ -61,7 +62,7 @@ class MetricInputs:
 
     @cached_property
     def entropy(self) -> EntropyResult:
-        return entropy(self.token_ids)
+        return entropy(self.token_ids, self.lengths)
 
 
 @dataclass(frozen=True)

@@ -172,16 +172,49 @@ def gen_ppl(
 
 
 @torch.no_grad()
-def gen_ppl_seq_mean(token_ids: torch.Tensor, model, batch_size: int = 8) -> PerplexityResult:
-    """Mean over samples of per-sample exp(mean NLL) on raw `token_ids` (N, L), positions 1..L-1 scored.
+def gen_ppl_seq_mean(token_ids: torch.Tensor, model, batch_size: int = 8, lengths=None) -> PerplexityResult:
+    """Mean over samples of per-sample exp(mean NLL) on raw `token_ids` (N, L), positions 1..L_i-1 scored.
 
     `model` is an `Evaluator`, an HF causal LM or a module mapping (B, L) ids to (B, L, V) logits. Only
     valid when the samples were tokenized with the evaluator's tokenizer (ids outside its vocabulary raise).
-    `nll_sum` / `n_tokens` are the pooled totals of the same NLLs.
+    `lengths` (N,): sample i is its first L_i ids (default: all L); the rest of the row is padding, masked out
+    of attention and never scored, and a sample of one id has no scored position (NaN per sample, left out of
+    the mean and of `n_samples`). `nll_sum` / `n_tokens` are the pooled totals of the same NLLs.
     """
+    from fsdfm.metrics.diversity import as_lengths, valid_mask
+
     token_ids = torch.as_tensor(token_ids, dtype=torch.long)
     if token_ids.dim() != 2 or token_ids.shape[0] == 0 or token_ids.shape[1] < 2:
         raise ValueError(f"gen_ppl_seq_mean: token_ids must be (N >= 1, L >= 2), got shape {tuple(token_ids.shape)}")
+    lens = as_lengths(lengths, token_ids, "gen_ppl_seq_mean: lengths")
+    if lens is None:
+        return _seq_mean_full(token_ids, model, batch_size)
+    device = model.device if isinstance(model, Evaluator) else next(model.parameters()).device
+    valid = valid_mask(lens, token_ids.shape[1])
+    sums, counts = [], []
+    for start in range(0, token_ids.shape[0], batch_size):
+        ids, ok = token_ids[start : start + batch_size].to(device), valid[start : start + batch_size].to(device)
+        nll = torch.where(ok[:, 1:], _token_nll(model, ids, ok.long()).double(), 0.0)
+        sums.append(nll.sum(dim=1).cpu())
+        counts.append(ok[:, 1:].sum(dim=1).cpu())
+    sample_nll, sample_tokens = torch.cat(sums).numpy(), torch.cat(counts).numpy().astype(np.int64)
+    scored = sample_tokens > 0
+    if not scored.any():
+        raise ValueError("gen_ppl_seq_mean: every sample has fewer than 2 ids; nothing to score")
+    mean_nll = np.where(scored, sample_nll / np.maximum(sample_tokens, 1), np.nan)
+    return PerplexityResult(
+        value=float(np.exp(mean_nll[scored]).mean()),
+        nll_sum=math.fsum(sample_nll.tolist()),
+        n_tokens=int(sample_tokens.sum()),
+        n_samples=int(scored.sum()),
+        sample_nll=np.where(scored, sample_nll, np.nan),
+        sample_tokens=sample_tokens,
+        sample_truncated=np.zeros(token_ids.shape[0], dtype=bool),
+    )
+
+
+def _seq_mean_full(token_ids: torch.Tensor, model, batch_size: int) -> PerplexityResult:
+    """gen_ppl_seq_mean of samples that fill their rows (a model's samples): every position j >= 1 scored."""
     device = model.device if isinstance(model, Evaluator) else next(model.parameters()).device
     per_sample = []
     for start in range(0, token_ids.shape[0], batch_size):

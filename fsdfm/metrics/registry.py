@@ -33,6 +33,7 @@ TARGETS = (None, "data")
 # decoded texts, an evaluator LM, held-out reference texts, the oracle source of a synthetic corpus.
 NEEDS = ("texts", "evaluator", "references", "oracle")
 VIEWS = ("main", "seeds", "sweep", "ablation", "pairs", "cost", "pos")
+GOAL_WORDS = {"min": "lower is better", "max": "higher is better", "data": "closest to the data is better"}
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,26 @@ class MetricInfo:
         """The metric's position in a report view (None: not shown there)."""
         return dict(self.show).get(view)
 
-    def best(self, values: list[float]) -> float | None:
-        """The best of `values` by this metric's direction (None when the metric has no direction)."""
-        if self.direction is None or not values:
+    @property
+    def goal(self) -> str | None:
+        """What "best" means for this metric, the one notion every table mark, figure axis, `fsdfm ls metrics`
+        and the collapse flags share: "data" (closest to the data row's value: `target="data"`, whatever the
+        direction), "min", "max", or None (no better side)."""
+        return "data" if self.target == "data" else self.direction
+
+    @property
+    def better(self) -> str | None:
+        """The goal in words ("lower is better", "closest to the data is better", ...); None without one."""
+        return GOAL_WORDS.get(self.goal)
+
+    def best(self, values: list[float], data: float | None = None) -> float | None:
+        """The best of `values` by `goal`: the one closest to `data` for a data-target metric (None without the
+        data value), else the lowest / highest (None when the metric has no direction)."""
+        if not values or self.goal is None:
             return None
-        return min(values) if self.direction == "min" else max(values)
+        if self.goal == "data":
+            return None if data is None else min(values, key=lambda v: abs(v - data))
+        return min(values) if self.goal == "min" else max(values)
 
 
 METRICS: Registry[MetricInfo] = Registry("metric", discover=("fsdfm.metrics",))

@@ -9,6 +9,8 @@ dispatches to them; it and the input types are re-exported here, their import pa
 
 from __future__ import annotations
 
+import numpy as np
+
 from fsdfm.metrics.compute import (
     SAMPLE_METRICS,
     MetricSet,
@@ -17,7 +19,7 @@ from fsdfm.metrics.compute import (
     data_reference,
     data_reference_set,
 )
-from fsdfm.metrics.diversity import distinct_n, rep_n_per_sample, self_bleu
+from fsdfm.metrics.diversity import distinct_n, rep_n_mean, rep_n_per_sample, self_bleu
 from fsdfm.metrics.inputs import MetricInputs, MetricOutcome
 from fsdfm.metrics.mauve import mauve_score
 from fsdfm.metrics.perplexity import PerplexityResult, gen_ppl, gen_ppl_seq_mean
@@ -51,6 +53,12 @@ def _ppl_outcome(result: PerplexityResult, prefix: str) -> MetricOutcome:
 
 _PPL = ("fsdfm.metrics.perplexity", "fsdfm.metrics.evaluator")  # shared parts of the declared `sources`
 _NGRAMS = ("fsdfm.metrics.diversity:_ngrams", "fsdfm.metrics.diversity:as_token_matrix")
+# per-sample lengths (external texts scored at their own length), a no-op on model samples
+_LENGTHS = (
+    "fsdfm.metrics.diversity:as_lengths",
+    "fsdfm.metrics.diversity:valid_mask",
+    "fsdfm.metrics.diversity:_gram_mask",
+)
 
 
 @register_metric(
@@ -80,10 +88,10 @@ def _gen_ppl(x: MetricInputs) -> MetricOutcome:
     label="perplexity, mean over samples",
     show={"main": 2, "pairs": 2},
     description="FS-DFM/SEDD convention: mean over samples of exp(mean NLL) on the raw ids (tokenizers must match)",
-    sources=(*_PPL, "fsdfm.metrics.sample:_gen_ppl_seq_mean"),
+    sources=(*_LENGTHS, *_PPL, "fsdfm.metrics.sample:_gen_ppl_seq_mean"),
 )
 def _gen_ppl_seq_mean(x: MetricInputs) -> MetricOutcome:
-    result = gen_ppl_seq_mean(x.token_ids, x.need_evaluator("gen_ppl_seq_mean"), batch_size=x.batch_size)
+    result = gen_ppl_seq_mean(x.token_ids, x.need_evaluator("gen_ppl_seq_mean"), x.batch_size, x.lengths)
     out = _ppl_outcome(result, "seq_")
     return MetricOutcome(
         out.value, out.n_samples, out.details, {k: v for k, v in out.per_sample.items() if k != "seq_truncated"}
@@ -99,7 +107,7 @@ def _gen_ppl_seq_mean(x: MetricInputs) -> MetricOutcome:
     label="unigram entropy per sample (nats)",
     show={"main": 3, "seeds": 2, "sweep": 2, "ablation": 2, "pairs": 3},
     description="per-sample unigram entropy of the token ids, averaged over samples",
-    sources=("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix"),
+    sources=("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix", *_LENGTHS),
 )
 def _entropy_nats(x: MetricInputs) -> MetricOutcome:
     return MetricOutcome(x.entropy.nats, x.entropy.n_samples, per_sample={"entropy_nats": x.entropy.per_sample})
@@ -113,7 +121,7 @@ def _entropy_nats(x: MetricInputs) -> MetricOutcome:
     target="data",
     label="unigram entropy per sample (bits)",
     description="entropy_nats / ln 2",
-    sources=("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix"),
+    sources=("fsdfm.metrics.diversity:entropy", "fsdfm.metrics.diversity:as_token_matrix", *_LENGTHS),
 )
 def _entropy_bits(x: MetricInputs) -> MetricOutcome:
     return MetricOutcome(x.entropy.bits, x.entropy.n_samples)
@@ -130,8 +138,8 @@ for _n in range(1, 5):
         target="data",
         show=_DISTINCT_SHOW[_n],
         description=f"unique {_n}-grams / total {_n}-grams, pooled over all samples",
-        sources=("fsdfm.metrics.diversity:distinct_n", *_NGRAMS),
-    )(lambda x, _n=_n: MetricOutcome(distinct_n(x.token_ids, _n), x.n))
+        sources=("fsdfm.metrics.diversity:distinct_n", *_NGRAMS, *_LENGTHS),
+    )(lambda x, _n=_n: MetricOutcome(distinct_n(x.token_ids, _n, x.lengths), x.n))
 
 
 @register_metric(
@@ -143,11 +151,20 @@ for _n in range(1, 5):
     label="repeated 4-grams (fraction)",
     show={"main": 8, "seeds": 4, "sweep": 4, "ablation": 4, "pairs": 4},
     description="within-sample fraction of repeated 4-grams (1 - unique/total per sample), averaged over samples",
-    sources=("fsdfm.metrics.diversity:rep_n", *_NGRAMS),
+    sources=(
+        "fsdfm.metrics.diversity:rep_n",
+        "fsdfm.metrics.diversity:rep_n_per_sample",
+        "fsdfm.metrics.diversity:rep_n_mean",
+        *_NGRAMS,
+        "fsdfm.metrics.sample:_rep_n",
+        *_LENGTHS,
+    ),
 )
 def _rep_n(x: MetricInputs) -> MetricOutcome:
-    per_sample = rep_n_per_sample(x.token_ids, 4)
-    return MetricOutcome(float(per_sample.mean()), len(per_sample), per_sample={"rep_n": per_sample})
+    per_sample = rep_n_per_sample(x.token_ids, 4, x.lengths)  # NaN for a sample of < 4 ids: not seen, not counted
+    return MetricOutcome(
+        rep_n_mean(per_sample, 4), int(np.isfinite(per_sample).sum()), per_sample={"rep_n": per_sample}
+    )
 
 
 @register_metric(

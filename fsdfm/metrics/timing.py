@@ -47,12 +47,39 @@ class CountingModel(nn.Module):
 
 @dataclass(frozen=True)
 class Timing:
-    """Wall-clock seconds and peak memory of one timed call, plus that call's return value `result`."""
+    """Wall-clock seconds and peak memory of one timed call, plus that call's return value `result`.
+
+    cpu_s: CPU seconds the process used during the call (all its threads, `time.process_time`); on an idle machine
+    about wall_s x threads, far less when other jobs took the cores. load_per_core: the 1-minute load average
+    over the cores this process may use, the larger of before and after the call (None where the OS has none):
+    above 1, more tasks wanted a core than there were, and the wall-clock is not the method's own."""
 
     wall_s: float
     peak_mem_bytes: int
     peak_mem_kind: str  # "cuda_max_allocated" | "process_rss"
     result: Any = None
+    cpu_s: float | None = None
+    load_per_core: float | None = None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a SLURM or container limit), else cpu_count."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def load_per_core() -> float | None:
+    """The 1-minute load average divided by `usable_cores()` (None where the OS has no load average)."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0] / usable_cores(), 3)
+    except (AttributeError, OSError):
+        return None
 
 
 def timed(fn: Callable[[], Any], warmup: int = 1, device: str | torch.device = "cpu") -> Timing:
@@ -63,12 +90,15 @@ def timed(fn: Callable[[], Any], warmup: int = 1, device: str | torch.device = "
         fn()
     _synchronize(device)
     reset_peak_memory(device)
-    start = time.perf_counter()
+    load_before = load_per_core()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = fn()
     _synchronize(device)
     wall_s = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu_start
+    loads = [v for v in (load_before, load_per_core()) if v is not None]
     peak, kind = peak_memory(device)
-    return Timing(wall_s=wall_s, peak_mem_bytes=peak, peak_mem_kind=kind, result=result)
+    return Timing(wall_s, peak, kind, result, cpu_s, max(loads) if loads else None)
 
 
 def tokens_per_s(n_tokens: int, wall_s: float) -> float:
@@ -111,6 +141,26 @@ register_metric(
     recorded_by=_SAMPLING,
     sources=("fsdfm.metrics.timing", "fsdfm.memory"),
     description="generated tokens per second of sampling wall-clock",
+)
+register_metric(
+    "cpu_s",
+    direction=None,
+    unit="s",
+    family="timing",
+    recorded_by=_SAMPLING,
+    sources=("fsdfm.metrics.timing", "fsdfm.memory"),
+    description="CPU seconds of the sampling process during the timed draw (all threads): beside wall_s, the share "
+    "of the cores the draw really got",
+)
+register_metric(
+    "load_per_core",
+    direction=None,
+    unit="load/core",
+    family="timing",
+    recorded_by=_SAMPLING,
+    sources=("fsdfm.metrics.timing", "fsdfm.memory"),
+    description="1-minute load average / usable cores around the timed draw (max of before and after); above 1 "
+    "the machine was oversubscribed and the report marks the timing",
 )
 register_metric(
     "peak_mem",

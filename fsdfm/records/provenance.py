@@ -20,11 +20,16 @@ from typing import Any
 
 
 # ---------------------------------------------------------------------------------------------- provenance
+RESULTS_DIR = "results"  # the default results root, under the repository: outputs, not sources (see git_state)
+
+
 @functools.lru_cache(maxsize=None)
 def git_state(src: str | None = None) -> tuple[str, bool | None]:
     """(commit, dirty) of the git work tree holding the fsdfm sources; ("unknown", None) outside git.
 
-    dirty counts modified tracked files and untracked, not-ignored files (results/ is ignored)."""
+    dirty counts modified tracked files and untracked, not-ignored files, outside `results/`: what a study writes
+    there (reports are un-ignored so they can be committed) is output, not the code that made it, so a report
+    written by the last run must not make every later record "dirty"."""
     src = src or str(Path(__file__).resolve().parents[1])
 
     def git(*args: str) -> str:
@@ -37,7 +42,7 @@ def git_state(src: str | None = None) -> tuple[str, bool | None]:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     try:
-        dirty: bool | None = bool(git("status", "--porcelain"))
+        dirty: bool | None = bool(git("status", "--porcelain", "--", ".", f":(exclude){RESULTS_DIR}"))
     except (OSError, subprocess.SubprocessError):
         dirty = None
     return commit, dirty
@@ -137,4 +142,6 @@ def provenance() -> dict:
         # the GPU(s) the job was given (the local_gpus executor sets one per job; SLURM sets it too)
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "argv": list(sys.argv),
+        # how the torch thread count was chosen (--threads N, OMP_NUM_THREADS, or `auto: ...` by fsdfm run)
+        "threads_source": os.environ.get("FSDFM_THREADS_SOURCE"),
     }

@@ -31,7 +31,7 @@ from fsdfm.report.oracle import decomposition_table
 from fsdfm.report.oracle_figure import decomposition_figure
 from fsdfm.report.convergence import convergence_figure, convergence_frame
 from fsdfm.report.published import PUBLISHED
-from fsdfm.report.summary import DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
+from fsdfm.report.summary import EXTERNAL_RUN_KIND, DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
 from fsdfm.report.pairs import pairs_table
 from fsdfm.report.speedup import speedup_table
 from fsdfm.report.plotting import FigureResult
@@ -139,8 +139,17 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def _facts(study: Study) -> list[str]:
+    import pandas as pd
+
     runs = study.runs
-    lines = [f"results: `{study.path}`", f"runs: {len(runs)} finished of {study.n_planned} planned"]
+    # external rows (`fsdfm eval`) are scored files, not planned runs: counted apart (9c2f443: "11 of 9 planned")
+    is_ext = runs["kind"].eq(EXTERNAL_RUN_KIND) if "kind" in runs else pd.Series(False, index=runs.index)
+    n_ext = int(is_ext.sum())
+    lines = [
+        f"results: `{study.path}`",
+        f"runs: {len(runs) - n_ext} finished of {study.n_planned} planned"
+        + (f"; {n_ext} external sample file(s) scored by `fsdfm eval`" if n_ext else ""),
+    ]
     if len(runs):
         settings = runs.groupby(list(DEFAULT_BY), dropna=False).size()
         seeds = sorted(set(settings))
@@ -213,8 +222,10 @@ def _conventions(study: Study) -> list[str]:
         "(`fsdfm.metrics.texts`: each marker and its surrounding whitespace replaced by one space).",
         f"sampling precision: {', '.join(s['precision']) or 'not recorded'} (float32 categorical sampling lowers "
         "perplexity artificially).",
-        f"collapse flags: entropy_nats more than {ENTROPY_COLLAPSE_NATS} nats below the data row's (`low entropy`); "
-        f"rep_n above max({REP_COLLAPSE_FACTOR:g} × data, data + {REP_COLLAPSE_MARGIN:g}) (`high rep_n`).",
+        f"collapse flags: `collapsed` when entropy_nats is more than {ENTROPY_COLLAPSE_NATS} nats below the data row's "
+        f"(`low entropy`) or rep_n above max({REP_COLLAPSE_FACTOR:g} × data, data + {REP_COLLAPSE_MARGIN:g}) "
+        f"(`high rep_n`); `noisy` when entropy_nats is more than {ENTROPY_COLLAPSE_NATS} nats above the data row's "
+        "(near-uniform tokens: noise, not collapse). A flagged row is never marked best.",
         "sampling wall-clock: warm-up excluded, evaluator time excluded"
         + (
             ""

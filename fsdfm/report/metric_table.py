@@ -77,8 +77,12 @@ def _cell(v) -> str:
 
 
 def _flag_text(flags: dict) -> str:
-    words = [w for k, w in (("collapse_entropy", "low entropy"), ("collapse_rep", "high rep_n")) if flags.get(k)]
-    return ", ".join(words) if words else "no"
+    """ "collapsed: low entropy, high rep_n", "noisy: high entropy" (entropy above the data's), or "no"."""
+    collapsed = [w for k, w in (("collapse_entropy", "low entropy"), ("collapse_rep", "high rep_n")) if flags.get(k)]
+    parts = (["collapsed: " + ", ".join(collapsed)] if collapsed else []) + (
+        ["noisy: high entropy"] if flags.get("noise_entropy") else []
+    )
+    return "; ".join(parts) if parts else "no"
 
 
 def _mauve_n(runs: pd.DataFrame) -> pd.Series:
@@ -131,25 +135,22 @@ def metric_table(
     stats = {(_key(r[c] for c in by), r["metric"]): r for _, r in summary.iterrows()}  # (setting, metric) -> row
     keys = [_key(s) for s in settings.itertuples(index=False)]
     data_rows = [i for i, k in enumerate(keys) if k in data_keys]
-    data_means = {}
-    if data_rows:
-        data_means = {m: stats[(keys[data_rows[0]], m)]["mean"] for m in metrics if (keys[data_rows[0]], m) in stats}
+    data_means = {
+        m: stats[(keys[data_rows[0]], m)]["mean"] for m in metrics if data_rows and (keys[data_rows[0]], m) in stats
+    }
 
     columns, flag_col = _columns(by, metrics, flags, bool(data_rows), notes)
 
-    cells, numbers = _setting_rows(keys, settings, by, metrics, stats, data_rows, data_means, flag_col)
+    row_flags = _row_flags(runs, by, keys, data_rows)
+    flagged = {i for i, f in row_flags.items() if any(f.values())}  # shown, never marked best
+    cells, numbers = _setting_rows(keys, settings, by, metrics, stats, data_rows, row_flags, flag_col)
     bold = [[False] * len(columns) for _ in cells]
-    run_settings = runs[by].copy()
-    if "steps" in run_settings:  # as `summarize` keys them (8, not 8.0, when the data row's steps is missing)
-        run_settings["steps"] = pd.to_numeric(run_settings["steps"], errors="coerce").astype("Int64")
-    setting_of = [_key(r) for r in run_settings.itertuples(index=False)]
+    setting_of = _setting_of(runs, by)
     unreliable = _unreliable_mauve(runs, setting_of, keys, metrics, mauve_min_n)
-    marked = _mark(
-        runs, samples, setting_of, keys, metrics, stats, data_rows, data_means, unreliable, cells, bold, len(by) + 1
-    )
-    sections = []
-    if data_rows and len(cells) > len(data_rows):
-        sections.append(len(data_rows))
+    excluded = set(data_rows) | flagged
+    args = (runs, samples, setting_of, keys, metrics, stats, excluded, data_means, unreliable, cells, bold, len(by) + 1)
+    marked = _mark(*args)
+    sections = [len(data_rows)] if data_rows and len(cells) > len(data_rows) else []
     if pub:
         sections.append(len(cells))
         _add_published(pub, by, metrics, flag_col, cells, bold, numbers, notes, len(columns))
@@ -165,6 +166,14 @@ def metric_table(
         numbers=pd.DataFrame(numbers).convert_dtypes(),
         n_label_columns=len(by),
     )
+
+
+def _setting_of(runs: pd.DataFrame, by: list) -> list:
+    """Each run's setting key, as `summarize` keys them (8, not 8.0, when the data row's steps is missing)."""
+    run_settings = runs[by].copy()
+    if "steps" in run_settings:
+        run_settings["steps"] = pd.to_numeric(run_settings["steps"], errors="coerce").astype("Int64")
+    return [_key(r) for r in run_settings.itertuples(index=False)]
 
 
 def _unreliable_mauve(runs: pd.DataFrame, setting_of: list, keys: list, metrics: list, mauve_min_n: int) -> dict:
@@ -190,10 +199,22 @@ def _columns(by: list, metrics: list, flags: bool, has_data: bool, notes: list) 
     return columns, flag_col
 
 
-def _setting_rows(keys, settings, by, metrics, stats, data_rows, data_means, flag_col) -> tuple[list, list]:
-    """(the shown cells, the numbers) of each setting's row: n, "mean ± std" per metric, the collapse flags."""
+def _row_flags(runs: pd.DataFrame, by: list, keys: list, data_rows: list) -> dict[int, dict]:
+    """{row: collapse_flags} of each setting row against the data row, from entropy_nats and rep_n whether or not
+    the table shows them: a flagged (collapsed or noisy) row is never marked best. {} without a data row."""
     from fsdfm.metrics import collapse_flags  # heavy: fsdfm.metrics imports torch (the report is torch-free else)
 
+    if not data_rows:
+        return {}
+    means: dict = {}
+    for _, r in summarize(runs, by, present(runs, ("entropy_nats", "rep_n"))).iterrows():
+        means.setdefault(_key(r[c] for c in by), {})[r["metric"]] = r["mean"]
+    data = means.get(keys[data_rows[0]], {})
+    return {i: collapse_flags(means.get(k, {}), data) for i, k in enumerate(keys) if i not in data_rows}
+
+
+def _setting_rows(keys, settings, by, metrics, stats, data_rows, row_flags, flag_col) -> tuple[list, list]:
+    """(the shown cells, the numbers) of each setting's row: n, "mean ± std" per metric, the collapse flags."""
     cells, numbers = [], []
     for i, key in enumerate(keys):
         row_stats = {m: stats.get((key, m)) for m in metrics}
@@ -210,14 +231,13 @@ def _setting_rows(keys, settings, by, metrics, stats, data_rows, data_means, fla
             div, unit = display_unit(m)
             row.append(fmt_mean_std(s["mean"] / div, s["std"] / div, int(s["n"]), unit))
             num.update({f"{m}_mean": s["mean"], f"{m}_std": s["std"], f"{m}_ci95": s["ci95"], f"{m}_n": int(s["n"])})
+        fl = row_flags.get(i, {})
         if flag_col:
             if i in data_rows:
                 row.append(DASH)
             elif not data_rows:
                 row.append("n/a")
             else:
-                means = {m: s["mean"] for m, s in row_stats.items() if s is not None}
-                fl = collapse_flags(means, data_means)
                 row.append(_flag_text(fl))
                 num.update(fl)
         cells.append(row)
@@ -294,7 +314,7 @@ def _marks_note(stats: dict, marked: dict, metrics: list, unreliable: dict, mauv
     )
     out = [
         f"{head}; bold: best in its column, only where its difference from the runner-up is significant "
-        f"(Welch t-test, p < {significance.ALPHA:g}; data and published rows excluded); "
+        f"(Welch t-test, p < {significance.ALPHA:g}; data, published and flagged rows excluded); "
         f"{TIE}: tied with the best (difference not significant)"
     ]
     if marked["seeds"]:

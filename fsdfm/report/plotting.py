@@ -21,7 +21,6 @@ _RULE_MARKERS = ("o", "s", "^", "D")
 # The metrics of the step-sweep and ablation figures and their axis labels are the registry's (views "sweep"
 # and "ablation"; `MetricInfo.label`), read when a figure is drawn. The direction is said in words because an
 # arrow glyph in a rotated y label reads as pointing sideways.
-_BETTER = {"min": "lower is better", "max": "higher is better"}
 
 
 class SkipFigure(Exception):
@@ -51,10 +50,11 @@ class FigureResult:
 
 # ------------------------------------------------------------------------------------------------ helpers
 def axis_label(metric: str, direction: bool = True) -> str:
-    """Axis label with the unit and, for metrics with a direction, "(lower/higher is better)"."""
+    """Axis label with the unit and the metric's goal (`MetricInfo.better`: "(lower is better)", "(closest to the
+    data is better)" for entropy, distinct-n, self-BLEU and rep-n, as the tables rank them)."""
     info = metric_info(metric)  # sampling_wall_s reads wall_s's entry
     text = info.label or (f"{metric} ({info.unit})" if info.unit else metric)
-    better = _BETTER.get(info.direction) if direction else None
+    better = info.better if direction else None
     return f"{text}\n({better})" if better else text
 
 
@@ -178,9 +178,29 @@ def _legend_outside(fig, axes, where: str = "right") -> None:
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)
-    if handles:
-        loc, ncols = ("outside right center", 1) if where == "right" else ("outside lower center", 2)
-        fig.legend([handles[lab] for lab in labels], labels, loc=loc, ncols=ncols, frameon=False)
+    if not handles:
+        return
+    # below the axes: two columns only when the labels are short enough to sit side by side
+    two = where != "right" and max(map(len, labels)) <= 40
+    loc, ncols = ("outside right center", 1) if where == "right" else ("outside lower center", 2 if two else 1)
+    legend = fig.legend([handles[lab] for lab in labels], labels, loc=loc, ncols=ncols, frameon=False)
+    fit_legend(fig, legend)
+
+
+def fit_legend(fig, legend) -> None:
+    """Widen (and heighten) the figure until the legend lies inside it: constrained layout places an outside
+    legend but never grows the figure, so long labels were cut at the edges (the claims frontier figure)."""
+    for _ in range(3):
+        fig.canvas.draw()
+        box, page = legend.get_window_extent(), fig.bbox
+        over_w = max(0.0, page.x0 - box.x0) + max(0.0, box.x1 - page.x1)
+        over_h = max(0.0, page.y0 - box.y0) + max(0.0, box.y1 - page.y1)
+        if over_w <= 0.5 and over_h <= 0.5:
+            return
+        fig.set_size_inches(
+            fig.get_figwidth() + (over_w + 12) / fig.dpi * (over_w > 0.5),
+            fig.get_figheight() + (over_h + 12) / fig.dpi * (over_h > 0.5),
+        )
 
 
 def _n_text(ns) -> str:

@@ -72,7 +72,7 @@ def per_sample_values(samples: pd.DataFrame, metric: str) -> np.ndarray | None:
 def is_data_target(metric: str) -> bool:
     """Whether the metric's target is the data's value rather than a direction (its registry entry's
     `target="data"`: more diversity than the data is not better)."""
-    return metric in METRICS and METRICS.get(metric).target == "data"
+    return metric in METRICS and METRICS.get(metric).goal == "data"
 
 
 def score(metric: str, x: np.ndarray, data_mean: float | None) -> np.ndarray | None:

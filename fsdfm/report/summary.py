@@ -28,6 +28,7 @@ from fsdfm.metrics.registry import METRICS, MetricInfo
 DEFAULT_BY = ("label", "rule", "steps")
 DATA_KIND = "data"
 DATA_LABEL = "data (held-out)"
+EXTERNAL_RUN_KIND = "external"  # the `kind` of a run scored by `fsdfm eval` (fsdfm.external's RunSpec params)
 POS_KIND = "pos_divergence"
 SAMPLING_WALL_S = "sampling_wall_s"  # derived column: see `sampling_wall_s`
 # run-parameter columns every run has (the rest of a run's parameters are grid keys)
@@ -288,7 +289,7 @@ def load_study(study_dir: str | Path) -> Study:
         grid_keys=tuple(grid),
         seed_keys=tuple(seeds),
         ablation_keys=tuple(ablated),
-        n_planned=len(plan.get("runs", [])),
+        n_planned=sum((r.get("params") or {}).get("kind") != EXTERNAL_RUN_KIND for r in plan.get("runs", [])),
         wall_s_source=wall_col,
         samples=samples,
         notes=tuple(str(w.message) for w in caught),

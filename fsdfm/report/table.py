@@ -10,13 +10,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-import fsdfm.report.significance as significance
 from fsdfm.report.summary import metric_info
 
 DASH = "—"
 # display scaling by unit: (divisor, unit shown in the header)
 _SCALE = {"bytes": (2.0**20, "MiB")}
-_ARROW = {"min": "↓", "max": "↑", None: ""}
+_ARROW = {"min": "↓", "max": "↑", "data": "→ data", None: ""}  # by MetricInfo.goal
 TIE = "≈"
 UNRELIABLE = "†"
 MAUVE_MIN_N = 256
@@ -61,7 +60,7 @@ def header(metric: str) -> str:
     target is the data row's value)."""
     shown = display_unit(metric)[1]
     unit = f" ({shown})" if shown in ("MiB", "s", "tok/s", "nats/token") else ""
-    arrow = "→ data" if significance.is_data_target(metric) else _ARROW[metric_info(metric).direction]
+    arrow = _ARROW[metric_info(metric).goal]
     return f"{metric}{unit} {arrow}".rstrip()
 
 

@@ -30,6 +30,7 @@ from fsdfm.report.metric_table import _cell, _key, _order, best_rows, metric_tab
 from fsdfm.report.summary import (
     DATA_KIND,
     DEFAULT_BY,
+    EXTERNAL_RUN_KIND,
     POS_KIND,
     SAMPLING_WALL_S,
     Study,
@@ -94,15 +95,60 @@ def main_table(study: Study, published: Sequence[str] = (), metrics: Sequence[st
     )
 
 
+LOADED = "‡"
+LOAD_LIMIT = 1.0  # load average per usable core above which a timing competed for the cores
+
+
 def cost_table(study: Study) -> Table:
-    """Sampling cost by method and step budget (no data row): NFE, sampling wall-clock, throughput, memory."""
-    return metric_table(
+    """Sampling cost by method and step budget (no data row): NFE, sampling wall-clock, throughput, memory.
+    Timings taken under load (the sample stage's `load_per_core` > LOAD_LIMIT) are marked ‡ and never bold."""
+    t = metric_table(
         study.models,
         cost_metrics(),
         name="table_cost",
         flags=False,
         title=f"{study.name}: sampling cost (evaluator time excluded)",
     )
+    return mark_loaded(t, study.models)
+
+
+def mark_loaded(t: Table, runs: pd.DataFrame) -> Table:
+    """`t` with ‡ on the time columns of each setting whose runs were timed at load_per_core > LOAD_LIMIT (the
+    worst run counts), and a note; 9c2f443 showed the same network's 8 steps at 8.33 s and 2.44 s with nothing
+    saying that load made the difference."""
+    if t.empty or "load_per_core" not in runs or "label" not in t.numbers:
+        return t
+    load = pd.to_numeric(runs["load_per_core"], errors="coerce")
+    by = [c for c in DEFAULT_BY if c in runs]
+
+    def norm(v) -> str:  # one spelling of a setting's key in the run table and in the table's numbers
+        if v is None or (not isinstance(v, str) and pd.isna(v)):
+            return ""
+        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+    keys = pd.Series(["|".join(norm(v) for v in r) for r in runs[by].itertuples(index=False)], index=runs.index)
+    worst = load.groupby(keys).max()
+    time_cols = [i for i, c in enumerate(t.columns) if c.startswith(("sampling_wall_s", "tokens_per_s"))]
+    cells, bold, hit = [list(r) for r in t.cells], [list(b) for b in t.bold], []
+    nums = t.numbers
+    for i in range(len(cells)):
+        key = "|".join(norm(nums.iloc[i][c]) if c in nums else "" for c in by)
+        w = worst.get(key)
+        if w is not None and w == w and w > LOAD_LIMIT:
+            hit.append(float(w))
+            for j in time_cols:
+                cells[i][j] += f" {LOADED}"
+                bold[i][j] = False
+    if not hit:
+        return t
+    note = (
+        f"{LOADED} timed under load: load average up to {max(hit):.1f} per usable core (> {LOAD_LIMIT:g}); the "
+        "wall-clock includes waiting for cores other jobs held (compare cpu_s in the run table), so it is not the "
+        "method's own and is never marked best"
+    )
+    import dataclasses
+
+    return dataclasses.replace(t, cells=tuple(map(tuple, cells)), bold=tuple(map(tuple, bold)), notes=(*t.notes, note))
 
 
 def pos_divergence_table(study: Study) -> Table:
@@ -166,6 +212,7 @@ def ablation_kinds(study: Study) -> dict[str, list[str]]:
     m = study.models
     if m.empty or "kind" not in m:
         return {}
+    m = m[m["kind"] != EXTERNAL_RUN_KIND]  # scored files from elsewhere are rows, not variants of one method
     out = {k: list(dict.fromkeys(g["label"])) for k, g in m.groupby("kind", sort=False)}
     return {k: v for k, v in out.items() if len(v) > 1}
 

@@ -166,15 +166,41 @@ class ResolvedSpec:
     cells: list
 
 
-def _culprit(raw: dict, overrides: dict, file: str, checks: tuple) -> str | None:
+_PAIR_ERROR = re.compile(r"report\.pairs\[(\d+)\]: ")
+
+
+def _drop_stale_pairs(resolved: dict, file: str, spec_dir: str | Path | None, checks: tuple) -> dict:
+    """The spec with the `report.pairs` entries that the overrides made point at nothing (a method, rule or step
+    budget no longer sampled) removed, each with a warning: a report-only section never blocks a plan. The spec
+    file's own pairs are still checked strictly when it is loaded without overrides (a typo is an error)."""
+    report = resolved.get("report")
+    if not isinstance(report, dict) or not isinstance(report.get("pairs"), list) or not report["pairs"]:
+        return resolved
+    import warnings
+
+    out = copy.deepcopy(resolved)
+    for _ in range(len(report["pairs"])):
+        try:
+            expand(out, file, check_files=False, spec_dir=spec_dir, checks=checks)
+            return out
+        except SpecError as e:
+            m = _PAIR_ERROR.search(str(e))
+            if m is None:
+                return out  # not a pair's error: expand() reports it with its culprit
+            i = int(m.group(1))
+            pair = out["report"]["pairs"].pop(i)
+            why = str(e)[m.end() :]
+            warnings.warn(f"{file}: report.pairs[{i}] {pair} dropped after the overrides: {why}", stacklevel=2)
+    return out
+
+
+def _culprit(raw: dict, overrides: dict, file: str, spec_dir: str | Path | None, checks: tuple) -> str | None:
     """The key of the first override after which the spec no longer builds (None: it fails without any)."""
     applied: dict[str, Any] = {}
     for key, value in overrides.items():
         applied[key] = value
         try:
-            expand(
-                apply_overrides(raw, applied, file), file, check_files=False, spec_dir=Path(file).parent, checks=checks
-            )
+            expand(apply_overrides(raw, applied, file), file, check_files=False, spec_dir=spec_dir, checks=checks)
         except SpecError:
             return key
     return None
@@ -188,11 +214,28 @@ def load(
     check_files: bool = True,
     checks: tuple = (),
 ) -> ResolvedSpec:
-    """Read `path`, apply --limit then `overrides`, validate and expand it (`expand`).
+    """Read `path`, apply --limit then `overrides`, validate and expand it (`resolve`): `fsdfm run SPEC OVERRIDES
+    --limit N`. An error caused by an override names it: "SPEC: override KEY=VALUE: ..."."""
+    return resolve(read_yaml(path), str(path), Path(str(path)).parent, overrides, limit, cache_dir, check_files, checks)
 
-    An error caused by an override names it: "SPEC: override KEY=VALUE: ..."."""
-    file = str(path)
-    raw = read_yaml(path)
+
+def resolve(
+    raw: Mapping[str, Any],
+    file: str,
+    spec_dir: str | Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+    check_files: bool = True,
+    checks: tuple = (),
+) -> ResolvedSpec:
+    """A spec mapping (read from `file`; relative paths against `spec_dir`, None: as given) with --limit then
+    `overrides` applied, validated and expanded, and its study name (`study_name`): the one naming rule of the
+    command line and of `fsdfm.run_study`, so both put the same study in the same folder."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{file}: a spec must be a mapping at the top level, got {type(raw).__name__}")
+    raw = dict(raw)
+    expanded_size(raw, file)
     overrides = dict(overrides or {})
     merged: dict[str, Any] = {}
     if limit is not None:
@@ -201,11 +244,13 @@ def load(
     merged.update(overrides)
     resolved = apply_overrides(raw, merged, file)
     try:
+        if merged:
+            resolved = _drop_stale_pairs(resolved, file, spec_dir, checks)
         spec, cells = expand(
-            resolved, file, cache_dir=cache_dir, check_files=check_files, spec_dir=Path(file).parent, checks=checks
+            resolved, file, cache_dir=cache_dir, check_files=check_files, spec_dir=spec_dir, checks=checks
         )
     except SpecError as e:
-        culprit = _culprit(raw, merged, file, checks) if merged else None
+        culprit = _culprit(raw, merged, file, spec_dir, checks) if merged else None
         if culprit is None:
             raise
         msg = str(e)
