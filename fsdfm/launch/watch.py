@@ -217,8 +217,10 @@ def _log_note(d: Path) -> str:
 def _died(d: Path, holder, state: str | None) -> str | None:
     """Why the stage in `d` counts as failed although it wrote no error.json: its attempt's running.json is
     still there and the process that wrote it is gone (kill -9, an abort in native code, the OOM killer), and no
-    scheduler job of it is still queued or running (a requeued SLURM attempt is pending, not failed). None else."""
-    if state in SLURM_ACTIVE:
+    scheduler job of it is still queued or running (a requeued SLURM attempt is pending, not failed). None else,
+    and None when the scheduler knows how the job ended (CANCELLED, TIMEOUT, ...): `_ended_job` names that state,
+    which says more than "died"."""
+    if state in SLURM_ACTIVE or (state is not None and state != "UNKNOWN"):
         return None
     try:
         run = read_json(d / RUNNING)
