@@ -534,7 +534,7 @@ def released_study(tmp_path_factory):
     raw["methods"]["dfm_released"]["checkpoint"]["path"] = str(tmp / "dfm.pth")
     raw["methods"]["fsdfm_released"]["checkpoint"]["path"] = str(tmp / "fs_dfm.pth")
     for m in raw["methods"].values():
-        m["steps"] = TINY_V_BUDGETS
+        m["budgets"] = TINY_V_BUDGETS
     raw["metrics"]["pos_divergence"] = {
         "n_states": 2,
         "n_rollouts": 2,

@@ -41,7 +41,9 @@ class Provenance(TypedDict):
     pid: int  # the process that ran the stage
     slurm_job_id: Optional[str]  # "<job>" or "<array>_<task>"; None outside SLURM
     job_id: Optional[str]  # the SLURM job id, else submitit's local job id, else None (in-process)
+    cuda_visible_devices: Optional[str]  # the GPU(s) the job was given (local_gpus sets one per job; SLURM too)
     argv: list  # sys.argv of that process
+    threads_source: Optional[str]  # how the torch thread count was chosen (--threads, OMP_NUM_THREADS, auto: ...)
     device: str  # "cuda:<GPU name>" or "cpu" (`fsdfm.records.provenance.device_name`)
     torch_threads: Optional[int]  # torch's intra-op threads (None: the stage never imported torch)
     malloc_tuned: Optional[bool]  # whether glibc malloc was tuned (`fsdfm.launch.runtime.tune_malloc`)
@@ -49,6 +51,7 @@ class Provenance(TypedDict):
     start_time: str  # ISO 8601 UTC, milliseconds
     end_time: str  # ISO 8601 UTC, milliseconds
     wall_s: float  # seconds from the stage function's call to its return (hashing artefacts included)
+    cpu_s: float  # process CPU seconds over the same span (under load wall_s grows, cpu_s does not)
     attempt: int  # 1 for the first attempt of this stage folder, +1 per retry/requeue (.attempts)
 
 
