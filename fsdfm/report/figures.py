@@ -35,6 +35,7 @@ from fsdfm.registry import Registry
 from fsdfm.report.plotting import (
     _RULE_MARKERS,
     _RULE_STYLES,
+    _plot_series,
     Drawn,
     FigureResult,
     SkipFigure,
@@ -91,18 +92,8 @@ def step_sweep(study: Study, metrics: tuple | None = None) -> list[Drawn]:
                 y = sel["mean"].to_numpy()
                 sd = sel["ci95"].fillna(0).to_numpy()  # 95% CI half-width (0 for one seed: no band)
                 ns += list(sel["n"])
-                k = rules.index(rule)
-                ax.plot(
-                    x,
-                    y,
-                    color=colors[label],
-                    ls=_RULE_STYLES[k % 4],
-                    marker=_RULE_MARKERS[k % 4],
-                    ms=4,
-                    label=_series_key(label, rule),
-                )
-                if (sel["n"] > 1).any():
-                    ax.fill_between(x, y - sd, y + sd, color=colors[label], alpha=0.18, lw=0)
+                band = bool((sel["n"] > 1).any())
+                _plot_series(ax, x, y, sd, band, colors[label], rules.index(rule), _series_key(label, rule))
             ref = _data_mean(study, m)
             if ref is not None:
                 ax.axhline(ref, color="black", ls="--", lw=1.2, label=DATA_LABEL)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from fsdfm.metrics.registry import shown
 from fsdfm.report.plotting import (
-    _RULE_MARKERS,
-    _RULE_STYLES,
+    _plot_series,
     Drawn,
     SkipFigure,
     _data_mean,
@@ -64,18 +63,8 @@ def quality_vs_nfe(study: Study, metrics: tuple | None = None) -> list[Drawn]:
                 x, y = sel["nfe"].to_numpy(float), sel["mean"].to_numpy(float)
                 half = [ci95_half_width(s, int(n)) if n > 1 else 0.0 for s, n in zip(sel["std"], sel["n"])]
                 ns += [int(n) for n in sel["n"]]
-                k = rules.index(rule)
-                ax.plot(
-                    x,
-                    y,
-                    color=colors[label],
-                    ls=_RULE_STYLES[k % 4],
-                    marker=_RULE_MARKERS[k % 4],
-                    ms=4,
-                    label=_series_key(label, rule),
-                )
-                if (sel["n"] > 1).any():
-                    ax.fill_between(x, y - half, y + half, color=colors[label], alpha=0.18, lw=0)
+                band = bool((sel["n"] > 1).any())
+                _plot_series(ax, x, y, half, band, colors[label], rules.index(rule), _series_key(label, rule))
             ref = _data_mean(study, m)
             if ref is not None:
                 ax.axhline(ref, color="black", ls="--", lw=1.2, label=DATA_LABEL)

@@ -125,6 +125,14 @@ def _shade(color, k: int, n: int):
     return tuple(a * c + (1 - a) for c in color[:3])
 
 
+def _plot_series(ax, x, y, half, with_band: bool, color, k: int, key: str) -> None:
+    """One (method, rule) series: a line in the rule's style and marker, and its 95% CI band when `with_band`
+    (more than one seed: with one there is no spread to show)."""
+    ax.plot(x, y, color=color, ls=_RULE_STYLES[k % 4], marker=_RULE_MARKERS[k % 4], ms=4, label=key)
+    if with_band:
+        ax.fill_between(x, y - half, y + half, color=color, alpha=0.18, lw=0)
+
+
 def _steps_text(n) -> str:
     return f"{int(n)} step" + ("" if int(n) == 1 else "s")
 
