@@ -82,3 +82,23 @@ def test_the_curriculum_temperature_schedule():
     assert cfg.tau(6, 10) is None
     with pytest.raises(ValueError, match="curriculum_start"):
         DuoConfig(curriculum_start=0.7, curriculum_end=0.6)
+
+
+def test_the_ancestral_step_is_the_posterior_mixture_of_the_exact_conditionals():
+    # q(x_s = v | x_t = z) = sum_u p(u) q(x_s = v | x_t = z, x_1 = u), each conditional by Bayes on the uniform-state
+    # kernels q(x_s | x_1) = kappa_s 1(. = u) + (1 - kappa_s) / V and q(x_t | x_s) = rho 1(. = x_s) + (1 - rho) / V
+    V, kt, ks, z = 4, 0.3, 0.7, 2
+    p = torch.tensor([0.1, 0.5, 0.15, 0.25], dtype=torch.float64)
+    rho = kt / ks
+    want = torch.zeros(V, dtype=torch.float64)
+    for u in range(V):
+        cond = torch.tensor(
+            [(rho * (v == z) + (1 - rho) / V) * (ks * (v == u) + (1 - ks) / V) for v in range(V)], dtype=torch.float64
+        )
+        want += p[u] * cond / cond.sum()
+    n = 200_000
+    x = torch.full((n, 1), z)
+    out = ancestral_step(x, p.expand(n, 1, V), kt, ks, torch.Generator().manual_seed(3))
+    counts = torch.bincount(out.flatten(), minlength=V).double()
+    chi2 = ((counts - n * want) ** 2 / (n * want)).sum().item()
+    assert chi2 < 16.27  # chi-square, 3 degrees of freedom, p = 0.001

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Callable
 
 from fsdfm.fingerprint import with_fingerprint
+from fsdfm.methods.common import SAMPLERS
 from fsdfm.registry import Registry
 from fsdfm.samplers import RULE_KINDS, rule_applies, rules_for
 from fsdfm.study.graph import RunSpec, Stage, StudyPlan
@@ -244,6 +245,9 @@ def _plan_samples(
                 **forward_precision_key(spec.sampling.forward_precision),
                 # only set knobs (fsdfm.sampling.knobs): a method without knobs keeps its stage ids
                 **({"knobs": dict(sorted(m.knobs.items()))} if m.knobs else {}),
+                # a sampler's declared version (`fn.version`), only once it is past "1": a changed draw reruns
+                # the samples of the kinds that use it and no other stage
+                **({"sampler_version": v} if (v := getattr(SAMPLERS.get(kind.sampler), "version", "1")) != "1" else {}),
             }
             sample = p.add(Stage("sample", cfg, {"model": model.id}))
             ev_stage = p.add(Stage("evaluate", eval_cfg, {"samples": sample.id, **ev_inputs}))

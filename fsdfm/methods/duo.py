@@ -5,6 +5,9 @@ Registers on itself: its settings (`distill:` builds `DuoSettings`: the curricul
 temperatures), its planning (one train_duo stage), the stage `train_duo` and the sampler "duo" with two rules:
 "ancestral" (the authors' plug-in posterior at every step) and "greedy_tail" (the same, the last step taking the
 argmax of the denoiser; kept local to this kind: it is the authors' noise_removal=greedy without its extra forward).
+Kind "exact_duo" (oracle data only) is the exact denoiser of the source on Duo's path, sampled by this sampler: its
+oracle_nll at N is the ancestral (or greedy-tail) sampler's own error at N, the reference of the oracle
+decomposition for Duo and its DCD students (the `exact` kind plays that part for the mixture-path rules).
 The path is fixed: uniform source, kappa(t) = t (the authors' log-linear alpha_t = 1 - t), so a duo method takes no
 source/scheduler/loss keys.
 """
@@ -36,6 +39,7 @@ from fsdfm.methods.common import (
     path_from_config,
     train_metrics,
 )
+from fsdfm.methods.exact_teacher import is_exact, load_exact
 from fsdfm.model import DiT
 from fsdfm.samplers import SampleOutput, time_grid
 from fsdfm.study.graph import Stage, stage_kind
@@ -59,7 +63,13 @@ def plan_duo(p: Planner, name: str, m: MethodSpec) -> Stage:
     return p.add(Stage("train_duo", config))
 
 
+def plan_exact_duo(p: Planner, name: str, m: MethodSpec) -> Stage:
+    """The exact posterior of the oracle source on Duo's fixed path (the exact kind's stage: nothing trained)."""
+    return p.add(Stage("exact_posterior", {"data": p.data, **DUO_PATH}))
+
+
 register_kind(MethodKind("duo", "duo", DUO_RULES, plan_duo, settings_key="distill", settings_cls=DuoSettings))
+register_kind(MethodKind("exact_duo", "duo", DUO_RULES, plan_exact_duo, oracle_only=True))
 
 
 @stage_kind(
@@ -97,19 +107,25 @@ def train_duo(config: dict, inputs: dict, out_dir: Path) -> dict:
 
 @SAMPLERS.register("duo")
 def sample_duo(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
-    """Uniform-state ancestral sampling on a uniform grid of cfg["steps"]; one counted forward per step."""
-    m = load_dit(model_dir, dev)
-    net = RowCounter(m.model)
+    """Uniform-state ancestral sampling on a uniform grid of cfg["steps"]; one counted forward per step. The model
+    is the trained DiT, or the exact posterior for an exact_duo method (float64 log-probabilities as logits)."""
+    if is_exact(model_dir):
+        exact = load_exact(model_dir, cfg["data"])
+        model, path = exact, exact.path
+    else:
+        m = load_dit(model_dir, dev)
+        model, path = m.model, m.path
+    net = RowCounter(model)
     greedy_tail = cfg["rule"] == "greedy_tail"
 
     @torch.no_grad()
     def run(n, steps, gen):
         grid = time_grid(steps, t_end=cfg["t_end"], device=dev)
-        kappa = m.path.scheduler.kappa(grid).tolist()
+        kappa = path.scheduler.kappa(grid).tolist()
         chunks, wall = [], 0.0
         for start in range(0, n, cfg["batch_size"]):
             b = min(cfg["batch_size"], n - start)
-            x = m.path.source.sample((b, corpus.seq_len), generator=gen, device=dev)
+            x = path.source.sample((b, corpus.seq_len), generator=gen, device=dev)
             t0 = time.perf_counter()
             for i in range(steps):
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=forward_autocast(cfg)):
@@ -124,3 +140,8 @@ def sample_duo(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     run(min(cfg["batch_size"], cfg["n_samples"]), 1, torch.Generator(dev).manual_seed(0))  # warm-up
     net.reset()
     return Draw(lambda gen: run(cfg["n_samples"], cfg["steps"], gen), net)
+
+
+# 2: the posterior is reweighted by 1 / q(x_t | x_1) before the authors' plug-in formula (fsdfm.duo), which makes
+# the step exact for a cross-entropy-trained denoiser; enters the sample stages' ids (fsdfm.methods.base)
+sample_duo.version = "2"

@@ -33,6 +33,7 @@ from fsdfm.report.summary import DATA_KIND, POS_KIND, Study
 from fsdfm.report.table import DASH, Table, fmt_mean_std, fmt_number
 
 EXACT_KIND = "exact"
+EXACT_STAGE = "exact_posterior"
 JOINT_KIND = "exact_joint"  # the exact joint sampler (fsdfm.oracle_joint): its CE excess is its own oracle_nll - H_L
 VERDICT_STEPS = 8
 
@@ -81,6 +82,12 @@ def annotated_runs(study: Study) -> pd.DataFrame:
     runs = runs[~runs["kind"].isin([DATA_KIND, POS_KIND])].copy()
     runs["model_stage"] = [model_stage(study.plan, s) for s in runs["stage_id"]]
     runs["path"] = [path_key(study.plan, s) for s in runs["model_stage"]]
+    # every method sampling the exact posterior (kind exact, or a kind with its own sampler on the same stage, such
+    # as exact_duo) is an exact row of the decomposition; the joint sampler keeps its own kind
+    posterior = pd.Series(
+        [(study.plan["stages"].get(s) or {}).get("kind") == EXACT_STAGE for s in runs["model_stage"]], index=runs.index
+    )
+    runs.loc[posterior & (runs["kind"] != JOINT_KIND), "kind"] = EXACT_KIND
     cache: dict = {}
     runs["posterior_kl"] = [
         cache.setdefault(s, _training_metric(study, s, "posterior_kl")) for s in runs["model_stage"]
@@ -119,6 +126,17 @@ def decomposition_frame(study: Study) -> pd.DataFrame:
             ["path", "_rule", "_knobs", "steps"], dropna=False
         )
     }
+    # A kind whose path is fixed in its code (duo, dcd) records no source/scheduler in its stage config: its runs
+    # have no path key and are matched with the exact runs of the same sampler when exactly one path has them
+    # (the exact_duo kind's ancestral / greedy_tail runs).
+    paths_by_sampler: dict = {}
+    for p, r, k, s in exact:
+        paths_by_sampler.setdefault((r, k, s), set()).add(p)
+    fixed = runs["path"].isna()
+    runs.loc[fixed, "path"] = [
+        next(iter(ps)) if len(ps := paths_by_sampler.get((r, k, int(s)), set())) == 1 else None
+        for r, k, s in zip(runs.loc[fixed, "_rule"], runs.loc[fixed, "_knobs"], runs.loc[fixed, "steps"])
+    ]
     se = mc_standard_errors(study)
     rows = []
     for (p, label, rule, steps), g in runs.groupby(["path", "label", "rule", "steps"], dropna=False, sort=False):

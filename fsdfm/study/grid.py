@@ -96,5 +96,21 @@ def cell_raw(raw: dict, cell: dict, file: str) -> dict:
         match = ov.get("match") or {}
         if all(cell.get(k) == v for k, v in match.items()):
             for key, value in ov["set"].items():
-                set_dotted(out, key, value, file)
+                if value is None and key.startswith("methods.") and key.count(".") == 1:
+                    drop_method(out, key.split(".", 1)[1], f"{file}: overrides[{i}].set.{key}")
+                else:
+                    set_dotted(out, key, value, file)
     return out
+
+
+def drop_method(raw: dict, name: str, where: str) -> None:
+    """`set: {methods.NAME: null}` in a cell override: the method is not part of the matching cells (e.g. an
+    oracle-only method in a grid over oracle and text data). Its `base:` children must be dropped too."""
+    methods = raw.get("methods")
+    if not isinstance(methods, dict) or name not in methods:
+        known = list(methods) if isinstance(methods, dict) else []
+        raise SpecError(f"{where}: unknown method {name!r}{did_you_mean(name, known)}")
+    del methods[name]
+    children = [m for m, v in methods.items() if isinstance(v, dict) and v.get("base") == name]
+    if children:
+        raise SpecError(f"{where}: methods {', '.join(children)} use {name!r} as base; drop them too")
