@@ -226,3 +226,19 @@ def test_nothing_else_in_fsdfm_names_the_kind():
         assert '"naive"' not in text and "'naive'" not in text, f"{rel} names the kind naive"
     out = subprocess.run([sys.executable, "-m", "fsdfm.cli", "ls", "methods"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "naive" in out.stdout
+
+
+def test_sanity_rows_are_not_an_ablation_of_their_kind():
+    from types import SimpleNamespace
+
+    from fsdfm.report.tables import ablation_kinds
+
+    models = pd.DataFrame(
+        [
+            {"label": "naive: unigram", "kind": "naive", "sanity": True},
+            {"label": "naive: copy_ngram", "kind": "naive", "sanity": True},
+            {"label": "DFM", "kind": "dfm"},
+            {"label": "DFM / T 0.5", "kind": "dfm"},
+        ]
+    )
+    assert ablation_kinds(SimpleNamespace(models=models)) == {"dfm": ["DFM", "DFM / T 0.5"]}
