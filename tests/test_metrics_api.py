@@ -57,6 +57,7 @@ ALL_NAMES = [
     "gen_ppl_raw",
     "gen_ppl_first_scored",
     "gen_ppl_short_ctx",
+    "train_copy",
 ]
 
 

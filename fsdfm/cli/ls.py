@@ -52,12 +52,14 @@ def _rules() -> list[Entry]:
     from fsdfm.samplers import RULE_KINDS, UPDATE_ALIASES, UPDATE_RULES, get_rule  # heavy: torch
 
     UPDATE_RULES.discover()  # rule modules and plugins registered before RULE_KINDS is read
-    # the kinds that sample the mixture path (a kind with a loop of its own may reuse a name, e.g. FLM's euler)
-    kinds = {k: METHOD_KINDS.get(k).rules for k in METHOD_KINDS if isinstance(METHOD_KINDS.get(k).rules, MixtureRules)}
+    # the kinds that sample the mixture path (a kind with a loop of its own may reuse a name, e.g. FLM's euler), and
+    # a kind with its own sampler that claims a rule registered for it by name (`register_rule(..., kinds=(kind,))`)
+    kinds = {k: METHOD_KINDS.get(k).rules for k in METHOD_KINDS}
     out = []
     for n in RULE_KINDS:
         about = f"alias of {UPDATE_ALIASES[n]}" if n in UPDATE_ALIASES else _first_line(get_rule(n))
-        takers = [k for k, rules in kinds.items() if n in rules]
+        named = RULE_KINDS[n] or ()
+        takers = [k for k, rules in kinds.items() if n in rules and (isinstance(rules, MixtureRules) or k in named)]
         out.append(Entry(n, f"{about} [kinds: {', '.join(takers) or 'none'}]"))
     return out
 

@@ -61,6 +61,8 @@ class MethodKind:
     plans_from_checkpoint: the model is read, not trained (shown in messages; a `checkpoint:` section is an error
         for every other kind).
     validate: extra checks (spec, method name, MethodSpec, file) -> None, e.g. FS-DFM's teacher-exact shortcut.
+    sanity: a model-free sanity baseline (e.g. a sampler that copies training text): its runs carry
+        `sanity: True`, and the report shows them, labelled, and never marks them best.
     """
 
     name: str
@@ -79,6 +81,7 @@ class MethodKind:
     validate: Callable | None = None
     # the pos_divergence diagnostic applies (a DFM-family sampler and a DiT teacher to compare with)
     pos_divergence: bool = False
+    sanity: bool = False
 
 
 class MixtureRules(Sequence):
@@ -253,7 +256,7 @@ def _plan_samples(
             ev_stage = p.add(Stage("evaluate", eval_cfg, {"samples": sample.id, **ev_inputs}))
             knob_col = {"knobs": ",".join(f"{k}={v}" for k, v in sorted(m.knobs.items()))} if m.knobs else {}
             run = {"method": mname, "kind": m.kind, "label": m.label or mname, "rule": rule, "steps": steps}
-            add_run(run | knob_col, ev_stage)
+            add_run(run | knob_col | ({"sanity": True} if kind.sanity else {}), ev_stage)
 
 
 def _plan_divergence(p: Planner, model: Stage, mname: str, m: MethodSpec, add_run: Callable) -> None:

@@ -188,6 +188,7 @@ def _metric_kwargs(config: dict, evaluator, references, corpus) -> dict:
         self_bleu_subsample=m["self_bleu_subsample"],
         seed=config["seed"],
         end_markers=markers,
+        train_tokens=corpus.train,  # a reference, not a copy: read only by metrics that need "train"
     )
 
 

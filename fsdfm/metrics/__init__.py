@@ -53,6 +53,7 @@ from fsdfm.metrics.timing import (
 from fsdfm.metrics.oracle import corpus_metric_names, extra_metrics  # also registers the oracle metrics
 from fsdfm.metrics import collapse as _collapse  # noqa: F401  (registers collapse_ngram and ngram_tv_text)
 from fsdfm.metrics import protocol as _protocol  # noqa: F401  (registers the protocol-audit gen-PPL conventions)
+from fsdfm.metrics import train_copy as _train_copy  # noqa: F401  (registers train_copy: memorisation)
 
 __all__ = [
     "METRICS",

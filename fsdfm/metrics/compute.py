@@ -118,6 +118,7 @@ def compute_metric_set(
     max_length: int | None = None,
     end_markers: Sequence[str] = END_MARKERS,
     lengths=None,
+    train_tokens=None,
 ) -> MetricSet:
     """Compute the sample metrics `names` on N samples, with what each saw (see `compute_metrics`)."""
     names = _check_names(names)
@@ -141,6 +142,7 @@ def compute_metric_set(
         batch_size=batch_size,
         max_length=max_length,
         end_markers=tuple(end_markers),
+        train_tokens=train_tokens,
     )
     values, n_samples, details, per_sample = {}, {}, {}, {}
     bar = progress_bar(len(names), f"metrics of {ids.shape[0]} samples", unit="metric")
@@ -171,6 +173,7 @@ def compute_metrics(token_ids, texts: Sequence[str] | None, names: Sequence[str]
     lengths:   optional (N,) ints in [1, L]: sample i is token_ids[i, :lengths[i]]; no metric sees the rest
                (texts of other lengths, `fsdfm eval`). None: every sample fills L.
     references: N held-out real texts of the same length (needed by mauve).
+    train_tokens: the training split's ids, (N_train, L) blocks in order (needed by train_copy).
     Keyword settings as in `compute_metric_set` (mauve_featurizer, mauve_num_buckets, mauve_seeds (k-means
     seeds averaged, >= 5), self_bleu_subsample, seed, batch_size, max_length, end_markers).
     Raises a clear error on empty / too-short samples, a text count that differs from N, a missing input,

@@ -37,6 +37,7 @@ class MetricInputs:
     batch_size: int = 8
     max_length: int | None = None
     end_markers: tuple = END_MARKERS
+    train_tokens: torch.Tensor | None = None  # the training split's ids, (N_train, L) blocks in order (or a stream)
 
     @property
     def n(self) -> int:
@@ -54,6 +55,12 @@ class MetricInputs:
         if self.texts is None:
             raise ValueError(f"metric {metric!r} needs the decoded texts (texts=None was passed)")
         return self.texts
+
+    def need_train(self, metric: str) -> torch.Tensor:
+        """The training split as one stream of ids (its blocks in order), for a metric that compares with it."""
+        if self.train_tokens is None:
+            raise ValueError(f"metric {metric!r} needs the training split's token ids (train_tokens=...)")
+        return torch.as_tensor(self.train_tokens).reshape(-1).long()
 
     def need_evaluator(self, metric: str) -> Evaluator:
         if self.evaluator is None:

@@ -30,8 +30,9 @@ from fsdfm.registry import Registry
 DIRECTIONS = ("min", "max", None)
 TARGETS = (None, "data")
 # What a computed metric may need besides the token ids (the inputs `fsdfm.metrics.MetricInputs` checks):
-# decoded texts, an evaluator LM, held-out reference texts, the oracle source of a synthetic corpus.
-NEEDS = ("texts", "evaluator", "references", "oracle")
+# decoded texts, an evaluator LM, held-out reference texts, the oracle source of a synthetic corpus, the training
+# split's token ids (a memorisation metric compares samples with what the models were trained on).
+NEEDS = ("texts", "evaluator", "references", "oracle", "train")
 VIEWS = ("main", "seeds", "sweep", "ablation", "pairs", "cost", "pos")
 GOAL_WORDS = {"min": "lower is better", "max": "higher is better", "data": "closest to the data is better"}
 

@@ -17,6 +17,7 @@ import fsdfm.report.significance as significance
 from fsdfm.report.published import published_tables
 from fsdfm.report.summary import (
     DATA_KIND,
+    SANITY,
     DEFAULT_BY,
     metric_info,
     present,
@@ -147,7 +148,14 @@ def metric_table(
     bold = [[False] * len(columns) for _ in cells]
     setting_of = _setting_of(runs, by)
     unreliable = _unreliable_mauve(runs, setting_of, keys, metrics, mauve_min_n)
-    excluded = set(data_rows) | flagged
+    sanity = _sanity_rows(runs, setting_of, keys)  # shown, never marked best
+    if sanity:
+        notes.append(
+            "sanity rows (model-free samplers: "
+            + ", ".join(dict.fromkeys(cells[i][0] for i in sorted(sanity)))
+            + "): shown to expose which metric each one fools, never marked best"
+        )
+    excluded = set(data_rows) | flagged | sanity
     args = (runs, samples, setting_of, keys, metrics, stats, excluded, data_means, unreliable, cells, bold, len(by) + 1)
     marked = _mark(*args)
     sections = [len(data_rows)] if data_rows and len(cells) > len(data_rows) else []
@@ -174,6 +182,14 @@ def _setting_of(runs: pd.DataFrame, by: list) -> list:
     if "steps" in run_settings:
         run_settings["steps"] = pd.to_numeric(run_settings["steps"], errors="coerce").astype("Int64")
     return [_key(r) for r in run_settings.itertuples(index=False)]
+
+
+def _sanity_rows(runs: pd.DataFrame, setting_of: list, keys: list) -> set[int]:
+    """Rows of the settings whose runs are sanity baselines (run parameter `sanity` true: `MethodKind.sanity`)."""
+    if SANITY not in runs:
+        return set()
+    marked = {k for k, v in zip(setting_of, runs[SANITY].eq(True)) if v}
+    return {i for i, k in enumerate(keys) if k in marked}
 
 
 def _unreliable_mauve(runs: pd.DataFrame, setting_of: list, keys: list, metrics: list, mauve_min_n: int) -> dict:
@@ -314,7 +330,7 @@ def _marks_note(stats: dict, marked: dict, metrics: list, unreliable: dict, mauv
     )
     out = [
         f"{head}; bold: best in its column, only where its difference from the runner-up is significant "
-        f"(Welch t-test, p < {significance.ALPHA:g}; data, published and flagged rows excluded); "
+        f"(Welch t-test, p < {significance.ALPHA:g}; data, published, sanity and flagged rows excluded); "
         f"{TIE}: tied with the best (difference not significant)"
     ]
     if marked["seeds"]:

@@ -9,6 +9,8 @@ question "how much quality per model call" is read off vertically.
 
 from __future__ import annotations
 
+import pandas as pd
+
 from fsdfm.metrics.registry import shown
 from fsdfm.report.plotting import (
     _plot_series,
@@ -35,6 +37,9 @@ def quality_vs_nfe(study: Study, metrics: tuple | None = None) -> list[Drawn]:
     runs = study.models
     if runs.empty or not present(runs, [NFE]):
         raise SkipFigure("no model run recorded its number of function evaluations (nfe)")
+    # a run with no model call (NFE 0: a model-free sanity row) has no place on a log axis; the main table shows it
+    no_calls = pd.to_numeric(runs[NFE], errors="coerce").le(0)
+    runs = runs[~no_calls]
     wanted = shown("sweep") if metrics is None else metrics
     metrics = [m for m in present(runs, wanted) if m != NFE]
     if not metrics:
@@ -80,5 +85,6 @@ def quality_vs_nfe(study: Study, metrics: tuple | None = None) -> list[Drawn]:
     caption = (
         "Each metric against the number of network evaluations per sample (NFE, log2 axis), one line per method · "
         f"update rule; {band} ({_n_text(ns)}); dashed black: data (held-out) reference."
+        + (" Runs with no model call (NFE 0) are in the main table only." if no_calls.any() else "")
     )
     return [Drawn("fig_quality_vs_nfe", "Quality vs number of model calls (NFE)", caption, fig)]

@@ -30,6 +30,7 @@ DATA_KIND = "data"
 DATA_LABEL = "data (held-out)"
 EXTERNAL_RUN_KIND = "external"  # the `kind` of a run scored by `fsdfm eval` (fsdfm.external's RunSpec params)
 POS_KIND = "pos_divergence"
+SANITY = "sanity"  # the run parameter of a model-free sanity row (fsdfm.methods.base.MethodKind.sanity)
 SAMPLING_WALL_S = "sampling_wall_s"  # derived column: see `sampling_wall_s`
 # run-parameter columns every run has (the rest of a run's parameters are grid keys)
 RUN_KEYS = ("kind", "method", "label", "rule", "steps")

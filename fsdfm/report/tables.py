@@ -32,6 +32,7 @@ from fsdfm.report.summary import (
     DEFAULT_BY,
     EXTERNAL_RUN_KIND,
     POS_KIND,
+    SANITY,
     SAMPLING_WALL_S,
     Study,
     metric_info,
@@ -213,6 +214,8 @@ def ablation_kinds(study: Study) -> dict[str, list[str]]:
     if m.empty or "kind" not in m:
         return {}
     m = m[m["kind"] != EXTERNAL_RUN_KIND]  # scored files from elsewhere are rows, not variants of one method
+    if SANITY in m:  # model-free sanity rows (one per rule) are not variants of a method either
+        m = m[~m[SANITY].eq(True)]
     out = {k: list(dict.fromkeys(g["label"])) for k, g in m.groupby("kind", sort=False)}
     return {k: v for k, v in out.items() if len(v) > 1}
 
