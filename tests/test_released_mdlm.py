@@ -271,3 +271,163 @@ def test_released_mdlm_config_is_the_small_model():
         12,
     )
     assert cfg.seq_len == 1024 and cfg.norm_weight and cfg.norm_eps == 1e-5
+
+
+# --------------------------------------------------------------------------------- the specs, end to end
+
+
+def _fake_hub_cache(root: Path, repo: str) -> Path:
+    """A local HF hub cache holding only `repo`'s config.json (what a spec load checks offline)."""
+    snap = root / f"models--{repo}" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (root / f"models--{repo}" / "refs").mkdir()
+    (root / f"models--{repo}" / "refs" / "main").write_text("0" * 40)
+    return root
+
+
+@pytest.mark.parametrize("name", ["released_mdlm", "protocol_mdlm"])
+def test_specs_validate_and_dry_run_offline(monkeypatch, capsys, tmp_path, name):
+    import huggingface_hub.constants
+
+    from fsdfm.cli import main
+    from fsdfm.methods import plan_study
+    from fsdfm.methods.load import load_spec
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(_fake_hub_cache(tmp_path / "hub", "gpt2-large")))
+    monkeypatch.chdir(REPO)
+    spec, cells = load_spec(f"experiments/{name}.yaml")
+    plan = plan_study(spec.name, cells)
+    kinds = sorted(s.kind for s in plan.stages.values())
+    assert spec.evaluator.name == "gpt2-large" and spec.data.hf_name == "openwebtext"
+    if name == "released_mdlm":
+        assert {m.kind for m in spec.methods.values()} == {"released", "released_duo"}
+        assert all(list(m.budgets) == [2**k for k in range(3, 11)] for m in spec.methods.values())
+        assert spec.methods["mdlm_owt"].settings.family == "mdlm" and spec.methods["mdlm_owt"].source == "mask"
+        assert set(spec.methods["duo_dcd"].rules) == {"ancestral", "greedy_tail"}
+        assert {"gen_ppl", "gen_ppl_seq_mean", "gen_ppl_raw", "entropy_nats", "mauve", "collapse_ngram"} <= set(
+            spec.metrics.names
+        )
+        assert kinds.count("load_released") == 2 and kinds.count("load_released_duo") == 2
+        assert kinds.count("evaluate") == 8 * (4 + 1 + 2 + 2) and kinds.count("evaluate_data") == 1
+    else:
+        assert kinds.count("load_released") == 1 and kinds.count("evaluate") == 4 * 2
+    assert main(["run", f"experiments/{name}.yaml", "--dry-run"]) == 0
+    assert '"dry_run": true' in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_spec_rejects_bad_family_settings(tmp_path):
+    from fsdfm.methods.load import load_spec
+    from fsdfm.study.spec import SpecError
+
+    base = (REPO / "experiments" / "released_mdlm.yaml").read_text()
+    line = "family: mdlm, which: weights}"
+    for new, message in (
+        ("family: mdlmm, which: weights}", "family must be one of fsdfm, mdlm .*did you mean 'mdlm'"),
+        ("family: mdlm, which: student_ema}", r"which must be one of auto, ema, weights \(family mdlm\)"),
+    ):
+        (tmp_path / "bad.yaml").write_text(base.replace(line, new, 1))
+        with pytest.raises(SpecError, match=message):
+            load_spec(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text(
+        base.replace("duo-distilled/model.safetensors, which: weights", "x, which: w", 1)
+    )
+    with pytest.raises(SpecError, match="which must be one of auto, ema, weights, got 'w'"):
+        load_spec(tmp_path / "bad.yaml")
+
+
+@pytest.fixture(scope="module")
+def mdlm_study(tmp_path_factory):
+    """A tiny copy of experiments/released_mdlm.yaml: the same methods, rules and metric names; synthetic checkpoints
+    in the HF layouts at d = 32 over the GPT-2 vocabulary, TinyStories blocks of 16 tokens, a tiny local GPT-2 as the
+    evaluator, budgets 1 and 4."""
+    import yaml
+
+    from fsdfm.launch import execute
+    from fsdfm.methods import plan_study
+    from fsdfm.methods.load import load_spec
+    from metrics_fixtures import gpt2_evaluator
+
+    tmp = tmp_path_factory.mktemp("released_mdlm")
+    raw = yaml.safe_load((REPO / "experiments" / "released_mdlm.yaml").read_text())
+    for i, (name, tc) in enumerate((("mdlm_owt", False), ("sdtt_kld_r7", False), ("duo", True), ("duo_dcd", True))):
+        (tmp / name).mkdir()
+        path = save_hf(tmp / name, their_state_dict(20 + i, 50258), time_conditioning=tc)
+        raw["methods"][name]["checkpoint"]["path"] = str(path)
+        raw["methods"][name]["budgets"] = [1, 4]
+    ev = gpt2_evaluator(seed=1)
+    ev.model.save_pretrained(tmp / "evaluator")
+    ev.tokenizer.save_pretrained(tmp / "evaluator")
+    raw["name"] = "released_mdlm_tiny"
+    raw["data"] = {
+        "kind": "text",
+        "train": str(REPO / "data/tinystories/train.txt"),
+        "valid": str(REPO / "data/tinystories/valid.txt"),
+        "tokenizer": "gpt2",
+        "seq_len": 16,
+        "max_train_blocks": 8,
+        "max_valid_blocks": 8,
+    }
+    raw["sampling"] = {"n_samples": 4, "batch_size": 4, "seed": 0}
+    raw["evaluator"] = {"kind": "hf", "name": str(tmp / "evaluator")}
+    raw.pop("cluster")
+    (tmp / "spec.yaml").write_text(yaml.safe_dump(raw))
+    spec, cells = load_spec(tmp / "spec.yaml")
+    summary = execute(plan_study(spec.name, cells), tmp / "results", executor="debug")
+    return tmp, spec, summary
+
+
+@pytest.mark.slow
+def test_mdlm_study_runs_every_rule_and_metric_on_the_checkpoint_weights(mdlm_study):
+    from fsdfm.methods.common import load_dit
+    from fsdfm.records import load, load_records
+
+    tmp, spec, summary = mdlm_study
+    assert summary.ok, summary.format()
+    df = load(tmp / "results" / "released_mdlm_tiny")
+    runs = df[df.kind.isin(["released", "released_duo"])]
+    assert len(runs) == 2 * (4 + 1 + 2 + 2)
+    for name in list(spec.metrics.names) + ["nfe"]:
+        assert runs[name].notna().all(), name
+    assert (runs.gen_ppl > 1).all() and runs.mauve.between(0, 1).all()
+    root = tmp / "results" / "released_mdlm_tiny"
+    found = load_records(root, kind="load_released") + load_records(root, kind="load_released_duo")
+    recs = {Path(r["payload"]["checkpoint"]["checkpoint"]).parent.name: r for r in found}
+    assert set(recs) == {"mdlm_owt", "sdtt_kld_r7", "duo", "duo_dcd"}
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.2, 0.7])
+    for name, i in (("mdlm_owt", 0), ("duo_dcd", 3)):
+        m = load_dit(Path(recs[name]["stage_dir"]), torch.device("cpu"))
+        assert m.path.source.name == ("mask" if name == "mdlm_owt" else "uniform")
+        sigma = torch.zeros(2) if name == "mdlm_owt" else -torch.log1p(-(1 - DUO_EPS) * (1 - t.double()))
+        with torch.no_grad():
+            ours = m.model(x, t).double()
+        torch.testing.assert_close(ours, their_forward(their_state_dict(20 + i, 50258), x, sigma)[..., :50257],
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_missing_checkpoint_file_fails_at_load_naming_it(tmp_path):
+    from fsdfm.methods.released import load_released_stage
+    from fsdfm.methods.released_duo import load_released_duo
+
+    data = {
+        "kind": "text",
+        "train": str(REPO / "data/tinystories/train.txt"),
+        "valid": str(REPO / "data/tinystories/valid.txt"),
+        "tokenizer": "gpt2",
+        "seq_len": 16,
+        "max_train_blocks": 4,
+        "max_valid_blocks": 4,
+    }
+    path = {"scheduler": {"name": "polynomial", "n": 1.0}}
+    missing = tmp_path / "nowhere" / "model.safetensors"
+    ckpt = {"path": str(missing), "which": "weights"}
+    with pytest.raises(CheckpointNotFoundError, match=f"no checkpoint file at {missing}"):
+        load_released_stage({"data": data, "checkpoint": {**ckpt, "family": "mdlm"}, "source": "mask", **path}, {},
+                            tmp_path / "a")  # fmt: skip
+    with pytest.raises(CheckpointNotFoundError, match=f"no checkpoint file at {missing}"):
+        load_released_duo({"data": data, "checkpoint": ckpt, "source": "uniform", **path}, {}, tmp_path / "b")
+    with pytest.raises(CheckpointError, match="a family mdlm checkpoint is a mask-source model; set source: mask"):
+        load_released_stage({"data": data, "checkpoint": {**ckpt, "family": "mdlm"}, "source": "uniform", **path}, {},
+                            tmp_path / "c")  # fmt: skip
+    assert not any((tmp_path / d / "released.json").exists() for d in "abc")  # nothing half-written
