@@ -1,6 +1,6 @@
 """Load the public MDLM-family checkpoints (MDLM OWT, the SDTT students, Duo and Duo+DCD) into the suite's `DiT`.
 
-    loaded = load_mdlm_family("mdlm-owt/model.safetensors", "mdlm")    # or a Lightning-style .ckpt dict
+    loaded = load_mdlm_family("mdlm-owt/model.safetensors", "mdlm")    # "usdm": Duo / DCD; or a Lightning .ckpt
     logits = loaded.model(x_t, t)          # x_t (B, L) GPT-2 ids (+ mask id V for "mdlm"), t (B,) our time
 
 Facts this module relies on, read (never copied) from the authors' public code:
@@ -121,9 +121,10 @@ class Family:
     time_conditioning: bool
 
 
+# Named after the process (the Duo paper's terms): a masked diffusion LM, a uniform-state diffusion model.
 FAMILIES = {
     "mdlm": Family("mdlm", "mask", "zero", (1,), False),  # MDLM OWT and the SDTT students: mask row at V
-    "duo": Family("duo", "uniform", "log_alpha", (0, 1), True),  # Duo and Duo+DCD: [PAD] row at V (GPT-2)
+    "usdm": Family("usdm", "uniform", "log_alpha", (0, 1), True),  # Duo and Duo+DCD: [PAD] row at V (GPT-2)
 }
 
 
@@ -321,7 +322,7 @@ def load_mdlm_family(
     vocab_size: int | None = None,
     config: ModelConfig | None = None,
 ) -> LoadedCheckpoint:
-    """Load a MDLM / SDTT ("mdlm") or Duo / DCD ("duo") checkpoint into `MDLMFamilyDiT`.
+    """Load a MDLM / SDTT ("mdlm") or Duo / DCD ("usdm") checkpoint into `MDLMFamilyDiT`.
 
     which: "ema" (the Lightning EMA copy), "weights" (the state dict, or the only weights of a safetensors file)
         or "auto" (EMA when the file has one). vocab_size: the real tokens V (the corpus's; None: V_in - 1).

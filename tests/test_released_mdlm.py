@@ -198,14 +198,14 @@ def test_duo_matches_their_forward_at_sigma_of_t(tmp_path, rows):
     """Duo reads sigma = -log alpha_t, alpha_t = 1 - (1 - eps) t_theirs, t_theirs = 1 - t: our logits at our t equal
     their forward at that sigma, on the V real tokens (the [PAD] row dropped)."""
     sd, ema = their_state_dict(4, rows), their_state_dict(5, rows)
-    loaded = load_mdlm_family(save_lightning(tmp_path, sd, ema), "duo", vocab_size=V)
+    loaded = load_mdlm_family(save_lightning(tmp_path, sd, ema), "usdm", vocab_size=V)
     x = torch.randint(0, V, (3, L), generator=torch.Generator().manual_seed(2))
     t = torch.tensor([0.0, 0.3, 1.0])
     sigma = -torch.log1p(-(1 - DUO_EPS) * (1 - t.double()))
     with torch.no_grad():
         ours = loaded.model(x, t).double()
     torch.testing.assert_close(ours, their_forward(ema, x, sigma)[..., :V], atol=1e-5, rtol=1e-5)
-    hf = load_mdlm_family(save_hf(tmp_path, sd, time_conditioning=True), "duo", vocab_size=V)
+    hf = load_mdlm_family(save_hf(tmp_path, sd, time_conditioning=True), "usdm", vocab_size=V)
     with torch.no_grad():
         torch.testing.assert_close(hf.model(x, t).double(), their_forward(sd, x, sigma)[..., :V], atol=1e-5, rtol=1e-5)
 
@@ -247,7 +247,7 @@ def test_layout_errors_name_what_and_where(tmp_path):
     torch.save(box, tmp_path / "short.ckpt")
     with pytest.raises(CheckpointError, match=r"ema.shadow_params: wrong shape, expected \(30,\), got \(29,\)"):
         load_mdlm_family(tmp_path / "short.ckpt", "mdlm")
-    with pytest.raises(ValueError, match="family must be one of mdlm, duo"):
+    with pytest.raises(ValueError, match="family must be one of mdlm, usdm"):
         load_mdlm_family(path, "sedd")
 
 

@@ -4,7 +4,7 @@
 Registers on itself: its settings (`checkpoint:` builds `ReleasedCheckpoint`), its planning (a load_released
 stage that checks the file and writes a pointer to it) and the stage `load_released`; the pointed-to model is
 then sampled and evaluated like any DFM-family model (sampler "dfm"; fsdfm.methods.common.load_dit follows
-the pointer). The uniform-state Duo / DCD checkpoints are kind "released_duo" (sampler "duo").
+the pointer). The uniform-state Duo / DCD checkpoints are kind "released_duo" (Duo's sampler).
 Reading the checkpoint files is fsdfm.released_checkpoints' (fsdfm) and fsdfm.released_mdlm's (mdlm, duo).
 """
 

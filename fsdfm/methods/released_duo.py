@@ -2,10 +2,10 @@
 
 Registers on itself: its settings (`checkpoint:` builds `ReleasedDuoCheckpoint`), its planning (a load_released_duo
 stage that checks the file and writes the same pointer as kind "released") and that stage. The model is then
-sampled by the sampler "duo" (fsdfm.methods.duo: the uniform-state ancestral posterior, rule "ancestral" or
+sampled by Duo's sampler (fsdfm.methods.duo.DUO_SAMPLER: the uniform-state ancestral posterior, rule "ancestral" or
 "greedy_tail" for the authors' greedy last step) on the path it was trained for: uniform source, kappa(t) = t.
 A kind of its own, not a `family:` of "released", because a kind names one sampler and Duo's is not the DFM loop.
-Reading the file is fsdfm.released_mdlm's (family "duo": sigma = -log alpha_t as time input, [PAD] row dropped).
+Reading the file is fsdfm.released_mdlm's (family "usdm": sigma = -log alpha_t as time input, [PAD] row dropped).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from fsdfm.methods.base import MethodKind, Planner, register_kind
 from fsdfm.methods.common import DATA_SOURCES, corpus_for
-from fsdfm.methods.duo import DUO_PATH, DUO_RULES
+from fsdfm.methods.duo import DUO_PATH, DUO_RULES, DUO_SAMPLER
 from fsdfm.methods.released import write_pointer
 from fsdfm.registry import did_you_mean
 from fsdfm.released_mdlm import WHICH, load_mdlm_family
@@ -50,7 +50,7 @@ def plan_released_duo(p: Planner, name: str, m: MethodSpec) -> Stage:
 register_kind(
     MethodKind(
         "released_duo",
-        "duo",
+        DUO_SAMPLER,
         DUO_RULES,
         plan_released_duo,
         settings_key="checkpoint",
@@ -71,13 +71,13 @@ register_kind(
         "fsdfm.released_mdlm",
         *DATA_SOURCES,
     ),
-    model_sampler="duo",
+    model_sampler=DUO_SAMPLER,
     model_rule="ancestral",
 )
 def load_released_duo(config: dict, inputs: dict, out_dir: Path) -> dict:
     """A released Duo / DCD checkpoint as the model of a method: load and check it once, write a pointer to it."""
     corpus = corpus_for(config, out_dir)
-    ckpt = {**config["checkpoint"], "family": "duo"}
+    ckpt = {**config["checkpoint"], "family": "usdm"}
     file = Path(ckpt["path"]).resolve()
-    loaded = load_mdlm_family(file, "duo", ckpt["which"], vocab_size=corpus.vocab_size)
+    loaded = load_mdlm_family(file, "usdm", ckpt["which"], vocab_size=corpus.vocab_size)
     return write_pointer({**config, "checkpoint": ckpt}, out_dir, corpus, file, loaded)
