@@ -171,6 +171,20 @@ def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return 1.0 / ROTARY_BASE ** (torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)
 
 
+def mismatch_error(where: str, cfg: ModelConfig, problems: list[Mismatch]) -> CheckpointError:
+    """One CheckpointError for all `problems`: counts by kind, then the first MAX_LISTED (name, expected, got)."""
+    counts = {n: sum(p.kind == n for p in problems) for n in MISMATCH_KINDS}
+    listed = "\n".join(f"  {p}" for p in problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return CheckpointError(
+        f"{where} does not match the DiT config (hidden={cfg.hidden}, cond_dim={cfg.cond_dim}, "
+        f"n_blocks={cfg.n_blocks}, n_heads={cfg.n_heads}, vocab_size={cfg.vocab_size}, "
+        f"h_embedding={cfg.h_embedding!r}): {len(problems)} mismatches "
+        f"({', '.join(f'{v} {k}' for k, v in counts.items() if v)}); first ones:\n{listed}{more}",
+        tuple(problems),
+    )
+
+
 def convert_state_dict(their_sd: dict, cfg: ModelConfig, where: str = "state dict") -> dict[str, torch.Tensor]:
     """Their state dict (names as in apple/ml-fs-dfm, wrapper prefixes allowed) -> ours for DiT(cfg).
 
@@ -223,16 +237,7 @@ def convert_state_dict(their_sd: dict, cfg: ModelConfig, where: str = "state dic
     problems += [Mismatch(k, "unexpected", None, tuple(v.shape)) for k, v in tensors.items() if k not in used]
 
     if problems:
-        counts = {n: sum(p.kind == n for p in problems) for n in MISMATCH_KINDS}
-        listed = "\n".join(f"  {p}" for p in problems[:MAX_LISTED])
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise CheckpointError(
-            f"{where} does not match the DiT config (hidden={cfg.hidden}, cond_dim={cfg.cond_dim}, "
-            f"n_blocks={cfg.n_blocks}, n_heads={cfg.n_heads}, vocab_size={cfg.vocab_size}, "
-            f"h_embedding={cfg.h_embedding!r}): {len(problems)} mismatches "
-            f"({', '.join(f'{v} {k}' for k, v in counts.items() if v)}); first ones:\n{listed}{more}",
-            tuple(problems),
-        )
+        raise mismatch_error(where, cfg, problems)
     return ours
 
 

@@ -37,6 +37,7 @@ from fsdfm.metrics.oracle import posterior_kl
 from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.records import stage_cache_dir
 from fsdfm.released_checkpoints import CheckpointError, load_released
+from fsdfm.released_mdlm import load_mdlm_family
 
 
 def forward_precision(cfg: dict) -> str:
@@ -216,7 +217,13 @@ def load_released_dit(pointer_file: Path, dev: torch.device) -> LoadedDiT:
             f"{ptr['checkpoint']}: the checkpoint {pointer_file} points to is gone or changed since it "
             f"was checked; re-run its load_released stage (delete {Path(pointer_file).parent})"
         )
-    loaded = load_released(ptr["checkpoint"], ptr["which"], device=dev)
+    family = ptr.get("family", "fsdfm")  # pointers written before families existed are apple/ml-fs-dfm's
+    if family == "fsdfm":
+        loaded = load_released(ptr["checkpoint"], ptr["which"], device=dev)
+    else:  # MDLM / SDTT / Duo: fsdfm.released_mdlm, the real-token count the stage checked against the corpus
+        loaded = load_mdlm_family(
+            ptr["checkpoint"], family, ptr["which"], device=dev, vocab_size=ptr["model_config"]["vocab_size"]
+        )
     return LoadedDiT(
         loaded.model, path_from_config(ptr["path"], loaded.config.vocab_size), ptr["path"], loaded.h_conditioned
     )

@@ -47,6 +47,7 @@ from fsdfm.study.spec import MethodSpec
 
 DUO_PATH = {"source": "uniform", "scheduler": {"name": "polynomial", "n": 1.0}}
 DUO_RULES = ("ancestral", "greedy_tail")
+DUO_SAMPLER = "duo"  # the sampler below, which the released Duo checkpoints (kind released_duo) use too
 
 
 class DuoSettings(DuoConfig):
