@@ -35,7 +35,8 @@ That pairing is right for a network trained with Duo's ELBO, whose optimum is th
 exact; it is not right for the posterior p(x_1 | x_t) itself: plugged in unweighted, even the exact posterior at
 128 steps samples 1.35 nats/token on a Markov source whose entropy rate is 0.59 (tests/test_exact_duo.py). This
 suite trains Duo with cross-entropy (the deviation above), whose minimiser is the posterior, so the reweighting by
-1 / q(x_t | x_1) makes its sampler consistent (the exact posterior then reproduces the source as the budget grows).
+1 / q(x_t | x_1) makes its sampler consistent (the exact posterior then reproduces the source as the budget grows);
+the authors' released (ELBO-trained) checkpoints are sampled with their own unweighted step (`posterior=False`).
 Greedy-tail: the last step takes argmax p instead of a draw (no extra forward).
 """
 
@@ -211,18 +212,21 @@ def ancestral_step(
     kappa_s: float,
     generator: torch.Generator | None,
     greedy: bool = False,
+    posterior: bool = True,
 ) -> torch.Tensor:
     """One uniform-state step t -> s: the exact per-position reverse step given the posterior p (module
     docstring). x (B, L) long, p (B, L, V) probabilities of x_1 -> (B, L) long; greedy (the greedy tail, for the
-    last step): argmax p."""
+    last step): argmax p. posterior: p is the posterior p(x_1 | x_t) (a CE-trained or the exact denoiser: reweighted
+    first); False: p is an x0 trained by Duo's ELBO for the plug-in formula (the authors' released models)."""
     if greedy:
         return p.argmax(-1)
     V = p.shape[-1]
     p = p.to(torch.float64)
     z = F.one_hot(x, V).to(torch.float64)
-    # p~ = p / q(x_t | x_1): the posterior turned into the x0 the plug-in formula expects (module docstring)
-    p_tilde = p / (kappa_t * z + (1.0 - kappa_t) / V)
-    p_tilde = p_tilde / p_tilde.sum(-1, keepdim=True)
+    p_tilde = p
+    if posterior:  # p~ = p / q(x_t | x_1): the posterior turned into the x0 the plug-in formula expects
+        p_tilde = p / (kappa_t * z + (1.0 - kappa_t) / V)
+        p_tilde = p_tilde / p_tilde.sum(-1, keepdim=True)
     rho = kappa_t / kappa_s
     a = (1.0 - rho) / V + rho * z
     q = a * (kappa_s * p_tilde + (1.0 - kappa_s) / V)

@@ -102,3 +102,20 @@ def test_the_ancestral_step_is_the_posterior_mixture_of_the_exact_conditionals()
     counts = torch.bincount(out.flatten(), minlength=V).double()
     chi2 = ((counts - n * want) ** 2 / (n * want)).sum().item()
     assert chi2 < 16.27  # chi-square, 3 degrees of freedom, p = 0.001
+
+
+def test_the_ancestral_step_of_an_elbo_x0_is_the_authors_plug_in():
+    # posterior=False (released Duo checkpoints): q(v) prop. to [rho 1(v = z) + (1 - rho) / V] [kappa_s x0(v) + (1 - kappa_s) / V]
+    V, kt, ks, z = 4, 0.3, 0.7, 2
+    x0 = torch.tensor([0.1, 0.5, 0.15, 0.25], dtype=torch.float64)
+    rho = kt / ks
+    want = torch.tensor(
+        [(rho * (v == z) + (1 - rho) / V) * (ks * x0[v].item() + (1 - ks) / V) for v in range(V)], dtype=torch.float64
+    )
+    want = want / want.sum()
+    n = 200_000
+    out = ancestral_step(
+        torch.full((n, 1), z), x0.expand(n, 1, V), kt, ks, torch.Generator().manual_seed(4), posterior=False
+    )
+    counts = torch.bincount(out.flatten(), minlength=V).double()
+    assert ((counts - n * want) ** 2 / (n * want)).sum().item() < 16.27  # chi-square, 3 d.o.f., p = 0.001

@@ -96,7 +96,10 @@ def test_a_null_method_in_a_cell_override_drops_it_from_those_cells(tmp_path):
     assert [sorted(c.spec.methods) for c in cells] == [["a", "b"], ["a"]]
     # the duo sampler declares version 2 (its reweighted step): it enters its sample stages only
     samples = [s.config for s in plan_study(spec.name, cells).stages.values() if s.kind == "sample"]
-    assert sorted(c.get("sampler_version", "-") for c in samples) == ["-", "2"]  # a: one stage (seed trains nothing), b: one
+    assert sorted(c.get("sampler_version", "-") for c in samples) == [
+        "-",
+        "2",
+    ]  # a: one stage (seed trains nothing), b: one
     (tmp_path / "bad.yaml").write_text(DATA + GRID.replace("methods.b: null", "methods.bb: null"))
     with pytest.raises(SpecError, match=r"overrides\[0\]\.set\.methods\.bb: unknown method 'bb' \(did you mean 'b'"):
         load_spec(tmp_path / "bad.yaml")

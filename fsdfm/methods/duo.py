@@ -25,6 +25,7 @@ from fsdfm.methods.base import MethodKind, Planner, register_kind
 from fsdfm.methods.common import (
     DATA_SOURCES,
     DIT_SOURCES,
+    RELEASED_POINTER,
     SAMPLERS,
     Draw,
     RowCounter,
@@ -110,6 +111,9 @@ def train_duo(config: dict, inputs: dict, out_dir: Path) -> dict:
 def sample_duo(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     """Uniform-state ancestral sampling on a uniform grid of cfg["steps"]; one counted forward per step. The model
     is the trained DiT, or the exact posterior for an exact_duo method (float64 log-probabilities as logits)."""
+    # a released Duo checkpoint outputs the x0 of the authors' ELBO (their plug-in step); ours, trained with CE, and
+    # the exact denoiser output the posterior (reweighted step): fsdfm.duo.ancestral_step
+    posterior = not (Path(model_dir) / RELEASED_POINTER).exists()
     if is_exact(model_dir):
         exact = load_exact(model_dir, cfg["data"])
         model, path = exact, exact.path
@@ -133,7 +137,7 @@ def sample_duo(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
                     logits = net(x, grid[i].expand(b).float())
                 p = torch.softmax(logits.double(), -1)
                 last = i == steps - 1
-                x = ancestral_step(x, p, kappa[i], kappa[i + 1], gen, greedy=greedy_tail and last)
+                x = ancestral_step(x, p, kappa[i], kappa[i + 1], gen, greedy=greedy_tail and last, posterior=posterior)
             wall += time.perf_counter() - t0
             chunks.append(x)
         return SampleOutput(tokens=torch.cat(chunks).cpu(), nfe=steps, time_grid=grid.cpu(), wall_s=wall)
