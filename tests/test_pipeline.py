@@ -227,10 +227,12 @@ def test_every_evaluate_stage_writes_a_per_sample_table_that_load_samples_reads(
 
 
 class _WordCorpus:
-    """The two things score_samples asks a corpus for: its tokenizer (none: no end-of-text marker) and EOS id."""
+    """What score_samples asks a corpus for: its tokenizer (none: no end-of-text marker), EOS id and training
+    tokens (read only by metrics that need the training split: none here)."""
 
     tokenizer = None
     eos_id = 1
+    train = None
 
 
 def test_per_sample_nlls_summed_and_pooled_reproduce_the_runs_gen_ppl_exactly(tmp_path):
