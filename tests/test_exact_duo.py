@@ -13,6 +13,7 @@ from fsdfm.methods import plan_study
 from fsdfm.methods.load import load_spec
 from fsdfm.records import load, load_samples
 from fsdfm.report.oracle import decomposition_frame
+from fsdfm.report.oracle_figure import decomposition_figure
 from fsdfm.report.summary import load_study
 from fsdfm.study.spec import SpecError
 
@@ -35,6 +36,7 @@ methods:
   ex: {kind: exact_duo, label: exact (Duo sampler), rules: [ancestral, greedy_tail], budgets: [1, 128]}
   duo: {kind: duo, label: Duo, distill: {curriculum_start: 0.0, curriculum_end: 0.5},
         train: {steps: 3, batch_size: 4, warmup_steps: 1, ema_decay: null}, rules: [ancestral], budgets: [1]}
+  uni: {kind: naive, label: "naive: unigram", rules: [unigram, copy_ngram, repeat_top], budgets: [1]}
 """
 
 
@@ -76,6 +78,12 @@ def test_duo_rows_are_decomposed_against_the_exact_duo_rows(study):
     model = df[(df.method == "duo") & (df.steps == 1)].oracle_nll.item()
     assert duo.model_ce_excess.item() == pytest.approx(model - exact1, abs=1e-12)
     assert set(frame[frame.label == "exact (Duo sampler)"].kind) == {"exact"}
+    # a run on no mixture path (the naive rows) has no exact counterpart: source "?", nothing split, and the
+    # figure (more rules than line styles) draws the mixture-path sources only
+    naive = frame[frame.label == "naive: unigram"]
+    assert set(naive.source) == {"?"} and naive.exact_oracle_nll.isna().all()
+    (drawn,) = decomposition_figure(load_study(study))
+    assert len(drawn.figure.axes) == 2  # one source (uniform): its two panels
 
 
 GRID = """

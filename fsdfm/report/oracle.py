@@ -61,7 +61,7 @@ def path_key(plan: dict, sid: str | None) -> str | None:
 
 
 def path_source(key: str | None) -> str:
-    return key.split(" · ")[0] if key else "?"
+    return key.split(" · ")[0] if isinstance(key, str) and key else "?"  # NaN: a run with no mixture path
 
 
 def _training_metric(study: Study, sid: str | None, name: str) -> float:

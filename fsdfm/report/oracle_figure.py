@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pandas as pd
 
 from fsdfm.report.oracle import EXACT_KIND, JOINT_KIND, _mean, decomposition_frame
@@ -25,12 +27,14 @@ def decomposition_figure(study: Study):
     )
 
     frame = decomposition_frame(study)
+    # only runs on a mixture path have an exact sampler to split against (not FLM/FMLM, not the naive rows)
+    frame = frame[frame["source"] != "?"] if not frame.empty else frame
     if frame.empty:
         raise SkipFigure("no exact runs to decompose against")
     sources = list(dict.fromkeys(frame["source"]))
     labels = list(dict.fromkeys(frame["label"]))
     colors = dict(zip(labels, _palette(len(labels))))
-    styles = {r: s for r, s in zip(dict.fromkeys(frame["rule"]), ("-", "--", ":", "-."))}
+    styles = {r: s for r, s in zip(dict.fromkeys(frame["rule"]), itertools.cycle(("-", "--", ":", "-.")))}
     data_nll = _mean(study.data["oracle_nll"]) if not study.data.empty and "oracle_nll" in study.data else None
     with _style():
         fig, axes = _new_figure(2 * len(sources), ncols=len(sources), w=1.5 * PANEL_W)
