@@ -66,3 +66,25 @@ def tinystories(split: str = "valid", n: int = 60, words: int = 60) -> list[str]
     text = (ROOT / "data" / "tinystories" / f"{split}.txt").read_text()
     stories = [" ".join(s.split()[:words]) for s in text.split("<|endoftext|>") if s.strip()]
     return stories[:n]
+
+
+def shrink_released_spec(raw: dict, tmp: Path, name: str) -> dict:
+    """A released-checkpoint spec (a YAML mapping) made to run here: a tiny local GPT-2 evaluator saved under `tmp`,
+    TinyStories blocks of 16 GPT-2 tokens, 4 samples, no cluster profile; the study named `name`. In place."""
+    ev = gpt2_evaluator(seed=1)
+    ev.model.save_pretrained(tmp / "evaluator")
+    ev.tokenizer.save_pretrained(tmp / "evaluator")
+    raw["name"] = name
+    raw["data"] = {
+        "kind": "text",
+        "train": str(ROOT / "data/tinystories/train.txt"),
+        "valid": str(ROOT / "data/tinystories/valid.txt"),
+        "tokenizer": "gpt2",
+        "seq_len": 16,
+        "max_train_blocks": 8,
+        "max_valid_blocks": 8,
+    }
+    raw["sampling"] = {"n_samples": 4, "batch_size": 4, "seed": 0}
+    raw["evaluator"] = {"kind": "hf", "name": str(tmp / "evaluator")}
+    raw.pop("cluster")
+    return raw

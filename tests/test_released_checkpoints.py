@@ -499,7 +499,7 @@ def released_study(tmp_path_factory):
     from fsdfm.launch import execute
     from fsdfm.methods import plan_study
     from fsdfm.methods.load import load_spec
-    from metrics_fixtures import gpt2_evaluator
+    from metrics_fixtures import shrink_released_spec
 
     tmp = tmp_path_factory.mktemp("released")
     vocab = 50257
@@ -514,23 +514,8 @@ def released_study(tmp_path_factory):
         },
         tmp / "fs_dfm.pth",
     )
-    ev = gpt2_evaluator(seed=1)
-    ev.model.save_pretrained(tmp / "evaluator")
-    ev.tokenizer.save_pretrained(tmp / "evaluator")
     raw = yaml.safe_load((REPO / "experiments" / "released.yaml").read_text())
-    raw["name"] = "released_tiny"
-    raw["data"] = {
-        "kind": "text",
-        "train": str(REPO / "data/tinystories/train.txt"),
-        "valid": str(REPO / "data/tinystories/valid.txt"),
-        "tokenizer": "gpt2",
-        "seq_len": 16,
-        "max_train_blocks": 8,
-        "max_valid_blocks": 8,
-    }
-    raw["sampling"] = {"n_samples": 4, "batch_size": 4, "seed": 0}
-    raw["evaluator"] = {"kind": "hf", "name": str(tmp / "evaluator")}
-    raw.pop("cluster")
+    shrink_released_spec(raw, tmp, "released_tiny")
     raw["methods"]["dfm_released"]["checkpoint"]["path"] = str(tmp / "dfm.pth")
     raw["methods"]["fsdfm_released"]["checkpoint"]["path"] = str(tmp / "fs_dfm.pth")
     for m in raw["methods"].values():

@@ -346,7 +346,7 @@ def mdlm_study(tmp_path_factory):
     from fsdfm.launch import execute
     from fsdfm.methods import plan_study
     from fsdfm.methods.load import load_spec
-    from metrics_fixtures import gpt2_evaluator
+    from metrics_fixtures import shrink_released_spec
 
     tmp = tmp_path_factory.mktemp("released_mdlm")
     raw = yaml.safe_load((REPO / "experiments" / "released_mdlm.yaml").read_text())
@@ -355,22 +355,7 @@ def mdlm_study(tmp_path_factory):
         path = save_hf(tmp / name, their_state_dict(20 + i, 50258), time_conditioning=tc)
         raw["methods"][name]["checkpoint"]["path"] = str(path)
         raw["methods"][name]["budgets"] = [1, 4]
-    ev = gpt2_evaluator(seed=1)
-    ev.model.save_pretrained(tmp / "evaluator")
-    ev.tokenizer.save_pretrained(tmp / "evaluator")
-    raw["name"] = "released_mdlm_tiny"
-    raw["data"] = {
-        "kind": "text",
-        "train": str(REPO / "data/tinystories/train.txt"),
-        "valid": str(REPO / "data/tinystories/valid.txt"),
-        "tokenizer": "gpt2",
-        "seq_len": 16,
-        "max_train_blocks": 8,
-        "max_valid_blocks": 8,
-    }
-    raw["sampling"] = {"n_samples": 4, "batch_size": 4, "seed": 0}
-    raw["evaluator"] = {"kind": "hf", "name": str(tmp / "evaluator")}
-    raw.pop("cluster")
+    shrink_released_spec(raw, tmp, "released_mdlm_tiny")
     (tmp / "spec.yaml").write_text(yaml.safe_dump(raw))
     spec, cells = load_spec(tmp / "spec.yaml")
     summary = execute(plan_study(spec.name, cells), tmp / "results", executor="debug")

@@ -173,10 +173,13 @@ def save_dit(out_dir: Path, model: DiT, path_cfg: dict, h_conditioned: bool, cor
 
 @dataclasses.dataclass(frozen=True)
 class LoadedDiT:
+    """released: the weights are a released checkpoint's (kind released / released_duo), not trained here."""
+
     model: DiT
     path: MixturePath
     path_cfg: dict
     h_conditioned: bool
+    released: bool = False
 
 
 class ArtefactError(RuntimeError):
@@ -225,7 +228,11 @@ def load_released_dit(pointer_file: Path, dev: torch.device) -> LoadedDiT:
             ptr["checkpoint"], family, ptr["which"], device=dev, vocab_size=ptr["model_config"]["vocab_size"]
         )
     return LoadedDiT(
-        loaded.model, path_from_config(ptr["path"], loaded.config.vocab_size), ptr["path"], loaded.h_conditioned
+        loaded.model,
+        path_from_config(ptr["path"], loaded.config.vocab_size),
+        ptr["path"],
+        loaded.h_conditioned,
+        released=True,
     )
 
 

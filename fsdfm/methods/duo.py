@@ -25,7 +25,6 @@ from fsdfm.methods.base import MethodKind, Planner, register_kind
 from fsdfm.methods.common import (
     DATA_SOURCES,
     DIT_SOURCES,
-    RELEASED_POINTER,
     SAMPLERS,
     Draw,
     RowCounter,
@@ -113,13 +112,12 @@ def sample_duo(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
     is the trained DiT, or the exact posterior for an exact_duo method (float64 log-probabilities as logits)."""
     # a released Duo checkpoint outputs the x0 of the authors' ELBO (their plug-in step); ours, trained with CE, and
     # the exact denoiser output the posterior (reweighted step): fsdfm.duo.ancestral_step
-    posterior = not (Path(model_dir) / RELEASED_POINTER).exists()
     if is_exact(model_dir):
         exact = load_exact(model_dir, cfg["data"])
-        model, path = exact, exact.path
+        model, path, posterior = exact, exact.path, True
     else:
         m = load_dit(model_dir, dev)
-        model, path = m.model, m.path
+        model, path, posterior = m.model, m.path, not m.released
     net = RowCounter(model)
     greedy_tail = cfg["rule"] == "greedy_tail"
 
