@@ -9,7 +9,7 @@ Modules: `summary` (per-setting statistics, reading a study), `table` (the Table
 `tables` (the study's tables), `pairs` (headline pairs), `plotting` (figure helpers and types), `figures` (the
 figure kinds), `significance` (marking the best), `oracle` (the oracle decomposition), `speedup` (quality-matched
 speed-up), `convergence` (training curves), `published` (published numbers for labelled reference rows),
-`nfe_figure` (quality vs model calls), `html` (index.html), `results_json` (results.json and its schema), `compare`
+`nfe_figure` (quality vs model calls), `evaluator_check` (gen-PPL's ranking against the exact oracle NLL), `html` (index.html), `results_json` (results.json and its schema), `compare`
 (one table across studies). Scripts in analysis/ regenerate single tables/figures from these.
 
 Which metrics a table or figure shows, its axis label and how it is ranked come from the metric's registry entry
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fsdfm.report.entropy_frontier import entropy_frontier, matched_entropy_table
+from fsdfm.report.evaluator_check import evaluator_check_table
 from fsdfm.report.figures import FIGURES, render
 from fsdfm.report.html import HTML_FILE, html_report
 from fsdfm.report.nfe_figure import quality_vs_nfe
@@ -266,6 +267,8 @@ def _index(
             parts += ["## Few-step error decomposition (exact oracle)", "", t.to_markdown(), ""]
         if t.name == "table_speedup":  # studies with a distilled student and its sampled teacher
             parts += ["## Quality-matched speed-up", "", t.to_markdown(), ""]
+        if t.name == "table_evaluator_check":  # oracle studies scored by a trained evaluator too
+            parts += ["## Evaluator check (gen-PPL against the exact oracle NLL)", "", t.to_markdown(), ""]
     drawn = [f for f in figures if f.skipped is None]
     if drawn:
         parts += ["## Figures", ""]
@@ -341,6 +344,8 @@ def write_report(
         has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
         if has_exact:
             candidates.insert(1, decomposition_table(study))
+        if "gen_ppl" in study.runs and "oracle_nll" in study.runs:  # an oracle study with a trained evaluator
+            candidates.append(evaluator_check_table(study))
         for t in candidates:
             if t.empty:
                 notes.append(f"table `{t.name}`: no data in this study")
