@@ -7,8 +7,8 @@ as one self-contained HTML file and a versioned results JSON.
 
 Modules: `summary` (per-setting statistics, reading a study), `table` (the Table type and number formatting),
 `tables` (the study's tables), `pairs` (headline pairs), `plotting` (figure helpers and types), `figures` (the
-figure kinds), `significance` (marking the best), `oracle` (the oracle decomposition), `speedup` (quality-matched
-speed-up), `convergence` (training curves), `published` (published numbers for labelled reference rows),
+figure kinds), `significance` (marking the best), `oracle` (the oracle decomposition), `exact_samplers` (each
+sampler's own error against the base sampler), `speedup` (quality-matched speed-up), `convergence` (training curves), `published` (published numbers for labelled reference rows),
 `nfe_figure` (quality vs model calls), `evaluator_check` (gen-PPL's ranking against the exact oracle NLL), `html` (index.html), `results_json` (results.json and its schema), `compare`
 (one table across studies). Scripts in analysis/ regenerate single tables/figures from these.
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fsdfm.report.entropy_frontier import entropy_frontier, matched_entropy_table
+from fsdfm.report.exact_samplers import exact_samplers_table
 from fsdfm.report.evaluator_check import evaluator_check_table
 from fsdfm.report.figures import FIGURES, render
 from fsdfm.report.html import HTML_FILE, html_report
@@ -265,6 +266,8 @@ def _index(
     for t, _ in tables:
         if t.name == "table_decomposition":  # oracle studies with an exact method (fsdfm.report.oracle)
             parts += ["## Few-step error decomposition (exact oracle)", "", t.to_markdown(), ""]
+        if t.name == "table_exact_samplers":  # oracle studies driving several samplers with the exact denoiser
+            parts += ["## Each sampler's own error (driven by the exact denoiser)", "", t.to_markdown(), ""]
         if t.name == "table_speedup":  # studies with a distilled student and its sampled teacher
             parts += ["## Quality-matched speed-up", "", t.to_markdown(), ""]
         if t.name == "table_evaluator_check":  # oracle studies scored by a trained evaluator too
@@ -344,6 +347,7 @@ def write_report(
         has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
         if has_exact:
             candidates.insert(1, decomposition_table(study))
+            candidates.insert(2, exact_samplers_table(study))
         if "gen_ppl" in study.runs and "oracle_nll" in study.runs:  # an oracle study with a trained evaluator
             candidates.append(evaluator_check_table(study))
         for t in candidates:
