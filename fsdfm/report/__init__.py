@@ -304,6 +304,31 @@ def _index(
     return "\n".join(parts)
 
 
+def _candidate_tables(study: Study, main: Table) -> list[Table]:
+    """Every table the study's runs call for, in index order (an empty one is listed under "Not shown")."""
+    candidates = [
+        main,
+        speedup_table(study),
+        cost_table(study),
+        pos_divergence_table(study),
+        seeds_table(study),
+        *ablation_tables(study),
+    ]
+    if study.report_settings["pairs"]:
+        candidates.append(pairs_table(study))
+    if "knobs" in study.runs:  # sampler-knob sweeps: the matched-entropy comparison
+        d = study.data
+        h = float(d["entropy_nats"].mean()) if not d.empty and "entropy_nats" in d else None
+        candidates.append(matched_entropy_table(study.models, h))
+    if "gen_ppl_raw" in study.runs or "gen_ppl_first_scored" in study.runs:  # the protocol audit
+        candidates.append(protocol_table(study.models))
+    if "kind" in study.runs and bool((study.runs["kind"] == "exact").any()):
+        candidates[1:1] = [decomposition_table(study), exact_samplers_table(study)]
+    if "gen_ppl" in study.runs and "oracle_nll" in study.runs:  # an oracle study with a trained evaluator
+        candidates.append(evaluator_check_table(study))
+    return candidates
+
+
 def write_report(
     study_dir: str | Path, out_dir: str | Path | None = None, published: Sequence[str] | None = None
 ) -> ReportOutput:
@@ -328,28 +353,7 @@ def write_report(
     main = None
     if len(study.runs):
         main = main_table(study, published=published)
-        candidates = [
-            main,
-            speedup_table(study),
-            cost_table(study),
-            pos_divergence_table(study),
-            seeds_table(study),
-            *ablation_tables(study),
-        ]
-        if study.report_settings["pairs"]:
-            candidates.append(pairs_table(study))
-        if "knobs" in study.runs:  # sampler-knob sweeps: the matched-entropy comparison
-            d = study.data
-            h = float(d["entropy_nats"].mean()) if not d.empty and "entropy_nats" in d else None
-            candidates.append(matched_entropy_table(study.models, h))
-        if "gen_ppl_raw" in study.runs or "gen_ppl_first_scored" in study.runs:  # the protocol audit
-            candidates.append(protocol_table(study.models))
-        has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
-        if has_exact:
-            candidates.insert(1, decomposition_table(study))
-            candidates.insert(2, exact_samplers_table(study))
-        if "gen_ppl" in study.runs and "oracle_nll" in study.runs:  # an oracle study with a trained evaluator
-            candidates.append(evaluator_check_table(study))
+        candidates = _candidate_tables(study, main)
         for t in candidates:
             if t.empty:
                 notes.append(f"table `{t.name}`: no data in this study")
