@@ -66,12 +66,25 @@ def test_removed_is_the_base_minus_the_sampler_with_welch_and_holm(tmp_path):
     assert ps["p_holm"].tolist() == pytest.approx(holm(ps["p"].tolist()), nan_ok=True)
     table = exact_samplers_table(study)
     cells = {(c[1], c[3]): c for c in table.cells}
-    assert cells[("exact / mdlm", "8")][6] == "base"
+    assert cells[("exact / mdlm", "8")][7] == "base"
     assert "exact / margin (score=margin)" in {c[1] for c in table.cells}
-    bold = {(c[1], c[3]): b[6] for c, b in zip(table.cells, table.bold)}
+    bold = {(c[1], c[3]): b[7] for c, b in zip(table.cells, table.bold)}
     assert bold[("exact / confidence", "4")] and not bold[("exact / margin (score=margin)", "4")]
 
 
 def test_a_path_with_one_sampler_gives_no_table(tmp_path):
     study, _ = _study(tmp_path, {("exact / mdlm", "mdlm", ""): {4: 1.0, 8: 0.5}})
     assert exact_samplers_frame(study).empty and exact_samplers_table(study).empty
+
+
+def test_a_ce_below_h_l_is_flagged_sharper_and_never_credited(tmp_path):
+    # the "confidence" sampler samples below the source's entropy (CE excess -0.3 < 0): not an error removed
+    study, _ = _study(
+        tmp_path, {("exact / mdlm", "mdlm", ""): {64: 0.15}, ("exact / confidence", "confidence", ""): {64: -0.3}}
+    )
+    r = exact_samplers_frame(study).set_index("label").loc["exact / confidence"]
+    assert r["below_h"] and r["removed"] == pytest.approx(0.45, abs=0.05) and r["p_holm"] < 0.001
+    assert math.isnan(r["share_removed"])
+    table = exact_samplers_table(study)
+    row = next(i for i, c in enumerate(table.cells) if c[1] == "exact / confidence")
+    assert "below H_L" in table.cells[row][8] and not any(table.bold[row])

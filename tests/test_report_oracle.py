@@ -57,6 +57,16 @@ def test_the_claim_line_compares_with_the_teachers_largest_budget():
     assert "at 8 steps vs its teacher at 1024" in line and "is worse than" in line
 
 
+def test_a_teacher_sampled_under_an_alias_of_the_students_rule_is_its_teacher():
+    # samplers.yaml: the teacher samples with "mdlm", an alias of the student's "cumulative_scalar"
+    student, teacher = [3.064, 2.931, 2.792], [2.893, 2.812, 2.673]
+    runs = _runs(student, teacher)
+    runs.loc[runs["label"] == "T", "rule"] = "mdlm"
+    line = _verdict(runs)
+    assert line is not None and line.startswith("S is worse than its teacher T at 8 steps")
+    assert f"p = {stats.ttest_rel(student, teacher).pvalue:.2g}" in line
+
+
 def test_no_shared_seed_and_no_samples_gives_no_verdict():
     runs = _runs([2.5], [2.7])
     assert _verdict(runs) is None

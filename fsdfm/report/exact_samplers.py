@@ -14,7 +14,10 @@ samples are independent draws from the sampler's output law), SE = std / sqrt(n)
 
 with Welch's 95% interval over the two sets of samples and a two-sided p, Holm-adjusted over every (s, N) compared
 in the study (one family). A negative `removed` means the sampler adds error. These are cross-entropy differences
-(see `fsdfm.report.oracle`), not divergences.
+(see `fsdfm.report.oracle`), not divergences: E_q[-log p] / L - H_L = KL(q || p) / L - (H(p) - H(q)) / L, so a CE
+excess whose interval lies below 0 proves the sampler's law is sharper than the source (H(q) < H(p)); such a row is
+flagged "below H_L" and never credited with removing error, and the samples' entropy beside it (minus the data's)
+shows the sharpening.
 
 Reads the runs and per-sample values of the study (`fsdfm.report.oracle.annotated_runs` finds the exact rows from
 the plan); knows nothing about how the samplers work.
@@ -37,12 +40,17 @@ __all__ = ["exact_samplers_frame", "exact_samplers_table"]
 Z95 = 1.959963984540054  # the normal 97.5% quantile: the samples are hundreds per setting
 
 
-def _per_sample(study: Study, run_ids) -> np.ndarray:
+def _per_sample(study: Study, run_ids, metric: str = "oracle_nll") -> np.ndarray:
     s = study.samples
-    if s is None or not len(s) or "oracle_nll" not in s:
+    if s is None or not len(s) or metric not in s:
         return np.array([])
-    v = pd.to_numeric(s[s["run_id"].isin(list(run_ids))]["oracle_nll"], errors="coerce")
+    v = pd.to_numeric(s[s["run_id"].isin(list(run_ids))][metric], errors="coerce")
     return v.dropna().to_numpy(dtype=float)
+
+
+def _data_entropy(study: Study) -> float:
+    d = study.data
+    return float(pd.to_numeric(d["entropy_nats"], errors="coerce").mean()) if "entropy_nats" in d else math.nan
 
 
 def _settings(study: Study) -> pd.DataFrame:
@@ -60,6 +68,7 @@ def _settings(study: Study) -> pd.DataFrame:
     ):
         rows.append({"path": path, "label": label, "rule": rule, "knobs": knobs, "steps": int(steps),
                      "values": _per_sample(study, g["run_id"]),
+                     "entropy": float(np.mean(e)) if len(e := _per_sample(study, g["run_id"], "entropy_nats")) else math.nan,
                      "h_l": float(pd.to_numeric(g["oracle_expected_nll"], errors="coerce").mean())})  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -71,7 +80,7 @@ def exact_samplers_frame(study: Study) -> pd.DataFrame:
     settings = _settings(study)
     if settings.empty:
         return pd.DataFrame()
-    rows = []
+    rows, h_data = [], _data_entropy(study)
     for path, g in settings.groupby("path", sort=False):
         samplers = list(dict.fromkeys(zip(g["label"], g["rule"], g["knobs"])))
         if len(samplers) < 2:
@@ -85,7 +94,8 @@ def exact_samplers_frame(study: Study) -> pd.DataFrame:
             row = {"source": path_source(path), "label": r["label"], "rule": r["rule"], "knobs": r["knobs"],
                    "steps": r["steps"], "n": n, "ce_excess": e, "ce_excess_lo": e - Z95 * se,
                    "ce_excess_hi": e + Z95 * se, "base": base[0], "removed": math.nan, "removed_lo": math.nan,
-                   "removed_hi": math.nan, "share_removed": math.nan, "p": math.nan}  # fmt: skip
+                   "removed_hi": math.nan, "share_removed": math.nan, "p": math.nan,
+                   "below_h": bool(e + Z95 * se < 0), "entropy_minus_data": r["entropy"] - h_data}  # fmt: skip
             is_base = (r["label"], r["rule"], r["knobs"]) == base
             b = g[
                 (g["label"] == base[0]) & (g["rule"] == base[1]) & (g["knobs"] == base[2]) & (g["steps"] == r["steps"])
@@ -95,7 +105,7 @@ def exact_samplers_frame(study: Study) -> pd.DataFrame:
                 w = welch(bv, v)  # base - this: positive = error removed
                 eb = float(bv.mean()) - float(b["h_l"].iloc[0])
                 row.update(removed=w.diff, removed_lo=w.ci[0], removed_hi=w.ci[1], p=w.p,
-                           share_removed=w.diff / eb if eb > 0 else math.nan)  # fmt: skip
+                           share_removed=w.diff / eb if eb > 0 and not row["below_h"] else math.nan)  # fmt: skip
             rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -114,17 +124,20 @@ def _cells(r: pd.Series) -> tuple:
         else ci(r["removed"], r["removed_lo"], r["removed_hi"])
     )
     share = f"{100 * r['share_removed']:.0f}%" if math.isfinite(r["share_removed"]) else DASH
+    if r["below_h"]:
+        share = "below H_L: sharper than the source"
+    dh = DASH if not math.isfinite(r["entropy_minus_data"]) else f"{r['entropy_minus_data']:+.3f}"
     p = DASH if not math.isfinite(r["p_holm"]) else (f"{r['p_holm']:.3f}" if r["p_holm"] >= 0.001 else "<0.001")
     sampler = r["label"] + (f" ({r['knobs']})" if r["knobs"] and r["knobs"] not in r["label"] else "")
     return (r["source"], sampler, r["rule"], str(r["steps"]), str(r["n"]),
-            ci(r["ce_excess"], r["ce_excess_lo"], r["ce_excess_hi"]), removed, share, p)  # fmt: skip
+            ci(r["ce_excess"], r["ce_excess_lo"], r["ce_excess_hi"]), dh, removed, share, p)  # fmt: skip
 
 
 def exact_samplers_table(study: Study) -> Table:
     """The exact samplers' own error and what each removes against the base sampler, as a Table."""
     frame = exact_samplers_frame(study)
-    columns = ("source", "sampler (exact denoiser)", "rule", "steps", "n samples", "CE excess [95% CI] ↓",
-               "removed vs base [95% CI] ↑", "share removed", "p (Holm)")  # fmt: skip
+    columns = ("source", "sampler (exact denoiser)", "rule", "steps", "n samples", "CE excess [95% CI]",
+               "entropy − data (nats)", "removed vs base [95% CI] ↑", "share removed", "p (Holm)")  # fmt: skip
     if frame.empty:
         cells, sections = [], []
     else:
@@ -134,14 +147,16 @@ def exact_samplers_table(study: Study) -> Table:
     bold = []
     for i, _ in enumerate(cells):
         r = frame.iloc[i]
-        sig = math.isfinite(r["p_holm"]) and r["p_holm"] < 0.05 and r["removed"] > 0
-        bold.append(tuple(sig and j == 6 for j in range(len(columns))))
+        sig = math.isfinite(r["p_holm"]) and r["p_holm"] < 0.05 and r["removed"] > 0 and not r["below_h"]
+        bold.append(tuple(sig and j == 7 for j in range(len(columns))))
     notes = (
         "CE excess: mean oracle_nll of the sampler's samples (driven by the exact posterior) minus H_L, nats/token; "
-        "its whole few-step error is the sampler's. 95% CI from the pooled per-sample values (normal).",
+        "its whole few-step error is the sampler's. 95% CI from the pooled per-sample values (normal). Not a "
+        'divergence: below 0 ("below H_L") the sampler\'s law is provably sharper than the source, not better; '
+        "entropy − data: the samples' mean per-sample entropy minus the data row's.",
         "removed vs base: the base sampler's CE excess minus this one's (the base is the path's first exact setting "
         "without knobs), Welch's 95% CI over the samples; share = removed / base CE excess. Bold: removes error, "
-        "significant at 0.05 after Holm's correction over every comparison in this table.",
+        "significant at 0.05 after Holm's correction over every comparison in this table, and not below H_L.",
     )
     return Table(
         name="table_exact_samplers",

@@ -187,11 +187,19 @@ def _teacher_label(study: Study, runs: pd.DataFrame, student_stage: str) -> str 
     return None if hit.empty else str(hit["label"].iloc[0])
 
 
+def _canonical_rule(rule) -> str:
+    from fsdfm.samplers import UPDATE_ALIASES
+
+    return UPDATE_ALIASES.get(rule, rule)
+
+
 def _setting(study: Study, runs: pd.DataFrame, label: str, rule: str, steps: int) -> tuple[dict, pd.DataFrame | None]:
     """One setting's {seed tuple: run-level oracle_nll} (seeds: the study's re-seeding grid keys) and its
     per-sample rows (for the Welch fallback when fewer than 2 seeds are shared)."""
     keys = [k for k in study.seed_keys if k in runs]
-    sel = runs[(runs["label"] == label) & (runs["rule"] == rule) & (pd.to_numeric(runs["steps"]) == steps)]
+    # an alias is its rule (a teacher sampled with "mdlm" is the student's "cumulative_scalar")
+    same_rule = runs["rule"].map(_canonical_rule) == _canonical_rule(rule)
+    sel = runs[(runs["label"] == label) & same_rule & (pd.to_numeric(runs["steps"]) == steps)]
     vals = pd.to_numeric(sel["oracle_nll"], errors="coerce")
     seeds = {tuple(r): v for r, v in zip(sel[keys].astype(str).itertuples(index=False), vals) if v == v}
     samples = study.samples
@@ -263,8 +271,9 @@ def verdicts(study: Study, frame: pd.DataFrame, steps: int = VERDICT_STEPS) -> l
         if tlabel is None:
             continue
         # the claim itself: N student steps against the same budget and the teacher's largest budget, same rule
-        tsteps = pd.to_numeric(runs[(runs["label"] == tlabel) & (runs["rule"] == st["rule"])]["steps"]).max()
-        for ts in [steps] + ([int(tsteps)] if tsteps == tsteps and int(tsteps) > steps else []):
+        same_rule = runs["rule"].map(_canonical_rule) == _canonical_rule(st["rule"])
+        tsteps = pd.to_numeric(runs[(runs["label"] == tlabel) & same_rule]["steps"], errors="coerce").dropna().max()
+        for ts in [steps] + ([int(tsteps)] if pd.notna(tsteps) and int(tsteps) > steps else []):
             c = _compare_teacher(study, runs, st, tlabel, steps, ts)
             if c is not None:
                 tests.append((len(heads) - 1, st, tlabel, ts, c))
