@@ -14,7 +14,7 @@ from fsdfm.oracle_posterior import ExactPosterior
 from fsdfm.paths import make_path
 from fsdfm.samplers import sample
 from fsdfm.sampling import SamplerKnobs, sample_with_knobs
-from fsdfm.sampling.knobs import nucleus, probs_from_logits
+from fsdfm.sampling.knobs import knob_errors, nucleus, probs_from_logits
 from fsdfm.sampling.steps import confidence_step, draw_inverse_cdf
 from fsdfm.schedulers import make_scheduler
 
@@ -262,3 +262,41 @@ def test_few_step_law_matches_enumeration(tau):
     counts = np.bincount(idx, minlength=V**L)
     assert counts[probs == 0].sum() == 0
     assert _chi2_pvalue(counts, probs) > 1e-4
+
+
+def test_tied_scores_go_left_by_default_and_uniformly_at_random_with_ties_random():
+    """Every position ties (the same p everywhere, the exact denoiser's first step on a stationary source): `left`
+    reveals the leftmost k, `random` reveals each position with probability k / L (chi-square over many rows)."""
+    V, L, k, rows = 5, 8, 2, 4000
+    p = torch.softmax(torch.randn(V, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), -1)
+    p = p.expand(rows, L, V).clone()
+    x = torch.full((rows, L), V)
+    kk = torch.full((rows,), k)
+    left = confidence_step(x, p, V, kk, "top_prob", torch.Generator().manual_seed(1))
+    assert ((left != V)[:, :k]).all() and not (left != V)[:, k:].any()
+    rand = confidence_step(x, p, V, kk, "top_prob", torch.Generator().manual_seed(1), ties="random")
+    assert ((rand != V).sum(-1) == k).all()
+    counts = (rand != V).sum(0).double().numpy()
+    assert _chi2_pvalue(counts, np.full(L, 1.0 / L)) > 1e-3
+    # the drawn tokens are the same x^ either way (the tie key is drawn after them)
+    revealed = rand != V
+    assert torch.equal(rand[revealed], draw_inverse_cdf(p, torch.Generator().manual_seed(1))[revealed])
+
+
+def test_random_ties_leave_untied_orders_alone():
+    """Distinct scores: `random` reveals exactly what `left` reveals (the key only orders equal scores)."""
+    V, L = 6, 7
+    p = torch.softmax(torch.randn(50, L, V, generator=torch.Generator().manual_seed(2), dtype=torch.float64), -1)
+    x = torch.full((50, L), V)
+    kk = torch.full((50,), 3)
+    a = confidence_step(x, p, V, kk, "margin", torch.Generator().manual_seed(5))
+    b = confidence_step(x, p, V, kk, "margin", torch.Generator().manual_seed(5), ties="random")
+    assert torch.equal(a, b)
+
+
+def test_ties_is_a_validated_knob_of_the_ordered_rules_only():
+    assert SamplerKnobs(ties="random").non_default() == {"ties": "random"}
+    with pytest.raises(ValueError, match="ties must be one of left, random"):
+        SamplerKnobs(ties="rightmost")
+    assert knob_errors({"ties": "random"}, ("confidence",), "mask") == []
+    assert [k for k, _ in knob_errors({"ties": "random"}, ("mdlm",), "mask")] == ["ties"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 SCORES = ("confidence", "top_prob", "margin", "entropy")
+TIES = ("left", "random")
 REMASK_SCHEDULES = ("cap", "rescale", "loop")
 # ReMDM (Schiff et al. 2025, arXiv 2503.00307) defaults per schedule: eta (eta_cap / eta_rescale) and, for loop, the
 # window [t_on, t_off] in the paper's reverse time (1 -> 0) during which the revealed fraction is held at alpha_on.
@@ -31,14 +32,15 @@ REMDM_DEFAULT_ETA = {"cap": 0.04, "rescale": 0.015, "loop": 0.02}
 class SamplerKnobs:
     """Every sampler setting; the defaults reproduce the plain sampler exactly.
 
-    temperature: T >= 0 (0 = argmax); top_p: nucleus mass in (0, 1]; greedy_tail: the last step takes the argmax
-    (Duo); block_length: semi-autoregressive blocks of this many positions, left to right (mask source; None = one
-    block); score: the order of confidence-ordered unmasking (confidence = p of the drawn token, margin = top-1 minus
-    top-2 probability, entropy = minus the entropy of p); tau: the threshold of threshold decoding; remask: the ReMDM
-    schedule; eta: its remasking strength (None = the paper's default for the schedule); t_on, t_off, alpha_on: the
-    loop schedule's window and held revealed fraction (paper's reverse time); precision: the dtype of p and the
-    draws for this method (None = the spec's sampling.precision; float32 reproduces the known low-precision
-    categorical draw, for the protocol audit).
+        temperature: T >= 0 (0 = argmax); top_p: nucleus mass in (0, 1]; greedy_tail: the last step takes the argmax
+        (Duo); block_length: semi-autoregressive blocks of this many positions, left to right (mask source; None = one
+        block); score: the order of confidence-ordered unmasking (confidence = p of the drawn token, margin = top-1 minus
+        top-2 probability, entropy = minus the entropy of p); ties: how positions of equal score are ordered (left: the
+    leftmost first; random: a uniform random order, one extra uniform per position); tau: the threshold of threshold decoding; remask: the ReMDM
+        schedule; eta: its remasking strength (None = the paper's default for the schedule); t_on, t_off, alpha_on: the
+        loop schedule's window and held revealed fraction (paper's reverse time); precision: the dtype of p and the
+        draws for this method (None = the spec's sampling.precision; float32 reproduces the known low-precision
+        categorical draw, for the protocol audit).
     """
 
     temperature: float = 1.0
@@ -46,6 +48,7 @@ class SamplerKnobs:
     greedy_tail: bool = False
     block_length: int | None = None
     score: str = "confidence"
+    ties: str = "left"
     tau: float = 0.9
     remask: str = "cap"
     eta: float | None = None
@@ -72,6 +75,8 @@ class SamplerKnobs:
             raise ValueError(f"block_length must be a positive integer, got {bl!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.ties not in TIES:
+            raise ValueError(f"ties must be one of {', '.join(TIES)}, got {self.ties!r}")
         if self.remask not in REMASK_SCHEDULES:
             raise ValueError(f"remask must be one of {', '.join(REMASK_SCHEDULES)}, got {self.remask!r}")
         if self.eta is not None:
@@ -107,6 +112,7 @@ KNOB_RULES: dict[str, tuple | None] = {
     "greedy_tail": None,
     "block_length": None,
     "score": ("confidence",),
+    "ties": ("confidence", "threshold"),
     "tau": ("threshold",),
     "remask": ("remdm",),
     "eta": ("remdm",),

@@ -209,9 +209,9 @@ def _run_block(model, path, x, a, b, grid, rule, knobs, h_conditioned, generator
             xb = xa[:, a:b]
             if rule == "confidence":
                 k = torch.full((rows.numel(),), counts[i], dtype=torch.long, device=x.device)
-                xb = _ordered(xb, p, ps, mask_id, k, knobs.score, generator, precision)
+                xb = _ordered(xb, p, ps, mask_id, k, knobs.score, generator, precision, knobs.ties)
             elif rule == "threshold":
-                xb = _threshold(xb, p, ps, mask_id, knobs.tau, n_steps - i, generator, precision)
+                xb = _threshold(xb, p, ps, mask_id, knobs.tau, n_steps - i, generator, precision, knobs.ties)
             else:
                 sigma = remdm_sigma(a_t, a_s, knobs, in_loop)[rows] if not final else torch.zeros(rows.numel())
                 if not bool((sigma > 0).any()) and not (knobs.remask == "loop"):
@@ -242,22 +242,22 @@ def _jump(xb, la, p, t_loc, h_loc, rule, path, generator, final, precision, proc
     return update(xb, q, t, h, fn, path, generator, final=final)
 
 
-def _ordered(xb, p, ps, mask_id, k, score, generator, precision):
+def _ordered(xb, p, ps, mask_id, k, score, generator, precision, ties):
     if precision == torch.float64:
-        return confidence_step(xb, p, mask_id, k, score, generator, p_score=ps)
+        return confidence_step(xb, p, mask_id, k, score, generator, p_score=ps, ties=ties)
     # float32: the Gumbel-max draw in float32 (the known low-precision artefact, kept for the protocol audit)
     x_hat = _draw(p, generator)
-    return reveal_top(xb, x_hat, scores(ps, x_hat, score), xb == mask_id, k)
+    return reveal_top(xb, x_hat, scores(ps, x_hat, score), xb == mask_id, k, ties, generator)
 
 
-def _threshold(xb, p, ps, mask_id, tau, steps_left, generator, precision):
+def _threshold(xb, p, ps, mask_id, tau, steps_left, generator, precision, ties):
     if precision == torch.float64:
-        return threshold_step(xb, p, mask_id, tau, steps_left, generator, p_score=ps)
+        return threshold_step(xb, p, mask_id, tau, steps_left, generator, p_score=ps, ties=ties)
     masked = xb == mask_id
     x_hat = _draw(p, generator)
     conf = scores(ps, x_hat, "confidence")
     k = torch.maximum((masked & (conf > tau)).sum(-1), -(-masked.sum(-1) // steps_left))
-    return reveal_top(xb, x_hat, conf, masked, k)
+    return reveal_top(xb, x_hat, conf, masked, k, ties, generator)
 
 
 __all__ = ["WHOLE_STEP", "WholeStepSampler", "draw_inverse_cdf", "sample_with_knobs"]

@@ -15,7 +15,10 @@ draws, so even the exact denoiser at budget L samples a sharper law than the dat
 at T = 0 it is top_prob). The other scores are functions of p alone: one position per step chosen by them, then
 drawn from its exact conditional, is an exact chain-rule sampler (tests/test_sampling.py checks both facts).
 
-and reveal the k masked positions of largest s_i (ties: the leftmost) with their x^_i.
+and reveal the k masked positions of largest s_i with their x^_i. Ties (knob `ties`): "left" gives them to the
+leftmost position (torch.topk's usual order, the default), "random" orders tied positions by a uniform random key
+(one extra float64 uniform per position, drawn after x^): under an exact denoiser every position's score ties at
+the first step, and leftmost ties then reveal a contiguous, maximally dependent block.
 
 Threshold step: k = max(#{masked i : p_i(x^_i) > tau}, ceil(masked / steps left)), so at least one position per
 step and never more steps than the budget; tau = 1 leaves only the budget's share (one per step at budget L).
@@ -62,15 +65,31 @@ def scores(p: torch.Tensor, x_hat: torch.Tensor, score: str) -> torch.Tensor:
     raise ValueError(f"unknown score {score!r}")
 
 
-def reveal_top(x: torch.Tensor, x_hat: torch.Tensor, s: torch.Tensor, masked: torch.Tensor, k: torch.Tensor):
-    """Reveal the k (B,) masked positions of largest score s (B, L) per row with x_hat; ties go to the leftmost.
+def reveal_top(
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    s: torch.Tensor,
+    masked: torch.Tensor,
+    k: torch.Tensor,
+    ties: str = "left",
+    generator: torch.Generator | None = None,
+):
+    """Reveal the k (B,) masked positions of largest score s (B, L) per row with x_hat; ties go to the leftmost
+    (ties="left") or are ordered by a uniform random key drawn from `generator` (ties="random").
 
     Scores are compared on a grid of 2^-36: positions whose scores are equal in exact arithmetic (e.g. every
     position's marginal is the same stationary law at the first step) but differ in the last bits of the
     denoiser's arithmetic tie, so the order does not depend on rounding noise (nor on the device)."""
     s = torch.round(s.to(torch.float64) * SCORE_GRID) / SCORE_GRID
     s = torch.where(masked, s, torch.full((), -float("inf"), dtype=torch.float64, device=s.device))
-    order = torch.argsort(s, dim=-1, descending=True, stable=True)
+    if ties == "random":
+        # a random permutation first, then a stable sort by score: equal scores keep the permutation's order
+        perm = torch.argsort(torch.rand(s.shape, dtype=torch.float64, device=s.device, generator=generator), dim=-1)
+        order = perm.gather(-1, torch.argsort(s.gather(-1, perm), dim=-1, descending=True, stable=True))
+    elif ties == "left":
+        order = torch.argsort(s, dim=-1, descending=True, stable=True)
+    else:
+        raise ValueError(f"ties must be 'left' or 'random', got {ties!r}")
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
     reveal = masked & (rank < k[:, None])
     return torch.where(reveal, x_hat, x)
@@ -82,23 +101,23 @@ def uniform_counts(n_masked: int, n_steps: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(n_steps)]
 
 
-def confidence_step(x, p, mask_id, k, score, generator, p_score=None):
+def confidence_step(x, p, mask_id, k, score, generator, p_score=None, ties="left"):
     """One confidence-ordered step on a block. x: (B, Lb) long; p: (B, Lb, V) float64, the law drawn from (after
     temperature / top-p); p_score: the model's own p the scores read (as LLaDA: softmax of the raw logits; default
     p); k: (B,) long counts."""
     masked = x == mask_id
     x_hat = draw_inverse_cdf(p, generator)
-    return reveal_top(x, x_hat, scores(p if p_score is None else p_score, x_hat, score), masked, k)
+    return reveal_top(x, x_hat, scores(p if p_score is None else p_score, x_hat, score), masked, k, ties, generator)
 
 
-def threshold_step(x, p, mask_id, tau, steps_left, generator, p_score=None):
+def threshold_step(x, p, mask_id, tau, steps_left, generator, p_score=None, ties="left"):
     """One threshold step: reveal every masked position with p(x^) > tau, at least ceil(masked / steps_left)."""
     masked = x == mask_id
     x_hat = draw_inverse_cdf(p, generator)
     conf = scores(p if p_score is None else p_score, x_hat, "confidence")
     n_masked = masked.sum(-1)
     k = torch.maximum((masked & (conf > tau)).sum(-1), -(-n_masked // steps_left))
-    return reveal_top(x, x_hat, conf, masked, k)
+    return reveal_top(x, x_hat, conf, masked, k, ties, generator)
 
 
 def remdm_sigma(a_t: torch.Tensor, a_s: torch.Tensor, knobs: SamplerKnobs, in_loop: torch.Tensor) -> torch.Tensor:
