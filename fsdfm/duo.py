@@ -221,15 +221,22 @@ def ancestral_step(
     if greedy:
         return p.argmax(-1)
     V = p.shape[-1]
-    p = p.to(torch.float64)
-    z = F.one_hot(x, V).to(torch.float64)
-    p_tilde = p
+    idx = x[..., None]
+    # Every factor below is affine in z = one_hot(x): computed for the whole row at z = 0 and corrected at the one
+    # entry where z = 1. The values are those of the dense one-hot form bit for bit (kappa * 0 + c == c, and each
+    # entry sees the same operations in the same order), with half the passes over the (B, L, V) float64 tensors;
+    # the in-place operations allocate nothing new.
+    q = p.to(torch.float64, copy=True)
     if posterior:  # p~ = p / q(x_t | x_1): the posterior turned into the x0 the plug-in formula expects
-        p_tilde = p / (kappa_t * z + (1.0 - kappa_t) / V)
-        p_tilde = p_tilde / p_tilde.sum(-1, keepdim=True)
+        c = (1.0 - kappa_t) / V
+        at_x = q.gather(-1, idx) / (kappa_t + c)
+        q.div_(c).scatter_(-1, idx, at_x)
+        q.div_(q.sum(-1, keepdim=True))
     rho = kappa_t / kappa_s
-    a = (1.0 - rho) / V + rho * z
-    q = a * (kappa_s * p_tilde + (1.0 - kappa_s) / V)
-    q = q / q.sum(-1, keepdim=True)
+    a0 = (1.0 - rho) / V
+    q.mul_(kappa_s).add_((1.0 - kappa_s) / V)  # kappa_s p~ + (1 - kappa_s) / V
+    at_x = (a0 + rho) * q.gather(-1, idx)  # a = a0 + rho z: the one entry with z = 1
+    q.mul_(a0).scatter_(-1, idx, at_x)
+    q.div_(q.sum(-1, keepdim=True))
     u = torch.rand(q.shape[:-1] + (1,), dtype=torch.float64, device=q.device, generator=generator)
-    return torch.searchsorted(q.cumsum(-1), u).squeeze(-1).clamp(max=V - 1)
+    return torch.searchsorted(q.cumsum_(-1), u).squeeze(-1).clamp(max=V - 1)
