@@ -228,9 +228,11 @@ def ancestral_step(
     # the in-place operations allocate nothing new.
     q = p.to(torch.float64, copy=True)
     if posterior:  # p~ = p / q(x_t | x_1): the posterior turned into the x0 the plug-in formula expects
+        # divisors as 0-dim tensors on q's device: CUDA divides by a host scalar as a multiply by its reciprocal
+        # (1 ulp off a true division); a tensor divisor is a true division, as in the dense form
         c = (1.0 - kappa_t) / V
-        at_x = q.gather(-1, idx) / (kappa_t + c)
-        q.div_(c).scatter_(-1, idx, at_x)
+        at_x = q.gather(-1, idx) / q.new_tensor(kappa_t + c)
+        q.div_(q.new_tensor(c)).scatter_(-1, idx, at_x)
         q.div_(q.sum(-1, keepdim=True))
     rho = kappa_t / kappa_s
     a0 = (1.0 - rho) / V

@@ -10,7 +10,8 @@ evaluator ranks runs as the source does. The agreement is Spearman's rank correl
 with a 95% percentile bootstrap interval over runs (B = 2000, resampled with replacement; a resample whose ranks are
 constant is dropped). Three populations: every model run; trained models only (no exact-denoiser or joint-sampler
 row, no sanity row: the naive rows are built to fool perplexity, so they are the check's adversarial cases); and
-setting means (method x rule x steps, each metric averaged over seeds: seed noise removed from both sides).
+setting means (method x rule x steps x knobs x ablated keys, each metric averaged over seeds: seed noise removed from
+both sides).
 
 Knows nothing about how either metric is computed; reads the study's runs and, for which runs are exact, the plan
 (`fsdfm.report.oracle.annotated_runs`).
@@ -92,7 +93,8 @@ def evaluator_check_frame(study: Study) -> pd.DataFrame:
     )
     sanity = runs["sanity"].fillna(False).astype(bool) if "sanity" in runs else pd.Series(False, index=runs.index)
     trained = runs[~runs["kind"].isin([EXACT_KIND, JOINT_KIND]) & ~sanity]
-    by = [c for c in DEFAULT_BY if c in runs]
+    # a setting is every key that varies but the seed: label, rule, steps, the sampler's knobs, ablated grid keys
+    by = [c for c in (*DEFAULT_BY, "knobs", *study.ablation_keys) if c in runs]
     means = runs.groupby(by, dropna=False)[["_est", "_true"]].mean() if by else runs[["_est", "_true"]]
     rows = []
     for population, df in (

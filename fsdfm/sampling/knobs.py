@@ -32,15 +32,15 @@ REMDM_DEFAULT_ETA = {"cap": 0.04, "rescale": 0.015, "loop": 0.02}
 class SamplerKnobs:
     """Every sampler setting; the defaults reproduce the plain sampler exactly.
 
-        temperature: T >= 0 (0 = argmax); top_p: nucleus mass in (0, 1]; greedy_tail: the last step takes the argmax
-        (Duo); block_length: semi-autoregressive blocks of this many positions, left to right (mask source; None = one
-        block); score: the order of confidence-ordered unmasking (confidence = p of the drawn token, margin = top-1 minus
-        top-2 probability, entropy = minus the entropy of p); ties: how positions of equal score are ordered (left: the
-    leftmost first; random: a uniform random order, one extra uniform per position); tau: the threshold of threshold decoding; remask: the ReMDM
-        schedule; eta: its remasking strength (None = the paper's default for the schedule); t_on, t_off, alpha_on: the
-        loop schedule's window and held revealed fraction (paper's reverse time); precision: the dtype of p and the
-        draws for this method (None = the spec's sampling.precision; float32 reproduces the known low-precision
-        categorical draw, for the protocol audit).
+    temperature: T >= 0 (0 = argmax); top_p: nucleus mass in (0, 1]; greedy_tail: the last step takes the argmax
+    (Duo); block_length: semi-autoregressive blocks of this many positions, left to right (mask source; None = one
+    block); score: the order of confidence-ordered unmasking (confidence = p of the drawn token, margin = top-1 minus
+    top-2 probability, entropy = minus the entropy of p); ties: how positions of equal score are ordered (left: the
+    leftmost first; random: a uniform random order, one extra uniform per position); tau: the threshold of threshold
+    decoding; remask: the ReMDM schedule; eta: its remasking strength (None = the paper's default for the schedule);
+    t_on, t_off, alpha_on: the loop schedule's window and held revealed fraction (paper's reverse time); precision:
+    the dtype of p and the draws for this method (None = the spec's sampling.precision; float32 reproduces the known
+    low-precision categorical draw, for the protocol audit).
     """
 
     temperature: float = 1.0
