@@ -41,12 +41,18 @@ __all__ = ["exact_samplers_frame", "exact_samplers_table"]
 Z95 = 1.959963984540054  # the normal 97.5% quantile: the samples are hundreds per setting
 
 
-def _per_sample(study: Study, run_ids, metric: str = "oracle_nll") -> np.ndarray:
+def _per_sample(study: Study, metric: str) -> dict:
+    """{run_id: (n,) float values of `metric`} from the study's per-sample table, read once ({} without it)."""
     s = study.samples
     if s is None or not len(s) or metric not in s:
-        return np.array([])
-    v = pd.to_numeric(s[s["run_id"].isin(list(run_ids))][metric], errors="coerce")
-    return v.dropna().to_numpy(dtype=float)
+        return {}
+    v = pd.to_numeric(s[metric], errors="coerce")
+    return {rid: g.dropna().to_numpy(dtype=float) for rid, g in v.groupby(s["run_id"], sort=False)}
+
+
+def _pooled(by_run: dict, run_ids) -> np.ndarray:
+    parts = [by_run[r] for r in run_ids if r in by_run]
+    return np.concatenate(parts) if parts else np.array([])
 
 
 def _data_entropy(study: Study) -> float:
@@ -63,13 +69,14 @@ def _settings(study: Study) -> pd.DataFrame:
     runs = runs[runs["kind"] == EXACT_KIND].assign(
         _knobs=runs["knobs"].fillna("").astype(str) if "knobs" in runs else "", _path=runs["path"].fillna("?")
     )
+    nll, entropy = _per_sample(study, "oracle_nll"), _per_sample(study, "entropy_nats")
     rows = []
     for (path, label, rule, knobs, steps), g in runs.groupby(
         ["_path", "label", "rule", "_knobs", "steps"], sort=False, dropna=False
     ):
+        e = _pooled(entropy, g["run_id"])
         rows.append({"path": path, "label": label, "rule": rule, "knobs": knobs, "steps": int(steps),
-                     "values": _per_sample(study, g["run_id"]),
-                     "entropy": float(np.mean(e)) if len(e := _per_sample(study, g["run_id"], "entropy_nats")) else math.nan,
+                     "values": _pooled(nll, g["run_id"]), "entropy": float(e.mean()) if len(e) else math.nan,
                      "h_l": float(pd.to_numeric(g["oracle_expected_nll"], errors="coerce").mean())})  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -87,6 +94,8 @@ def exact_samplers_frame(study: Study) -> pd.DataFrame:
         if len(samplers) < 2:
             continue
         base = next((s for s in samplers if s[2] == ""), samplers[0])
+        at_base = g[(g["label"] == base[0]) & (g["rule"] == base[1]) & (g["knobs"] == base[2])]
+        base_by_steps = {int(b["steps"]): b for _, b in at_base.iterrows()}
         for _, r in g.iterrows():
             v = r["values"]
             n = len(v)
@@ -98,13 +107,10 @@ def exact_samplers_frame(study: Study) -> pd.DataFrame:
                    "removed_hi": math.nan, "share_removed": math.nan, "p": math.nan,
                    "below_h": bool(e + Z95 * se < 0), "entropy_minus_data": r["entropy"] - h_data}  # fmt: skip
             is_base = (r["label"], r["rule"], r["knobs"]) == base
-            b = g[
-                (g["label"] == base[0]) & (g["rule"] == base[1]) & (g["knobs"] == base[2]) & (g["steps"] == r["steps"])
-            ]
-            if not is_base and len(b) and n > 1 and len(b["values"].iloc[0]) > 1:
-                bv = b["values"].iloc[0]
-                w = welch(bv, v)  # base - this: positive = error removed
-                eb = float(bv.mean()) - float(b["h_l"].iloc[0])
+            b = base_by_steps.get(int(r["steps"]))
+            if not is_base and b is not None and n > 1 and len(b["values"]) > 1:
+                w = welch(b["values"], v)  # base - this: positive = error removed
+                eb = float(b["values"].mean()) - float(b["h_l"])
                 row.update(removed=w.diff, removed_lo=w.ci[0], removed_hi=w.ci[1], p=w.p,
                            share_removed=w.diff / eb if eb > 0 and not row["below_h"] else math.nan)  # fmt: skip
             rows.append(row)
@@ -171,6 +177,6 @@ def exact_samplers_table(study: Study) -> Table:
         bold=tuple(bold),
         sections=tuple(sections),
         notes=notes if cells else (),
-        numbers=frame.drop(columns=[], errors="ignore") if not frame.empty else pd.DataFrame(),
+        numbers=frame,
         n_label_columns=4,
     )
