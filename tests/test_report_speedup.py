@@ -65,9 +65,10 @@ def test_bootstrap_interval_covers_the_budget_of_noisy_units():
 
 
 # ------------------------------------------------------------------------------- a study from its plan
-def _study(root: Path) -> Path:
+def _study(root: Path, variant: bool = False) -> Path:
     """Teacher stages T_s and students S_s (distilled from T_s), s = 0, 1, 2; teacher sampled at 1..64, the
-    student at 8. gen_ppl of the teacher: exp(4 - 0.25 log2 N); of the student: the teacher's at N = 32."""
+    student at 8. gen_ppl of the teacher: exp(4 - 0.25 log2 N); of the student: the teacher's at N = 32.
+    variant: the teacher is also sampled with a knob (same rule), 1 nat/token worse at every budget."""
     stages, runs, records = [], [], {}
 
     def add(stage: Stage, params: dict | None = None, metrics: dict | None = None):
@@ -92,11 +93,14 @@ def _study(root: Path) -> Path:
         t = Stage("train", {"seed": seed, "source": "mask", "scheduler": {"kind": "poly"}})
         s = Stage("distill", {"seed": seed}, inputs={"teacher": t.id})
         add(t), add(s)
-        for model, label, budgets in ((t, "DFM", (1, 4, 16, 64)), (s, "FS-DFM", (8,))):
+        settings = [(t, "DFM", (1, 4, 16, 64), None), (s, "FS-DFM", (8,), None)]
+        if variant:
+            settings.append((t, "DFM blocks", (1, 4, 16, 64), "block_length=16"))
+        for model, label, budgets, knobs in settings:
             for n in budgets:
                 smp = Stage("sample", {"n": n, "m": label}, inputs={"model": model.id})
                 add(smp)
-                log_ppl = 4.0 - 0.25 * math.log2(32 if label == "FS-DFM" else n) + 0.01 * seed
+                log_ppl = 4.0 - 0.25 * math.log2(32 if label == "FS-DFM" else n) + 0.01 * seed + (1.0 if knobs else 0)
                 add(
                     Stage("evaluate", {"n": n, "m": label, "seed": seed}, inputs={"samples": smp.id}),
                     {
@@ -106,6 +110,7 @@ def _study(root: Path) -> Path:
                         "rule": "cumulative_scalar",
                         "steps": n,
                         "seed": seed,
+                        **({"knobs": knobs} if knobs else {}),
                     },
                     {"gen_ppl": math.exp(log_ppl), "wall_s": 0.1 * n, "nfe": n},
                 )
@@ -126,3 +131,14 @@ def test_a_study_pairs_each_student_with_its_own_teacher(tmp_path):
     assert row["speedup_wall"] == pytest.approx(0.1 * 32 / (0.1 * 8), rel=1e-6)
     table = speedup_table(study, n_boot=200)
     assert table.name == "table_speedup" and "32" in table.to_markdown()
+
+
+def test_knob_variants_of_the_teacher_are_separate_curves_own_setting_first(tmp_path):
+    """Two teacher settings with one rule (plain, and a knob 1 nat/token worse) are two rows, not one pooled curve:
+    against the plain teacher N* is still 32."""
+    study = load_study(_study(tmp_path, variant=True))
+    df = speedup_frame(study, n_boot=100)
+    df = df[(df["metric"] == "gen_ppl") & (df["k"] == 8)]
+    assert list(df["teacher"]) == ["DFM (cumulative_scalar)", "DFM blocks (cumulative_scalar)"]
+    assert df["n_star"].iloc[0] == pytest.approx(32.0, rel=0.02)
+    assert df["n_star"].iloc[1] > 64 or df["status"].iloc[1] != "in range"

@@ -216,6 +216,27 @@ def _units(study: Study) -> pd.DataFrame:
     return runs
 
 
+def _canonical(rule: str) -> str:
+    from fsdfm.samplers import UPDATE_ALIASES
+
+    return UPDATE_ALIASES.get(rule, rule)
+
+
+def _combos(runs: pd.DataFrame) -> list[tuple]:
+    """(student label, rule, its runs, teacher rule, teacher knobs) for each student setting against every setting
+    its teacher was sampled with: its own (rule up to alias, knobs) first, the rest sorted (no set order). A teacher
+    setting is a rule and its sampler knobs: two knob variants of one rule are two curves, not one."""
+    combos = []
+    for (label, rule), st in runs[runs["teacher_stage"].notna()].groupby(["label", "rule"], sort=False):
+        own = (_canonical(rule), str(st["_knobs"].iloc[0]))
+        teach = runs[runs["model_stage"].isin(set(st["teacher_stage"])) & runs["rule"].notna()]
+        for t_rule, t_knobs in sorted(
+            set(zip(teach["rule"], teach["_knobs"])), key=lambda s: ((_canonical(s[0]), s[1]) != own, s)
+        ):
+            combos.append((label, rule, st, t_rule, t_knobs))
+    return combos
+
+
 def speedup_frame(study: Study, n_boot: int = N_BOOT) -> pd.DataFrame:
     """One row per (student label, rule, k, teacher rule, metric): the teacher label (with its rule), the student's
     mean value, N* with its status and 95% interval, the NFE and wall-clock speed-ups, the units and the teacher
@@ -225,17 +246,12 @@ def speedup_frame(study: Study, n_boot: int = N_BOOT) -> pd.DataFrame:
         return pd.DataFrame()
     wall = SAMPLING_WALL_S if SAMPLING_WALL_S in runs else None
     rows = []
-    students = runs[runs["teacher_stage"].notna()].groupby(["label", "rule"], sort=False)
-    # each student setting against its teacher under every rule the teacher was sampled with (its own rule first)
-    combos = [
-        (label, rule, st, t_rule)
-        for (label, rule), st in students
-        for t_rule in sorted(
-            set(runs[runs["model_stage"].isin(set(st["teacher_stage"]))]["rule"].dropna()), key=lambda r: r != rule
-        )
-    ]
-    for label, rule, st, t_rule in combos:
-        teach = runs[runs["model_stage"].isin(set(st["teacher_stage"])) & (runs["rule"] == t_rule)]
+    runs["_knobs"] = runs["knobs"].fillna("").astype(str) if "knobs" in runs else ""
+    combos = _combos(runs)
+    for label, rule, st, t_rule, t_knobs in combos:
+        teach = runs[
+            runs["model_stage"].isin(set(st["teacher_stage"])) & (runs["rule"] == t_rule) & (runs["_knobs"] == t_knobs)
+        ]
         t_label = " / ".join(dict.fromkeys(teach.sort_values("steps")["label"])) + f" ({t_rule})"
         pairs = [(s, t) for s, t in st[["model_stage", "teacher_stage"]].drop_duplicates().itertuples(index=False)]
         for metric in speedup_metrics(study):
