@@ -33,6 +33,7 @@ from fsdfm.study.spec import FORWARD_PRECISIONS, Cell, MethodSpec, StudySpec
 
 __all__ = [
     "EXACT_TEACHER",
+    "DIAGNOSTICS",
     "METHOD_KINDS",
     "MethodKind",
     "Planner",
@@ -43,6 +44,9 @@ __all__ = [
 
 # kind name -> its MethodKind (settings class, planning, sampler, rules); filled by the kind files on import
 METHOD_KINDS: Registry = Registry("method kind", discover=("fsdfm.methods",))
+# diagnostic name -> fn(planner, model stage, method name, MethodSpec, add_run): the runs a diagnostic adds for one
+# method beside its samples (pos_divergence here; exact_law in its own file), each a no-op unless the spec asks
+DIAGNOSTICS: Registry = Registry("diagnostic", discover=("fsdfm.methods",))
 
 
 def forward_precision_key(value: str) -> dict:
@@ -207,7 +211,8 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
             "seed": spec.sampling.seed,
             "evaluator": dataclasses.asdict(spec.evaluator),
         }
-        eval_cfg["metrics"].pop("pos_divergence")
+        for diagnostic in ("pos_divergence", "exact_law"):  # their own stages: not in the evaluate stages' ids
+            eval_cfg["metrics"].pop(diagnostic)
         eval_cfg["evaluator"].pop("train")
         if spec.data_reference:
             ref = p.add(Stage("evaluate_data", eval_cfg, ev_inputs))
@@ -216,7 +221,8 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
         for mname, m in spec.methods.items():
             model = p.model_stage(mname)
             _plan_samples(p, model, mname, m, eval_cfg, ev_inputs, lambda prm, fin: runs.add(prm, fin, cell.params))
-            _plan_divergence(p, model, mname, m, lambda prm, fin: runs.add(prm, fin, cell.params))
+            for diagnostic in DIAGNOSTICS:
+                DIAGNOSTICS.get(diagnostic)(p, model, mname, m, lambda prm, fin: runs.add(prm, fin, cell.params))
     rs = cells[0].spec.report if cells else None
     report = {"mauve_min_n": rs.mauve_min_n, "pairs": [list(p) for p in rs.pairs]} if rs is not None else {}
     # tracking settings go to plan.json, not into any stage config: a tracked study has the same stage ids
@@ -259,6 +265,7 @@ def _plan_samples(
             add_run(run | knob_col | ({"sanity": True} if kind.sanity else {}), ev_stage)
 
 
+@DIAGNOSTICS.register("pos_divergence")
 def _plan_divergence(p: Planner, model: Stage, mname: str, m: MethodSpec, add_run: Callable) -> None:
     """The pos_divergence diagnostic of a student against its (trained) teacher, per student step budget."""
     spec, kind = p.spec, METHOD_KINDS.get(m.kind)

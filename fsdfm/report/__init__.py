@@ -24,6 +24,7 @@ from typing import Sequence
 
 from fsdfm.report.entropy_frontier import entropy_frontier, matched_entropy_table
 from fsdfm.report.exact_samplers import exact_samplers_table
+from fsdfm.report.exact_law import exact_law_table
 from fsdfm.report.evaluator_check import evaluator_check_table
 from fsdfm.report.figures import FIGURES, render
 from fsdfm.report.html import HTML_FILE, html_report
@@ -33,7 +34,7 @@ from fsdfm.report.oracle import decomposition_table
 from fsdfm.report.oracle_figure import decomposition_figure
 from fsdfm.report.convergence import convergence_figure, convergence_frame
 from fsdfm.report.published import PUBLISHED
-from fsdfm.report.summary import EXTERNAL_RUN_KIND, DEFAULT_BY, Study, load_study, sampling_wall_s, summarize, wide
+from fsdfm.report.summary import EXTERNAL_RUN_KIND, DEFAULT_BY, LAW_KIND, Study, load_study, sampling_wall_s, summarize, wide
 from fsdfm.report.pairs import pairs_table
 from fsdfm.report.speedup import speedup_table
 from fsdfm.report.plotting import FigureResult
@@ -326,6 +327,8 @@ def _candidate_tables(study: Study, main: Table) -> list[Table]:
         candidates[1:1] = [decomposition_table(study), exact_samplers_table(study)]
     if "gen_ppl" in study.runs and "oracle_nll" in study.runs:  # an oracle study with a trained evaluator
         candidates.append(evaluator_check_table(study))
+    if "kind" in study.runs and bool((study.runs["kind"] == LAW_KIND).any()):  # metrics.exact_law
+        candidates.insert(1, exact_law_table(study))
     return candidates
 
 

@@ -23,7 +23,7 @@ from typing import Sequence
 import pandas as pd
 
 from fsdfm.report.metric_table import metric_table
-from fsdfm.report.summary import DATA_KIND, POS_KIND, load_study
+from fsdfm.report.summary import DATA_KIND, DIAGNOSTIC_KINDS, load_study
 from fsdfm.report.table import MAUVE_MIN_N, Table
 from fsdfm.report.tables import main_metrics
 
@@ -115,7 +115,7 @@ def compare_runs(studies: Sequence[StudyRuns], metrics: Sequence[str] | None = N
         raise CompareError(f"study {dup[0]!r} named twice; compare distinct studies")
     frames, samples = [], []
     for s in studies:
-        runs = s.runs[s.runs["kind"] != POS_KIND] if "kind" in s.runs else s.runs
+        runs = s.runs[~s.runs["kind"].isin(DIAGNOSTIC_KINDS)] if "kind" in s.runs else s.runs
         # run ids are unique within a study only: prefix them so per-sample rows join to their own study's runs
         runs = runs.assign(**{STUDY_COLUMN: s.name, "run_id": s.name + "/" + runs["run_id"].astype(str)})
         frames.append(runs)

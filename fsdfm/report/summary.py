@@ -30,6 +30,8 @@ DATA_KIND = "data"
 DATA_LABEL = "data (held-out)"
 EXTERNAL_RUN_KIND = "external"  # the `kind` of a run scored by `fsdfm eval` (fsdfm.external's RunSpec params)
 POS_KIND = "pos_divergence"
+LAW_KIND = "exact_law"  # the runs of fsdfm.methods.exact_law: a sampler's exact output law, not samples
+DIAGNOSTIC_KINDS = (POS_KIND, LAW_KIND)  # runs of a diagnostic stage: never rows of the sample-quality tables
 SANITY = "sanity"  # the run parameter of a model-free sanity row (fsdfm.methods.base.MethodKind.sanity)
 SAMPLING_WALL_S = "sampling_wall_s"  # derived column: see `sampling_wall_s`
 # run-parameter columns every run has (the rest of a run's parameters are grid keys)
@@ -201,10 +203,10 @@ class Study:
 
     @property
     def models(self) -> pd.DataFrame:
-        """Runs of models (not the data reference, not per-position divergence)."""
+        """Runs of models (not the data reference, not a diagnostic: per-position divergence, exact law)."""
         if "kind" not in self.runs:
             return self.runs
-        return self.runs[~self.runs["kind"].isin([DATA_KIND, POS_KIND])]
+        return self.runs[~self.runs["kind"].isin([DATA_KIND, *DIAGNOSTIC_KINDS])]
 
     @property
     def divergence(self) -> pd.DataFrame:

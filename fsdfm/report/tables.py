@@ -31,7 +31,7 @@ from fsdfm.report.summary import (
     DATA_KIND,
     DEFAULT_BY,
     EXTERNAL_RUN_KIND,
-    POS_KIND,
+    DIAGNOSTIC_KINDS,
     SANITY,
     SAMPLING_WALL_S,
     Study,
@@ -83,7 +83,7 @@ def _n_samples_note(runs: pd.DataFrame) -> list[str]:
 def main_table(study: Study, published: Sequence[str] = (), metrics: Sequence[str] | None = None) -> Table:
     """Quality by method and step budget: perplexity, entropy, MAUVE, diversity; data row first; collapse."""
     metrics = main_metrics() if metrics is None else metrics
-    runs = study.runs[study.runs["kind"] != POS_KIND] if "kind" in study.runs else study.runs
+    runs = study.runs[~study.runs["kind"].isin(DIAGNOSTIC_KINDS)] if "kind" in study.runs else study.runs
     return metric_table(
         runs,
         metrics,
@@ -166,7 +166,7 @@ def pos_divergence_table(study: Study) -> Table:
 def seeds_table(study: Study, metrics: Sequence[str] | None = None) -> Table:
     """Run-to-run variance: per setting and metric, n seeds, mean, std, 95% CI, min, max, std/mean."""
     metrics = seed_metrics() if metrics is None else metrics
-    runs = study.runs[study.runs["kind"] != POS_KIND] if "kind" in study.runs else study.runs
+    runs = study.runs[~study.runs["kind"].isin(DIAGNOSTIC_KINDS)] if "kind" in study.runs else study.runs
     wanted = list(metrics)
     s = summarize(runs, DEFAULT_BY, wanted)
     data_keys = (

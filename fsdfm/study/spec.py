@@ -30,6 +30,7 @@ from typing import Any
 
 from fsdfm.registry import UnknownNameError, did_you_mean
 from fsdfm.study.convert import _convert, build
+from fsdfm.study.diagnostics import ExactLawSpec, PosDivergenceSpec  # noqa: F401 (the MetricsSpec annotations)
 from fsdfm.study.grid import resolve_bases
 from fsdfm.study.bounds import check_bounds
 from fsdfm.study.yaml_io import NAME_PATTERN, SpecError, check_name, read_yaml, short, short_message
@@ -175,27 +176,6 @@ class EvaluatorSpec:
 
 
 @dataclass(frozen=True)
-class PosDivergenceSpec:
-    """Per-position divergence of few-step students from the many-step teacher, from states on teacher paths."""
-
-    n_states: int = 4
-    n_rollouts: int = 8
-    t_start: float = 0.5
-    teacher_steps: int = 256
-    student_steps: tuple = (1, 8)
-
-    def __post_init__(self):
-        for name in ("n_states", "n_rollouts", "teacher_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not 0.0 < self.t_start < 1.0:
-            raise ValueError(f"t_start must lie in (0, 1), got {self.t_start!r}")
-        for k in self.student_steps:
-            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 4096:
-                raise ValueError(f"student_steps are integers in 1..4096, got {short(k)}")
-
-
-@dataclass(frozen=True)
 class MetricsSpec:
     names: tuple = (
         "gen_ppl",
@@ -214,6 +194,7 @@ class MetricsSpec:
     mauve_seeds: int = 5  # k-means seeds MAUVE is averaged over (>= 5; mean and std recorded)
     self_bleu_subsample: int = 64
     pos_divergence: PosDivergenceSpec | None = None
+    exact_law: ExactLawSpec | None = None
 
     def __post_init__(self):
         from fsdfm.metrics.mauve import FEATURIZERS, resolve_num_buckets  # heavy: torch
