@@ -65,10 +65,11 @@ def test_bootstrap_interval_covers_the_budget_of_noisy_units():
 
 
 # ------------------------------------------------------------------------------- a study from its plan
-def _study(root: Path, variant: bool = False) -> Path:
+def _study(root: Path, variant: bool = False, sweep: bool = False) -> Path:
     """Teacher stages T_s and students S_s (distilled from T_s), s = 0, 1, 2; teacher sampled at 1..64, the
     student at 8. gen_ppl of the teacher: exp(4 - 0.25 log2 N); of the student: the teacher's at N = 32.
-    variant: the teacher is also sampled with a knob (same rule), 1 nat/token worse at every budget."""
+    variant: the teacher is also sampled with a knob (same rule), 1 nat/token worse at every budget; sweep: the
+    teacher is also sampled with a temperature at one budget (8) only."""
     stages, runs, records = [], [], {}
 
     def add(stage: Stage, params: dict | None = None, metrics: dict | None = None):
@@ -96,6 +97,8 @@ def _study(root: Path, variant: bool = False) -> Path:
         settings = [(t, "DFM", (1, 4, 16, 64), None), (s, "FS-DFM", (8,), None)]
         if variant:
             settings.append((t, "DFM blocks", (1, 4, 16, 64), "block_length=16"))
+        if sweep:
+            settings.append((t, "DFM T 0.7", (8,), "temperature=0.7"))
         for model, label, budgets, knobs in settings:
             for n in budgets:
                 smp = Stage("sample", {"n": n, "m": label}, inputs={"model": model.id})
@@ -142,3 +145,11 @@ def test_knob_variants_of_the_teacher_are_separate_curves_own_setting_first(tmp_
     assert list(df["teacher"]) == ["DFM (cumulative_scalar)", "DFM blocks (cumulative_scalar)"]
     assert df["n_star"].iloc[0] == pytest.approx(32.0, rel=0.02)
     assert df["n_star"].iloc[1] > 64 or df["status"].iloc[1] != "in range"
+
+
+def test_a_teacher_setting_at_one_budget_is_no_curve_and_gets_no_row(tmp_path):
+    """A knob sweep of the teacher at one budget (temperature at 8 steps) has no N* to read: the student is compared
+    with the teacher's curves only (before, it got a row per metric and budget, all "no N* in range")."""
+    df = speedup_frame(load_study(_study(tmp_path, sweep=True)), n_boot=50)
+    assert set(df["teacher"]) == {"DFM (cumulative_scalar)"}
+    assert df[df["metric"] == "gen_ppl"]["n_star"].iloc[0] == pytest.approx(32.0, rel=0.02)

@@ -225,14 +225,16 @@ def _canonical(rule: str) -> str:
 def _combos(runs: pd.DataFrame) -> list[tuple]:
     """(student label, rule, its runs, teacher rule, teacher knobs) for each student setting against every setting
     its teacher was sampled with: its own (rule up to alias, knobs) first, the rest sorted (no set order). A teacher
-    setting is a rule and its sampler knobs: two knob variants of one rule are two curves, not one."""
+    setting is a rule and its sampler knobs: two knob variants of one rule are two curves, not one. Only a teacher
+    setting sampled at two budgets or more is a curve N* can be read from: a knob sweep at one budget (a temperature
+    sweep at 8 steps) is not compared here (the matched-entropy table is for it)."""
     combos = []
     for (label, rule), st in runs[runs["teacher_stage"].notna()].groupby(["label", "rule"], sort=False):
         own = (_canonical(rule), str(st["_knobs"].iloc[0]))
         teach = runs[runs["model_stage"].isin(set(st["teacher_stage"])) & runs["rule"].notna()]
-        for t_rule, t_knobs in sorted(
-            set(zip(teach["rule"], teach["_knobs"])), key=lambda s: ((_canonical(s[0]), s[1]) != own, s)
-        ):
+        budgets = teach.groupby(["rule", "_knobs"])["steps"].nunique()
+        settings = {s for s in zip(teach["rule"], teach["_knobs"]) if budgets.get(s, 0) >= 2}
+        for t_rule, t_knobs in sorted(settings, key=lambda s: ((_canonical(s[0]), s[1]) != own, s)):
             combos.append((label, rule, st, t_rule, t_knobs))
     return combos
 
