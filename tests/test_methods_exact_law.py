@@ -169,3 +169,6 @@ def test_a_study_records_the_laws_and_the_report_shows_them_beside_the_sampled_c
     assert ex1["ce_sampled"] == pytest.approx(nll.mean() - run["oracle_expected_nll"], abs=1e-9)
     main = pd.read_csv(study_dir / "report" / "table_main.csv")
     assert len(main) == 1 + 3  # the data row and the three sampled settings: no law row
+    index = (study_dir / "report" / "index.md").read_text()
+    assert "## True divergences of each sampler's output law (exact)" in index
+    assert "settings (method × rule × steps, incl. data): 4; seeds per setting: 1" in index  # not 2: no law runs

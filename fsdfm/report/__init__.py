@@ -34,7 +34,17 @@ from fsdfm.report.oracle import decomposition_table
 from fsdfm.report.oracle_figure import decomposition_figure
 from fsdfm.report.convergence import convergence_figure, convergence_frame
 from fsdfm.report.published import PUBLISHED
-from fsdfm.report.summary import EXTERNAL_RUN_KIND, DEFAULT_BY, LAW_KIND, Study, load_study, sampling_wall_s, summarize, wide
+from fsdfm.report.summary import (
+    EXTERNAL_RUN_KIND,
+    DEFAULT_BY,
+    DIAGNOSTIC_KINDS,
+    LAW_KIND,
+    Study,
+    load_study,
+    sampling_wall_s,
+    summarize,
+    wide,
+)
 from fsdfm.report.pairs import pairs_table
 from fsdfm.report.speedup import speedup_table
 from fsdfm.report.plotting import FigureResult
@@ -154,7 +164,9 @@ def _facts(study: Study) -> list[str]:
         + (f"; {n_ext} external sample file(s) scored by `fsdfm eval`" if n_ext else ""),
     ]
     if len(runs):
-        settings = runs.groupby(list(DEFAULT_BY), dropna=False).size()
+        # a diagnostic's runs (exact_law, pos_divergence) share a setting's label, rule and steps: not more seeds
+        sampled = runs[~runs["kind"].isin(DIAGNOSTIC_KINDS)] if "kind" in runs else runs
+        settings = sampled.groupby(list(DEFAULT_BY), dropna=False).size()
         seeds = sorted(set(settings))
         lines.append(
             f"settings (method × rule × steps, incl. data): {len(settings)}; seeds per setting: "
@@ -267,6 +279,8 @@ def _index(
     for t, _ in tables:
         if t.name == "table_decomposition":  # oracle studies with an exact method (fsdfm.report.oracle)
             parts += ["## Few-step error decomposition (exact oracle)", "", t.to_markdown(), ""]
+        if t.name == "table_exact_law":  # studies with metrics.exact_law (fsdfm.report.exact_law)
+            parts += ["## True divergences of each sampler's output law (exact)", "", t.to_markdown(), ""]
         if t.name == "table_exact_samplers":  # oracle studies driving several samplers with the exact denoiser
             parts += ["## Each sampler's own error (driven by the exact denoiser)", "", t.to_markdown(), ""]
         if t.name == "table_speedup":  # studies with a distilled student and its sampled teacher
