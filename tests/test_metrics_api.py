@@ -58,6 +58,14 @@ ALL_NAMES = [
     "gen_ppl_first_scored",
     "gen_ppl_short_ctx",
     "train_copy",
+    # recorded by the exact_law stage (fsdfm.metrics.law)
+    "law_kl_qp",
+    "law_kl_pq",
+    "law_entropy_gap",
+    "law_ce_excess",
+    "split_path_kl",
+    "split_factorization",
+    "split_per_position",
 ]
 
 
