@@ -70,6 +70,8 @@ def test_refused_on_text_data_and_on_too_many_states(tmp_path):
         _plan(tmp_path, "  exact_law: {max_states: 100}\n")  # (3 + 1)^4 = 256 under the mask source
     with pytest.raises(ValueError, match="max_steps must be an int >= 1"):
         _plan(tmp_path, "  exact_law: {max_steps: 0}\n")
+    with pytest.raises(ValueError, match="split_states must be >= 2"):
+        _plan(tmp_path, "  exact_law: {split_states: 1}\n")
 
 
 def _brute_force(source, L: int):

@@ -48,6 +48,8 @@ class ExactLawSpec:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {short(v)}")
+        if self.split_states < 2:  # the split's Monte-Carlo standard error needs two states per step
+            raise ValueError(f"split_states must be >= 2 (its standard error needs two), got {self.split_states}")
         if self.max_states > 1_000_000:
             raise ValueError(
                 f"max_states must be <= 1,000,000 (the dense pass is quadratic in it), got {self.max_states}"
