@@ -32,6 +32,7 @@ methods:
   dfm: {kind: dfm, rules: [cumulative_scalar], train: {steps: 2, batch_size: 8, warmup_steps: 1}, budgets: [2, 8]}
   fs: {kind: fsdfm, teacher: dfm, distill: {K: 2}, train: {steps: 2, batch_size: 8, warmup_steps: 1}, budgets: [2]}
   hot: {base: dfm, label: hot, knobs: {temperature: 1.5}}
+  conf: {base: ex, label: confidence order, rules: [confidence]}
 """
 LAW = "  exact_law: {max_steps: 16}\n"
 
@@ -48,7 +49,8 @@ def test_planned_per_rule_and_budget_up_to_max_steps_and_no_other_id_moves(tmp_p
     law_runs = sorted(
         (r.params["method"], r.params["rule"], r.params["steps"]) for r in plan.runs if r.params["kind"] == LAW_KIND
     )
-    # the exact denoiser (2 rules x budgets <= 16), the DiT kinds' default rule; none for the knob variant "hot"
+    # the exact denoiser (2 rules x budgets <= 16), the DiT kinds' rule; none for the knob variant "hot" nor for a
+    # whole-step sampler ("conf": confidence order is no product kernel)
     assert law_runs == sorted(
         [("ex", r, k) for r in ("cumulative_scalar", "euler") for k in (1, 4)]
         + [("dfm", "cumulative_scalar", 2), ("dfm", "cumulative_scalar", 8), ("fs", "cumulative_scalar", 2)]
@@ -72,6 +74,9 @@ def test_refused_on_text_data_and_on_too_many_states(tmp_path):
         _plan(tmp_path, "  exact_law: {max_steps: 0}\n")
     with pytest.raises(ValueError, match="split_states must be >= 2"):
         _plan(tmp_path, "  exact_law: {split_states: 1}\n")
+    bf16 = ORACLE.replace("seed: 3}", "seed: 3, forward_precision: bfloat16}")
+    with pytest.raises(ValueError, match="the law is of the float32 forward pass"):
+        _plan(tmp_path, LAW, bf16)
 
 
 def _brute_force(source, L: int):
@@ -89,7 +94,7 @@ def _stage(tmp_path, data: dict, rule: str, steps: int, source: str = "mask") ->
     model.mkdir(exist_ok=True)
     write_exact(model, {"source": source, "scheduler": {"name": "polynomial", "n": 1.0}})
     cfg = {"data": data, "sampler": "exact", "rule": rule, "steps": steps, "t_end": 1.0}
-    cfg |= {"max_steps": 64, "split_max_steps": 8, "split_states": 16, "max_states": 20_000}
+    cfg |= {"split_max_steps": 8, "split_states": 16}
     return exact_law_stage(cfg, {"model": str(model)}, tmp_path)
 
 
@@ -115,6 +120,7 @@ def test_one_step_of_the_exact_denoiser_is_the_product_of_marginals(tmp_path, da
     assert m["split_path_kl"] == pytest.approx(m["law_kl_pq"], abs=1e-9)
     assert m["split_factorization"] == pytest.approx(m["law_kl_pq"], abs=1e-9)
     assert abs(m["split_per_position"]) < 1e-9
+    assert out["split"]["split_path_kl_se"] == 0.0  # every row starts from the one all-mask state
 
 
 def test_cumulative_scalar_on_the_exact_denoiser_has_no_per_position_error(tmp_path, data):
@@ -174,3 +180,34 @@ def test_a_study_records_the_laws_and_the_report_shows_them_beside_the_sampled_c
     index = (study_dir / "report" / "index.md").read_text()
     assert "## True divergences of each sampler's output law (exact)" in index
     assert "settings (method × rule × steps, incl. data): 4; seeds per setting: 1" in index  # not 2: no law runs
+
+
+def test_the_sampled_ce_excess_beside_a_law_is_its_own_models_not_a_pool_of_variants(tmp_path):
+    """Two variants of one method (a grid over model.hidden: same method, rule and steps, two labels) each get the
+    sampled CE excess of their own models' samples."""
+    import pandas as pd
+
+    from fsdfm.launch import execute
+    from fsdfm.report import write_report
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(
+        ORACLE.split("methods:")[0]
+        + "methods:\n  dfm: {kind: dfm, rules: [cumulative_scalar], train: {steps: 2, batch_size: 8, warmup_steps: 1},"
+        + " budgets: [2]}\nmetrics:\n  names: [oracle_nll]\n"
+        + LAW
+        + "grid:\n  model.hidden: [16, 32]\n"
+    )
+    spec, cells = load_spec(spec_file)
+    assert execute(plan_study(spec.name, cells), tmp_path / "results", executor="debug").ok
+    study_dir = tmp_path / "results" / spec.name
+    write_report(study_dir)
+    law = pd.read_csv(study_dir / "report" / "table_exact_law.csv")
+    study = load_study(study_dir)
+    models = study.models[study.models["kind"] == "dfm"]
+    assert len(law) == 2 and len(models) == 2 and set(law["label"]) == set(models["label"])
+    for _, run in models.iterrows():
+        nll = study.samples.loc[study.samples["run_id"] == run["run_id"], "oracle_nll"].astype(float)
+        row = law[law["label"] == run["label"]].iloc[0]
+        assert row["n_samples"] == 16  # one model's samples, not both variants' 32
+        assert row["ce_sampled"] == pytest.approx(nll.mean() - run["oracle_expected_nll"], abs=1e-9)

@@ -46,7 +46,7 @@ from fsdfm.methods.common import DATA_SOURCES, load_dit
 from fsdfm.methods.exact_teacher import load_exact
 from fsdfm.oracle_law import divergences, output_law, step_split
 from fsdfm.paths import MixturePath
-from fsdfm.samplers import time_grid
+from fsdfm.samplers import get_rule, time_grid
 from fsdfm.study.graph import PlanError, Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
 
@@ -98,11 +98,17 @@ def plan_exact_law(p: Planner, model: Stage, mname: str, m: MethodSpec, add_run:
             f"metrics.exact_law: method {mname!r} has {n:,} states (A^L, source {m.source!r}), over max_states "
             f"{law.max_states:,}; use a smaller vocab_size or seq_len, or raise max_states (<= 1,000,000)"
         )
+    if p.spec.sampling.forward_precision != "float32":
+        raise PlanError(
+            f"metrics.exact_law: the law is of the float32 forward pass; sampling.forward_precision is "
+            f"{p.spec.sampling.forward_precision!r} (its samples would come from another one): drop one of the two"
+        )
     t_end = 1.0 - p.spec.sampling.eps if kind.ends_before_one(m) else 1.0
-    for rule in m.rules or kind.rules[:1]:
+    # a whole-step sampler (confidence order, threshold, ReMDM: fsdfm.sampling) is no product kernel: no law run
+    for rule in (r for r in (m.rules or kind.rules[:1]) if not hasattr(get_rule(r), "sample_loop")):
         for steps in (s for s in m.budgets if s <= law.max_steps):
             cfg = {"data": p.data, "sampler": kind.sampler, "rule": rule, "steps": steps, "t_end": t_end}
-            cfg |= dataclasses.asdict(law)
+            cfg |= {"split_max_steps": law.split_max_steps, "split_states": law.split_states}  # what the stage reads
             stage = p.add(Stage("exact_law", cfg, {"model": model.id}))
             add_run({"method": mname, "kind": LAW_KIND, "label": m.label or mname, "rule": rule, "steps": steps}, stage)
 
@@ -110,7 +116,7 @@ def plan_exact_law(p: Planner, model: Stage, mname: str, m: MethodSpec, add_run:
 @stage_kind(
     "exact_law",
     resources="cpu",
-    version="1",
+    version="2",  # 2: the split's standard error over the rows' totals (1 summed per-step variances)
     metrics=(
         "law_kl_qp",
         "law_kl_pq",
@@ -161,13 +167,14 @@ def exact_law_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
 
 def trajectory_split(net: LawModel, source, grid: torch.Tensor, rule: str, n_states: int, L: int) -> dict:
     """Per token, summed over the grid's steps: E_{x_t ~ p_t} of step_split's terms, with each sum's Monte-Carlo
-    standard error (the steps' states are independent, so the variances of the per-step means add).
+    standard error. Row j of the sample is one x_1 (drawn once) noised afresh at every step's t, so the rows are
+    i.i.d. but a row's steps are not independent of each other: the SE is that of the rows' totals over the steps,
+    std(totals) / sqrt(n_states), not a sum of per-step variances.
 
     Returns {split_path_kl, split_factorization, split_per_position, *_se, per_step: [{t, h, path_kl, tc}]}."""
     gen = torch.Generator().manual_seed(SPLIT_SEED)
     x_1 = torch.from_numpy(np.asarray(source.sample(n_states, L, seed=SPLIT_SEED), dtype=np.int64))
-    sums = {"path_kl": 0.0, "tc": 0.0, "per_position": 0.0}
-    variances = dict.fromkeys(sums, 0.0)
+    totals = {k: np.zeros(n_states) for k in ("path_kl", "tc", "per_position")}  # per row, summed over steps
     per_step = []
     for i in range(grid.numel() - 1):
         t, h = float(grid[i]), float(grid[i + 1] - grid[i])
@@ -180,17 +187,14 @@ def trajectory_split(net: LawModel, source, grid: torch.Tensor, rule: str, n_sta
             "per_position": np.array([float(s.per_position.sum()) for s in parts]),
         }
         for k, v in values.items():
-            sums[k] += float(v.mean()) / L
-            variances[k] += float(v.var(ddof=1)) / n_states / L**2  # n_states >= 2 (ExactLawSpec)
+            totals[k] += v / L
         per_step.append({"t": t, "h": h, "path_kl": float(values["path_kl"].mean()), "tc": float(values["tc"].mean())})
-    out = {
-        "split_path_kl": sums["path_kl"],
-        "split_factorization": sums["tc"],
-        "split_per_position": sums["per_position"],
-        "split_path_kl_se": math.sqrt(variances["path_kl"]),
-        "split_factorization_se": math.sqrt(variances["tc"]),
-        "split_per_position_se": math.sqrt(variances["per_position"]),
-        "n_states": n_states,
-        "per_step": per_step,
-    }
-    return out
+    out = {}
+    for name, k in (
+        ("split_path_kl", "path_kl"),
+        ("split_factorization", "tc"),
+        ("split_per_position", "per_position"),
+    ):
+        out[name] = float(totals[k].mean())
+        out[name + "_se"] = float(totals[k].std(ddof=1) / math.sqrt(n_states))  # n_states >= 2 (ExactLawSpec)
+    return out | {"n_states": n_states, "per_step": per_step}

@@ -21,7 +21,7 @@ import math
 import pandas as pd
 
 from fsdfm.report.exact_samplers import Z95, _per_sample, _pooled
-from fsdfm.report.oracle import path_key, path_source
+from fsdfm.report.oracle import model_stage, path_key, path_source
 from fsdfm.report.summary import LAW_KIND, Study
 from fsdfm.report.table import DASH, Table, fmt_mean_std
 
@@ -32,21 +32,27 @@ SPLIT_COLUMNS = ("split_path_kl", "split_factorization", "split_per_position")
 
 
 def _law_runs(study: Study) -> pd.DataFrame:
+    """The exact_law runs with `model` (the model stage each law was computed for) and `path` (its key)."""
     runs = study.runs
     if "kind" not in runs or not (runs["kind"] == LAW_KIND).any():
         return runs.iloc[:0]
     runs = runs[runs["kind"] == LAW_KIND].copy()
     plan = study.plan["stages"]
-    runs["path"] = [path_key(study.plan, (plan.get(s, {}).get("inputs") or {}).get("model")) for s in runs["stage_id"]]
+    runs["model"] = [(plan.get(s, {}).get("inputs") or {}).get("model") for s in runs["stage_id"]]
+    runs["path"] = [path_key(study.plan, m) for m in runs["model"]]
     return runs
 
 
-def _sampled_ce_excess(study: Study, method: str, rule: str, steps: int, nll: dict) -> tuple[float, float, int]:
-    """(CE excess, its 95% half-width, n samples) of the sample runs of (method, rule, steps) without knobs."""
+def _sampled_ce_excess(study: Study, models: set, rule: str, steps: int, nll: dict) -> tuple[float, float, int]:
+    """(CE excess, its 95% half-width, n samples) of the sample runs of the same models (the law rows' model stages:
+    no other variant of the method is pooled in), rule and steps, without knobs."""
     runs = study.models
     if not len(runs) or "oracle_expected_nll" not in runs:
         return math.nan, math.nan, 0
-    g = runs[(runs["method"] == method) & (runs["rule"] == rule) & (runs["steps"] == steps)]
+    g = runs[(runs["rule"] == rule) & (runs["steps"] == steps)]
+    if "knobs" in g:
+        g = g[g["knobs"].isna() | (g["knobs"].astype(str) == "")]
+    g = g[[model_stage(study.plan, s) in models for s in g["stage_id"]]]
     v = _pooled(nll, g["run_id"])
     if len(v) < 2:
         return math.nan, math.nan, len(v)
@@ -71,13 +77,17 @@ def exact_law_frame(study: Study) -> pd.DataFrame:
             v = pd.to_numeric(g[c], errors="coerce").dropna() if c in g else pd.Series(dtype=float)
             row[c] = float(v.mean()) if len(v) else math.nan
             row[c + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else math.nan
-        ce, hw, n = _sampled_ce_excess(study, method, rule, int(steps), nll)
+        if "law_kl_pq" in g and g["law_kl_pq"].isna().any():  # recorded as None: q misses mass of p, KL(p‖q) = inf
+            row["law_kl_pq"], row["law_kl_pq_std"] = math.inf, math.nan
+        ce, hw, n = _sampled_ce_excess(study, set(g["model"]), rule, int(steps), nll)
         rows.append(row | {"ce_sampled": ce, "ce_sampled_hw": hw, "n_samples": n})
     return pd.DataFrame(rows)
 
 
 def _cells(r: pd.Series) -> tuple:
     def ms(c: str) -> str:
+        if r[c] == math.inf:
+            return "∞"
         return fmt_mean_std(r[c], r[c + "_std"], int(r["n"]), "nats/token")
 
     sampled = DASH if not math.isfinite(r["ce_sampled"]) else f"{r['ce_sampled']:.3f} ± {r['ce_sampled_hw']:.3f}"
