@@ -44,6 +44,7 @@ from fsdfm.data.oracle import ORACLE_SOURCES
 from fsdfm.methods.base import DIAGNOSTICS, METHOD_KINDS, Planner
 from fsdfm.methods.common import DATA_SOURCES, load_dit
 from fsdfm.methods.exact_teacher import load_exact
+from fsdfm.metrics.law import LAW_METRICS
 from fsdfm.oracle_law import divergences, output_law, step_split
 from fsdfm.paths import MixturePath
 from fsdfm.samplers import get_rule, time_grid
@@ -117,15 +118,7 @@ def plan_exact_law(p: Planner, model: Stage, mname: str, m: MethodSpec, add_run:
     "exact_law",
     resources="cpu",
     version="2",  # 2: the split's standard error over the rows' totals (1 summed per-step variances)
-    metrics=(
-        "law_kl_qp",
-        "law_kl_pq",
-        "law_entropy_gap",
-        "law_ce_excess",
-        "split_path_kl",
-        "split_factorization",
-        "split_per_position",
-    ),
+    metrics=tuple(name for name, *_ in LAW_METRICS),  # registered, with their descriptions, in fsdfm.metrics.law
     sources=(
         "fsdfm.methods.exact_law",
         "fsdfm.oracle_law",

@@ -43,16 +43,20 @@ def _law_runs(study: Study) -> pd.DataFrame:
     return runs
 
 
-def _sampled_ce_excess(study: Study, models: set, rule: str, steps: int, nll: dict) -> tuple[float, float, int]:
-    """(CE excess, its 95% half-width, n samples) of the sample runs of the same models (the law rows' model stages:
-    no other variant of the method is pooled in), rule and steps, without knobs."""
+def _sample_runs(study: Study) -> pd.DataFrame:
+    """The study's sample runs without knobs, each with `model` (its model stage), found once for the whole table."""
     runs = study.models
     if not len(runs) or "oracle_expected_nll" not in runs:
-        return math.nan, math.nan, 0
-    g = runs[(runs["rule"] == rule) & (runs["steps"] == steps)]
-    if "knobs" in g:
-        g = g[g["knobs"].isna() | (g["knobs"].astype(str) == "")]
-    g = g[[model_stage(study.plan, s) in models for s in g["stage_id"]]]
+        return runs.iloc[:0]
+    if "knobs" in runs:
+        runs = runs[runs["knobs"].isna() | (runs["knobs"].astype(str) == "")]
+    return runs.assign(model=[model_stage(study.plan, s) for s in runs["stage_id"]])
+
+
+def _sampled_ce_excess(sampled: pd.DataFrame, models: set, rule: str, steps: int, nll: dict) -> tuple:
+    """(CE excess, its 95% half-width, n samples) of the sample runs of the same models (the law rows' model stages:
+    no other variant of the method is pooled in), rule and steps."""
+    g = sampled[(sampled["rule"] == rule) & (sampled["steps"] == steps) & sampled["model"].isin(models)]
     v = _pooled(nll, g["run_id"])
     if len(v) < 2:
         return math.nan, math.nan, len(v)
@@ -66,7 +70,7 @@ def exact_law_frame(study: Study) -> pd.DataFrame:
     runs = _law_runs(study)
     if runs.empty:
         return pd.DataFrame()
-    nll = _per_sample(study, "oracle_nll")
+    nll, sampled = _per_sample(study, "oracle_nll"), _sample_runs(study)
     rows = []
     for (path, label, method, rule, steps), g in runs.groupby(
         [runs["path"].fillna("?"), "label", "method", "rule", "steps"], sort=False
@@ -79,7 +83,7 @@ def exact_law_frame(study: Study) -> pd.DataFrame:
             row[c + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else math.nan
         if "law_kl_pq" in g and g["law_kl_pq"].isna().any():  # recorded as None: q misses mass of p, KL(p‖q) = inf
             row["law_kl_pq"], row["law_kl_pq_std"] = math.inf, math.nan
-        ce, hw, n = _sampled_ce_excess(study, set(g["model"]), rule, int(steps), nll)
+        ce, hw, n = _sampled_ce_excess(sampled, set(g["model"]), rule, int(steps), nll)
         rows.append(row | {"ce_sampled": ce, "ce_sampled_hw": hw, "n_samples": n})
     return pd.DataFrame(rows)
 
