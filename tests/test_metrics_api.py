@@ -22,7 +22,7 @@ from fsdfm.metrics import (
 from fsdfm.registry import UnknownNameError
 from metrics_fixtures import WORDS, tinystories, word_evaluator
 
-ALL_NAMES = [
+KNOWN_NAMES = [  # registered today; the registry may hold more (tests/test_registry.py checks discovery)
     "gen_ppl",
     "gen_ppl_seq_mean",
     "entropy_nats",
@@ -76,7 +76,7 @@ def word_samples(n=6, length=10, seed=0):
 
 
 def test_registry_holds_every_metric_with_a_direction():
-    assert sorted(ALL_NAMES) == METRICS.names()
+    assert set(KNOWN_NAMES) <= set(METRICS.names())
     assert METRICS.get("gen_ppl").direction == "min" and METRICS.get("mauve").direction == "max"
     assert METRICS.get("oracle_nll").direction == "min" and METRICS.get("entropy_nats").direction is None
     assert METRICS.get("tokens_per_s").direction == "max" and METRICS.get("self_bleu").direction == "min"

@@ -63,7 +63,7 @@ def test_mauve_errors():
     with pytest.raises(ValueError, match="num_buckets"):
         resolve_num_buckets(1, 30)
     assert resolve_num_buckets("auto", 500) == 50 and resolve_num_buckets("auto", 4) == 2
-    assert FEATURIZERS.names() == ["evaluator", "minilm"]
+    assert set(FEATURIZERS.names()) >= {"evaluator", "minilm"}
 
 
 class BagOfWords:

@@ -254,7 +254,7 @@ def test_oracle_nll_accepts_torch_and_numpy():
 
 
 def test_registry_and_make_oracle():
-    assert ORACLES.names() == ["hmm", "hmm_file", "markov", "markov_file"]
+    assert set(ORACLES.names()) >= {"hmm", "hmm_file", "markov", "markov_file"}
     m = make_oracle("markov", vocab_size=8, order=2, support=3, seed=4)
     assert isinstance(m, MarkovSource)
     rebuilt = make_oracle("markov", **m.config)
