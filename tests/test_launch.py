@@ -289,6 +289,36 @@ def test_local_executor_reports_failures(tmp_path, counter):
     assert status(tmp_path / "fails").by_state("failed")[0].error_tail[-1] == "ValueError: add stage refuses total 5"
 
 
+def test_local_executor_starts_a_stage_once_its_inputs_are_done_not_when_its_wave_ends(tmp_path, counter, monkeypatch):
+    """A long stage h (held) beside a -> b -> c: with two slots, b and c run while h still runs (wave by wave, b
+    would wait for h, the other stage of the first wave)."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    monkeypatch.setenv("FSDFM_TEST_HOLD", str(hold))  # local jobs inherit the driver's environment
+    a = Stage("t_launch_const", {"value": 1})
+    h = Stage("t_launch_add", {"add": 0, "hold": True})
+    b = Stage("t_launch_add", {"add": 10}, {"x": a.id})
+    c = Stage("t_launch_add", {"add": 100}, {"x": b.id})
+    plan = StudyPlan.from_stages("ready", [a, h, b, c])
+    out: dict = {}
+    driver = threading.Thread(
+        target=lambda: out.update(s=execute(plan, tmp_path, executor="local", max_parallel=2, poll_s=0.1))
+    )
+    driver.start()
+    try:
+        deadline = time.time() + 50  # _hold gives up after 60 s
+        while not is_done(stage_dir(tmp_path / "ready", c.id)):
+            assert driver.is_alive() and time.time() < deadline, "c did not finish while h was held"
+            time.sleep(0.05)
+        assert not is_done(stage_dir(tmp_path / "ready", h.id))  # h is still held: c did not wait for it
+    finally:
+        hold.unlink()
+        driver.join(timeout=60)
+    s = out["s"]
+    assert s.ok and set(s.done) == {a.id, h.id, b.id, c.id}
+    assert payloads(tmp_path / "ready", plan)[c.id]["metrics"]["value"] == 1 + 10 + 100
+
+
 @pytest.mark.slow
 def test_local_executor_prints_each_stage_as_it_starts_and_ends_and_status_names_the_log(tmp_path, counter, capsys):
     good, bad = Stage("t_launch_const", {"value": 2}), Stage("t_launch_add", {"add": 5, "fail": True})

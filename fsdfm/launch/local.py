@@ -1,5 +1,5 @@
-"""The local executor: one submitit LocalExecutor job (a process) per stage, one wave at a time, at most
-`max_parallel` at once (LocalExecutor has no parallelism cap of its own), and the cancelling of those jobs when
+"""The local executor: one submitit LocalExecutor job (a process) per stage, each started once its inputs are
+done, at most `max_parallel` at once (LocalExecutor has no parallelism cap of its own), and the cancelling of those jobs when
 the driver is interrupted.
 
 `cluster="local"` is always explicit: submitit's auto-detection picks SLURM as soon as `srun` is on PATH.
@@ -64,14 +64,16 @@ def _execute_local(
     timeout_s: float | None,
     poll_s: float,
 ) -> ExecutionSummary:
-    """One local process per stage, one wave at a time, at most `max_parallel` (default 1) at once.
+    """One local process per stage, at most `max_parallel` (default 1) at once, each started as soon as its
+    inputs are done (a ready queue in plan order, not wave by wave: one long stage no longer holds the other
+    slots idle until its whole wave ends).
 
     Every job sees the GPUs this process sees (LocalExecutor would otherwise set CUDA_VISIBLE_DEVICES=""
     unless gpus_per_node > 0, and renumber a restricted CUDA_VISIBLE_DEVICES from 0)."""
     if not wait:
         raise ValueError(
             "executor='local' cannot return before the study is done (wait=False): local jobs have "
-            "no dependencies between waves; use executor='slurm'"
+            "no dependencies between them; use executor='slurm'"
         )
     cap = max(1, int(max_parallel or 1))
     n_gpus, cvd = _visible_gpus()
@@ -80,52 +82,79 @@ def _execute_local(
     tally = Tally(sdir)
     total = len(plan.stages)
     started: dict[str, float] = {}
-    for wave in waves(plan):
-        queue = runnable(tally, sdir, wave)
-        running: dict[str, tuple[Stage, Any]] = {}
-        waiting: list[Stage] = []  # locked by a live process of another run: not submitted while it holds them
-        try:
-            while queue or running or waiting:
-                _release_waiting(tally, sdir, waiting, queue)
-                while queue and len(running) < cap:
-                    stage = queue.pop(0)
-                    if _locked_elsewhere(sdir, stage):
-                        waiting.append(stage)
-                        continue
-                    job = _submit_local(sdir, stage, profile, n_gpus, setup)
-                    tally.submitted[stage.id] = str(job.job_id)
-                    running[stage.id] = (stage, job)
-                    started[stage.id] = time.time()
-                    write_submitted(sdir, stage.id, "local", job)  # status names the log while the stage runs
-                    say(f"[{len(started)}/{total}] {stage.id} started (local job {job.job_id}; log {job.paths.stderr})")
-                for sid, (stage, job) in list(running.items()):
-                    if job.done():
-                        del running[sid]
-                        settle(tally, sdir, stage, lambda job=job: _local_failure(job))
-                        say_end(tally, stage.id, time.time() - started[stage.id])
-                if deadline is not None and time.time() > deadline and (running or waiting):
-                    tally.pending.extend(running)
-                    tally.pending.extend(s.id for s in waiting + queue)
-                    return tally.summary()
-                if running or waiting:
-                    time.sleep(min(poll_s, 0.2))
-        except BaseException as e:
-            # Ctrl-C, SIGTERM, SIGHUP (`signals_interrupt`) or any error in the driver: local jobs would otherwise
-            # outlive it, training on unsupervised. Ctrl-C at a terminal has already reached the jobs too.
-            _cancel_local_jobs(sdir, running, signalled=type(e) is KeyboardInterrupt)
-            raise
+    todo = [stage for wave in waves(plan) for stage in wave]  # topological order: reproducible submissions
+    settled: set[str] = set()
+    queue: list[Stage] = []
+    running: dict[str, tuple[Stage, Any]] = {}
+    waiting: list[Stage] = []  # locked by a live process of another run: not submitted while it holds them
+    try:
+        _promote(tally, sdir, todo, queue, settled)
+        while todo or queue or running or waiting:
+            if _release_waiting(tally, sdir, waiting, queue, settled):
+                _promote(tally, sdir, todo, queue, settled)  # done by the other run: its dependents are ready
+            while queue and len(running) < cap:
+                stage = queue.pop(0)
+                if _locked_elsewhere(sdir, stage):
+                    waiting.append(stage)
+                    continue
+                job = _submit_local(sdir, stage, profile, n_gpus, setup)
+                tally.submitted[stage.id] = str(job.job_id)
+                running[stage.id] = (stage, job)
+                started[stage.id] = time.time()
+                write_submitted(sdir, stage.id, "local", job)  # status names the log while the stage runs
+                say(f"[{len(started)}/{total}] {stage.id} started (local job {job.job_id}; log {job.paths.stderr})")
+            for sid, (stage, job) in list(running.items()):
+                if job.done():
+                    del running[sid]
+                    settle(tally, sdir, stage, lambda job=job: _local_failure(job))
+                    settled.add(sid)
+                    say_end(tally, stage.id, time.time() - started[stage.id])
+                    _promote(tally, sdir, todo, queue, settled)
+            if deadline is not None and time.time() > deadline and (running or waiting or queue or todo):
+                tally.pending.extend(running)
+                tally.pending.extend(s.id for s in waiting + queue + todo)
+                return tally.summary()
+            if running or waiting:
+                time.sleep(min(poll_s, 0.2))
+            elif todo and not queue:  # nothing runs and nothing can: a bug in the plan's order, never a hang
+                raise RuntimeError(f"local executor: {len(todo)} stage(s) wait on inputs that never settle")
+    except BaseException as e:
+        # Ctrl-C, SIGTERM, SIGHUP (`signals_interrupt`) or any error in the driver: local jobs would otherwise
+        # outlive it, training on unsupervised. Ctrl-C at a terminal has already reached the jobs too.
+        _cancel_local_jobs(sdir, running, signalled=type(e) is KeyboardInterrupt)
+        raise
     return tally.summary()
 
 
-def _release_waiting(tally: Tally, sdir: Path, waiting: list[Stage], queue: list[Stage]) -> None:
-    """Stages whose lock holder (another run) let go: done by it, or queued first (it is gone without a record)."""
+def _promote(tally: Tally, sdir: Path, todo: list[Stage], queue: list[Stage], settled: set[str]) -> None:
+    """Move the stages of `todo` whose inputs have all settled to the end of `queue`, in plan order. A stage
+    that is done already is filed as skipped, one behind a failed input as blocked; both settle at once, which
+    may free stages after them, hence the repeat."""
+    moved = True
+    while moved:
+        moved = False
+        for stage in [s for s in todo if all(d in settled for d in s.inputs.values())]:
+            todo.remove(stage)
+            moved = True
+            if runnable(tally, sdir, [stage]):
+                queue.append(stage)
+            else:
+                settled.add(stage.id)
+
+
+def _release_waiting(tally: Tally, sdir: Path, waiting: list[Stage], queue: list[Stage], settled: set[str]) -> bool:
+    """Stages whose lock holder (another run) let go: done by it, or queued first (it is gone without a record).
+    Returns whether any of them settled (was done by the other run)."""
+    n_settled = len(settled)
     for stage in list(waiting):
         if not lock_holder(stage_dir(sdir, stage.id))[1]:
             waiting.remove(stage)
             if is_done(stage_dir(sdir, stage.id)):
                 tally.done.append(stage.id)
+                settled.add(stage.id)
             else:
                 queue.insert(0, stage)
+    return len(settled) > n_settled
 
 
 def _locked_elsewhere(sdir: Path, stage: Stage) -> bool:
