@@ -47,6 +47,7 @@ from fsdfm.report.summary import (
 )
 from fsdfm.report.pairs import pairs_table
 from fsdfm.report.speedup import speedup_table
+from fsdfm.report.pair_grid import pair_grid_figure, pair_grid_table, pair_trend_table
 from fsdfm.report.plotting import FigureResult
 from fsdfm.report.results_json import RESULTS_FILE, results_document
 from fsdfm.report.table import Table
@@ -75,6 +76,8 @@ __all__ = [
     "ablation_tables",
     "pairs_table",
     "speedup_table",
+    "pair_grid_table",
+    "pair_trend_table",
     "summary_csv",
     "sample_count_warnings",
     "Table",
@@ -95,6 +98,8 @@ KNOB_FIGURES = ("entropy_frontier",)  # drawn only for studies with sampler knob
 FIGURES.register("decomposition", decomposition_figure)
 FIGURES.register("convergence", convergence_figure)
 ORACLE_FIGURES = ("decomposition",)  # drawn only for studies with an exact method (fsdfm.report.oracle)
+FIGURES.register("pair_grid", pair_grid_figure)
+GRID_FIGURES = ("pair_grid",)  # drawn only for studies with report.pairs across a grid (fsdfm.report.pair_grid)
 CURVE_FIGURES = ("convergence",)  # drawn only for studies whose training records hold curves (optim.curve_every)
 
 
@@ -331,6 +336,8 @@ def _candidate_tables(study: Study, main: Table) -> list[Table]:
     ]
     if study.report_settings["pairs"]:
         candidates.append(pairs_table(study))
+        if study.ablation_keys:  # a grid of settings: each pair in every cell, and its trend along the axes
+            candidates += [pair_grid_table(study), pair_trend_table(study)]
     if "knobs" in study.runs:  # sampler-knob sweeps: the matched-entropy comparison
         d = study.data
         h = float(d["entropy_nats"].mean()) if not d.empty and "entropy_nats" in d else None
@@ -382,6 +389,7 @@ def write_report(
     has_curves = len(study.runs) > 0 and not convergence_frame(study).empty
     knob_figures = KNOB_FIGURES if "knobs" in study.runs else ()
     extra = (ORACLE_FIGURES if has_exact else ()) + (CURVE_FIGURES if has_curves else ()) + knob_figures
+    extra += GRID_FIGURES if study.report_settings["pairs"] and study.ablation_keys else ()
     for name in FIGURE_ORDER + extra:
         if len(study.runs):
             figures += render(name, study, out_dir)

@@ -84,7 +84,10 @@ def pairs_table(study: Study) -> Table:
     for a_name, b_name in study.report_settings["pairs"]:
         (ra, why_a), (rb, why_b) = resolve_side(study, a_name), resolve_side(study, b_name)
         if ra is None or rb is None:
-            notes.append(f"pair {a_name} vs {b_name} not compared: {why_a or why_b}")
+            if study.ablation_keys and "settings" in (why_a or why_b):  # a grid: one setting per cell
+                notes.append(f"pair {a_name} vs {b_name} spans the grid: compared cell by cell in table_pair_grid")
+            else:
+                notes.append(f"pair {a_name} vs {b_name} not compared: {why_a or why_b}")
             continue
         # the per-sample tables of each side's runs: Welch's fallback when fewer than 2 seeds are shared
         sa = sb = None
