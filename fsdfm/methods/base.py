@@ -45,7 +45,7 @@ __all__ = [
 # kind name -> its MethodKind (settings class, planning, sampler, rules); filled by the kind files on import
 METHOD_KINDS: Registry = Registry("method kind", discover=("fsdfm.methods",))
 # diagnostic name -> fn(planner, model stage, method name, MethodSpec, add_run): the runs a diagnostic adds for one
-# method beside its samples (pos_divergence here; exact_law in its own file), each a no-op unless the spec asks
+# method beside its samples (pos_divergence here; exact_law, path_split in their own files), each a no-op unless the spec asks
 DIAGNOSTICS: Registry = Registry("diagnostic", discover=("fsdfm.methods",))
 
 
@@ -211,8 +211,8 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
             "seed": spec.sampling.seed,
             "evaluator": dataclasses.asdict(spec.evaluator),
         }
-        for diagnostic in ("pos_divergence", "exact_law"):  # their own stages: not in the evaluate stages' ids
-            eval_cfg["metrics"].pop(diagnostic)
+        for diagnostic in DIAGNOSTICS:  # their own stages: their settings are not in the evaluate stages' ids
+            eval_cfg["metrics"].pop(diagnostic, None)
         eval_cfg["evaluator"].pop("train")
         if spec.data_reference:
             ref = p.add(Stage("evaluate_data", eval_cfg, ev_inputs))

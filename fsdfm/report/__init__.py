@@ -25,6 +25,8 @@ from typing import Sequence
 from fsdfm.report.entropy_frontier import entropy_frontier, matched_entropy_table
 from fsdfm.report.exact_samplers import exact_samplers_table
 from fsdfm.report.exact_law import exact_law_table
+from fsdfm.report.facts import conventions, facts
+from fsdfm.report.path_split import path_split_table
 from fsdfm.report.evaluator_check import evaluator_check_table
 from fsdfm.report.figures import FIGURES, render
 from fsdfm.report.html import HTML_FILE, html_report
@@ -35,10 +37,9 @@ from fsdfm.report.oracle_figure import decomposition_figure
 from fsdfm.report.convergence import convergence_figure, convergence_frame
 from fsdfm.report.published import PUBLISHED
 from fsdfm.report.summary import (
-    EXTERNAL_RUN_KIND,
     DEFAULT_BY,
-    DIAGNOSTIC_KINDS,
     LAW_KIND,
+    SPLIT_KIND,
     Study,
     load_study,
     sampling_wall_s,
@@ -116,6 +117,19 @@ class ReportOutput:
     results: Path | None = None
 
 
+# the tables shown in index.md under their own heading (in the candidates' order), each present only where the study
+# has what it needs: an exact method (decomposition, exact_samplers), metrics.exact_law / path_split, a distilled
+# student with its sampled teacher (speedup), an oracle study with a trained evaluator (evaluator_check)
+SECTIONS = {
+    "table_decomposition": "Few-step error decomposition (exact oracle)",
+    "table_exact_law": "True divergences of each sampler's output law (exact)",
+    "table_path_split": "Trajectory KL along the true path: factorization vs per-position",
+    "table_exact_samplers": "Each sampler's own error (driven by the exact denoiser)",
+    "table_speedup": "Quality-matched speed-up",
+    "table_evaluator_check": "Evaluator check (gen-PPL against the exact oracle NLL)",
+}
+
+
 def write_table(table: Table, out_dir: Path) -> list[Path]:
     """Write <name>.md, <name>.tex and <name>.csv atomically; returns the three paths."""
     from fsdfm.io import atomic_write
@@ -132,131 +146,11 @@ def write_table(table: Table, out_dir: Path) -> list[Path]:
     return out
 
 
-def _plan_settings(plan: dict) -> dict:
-    """Conventions recorded in the plan's stage configs: MAUVE featurizer, evaluator, sampling precision."""
-    found: dict[str, set] = {"featurizer": set(), "evaluator": set(), "precision": set(), "metrics": set()}
-    for st in plan.get("stages", {}).values():
-        cfg = st.get("config") or {}
-        metrics = cfg.get("metrics") if isinstance(cfg.get("metrics"), dict) else {}
-        if "mauve" in (metrics.get("names") or []):
-            found["featurizer"].add(str(metrics.get("mauve_featurizer")))
-        found["metrics"].update(metrics.get("names") or [])
-        ev = cfg.get("evaluator")
-        if isinstance(ev, dict) and ev.get("kind"):
-            found["evaluator"].add(ev["kind"] + (f" ({ev['name']})" if ev.get("name") else ""))
-        if st.get("kind") == "sample" and cfg.get("precision"):
-            found["precision"].add(str(cfg["precision"]))
-    return {k: sorted(v) for k, v in found.items()}
-
-
 def _rel(path: Path, base: Path) -> str:
     try:
         return str(Path(path).relative_to(base))
     except ValueError:
         return str(path)
-
-
-def _facts(study: Study) -> list[str]:
-    import pandas as pd
-
-    runs = study.runs
-    # external rows (`fsdfm eval`) are scored files, not planned runs: counted apart (9c2f443: "11 of 9 planned")
-    is_ext = runs["kind"].eq(EXTERNAL_RUN_KIND) if "kind" in runs else pd.Series(False, index=runs.index)
-    n_ext = int(is_ext.sum())
-    lines = [
-        f"results: `{study.path}`",
-        f"runs: {len(runs) - n_ext} finished of {study.n_planned} planned"
-        + (f"; {n_ext} external sample file(s) scored by `fsdfm eval`" if n_ext else ""),
-    ]
-    if len(runs):
-        # a diagnostic's runs (exact_law, pos_divergence) share a setting's label, rule and steps: not more seeds
-        sampled = runs[~runs["kind"].isin(DIAGNOSTIC_KINDS)] if "kind" in runs else runs
-        settings = sampled.groupby(list(DEFAULT_BY), dropna=False).size()
-        seeds = sorted(set(settings))
-        lines.append(
-            f"settings (method × rule × steps, incl. data): {len(settings)}; seeds per setting: "
-            + (str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}")
-        )
-        if study.seed_keys:
-            lines.append(f"seed grid keys: {', '.join(f'`{k}`' for k in study.seed_keys)}")
-        if study.ablation_keys:
-            lines.append(
-                f"ablated grid keys (shown in the method label): {', '.join(f'`{k}`' for k in study.ablation_keys)}"
-            )
-        ns = sorted({int(v) for v in runs.get("n_samples", []) if v == v})
-        if ns:
-            lines.append(f"samples per run: {', '.join(map(str, ns))}")
-        commits = sorted({str(c)[:12] for c in runs.get("commit", []) if isinstance(c, str)})
-        dirty = any(bool(d) for d in runs.get("dirty", []) if d is not None and d == d)
-        if commits:
-            lines.append(
-                f"code: commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
-                + (" (uncommitted changes in some runs)" if dirty else "")
-            )
-        devices = sorted({str(d) for d in runs.get("device", []) if isinstance(d, str)})
-        if devices:
-            lines.append(f"devices: {', '.join(devices)}")
-    return lines
-
-
-def _mauve_facts(study: Study) -> str:
-    """n per side, buckets, k-means seeds and featurizer weights hash, as recorded by the evaluate stages."""
-    from fsdfm.records import load_records
-
-    facts: dict[str, set] = {"n": set(), "buckets": set(), "seeds": set(), "sha": set()}
-    for kind in ("evaluate", "evaluate_data"):
-        for rec in load_records(study.path, kind=kind):
-            d = ((rec.get("payload") or {}).get("metric_details") or {}).get("mauve")
-            if d:
-                facts["n"].add(d["n_per_side"])
-                facts["buckets"].add(d["num_buckets"])
-                facts["seeds"].add(len(d["seeds"]))
-                facts["sha"].add(str(d.get("featurizer_sha256"))[:12])
-    if not facts["n"]:
-        return ""
-
-    def j(k):
-        return ", ".join(map(str, sorted(facts[k])))
-
-    return (
-        f"; n = {j('n')} per side, {j('buckets')} k-means buckets, mean ± std over {j('seeds')} k-means seeds "
-        f"(std in the records), featurizer weights sha256 {j('sha')}…; below "
-        f"{study.report_settings['mauve_min_n']} per side MAUVE is footnoted unreliable"
-    )
-
-
-def _conventions(study: Study) -> list[str]:
-    from fsdfm.metrics import ENTROPY_COLLAPSE_NATS, REP_COLLAPSE_FACTOR, REP_COLLAPSE_MARGIN
-
-    s = _plan_settings(study.plan)
-    out = [
-        "`gen_ppl`: token-pooled generative perplexity, exp(Σ NLL / Σ tokens) over all samples, under the evaluator "
-        f"LM ({', '.join(s['evaluator']) or 'not recorded'}); first token unscored. Not the FS-DFM/SEDD convention "
-        "(mean of per-sample perplexities: `gen_ppl_seq_mean`).",
-        "entropy: per-sample unigram entropy of the model's own token ids, averaged over samples, in **nats** "
-        "(`entropy_bits` = nats / ln 2).",
-        f"MAUVE featurizer: {', '.join(s['featurizer']) or 'MAUVE not computed'}; samples vs as many held-out texts"
-        + _mauve_facts(study)
-        + ".",
-        "text metrics (MAUVE, self-BLEU): end-of-text markers removed from samples and references "
-        "(`fsdfm.metrics.texts`: each marker and its surrounding whitespace replaced by one space).",
-        f"sampling precision: {', '.join(s['precision']) or 'not recorded'} (float32 categorical sampling lowers "
-        "perplexity artificially).",
-        f"collapse flags: `collapsed` when entropy_nats is more than {ENTROPY_COLLAPSE_NATS} nats below the data row's "
-        f"(`low entropy`) or rep_n above max({REP_COLLAPSE_FACTOR:g} × data, data + {REP_COLLAPSE_MARGIN:g}) "
-        f"(`high rep_n`); `noisy` when entropy_nats is more than {ENTROPY_COLLAPSE_NATS} nats above the data row's "
-        "(near-uniform tokens: noise, not collapse). A flagged row is never marked best.",
-        "sampling wall-clock: warm-up excluded, evaluator time excluded"
-        + (
-            ""
-            if study.wall_s_source != "wall_s" or "stage_wall_s" in study.runs
-            else "; **this study's records carry no separate sampler time, so the stage's run time is shown**"
-        )
-        + ".",
-        "spread: tables ±1 sample std over seeds (ddof 1); figures: 95% confidence intervals of the mean "
-        "(Student t); the 95% CI half-widths are also in the CSV files, results.json and table_seeds.",
-    ]
-    return out
 
 
 def _index(
@@ -270,7 +164,7 @@ def _index(
     parts = [f"# Report: {study.name}", ""]
     if study.description:
         parts += [study.description, ""]
-    parts += [f"* {line}" for line in _facts(study)] + [""]
+    parts += [f"* {line}" for line in facts(study)] + [""]
     warnings = sample_count_warnings(study) if len(study.runs) else []
     if warnings or study.notes:
         parts += ["## Warnings", ""] + [f"* {w}" for w in warnings + list(study.notes)] + [""]
@@ -282,16 +176,8 @@ def _index(
     if pairs is not None:
         parts += ["## Headline pairs", "", pairs.to_markdown(), ""]
     for t, _ in tables:
-        if t.name == "table_decomposition":  # oracle studies with an exact method (fsdfm.report.oracle)
-            parts += ["## Few-step error decomposition (exact oracle)", "", t.to_markdown(), ""]
-        if t.name == "table_exact_law":  # studies with metrics.exact_law (fsdfm.report.exact_law)
-            parts += ["## True divergences of each sampler's output law (exact)", "", t.to_markdown(), ""]
-        if t.name == "table_exact_samplers":  # oracle studies driving several samplers with the exact denoiser
-            parts += ["## Each sampler's own error (driven by the exact denoiser)", "", t.to_markdown(), ""]
-        if t.name == "table_speedup":  # studies with a distilled student and its sampled teacher
-            parts += ["## Quality-matched speed-up", "", t.to_markdown(), ""]
-        if t.name == "table_evaluator_check":  # oracle studies scored by a trained evaluator too
-            parts += ["## Evaluator check (gen-PPL against the exact oracle NLL)", "", t.to_markdown(), ""]
+        if t.name in SECTIONS:
+            parts += [f"## {SECTIONS[t.name]}", "", t.to_markdown(), ""]
     drawn = [f for f in figures if f.skipped is None]
     if drawn:
         parts += ["## Figures", ""]
@@ -320,7 +206,7 @@ def _index(
         parts += [f"* figure `{f.name}` skipped: {f.skipped}" for f in skipped]
         parts += [f"* {n}" for n in notes]
         parts.append("")
-    parts += ["## Conventions", ""] + [f"* {c}" for c in _conventions(study)] + [""]
+    parts += ["## Conventions", ""] + [f"* {c}" for c in conventions(study)] + [""]
     return "\n".join(parts)
 
 
@@ -348,8 +234,11 @@ def _candidate_tables(study: Study, main: Table) -> list[Table]:
         candidates[1:1] = [decomposition_table(study), exact_samplers_table(study)]
     if "gen_ppl" in study.runs and "oracle_nll" in study.runs:  # an oracle study with a trained evaluator
         candidates.append(evaluator_check_table(study))
-    if "kind" in study.runs and bool((study.runs["kind"] == LAW_KIND).any()):  # metrics.exact_law
-        candidates.insert(1, exact_law_table(study))
+    kinds = set(study.runs["kind"]) if "kind" in study.runs else set()
+    # metrics.exact_law, metrics.path_split: each diagnostic's table second, after the main one
+    candidates[1:1] = [
+        table(study) for k, table in ((SPLIT_KIND, path_split_table), (LAW_KIND, exact_law_table)) if k in kinds
+    ]
     return candidates
 
 

@@ -31,7 +31,12 @@ DATA_LABEL = "data (held-out)"
 EXTERNAL_RUN_KIND = "external"  # the `kind` of a run scored by `fsdfm eval` (fsdfm.external's RunSpec params)
 POS_KIND = "pos_divergence"
 LAW_KIND = "exact_law"  # the runs of fsdfm.methods.exact_law: a sampler's exact output law, not samples
-DIAGNOSTIC_KINDS = (POS_KIND, LAW_KIND)  # runs of a diagnostic stage: never rows of the sample-quality tables
+SPLIT_KIND = "path_split"  # the runs of fsdfm.methods.path_split: a sampler's trajectory KL split, not samples
+DIAGNOSTIC_KINDS = (
+    POS_KIND,
+    LAW_KIND,
+    SPLIT_KIND,
+)  # runs of a diagnostic stage: never rows of the sample-quality tables
 SANITY = "sanity"  # the run parameter of a model-free sanity row (fsdfm.methods.base.MethodKind.sanity)
 SAMPLING_WALL_S = "sampling_wall_s"  # derived column: see `sampling_wall_s`
 # run-parameter columns every run has (the rest of a run's parameters are grid keys)

@@ -1,5 +1,5 @@
 """The settings of a study's diagnostics, the stages beside its samples (`metrics.pos_divergence`,
-`metrics.exact_law`): frozen, validated once when the spec is built. Knows no stage or method kind."""
+`metrics.exact_law`, `metrics.path_split`): frozen, validated once when the spec is built. Knows no stage or method kind."""
 
 from __future__ import annotations
 
@@ -54,3 +54,26 @@ class ExactLawSpec:
             raise ValueError(
                 f"max_states must be <= 1,000,000 (the dense pass is quadratic in it), got {self.max_states}"
             )
+
+
+@dataclass(frozen=True)
+class PathSplitSpec:
+    """The per-step chain-rule split of each few-step sampler along the true path, at the study's own sequence length
+    (mask source, closed-form step law: fsdfm.methods.path_split).
+
+    max_steps: budgets above it get no path_split run (the split costs steps x draws forward-backward passes);
+    states: states x_t of the true path per step (rows of a Monte-Carlo mean; its standard error is recorded);
+    draws: draws of the next state y ~ J per state for the total correlation (>= 2)."""
+
+    max_steps: int = 16
+    states: int = 64
+    draws: int = 8
+
+    def __post_init__(self):
+        for name in ("max_steps", "states", "draws"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {short(v)}")
+        for name in ("states", "draws"):  # a standard error needs two of each
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2 (its standard error needs two), got {getattr(self, name)}")

@@ -30,7 +30,7 @@ from typing import Any
 
 from fsdfm.registry import UnknownNameError, did_you_mean
 from fsdfm.study.convert import _convert, build
-from fsdfm.study.diagnostics import ExactLawSpec, PosDivergenceSpec  # noqa: F401 (the MetricsSpec annotations)
+from fsdfm.study.diagnostics import ExactLawSpec, PathSplitSpec, PosDivergenceSpec  # noqa: F401 (the MetricsSpec annotations)
 from fsdfm.study.grid import resolve_bases
 from fsdfm.study.bounds import check_bounds
 from fsdfm.study.yaml_io import NAME_PATTERN, SpecError, check_name, read_yaml, short, short_message
@@ -195,6 +195,7 @@ class MetricsSpec:
     self_bleu_subsample: int = 64
     pos_divergence: PosDivergenceSpec | None = None
     exact_law: ExactLawSpec | None = None
+    path_split: PathSplitSpec | None = None
 
     def __post_init__(self):
         from fsdfm.metrics.mauve import FEATURIZERS, resolve_num_buckets  # heavy: torch
