@@ -33,6 +33,7 @@ methods:
   dfm: {kind: dfm, rules: [cumulative_scalar], train: {steps: 2, batch_size: 8, warmup_steps: 1}, budgets: [2, 8]}
   fs: {kind: fsdfm, teacher: dfm, distill: {K: 2}, train: {steps: 2, batch_size: 8, warmup_steps: 1}, budgets: [2]}
   uni: {kind: dfm, source: uniform, rules: [cumulative_scalar], train: {steps: 2, batch_size: 8, warmup_steps: 1}, budgets: [2]}
+  fsu: {base: fs, teacher: uni}
   hot: {base: dfm, label: hot, knobs: {temperature: 1.5}}
   conf: {base: ex, label: confidence order, rules: [confidence]}
 """
@@ -51,8 +52,9 @@ def test_planned_per_rule_and_budget_up_to_max_steps_and_no_other_id_moves(tmp_p
     runs = sorted(
         (r.params["method"], r.params["rule"], r.params["steps"]) for r in plan.runs if r.params["kind"] == SPLIT_KIND
     )
-    # mask-source product-kernel samplers only: none for the uniform source ("uni"), the knob variant ("hot") or a
-    # whole-step sampler ("conf"), none above max_steps
+    # mask-source product-kernel samplers only: none for the uniform source ("uni", nor "fsu", a student whose own
+    # `source` field says mask but who samples its uniform teacher's path), the knob variant ("hot") or a whole-step
+    # sampler ("conf"), none above max_steps
     assert runs == sorted(
         [("ex", r, k) for r in ("cumulative_scalar", "euler") for k in (1, 4)]
         + [("dfm", "cumulative_scalar", 2), ("fs", "cumulative_scalar", 2)]

@@ -45,13 +45,25 @@ SPLIT_KIND = "path_split"  # the `kind` of its runs (the report keeps them out o
 SPLIT_SEED = 7919  # the rows x_1 and the draws: a seed of their own, apart from the sampling seed
 
 
+def path_source(methods: dict, m: MethodSpec) -> str:
+    """The source of the path a method samples: a student's is its teacher's (the distilled model inherits the
+    teacher's path, `fsdfm.methods.fsdfm`), whatever its own `source` field says; `teacher: exact` names none."""
+    seen = set()
+    while getattr(m, "teacher", None) in methods and m.teacher not in seen:
+        seen.add(m.teacher)
+        m = methods[m.teacher]
+    return m.source
+
+
 @DIAGNOSTICS.register("path_split")
 def plan_path_split(p: Planner, model: Stage, mname: str, m: MethodSpec, add_run: Callable) -> None:
     """One path_split stage (a run of kind SPLIT_KIND) per (rule, budget <= max_steps) of a mask-source method whose
     sampler is the product kernel (module docstring)."""
     spec = p.spec.metrics.path_split
     kind = METHOD_KINDS.get(m.kind)
-    if spec is None or kind.sampler not in LAW_MODELS or m.knobs or m.source != "mask" or kind.ends_before_one(m):
+    if spec is None or kind.sampler not in LAW_MODELS or m.knobs or kind.ends_before_one(m):
+        return
+    if path_source(p.spec.methods, m) != "mask":
         return
     if p.spec.data.kind != "oracle":
         raise PlanError(f"metrics.path_split: needs an oracle source (data.kind: oracle), got {p.spec.data.kind!r}")
