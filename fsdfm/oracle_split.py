@@ -105,15 +105,15 @@ def mask_step_split(
     Q = product_kernel(x_t, torch.softmax(logits.to(torch.float64), -1), t, h, rule, path, final)
     per_position = _kl_rows(J, Q)
     log_p1t = post.probs.clamp_min(1e-300).log()
-    tc_draws = torch.empty((draws, B), dtype=torch.float64)
-    for d in range(draws):
-        x_1 = joint_posterior_sample(oracle, x_t, kappa, "mask", generator)
-        u = torch.rand((B, L), dtype=torch.float64, generator=generator)
-        revealed = masked & (u >= r)
-        y = torch.where(revealed, x_1, x_t)
-        log_obs_y = posterior(oracle, y, kappa, "mask").log_evidence  # kappa does not enter the mask evidence
-        marg = (log_p1t.gather(-1, x_1[..., None]).squeeze(-1) * revealed).sum(-1)
-        tc_draws[d] = log_obs_y - post.log_evidence - marg
+    # all draws in one batch (draws * B rows, draw-major): one FFBS and one forward-backward pass, not `draws` of them
+    x_rep, kappa_rep = x_t.repeat(draws, 1), kappa.repeat(draws)
+    x_1 = joint_posterior_sample(oracle, x_rep, kappa_rep, "mask", generator)
+    u = torch.rand((draws * B, L), dtype=torch.float64, generator=generator)
+    revealed = (x_rep == V) & (u >= r)
+    y = torch.where(revealed, x_1, x_rep)
+    log_obs_y = posterior(oracle, y, kappa_rep, "mask").log_evidence  # kappa does not enter the mask evidence
+    marg = (log_p1t.repeat(draws, 1, 1).gather(-1, x_1[..., None]).squeeze(-1) * revealed).sum(-1)
+    tc_draws = (log_obs_y - post.log_evidence.repeat(draws) - marg).view(draws, B)
     tc = tc_draws.mean(0)
     return MaskStepSplit(
         path_kl=tc + per_position,

@@ -59,6 +59,11 @@ def test_planned_per_rule_and_budget_up_to_max_steps_and_no_other_id_moves(tmp_p
         [("ex", r, k) for r in ("cumulative_scalar", "euler") for k in (1, 4)]
         + [("dfm", "cumulative_scalar", 2), ("fs", "cumulative_scalar", 2)]
     )
+    only4 = _plan(tmp_path, "  path_split: {max_steps: 4, budgets: [4]}\n")
+    only4_runs = sorted(
+        (r.params["method"], r.params["rule"], r.params["steps"]) for r in only4.runs if r.params["kind"] == SPLIT_KIND
+    )
+    assert only4_runs == [("ex", "cumulative_scalar", 4), ("ex", "euler", 4)]  # budgets: [4] keeps the 4-step runs
     without = _plan(tmp_path)
     others = {i for i, s in plan.stages.items() if s.kind != "path_split"}
     assert others == set(without.stages)  # asking for the split moves no sample, evaluate or training stage
@@ -75,6 +80,8 @@ def test_refused_on_text_data_and_on_bad_settings(tmp_path):
         _plan(tmp_path, "  path_split: {draws: 1}\n")
     with pytest.raises(ValueError, match="max_steps must be an int >= 1"):
         _plan(tmp_path, "  path_split: {max_steps: 0}\n")
+    with pytest.raises(ValueError, match=r"budgets are integers in 1..max_steps \(16\), got 32"):
+        _plan(tmp_path, "  path_split: {budgets: [8, 32]}\n")
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ def plan_path_split(p: Planner, model: Stage, mname: str, m: MethodSpec, add_run
         raise PlanError(f"metrics.path_split: needs an oracle source (data.kind: oracle), got {p.spec.data.kind!r}")
     # a whole-step sampler (confidence order, threshold, ReMDM: fsdfm.sampling) is no product kernel: no split run
     for rule in (r for r in (m.rules or kind.rules[:1]) if not hasattr(get_rule(r), "sample_loop")):
-        for steps in (s for s in m.budgets if s <= spec.max_steps):
+        for steps in (s for s in m.budgets if s <= spec.max_steps and (not spec.budgets or s in spec.budgets)):
             cfg = {"data": p.data, "sampler": kind.sampler, "rule": rule, "steps": steps}
             cfg |= {"states": spec.states, "draws": spec.draws}
             stage = p.add(Stage("path_split", cfg, {"model": model.id}))

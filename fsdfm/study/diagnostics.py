@@ -63,17 +63,23 @@ class PathSplitSpec:
 
     max_steps: budgets above it get no path_split run (the split costs steps x draws forward-backward passes);
     states: states x_t of the true path per step (rows of a Monte-Carlo mean; its standard error is recorded);
-    draws: draws of the next state y ~ J per state for the total correlation (>= 2)."""
+    draws: draws of the next state y ~ J per state for the total correlation (>= 2);
+    budgets: only these budgets (each <= max_steps), e.g. [8] for the headline budget alone; empty: every one."""
 
     max_steps: int = 16
     states: int = 64
     draws: int = 8
+    budgets: tuple = ()
 
     def __post_init__(self):
         for name in ("max_steps", "states", "draws"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {short(v)}")
+        for k in self.budgets:
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_steps:
+                raise ValueError(f"budgets are integers in 1..max_steps ({self.max_steps}), got {short(k)}")
+        object.__setattr__(self, "budgets", tuple(self.budgets))
         for name in ("states", "draws"):  # a standard error needs two of each
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2 (its standard error needs two), got {getattr(self, name)}")
