@@ -153,3 +153,14 @@ def test_a_study_records_the_split_and_the_report_shows_it_and_nothing_else(tmp_
     index = (study_dir / "report" / "index.md").read_text()
     assert "## Trajectory KL along the true path: factorization vs per-position" in index
     assert "settings (method × rule × steps, incl. data): 4; seeds per setting: 1" in index
+
+
+def test_a_split_without_evaluated_samples_yet_has_no_sampled_ce_excess_and_no_error():
+    """A study still running: its split runs are in, no sample run is evaluated yet (`_sample_runs` is empty and has
+    no `model` column). The table's CE-excess column is empty; before the fix this raised KeyError: 'model'."""
+    import pandas as pd
+
+    from fsdfm.report.exact_law import _sampled_ce_excess
+
+    ce, hw, n = _sampled_ce_excess(pd.DataFrame(), {"train_dfm-x"}, "cumulative_scalar", 8, {})
+    assert math.isnan(ce) and math.isnan(hw) and n == 0

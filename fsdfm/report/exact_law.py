@@ -55,7 +55,9 @@ def _sample_runs(study: Study) -> pd.DataFrame:
 
 def _sampled_ce_excess(sampled: pd.DataFrame, models: set, rule: str, steps: int, nll: dict) -> tuple:
     """(CE excess, its 95% half-width, n samples) of the sample runs of the same models (the law rows' model stages:
-    no other variant of the method is pooled in), rule and steps."""
+    no other variant of the method is pooled in), rule and steps. None yet (a study still running): no estimate."""
+    if sampled.empty:  # `_sample_runs` found no evaluated sample run: it has no `model` column to filter on
+        return math.nan, math.nan, 0
     g = sampled[(sampled["rule"] == rule) & (sampled["steps"] == steps) & sampled["model"].isin(models)]
     v = _pooled(nll, g["run_id"])
     if len(v) < 2:
