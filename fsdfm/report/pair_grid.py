@@ -29,6 +29,7 @@ import pandas as pd
 from scipy import stats
 
 import fsdfm.report.significance as significance
+from fsdfm.metrics.registry import METRICS
 from fsdfm.report.pairs import _by_seed, _fmt, pair_metrics
 from fsdfm.report.summary import Study
 from fsdfm.report.table import Table
@@ -255,7 +256,10 @@ def pair_grid_figure(study: Study):
         raise SkipFigure("no report.pairs across a grid of settings")
     a_name, b_name = pairs[0]
     frames = {m: cell_differences(study, a_name, b_name, m) for m in pair_metrics()}
-    metric = next((m for m, f in frames.items() if len(f)), None)
+    # a quality metric (one with a direction: oracle_nll, gen_ppl) before a data-targeted one (entropy), whatever
+    # the registry's order
+    ranked = sorted((m for m, f in frames.items() if len(f)), key=lambda m: METRICS.get(m).direction is None)
+    metric = ranked[0] if ranked else None
     if metric is None:
         raise SkipFigure(f"{a_name} and {b_name} share no seed in any cell")
     frame = frames[metric]
