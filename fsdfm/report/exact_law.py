@@ -31,12 +31,13 @@ LAW_COLUMNS = ("law_kl_qp", "law_kl_pq", "law_entropy_gap", "law_ce_excess")
 SPLIT_COLUMNS = ("split_path_kl", "split_factorization", "split_per_position")
 
 
-def _law_runs(study: Study) -> pd.DataFrame:
-    """The exact_law runs with `model` (the model stage each law was computed for) and `path` (its key)."""
+def _law_runs(study: Study, kind: str = LAW_KIND) -> pd.DataFrame:
+    """The runs of a diagnostic `kind` (exact_law; path_split) with `model` (the model stage each was computed
+    for) and `path` (its key)."""
     runs = study.runs
-    if "kind" not in runs or not (runs["kind"] == LAW_KIND).any():
+    if "kind" not in runs or not (runs["kind"] == kind).any():
         return runs.iloc[:0]
-    runs = runs[runs["kind"] == LAW_KIND].copy()
+    runs = runs[runs["kind"] == kind].copy()
     plan = study.plan["stages"]
     runs["model"] = [(plan.get(s, {}).get("inputs") or {}).get("model") for s in runs["stage_id"]]
     runs["path"] = [path_key(study.plan, m) for m in runs["model"]]

@@ -13,9 +13,9 @@ import math
 
 import pandas as pd
 
-from fsdfm.report.exact_law import _sample_runs, _sampled_ce_excess
+from fsdfm.report.exact_law import _law_runs, _sample_runs, _sampled_ce_excess
 from fsdfm.report.exact_samplers import _per_sample
-from fsdfm.report.oracle import path_key, path_source
+from fsdfm.report.oracle import path_source
 from fsdfm.report.summary import SPLIT_KIND, Study
 from fsdfm.report.table import DASH, Table, fmt_mean_std
 
@@ -27,13 +27,9 @@ COLUMNS = ("traj_kl", "traj_factorization", "traj_per_position")
 def path_split_frame(study: Study) -> pd.DataFrame:
     """One row per (source, label, rule, steps) of the path_split runs: n models, mean and std of each term, and the
     sampled CE excess of the same models (`ce_sampled`, `ce_sampled_hw`, `n_samples`). Empty without such runs."""
-    runs = study.runs
-    if "kind" not in runs or not (runs["kind"] == SPLIT_KIND).any():
+    runs = _law_runs(study, SPLIT_KIND)
+    if runs.empty:
         return pd.DataFrame()
-    runs = runs[runs["kind"] == SPLIT_KIND].copy()
-    stages = study.plan["stages"]
-    runs["model"] = [(stages.get(s, {}).get("inputs") or {}).get("model") for s in runs["stage_id"]]
-    runs["path"] = [path_key(study.plan, m) for m in runs["model"]]
     nll, sampled = _per_sample(study, "oracle_nll"), _sample_runs(study)
     rows = []
     for (path, label, method, rule, steps), g in runs.groupby(
