@@ -85,3 +85,46 @@ def test_the_report_reads_the_curves_of_the_training_records(tmp_path):
     assert sorted(df[df["stage_id"] == train[1]]["value"]) == pytest.approx([3.7, 3.8, 3.9])
     out = write_report(sdir)
     assert any(p.name == "fig_convergence.png" for p in out.figures)
+
+
+UNTIL_SPEC = """
+name: t
+data:
+  kind: oracle
+  seq_len: 4
+  oracle: {source: markov, vocab_size: 3, order: 1, support: 2, epsilon: 0.05, seed: 1, n_train: 200, n_valid: 40}
+model: {preset: tiny, hidden: 32, cond_dim: 16, n_blocks: 1, n_heads: 2}
+sampling: {n_samples: 16, batch_size: 16, seed: 3}
+evaluator: {kind: none}
+methods:
+  dfm: {kind: dfm, source: SOURCE, train: {steps: 4, until: {metric: METRIC, patience: 2, every: 2}}, budgets: [2]}
+  fs: {kind: fsdfm, teacher: dfm, distill: {K: 2}, train: {steps: 4, until: {metric: FSMETRIC, patience: 2, every: 2}}, budgets: [2]}
+metrics: {names: [oracle_nll]}
+"""
+
+
+@pytest.mark.parametrize(
+    "source, metric, fs_metric, refused",
+    [
+        ("mask", "val_nll", "posterior_kl_h0.25", None),
+        ("uniform", "val_ce", "posterior_kl_h1", None),
+        ("mask", "posterior_kl", "posterior_kl_h0.5", None),
+        # the uniform source has no ELBO: its curve records no val_nll (was a KeyError 250 steps into training)
+        ("uniform", "val_nll", "posterior_kl_h1", "methods.dfm.train.until.metric"),
+        ("mask", "val_nl", "posterior_kl_h1", "did you mean 'val_nll'"),
+        # K = 2: the student's curve has h = 1, 1/2, 1/4 and no plain posterior_kl
+        ("mask", "val_nll", "posterior_kl_h0.125", "methods.fs.train.until.metric"),
+        ("mask", "val_nll", "posterior_kl", "methods.fs.train.until.metric"),
+    ],
+)
+def test_a_stopping_rule_must_name_a_metric_the_kinds_curve_records(tmp_path, source, metric, fs_metric, refused):
+    from fsdfm.methods.load import load_spec
+    from fsdfm.study.spec import SpecError
+
+    p = tmp_path / "spec.yaml"
+    p.write_text(UNTIL_SPEC.replace("FSMETRIC", fs_metric).replace("SOURCE", source).replace("METRIC", metric))
+    if refused is None:
+        load_spec(p)
+        return
+    with pytest.raises(SpecError, match=refused.replace(".", r"\.")):
+        load_spec(p)

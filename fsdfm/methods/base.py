@@ -65,6 +65,9 @@ class MethodKind:
     plans_from_checkpoint: the model is read, not trained (shown in messages; a `checkpoint:` section is an error
         for every other kind).
     validate: extra checks (spec, method name, MethodSpec, file) -> None, e.g. FS-DFM's teacher-exact shortcut.
+    curve_metrics: (StudySpec, MethodSpec) -> the names the training stage's held-out curve records, so a stopping
+        rule (`train.until.metric`) naming another is refused at spec load, not 250 steps into training; None: the
+        kind does not say (no check).
     sanity: a model-free sanity baseline (e.g. a sampler that copies training text): its runs carry
         `sanity: True`, and the report shows them, labelled, and never marks them best.
     """
@@ -83,6 +86,7 @@ class MethodKind:
     # whether the sampler's time grid ends at 1 - eps (a generalized-KL model is trained on t <= 1 - eps)
     ends_before_one: Callable = lambda m: False
     validate: Callable | None = None
+    curve_metrics: Callable | None = None
     # the pos_divergence diagnostic applies (a DFM-family sampler and a DiT teacher to compare with)
     pos_divergence: bool = False
     sanity: bool = False

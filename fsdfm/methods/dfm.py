@@ -73,6 +73,10 @@ register_kind(
         exact_teacher=True,
         pos_divergence=True,
         ends_before_one=lambda m: m.loss == "gkl",
+        curve_metrics=lambda spec, m: (
+            ("val_ce", *(("val_nll", "elbo_ppl") if m.source == "mask" else ()))
+            + (("posterior_kl",) if spec.data.kind == "oracle" else ())
+        ),
     )
 )
 

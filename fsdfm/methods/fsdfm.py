@@ -85,6 +85,10 @@ register_kind(
         exact_teacher=True,
         validate=check_exact_teacher,
         pos_divergence=True,
+        # posterior_kl at every step size the student learns (oracle data only; fsdfm_train's curve)
+        curve_metrics=lambda spec, m: (
+            tuple(f"posterior_kl_h{2.0**-j:g}" for j in range(m.settings.K + 1)) if spec.data.kind == "oracle" else ()
+        ),
     )
 )
 

@@ -171,12 +171,27 @@ def validate_methods(spec: StudySpec, file: str) -> StudySpec:
                 raise SpecError(f"{file}: {where}.budgets: step budgets are integers in 1..4096, got {short(s)}")
         settings = _section(kind, m, "distill", where, file) if settings is None else settings
         typed[name] = dataclasses.replace(m, settings=settings)
+        check_until(spec, kind, typed[name], where, file)
     for n in spec.metrics.names:
         if n not in METRICS:
             raise SpecError(f"{file}: metrics.names: unknown metric {short(n)}{did_you_mean(n, METRICS.names())}")
     spec = dataclasses.replace(spec, methods=typed)
     validate_pairs(spec, file)
     return spec
+
+
+def check_until(spec: StudySpec, kind, m, where: str, file: str) -> None:
+    """A stopping rule must name a metric the kind's training curve records (the uniform source has no ELBO, so
+    no val_nll): refused here rather than at the first curve evaluation, minutes into a run."""
+    until = m.train.until
+    if not until or kind.curve_metrics is None:
+        return
+    names = tuple(kind.curve_metrics(spec, m))
+    if until["metric"] not in names:
+        raise SpecError(
+            f"{file}: {where}.train.until.metric: a {m.kind} method (source {m.source}) records no curve metric "
+            f"{short(until['metric'])}{did_you_mean(until['metric'], names)}; its curve records: {', '.join(names)}"
+        )
 
 
 def validate_pairs(spec: StudySpec, file: str) -> None:
