@@ -10,6 +10,7 @@ from scipy import stats
 
 from fsdfm.report.evaluator_check import (
     MIN_N,
+    evaluator_agreement_table,
     evaluator_check_frame,
     evaluator_check_table,
     rank_agreement,
@@ -90,3 +91,24 @@ def test_a_study_without_both_scores_gives_an_empty_table(tmp_path):
     study = _study(tmp_path)
     study = Study(**{**study.__dict__, "runs": study.runs.drop(columns=["gen_ppl"])})
     assert evaluator_check_frame(study).empty and evaluator_check_table(study).empty
+
+
+def test_the_second_evaluators_agreement_is_rho_of_the_two_log_perplexities(tmp_path):
+    study = _study(tmp_path)
+    runs = study.runs.copy()
+    # the second evaluator agrees on A < B < C but swaps the order of the two seeds of C, and rates the repeater
+    # as the data says (worst): a known, non-trivial rank correlation over every model run
+    second = np.exp(runs["oracle_nll"].to_numpy())
+    second[[4, 5]] = second[[5, 4]]
+    runs["gen_ppl_second"] = second
+    study = Study(**{**study.__dict__, "runs": runs})
+    frame = evaluator_check_frame(study, "gen_ppl_second").set_index("population")
+    expected = stats.spearmanr(np.log(runs["gen_ppl"]), np.log(runs["gen_ppl_second"])).statistic
+    assert frame.loc["every model run", "spearman_rho"] == pytest.approx(expected) and expected < 0.9
+    trained = stats.spearmanr(runs["gen_ppl"][:6], second[:6]).statistic
+    assert frame.loc["trained models (no exact, no sanity rows)", "spearman_rho"] == pytest.approx(trained)
+    table = evaluator_agreement_table(study)
+    assert table.name == "table_evaluator_agreement" and "gen_ppl_second" in table.columns[2]
+    assert evaluator_agreement_table(
+        Study(**{**study.__dict__, "runs": study.runs.drop(columns=["gen_ppl_second"])})
+    ).empty

@@ -168,6 +168,17 @@ class Planner:
             Stage("train_ar", {"role": "evaluator", "data": self.data, "model": model, "optim": ev.train.to_dict()})
         )
 
+    def evaluator_inputs(self) -> dict:
+        """The evaluate stages' evaluator inputs: the reference evaluator's training stage ("evaluator") and the
+        optional second one's ("evaluator_second", `evaluator.second`; absent otherwise, so ids stay put)."""
+        ev, second = self.evaluator_stage(), self.spec.evaluator.second
+        out = {"evaluator": ev.id} if ev is not None else {}
+        if second is not None:
+            model = {"preset": self.spec.model.preset, **self.spec.model.overrides(), **second.model}
+            cfg = {"role": "evaluator", "data": self.data, "model": model, "optim": second.train.to_dict()}
+            out["evaluator_second"] = self.add(Stage("train_ar", cfg)).id
+        return out
+
 
 class _Runs:
     """The runs of a study as they are planned: deduplicated by (final stage, params), named at the end."""
@@ -206,8 +217,7 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
     runs = _Runs(sorted({k for c in cells for k in c.params}))
     for cell in cells:
         spec, p = cell.spec, Planner(cell.spec, stages)
-        ev = p.evaluator_stage()
-        ev_inputs = {"evaluator": ev.id} if ev is not None else {}
+        ev_inputs = p.evaluator_inputs()
         eval_cfg = {
             "data": p.data,
             "metrics": dataclasses.asdict(spec.metrics),
@@ -218,6 +228,7 @@ def plan_study(name: str, cells: list[Cell]) -> StudyPlan:
         for diagnostic in DIAGNOSTICS:  # their own stages: their settings are not in the evaluate stages' ids
             eval_cfg["metrics"].pop(diagnostic, None)
         eval_cfg["evaluator"].pop("train")
+        eval_cfg["evaluator"].pop("second")  # an input stage of its own (evaluator_inputs), not a setting
         if spec.data_reference:
             ref = p.add(Stage("evaluate_data", eval_cfg, ev_inputs))
             data_run = {"method": "data", "kind": "data", "label": "data (held-out)", "rule": None, "steps": None}

@@ -166,7 +166,11 @@ def read_samples(stage_dir: Path) -> tuple[np.ndarray, list[str] | None]:
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def load_study_evaluator(config: dict, inputs: dict, dev):
+def load_study_evaluator(config: dict, inputs: dict, dev, which: str = "evaluator"):
+    """The study's evaluator LM (None without one); which="evaluator_second": the second reference evaluator
+    (`evaluator.second`), None where the study has none."""
+    if which != "evaluator":
+        return load_evaluator(str(Path(inputs[which]) / "hf"), device=str(dev)) if which in inputs else None
     ev = config["evaluator"]
     if ev["kind"] == "reference":
         return load_evaluator(str(Path(inputs["evaluator"]) / "hf"), device=str(dev))
@@ -211,7 +215,7 @@ def content_length(tokens: np.ndarray, eos_id: int | None, lengths: np.ndarray |
 
 
 def score_samples(
-    config: dict, tokens: np.ndarray, texts, refs, evaluator, corpus, out_dir: Path, names, lengths=None
+    config: dict, tokens: np.ndarray, texts, refs, evaluator, corpus, out_dir: Path, names, lengths=None, second=None
 ) -> dict:
     """The sample metrics of one sample set, recorded with what each saw, and the per-sample table.
 
@@ -222,15 +226,22 @@ def score_samples(
     `samples_per_metric` {name: samples the metric saw}, gen_ppl's scored tokens and truncated samples
     (`gen_ppl_n_tokens`, `gen_ppl_n_truncated`, likewise for gen_ppl_seq_mean) and MAUVE's `mauve_std` (over
     k-means seeds), `mauve_n` (per side) and `mauve_buckets`; metric_details holds everything else recorded
-    (per-seed MAUVE values, featurizer weights hash, text convention). Writes out_dir/per_sample.csv: one row
-    per sample (`fsdfm.records.load_samples`).
+    (per-seed MAUVE values, featurizer weights hash, text convention). second: the second evaluator
+    (`evaluator.second`) or None: gen_ppl under it is `gen_ppl_second` (same protocol, its per-sample columns
+    suffixed `_second`). Writes out_dir/per_sample.csv: one row per sample (`fsdfm.records.load_samples`).
     """
     if names:
         kwargs = _metric_kwargs(config, evaluator, refs, corpus)
         ms = compute_metric_set(tokens, texts, names, lengths=lengths, **kwargs)
     else:  # only corpus metrics asked (e.g. `names: [oracle_nll]` of an oracle study without an evaluator)
         ms = MetricSet(values={}, n_samples={}, details={}, per_sample={})
-    metrics = dict(ms.values)
+    metrics, seen, columns2 = dict(ms.values), dict(ms.n_samples), {}
+    if second is not None and "gen_ppl" in names:  # the same protocol under the second evaluator
+        ms2 = compute_metric_set(tokens, texts, ["gen_ppl"], lengths=lengths, **{**kwargs, "evaluator": second})
+        metrics["gen_ppl_second"] = ms2.values["gen_ppl"]
+        metrics["gen_ppl_second_n_tokens"] = ms2.details["gen_ppl"]["n_tokens"]
+        seen["gen_ppl_second"] = ms2.n_samples["gen_ppl"]
+        columns2 = {f"{k}_second": v for k, v in ms2.per_sample.items()}
     for name in ("gen_ppl", "gen_ppl_seq_mean"):
         if name in ms.details:
             metrics[f"{name}_n_tokens"] = ms.details[name]["n_tokens"]
@@ -241,10 +252,11 @@ def score_samples(
     extra = extra_metrics(config, tokens, corpus)
     metrics.update(extra.values)
     n = int(tokens.shape[0])
-    metrics["samples_per_metric"] = {**ms.n_samples, **{k: n for k in extra.values if k in extra.per_sample}}
+    metrics["samples_per_metric"] = {**seen, **{k: n for k in extra.values if k in extra.per_sample}}
     metrics["n_samples"] = n
     columns = {"sample": np.arange(n), "length": content_length(tokens, corpus.eos_id, lengths)}
     columns.update(ms.per_sample)
+    columns.update(columns2)
     columns.setdefault("entropy_nats", entropy(tokens, lengths).per_sample)
     if tokens.shape[1] >= 4:
         columns.setdefault("rep_n", rep_n_per_sample(tokens, 4, lengths))
@@ -274,9 +286,9 @@ def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
         raise RuntimeError(f"{inputs['samples']}: {tokens.shape[0]} samples on disk, {n} requested")
     evaluator = load_study_evaluator(config, inputs, device())
     refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
-    scored = score_samples(
-        config, tokens, texts, refs, evaluator, corpus, out_dir, _sample_metric_names(config, evaluator)
-    )
+    second = load_study_evaluator(config, inputs, device(), "evaluator_second")
+    names = _sample_metric_names(config, evaluator)
+    scored = score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir, names, second=second)
     sample_rec = read_record(Path(inputs["samples"])) or {}
     scored["metrics"].update(
         (sample_rec.get("payload") or {}).get("metrics") or {}
@@ -308,9 +320,9 @@ def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     texts = corpus.texts("valid", 2 * n)[n:] if corpus.tokenizer is not None else None  # decode only what is used
     refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
     evaluator = load_study_evaluator(config, inputs, device())
-    scored = score_samples(
-        config, tokens, texts, refs, evaluator, corpus, out_dir, _sample_metric_names(config, evaluator)
-    )
+    second = load_study_evaluator(config, inputs, device(), "evaluator_second")
+    names = _sample_metric_names(config, evaluator)
+    scored = score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir, names, second=second)
     return {**scored, "n_samples": n}
 
 

@@ -79,6 +79,20 @@ def _gen_ppl(x: MetricInputs) -> MetricOutcome:
     return _ppl_outcome(result, "")
 
 
+register_metric(
+    "gen_ppl_second",
+    direction="min",
+    unit="ppl",
+    family="perplexity",
+    label="generative perplexity under the second evaluator",
+    show={"main": 1.5, "pairs": 1.5},
+    description="gen_ppl (the same protocol) under the study's second reference evaluator (`evaluator.second`, "
+    "e.g. a larger model trained longer): a second opinion on the ranking (table_evaluator_agreement)",
+    recorded_by="the evaluate stage, where the spec sets evaluator.second",
+    sources=(*_PPL, "fsdfm.methods.evaluate:score_samples"),
+)
+
+
 @register_metric(
     "gen_ppl_seq_mean",
     direction="min",

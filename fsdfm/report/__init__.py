@@ -27,7 +27,7 @@ from fsdfm.report.exact_samplers import exact_samplers_table
 from fsdfm.report.exact_law import exact_law_table
 from fsdfm.report.facts import conventions, facts
 from fsdfm.report.path_split import path_split_table
-from fsdfm.report.evaluator_check import evaluator_check_table
+from fsdfm.report.evaluator_check import evaluator_agreement_table, evaluator_check_table
 from fsdfm.report.figures import FIGURES, render
 from fsdfm.report.html import HTML_FILE, html_report
 from fsdfm.report.nfe_figure import quality_vs_nfe
@@ -127,6 +127,7 @@ SECTIONS = {
     "table_exact_samplers": "Each sampler's own error (driven by the exact denoiser)",
     "table_speedup": "Quality-matched speed-up",
     "table_evaluator_check": "Evaluator check (gen-PPL against the exact oracle NLL)",
+    "table_evaluator_agreement": "Evaluator check (gen-PPL under a second, larger evaluator)",
 }
 
 
@@ -234,6 +235,8 @@ def _candidate_tables(study: Study, main: Table) -> list[Table]:
         candidates[1:1] = [decomposition_table(study), exact_samplers_table(study)]
     if "gen_ppl" in study.runs and "oracle_nll" in study.runs:  # an oracle study with a trained evaluator
         candidates.append(evaluator_check_table(study))
+    if "gen_ppl" in study.runs and "gen_ppl_second" in study.runs:  # evaluator.second: a text study's check
+        candidates.append(evaluator_agreement_table(study))
     kinds = set(study.runs["kind"]) if "kind" in study.runs else set()
     # metrics.exact_law, metrics.path_split: each diagnostic's table second, after the main one
     candidates[1:1] = [

@@ -29,12 +29,20 @@ from fsdfm.report.oracle import EXACT_KIND, JOINT_KIND, annotated_runs
 from fsdfm.report.summary import DEFAULT_BY, Study
 from fsdfm.report.table import DASH, Table
 
-__all__ = ["RankAgreement", "rank_agreement", "spearman", "evaluator_check_frame", "evaluator_check_table"]
+__all__ = [
+    "RankAgreement",
+    "rank_agreement",
+    "spearman",
+    "evaluator_check_frame",
+    "evaluator_check_table",
+    "evaluator_agreement_table",
+]
 
 N_BOOT = 2000
 LEVEL = 0.95
 MIN_N = 5  # below this many points a rank correlation (and its bootstrap) says nothing; the row says so
 ESTIMATE, TRUTH = "gen_ppl", "oracle_nll"
+SECOND = "gen_ppl_second"  # gen_ppl under the second evaluator (evaluator.second): the text study's check
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -82,14 +90,17 @@ def rank_agreement(x: np.ndarray, y: np.ndarray, n_boot: int = N_BOOT, seed: int
     return RankAgreement(n, rho, float(lo), float(hi))
 
 
-def evaluator_check_frame(study: Study) -> pd.DataFrame:
+def evaluator_check_frame(study: Study, truth: str = TRUTH) -> pd.DataFrame:
     """One row per population (all model runs, trained models, setting means): n, rho, lo, hi; empty when the
-    study's runs lack gen_ppl or oracle_nll."""
+    study's runs lack gen_ppl or `truth` (oracle_nll; or gen_ppl_second, the second evaluator's gen_ppl, compared
+    on its log: a rank correlation is unchanged by it, the setting means are means of NLLs)."""
     runs = annotated_runs(study)
-    if runs.empty or ESTIMATE not in runs or TRUTH not in runs:
+    if runs.empty or ESTIMATE not in runs or truth not in runs:
         return pd.DataFrame()
+    true = pd.to_numeric(runs[truth], errors="coerce")
     runs = runs.assign(
-        _est=np.log(pd.to_numeric(runs[ESTIMATE], errors="coerce")), _true=pd.to_numeric(runs[TRUTH], errors="coerce")
+        _est=np.log(pd.to_numeric(runs[ESTIMATE], errors="coerce")),
+        _true=np.log(true) if truth.startswith("gen_ppl") else true,
     )
     sanity = runs["sanity"].fillna(False).astype(bool) if "sanity" in runs else pd.Series(False, index=runs.index)
     trained = runs[~runs["kind"].isin([EXACT_KIND, JOINT_KIND]) & ~sanity]
@@ -107,10 +118,11 @@ def evaluator_check_frame(study: Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def evaluator_check_table(study: Study) -> Table:
-    """The evaluator check as a Table: population, n, Spearman rho [95% CI]."""
-    frame = evaluator_check_frame(study)
-    columns = ("population", "n", "Spearman rho (gen_ppl vs oracle_nll) [95% CI]")
+def evaluator_check_table(study: Study, truth: str = TRUTH) -> Table:
+    """The evaluator check as a Table: population, n, Spearman rho [95% CI]; truth=SECOND: the agreement of the
+    two evaluators (`table_evaluator_agreement`)."""
+    frame = evaluator_check_frame(study, truth)
+    columns = ("population", "n", f"Spearman rho (gen_ppl vs {truth}) [95% CI]")
     cells = []
     for _, r in frame.iterrows():
         if not math.isfinite(r["spearman_rho"]):
@@ -120,16 +132,23 @@ def evaluator_check_table(study: Study) -> Table:
         else:
             shown = f"{r['spearman_rho']:.3f} [{r['ci95_lo']:.3f}, {r['ci95_hi']:.3f}]"
         cells.append((r["population"], str(int(r["n"])), shown))
+    against = (
+        "the exact oracle_nll of the same samples; 1 = the evaluator ranks runs exactly as the source does"
+        if truth == TRUTH
+        else "gen_ppl of the same samples under the second evaluator (evaluator.second); 1 = the two rank runs "
+        "alike, which says the ranking does not hang on one small evaluator (not that either is right)"
+    )
     notes = (
-        "Spearman's rank correlation between gen_ppl under the study's trained evaluator and the exact oracle_nll "
-        "of the same samples; 1 = the evaluator ranks runs exactly as the source does. 95% CI: percentile "
-        f"bootstrap over the points (B = {N_BOOT}).",
+        f"Spearman's rank correlation between gen_ppl under the study's trained evaluator and {against}. 95% CI: "
+        f"percentile bootstrap over the points (B = {N_BOOT}).",
         "The sanity rows are built to fool perplexity (repeat_top): the gap between the first two rows is what they "
         "do to the ranking.",
     )
     return Table(
-        name="table_evaluator_check",
-        title=f"{study.name}: does the evaluator rank runs as the exact source does?",
+        name="table_evaluator_check" if truth == TRUTH else "table_evaluator_agreement",
+        title=f"{study.name}: does the evaluator rank runs as the exact source does?"
+        if truth == TRUTH
+        else f"{study.name}: do the two evaluators rank runs alike?",
         columns=columns,
         cells=tuple(cells),
         bold=tuple((False,) * len(columns) for _ in cells),
@@ -138,3 +157,8 @@ def evaluator_check_table(study: Study) -> Table:
         numbers=frame,
         n_label_columns=1,
     )
+
+
+def evaluator_agreement_table(study: Study) -> Table:
+    """The two evaluators' agreement (`evaluator.second`): Spearman rho of gen_ppl vs gen_ppl_second over runs."""
+    return evaluator_check_table(study, SECOND)

@@ -36,6 +36,7 @@ from fsdfm.study.convert import type_hints
 from fsdfm.study.spec import (
     DEPRECATED_METHOD_KEYS,
     EvaluatorSpec,
+    SecondEvaluatorSpec,
     LimitSpec,
     MethodSpec,
     NAME_PATTERN,
@@ -249,6 +250,8 @@ def limit_overrides(raw: dict, n: int, file: str) -> dict[str, Any]:
         ev = raw.get("evaluator") if isinstance(raw.get("evaluator"), dict) else {}
         if ev.get("kind", "reference") == "reference":
             capped("evaluator", ev.get("train"), EvaluatorSpec().train)
+        if isinstance(ev.get("second"), dict):
+            capped("evaluator.second", ev["second"].get("train"), SecondEvaluatorSpec().train)
     out.update(lim.set)
     return out
 

@@ -155,9 +155,23 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True)
+class SecondEvaluatorSpec:
+    """`evaluator.second`: a second reference AR model, trained by the suite on the train split like the first
+    (its own size and training; the study's preset plus `model`): every evaluate stage also scores the samples'
+    gen_ppl under it (`gen_ppl_second`), and the report checks that the two evaluators rank runs alike
+    (`table_evaluator_agreement`). Offline, a larger model trained longer is the second opinion a text study has."""
+
+    model: dict = field(default_factory=dict)
+    train: OptimConfig = field(
+        default_factory=_optim(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, seed=4321, ema_decay=None)
+    )
+
+
+@dataclass(frozen=True)
 class EvaluatorSpec:
     """reference: an AR model trained by the suite on the train split; hf: any HF causal LM by name or path;
-    none: no evaluator (text-free metrics only, e.g. oracle studies)."""
+    none: no evaluator (text-free metrics only, e.g. oracle studies). second: an optional second reference
+    evaluator (`SecondEvaluatorSpec`)."""
 
     kind: str = "reference"
     name: str | None = None
@@ -165,6 +179,7 @@ class EvaluatorSpec:
     train: OptimConfig = field(
         default_factory=_optim(steps=600, batch_size=32, lr=1e-3, warmup_steps=50, seed=1234, ema_decay=None)
     )
+    second: SecondEvaluatorSpec | None = None
 
     def __post_init__(self):
         if self.kind not in ("reference", "hf", "none"):
@@ -173,6 +188,8 @@ class EvaluatorSpec:
             )
         if self.kind == "hf" and not self.name:
             raise ValueError("an hf evaluator needs a name (a model id or a local path)")
+        if self.second is not None and self.kind == "none":
+            raise ValueError("second: a second evaluator is checked against the first; kind none has no first")
 
 
 @dataclass(frozen=True)
@@ -348,6 +365,8 @@ def build_study(raw: dict, file: str, checks: tuple = ()) -> StudySpec:
         check_model({**base, **m.model}, f"methods.{name}.model", file, spec.data.seq_len)
     if spec.evaluator.kind == "reference":
         check_model({**base, **spec.evaluator.model}, "evaluator.model", file, spec.data.seq_len)
+    if spec.evaluator.second is not None:
+        check_model({**base, **spec.evaluator.second.model}, "evaluator.second.model", file, spec.data.seq_len)
     check_bounds(spec, file)  # sizes that decide memory and time: before anything is planned or written
     for key in ("train", "valid"):
         value = getattr(spec.data, key)
