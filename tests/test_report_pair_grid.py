@@ -129,3 +129,14 @@ def test_the_plain_pairs_table_points_to_the_grid_tables():
 
     t = pairs_table(fake_study())
     assert t.empty and any("compared cell by cell in table_pair_grid" in n for n in t.notes)
+
+
+def test_grid_values_a_missing_value_turned_to_floats_are_labelled_as_written():
+    # a run that does not depend on an axis has None there, so pandas stores the column as floats (300 -> 300.0)
+    extra = [{"method": "data", "label": "data", "steps": None, "oracle_nll": 1.0, "seed": 0}]
+    study = fake_study(extra)
+    assert study.runs["methods.dfm.train.steps"].dtype == float
+    t = pair_grid_table(study)
+    shown = [c[3] for c in t.cells]
+    assert "hidden=32, train.steps=300, seq_len=32" in shown and not any(".0" in c for c in shown)
+    assert "DFM (hidden=32, steps=300, seq_len=32)" in set(study.runs["label"])

@@ -22,6 +22,7 @@ Knows the run table of `fsdfm.report.summary.Study` only: no records, no stages.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ from scipy import stats
 import fsdfm.report.significance as significance
 from fsdfm.metrics.registry import METRICS
 from fsdfm.report.pairs import _by_seed, _fmt, pair_metrics
-from fsdfm.report.summary import Study
+from fsdfm.report.summary import Study, grid_value
 from fsdfm.report.table import Table
 from fsdfm.study.spec import PAIR_PATTERN
 
@@ -125,7 +126,8 @@ def cell_differences(study: Study, a_name: str, b_name: str, metric: str) -> pd.
 
 def _cell_label(keys: list[str], cell: tuple) -> str:
     return ", ".join(
-        f"{k.split('.')[-1] if k.count('.') < 2 else '.'.join(k.split('.')[-2:])}={v}" for k, v in zip(keys, cell)
+        f"{k.split('.')[-1] if k.count('.') < 2 else '.'.join(k.split('.')[-2:])}={grid_value(v)}"
+        for k, v in zip(keys, cell)
     )
 
 
@@ -279,7 +281,7 @@ def pair_grid_figure(study: Study):
                 g = part if line is None else part[part[line_key] == line]
                 st = g.groupby(x_key)["d"].agg(["mean", "std", "count"]).reset_index().sort_values(x_key)
                 half = [ci95_half_width(s, int(n)) if n > 1 else 0.0 for s, n in zip(st["std"], st["count"])]
-                lab = f"{line_key.split('.')[-1]}={line}" if line_key else metric
+                lab = f"{line_key.split('.')[-1]}={grid_value(line)}" if line_key else metric
                 ax.errorbar(
                     st[x_key].astype(float), st["mean"], yerr=half, marker="o", capsize=3, color=colors[line], label=lab
                 )
@@ -289,8 +291,9 @@ def pair_grid_figure(study: Study):
             ax.set_ylabel(f"{metric}: {a_name} − {b_name}")
             if panel is not None:
                 vals = panel if isinstance(panel, tuple) else (panel,)
-                ax.set_title(", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(panel_keys, vals)))
-        fig.suptitle(f"{study.name}: {a_name} − {b_name} across the grid (mean over seeds, 95% CI)")
+                ax.set_title(", ".join(f"{k.split('.')[-1]}={grid_value(v)}" for k, v in zip(panel_keys, vals)))
+        # wrapped: the names of a long pair overran the figure's width (the title was clipped)
+        fig.suptitle(textwrap.fill(f"{study.name}: {a_name} − {b_name} across the grid (mean over seeds, 95% CI)", 70))
         _legend_outside(fig, axs)
     caption = (
         f"{metric} of {a_name} minus {b_name} in each grid cell, paired by seed, against {x_key} (log2 axis); "

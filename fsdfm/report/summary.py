@@ -233,6 +233,14 @@ def _short_names(keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def grid_value(v) -> str:
+    """A grid value as the spec wrote it: a column holding None beside numbers turns ints into floats (300 ->
+    300.0), which a label should not show."""
+    if isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
 def variant_labels(df: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
     """`label` extended with the values of the ablated grid `keys` a run depends on (None: does not)."""
     keys = [k for k in keys if k in df.columns]
@@ -241,7 +249,7 @@ def variant_labels(df: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
     short = _short_names(keys)
 
     def one(row) -> str:
-        parts = [f"{short[k]}={row[k]}" for k in keys if row[k] is not None and not pd.isna(row[k])]
+        parts = [f"{short[k]}={grid_value(row[k])}" for k in keys if row[k] is not None and not pd.isna(row[k])]
         return f"{row['label']} ({', '.join(parts)})" if parts else row["label"]
 
     return df.apply(one, axis=1)
