@@ -38,6 +38,7 @@ __all__ = [
     "MethodKind",
     "Planner",
     "declared_rules",
+    "path_source",
     "plan_study",
     "register_kind",
 ]
@@ -47,6 +48,16 @@ METHOD_KINDS: Registry = Registry("method kind", discover=("fsdfm.methods",))
 # diagnostic name -> fn(planner, model stage, method name, MethodSpec, add_run): the runs a diagnostic adds for one
 # method beside its samples (pos_divergence here; exact_law, path_split in their own files), each a no-op unless the spec asks
 DIAGNOSTICS: Registry = Registry("diagnostic", discover=("fsdfm.methods",))
+
+
+def path_source(methods: dict, m: MethodSpec) -> str:
+    """The source of the path a method samples: a student's is its teacher's (the distilled model inherits the
+    teacher's path, `fsdfm.methods.fsdfm`), whatever its own `source` field says; `teacher: exact` names none."""
+    seen = set()
+    while getattr(m, "teacher", None) in methods and m.teacher not in seen:
+        seen.add(m.teacher)
+        m = methods[m.teacher]
+    return m.source
 
 
 def forward_precision_key(value: str) -> dict:

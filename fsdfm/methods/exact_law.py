@@ -41,7 +41,7 @@ import torch
 
 from fsdfm.data import DataConfig, oracle_source
 from fsdfm.data.oracle import ORACLE_SOURCES
-from fsdfm.methods.base import DIAGNOSTICS, METHOD_KINDS, Planner
+from fsdfm.methods.base import DIAGNOSTICS, METHOD_KINDS, Planner, path_source
 from fsdfm.methods.common import DATA_SOURCES, load_dit
 from fsdfm.methods.exact_teacher import load_exact
 from fsdfm.metrics.law import LAW_METRICS
@@ -93,10 +93,12 @@ def plan_exact_law(p: Planner, model: Stage, mname: str, m: MethodSpec, add_run:
     data = p.spec.data
     if data.kind != "oracle":
         raise PlanError(f"metrics.exact_law: needs an oracle source (data.kind: oracle), got data.kind {data.kind!r}")
-    n = state_count(oracle_source(data).vocab_size, int(data.seq_len), m.source)
+    # the path the method samples: a student's is its teacher's, whatever its own `source` field says
+    source = path_source(p.spec.methods, m)
+    n = state_count(oracle_source(data).vocab_size, int(data.seq_len), source)
     if n > law.max_states:  # PlanError: the CLI's one-line message, before anything is written
         raise PlanError(
-            f"metrics.exact_law: method {mname!r} has {n:,} states (A^L, source {m.source!r}), over max_states "
+            f"metrics.exact_law: method {mname!r} has {n:,} states (A^L, source {source!r}), over max_states "
             f"{law.max_states:,}; use a smaller vocab_size or seq_len, or raise max_states (<= 1,000,000)"
         )
     if p.spec.sampling.forward_precision != "float32":

@@ -32,7 +32,7 @@ import torch
 
 from fsdfm.data import DataConfig, oracle_source
 from fsdfm.data.oracle import ORACLE_SOURCES
-from fsdfm.methods.base import DIAGNOSTICS, METHOD_KINDS, Planner
+from fsdfm.methods.base import DIAGNOSTICS, METHOD_KINDS, Planner, path_source
 from fsdfm.methods.common import DATA_SOURCES
 from fsdfm.methods.exact_law import LAW_MODELS
 from fsdfm.metrics.law import PATH_SPLIT_METRICS
@@ -43,16 +43,6 @@ from fsdfm.study.spec import MethodSpec
 
 SPLIT_KIND = "path_split"  # the `kind` of its runs (the report keeps them out of the sample-quality tables)
 SPLIT_SEED = 7919  # the rows x_1 and the draws: a seed of their own, apart from the sampling seed
-
-
-def path_source(methods: dict, m: MethodSpec) -> str:
-    """The source of the path a method samples: a student's is its teacher's (the distilled model inherits the
-    teacher's path, `fsdfm.methods.fsdfm`), whatever its own `source` field says; `teacher: exact` names none."""
-    seen = set()
-    while getattr(m, "teacher", None) in methods and m.teacher not in seen:
-        seen.add(m.teacher)
-        m = methods[m.teacher]
-    return m.source
 
 
 @DIAGNOSTICS.register("path_split")
