@@ -216,19 +216,12 @@ def test_the_sampled_ce_excess_beside_a_law_is_its_own_models_not_a_pool_of_vari
 def test_a_student_of_a_uniform_teacher_counts_the_states_of_its_teachers_path(tmp_path):
     # a FS-DFM student keeps `source: mask` in its own spec but samples its uniform teacher's path: 3^4 = 81
     # states, not the mask path's (3 + 1)^4 = 256, so max_states 100 admits it (was refused)
-    uniform = """
-name: t
-data:
-  kind: oracle
-  seq_len: 4
-  oracle: {source: markov, vocab_size: 3, order: 1, support: 2, epsilon: 0.05, seed: 1, n_train: 200, n_valid: 40}
-model: {preset: tiny, hidden: 32, cond_dim: 16, n_blocks: 1, n_heads: 2}
-sampling: {n_samples: 16, batch_size: 16, seed: 3}
-evaluator: {kind: none}
-methods:
-  uni: {kind: dfm, source: uniform, train: {steps: 2, batch_size: 8, warmup_steps: 1}, budgets: [2]}
-  fsu: {kind: fsdfm, teacher: uni, distill: {K: 2}, train: {steps: 2, batch_size: 8, warmup_steps: 1}, budgets: [2]}
-"""
+    uniform = ORACLE.split("methods:")[0] + (
+        "methods:\n"
+        "  uni: {kind: dfm, source: uniform, train: {steps: 2, batch_size: 8, warmup_steps: 1}, budgets: [2]}\n"
+        "  fsu: {kind: fsdfm, teacher: uni, distill: {K: 2}, train: {steps: 2, batch_size: 8, warmup_steps: 1},"
+        " budgets: [2]}\n"
+    )
     plan = _plan(tmp_path, "  exact_law: {max_states: 100}\n", uniform)
     assert sorted(r.params["method"] for r in plan.runs if r.params["kind"] == LAW_KIND) == ["fsu", "uni"]
     masked = uniform.replace("source: uniform, ", "")
