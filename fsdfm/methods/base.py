@@ -172,11 +172,13 @@ class Planner:
 
     def evaluator_stage(self) -> Stage | None:
         ev = self.spec.evaluator
-        if ev.kind != "reference":
-            return None
-        model = {"preset": self.spec.model.preset, **self.spec.model.overrides(), **ev.model}
+        return self._reference_evaluator(ev.model, ev.train) if ev.kind == "reference" else None
+
+    def _reference_evaluator(self, model: dict, train) -> Stage:
+        """The train_ar stage of a reference evaluator: the study's preset with `model` over it, trained by `train`."""
+        model = {"preset": self.spec.model.preset, **self.spec.model.overrides(), **model}
         return self.add(
-            Stage("train_ar", {"role": "evaluator", "data": self.data, "model": model, "optim": ev.train.to_dict()})
+            Stage("train_ar", {"role": "evaluator", "data": self.data, "model": model, "optim": train.to_dict()})
         )
 
     def evaluator_inputs(self) -> dict:
@@ -185,9 +187,7 @@ class Planner:
         ev, second = self.evaluator_stage(), self.spec.evaluator.second
         out = {"evaluator": ev.id} if ev is not None else {}
         if second is not None:
-            model = {"preset": self.spec.model.preset, **self.spec.model.overrides(), **second.model}
-            cfg = {"role": "evaluator", "data": self.data, "model": model, "optim": second.train.to_dict()}
-            out["evaluator_second"] = self.add(Stage("train_ar", cfg)).id
+            out["evaluator_second"] = self._reference_evaluator(second.model, second.train).id
         return out
 
 

@@ -47,6 +47,7 @@ from fsdfm.records import PER_SAMPLE, read_record, write_per_sample
 # what every stage that computes sample metrics depends on (with DATA_SOURCES): part of their `sources`
 EVAL_SOURCES = (
     "fsdfm.methods.evaluate:load_study_evaluator",
+    "fsdfm.methods.evaluate:load_second_evaluator",
     "fsdfm.methods.evaluate:_metric_kwargs",
     "fsdfm.methods.evaluate:_sample_metric_names",
     "fsdfm.metrics.oracle:extra_metrics",
@@ -166,11 +167,14 @@ def read_samples(stage_dir: Path) -> tuple[np.ndarray, list[str] | None]:
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def load_study_evaluator(config: dict, inputs: dict, dev, which: str = "evaluator"):
-    """The study's evaluator LM (None without one); which="evaluator_second": the second reference evaluator
-    (`evaluator.second`), None where the study has none."""
-    if which != "evaluator":
-        return load_evaluator(str(Path(inputs[which]) / "hf"), device=str(dev)) if which in inputs else None
+def load_second_evaluator(inputs: dict, dev):
+    """The second reference evaluator (`evaluator.second`, input "evaluator_second"); None where there is none."""
+    if "evaluator_second" not in inputs:
+        return None
+    return load_evaluator(str(Path(inputs["evaluator_second"]) / "hf"), device=str(dev))
+
+
+def load_study_evaluator(config: dict, inputs: dict, dev):
     ev = config["evaluator"]
     if ev["kind"] == "reference":
         return load_evaluator(str(Path(inputs["evaluator"]) / "hf"), device=str(dev))
@@ -286,7 +290,7 @@ def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
         raise RuntimeError(f"{inputs['samples']}: {tokens.shape[0]} samples on disk, {n} requested")
     evaluator = load_study_evaluator(config, inputs, device())
     refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
-    second = load_study_evaluator(config, inputs, device(), "evaluator_second")
+    second = load_second_evaluator(inputs, device())
     names = _sample_metric_names(config, evaluator)
     scored = score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir, names, second=second)
     sample_rec = read_record(Path(inputs["samples"])) or {}
@@ -320,7 +324,7 @@ def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     texts = corpus.texts("valid", 2 * n)[n:] if corpus.tokenizer is not None else None  # decode only what is used
     refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
     evaluator = load_study_evaluator(config, inputs, device())
-    second = load_study_evaluator(config, inputs, device(), "evaluator_second")
+    second = load_second_evaluator(inputs, device())
     names = _sample_metric_names(config, evaluator)
     scored = score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir, names, second=second)
     return {**scored, "n_samples": n}
