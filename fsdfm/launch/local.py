@@ -64,20 +64,34 @@ def _execute_local(
     timeout_s: float | None,
     poll_s: float,
 ) -> ExecutionSummary:
-    """One local process per stage, at most `max_parallel` (default 1) at once, each started as soon as its
-    inputs are done (a ready queue in plan order, not wave by wave: one long stage no longer holds the other
-    slots idle until its whole wave ends).
-
-    Every job sees the GPUs this process sees (LocalExecutor would otherwise set CUDA_VISIBLE_DEVICES=""
-    unless gpus_per_node > 0, and renumber a restricted CUDA_VISIBLE_DEVICES from 0)."""
+    """One local process per stage, at most `max_parallel` (default 1) at once (`run_slots`). Every job sees the
+    GPUs this process sees (LocalExecutor would otherwise set CUDA_VISIBLE_DEVICES="" unless gpus_per_node > 0,
+    and renumber a restricted CUDA_VISIBLE_DEVICES from 0)."""
     if not wait:
         raise ValueError(
             "executor='local' cannot return before the study is done (wait=False): local jobs have "
             "no dependencies between them; use executor='slurm'"
         )
-    cap = max(1, int(max_parallel or 1))
+    slots = [None] * max(1, int(max_parallel or 1))
+    return run_slots(plan, sdir, profile, slots, "local", timeout_s=timeout_s, poll_s=poll_s)
+
+
+def run_slots(
+    plan: StudyPlan,
+    sdir: Path,
+    profile: dict,
+    slots: list[str | None],
+    executor: str,
+    *,
+    timeout_s: float | None,
+    poll_s: float,
+) -> ExecutionSummary:
+    """Run the plan's stages as local jobs, one per slot at a time, each started as soon as its inputs are done (a
+    ready queue in plan order, not wave by wave: one long stage does not hold the other slots idle until its whole
+    wave ends). A slot is a device (the job sees only that GPU: `CUDA_VISIBLE_DEVICES=<device>`, executor
+    "local_gpus") or None (the job sees what this process sees, executor "local")."""
     n_gpus, cvd = _visible_gpus()
-    setup = source_setup(plan) + ([f"export CUDA_VISIBLE_DEVICES={shlex.quote(cvd)}"] if cvd is not None else [])
+    setup = source_setup(plan)
     deadline = None if timeout_s is None else time.time() + timeout_s
     tally = Tally(sdir)
     total = len(plan.stages)
@@ -85,27 +99,33 @@ def _execute_local(
     todo = [stage for wave in waves(plan) for stage in wave]  # topological order: reproducible submissions
     settled: set[str] = set()
     queue: list[Stage] = []
-    running: dict[str, tuple[Stage, Any]] = {}
+    running: dict[str, tuple[Stage, Any, int]] = {}  # id -> (stage, job, slot index)
+    free = list(range(len(slots)))  # slot indices not running a job
     waiting: list[Stage] = []  # locked by a live process of another run: not submitted while it holds them
     try:
         _promote(tally, sdir, todo, queue, settled)
         while todo or queue or running or waiting:
             if _release_waiting(tally, sdir, waiting, queue, settled):
                 _promote(tally, sdir, todo, queue, settled)  # done by the other run: its dependents are ready
-            while queue and len(running) < cap:
+            while queue and free:
                 stage = queue.pop(0)
                 if _locked_elsewhere(sdir, stage):
                     waiting.append(stage)
                     continue
-                job = _submit_local(sdir, stage, profile, n_gpus, setup)
+                slot = free.pop(0)
+                device = slots[slot]
+                gpus, export = _job_devices(device, n_gpus, cvd)
+                job = _submit_local(sdir, stage, profile, gpus, setup + export)
                 tally.submitted[stage.id] = str(job.job_id)
-                running[stage.id] = (stage, job)
+                running[stage.id] = (stage, job, slot)
                 started[stage.id] = time.time()
-                write_submitted(sdir, stage.id, "local", job)  # status names the log while the stage runs
-                say(f"[{len(started)}/{total}] {stage.id} started (local job {job.job_id}; log {job.paths.stderr})")
-            for sid, (stage, job) in list(running.items()):
+                write_submitted(sdir, stage.id, executor, job, **({"device": device} if device else {}))
+                on = f" on device {device}" if device else ""
+                say(f"[{len(started)}/{total}] {stage.id} started{on} (local job {job.job_id}; log {job.paths.stderr})")
+            for sid, (stage, job, slot) in list(running.items()):
                 if job.done():
                     del running[sid]
+                    free = sorted([*free, slot])
                     settle(tally, sdir, stage, lambda job=job: _local_failure(job))
                     settled.add(sid)
                     say_end(tally, stage.id, time.time() - started[stage.id])
@@ -121,9 +141,19 @@ def _execute_local(
     except BaseException as e:
         # Ctrl-C, SIGTERM, SIGHUP (`signals_interrupt`) or any error in the driver: local jobs would otherwise
         # outlive it, training on unsupervised. Ctrl-C at a terminal has already reached the jobs too.
-        _cancel_local_jobs(sdir, running, signalled=type(e) is KeyboardInterrupt)
+        jobs = {sid: (stage, job) for sid, (stage, job, _) in running.items()}
+        _cancel_local_jobs(sdir, jobs, signalled=type(e) is KeyboardInterrupt)
         raise
     return tally.summary()
+
+
+def _job_devices(device: str | None, n_gpus: int, cvd: str | None) -> tuple[int, list[str]]:
+    """(gpus_per_node, setup lines) of a job on `device`. gpus_per_node > 0 keeps submitit from blanking
+    CUDA_VISIBLE_DEVICES; the export (run after submitit's own environment) then names the job's devices,
+    whatever submitit renumbered."""
+    if device is not None:
+        return 1, [f"export CUDA_VISIBLE_DEVICES={shlex.quote(device)}"]
+    return n_gpus, ([f"export CUDA_VISIBLE_DEVICES={shlex.quote(cvd)}"] if cvd is not None else [])
 
 
 def _promote(tally: Tally, sdir: Path, todo: list[Stage], queue: list[Stage], settled: set[str]) -> None:

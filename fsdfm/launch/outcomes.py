@@ -156,14 +156,15 @@ def clear_error(sdir: Path, stage_id: str) -> None:
         os.unlink(stage_dir(sdir, stage_id) / ERROR)
 
 
-def write_submitted(sdir: Path, stage_id: str, executor: str, job: Any) -> None:
+def write_submitted(sdir: Path, stage_id: str, executor: str, job: Any, **extra) -> None:
     """submitted.json: which job (and log files) a stage was handed to, read by `status` while the stage runs
-    (run_stage removes it when the stage is done)."""
+    (run_stage removes it when the stage is done); `extra`: more fields (local_gpus: the job's device)."""
     atomic_write_json(
         stage_dir(sdir, stage_id) / SUBMITTED,
         {
             "executor": executor,
             "job_id": str(job.job_id),
+            **extra,
             "time": now_iso(),
             "time_unix": time.time(),
             "stdout": str(job.paths.stdout),
