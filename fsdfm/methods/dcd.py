@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from fsdfm.methods.common import (
     DATA_SOURCES,
     DIT_SOURCES,
     corpus_for,
-    device,
     join_process_group,
     load_dit,
     loss_curve,
@@ -29,9 +27,10 @@ from fsdfm.methods.common import (
     oracle_model_metrics,
     save_dit,
 )
+from fsdfm.methods.rounds import fit_rounds, rounds_metrics
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec
-from fsdfm.train import OptimConfig, fit
+from fsdfm.train import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -81,52 +80,42 @@ register_kind(
     resources="gpu_multi",
     version="1",
     metrics=lambda c: oracle_model_metric(c),
-    sources=("fsdfm.methods.dcd:distil_dcd", *DIT_SOURCES, *DATA_SOURCES, "fsdfm.duo", "fsdfm.methods.common:load_dit"),
+    sources=(
+        "fsdfm.methods.dcd:distil_dcd",
+        "fsdfm.methods.rounds",
+        *DIT_SOURCES,
+        *DATA_SOURCES,
+        "fsdfm.duo",
+        "fsdfm.methods.common:load_dit",
+    ),
     model_sampler="duo",
     model_rule="ancestral",
 )
 def distil_dcd(config: dict, inputs: dict, out_dir: Path) -> dict:
-    """Every DCD round (each its own checkpoint folder); the last round's EMA (when on) is the model."""
+    """Every DCD round (fsdfm.methods.rounds): round r trains at gap h = 2^r / base_steps."""
     join_process_group()
     corpus = corpus_for(config, out_dir)
     cfg = DCDSettings(**config["distill"])
     optim = OptimConfig(**config["optim"])
     loaded = load_dit(inputs["teacher"])
     teacher = loaded.model.requires_grad_(False)
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
-    losses, resumed, gaps = [], 0, []
-    t0 = time.perf_counter()
-    for r in range(cfg.rounds):
-        res = fit(
-            student,
-            DCDObjective(teacher, loaded.path, cfg.gap(r), cfg.loss),
-            corpus.train,
-            optim,
-            Path(out_dir) / "ckpt" / f"round_{r}",
-            desc=f"dcd round {r + 1}/{cfg.rounds}: gap {cfg.gap(r):g}",
-            device=device(),
-        )
-        losses += res.losses
-        resumed = max(resumed, res.resumed_from)
-        gaps.append(cfg.gap(r))
-        teacher = copy.deepcopy(res.model).requires_grad_(False).eval()
-        final = res.ema if res.ema is not None else res.model
-        student = res.model
-    save_dit(out_dir, final, loaded.path_cfg, h_conditioned=False, corpus=corpus)
-    steps = cfg.rounds * optim.steps
+    res = fit_rounds(
+        copy.deepcopy(teacher).requires_grad_(True).train(),
+        teacher,
+        cfg.rounds,
+        lambda r, t: DCDObjective(t, loaded.path, cfg.gap(r), cfg.loss),
+        corpus,
+        optim,
+        out_dir,
+        lambda r: f"dcd round {r + 1}/{cfg.rounds}: gap {cfg.gap(r):g}",
+    )
+    save_dit(out_dir, res.model, loaded.path_cfg, h_conditioned=False, corpus=corpus)
     return {
         "metrics": {
-            "train_loss_final": float(sum(losses[-20:]) / len(losses[-20:])),
-            "train_wall_s": time.perf_counter() - t0,
-            "rounds": cfg.rounds,
-            "steps_per_round": optim.steps,
-            "train_steps": steps,
-            "train_tokens": steps * optim.batch_size * corpus.seq_len,
-            "train_teacher_nfe_per_row": DCDObjective.TEACHER_NFE,
-            "n_params": final.num_parameters(),
-            **oracle_model_metrics(config, final, loaded.path, corpus),
+            **rounds_metrics(res, optim, corpus.seq_len, cfg.rounds, DCDObjective.TEACHER_NFE),
+            **oracle_model_metrics(config, res.model, loaded.path, corpus),
         },
-        "gaps": gaps,
-        "loss_curve": loss_curve(losses),
-        "resumed_from": resumed,
+        "gaps": [cfg.gap(r) for r in range(cfg.rounds)],
+        "loss_curve": loss_curve(res.losses),
+        "resumed_from": res.resumed_from,
     }

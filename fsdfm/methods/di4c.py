@@ -9,10 +9,8 @@ lambda drawn once per step per sequence; NFE counts every lambda forward.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -34,11 +32,12 @@ from fsdfm.methods.common import (
     loss_curve,
     save_dit,
 )
+from fsdfm.methods.rounds import fit_rounds, frozen_copy, rounds_metrics
 from fsdfm.model import student_from_teacher
 from fsdfm.samplers import sample, time_grid
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec, SpecError
-from fsdfm.train import OptimConfig, fit
+from fsdfm.train import OptimConfig
 
 MIXTURE_FILE = "di4c.json"
 
@@ -79,6 +78,7 @@ register_kind(
     metrics=lambda c: (),  # no posterior_kl: the student's p_{1|t} depends on lambda
     sources=(
         "fsdfm.methods.di4c:distil_di4c",
+        "fsdfm.methods.rounds",
         *DIT_SOURCES,
         *DATA_SOURCES,
         "fsdfm.di4c",
@@ -90,8 +90,8 @@ register_kind(
     model_rule="cumulative_scalar",
 )
 def distil_di4c(config: dict, inputs: dict, out_dir: Path) -> dict:
-    """Every round: teacher steps h = 1 / (base_steps / 2^r) distilled into mixture-student steps 2h; the raw student
-    is the next round's teacher (called with lambda drawn per row, as it samples)."""
+    """Every round (fsdfm.methods.rounds): teacher steps h = 1 / (base_steps / 2^r) distilled into mixture-student
+    steps 2h; the next round's teacher is the raw student called with lambda drawn per row, as it samples."""
     join_process_group()
     corpus = corpus_for(config, out_dir)
     cfg = Di4CConfig(**config["distill"])
@@ -100,45 +100,36 @@ def distil_di4c(config: dict, inputs: dict, out_dir: Path) -> dict:
     teacher = loaded.model.requires_grad_(False)
     torch.manual_seed(optim.seed)
     student = student_from_teacher(loaded.model, "raw").requires_grad_(True).train()  # lambda rides the h input
-    losses, resumed, rounds = [], 0, []
-    t0 = time.perf_counter()
-    for r in range(cfg.rounds):
-        h = 1.0 / cfg.teacher_steps(r)
-        res = fit(
-            student,
-            Di4CObjective(teacher, loaded.path, cfg, h),
-            corpus.train,
-            optim,
-            Path(out_dir) / "ckpt" / f"round_{r}",
-            desc=f"di4c round {r + 1}/{cfg.rounds}",
-            device=device(),
-        )
-        losses += res.losses
-        resumed = max(resumed, res.resumed_from)
-        rounds.append({"teacher_steps": cfg.teacher_steps(r), "student_steps": cfg.teacher_steps(r) // 2})
+
+    def next_teacher(model, r: int) -> LambdaModel:
         gen = torch.Generator(device()).manual_seed(optim.seed + r)
-        teacher = LambdaModel(copy.deepcopy(res.model).requires_grad_(False).eval(), cfg.components, gen)
-        final = res.ema if res.ema is not None else res.model
-        student = res.model
-    save_dit(out_dir, final, loaded.path_cfg, h_conditioned=True, corpus=corpus)
+        return LambdaModel(frozen_copy(model, r), cfg.components, gen)
+
+    res = fit_rounds(
+        student,
+        teacher,
+        cfg.rounds,
+        lambda r, t: Di4CObjective(t, loaded.path, cfg, 1.0 / cfg.teacher_steps(r)),
+        corpus,
+        optim,
+        out_dir,
+        lambda r: f"di4c round {r + 1}/{cfg.rounds}",
+        next_teacher,
+    )
+    save_dit(out_dir, res.model, loaded.path_cfg, h_conditioned=True, corpus=corpus)
     atomic_write(Path(out_dir) / MIXTURE_FILE, json.dumps({"components": cfg.components}).encode())
-    steps = cfg.rounds * optim.steps
     return {
         "metrics": {
-            "train_loss_final": float(sum(losses[-20:]) / len(losses[-20:])),
-            "train_wall_s": time.perf_counter() - t0,
-            "rounds": cfg.rounds,
-            "steps_per_round": optim.steps,
+            **rounds_metrics(res, optim, corpus.seq_len, cfg.rounds, Di4CObjective.TEACHER_NFE),
             "student_steps": cfg.student_steps,
-            "train_steps": steps,
-            "train_tokens": steps * optim.batch_size * corpus.seq_len,
-            "train_teacher_nfe_per_row": Di4CObjective.TEACHER_NFE,
             "train_student_nfe_per_row": cfg.lambda_samples,
-            "n_params": final.num_parameters(),
         },
-        "rounds": rounds,
-        "loss_curve": loss_curve(losses),
-        "resumed_from": resumed,
+        "rounds": [
+            {"teacher_steps": cfg.teacher_steps(r), "student_steps": cfg.teacher_steps(r) // 2}
+            for r in range(cfg.rounds)
+        ],
+        "loss_curve": loss_curve(res.losses),
+        "resumed_from": res.resumed_from,
     }
 
 

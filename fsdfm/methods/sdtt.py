@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from pathlib import Path
 
 from fsdfm.methods.base import MethodKind, Planner, declared_rules, register_kind
@@ -19,7 +18,6 @@ from fsdfm.methods.common import (
     DATA_SOURCES,
     DIT_SOURCES,
     corpus_for,
-    device,
     join_process_group,
     load_dit,
     loss_curve,
@@ -27,10 +25,11 @@ from fsdfm.methods.common import (
     oracle_model_metrics,
     save_dit,
 )
+from fsdfm.methods.rounds import fit_rounds, rounds_metrics
 from fsdfm.sdtt import SDTTConfig, SDTTObjective
 from fsdfm.study.graph import Stage, stage_kind
 from fsdfm.study.spec import MethodSpec, SpecError
-from fsdfm.train import OptimConfig, fit
+from fsdfm.train import OptimConfig
 
 
 class SDTTSettings(SDTTConfig):
@@ -63,17 +62,6 @@ register_kind(
 )
 
 
-def training_compute(optim: dict, seq_len: int, rounds: int, teacher_nfe: int) -> dict:
-    """Training compute of a distillation stage: optimiser steps, tokens (steps x batch x L) and the frozen
-    networks' forwards per training row, so that tables compare methods at matched compute."""
-    steps = rounds * int(optim["steps"])
-    return {
-        "train_steps": steps,
-        "train_tokens": steps * int(optim["batch_size"]) * seq_len,
-        "train_teacher_nfe_per_row": teacher_nfe,
-    }
-
-
 @stage_kind(
     "distil_sdtt",
     checkpointable=True,
@@ -82,7 +70,7 @@ def training_compute(optim: dict, seq_len: int, rounds: int, teacher_nfe: int) -
     metrics=lambda c: oracle_model_metric(c),
     sources=(
         "fsdfm.methods.sdtt:distil_sdtt",
-        "fsdfm.methods.sdtt:training_compute",
+        "fsdfm.methods.rounds",
         *DIT_SOURCES,
         *DATA_SOURCES,
         "fsdfm.sdtt",
@@ -93,49 +81,35 @@ def training_compute(optim: dict, seq_len: int, rounds: int, teacher_nfe: int) -
     model_rule="cumulative_scalar",
 )
 def distil_sdtt(config: dict, inputs: dict, out_dir: Path) -> dict:
-    """Every SDTT round: round r distils teacher steps h = 1 / (base_steps / 2^r) into student steps 2h; the raw
-    student weights are the next round's teacher (the authors' use_ema_on_growth False); the last round's EMA
-    (when on) is the model. Each round resumes from its own checkpoint folder."""
+    """Every SDTT round (fsdfm.methods.rounds): round r distils teacher steps h = 1 / (base_steps / 2^r) into
+    student steps 2h."""
     join_process_group()
     corpus = corpus_for(config, out_dir)
     cfg = SDTTConfig(**config["distill"])
     optim = OptimConfig(**config["optim"])
     loaded = load_dit(inputs["teacher"])
     teacher = loaded.model.requires_grad_(False)
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
-    losses, wall, resumed, rounds = [], 0.0, 0, []
-    t0 = time.perf_counter()
-    for r in range(cfg.rounds):
-        h = 1.0 / cfg.teacher_steps(r)
-        res = fit(
-            student,
-            SDTTObjective(teacher, loaded.path, cfg, h),
-            corpus.train,
-            optim,
-            Path(out_dir) / "ckpt" / f"round_{r}",
-            desc=f"sdtt round {r + 1}/{cfg.rounds}: {cfg.teacher_steps(r)} -> {cfg.teacher_steps(r) // 2} steps",
-            device=device(),
-        )
-        losses += res.losses
-        resumed = max(resumed, res.resumed_from)
-        rounds.append({"teacher_steps": cfg.teacher_steps(r), "student_steps": cfg.teacher_steps(r) // 2})
-        teacher = copy.deepcopy(res.model).requires_grad_(False).eval()
-        final = res.ema if res.ema is not None else res.model
-        student = res.model
-    wall = time.perf_counter() - t0
-    save_dit(out_dir, final, loaded.path_cfg, h_conditioned=False, corpus=corpus)
+    res = fit_rounds(
+        copy.deepcopy(teacher).requires_grad_(True).train(),
+        teacher,
+        cfg.rounds,
+        lambda r, t: SDTTObjective(t, loaded.path, cfg, 1.0 / cfg.teacher_steps(r)),
+        corpus,
+        optim,
+        out_dir,
+        lambda r: f"sdtt round {r + 1}/{cfg.rounds}: {cfg.teacher_steps(r)} -> {cfg.teacher_steps(r) // 2} steps",
+    )
+    save_dit(out_dir, res.model, loaded.path_cfg, h_conditioned=False, corpus=corpus)
     return {
         "metrics": {
-            "train_loss_final": float(sum(losses[-20:]) / len(losses[-20:])),
-            "train_wall_s": wall,
-            "rounds": cfg.rounds,
-            "steps_per_round": optim.steps,
+            **rounds_metrics(res, optim, corpus.seq_len, cfg.rounds, SDTTObjective.TEACHER_NFE),
             "student_steps": cfg.student_steps,
-            **training_compute(config["optim"], corpus.seq_len, cfg.rounds, SDTTObjective.TEACHER_NFE),
-            "n_params": final.num_parameters(),
-            **oracle_model_metrics(config, final, loaded.path, corpus),
+            **oracle_model_metrics(config, res.model, loaded.path, corpus),
         },
-        "rounds": rounds,
-        "loss_curve": loss_curve(losses),
-        "resumed_from": resumed,
+        "rounds": [
+            {"teacher_steps": cfg.teacher_steps(r), "student_steps": cfg.teacher_steps(r) // 2}
+            for r in range(cfg.rounds)
+        ],
+        "loss_curve": loss_curve(res.losses),
+        "resumed_from": res.resumed_from,
     }
