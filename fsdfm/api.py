@@ -18,9 +18,12 @@ A model folder is self-contained: every training stage saves the corpus tokenize
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 from fsdfm.launch import execute
 from fsdfm.records import data_cache_dir, load, read_record, stage_cache_dir
 from fsdfm.registry import did_you_mean
@@ -191,8 +194,7 @@ class Model:
         forward_precision (float32, or bfloat16: the network under bf16 autocast), and the t_end the planner chose, which is the default here) the tokens are those of that stage.
         Returns: Samples with tokens (n, L) int64 and, with a tokenizer, the decoded texts.
         """
-        import numpy as np
-        import torch
+        import torch  # heavy: `import fsdfm` stays light for the command line
 
         from fsdfm.methods.common import draw_samples  # heavy: torch
 
@@ -242,8 +244,6 @@ class Model:
 
 def _model_dims(d: Path, sampler: str, record: dict) -> tuple[int, int]:
     """(seq_len, vocab_size) of the model in folder d."""
-    import json
-
     if sampler == "ar":
         cfg = json.loads((d / "hf" / "config.json").read_text())
         return int(cfg["n_positions"]) - 1, int(cfg["vocab_size"])  # n_positions = L + 1 (the BOS position)
@@ -355,8 +355,6 @@ def evaluate(
     Returns:
         MetricSet: values {name: float}, n_samples {name: samples seen}, details, per_sample {column: (N,) array}.
     """
-    import numpy as np
-
     from fsdfm.metrics import compute_metric_set  # heavy: torch
     from fsdfm.metrics.texts import END_MARKERS  # heavy: torch
 

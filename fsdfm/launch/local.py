@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import submitit
 
 from fsdfm.launch.executors import EXECUTORS
@@ -216,8 +217,6 @@ LOCAL_CANCEL_GRACE_S = 20.0  # how long a cancelled job process may take to unwi
 
 def _process_tree(root: int) -> list[int]:
     """`root` and all its descendants (psutil: Linux and macOS alike; [root] when it is gone or cannot be asked)."""
-    import psutil
-
     try:
         return [root] + [p.pid for p in psutil.Process(root).children(recursive=True)]
     except (psutil.Error, OSError):
@@ -226,8 +225,6 @@ def _process_tree(root: int) -> list[int]:
 
 def _is_task(pid: int) -> bool:
     """Whether `pid` is a submitit task process (the one running `run_stage`), not its controller or shell."""
-    import psutil
-
     try:
         return any("submitit.core._submit" in part for part in psutil.Process(pid).cmdline())
     except (psutil.Error, OSError):

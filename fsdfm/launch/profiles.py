@@ -12,6 +12,8 @@ import os
 import shlex
 from pathlib import Path
 
+import yaml
+
 from fsdfm.launch.runner import STAGE_MODULES_ENV, stage_modules_env
 from fsdfm.registry import did_you_mean
 from fsdfm.study.graph import StudyPlan
@@ -69,8 +71,6 @@ def load_profile(profile: str | os.PathLike | dict | None, overrides: dict | Non
             path = REPO_ROOT / "slurm" / f"{profile}.yaml"
         if not path.is_file():
             raise FileNotFoundError(f"cluster profile {profile!r} not found (looked for {path})")
-        import yaml
-
         prof, where = yaml.safe_load(path.read_text()) or {}, str(path)
     if not isinstance(prof, dict):
         raise ValueError(f"{where}: a cluster profile is a mapping with 'defaults' and 'resources'")

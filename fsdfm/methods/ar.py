@@ -88,7 +88,7 @@ def train_ar_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
 
 @SAMPLERS.register("ar")
 def sample_ar_model(model_dir: Path, cfg: dict, corpus, dev) -> Draw:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: only the AR stages need it
 
     from fsdfm.ar import sample_ar  # heavy: transformers (GPT-2), only for the AR stages
 

@@ -12,6 +12,7 @@ DiTs on a mixture path (`load_dit`), rolled out with the cumulative_scalar rule.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Callable
@@ -140,8 +141,6 @@ def counted_nfe(rows: int, n_samples: int) -> int | float:
 
 def write_samples(out_dir: Path, tokens: np.ndarray, corpus) -> None:
     """samples.npy (token ids) and samples.jsonl (decoded text), each written atomically."""
-    import io
-
     buf = io.BytesIO()
     np.save(buf, tokens)
     atomic_write(out_dir / "samples.npy", buf.getvalue())

@@ -171,7 +171,7 @@ def load(path: str | os.PathLike):
     stage's own run time), end_time. Corrupt or half-written
     record.json files are skipped with a warning naming the file, never read as results.
     """
-    import pandas as pd
+    import pandas as pd  # lazy: job processes import fsdfm.records, only analysis loads tables
 
     rows: list[dict] = []
     param_cols: dict[str, None] = {}
@@ -250,7 +250,7 @@ def load_samples(path: str | os.PathLike):
     each where the run recorded it. Token-pooled gen_ppl = exp(sum nll / sum n_tokens) over a run's rows.
     Runs without a table (recorded before tables existed) are skipped with one warning naming them.
     """
-    import pandas as pd
+    import pandas as pd  # lazy: see load
 
     frames = []
     missing: list[str] = []

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import psutil
+
 from fsdfm.io import TEMP_FILE
 from fsdfm.records.layout import LOCK, now_iso
 from fsdfm.records.provenance import job_id, slurm_job_id
@@ -47,8 +49,6 @@ class LockInfo:
 def _pid_start(pid: int) -> float | None:
     """The start time of process `pid` (seconds since the epoch, psutil: Linux, macOS, BSD), None when it is gone
     or cannot be asked. With the pid it names one process: a pid reused later has another start time."""
-    import psutil
-
     try:
         return float(psutil.Process(pid).create_time())
     except (psutil.Error, OSError):
@@ -63,8 +63,6 @@ def _same_start(recorded: float, now: float) -> bool:
     """Whether a recorded start time is `now`'s (psutil's float is stable for a process to well under 10 ms; an
     old lock's clock ticks since boot are converted with the boot time and the tick rate, to the second)."""
     if recorded < _TICKS_FORMAT_BELOW:
-        import psutil
-
         try:
             ticks = os.sysconf("SC_CLK_TCK")
         except (ValueError, OSError, AttributeError):
@@ -76,8 +74,6 @@ def _same_start(recorded: float, now: float) -> bool:
 def pid_alive(pid: int, pid_start: float | None = None) -> bool:
     """Whether process `pid` on this host is alive (and, given `pid_start`, is the same process): psutil, so the
     same on Linux and macOS. A zombie (killed, not reaped: containers often run no init that reaps) is dead."""
-    import psutil
-
     try:
         proc = psutil.Process(pid)
         if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):

@@ -6,7 +6,11 @@ Knows the CSV format only; which folder a table lives in is `fsdfm.records.layou
 
 from __future__ import annotations
 
+import csv
+import io
 import os
+
+import numpy as np
 
 from fsdfm.io import atomic_write
 
@@ -16,11 +20,6 @@ PER_SAMPLE = "per_sample.csv"
 def write_per_sample(path: str | os.PathLike, columns: dict) -> None:
     """Write equal-length columns {name: (N,) array} as CSV, atomically. Floats are written with `repr` (the
     shortest text that parses back to the same double), so sums over the loaded table reproduce the stage's."""
-    import csv
-    import io
-
-    import numpy as np
-
     names = list(columns)
     arrays = [np.asarray(columns[k]) for k in names]
     lengths = {len(a) for a in arrays}
@@ -48,7 +47,7 @@ def write_per_sample(path: str | os.PathLike, columns: dict) -> None:
 def read_per_sample(path: str | os.PathLike):
     """A per-sample table as a DataFrame, floats parsed back to the very doubles written (pandas >= 3 does so by
     default and deprecates the option; older pandas needs float_precision="round_trip")."""
-    import pandas as pd
+    import pandas as pd  # lazy: a job process writes records without paying for pandas
 
     exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
     return pd.read_csv(path, **exact)

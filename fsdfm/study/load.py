@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -176,8 +177,6 @@ def _drop_stale_pairs(resolved: dict, file: str, spec_dir: str | Path | None, ch
     report = resolved.get("report")
     if not isinstance(report, dict) or not isinstance(report.get("pairs"), list) or not report["pairs"]:
         return resolved
-    import warnings
-
     out = copy.deepcopy(resolved)
     for _ in range(len(report["pairs"])):
         try:
