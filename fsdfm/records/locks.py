@@ -46,6 +46,12 @@ class LockInfo:
         return f"pid {self.pid} on {self.host}{job}{study}, since {self.time}"
 
 
+def _this_process(study: str | None) -> LockInfo:
+    """The LockInfo of this process, now (a lock or a driver mark it writes)."""
+    pid = os.getpid()
+    return LockInfo(socket.gethostname(), pid, _pid_start(pid), job_id(), now_iso(), study)
+
+
 def _pid_start(pid: int) -> float | None:
     """The start time of process `pid` (seconds since the epoch, psutil: Linux, macOS, BSD), None when it is gone
     or cannot be asked. With the pid it names one process: a pid reused later has another start time."""
@@ -147,14 +153,7 @@ def stage_lock(
     sdir = Path(sdir)
     sdir.mkdir(parents=True, exist_ok=True)
     path = sdir / LOCK
-    me = LockInfo(
-        host=socket.gethostname(),
-        pid=os.getpid(),
-        pid_start=_pid_start(os.getpid()),
-        job_id=job_id(),
-        time=now_iso(),
-        study=study,
-    )
+    me = _this_process(study)
     tries, waited_for = 0, []
     while tries < 5:
         tries += 1
@@ -262,14 +261,7 @@ def driver_mark(study_dir: str | os.PathLike, study: str | None = None) -> Itera
     Not exclusive (two runs of one study may overlap; their stages serialise on the stage locks): it lets
     `fsdfm clean` refuse to delete stages under a driver that is about to run their dependents."""
     path = Path(study_dir) / f"{DRIVER_MARK}.{os.getpid()}"
-    me = LockInfo(
-        host=socket.gethostname(),
-        pid=os.getpid(),
-        pid_start=_pid_start(os.getpid()),
-        job_id=job_id(),
-        time=now_iso(),
-        study=study,
-    )
+    me = _this_process(study)
     path.write_text(json.dumps(asdict(me)))
     try:
         yield me
