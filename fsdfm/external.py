@@ -230,8 +230,9 @@ def read_external(path: Path, corpus, limits: EvalLimits = NO_LIMITS) -> Externa
 
 
 # 2: each text scored at its own length (1 padded every text with EOS to seq_len and scored the padding), texts
-# and .npy rows cut to seq_len alike
-EXTERNAL_VERSION = "2"
+# and .npy rows cut to seq_len alike; 3: also scored under the study's second evaluator where it has one
+# (gen_ppl_second, as its evaluate stages are)
+EXTERNAL_VERSION = "3"
 
 
 @stage_kind(
@@ -247,7 +248,12 @@ EXTERNAL_VERSION = "2"
 )
 def evaluate_external_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The study's sample metrics on an external sample file (copied into out_dir), and the per-sample table."""
-    from fsdfm.methods.evaluate import _sample_metric_names, load_study_evaluator, score_samples  # heavy: torch
+    from fsdfm.methods.evaluate import (  # heavy: torch
+        _sample_metric_names,
+        load_second_evaluator,
+        load_study_evaluator,
+        score_samples,
+    )
     from fsdfm.methods.common import corpus_for, device  # heavy: torch
 
     ext = config["external"]
@@ -266,7 +272,10 @@ def evaluate_external_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     evaluator = load_study_evaluator(config, inputs, device())
     refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
     names = _sample_metric_names(config, evaluator)
-    scored = score_samples(config, got.tokens, got.texts, refs, evaluator, corpus, out_dir, names, got.lengths)
+    second = load_second_evaluator(inputs, device())
+    scored = score_samples(
+        config, got.tokens, got.texts, refs, evaluator, corpus, out_dir, names, got.lengths, second=second
+    )
     lengths = got.lengths if got.lengths is not None else np.full(n, got.tokens.shape[1])
     return {
         **scored,

@@ -94,3 +94,20 @@ def test_gen_ppl_second_is_gen_ppl_under_the_second_evaluators_model(tmp_path):
         with open(stage_dir(study, sid) / "per_sample.csv") as f:
             header = next(csv.reader(f))
         assert any(c.endswith("_second") for c in header)
+
+
+def test_an_external_file_is_scored_under_the_second_evaluator_too(tmp_path, capsys):
+    """`fsdfm eval` of a study's own samples.npy gives the gen_ppl_second its evaluate stage recorded (the
+    external kind reads the same second evaluator input; before version 3 it left it out)."""
+    spec = _spec(tmp_path)
+    results = tmp_path / "results"
+    assert main(["--results", str(results), "run", str(spec), "--executor", "debug"]) == 0
+    plan = _plan(spec)
+    study = results / plan.name
+    sid, stage = next((sid, s) for sid, s in plan.stages.items() if s.kind == "evaluate")
+    want = read_record(stage_dir(study, sid))["payload"]["metrics"]
+    capsys.readouterr()
+    ids = stage_dir(study, stage.inputs["samples"]) / "samples.npy"
+    assert main(["--results", str(results), "eval", str(ids), "--spec", str(spec)]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"][0]["metrics"]
+    assert got["gen_ppl_second"] == want["gen_ppl_second"] and got["gen_ppl"] == want["gen_ppl"]
