@@ -35,7 +35,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         import sys
 
-        from fsdfm.registry import discover
+        from fsdfm.registry import discover  # here: `import fsdfm` stays free of every submodule
 
         discover(_LAZY[name], submodules=False)  # imports the module (fsdfm imports by name only there)
         return getattr(sys.modules[_LAZY[name]], name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from typing import Any
+from fsdfm.io import atomic_write_json
 
 ENV = "FSDFM_PROGRESS"
 
@@ -90,8 +91,6 @@ def step(done: int, total: int, what: str = "train", loss: float | None = None) 
     left = rate * max(0, total - done) if done > s0 + 1 or total == done else None
     if now - st.last_write >= WRITE_EVERY_S or done >= total:
         import datetime
-
-        from fsdfm.io import atomic_write_json
 
         st.last_write = now
         atomic_write_json(

@@ -39,6 +39,7 @@ from fsdfm.sparse_step import (
     _chunk_from_logits,
     _final_rows,
 )
+from fsdfm.progress import bar as progress_bar
 
 # The logits path processes rows in chunks whose work buffers (float64 weights) are allocated once per step and
 # reused. On CPU a chunk is ~8 MiB, so the sampler's own work stays in cache instead of streaming (B, L, V) float64
@@ -360,7 +361,6 @@ def sample(
     batch_size = batch_size or n_samples
     n_total = grid.numel() - 1
     chunks, wall = [], 0.0
-    from fsdfm.progress import bar as progress_bar
 
     bar = progress_bar(n_total * -(-n_samples // batch_size), f"sample {rule} x {n_total} steps", unit="step")
     for start in range(0, n_samples, batch_size):

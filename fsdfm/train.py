@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from fsdfm.progress import enabled as progress_enabled, step as report_step
 from fsdfm.convergence import Until, stopping_rule_fires
 from fsdfm.io import atomic_write
+from fsdfm.tracking import train_logger
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,6 @@ def fit(
         dynamic_ncols=True,
     )
     model.train()
-    from fsdfm.tracking import train_logger
 
     track = train_logger()  # None unless a tracker is active (fsdfm run --track); it only reads what is computed
     step_tokens = cfg.batch_size * data.shape[1]

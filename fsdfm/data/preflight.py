@@ -24,6 +24,19 @@ from typing import Callable, Iterator
 
 from fsdfm.data.base import DataConfig, DataError, require_file
 from fsdfm.registry import Registry, did_you_mean
+from fsdfm.data.tokenizer import (
+    DEFAULT_BPE_VOCAB_SIZE,
+    MIN_BPE_VOCAB_SIZE,
+    TextTokenizer,
+    _train_bpe_backend,
+    bpe_cache_path,
+    load_tokenizer,
+)
+from fsdfm.data.documents import read_documents
+from fsdfm.data.tokenfiles import _optional_tokenizer, read_token_file, token_file_blocks
+from fsdfm.data.hf import LOCAL_BUILDERS, PAPER_DATASETS
+from fsdfm.data.oracle import SPLIT_KEYS, oracle_source
+from fsdfm.data.oracle import ORACLES
 
 READ_LIMIT = 64 << 20  # bytes of a text split read at load time; larger splits get the size checks only
 ID_CHECK_LIMIT = 1 << 30  # bytes of a token file whose ids are all range-checked at load time
@@ -72,15 +85,6 @@ def _nonempty_file(value: str | None, key: str) -> Path:
 def _fixed_or_cached_tokenizer(cfg: DataConfig, train: Path | None, cache_dir: Path | None, small: bool):
     """The tokenizer the loader will use, when it can be had without writing: a fixed one (gpt2, a file), a BPE
     already in `cache_dir`, or (small=True) a BPE trained in memory; None otherwise."""
-    from fsdfm.data.tokenizer import (
-        DEFAULT_BPE_VOCAB_SIZE,
-        MIN_BPE_VOCAB_SIZE,
-        TextTokenizer,
-        _train_bpe_backend,
-        bpe_cache_path,
-        load_tokenizer,
-    )
-    from fsdfm.data.documents import read_documents
     from tokenizers import Tokenizer
 
     spec = cfg.tokenizer or "bpe"
@@ -132,7 +136,6 @@ def text_split_has_a_block(
 
 
 def _check_text_splits(cfg: DataConfig, paths: dict[str, Path], cache_dir: Path | None, byte_level: bool) -> None:
-    from fsdfm.data.documents import read_documents
 
     train = paths.get("train")
     # vocabulary checks first (they need no documents); an uncached BPE is trained only if a count needs it
@@ -173,7 +176,6 @@ def _text(cfg: DataConfig, cache_dir: Path | None) -> None:
 
 @PREFLIGHTS.register("tokens")
 def _tokens(cfg: DataConfig, cache_dir: Path | None) -> None:
-    from fsdfm.data.tokenfiles import _optional_tokenizer, read_token_file, token_file_blocks
 
     if cfg.vocab_size is None:
         raise PreflightError("vocab_size", "vocab_size is required for kind 'tokens' (the declared vocabulary)")
@@ -198,7 +200,6 @@ def _tokens(cfg: DataConfig, cache_dir: Path | None) -> None:
 
 @PREFLIGHTS.register("hf")
 def _hf(cfg: DataConfig, cache_dir: Path | None) -> None:
-    from fsdfm.data.hf import LOCAL_BUILDERS, PAPER_DATASETS
 
     if cfg.hf_name is None:
         raise PreflightError(
@@ -227,9 +228,6 @@ def _hf(cfg: DataConfig, cache_dir: Path | None) -> None:
 @PREFLIGHTS.register("oracle")
 def _oracle(cfg: DataConfig, cache_dir: Path | None) -> None:
     import inspect
-
-    from fsdfm.data.oracle import SPLIT_KEYS, oracle_source
-    from fsdfm.data.oracle import ORACLES
 
     o = cfg.oracle or {}
     if not isinstance(o, dict):

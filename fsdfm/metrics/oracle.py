@@ -37,6 +37,7 @@ from fsdfm.data.oracle import ORACLE_SOURCES, HMMSource, MarkovSource, OracleSou
 
 from fsdfm.metrics.registry import METRICS, register_metric
 from fsdfm.metrics.sample import MetricOutcome
+from fsdfm.data import DataConfig, oracle_source
 
 __all__ = [
     "HMM_NGRAM",
@@ -207,7 +208,6 @@ class OracleInputs:
 
     @cached_property
     def source(self) -> OracleSource:
-        from fsdfm.data import DataConfig, oracle_source
 
         return oracle_source(DataConfig(**self.config["data"]))
 

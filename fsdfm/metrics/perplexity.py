@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fsdfm.metrics.evaluator import Evaluator
+from fsdfm.metrics.diversity import as_lengths, valid_mask
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,6 @@ def gen_ppl_seq_mean(token_ids: torch.Tensor, model, batch_size: int = 8, length
     of attention and never scored, and a sample of one id has no scored position (NaN per sample, left out of
     the mean and of `n_samples`). `nll_sum` / `n_tokens` are the pooled totals of the same NLLs.
     """
-    from fsdfm.metrics.diversity import as_lengths, valid_mask
 
     token_ids = torch.as_tensor(token_ids, dtype=torch.long)
     if token_ids.dim() != 2 or token_ids.shape[0] == 0 or token_ids.shape[1] < 2:

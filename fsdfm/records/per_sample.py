@@ -10,8 +10,6 @@ import csv
 import io
 import os
 
-import numpy as np
-
 from fsdfm.io import atomic_write
 
 PER_SAMPLE = "per_sample.csv"
@@ -20,6 +18,8 @@ PER_SAMPLE = "per_sample.csv"
 def write_per_sample(path: str | os.PathLike, columns: dict) -> None:
     """Write equal-length columns {name: (N,) array} as CSV, atomically. Floats are written with `repr` (the
     shortest text that parses back to the same double), so sums over the loaded table reproduce the stage's."""
+    import numpy as np  # lazy: the command line sets thread counts before numpy loads (fsdfm.cli.common)
+
     names = list(columns)
     arrays = [np.asarray(columns[k]) for k in names]
     lengths = {len(a) for a in arrays}

@@ -61,6 +61,7 @@ from fsdfm.report.tables import (
     seeds_table,
     summary_csv,
 )
+from fsdfm.io import atomic_write
 
 __all__ = [
     "write_report",
@@ -133,7 +134,6 @@ SECTIONS = {
 
 def write_table(table: Table, out_dir: Path) -> list[Path]:
     """Write <name>.md, <name>.tex and <name>.csv atomically; returns the three paths."""
-    from fsdfm.io import atomic_write
 
     out = []
     for ext, text in (
@@ -256,7 +256,6 @@ def write_report(
     (an unknown key is an `UnknownNameError` listing the allowed keys, raised before anything is written).
     Figures without data are skipped and listed, with the reason, in the index and in `ReportOutput.skipped`.
     """
-    from fsdfm.io import atomic_write
 
     published = list(published or [])
     for key in published:

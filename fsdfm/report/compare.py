@@ -26,6 +26,8 @@ from fsdfm.report.metric_table import metric_table
 from fsdfm.report.summary import DATA_KIND, DIAGNOSTIC_KINDS, load_study
 from fsdfm.report.table import MAUVE_MIN_N, Table
 from fsdfm.report.tables import main_metrics
+from fsdfm.study.yaml_io import SpecError, check_name, read_yaml
+from fsdfm.report.results_json import check_version
 
 STUDY_COLUMN = "study"
 COMPARE_BY = ("label", "rule", "steps", STUDY_COLUMN)
@@ -62,8 +64,6 @@ def read_study(source: str | os.PathLike, results: str | os.PathLike = "results"
     if p.is_file() and p.suffix == ".json":
         return _from_results_json(p)
     if p.is_file():
-        from fsdfm.study.yaml_io import SpecError, check_name, read_yaml
-
         try:
             p = Path(results) / check_name(read_yaml(p).get("name"), "name", str(p))
         except (SpecError, OSError) as e:
@@ -79,8 +79,6 @@ def read_study(source: str | os.PathLike, results: str | os.PathLike = "results"
 
 def _from_results_json(path: Path) -> StudyRuns:
     import json
-
-    from fsdfm.report.results_json import check_version
 
     try:
         doc = json.loads(path.read_text())

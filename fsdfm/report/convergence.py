@@ -11,14 +11,14 @@ from __future__ import annotations
 import pandas as pd
 
 from fsdfm.report.summary import Study
+from fsdfm.records import read_record, stage_dir
+from fsdfm.report.oracle import model_stage
 
 __all__ = ["convergence_figure", "convergence_frame"]
 
 
 def convergence_frame(study: Study) -> pd.DataFrame:
     """Long table: stage_id, label (of the runs sampled from the stage), step, metric, value, stopped_at."""
-    from fsdfm.records import read_record, stage_dir
-    from fsdfm.report.oracle import model_stage
 
     runs = study.models
     labels: dict[str, str] = {}
@@ -49,6 +49,7 @@ def convergence_frame(study: Study) -> pd.DataFrame:
 
 
 def convergence_figure(study: Study):
+    # heavy: matplotlib (the analysis extra); tables are written without it
     from fsdfm.report.plotting import Drawn, SkipFigure, _legend_outside, _new_figure, _palette, _style
 
     df = convergence_frame(study)

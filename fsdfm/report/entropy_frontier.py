@@ -116,6 +116,7 @@ def matched_entropy_table(runs: pd.DataFrame, data_entropy: float | None, at: fl
 def entropy_frontier(study) -> list:
     """gen_ppl (log y) vs entropy_nats per family, one point per temperature / top-p setting (mean over seeds,
     ±1 std error bars), the data row as a star; families with one setting are drawn as single points."""
+    # heavy: matplotlib (the analysis extra); tables are written without it
     from fsdfm.report.plotting import Drawn, SkipFigure, _legend_outside, _new_figure, _palette, _plain_log, _style
 
     fams = families(study.models)

@@ -5,6 +5,8 @@ read from the plan and the records. Knows nothing about tables or figures."""
 from __future__ import annotations
 
 from fsdfm.report.summary import DEFAULT_BY, DIAGNOSTIC_KINDS, EXTERNAL_RUN_KIND, Study
+from fsdfm.records import load_records
+from fsdfm.metrics import ENTROPY_COLLAPSE_NATS, REP_COLLAPSE_FACTOR, REP_COLLAPSE_MARGIN
 
 __all__ = ["conventions", "facts"]
 
@@ -72,7 +74,6 @@ def facts(study: Study) -> list[str]:
 
 def _mauve_facts(study: Study) -> str:
     """n per side, buckets, k-means seeds and featurizer weights hash, as recorded by the evaluate stages."""
-    from fsdfm.records import load_records
 
     facts: dict[str, set] = {"n": set(), "buckets": set(), "seeds": set(), "sha": set()}
     for kind in ("evaluate", "evaluate_data"):
@@ -98,7 +99,6 @@ def _mauve_facts(study: Study) -> str:
 
 def conventions(study: Study) -> list[str]:
     """How each reported number is defined, with the settings the plan and the records hold."""
-    from fsdfm.metrics import ENTROPY_COLLAPSE_NATS, REP_COLLAPSE_FACTOR, REP_COLLAPSE_MARGIN
 
     s = _plan_settings(study.plan)
     out = [

@@ -56,6 +56,8 @@ from fsdfm.report.plotting import (
     save_figure,
 )
 from fsdfm.report.summary import DATA_LABEL, SAMPLING_WALL_S, Study, metric_info, present
+from fsdfm.records import read_record, stage_dir
+from fsdfm.report.tables import ablation_kinds
 
 FIGURES: Registry[Callable[[Study], "list[Drawn]"]] = Registry("figure")
 
@@ -186,7 +188,6 @@ def frontier(study: Study, metric: str = "gen_ppl") -> list[Drawn]:
 def divergence_curves(study: Study) -> pd.DataFrame:
     """Per-position curves of the study's pos_divergence runs, long format: label, steps, run_id, position,
     tv, js, agreement (read from each run's final record payload "curves")."""
-    from fsdfm.records import read_record, stage_dir
 
     rows = []
     for _, run in study.divergence.iterrows():
@@ -297,7 +298,6 @@ def ablation_budget(runs: pd.DataFrame) -> int:
 @FIGURES.register("ablation")
 def ablation(study: Study, metrics: tuple | None = None) -> list[Drawn]:
     """Per method kind with several variants: bars of each variant at one step budget, 95% CI, seeds as dots."""
-    from fsdfm.report.tables import ablation_kinds
 
     metrics = shown("ablation") if metrics is None else metrics
     kinds = ablation_kinds(study)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from fsdfm.io import atomic_write, read_json
+from fsdfm.records import PLAN, stage_dir
 
 __all__ = ["LIGHT_FILES", "MAX_BYTES", "LightRecords", "copy_light_records"]
 
@@ -36,8 +38,6 @@ def copy_light_records(study_dir: str | Path, out_dir: str | Path) -> LightRecor
     """Copy plan.json and, for every stage of the plan with a record, its LIGHT_FILES into
     `out_dir`/records/ (as plan.json and stages/<id>/...: a study directory `fsdfm.records.load` reads).
     Files are written to a temporary name and renamed (nothing half-written); a stale copy is replaced whole."""
-    from fsdfm.io import atomic_write, read_json
-    from fsdfm.records import PLAN, stage_dir
 
     sdir = Path(study_dir)
     plan = read_json(sdir / PLAN)

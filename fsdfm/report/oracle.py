@@ -31,6 +31,11 @@ import pandas as pd
 from fsdfm.report.mc import mc_standard_errors, pooled_se
 from fsdfm.report.summary import DATA_KIND, DIAGNOSTIC_KINDS, Study
 from fsdfm.report.table import DASH, Table, fmt_mean_std, fmt_number
+from fsdfm.records import read_record, stage_dir
+from fsdfm.samplers import UPDATE_ALIASES
+from fsdfm.report.significance import compare
+from fsdfm.report.significance import ALPHA
+from fsdfm.report.significance import holm
 
 EXACT_KIND = "exact"
 EXACT_STAGE = "exact_posterior"
@@ -65,7 +70,6 @@ def path_source(key: str | None) -> str:
 
 
 def _training_metric(study: Study, sid: str | None, name: str) -> float:
-    from fsdfm.records import read_record, stage_dir
 
     if sid is None:
         return math.nan
@@ -112,7 +116,6 @@ def decomposition_frame(study: Study) -> pd.DataFrame:
     runs = annotated_runs(study)
     if runs.empty or not (runs["kind"] == EXACT_KIND).any():
         return pd.DataFrame()
-    from fsdfm.samplers import UPDATE_ALIASES
 
     # a run is matched with the exact run of the same sampler: rule (an alias is its rule: mdlm = cumulative_scalar)
     # and sampler knobs (fsdfm.sampling; "" when none)
@@ -188,7 +191,6 @@ def _teacher_label(study: Study, runs: pd.DataFrame, student_stage: str) -> str 
 
 
 def _canonical_rule(rule) -> str:
-    from fsdfm.samplers import UPDATE_ALIASES
 
     return UPDATE_ALIASES.get(rule, rule)
 
@@ -210,7 +212,6 @@ def _setting(study: Study, runs: pd.DataFrame, label: str, rule: str, steps: int
 
 def _compare_teacher(study: Study, runs: pd.DataFrame, st: pd.Series, tlabel: str, steps: int, teacher_steps: int):
     """The `fsdfm.report.significance.compare` of oracle_nll: student at `steps` vs teacher at `teacher_steps`."""
-    from fsdfm.report.significance import compare
 
     a, sa = _setting(study, runs, st["label"], st["rule"], steps)
     b, sb = _setting(study, runs, tlabel, st["rule"], teacher_steps)
@@ -218,7 +219,6 @@ def _compare_teacher(study: Study, runs: pd.DataFrame, st: pd.Series, tlabel: st
 
 
 def _verdict_line(st: pd.Series, tlabel: str, steps: int, teacher_steps: int, c, p_holm: float | None, m: int = 1):
-    from fsdfm.report.significance import ALPHA
 
     p = c.p if p_holm is None else p_holm
     verdict = ("beats" if c.diff < 0 else "is worse than") if p < ALPHA else "is not distinguishable from"
@@ -248,7 +248,6 @@ def verdicts(study: Study, frame: pd.DataFrame, steps: int = VERDICT_STEPS) -> l
     """Plain sentences: does each FS-DFM student beat its teacher at `steps` (same rule) and at the teacher's largest
     budget, and which CE excess term is the larger part. The family of student–teacher tests of the table is
     Holm-corrected (`fsdfm.report.significance.holm`): a verdict is stated where the adjusted p < 0.05."""
-    from fsdfm.report.significance import holm
 
     runs = annotated_runs(study)
     heads, tests = [], []  # per student: its line; tests: (student index, st, tlabel, teacher steps, comparison)

@@ -15,7 +15,7 @@ __all__ = ["decomposition_figure"]
 def decomposition_figure(study: Study):
     """Per path source: oracle_nll vs N (exact and trained methods; expected NLL, entropy rate and the data row
     marked), and below it the two CE excess terms vs N (model: per method, colour; exact sampler: black), log2 x axis."""
-    from fsdfm.report.plotting import (
+    from fsdfm.report.plotting import (  # heavy: matplotlib (the analysis extra)
         PANEL_W,
         Drawn,
         SkipFigure,

@@ -35,6 +35,7 @@ from fsdfm.report.pairs import _by_seed, _fmt, pair_metrics
 from fsdfm.report.summary import Study, grid_value
 from fsdfm.report.table import Table
 from fsdfm.study.spec import PAIR_PATTERN
+from fsdfm.report.pairs import _with_holm
 
 __all__ = ["Trend", "cell_differences", "fit_trend", "pair_grid_table", "pair_trend_table"]
 
@@ -133,7 +134,6 @@ def _cell_label(keys: list[str], cell: tuple) -> str:
 
 def pair_grid_table(study: Study) -> Table:
     """A − B per grid cell and metric for each `report.pairs` entry, paired over seeds, Holm over the table."""
-    from fsdfm.report.pairs import _with_holm
 
     keys = list(study.ablation_keys)
     cols = ("A", "B", "metric", "cell", "values", "mean A", "mean B", "A − B", "95% CI", "p", "p (Holm)", "test", "n")
@@ -250,8 +250,9 @@ def pair_trend_table(study: Study) -> Table:
 def pair_grid_figure(study: Study):
     """A − B of the first `report.pairs` entry against the grid axis with the most values (log2 x), one line per
     value of the next axis, one panel per value of the rest; mean over seeds with its 95% t interval."""
+    # heavy: matplotlib (the analysis extra); tables are written without it
     from fsdfm.report.plotting import Drawn, SkipFigure, _legend_outside, _new_figure, _palette, _style
-    from fsdfm.report.plotting import ci95_half_width
+    from fsdfm.report.plotting import ci95_half_width  # see above
 
     pairs, keys = study.report_settings["pairs"], list(study.ablation_keys)
     if not pairs or not keys:

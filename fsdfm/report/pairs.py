@@ -12,6 +12,7 @@ from fsdfm.metrics.registry import shown
 import fsdfm.report.significance as significance
 from fsdfm.report.summary import Study
 from fsdfm.report.table import DASH, Table
+from fsdfm.study.spec import PAIR_PATTERN
 
 __all__ = ["pair_metrics", "pairs_table", "resolve_side"]
 
@@ -27,7 +28,6 @@ def _fmt(x: float) -> str:
 
 def resolve_side(study: Study, side: str) -> tuple[pd.DataFrame | None, str | None]:
     """The runs of one setting named "METHOD@STEPS" or "METHOD/RULE@STEPS", or (None, why not)."""
-    from fsdfm.study.spec import PAIR_PATTERN
 
     match = PAIR_PATTERN.match(side)
     if match is None:

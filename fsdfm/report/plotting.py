@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from fsdfm.report.summary import Study, metric_info, summarize
+from fsdfm.io import atomic_write
 
 PANEL_W, PANEL_H = 4.2, 3.2
 DPI = 150
@@ -139,7 +140,6 @@ def _steps_text(n) -> str:
 
 def save_figure(fig, out_dir: Path, stem: str) -> tuple[Path, Path]:
     """Write `fig` as <stem>.png and <stem>.pdf atomically (render to memory, temp file, os.replace)."""
-    from fsdfm.io import atomic_write
 
     paths = []
     for ext in ("png", "pdf"):

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fsdfm.report.summary import Study, load_study
+from fsdfm.report import write_table
+from fsdfm.report.figures import render
 
 DEFAULT_STUDY = Path(__file__).resolve().parents[2] / "results" / "demo"
 
@@ -49,7 +51,6 @@ def table_script(
     published: bool = False,
 ) -> int:
     """Build the tables `build(study, args)` returns, print each as Markdown, write md/tex/csv."""
-    from fsdfm.report import write_table
 
     args = _parse(doc, argv, published)
     study = load_study(args.study)
@@ -66,7 +67,6 @@ def table_script(
 
 def figure_script(doc: str, name: str, argv: Sequence[str] | None = None) -> int:
     """Render figure kind `name` (a key of `fsdfm.report.figures.FIGURES`) as PNG and PDF."""
-    from fsdfm.report.figures import render
 
     args = _parse(doc, argv, published=False)
     study = load_study(args.study)

@@ -31,6 +31,11 @@ import pandas as pd
 
 from fsdfm.report.summary import SAMPLING_WALL_S, Study
 from fsdfm.report.table import DASH, Table
+from fsdfm.report.summary import metric_info
+from fsdfm.metrics.registry import shown
+from fsdfm.report.summary import present
+from fsdfm.report.oracle import model_stage
+from fsdfm.samplers import UPDATE_ALIASES
 
 __all__ = ["Crossing", "MatchedBudget", "crossing", "matched_budget", "speedup_frame", "speedup_table"]
 
@@ -182,7 +187,6 @@ def matched_budget(
 # ------------------------------------------------------------------------------------------- a study's pairs
 def _score_fn(metric: str):
     """Value -> lower-is-better score, and back (perplexities on the log scale); None when undirected."""
-    from fsdfm.report.summary import metric_info
 
     info = metric_info(metric)
     if info.direction not in ("min", "max") or info.target == "data":
@@ -195,15 +199,12 @@ def _score_fn(metric: str):
 
 def speedup_metrics(study: Study) -> list[str]:
     """The metrics matched: the main view's directed metrics the study recorded (oracle_nll among them)."""
-    from fsdfm.metrics.registry import shown
-    from fsdfm.report.summary import present
 
     return [m for m in present(study.models, shown("main")) if _score_fn(m) is not None]
 
 
 def _units(study: Study) -> pd.DataFrame:
     """Model runs annotated with `model_stage` and, for distilled students, `teacher_stage` (plan inputs)."""
-    from fsdfm.report.oracle import model_stage
 
     runs = study.models.copy()
     if runs.empty:
@@ -217,7 +218,6 @@ def _units(study: Study) -> pd.DataFrame:
 
 
 def _canonical(rule: str) -> str:
-    from fsdfm.samplers import UPDATE_ALIASES
 
     return UPDATE_ALIASES.get(rule, rule)
 

@@ -24,6 +24,9 @@ import numpy as np
 import pandas as pd
 
 from fsdfm.metrics.registry import METRICS, MetricInfo
+from fsdfm.records import read_record, stage_dir
+from fsdfm.io import read_json
+from fsdfm.records import PLAN, load, load_samples
 
 DEFAULT_BY = ("label", "rule", "steps")
 DATA_KIND = "data"
@@ -257,7 +260,6 @@ def variant_labels(df: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
 
 def n_samples_by_stage(study_dir: Path, stage_ids: Sequence[str]) -> dict[str, float]:
     """Samples per run from each final record's payload `n_samples` (`load()` keeps only payload metrics)."""
-    from fsdfm.records import read_record, stage_dir
 
     out = {}
     for sid in dict.fromkeys(stage_ids):
@@ -270,9 +272,6 @@ def n_samples_by_stage(study_dir: Path, stage_ids: Sequence[str]) -> dict[str, f
 def load_study(study_dir: str | Path) -> Study:
     """Read `study_dir` (holding plan.json) into a `Study`; a clear error when it is not a study directory."""
     import warnings
-
-    from fsdfm.io import read_json
-    from fsdfm.records import PLAN, load, load_samples
 
     path = Path(study_dir)
     if not (path / PLAN).is_file():

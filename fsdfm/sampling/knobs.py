@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from fsdfm.registry import did_you_mean
 
 SCORES = ("confidence", "top_prob", "margin", "entropy")
 TIES = ("left", "random")
@@ -127,7 +128,6 @@ MASK_ONLY_KNOBS = ("block_length",)
 def knob_errors(raw: dict, rules: tuple, source: str) -> list[tuple[str, str]]:
     """Problems with a method's knobs: a list of (key, message), empty when every knob is known, valid, used by
     one of the method's `rules` and allowed for its `source`. The spec loader turns them into spec errors."""
-    from fsdfm.registry import did_you_mean
 
     out = []
     if not isinstance(raw, dict):
