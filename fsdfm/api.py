@@ -59,9 +59,10 @@ class StudyFailed(RuntimeError):
 # ------------------------------------------------------------------------------------------------ run_study
 
 
-def _resolve(spec, overrides, limit, results, check_files: bool = True):
+def resolve_spec(spec, overrides, limit, results, check_files: bool = True):
     """The resolved spec (fsdfm.study.load.ResolvedSpec) of a spec file or mapping, with overrides and limit,
-    checked against the method kinds (`fsdfm.methods.load`)."""
+    checked against the method kinds (`fsdfm.methods.load`); the data checks may reuse (never write) the
+    tokenizers a previous run cached under the results root `results`. The command line resolves through here."""
     from fsdfm.methods.load import load as load_file, resolve  # heavy: torch (the method kinds)
 
     cache = data_cache_dir(results)
@@ -79,7 +80,7 @@ def study_path(
     """The folder of the study `run_study(spec, overrides, limit=limit, results=results)` runs: the one that
     `fsdfm run SPEC KEY=VALUE... --limit N --results R` writes (one naming rule, `fsdfm.study.load.resolve`).
     Reads the spec only (no data checks); writes nothing."""
-    return Path(results) / _resolve(spec, overrides, limit, results, check_files=False).name
+    return Path(results) / resolve_spec(spec, overrides, limit, results, check_files=False).name
 
 
 def run_study(
@@ -114,7 +115,7 @@ def run_study(
     import fsdfm.methods  # noqa: F401  (heavy: torch; registers the method and stage kinds)
     from fsdfm.methods import plan_study  # heavy: torch
 
-    r = _resolve(spec, overrides, limit, results)
+    r = resolve_spec(spec, overrides, limit, results)
     study = r.spec
     plan = plan_study(r.name, r.cells)
     if track:

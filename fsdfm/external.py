@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from fsdfm.records.layout import EXTERNAL, merge_external  # noqa: F401 - the plan reader merges external.json
-from fsdfm.methods.common import DATA_SOURCES
-from fsdfm.methods.evaluate import EVAL_SOURCES
+from fsdfm.methods.common import DATA_SOURCES, corpus_for  # importing fsdfm.methods discovers every kind
+from fsdfm.methods.evaluate import EVAL_SOURCES, score_with_study_evaluators
 from fsdfm.study.graph import RunSpec, STAGE_KINDS, Stage, stage_kind
 from fsdfm.io import atomic_write, atomic_write_json, sha256_file
 from fsdfm.launch import run_stage
@@ -53,10 +53,6 @@ SAMPLING_METRICS = ("nfe", "wall_s", "tokens_per_s", "peak_mem", "cpu_s", "load_
 
 class ExternalError(ValueError):
     """A file that cannot be scored as external samples (exit 2, naming the file)."""
-
-
-def _sha256(path: Path) -> str:
-    return sha256_file(path)
 
 
 @dataclass(frozen=True)
@@ -248,18 +244,10 @@ EXTERNAL_VERSION = "3"
 )
 def evaluate_external_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     """The study's sample metrics on an external sample file (copied into out_dir), and the per-sample table."""
-    from fsdfm.methods.evaluate import (  # heavy: torch
-        _sample_metric_names,
-        load_second_evaluator,
-        load_study_evaluator,
-        score_samples,
-    )
-    from fsdfm.methods.common import corpus_for, device  # heavy: torch
-
     ext = config["external"]
     suffix = next(s for s, f in FORMATS.items() if f == ext["format"])
     blob = Path(out_dir).resolve().parent.parent / EXTERNAL_BLOBS / f"{ext['sha256']}{suffix}"
-    if not blob.is_file() or _sha256(blob) != ext["sha256"]:
+    if not blob.is_file() or sha256_file(blob) != ext["sha256"]:
         raise ExternalError(
             f"{blob}: the external file with sha256 {ext['sha256'][:12]} is missing or changed; "
             "run fsdfm eval on it again"
@@ -269,13 +257,7 @@ def evaluate_external_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     corpus = corpus_for(config, out_dir)
     got = read_external(mine, corpus)  # the limits were checked when `fsdfm eval` took the file
     n = int(got.tokens.shape[0])
-    evaluator = load_study_evaluator(config, inputs, device())
-    refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
-    names = _sample_metric_names(config, evaluator)
-    second = load_second_evaluator(inputs, device())
-    scored = score_samples(
-        config, got.tokens, got.texts, refs, evaluator, corpus, out_dir, names, got.lengths, second=second
-    )
+    scored = score_with_study_evaluators(config, inputs, corpus, got.tokens, got.texts, out_dir, got.lengths)
     lengths = got.lengths if got.lengths is not None else np.full(n, got.tokens.shape[1])
     return {
         **scored,
@@ -324,8 +306,6 @@ def eval_files(
     """Score each of `files` with the metrics and evaluator of the study in `sdir` (its plan written: the
     study's evaluator stage must be done); records them in `sdir`/external.json; returns what was scored.
     Every file is read and checked (`limits`, default EvalLimits()) before anything is written."""
-    import fsdfm.methods  # noqa: F401  (heavy: torch; registers the method and stage kinds this one builds on)
-    from fsdfm.methods.common import corpus_for  # heavy: torch
 
     paths = [Path(f) for f in files]
     for p in paths:
@@ -345,7 +325,7 @@ def eval_files(
     for i, p in enumerate(paths):
         got = read_external(p, corpus, limits or EvalLimits())  # checked before anything is written
         tokens = got.tokens
-        sha = _sha256(p)
+        sha = sha256_file(p)
         config = {
             **base,
             "n_samples": int(tokens.shape[0]),

@@ -60,6 +60,19 @@ def test_device_slots_come_from_fsdfm_devices_then_cuda_visible_devices():
             device_slots({DEVICES_ENV: bad})
 
 
+def test_without_a_device_variable_the_slots_are_what_nvidia_smi_lists(tmp_path, monkeypatch):
+    # a fake nvidia-smi on PATH (the one parser of `nvidia-smi -L`, shared with the local executor's GPU count)
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-b)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    assert device_slots({}) == ["0", "1"]
+    fake.write_text("#!/bin/sh\necho 'No devices were found'\n")
+    with pytest.raises(NoDevicesError, match="nvidia-smi lists none"):
+        device_slots({})
+
+
 def test_two_stages_run_at_once_each_on_its_own_device_and_the_record_says_which(tmp_path, jobs_env, monkeypatch):
     monkeypatch.setenv(DEVICES_ENV, "0,1")
     barrier = tmp_path / "barrier"

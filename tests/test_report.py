@@ -418,6 +418,16 @@ def test_missing_metrics_and_figures_are_skipped_and_said(tmp_path):
     assert "gen_ppl" in main and "not recorded in this study: gen_ppl" in main
 
 
+def test_not_recorded_names_only_the_metrics_the_spec_asked_for(tmp_path):
+    # bare_study's stages ask for gen_ppl and mauve and record entropy and mauve: gen_ppl is the one asked for
+    # and missing; the main table's other metrics (rep_n, distinct_4, the oracle ones, ...) were never asked for
+    sdir = bare_study(tmp_path)
+    assert load_study(sdir).asked_metrics == {"gen_ppl", "mauve"}
+    write_report(sdir, tmp_path / "rep")
+    main = (tmp_path / "rep" / "table_main.md").read_text().splitlines()
+    assert [ln for ln in main if "not recorded" in ln] == ["* not recorded in this study: gen_ppl"]
+
+
 def test_write_report_of_a_study_without_finished_runs(tmp_path):
     sdir = write_study(tmp_path, "empty", [{"params": _params("dfm", "DFM", "euler", 1), "metrics": {}}])
     next(sdir.glob("stages/*/record.json")).unlink()

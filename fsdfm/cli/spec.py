@@ -7,25 +7,17 @@ import shlex
 from pathlib import Path
 
 from fsdfm.cli.common import DEFAULT_ROOT, UsageError
-from fsdfm.records import data_cache_dir
 from fsdfm.study.overrides import parse_overrides
 from fsdfm.study.spec import check_name, read_yaml
 
 
 def resolve_spec(args, check_files: bool = True):
-    """args.spec / args.target with the command line's overrides and --limit (fsdfm.methods.load.load)."""
-    from fsdfm.methods.load import load  # heavy: torch (the kinds' checks); the CLI sets its threads first
+    """args.spec / args.target with the command line's overrides and --limit (`fsdfm.api.resolve_spec`)."""
+    from fsdfm.api import resolve_spec as resolve  # heavy: torch (the kinds' checks); the CLI sets its threads first
 
-    spec_path = getattr(args, "spec", None) or args.target
-    root = args.results
-    # the data checks may reuse (never write) the tokenizers a previous run cached under the results root
-    return load(
-        spec_path,
-        parse_overrides(getattr(args, "overrides", None) or []),
-        getattr(args, "limit", None),
-        cache_dir=data_cache_dir(root),
-        check_files=check_files,
-    )
+    overrides = parse_overrides(getattr(args, "overrides", None) or [])
+    spec = getattr(args, "spec", None) or args.target
+    return resolve(spec, overrides, getattr(args, "limit", None), args.results, check_files=check_files)
 
 
 def load_plan(args):

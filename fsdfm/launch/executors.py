@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from fsdfm.io import atomic_write_json
-from fsdfm.launch.outcomes import ExecutionSummary, Tally, already_done
+from fsdfm.launch.outcomes import ExecutionSummary, Tally, runnable
 from fsdfm.launch.profiles import load_profile
 from fsdfm.launch.runner import run_stage
 from fsdfm.launch.signals import signals_interrupt
@@ -106,28 +106,19 @@ def _execute_debug(
     """In this process, in wave order; a failure is recorded (error.json) and blocks only its dependents."""
     tally = Tally(sdir)
     total = len(plan.stages)
+    say = functools.partial(print, file=sys.stderr, flush=True) if verbose else lambda *_: None
     for wave in waves(plan):
-        for stage in wave:
+        for stage in runnable(tally, sdir, wave):
             n = len(tally.done) + len(tally.skipped) + len(tally.failed) + len(tally.blocked) + 1
-            if already_done(tally, sdir, stage):
-                tally.skipped.append(stage.id)
-            elif tally.bad(stage):
-                tally.blocked.append(stage.id)
-            else:
-                start = time.time()
-                if verbose:
-                    print(f"[{n}/{total}] {stage.id} ...", file=sys.stderr, flush=True)
-                try:
-                    run_stage(sdir, stage.id)
-                    tally.done.append(stage.id)
-                    if verbose:
-                        print(
-                            f"[{n}/{total}] {stage.id} done in {time.time() - start:.1f} s", file=sys.stderr, flush=True
-                        )
-                except Exception as e:  # noqa: BLE001 - reported in the summary and error.json
-                    tally.failed[stage.id] = f"{type(e).__name__}: {e}"
-                    if verbose:
-                        print(f"[{n}/{total}] {stage.id} FAILED: {tally.failed[stage.id]}", file=sys.stderr, flush=True)
+            start = time.time()
+            say(f"[{n}/{total}] {stage.id} ...")
+            try:
+                run_stage(sdir, stage.id)
+                tally.done.append(stage.id)
+                say(f"[{n}/{total}] {stage.id} done in {time.time() - start:.1f} s")
+            except Exception as e:  # noqa: BLE001 - reported in the summary and error.json
+                tally.failed[stage.id] = f"{type(e).__name__}: {e}"
+                say(f"[{n}/{total}] {stage.id} FAILED: {tally.failed[stage.id]}")
     return tally.summary()
 
 

@@ -15,15 +15,12 @@ cancelling: Ctrl-C, SIGTERM or an error in the driver stops every job and releas
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from fsdfm.launch.executors import EXECUTORS
-from fsdfm.launch.local import run_slots
+from fsdfm.launch.local import nvidia_smi_gpus, run_slots
 from fsdfm.launch.outcomes import ExecutionSummary, say
 from fsdfm.study.graph import StudyPlan
 
@@ -49,12 +46,9 @@ def device_slots(environ: dict | None = None) -> list[str]:
                 f"{var}={raw!r}: expected a comma-separated list of GPU indices or UUIDs (e.g. 0,1,2,3)"
             )
         return slots
-    if shutil.which("nvidia-smi") is not None:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-            n = len([ln for ln in out.splitlines() if ln.startswith("GPU ")])
-            if n:
-                return [str(i) for i in range(n)]
+    n = nvidia_smi_gpus()
+    if n:
+        return [str(i) for i in range(n)]
     raise NoDevicesError(
         f"executor 'local_gpus' found no GPU (no {DEVICES_ENV}, no CUDA_VISIBLE_DEVICES, nvidia-smi lists none); "
         f"set {DEVICES_ENV}=0,1,... or use --executor local"

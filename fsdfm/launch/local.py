@@ -41,17 +41,22 @@ from fsdfm.records.locks import _pid_start
 from fsdfm.study.graph import STAGE_KINDS, Stage, StudyPlan, waves
 
 
+def nvidia_smi_gpus() -> int:
+    """How many GPUs `nvidia-smi -L` lists (0 without nvidia-smi or when it fails)."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        return len([ln for ln in out.splitlines() if ln.startswith("GPU ")])
+    return 0
+
+
 def _visible_gpus() -> tuple[int, str | None]:
     """(how many GPUs this process may use, its CUDA_VISIBLE_DEVICES or None)."""
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
     if cvd is not None:
         return len([d for d in cvd.split(",") if d.strip()]), cvd
-    if shutil.which("nvidia-smi") is None:
-        return 0, None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-        return len([ln for ln in out.splitlines() if ln.startswith("GPU ")]), None
-    return 0, None
+    return nvidia_smi_gpus(), None
 
 
 @EXECUTORS.register("local")

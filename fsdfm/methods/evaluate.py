@@ -51,6 +51,8 @@ EVAL_SOURCES = (
     "fsdfm.methods.evaluate:load_second_evaluator",
     "fsdfm.methods.evaluate:_metric_kwargs",
     "fsdfm.methods.evaluate:_sample_metric_names",
+    "fsdfm.methods.evaluate:score_samples",
+    "fsdfm.methods.evaluate:score_with_study_evaluators",
     "fsdfm.metrics.oracle:extra_metrics",
     "fsdfm.metrics.sample:compute_metrics",
 )
@@ -268,6 +270,18 @@ def score_samples(
     return {"metrics": metrics, "metric_details": ms.details, "per_sample": PER_SAMPLE}
 
 
+def score_with_study_evaluators(config: dict, inputs: dict, corpus, tokens, texts, out_dir: Path, lengths=None) -> dict:
+    """`score_samples` under the study's evaluators (inputs "evaluator" and, with `evaluator.second`,
+    "evaluator_second"), MAUVE against the first N held-out blocks (N = tokens.shape[0]): what every stage that
+    scores a sample set (evaluate, evaluate_data, evaluate_external) does."""
+    dev = device()
+    evaluator = load_study_evaluator(config, inputs, dev)
+    refs = corpus.texts("valid", int(tokens.shape[0])) if corpus.tokenizer is not None else None
+    names = _sample_metric_names(config, evaluator)
+    second = load_second_evaluator(inputs, dev)
+    return score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir, names, lengths, second=second)
+
+
 @stage_kind(
     "evaluate",
     resources="gpu",
@@ -287,11 +301,7 @@ def evaluate_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
     n = config["n_samples"]
     if tokens.shape[0] != n:
         raise RuntimeError(f"{inputs['samples']}: {tokens.shape[0]} samples on disk, {n} requested")
-    evaluator = load_study_evaluator(config, inputs, device())
-    refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
-    second = load_second_evaluator(inputs, device())
-    names = _sample_metric_names(config, evaluator)
-    scored = score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir, names, second=second)
+    scored = score_with_study_evaluators(config, inputs, corpus, tokens, texts, out_dir)
     sample_rec = read_record(Path(inputs["samples"])) or {}
     scored["metrics"].update(
         (sample_rec.get("payload") or {}).get("metrics") or {}
@@ -321,12 +331,7 @@ def evaluate_data_stage(config: dict, inputs: dict, out_dir: Path) -> dict:
         )
     tokens = corpus.valid[n : 2 * n].numpy()
     texts = corpus.texts("valid", 2 * n)[n:] if corpus.tokenizer is not None else None  # decode only what is used
-    refs = corpus.texts("valid", n) if corpus.tokenizer is not None else None
-    evaluator = load_study_evaluator(config, inputs, device())
-    second = load_second_evaluator(inputs, device())
-    names = _sample_metric_names(config, evaluator)
-    scored = score_samples(config, tokens, texts, refs, evaluator, corpus, out_dir, names, second=second)
-    return {**scored, "n_samples": n}
+    return {**score_with_study_evaluators(config, inputs, corpus, tokens, texts, out_dir), "n_samples": n}
 
 
 @stage_kind(

@@ -158,6 +158,34 @@ def settings_columns(plan: dict, stage_id: str) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class DoneRun:
+    """A run whose final stage is done: its study's plan and name, the run entry, the stage folder and record."""
+
+    study: str
+    plan: dict
+    run: dict
+    stage_dir: Path
+    record: dict
+
+
+def done_runs(path: str | os.PathLike, warn: bool = True):
+    """Yield a `DoneRun` per run whose final stage is done, in the plans under `path` (each record read once,
+    however many runs share it; corrupt ones skipped, with a warning where `warn`)."""
+    for sdir in find_studies(path):
+        plan = read_plan_or_warn(sdir)
+        if plan is None:
+            continue
+        records: dict[str, dict | None] = {}
+        for run in plan["runs"]:
+            sid = run["stage_id"]
+            if sid not in records:
+                records[sid] = read_record(stage_dir(sdir, sid), warn=warn)
+            rec = records[sid]
+            if rec is not None and rec.get("status") == "done":
+                yield DoneRun(plan.get("name", sdir.name), plan, run, stage_dir(sdir, sid), rec)
+
+
 def load(path: str | os.PathLike):
     """One row per run whose final stage is done, as a pandas DataFrame.
 
@@ -177,45 +205,35 @@ def load(path: str | os.PathLike):
     param_cols: dict[str, None] = {}
     metric_cols: dict[str, None] = {}
     setting_cols: dict[str, None] = {}
-    for sdir in find_studies(path):
-        plan = read_plan_or_warn(sdir)
-        if plan is None:
-            continue
-        records: dict[str, dict | None] = {}
-        for run in plan["runs"]:
-            sid = run["stage_id"]
-            if sid not in records:  # read (and warn about) each record once, however many runs share it
-                records[sid] = read_record(stage_dir(sdir, sid))
-            rec = records[sid]
-            if rec is None or rec.get("status") != "done":
-                continue
-            params = _flatten(run.get("params", {}))
-            payload = rec.get("payload") or {}
-            metrics = _flatten(payload.get("metrics") or {})
-            row = {"study": plan.get("name", sdir.name), "run_id": run["run_id"], "stage_id": sid}
-            for k, v in params.items():
-                row[k] = v
-                param_cols[k] = None
-            for k, v in metrics.items():
-                col = k if k not in params and k not in BASE_COLUMNS and k not in PROVENANCE_COLUMNS else f"metrics.{k}"
-                row[col] = v
-                metric_cols[col] = None
-            for k, v in settings_columns(plan, sid).items():
-                if k in row or k in BASE_COLUMNS or k in PROVENANCE_COLUMNS:
-                    continue  # a run parameter (or metric) of that name already says it
-                row[k] = v
-                setting_cols[k] = None
-            prov = rec.get("provenance", {})
-            row.update(
-                commit=prov.get("git_commit"),
-                dirty=prov.get("git_dirty"),
-                device=prov.get("device"),
-                host=prov.get("hostname"),
-                threads=prov.get("torch_threads"),
-                stage_wall_s=prov.get("wall_s"),
-                end_time=prov.get("end_time"),
-            )
-            rows.append(row)
+    for done in done_runs(path):
+        run, rec, sid = done.run, done.record, done.run["stage_id"]
+        params = _flatten(run.get("params", {}))
+        payload = rec.get("payload") or {}
+        metrics = _flatten(payload.get("metrics") or {})
+        row = {"study": done.study, "run_id": run["run_id"], "stage_id": sid}
+        for k, v in params.items():
+            row[k] = v
+            param_cols[k] = None
+        for k, v in metrics.items():
+            col = k if k not in params and k not in BASE_COLUMNS and k not in PROVENANCE_COLUMNS else f"metrics.{k}"
+            row[col] = v
+            metric_cols[col] = None
+        for k, v in settings_columns(done.plan, sid).items():
+            if k in row or k in BASE_COLUMNS or k in PROVENANCE_COLUMNS:
+                continue  # a run parameter (or metric) of that name already says it
+            row[k] = v
+            setting_cols[k] = None
+        prov = rec.get("provenance", {})
+        row.update(
+            commit=prov.get("git_commit"),
+            dirty=prov.get("git_dirty"),
+            device=prov.get("device"),
+            host=prov.get("hostname"),
+            threads=prov.get("torch_threads"),
+            stage_wall_s=prov.get("wall_s"),
+            end_time=prov.get("end_time"),
+        )
+        rows.append(row)
     setting_cols = {k: None for k in setting_cols if k not in param_cols and k not in metric_cols}
     columns = list(BASE_COLUMNS) + list(param_cols) + list(metric_cols) + list(setting_cols) + list(PROVENANCE_COLUMNS)
     return pd.DataFrame(rows, columns=columns)
@@ -254,31 +272,23 @@ def load_samples(path: str | os.PathLike):
 
     frames = []
     missing: list[str] = []
-    for sdir in find_studies(path):
-        plan = read_plan_or_warn(sdir)
-        if plan is None:
+    for done in done_runs(path, warn=False):
+        rec, run = done.record, done.run
+        table = done.stage_dir / ((rec.get("payload") or {}).get("per_sample") or PER_SAMPLE)
+        if not table.is_file():
+            if rec.get("kind") in ("evaluate", "evaluate_data"):
+                missing.append(run["run_id"])
             continue
-        for run in plan["runs"]:
-            sid = run["stage_id"]
-            d = stage_dir(sdir, sid)
-            rec = read_record(d, warn=False)
-            if rec is None or rec.get("status") != "done":
-                continue
-            table = d / ((rec.get("payload") or {}).get("per_sample") or PER_SAMPLE)
-            if not table.is_file():
-                if rec.get("kind") in ("evaluate", "evaluate_data"):
-                    missing.append(run["run_id"])
-                continue
-            df = read_per_sample(table)
-            head = {
-                "study": plan.get("name", sdir.name),
-                "run_id": run["run_id"],
-                "stage_id": sid,
-                **_flatten(run.get("params", {})),
-            }
-            frames.append(
-                pd.concat([pd.DataFrame({k: [v] * len(df) for k, v in head.items()}, index=df.index), df], axis=1)
-            )
+        df = read_per_sample(table)
+        head = {
+            "study": done.study,
+            "run_id": run["run_id"],
+            "stage_id": run["stage_id"],
+            **_flatten(run.get("params", {})),
+        }
+        frames.append(
+            pd.concat([pd.DataFrame({k: [v] * len(df) for k, v in head.items()}, index=df.index), df], axis=1)
+        )
     if missing:
         warnings.warn(
             f"load_samples: {len(missing)} finished run(s) have no {PER_SAMPLE} (recorded before per-sample "

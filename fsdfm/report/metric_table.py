@@ -8,7 +8,7 @@ about which study tables exist or which metrics they show: `fsdfm.report.tables`
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Collection, Sequence
 
 import pandas as pd
 
@@ -107,6 +107,7 @@ def metric_table(
     extra_notes: Sequence[str] = (),
     samples: pd.DataFrame | None = None,
     mauve_min_n: int = MAUVE_MIN_N,
+    asked: Collection[str] | None = None,
 ) -> Table:
     """A "mean ± std" table of `metrics` per setting of `runs` (data row first if `runs` has one).
 
@@ -115,7 +116,7 @@ def metric_table(
     `fsdfm.report.published.PUBLISHED` to append as a separate, labelled block.
     samples: per-sample table (`fsdfm.records.load_samples`) joined to `runs` by run_id: the values a best mark
     is tested on where a setting has a single seed. mauve_min_n: MAUVE with fewer samples per side is
-    footnoted unreliable and never marked.
+    footnoted unreliable and never marked. asked: `Study.asked_metrics`; only these are named as not recorded.
     """
     by = list(by)
     wanted = list(metrics)
@@ -126,7 +127,7 @@ def metric_table(
     settings = _order(summary, by, data_keys)
     pub = published_tables(published)
     notes = list(extra_notes)
-    skipped = [m for m in wanted if m not in metrics]
+    skipped = [m for m in wanted if m not in metrics and (asked is None or m in asked)]
     if skipped:
         notes.append(f"not recorded in this study: {', '.join(skipped)}")
     # a published value in a column we do not have adds the column (in the order of `wanted`)

@@ -206,6 +206,20 @@ class Study:
         return {"mauve_min_n": 256, "pairs": [], **(self.plan.get("report") or {})}
 
     @property
+    def asked_metrics(self) -> frozenset | None:
+        """The metrics the spec asked for: every scoring stage's `metrics.names`, with gen_ppl_second where a
+        second evaluator scored gen_ppl; None where the plan names none. A table names only these as "not
+        recorded": a metric the spec never asked for (an oracle metric in a text study) is not news."""
+        names: set = set()
+        for st in (self.plan.get("stages") or {}).values():
+            asked = ((st.get("config") or {}).get("metrics") or {}).get("names")
+            if isinstance(asked, list):
+                names.update(asked)
+                if "gen_ppl" in asked and "evaluator_second" in (st.get("inputs") or {}):
+                    names.add("gen_ppl_second")
+        return frozenset(names) or None
+
+    @property
     def data(self) -> pd.DataFrame:
         return self.runs[self.runs["kind"] == DATA_KIND] if "kind" in self.runs else self.runs.iloc[:0]
 

@@ -93,6 +93,7 @@ def main_table(study: Study, published: Sequence[str] = (), metrics: Sequence[st
         extra_notes=_n_samples_note(runs),
         samples=study.samples,
         mauve_min_n=study.report_settings["mauve_min_n"],
+        asked=study.asked_metrics,
     )
 
 
@@ -187,7 +188,8 @@ def seeds_table(study: Study, metrics: Sequence[str] | None = None) -> Table:
                 + [DASH if pd.isna(cv) else f"{cv:.1f}"]
             )
         )
-    skipped = [m for m in wanted if m not in set(s["metric"])]
+    asked = study.asked_metrics
+    skipped = [m for m in wanted if m not in set(s["metric"]) and (asked is None or m in asked)]
     notes = [
         "std: sample standard deviation over seeds (ddof 1); ci95: Student-t 95% half-width "
         "t(0.975, n-1)·std/√n; cv: std/|mean| in %; — where n = 1"
@@ -233,6 +235,7 @@ def ablation_tables(study: Study) -> list[Table]:
                 title=f"{study.name}: ablation of {kind} ({len(labels)} variants)",
                 samples=study.samples,
                 mauve_min_n=study.report_settings["mauve_min_n"],
+                asked=study.asked_metrics,
             )
         )
     return out
