@@ -428,6 +428,22 @@ def test_not_recorded_names_only_the_metrics_the_spec_asked_for(tmp_path):
     assert [ln for ln in main if "not recorded" in ln] == ["* not recorded in this study: gen_ppl"]
 
 
+def test_a_planned_but_unfinished_pos_divergence_run_is_not_called_unplanned(tmp_path):
+    # the study plans one pos_divergence run whose record is missing (a partial study): the figure is skipped
+    # for that reason, not with "not set in the spec"
+    curves = {"tv": [0.1, 0.2], "js": [0.01, 0.02], "agreement": [0.9, 0.8]}
+    runs = [
+        {"params": _params("dfm", "DFM", "euler", 4), "metrics": {"entropy_nats": 3.9}},
+        {"params": _params("pos_divergence", "FS-DFM", "cumulative_scalar", 8), "metrics": {}, "curves": curves},
+    ]
+    sdir = write_study(tmp_path, "partial", runs)
+    plan = json.loads((sdir / "plan.json").read_text())
+    pos_id = next(r["stage_id"] for r in plan["runs"] if r["params"]["kind"] == "pos_divergence")
+    (stage_dir(sdir, pos_id) / "record.json").unlink()
+    skipped = dict(write_report(sdir, tmp_path / "rep").skipped)
+    assert skipped["pos_divergence"] == "none of the study's 1 pos_divergence runs has finished"
+
+
 def test_write_report_of_a_study_without_finished_runs(tmp_path):
     sdir = write_study(tmp_path, "empty", [{"params": _params("dfm", "DFM", "euler", 1), "metrics": {}}])
     next(sdir.glob("stages/*/record.json")).unlink()

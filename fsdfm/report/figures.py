@@ -55,7 +55,7 @@ from fsdfm.report.plotting import (
     ci95_half_width,
     save_figure,
 )
-from fsdfm.report.summary import DATA_LABEL, SAMPLING_WALL_S, Study, metric_info, present
+from fsdfm.report.summary import DATA_LABEL, POS_KIND, SAMPLING_WALL_S, Study, metric_info, present
 from fsdfm.records import read_record, stage_dir
 from fsdfm.report.tables import ablation_kinds
 
@@ -228,6 +228,9 @@ def _smooth(y: np.ndarray, w: int) -> np.ndarray:
 def pos_divergence(study: Study) -> list[Drawn]:
     """TV distance and agreement to the many-step teacher vs position, per (student, step budget)."""
     if study.divergence.empty:
+        planned = sum((r.get("params") or {}).get("kind") == POS_KIND for r in study.plan.get("runs", []))
+        if planned:  # planned but not (yet) finished: a partial or failed study, not a spec without the metric
+            raise SkipFigure(f"none of the study's {planned} pos_divergence runs has finished")
         raise SkipFigure("the study has no pos_divergence runs (metrics.pos_divergence not set in the spec)")
     curves = divergence_curves(study)
     if curves.empty:
