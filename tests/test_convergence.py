@@ -128,3 +128,45 @@ def test_a_stopping_rule_must_name_a_metric_the_kinds_curve_records(tmp_path, so
         return
     with pytest.raises(SpecError, match=refused.replace(".", r"\.")):
         load_spec(p)
+
+
+def _with_curves(tmp_path, value):
+    """The speed-up test study (3 teacher stages, seeds 0-2) with a val_nll curve at steps 100..400 on each
+    teacher stage: value(i, step) for stage i."""
+    import sys
+    from pathlib import Path
+
+    from fsdfm.io import atomic_write_json, read_json
+    from fsdfm.records import stage_dir
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_report_speedup import _study
+
+    sdir = _study(tmp_path)
+    plan = read_json(sdir / "plan.json")
+    train = [sid for sid, st in plan["stages"].items() if st["kind"] == "train"]
+    for i, sid in enumerate(train):
+        curve = [{"step": s, "val_nll": value(i, s)} for s in (100, 200, 300, 400)]
+        atomic_write_json(
+            stage_dir(sdir, sid) / "record.json",
+            {"status": "done", "stage_id": sid, "kind": "train", "payload": {"curve": curve}},
+        )
+    return sdir
+
+
+def test_the_convergence_table_says_which_curves_were_still_falling(tmp_path):
+    from fsdfm.report import load_study, write_report
+    from fsdfm.report.convergence import convergence_table
+
+    # falling by 0.1 over the last quarter (steps 300 -> 400) on every seed: still falling
+    sdir = _with_curves(tmp_path / "a", lambda i, s: 3.0 - s / 1000 + i)
+    row = convergence_table(load_study(sdir)).numbers.iloc[0]
+    assert (row["label"], row["metric"], row["n"], row["from_step"], row["steps"]) == ("DFM", "val_nll", 3, 300, 400)
+    assert row["last_mean"] == pytest.approx(3.6) and row["delta_mean"] == pytest.approx(-0.1)
+    assert row["still_falling"] == "yes"
+    assert "table_convergence.md" in {p.name for p in write_report(sdir).tables}
+    # a plateau whose last-quarter changes are +0.01, -0.01, 0 over the seeds: mean 0, not still falling
+    sdir = _with_curves(tmp_path / "b", lambda i, s: 2.0 + (0.01, -0.01, 0.0)[i] * (s == 400))
+    row = convergence_table(load_study(sdir)).numbers.iloc[0]
+    assert row["delta_mean"] == pytest.approx(0.0) and row["delta_std"] == pytest.approx(0.01)
+    assert row["still_falling"] == "no"

@@ -34,7 +34,7 @@ from fsdfm.report.nfe_figure import quality_vs_nfe
 from fsdfm.report.protocol import protocol_table
 from fsdfm.report.oracle import decomposition_table
 from fsdfm.report.oracle_figure import decomposition_figure
-from fsdfm.report.convergence import convergence_figure, convergence_frame
+from fsdfm.report.convergence import convergence_figure, convergence_frame, convergence_table
 from fsdfm.report.published import PUBLISHED
 from fsdfm.report.summary import (
     DEFAULT_BY,
@@ -127,6 +127,7 @@ SECTIONS = {
     "table_path_split": "Trajectory KL along the true path: factorization vs per-position",
     "table_exact_samplers": "Each sampler's own error (driven by the exact denoiser)",
     "table_speedup": "Quality-matched speed-up",
+    "table_convergence": "Convergence (held-out curves along training)",
     "table_evaluator_check": "Evaluator check (gen-PPL against the exact oracle NLL)",
     "table_evaluator_agreement": "Evaluator check (gen-PPL under a second, larger evaluator)",
 }
@@ -221,6 +222,8 @@ def _candidate_tables(study: Study, main: Table) -> list[Table]:
         seeds_table(study),
         *ablation_tables(study),
     ]
+    if not convergence_frame(study).empty:  # training stages recorded curves (optim.curve_every / until)
+        candidates.append(convergence_table(study))
     if study.report_settings["pairs"]:
         candidates.append(pairs_table(study))
         if study.ablation_keys:  # a grid of settings: each pair in every cell, and its trend along the axes
