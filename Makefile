@@ -4,6 +4,9 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+# test processes (pytest-xdist): every test runs single-threaded (tests/conftest.py), so one worker per core;
+# --dist loadfile keeps a module on one worker, so its module-scoped fixtures (a whole study, a model) run once
+TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -25,14 +28,14 @@ demo: install  # fsdfm run picks threads per stage from the free cores (load ave
 	$(VENV)/bin/fsdfm report experiments/demo.yaml
 
 test: install
-	$(PY) -m pytest -q -m "not slurm and not gpu" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slurm and not gpu" tests
 
 lint: install   # pyflakes/pycodestyle errors and the formatting (ruff; settings in pyproject.toml)
 	$(VENV)/bin/ruff check fsdfm tests analysis benchmarks
 	$(VENV)/bin/ruff format --check fsdfm tests analysis benchmarks
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not slurm and not gpu" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not slurm and not gpu" tests
 
 test-slurm: install
 	bash slurm/start_slurm.sh

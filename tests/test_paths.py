@@ -20,7 +20,9 @@ def _x_1(gen):
     return torch.randint(V, (B, L), generator=gen)
 
 
-@pytest.mark.parametrize("sched", [PolynomialScheduler(1), PolynomialScheduler(2), CosineScheduler()], ids=str)
+@pytest.mark.parametrize(
+    "sched", [PolynomialScheduler(1), PolynomialScheduler(2), CosineScheduler()], ids=["poly1", "poly2", "cosine"]
+)
 def test_mask_path_keeps_data_with_probability_kappa(sched):
     path = MixturePath(sched, MaskSource(V))
     gen = torch.Generator().manual_seed(0)
@@ -38,7 +40,7 @@ def test_mask_path_keeps_data_with_probability_kappa(sched):
     assert float(frac[0]) == 0.0 and float(frac[-1]) == 1.0
 
 
-@pytest.mark.parametrize("sched", [PolynomialScheduler(1), CosineScheduler()], ids=str)
+@pytest.mark.parametrize("sched", [PolynomialScheduler(1), CosineScheduler()], ids=["poly1", "cosine"])
 def test_uniform_path_keeps_data_with_probability_kappa(sched):
     path = MixturePath(sched, UniformSource(V))
     gen = torch.Generator().manual_seed(1)
