@@ -222,8 +222,9 @@ def _candidate_tables(study: Study, main: Table) -> list[Table]:
         seeds_table(study),
         *ablation_tables(study),
     ]
-    if not convergence_frame(study).empty:  # training stages recorded curves (optim.curve_every / until)
-        candidates.append(convergence_table(study))
+    curves = convergence_frame(study)
+    if not curves.empty:  # training stages recorded curves (optim.curve_every / until)
+        candidates.append(convergence_table(study, curves))
     if study.report_settings["pairs"]:
         candidates.append(pairs_table(study))
         if study.ablation_keys:  # a grid of settings: each pair in every cell, and its trend along the axes
@@ -280,7 +281,7 @@ def write_report(
         atomic_write(out_dir / "summary.csv", summary_csv(study).to_csv(index=False).encode("utf-8"))
     figures: list[FigureResult] = []
     has_exact = "kind" in study.runs and bool((study.runs["kind"] == "exact").any())
-    has_curves = len(study.runs) > 0 and not convergence_frame(study).empty
+    has_curves = any(t.name == "table_convergence" for t, _ in tables)  # drawn where the table has curves
     knob_figures = KNOB_FIGURES if "knobs" in study.runs else ()
     extra = (ORACLE_FIGURES if has_exact else ()) + (CURVE_FIGURES if has_curves else ()) + knob_figures
     extra += GRID_FIGURES if study.report_settings["pairs"] and study.ablation_keys else ()

@@ -9,9 +9,9 @@ Reads the plan (which stage trained the model behind each run) and the training 
 
 from __future__ import annotations
 
-import pandas as pd
-
 import math
+
+import pandas as pd
 
 from fsdfm.report.summary import Study
 from fsdfm.records import read_record, stage_dir
@@ -67,12 +67,14 @@ def _last_part_change(g: pd.DataFrame) -> tuple[int, int, float, float]:
     return last_step, int(before["step"].iloc[-1]), v_last, v_last - float(before["value"].iloc[-1])
 
 
-def convergence_table(study: Study) -> Table:
+def convergence_table(study: Study, frame: pd.DataFrame | None = None) -> Table:
     """Per method and curve metric, over its training stages (seeds): the last value, its change over the last
     quarter of training (delta = v(last) - v(start of the window)) and whether it was still falling: mean delta
-    below zero by more than 2 standard errors over stages (n >= 2; with one stage no call is made)."""
+    below zero by more than 2 standard errors over stages (n >= 2; with one stage no call is made).
+    frame: `convergence_frame(study)` where the caller has it already (it reads every training record)."""
     rows = []
-    for (label, metric), g in convergence_frame(study).groupby(["label", "metric"], sort=False):
+    frame = convergence_frame(study) if frame is None else frame
+    for (label, metric), g in frame.groupby(["label", "metric"], sort=False):
         per = pd.DataFrame(
             [_last_part_change(s) for _, s in g.groupby("stage_id", sort=False)],
             columns=["steps", "from_step", "last", "delta"],
