@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import IO, Any, Callable, Union
 
 # a temp file of `atomic_write` (".<name>.<pid>.<8 hex>.tmp"); the hex part is optional so that the temp files of
-# older checkpoint writers (".<name>.<pid>.tmp") left in a results folder are still recognised as litter
-TEMP_FILE = re.compile(r"^\..+\.(?P<pid>\d+)(\.[0-9a-f]{8})?\.tmp$")
+# older checkpoint writers (".<name>.<pid>.tmp") left in a results folder are still recognised as litter; `+?`: the
+# shortest name, so an all-digit hex part (p = 2%) is not read as the pid (a live writer's file taken for a dead one's)
+TEMP_FILE = re.compile(r"^\..+?\.(?P<pid>\d+)(\.[0-9a-f]{8})?\.tmp$")
 
 Writer = Callable[[IO[bytes]], Any]
 
