@@ -170,3 +170,19 @@ def test_the_convergence_table_says_which_curves_were_still_falling(tmp_path):
     row = convergence_table(load_study(sdir)).numbers.iloc[0]
     assert row["delta_mean"] == pytest.approx(0.0) and row["delta_std"] == pytest.approx(0.01)
     assert row["still_falling"] == "no"
+
+
+def test_a_curve_too_sparse_for_a_last_quarter_is_measured_over_its_last_interval(tmp_path):
+    """scaling.yaml's 300-step teachers record every 250 steps: points at 250 and 300 only, none at or before 225.
+    The change is then v(300) - v(250) over the window 250-300 (it was left blank), and a one-point curve has none."""
+    import pandas as pd
+
+    from fsdfm.report.convergence import _last_part_change
+
+    sparse = pd.DataFrame({"step": [300, 250], "value": [1.5, 1.75]})  # unsorted on purpose
+    assert _last_part_change(sparse) == (300, 250, 1.5, pytest.approx(-0.25))
+    # with a point in the first three quarters the window is the last quarter, not the last interval
+    dense = pd.DataFrame({"step": [100, 200, 300, 400], "value": [4.0, 3.0, 2.5, 2.25]})
+    assert _last_part_change(dense) == (400, 300, 2.25, pytest.approx(-0.25))
+    last, start, v, delta = _last_part_change(pd.DataFrame({"step": [300], "value": [1.5]}))
+    assert (last, start, v) == (300, 300, 1.5) and delta != delta

@@ -58,10 +58,14 @@ def convergence_frame(study: Study) -> pd.DataFrame:
 
 def _last_part_change(g: pd.DataFrame) -> tuple[int, int, float, float]:
     """One stage's curve -> (last step, window start, value at the last step, change over the window), the window
-    starting at the last point at or before (1 - LAST_PART) x the last step (NaN change without such a point)."""
+    starting at the last point at or before (1 - LAST_PART) x the last step. A sparse curve with no such point
+    (300 steps recorded every 250: points at 250 and 300) falls back to its last interval, the shortest window it
+    can give, and the table shows that window; a one-point curve has no change (NaN)."""
     g = g.sort_values("step")
     last_step, v_last = int(g["step"].iloc[-1]), float(g["value"].iloc[-1])
     before = g[g["step"] <= (1 - LAST_PART) * last_step]
+    if before.empty:
+        before = g.iloc[:-1]
     if before.empty:
         return last_step, last_step, v_last, math.nan
     return last_step, int(before["step"].iloc[-1]), v_last, v_last - float(before["value"].iloc[-1])
@@ -104,7 +108,9 @@ def convergence_table(study: Study, frame: pd.DataFrame | None = None) -> Table:
     notes = (
         "one value per training stage (a training seed), mean ± std over them; Δ: the held-out metric's change "
         "from the window's first step to the last (negative: still improving, for these lower-is-better curves)",
-        "still falling: mean Δ < 0 by more than 2 standard errors over stages; — with one stage (no call made)",
+        "still falling: mean Δ < 0 by more than 2 standard errors over stages; — with one stage (no call made) or "
+        "a one-point curve; a curve with no point in its first three quarters is measured over its last interval "
+        "(the window shown)",
     )
     return Table(
         name="table_convergence",
