@@ -112,3 +112,22 @@ def test_the_second_evaluators_agreement_is_rho_of_the_two_log_perplexities(tmp_
     assert evaluator_agreement_table(
         Study(**{**study.__dict__, "runs": study.runs.drop(columns=["gen_ppl_second"])})
     ).empty
+
+
+def test_the_agreement_is_computed_on_a_text_study_without_oracle_nll(tmp_path):
+    """claims_v2 (TinyStories) has gen_ppl_second on every run but no oracle_nll: the agreement table was empty
+    there, because the runs were read through the oracle annotation. The data row is not a model run."""
+    study = _study(tmp_path)
+    runs = study.runs.drop(columns=["oracle_nll"]).iloc[:6].copy()  # the six trained runs, text-study style
+    second = runs["gen_ppl"].to_numpy() ** 2
+    second[[4, 5]] = second[[5, 4]]  # the second evaluator swaps C's two seeds
+    runs["gen_ppl_second"] = second
+    data = dict(stage_id="evaluate_data-0", kind="data", label="data (held-out)", rule=None, steps=None, seed=None,
+                sanity=False, gen_ppl=1e9, gen_ppl_second=1e-9)  # fmt: skip
+    runs = pd.concat([runs, pd.DataFrame([data])], ignore_index=True)
+    study = Study(**{**study.__dict__, "runs": runs})
+    frame = evaluator_check_frame(study, "gen_ppl_second").set_index("population")
+    expected = stats.spearmanr(runs["gen_ppl"][:6], second).statistic
+    assert frame.loc["every model run", "n"] == 6 and expected < 1.0
+    assert frame.loc["every model run", "spearman_rho"] == pytest.approx(expected)
+    assert len(evaluator_agreement_table(study).cells) == 3

@@ -13,8 +13,9 @@ row, no sanity row: the naive rows are built to fool perplexity, so they are the
 setting means (method x rule x steps x knobs x ablated keys, each metric averaged over seeds: seed noise removed from
 both sides).
 
-Knows nothing about how either metric is computed; reads the study's runs and, for which runs are exact, the plan
-(`fsdfm.report.oracle.annotated_runs`).
+Knows nothing about how either metric is computed; reads the study's runs and, on an oracle source, for which runs
+are exact, the plan (`fsdfm.report.oracle.annotated_runs`). The same check with `gen_ppl_second` (the second
+evaluator, `evaluator.second`) as the reference runs on text studies too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from fsdfm.report.oracle import EXACT_KIND, JOINT_KIND, annotated_runs
-from fsdfm.report.summary import DEFAULT_BY, Study
+from fsdfm.report.summary import DATA_KIND, DEFAULT_BY, DIAGNOSTIC_KINDS, Study
 from fsdfm.report.table import DASH, Table
 
 __all__ = [
@@ -94,7 +95,13 @@ def evaluator_check_frame(study: Study, truth: str = TRUTH) -> pd.DataFrame:
     """One row per population (all model runs, trained models, setting means): n, rho, lo, hi; empty when the
     study's runs lack gen_ppl or `truth` (oracle_nll; or gen_ppl_second, the second evaluator's gen_ppl, compared
     on its log: a rank correlation is unchanged by it, the setting means are means of NLLs)."""
-    runs = annotated_runs(study)
+    runs = study.runs
+    if "oracle_nll" in runs:
+        runs = annotated_runs(study)  # marks which runs sample the exact posterior, from the plan
+    elif "kind" in runs:
+        # a text study, the second evaluator's home: annotated_runs needs oracle_nll, so the model runs are taken
+        # here (before, the agreement table was empty on every text study)
+        runs = runs[~runs["kind"].isin([DATA_KIND, *DIAGNOSTIC_KINDS])]
     if runs.empty or ESTIMATE not in runs or truth not in runs:
         return pd.DataFrame()
     true = pd.to_numeric(runs[truth], errors="coerce")
