@@ -240,7 +240,8 @@ class ReportSpec:
 
     mauve_min_n: MAUVE from fewer samples per side is footnoted "unreliable, n = ..." and never marked best.
     pairs: headline comparisons, each [A, B] with A, B = "METHOD@STEPS" or "METHOD/RULE@STEPS" (METHOD: a
-           key of `methods`), compared on per-sample values with a confidence interval of the difference.
+           key of `methods`; the rule may be left out only where the method has one), compared on per-sample
+           values with a confidence interval of the difference.
     """
 
     mauve_min_n: int = 256
