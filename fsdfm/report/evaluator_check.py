@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from fsdfm.report.oracle import EXACT_KIND, JOINT_KIND, annotated_runs
-from fsdfm.report.summary import DATA_KIND, DEFAULT_BY, DIAGNOSTIC_KINDS, Study
+from fsdfm.report.summary import DEFAULT_BY, Study
 from fsdfm.report.table import DASH, Table
 
 __all__ = [
@@ -95,13 +95,9 @@ def evaluator_check_frame(study: Study, truth: str = TRUTH) -> pd.DataFrame:
     """One row per population (all model runs, trained models, setting means): n, rho, lo, hi; empty when the
     study's runs lack gen_ppl or `truth` (oracle_nll; or gen_ppl_second, the second evaluator's gen_ppl, compared
     on its log: a rank correlation is unchanged by it, the setting means are means of NLLs)."""
-    runs = study.runs
-    if "oracle_nll" in runs:
-        runs = annotated_runs(study)  # marks which runs sample the exact posterior, from the plan
-    elif "kind" in runs:
-        # a text study, the second evaluator's home: annotated_runs needs oracle_nll, so the model runs are taken
-        # here (before, the agreement table was empty on every text study)
-        runs = runs[~runs["kind"].isin([DATA_KIND, *DIAGNOSTIC_KINDS])]
+    # on an oracle source annotated_runs marks which runs sample the exact posterior; it is empty without
+    # oracle_nll, so a text study (the second evaluator's home) takes its model runs as they are
+    runs = annotated_runs(study) if "oracle_nll" in study.runs else study.models
     if runs.empty or ESTIMATE not in runs or truth not in runs:
         return pd.DataFrame()
     true = pd.to_numeric(runs[truth], errors="coerce")

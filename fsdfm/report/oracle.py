@@ -29,7 +29,7 @@ import math
 import pandas as pd
 
 from fsdfm.report.mc import mc_standard_errors, pooled_se
-from fsdfm.report.summary import DATA_KIND, DIAGNOSTIC_KINDS, Study
+from fsdfm.report.summary import Study
 from fsdfm.report.table import DASH, Table, fmt_mean_std, fmt_number
 from fsdfm.records import read_record, stage_dir
 from fsdfm.samplers import UPDATE_ALIASES
@@ -83,7 +83,7 @@ def annotated_runs(study: Study) -> pd.DataFrame:
     runs = study.runs
     if "kind" not in runs or "oracle_nll" not in runs:
         return runs.iloc[:0]
-    runs = runs[~runs["kind"].isin([DATA_KIND, *DIAGNOSTIC_KINDS])].copy()
+    runs = study.models.copy()
     runs["model_stage"] = [model_stage(study.plan, s) for s in runs["stage_id"]]
     runs["path"] = [path_key(study.plan, s) for s in runs["model_stage"]]
     # every method sampling the exact posterior (kind exact, or a kind with its own sampler on the same stage, such
